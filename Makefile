@@ -1,0 +1,46 @@
+# nkp build, test and demo entry points. See README.md.
+GO        ?= go
+BIN       := $(CURDIR)/bin
+CMDS      := nkp-swtpm nkp-provider nkpctl
+export NKP_BIN := $(BIN)
+
+.PHONY: all build setup demo test ci check unit e2e fuzz bench clean
+
+all: build
+
+build:
+	@mkdir -p $(BIN)
+	$(GO) build -o $(BIN)/ $(addprefix ./cmd/,$(CMDS))
+
+setup:
+	bash test/setup.sh
+
+# The main job: protect and boot a VM with an nkp vTPM, on the embedded defaults.
+demo: setup build
+	bash test/demo.sh
+
+check:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed: $$out"; exit 1; fi
+	$(GO) vet ./...
+
+unit:
+	$(GO) test -count=1 -timeout 20m $$($(GO) list ./... | grep -v '/test/')
+
+e2e: build
+	$(GO) test -count=1 -timeout 40m -p 1 ./test/...
+
+# The README's test command: everything, as CI runs it (needs root and `make setup`).
+test: check unit e2e
+
+ci: export NKP_E2E := required
+ci: test
+
+# Short coverage-guided runs of every fuzz target (the seed corpora run in `make unit`).
+fuzz:
+	bash test/fuzz.sh
+
+bench: build
+	$(GO) run ./test/bench/swtpmbench -out BENCHMARKS.swtpm.md
+
+clean:
+	rm -rf $(BIN)

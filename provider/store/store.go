@@ -1,0 +1,53 @@
+// Package store is the provider's persistent state: named buckets of keys and values with
+// serialisable transactions. The provider package is its only user. Implementations:
+// store/mem (unit tests), store/boltstore (one provider, a bbolt file) and store/etcdstore
+// (several provider replicas sharing one etcd cluster).
+//
+// Values are opaque bytes; the provider encrypts what must not be read from the store
+// (KDKs are sealed under the provider root key before they reach a Store).
+package store
+
+import (
+	"context"
+	"errors"
+)
+
+// Errors every implementation returns, wrapped with context; check with errors.Is.
+var (
+	// ErrNotFound: the key is not in the bucket.
+	ErrNotFound = errors.New("not found")
+	// ErrConflict: another writer changed what the transaction read; Update retries it
+	// internally a bounded number of times before returning this.
+	ErrConflict = errors.New("transaction conflict")
+	// ErrReadOnly: the store cannot be written (read-only file system, read-only open).
+	ErrReadOnly = errors.New("store is read-only")
+	// ErrFull: the store refused the write for lack of space or quota.
+	ErrFull = errors.New("store is full")
+	// ErrClosed: the store was closed.
+	ErrClosed = errors.New("store is closed")
+)
+
+// Store is a transactional key-value store with named buckets.
+type Store interface {
+	// View runs fn in a read-only transaction with a consistent snapshot.
+	View(ctx context.Context, fn func(Tx) error) error
+	// Update runs fn in a read-write transaction. The writes become visible atomically
+	// when fn returns nil; nothing is written when fn returns an error. fn may run more
+	// than once (etcd retries on conflict), so it must not have side effects outside tx.
+	Update(ctx context.Context, fn func(Tx) error) error
+	// Close releases the store. It is safe to call more than once.
+	Close() error
+}
+
+// Tx is one transaction. Buckets exist implicitly; keys are compared bytewise.
+type Tx interface {
+	// Get returns the value, or an error wrapping ErrNotFound.
+	Get(bucket, key string) ([]byte, error)
+	// Put sets the value (Update only).
+	Put(bucket, key string, value []byte) error
+	// Delete removes the key; deleting a missing key is not an error (Update only).
+	Delete(bucket, key string) error
+	// List calls fn for each key in bucket that starts with prefix, in key order.
+	// Returning an error from fn stops the walk and returns that error.
+	List(bucket, prefix string, fn func(key string, value []byte) error) error
+}
