@@ -4,7 +4,7 @@ BIN       := $(CURDIR)/bin
 CMDS      := nkp-swtpm nkp-provider nkpctl
 export NKP_BIN := $(BIN)
 
-.PHONY: all build setup demo test ci check unit e2e fuzz bench clean
+.PHONY: all build setup demo test check unit e2e fuzz bench clean
 
 all: build
 
@@ -32,8 +32,6 @@ e2e: build
 # The README's test command: everything, as CI runs it (needs root and `make setup`).
 test: check unit e2e
 
-ci: export NKP_E2E := required
-ci: test
 
 # Short coverage-guided runs of every fuzz target (the seed corpora run in `make unit`).
 fuzz:
