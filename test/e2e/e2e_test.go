@@ -1,59 +1,61 @@
 package e2e
 
 import (
-	"runtime"
+	"errors"
+	"os"
+	"path/filepath"
 	"testing"
+	"time"
 )
 
-func TestRequire(t *testing.T) {
+func TestPoll(t *testing.T) {
 	tests := []struct {
-		name     string
-		tool     string
-		required string
-		want     string // "pass", "skip" or "fail"
+		name    string
+		after   int // cond turns true on this call (0: never)
+		timeout time.Duration
+		wantErr error
 	}{
-		{"present", "sh", "", "pass"},
-		{"missing skips", "nkp-no-such-tool", "", "skip"},
-		{"missing fails when required", "nkp-no-such-tool", "required", "fail"},
+		{"immediately", 1, time.Second, nil},
+		{"after a few polls", 4, 5 * time.Second, nil},
+		{"never", 0, 20 * time.Millisecond, ErrTimeout},
 	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			t.Setenv("NKP_E2E", tc.required)
-			got := "pass"
-			done := make(chan struct{})
-			rec := &recorder{TB: t}
-			go func() {
-				defer close(done)
-				defer func() {
-					if rec.skipped {
-						got = "skip"
-					} else if rec.failed {
-						got = "fail"
-					}
-				}()
-				Require(rec, tc.tool)
-			}()
-			<-done
-			if got != tc.want {
-				t.Fatalf("Require(%q) with NKP_E2E=%q: %s, want %s", tc.tool, tc.required, got, tc.want)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			calls := 0
+			err := Poll(tt.timeout, func() bool { calls++; return tt.after > 0 && calls >= tt.after })
+			if !errors.Is(err, tt.wantErr) {
+				t.Fatalf("Poll = %v, want %v", err, tt.wantErr)
+			}
+			if tt.after > 0 && calls != tt.after {
+				t.Fatalf("cond called %d times, want %d", calls, tt.after)
 			}
 		})
 	}
 }
 
-// recorder notes Skip and Fatal instead of acting on them; it ends the goroutine the way
-// testing does.
-type recorder struct {
-	testing.TB
-	skipped, failed bool
+func TestModuleRoot(t *testing.T) {
+	root, err := ModuleRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(root, "go.mod")); err != nil {
+		t.Fatalf("ModuleRoot = %s, which has no go.mod: %v", root, err)
+	}
 }
 
-func (r *recorder) Helper() {}
-func (r *recorder) Skipf(string, ...any) {
-	r.skipped = true
-	runtime.Goexit()
+func TestRequirePresentTool(t *testing.T) {
+	// "go" runs this test, so it is in $PATH; Require must neither skip nor fail.
+	Require(t, "go")
 }
-func (r *recorder) Fatalf(string, ...any) {
-	r.failed = true
-	runtime.Goexit()
+
+func TestBuildBinaryUsesNKPBin(t *testing.T) {
+	dir := t.TempDir()
+	prog := filepath.Join(dir, "nkp-fake")
+	if err := os.WriteFile(prog, []byte("#!/bin/sh\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv(EnvBin, dir)
+	if got := BuildBinary(t, "./cmd/nkp-fake"); got != prog {
+		t.Fatalf("BuildBinary = %s, want the prebuilt %s", got, prog)
+	}
 }
