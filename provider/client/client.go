@@ -1,0 +1,334 @@
+// Package client is the Go client of nkp-provider's HTTPS API (package provider/api):
+// nkpctl uses it with the admin certificate, nkp-hostd with its host certificate, and the
+// tests and the benchmark with either. Join enrolls a new host, trusting the provider only
+// through the CA hash the operator passes (no certificate is needed beforehand).
+//
+// A Client reuses its connections (HTTP/1.1 keep-alive over TLS 1.3); it is safe for
+// concurrent use. Error responses become *APIError, whose Code is the api.Code* constant.
+package client
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/nkp-dev/nkp/provider/api"
+)
+
+// Config says where the provider is and how to authenticate to it.
+type Config struct {
+	// URL is the provider's base URL, e.g. https://provider.example:8443.
+	URL string
+	// CA is the provider CA that the server's certificate must chain to.
+	CA *x509.Certificate
+	// Certificate is the client certificate (host or admin) with its private key.
+	Certificate tls.Certificate
+	// Timeout bounds each request; 0 means 30 s.
+	Timeout time.Duration
+	// MaxConnsPerHost bounds connections to the provider (0: no bound).
+	MaxConnsPerHost int
+}
+
+// Client talks to one provider. It is safe for concurrent use.
+type Client struct {
+	base *url.URL
+	hc   *http.Client
+}
+
+// APIError is an error response from the provider.
+type APIError struct {
+	Status  int    // HTTP status
+	Code    string // api.Code* constant
+	Message string // the provider's sentence
+}
+
+func (e *APIError) Error() string {
+	return fmt.Sprintf("provider: %s (HTTP %d, code %s)", e.Message, e.Status, e.Code)
+}
+
+// IsCode reports whether err is (or wraps) an *APIError with the given code.
+func IsCode(err error, code string) bool {
+	var ae *APIError
+	return errors.As(err, &ae) && ae.Code == code
+}
+
+// New returns a Client for cfg.
+func New(cfg Config) (*Client, error) {
+	if cfg.CA == nil {
+		return nil, errors.New("provider client: no CA certificate: pass the provider's ca.crt")
+	}
+	if len(cfg.Certificate.Certificate) == 0 {
+		return nil, errors.New("provider client: no client certificate: enroll the host first or use the admin certificate from the provider directory")
+	}
+	tc := &tls.Config{
+		MinVersion:         tls.VersionTLS13,
+		Certificates:       []tls.Certificate{cfg.Certificate},
+		InsecureSkipVerify: true, // replaced by VerifyConnection: chain to the pinned CA, no host name check
+		VerifyConnection:   verifyAgainst(cfg.CA),
+	}
+	return newClient(cfg.URL, tc, cfg.Timeout, cfg.MaxConnsPerHost)
+}
+
+func newClient(rawURL string, tc *tls.Config, timeout time.Duration, maxConns int) (*Client, error) {
+	u, err := url.Parse(rawURL)
+	if err != nil || u.Scheme != "https" || u.Host == "" {
+		return nil, fmt.Errorf("provider client: URL %q: want https://HOST:PORT", rawURL)
+	}
+	if timeout == 0 {
+		timeout = 30 * time.Second
+	}
+	tr := &http.Transport{
+		TLSClientConfig:     tc,
+		ForceAttemptHTTP2:   false,
+		MaxIdleConns:        1024,
+		MaxIdleConnsPerHost: 1024,
+		MaxConnsPerHost:     maxConns,
+		IdleConnTimeout:     90 * time.Second,
+		TLSHandshakeTimeout: 10 * time.Second,
+	}
+	return &Client{base: u, hc: &http.Client{Transport: tr, Timeout: timeout}}, nil
+}
+
+// CAHash is the pin of a CA certificate: "sha256:" and the hex SHA-256 of its
+// SubjectPublicKeyInfo.
+func CAHash(ca *x509.Certificate) string {
+	sum := sha256.Sum256(ca.RawSubjectPublicKeyInfo)
+	return "sha256:" + hex.EncodeToString(sum[:])
+}
+
+// verifyAgainst checks that the server's leaf chains to ca (through the intermediates it
+// sent) and is valid for server authentication. The host name is not checked: the
+// provider CA is private to one provider and issues server certificates only to its
+// replicas, so the chain is the identity.
+func verifyAgainst(ca *x509.Certificate) func(tls.ConnectionState) error {
+	roots := x509.NewCertPool()
+	roots.AddCert(ca)
+	return func(cs tls.ConnectionState) error {
+		if len(cs.PeerCertificates) == 0 {
+			return errors.New("provider presented no certificate")
+		}
+		inter := x509.NewCertPool()
+		for _, c := range cs.PeerCertificates[1:] {
+			inter.AddCert(c)
+		}
+		_, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{
+			Roots:         roots,
+			Intermediates: inter,
+			KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		})
+		if err != nil {
+			return fmt.Errorf("provider certificate does not chain to the trusted provider CA %s: %w", CAHash(ca), err)
+		}
+		return nil
+	}
+}
+
+// Close drops idle connections.
+func (c *Client) Close() { c.hc.CloseIdleConnections() }
+
+// do sends one request; in (if not nil) is marshalled as JSON, out (if not nil) receives
+// the JSON response. A non-2xx status becomes *APIError.
+func (c *Client) do(ctx context.Context, method, path string, query url.Values, in, out any) error {
+	resp, err := c.send(ctx, method, path, query, in)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if out == nil {
+		io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20))
+		return nil
+	}
+	dec := json.NewDecoder(io.LimitReader(resp.Body, api.MaxArchiveBodyBytes))
+	if err := dec.Decode(out); err != nil {
+		return fmt.Errorf("provider %s %s: decoding response: %w", method, path, err)
+	}
+	return nil
+}
+
+func (c *Client) send(ctx context.Context, method, path string, query url.Values, in any) (*http.Response, error) {
+	u := *c.base
+	u.Path = strings.TrimSuffix(u.Path, "/") + path
+	u.RawQuery = query.Encode()
+	var body io.Reader
+	var raw []byte
+	if in != nil {
+		var err error
+		raw, err = json.Marshal(in)
+		if err != nil {
+			return nil, fmt.Errorf("provider %s %s: encoding request: %w", method, path, err)
+		}
+		defer clear(raw) // may hold a passphrase
+		body = bytes.NewReader(raw)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, u.String(), body)
+	if err != nil {
+		return nil, fmt.Errorf("provider %s %s: %w", method, path, err)
+	}
+	if in != nil {
+		req.Header.Set("Content-Type", api.ContentTypeJSON)
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("provider %s %s: %w (is nkp-provider running at %s?)", method, path, err, c.base.Host)
+	}
+	if resp.StatusCode/100 != 2 {
+		defer resp.Body.Close()
+		return nil, decodeError(resp)
+	}
+	return resp, nil
+}
+
+func decodeError(resp *http.Response) error {
+	data, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	var eb api.ErrorBody
+	if err := json.Unmarshal(data, &eb); err != nil || eb.Code == "" {
+		return &APIError{Status: resp.StatusCode, Code: api.CodeInternal,
+			Message: fmt.Sprintf("unexpected response %q", truncate(string(data), 200))}
+	}
+	return &APIError{Status: resp.StatusCode, Code: eb.Code, Message: eb.Error}
+}
+
+func truncate(s string, n int) string {
+	if len(s) > n {
+		return s[:n] + "…"
+	}
+	return s
+}
+
+// Healthz reports whether the provider process answers.
+func (c *Client) Healthz(ctx context.Context) error {
+	return c.do(ctx, http.MethodGet, api.PathHealthz, nil, nil, nil)
+}
+
+// Readyz reports whether the provider can serve (store reachable, initialised).
+func (c *Client) Readyz(ctx context.Context) error {
+	return c.do(ctx, http.MethodGet, api.PathReadyz, nil, nil, nil)
+}
+
+// Release fetches every KDK version in use for the calling host.
+func (c *Client) Release(ctx context.Context) (api.ReleaseResponse, error) {
+	var r api.ReleaseResponse
+	err := c.do(ctx, http.MethodGet, api.PathHostKDKs, nil, nil, &r)
+	return r, err
+}
+
+// RegisterObject records a protected object in the provider's catalog.
+func (c *Client) RegisterObject(ctx context.Context, o api.Object) error {
+	return c.do(ctx, http.MethodPost, api.PathHostObjects, nil, o, nil)
+}
+
+// Status returns the provider's state (admin).
+func (c *Client) Status(ctx context.Context) (api.Status, error) {
+	var s api.Status
+	err := c.do(ctx, http.MethodGet, api.PathStatus, nil, nil, &s)
+	return s, err
+}
+
+// Backup writes a new age-encrypted backup archive to w (admin). The passphrase travels
+// only inside the mTLS request body.
+func (c *Client) Backup(ctx context.Context, w io.Writer, passphrase []byte) (int64, error) {
+	resp, err := c.send(ctx, http.MethodPost, api.PathBackup, nil, api.BackupRequest{Passphrase: passphrase})
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	n, err := io.Copy(w, resp.Body)
+	if err != nil {
+		return n, fmt.Errorf("provider backup: receiving the archive after %d bytes: %w", n, err)
+	}
+	return n, nil
+}
+
+// VerifyBackup has the provider open and check an archive (admin).
+func (c *Client) VerifyBackup(ctx context.Context, archive, passphrase []byte) (api.BackupInfo, error) {
+	var info api.BackupInfo
+	err := c.do(ctx, http.MethodPost, api.PathBackupVerify, nil, api.ArchiveRequest{Passphrase: passphrase, Archive: archive}, &info)
+	return info, err
+}
+
+// CreateToken creates a single-use join token (admin); ttl 0 is the provider's default.
+func (c *Client) CreateToken(ctx context.Context, ttl time.Duration) (api.Token, error) {
+	var t api.Token
+	err := c.do(ctx, http.MethodPost, api.PathTokens, nil, api.TokenRequest{TTLSeconds: int64(ttl / time.Second)}, &t)
+	return t, err
+}
+
+// Hosts lists enrolled hosts (admin).
+func (c *Client) Hosts(ctx context.Context) ([]api.Host, error) {
+	var r api.HostsResponse
+	err := c.do(ctx, http.MethodGet, api.PathHosts, nil, nil, &r)
+	return r.Hosts, err
+}
+
+// Revoke refuses a host from now on, on every replica (admin).
+func (c *Client) Revoke(ctx context.Context, hostID string) error {
+	return c.do(ctx, http.MethodPost, api.PathHosts+"/"+url.PathEscape(hostID)+"/revoke", nil, nil, nil)
+}
+
+// Rotate makes a new KDK version primary (admin).
+func (c *Client) Rotate(ctx context.Context) (api.KDKVersion, error) {
+	var v api.KDKVersion
+	err := c.do(ctx, http.MethodPost, api.PathRotate, nil, nil, &v)
+	return v, err
+}
+
+// Retire retires a KDK version that no catalogued object uses (admin).
+func (c *Client) Retire(ctx context.Context, version int) error {
+	return c.do(ctx, http.MethodPost, api.PathKDKs+"/"+strconv.Itoa(version)+"/retire", nil, nil, nil)
+}
+
+// Objects lists catalogued objects, optionally of one VM and/or one KDK version (admin).
+func (c *Client) Objects(ctx context.Context, vmUUID string, kdkVersion int) ([]api.Object, error) {
+	q := url.Values{}
+	if vmUUID != "" {
+		q.Set("vm", vmUUID)
+	}
+	if kdkVersion > 0 {
+		q.Set("kdk_version", strconv.Itoa(kdkVersion))
+	}
+	var r api.ObjectsResponse
+	err := c.do(ctx, http.MethodGet, api.PathObjects, q, nil, &r)
+	return r.Objects, err
+}
+
+// Audit returns the last n audit records (admin); n <= 0 returns them all.
+func (c *Client) Audit(ctx context.Context, n int) ([]api.AuditRecord, error) {
+	q := url.Values{}
+	if n > 0 {
+		q.Set("n", strconv.Itoa(n))
+	}
+	var r api.AuditResponse
+	err := c.do(ctx, http.MethodGet, api.PathAudit, q, nil, &r)
+	return r.Records, err
+}
+
+// AuditVerify has the provider check the audit log's hash chain (admin).
+func (c *Client) AuditVerify(ctx context.Context) error {
+	return c.do(ctx, http.MethodPost, api.PathAuditVerify, nil, nil, nil)
+}
+
+// Policy returns the provider's policy (admin).
+func (c *Client) Policy(ctx context.Context) (api.Policy, error) {
+	var p api.Policy
+	err := c.do(ctx, http.MethodGet, api.PathPolicy, nil, nil, &p)
+	return p, err
+}
+
+// SetPolicy replaces the provider's policy (admin).
+func (c *Client) SetPolicy(ctx context.Context, p api.Policy) (api.Policy, error) {
+	var out api.Policy
+	err := c.do(ctx, http.MethodPut, api.PathPolicy, nil, p, &out)
+	return out, err
+}
