@@ -1,0 +1,12 @@
+// Command nkp-swtpm is a vTPM 2.0 backend over libtpms that QEMU, libvirt and the swtpm
+// tools accept in place of swtpm: `nkp-swtpm socket [swtpm options]`. See package
+// github.com/nkp-dev/nkp/swtpm/cli for the options.
+package main
+
+import (
+	"os"
+
+	"github.com/nkp-dev/nkp/swtpm/cli"
+)
+
+func main() { os.Exit(cli.Main(os.Args[1:], os.Stdout, os.Stderr)) }
