@@ -1,0 +1,169 @@
+package backup
+
+import (
+	"bytes"
+	"crypto/rand"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/nkp-dev/nkp/provider/ca"
+)
+
+const testWorkFactor = 10
+
+func sampleDoc(t testing.TB) *Document {
+	t.Helper()
+	now := time.Date(2026, 11, 28, 8, 0, 0, 0, time.UTC)
+	pid := uuid.NewString()
+	c, err := ca.New(pid, now, 24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := c.MarshalKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := make([]byte, KeySize)
+	rand.Read(key)
+	retired := now.Add(time.Minute)
+	kdk1, kdk2 := uuid.NewString(), uuid.NewString()
+	return &Document{
+		Format: Format, Version: Version, Created: now, ProviderID: pid, ProviderCreated: now,
+		Policy: Policy{TPMRequired: true},
+		KDKs: []KDK{
+			{ID: kdk1, Version: 1, Created: now, Retired: &retired},
+			{ID: kdk2, Version: 2, Created: now, Primary: true, Key: key},
+		},
+		CA:      CA{Cert: c.Certificate().Raw, Key: keyDER},
+		Hosts:   []Host{{ID: uuid.NewString(), Hostname: "kvm-01", Enrolled: now, CertSerial: "ab12", CertNotAfter: now.Add(time.Hour)}},
+		Objects: []Object{{VMUUID: uuid.NewString(), Name: "vtpm", KeyID: uuid.NewString(), KDKID: kdk2, KDKVersion: 2, Registered: now}},
+	}
+}
+
+func archive(t testing.TB, d *Document, pass string) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	n, err := Write(&buf, []byte(pass), d, WriteOptions{WorkFactor: testWorkFactor})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != int64(buf.Len()) {
+		t.Fatalf("Write reported %d bytes, wrote %d", n, buf.Len())
+	}
+	return buf.Bytes()
+}
+
+func TestRoundTrip(t *testing.T) {
+	d := sampleDoc(t)
+	a := archive(t, d, "correct horse")
+	if bytes.Contains(a, d.KDKs[1].Key) || bytes.Contains(a, []byte(Format)) {
+		t.Fatal("archive holds plaintext")
+	}
+	got, n, err := Read(bytes.NewReader(a), []byte("correct horse"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != int64(len(a)) {
+		t.Fatalf("Read counted %d bytes of %d", n, len(a))
+	}
+	if !bytes.Equal(got.KDKs[1].Key, d.KDKs[1].Key) || got.ProviderID != d.ProviderID || !got.Policy.TPMRequired ||
+		len(got.Hosts) != 1 || len(got.Objects) != 1 || got.KDKs[0].Retired == nil {
+		t.Fatalf("round trip changed the document: %+v", got)
+	}
+	in := got.Info()
+	if in.Primary != 2 || len(in.KDKVersions) != 1 || in.Hosts != 1 || in.Objects != 1 {
+		t.Fatalf("Info = %+v", in)
+	}
+	got.Wipe()
+	if !bytes.Equal(got.KDKs[1].Key, make([]byte, KeySize)) {
+		t.Fatal("Wipe left key bytes")
+	}
+}
+
+func TestReadRefuses(t *testing.T) {
+	a := archive(t, sampleDoc(t), "pass")
+	flip := func(i int) []byte {
+		b := bytes.Clone(a)
+		b[i] ^= 0x01
+		return b
+	}
+	tests := []struct {
+		name string
+		data []byte
+		pass string
+		want error
+	}{
+		{"wrong passphrase", a, "Pass", ErrBadPassphrase},
+		{"empty passphrase", a, "", ErrBadPassphrase},
+		{"empty file", nil, "pass", ErrBadArchive},
+		{"not age", []byte("{\"format\":\"nkp-provider-backup\"}"), "pass", ErrBadArchive},
+		{"header only", a[:bytes.Index(a, []byte("\n---"))+1], "pass", ErrBadArchive},
+		{"truncated by one byte", a[:len(a)-1], "pass", ErrBadArchive},
+		{"truncated in the payload", a[:len(a)-40], "pass", ErrBadArchive},
+		{"payload bit flipped", flip(len(a) - 20), "pass", ErrBadArchive},
+		{"header MAC bit flipped", flip(bytes.Index(a, []byte("\n---")) + 6), "pass", ErrBadArchive},
+		{"trailing garbage", append(bytes.Clone(a), 'x'), "pass", ErrBadArchive},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, _, err := Read(bytes.NewReader(tt.data), []byte(tt.pass))
+			if !errors.Is(err, tt.want) {
+				t.Fatalf("Read: %v, want %v", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestValidate(t *testing.T) {
+	tests := []struct {
+		name   string
+		mutate func(d *Document)
+		want   string
+	}{
+		{"format", func(d *Document) { d.Format = "other" }, "format"},
+		{"version", func(d *Document) { d.Version = 2 }, "version 2"},
+		{"provider id", func(d *Document) { d.ProviderID = "x" }, "provider_id"},
+		{"no kdks", func(d *Document) { d.KDKs = nil }, "no KDK"},
+		{"short key", func(d *Document) { d.KDKs[1].Key = d.KDKs[1].Key[:31] }, "31 bytes"},
+		{"two primaries", func(d *Document) { d.KDKs[0].Retired = nil; d.KDKs[0].Key = make([]byte, 32); d.KDKs[0].Primary = true }, "2 primary"},
+		{"repeated version", func(d *Document) { d.KDKs[0].Version = 2 }, "repeats"},
+		{"retired with key", func(d *Document) { d.KDKs[0].Key = make([]byte, 32) }, "retired"},
+		{"bad ca", func(d *Document) { d.CA.Key = []byte("x") }, "ca"},
+		{"dangling object", func(d *Document) { d.Objects[0].KDKVersion = 7 }, "not in the archive"},
+		{"duplicate host", func(d *Document) { d.Hosts = append(d.Hosts, d.Hosts[0]) }, "repeats"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			d := sampleDoc(t)
+			tt.mutate(d)
+			err := d.Validate()
+			if !errors.Is(err, ErrBadArchive) || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("Validate: %v, want ErrBadArchive mentioning %q", err, tt.want)
+			}
+			if _, err := Write(&bytes.Buffer{}, []byte("p"), d, WriteOptions{WorkFactor: testWorkFactor}); err == nil {
+				t.Fatal("Write accepted an invalid document")
+			}
+		})
+	}
+}
+
+func TestParseRefusesUnknownFieldsAndTrailingData(t *testing.T) {
+	plain, err := Marshal(sampleDoc(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Parse(plain); err != nil {
+		t.Fatalf("Parse of Marshal output: %v", err)
+	}
+	unknown := bytes.Replace(plain, []byte(`"format"`), []byte(`"extra": 1, "format"`), 1)
+	if _, err := Parse(unknown); !errors.Is(err, ErrBadArchive) {
+		t.Fatalf("unknown field: %v", err)
+	}
+	if _, err := Parse(append(bytes.Clone(plain), []byte("{}")...)); !errors.Is(err, ErrBadArchive) {
+		t.Fatalf("trailing data: %v", err)
+	}
+}
