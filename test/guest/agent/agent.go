@@ -1,0 +1,244 @@
+package main
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+
+	"github.com/nkp-dev/nkp/test/guest"
+)
+
+// agent runs one guest.Config against a TPM and prints records to out.
+type agent struct {
+	out   io.Writer
+	tpm   transport.TPM
+	sysfs string              // /sys/class/tpm/tpm0; "" skips the sysfs version line
+	sleep func(time.Duration) // pacing of ActionLoop
+}
+
+func (a *agent) print(pairs ...string) {
+	// One write per line, so that kernel messages cannot split it.
+	io.WriteString(a.out, guest.FormatRecord(pairs...)+"\n")
+}
+
+func (a *agent) run(cfg guest.Config) error {
+	if err := a.info(); err != nil {
+		return err
+	}
+	if cfg.Has(guest.ActionNVWrite) {
+		if err := a.nvWrite(cfg.NV); err != nil {
+			return err
+		}
+	}
+	if cfg.Has(guest.ActionNVRead) {
+		v, err := a.nvRead()
+		if err != nil {
+			return err
+		}
+		a.print("nv", v)
+	}
+	if cfg.Has(guest.ActionExtend) {
+		if err := a.extend(cfg.Extend); err != nil {
+			return err
+		}
+	}
+	if cfg.Has(guest.ActionLoop) {
+		return a.loop(cfg.Loop)
+	}
+	return nil
+}
+
+func (a *agent) info() error {
+	if a.sysfs != "" {
+		if b, err := os.ReadFile(filepath.Join(a.sysfs, "tpm_version_major")); err == nil {
+			a.print("tpm-major", strings.TrimSpace(string(b)))
+		}
+	}
+	family, err := a.property(tpm2.TPMPTFamilyIndicator)
+	if err != nil {
+		return err
+	}
+	manu, err := a.property(tpm2.TPMPTManufacturer)
+	if err != nil {
+		return err
+	}
+	a.print("tpm", fourCC(family), "tpm-manufacturer", fourCC(manu))
+	pcr0, err := a.pcr(0)
+	if err != nil {
+		return err
+	}
+	a.print("pcr0", hex.EncodeToString(pcr0))
+	return nil
+}
+
+// fourCC renders a TPM property that holds up to four ASCII characters ("2.0", "IBM").
+func fourCC(v uint32) string {
+	b := []byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)}
+	return strings.TrimRight(string(bytes.TrimRight(b, "\x00")), " ")
+}
+
+func (a *agent) property(p tpm2.TPMPT) (uint32, error) {
+	rsp, err := tpm2.GetCapability{Capability: tpm2.TPMCapTPMProperties, Property: uint32(p), PropertyCount: 1}.Execute(a.tpm)
+	if err != nil {
+		return 0, fmt.Errorf("TPM2_GetCapability(property %#x): %w", uint32(p), err)
+	}
+	props, err := rsp.CapabilityData.Data.TPMProperties()
+	if err != nil {
+		return 0, fmt.Errorf("TPM2_GetCapability(property %#x): %w", uint32(p), err)
+	}
+	for _, tp := range props.TPMProperty {
+		if tp.Property == p {
+			return tp.Value, nil
+		}
+	}
+	return 0, fmt.Errorf("TPM2_GetCapability: property %#x missing from the reply", uint32(p))
+}
+
+func (a *agent) pcr(n uint) ([]byte, error) {
+	rsp, err := tpm2.PCRRead{PCRSelectionIn: tpm2.TPMLPCRSelection{PCRSelections: []tpm2.TPMSPCRSelection{{
+		Hash: tpm2.TPMAlgSHA256, PCRSelect: tpm2.PCClientCompatible.PCRs(n),
+	}}}}.Execute(a.tpm)
+	if err != nil {
+		return nil, fmt.Errorf("TPM2_PCR_Read(sha256:%d): %w", n, err)
+	}
+	if len(rsp.PCRValues.Digests) != 1 {
+		return nil, fmt.Errorf("TPM2_PCR_Read(sha256:%d): %d digests in the reply, want 1 (is the sha256 bank allocated?)", n, len(rsp.PCRValues.Digests))
+	}
+	return rsp.PCRValues.Digests[0].Buffer, nil
+}
+
+func (a *agent) extend(data string) error {
+	d := sha256.Sum256([]byte(data))
+	_, err := tpm2.PCRExtend{
+		PCRHandle: tpm2.AuthHandle{Handle: tpm2.TPMHandle(guest.ExtendPCR), Auth: tpm2.PasswordAuth(nil)},
+		Digests:   tpm2.TPMLDigestValues{Digests: []tpm2.TPMTHA{{HashAlg: tpm2.TPMAlgSHA256, Digest: d[:]}}},
+	}.Execute(a.tpm)
+	if err != nil {
+		return fmt.Errorf("TPM2_PCR_Extend(%d): %w", guest.ExtendPCR, err)
+	}
+	v, err := a.pcr(guest.ExtendPCR)
+	if err != nil {
+		return err
+	}
+	a.print(fmt.Sprintf("pcr%d", guest.ExtendPCR), hex.EncodeToString(v))
+	return nil
+}
+
+// nvName returns the index's current name, or ok=false when it is not defined.
+func (a *agent) nvName() (tpm2.TPM2BName, bool, error) {
+	rsp, err := tpm2.NVReadPublic{NVIndex: tpm2.TPMHandle(guest.NVIndex)}.Execute(a.tpm)
+	if err != nil {
+		if errors.Is(err, tpm2.TPMRCHandle) {
+			return tpm2.TPM2BName{}, false, nil
+		}
+		return tpm2.TPM2BName{}, false, fmt.Errorf("TPM2_NV_ReadPublic(%#x): %w", guest.NVIndex, err)
+	}
+	return rsp.NVName, true, nil
+}
+
+func (a *agent) nvWrite(value string) error {
+	_, ok, err := a.nvName()
+	if err != nil {
+		return err
+	}
+	if !ok {
+		_, err := tpm2.NVDefineSpace{
+			AuthHandle: tpm2.TPMRHOwner,
+			PublicInfo: tpm2.New2B(tpm2.TPMSNVPublic{
+				NVIndex: tpm2.TPMHandle(guest.NVIndex),
+				NameAlg: tpm2.TPMAlgSHA256,
+				Attributes: tpm2.TPMANV{
+					OwnerWrite: true, OwnerRead: true, AuthWrite: true, AuthRead: true,
+					NT: tpm2.TPMNTOrdinary, NoDA: true,
+				},
+				DataSize: guest.NVSize,
+			}),
+		}.Execute(a.tpm)
+		if err != nil {
+			return fmt.Errorf("TPM2_NV_DefineSpace(%#x): %w", guest.NVIndex, err)
+		}
+		a.print("nvdefine", "ok")
+	}
+	name, _, err := a.nvName()
+	if err != nil {
+		return err
+	}
+	buf := make([]byte, guest.NVSize)
+	copy(buf, value)
+	_, err = tpm2.NVWrite{
+		AuthHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
+		NVIndex:    tpm2.NamedHandle{Handle: tpm2.TPMHandle(guest.NVIndex), Name: name},
+		Data:       tpm2.TPM2BMaxNVBuffer{Buffer: buf},
+	}.Execute(a.tpm)
+	if err != nil {
+		return fmt.Errorf("TPM2_NV_Write(%#x): %w", guest.NVIndex, err)
+	}
+	got, err := a.nvRead()
+	if err != nil {
+		return err
+	}
+	if got != value {
+		return fmt.Errorf("NV index %#x reads %q right after writing %q", guest.NVIndex, got, value)
+	}
+	a.print("nvwrite", "ok", "nv", got)
+	return nil
+}
+
+func (a *agent) nvRead() (string, error) {
+	name, ok, err := a.nvName()
+	if err != nil {
+		return "", err
+	}
+	if !ok {
+		return "", fmt.Errorf("NV index %#x is not defined (was the TPM state lost?)", guest.NVIndex)
+	}
+	rsp, err := tpm2.NVRead{
+		AuthHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
+		NVIndex:    tpm2.NamedHandle{Handle: tpm2.TPMHandle(guest.NVIndex), Name: name},
+		Size:       guest.NVSize,
+	}.Execute(a.tpm)
+	if err != nil {
+		return "", fmt.Errorf("TPM2_NV_Read(%#x): %w", guest.NVIndex, err)
+	}
+	return string(bytes.TrimRight(rsp.Data.Buffer, "\x00")), nil
+}
+
+// loop prints PCR0, the extended PCR and the NV value (when defined) every second for
+// the given number of seconds, so that the host can watch the TPM across save/restore
+// and migration; then it returns and the guest powers off.
+func (a *agent) loop(seconds int) error {
+	pcrKey := fmt.Sprintf("pcr%d", guest.ExtendPCR)
+	for i := 1; i <= seconds; i++ {
+		p0, err := a.pcr(0)
+		if err != nil {
+			return err
+		}
+		p16, err := a.pcr(guest.ExtendPCR)
+		if err != nil {
+			return err
+		}
+		pairs := []string{"loop", fmt.Sprint(i), "pcr0", hex.EncodeToString(p0), pcrKey, hex.EncodeToString(p16)}
+		if _, ok, err := a.nvName(); err != nil {
+			return err
+		} else if ok {
+			v, err := a.nvRead()
+			if err != nil {
+				return err
+			}
+			pairs = append(pairs, "nv", v)
+		}
+		a.print(pairs...)
+		a.sleep(time.Second)
+	}
+	return nil
+}

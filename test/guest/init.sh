@@ -1,0 +1,14 @@
+#!/bin/busybox sh
+# /init of nkp's tiny test guest: mount the pseudo file systems, load the virtio modules,
+# run the agent (it reads its job from the kernel command line), power off.
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+	insmod /lib/modules/$m.ko || echo "NKP-GUEST warning=insmod-$m-failed"
+done
+/bin/nkp-guest-agent
+echo "NKP-GUEST poweroff=1"
+poweroff -f

@@ -1,0 +1,238 @@
+package guest
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"strconv"
+	"strings"
+)
+
+// Prefix starts every line the guest agent prints on the serial console.
+const Prefix = "NKP-GUEST"
+
+// Actions the agent knows, run in this order whatever order the kernel command line
+// lists them in. The agent always prints the TPM version and PCR0 first ("info").
+const (
+	ActionNVWrite = "nvwrite" // define the test NV index if absent, write Config.NV, read it back
+	ActionNVRead  = "nvread"  // read the test NV index
+	ActionExtend  = "extend"  // extend PCR 16 (sha256) with sha256(Config.Extend)
+	ActionLoop    = "loop"    // print PCR0, PCR16 and the NV value every second for Config.Loop seconds
+)
+
+// NVIndex is the owner-range NV index the agent defines and writes.
+const NVIndex = 0x01800100
+
+// NVSize is the size of NVIndex; values are zero-padded to it.
+const NVSize = 64
+
+// ExtendPCR is the PCR that ActionExtend extends (the resettable debug PCR).
+const ExtendPCR = 16
+
+// Config is what one boot of the guest does; KernelArgs encodes it on the kernel command
+// line and ParseArgs decodes it inside the guest.
+type Config struct {
+	Actions []string // ActionNVWrite, ActionNVRead, ActionExtend, ActionLoop
+	NV      string   // value for ActionNVWrite: 1..NVSize bytes of [A-Za-z0-9._-]
+	Extend  string   // data for ActionExtend, same alphabet
+	Loop    int      // seconds ActionLoop runs before the guest powers off (bounded)
+}
+
+// Has reports whether c lists action.
+func (c Config) Has(action string) bool {
+	for _, a := range c.Actions {
+		if a == action {
+			return true
+		}
+	}
+	return false
+}
+
+// Validate checks the values the kernel command line can carry.
+func (c Config) Validate() error {
+	for _, a := range c.Actions {
+		switch a {
+		case ActionNVWrite, ActionNVRead, ActionExtend, ActionLoop:
+		default:
+			return fmt.Errorf("guest config: unknown action %q (want %s, %s, %s or %s)", a, ActionNVWrite, ActionNVRead, ActionExtend, ActionLoop)
+		}
+	}
+	if c.Has(ActionNVWrite) {
+		if err := checkValue("nv", c.NV, NVSize); err != nil {
+			return err
+		}
+	}
+	if c.Has(ActionExtend) {
+		if err := checkValue("extend", c.Extend, 128); err != nil {
+			return err
+		}
+	}
+	if c.Loop < 0 || c.Loop > 3600 {
+		return fmt.Errorf("guest config: loop %d s out of range 0..3600", c.Loop)
+	}
+	if c.Has(ActionLoop) && c.Loop == 0 {
+		return fmt.Errorf("guest config: action %s needs Loop > 0 seconds", ActionLoop)
+	}
+	return nil
+}
+
+func checkValue(name, v string, max int) error {
+	if len(v) == 0 || len(v) > max {
+		return fmt.Errorf("guest config: %s value must have 1..%d bytes, has %d", name, max, len(v))
+	}
+	for i := 0; i < len(v); i++ {
+		c := v[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return fmt.Errorf("guest config: %s value %q: byte %d is not in [A-Za-z0-9._-]", name, v, i)
+		}
+	}
+	return nil
+}
+
+// KernelArgs returns the whole kernel command line for c: serial console, quiet kernel,
+// reboot on panic, and the nkp.* parameters the agent reads.
+func (c Config) KernelArgs() (string, error) {
+	if err := c.Validate(); err != nil {
+		return "", err
+	}
+	args := []string{"console=ttyS0", "quiet", "loglevel=1", "panic=-1"}
+	if len(c.Actions) > 0 {
+		args = append(args, "nkp.do="+strings.Join(c.Actions, ","))
+	}
+	if c.NV != "" {
+		args = append(args, "nkp.nv="+c.NV)
+	}
+	if c.Extend != "" {
+		args = append(args, "nkp.extend="+c.Extend)
+	}
+	if c.Loop > 0 {
+		args = append(args, "nkp.loop="+strconv.Itoa(c.Loop))
+	}
+	return strings.Join(args, " "), nil
+}
+
+// ParseArgs reads the nkp.* parameters from a kernel command line (/proc/cmdline) and
+// ignores every other word.
+func ParseArgs(cmdline string) (Config, error) {
+	var c Config
+	for _, w := range strings.Fields(cmdline) {
+		k, v, ok := strings.Cut(w, "=")
+		if !ok || !strings.HasPrefix(k, "nkp.") {
+			continue
+		}
+		switch k {
+		case "nkp.do":
+			c.Actions = strings.Split(v, ",")
+		case "nkp.nv":
+			c.NV = v
+		case "nkp.extend":
+			c.Extend = v
+		case "nkp.loop":
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				return Config{}, fmt.Errorf("guest config: nkp.loop=%q: %w", v, err)
+			}
+			c.Loop = n
+		default:
+			return Config{}, fmt.Errorf("guest config: unknown parameter %q", k)
+		}
+	}
+	if err := c.Validate(); err != nil {
+		return Config{}, err
+	}
+	return c, nil
+}
+
+// Record is one agent line: its key=value pairs.
+type Record map[string]string
+
+// FormatRecord renders pairs (key, value, key, value, ...) as one agent line without the
+// trailing newline. Keys and values must not contain spaces or '='; values that do are
+// quoted with strconv.Quote and ParseConsole unquotes them.
+func FormatRecord(pairs ...string) string {
+	var b strings.Builder
+	b.WriteString(Prefix)
+	for i := 0; i+1 < len(pairs); i += 2 {
+		v := pairs[i+1]
+		if needsQuote(v) {
+			v = strconv.Quote(v)
+		}
+		b.WriteString(" " + pairs[i] + "=" + v)
+	}
+	return b.String()
+}
+
+func needsQuote(v string) bool {
+	if v == "" {
+		return true
+	}
+	for i := 0; i < len(v); i++ {
+		if c := v[i]; c <= ' ' || c >= 0x7f || c == '"' || c == '=' {
+			return true
+		}
+	}
+	return false
+}
+
+// ParseConsole extracts the agent's records from a serial console capture, in order.
+// Kernel messages may precede the prefix on a line (they share the console); anything
+// before the prefix is ignored, and so are malformed pairs.
+func ParseConsole(data []byte) []Record {
+	var out []Record
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	sc.Buffer(make([]byte, 0, 4096), 1<<20)
+	sc.Split(scanLinesAnyLength)
+	for sc.Scan() {
+		line := strings.TrimRight(sc.Text(), "\r")
+		i := strings.Index(line, Prefix+" ")
+		if i < 0 {
+			continue
+		}
+		rec := Record{}
+		rest := line[i+len(Prefix)+1:]
+		for len(rest) > 0 {
+			rest = strings.TrimLeft(rest, " ")
+			k, after, ok := strings.Cut(rest, "=")
+			if !ok || k == "" || strings.Contains(k, " ") {
+				break
+			}
+			var v string
+			if strings.HasPrefix(after, `"`) {
+				q, err := strconv.QuotedPrefix(after)
+				if err != nil {
+					break
+				}
+				v, _ = strconv.Unquote(q)
+				after = after[len(q):]
+			} else {
+				v, after, _ = strings.Cut(after, " ")
+			}
+			rec[k] = v
+			rest = after
+		}
+		if len(rec) > 0 {
+			out = append(out, rec)
+		}
+	}
+	return out
+}
+
+// scanLinesAnyLength is bufio.ScanLines that also hands over an over-long line in pieces
+// instead of failing the scan.
+func scanLinesAnyLength(data []byte, atEOF bool) (int, []byte, error) {
+	adv, tok, err := bufio.ScanLines(data, atEOF)
+	if adv == 0 && tok == nil && err == nil && len(data) >= 1<<20-1 {
+		return len(data), data, nil
+	}
+	return adv, tok, err
+}
+
+// Last returns the value of key in the last record that has it.
+func Last(recs []Record, key string) (string, bool) {
+	for i := len(recs) - 1; i >= 0; i-- {
+		if v, ok := recs[i][key]; ok {
+			return v, true
+		}
+	}
+	return "", false
+}

@@ -1,0 +1,164 @@
+package guest
+
+import (
+	"reflect"
+	"strings"
+	"testing"
+)
+
+func TestKernelArgsRoundTrip(t *testing.T) {
+	tests := []struct {
+		name    string
+		cfg     Config
+		wantErr string
+	}{
+		{name: "info only", cfg: Config{}},
+		{name: "nv write", cfg: Config{Actions: []string{ActionNVWrite}, NV: "v-1.2_x"}},
+		{name: "everything", cfg: Config{Actions: []string{ActionNVWrite, ActionNVRead, ActionExtend, ActionLoop}, NV: "a", Extend: "b", Loop: 30}},
+		{name: "unknown action", cfg: Config{Actions: []string{"format-disk"}}, wantErr: "unknown action"},
+		{name: "nv missing", cfg: Config{Actions: []string{ActionNVWrite}}, wantErr: "nv value"},
+		{name: "nv too long", cfg: Config{Actions: []string{ActionNVWrite}, NV: strings.Repeat("x", NVSize+1)}, wantErr: "1..64"},
+		{name: "nv with space", cfg: Config{Actions: []string{ActionNVWrite}, NV: "a b"}, wantErr: "not in"},
+		{name: "nv with equals", cfg: Config{Actions: []string{ActionNVWrite}, NV: "a=b"}, wantErr: "not in"},
+		{name: "loop without seconds", cfg: Config{Actions: []string{ActionLoop}}, wantErr: "Loop > 0"},
+		{name: "loop too long", cfg: Config{Actions: []string{ActionLoop}, Loop: 4000}, wantErr: "out of range"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			args, err := tc.cfg.KernelArgs()
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("KernelArgs: err %v, want one containing %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("KernelArgs: %v", err)
+			}
+			if !strings.Contains(args, "console=ttyS0") {
+				t.Errorf("KernelArgs %q lacks the serial console", args)
+			}
+			got, err := ParseArgs("BOOT_IMAGE=x root=/dev/vda " + args + " other=1")
+			if err != nil {
+				t.Fatalf("ParseArgs(%q): %v", args, err)
+			}
+			if !reflect.DeepEqual(got, tc.cfg) {
+				t.Errorf("ParseArgs(KernelArgs(c)) = %+v, want %+v", got, tc.cfg)
+			}
+		})
+	}
+}
+
+func TestParseArgsErrors(t *testing.T) {
+	tests := []struct {
+		cmdline, wantErr string
+	}{
+		{"nkp.loop=ten", "nkp.loop"},
+		{"nkp.bogus=1", "unknown parameter"},
+		{"nkp.do=nvwrite", "nv value"},
+		{"nkp.do=loop nkp.loop=-1", "out of range"},
+	}
+	for _, tc := range tests {
+		if _, err := ParseArgs(tc.cmdline); err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+			t.Errorf("ParseArgs(%q): err %v, want one containing %q", tc.cmdline, err, tc.wantErr)
+		}
+	}
+}
+
+func TestParseConsole(t *testing.T) {
+	tests := []struct {
+		name string
+		in   string
+		want []Record
+	}{
+		{name: "empty", in: "", want: nil},
+		{name: "kernel noise only", in: "[    0.000000] Linux version 6.1\r\nreboot: Power down\r\n", want: nil},
+		{name: "records with CRLF", in: "NKP-GUEST tpm=2.0 tpm-manufacturer=IBM\r\nNKP-GUEST pcr0=00ff\r\n",
+			want: []Record{{"tpm": "2.0", "tpm-manufacturer": "IBM"}, {"pcr0": "00ff"}}},
+		{name: "prefix after kernel text", in: "[ 1.2] random: crng init done NKP-GUEST nv=x\n", want: []Record{{"nv": "x"}}},
+		{name: "quoted value", in: `NKP-GUEST error="open /dev/tpm0: no such file" done=fail` + "\n",
+			want: []Record{{"error": "open /dev/tpm0: no such file", "done": "fail"}}},
+		{name: "malformed pair stops the line", in: "NKP-GUEST a=1 junk b=2\n", want: []Record{{"a": "1"}}},
+		{name: "bad quote stops the line", in: "NKP-GUEST a=1 b=\"open\n", want: []Record{{"a": "1"}}},
+		{name: "prefix without pairs", in: "NKP-GUEST \nNKP-GUESTX a=1\n", want: nil},
+		{name: "no final newline", in: "NKP-GUEST done=ok", want: []Record{{"done": "ok"}}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got := ParseConsole([]byte(tc.in))
+			if !reflect.DeepEqual(got, tc.want) {
+				t.Errorf("ParseConsole(%q) = %v, want %v", tc.in, got, tc.want)
+			}
+		})
+	}
+}
+
+func TestFormatRecordParses(t *testing.T) {
+	tests := [][]string{
+		{"tpm", "2.0"},
+		{"error", `TPM2_NV_Read(0x1800100): "bad" = worse`, "done", "fail"},
+		{"empty", ""},
+		{"tab", "a\tb", "nl", "x\ny", "utf8", "é"},
+	}
+	for _, pairs := range tests {
+		line := FormatRecord(pairs...)
+		recs := ParseConsole([]byte(line + "\r\n"))
+		if len(recs) != 1 {
+			t.Fatalf("FormatRecord(%q) = %q parses to %d records, want 1", pairs, line, len(recs))
+		}
+		for i := 0; i < len(pairs); i += 2 {
+			if got := recs[0][pairs[i]]; got != pairs[i+1] {
+				t.Errorf("FormatRecord(%q) = %q: %s parses back as %q", pairs, line, pairs[i], got)
+			}
+		}
+	}
+}
+
+func TestLast(t *testing.T) {
+	recs := []Record{{"a": "1"}, {"b": "2"}, {"a": "3"}}
+	tests := []struct {
+		key, want string
+		ok        bool
+	}{{"a", "3", true}, {"b", "2", true}, {"c", "", false}}
+	for _, tc := range tests {
+		if got, ok := Last(recs, tc.key); got != tc.want || ok != tc.ok {
+			t.Errorf("Last(%q) = %q, %v; want %q, %v", tc.key, got, ok, tc.want, tc.ok)
+		}
+	}
+}
+
+// FuzzParseConsole feeds arbitrary console bytes (the guest is untrusted) to the parser:
+// it must not panic, and every record it returns has non-empty keys without spaces.
+func FuzzParseConsole(f *testing.F) {
+	f.Add([]byte("NKP-GUEST tpm=2.0\r\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		for _, r := range ParseConsole(data) {
+			if len(r) == 0 {
+				t.Fatalf("empty record from %q", data)
+			}
+			for k := range r {
+				if k == "" || strings.ContainsAny(k, " \n") {
+					t.Fatalf("bad key %q from %q", k, data)
+				}
+			}
+		}
+	})
+}
+
+func TestParseDepends(t *testing.T) {
+	tests := []struct {
+		in, want string
+		ok       bool
+	}{
+		{"linux-image-cloud-amd64\n  Depends: linux-image-6.1.0-56-cloud-amd64\n", "linux-image-6.1.0-56-cloud-amd64", true},
+		{"linux-image-cloud-amd64\n  Depends: <linux-image-6.1>\n", "", false},
+		{"linux-image-cloud-amd64\n  Recommends: firmware\n", "", false},
+		{"", "", false},
+	}
+	for _, tc := range tests {
+		got, err := parseDepends(tc.in)
+		if got != tc.want || (err == nil) != tc.ok {
+			t.Errorf("parseDepends(%q) = %q, %v; want %q, ok=%v", tc.in, got, err, tc.want, tc.ok)
+		}
+	}
+}
