@@ -1,0 +1,384 @@
+// Package state is nkp-swtpm's state directory: where libtpms' permanent, volatile and
+// savestate blobs live between runs. It implements the NVRAM interface of
+// swtpm/internal/libtpms (Load, Store, Delete by name).
+//
+// With a key, files are written in nkp's own authenticated format (AES-256-GCM, see
+// format.go), bound to their blob type. Without a key they are written in swtpm's
+// plaintext format, so that real swtpm can read the directory back, and a warning is
+// logged once. Reading accepts nkp's files, swtpm's plaintext files (only without a key,
+// or with Options.AcceptPlaintext) and swtpm's --key encrypted files (same key), so a VM
+// moving from swtpm keeps its TPM. File names are swtpm's (tpm2-00.permall, ...), and the
+// directory is locked through swtpm's .lock file for the Dir's life.
+//
+// Writes are crash-safe: temp file, fsync, rename, fsync of the directory. A file that
+// could not be read is never overwritten nor deleted by this Dir.
+//
+// Only swtpm (the server) and cmd/nkp-swtpm import this package; nkp-hostd passes keys
+// to nkp-swtpm by fd and never opens a state directory itself.
+package state
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nkp-dev/nkp/swtpm/envelope"
+)
+
+// Names are the blob names libtpms uses, in the order States reports them.
+var Names = []string{"permall", "volatilestate", "savestate"}
+
+// DefaultMode is swtpm's default mode for state files.
+const DefaultMode os.FileMode = 0o640
+
+// Options configure Open.
+type Options struct {
+	// Key encrypts the state (nkp's AES-256-GCM format) and decrypts swtpm --key files.
+	// nil: plaintext state in swtpm's format, with a warning in the log. Open copies
+	// the key; the caller may Wipe its Key once Open returned.
+	Key *Key
+	// Mode of the state files; 0 means DefaultMode (0640, like swtpm; libvirt passes
+	// 0600). An existing directory's own mode is left alone.
+	Mode os.FileMode
+	// Lock is accepted for the CLI's lock sub-option but has no effect: the directory
+	// backend always locks, as swtpm's does.
+	Lock bool
+	// AcceptPlaintext lets a keyed Dir read swtpm's unencrypted files: a one-time import
+	// of a VM's state from an unencrypted swtpm. The next Store writes them encrypted.
+	// Off by default, so that nobody can swap an encrypted state for a plaintext one.
+	AcceptPlaintext bool
+	// Backup keeps the previous version of each file as <file>.bak (swtpm's backup
+	// option); Load falls back to it when the file itself cannot be read.
+	Backup bool
+	// Log gets warnings (plaintext state, backup fallbacks). nil discards them.
+	Log *slog.Logger
+}
+
+// StateInfo describes one state file, for --print-states.
+type StateInfo struct {
+	Name string // "permall", "volatilestate" or "savestate"
+	Size int64  // bytes on disk
+}
+
+// Dir is an open, locked state directory. Its methods are safe for concurrent use.
+type Dir struct {
+	dir    string
+	mode   os.FileMode
+	log    *slog.Logger
+	backup bool
+	accept bool
+
+	mu     sync.Mutex // guards everything below
+	key    []byte     // nil without a key; wiped by Close
+	seal   *sealer
+	lock   *os.File // nil after ReleaseLock
+	dirFD  *os.File // for fsync of the directory
+	bad    map[string]error
+	closed bool
+}
+
+// FileName returns swtpm's file name for a blob name (TPM 2: tpm2-00.<name>).
+func FileName(name string) string { return "tpm2-00." + name }
+
+func tempName(name string) string { return "TMP2-00." + name }
+
+// Open opens and locks the state directory dir, which must exist and be writable. It
+// fails with an error wrapping ErrLocked when another process holds the directory.
+func Open(dir string, opts Options) (*Dir, error) {
+	fi, err := os.Stat(dir)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil, fmt.Errorf("state directory %s does not exist: create it (owned by the user nkp-swtpm runs as) or check the path: %w", dir, err)
+	case err != nil:
+		return nil, fmt.Errorf("state directory %s: %w", dir, err)
+	case !fi.IsDir():
+		return nil, fmt.Errorf("state directory %s is not a directory; give --tpmstate dir= a directory", dir)
+	}
+	if err := unix.Access(dir, unix.W_OK|unix.X_OK); err != nil {
+		return nil, fmt.Errorf("state directory %s is not writable (%w): the TPM could not save its state; check that the file system is mounted read-write, the directory is not immutable (lsattr), and its owner and mode", dir, err)
+	}
+	log := opts.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	d := &Dir{
+		dir:    dir,
+		mode:   opts.Mode.Perm(),
+		log:    log,
+		backup: opts.Backup,
+		accept: opts.AcceptPlaintext,
+		bad:    map[string]error{},
+	}
+	if d.mode == 0 {
+		d.mode = DefaultMode
+	}
+	if k := opts.Key.Bytes(); k != nil {
+		if len(k) != 16 && len(k) != 32 {
+			return nil, fmt.Errorf("state directory %s: key is %d bytes; want 16 or 32", dir, len(k))
+		}
+		if d.seal, err = newSealer(k); err != nil {
+			return nil, fmt.Errorf("state directory %s: %w", dir, err)
+		}
+		d.key = append([]byte{}, k...)
+	}
+	if d.lock, err = lockDir(dir); err != nil {
+		d.wipe()
+		return nil, err
+	}
+	if d.dirFD, err = os.Open(dir); err != nil {
+		d.lock.Close()
+		d.wipe()
+		return nil, fmt.Errorf("state directory %s: open for fsync: %w", dir, err)
+	}
+	if d.key == nil {
+		log.Warn("TPM state is not encrypted: no --key given; anyone who can read the state directory can read the TPM's secrets", "dir", dir)
+	}
+	return d, nil
+}
+
+func (d *Dir) wipe() {
+	clear(d.key)
+	d.key = nil
+	d.seal = nil
+}
+
+func (d *Dir) path(name string) (string, error) {
+	if _, ok := blobTypes[name]; !ok {
+		return "", fmt.Errorf("state directory %s: unknown state blob %q (want permall, volatilestate or savestate)", d.dir, name)
+	}
+	return filepath.Join(d.dir, FileName(name)), nil
+}
+
+// Load returns the payload of blob name. When there is none the error wraps
+// fs.ErrNotExist (the TPM then manufactures itself). Any other failure leaves the file
+// untouched and makes Store and Delete of that name refuse for this Dir's life.
+func (d *Dir) Load(name string) ([]byte, error) {
+	p, err := d.path(name)
+	if err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil, fmt.Errorf("state file %s: directory closed", p)
+	}
+	data, err := d.loadFile(name, p)
+	if err == nil || errors.Is(err, fs.ErrNotExist) {
+		return data, err
+	}
+	if d.backup {
+		if bak, berr := d.loadFile(name, p+".bak"); berr == nil {
+			d.log.Warn("state file unreadable; using its backup", "file", p, "error", err.Error())
+			d.bad[name] = errRecovered
+			return bak, nil
+		}
+	}
+	d.bad[name] = err
+	return nil, err
+}
+
+// errRecovered marks a name loaded from its backup: the next Store moves the unreadable
+// file aside instead of making it the backup.
+var errRecovered = errors.New("recovered from backup")
+
+func (d *Dir) loadFile(name, p string) ([]byte, error) {
+	file, err := os.ReadFile(p)
+	if err != nil {
+		return nil, fmt.Errorf("state file %s: %w", p, err)
+	}
+	data, plain, err := decodeFile(name, file, d.seal, d.key, d.accept)
+	if err != nil {
+		return nil, fmt.Errorf("state file %s: %w; the file was left untouched", p, err)
+	}
+	if plain && d.key != nil {
+		d.log.Warn("imported an unencrypted swtpm state file; it will be written encrypted from now on", "file", p)
+	}
+	return data, nil
+}
+
+// Store writes data as blob name: temp file, fsync, rename, fsync of the directory.
+func (d *Dir) Store(name string, data []byte) error {
+	p, err := d.path(name)
+	if err != nil {
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return fmt.Errorf("state file %s: directory closed", p)
+	}
+	if err := d.refuseLocked(name, p); err != nil {
+		return err
+	}
+	var file []byte
+	if d.seal != nil {
+		file, err = d.seal.seal(blobTypes[name], data)
+	} else {
+		file, err = envelope.EncodeFile(data, nil)
+		defer clear(file)
+	}
+	if err != nil {
+		return fmt.Errorf("state file %s: %w", p, err)
+	}
+	tmp := filepath.Join(d.dir, tempName(name))
+	if err := d.writeTemp(tmp, file); err != nil {
+		return fmt.Errorf("state file %s: %w", p, err)
+	}
+	if d.backup {
+		if err := d.keepBackupLocked(name, p); err != nil {
+			os.Remove(tmp)
+			return err
+		}
+	}
+	if err := os.Rename(tmp, p); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("state file %s: %w", p, err)
+	}
+	if err := d.dirFD.Sync(); err != nil {
+		return fmt.Errorf("state file %s: fsync directory: %w", p, err)
+	}
+	return nil
+}
+
+// refuseLocked refuses writes to a file that could not be read.
+func (d *Dir) refuseLocked(name, p string) error {
+	if err, ok := d.bad[name]; ok && err != errRecovered {
+		return fmt.Errorf("state file %s could not be read earlier, so it is not overwritten: %w", p, err)
+	}
+	return nil
+}
+
+func (d *Dir) writeTemp(tmp string, b []byte) error {
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|unix.O_NOFOLLOW|unix.O_CLOEXEC, d.mode)
+	if err != nil {
+		return err
+	}
+	if err := f.Chmod(d.mode); err != nil { // the umask may have narrowed it
+		f.Close()
+		os.Remove(tmp)
+		return err
+	}
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		os.Remove(tmp)
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		os.Remove(tmp)
+		return err
+	}
+	if err := f.Close(); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return nil
+}
+
+// keepBackupLocked makes the current file the backup (a hard link, so the file itself
+// is never missing), or moves an unreadable file aside as <file>.corrupt.
+func (d *Dir) keepBackupLocked(name, p string) error {
+	if d.bad[name] == errRecovered {
+		if err := os.Rename(p, p+".corrupt"); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("state file %s: move the unreadable file aside: %w", p, err)
+		}
+		delete(d.bad, name)
+		return nil
+	}
+	tmpBak := filepath.Join(d.dir, tempName(name)+".bak")
+	os.Remove(tmpBak)
+	if err := os.Link(p, tmpBak); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil // first write: nothing to back up
+		}
+		return fmt.Errorf("state file %s: backup: %w", p, err)
+	}
+	if err := os.Rename(tmpBak, p+".bak"); err != nil {
+		os.Remove(tmpBak)
+		return fmt.Errorf("state file %s: backup: %w", p, err)
+	}
+	return nil
+}
+
+// Delete removes blob name; a missing file is not an error.
+func (d *Dir) Delete(name string) error {
+	p, err := d.path(name)
+	if err != nil {
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return fmt.Errorf("state file %s: directory closed", p)
+	}
+	if err := d.refuseLocked(name, p); err != nil {
+		return err
+	}
+	if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("state file %s: %w", p, err)
+	}
+	if err := d.dirFD.Sync(); err != nil {
+		return fmt.Errorf("state file %s: fsync directory: %w", p, err)
+	}
+	return nil
+}
+
+// States lists the state files present, in the order of Names.
+func (d *Dir) States() ([]StateInfo, error) { return States(d.dir) }
+
+// States lists the state files present in dir without opening or locking it (for
+// --print-states, which swtpm_setup runs before it starts a TPM on the directory).
+func States(dir string) ([]StateInfo, error) {
+	var out []StateInfo
+	for _, n := range Names {
+		fi, err := os.Stat(filepath.Join(dir, FileName(n)))
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("state directory %s: %w", dir, err)
+		}
+		if !fi.Mode().IsRegular() {
+			return nil, fmt.Errorf("state directory %s: %s is not a regular file", dir, FileName(n))
+		}
+		out = append(out, StateInfo{Name: n, Size: fi.Size()})
+	}
+	return out, nil
+}
+
+// Dir returns the directory's path.
+func (d *Dir) Dir() string { return d.dir }
+
+// Encrypted reports whether the Dir writes encrypted files (a key was given).
+func (d *Dir) Encrypted() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.seal != nil
+}
+
+// Close releases the lock and wipes the key. Further calls do nothing.
+func (d *Dir) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil
+	}
+	d.closed = true
+	d.wipe()
+	var errs []error
+	if d.lock != nil {
+		errs = append(errs, d.lock.Close())
+		d.lock = nil
+	}
+	errs = append(errs, d.dirFD.Close())
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("state directory %s: close: %w", d.dir, err)
+	}
+	return nil
+}

@@ -1,0 +1,333 @@
+package state
+
+import (
+	"bytes"
+	"errors"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/nkp-dev/nkp/swtpm/envelope"
+)
+
+func testKey(t testing.TB, b byte, n int) *Key {
+	t.Helper()
+	k, err := NewKey(bytes.Repeat([]byte{b}, n))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func mustOpen(t testing.TB, dir string, opts Options) *Dir {
+	t.Helper()
+	d, err := Open(dir, opts)
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	t.Cleanup(func() { d.Close() })
+	return d
+}
+
+func TestRoundTrip(t *testing.T) {
+	tests := []struct {
+		name string
+		key  *Key
+	}{
+		{"plaintext", nil},
+		{"128-bit key", testKey(t, 1, 16)},
+		{"256-bit key", testKey(t, 2, 32)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			d := mustOpen(t, dir, Options{Key: tt.key})
+			want := map[string][]byte{}
+			for i, name := range Names {
+				want[name] = bytes.Repeat([]byte{byte(i + 1)}, []int{0, 1, 9000}[i])
+				if err := d.Store(name, want[name]); err != nil {
+					t.Fatal(err)
+				}
+			}
+			d.Close()
+			d = mustOpen(t, dir, Options{Key: tt.key})
+			for _, name := range Names {
+				got, err := d.Load(name)
+				if err != nil || !bytes.Equal(got, want[name]) {
+					t.Errorf("%s: %d bytes, %v; want %d bytes", name, len(got), err, len(want[name]))
+				}
+			}
+			if err := d.Delete("volatilestate"); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := d.Load("volatilestate"); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("after Delete: %v, want ErrNotExist", err)
+			}
+			if err := d.Delete("volatilestate"); err != nil {
+				t.Errorf("deleting a missing blob: %v", err)
+			}
+			if _, err := d.Load("../etc/passwd"); err == nil {
+				t.Errorf("unknown blob name accepted")
+			}
+		})
+	}
+}
+
+// TestFormats checks what lands on disk: nkp's AEAD file with a key (no plaintext, a
+// fresh nonce each write), swtpm's plaintext envelope without.
+func TestFormats(t *testing.T) {
+	secret := []byte("NV-INDEX-0x1500016=BitLocker-recovery-123456-654321")
+	payload := append(bytes.Repeat([]byte{0}, 100), secret...)
+
+	dir := t.TempDir()
+	d := mustOpen(t, dir, Options{Key: testKey(t, 3, 32)})
+	if err := d.Store("permall", payload); err != nil {
+		t.Fatal(err)
+	}
+	first, _ := os.ReadFile(filepath.Join(dir, "tpm2-00.permall"))
+	if err := d.Store("permall", payload); err != nil {
+		t.Fatal(err)
+	}
+	second, _ := os.ReadFile(filepath.Join(dir, "tpm2-00.permall"))
+	if !bytes.HasPrefix(first, []byte(fileMagic)) || first[9] != 1 {
+		t.Errorf("header %q: want magic and blob type 1", first[:10])
+	}
+	if bytes.Contains(first, secret[:16]) {
+		t.Errorf("an encrypted state file holds the plaintext")
+	}
+	if bytes.Equal(first[20:32], second[20:32]) || bytes.Equal(first, second) {
+		t.Errorf("two writes used the same nonce")
+	}
+	if len(first) != fileHeaderSize+len(payload)+16 {
+		t.Errorf("file is %d bytes, want %d", len(first), fileHeaderSize+len(payload)+16)
+	}
+
+	plainDir := t.TempDir()
+	var logBuf bytes.Buffer
+	p := mustOpen(t, plainDir, Options{Log: slog.New(slog.NewTextHandler(&logBuf, nil))})
+	if err := p.Store("permall", payload); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := os.ReadFile(filepath.Join(plainDir, "tpm2-00.permall"))
+	want, _ := envelope.EncodeFile(payload, nil)
+	if !bytes.Equal(got, want) {
+		t.Errorf("plaintext file is not swtpm's envelope")
+	}
+	if n := strings.Count(logBuf.String(), "not encrypted"); n != 1 {
+		t.Errorf("want one warning about plaintext state, got %d: %s", n, logBuf.String())
+	}
+}
+
+func TestModes(t *testing.T) {
+	tests := []struct {
+		mode, want os.FileMode
+	}{{0, 0o640}, {0o600, 0o600}, {0o644, 0o644}}
+	old := setUmask(0o077) // the file mode must not depend on the umask
+	defer setUmask(old)
+	for _, tt := range tests {
+		dir := t.TempDir()
+		if err := os.Chmod(dir, 0o751); err != nil {
+			t.Fatal(err)
+		}
+		d := mustOpen(t, dir, Options{Mode: tt.mode})
+		if err := d.Store("permall", []byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		fi, _ := os.Stat(filepath.Join(dir, "tpm2-00.permall"))
+		if fi.Mode().Perm() != tt.want {
+			t.Errorf("mode %o: file is %o, want %o", tt.mode, fi.Mode().Perm(), tt.want)
+		}
+		di, _ := os.Stat(dir)
+		if di.Mode().Perm() != 0o751 {
+			t.Errorf("directory mode changed to %o", di.Mode().Perm())
+		}
+	}
+}
+
+// TestTamper flips each byte of an nkp file: every one must fail to open, leave the
+// file as it was, and make Store and Delete of that blob refuse.
+func TestTamper(t *testing.T) {
+	dir := t.TempDir()
+	key := testKey(t, 4, 32)
+	d := mustOpen(t, dir, Options{Key: key})
+	if err := d.Store("permall", []byte("tpm permanent state")); err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	path := filepath.Join(dir, "tpm2-00.permall")
+	orig, _ := os.ReadFile(path)
+	for i := range orig {
+		bad := append([]byte{}, orig...)
+		bad[i] ^= 0x04
+		if err := os.WriteFile(path, bad, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		d, err := Open(dir, Options{Key: key})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, err := d.Load("permall"); err == nil {
+			t.Fatalf("byte %d flipped: loaded %q", i, got)
+		}
+		if err := d.Store("permall", []byte("new")); err == nil {
+			t.Fatalf("byte %d flipped: Store overwrote an unreadable file", i)
+		}
+		if err := d.Delete("permall"); err == nil {
+			t.Fatalf("byte %d flipped: Delete removed an unreadable file", i)
+		}
+		d.Close()
+		if now, _ := os.ReadFile(path); !bytes.Equal(now, bad) {
+			t.Fatalf("byte %d flipped: the file was changed", i)
+		}
+	}
+	// Truncations, garbage and renames.
+	cases := []struct {
+		name string
+		file []byte
+		blob string
+		want error
+	}{
+		{"empty", nil, "permall", ErrCorrupt},
+		{"header only", orig[:fileHeaderSize], "permall", ErrCorrupt},
+		{"truncated", orig[:len(orig)-1], "permall", ErrAuth},
+		{"garbage", []byte("this is not a TPM state file at all"), "permall", ErrCorrupt},
+		{"renamed to volatilestate", orig, "volatilestate", ErrBlobType},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			p := filepath.Join(dir, FileName(c.blob))
+			if err := os.WriteFile(p, c.file, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			d := mustOpen(t, dir, Options{Key: key})
+			_, err := d.Load(c.blob)
+			if !errors.Is(err, c.want) {
+				t.Fatalf("err = %v, want %v", err, c.want)
+			}
+			if !strings.Contains(err.Error(), p) || !strings.Contains(err.Error(), "left untouched") {
+				t.Errorf("error does not name the file and its fate: %v", err)
+			}
+			if now, _ := os.ReadFile(p); !bytes.Equal(now, c.file) {
+				t.Errorf("file changed")
+			}
+		})
+	}
+}
+
+func TestWrongKey(t *testing.T) {
+	dir := t.TempDir()
+	d := mustOpen(t, dir, Options{Key: testKey(t, 5, 32)})
+	if err := d.Store("permall", []byte("state under key 5")); err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	path := filepath.Join(dir, "tpm2-00.permall")
+	before, _ := os.ReadFile(path)
+
+	tests := []struct {
+		name string
+		key  *Key
+		want error
+	}{
+		{"other key", testKey(t, 6, 32), ErrAuth},
+		{"other key size", testKey(t, 5, 16), ErrAuth},
+		{"no key", nil, ErrNeedKey},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			d := mustOpen(t, dir, Options{Key: tt.key})
+			_, err := d.Load("permall")
+			if !errors.Is(err, tt.want) {
+				t.Fatalf("err = %v, want %v", err, tt.want)
+			}
+			if tt.want == ErrAuth {
+				want := "state file " + path + ": authentication failed: wrong key or corrupted file"
+				if !strings.HasPrefix(err.Error(), want) || !strings.HasSuffix(err.Error(), "the file was left untouched") {
+					t.Errorf("message %q", err)
+				}
+			}
+			if err := d.Store("permall", []byte("overwrite")); err == nil {
+				t.Errorf("Store overwrote a file it could not read")
+			}
+			d.Close()
+			if after, _ := os.ReadFile(path); !bytes.Equal(before, after) {
+				t.Errorf("the state file changed")
+			}
+		})
+	}
+}
+
+func TestOpenErrors(t *testing.T) {
+	base := t.TempDir()
+	file := filepath.Join(base, "file")
+	os.WriteFile(file, nil, 0o600)
+	tests := []struct {
+		name, dir, want string
+	}{
+		{"missing", filepath.Join(base, "nope"), "does not exist: create it"},
+		{"not a directory", file, "is not a directory"},
+	}
+	for _, tt := range tests {
+		_, err := Open(tt.dir, Options{})
+		if err == nil || !strings.Contains(err.Error(), tt.want) || !strings.Contains(err.Error(), tt.dir) {
+			t.Errorf("%s: %v, want it to name %s and say %q", tt.name, err, tt.dir, tt.want)
+		}
+	}
+	if _, err := Open(base, Options{Key: &Key{b: []byte("short")}}); err == nil {
+		t.Errorf("a 5-byte key was accepted")
+	}
+}
+
+func TestBackup(t *testing.T) {
+	dir := t.TempDir()
+	key := testKey(t, 7, 32)
+	d := mustOpen(t, dir, Options{Key: key, Backup: true})
+	for _, v := range []string{"v1", "v2"} {
+		if err := d.Store("permall", []byte(v)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d.Close()
+	path := filepath.Join(dir, "tpm2-00.permall")
+	os.WriteFile(path, []byte("corrupted by a power cut"), 0o600)
+
+	var logBuf bytes.Buffer
+	d = mustOpen(t, dir, Options{Key: key, Backup: true, Log: slog.New(slog.NewTextHandler(&logBuf, nil))})
+	got, err := d.Load("permall")
+	if err != nil || string(got) != "v1" {
+		t.Fatalf("Load = %q, %v; want the backup v1", got, err)
+	}
+	if !strings.Contains(logBuf.String(), "backup") {
+		t.Errorf("no warning about the fallback: %q", logBuf.String())
+	}
+	if err := d.Store("permall", []byte("v3")); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(path + ".corrupt"); string(b) != "corrupted by a power cut" {
+		t.Errorf("the unreadable file was not kept aside: %q", b)
+	}
+	if got, _ := d.Load("permall"); string(got) != "v3" {
+		t.Errorf("after Store: %q", got)
+	}
+}
+
+func TestStates(t *testing.T) {
+	dir := t.TempDir()
+	d := mustOpen(t, dir, Options{})
+	if s, err := d.States(); err != nil || len(s) != 0 {
+		t.Fatalf("empty dir: %v, %v", s, err)
+	}
+	d.Store("savestate", []byte("s"))
+	d.Store("permall", []byte("pp"))
+	s, err := States(dir)
+	if err != nil || len(s) != 2 || s[0].Name != "permall" || s[1].Name != "savestate" {
+		t.Fatalf("States = %v, %v", s, err)
+	}
+	if want := int64(envelope.HeaderSize + 6 + 2); s[0].Size != want {
+		t.Errorf("permall size %d, want %d", s[0].Size, want)
+	}
+}
