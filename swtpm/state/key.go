@@ -254,7 +254,9 @@ func decodeKey(raw []byte, format string) ([]byte, error) {
 	}
 }
 
-func isSpace(c byte) bool { return c == ' ' || c == '\n' || c == '\t' || c == '\r' || c == '\v' || c == '\f' }
+func isSpace(c byte) bool {
+	return c == ' ' || c == '\n' || c == '\t' || c == '\r' || c == '\v' || c == '\f'
+}
 
 // Key is a 128- or 256-bit state or migration key. It prints as "[redacted]" under
 // every fmt verb and in slog, so it cannot leak through a log line by mistake.
