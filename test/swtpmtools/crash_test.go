@@ -1,0 +1,182 @@
+package swtpmtools
+
+import (
+	"crypto/rand"
+	"encoding/binary"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+)
+
+// connTPM is a go-tpm transport over a data socket: one command written, one response
+// read, framed by the size field of the response header.
+type connTPM struct{ c net.Conn }
+
+// Send implements transport.TPM.
+func (t *connTPM) Send(cmd []byte) ([]byte, error) {
+	t.c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := t.c.Write(cmd); err != nil {
+		return nil, fmt.Errorf("write TPM command: %w", err)
+	}
+	hdr := make([]byte, 10)
+	if _, err := io.ReadFull(t.c, hdr); err != nil {
+		return nil, fmt.Errorf("read TPM response header: %w", err)
+	}
+	size := binary.BigEndian.Uint32(hdr[2:6])
+	if size < 10 || size > 1<<16 {
+		return nil, fmt.Errorf("TPM response size %d out of range", size)
+	}
+	rsp := make([]byte, size)
+	copy(rsp, hdr)
+	if _, err := io.ReadFull(t.c, rsp[10:]); err != nil {
+		return nil, fmt.Errorf("read TPM response body: %w", err)
+	}
+	return rsp, nil
+}
+
+var _ transport.TPM = (*connTPM)(nil)
+
+const crashIndex = tpm2.TPMHandle(0x01500020)
+
+var ownerAuth = tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)}
+
+func nvDefine(tpm transport.TPM) error {
+	_, err := tpm2.NVDefineSpace{
+		AuthHandle: ownerAuth,
+		PublicInfo: tpm2.New2B(tpm2.TPMSNVPublic{
+			NVIndex:    crashIndex,
+			NameAlg:    tpm2.TPMAlgSHA256,
+			Attributes: tpm2.TPMANV{OwnerWrite: true, OwnerRead: true, NoDA: true, NT: tpm2.TPMNTOrdinary},
+			DataSize:   8,
+		}),
+	}.Execute(tpm)
+	return err
+}
+
+func nvHandle(tpm transport.TPM) (tpm2.NamedHandle, error) {
+	pub, err := tpm2.NVReadPublic{NVIndex: crashIndex}.Execute(tpm)
+	if err != nil {
+		return tpm2.NamedHandle{}, err
+	}
+	return tpm2.NamedHandle{Handle: crashIndex, Name: pub.NVName}, nil
+}
+
+func nvWriteU64(tpm transport.TPM, h tpm2.NamedHandle, v uint64) error {
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], v)
+	_, err := tpm2.NVWrite{AuthHandle: ownerAuth, NVIndex: h, Data: tpm2.TPM2BMaxNVBuffer{Buffer: b[:]}}.Execute(tpm)
+	return err
+}
+
+func nvReadU64(tpm transport.TPM, h tpm2.NamedHandle) (uint64, error) {
+	rsp, err := tpm2.NVRead{AuthHandle: ownerAuth, NVIndex: h, Size: 8}.Execute(tpm)
+	if err != nil {
+		return 0, err
+	}
+	if len(rsp.Data.Buffer) != 8 {
+		return 0, fmt.Errorf("NV_Read returned %d bytes, want 8", len(rsp.Data.Buffer))
+	}
+	return binary.BigEndian.Uint64(rsp.Data.Buffer), nil
+}
+
+func randDuration(max time.Duration) time.Duration {
+	n, _ := rand.Int(rand.Reader, big.NewInt(int64(max)))
+	return time.Duration(n.Int64())
+}
+
+// TestKillDuringNVWrites streams NV writes through a go-tpm client over the data socket
+// of a backend with encrypted state, kills it with SIGKILL at a random instant, restarts
+// it, and checks that the state loads and the index holds the last acknowledged write or
+// the one in flight when the kill came (never an older value, never garbage). It runs
+// hundreds of trials, bounded by time.
+func TestKillDuringNVWrites(t *testing.T) {
+	const (
+		maxTrials = 300
+		minTrials = 50
+		budget    = 60 * time.Second
+		maxDelay  = 25 * time.Millisecond
+	)
+	key := filepath.Join(t.TempDir(), "key")
+	k := make([]byte, 32)
+	rand.Read(k)
+	if err := os.WriteFile(key, []byte(hex.EncodeToString(k)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	forEachBackend(t, func(t *testing.T, be backend) {
+		state, dir := t.TempDir(), sockDir(t)
+		opts := procOpts{stateDir: state, dir: dir,
+			extra: append([]string{"--key", "file=" + key + ",mode=aes-256-cbc"}, startupFlags...)}
+		var (
+			defined   bool
+			lastAcked uint64 // last write the TPM answered with success
+			inFlight  uint64 // the write sent when the kill came (lastAcked+1)
+			trials    int
+			landed    int // trials where the in-flight write was found after the restart
+			writes    int
+		)
+		deadline := time.Now().Add(budget)
+		for trials < maxTrials && time.Now().Before(deadline) {
+			p := start(t, be, opts)
+			conn, err := netDial(p.Data)
+			if err != nil {
+				t.Fatalf("trial %d: dial: %v", trials, err)
+			}
+			tpm := &connTPM{c: conn}
+			if !defined {
+				if err := nvDefine(tpm); err != nil {
+					t.Fatalf("NV_DefineSpace: %v", err)
+				}
+				defined = true
+			}
+			h, err := nvHandle(tpm)
+			if err != nil {
+				t.Fatalf("trial %d: the state after a kill does not hold the index: NV_ReadPublic: %v\nlog: %s", trials, err, p.logText())
+			}
+			if trials > 0 || lastAcked > 0 {
+				got, err := nvReadU64(tpm, h)
+				if err != nil {
+					t.Fatalf("trial %d: NV_Read after a kill: %v\nlog: %s", trials, err, p.logText())
+				}
+				switch got {
+				case lastAcked:
+				case inFlight:
+					landed++
+				default:
+					t.Fatalf("trial %d: NV index holds %d after a kill; want the last acknowledged write %d or the one in flight %d", trials, got, lastAcked, inFlight)
+				}
+				lastAcked = got
+			}
+			pid := p.cmd.Process.Pid
+			timer := time.AfterFunc(randDuration(maxDelay), func() { syscall.Kill(pid, syscall.SIGKILL) })
+			for {
+				inFlight = lastAcked + 1
+				if err := nvWriteU64(tpm, h, inFlight); err != nil {
+					break // the kill came
+				}
+				lastAcked = inFlight
+				writes++
+				if p.exited() {
+					break
+				}
+			}
+			timer.Stop()
+			conn.Close()
+			p.Kill()
+			trials++
+		}
+		t.Logf("%s: %d kill -9 trials, %d acknowledged writes, in-flight write found after %d kills", be.name, trials, writes, landed)
+		if trials < minTrials {
+			t.Errorf("only %d trials within %v, want at least %d", trials, budget, minTrials)
+		}
+	})
+}
