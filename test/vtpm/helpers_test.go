@@ -1,0 +1,380 @@
+package vtpm
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nkp-dev/nkp/test/e2e"
+	"github.com/nkp-dev/nkp/test/guest"
+)
+
+// Timeouts are generous: the machine is shared and QEMU runs without KVM.
+const (
+	bootTimeout    = 4 * time.Minute // boot to the agent's last line
+	backendTimeout = 20 * time.Second
+	exitTimeout    = 60 * time.Second
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	e2e.Cleanup()
+	os.Exit(code)
+}
+
+// backend is a vTPM program that takes swtpm's `socket` command line.
+type backend struct {
+	name string
+	bin  string
+}
+
+// backends returns the table every test runs: Debian's swtpm and nkp-swtpm.
+func backends(t *testing.T) []backend {
+	t.Helper()
+	var bs []backend
+	if p, err := exec.LookPath("swtpm"); err == nil {
+		bs = append(bs, backend{name: "swtpm", bin: p})
+	} else if e2e.Required() {
+		t.Fatalf("swtpm not on PATH and NKP_E2E=required: install swtpm (make setup)")
+	} else {
+		t.Logf("swtpm not on PATH: its cases are skipped (make setup installs it)")
+	}
+	if p, ok := nkpSwtpm(t); ok {
+		bs = append(bs, backend{name: "nkp-swtpm", bin: p})
+	}
+	return bs
+}
+
+var nkpBin struct {
+	sync.Once
+	path, why string
+}
+
+// nkpSwtpm finds or builds nkp-swtpm once per test binary.
+func nkpSwtpm(t *testing.T) (string, bool) {
+	nkpBin.Do(func() {
+		if dir := os.Getenv(e2e.EnvBin); dir != "" {
+			if st, err := os.Stat(filepath.Join(dir, "nkp-swtpm")); err == nil && st.Mode()&0o111 != 0 {
+				nkpBin.path = filepath.Join(dir, "nkp-swtpm")
+				return
+			}
+		}
+		root, err := e2e.ModuleRoot()
+		if err != nil {
+			nkpBin.why = err.Error()
+			return
+		}
+		dir, err := os.MkdirTemp("", "nkp-vtpm-bin-")
+		if err != nil {
+			nkpBin.why = err.Error()
+			return
+		}
+		out := filepath.Join(dir, "nkp-swtpm")
+		cmd := exec.Command("go", "build", "-o", out, "./cmd/nkp-swtpm")
+		cmd.Dir = root
+		if b, err := cmd.CombinedOutput(); err != nil {
+			nkpBin.why = fmt.Sprintf("go build ./cmd/nkp-swtpm: %v\n%s", err, b)
+			return
+		}
+		nkpBin.path = out
+	})
+	if nkpBin.path == "" {
+		if e2e.Required() {
+			t.Fatalf("nkp-swtpm unavailable and NKP_E2E=required: %s", nkpBin.why)
+		}
+		t.Logf("nkp-swtpm unavailable, its cases are skipped: %s", nkpBin.why)
+		return "", false
+	}
+	return nkpBin.path, true
+}
+
+// requireVM checks the tools every VM test needs and builds the guest once.
+func requireVM(t *testing.T, tools ...string) guest.Artifacts {
+	t.Helper()
+	e2e.RequireRoot(t)
+	e2e.Require(t, append([]string{"qemu-system-x86_64", "apt-cache", "apt-get", "dpkg-deb", guest.Busybox}, tools...)...)
+	return buildGuest(t)
+}
+
+var guestBuild struct {
+	sync.Mutex
+	a   guest.Artifacts
+	err error
+	ok  bool
+}
+
+func buildGuest(t *testing.T) guest.Artifacts {
+	t.Helper()
+	guestBuild.Lock()
+	defer guestBuild.Unlock()
+	if !guestBuild.ok {
+		dir, err := guest.DefaultDir()
+		if err == nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+			guestBuild.a, err = guest.Build(ctx, dir)
+			cancel()
+		}
+		guestBuild.err, guestBuild.ok = err, true
+	}
+	if guestBuild.err != nil {
+		t.Fatalf("build the test guest: %v", guestBuild.err)
+	}
+	return guestBuild.a
+}
+
+// workDir makes a directory that QEMU's user (libvirt-qemu) can traverse but not list,
+// removed at the end of the test.
+func workDir(t *testing.T) string {
+	t.Helper()
+	d, err := os.MkdirTemp("", "nkp-vtpm-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(d, 0o711); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(d) })
+	return d
+}
+
+// newKey returns a random 256-bit state key.
+func newKey(t *testing.T) []byte {
+	t.Helper()
+	k := make([]byte, 32)
+	if _, err := rand.Read(k); err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+// vtpm is one backend process serving a control socket.
+type vtpm struct {
+	be    backend
+	sock  string
+	state string
+	log   string
+	cmd   *exec.Cmd
+	done  chan struct{}
+	err   error // exit status, valid once done is closed
+}
+
+// startVTPM starts be on stateDir with the state encrypted under key (64 hex digits on fd
+// 3, as swtpm reads --key fd= by default) and waits until its control socket accepts.
+// When qemuGroup is set the socket is handed to group kvm (mode 0660) for libvirt-qemu.
+func startVTPM(t *testing.T, be backend, dir, name, stateDir string, key []byte, qemuGroup bool) *vtpm {
+	t.Helper()
+	if err := os.MkdirAll(stateDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	v := &vtpm{
+		be:    be,
+		sock:  filepath.Join(dir, name+".sock"),
+		state: stateDir,
+		log:   filepath.Join(dir, name+".log"),
+		done:  make(chan struct{}),
+	}
+	os.Remove(v.sock) // a socket file left by the previous process on this path
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	hexKey := []byte(hex.EncodeToString(key))
+	_, werr := w.Write(hexKey)
+	w.Close()
+	clear(hexKey)
+	if werr != nil {
+		r.Close()
+		t.Fatalf("write the key to the pipe: %v", werr)
+	}
+	v.cmd = exec.Command(be.bin, "socket", "--tpm2",
+		"--tpmstate", "dir="+stateDir+",mode=0600",
+		"--ctrl", "type=unixio,path="+v.sock+",mode=0660",
+		"--key", "fd=3,mode=aes-256-cbc",
+		"--log", "file="+v.log+",level=2",
+		"--terminate")
+	v.cmd.ExtraFiles = []*os.File{r}
+	var stderr bytes.Buffer
+	v.cmd.Stdout, v.cmd.Stderr = &stderr, &stderr
+	if err := v.cmd.Start(); err != nil {
+		r.Close()
+		t.Fatalf("start %s: %v", be.name, err)
+	}
+	r.Close()
+	go func() {
+		v.err = v.cmd.Wait()
+		close(v.done)
+	}()
+	t.Cleanup(func() { v.kill(t) })
+	err = e2e.Poll(backendTimeout, func() bool {
+		if v.exited() {
+			return true
+		}
+		c, err := net.DialTimeout("unix", v.sock, time.Second)
+		if err != nil {
+			return false
+		}
+		c.Close()
+		return true
+	})
+	if v.exited() {
+		t.Fatalf("%s exited at start: %v\n%s%s", be.name, v.err, stderr.String(), v.logTail())
+	}
+	if err != nil {
+		t.Fatalf("%s control socket %s: %v\n%s", be.name, v.sock, err, v.logTail())
+	}
+	if qemuGroup {
+		if err := chownQEMU(v.sock); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return v
+}
+
+func (v *vtpm) exited() bool {
+	select {
+	case <-v.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// waitExit waits for the backend to end by itself (QEMU's CMD_SHUTDOWN, or --terminate).
+func (v *vtpm) waitExit(t *testing.T) {
+	t.Helper()
+	select {
+	case <-v.done:
+	case <-time.After(exitTimeout):
+		t.Fatalf("%s did not exit within %v after QEMU stopped\n%s", v.be.name, exitTimeout, v.logTail())
+	}
+}
+
+func (v *vtpm) kill(t *testing.T) {
+	if v.exited() {
+		return
+	}
+	v.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-v.done:
+	case <-time.After(10 * time.Second):
+		v.cmd.Process.Kill()
+		<-v.done
+	}
+}
+
+func (v *vtpm) logTail() string {
+	b, err := os.ReadFile(v.log)
+	if err != nil {
+		return ""
+	}
+	if len(b) > 4000 {
+		b = b[len(b)-4000:]
+	}
+	return fmt.Sprintf("--- %s log %s ---\n%s", v.be.name, v.log, b)
+}
+
+// chownQEMU makes path readable and writable by QEMU under libvirt (group kvm, 0660).
+func chownQEMU(path string) error {
+	g, err := user.LookupGroup("kvm")
+	if err != nil {
+		return fmt.Errorf("group kvm (QEMU's group under libvirt): %w", err)
+	}
+	gid, _ := strconv.Atoi(g.Gid)
+	if err := os.Chown(path, -1, gid); err != nil {
+		return fmt.Errorf("chown %s to group kvm: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o660); err != nil {
+		return fmt.Errorf("chmod %s: %w", path, err)
+	}
+	return nil
+}
+
+// console reads a serial console file as the guest writes it.
+type console string
+
+func (c console) records() []guest.Record {
+	b, _ := os.ReadFile(string(c))
+	return guest.ParseConsole(b)
+}
+
+func (c console) tail() string {
+	b, _ := os.ReadFile(string(c))
+	if len(b) > 3000 {
+		b = b[len(b)-3000:]
+	}
+	return fmt.Sprintf("--- console %s ---\n%s", string(c), b)
+}
+
+var errGone = errors.New("the VM stopped")
+
+// waitFor polls the console until cond holds on its records, the VM stops (stopped
+// returns true) or bootTimeout passes. It returns the records that satisfied cond.
+func (c console) waitFor(t *testing.T, what string, stopped func() bool, cond func([]guest.Record) bool) []guest.Record {
+	t.Helper()
+	var recs []guest.Record
+	var gone bool
+	err := e2e.Poll(bootTimeout, func() bool {
+		recs = c.records()
+		if cond(recs) {
+			return true
+		}
+		if stopped != nil && stopped() {
+			// One last read: the line may have landed just before the exit.
+			recs = c.records()
+			gone = !cond(recs)
+			return true
+		}
+		return false
+	})
+	if gone {
+		err = errGone
+	}
+	if err != nil {
+		t.Fatalf("waiting for the guest to print %s: %v\n%s", what, err, c.tail())
+	}
+	return recs
+}
+
+// has is a condition: some record has key (with value, when value != "").
+func has(key, value string) func([]guest.Record) bool {
+	return func(recs []guest.Record) bool {
+		for _, r := range recs {
+			if v, ok := r[key]; ok && (value == "" || v == value) {
+				return true
+			}
+		}
+		return false
+	}
+}
+
+// checkTPMInfo asserts what every boot must show: a TPM 2.0 and a firmware-measured PCR0.
+func checkTPMInfo(t *testing.T, recs []guest.Record) {
+	t.Helper()
+	if v, _ := guest.Last(recs, "tpm"); v != "2.0" {
+		t.Errorf("guest reports TPM version %q, want 2.0", v)
+	}
+	if v, _ := guest.Last(recs, "tpm-major"); v != "2" {
+		t.Errorf("guest's /sys/class/tpm/tpm0/tpm_version_major = %q, want 2", v)
+	}
+	pcr0, _ := guest.Last(recs, "pcr0")
+	if len(pcr0) != 64 || pcr0 == strings.Repeat("0", 64) {
+		t.Errorf("guest's PCR0 (sha256) = %q, want 64 hex digits, not all zero (SeaBIOS measures itself)", pcr0)
+	}
+	if v, _ := guest.Last(recs, "error"); v != "" {
+		t.Errorf("guest agent error: %s", v)
+	}
+}

@@ -1,0 +1,297 @@
+package vtpm
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/digitalocean/go-qemu/qmp"
+
+	"github.com/nkp-dev/nkp/test/e2e"
+	"github.com/nkp-dev/nkp/test/guest"
+)
+
+// qemuVM is a plain QEMU process (TCG) with the vTPM on tpm-crb and its serial console
+// in a file.
+type qemuVM struct {
+	name    string
+	console console
+	qmpSock string
+	cmd     *exec.Cmd
+	out     *bytes.Buffer
+	done    chan struct{}
+	err     error
+}
+
+// startQEMU boots the guest with cfg against the vTPM's control socket. incoming, when
+// set, is QEMU's -incoming URI (the VM then waits for a migration instead of booting).
+func startQEMU(t *testing.T, a guest.Artifacts, dir, name string, v *vtpm, cfg guest.Config, incoming string) *qemuVM {
+	t.Helper()
+	args, err := cfg.KernelArgs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := &qemuVM{
+		name:    name,
+		console: console(filepath.Join(dir, name+".console")),
+		qmpSock: filepath.Join(dir, name+".qmp"),
+		out:     &bytes.Buffer{},
+		done:    make(chan struct{}),
+	}
+	argv := []string{
+		"-name", name, "-machine", "pc", "-accel", "tcg", "-m", "256", "-smp", "1",
+		"-nodefaults", "-display", "none", "-no-reboot",
+		"-serial", "file:" + string(q.console),
+		"-qmp", "unix:" + q.qmpSock + ",server=on,wait=off",
+		"-kernel", a.Kernel, "-initrd", a.Initrd, "-append", args,
+		"-chardev", "socket,id=chrtpm,path=" + v.sock,
+		"-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+		"-device", "tpm-crb,tpmdev=tpm0",
+	}
+	if incoming != "" {
+		argv = append(argv, "-incoming", incoming)
+	}
+	q.cmd = exec.Command("qemu-system-x86_64", argv...)
+	q.cmd.Stdout, q.cmd.Stderr = q.out, q.out
+	if err := q.cmd.Start(); err != nil {
+		t.Fatalf("start QEMU %s: %v", name, err)
+	}
+	go func() {
+		q.err = q.cmd.Wait()
+		close(q.done)
+	}()
+	t.Cleanup(func() {
+		if !q.exited() {
+			q.cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-q.done:
+			case <-time.After(10 * time.Second):
+				q.cmd.Process.Kill()
+				<-q.done
+			}
+		}
+	})
+	return q
+}
+
+func (q *qemuVM) exited() bool {
+	select {
+	case <-q.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// waitExit waits for QEMU to end by itself (the guest powers off) and checks it exited 0.
+func (q *qemuVM) waitExit(t *testing.T) {
+	t.Helper()
+	select {
+	case <-q.done:
+	case <-time.After(bootTimeout):
+		t.Fatalf("QEMU %s still runs %v after start\n%s", q.name, bootTimeout, q.console.tail())
+	}
+	if q.err != nil {
+		t.Fatalf("QEMU %s: %v\n%s\n%s", q.name, q.err, q.out.String(), q.console.tail())
+	}
+}
+
+// qmp connects to the VM's QMP socket (it exists once QEMU has started).
+func (q *qemuVM) qmp(t *testing.T) *qmp.SocketMonitor {
+	t.Helper()
+	e2e.WaitFor(t, backendTimeout, "QMP socket "+q.qmpSock, func() bool {
+		_, err := os.Stat(q.qmpSock)
+		return err == nil || q.exited()
+	})
+	if q.exited() {
+		t.Fatalf("QEMU %s exited: %v\n%s", q.name, q.err, q.out.String())
+	}
+	m, err := qmp.NewSocketMonitor("unix", q.qmpSock, 10*time.Second)
+	if err != nil {
+		t.Fatalf("QMP %s: %v", q.qmpSock, err)
+	}
+	if err := m.Connect(); err != nil {
+		t.Fatalf("QMP %s: connect: %v", q.qmpSock, err)
+	}
+	t.Cleanup(func() { m.Disconnect() })
+	return m
+}
+
+// run executes one raw QMP command and returns its "return" member.
+func runQMP(t *testing.T, m *qmp.SocketMonitor, cmd string, args any) json.RawMessage {
+	t.Helper()
+	req := map[string]any{"execute": cmd}
+	if args != nil {
+		req["arguments"] = args
+	}
+	b, _ := json.Marshal(req)
+	raw, err := m.Run(b)
+	if err != nil {
+		t.Fatalf("QMP %s: %v", cmd, err)
+	}
+	var rsp struct {
+		Return json.RawMessage `json:"return"`
+	}
+	if err := json.Unmarshal(raw, &rsp); err != nil {
+		t.Fatalf("QMP %s: reply %s: %v", cmd, raw, err)
+	}
+	return rsp.Return
+}
+
+// TestQEMUPowerCycle boots the guest twice under plain QEMU, each time with a fresh
+// backend process on the same encrypted state directory: the first boot sees a TPM 2.0
+// with a firmware-measured PCR0 and writes an NV index; the second reads it back.
+func TestQEMUPowerCycle(t *testing.T) {
+	a := requireVM(t)
+	for _, be := range backends(t) {
+		t.Run(be.name, func(t *testing.T) {
+			dir := workDir(t)
+			state := filepath.Join(dir, "state")
+			key := newKey(t)
+			value := "nkp-" + randHex(t, 8)
+
+			v1 := startVTPM(t, be, dir, "tpm", state, key, false)
+			q1 := startQEMU(t, a, dir, "boot1", v1, guest.Config{Actions: []string{guest.ActionNVWrite}, NV: value}, "")
+			recs1 := q1.console.waitFor(t, "done=ok after the NV write", q1.exited, has("done", "ok"))
+			q1.waitExit(t)
+			checkTPMInfo(t, recs1)
+			if v, _ := guest.Last(recs1, "nvwrite"); v != "ok" {
+				t.Fatalf("first boot: nvwrite = %q, want ok\n%s", v, q1.console.tail())
+			}
+			// QEMU sends CMD_SHUTDOWN when it exits: the backend ends and frees the state.
+			v1.waitExit(t)
+			checkNoPlaintext(t, state, value)
+
+			v2 := startVTPM(t, be, dir, "tpm", state, key, false)
+			q2 := startQEMU(t, a, dir, "boot2", v2, guest.Config{Actions: []string{guest.ActionNVRead}}, "")
+			recs2 := q2.console.waitFor(t, "done=ok after the NV read", q2.exited, has("done", "ok"))
+			q2.waitExit(t)
+			checkTPMInfo(t, recs2)
+			if v, _ := guest.Last(recs2, "nv"); v != value {
+				t.Errorf("second boot reads NV %q, want %q written in the first boot\n%s", v, value, q2.console.tail())
+			}
+			p1, _ := guest.Last(recs1, "pcr0")
+			p2, _ := guest.Last(recs2, "pcr0")
+			if p1 != p2 {
+				t.Errorf("PCR0 differs between identical boots: %s then %s", p1, p2)
+			}
+			v2.waitExit(t)
+		})
+	}
+}
+
+// checkNoPlaintext asserts that no file of the state directory holds value.
+func checkNoPlaintext(t *testing.T, dir, value string) {
+	t.Helper()
+	files, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, f := range files {
+		if !f.Type().IsRegular() {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(dir, f.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(b) > 0 {
+			n++
+		}
+		if bytes.Contains(b, []byte(value)) {
+			t.Errorf("state file %s holds the NV value %q in plaintext", f.Name(), value)
+		}
+	}
+	if n == 0 {
+		t.Errorf("state directory %s holds no state file after a boot", dir)
+	}
+}
+
+func randHex(t *testing.T, n int) string {
+	t.Helper()
+	k := newKey(t)
+	return fmt.Sprintf("%x", k[:n])
+}
+
+// TestQEMUMigration live-migrates a running guest between two QEMU processes, each with
+// its own backend on its own state directory and key, for every pair of backends: the
+// guest's NV value and extended PCR (and PCR0) are intact on the destination.
+func TestQEMUMigration(t *testing.T) {
+	a := requireVM(t)
+	bs := backends(t)
+	for _, src := range bs {
+		for _, dst := range bs {
+			t.Run(src.name+"-to-"+dst.name, func(t *testing.T) {
+				dir := workDir(t)
+				value := "mig-" + randHex(t, 6)
+				cfg := guest.Config{
+					Actions: []string{guest.ActionNVWrite, guest.ActionExtend, guest.ActionLoop},
+					NV:      value, Extend: "before-migration", Loop: 600,
+				}
+				vs := startVTPM(t, src, dir, "src", filepath.Join(dir, "src-state"), newKey(t), false)
+				qs := startQEMU(t, a, dir, "src", vs, cfg, "")
+				recs := qs.console.waitFor(t, "the first loop line", qs.exited, has("loop", ""))
+				checkTPMInfo(t, recs)
+				pcr0, _ := guest.Last(recs, "pcr0")
+				pcr16, _ := guest.Last(recs, "pcr16")
+
+				vd := startVTPM(t, dst, dir, "dst", filepath.Join(dir, "dst-state"), newKey(t), false)
+				migSock := filepath.Join(dir, "migrate.sock")
+				qd := startQEMU(t, a, dir, "dst", vd, cfg, "unix:"+migSock)
+				md := qd.qmp(t)
+				e2e.WaitFor(t, backendTimeout, "the destination's migration socket", func() bool {
+					_, err := os.Stat(migSock)
+					return err == nil
+				})
+
+				ms := qs.qmp(t)
+				runQMP(t, ms, "migrate", map[string]any{"uri": "unix:" + migSock})
+				var status string
+				err := e2e.Poll(bootTimeout, func() bool {
+					var st struct {
+						Status string `json:"status"`
+						Error  string `json:"error-desc"`
+					}
+					json.Unmarshal(runQMP(t, ms, "query-migrate", nil), &st)
+					status = st.Status + " " + st.Error
+					return st.Status == "completed" || st.Status == "failed" || st.Status == "cancelled"
+				})
+				if err != nil || !strings.HasPrefix(status, "completed") {
+					t.Fatalf("migration: %v, last status %q\n%s\n%s", err, status, vs.logTail(), vd.logTail())
+				}
+				var rs struct {
+					Status string `json:"status"`
+				}
+				e2e.WaitFor(t, backendTimeout, "the destination to run", func() bool {
+					json.Unmarshal(runQMP(t, md, "query-status", nil), &rs)
+					return rs.Status == "running"
+				})
+				runQMP(t, ms, "quit", nil)
+				qs.waitExit(t)
+				vs.waitExit(t) // CMD_SHUTDOWN, or --terminate when the connection closes
+
+				after := qd.console.waitFor(t, "a loop line on the destination", qd.exited, has("loop", ""))
+				if v, _ := guest.Last(after, "nv"); v != value {
+					t.Errorf("after migration the guest reads NV %q, want %q", v, value)
+				}
+				if v, _ := guest.Last(after, "pcr16"); v != pcr16 {
+					t.Errorf("after migration PCR16 = %s, want %s (extended before migration)", v, pcr16)
+				}
+				if v, _ := guest.Last(after, "pcr0"); v != pcr0 {
+					t.Errorf("after migration PCR0 = %s, want %s", v, pcr0)
+				}
+				runQMP(t, md, "quit", nil)
+				qd.waitExit(t)
+				vd.waitExit(t)
+			})
+		}
+	}
+}
