@@ -1,0 +1,216 @@
+package state
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nkp-dev/nkp/test/e2e"
+)
+
+// child starts this test binary as another process in role on dir, with stdout piped.
+func child(t *testing.T, role, dir, keyFile string) (*exec.Cmd, *bufio.Reader, io.WriteCloser) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), envChild+"="+role, envDir+"="+dir, envKeyFile+"="+keyFile)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return cmd, bufio.NewReader(out), in
+}
+
+func TestLockSameProcess(t *testing.T) {
+	dir := t.TempDir()
+	d := mustOpen(t, dir, Options{})
+	_, err := Open(dir, Options{})
+	if !errors.Is(err, ErrLocked) || !strings.Contains(err.Error(), dir) {
+		t.Fatalf("second Open: %v, want ErrLocked naming %s", err, dir)
+	}
+	if err := d.ReleaseLock(); err != nil {
+		t.Fatal(err)
+	}
+	other := mustOpen(t, dir, Options{}) // the destination of a shared-storage migration
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := d.LockStorage(ctx, 3); !errors.Is(err, ErrLocked) {
+		t.Fatalf("LockStorage while another holds it: %v", err)
+	}
+	other.Close()
+	if err := d.LockStorage(ctx, 3); err != nil {
+		t.Fatalf("LockStorage after the other closed: %v", err)
+	}
+	if _, err := Open(dir, Options{}); !errors.Is(err, ErrLocked) {
+		t.Fatalf("Open after LockStorage: %v", err)
+	}
+	d.Close()
+	mustOpen(t, dir, Options{})
+}
+
+func TestLockOtherProcess(t *testing.T) {
+	dir := t.TempDir()
+	cmd, out, in := child(t, "locker", dir, "")
+	line, err := out.ReadString('\n')
+	if err != nil || line != "locked\n" {
+		t.Fatalf("child: %q, %v", line, err)
+	}
+	_, err = Open(dir, Options{})
+	if !errors.Is(err, ErrLocked) {
+		t.Fatalf("Open while another process holds the lock: %v", err)
+	}
+	for _, want := range []string{dir, "in use", "another process holds", "stop the nkp-swtpm or swtpm"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("message %q lacks %q", err, want)
+		}
+	}
+	in.Close()
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("child: %v", err)
+	}
+	d, err := Open(dir, Options{})
+	if err != nil {
+		t.Fatalf("Open after the other process ended: %v", err)
+	}
+	d.Close()
+}
+
+// TestLockSwtpm: real swtpm and nkp exclude each other through the same .lock file.
+func TestLockSwtpm(t *testing.T) {
+	e2e.Require(t, "swtpm", "swtpm_ioctl")
+	dir := t.TempDir()
+	ctrl := filepath.Join(t.TempDir(), "ctrl")
+	swtpmArgs := []string{"socket", "--tpm2", "--tpmstate", "dir=" + dir,
+		"--ctrl", "type=unixio,path=" + ctrl, "--flags", "not-need-init,startup-clear"}
+
+	// nkp holds the directory: swtpm must refuse to start on it.
+	d := mustOpen(t, dir, Options{})
+	res, err := exec.Command("swtpm", swtpmArgs...).CombinedOutput()
+	if err == nil || !strings.Contains(string(res), "lock") {
+		t.Fatalf("swtpm started on a directory nkp holds: %v: %s", err, res)
+	}
+	d.Close()
+
+	// swtpm holds it: nkp must refuse, naming swtpm's pid.
+	cmd := exec.Command("swtpm", swtpmArgs...)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = exec.Command("swtpm_ioctl", "--unix", ctrl, "-s").Run()
+		_ = cmd.Wait()
+	})
+	e2e.WaitFor(t, 5*time.Second, "swtpm's control socket", func() bool {
+		_, err := os.Stat(ctrl)
+		return err == nil
+	})
+	_, err = Open(dir, Options{})
+	if !errors.Is(err, ErrLocked) {
+		t.Fatalf("Open while swtpm runs on the directory: %v", err)
+	}
+	if want := fmt.Sprintf("pid %d", cmd.Process.Pid); !strings.Contains(err.Error(), want) {
+		t.Errorf("message %q does not name swtpm (%s)", err, want)
+	}
+}
+
+// TestKill9DuringWrites kills a writer process with SIGKILL at random instants while it
+// stores an increasing counter, hundreds of times: the state must always load, and hold
+// exactly the last acknowledged value or the one being written when it died.
+func TestKill9DuringWrites(t *testing.T) {
+	dir := t.TempDir()
+	keyFile := filepath.Join(t.TempDir(), "key")
+	if err := os.WriteFile(keyFile, []byte(strings.Repeat("5a", 32)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	key, err := ParseKey(KeySpec{Source: KeyFile, Path: keyFile}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer key.Wipe()
+
+	trials, budget := 300, 60*time.Second
+	if testing.Short() {
+		trials, budget = 30, 10*time.Second
+	}
+	deadline := time.Now().Add(budget)
+	var stored uint64 // the value on disk after the previous trial
+	done, withAcks, inFlight := 0, 0, 0
+	for ; done < trials && time.Now().Before(deadline); done++ {
+		cmd, out, in := child(t, "writer", dir, keyFile)
+		line, err := out.ReadString('\n')
+		if err != nil || !strings.HasPrefix(line, "ready ") {
+			cmd.Process.Kill()
+			cmd.Wait()
+			t.Fatalf("trial %d: writer: %q, %v", done, line, err)
+		}
+		if n, _ := strconv.ParseUint(strings.TrimSpace(strings.TrimPrefix(line, "ready ")), 10, 64); n != stored {
+			t.Fatalf("trial %d: writer started from %d, the last trial left %d", done, n, stored)
+		}
+		// Kill at a random instant in the first few writes (each is a few fsyncs).
+		time.Sleep(time.Duration(rand.Int64N(int64(8 * time.Millisecond))))
+		_ = cmd.Process.Signal(syscall.SIGKILL)
+		last := stored
+		for {
+			l, err := out.ReadString('\n')
+			if err != nil {
+				break
+			}
+			n, perr := strconv.ParseUint(strings.TrimSpace(l), 10, 64)
+			if perr != nil {
+				t.Fatalf("trial %d: writer said %q", done, l)
+			}
+			last = n
+		}
+		in.Close()
+		werr := cmd.Wait()
+		if ws, ok := werr.(*exec.ExitError); !ok || ws.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
+			t.Fatalf("trial %d: writer ended with %v, not by SIGKILL", done, werr)
+		}
+		if last > stored {
+			withAcks++
+		}
+
+		d, err := Open(dir, Options{Key: key})
+		if err != nil {
+			t.Fatalf("trial %d: Open after kill: %v", done, err)
+		}
+		got, err := loadCounter(d)
+		d.Close()
+		if err != nil {
+			t.Fatalf("trial %d: state does not load after kill -9: %v", done, err)
+		}
+		switch got {
+		case last:
+		case last + 1:
+			inFlight++ // the write completed but its acknowledgement was not sent
+		default:
+			t.Fatalf("trial %d: state holds %d; last acknowledged %d", done, got, last)
+		}
+		stored = got
+	}
+	t.Logf("%d kill -9 trials, %d with acknowledged writes, %d ended with an unacknowledged complete write; final counter %d", done, withAcks, inFlight, stored)
+	if min := trials / 3; done < min {
+		t.Fatalf("only %d trials in %v (want at least %d): machine too slow?", done, budget, min)
+	}
+	if withAcks < done/4 {
+		t.Errorf("only %d of %d trials saw a write acknowledged: the kills came too early to test anything", withAcks, done)
+	}
+}
