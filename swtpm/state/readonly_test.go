@@ -84,4 +84,6 @@ type runError struct {
 	out  string
 }
 
-func (e *runError) Error() string { return e.name + ": " + e.err.Error() + ": " + strings.TrimSpace(e.out) }
+func (e *runError) Error() string {
+	return e.name + ": " + e.err.Error() + ": " + strings.TrimSpace(e.out)
+}
