@@ -1,0 +1,38 @@
+// Package provider is the key provider's domain logic, with no HTTP: it generates and
+// versions Key Derivation Keys (KDKs), refuses to release them until a backup exists,
+// enrolls hosts (single-use join token → certificate from its own CA), releases KDKs to
+// enrolled hosts wrapped for their TPM (go-tpm-tools import blobs), keeps the catalog of
+// protected objects, and records every action in the hash-chained audit log
+// (provider/audit) inside the same store transaction as the action.
+//
+// Open a Provider over a store.Store (provider/store/mem, boltstore or etcdstore) and the
+// provider root key (provider/rootkey). Several Providers may share one etcd store
+// (replicas): every decision reads the store, so a revocation made on one replica refuses
+// the host on the others at once. Each replica caches only the CA, loaded on first use;
+// after a forced Restore, restart the other replicas.
+//
+// # State kept in the store
+//
+//	bucket "provider"  key "meta"  JSON meta: provider ID, created, policy, last backup,
+//	                                a root key check value (sealed, AD "nkp/v1/root-check/<id>")
+//	                   key "ca"    JSON: CA certificate DER, CA key PKCS#8 sealed (AD "nkp/v1/ca/<id>")
+//	bucket "kdks"      key %010d version  JSON: id, version, created, primary, retired,
+//	                                backed_up, key sealed under the root key (AD "nkp/v1/kdk/<provider id>/<kdk id>")
+//	bucket "tokens"    key token ID  JSON: SHA-256 of the secret, created, expires, used
+//	bucket "hosts"     key host ID   JSON: hostname, enrolled, certificate serial, EK public (PKIX DER), revoked
+//	bucket "objects"   key <vm uuid>/<name>  JSON Object
+//	buckets "audit", "audit.head"  owned by provider/audit
+//
+// # Rules
+//
+//   - The provider state is NotBackedUp while any live KDK version is in no backup (after
+//     Init, and again after Rotate until the next Backup); every Release is refused then.
+//   - A host enrolled with an endorsement key gets import blobs that only its TPM can
+//     unwrap; a host without one gets bare KDKs (inside mTLS) only while policy
+//     tpm-required is off, and cannot enroll while it is on.
+//   - A KDK version is retired only when no catalog object uses it, and never while primary;
+//     retiring destroys its sealed key (backups still hold it).
+//   - No key bytes are logged or audited: audit details carry IDs and versions only.
+//
+// Only provider/api (the HTTPS edge), cmd/nkp-provider and tests import this package.
+package provider

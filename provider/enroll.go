@@ -1,0 +1,342 @@
+package provider
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"crypto/x509"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+	"unicode"
+
+	"github.com/google/uuid"
+
+	"github.com/nkp-dev/nkp/provider/audit"
+	"github.com/nkp-dev/nkp/provider/ca"
+	"github.com/nkp-dev/nkp/provider/store"
+)
+
+// CreateToken makes a single-use join token valid for ttl (0: DefaultTokenTTL; at most
+// MaxTokenTTL). Only a hash of its secret is stored.
+func (p *Provider) CreateToken(ctx context.Context, ttl time.Duration) (Token, error) {
+	if ttl == 0 {
+		ttl = DefaultTokenTTL
+	}
+	if ttl < 0 || ttl > MaxTokenTTL {
+		return Token{}, fmt.Errorf("token: ttl %s: %w: give a duration between 1s and %s", ttl, ErrBadRequest, MaxTokenTTL)
+	}
+	raw := make([]byte, 32)
+	if _, err := rand.Read(raw); err != nil {
+		return Token{}, fmt.Errorf("token: reading random bytes: %w", err)
+	}
+	id := uuid.NewString()
+	tok := Token{ID: id, Secret: id + "." + base64.RawURLEncoding.EncodeToString(raw)}
+	clear(raw)
+	sum := sha256.Sum256([]byte(tok.Secret))
+	err := p.update(ctx, func(tx store.Tx, a *auditor) error {
+		m, err := readMeta(tx)
+		if err != nil {
+			return err
+		}
+		now := a.now.UTC()
+		tok.Expires = now.Add(ttl)
+		rec := tokenRecord{ID: id, SecretHash: sum[:], Created: now, Expires: tok.Expires}
+		if err := putJSON(tx, bucketTokens, id, rec); err != nil {
+			return err
+		}
+		return a.add(tx, audit.Event{Kind: audit.KindToken, Actor: actorOf(ctx), Subject: id, Details: map[string]string{
+			"expires": tok.Expires.Format(time.RFC3339), "provider_id": m.ID,
+		}})
+	})
+	if err != nil {
+		return Token{}, fmt.Errorf("token: %w", err)
+	}
+	return tok, nil
+}
+
+// splitToken returns the token ID from "<id>.<random>".
+func splitToken(secret string) (string, error) {
+	id, rest, ok := strings.Cut(secret, ".")
+	if !ok || rest == "" || len(secret) > 256 {
+		return "", fmt.Errorf("%w: it is not of the form <id>.<secret> that `token create` prints", ErrTokenInvalid)
+	}
+	if _, err := uuid.Parse(id); err != nil {
+		return "", fmt.Errorf("%w: its ID part is not a UUID", ErrTokenInvalid)
+	}
+	return id, nil
+}
+
+// checkToken returns nil if the token may be used now.
+func checkToken(tx store.Tx, id, secret string, now time.Time) (tokenRecord, error) {
+	var t tokenRecord
+	err := getJSON(tx, bucketTokens, id, &t)
+	if errors.Is(err, store.ErrNotFound) {
+		return t, fmt.Errorf("token %s: %w: this provider never issued it; create one with `nkpctl provider token create`", id, ErrTokenInvalid)
+	}
+	if err != nil {
+		return t, err
+	}
+	sum := sha256.Sum256([]byte(secret))
+	if subtle.ConstantTimeCompare(sum[:], t.SecretHash) != 1 {
+		return t, fmt.Errorf("token %s: %w: the secret is wrong", id, ErrTokenInvalid)
+	}
+	if t.Used != nil {
+		return t, fmt.Errorf("token %s: %w at %s by host %s; tokens are single use, create a new one", id, ErrTokenUsed, t.Used.Format(time.RFC3339), t.HostID)
+	}
+	if !now.Before(t.Expires) {
+		return t, fmt.Errorf("token %s: %w at %s (provider time %s); create a new one", id, ErrTokenExpired, t.Expires.Format(time.RFC3339), now.Format(time.RFC3339))
+	}
+	return t, nil
+}
+
+func checkHostname(h string) error {
+	if h == "" || len(h) > 253 {
+		return fmt.Errorf("hostname %.40q: %w: give 1 to 253 characters", h, ErrBadRequest)
+	}
+	for _, r := range h {
+		if !unicode.IsPrint(r) || unicode.IsSpace(r) {
+			return fmt.Errorf("hostname %.40q: %w: only printable characters without spaces", h, ErrBadRequest)
+		}
+	}
+	return nil
+}
+
+// Enroll consumes a join token and issues the host its certificate. With policy
+// tpm-required on, a host without EKPublic is refused (ErrTPMRequired) and its token is
+// left unused.
+func (p *Provider) Enroll(ctx context.Context, req EnrollRequest) (EnrollResponse, error) {
+	resp, tokenID, err := p.enroll(ctx, req)
+	if err != nil {
+		p.log.Warn("enrollment refused", "hostname", req.Hostname, "token_id", tokenID, "err", err)
+		if tokenID != "" && (errors.Is(err, ErrTokenUsed) || errors.Is(err, ErrTokenExpired) || errors.Is(err, ErrTokenInvalid)) {
+			p.auditRefusal(ctx, "enroll_refused", "token:"+tokenID, tokenID, err)
+		}
+		return EnrollResponse{}, fmt.Errorf("enroll %q: %w", req.Hostname, err)
+	}
+	return resp, nil
+}
+
+func (p *Provider) enroll(ctx context.Context, req EnrollRequest) (EnrollResponse, string, error) {
+	tokenID, err := splitToken(req.Token)
+	if err != nil {
+		return EnrollResponse{}, "", err
+	}
+	if err := checkHostname(req.Hostname); err != nil {
+		return EnrollResponse{}, tokenID, err
+	}
+	if _, err := ca.ParseCSR(req.CSR); err != nil {
+		return EnrollResponse{}, tokenID, fmt.Errorf("%w: %w", ErrBadRequest, err)
+	}
+	var ekDER []byte
+	if len(req.EKPublic) > 0 {
+		if _, ekDER, err = parseEK(req.EKPublic); err != nil {
+			return EnrollResponse{}, tokenID, err
+		}
+	}
+	checks := func(tx store.Tx, now time.Time) (metaRecord, error) {
+		m, err := readMeta(tx)
+		if err != nil {
+			return m, err
+		}
+		if _, err := checkToken(tx, tokenID, req.Token, now); err != nil {
+			return m, err
+		}
+		if m.Policy.TPMRequired && ekDER == nil {
+			return m, fmt.Errorf("%w: this provider only enrolls hosts with a TPM (policy tpm-required); join with the host's TPM, or turn the policy off", ErrTPMRequired)
+		}
+		return m, nil
+	}
+	// Check before signing anything, then again inside the transaction that uses the token.
+	if err := p.st.View(ctx, func(tx store.Tx) error { _, err := checks(tx, p.now()); return err }); err != nil {
+		return EnrollResponse{}, tokenID, err
+	}
+	authority, err := p.loadCA(ctx)
+	if err != nil {
+		return EnrollResponse{}, tokenID, err
+	}
+	hostID := uuid.NewString()
+	now := p.now().UTC()
+	issued, err := authority.IssueHost(req.CSR, hostID, now, p.cfg.HostCertValidity)
+	if err != nil {
+		return EnrollResponse{}, tokenID, fmt.Errorf("%w: %w", ErrBadRequest, err)
+	}
+	err = p.update(ctx, func(tx store.Tx, a *auditor) error {
+		if _, err := checks(tx, a.now); err != nil {
+			return err
+		}
+		var t tokenRecord
+		if err := getJSON(tx, bucketTokens, tokenID, &t); err != nil {
+			return err
+		}
+		used := a.now.UTC()
+		t.Used, t.HostID = &used, hostID
+		if err := putJSON(tx, bucketTokens, tokenID, t); err != nil {
+			return err
+		}
+		h := hostRecord{ID: hostID, Hostname: req.Hostname, Enrolled: used, CertSerial: issued.Serial,
+			CertNotAfter: issued.Cert.NotAfter, EKPublic: ekDER, TokenID: tokenID}
+		if err := putJSON(tx, bucketHosts, hostID, h); err != nil {
+			return err
+		}
+		return a.add(tx, audit.Event{Kind: audit.KindEnroll, Actor: "host:" + hostID, Subject: hostID, Details: map[string]string{
+			"hostname": req.Hostname, "token_id": tokenID, "tpm": fmt.Sprint(ekDER != nil), "cert_serial": issued.Serial,
+		}})
+	})
+	if err != nil {
+		return EnrollResponse{}, tokenID, err
+	}
+	return EnrollResponse{HostID: hostID, Certificate: issued.DER, CAChain: [][]byte{authority.Certificate().Raw}}, tokenID, nil
+}
+
+// auditRefusal records a refused action in the audit log, best effort (the refusal
+// itself is the caller's result; a failure to record it is logged).
+func (p *Provider) auditRefusal(ctx context.Context, kind audit.Kind, actor, subject string, reason error) {
+	err := p.update(ctx, func(tx store.Tx, a *auditor) error {
+		return a.add(tx, audit.Event{Kind: kind, Actor: actor, Subject: subject, Details: map[string]string{"reason": errReason(reason)}})
+	})
+	if err != nil {
+		p.log.Warn("recording a refusal in the audit log failed", "kind", string(kind), "subject", subject, "err", err)
+	}
+}
+
+// errReason names the sentinel behind err, for audit details.
+func errReason(err error) string {
+	for _, s := range []error{ErrTokenUsed, ErrTokenExpired, ErrTokenInvalid, ErrHostRevoked, ErrHostUnknown, ErrTPMRequired, ErrNotBackedUp} {
+		if errors.Is(err, s) {
+			return s.Error()
+		}
+	}
+	return "other"
+}
+
+// IssueAdminCert issues an administrator client certificate (role nkp-admin) from a DER
+// CSR; the CSR's CN names the admin ("admin" if empty).
+func (p *Provider) IssueAdminCert(ctx context.Context, csrDER []byte) ([]byte, error) {
+	csr, err := ca.ParseCSR(csrDER)
+	if err != nil {
+		return nil, fmt.Errorf("admin certificate: %w: %w", ErrBadRequest, err)
+	}
+	name := csr.Subject.CommonName
+	if name == "" {
+		name = "admin"
+	}
+	if err := checkHostname(name); err != nil {
+		return nil, fmt.Errorf("admin certificate: CN: %w", err)
+	}
+	return p.issue(ctx, "admin_cert", name, func(c *ca.CA, now time.Time) (ca.Issued, error) {
+		return c.IssueAdmin(csrDER, name, now, p.cfg.AdminCertValidity)
+	})
+}
+
+// IssueServerCert issues the HTTPS server certificate (role nkp-server) for names (DNS
+// names or IP literals) from a DER CSR.
+func (p *Provider) IssueServerCert(ctx context.Context, csrDER []byte, names []string) ([]byte, error) {
+	return p.issue(ctx, "server_cert", strings.Join(names, ","), func(c *ca.CA, now time.Time) (ca.Issued, error) {
+		return c.IssueServer(csrDER, names, now, p.cfg.ServerCertValidity)
+	})
+}
+
+func (p *Provider) issue(ctx context.Context, kind audit.Kind, subject string, fn func(*ca.CA, time.Time) (ca.Issued, error)) ([]byte, error) {
+	authority, err := p.loadCA(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", kind, err)
+	}
+	issued, err := fn(authority, p.now().UTC())
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w: %w", kind, ErrBadRequest, err)
+	}
+	if len(subject) > audit.MaxFieldLen {
+		subject = subject[:audit.MaxFieldLen]
+	}
+	err = p.update(ctx, func(tx store.Tx, a *auditor) error {
+		return a.add(tx, audit.Event{Kind: kind, Actor: actorOf(ctx), Subject: subject, Details: map[string]string{"cert_serial": issued.Serial}})
+	})
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", kind, err)
+	}
+	return issued.DER, nil
+}
+
+// Hosts lists the enrolled hosts, revoked ones included.
+func (p *Provider) Hosts(ctx context.Context) ([]Host, error) {
+	var out []Host
+	err := p.st.View(ctx, func(tx store.Tx) error {
+		if _, err := readMeta(tx); err != nil {
+			return err
+		}
+		hs, err := listHosts(tx)
+		for _, h := range hs {
+			out = append(out, h.public())
+		}
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("hosts: %w", err)
+	}
+	return out, nil
+}
+
+// Revoke refuses the host from now on, on every replica sharing the store. Revoking a
+// revoked host is not an error.
+func (p *Provider) Revoke(ctx context.Context, hostID string) error {
+	err := p.update(ctx, func(tx store.Tx, a *auditor) error {
+		if _, err := readMeta(tx); err != nil {
+			return err
+		}
+		h, err := readHost(tx, hostID)
+		if err != nil {
+			return err
+		}
+		if h.Revoked != nil {
+			return nil
+		}
+		now := a.now.UTC()
+		h.Revoked = &now
+		if err := putJSON(tx, bucketHosts, hostID, h); err != nil {
+			return err
+		}
+		return a.add(tx, audit.Event{Kind: audit.KindRevoke, Actor: actorOf(ctx), Subject: hostID, Details: map[string]string{
+			"hostname": h.Hostname, "cert_serial": h.CertSerial,
+		}})
+	})
+	if err != nil {
+		return fmt.Errorf("revoke: %w", err)
+	}
+	return nil
+}
+
+// AuthorizeHost checks a host's client certificate on every request: issued by this
+// provider's CA for role nkp-host, still valid, the host's current certificate, and the
+// host not revoked. It returns the host.
+func (p *Provider) AuthorizeHost(ctx context.Context, cert *x509.Certificate) (Host, error) {
+	authority, err := p.loadCA(ctx)
+	if err != nil {
+		return Host{}, fmt.Errorf("authorize host: %w", err)
+	}
+	hostID, err := authority.Verify(cert, ca.RoleHost, p.now())
+	if err != nil {
+		return Host{}, fmt.Errorf("authorize host: %w: %w", ErrHostUnknown, err)
+	}
+	var h hostRecord
+	err = p.st.View(ctx, func(tx store.Tx) error {
+		var err error
+		h, err = readHost(tx, hostID)
+		return err
+	})
+	if err != nil {
+		return Host{}, fmt.Errorf("authorize host: %w", err)
+	}
+	if h.Revoked != nil {
+		return Host{}, fmt.Errorf("authorize host %s (%s): %w at %s; enroll it again with a new token if it should come back",
+			hostID, h.Hostname, ErrHostRevoked, h.Revoked.Format(time.RFC3339))
+	}
+	if serial := cert.SerialNumber.Text(16); serial != h.CertSerial {
+		return Host{}, fmt.Errorf("authorize host %s (%s): certificate serial %s is not its current one (%s): %w",
+			hostID, h.Hostname, serial, h.CertSerial, ErrHostUnknown)
+	}
+	return h.public(), nil
+}

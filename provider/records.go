@@ -1,0 +1,196 @@
+package provider
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nkp-dev/nkp/provider/store"
+)
+
+// Buckets and fixed keys in the store (see the package comment).
+const (
+	bucketProvider = "provider"
+	bucketKDKs     = "kdks"
+	bucketTokens   = "tokens"
+	bucketHosts    = "hosts"
+	bucketObjects  = "objects"
+	keyMeta        = "meta"
+	keyCA          = "ca"
+)
+
+// ownBuckets are the buckets a forced Restore empties (the audit log is kept).
+var ownBuckets = []string{bucketProvider, bucketKDKs, bucketTokens, bucketHosts, bucketObjects}
+
+type metaRecord struct {
+	ID         string     `json:"id"`
+	Created    time.Time  `json:"created"`
+	Policy     Policy     `json:"policy"`
+	LastBackup *time.Time `json:"last_backup,omitempty"`
+	RootCheck  []byte     `json:"root_check"`
+	// RestoredFrom is the creation time of the archive the provider was restored from.
+	RestoredFrom *time.Time `json:"restored_from,omitempty"`
+}
+
+type caRecord struct {
+	Cert      []byte `json:"cert"`
+	SealedKey []byte `json:"sealed_key"`
+}
+
+type kdkRecord struct {
+	ID       string     `json:"id"`
+	Version  int        `json:"version"`
+	Created  time.Time  `json:"created"`
+	Primary  bool       `json:"primary"`
+	Retired  *time.Time `json:"retired,omitempty"`
+	BackedUp bool       `json:"backed_up"`
+	Sealed   []byte     `json:"sealed,omitempty"`
+}
+
+func (k kdkRecord) public() KDKVersion {
+	v := KDKVersion{ID: k.ID, Version: k.Version, Primary: k.Primary, Created: k.Created, BackedUp: k.BackedUp}
+	if k.Retired != nil {
+		v.Retired = *k.Retired
+	}
+	return v
+}
+
+type tokenRecord struct {
+	ID         string     `json:"id"`
+	SecretHash []byte     `json:"secret_hash"`
+	Created    time.Time  `json:"created"`
+	Expires    time.Time  `json:"expires"`
+	Used       *time.Time `json:"used,omitempty"`
+	HostID     string     `json:"host_id,omitempty"`
+}
+
+type hostRecord struct {
+	ID           string     `json:"id"`
+	Hostname     string     `json:"hostname"`
+	Enrolled     time.Time  `json:"enrolled"`
+	CertSerial   string     `json:"cert_serial"`
+	CertNotAfter time.Time  `json:"cert_not_after"`
+	EKPublic     []byte     `json:"ek_public,omitempty"`
+	TokenID      string     `json:"token_id,omitempty"`
+	Revoked      *time.Time `json:"revoked,omitempty"`
+}
+
+func (h hostRecord) public() Host {
+	out := Host{ID: h.ID, Hostname: h.Hostname, Enrolled: h.Enrolled, CertSerial: h.CertSerial,
+		CertNotAfter: h.CertNotAfter, EKPublic: h.EKPublic}
+	if h.Revoked != nil {
+		out.Revoked = *h.Revoked
+	}
+	return out
+}
+
+func kdkKey(version int) string { return fmt.Sprintf("%010d", version) }
+
+func objectKey(vmUUID, name string) string { return vmUUID + "/" + name }
+
+// getJSON reads and decodes bucket/key into v; a missing key wraps store.ErrNotFound.
+func getJSON(tx store.Tx, bucket, key string, v any) error {
+	b, err := tx.Get(bucket, key)
+	if err != nil {
+		return err
+	}
+	if err := json.Unmarshal(b, v); err != nil {
+		return fmt.Errorf("store record %s/%s is unreadable (%v); restore the provider from a backup", bucket, key, err)
+	}
+	return nil
+}
+
+func putJSON(tx store.Tx, bucket, key string, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("encoding %s/%s: %w", bucket, key, err)
+	}
+	if err := tx.Put(bucket, key, b); err != nil {
+		return fmt.Errorf("writing %s/%s: %w", bucket, key, err)
+	}
+	return nil
+}
+
+// readMeta returns the provider's meta record, or ErrNotInitialized.
+func readMeta(tx store.Tx) (metaRecord, error) {
+	var m metaRecord
+	err := getJSON(tx, bucketProvider, keyMeta, &m)
+	if errors.Is(err, store.ErrNotFound) {
+		return m, fmt.Errorf("%w: the store holds no provider; run `nkpctl provider init` or restore a backup", ErrNotInitialized)
+	}
+	if err != nil {
+		return m, fmt.Errorf("reading provider record: %w", err)
+	}
+	return m, nil
+}
+
+// listKDKs returns every KDK record in version order.
+func listKDKs(tx store.Tx) ([]kdkRecord, error) {
+	var out []kdkRecord
+	err := tx.List(bucketKDKs, "", func(key string, value []byte) error {
+		var k kdkRecord
+		if err := json.Unmarshal(value, &k); err != nil {
+			return fmt.Errorf("store record %s/%s is unreadable (%v); restore the provider from a backup", bucketKDKs, key, err)
+		}
+		out = append(out, k)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("listing KDK versions: %w", err)
+	}
+	return out, nil
+}
+
+func stateOf(kdks []kdkRecord) State {
+	for _, k := range kdks {
+		if k.Retired == nil && !k.BackedUp {
+			return StateNotBackedUp
+		}
+	}
+	return StateActive
+}
+
+func readHost(tx store.Tx, hostID string) (hostRecord, error) {
+	var h hostRecord
+	err := getJSON(tx, bucketHosts, hostID, &h)
+	if errors.Is(err, store.ErrNotFound) {
+		return h, fmt.Errorf("host %s: %w: it is not enrolled with this provider; enroll it with a join token", hostID, ErrHostUnknown)
+	}
+	if err != nil {
+		return h, fmt.Errorf("host %s: %w", hostID, err)
+	}
+	return h, nil
+}
+
+func listHosts(tx store.Tx) ([]hostRecord, error) {
+	var out []hostRecord
+	err := tx.List(bucketHosts, "", func(key string, value []byte) error {
+		var h hostRecord
+		if err := json.Unmarshal(value, &h); err != nil {
+			return fmt.Errorf("store record %s/%s is unreadable (%v)", bucketHosts, key, err)
+		}
+		out = append(out, h)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("listing hosts: %w", err)
+	}
+	return out, nil
+}
+
+func listObjects(tx store.Tx, prefix string) ([]Object, error) {
+	var out []Object
+	err := tx.List(bucketObjects, prefix, func(key string, value []byte) error {
+		var o Object
+		if err := json.Unmarshal(value, &o); err != nil {
+			return fmt.Errorf("store record %s/%s is unreadable (%v)", bucketObjects, key, err)
+		}
+		out = append(out, o)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("listing catalog objects: %w", err)
+	}
+	return out, nil
+}
