@@ -1,0 +1,64 @@
+// Package libtpms is nkp's TPM 2.0 engine: libtpms (Debian's libtpms-dev,
+// 0.9.2) through cgo. Only the vTPM server in package swtpm imports it.
+//
+// libtpms keeps its TPM in global C state, so a process has at most one TPM:
+// Open returns ErrInUse while another is open. All cgo lives in
+// engine_cgo.go and callbacks_cgo.go (build tag cgo); without cgo every call
+// fails with ErrNoCgo. The package's one mutable package-level variable is
+// the pointer to the open TPM, which libtpms' callbacks use to reach its
+// NVRAM: it mirrors libtpms' own global. Every call into libtpms is
+// serialised by the TPM's mutex; Cancel alone does not wait for it.
+//
+// # Lifecycle
+//
+//	tpm, err := libtpms.Open(nvram)    // register callbacks, choose TPM 2.0
+//	tpm.SetState(libtpms.Permanent, p) // optional: incoming migration
+//	tpm.SetState(libtpms.Volatile, v)
+//	tpm.MainInit()                     // load or manufacture; CMD_INIT
+//	rsp, err := tpm.Process(cmd)       // data channel
+//	tpm.Terminate()                    // CMD_STOP; MainInit may follow again
+//	tpm.Close()
+//
+// # How libtpms 0.9.2 uses the NVRAM callbacks
+//
+// Read in libtpms' source (tpm_tpm2_interface.c, tpm2/LibtpmsCallbacks.c,
+// tpm2/ExecCommand.c, tpm2/StateMarshal.c) and checked by this package's
+// tests, which record every NVRAM call:
+//
+//   - MainInit loads "permall" (twice: once to see whether it exists, once
+//     to unmarshal it), then "volatilestate". When Load reports
+//     fs.ErrNotExist for permall (the callback answers TPM_RETRY), libtpms
+//     manufactures a new TPM and stores its permall before MainInit returns.
+//     A volatilestate that loads makes the TPM resume where it was saved,
+//     without TPM2_Startup; deleting it first (swtpm's INIT with
+//     DELETE_VOLATILE) gives a TPM that wants Startup. Blobs given with
+//     SetState are used instead of the NVRAM's; MainInit then stores the
+//     permanent one through the NVRAM.
+//   - "permall" is stored synchronously inside Process, at the end of every
+//     command that changed NV-backed data (libtpms' g_updateNV): NV
+//     define/write/increment/extend, hierarchy and auth changes, persistent
+//     objects, the dictionary-attack counter, TPM2_Startup, TPM2_Shutdown and
+//     orderly-state changes. The store happens after the response is built
+//     and before TPMLIB_Process returns, so when Process returns, the Store
+//     for that command has returned. Commands that change nothing stored
+//     (GetRandom, PCR_Extend, PCR_Read, CreatePrimary, FlushContext, and an
+//     NV_Write of the bytes already there) store nothing.
+//   - If Store fails, libtpms enters failure mode (FATAL_ERROR_INTERNAL):
+//     Process returns an error wrapping the Store error, and every later
+//     command gets TPM_RC_FAILURE until Terminate and MainInit, which reload
+//     the last stored permall. The server must not acknowledge such a
+//     command.
+//   - libtpms never stores "volatilestate" or "savestate" by itself, and
+//     Terminate stores nothing: the server stores VolatileAllStore's blob
+//     when swtpm would (STORE_VOLATILE, shutdown). libtpms 0.9.2 never calls
+//     the delete callback for a TPM 2; the server deletes what it must.
+//   - Without registered callbacks libtpms would write a 176 KB NVChip file
+//     into the working directory; Open always registers them, so nothing
+//     is written there.
+//
+// Blobs cross the boundary as C copies that are wiped before they are freed:
+// Load's result is copied into a malloc'd buffer that libtpms frees, and
+// the Go copies of loaded and stored blobs are wiped when the callback
+// returns, so NVRAM implementations must neither keep the slice given to
+// Store nor expect the one returned by Load to stay intact.
+package libtpms

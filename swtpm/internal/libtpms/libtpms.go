@@ -1,0 +1,115 @@
+package libtpms
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+)
+
+// StateType names one of libtpms' three state blobs. The numbering is that of
+// the swtpm control protocol's PTM_BLOB_TYPE_* values, so a control-channel
+// request's blob type converts directly.
+type StateType uint32
+
+// The state blobs.
+const (
+	Permanent StateType = 1 // "permall": seeds, hierarchy auth, NV indices, persistent objects
+	Volatile  StateType = 2 // "volatilestate": PCRs, loaded objects and sessions, clock
+	SaveState StateType = 3 // "savestate": always empty for TPM 2 (libtpms keeps orderly data in permall)
+)
+
+// Name returns the name libtpms uses for the blob in its NVRAM callbacks
+// ("permall", "volatilestate", "savestate"), or "" for an unknown type.
+func (s StateType) Name() string {
+	switch s {
+	case Permanent:
+		return "permall"
+	case Volatile:
+		return "volatilestate"
+	case SaveState:
+		return "savestate"
+	}
+	return ""
+}
+
+func (s StateType) String() string {
+	if n := s.Name(); n != "" {
+		return n
+	}
+	return fmt.Sprintf("StateType(%d)", uint32(s))
+}
+
+// NVRAM is where libtpms' nvram callbacks land. Names: "permall",
+// "volatilestate", "savestate". Load returns an error wrapping fs.ErrNotExist
+// when there is nothing (the TPM then manufactures itself). The methods are
+// called from inside TPM calls (MainInit, Process, SetState, GetState), on the
+// calling goroutine, and must not call back into the TPM.
+type NVRAM interface {
+	Load(name string) ([]byte, error)
+	Store(name string, data []byte) error
+	Delete(name string) error
+}
+
+// Result is a libtpms result code (TPM 1.2 numbering, as on the swtpm control
+// channel: 3 BAD_PARAMETER, 9 FAIL, 0x3d BAD_LOCALITY, 0x800 RETRY, ...).
+// Errors returned by this package wrap a Result whenever libtpms itself
+// refused, so a server can send the code on: errors.As(err, &res).
+type Result uint32
+
+// Result codes this package reports or that callers commonly map.
+const (
+	ResultSuccess      Result = 0
+	ResultBadParameter Result = 0x03
+	ResultFail         Result = 0x09
+	ResultBadOrdinal   Result = 0x0a
+	ResultSize         Result = 0x17
+	ResultBadLocality  Result = 0x3d
+	ResultInvalidPost  Result = 0x26 // TPM_INVALID_POSTINIT: state set while the TPM runs
+	ResultRetry        Result = 0x800
+)
+
+func (r Result) Error() string {
+	switch r {
+	case ResultSuccess:
+		return "success"
+	case ResultBadParameter:
+		return "TPM_BAD_PARAMETER (0x3)"
+	case ResultFail:
+		return "TPM_FAIL (0x9)"
+	case ResultBadOrdinal:
+		return "TPM_BAD_ORDINAL (0xa)"
+	case ResultSize:
+		return "TPM_SIZE (0x17)"
+	case ResultInvalidPost:
+		return "TPM_INVALID_POSTINIT (0x26)"
+	case ResultBadLocality:
+		return "TPM_BAD_LOCALITY (0x3d)"
+	case ResultRetry:
+		return "TPM_RETRY (0x800)"
+	}
+	return fmt.Sprintf("libtpms result 0x%x", uint32(r))
+}
+
+// Sentinel errors, checked with errors.Is.
+var (
+	// ErrInUse: libtpms keeps its TPM in global state, so a process holds
+	// at most one open TPM. Close the other one first.
+	ErrInUse = errors.New("libtpms: a TPM is already open in this process (libtpms has one global TPM); close it first")
+	// ErrClosed: the TPM was closed.
+	ErrClosed = errors.New("libtpms: TPM is closed")
+	// ErrNotRunning: the call needs a TPM started with MainInit. It wraps
+	// ResultBadOrdinal, what swtpm answers on the control channel then.
+	ErrNotRunning = fmt.Errorf("libtpms: TPM is not running, call MainInit first (%w)", ResultBadOrdinal)
+	// ErrRunning: the call needs a stopped TPM (before MainInit or after
+	// Terminate). It wraps ResultBadOrdinal, as ErrNotRunning.
+	ErrRunning = fmt.Errorf("libtpms: TPM is running, call Terminate first (%w)", ResultBadOrdinal)
+	// ErrNoState: libtpms has no blob of the requested type (savestate of a
+	// TPM 2 always). It wraps fs.ErrNotExist and ResultRetry (swtpm's answer).
+	ErrNoState = fmt.Errorf("libtpms: no state blob of this type (%w): %w", ResultRetry, fs.ErrNotExist)
+	// ErrNoCgo: the package was built without cgo and cannot reach libtpms.
+	ErrNoCgo = errors.New("libtpms: built without cgo; rebuild with CGO_ENABLED=1 and libtpms-dev installed")
+)
+
+// MaxBlobSize bounds a state blob handed to SetState or returned by Load. It
+// matches swtpm's 512 KiB cap on SET_STATEBLOB; real blobs are below 64 KiB.
+const MaxBlobSize = 512 << 10
