@@ -246,8 +246,12 @@ func (d *Dir) Store(name string, data []byte) error {
 	return nil
 }
 
-// refuseLocked refuses writes to a file that could not be read.
+// refuseLocked refuses writes to a file that could not be read, and all writes while
+// the lock is released.
 func (d *Dir) refuseLocked(name, p string) error {
+	if d.lock == nil {
+		return fmt.Errorf("state file %s: %w", p, ErrLockReleased)
+	}
 	if err, ok := d.bad[name]; ok && err != errRecovered {
 		return fmt.Errorf("state file %s could not be read earlier, so it is not overwritten: %w", p, err)
 	}

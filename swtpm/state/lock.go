@@ -14,6 +14,11 @@ import (
 // ErrLocked: another process (nkp-swtpm or swtpm) holds the directory's lock.
 var ErrLocked = errors.New("another process holds the state directory's lock")
 
+// ErrLockReleased: Store or Delete after ReleaseLock. On shared storage the migration's
+// destination owns the files now; LockStorage takes them back (the fallback when the
+// migration failed).
+var ErrLockReleased = errors.New("the state directory's lock was released for an outgoing migration; writes are refused until LOCK_STORAGE takes it again")
+
 // lockFile is swtpm's lock file name: the same file, locked with fcntl, so that nkp-swtpm
 // and swtpm exclude each other.
 const lockFile = ".lock"
@@ -56,7 +61,8 @@ func holder(path string) string {
 
 // ReleaseLock gives up the directory lock while the Dir stays open, for shared-storage
 // migration (swtpm's --migration release-lock-outgoing: the destination takes the lock).
-// LockStorage takes it again.
+// Until LockStorage takes it again, Store and Delete fail with ErrLockReleased, so this
+// process cannot overwrite what the destination writes (an auto-shutdown at exit, say).
 func (d *Dir) ReleaseLock() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()

@@ -49,6 +49,9 @@ func TestLockSameProcess(t *testing.T) {
 	if err := d.ReleaseLock(); err != nil {
 		t.Fatal(err)
 	}
+	if err := d.Store("permall", []byte("x")); !errors.Is(err, ErrLockReleased) {
+		t.Fatalf("Store without the lock: %v", err)
+	}
 	other := mustOpen(t, dir, Options{}) // the destination of a shared-storage migration
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -61,6 +64,9 @@ func TestLockSameProcess(t *testing.T) {
 	}
 	if _, err := Open(dir, Options{}); !errors.Is(err, ErrLocked) {
 		t.Fatalf("Open after LockStorage: %v", err)
+	}
+	if err := d.Store("permall", []byte("x")); err != nil {
+		t.Fatalf("Store after LockStorage: %v", err)
 	}
 	d.Close()
 	mustOpen(t, dir, Options{})
@@ -164,7 +170,9 @@ func TestKill9DuringWrites(t *testing.T) {
 		if n, _ := strconv.ParseUint(strings.TrimSpace(strings.TrimPrefix(line, "ready ")), 10, 64); n != stored {
 			t.Fatalf("trial %d: writer started from %d, the last trial left %d", done, n, stored)
 		}
-		// Kill at a random instant in the first few writes (each is a few fsyncs).
+		// Pick the kill instant at random within the first few writes (each costs a few
+		// fsyncs). This delay is the experiment's random variable, not a wait for
+		// anything: what follows reads the writer's pipe to its end and reaps it.
 		time.Sleep(time.Duration(rand.Int64N(int64(8 * time.Millisecond))))
 		_ = cmd.Process.Signal(syscall.SIGKILL)
 		last := stored
