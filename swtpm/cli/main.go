@@ -162,13 +162,15 @@ func run(ctx context.Context, o *Options, stderr io.Writer, ready *readyNotifier
 	if o.Seccomp != "" && o.Seccomp != "none" {
 		log.Warn("--seccomp is accepted for compatibility but nkp-swtpm installs no seccomp filter", "action", o.Seccomp)
 	}
+	removePid := func() {}
+	defer func() { removePid() }()
 	return serve(ctx, o, log, func() error {
-		removePid, err := pidFile(o.Pid, os.Getpid())
+		rm, err := pidFile(o.Pid, os.Getpid())
 		if err != nil {
 			return err
 		}
+		removePid = rm
 		ready.Ready()
-		_ = removePid
 		return nil
 	})
 }

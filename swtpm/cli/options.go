@@ -68,8 +68,8 @@ type KeyOptions struct {
 	FD      int    // fd=: a key on an inherited fd; -1 when not given
 	PwdFile string // pwdfile=: a passphrase file
 	PwdFD   int    // pwdfd=: a passphrase on an inherited fd; -1 when not given
-	Mode    string // mode=: aes-128-cbc (default, "aes-cbc" is its alias) or aes-256-cbc
-	KeyLen  int    // 16 for aes-128-cbc, 32 for aes-256-cbc
+	Mode    string // mode=: aes-128-cbc ("aes-cbc"), aes-256-cbc, aes-256-gcm; "" when not given
+	KeyLen  int    // 16 or 32 as mode= implies; 0 when not given (the key's length decides)
 	Format  string // format=: FormatHex (default) or FormatBinary, for file= and fd=
 	KDF     string // kdf=: KDFPBKDF2 (default) or KDFSHA512, for pwdfile= and pwdfd=
 	Remove  bool   // remove=: unlink file= or pwdfile= after reading it
@@ -185,7 +185,14 @@ var unsupported = map[string]string{
 var longOpts = []longOpt{
 	{"tpm2", 0, false, func(o *Options, _ string) error { o.TPM2 = true; return nil }},
 	{"ctrl", 0, true, func(o *Options, v string) (err error) { o.Ctrl, err = parseCtrl(v); return }},
-	{"server", 0, true, func(o *Options, v string) (err error) { o.Server, err = parseServer(v); return }},
+	{"server", 0, true, func(o *Options, v string) (err error) {
+		o.Server, err = parseServer(v)
+		// swtpm ends when a data stream it was handed (fd=) closes.
+		if err == nil && o.Server.ConnFD >= 0 {
+			o.Terminate = true
+		}
+		return
+	}},
 	{"tpmstate", 0, true, func(o *Options, v string) (err error) { o.State, err = parseState(v); return }},
 	{"key", 0, true, func(o *Options, v string) (err error) { o.Key, err = parseKey("key", v); return }},
 	{"migration-key", 0, true, func(o *Options, v string) (err error) {
@@ -540,13 +547,16 @@ func parseKey(option, v string) (*KeyOptions, error) {
 	if n := countSet(vs, "file", "fd", "pwdfile", "pwdfd"); n != 1 {
 		return nil, fmt.Errorf("--%s needs exactly one of file=, fd=, pwdfile= or pwdfd= (got %d)", option, n)
 	}
-	switch k.Mode = vs.str("mode", "aes-128-cbc"); k.Mode {
+	switch k.Mode = vs.str("mode", ""); k.Mode {
+	case "":
+		// swtpm's default is aes-128-cbc; nkp decides by the key's length instead, so
+		// that a 256-bit key file works without mode= (a passphrase gives 128 bits).
 	case "aes-cbc", "aes-128-cbc":
 		k.Mode, k.KeyLen = "aes-128-cbc", 16
-	case "aes-256-cbc":
+	case "aes-256-cbc", "aes-256-gcm":
 		k.KeyLen = 32
 	default:
-		return nil, fmt.Errorf("--%s: unsupported mode=%q; accepted modes: aes-128-cbc (aes-cbc), aes-256-cbc", option, k.Mode)
+		return nil, fmt.Errorf("--%s: unsupported mode=%q; accepted modes: aes-128-cbc (aes-cbc), aes-256-cbc, aes-256-gcm (nkp only)", option, k.Mode)
 	}
 	if k.IsPassphrase() {
 		if vs.has("format") {

@@ -47,7 +47,7 @@ func TestParseCommandLines(t *testing.T) {
 			name: "swtpm_setup",
 			args: "--flags not-need-init,startup-clear --tpmstate backend-uri=dir:///tmp/st,lock --pid file=/tmp/p --tpm2 --key pwdfd=7,mode=aes-256-cbc --log file=/tmp/l --server type=tcp,fd=5 --ctrl type=unixio,clientfd=6",
 			want: func(o *Options) {
-				o.TPM2 = true
+				o.TPM2, o.Terminate = true, true
 				o.Flags = FlagsOptions{NotNeedInit: true, Startup: StartupClear}
 				o.State = &StateOptions{Dir: "/tmp/st", Mode: 0o640, ModeDefault: true, Lock: true}
 				o.Pid = &PidOptions{File: "/tmp/p", FD: -1}
@@ -78,7 +78,7 @@ func TestParseCommandLines(t *testing.T) {
 				o.Ctrl = &Channel{Type: TypeTCP, Port: 2322, BindAddr: "::1", ListenFD: -1, ConnFD: -1, Mode: 0o770}
 				o.Server = &Channel{Type: TypeTCP, Port: 2321, BindAddr: DefaultBindAddr, ListenFD: -1, ConnFD: -1, Mode: 0o770, Disconnect: true}
 				o.State = &StateOptions{Dir: "/s", Mode: 0o640, ModeDefault: true, Lock: true}
-				o.Key = &KeyOptions{File: "/k", FD: -1, PwdFD: -1, Mode: "aes-128-cbc", KeyLen: 16, Format: FormatBinary, Remove: true}
+				o.Key = &KeyOptions{File: "/k", FD: -1, PwdFD: -1, Format: FormatBinary, Remove: true}
 				o.Flags = FlagsOptions{NotNeedInit: true, Startup: StartupState, DisableAutoShutdown: true}
 				o.Locality = LocalityOptions{RejectLocality4: true, AllowSetLocality: true}
 				o.Seccomp = "none"
@@ -162,7 +162,7 @@ func TestParseRefusals(t *testing.T) {
 		{"--tpm2 --tpmstate dir=/a,lock=false", []string{"always locked"}},
 		{"--tpm2 --key mode=aes-256-cbc", []string{"exactly one of file=, fd=, pwdfile= or pwdfd="}},
 		{"--tpm2 --key file=/k,pwdfd=4", []string{"exactly one of"}},
-		{"--tpm2 --key file=/k,mode=aes-256-gcm", []string{`unsupported mode="aes-256-gcm"`}},
+		{"--tpm2 --key file=/k,mode=aes-512-gcm", []string{`unsupported mode="aes-512-gcm"`}},
 		{"--tpm2 --key file=/k,kdf=sha512", []string{"kdf= applies to pwdfile="}},
 		{"--tpm2 --key pwdfile=/k,format=binary", []string{"format= applies to file="}},
 		{"--tpm2 --key pwdfile=/k,kdf=scrypt", []string{`unsupported kdf="scrypt"`}},

@@ -4,13 +4,12 @@ import (
 	"fmt"
 	"os"
 	"os/user"
-	"path/filepath"
 	"strconv"
 	"syscall"
 )
 
 // pidFile writes the process id as --pid asks and returns a function that removes a
-// pid file again at exit. A file is written crash-safely (temp, fsync, rename).
+// pid file again at exit.
 func pidFile(p *PidOptions, pid int) (func(), error) {
 	noop := func() {}
 	if p == nil {
@@ -32,26 +31,17 @@ func pidFile(p *PidOptions, pid int) (func(), error) {
 		}
 		return noop, nil
 	}
-	dir := filepath.Dir(p.File)
-	tmp, err := os.CreateTemp(dir, ".nkp-swtpm-pid-*")
+	// Written in place, not renamed over: swtpm_setup creates the file and watches
+	// that inode for the pid to appear.
+	f, err := os.OpenFile(p.File, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
 		return nil, fmt.Errorf("--pid file=%s: %w (does the directory exist and is it writable?)", p.File, err)
 	}
-	_, err = tmp.Write(data)
-	if err == nil {
-		err = tmp.Chmod(0o644)
-	}
-	if err == nil {
-		err = tmp.Sync()
-	}
-	if cerr := tmp.Close(); err == nil {
+	_, err = f.Write(data)
+	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
-	if err == nil {
-		err = os.Rename(tmp.Name(), p.File)
-	}
 	if err != nil {
-		os.Remove(tmp.Name())
 		return nil, fmt.Errorf("--pid file=%s: %w", p.File, err)
 	}
 	return func() { os.Remove(p.File) }, nil
