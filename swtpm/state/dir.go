@@ -20,6 +20,7 @@ package state
 import (
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -187,8 +188,23 @@ func (d *Dir) Load(name string) ([]byte, error) {
 // file aside instead of making it the backup.
 var errRecovered = errors.New("recovered from backup")
 
+// maxFileSize bounds a state file: libtpms' blobs are tens of KB (permanent state with a
+// full NV space ~100 KB), so anything far larger is not a TPM state and is not read
+// into memory.
+const maxFileSize = 8 << 20
+
 func (d *Dir) loadFile(name, p string) ([]byte, error) {
-	file, err := os.ReadFile(p)
+	f, err := os.Open(p)
+	if err != nil {
+		return nil, fmt.Errorf("state file %s: %w", p, err)
+	}
+	defer f.Close()
+	if fi, err := f.Stat(); err != nil {
+		return nil, fmt.Errorf("state file %s: %w", p, err)
+	} else if !fi.Mode().IsRegular() || fi.Size() > maxFileSize {
+		return nil, fmt.Errorf("state file %s: %w: not a regular file of at most %d bytes; the file was left untouched", p, ErrCorrupt, maxFileSize)
+	}
+	file, err := io.ReadAll(io.LimitReader(f, maxFileSize+1))
 	if err != nil {
 		return nil, fmt.Errorf("state file %s: %w", p, err)
 	}

@@ -195,6 +195,7 @@ func TestTamper(t *testing.T) {
 		{"truncated", orig[:len(orig)-1], "permall", ErrAuth},
 		{"garbage", []byte("this is not a TPM state file at all"), "permall", ErrCorrupt},
 		{"renamed to volatilestate", orig, "volatilestate", ErrBlobType},
+		{"huge", make([]byte, maxFileSize+1), "permall", ErrCorrupt},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -38,3 +38,27 @@ func FuzzDecodeFile(f *testing.F) {
 		}
 	})
 }
+
+// FuzzDecodeKey feeds arbitrary key-file contents to the key parser (both formats): no
+// panic, and an accepted key is 16 or 32 bytes that re-encodes to the same key.
+func FuzzDecodeKey(f *testing.F) {
+	f.Add([]byte("0x00112233445566778899aabbccddeeff\n"), false)
+	f.Add(bytes.Repeat([]byte("ab"), 32), false)
+	f.Add(bytes.Repeat([]byte{7}, 32), true)
+	f.Fuzz(func(t *testing.T, raw []byte, binary bool) {
+		format := "hex"
+		if binary {
+			format = "binary"
+		}
+		k, err := decodeKey(raw, format)
+		if err != nil {
+			return
+		}
+		if len(k) != 16 && len(k) != 32 {
+			t.Fatalf("accepted a %d-byte key", len(k))
+		}
+		if binary && !bytes.Equal(k, raw) {
+			t.Fatalf("binary key changed")
+		}
+	})
+}
