@@ -1,0 +1,244 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// backend is one vTPM program under test, started as `<path> socket ...` with
+// the swtpm command line.
+type backend struct {
+	Label string // column heading, e.g. "swtpm 0.7.1"
+	Path  string // program, looked up in $PATH when it has no slash
+}
+
+// keyPassing says how the state key reaches the process: both keep it out of
+// argv and the environment.
+type keyPassing string
+
+const (
+	keyByFD   keyPassing = "fd"   // --key fd=3: the 0600 key file opened and inherited
+	keyByFile keyPassing = "file" // --key file=PATH: the 0600 key file's path
+)
+
+// instance is one running backend process with its own state directory and
+// sockets.
+type instance struct {
+	cmd  *exec.Cmd
+	dir  string // holds state/, ctrl.sock, data.sock, log
+	ctrl string
+	data string
+	done chan struct{} // closed when the process was reaped
+	err  error         // its Wait result, valid after done
+}
+
+// startInstance starts b on dir (created if missing; an existing state/ is
+// reused). It returns once the process runs, not when it is ready.
+func startInstance(b backend, dir, keyFile string, kp keyPassing) (*instance, error) {
+	state := filepath.Join(dir, "state")
+	if err := os.MkdirAll(state, 0o700); err != nil {
+		return nil, fmt.Errorf("instance %s: state directory: %w", dir, err)
+	}
+	in := &instance{
+		dir:  dir,
+		ctrl: filepath.Join(dir, "ctrl.sock"),
+		data: filepath.Join(dir, "data.sock"),
+		done: make(chan struct{}),
+	}
+	for _, s := range []string{in.ctrl, in.data} {
+		if err := os.Remove(s); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("instance %s: stale socket: %w", s, err)
+		}
+	}
+	args := []string{"socket", "--tpm2",
+		"--tpmstate", "dir=" + state + ",mode=0600",
+		"--ctrl", "type=unixio,path=" + in.ctrl,
+		"--server", "type=unixio,path=" + in.data,
+		"--flags", "not-need-init,startup-clear",
+	}
+	cmd := exec.Command(b.Path, args...)
+	var keyf *os.File
+	switch kp {
+	case keyByFD:
+		f, err := os.Open(keyFile)
+		if err != nil {
+			return nil, fmt.Errorf("instance %s: key file: %w", dir, err)
+		}
+		keyf = f
+		cmd.ExtraFiles = []*os.File{f} // fd 3 in the child
+		cmd.Args = append(cmd.Args, "--key", "fd=3,mode=aes-256-cbc")
+	case keyByFile:
+		cmd.Args = append(cmd.Args, "--key", "file="+keyFile+",mode=aes-256-cbc")
+	default:
+		return nil, fmt.Errorf("key passing %q: want fd or file", kp)
+	}
+	logf, err := os.OpenFile(filepath.Join(dir, "log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("instance %s: log file: %w", dir, err)
+	}
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	err = cmd.Start()
+	logf.Close()
+	if keyf != nil {
+		keyf.Close()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("starting %s (%s): %w", b.Label, b.Path, err)
+	}
+	in.cmd = cmd
+	go func() {
+		in.err = cmd.Wait()
+		close(in.done)
+	}()
+	return in, nil
+}
+
+// exited reports whether the process has ended.
+func (in *instance) exited() bool {
+	select {
+	case <-in.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// logTail returns the end of the instance's log, for error messages.
+func (in *instance) logTail() string {
+	b, _ := os.ReadFile(filepath.Join(in.dir, "log"))
+	if len(b) > 600 {
+		b = b[len(b)-600:]
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// ctrl command codes of the swtpm control channel.
+const (
+	cmdGetCapability = 0x01
+	cmdShutdown      = 0x03
+)
+
+// ctrlCall sends one control command without a body and reads n reply bytes.
+func ctrlCall(c net.Conn, code uint32, n int) ([]byte, error) {
+	var req [4]byte
+	binary.BigEndian.PutUint32(req[:], code)
+	if _, err := c.Write(req[:]); err != nil {
+		return nil, err
+	}
+	rsp := make([]byte, n)
+	if _, err := io.ReadFull(c, rsp); err != nil {
+		return nil, err
+	}
+	if rc := binary.BigEndian.Uint32(rsp); rc != 0 {
+		return rsp, fmt.Errorf("control command 0x%x: result 0x%x", code, rc)
+	}
+	return rsp, nil
+}
+
+// probeReady connects to the control socket and asks GET_CAPABILITY once.
+// It returns the open connection when the backend answered.
+func (in *instance) probeReady() (net.Conn, error) {
+	c, err := net.Dial("unix", in.ctrl)
+	if err != nil {
+		return nil, err
+	}
+	c.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := ctrlCall(c, cmdGetCapability, 8); err != nil {
+		c.Close()
+		return nil, err
+	}
+	c.SetDeadline(time.Time{})
+	return c, nil
+}
+
+// waitReady polls the control socket until GET_CAPABILITY is answered, the
+// process exits or ctx ends. The poll interval is 100 µs: this is the
+// measurement of start-to-ready, so it has to be fine-grained.
+func (in *instance) waitReady(ctx context.Context) (net.Conn, error) {
+	for {
+		c, err := in.probeReady()
+		if err == nil {
+			return c, nil
+		}
+		if in.exited() {
+			return nil, fmt.Errorf("instance %s exited before it was ready (%v); log: %s", in.dir, in.err, in.logTail())
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("instance %s not ready: %w (last error: %v); log: %s", in.dir, ctx.Err(), err, in.logTail())
+		case <-time.After(100 * time.Microsecond):
+		}
+	}
+}
+
+// stop sends CMD_SHUTDOWN over ctrl (if given) and waits for the process to
+// end, killing it when it does not within the timeout.
+func (in *instance) stop(ctrl net.Conn, timeout time.Duration) error {
+	if ctrl != nil {
+		ctrl.SetDeadline(time.Now().Add(timeout))
+		_, _ = ctrlCall(ctrl, cmdShutdown, 4)
+		ctrl.Close()
+	} else if in.cmd.Process != nil {
+		in.cmd.Process.Signal(syscall.SIGTERM)
+	}
+	select {
+	case <-in.done:
+		return nil
+	case <-time.After(timeout):
+		in.cmd.Process.Kill()
+		<-in.done
+		return fmt.Errorf("instance %s did not exit within %v of SHUTDOWN; killed", in.dir, timeout)
+	}
+}
+
+// memory is what /proc/PID/smaps_rollup reports, in KiB.
+type memory struct{ RSS, PSS int64 }
+
+// readMemory parses Rss and Pss from an smaps_rollup file.
+func readMemory(pid int) (memory, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+	if err != nil {
+		return memory{}, fmt.Errorf("memory of pid %d: %w", pid, err)
+	}
+	return parseSmapsRollup(b)
+}
+
+func parseSmapsRollup(b []byte) (memory, error) {
+	var m memory
+	var seen int
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) != 3 || f[2] != "kB" {
+			continue
+		}
+		v, err := strconv.ParseInt(f[1], 10, 64)
+		if err != nil {
+			return memory{}, fmt.Errorf("smaps_rollup line %q: %w", sc.Text(), err)
+		}
+		switch f[0] {
+		case "Rss:":
+			m.RSS, seen = v, seen|1
+		case "Pss:":
+			m.PSS, seen = v, seen|2
+		}
+	}
+	if seen != 3 {
+		return memory{}, errors.New("smaps_rollup: no Rss and Pss lines")
+	}
+	return m, nil
+}

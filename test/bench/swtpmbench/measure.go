@@ -1,0 +1,280 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+)
+
+// The measured commands, in table order.
+const (
+	opGetRandom = "GetRandom(32)"
+	opPCRExtend = "PCR_Extend (SHA-256)"
+	opNVWrite   = "NV_Write (64 B)"
+	opCreate    = "CreatePrimary ECC P-256 + Flush"
+)
+
+var ops = []string{opGetRandom, opPCRExtend, opNVWrite, opCreate}
+
+// side is what was measured for one backend.
+type side struct {
+	lat        map[string][]time.Duration // per command, sorted
+	startReady []time.Duration            // sorted
+	mem        []memory                   // per idle instance
+}
+
+// report is one run's result.
+type report struct {
+	cfg        config
+	a, b       side
+	start, end time.Time
+	load       [2]string // /proc/loadavg before and after
+}
+
+// measure runs the three phases against both backends.
+func measure(ctx context.Context, cfg config, progress io.Writer) (*report, error) {
+	keyFile, err := writeKey(cfg.Work)
+	if err != nil {
+		return nil, err
+	}
+	defer os.Remove(keyFile)
+	cmds, err := buildCommands()
+	if err != nil {
+		return nil, err
+	}
+	rep := &report{cfg: cfg, start: time.Now(), load: [2]string{loadavg(), ""}}
+	rep.a.lat, rep.b.lat = map[string][]time.Duration{}, map[string][]time.Duration{}
+	backends := [2]backend{cfg.A, cfg.B}
+	sides := [2]*side{&rep.a, &rep.b}
+	dirs := [2]string{filepath.Join(cfg.Work, "a"), filepath.Join(cfg.Work, "b")}
+
+	fmt.Fprintf(progress, "latency: %d calls per command, %d CreatePrimary\n", cfg.N, cfg.NCreate)
+	if err := measureLatency(ctx, cfg, cmds, backends, dirs, keyFile, sides); err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(progress, "start-to-ready: %d starts each\n", cfg.Starts)
+	if err := measureStarts(ctx, cfg, backends, dirs, keyFile, sides); err != nil {
+		return nil, err
+	}
+	for i, b := range backends {
+		fmt.Fprintf(progress, "memory: %d idle instances of %s\n", cfg.Idle, b.Label)
+		m, err := measureIdle(ctx, cfg, b, filepath.Join(dirs[i], "idle"), keyFile)
+		if err != nil {
+			return nil, err
+		}
+		sides[i].mem = m
+	}
+	rep.end, rep.load[1] = time.Now(), loadavg()
+	return rep, nil
+}
+
+// started is a running backend with its control and data connections.
+type started struct {
+	in   *instance
+	ctrl net.Conn
+	data *dataConn
+}
+
+func startReady(ctx context.Context, b backend, dir, keyFile string, kp keyPassing) (*started, error) {
+	in, err := startInstance(b, dir, keyFile, kp)
+	if err != nil {
+		return nil, err
+	}
+	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	ctrl, err := in.waitReady(rctx)
+	if err != nil {
+		in.stop(nil, 2*time.Second)
+		return nil, fmt.Errorf("%s: %w: %w", b.Label, errBackend, err)
+	}
+	return &started{in: in, ctrl: ctrl}, nil
+}
+
+func (s *started) stop() error {
+	if s.data != nil {
+		s.data.Close()
+	}
+	return s.in.stop(s.ctrl, 5*time.Second)
+}
+
+// measureLatency runs both backends at once and times each command on one
+// data connection per backend, alternating which backend goes first.
+func measureLatency(ctx context.Context, cfg config, cmds commands, backends [2]backend, dirs [2]string, keyFile string, sides [2]*side) error {
+	var run [2]*started
+	defer func() {
+		for _, s := range run {
+			if s != nil {
+				s.stop()
+			}
+		}
+	}()
+	var nv [2][]byte
+	for i, b := range backends {
+		s, err := startReady(ctx, b, filepath.Join(dirs[i], "tpm"), keyFile, cfg.Key)
+		if err != nil {
+			return err
+		}
+		run[i] = s
+		if s.data, err = dialData(s.in.data); err != nil {
+			return fmt.Errorf("%s: %w: %w", b.Label, errBackend, err)
+		}
+		if err := defineNV(s.data); err != nil {
+			return fmt.Errorf("%s: %w: %w", b.Label, errBackend, err)
+		}
+		nv[i] = slices.Clone(cmds.nvWrite)
+	}
+	// one call of a command on backend i, returning its duration
+	call := func(i int, op string) (time.Duration, error) {
+		d := run[i].data
+		switch op {
+		case opGetRandom:
+			return timed(d, cmds.getRandom)
+		case opPCRExtend:
+			return timed(d, cmds.pcrExtend)
+		case opNVWrite:
+			nv[i][len(nv[i])-3]++ // new data: libtpms stores nothing for an unchanged NV
+			return timed(d, nv[i])
+		case opCreate:
+			t0 := time.Now()
+			rsp, err := d.roundTrip(cmds.createPrimary)
+			if err != nil {
+				return 0, err
+			}
+			if rc := responseCode(rsp); rc != 0 || len(rsp) < 14 {
+				return 0, fmt.Errorf("CreatePrimary: rc 0x%x", rc)
+			}
+			h := uint32(rsp[10])<<24 | uint32(rsp[11])<<16 | uint32(rsp[12])<<8 | uint32(rsp[13])
+			if _, err := timed(d, flushCommand(h)); err != nil {
+				return 0, fmt.Errorf("FlushContext: %w", err)
+			}
+			return time.Since(t0), nil
+		}
+		return 0, fmt.Errorf("unknown command %q", op)
+	}
+	for _, op := range ops {
+		n := cfg.N
+		if op == opCreate {
+			n = cfg.NCreate
+		}
+		for i := range 2 {
+			sides[i].lat[op] = make([]time.Duration, 0, n)
+		}
+		for k := -cfg.Warmup; k < n; k++ {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			for j := range 2 {
+				i := (j + k) & 1 // alternate who goes first
+				if k < 0 {
+					i = j
+				}
+				d, err := call(i, op)
+				if err != nil {
+					return fmt.Errorf("%s %s: %w: %w", backends[i].Label, op, errBackend, err)
+				}
+				if k >= 0 {
+					sides[i].lat[op] = append(sides[i].lat[op], d)
+				}
+			}
+		}
+		for i := range 2 {
+			slices.Sort(sides[i].lat[op])
+		}
+	}
+	return nil
+}
+
+// timed sends one command and checks that it succeeded.
+func timed(d *dataConn, cmd []byte) (time.Duration, error) {
+	t0 := time.Now()
+	rsp, err := d.roundTrip(cmd)
+	el := time.Since(t0)
+	if err != nil {
+		return 0, err
+	}
+	if rc := responseCode(rsp); rc != 0 {
+		return 0, fmt.Errorf("TPM rc 0x%x", rc)
+	}
+	return el, nil
+}
+
+// measureStarts starts each backend cfg.Starts times on the state the
+// latency phase left, timing process start until GET_CAPABILITY is answered.
+func measureStarts(ctx context.Context, cfg config, backends [2]backend, dirs [2]string, keyFile string, sides [2]*side) error {
+	for k := range cfg.Starts {
+		for j := range 2 {
+			i := (j + k) & 1
+			t0 := time.Now()
+			s, err := startReady(ctx, backends[i], filepath.Join(dirs[i], "tpm"), keyFile, cfg.Key)
+			if err != nil {
+				return err
+			}
+			el := time.Since(t0)
+			if err := s.stop(); err != nil {
+				return fmt.Errorf("%s: %w: %w", backends[i].Label, errBackend, err)
+			}
+			sides[i].startReady = append(sides[i].startReady, el)
+		}
+	}
+	for i := range 2 {
+		slices.Sort(sides[i].startReady)
+	}
+	return nil
+}
+
+// measureIdle starts n instances of b, each on its own new state, waits until
+// all are ready and reads their memory.
+func measureIdle(ctx context.Context, cfg config, b backend, dir, keyFile string) ([]memory, error) {
+	var all []*started
+	defer func() {
+		for _, s := range all {
+			s.stop()
+		}
+	}()
+	for i := range cfg.Idle {
+		s, err := startReady(ctx, b, filepath.Join(dir, fmt.Sprint(i)), keyFile, cfg.Key)
+		if err != nil {
+			return nil, err
+		}
+		all = append(all, s)
+	}
+	mem := make([]memory, 0, len(all))
+	for _, s := range all {
+		m, err := readMemory(s.in.cmd.Process.Pid)
+		if err != nil {
+			return nil, err
+		}
+		mem = append(mem, m)
+	}
+	return mem, nil
+}
+
+// percentile returns the q-quantile (0 < q <= 1) of sorted samples by the
+// nearest-rank method.
+func percentile(sorted []time.Duration, q float64) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	k := int(math.Ceil(q*float64(len(sorted)))) - 1
+	return sorted[max(0, min(k, len(sorted)-1))]
+}
+
+// loadavg returns the first three fields of /proc/loadavg.
+func loadavg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "?"
+	}
+	return strings.Join(f[:3], " ")
+}
