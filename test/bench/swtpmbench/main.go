@@ -132,6 +132,8 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 			return fmt.Errorf("work directory: %w", err)
 		}
 		cfg.Work = d
+	} else if err := os.MkdirAll(cfg.Work, 0o700); err != nil {
+		return fmt.Errorf("-work %s: %w", cfg.Work, err)
 	}
 	if !cfg.Keep {
 		defer os.RemoveAll(cfg.Work)
