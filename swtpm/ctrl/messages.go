@@ -444,8 +444,8 @@ func ReadResponse(r io.Reader, c Code) (Response, error) {
 }
 
 // ReadStateBlobResponse reads a GET_STATEBLOB response, which is the 4-byte error reply
-// when the TPM is not running or the request was malformed, and the 16-byte header
-// otherwise (also for 0x800, blob absent); the two short results tell them apart.
+// when the TPM is not running (BAD_ORDINAL) or the request was malformed
+// (BAD_PARAMETER), and the 16-byte header otherwise (also for 0x800, blob absent).
 func ReadStateBlobResponse(r io.Reader) (StateBlobResponse, error) {
 	var hb [4]byte
 	if _, err := io.ReadFull(r, hb[:]); err != nil {

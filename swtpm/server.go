@@ -1,0 +1,234 @@
+// Package swtpm is nkp's vTPM 2.0 server: it speaks swtpm's control and data protocols
+// (specs/swtpm-protocol.md) over unix and TCP sockets, so that QEMU's tpm-emulator
+// backend, libvirt, swtpm_setup, swtpm_ioctl, swtpm_bios and tpm2-tss' swtpm TCTI take
+// it for swtpm, and drives a TPM engine (libtpms, package swtpm/internal/libtpms) whose
+// state lives in a state store (package swtpm/state).
+//
+// Build a Config (the CLI in swtpm/cli does it from swtpm's options), call New, then
+// Serve until the context ends, a client sends SHUTDOWN, or a terminate condition hits.
+// Serve sends TPM2_Shutdown before it stops the TPM, so the state is saved.
+//
+// The server follows swtpm's semantics: one control client at a time, one data client
+// at a time, the same 4-byte error replies, auto-shutdown, sticky locality. Unlike
+// swtpm it frames the data channel by the command header and bounds every wait for the
+// rest of a message, so a stalled peer cannot hang the TPM for other clients.
+//
+// It is imported by swtpm/cli and by tests; the package has no global state (libtpms
+// has, which is why there is one Engine per process).
+package swtpm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/nkp-dev/nkp/swtpm/data"
+)
+
+// Server is one vTPM served over swtpm's control and data channels.
+type Server struct {
+	cfg Config
+	log *slog.Logger
+
+	// tpmMu serialises the TPM and guards the fields below it; control and data
+	// goroutines take it around each command, never while reading or writing a socket.
+	tpmMu        sync.Mutex
+	running      bool     // between a successful start (INIT) and STOP/SHUTDOWN/failure
+	locality     uint8    // sticky across INIT, as in swtpm
+	lastCmd      uint32   // TPM_CC of the last command the TPM executed since start
+	heldPerm     []byte   // permanent blob from SET_STATEBLOB, stored at the next INIT
+	maxCommand   int      // largest command the data channel frames (libtpms' max buffer)
+	dataFD       net.Conn // the data connection that came by SET_DATAFD, if any
+	dataConnOpen bool     // Config.DataConn is still being served
+
+	// connMu guards the set of open connections, closed when Serve stops.
+	connMu sync.Mutex
+	conns  map[net.Conn]struct{}
+	closed bool
+
+	stopOnce sync.Once
+	stop     chan struct{} // closed to end Serve
+	stopWhy  string
+	wg       sync.WaitGroup
+}
+
+// New checks cfg and returns a server ready to Serve. It does not touch the TPM yet.
+func New(cfg Config) (*Server, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.MessageTimeout == 0 {
+		cfg.MessageTimeout = DefaultMessageTimeout
+	}
+	if cfg.WriteTimeout == 0 {
+		cfg.WriteTimeout = DefaultWriteTimeout
+	}
+	log := cfg.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	s := &Server{
+		cfg:   cfg,
+		log:   log,
+		conns: make(map[net.Conn]struct{}),
+		stop:  make(chan struct{}),
+	}
+	_, _, maxSize, err := cfg.Engine.SetBufferSize(0)
+	if err != nil || maxSize == 0 {
+		maxSize = 4096
+	}
+	s.maxCommand = int(maxSize)
+	return s, nil
+}
+
+// Serve serves the control and data channels until ctx ends, a control client sends
+// SHUTDOWN, or a configured terminate condition hits (Config.Terminate,
+// Config.CtrlTerminate). Before it returns it sends TPM2_Shutdown if needed, stops the
+// TPM and closes the listeners and connections of Config. A nil error means an orderly
+// end; an error means the TPM could not be started (Config.NotNeedInit, Startup).
+func (s *Server) Serve(ctx context.Context) error {
+	if s.cfg.NotNeedInit || s.cfg.Startup != StartupNone {
+		if err := s.startAtLaunch(); err != nil {
+			s.closeAll()
+			return err
+		}
+	}
+
+	s.dataConnOpen = s.cfg.DataConn != nil
+	s.goServe(func() { s.serveCtrl() })
+	switch {
+	case s.cfg.DataListener != nil:
+		s.goServe(func() { s.acceptData(s.cfg.DataListener) })
+	case s.cfg.DataConn != nil:
+		s.goServe(func() { s.serveDataConn(s.cfg.DataConn, "data fd") })
+	}
+
+	select {
+	case <-ctx.Done():
+		s.requestStop("context ended")
+	case <-s.stop:
+	}
+	s.closeAll()
+	s.wg.Wait()
+
+	s.tpmMu.Lock()
+	s.stopTPMLocked("exit")
+	s.tpmMu.Unlock()
+	s.log.Info("vTPM server stopped", "reason", s.stopWhy)
+	return nil
+}
+
+func (s *Server) goServe(f func()) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		f()
+	}()
+}
+
+// requestStop ends Serve; the first reason given is kept.
+func (s *Server) requestStop(why string) {
+	s.stopOnce.Do(func() {
+		s.stopWhy = why
+		close(s.stop)
+	})
+}
+
+func (s *Server) stopping() bool {
+	select {
+	case <-s.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+// track registers c so that closeAll closes it; it returns false (and closes c) when
+// the server is already closing.
+func (s *Server) track(c net.Conn) bool {
+	s.connMu.Lock()
+	defer s.connMu.Unlock()
+	if s.closed {
+		c.Close()
+		return false
+	}
+	s.conns[c] = struct{}{}
+	return true
+}
+
+func (s *Server) untrack(c net.Conn) {
+	s.connMu.Lock()
+	delete(s.conns, c)
+	s.connMu.Unlock()
+	c.Close()
+}
+
+// closeAll closes the listeners and every open connection, which unblocks the goroutines.
+func (s *Server) closeAll() {
+	s.connMu.Lock()
+	s.closed = true
+	conns := s.conns
+	s.conns = map[net.Conn]struct{}{}
+	s.connMu.Unlock()
+	for c := range conns {
+		c.Close()
+	}
+	for _, c := range []io.Closer{s.cfg.CtrlListener, s.cfg.CtrlConn, s.cfg.DataListener, s.cfg.DataConn} {
+		if c != nil {
+			c.Close()
+		}
+	}
+}
+
+// accept runs an accept loop that serves one client at a time, as swtpm does (a second
+// client waits in the listen backlog until the first one is gone).
+func (s *Server) accept(l net.Listener, what string, serve func(net.Conn)) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			if s.stopping() || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			s.log.Error("accept failed; the channel stops accepting clients", "channel", what, "err", err)
+			s.requestStop(fmt.Sprintf("%s accept: %v", what, err))
+			return
+		}
+		if !s.track(c) {
+			return
+		}
+		serve(c)
+		if s.stopping() {
+			return
+		}
+	}
+}
+
+// writeAll writes one response with one Write, bounded by WriteTimeout.
+func (s *Server) writeAll(c net.Conn, b []byte) error {
+	if err := c.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout)); err != nil && !errors.Is(err, net.ErrClosed) {
+		s.log.Debug("set write deadline failed", "err", err)
+	}
+	_, err := c.Write(b)
+	return err
+}
+
+// dataMax is the largest command the data channel accepts.
+func (s *Server) dataMax() int {
+	s.tpmMu.Lock()
+	defer s.tpmMu.Unlock()
+	return s.maxCommand
+}
+
+// newDataReader frames commands from c.
+func (s *Server) newDataReader(c net.Conn) *data.Reader {
+	return data.NewReader(c, s.dataMax(), s.cfg.MessageTimeout)
+}

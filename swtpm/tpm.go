@@ -1,0 +1,140 @@
+package swtpm
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io/fs"
+
+	"github.com/nkp-dev/nkp/swtpm/ctrl"
+	"github.com/nkp-dev/nkp/swtpm/data"
+	"github.com/nkp-dev/nkp/swtpm/internal/libtpms"
+)
+
+// TPM2_SU values of TPM2_Startup and TPM2_Shutdown.
+const (
+	suClear uint16 = 0
+	suState uint16 = 1
+)
+
+// suCommand builds TPM2_Startup or TPM2_Shutdown with a TPM_SU argument.
+func suCommand(cc uint32, su uint16) []byte {
+	b := make([]byte, 12)
+	binary.BigEndian.PutUint16(b, data.TagNoSessions)
+	binary.BigEndian.PutUint32(b[2:], 12)
+	binary.BigEndian.PutUint32(b[6:], cc)
+	binary.BigEndian.PutUint16(b[10:], su)
+	return b
+}
+
+// resultOf maps an engine error to the control channel's result code: libtpms' own
+// code when it refused, FAIL otherwise.
+func resultOf(err error) ctrl.Result {
+	if err == nil {
+		return ctrl.ResSuccess
+	}
+	var r libtpms.Result
+	if errors.As(err, &r) && r != 0 {
+		return ctrl.Result(r)
+	}
+	return ctrl.ResFail
+}
+
+// startAtLaunch starts the TPM without CMD_INIT (--flags not-need-init, startup-*).
+func (s *Server) startAtLaunch() error {
+	s.tpmMu.Lock()
+	defer s.tpmMu.Unlock()
+	if err := s.startTPMLocked(0); err != nil {
+		return fmt.Errorf("vTPM: start the TPM at launch (--flags not-need-init): %w", err)
+	}
+	var su uint16
+	switch s.cfg.Startup {
+	case StartupNone:
+		return nil
+	case StartupClear:
+		su = suClear
+	case StartupState:
+		su = suState
+	}
+	resp := s.processLocked(suCommand(data.CCStartup, su))
+	if rc := data.ResponseCode(resp); rc != data.RCSuccess {
+		s.stopTPMLocked("startup failed")
+		return fmt.Errorf("vTPM: TPM2_Startup(%s) at launch failed with TPM rc 0x%x (startup-state needs a state saved by TPM2_Shutdown(STATE); try startup-clear)", s.cfg.Startup, rc)
+	}
+	return nil
+}
+
+// startTPMLocked does the work of CMD_INIT after the TPM was stopped: it starts the
+// TPM from the blobs set by SET_STATEBLOB or from the store, makes a migrated
+// permanent state durable, and applies DELETE_VOLATILE.
+func (s *Server) startTPMLocked(flags uint32) error {
+	if err := s.cfg.Engine.MainInit(); err != nil {
+		s.heldPerm = nil
+		return fmt.Errorf("start the TPM: %w", err)
+	}
+	s.cfg.Engine.SetLocality(s.locality)
+	if s.heldPerm != nil {
+		// The state came by SET_STATEBLOB (incoming migration); store it now so that
+		// a restart of this backend finds it.
+		err := s.cfg.Store.Store(libtpms.Permanent.Name(), s.heldPerm)
+		clear(s.heldPerm)
+		s.heldPerm = nil
+		if err != nil {
+			s.cfg.Engine.Terminate()
+			return fmt.Errorf("store the permanent state received by SET_STATEBLOB: %w", err)
+		}
+	}
+	if flags&ctrl.InitDeleteVolatile != 0 {
+		if err := s.cfg.Store.Delete(libtpms.Volatile.Name()); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			s.cfg.Engine.Terminate()
+			return fmt.Errorf("delete the volatile state (INIT with DELETE_VOLATILE): %w", err)
+		}
+	}
+	s.running = true
+	s.lastCmd = 0
+	return nil
+}
+
+// stopTPMLocked sends the automatic TPM2_Shutdown and stops the TPM, if it runs.
+func (s *Server) stopTPMLocked(why string) {
+	if !s.running {
+		return
+	}
+	s.autoShutdownLocked(why)
+	s.cfg.Engine.Terminate()
+	s.running = false
+}
+
+// autoShutdownLocked sends TPM2_Shutdown(SU_STATE), falling back to SU_CLEAR, when the
+// last command was not a TPM2_Shutdown (swtpm ≥ 0.8, PR #701: keeps the dictionary
+// attack counter from growing at every reset or exit).
+func (s *Server) autoShutdownLocked(why string) {
+	if s.cfg.DisableAutoShutdown || s.lastCmd == data.CCShutdown {
+		return
+	}
+	for _, su := range []uint16{suState, suClear} {
+		resp := s.processLocked(suCommand(data.CCShutdown, su))
+		rc := data.ResponseCode(resp)
+		if rc == data.RCSuccess {
+			s.log.Debug("automatic TPM2_Shutdown", "su", su, "before", why)
+			return
+		}
+		if rc == data.RCInitialize {
+			return // no TPM2_Startup yet: nothing to shut down
+		}
+	}
+}
+
+// processLocked runs one TPM command and returns its response; engine failures become
+// the TPM_RC_FAILURE response (the command is then not acknowledged).
+func (s *Server) processLocked(cmd []byte) []byte {
+	resp, err := s.cfg.Engine.Process(cmd)
+	if len(cmd) >= data.HeaderSize {
+		s.lastCmd = binary.BigEndian.Uint32(cmd[6:])
+	}
+	if err != nil {
+		s.log.Error("TPM command failed", "cc", fmt.Sprintf("0x%x", s.lastCmd), "err", err)
+		return data.NotRunningResponse()
+	}
+	return resp
+}
