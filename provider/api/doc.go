@@ -31,7 +31,7 @@
 //	POST /v1/admin/rotate                → KDKVersion
 //	POST /v1/admin/kdks/{version}/retire → 204
 //	GET  /v1/admin/objects[?vm=UUID][&kdk_version=N] → ObjectsResponse
-//	GET  /v1/admin/audit[?n=N]           → AuditResponse (the last N records)
+//	GET  /v1/admin/audit[?n=N]           → AuditResponse (the last N records: default 100, 0 = up to 10,000)
 //	POST /v1/admin/audit/verify          → 204, or 409 code "audit_broken"
 //	GET  /v1/admin/policy, PUT /v1/admin/policy  Policy
 //

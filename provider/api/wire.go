@@ -23,6 +23,8 @@ const (
 // type: malformed, unknown fields, trailing data, missing required fields or too long.
 var ErrBadRequest = errors.New("bad request body")
 
+var errTooLong = errors.New("body too long")
+
 // ErrorBody is every error response: a sentence for people and a stable code for programs.
 type ErrorBody struct {
 	Error string `json:"error"`
@@ -176,10 +178,10 @@ func Decode[T any](r io.Reader, limit int64) (T, error) {
 	var v T
 	data, err := io.ReadAll(io.LimitReader(r, limit+1))
 	if err != nil {
-		return v, fmt.Errorf("%w: reading body: %v", ErrBadRequest, err)
+		return v, fmt.Errorf("%w: reading body: %w", ErrBadRequest, err)
 	}
 	if int64(len(data)) > limit {
-		return v, fmt.Errorf("%w: body longer than %d bytes", ErrBadRequest, limit)
+		return v, fmt.Errorf("%w: %w (limit %d bytes)", ErrBadRequest, errTooLong, limit)
 	}
 	defer clear(data) // bodies may carry passphrases
 	dec := json.NewDecoder(bytes.NewReader(data))

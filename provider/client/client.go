@@ -303,12 +303,11 @@ func (c *Client) Objects(ctx context.Context, vmUUID string, kdkVersion int) ([]
 	return r.Objects, err
 }
 
-// Audit returns the last n audit records (admin); n <= 0 returns them all.
+// Audit returns the last n audit records (admin); n <= 0 returns as many as the
+// provider allows (10,000).
 func (c *Client) Audit(ctx context.Context, n int) ([]api.AuditRecord, error) {
 	q := url.Values{}
-	if n > 0 {
-		q.Set("n", strconv.Itoa(n))
-	}
+	q.Set("n", strconv.Itoa(max(n, 0)))
 	var r api.AuditResponse
 	err := c.do(ctx, http.MethodGet, api.PathAudit, q, nil, &r)
 	return r.Records, err

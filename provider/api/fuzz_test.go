@@ -1,0 +1,71 @@
+package api_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"reflect"
+	"testing"
+
+	"github.com/nkp-dev/nkp/provider/api"
+)
+
+// fuzzDecode checks the contract of api.Decode on arbitrary bytes: no panic; a refusal
+// always wraps ErrBadRequest; an accepted value survives a JSON round trip unchanged
+// (nothing dropped, nothing invented).
+func fuzzDecode[T any](t *testing.T, data []byte) {
+	v, err := api.Decode[T](bytes.NewReader(data), api.MaxBodyBytes)
+	if err != nil {
+		if !errors.Is(err, api.ErrBadRequest) {
+			t.Fatalf("refusal %v does not wrap ErrBadRequest", err)
+		}
+		return
+	}
+	again, err := json.Marshal(v)
+	if err != nil {
+		t.Fatalf("accepted value does not marshal: %v", err)
+	}
+	w, err := api.Decode[T](bytes.NewReader(again), api.MaxBodyBytes)
+	if err != nil {
+		t.Fatalf("re-encoded value %s refused: %v", again, err)
+	}
+	if !reflect.DeepEqual(normalise(v), normalise(w)) {
+		t.Fatalf("round trip changed the value:\n%#v\n%#v", v, w)
+	}
+}
+
+// normalise maps empty and nil slices together (JSON cannot tell them apart after omitempty).
+func normalise(v any) string {
+	b, _ := json.Marshal(v)
+	return string(b)
+}
+
+func FuzzEnrollRequest(f *testing.F) {
+	f.Add([]byte(`{"token":"t","csr":"MIIB","hostname":"kvm-01","ek_public":"AAEC"}`))
+	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode[api.EnrollRequest](t, data) })
+}
+
+func FuzzObject(f *testing.F) {
+	f.Add([]byte(`{"vm_uuid":"u","name":"vtpm","key_id":"k","kdk_id":"d"}`))
+	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode[api.Object](t, data) })
+}
+
+func FuzzArchiveRequest(f *testing.F) {
+	f.Add([]byte(`{"passphrase":"cGFzcw==","archive":"YWdl","force":true}`))
+	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode[api.ArchiveRequest](t, data) })
+}
+
+func FuzzBackupRequest(f *testing.F) {
+	f.Add([]byte(`{"passphrase":"cGFzcw=="}`))
+	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode[api.BackupRequest](t, data) })
+}
+
+func FuzzTokenRequest(f *testing.F) {
+	f.Add([]byte(`{"ttl_seconds":3600}`))
+	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode[api.TokenRequest](t, data) })
+}
+
+func FuzzPolicy(f *testing.F) {
+	f.Add([]byte(`{"tpm_required":true}`))
+	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode[api.Policy](t, data) })
+}

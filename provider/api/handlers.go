@@ -1,0 +1,292 @@
+package api
+
+import (
+	"bytes"
+	"context"
+	"crypto/x509"
+	"io"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/nkp-dev/nkp/provider"
+	"github.com/nkp-dev/nkp/provider/audit"
+)
+
+// Provider is what the server calls on the domain: exactly these methods of
+// *provider.Provider, declared here so tests can hand in a fake.
+type Provider interface {
+	Status(ctx context.Context) (provider.Status, error)
+	Backup(ctx context.Context, w io.Writer, passphrase []byte) (provider.BackupInfo, error)
+	VerifyBackup(ctx context.Context, r io.Reader, passphrase []byte) (provider.BackupInfo, error)
+	CreateToken(ctx context.Context, ttl time.Duration) (provider.Token, error)
+	Enroll(ctx context.Context, req provider.EnrollRequest) (provider.EnrollResponse, error)
+	CA() *x509.Certificate
+	CAHash() string
+	Hosts(ctx context.Context) ([]provider.Host, error)
+	Revoke(ctx context.Context, hostID string) error
+	AuthorizeHost(ctx context.Context, cert *x509.Certificate) (provider.Host, error)
+	Release(ctx context.Context, hostID string) ([]provider.ReleasedKDK, error)
+	Rotate(ctx context.Context) (provider.KDKVersion, error)
+	Retire(ctx context.Context, version int) error
+	RegisterObject(ctx context.Context, hostID string, obj provider.Object) error
+	Objects(ctx context.Context, f provider.ObjectFilter) ([]provider.Object, error)
+	Policy(ctx context.Context) (provider.Policy, error)
+	SetPolicy(ctx context.Context, p provider.Policy) error
+	AuditVerify(ctx context.Context) error
+	Audit(ctx context.Context, n int) ([]audit.Record, error)
+}
+
+func (s *Server) authorizeHost(ctx context.Context, cert *x509.Certificate) (string, error) {
+	h, err := s.p.AuthorizeHost(ctx, cert)
+	if err != nil {
+		return "", err
+	}
+	return h.ID, nil
+}
+
+func (s *Server) handleEnroll(w http.ResponseWriter, r *http.Request) {
+	req, err := decodeBody[EnrollRequest](w, r, MaxBodyBytes)
+	if err != nil {
+		s.m.enrolls.WithLabelValues(CodeBadRequest).Inc()
+		s.writeError(w, r, err)
+		return
+	}
+	resp, err := s.p.Enroll(r.Context(), provider.EnrollRequest{
+		Token: req.Token, CSR: req.CSR, Hostname: req.Hostname, EKPublic: req.EKPublic,
+	})
+	if err != nil {
+		_, code, _ := classify(err)
+		s.m.enrolls.WithLabelValues(code).Inc()
+		s.writeError(w, r, err)
+		return
+	}
+	s.m.enrolls.WithLabelValues("ok").Inc()
+	s.writeJSON(w, http.StatusOK, EnrollResponse{HostID: resp.HostID, Certificate: resp.Certificate, CAChain: resp.CAChain})
+}
+
+func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request, hostID string) {
+	kdks, err := s.p.Release(r.Context(), hostID)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	out := ReleaseResponse{KDKs: make([]KDK, 0, len(kdks))}
+	for _, k := range kdks {
+		form := "import_blob"
+		if len(k.ImportBlob) == 0 {
+			form = "bare"
+		}
+		s.m.releases.WithLabelValues(form).Inc()
+		out.KDKs = append(out.KDKs, KDK{ID: k.ID, Version: k.Version, Primary: k.Primary, ImportBlob: k.ImportBlob, Bare: k.Bare})
+	}
+	s.writeJSON(w, http.StatusOK, out)
+	for _, k := range kdks {
+		clear(k.Bare)
+	}
+}
+
+func (s *Server) handleRegisterObject(w http.ResponseWriter, r *http.Request, hostID string) {
+	o, err := decodeBody[Object](w, r, MaxBodyBytes)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	err = s.p.RegisterObject(r.Context(), hostID, provider.Object{VMUUID: o.VMUUID, Name: o.Name, KeyID: o.KeyID, KDKID: o.KDKID})
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *Server) handleStatus(w http.ResponseWriter, r *http.Request) {
+	st, err := s.p.Status(r.Context())
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	s.writeJSON(w, http.StatusOK, statusToWire(st, s.p.CAHash()))
+}
+
+func (s *Server) handleBackup(w http.ResponseWriter, r *http.Request) {
+	req, err := decodeBody[BackupRequest](w, r, MaxBodyBytes)
+	defer clear(req.Passphrase)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	var buf bytes.Buffer
+	if _, err := s.p.Backup(r.Context(), &buf, req.Passphrase); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	w.Header().Set("Content-Type", ContentTypeBinary)
+	w.Header().Set("Content-Length", strconv.Itoa(buf.Len()))
+	w.Header().Set("Cache-Control", "no-store")
+	w.Write(buf.Bytes())
+}
+
+func (s *Server) handleBackupVerify(w http.ResponseWriter, r *http.Request) {
+	req, err := decodeBody[ArchiveRequest](w, r, MaxArchiveBodyBytes)
+	defer clear(req.Passphrase)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	info, err := s.p.VerifyBackup(r.Context(), bytes.NewReader(req.Archive), req.Passphrase)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	s.writeJSON(w, http.StatusOK, backupInfoToWire(info))
+}
+
+// maxTokenTTL bounds join tokens' lifetime.
+const maxTokenTTL = 7 * 24 * time.Hour
+
+func (s *Server) handleCreateToken(w http.ResponseWriter, r *http.Request) {
+	req, err := decodeBody[TokenRequest](w, r, MaxBodyBytes)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	ttl := time.Duration(req.TTLSeconds) * time.Second
+	if ttl > maxTokenTTL {
+		s.writeError(w, r, errBadRequestf("token lifetime %v is longer than the allowed %v", ttl, maxTokenTTL))
+		return
+	}
+	t, err := s.p.CreateToken(r.Context(), ttl)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	s.writeJSON(w, http.StatusOK, Token{ID: t.ID, Secret: t.Secret, Expires: t.Expires, CAHash: s.p.CAHash()})
+}
+
+func (s *Server) handleHosts(w http.ResponseWriter, r *http.Request) {
+	hosts, err := s.p.Hosts(r.Context())
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	out := HostsResponse{Hosts: make([]Host, 0, len(hosts))}
+	for _, h := range hosts {
+		out.Hosts = append(out.Hosts, hostToWire(h))
+	}
+	s.writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) handleRevoke(w http.ResponseWriter, r *http.Request) {
+	if err := s.p.Revoke(r.Context(), r.PathValue("id")); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *Server) handleRotate(w http.ResponseWriter, r *http.Request) {
+	v, err := s.p.Rotate(r.Context())
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	s.writeJSON(w, http.StatusOK, kdkVersionToWire(v))
+}
+
+func (s *Server) handleRetire(w http.ResponseWriter, r *http.Request) {
+	v, err := strconv.Atoi(r.PathValue("version"))
+	if err != nil || v < 1 {
+		s.writeError(w, r, errBadRequestf("KDK version %q: want a positive integer", r.PathValue("version")))
+		return
+	}
+	if err := s.p.Retire(r.Context(), v); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *Server) handleObjects(w http.ResponseWriter, r *http.Request) {
+	f := provider.ObjectFilter{VMUUID: r.URL.Query().Get("vm")}
+	if v := r.URL.Query().Get("kdk_version"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			s.writeError(w, r, errBadRequestf("kdk_version %q: want a positive integer", v))
+			return
+		}
+		f.KDKVersion = n
+	}
+	objs, err := s.p.Objects(r.Context(), f)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	out := ObjectsResponse{Objects: make([]Object, 0, len(objs))}
+	for _, o := range objs {
+		out.Objects = append(out.Objects, objectToWire(o))
+	}
+	s.writeJSON(w, http.StatusOK, out)
+}
+
+// Audit listing bounds: GET /v1/admin/audit without n returns the last defaultAuditN
+// records; n=0 or n above maxAuditN returns the last maxAuditN.
+const (
+	defaultAuditN = 100
+	maxAuditN     = 10000
+)
+
+func (s *Server) handleAudit(w http.ResponseWriter, r *http.Request) {
+	n := defaultAuditN
+	if v := r.URL.Query().Get("n"); v != "" {
+		var err error
+		if n, err = strconv.Atoi(v); err != nil || n < 0 {
+			s.writeError(w, r, errBadRequestf("n %q: want a non-negative integer", v))
+			return
+		}
+		if n == 0 || n > maxAuditN {
+			n = maxAuditN
+		}
+	}
+	recs, err := s.p.Audit(r.Context(), n)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	out := AuditResponse{Records: make([]AuditRecord, 0, len(recs))}
+	for _, rec := range recs {
+		out.Records = append(out.Records, AuditRecord{Seq: rec.Seq, Time: rec.Time, Kind: string(rec.Kind),
+			Actor: rec.Actor, Subject: rec.Subject, Details: rec.Details, Hash: rec.Hash})
+	}
+	s.writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) handleAuditVerify(w http.ResponseWriter, r *http.Request) {
+	if err := s.p.AuditVerify(r.Context()); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *Server) handlePolicy(w http.ResponseWriter, r *http.Request) {
+	p, err := s.p.Policy(r.Context())
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	s.writeJSON(w, http.StatusOK, policyToWire(p))
+}
+
+func (s *Server) handleSetPolicy(w http.ResponseWriter, r *http.Request) {
+	req, err := decodeBody[Policy](w, r, MaxBodyBytes)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	if err := s.p.SetPolicy(r.Context(), policyFromWire(req)); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	s.handlePolicy(w, r)
+}

@@ -1,0 +1,298 @@
+package api
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/nkp-dev/nkp/provider"
+	"github.com/nkp-dev/nkp/provider/ca"
+)
+
+// Config configures a Server.
+type Config struct {
+	// Provider is the domain (a *provider.Provider in production, a fake in tests).
+	Provider Provider
+	// Log receives one line per refused request and per administrative action.
+	Log *slog.Logger
+	// Registry receives the server's metrics and is served at /metrics; nil makes one
+	// with the Go and process collectors.
+	Registry *prometheus.Registry
+	// Ready reports readiness for /readyz; nil asks Provider.Status.
+	Ready func(context.Context) error
+	// Now is the clock for certificate validity; nil means time.Now.
+	Now func() time.Time
+}
+
+// Server is the HTTP handler of nkp-provider.
+type Server struct {
+	p        Provider
+	log      *slog.Logger
+	reg      *prometheus.Registry
+	ready    func(context.Context) error
+	now      func() time.Time
+	draining atomic.Bool
+	mux      *http.ServeMux
+	m        metrics
+}
+
+// New checks cfg and builds the Server.
+func New(cfg Config) (*Server, error) {
+	if cfg.Provider == nil {
+		return nil, errors.New("api: Config.Provider is nil")
+	}
+	if cfg.Log == nil {
+		return nil, errors.New("api: Config.Log is nil: pass the daemon's logger")
+	}
+	s := &Server{p: cfg.Provider, log: cfg.Log, reg: cfg.Registry, ready: cfg.Ready, now: cfg.Now}
+	if s.now == nil {
+		s.now = time.Now
+	}
+	if s.reg == nil {
+		s.reg = prometheus.NewRegistry()
+		s.reg.MustRegister(prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+	}
+	if s.ready == nil {
+		s.ready = func(ctx context.Context) error { _, err := s.p.Status(ctx); return err }
+	}
+	m, err := newMetrics(s.reg)
+	if err != nil {
+		return nil, err
+	}
+	s.m = m
+	s.routes()
+	return s, nil
+}
+
+// Handler returns the root handler.
+func (s *Server) Handler() http.Handler { return s.mux }
+
+// SetDraining makes /readyz fail (503) so load balancers stop sending new requests while
+// a graceful shutdown lets the current ones finish.
+func (s *Server) SetDraining() { s.draining.Store(true) }
+
+// TLSConfig is the server side of the provider's mTLS: TLS 1.3 only, the server
+// certificate (whose chain should end with the CA certificate, so joining hosts can pin
+// it), and client certificates requested but verified per route by the handler (hosts,
+// admins) so that a refusal is a JSON error and not a bare handshake failure.
+func TLSConfig(server tls.Certificate) *tls.Config {
+	return &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{server},
+		ClientAuth:   tls.RequestClientCert,
+	}
+}
+
+func (s *Server) routes() {
+	mux := http.NewServeMux()
+	s.mux = mux
+	handle := func(pattern, route string, h http.HandlerFunc) {
+		mux.Handle(pattern, s.instrument(route, h))
+	}
+	handle("GET "+PathHealthz, "healthz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		io.WriteString(w, "ok\n")
+	})
+	handle("GET "+PathReadyz, "readyz", s.handleReadyz)
+	mux.Handle("GET "+PathMetrics, promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{Registry: s.reg}))
+
+	handle("POST "+PathEnroll, "enroll", s.handleEnroll)
+	handle("GET "+PathHostKDKs, "host_kdks", s.host(s.handleRelease))
+	handle("POST "+PathHostObjects, "host_objects", s.host(s.handleRegisterObject))
+
+	handle("GET "+PathStatus, "status", s.admin(s.handleStatus))
+	handle("POST "+PathBackup, "backup", s.admin(s.handleBackup))
+	handle("POST "+PathBackupVerify, "backup_verify", s.admin(s.handleBackupVerify))
+	handle("POST "+PathTokens, "tokens", s.admin(s.handleCreateToken))
+	handle("GET "+PathHosts, "hosts", s.admin(s.handleHosts))
+	handle("POST "+PathHosts+"/{id}/revoke", "revoke", s.admin(s.handleRevoke))
+	handle("POST "+PathRotate, "rotate", s.admin(s.handleRotate))
+	handle("POST "+PathKDKs+"/{version}/retire", "retire", s.admin(s.handleRetire))
+	handle("GET "+PathObjects, "objects", s.admin(s.handleObjects))
+	handle("GET "+PathAudit, "audit", s.admin(s.handleAudit))
+	handle("POST "+PathAuditVerify, "audit_verify", s.admin(s.handleAuditVerify))
+	handle("GET "+PathPolicy, "policy", s.admin(s.handlePolicy))
+	handle("PUT "+PathPolicy, "policy_set", s.admin(s.handleSetPolicy))
+	handle("/", "unknown", func(w http.ResponseWriter, r *http.Request) {
+		var allow []string
+		for _, m := range []string{http.MethodGet, http.MethodPost, http.MethodPut} {
+			r2 := r.Clone(r.Context())
+			r2.Method = m
+			if _, pattern := mux.Handler(r2); pattern != "/" && pattern != "" {
+				allow = append(allow, m)
+			}
+		}
+		if len(allow) > 0 {
+			w.Header().Set("Allow", strings.Join(allow, ", "))
+			s.writeError(w, r, &codedError{status: http.StatusMethodNotAllowed, code: CodeBadRequest,
+				msg: fmt.Sprintf("%s does not accept %s; use %s", r.URL.Path, r.Method, strings.Join(allow, " or "))})
+			return
+		}
+		s.writeError(w, r, &codedError{status: http.StatusNotFound, code: CodeNotFound,
+			msg: fmt.Sprintf("no route %s %s; see the provider/api package documentation", r.Method, r.URL.Path)})
+	})
+}
+
+// statusWriter remembers the status for metrics.
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if w.status == 0 {
+		w.status = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusWriter) Write(p []byte) (int, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	return w.ResponseWriter.Write(p)
+}
+
+func (s *Server) instrument(route string, h http.HandlerFunc) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		sw := &statusWriter{ResponseWriter: w}
+		defer func() {
+			if v := recover(); v != nil {
+				if v == http.ErrAbortHandler {
+					panic(v)
+				}
+				s.log.Error("api: handler panic", "route", route, "panic", fmt.Sprint(v))
+				if sw.status == 0 {
+					s.writeError(sw, r, errors.New("internal error"))
+				}
+			}
+			if sw.status == 0 {
+				sw.status = http.StatusOK
+			}
+			s.m.requests.WithLabelValues(route, strconv.Itoa(sw.status)).Inc()
+			s.m.duration.WithLabelValues(route).Observe(time.Since(start).Seconds())
+		}()
+		h(sw, r)
+	})
+}
+
+// clientCert returns the verified leaf certificate of the TLS client, or an error with
+// code unauthenticated.
+func (s *Server) clientCert(r *http.Request, role ca.Role) (*x509.Certificate, error) {
+	if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
+		return nil, &codedError{status: http.StatusUnauthorized, code: CodeUnauthenticated,
+			msg: fmt.Sprintf("this endpoint needs a client certificate from the provider's CA (role %s); hosts get one with `nkp-hostd join`, admins use the one in the provider directory", role)}
+	}
+	leaf := r.TLS.PeerCertificates[0]
+	roots := x509.NewCertPool()
+	roots.AddCert(s.p.CA())
+	inter := x509.NewCertPool()
+	for _, c := range r.TLS.PeerCertificates[1:] {
+		inter.AddCert(c)
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: s.now(),
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+		return nil, &codedError{status: http.StatusUnauthorized, code: CodeUnauthenticated,
+			msg: fmt.Sprintf("client certificate %q is not valid for this provider (CA %s): %v", leaf.Subject.CommonName, s.p.CAHash(), err)}
+	}
+	if got := ca.RoleOf(leaf); got != role {
+		return nil, &codedError{status: http.StatusForbidden, code: CodeForbidden,
+			msg: fmt.Sprintf("client certificate %q has role %q; this endpoint needs role %q", leaf.Subject.CommonName, got, role)}
+	}
+	return leaf, nil
+}
+
+type hostHandler func(w http.ResponseWriter, r *http.Request, hostID string)
+
+// host authenticates a host: client certificate chained to the CA with the host role,
+// then Provider.AuthorizeHost on every request (unknown and revoked hosts refused).
+func (s *Server) host(h hostHandler) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		cert, err := s.clientCert(r, ca.RoleHost)
+		if err != nil {
+			s.writeError(w, r, err)
+			return
+		}
+		hostID, err := s.authorizeHost(r.Context(), cert)
+		if err != nil {
+			s.writeError(w, r, err)
+			return
+		}
+		h(w, r, hostID)
+	}
+}
+
+// admin authenticates nkpctl: a client certificate chained to the CA with the admin role.
+func (s *Server) admin(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		cert, err := s.clientCert(r, ca.RoleAdmin)
+		if err != nil {
+			s.writeError(w, r, err)
+			return
+		}
+		s.log.Info("api: admin request", "admin", cert.Subject.CommonName, "method", r.Method, "path", r.URL.Path)
+		h(w, r.WithContext(provider.WithActor(r.Context(), "admin:"+cert.Subject.CommonName)))
+	}
+}
+
+func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
+	if s.draining.Load() {
+		s.writeError(w, r, &codedError{status: http.StatusServiceUnavailable, code: CodeUnavailable, msg: "shutting down"})
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+	defer cancel()
+	if err := s.ready(ctx); err != nil {
+		s.writeError(w, r, &codedError{status: http.StatusServiceUnavailable, code: CodeUnavailable,
+			msg: fmt.Sprintf("not ready: %v", err)})
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	io.WriteString(w, "ready\n")
+}
+
+// decodeBody reads a JSON body of type T through http.MaxBytesReader.
+func decodeBody[T any](w http.ResponseWriter, r *http.Request, limit int64) (T, error) {
+	body := http.MaxBytesReader(w, r.Body, limit)
+	v, err := Decode[T](body, limit)
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) || errors.Is(err, errTooLong) {
+			return v, &codedError{status: http.StatusRequestEntityTooLarge, code: CodeTooLarge,
+				msg: fmt.Sprintf("request body longer than %d bytes", limit)}
+		}
+		return v, err
+	}
+	return v, nil
+}
+
+// writeJSON encodes v; the encoded bytes are wiped after writing (responses may carry
+// keys or import blobs).
+func (s *Server) writeJSON(w http.ResponseWriter, status int, v any) {
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(v); err != nil {
+		s.log.Error("api: encoding response", "err", err)
+		w.WriteHeader(http.StatusInternalServerError)
+		return
+	}
+	defer clear(buf.Bytes())
+	w.Header().Set("Content-Type", ContentTypeJSON)
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	w.Write(buf.Bytes())
+}

@@ -1,0 +1,648 @@
+package api_test
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nkp-dev/nkp/provider"
+	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/audit"
+	"github.com/nkp-dev/nkp/provider/ca"
+	"github.com/nkp-dev/nkp/provider/client"
+	"github.com/nkp-dev/nkp/provider/store"
+)
+
+// fake is an api.Provider with a real CA and scripted answers.
+type fake struct {
+	ca *ca.CA
+
+	mu       sync.Mutex
+	hosts    map[string]provider.Host // by ID
+	revoked  map[string]bool
+	tokens   map[string]bool // secret -> unused
+	objects  []provider.Object
+	policy   provider.Policy
+	fail     error // returned by every domain call when set
+	kdks     []provider.ReleasedKDK
+	released [][]byte // Bare slices handed out, to check wiping
+}
+
+func newFake(t *testing.T) *fake {
+	t.Helper()
+	c, err := ca.New("test-provider", time.Now(), 24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &fake{ca: c, hosts: map[string]provider.Host{}, revoked: map[string]bool{}, tokens: map[string]bool{}}
+}
+
+func (f *fake) err() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.fail
+}
+
+func (f *fake) Status(ctx context.Context) (provider.Status, error) {
+	if err := f.err(); err != nil {
+		return provider.Status{}, err
+	}
+	return provider.Status{State: "Active", ProviderID: "p1", Hosts: len(f.hosts),
+		KDKs: []provider.KDKVersion{{ID: "k1", Version: 1, Primary: true}}}, nil
+}
+
+func (f *fake) Backup(ctx context.Context, w io.Writer, pass []byte) (provider.BackupInfo, error) {
+	if err := f.err(); err != nil {
+		return provider.BackupInfo{}, err
+	}
+	_, err := fmt.Fprintf(w, "archive(%d)", len(pass))
+	return provider.BackupInfo{ProviderID: "p1"}, err
+}
+
+func (f *fake) VerifyBackup(ctx context.Context, r io.Reader, pass []byte) (provider.BackupInfo, error) {
+	data, _ := io.ReadAll(r)
+	if string(pass) != "right" {
+		return provider.BackupInfo{}, fmt.Errorf("archive of %d bytes: %w", len(data), provider.ErrBadPassphrase)
+	}
+	return provider.BackupInfo{ProviderID: "p1"}, nil
+}
+
+func (f *fake) CreateToken(ctx context.Context, ttl time.Duration) (provider.Token, error) {
+	if err := f.err(); err != nil {
+		return provider.Token{}, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	secret := fmt.Sprintf("secret-%d", len(f.tokens))
+	f.tokens[secret] = true
+	return provider.Token{ID: "t", Secret: secret, Expires: time.Now().Add(ttl)}, nil
+}
+
+func (f *fake) Enroll(ctx context.Context, req provider.EnrollRequest) (provider.EnrollResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	unused, ok := f.tokens[req.Token]
+	switch {
+	case !ok:
+		return provider.EnrollResponse{}, fmt.Errorf("token: %w", provider.ErrTokenInvalid)
+	case !unused:
+		return provider.EnrollResponse{}, fmt.Errorf("token: %w", provider.ErrTokenUsed)
+	}
+	id := fmt.Sprintf("host-%d", len(f.hosts)+1)
+	iss, err := f.ca.IssueHost(req.CSR, id, time.Now(), time.Hour)
+	if err != nil {
+		return provider.EnrollResponse{}, err
+	}
+	f.tokens[req.Token] = false
+	f.hosts[id] = provider.Host{ID: id, Hostname: req.Hostname, EKPublic: req.EKPublic}
+	return provider.EnrollResponse{HostID: id, Certificate: iss.DER, CAChain: [][]byte{f.ca.Certificate().Raw}}, nil
+}
+
+func (f *fake) CA() *x509.Certificate { return f.ca.Certificate() }
+func (f *fake) CAHash() string        { return f.ca.Hash() }
+
+func (f *fake) Hosts(ctx context.Context) ([]provider.Host, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var hs []provider.Host
+	for _, h := range f.hosts {
+		hs = append(hs, h)
+	}
+	return hs, nil
+}
+
+func (f *fake) Revoke(ctx context.Context, id string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.hosts[id]; !ok {
+		return fmt.Errorf("host %s: %w", id, provider.ErrHostUnknown)
+	}
+	f.revoked[id] = true
+	return nil
+}
+
+func (f *fake) AuthorizeHost(ctx context.Context, cert *x509.Certificate) (provider.Host, error) {
+	id, err := f.ca.Verify(cert, ca.RoleHost, time.Now())
+	if err != nil {
+		return provider.Host{}, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	h, ok := f.hosts[id]
+	switch {
+	case !ok:
+		return provider.Host{}, fmt.Errorf("host %s: %w", id, provider.ErrHostUnknown)
+	case f.revoked[id]:
+		return provider.Host{}, fmt.Errorf("host %s was revoked: %w", id, provider.ErrHostRevoked)
+	}
+	return h, nil
+}
+
+func (f *fake) Release(ctx context.Context, id string) ([]provider.ReleasedKDK, error) {
+	if err := f.err(); err != nil {
+		return nil, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []provider.ReleasedKDK
+	for _, k := range f.kdks {
+		if k.Bare != nil {
+			k.Bare = bytes.Clone(k.Bare)
+			f.released = append(f.released, k.Bare)
+		}
+		out = append(out, k)
+	}
+	return out, nil
+}
+
+func (f *fake) Rotate(ctx context.Context) (provider.KDKVersion, error) {
+	return provider.KDKVersion{ID: "k2", Version: 2, Primary: true}, f.err()
+}
+
+func (f *fake) Retire(ctx context.Context, v int) error {
+	if v == 1 {
+		return fmt.Errorf("KDK version 1: 3 objects use it: %w", provider.ErrInUse)
+	}
+	return nil
+}
+
+func (f *fake) RegisterObject(ctx context.Context, hostID string, o provider.Object) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	o.HostID = hostID
+	f.objects = append(f.objects, o)
+	return nil
+}
+
+func (f *fake) Objects(ctx context.Context, flt provider.ObjectFilter) ([]provider.Object, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []provider.Object
+	for _, o := range f.objects {
+		if flt.VMUUID == "" || flt.VMUUID == o.VMUUID {
+			out = append(out, o)
+		}
+	}
+	return out, nil
+}
+
+func (f *fake) Policy(ctx context.Context) (provider.Policy, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.policy, nil
+}
+
+func (f *fake) SetPolicy(ctx context.Context, p provider.Policy) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.policy = p
+	return nil
+}
+
+func (f *fake) AuditVerify(ctx context.Context) error {
+	return &audit.VerifyError{Seq: 7, Reason: "hash mismatch"}
+}
+
+func (f *fake) Audit(ctx context.Context, n int) ([]audit.Record, error) {
+	return []audit.Record{{Seq: 1, Kind: audit.KindInit, Actor: "provider"}}, nil
+}
+
+// env is a running test server with credentials.
+type env struct {
+	f      *fake
+	srv    *httptest.Server
+	api    *api.Server
+	admin  *client.Client
+	logBuf *syncBuffer
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func newKey(t *testing.T) *ecdsa.PrivateKey {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func csrFor(t *testing.T, key crypto.Signer) []byte {
+	t.Helper()
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "x"}}, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return der
+}
+
+func certFrom(t *testing.T, c *ca.CA, role ca.Role, name string) tls.Certificate {
+	t.Helper()
+	key := newKey(t)
+	var iss ca.Issued
+	var err error
+	switch role {
+	case ca.RoleAdmin:
+		iss, err = c.IssueAdmin(csrFor(t, key), name, time.Now(), time.Hour)
+	case ca.RoleHost:
+		iss, err = c.IssueHost(csrFor(t, key), name, time.Now(), time.Hour)
+	case ca.RoleServer:
+		iss, err = c.IssueServer(csrFor(t, key), []string{"127.0.0.1"}, time.Now(), time.Hour)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{iss.DER, c.Certificate().Raw}, PrivateKey: key, Leaf: iss.Cert}
+}
+
+func startEnv(t *testing.T) *env {
+	t.Helper()
+	f := newFake(t)
+	logBuf := &syncBuffer{}
+	s, err := api.New(api.Config{Provider: f, Log: slog.New(slog.NewTextHandler(logBuf, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewUnstartedServer(s.Handler())
+	srv.TLS = api.TLSConfig(certFrom(t, f.ca, ca.RoleServer, ""))
+	srv.Config.ErrorLog = log.New(io.Discard, "", 0) // handshake refusals are part of the tests
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	e := &env{f: f, srv: srv, api: s, logBuf: logBuf}
+	e.admin = e.client(t, certFrom(t, f.ca, ca.RoleAdmin, "alice"))
+	return e
+}
+
+func (e *env) client(t *testing.T, cert tls.Certificate) *client.Client {
+	t.Helper()
+	c, err := client.New(client.Config{URL: e.srv.URL, CA: e.f.ca.Certificate(), Certificate: cert})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	return c
+}
+
+// join enrolls a host through the API and returns a client with its certificate.
+func (e *env) join(t *testing.T, name string) (*client.Client, string) {
+	t.Helper()
+	ctx := context.Background()
+	tok, err := e.admin.CreateToken(ctx, time.Minute)
+	if err != nil {
+		t.Fatalf("token: %v", err)
+	}
+	enr, err := client.Join(ctx, client.JoinRequest{URL: e.srv.URL, Token: tok.Secret, CAHash: tok.CAHash, Hostname: name, Key: newKey(t)})
+	if err != nil {
+		t.Fatalf("join: %v", err)
+	}
+	return e.client(t, enr.Certificate), enr.HostID
+}
+
+// rawClient sends requests with an arbitrary client certificate (or none).
+func (e *env) rawClient(certs ...tls.Certificate) *http.Client {
+	roots := x509.NewCertPool()
+	roots.AddCert(e.f.ca.Certificate())
+	return &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{
+		RootCAs: roots, Certificates: certs, MinVersion: tls.VersionTLS13,
+	}}}
+}
+
+func (e *env) do(t *testing.T, hc *http.Client, method, path, body string) (int, api.ErrorBody, string) {
+	t.Helper()
+	req, err := http.NewRequest(method, e.srv.URL+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(resp.Body)
+	var eb api.ErrorBody
+	if resp.StatusCode >= 400 {
+		if err := json.Unmarshal(data, &eb); err != nil {
+			t.Fatalf("%s %s: error body %q is not JSON: %v", method, path, data, err)
+		}
+	}
+	return resp.StatusCode, eb, string(data)
+}
+
+func TestAuthentication(t *testing.T) {
+	e := startEnv(t)
+	_, hostID := e.join(t, "kvm-01")
+	other, err := ca.New("other-provider", time.Now(), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hostCert := func() tls.Certificate { // a second certificate for the enrolled host's ID
+		return certFrom(t, e.f.ca, ca.RoleHost, hostID)
+	}
+	tests := []struct {
+		name     string
+		certs    []tls.Certificate
+		method   string
+		path     string
+		wantCode int
+		wantErr  string
+	}{
+		{"host route without certificate", nil, "GET", api.PathHostKDKs, 401, api.CodeUnauthenticated},
+		{"admin route without certificate", nil, "GET", api.PathStatus, 401, api.CodeUnauthenticated},
+		{"host certificate from another CA", []tls.Certificate{certFrom(t, other, ca.RoleHost, hostID)}, "GET", api.PathHostKDKs, 401, api.CodeUnauthenticated},
+		{"admin certificate from another CA", []tls.Certificate{certFrom(t, other, ca.RoleAdmin, "mallory")}, "GET", api.PathStatus, 401, api.CodeUnauthenticated},
+		{"host certificate on admin route", []tls.Certificate{hostCert()}, "GET", api.PathStatus, 403, api.CodeForbidden},
+		{"admin certificate on host route", []tls.Certificate{certFrom(t, e.f.ca, ca.RoleAdmin, "alice")}, "GET", api.PathHostKDKs, 403, api.CodeForbidden},
+		{"server certificate as client", []tls.Certificate{certFrom(t, e.f.ca, ca.RoleServer, "")}, "GET", api.PathStatus, 401, api.CodeUnauthenticated},
+		{"unknown host", []tls.Certificate{certFrom(t, e.f.ca, ca.RoleHost, "ghost")}, "GET", api.PathHostKDKs, 403, api.CodeHostUnknown},
+		{"enrolled host", []tls.Certificate{hostCert()}, "GET", api.PathHostKDKs, 200, ""},
+		{"admin", []tls.Certificate{certFrom(t, e.f.ca, ca.RoleAdmin, "alice")}, "GET", api.PathStatus, 200, ""},
+		{"health without certificate", nil, "GET", api.PathHealthz, 200, ""},
+		{"unknown route", nil, "GET", "/v1/nothing", 404, api.CodeNotFound},
+		{"wrong method", []tls.Certificate{certFrom(t, e.f.ca, ca.RoleAdmin, "alice")}, "DELETE", api.PathStatus, 405, api.CodeBadRequest},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			code, eb, _ := e.do(t, e.rawClient(tc.certs...), tc.method, tc.path, "")
+			if code != tc.wantCode || (tc.wantErr != "" && eb.Code != tc.wantErr) {
+				t.Fatalf("%s %s = %d %q (%s), want %d %q", tc.method, tc.path, code, eb.Code, eb.Error, tc.wantCode, tc.wantErr)
+			}
+			if tc.wantErr != "" && eb.Error == "" {
+				t.Fatal("error body without a sentence")
+			}
+		})
+	}
+}
+
+func TestRevokedHostRefusedAtOnce(t *testing.T) {
+	e := startEnv(t)
+	host, id := e.join(t, "kvm-02")
+	ctx := context.Background()
+	if _, err := host.Release(ctx); err != nil {
+		t.Fatalf("release before revoke: %v", err)
+	}
+	if err := e.admin.Revoke(ctx, id); err != nil {
+		t.Fatalf("revoke: %v", err)
+	}
+	// Same client, same kept-alive connection: the refusal must not wait for a new handshake.
+	if _, err := host.Release(ctx); !client.IsCode(err, api.CodeHostRevoked) {
+		t.Fatalf("release after revoke: %v, want code %s", err, api.CodeHostRevoked)
+	}
+	if err := e.admin.Revoke(ctx, "nobody"); !client.IsCode(err, api.CodeHostUnknown) {
+		t.Fatalf("revoke unknown host: %v, want %s", err, api.CodeHostUnknown)
+	}
+}
+
+func TestJoin(t *testing.T) {
+	e := startEnv(t)
+	ctx := context.Background()
+	tok, err := e.admin.CreateToken(ctx, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, _ := ca.New("other", time.Now(), time.Hour)
+	tests := []struct {
+		name    string
+		token   string
+		caHash  string
+		wantErr string // substring or code; "" = success
+	}{
+		{"wrong CA pin", tok.Secret, other.Hash(), "does not match the pinned hash"},
+		{"malformed pin", tok.Secret, "md5:abc", "want sha256:"},
+		{"unknown token", "nope", tok.CAHash, api.CodeTokenInvalid},
+		{"good", tok.Secret, tok.CAHash, ""},
+		{"reused token", tok.Secret, tok.CAHash, api.CodeTokenUsed},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			enr, err := client.Join(ctx, client.JoinRequest{URL: e.srv.URL, Token: tc.token, CAHash: tc.caHash, Hostname: "h", Key: newKey(t)})
+			if tc.wantErr == "" {
+				if err != nil {
+					t.Fatalf("join: %v", err)
+				}
+				if enr.HostID == "" || !enr.CA.Equal(e.f.ca.Certificate()) {
+					t.Fatalf("enrollment %+v lacks host ID or the pinned CA", enr)
+				}
+				return
+			}
+			if err == nil || !(client.IsCode(err, tc.wantErr) || strings.Contains(err.Error(), tc.wantErr)) {
+				t.Fatalf("join: %v, want %q", err, tc.wantErr)
+			}
+		})
+	}
+}
+
+func TestBadBodies(t *testing.T) {
+	e := startEnv(t)
+	tok, err := e.admin.CreateToken(context.Background(), time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	adminHC := e.rawClient(certFrom(t, e.f.ca, ca.RoleAdmin, "alice"))
+	tests := []struct {
+		name     string
+		hc       *http.Client
+		method   string
+		path     string
+		body     string
+		wantCode int
+		wantErr  string
+	}{
+		{"malformed JSON", e.rawClient(), "POST", api.PathEnroll, `{"token":`, 400, api.CodeBadRequest},
+		{"unknown field", e.rawClient(), "POST", api.PathEnroll, `{"token":"` + tok.Secret + `","csr":"AA==","hostname":"h","admin":true}`, 400, api.CodeBadRequest},
+		{"trailing data", e.rawClient(), "POST", api.PathEnroll, `{"token":"t","csr":"AA==","hostname":"h"} {}`, 400, api.CodeBadRequest},
+		{"missing CSR", e.rawClient(), "POST", api.PathEnroll, `{"token":"t","hostname":"h"}`, 400, api.CodeBadRequest},
+		{"bad base64", e.rawClient(), "POST", api.PathEnroll, `{"token":"t","csr":"!!","hostname":"h"}`, 400, api.CodeBadRequest},
+		{"garbage CSR", e.rawClient(), "POST", api.PathEnroll, `{"token":"` + tok.Secret + `","csr":"AAAA","hostname":"h"}`, 400, api.CodeBadRequest},
+		{"oversized body", e.rawClient(), "POST", api.PathEnroll, `{"token":"` + strings.Repeat("a", api.MaxBodyBytes) + `"}`, 413, api.CodeTooLarge},
+		{"negative TTL", adminHC, "POST", api.PathTokens, `{"ttl_seconds":-5}`, 400, api.CodeBadRequest},
+		{"TTL too long", adminHC, "POST", api.PathTokens, `{"ttl_seconds":99999999}`, 400, api.CodeBadRequest},
+		{"retire non-number", adminHC, "POST", api.PathKDKs + "/one/retire", ``, 400, api.CodeBadRequest},
+		{"objects bad filter", adminHC, "GET", api.PathObjects + "?kdk_version=x", ``, 400, api.CodeBadRequest},
+		{"audit bad n", adminHC, "GET", api.PathAudit + "?n=-1", ``, 400, api.CodeBadRequest},
+		{"policy wrong type", adminHC, "PUT", api.PathPolicy, `{"tpm_required":"yes"}`, 400, api.CodeBadRequest},
+		{"empty backup passphrase", adminHC, "POST", api.PathBackup, `{"passphrase":""}`, 400, api.CodeBadRequest},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			code, eb, _ := e.do(t, tc.hc, tc.method, tc.path, tc.body)
+			if code != tc.wantCode || eb.Code != tc.wantErr {
+				t.Fatalf("%s %s = %d %q (%s), want %d %q", tc.method, tc.path, code, eb.Code, eb.Error, tc.wantCode, tc.wantErr)
+			}
+		})
+	}
+	// The garbage-CSR enrollment was refused before the token was spent.
+	if _, err := client.Join(context.Background(), client.JoinRequest{URL: e.srv.URL, Token: tok.Secret, CAHash: tok.CAHash, Hostname: "h", Key: newKey(t)}); err != nil {
+		t.Fatalf("token spent by a refused request: %v", err)
+	}
+}
+
+func TestDomainErrorsTranslated(t *testing.T) {
+	e := startEnv(t)
+	host, _ := e.join(t, "kvm-03")
+	tests := []struct {
+		err      error
+		wantCode string
+		status   int
+	}{
+		{fmt.Errorf("release: %w: take a backup first (nkpctl provider backup)", provider.ErrNotBackedUp), api.CodeNotBackedUp, 409},
+		{fmt.Errorf("x: %w", provider.ErrTPMRequired), api.CodeTPMRequired, 403},
+		{fmt.Errorf("x: %w", provider.ErrNotInitialized), api.CodeNotInitialized, 503},
+		{fmt.Errorf("bolt: %w", store.ErrFull), api.CodeUnavailable, 507},
+		{fmt.Errorf("bolt: %w", store.ErrReadOnly), api.CodeUnavailable, 503},
+		{errors.New("something unexpected with key 0xdeadbeef"), api.CodeInternal, 500},
+	}
+	for _, tc := range tests {
+		t.Run(tc.wantCode, func(t *testing.T) {
+			e.f.mu.Lock()
+			e.f.fail = tc.err
+			e.f.mu.Unlock()
+			_, err := host.Release(context.Background())
+			var ae *client.APIError
+			if !errors.As(err, &ae) || ae.Code != tc.wantCode || ae.Status != tc.status {
+				t.Fatalf("release with %v: %v, want %d %s", tc.err, err, tc.status, tc.wantCode)
+			}
+			if tc.status == 500 && strings.Contains(ae.Message, "deadbeef") {
+				t.Fatalf("internal error detail leaked to the client: %q", ae.Message)
+			}
+			if tc.status != 500 && ae.Message != tc.err.Error() {
+				t.Fatalf("message %q, want the domain's sentence %q", ae.Message, tc.err.Error())
+			}
+		})
+	}
+}
+
+func TestRelease(t *testing.T) {
+	e := startEnv(t)
+	host, hostID := e.join(t, "kvm-04")
+	bare := bytes.Repeat([]byte{0x42}, 32)
+	e.f.kdks = []provider.ReleasedKDK{
+		{ID: "k1", Version: 1, ImportBlob: []byte("blob-1")},
+		{ID: "k2", Version: 2, Primary: true, Bare: bare},
+	}
+	ctx := context.Background()
+	got, err := host.Release(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got.KDKs) != 2 || string(got.KDKs[0].ImportBlob) != "blob-1" || !bytes.Equal(got.KDKs[1].Bare, bare) || !got.KDKs[1].Primary {
+		t.Fatalf("released %+v", got.KDKs)
+	}
+	e.f.mu.Lock()
+	for _, b := range e.f.released {
+		if !bytes.Equal(b, make([]byte, len(b))) {
+			t.Errorf("bare KDK buffer not wiped after the response: %x", b)
+		}
+	}
+	e.f.mu.Unlock()
+	if strings.Contains(e.logBuf.String(), "QkJCQkJC") || strings.Contains(e.logBuf.String(), "4242424242") {
+		t.Fatal("KDK bytes in the log")
+	}
+	obj := api.Object{VMUUID: "vm-1", Name: "vtpm", KeyID: "key-1", KDKID: "k2"}
+	if err := host.RegisterObject(ctx, obj); err != nil {
+		t.Fatal(err)
+	}
+	objs, err := e.admin.Objects(ctx, "vm-1", 0)
+	if err != nil || len(objs) != 1 || objs[0].HostID != hostID || objs[0].KeyID != "key-1" {
+		t.Fatalf("objects = %+v, %v", objs, err)
+	}
+}
+
+func TestAdminCalls(t *testing.T) {
+	e := startEnv(t)
+	ctx := context.Background()
+	var buf bytes.Buffer
+	if _, err := e.admin.Backup(ctx, &buf, []byte("pass")); err != nil || buf.String() != "archive(4)" {
+		t.Fatalf("backup = %q, %v", buf.String(), err)
+	}
+	if _, err := e.admin.VerifyBackup(ctx, buf.Bytes(), []byte("wrong")); !client.IsCode(err, api.CodeBadPassphrase) {
+		t.Fatalf("verify with the wrong passphrase: %v", err)
+	}
+	if _, err := e.admin.VerifyBackup(ctx, buf.Bytes(), []byte("right")); err != nil {
+		t.Fatalf("verify: %v", err)
+	}
+	if err := e.admin.Retire(ctx, 1); !client.IsCode(err, api.CodeInUse) {
+		t.Fatalf("retire in use: %v", err)
+	}
+	if err := e.admin.Retire(ctx, 2); err != nil {
+		t.Fatalf("retire: %v", err)
+	}
+	if v, err := e.admin.Rotate(ctx); err != nil || v.Version != 2 {
+		t.Fatalf("rotate = %+v, %v", v, err)
+	}
+	if p, err := e.admin.SetPolicy(ctx, api.Policy{TPMRequired: true}); err != nil || !p.TPMRequired {
+		t.Fatalf("set policy = %+v, %v", p, err)
+	}
+	if err := e.admin.AuditVerify(ctx); !client.IsCode(err, api.CodeAuditBroken) || !strings.Contains(err.Error(), "record 7") {
+		t.Fatalf("audit verify: %v, want %s naming record 7", err, api.CodeAuditBroken)
+	}
+	if recs, err := e.admin.Audit(ctx, 5); err != nil || len(recs) != 1 || recs[0].Kind != "init" {
+		t.Fatalf("audit = %+v, %v", recs, err)
+	}
+	st, err := e.admin.Status(ctx)
+	if err != nil || st.ProviderID != "p1" || st.CAHash != e.f.ca.Hash() {
+		t.Fatalf("status = %+v, %v", st, err)
+	}
+}
+
+func TestHealthReadinessMetrics(t *testing.T) {
+	e := startEnv(t)
+	hc := e.rawClient()
+	if code, _, _ := e.do(t, hc, "GET", api.PathReadyz, ""); code != 200 {
+		t.Fatalf("readyz = %d, want 200", code)
+	}
+	e.f.mu.Lock()
+	e.f.fail = fmt.Errorf("etcd: %w", context.DeadlineExceeded)
+	e.f.mu.Unlock()
+	if code, eb, _ := e.do(t, hc, "GET", api.PathReadyz, ""); code != 503 || eb.Code != api.CodeUnavailable {
+		t.Fatalf("readyz with a failing store = %d %q, want 503", code, eb.Code)
+	}
+	e.f.mu.Lock()
+	e.f.fail = nil
+	e.f.mu.Unlock()
+	e.api.SetDraining()
+	if code, _, _ := e.do(t, hc, "GET", api.PathReadyz, ""); code != 503 {
+		t.Fatalf("readyz while draining = %d, want 503", code)
+	}
+	if code, _, _ := e.do(t, hc, "GET", api.PathHealthz, ""); code != 200 {
+		t.Fatalf("healthz while draining = %d, want 200", code)
+	}
+	code, _, body := e.do(t, hc, "GET", api.PathMetrics, "")
+	for _, want := range []string{`nkp_provider_http_requests_total{code="503",route="readyz"} 2`, "nkp_provider_refusals_total", "go_goroutines"} {
+		if code != 200 || !strings.Contains(body, want) {
+			t.Fatalf("metrics (%d) lack %q:\n%s", code, want, body)
+		}
+	}
+}
