@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/nkp-dev/nkp/test/e2e"
 )
 
@@ -128,6 +130,9 @@ func TestLockSwtpm(t *testing.T) {
 		_, err := os.Stat(ctrl)
 		return err == nil
 	})
+	// swtpm opens its control socket before it locks the directory: wait for the lock
+	// itself, looking without taking it (taking it would make swtpm fail).
+	e2e.WaitFor(t, 5*time.Second, "swtpm's lock on "+dir, func() bool { return lockHeld(filepath.Join(dir, lockFile)) })
 	_, err = Open(dir, Options{})
 	if !errors.Is(err, ErrLocked) {
 		t.Fatalf("Open while swtpm runs on the directory: %v", err)
@@ -170,22 +175,28 @@ func TestKill9DuringWrites(t *testing.T) {
 		if n, _ := strconv.ParseUint(strings.TrimSpace(strings.TrimPrefix(line, "ready ")), 10, 64); n != stored {
 			t.Fatalf("trial %d: writer started from %d, the last trial left %d", done, n, stored)
 		}
-		// Pick the kill instant at random within the first few writes (each costs a few
-		// fsyncs). This delay is the experiment's random variable, not a wait for
-		// anything: what follows reads the writer's pipe to its end and reaps it.
-		time.Sleep(time.Duration(rand.Int64N(int64(8 * time.Millisecond))))
-		_ = cmd.Process.Signal(syscall.SIGKILL)
+		// Let the writer get k acknowledged writes in (k random in 0..2), then kill it at
+		// a random instant within the next write or two (each costs a few fsyncs). The
+		// delay is the experiment's random variable, not a wait for anything: what
+		// follows reads the writer's pipe to its end and reaps it.
 		last := stored
-		for {
+		readAck := func() bool {
 			l, err := out.ReadString('\n')
 			if err != nil {
-				break
+				return false
 			}
 			n, perr := strconv.ParseUint(strings.TrimSpace(l), 10, 64)
 			if perr != nil {
 				t.Fatalf("trial %d: writer said %q", done, l)
 			}
 			last = n
+			return true
+		}
+		for k := rand.IntN(3); k > 0 && readAck(); k-- {
+		}
+		time.Sleep(time.Duration(rand.Int64N(int64(3 * time.Millisecond))))
+		_ = cmd.Process.Signal(syscall.SIGKILL)
+		for readAck() {
 		}
 		in.Close()
 		werr := cmd.Wait()
@@ -221,4 +232,15 @@ func TestKill9DuringWrites(t *testing.T) {
 	if withAcks < done/4 {
 		t.Errorf("only %d of %d trials saw a write acknowledged: the kills came too early to test anything", withAcks, done)
 	}
+}
+
+// lockHeld reports whether some process holds a write lock on path, without taking it.
+func lockHeld(path string) bool {
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	lk := unix.Flock_t{Type: unix.F_WRLCK}
+	return unix.FcntlFlock(f.Fd(), unix.F_OFD_GETLK, &lk) == nil && lk.Type != unix.F_UNLCK
 }
