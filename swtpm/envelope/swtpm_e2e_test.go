@@ -53,8 +53,8 @@ func ioctl(t *testing.T, ctrl string, args ...string) error {
 
 // TestSwtpmExchange moves a permanent-state blob from a real swtpm to nkp's decoder and
 // back into a second real swtpm through nkp's encoder (swtpm_ioctl --save/--load), with
-// and without a migration key, and checks that swtpm refuses a blob made with the wrong
-// migration key.
+// and without a migration key and a state-key layer, and checks that swtpm refuses a blob
+// made with the wrong key.
 func TestSwtpmExchange(t *testing.T) {
 	e2e.Require(t, "swtpm", "swtpm_ioctl")
 	keyHex := "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
@@ -64,12 +64,16 @@ func TestSwtpmExchange(t *testing.T) {
 		t.Fatal(err)
 	}
 	tests := []struct {
-		name string
-		key  []byte
-		opts []string
+		name     string
+		key      []byte // migration key
+		stateKey []byte // state key, for a blob that keeps the state-key layer
+		opts     []string
 	}{
-		{"plain", nil, nil},
-		{"migration key", mk, []string{"--migration-key", "file=" + keyFile + ",mode=aes-256-cbc"}},
+		{"plain", nil, nil, nil},
+		{"migration key", mk, nil, []string{"--migration-key", "file=" + keyFile + ",mode=aes-256-cbc"}},
+		{"state key layer", nil, mk, []string{"--key", "file=" + keyFile + ",mode=aes-256-cbc"}},
+		{"both layers", mk, mk, []string{"--key", "file=" + keyFile + ",mode=aes-256-cbc",
+			"--migration-key", "file=" + keyFile + ",mode=aes-256-cbc"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -85,7 +89,7 @@ func TestSwtpmExchange(t *testing.T) {
 				t.Fatalf("nkp cannot read swtpm's blob: %v", err)
 			}
 
-			ours, _, err := ForMigration(payload, tt.key, true)
+			ours, _, err := ForMigrationWithStateKey(payload, tt.key, tt.stateKey, tt.stateKey == nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -113,13 +117,19 @@ func TestSwtpmExchange(t *testing.T) {
 				t.Errorf("the TPM that loaded nkp's blob has different permanent state (%d vs %d bytes)", len(payload2), len(payload))
 			}
 
-			if tt.key != nil {
-				wrong, _, _ := ForMigration(payload, bytes.Repeat([]byte{7}, 32), true)
+			if tt.key != nil || tt.stateKey != nil {
+				other := func(k []byte) []byte {
+					if k == nil {
+						return nil
+					}
+					return bytes.Repeat([]byte{7}, 32)
+				}
+				wrong, _, _ := ForMigrationWithStateKey(payload, other(tt.key), other(tt.stateKey), tt.stateKey == nil)
 				wrongFile := filepath.Join(dir, "wrong")
 				_ = os.WriteFile(wrongFile, wrong, 0o600)
-				other := startSwtpm(t, tt.opts...)
-				if err := ioctl(t, other, "--load", "permanent", wrongFile); err == nil {
-					t.Errorf("swtpm accepted a blob made with another migration key")
+				third := startSwtpm(t, tt.opts...)
+				if err := ioctl(t, third, "--load", "permanent", wrongFile); err == nil {
+					t.Errorf("swtpm accepted a blob made with another key")
 				}
 			}
 		})

@@ -164,11 +164,6 @@ func ParseKey(spec KeySpec, log *slog.Logger) (*Key, error) {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	defer clear(raw)
-	if spec.Remove && (spec.Source == KeyFile || spec.Source == PwdFile) {
-		if err := os.Remove(spec.Path); err != nil {
-			return nil, fmt.Errorf("%s: remove after reading: %w", what, err)
-		}
-	}
 
 	var b []byte
 	switch spec.Source {
@@ -187,6 +182,14 @@ func ParseKey(spec KeySpec, log *slog.Logger) (*Key, error) {
 		if modeLen != 0 && len(b) != modeLen {
 			clear(b)
 			return nil, fmt.Errorf("%s: the key is %d bits but mode %s needs %d bits", what, len(b)*8, spec.Mode, modeLen*8)
+		}
+	}
+	// remove deletes the file once the key is good, as swtpm does (a bad key file stays
+	// for the operator to look at).
+	if spec.Remove && (spec.Source == KeyFile || spec.Source == PwdFile) {
+		if err := os.Remove(spec.Path); err != nil {
+			clear(b)
+			return nil, fmt.Errorf("%s: remove after reading: %w", what, err)
 		}
 	}
 	return &Key{b: b}, nil
