@@ -2,8 +2,9 @@
 // savestate blobs live between runs. It implements the NVRAM interface of
 // swtpm/internal/libtpms (Load, Store, Delete by name).
 //
-// With a key, files are written in nkp's own authenticated format (AES-256-GCM, see
-// format.go), bound to their blob type. Without a key they are written in swtpm's
+// With a key, files are written in nkp's own authenticated format (AES-256-GCM with
+// its header as additional data; the layout is in format.go and docs/DEVELOPING.md),
+// bound to their blob type and key. Without a key they are written in swtpm's
 // plaintext format, so that real swtpm can read the directory back, and a warning is
 // logged once. Reading accepts nkp's files, swtpm's plaintext files (only without a key,
 // or with Options.AcceptPlaintext) and swtpm's --key encrypted files (same key), so a VM
@@ -13,8 +14,9 @@
 // Writes are crash-safe: temp file, fsync, rename, fsync of the directory. A file that
 // could not be read is never overwritten nor deleted by this Dir.
 //
-// Only swtpm (the server) and cmd/nkp-swtpm import this package; nkp-hostd passes keys
-// to nkp-swtpm by fd and never opens a state directory itself.
+// Importers: swtpm/cli, which opens the directory for the swtpm server and parses
+// --key/--migration-key with ParseKeySpec/ParseKey, and tests. Other daemons hand keys
+// to nkp-swtpm by fd rather than opening a state directory themselves.
 package state
 
 import (
