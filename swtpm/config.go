@@ -1,6 +1,7 @@
 package swtpm
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -39,11 +40,14 @@ type Store interface {
 	Delete(name string) error
 }
 
-// StorageLocker is implemented by stores that can (re)acquire their lock on demand
-// (LOCK_STORAGE). Stores that hold their lock for their whole life need not: the
-// server then answers LOCK_STORAGE with success.
+// StorageLocker is implemented by stores whose lock can be given up for an outgoing
+// shared-storage migration and taken again (*state.Dir does). LOCK_STORAGE calls
+// LockStorage; with Config.ReleaseLockOutgoing, GET_STATEBLOB of the savestate calls
+// ReleaseLock, as swtpm does. Without it LOCK_STORAGE simply succeeds (the store holds
+// its lock for its whole life).
 type StorageLocker interface {
-	LockStorage(retries uint32) error
+	LockStorage(ctx context.Context, retries int) error
+	ReleaseLock() error
 }
 
 // Startup is the TPM2_Startup the server sends itself (--flags startup-*).
@@ -112,6 +116,11 @@ type Config struct {
 	// MigrationKey encrypts GET_STATEBLOB blobs and decrypts SET_STATEBLOB blobs
 	// (--migration-key), 16 or 32 bytes, or nil. The server does not wipe it.
 	MigrationKey []byte
+
+	// ReleaseLockOutgoing releases the store's lock when the savestate blob is read,
+	// the last GET_STATEBLOB of an outgoing migration, so that a destination on shared
+	// storage can take it (--migration release-lock-outgoing; needs a StorageLocker).
+	ReleaseLockOutgoing bool
 
 	// MessageTimeout bounds how long the rest of a message may take once its first byte
 	// arrived, on both channels (swtpm: 500 ms on the control channel). Default 500 ms.

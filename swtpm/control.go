@@ -322,7 +322,7 @@ func (s *Server) execCtrl(req ctrl.Request, fds []int) (resp ctrl.Response, afte
 
 	case ctrl.LockStorage:
 		if l, ok := s.cfg.Store.(StorageLocker); ok {
-			if err := l.LockStorage(r.Retries); err != nil {
+			if err := l.LockStorage(s.ctx, int(min(r.Retries, 1<<20))); err != nil {
 				s.log.Error("LOCK_STORAGE failed", "err", err)
 				return res(ctrl.ResFail), nil
 			}
@@ -353,6 +353,15 @@ func (s *Server) getStateBlobLocked(r ctrl.GetStateBlob) ctrl.Response {
 	}
 	typ := libtpms.StateType(r.Type)
 	raw, err := s.cfg.Engine.GetState(typ)
+	if typ == libtpms.SaveState && s.cfg.ReleaseLockOutgoing {
+		if l, ok := s.cfg.Store.(StorageLocker); ok {
+			if lerr := l.ReleaseLock(); lerr != nil {
+				s.log.Error("GET_STATEBLOB: releasing the state lock for the destination failed", "err", lerr)
+			} else {
+				s.log.Info("state lock released for the migration destination (--migration release-lock-outgoing)")
+			}
+		}
+	}
 	if typ == libtpms.Volatile {
 		// swtpm stores the volatile state, hands it out and deletes the file: a later
 		// start must not resume from a state that has moved elsewhere.

@@ -51,6 +51,7 @@ type Server struct {
 	conns  map[net.Conn]struct{}
 	closed bool
 
+	ctx      context.Context // Serve's context, for store calls that wait
 	stopOnce sync.Once
 	stop     chan struct{} // closed to end Serve
 	stopWhy  string
@@ -77,6 +78,7 @@ func New(cfg Config) (*Server, error) {
 		log:   log,
 		conns: make(map[net.Conn]struct{}),
 		stop:  make(chan struct{}),
+		ctx:   context.Background(),
 	}
 	_, _, maxSize, err := cfg.Engine.SetBufferSize(0)
 	if err != nil || maxSize == 0 {
@@ -92,6 +94,7 @@ func New(cfg Config) (*Server, error) {
 // TPM and closes the listeners and connections of Config. A nil error means an orderly
 // end; an error means the TPM could not be started (Config.NotNeedInit, Startup).
 func (s *Server) Serve(ctx context.Context) error {
+	s.ctx = ctx
 	if s.cfg.NotNeedInit || s.cfg.Startup != StartupNone {
 		if err := s.startAtLaunch(); err != nil {
 			s.closeAll()
