@@ -1,0 +1,161 @@
+package provider_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/base64"
+	"encoding/hex"
+	"log/slog"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nkp-dev/nkp/provider"
+	"github.com/nkp-dev/nkp/provider/rootkey"
+	"github.com/nkp-dev/nkp/provider/store"
+	"github.com/nkp-dev/nkp/provider/store/mem"
+)
+
+// clock is a settable test clock.
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func newClock() *clock { return &clock{t: time.Date(2026, 11, 28, 8, 0, 0, 0, time.UTC)} }
+
+func (c *clock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *clock) Advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.t = c.t.Add(d)
+}
+
+// syncBuffer collects log output from concurrent goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// env is one provider over a store, with its log captured.
+type env struct {
+	p     *provider.Provider
+	st    store.Store
+	rk    *rootkey.Key
+	clock *clock
+	logs  *syncBuffer
+}
+
+func open(t testing.TB, st store.Store, rk *rootkey.Key, c *clock) *env {
+	t.Helper()
+	logs := &syncBuffer{}
+	log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	p, err := provider.Open(context.Background(), provider.Config{Store: st, RootKey: rk, Log: log, Now: c.Now, BackupWorkFactor: 10})
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	return &env{p: p, st: st, rk: rk, clock: c, logs: logs}
+}
+
+// newEnv opens a provider over a fresh in-memory store with a fresh root key.
+func newEnv(t testing.TB) *env {
+	t.Helper()
+	rk, err := rootkey.Generate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return open(t, mem.New(), rk, newClock())
+}
+
+// initEnv is newEnv plus Init.
+func initEnv(t testing.TB, pol provider.Policy) *env {
+	t.Helper()
+	e := newEnv(t)
+	if _, err := e.p.Init(context.Background(), provider.InitOptions{Policy: pol}); err != nil {
+		t.Fatalf("Init: %v", err)
+	}
+	return e
+}
+
+// backup takes a backup and returns the archive.
+func (e *env) backup(t testing.TB, pass string) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	if _, err := e.p.Backup(context.Background(), &buf, []byte(pass)); err != nil {
+		t.Fatalf("Backup: %v", err)
+	}
+	return buf.Bytes()
+}
+
+// host is a joining host's key and CSR.
+type host struct {
+	key  *ecdsa.PrivateKey
+	csr  []byte
+	id   string
+	cert *x509.Certificate
+}
+
+func newHost(t testing.TB) *host {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "kvm"}}, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &host{key: k, csr: csr}
+}
+
+// enroll creates a token and enrolls a new host with ek (nil: no TPM).
+func (e *env) enroll(t testing.TB, name string, ek []byte) *host {
+	t.Helper()
+	ctx := context.Background()
+	tok, err := e.p.CreateToken(ctx, time.Hour)
+	if err != nil {
+		t.Fatalf("CreateToken: %v", err)
+	}
+	h := newHost(t)
+	resp, err := e.p.Enroll(ctx, provider.EnrollRequest{Token: tok.Secret, CSR: h.csr, Hostname: name, EKPublic: ek})
+	if err != nil {
+		t.Fatalf("Enroll %s: %v", name, err)
+	}
+	h.id = resp.HostID
+	if h.cert, err = x509.ParseCertificate(resp.Certificate); err != nil {
+		t.Fatal(err)
+	}
+	return h
+}
+
+// assertNoSecret fails if the logs contain key in raw, hex or base64 form.
+func assertNoSecret(t testing.TB, logs string, key []byte) {
+	t.Helper()
+	for _, form := range []string{string(key), hex.EncodeToString(key), base64.StdEncoding.EncodeToString(key), base64.RawURLEncoding.EncodeToString(key)} {
+		if bytes.Contains([]byte(logs), []byte(form)) {
+			t.Fatalf("a key appears in the log output")
+		}
+	}
+}
