@@ -326,10 +326,14 @@ var errGone = errors.New("the VM stopped")
 func (c console) waitFor(t *testing.T, what string, stopped func() bool, cond func([]guest.Record) bool) []guest.Record {
 	t.Helper()
 	var recs []guest.Record
-	var gone bool
+	var gone, failed bool
 	err := e2e.Poll(bootTimeout, func() bool {
 		recs = c.records()
 		if cond(recs) {
+			return true
+		}
+		if has("done", "fail")(recs) {
+			failed = true
 			return true
 		}
 		if stopped != nil && stopped() {
@@ -342,6 +346,9 @@ func (c console) waitFor(t *testing.T, what string, stopped func() bool, cond fu
 	})
 	if gone {
 		err = errGone
+	}
+	if failed {
+		err = errors.New("the guest agent failed")
 	}
 	if err != nil {
 		t.Fatalf("waiting for the guest to print %s: %v\n%s", what, err, c.tail())

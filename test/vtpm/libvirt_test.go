@@ -1,0 +1,220 @@
+package vtpm
+
+import (
+	"bytes"
+	"encoding/xml"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"text/template"
+
+	"github.com/nkp-dev/nkp/test/e2e"
+	"github.com/nkp-dev/nkp/test/guest"
+)
+
+const libvirtURI = "qemu:///system"
+
+// requireLibvirt skips (or fails under NKP_E2E=required) unless libvirtd answers.
+func requireLibvirt(t *testing.T) {
+	t.Helper()
+	e2e.Require(t, "virsh")
+	if out, err := exec.Command("virsh", "-c", libvirtURI, "version").CombinedOutput(); err != nil {
+		e2e.Unavailable(t, fmt.Sprintf("libvirtd does not answer on %s (start it with `make setup`): %v: %s", libvirtURI, err, bytes.TrimSpace(out)))
+	}
+}
+
+func virsh(args ...string) (string, error) {
+	out, err := exec.Command("virsh", append([]string{"-c", libvirtURI}, args...)...).CombinedOutput()
+	if err != nil {
+		return string(out), fmt.Errorf("virsh %s: %w: %s", strings.Join(args, " "), err, bytes.TrimSpace(out))
+	}
+	return string(out), nil
+}
+
+// domainXML is a transient TCG domain booting the test guest with an external vTPM.
+var domainXML = template.Must(template.New("domain").Funcs(template.FuncMap{"x": xmlEscape}).Parse(`<domain type='qemu'>
+  <name>{{x .Name}}</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{{x .Kernel}}</kernel>
+    <initrd>{{x .Initrd}}</initrd>
+    <cmdline>{{x .Cmdline}}</cmdline>
+  </os>
+  <features><acpi/><apic/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <serial type='file'><source path='{{x .Console}}'/><target port='0'/></serial>
+    <console type='file'><source path='{{x .Console}}'/><target type='serial' port='0'/></console>
+    <tpm model='tpm-crb'>
+      <backend type='external'><source type='unix' mode='connect' path='{{x .Socket}}'/></backend>
+    </tpm>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+`))
+
+func xmlEscape(s string) string {
+	var b strings.Builder
+	xml.EscapeText(&b, []byte(s))
+	return b.String()
+}
+
+// libvirtVM is a transient libvirt domain: it disappears when the guest powers off.
+type libvirtVM struct {
+	name    string
+	console console
+}
+
+// createDomain copies the guest into dir (libvirt relabels kernel and initrd, so the
+// shared cache is left alone), writes the domain XML and starts it with `virsh create`.
+func createDomain(t *testing.T, a guest.Artifacts, dir string, v *vtpm, cfg guest.Config) *libvirtVM {
+	t.Helper()
+	args, err := cfg.KernelArgs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	vm := &libvirtVM{name: "nkp-vtpm-" + randHex(t, 6), console: console(filepath.Join(dir, "console.log"))}
+	kernel, initrd := filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.gz")
+	copyTo(t, a.Kernel, kernel)
+	copyTo(t, a.Initrd, initrd)
+	var buf bytes.Buffer
+	err = domainXML.Execute(&buf, map[string]string{
+		"Name": vm.name, "Kernel": kernel, "Initrd": initrd, "Cmdline": args,
+		"Console": string(vm.console), "Socket": v.sock,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	xmlPath := filepath.Join(dir, "domain.xml")
+	if err := os.WriteFile(xmlPath, buf.Bytes(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { virsh("destroy", vm.name) })
+	if _, err := virsh("create", xmlPath); err != nil {
+		t.Fatalf("start domain: %v\n%s", err, v.logTail())
+	}
+	return vm
+}
+
+func copyTo(t *testing.T, from, to string) {
+	t.Helper()
+	in, err := os.Open(from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	out, err := os.OpenFile(to, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		t.Fatal(err)
+	}
+	if err := out.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// gone reports whether the transient domain no longer runs.
+func (vm *libvirtVM) gone() bool {
+	out, err := virsh("domstate", vm.name)
+	return err != nil || strings.Contains(out, "shut off")
+}
+
+func (vm *libvirtVM) waitGone(t *testing.T) {
+	t.Helper()
+	e2e.WaitFor(t, bootTimeout, "domain "+vm.name+" to stop", vm.gone)
+}
+
+// TestLibvirtExternalBackend boots the guest through libvirt with
+// <backend type='external'> pointing at a backend the test started: the guest sees a
+// TPM 2.0 with a firmware-measured PCR0, and the backend ends when QEMU stops.
+func TestLibvirtExternalBackend(t *testing.T) {
+	a := requireVM(t)
+	requireLibvirt(t)
+	for _, be := range backends(t) {
+		t.Run(be.name, func(t *testing.T) {
+			dir := workDir(t)
+			v := startVTPM(t, be, dir, "tpm", filepath.Join(dir, "state"), newKey(t), true)
+			vm := createDomain(t, a, dir, v, guest.Config{})
+			recs := vm.console.waitFor(t, "done=ok", vm.gone, has("done", "ok"))
+			checkTPMInfo(t, recs)
+			vm.waitGone(t)
+			v.waitExit(t)
+		})
+	}
+}
+
+// TestLibvirtSaveRestore runs a guest that extends a PCR and writes NV, saves it with
+// `virsh save`, and restores it with `virsh restore` against a fresh backend process on
+// an empty state directory with another key: the vTPM state travels in the save image
+// (GET/SET_STATEBLOB), and the running guest still sees its PCRs and NV value.
+func TestLibvirtSaveRestore(t *testing.T) {
+	a := requireVM(t)
+	requireLibvirt(t)
+	for _, be := range backends(t) {
+		t.Run(be.name, func(t *testing.T) {
+			dir := workDir(t)
+			value := "save-" + randHex(t, 6)
+			cfg := guest.Config{
+				Actions: []string{guest.ActionNVWrite, guest.ActionExtend, guest.ActionLoop},
+				NV:      value, Extend: "before-save", Loop: 600,
+			}
+			v1 := startVTPM(t, be, dir, "tpm", filepath.Join(dir, "state1"), newKey(t), true)
+			vm := createDomain(t, a, dir, v1, cfg)
+			recs := vm.console.waitFor(t, "the first loop line", vm.gone, has("loop", ""))
+			checkTPMInfo(t, recs)
+			pcr0, _ := guest.Last(recs, "pcr0")
+			pcr16, _ := guest.Last(recs, "pcr16")
+
+			image := filepath.Join(dir, "vm.save")
+			if _, err := virsh("save", vm.name, image); err != nil {
+				t.Fatalf("%v\n%s", err, v1.logTail())
+			}
+			lastLoop := lastLoopIndex(vm.console.records())
+			v1.waitExit(t)
+
+			v2 := startVTPM(t, be, dir, "tpm", filepath.Join(dir, "state2"), newKey(t), true)
+			if _, err := virsh("restore", image); err != nil {
+				t.Fatalf("%v\n%s", err, v2.logTail())
+			}
+			after := vm.console.waitFor(t, fmt.Sprintf("a loop line after #%d", lastLoop), vm.gone, func(r []guest.Record) bool {
+				return lastLoopIndex(r) > lastLoop
+			})
+			if v, _ := guest.Last(after, "pcr16"); v != pcr16 {
+				t.Errorf("after restore PCR16 = %s, want %s (extended before the save)", v, pcr16)
+			}
+			if v, _ := guest.Last(after, "pcr0"); v != pcr0 {
+				t.Errorf("after restore PCR0 = %s, want %s", v, pcr0)
+			}
+			if v, _ := guest.Last(after, "nv"); v != value {
+				t.Errorf("after restore the guest reads NV %q, want %q", v, value)
+			}
+			if _, err := virsh("destroy", vm.name); err != nil {
+				t.Fatal(err)
+			}
+			v2.waitExit(t)
+		})
+	}
+}
+
+// lastLoopIndex is the highest loop counter on the console, 0 if none.
+func lastLoopIndex(recs []guest.Record) int {
+	n := 0
+	for _, r := range recs {
+		if i, err := strconv.Atoi(r["loop"]); err == nil && i > n {
+			n = i
+		}
+	}
+	return n
+}
