@@ -212,6 +212,10 @@ func (d *Dir) loadFile(name, p string) ([]byte, error) {
 	}
 	data, plain, err := decodeFile(name, file, d.seal, d.key, d.accept)
 	if err != nil {
+		var h *hinted
+		if errors.As(err, &h) {
+			return nil, fmt.Errorf("state file %s: %w; the file was left untouched (%s)", p, h.err, h.hint)
+		}
 		return nil, fmt.Errorf("state file %s: %w; the file was left untouched", p, err)
 	}
 	if plain && d.key != nil {

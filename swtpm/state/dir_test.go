@@ -183,6 +183,16 @@ func TestTamper(t *testing.T) {
 			t.Fatalf("byte %d flipped: the file was changed", i)
 		}
 	}
+	// A damaged body under the right key says so.
+	bad := append([]byte{}, orig...)
+	bad[len(bad)-1] ^= 1
+	os.WriteFile(path, bad, 0o600)
+	d = mustOpen(t, dir, Options{Key: key})
+	if _, err := d.Load("permall"); err == nil || !strings.Contains(err.Error(), "the file itself is damaged") {
+		t.Errorf("damaged file: %v", err)
+	}
+	d.Close()
+
 	// Truncations, garbage and renames.
 	cases := []struct {
 		name string
@@ -247,7 +257,7 @@ func TestWrongKey(t *testing.T) {
 			}
 			if tt.want == ErrAuth {
 				want := "state file " + path + ": authentication failed: wrong key or corrupted file"
-				if !strings.HasPrefix(err.Error(), want) || !strings.HasSuffix(err.Error(), "the file was left untouched") {
+				if !strings.HasPrefix(err.Error(), want+"; the file was left untouched (") || !strings.Contains(err.Error(), "wrong key)") {
 					t.Errorf("message %q", err)
 				}
 			}

@@ -115,14 +115,24 @@ func (s *sealer) open(typ byte, file []byte) ([]byte, error) {
 		return nil, fmt.Errorf("%w: unknown flags %#x", ErrCorrupt, f)
 	}
 	if !hmac.Equal(file[12:20], s.keyID[:]) {
-		return nil, fmt.Errorf("%w (written under key id %x, this key's id is %x)", ErrAuth, file[12:20], s.keyID)
+		return nil, &hinted{ErrAuth, fmt.Sprintf("it was written under key id %x, this key's id is %x: most likely the wrong key", file[12:20], s.keyID)}
 	}
 	p, err := s.aead.Open(nil, file[20:fileHeaderSize], file[fileHeaderSize:], file[:fileHeaderSize])
 	if err != nil {
-		return nil, ErrAuth
+		return nil, &hinted{ErrAuth, "the key id matches, so the file itself is damaged; restore it from a backup"}
 	}
 	return p, nil
 }
+
+// hinted is an error with a hint that Dir puts at the end of its message, after the
+// sentence every state error shares ("...; the file was left untouched").
+type hinted struct {
+	err  error
+	hint string
+}
+
+func (h *hinted) Error() string { return h.err.Error() + " (" + h.hint + ")" }
+func (h *hinted) Unwrap() error { return h.err }
 
 // decodeFile reads a state file of either format. s and key are nil without a key.
 func decodeFile(name string, file []byte, s *sealer, key []byte, acceptPlain bool) (payload []byte, plain bool, err error) {
@@ -154,9 +164,9 @@ func decodeFile(name string, file []byte, s *sealer, key []byte, acceptPlain boo
 	p, err := envelope.DecodeFile(file, key)
 	switch {
 	case errors.Is(err, envelope.ErrAuth):
-		return nil, false, fmt.Errorf("%w (swtpm --key format)", ErrAuth)
+		return nil, false, &hinted{ErrAuth, "a swtpm --key file whose HMAC does not match this key"}
 	case errors.Is(err, envelope.ErrKeySize):
-		return nil, false, fmt.Errorf("%w: %w", ErrAuth, err)
+		return nil, false, &hinted{ErrAuth, "a swtpm --key file: " + err.Error()}
 	case err != nil:
 		return nil, false, fmt.Errorf("%w: %w", ErrCorrupt, err)
 	}
