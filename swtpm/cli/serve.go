@@ -6,18 +6,145 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
+
+	"github.com/nkp-dev/nkp/swtpm"
+	"github.com/nkp-dev/nkp/swtpm/envelope"
+	"github.com/nkp-dev/nkp/swtpm/internal/libtpms"
+	"github.com/nkp-dev/nkp/swtpm/state"
 )
 
-// errNoEngine is returned until the vTPM server of package swtpm is wired in.
-var errNoEngine = errors.New("the vTPM server (package swtpm) is not wired into nkp-swtpm yet")
+// KeySpec converts the parsed --key or --migration-key option to what package state
+// reads the key with.
+func (k *KeyOptions) KeySpec() state.KeySpec {
+	spec := state.KeySpec{FD: -1, Format: k.Format, Mode: k.Mode, Remove: k.Remove}
+	switch {
+	case k.File != "":
+		spec.Source, spec.Path = state.KeyFile, k.File
+	case k.FD >= 0:
+		spec.Source, spec.FD = state.KeyFD, k.FD
+	case k.PwdFile != "":
+		spec.Source, spec.Path = state.PwdFile, k.PwdFile
+	case k.PwdFD >= 0:
+		spec.Source, spec.FD = state.PwdFD, k.PwdFD
+	}
+	if k.IsPassphrase() {
+		spec.KDF = envelope.KDF(k.KDF)
+	}
+	return spec
+}
 
-// serve opens the state and the sockets, starts the vTPM server, calls ready once
-// clients can connect and serves until ctx ends or the server stops.
-func serve(ctx context.Context, o *Options, log *slog.Logger, ready func() error) error {
-	return errNoEngine
+// readKey reads the key an option names; nil options give a nil key.
+func readKey(option string, k *KeyOptions, log *slog.Logger) (*state.Key, error) {
+	if k == nil {
+		return nil, nil
+	}
+	key, err := state.ParseKey(k.KeySpec(), log)
+	if err != nil {
+		return nil, fmt.Errorf("--%s: %w", option, err)
+	}
+	return key, nil
+}
+
+// serve reads the keys, opens the state directory, the TPM and the sockets, calls ready
+// once clients can connect, and serves until ctx ends or the server stops. Everything
+// it opened is closed and the keys are wiped before it returns.
+func serve(ctx context.Context, o *Options, log *slog.Logger, ready func() error) (err error) {
+	if o.Ctrl == nil {
+		return errors.New("no control channel: give --ctrl type=unixio,path=<socket> (or clientfd=, fd=, type=tcp,port=); nkp-swtpm is always driven through one")
+	}
+	if o.Flags.Startup == StartupDeactivated {
+		return errors.New("--flags startup-deactivated exists only for TPM 1.2; use startup-clear or startup-state")
+	}
+	stateKey, err := readKey("key", o.Key, log)
+	if err != nil {
+		return err
+	}
+	defer stateKey.Wipe()
+	migKey, err := readKey("migration-key", o.MigrationKey, log)
+	if err != nil {
+		return err
+	}
+	defer migKey.Wipe()
+
+	mode := o.State.Mode
+	if o.State.ModeDefault {
+		mode = 0
+	}
+	dir, err := state.Open(o.State.Dir, state.Options{Key: stateKey, Mode: mode, Lock: o.State.Lock, Backup: o.State.Backup, Log: log})
+	if err != nil {
+		return fmt.Errorf("--tpmstate: %w", err)
+	}
+	defer func() {
+		if cerr := dir.Close(); cerr != nil && err == nil {
+			err = fmt.Errorf("--tpmstate: close: %w", cerr)
+		}
+	}()
+	tpm, err := libtpms.Open(dir)
+	if err != nil {
+		return fmt.Errorf("open the TPM engine: %w", err)
+	}
+	defer tpm.Close()
+
+	cfg := swtpm.Config{
+		Engine:              tpm,
+		Store:               dir,
+		Log:                 log,
+		Terminate:           o.Terminate,
+		NotNeedInit:         o.Flags.NotNeedInit,
+		DisableAutoShutdown: o.Flags.DisableAutoShutdown,
+		RejectLocality4:     o.Locality.RejectLocality4,
+		AllowSetLocality:    o.Locality.AllowSetLocality,
+		StateKey:            stateKey.Bytes(),
+		MigrationKey:        migKey.Bytes(),
+		ReleaseLockOutgoing: o.Migration.ReleaseLockOutgoing,
+	}
+	if o.Migration.Incoming {
+		log.Warn("--migration incoming: nkp-swtpm locks the state directory at start, so on storage shared with the migration source it must start after the source released its lock")
+	}
+	switch o.Flags.Startup {
+	case StartupClear:
+		cfg.Startup = swtpm.StartupClear
+	case StartupState:
+		cfg.Startup = swtpm.StartupState
+	}
+	ctrl, err := o.Ctrl.Open("ctrl")
+	if err != nil {
+		return err
+	}
+	defer ctrl.Close()
+	cfg.CtrlListener, cfg.CtrlConn, cfg.CtrlTerminate = ctrl.Listener, ctrl.Conn, o.Ctrl.Terminate
+	if o.Server != nil {
+		data, err := o.Server.Open("server")
+		if err != nil {
+			return err
+		}
+		defer data.Close()
+		cfg.DataListener, cfg.DataConn, cfg.Disconnect = data.Listener, data.Conn, o.Server.Disconnect
+	}
+	srv, err := swtpm.New(cfg)
+	if err != nil {
+		return err
+	}
+	if err := ready(); err != nil {
+		return err
+	}
+	log.Info("nkp-swtpm serving", "version", Version, "state", o.State.Dir, "encrypted", stateKey != nil, "pid", os.Getpid())
+	if err := srv.Serve(ctx); err != nil {
+		return fmt.Errorf("vTPM: %w", err)
+	}
+	return nil
 }
 
 // printStates prints the state blobs of --tpmstate as swtpm --print-states does.
 func printStates(o *Options, w io.Writer) error {
-	return fmt.Errorf("--print-states: %w", errNoEngine)
+	infos, err := state.States(o.State.Dir)
+	if err != nil {
+		return fmt.Errorf("--print-states: %w", err)
+	}
+	entries := make([]StateEntry, len(infos))
+	for i, in := range infos {
+		entries[i] = StateEntry{Name: in.Name, Size: in.Size}
+	}
+	return PrintStates(w, entries)
 }
