@@ -1,0 +1,550 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/api/daemon"
+	"github.com/nkp-dev/nkp/provider/backup"
+	"github.com/nkp-dev/nkp/provider/client"
+)
+
+// ctl holds the global flags and the streams of one invocation.
+type ctl struct {
+	stdin          io.Reader
+	stdout, stderr io.Writer
+
+	url      string
+	dir      string
+	certFile string
+	keyFile  string
+	caFile   string
+	asJSON   bool
+	pass     passphraseSource
+	store    daemon.StoreConfig
+	etcdEP   string
+}
+
+func newRoot(stdin io.Reader, stdout, stderr io.Writer) *cobra.Command {
+	c := &ctl{stdin: stdin, stdout: stdout, stderr: stderr}
+	root := &cobra.Command{
+		Use:           "nkpctl",
+		Short:         "nkp's command-line tool",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.SetIn(stdin)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	prov := &cobra.Command{Use: "provider", Short: "run and administer the key provider"}
+	pf := prov.PersistentFlags()
+	pf.StringVar(&c.url, "provider", envOr("NKP_PROVIDER", "https://127.0.0.1:8443"), "provider URL (env NKP_PROVIDER)")
+	pf.StringVar(&c.dir, "dir", envOr("NKP_PROVIDER_DIR", "/var/lib/nkp-provider"), "provider directory with ca.crt, admin.crt, admin.key (env NKP_PROVIDER_DIR)")
+	pf.StringVar(&c.certFile, "cert", "", "admin certificate (default DIR/admin.crt)")
+	pf.StringVar(&c.keyFile, "key", "", "admin key (default DIR/admin.key)")
+	pf.StringVar(&c.caFile, "ca", "", "provider CA certificate (default DIR/ca.crt)")
+	pf.BoolVar(&c.asJSON, "json", false, "print JSON")
+	root.AddCommand(prov)
+	prov.AddCommand(c.initCmd(), c.statusCmd(), c.backupCmd(), c.restoreCmd(), c.tokenCmd(), c.hostsCmd(),
+		c.revokeCmd(), c.rotateCmd(), c.retireCmd(), c.objectsCmd(), c.auditCmd(), c.policyCmd())
+	return root
+}
+
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
+func (c *ctl) passFlags(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&c.pass.file, "passphrase-file", "", "read the backup passphrase from the first line of FILE")
+	cmd.Flags().BoolVar(&c.pass.stdin, "passphrase-stdin", false, "read the backup passphrase from the first line of standard input")
+}
+
+func (c *ctl) storeFlags(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&c.store.Kind, "store", daemon.StoreBolt, "store: bolt (a file in --dir) or etcd")
+	cmd.Flags().StringVar(&c.etcdEP, "etcd-endpoints", "", "etcd client URLs, comma-separated (--store etcd)")
+	cmd.Flags().StringVar(&c.store.EtcdPrefix, "etcd-prefix", "", "key prefix in etcd (default /nkp/provider/)")
+}
+
+func (c *ctl) storeConfig() daemon.StoreConfig {
+	sc := c.store
+	if c.etcdEP != "" {
+		sc.EtcdEndpoints = strings.Split(c.etcdEP, ",")
+	}
+	return sc
+}
+
+func (c *ctl) logger() *slog.Logger {
+	return slog.New(slog.NewTextHandler(c.stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+}
+
+// client connects with the admin credentials.
+func (c *ctl) client() (*client.Client, error) {
+	pick := func(flag, name string) string {
+		if flag != "" {
+			return flag
+		}
+		return filepath.Join(c.dir, name)
+	}
+	adm, err := daemon.LoadAdminFiles(pick(c.certFile, daemon.AdminCertFile), pick(c.keyFile, daemon.AdminKeyFile), pick(c.caFile, daemon.CACertFile))
+	if err != nil {
+		return nil, err
+	}
+	return client.New(client.Config{URL: c.url, CA: adm.CA, Certificate: adm.Certificate})
+}
+
+// print writes v as JSON (--json) or through the human formatter.
+func (c *ctl) print(v any, human func(w io.Writer)) error {
+	if c.asJSON {
+		enc := json.NewEncoder(c.stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(v)
+	}
+	tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
+	human(tw)
+	return tw.Flush()
+}
+
+func (c *ctl) initCmd() *cobra.Command {
+	var tpmRequired bool
+	cmd := &cobra.Command{
+		Use:   "init",
+		Short: "create a provider in --dir: root key, store, CA, first KDK, admin credentials",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			st, err := daemon.Init(cmd.Context(), daemon.InitConfig{Dir: c.dir, Store: c.storeConfig(), TPMRequired: tpmRequired, Log: c.logger()})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(c.stderr, "provider %s initialised in %s; state %s: take a backup (nkpctl provider backup) before hosts can get keys\n", st.ProviderID, c.dir, st.State)
+			return nil
+		},
+	}
+	c.storeFlags(cmd)
+	cmd.Flags().BoolVar(&tpmRequired, "tpm-required", false, "refuse hosts without a TPM")
+	return cmd
+}
+
+func (c *ctl) statusCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "status",
+		Short: "show state, KDK versions, hosts, last backup",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			defer cl.Close()
+			st, err := cl.Status(cmd.Context())
+			if err != nil {
+				return err
+			}
+			return c.print(st, func(w io.Writer) {
+				fmt.Fprintf(w, "provider\t%s\nstate\t%s\nCA hash\t%s\nhosts\t%d\ntpm-required\t%v\n", st.ProviderID, st.State, st.CAHash, st.Hosts, st.TPMRequired)
+				if st.LastBackup.IsZero() {
+					fmt.Fprintf(w, "last backup\tnever\n")
+				} else {
+					fmt.Fprintf(w, "last backup\t%s\n", st.LastBackup.Format(time.RFC3339))
+				}
+				for _, k := range st.KDKs {
+					fmt.Fprintf(w, "KDK v%d\t%s%s%s\n", k.Version, k.ID, mark(k.Primary, " primary"), mark(k.Retired, " retired"))
+				}
+			})
+		},
+	}
+}
+
+func mark(b bool, s string) string {
+	if b {
+		return s
+	}
+	return ""
+}
+
+func (c *ctl) backupCmd() *cobra.Command {
+	var out string
+	cmd := &cobra.Command{
+		Use:   "backup",
+		Short: "write an age-encrypted backup archive (then the provider may release keys)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if out == "" {
+				return errors.New("--out FILE is required (the archive is written 0600)")
+			}
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			defer cl.Close()
+			pass, err := c.pass.read(c.stdin, c.stderr, true)
+			if err != nil {
+				return err
+			}
+			defer clear(pass)
+			var buf bytes.Buffer
+			if _, err := cl.Backup(cmd.Context(), &buf, pass); err != nil {
+				return err
+			}
+			if err := daemon.WriteFileAtomic(out, buf.Bytes(), 0o600); err != nil {
+				return fmt.Errorf("the provider took the backup but it could not be saved: %w (take it again)", err)
+			}
+			fmt.Fprintf(c.stderr, "backup written to %s (%d bytes); opens with `age -d %s` too\n", out, buf.Len(), out)
+			return nil
+		},
+	}
+	cmd.Flags().StringVarP(&out, "out", "o", "", "archive file to write")
+	c.passFlags(cmd)
+	cmd.AddCommand(c.backupVerifyCmd())
+	return cmd
+}
+
+func (c *ctl) backupVerifyCmd() *cobra.Command {
+	var in string
+	cmd := &cobra.Command{
+		Use:   "verify",
+		Short: "open an archive locally and check it (no provider needed)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if in == "" {
+				return errors.New("--in FILE is required")
+			}
+			f, err := os.Open(in)
+			if err != nil {
+				return fmt.Errorf("backup verify: %w", err)
+			}
+			defer f.Close()
+			pass, err := c.pass.read(c.stdin, c.stderr, false)
+			if err != nil {
+				return err
+			}
+			defer clear(pass)
+			doc, n, err := backup.Read(f, pass)
+			if err != nil {
+				return fmt.Errorf("backup %s: %w", in, err)
+			}
+			defer doc.Wipe()
+			info := doc.Info()
+			out := api.BackupInfo{ProviderID: info.ProviderID, Created: info.Created, KDKVersions: len(info.KDKVersions), Hosts: info.Hosts, Objects: info.Objects}
+			return c.print(out, func(w io.Writer) {
+				fmt.Fprintf(w, "archive\t%s (%d bytes): OK\nprovider\t%s\ncreated\t%s\nKDK versions\t%v (primary v%d)\nhosts\t%d\nobjects\t%d\n",
+					in, n, info.ProviderID, info.Created.Format(time.RFC3339), info.KDKVersions, info.Primary, info.Hosts, info.Objects)
+			})
+		},
+	}
+	cmd.Flags().StringVarP(&in, "in", "i", "", "archive file to check")
+	c.passFlags(cmd)
+	return cmd
+}
+
+func (c *ctl) restoreCmd() *cobra.Command {
+	var in string
+	var force bool
+	cmd := &cobra.Command{
+		Use:   "restore",
+		Short: "rebuild a provider in --dir from a backup archive (with nkp-provider stopped)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if in == "" {
+				return errors.New("--in FILE is required")
+			}
+			f, err := os.Open(in)
+			if err != nil {
+				return fmt.Errorf("restore: %w", err)
+			}
+			defer f.Close()
+			pass, err := c.pass.read(c.stdin, c.stderr, false)
+			if err != nil {
+				return err
+			}
+			defer clear(pass)
+			st, err := daemon.Restore(cmd.Context(), daemon.RestoreConfig{Dir: c.dir, Store: c.storeConfig(), Archive: f,
+				Passphrase: pass, Force: force, Log: c.logger()})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(c.stderr, "provider %s restored into %s; state %s, %d hosts\n", st.ProviderID, c.dir, st.State, st.Hosts)
+			return nil
+		},
+	}
+	cmd.Flags().StringVarP(&in, "in", "i", "", "archive file to restore")
+	cmd.Flags().BoolVar(&force, "force", false, "restore over a provider that is not empty (its state is replaced)")
+	c.passFlags(cmd)
+	c.storeFlags(cmd)
+	return cmd
+}
+
+func (c *ctl) tokenCmd() *cobra.Command {
+	tok := &cobra.Command{Use: "token", Short: "join tokens"}
+	var ttl time.Duration
+	create := &cobra.Command{
+		Use:   "create",
+		Short: "create a single-use join token for one host",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			defer cl.Close()
+			t, err := cl.CreateToken(cmd.Context(), ttl)
+			if err != nil {
+				return err
+			}
+			return c.print(t, func(w io.Writer) {
+				fmt.Fprintf(w, "token\t%s\nexpires\t%s\nCA hash\t%s\n\non the host:\tnkp-hostd join --provider %s --token %s --ca-hash %s\n",
+					t.Secret, t.Expires.Format(time.RFC3339), t.CAHash, c.url, t.Secret, t.CAHash)
+			})
+		},
+	}
+	create.Flags().DurationVar(&ttl, "ttl", time.Hour, "how long the token stays valid")
+	tok.AddCommand(create)
+	return tok
+}
+
+func (c *ctl) hostsCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "hosts",
+		Short: "list enrolled hosts",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			defer cl.Close()
+			hs, err := cl.Hosts(cmd.Context())
+			if err != nil {
+				return err
+			}
+			return c.print(hs, func(w io.Writer) {
+				fmt.Fprintln(w, "ID\tHOSTNAME\tTPM\tENROLLED\tREVOKED")
+				for _, h := range hs {
+					fmt.Fprintf(w, "%s\t%s\t%v\t%s\t%v\n", h.ID, h.Hostname, h.TPM, h.Enrolled.Format(time.RFC3339), h.Revoked)
+				}
+			})
+		},
+	}
+}
+
+func (c *ctl) revokeCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "revoke HOST-ID",
+		Short: "refuse a host from now on, on every replica",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			defer cl.Close()
+			if err := cl.Revoke(cmd.Context(), args[0]); err != nil {
+				return err
+			}
+			fmt.Fprintf(c.stderr, "host %s revoked\n", args[0])
+			return nil
+		},
+	}
+}
+
+func (c *ctl) rotateCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "rotate",
+		Short: "make a new KDK version primary (take a backup afterwards)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			defer cl.Close()
+			v, err := cl.Rotate(cmd.Context())
+			if err != nil {
+				return err
+			}
+			return c.print(v, func(w io.Writer) {
+				fmt.Fprintf(w, "KDK v%d\t%s is now primary; take a backup before hosts can get it\n", v.Version, v.ID)
+			})
+		},
+	}
+}
+
+func (c *ctl) retireCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "retire VERSION",
+		Short: "retire a KDK version no catalogued object uses",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			v, err := strconv.Atoi(strings.TrimPrefix(args[0], "v"))
+			if err != nil {
+				return fmt.Errorf("VERSION %q: want a number like 1 or v1", args[0])
+			}
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			defer cl.Close()
+			if err := cl.Retire(cmd.Context(), v); err != nil {
+				return err
+			}
+			fmt.Fprintf(c.stderr, "KDK v%d retired\n", v)
+			return nil
+		},
+	}
+}
+
+func (c *ctl) objectsCmd() *cobra.Command {
+	var vm string
+	var kdkVersion int
+	cmd := &cobra.Command{
+		Use:   "objects",
+		Short: "list the key catalog (by VM, by KDK version)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			defer cl.Close()
+			objs, err := cl.Objects(cmd.Context(), vm, kdkVersion)
+			if err != nil {
+				return err
+			}
+			return c.print(objs, func(w io.Writer) {
+				fmt.Fprintln(w, "VM\tOBJECT\tKEY ID\tKDK\tHOST")
+				for _, o := range objs {
+					fmt.Fprintf(w, "%s\t%s\t%s\tv%d %s\t%s\n", o.VMUUID, o.Name, o.KeyID, o.KDKVersion, o.KDKID, o.HostID)
+				}
+			})
+		},
+	}
+	cmd.Flags().StringVar(&vm, "vm", "", "only this VM UUID")
+	cmd.Flags().IntVar(&kdkVersion, "kdk-version", 0, "only objects keyed from this KDK version")
+	return cmd
+}
+
+func (c *ctl) auditCmd() *cobra.Command {
+	var n int
+	cmd := &cobra.Command{
+		Use:   "audit",
+		Short: "show the last audit records",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			defer cl.Close()
+			recs, err := cl.Audit(cmd.Context(), n)
+			if err != nil {
+				return err
+			}
+			return c.print(recs, func(w io.Writer) {
+				for _, r := range recs {
+					fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s\t%v\n", r.Seq, r.Time.Format(time.RFC3339), r.Kind, r.Actor, r.Subject, r.Details)
+				}
+			})
+		},
+	}
+	cmd.Flags().IntVarP(&n, "n", "n", 50, "how many records (0: all)")
+	cmd.AddCommand(&cobra.Command{
+		Use:   "verify",
+		Short: "check the audit log's hash chain",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			defer cl.Close()
+			if err := cl.AuditVerify(cmd.Context()); err != nil {
+				return err
+			}
+			fmt.Fprintln(c.stdout, "audit log: chain intact")
+			return nil
+		},
+	})
+	return cmd
+}
+
+func (c *ctl) policyCmd() *cobra.Command {
+	pol := &cobra.Command{
+		Use:   "policy",
+		Short: "show the provider policy",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			defer cl.Close()
+			p, err := cl.Policy(cmd.Context())
+			if err != nil {
+				return err
+			}
+			return c.printPolicy(p)
+		},
+	}
+	pol.AddCommand(&cobra.Command{
+		Use:   "set tpm-required=on|off",
+		Short: "change the provider policy",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			p, err := parsePolicy(args[0])
+			if err != nil {
+				return err
+			}
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			defer cl.Close()
+			got, err := cl.SetPolicy(cmd.Context(), p)
+			if err != nil {
+				return err
+			}
+			return c.printPolicy(got)
+		},
+	})
+	return pol
+}
+
+func (c *ctl) printPolicy(p api.Policy) error {
+	return c.print(p, func(w io.Writer) { fmt.Fprintf(w, "tpm-required\t%s\n", onOff(p.TPMRequired)) })
+}
+
+func onOff(b bool) string {
+	if b {
+		return "on"
+	}
+	return "off"
+}
+
+func parsePolicy(s string) (api.Policy, error) {
+	name, val, ok := strings.Cut(s, "=")
+	if !ok || name != "tpm-required" {
+		return api.Policy{}, fmt.Errorf("policy %q: want tpm-required=on or tpm-required=off", s)
+	}
+	switch val {
+	case "on", "true", "yes":
+		return api.Policy{TPMRequired: true}, nil
+	case "off", "false", "no":
+		return api.Policy{TPMRequired: false}, nil
+	}
+	return api.Policy{}, fmt.Errorf("policy tpm-required=%q: want on or off", val)
+}

@@ -1,0 +1,397 @@
+// Command providerbench measures nkp-provider under many hosts: it starts the real
+// nkp-provider binary (on bbolt, and on a real etcd started with test/etcdtest), enrolls
+// N simulated hosts concurrently (each with its own key, CSR and join token), then has
+// them fetch their KDKs at a fixed open-loop rate over kept-alive connections, and reports
+// enrollment time, fetch latency percentiles, the achieved rate, errors and the provider's
+// RSS. With -out it writes the results under the "## Provider" heading of that markdown
+// file, replacing only that section.
+//
+//	go run ./test/bench/providerbench -hosts 1000 -rate 500 -duration 20s -store bolt,etcd -out BENCHMARKS.md
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/api/daemon"
+	"github.com/nkp-dev/nkp/provider/client"
+	"github.com/nkp-dev/nkp/test/etcdtest"
+)
+
+func main() {
+	if err := run(context.Background(), os.Args[1:], os.Stdout, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, "providerbench:", err)
+		os.Exit(1)
+	}
+}
+
+type config struct {
+	hosts    int
+	rate     int
+	duration time.Duration
+	stores   []string
+	out      string
+	bin      string
+	joinConc int
+	keepWork bool
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("providerbench", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var cfg config
+	var stores string
+	fs.IntVar(&cfg.hosts, "hosts", 1000, "simulated hosts")
+	fs.IntVar(&cfg.rate, "rate", 500, "target fetches per second (open loop)")
+	fs.DurationVar(&cfg.duration, "duration", 20*time.Second, "length of the fetch phase")
+	fs.StringVar(&stores, "store", "bolt,etcd", "stores to measure, comma-separated")
+	fs.StringVar(&cfg.out, "out", "", "markdown file whose \"## Provider\" section is replaced with the results")
+	fs.StringVar(&cfg.bin, "provider-bin", "", "nkp-provider binary (default $NKP_BIN/nkp-provider, else built with go build)")
+	fs.IntVar(&cfg.joinConc, "join-concurrency", 0, "enrollments in flight at once (0: all hosts at once)")
+	fs.BoolVar(&cfg.keepWork, "keep", false, "keep the work directory")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg.stores = strings.Split(stores, ",")
+	if cfg.hosts < 1 || cfg.rate < 1 || cfg.duration <= 0 {
+		return errors.New("-hosts, -rate and -duration must be positive")
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	work, err := os.MkdirTemp("", "providerbench-")
+	if err != nil {
+		return err
+	}
+	if !cfg.keepWork {
+		defer os.RemoveAll(work)
+	}
+	bin, err := providerBinary(cfg.bin, work)
+	if err != nil {
+		return err
+	}
+	var results []result
+	for _, st := range cfg.stores {
+		log.Info("measuring", "store", st, "hosts", cfg.hosts, "rate", cfg.rate, "duration", cfg.duration)
+		r, err := measure(ctx, cfg, st, bin, filepath.Join(work, st), log)
+		if err != nil {
+			return fmt.Errorf("store %s: %w", st, err)
+		}
+		results = append(results, r)
+		fmt.Fprintln(stdout, r.line())
+	}
+	md := markdown(cfg, results)
+	fmt.Fprint(stdout, md)
+	if cfg.out != "" {
+		return replaceSection(cfg.out, "## Provider", md)
+	}
+	return nil
+}
+
+func providerBinary(flagBin, work string) (string, error) {
+	if flagBin != "" {
+		return flagBin, nil
+	}
+	if d := os.Getenv("NKP_BIN"); d != "" {
+		if _, err := os.Stat(filepath.Join(d, "nkp-provider")); err == nil {
+			return filepath.Join(d, "nkp-provider"), nil
+		}
+	}
+	out := filepath.Join(work, "nkp-provider")
+	cmd := exec.Command("go", "build", "-o", out, "./cmd/nkp-provider")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go build ./cmd/nkp-provider (run from the repository root or pass -provider-bin): %v\n%s", err, b)
+	}
+	return out, nil
+}
+
+type result struct {
+	store                        string
+	hosts                        int
+	enrollTotal                  time.Duration
+	enrollP50, enrollP99         time.Duration
+	enrollErrors                 int
+	fetches, fetchErrors         int
+	fetchP50, fetchP99, fetchMax time.Duration
+	achievedRate                 float64
+	rssKB, hwmKB                 int
+	load                         string
+}
+
+func (r result) line() string {
+	return fmt.Sprintf("%s: %d enrollments in %v (p50 %v, p99 %v, %d errors); %d fetches at %.0f/s, p50 %v, p99 %v, max %v, %d errors; RSS %d MiB (peak %d MiB)",
+		r.store, r.hosts, r.enrollTotal.Round(time.Millisecond), r.enrollP50.Round(time.Millisecond), r.enrollP99.Round(time.Millisecond), r.enrollErrors,
+		r.fetches, r.achievedRate, r.fetchP50.Round(10*time.Microsecond), r.fetchP99.Round(10*time.Microsecond), r.fetchMax.Round(10*time.Microsecond), r.fetchErrors, r.rssKB/1024, r.hwmKB/1024)
+}
+
+// measure runs one store's benchmark.
+func measure(ctx context.Context, cfg config, storeKind, bin, dir string, log *slog.Logger) (result, error) {
+	res := result{store: storeKind, hosts: cfg.hosts}
+	storeArgs := []string{"--store", storeKind}
+	if storeKind == daemon.StoreEtcd {
+		cl, err := etcdtest.Start(ctx, etcdtest.Config{Dir: dir + "-etcd"})
+		if err != nil {
+			return res, fmt.Errorf("starting etcd: %w", err)
+		}
+		defer cl.Stop()
+		storeArgs = append(storeArgs, "--etcd-endpoints", strings.Join(cl.Endpoints(), ","))
+	}
+	if out, err := exec.Command(bin, append([]string{"init", "--dir", dir, "--log-format", "text"}, storeArgs...)...).CombinedOutput(); err != nil {
+		return res, fmt.Errorf("nkp-provider init: %v\n%s", err, out)
+	}
+	cmd := exec.Command(bin, append([]string{"serve", "--dir", dir, "--listen", "127.0.0.1:0", "--backup-work-factor", "10"}, storeArgs...)...)
+	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET=", "WATCHDOG_USEC=")
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		return res, err
+	}
+	if err := cmd.Start(); err != nil {
+		return res, fmt.Errorf("nkp-provider serve: %w", err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	addr := make(chan string, 1)
+	go func() { // find the address, then keep draining the log
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		for sc.Scan() {
+			var rec struct{ Msg, Addr string }
+			if json.Unmarshal(sc.Bytes(), &rec) == nil && rec.Msg == "provider serving" {
+				addr <- rec.Addr
+			}
+		}
+	}()
+	var url string
+	select {
+	case a := <-addr:
+		url = "https://" + a
+	case <-time.After(60 * time.Second):
+		return res, errors.New("nkp-provider did not listen within 60 s")
+	}
+	adm, err := daemon.LoadAdmin(dir)
+	if err != nil {
+		return res, err
+	}
+	admin, err := client.New(client.Config{URL: url, CA: adm.CA, Certificate: adm.Certificate, Timeout: 60 * time.Second})
+	if err != nil {
+		return res, err
+	}
+	defer admin.Close()
+	if _, err := admin.Backup(ctx, io.Discard, []byte("benchmark passphrase")); err != nil {
+		return res, fmt.Errorf("backup: %w", err)
+	}
+
+	// Tokens first (an administrator hands them out ahead of time), then enrollment.
+	tokens := make([]api.Token, cfg.hosts)
+	if err := parallel(cfg.hosts, 16, func(i int) error {
+		t, err := admin.CreateToken(ctx, time.Hour)
+		tokens[i] = t
+		return err
+	}); err != nil {
+		return res, fmt.Errorf("tokens: %w", err)
+	}
+	keys := make([]*ecdsa.PrivateKey, cfg.hosts)
+	for i := range keys {
+		if keys[i], err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader); err != nil {
+			return res, err
+		}
+	}
+	hosts := make([]*client.Client, cfg.hosts)
+	enrollLat := make([]time.Duration, cfg.hosts)
+	var enrollErrs atomic.Int64
+	conc := cfg.joinConc
+	if conc <= 0 {
+		conc = cfg.hosts
+	}
+	log.Info("enrolling", "store", storeKind, "hosts", cfg.hosts, "concurrency", conc)
+	start := time.Now()
+	parallel(cfg.hosts, conc, func(i int) error {
+		t0 := time.Now()
+		enr, err := client.Join(ctx, client.JoinRequest{URL: url, Token: tokens[i].Secret, CAHash: tokens[i].CAHash,
+			Hostname: "bench-" + strconv.Itoa(i), Key: keys[i], Timeout: 60 * time.Second})
+		enrollLat[i] = time.Since(t0)
+		if err != nil {
+			if enrollErrs.Add(1) <= 3 {
+				log.Warn("enrollment failed", "host", i, "err", err)
+			}
+			return nil
+		}
+		hosts[i], err = client.New(client.Config{URL: url, CA: enr.CA, Certificate: enr.Certificate, Timeout: 30 * time.Second, MaxConnsPerHost: 1})
+		return err
+	})
+	res.enrollTotal = time.Since(start)
+	res.enrollErrors = int(enrollErrs.Load())
+	res.enrollP50, res.enrollP99 = pct(enrollLat, 50), pct(enrollLat, 99)
+	live := slices.DeleteFunc(hosts, func(c *client.Client) bool { return c == nil })
+	if len(live) == 0 {
+		return res, errors.New("no host enrolled")
+	}
+	defer func() {
+		for _, h := range live {
+			h.Close()
+		}
+	}()
+
+	// Warm-up: one fetch per host opens its connection (the measured fetches reuse it).
+	if err := parallel(len(live), 64, func(i int) error { _, err := live[i].Release(ctx); return err }); err != nil {
+		return res, fmt.Errorf("warm-up fetch: %w", err)
+	}
+
+	log.Info("fetching", "store", storeKind, "rate", cfg.rate, "duration", cfg.duration)
+	total := int(float64(cfg.rate) * cfg.duration.Seconds())
+	lat := make([]time.Duration, total)
+	var fetchErrs atomic.Int64
+	var wg sync.WaitGroup
+	interval := time.Second / time.Duration(cfg.rate)
+	fstart := time.Now()
+	for i := 0; i < total; i++ {
+		if d := time.Until(fstart.Add(time.Duration(i) * interval)); d > 0 {
+			time.Sleep(d) // pacing the open-loop schedule, not synchronisation
+		}
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			h := live[i%len(live)]
+			t0 := time.Now()
+			rel, err := h.Release(ctx)
+			lat[i] = time.Since(t0)
+			if err != nil || len(rel.KDKs) == 0 {
+				if fetchErrs.Add(1) <= 3 {
+					log.Warn("fetch failed", "err", err)
+				}
+			}
+			for _, k := range rel.KDKs {
+				clear(k.Bare)
+			}
+		}(i)
+	}
+	wg.Wait()
+	elapsed := time.Since(fstart)
+	res.fetches = total
+	res.fetchErrors = int(fetchErrs.Load())
+	res.achievedRate = float64(total) / elapsed.Seconds()
+	res.fetchP50, res.fetchP99 = pct(lat, 50), pct(lat, 99)
+	res.fetchMax = slices.Max(lat)
+	res.rssKB, res.hwmKB = rss(cmd.Process.Pid)
+	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
+		res.load = strings.Join(strings.Fields(string(b))[:3], " ")
+	}
+	return res, nil
+}
+
+// parallel runs fn(0..n-1) with at most conc in flight and returns the first error.
+func parallel(n, conc int, fn func(i int) error) error {
+	sem := make(chan struct{}, conc)
+	var wg sync.WaitGroup
+	var once sync.Once
+	var first error
+	for i := 0; i < n; i++ {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func(i int) {
+			defer func() { <-sem; wg.Done() }()
+			if err := fn(i); err != nil {
+				once.Do(func() { first = err })
+			}
+		}(i)
+	}
+	wg.Wait()
+	return first
+}
+
+func pct(d []time.Duration, p int) time.Duration {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	if len(s) == 0 {
+		return 0
+	}
+	i := (len(s)*p + 99) / 100
+	return s[min(max(i-1, 0), len(s)-1)]
+}
+
+// rss reads VmRSS and VmHWM (kB) of pid.
+func rss(pid int) (int, int) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, 0
+	}
+	var cur, hwm int
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 2 {
+			switch f[0] {
+			case "VmRSS:":
+				cur, _ = strconv.Atoi(f[1])
+			case "VmHWM:":
+				hwm, _ = strconv.Atoi(f[1])
+			}
+		}
+	}
+	return cur, hwm
+}
+
+func markdown(cfg config, rs []result) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "## Provider\n\n")
+	fmt.Fprintf(&b, "Measured by `go run ./test/bench/providerbench -hosts %d -rate %d -duration %v` on %s (%d CPUs, shared with other jobs; load average at the end of each run in the table). "+
+		"The real `nkp-provider serve` binary; %d simulated hosts (in the benchmark process) each enroll with their own P-256 key, CSR and single-use token, all at once; "+
+		"then they fetch their KDKs (GET /v1/host/kdks, mTLS, bare KDK since the hosts have no TPM, one audit record per release) at an open-loop target rate over kept-alive connections "+
+		"(one connection per host, opened by a warm-up fetch that is not counted). etcd is Debian's etcd-server, one member on loopback.\n\n",
+		cfg.hosts, cfg.rate, cfg.duration, time.Now().UTC().Format("2006-01-02"), runtime.NumCPU(), cfg.hosts)
+	fmt.Fprintf(&b, "| store | enroll %d hosts (total) | enroll p50 / p99 | enroll errors | fetches | achieved rate | fetch p50 | fetch p99 | fetch max | fetch errors | provider RSS (peak) | load avg |\n", cfg.hosts)
+	fmt.Fprintf(&b, "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	for _, r := range rs {
+		fmt.Fprintf(&b, "| %s | %.2f s | %v / %v | %d | %d | %.0f/s | %.2f ms | %.2f ms | %.2f ms | %d | %d MiB (%d MiB) | %s |\n",
+			r.store, r.enrollTotal.Seconds(), r.enrollP50.Round(time.Millisecond), r.enrollP99.Round(time.Millisecond), r.enrollErrors,
+			r.fetches, r.achievedRate, ms(r.fetchP50), ms(r.fetchP99), ms(r.fetchMax), r.fetchErrors, r.rssKB/1024, r.hwmKB/1024, r.load)
+	}
+	fmt.Fprintf(&b, "\nTargets (issue 3): 1,000 enrollments in under 30 s; fetch p99 under 5 ms at 500 fetches/s with connection reuse.\n\n")
+	return b.String()
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// replaceSection replaces the section starting at heading (up to the next "## " heading)
+// in the markdown file path, or appends it; the file is replaced atomically.
+func replaceSection(path, heading, section string) error {
+	old, err := os.ReadFile(path)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	text := string(old)
+	var out string
+	if i := strings.Index(text, heading+"\n"); i >= 0 && (i == 0 || text[i-1] == '\n') {
+		rest := text[i+len(heading)+1:]
+		end := len(rest)
+		if j := strings.Index(rest, "\n## "); j >= 0 {
+			end = j + 1
+		}
+		out = text[:i] + section + rest[end:]
+	} else {
+		if text != "" && !strings.HasSuffix(text, "\n\n") {
+			text = strings.TrimRight(text, "\n") + "\n\n"
+		}
+		if text == "" {
+			text = "# Benchmarks\n\n"
+		}
+		out = text + section
+	}
+	return daemon.WriteFileAtomic(path, []byte(out), 0o644)
+}

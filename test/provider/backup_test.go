@@ -1,0 +1,135 @@
+package provider_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/creack/pty"
+
+	"github.com/nkp-dev/nkp/test/e2e"
+)
+
+// TestBackupArchives: `backup verify` accepts the archive with the right passphrase and
+// refuses a wrong passphrase, a truncated and a tampered archive; the passphrase can come
+// from stdin; and the standard `age -d` opens the archive (break-glass) to the JSON document.
+func TestBackupArchives(t *testing.T) {
+	b := build(t)
+	dir := b.initProvider(t)
+	s := b.serve(t, dir)
+	tmp := t.TempDir()
+	archive := filepath.Join(tmp, "b.age")
+	b.mustCtl(t, dir, s.url, "s3cret passphrase\n", "backup", "--passphrase-stdin", "--out", archive)
+	data, err := os.ReadFile(archive)
+	if err != nil {
+		t.Fatal(err)
+	}
+	truncated := filepath.Join(tmp, "truncated.age")
+	tampered := filepath.Join(tmp, "tampered.age")
+	if err := os.WriteFile(truncated, data[:len(data)-20], 0o600); err != nil {
+		t.Fatal(err)
+	}
+	bad := bytes.Clone(data)
+	bad[len(bad)-40] ^= 0x01
+	if err := os.WriteFile(tampered, bad, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	right := writeFile(t, filepath.Join(tmp, "right"), "s3cret passphrase\n")
+	wrong := writeFile(t, filepath.Join(tmp, "wrong"), "guess\n")
+	tests := []struct {
+		name, file, pass string
+		wantErr          string // "" = accepted
+	}{
+		{"good", archive, right, ""},
+		{"wrong passphrase", archive, wrong, "passphrase"},
+		{"truncated", truncated, right, "archive"},
+		{"tampered", tampered, right, "archive"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			out, err := b.ctl(t, dir, "", "", "backup", "verify", "--in", tc.file, "--passphrase-file", tc.pass)
+			if tc.wantErr == "" {
+				if err != nil || !strings.Contains(out, "OK") {
+					t.Fatalf("verify = %q, %v", out, err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(strings.ToLower(err.Error()), tc.wantErr) {
+				t.Fatalf("verify = %v, want a refusal naming the %s", err, tc.wantErr)
+			}
+		})
+	}
+	if _, err := b.ctl(t, t.TempDir(), "", "", "restore", "--in", archive, "--passphrase-file", wrong); err == nil || !strings.Contains(err.Error(), "passphrase") {
+		t.Fatalf("restore with the wrong passphrase: %v", err)
+	}
+
+	t.Run("age -d through a pty", func(t *testing.T) {
+		e2e.Require(t, "age")
+		plain := filepath.Join(t.TempDir(), "backup.json")
+		cmd := exec.Command("age", "-d", "-o", plain, archive)
+		ptmx, err := pty.Start(cmd)
+		if err != nil {
+			t.Fatalf("age under a pty: %v", err)
+		}
+		defer ptmx.Close()
+		var seen bytes.Buffer
+		e2e.WaitFor(t, 30*time.Second, "age's passphrase prompt", func() bool {
+			ptmx.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+			buf := make([]byte, 256)
+			n, _ := ptmx.Read(buf)
+			seen.Write(buf[:n])
+			return strings.Contains(strings.ToLower(seen.String()), "passphrase")
+		})
+		if _, err := io.WriteString(ptmx, "s3cret passphrase\r"); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { io.Copy(io.Discard, ptmx); done <- cmd.Wait() }()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("age -d: %v (terminal: %q)", err, seen.String())
+			}
+		case <-time.After(60 * time.Second):
+			cmd.Process.Kill()
+			t.Fatal("age -d did not finish within 60 s")
+		}
+		doc, err := os.ReadFile(plain)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var v struct {
+			Format string            `json:"format"`
+			KDKs   []json.RawMessage `json:"kdks"`
+		}
+		if err := json.Unmarshal(doc, &v); err != nil || v.Format != "nkp-provider-backup" || len(v.KDKs) != 1 {
+			t.Fatalf("age -d output is not the backup document: %v, %+v", err, v)
+		}
+	})
+}
+
+// TestGracefulShutdownAndNotify: READY=1 reaches NOTIFY_SOCKET once the server listens,
+// SIGTERM sends STOPPING=1 and ends the process with status 0.
+func TestGracefulShutdownAndNotify(t *testing.T) {
+	b := build(t)
+	dir := b.initProvider(t)
+	sock := filepath.Join(t.TempDir(), "notify.sock")
+	conn := listenNotify(t, sock)
+	s := b.serveEnv(t, dir, []string{"NOTIFY_SOCKET=" + sock})
+	if got := readNotify(t, conn); got != "READY=1" {
+		t.Fatalf("first notification %q, want READY=1", got)
+	}
+	if status, _ := rawGet(t, s.url+"/healthz", filepath.Join(dir, "ca.crt")); status != 200 {
+		t.Fatalf("healthz = %d", status)
+	}
+	s.stop(t)
+	if got := readNotify(t, conn); got != "STOPPING=1" {
+		t.Fatalf("notification at SIGTERM %q, want STOPPING=1", got)
+	}
+}

@@ -1,0 +1,185 @@
+package provider_test
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/client"
+	"github.com/nkp-dev/nkp/test/e2e"
+)
+
+// TestLifecycle walks one provider through its life on bbolt: init, refusal before backup,
+// backup, enrollment, release, catalog, rotation, retirement, audit, restore into an
+// empty directory (the same host keeps working against it), restore over a non-empty one.
+func TestLifecycle(t *testing.T) {
+	b := build(t)
+	ctx := context.Background()
+	dir := b.initProvider(t)
+	for _, f := range []string{"root.key", "provider.db", "admin.key", "admin.crt"} {
+		fi, err := os.Stat(filepath.Join(dir, f))
+		if err != nil || fi.Mode().Perm() != 0o600 {
+			t.Fatalf("%s: %v, mode %v, want 0600", f, err, fi.Mode().Perm())
+		}
+	}
+	s := b.serve(t, dir)
+	var st api.Status
+	b.ctlJSON(t, dir, s.url, &st, "status")
+	if st.State != "NotBackedUp" || len(st.KDKs) != 1 || st.KDKs[0].Version != 1 || !st.KDKs[0].Primary {
+		t.Fatalf("status after init = %+v", st)
+	}
+
+	h := b.mustJoin(t, s, "kvm-01")
+	_, err := h.c.Release(ctx)
+	if !client.IsCode(err, api.CodeNotBackedUp) || !strings.Contains(strings.ToLower(err.Error()), "backup") {
+		t.Fatalf("release before backup: %v, want %s with a sentence saying to take a backup", err, api.CodeNotBackedUp)
+	}
+
+	pass := writeFile(t, filepath.Join(t.TempDir(), "pass"), "correct horse battery staple\n")
+	archive := filepath.Join(t.TempDir(), "backup.age")
+	b.mustCtl(t, dir, s.url, "", "backup", "--passphrase-file", pass, "--out", archive)
+	if fi, err := os.Stat(archive); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("archive %v, mode %v, want 0600", err, fi.Mode().Perm())
+	}
+	b.ctlJSON(t, dir, s.url, &st, "status")
+	if st.State != "Active" || st.LastBackup.IsZero() {
+		t.Fatalf("status after backup = %+v", st)
+	}
+
+	rel, err := h.c.Release(ctx)
+	if err != nil || len(rel.KDKs) != 1 || len(rel.KDKs[0].Bare) != 32 || rel.KDKs[0].ID != st.KDKs[0].ID {
+		t.Fatalf("release after backup = %+v, %v", rel, err)
+	}
+	kdk1 := rel.KDKs[0]
+	vm := "6f1d7c52-8a4b-4f0e-9a55-0c9a3b8e2d11"
+	for _, name := range []string{"vtpm", "disk:vda"} {
+		if err := h.c.RegisterObject(ctx, api.Object{VMUUID: vm, Name: name, KeyID: newUUID(t), KDKID: kdk1.ID}); err != nil {
+			t.Fatalf("register %s: %v", name, err)
+		}
+	}
+	var objs []api.Object
+	b.ctlJSON(t, dir, s.url, &objs, "objects", "--vm", vm)
+	if len(objs) != 2 {
+		t.Fatalf("objects of %s = %+v", vm, objs)
+	}
+
+	var v2 api.KDKVersion
+	b.ctlJSON(t, dir, s.url, &v2, "rotate")
+	if v2.Version != 2 || !v2.Primary {
+		t.Fatalf("rotate = %+v", v2)
+	}
+	b.mustCtl(t, dir, s.url, "", "backup", "--passphrase-file", pass, "--out", archive)
+	rel, err = h.c.Release(ctx)
+	if err != nil || len(rel.KDKs) != 2 {
+		t.Fatalf("release after rotate = %+v, %v; want both versions", rel, err)
+	}
+	b.ctlJSON(t, dir, s.url, &objs, "objects", "--kdk-version", "1")
+	if len(objs) != 2 {
+		t.Fatalf("objects of KDK v1 = %+v", objs)
+	}
+	if _, err := b.ctl(t, dir, s.url, "", "retire", "1"); err == nil || !strings.Contains(err.Error(), api.CodeInUse) {
+		t.Fatalf("retire v1 while in use: %v", err)
+	}
+
+	b.mustCtl(t, dir, s.url, "", "audit", "verify")
+	var recs []api.AuditRecord
+	b.ctlJSON(t, dir, s.url, &recs, "audit", "-n", "0")
+	kinds := map[string]bool{}
+	for _, r := range recs {
+		kinds[r.Kind] = true
+	}
+	for _, k := range []string{"init", "backup", "token", "enroll", "release", "rotate"} {
+		if !kinds[k] {
+			t.Errorf("audit log lacks a %q record (has %v)", k, kinds)
+		}
+	}
+	if strings.Contains(s.Logs(), b64(kdk1.Bare)) {
+		t.Fatal("the provider's log holds a KDK")
+	}
+	s.stop(t)
+
+	// Restore into an empty directory: new root key, same CA, hosts and KDKs.
+	dir2 := filepath.Join(t.TempDir(), "restored")
+	b.mustCtl(t, dir2, "", "", "restore", "--in", archive, "--passphrase-file", pass)
+	s2 := b.serve(t, dir2)
+	rel2, err := h.clientFor(t, s2.url).Release(ctx)
+	if err != nil || len(rel2.KDKs) != 2 {
+		t.Fatalf("enrolled host against the restored provider: %+v, %v", rel2, err)
+	}
+	for _, k := range rel2.KDKs {
+		if k.ID == kdk1.ID && string(k.Bare) != string(kdk1.Bare) {
+			t.Fatal("restored provider releases another KDK v1")
+		}
+	}
+	s2.stop(t)
+	if _, err := b.ctl(t, dir2, "", "", "restore", "--in", archive, "--passphrase-file", pass); err == nil || !strings.Contains(err.Error(), "not empty") {
+		t.Fatalf("restore over a non-empty provider: %v, want a refusal", err)
+	}
+	b.mustCtl(t, dir2, "", "", "restore", "--in", archive, "--passphrase-file", pass, "--force")
+}
+
+// TestTokens: a token works once, an expired token and a reused one are refused.
+func TestTokens(t *testing.T) {
+	b := build(t)
+	s := b.serve(t, b.initProvider(t))
+	tok := b.token(t, s, "10m")
+	if _, err := join(t, s.url, tok, "kvm-a", nil); err != nil {
+		t.Fatalf("first use: %v", err)
+	}
+	if _, err := join(t, s.url, tok, "kvm-b", nil); !client.IsCode(err, api.CodeTokenUsed) {
+		t.Fatalf("reused token: %v, want %s", err, api.CodeTokenUsed)
+	}
+	short := b.token(t, s, "1s")
+	e2e.WaitFor(t, 30*time.Second, "the token's expiry", func() bool { return time.Now().After(short.Expires.Add(time.Second)) })
+	if _, err := join(t, s.url, short, "kvm-c", nil); !client.IsCode(err, api.CodeTokenExpired) {
+		t.Fatalf("expired token: %v, want %s", err, api.CodeTokenExpired)
+	}
+	if _, err := join(t, s.url, api.Token{Secret: "forged.secret", CAHash: tok.CAHash}, "kvm-d", nil); !client.IsCode(err, api.CodeTokenInvalid) {
+		t.Fatalf("forged token: %v, want %s", err, api.CodeTokenInvalid)
+	}
+}
+
+// TestClientCertificates: no certificate and a certificate from another provider's CA
+// are refused; a revoked host is refused at once.
+func TestClientCertificates(t *testing.T) {
+	b := build(t)
+	ctx := context.Background()
+	dirA := b.initProvider(t)
+	s := b.serve(t, dirA)
+	b.mustCtl(t, dirA, s.url, "", "backup", "--passphrase-file", writeFile(t, filepath.Join(t.TempDir(), "p"), "pw"), "--out", filepath.Join(t.TempDir(), "b.age"))
+	h := b.mustJoin(t, s, "kvm-01")
+	if _, err := h.c.Release(ctx); err != nil {
+		t.Fatalf("release: %v", err)
+	}
+
+	// The admin credentials of another provider, pointed at this one's URL. nkpctl pins the
+	// other CA, so present them through a client that trusts this provider's CA instead.
+	dirB := b.initProvider(t)
+	if _, err := b.ctl(t, dirB, s.url, "", "status"); err == nil || !strings.Contains(err.Error(), "does not chain") {
+		t.Fatalf("nkpctl with another provider's CA: %v, want the server refused", err)
+	}
+	_, err := b.ctl(t, dirA, s.url, "", "status", "--cert", filepath.Join(dirB, "admin.crt"), "--key", filepath.Join(dirB, "admin.key"), "--ca", filepath.Join(dirA, "ca.crt"))
+	if err == nil || !strings.Contains(err.Error(), api.CodeUnauthenticated) {
+		t.Fatalf("admin certificate from another CA: %v, want %s", err, api.CodeUnauthenticated)
+	}
+	for _, path := range []string{api.PathStatus, api.PathHostKDKs} {
+		status, body := rawGet(t, s.url+path, filepath.Join(dirA, "ca.crt"))
+		if status != 401 || !strings.Contains(body, api.CodeUnauthenticated) {
+			t.Fatalf("GET %s without a client certificate = %d %s, want 401 %s", path, status, body, api.CodeUnauthenticated)
+		}
+	}
+
+	b.mustCtl(t, dirA, s.url, "", "revoke", h.id)
+	if _, err := h.c.Release(ctx); !client.IsCode(err, api.CodeHostRevoked) {
+		t.Fatalf("revoked host: %v, want %s", err, api.CodeHostRevoked)
+	}
+	var hosts []api.Host
+	b.ctlJSON(t, dirA, s.url, &hosts, "hosts")
+	if len(hosts) != 1 || !hosts[0].Revoked {
+		t.Fatalf("hosts after revoke = %+v", hosts)
+	}
+}
