@@ -76,14 +76,15 @@ func decrypt(key, body []byte, dataTag, ivTag uint16, version uint8, key256 bool
 		return nil, fmt.Errorf("%w: no encrypted data TLV %d", ErrMalformed, dataTag)
 	}
 	iv, hasIV := Find(body, ivTag)
-	if hasIV && len(iv) != len(key) {
-		return nil, fmt.Errorf("%w: IV is %d bytes, want %d", ErrMalformed, len(iv), len(key))
-	}
 	if len(tag) < sha256.Size {
 		return nil, fmt.Errorf("%w: HMAC TLV is %d bytes", ErrMalformed, len(tag))
 	}
 	if subtle.ConstantTimeCompare(tag[:sha256.Size], mac(key, ct, iv)) != 1 {
 		return nil, ErrAuth
+	}
+	// Checked after the HMAC, as swtpm does (its decrypt step refuses the IV then).
+	if hasIV && len(iv) != len(key) {
+		return nil, fmt.Errorf("%w: IV is %d bytes, want %d", ErrAuth, len(iv), len(key))
 	}
 	var ivec [aes.BlockSize]byte
 	copy(ivec[:], iv)
