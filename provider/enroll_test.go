@@ -1,0 +1,162 @@
+package provider_test
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/nkp-dev/nkp/provider"
+)
+
+func TestEnrollRefusals(t *testing.T) {
+	ctx := context.Background()
+	e := initEnv(t, provider.Policy{})
+	used, err := e.p.CreateToken(ctx, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.enrollWith(t, used.Secret)
+	expired, err := e.p.CreateToken(ctx, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fresh, err := e.p.CreateToken(ctx, 2*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.clock.Advance(time.Minute) // expiry is exclusive: at Expires the token is refused
+	other := initEnv(t, provider.Policy{})
+	foreign, err := other.p.CreateToken(ctx, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := newHost(t)
+	tests := []struct {
+		name string
+		req  provider.EnrollRequest
+		want error
+	}{
+		{"reused token", provider.EnrollRequest{Token: used.Secret, CSR: good.csr, Hostname: "h"}, provider.ErrTokenUsed},
+		{"expired token", provider.EnrollRequest{Token: expired.Secret, CSR: good.csr, Hostname: "h"}, provider.ErrTokenExpired},
+		{"wrong secret", provider.EnrollRequest{Token: fresh.ID + ".AAAA", CSR: good.csr, Hostname: "h"}, provider.ErrTokenInvalid},
+		{"token of another provider", provider.EnrollRequest{Token: foreign.Secret, CSR: good.csr, Hostname: "h"}, provider.ErrTokenInvalid},
+		{"no dot", provider.EnrollRequest{Token: "garbage", CSR: good.csr, Hostname: "h"}, provider.ErrTokenInvalid},
+		{"empty token", provider.EnrollRequest{CSR: good.csr, Hostname: "h"}, provider.ErrTokenInvalid},
+		{"bad CSR", provider.EnrollRequest{Token: fresh.Secret, CSR: []byte("x"), Hostname: "h"}, provider.ErrBadRequest},
+		{"no hostname", provider.EnrollRequest{Token: fresh.Secret, CSR: good.csr}, provider.ErrBadRequest},
+		{"hostname with newline", provider.EnrollRequest{Token: fresh.Secret, CSR: good.csr, Hostname: "a\nb"}, provider.ErrBadRequest},
+		{"garbage EK", provider.EnrollRequest{Token: fresh.Secret, CSR: good.csr, Hostname: "h", EKPublic: []byte{0, 1, 2}}, provider.ErrBadRequest},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := e.p.Enroll(ctx, tt.req)
+			if !errors.Is(err, tt.want) {
+				t.Fatalf("Enroll: %v, want %v", err, tt.want)
+			}
+		})
+	}
+	// None of the refusals consumed the fresh token.
+	e.enrollWith(t, fresh.Secret)
+	if _, err := e.p.CreateToken(ctx, -time.Second); !errors.Is(err, provider.ErrBadRequest) {
+		t.Fatalf("negative ttl: %v", err)
+	}
+	if _, err := e.p.CreateToken(ctx, 30*24*time.Hour); !errors.Is(err, provider.ErrBadRequest) {
+		t.Fatalf("ttl beyond the maximum: %v", err)
+	}
+	if strings.Contains(e.logs.String(), strings.SplitN(fresh.Secret, ".", 2)[1]) {
+		t.Fatal("a token secret appears in the log")
+	}
+	recs, err := e.p.Audit(ctx, 50)
+	if err != nil {
+		t.Fatal(err)
+	}
+	refusals := 0
+	for _, r := range recs {
+		if r.Kind == "enroll_refused" {
+			refusals++
+		}
+	}
+	if refusals != 4 { // reused, expired, wrong secret, foreign
+		t.Fatalf("%d enroll_refused audit records, want 4", refusals)
+	}
+}
+
+func (e *env) enrollWith(t *testing.T, secret string) {
+	t.Helper()
+	h := newHost(t)
+	if _, err := e.p.Enroll(context.Background(), provider.EnrollRequest{Token: secret, CSR: h.csr, Hostname: "kvm"}); err != nil {
+		t.Fatalf("Enroll: %v", err)
+	}
+}
+
+func TestAuthorizeHost(t *testing.T) {
+	ctx := context.Background()
+	e := initEnv(t, provider.Policy{})
+	good := e.enroll(t, "good", nil)
+	revoked := e.enroll(t, "revoked", nil)
+	if err := e.p.Revoke(ctx, revoked.id); err != nil {
+		t.Fatal(err)
+	}
+	other := initEnv(t, provider.Policy{})
+	foreign := other.enroll(t, "foreign", nil)
+	adminDER, err := e.p.IssueAdminCert(ctx, newHost(t).csr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin, err := x509.ParseCertificate(adminDER)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name string
+		cert *x509.Certificate
+		want error
+	}{
+		{"enrolled host", good.cert, nil},
+		{"revoked host", revoked.cert, provider.ErrHostRevoked},
+		{"certificate from another provider's CA", foreign.cert, provider.ErrHostUnknown},
+		{"admin certificate", admin, provider.ErrHostUnknown},
+		{"no certificate", nil, provider.ErrHostUnknown},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := e.p.AuthorizeHost(ctx, tt.cert)
+			if !errors.Is(err, tt.want) {
+				t.Fatalf("AuthorizeHost: %v, want %v", err, tt.want)
+			}
+		})
+	}
+	e.clock.Advance(provider.DefaultHostCertValidity + time.Hour)
+	if _, err := e.p.AuthorizeHost(ctx, good.cert); !errors.Is(err, provider.ErrHostUnknown) {
+		t.Fatalf("expired certificate: %v, want ErrHostUnknown", err)
+	}
+	if _, err := e.p.Release(ctx, uuid.NewString()); !errors.Is(err, provider.ErrHostUnknown) && !errors.Is(err, provider.ErrNotBackedUp) {
+		t.Fatalf("release to an unknown host: %v", err)
+	}
+}
+
+func TestIssueServerCert(t *testing.T) {
+	ctx := context.Background()
+	e := initEnv(t, provider.Policy{})
+	der, err := e.p.IssueServerCert(ctx, newHost(t).csr, []string{"provider.example", "127.0.0.1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(e.p.CA())
+	if _, err := cert.Verify(x509.VerifyOptions{Roots: pool, DNSName: "127.0.0.1", CurrentTime: e.clock.Now()}); err != nil {
+		t.Fatalf("server certificate does not verify for 127.0.0.1: %v", err)
+	}
+	if _, err := e.p.IssueServerCert(ctx, newHost(t).csr, nil); !errors.Is(err, provider.ErrBadRequest) {
+		t.Fatalf("no names: %v, want ErrBadRequest", err)
+	}
+}
