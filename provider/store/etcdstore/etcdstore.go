@@ -1,0 +1,433 @@
+// Package etcdstore is the store.Store that lets two or more provider replicas share one
+// state: every replica opens the same etcd cluster and key prefix.
+//
+// Layout: the value of key K in bucket B lives at etcd key <prefix>B/K. Bucket names
+// cannot hold "/" (store name rules), so the layout is unambiguous; the empty user key,
+// which the store forbids, gives each bucket a marker key <prefix>B/ that deletions bump.
+//
+// Transactions are serialisable by optimistic concurrency control:
+//   - a transaction reads one snapshot: the revision of its first read, every later read
+//     at that revision (etcd MVCC);
+//   - Update buffers its writes and records what it read: the mod revision of each key
+//     it got (0 for a missing key) and each bucket it listed;
+//   - at commit one etcd Txn compares every key read with its recorded mod revision and
+//     every listed bucket's range (marker included) with "nothing modified after the
+//     snapshot", and applies the writes only when all comparisons hold;
+//   - otherwise, or when the snapshot was compacted away, fn runs again on a new
+//     snapshot, up to Config.MaxAttempts times, and then Update returns an error wrapping
+//     store.ErrConflict.
+//
+// etcd limits one Txn to --max-txn-ops operations (128 by default) and one request to
+// --max-request-bytes (1.5 MiB by default). A provider restore writes every host, KDK and
+// catalog entry in one transaction, so run etcd with --max-txn-ops 16384 and
+// --max-request-bytes 16777216 (test/etcdtest does); an Update beyond the limits fails
+// with an error naming the flag. A full etcd (NOSPACE alarm, --quota-backend-bytes)
+// gives store.ErrFull.
+//
+// Only the provider's wiring (cmd/nkp-provider, tests) imports it.
+package etcdstore
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"strings"
+	"sync"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
+	"github.com/nkp-dev/nkp/provider/store"
+	"github.com/nkp-dev/nkp/provider/store/internal/txbuf"
+)
+
+// DefaultPrefix is the etcd key prefix when Config.Prefix is empty.
+const DefaultPrefix = "/nkp/provider/"
+
+// Config describes the etcd cluster and how to use it.
+type Config struct {
+	// Endpoints of the etcd cluster, e.g. "http://10.0.0.1:2379". Required for Open.
+	Endpoints []string
+	// Prefix under which the provider's keys live; "" means DefaultPrefix. Replicas of
+	// one provider use the same prefix; it must end with "/".
+	Prefix string
+	// TLS for the etcd client connection; nil means plain (loopback or trusted network).
+	TLS *tls.Config
+	// DialTimeout bounds Open's first contact; 0 means 5 s.
+	DialTimeout time.Duration
+	// RequestTimeout bounds each etcd request inside a transaction; 0 means 5 s.
+	RequestTimeout time.Duration
+	// MaxAttempts bounds how often Update runs fn when other writers conflict; 0 means 16.
+	MaxAttempts int
+	// Log receives conflict retries at debug level and etcd trouble; nil discards.
+	Log *slog.Logger
+}
+
+func (c *Config) defaults() error {
+	if c.Prefix == "" {
+		c.Prefix = DefaultPrefix
+	}
+	if !strings.HasSuffix(c.Prefix, "/") {
+		return fmt.Errorf("etcd store: prefix %q must end with \"/\"", c.Prefix)
+	}
+	if c.DialTimeout <= 0 {
+		c.DialTimeout = 5 * time.Second
+	}
+	if c.RequestTimeout <= 0 {
+		c.RequestTimeout = 5 * time.Second
+	}
+	if c.MaxAttempts <= 0 {
+		c.MaxAttempts = 16
+	}
+	if c.Log == nil {
+		c.Log = slog.New(slog.DiscardHandler)
+	}
+	return nil
+}
+
+// Store is a store.Store over etcd.
+type Store struct {
+	cli     *clientv3.Client
+	ownsCli bool
+	cfg     Config
+	where   string // for messages: "etcd store <endpoints><prefix>"
+
+	mu     sync.RWMutex // read-held by transactions, write-held by Close
+	closed bool         // guarded by mu
+}
+
+var _ store.Store = (*Store)(nil)
+
+// Open connects to the cluster in cfg.Endpoints and checks that it answers within
+// cfg.DialTimeout. Close closes the connection.
+func Open(ctx context.Context, cfg Config) (*Store, error) {
+	if err := cfg.defaults(); err != nil {
+		return nil, err
+	}
+	if len(cfg.Endpoints) == 0 {
+		return nil, errors.New("etcd store: no endpoints; pass --etcd-endpoints http://HOST:2379[,...]")
+	}
+	cli, err := clientv3.New(clientv3.Config{
+		Endpoints:   cfg.Endpoints,
+		DialTimeout: cfg.DialTimeout,
+		TLS:         cfg.TLS,
+		Logger:      zap.NewNop(),
+		Context:     context.WithoutCancel(ctx),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("etcd store %v: client: %w", cfg.Endpoints, err)
+	}
+	s := newStore(cli, cfg)
+	s.ownsCli = true
+	pctx, cancel := context.WithTimeout(ctx, cfg.DialTimeout)
+	defer cancel()
+	if _, err := cli.Get(pctx, cfg.Prefix, clientv3.WithCountOnly()); err != nil {
+		cli.Close()
+		return nil, fmt.Errorf("%s: not answering within %v (is etcd running at those endpoints?): %w", s.where, cfg.DialTimeout, err)
+	}
+	return s, nil
+}
+
+// New returns a Store over an existing client, which Close leaves open.
+func New(cli *clientv3.Client, cfg Config) (*Store, error) {
+	if err := cfg.defaults(); err != nil {
+		return nil, err
+	}
+	return newStore(cli, cfg), nil
+}
+
+func newStore(cli *clientv3.Client, cfg Config) *Store {
+	return &Store{cli: cli, cfg: cfg, where: fmt.Sprintf("etcd store %s%s", strings.Join(cli.Endpoints(), ","), cfg.Prefix)}
+}
+
+func (s *Store) begin(ctx context.Context, op string) (func(), error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("%s: %s: %w", s.where, op, err)
+	}
+	s.mu.RLock()
+	if s.closed {
+		s.mu.RUnlock()
+		return nil, fmt.Errorf("%s: %s: %w", s.where, op, store.ErrClosed)
+	}
+	return s.mu.RUnlock, nil
+}
+
+// View implements store.Store.
+func (s *Store) View(ctx context.Context, fn func(store.Tx) error) error {
+	done, err := s.begin(ctx, "view")
+	if err != nil {
+		return err
+	}
+	defer done()
+	for attempt := 1; ; attempt++ {
+		t := &tx{s: s, ctx: ctx}
+		err := fn(t)
+		t.done = true
+		if t.restart == nil || attempt >= s.cfg.MaxAttempts {
+			return err
+		}
+		if werr := s.backoff(ctx, attempt); werr != nil {
+			return werr
+		}
+	}
+}
+
+// Update implements store.Store.
+func (s *Store) Update(ctx context.Context, fn func(store.Tx) error) error {
+	done, err := s.begin(ctx, "update")
+	if err != nil {
+		return err
+	}
+	defer done()
+	for attempt := 1; attempt <= s.cfg.MaxAttempts; attempt++ {
+		t := &tx{s: s, ctx: ctx, buf: txbuf.New(), reads: map[string]int64{}, ranges: map[string]bool{}}
+		err := fn(t)
+		t.done = true
+		if t.restart == nil {
+			if err != nil {
+				return err
+			}
+			committed, err := t.commit()
+			if err != nil {
+				return err
+			}
+			if committed {
+				return nil
+			}
+		}
+		s.cfg.Log.Debug("etcd store: transaction conflict, retrying", "attempt", attempt)
+		if err := s.backoff(ctx, attempt); err != nil {
+			return err
+		}
+	}
+	return fmt.Errorf("%s: update: %w: other writers changed what it read %d times in a row; try again", s.where, store.ErrConflict, s.cfg.MaxAttempts)
+}
+
+// backoff waits a short random time growing with attempt, or until ctx ends.
+func (s *Store) backoff(ctx context.Context, attempt int) error {
+	ceiling := time.Millisecond << min(attempt, 6) // 2 ms .. 64 ms
+	d := ceiling/2 + rand.N(ceiling/2)
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	select {
+	case <-ctx.Done():
+		return fmt.Errorf("%s: update: %w", s.where, ctx.Err())
+	case <-timer.C:
+		return nil
+	}
+}
+
+// Close implements store.Store; it waits for running transactions.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil
+	}
+	s.closed = true
+	if s.ownsCli {
+		if err := s.cli.Close(); err != nil && !errors.Is(err, context.Canceled) {
+			return fmt.Errorf("%s: close: %w", s.where, err)
+		}
+	}
+	return nil
+}
+
+// errRestart marks a read whose snapshot is gone; the transaction starts again.
+var errRestart = errors.New("snapshot compacted; the transaction restarts")
+
+// mapErr explains an etcd error and adds the store sentinel that matches it.
+func (s *Store) mapErr(op string, err error) error {
+	switch {
+	case errors.Is(err, rpctypes.ErrNoSpace):
+		return fmt.Errorf("%s: %s: %w: %w (etcd reached its --quota-backend-bytes: compact and defragment etcd, then disarm the NOSPACE alarm)", s.where, op, store.ErrFull, err)
+	case errors.Is(err, rpctypes.ErrTooManyOps):
+		return fmt.Errorf("%s: %s: %w (run etcd with --max-txn-ops 16384)", s.where, op, err)
+	case errors.Is(err, rpctypes.ErrRequestTooLarge):
+		return fmt.Errorf("%s: %s: %w (run etcd with --max-request-bytes 16777216)", s.where, op, err)
+	case errors.Is(err, context.DeadlineExceeded):
+		return fmt.Errorf("%s: %s: no answer within %v (is etcd up and does it have a quorum?): %w", s.where, op, s.cfg.RequestTimeout, err)
+	}
+	return fmt.Errorf("%s: %s: %w", s.where, op, err)
+}
+
+// tx is one attempt of a transaction. buf is nil in a View.
+type tx struct {
+	s       *Store
+	ctx     context.Context
+	rev     int64            // snapshot revision; 0 until the first read
+	buf     *txbuf.Buffer    // pending writes
+	reads   map[string]int64 // etcd key -> mod revision seen (0: missing)
+	ranges  map[string]bool  // bucket range prefixes listed
+	restart error
+	done    bool
+}
+
+func (t *tx) key(bucket, key string) string { return t.s.cfg.Prefix + bucket + "/" + key }
+
+func (t *tx) check(bucket, key string, write bool) error {
+	if t.done {
+		return fmt.Errorf("%s: transaction used after its function returned", t.s.where)
+	}
+	if write && t.buf == nil {
+		return fmt.Errorf("%s: write to %s/%q in a View: %w (use Update)", t.s.where, bucket, key, store.ErrReadOnly)
+	}
+	return txbuf.CheckName(bucket, key)
+}
+
+// get reads at the snapshot, fixing it on the first read.
+func (t *tx) get(op string, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error) {
+	if t.restart != nil {
+		return nil, t.restart
+	}
+	if t.rev > 0 {
+		opts = append(opts, clientv3.WithRev(t.rev))
+	}
+	ctx, cancel := context.WithTimeout(t.ctx, t.s.cfg.RequestTimeout)
+	defer cancel()
+	resp, err := t.s.cli.Get(ctx, key, opts...)
+	if errors.Is(err, rpctypes.ErrCompacted) {
+		t.restart = fmt.Errorf("%s: %s: %w", t.s.where, op, errRestart)
+		return nil, t.restart
+	}
+	if err != nil {
+		if t.ctx.Err() != nil {
+			return nil, fmt.Errorf("%s: %s: %w", t.s.where, op, t.ctx.Err())
+		}
+		return nil, t.s.mapErr(op, err)
+	}
+	if t.rev == 0 {
+		t.rev = resp.Header.Revision
+	}
+	return resp, nil
+}
+
+func (t *tx) Get(bucket, key string) ([]byte, error) {
+	if err := t.check(bucket, key, false); err != nil {
+		return nil, err
+	}
+	if t.buf != nil {
+		if v, deleted, ok := t.buf.Lookup(bucket, key); ok {
+			if deleted {
+				return nil, fmt.Errorf("%s/%q: %w", bucket, key, store.ErrNotFound)
+			}
+			return v, nil
+		}
+	}
+	k := t.key(bucket, key)
+	resp, err := t.get(fmt.Sprintf("get %s/%q", bucket, key), k)
+	if err != nil {
+		return nil, err
+	}
+	var modRev int64
+	var val []byte
+	if len(resp.Kvs) > 0 {
+		modRev, val = resp.Kvs[0].ModRevision, resp.Kvs[0].Value
+	}
+	if t.reads != nil {
+		if _, seen := t.reads[k]; !seen {
+			t.reads[k] = modRev
+		}
+	}
+	if len(resp.Kvs) == 0 {
+		return nil, fmt.Errorf("%s/%q: %w", bucket, key, store.ErrNotFound)
+	}
+	return txbuf.Clone(val), nil
+}
+
+func (t *tx) Put(bucket, key string, value []byte) error {
+	if err := t.check(bucket, key, true); err != nil {
+		return err
+	}
+	t.buf.Put(bucket, key, value)
+	return nil
+}
+
+func (t *tx) Delete(bucket, key string) error {
+	if err := t.check(bucket, key, true); err != nil {
+		return err
+	}
+	t.buf.Delete(bucket, key)
+	return nil
+}
+
+func (t *tx) List(bucket, prefix string, fn func(key string, value []byte) error) error {
+	if t.done {
+		return fmt.Errorf("%s: transaction used after its function returned", t.s.where)
+	}
+	if err := txbuf.CheckBucket(bucket); err != nil {
+		return err
+	}
+	bucketPrefix := t.key(bucket, "")
+	resp, err := t.get(fmt.Sprintf("list %s/%q", bucket, prefix), bucketPrefix+prefix,
+		clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortAscend))
+	if err != nil {
+		return err
+	}
+	if t.ranges != nil {
+		t.ranges[bucketPrefix] = true
+	}
+	kvs := make([]txbuf.KV, 0, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		k := string(kv.Key[len(bucketPrefix):])
+		if k == "" {
+			continue // the bucket's marker
+		}
+		kvs = append(kvs, txbuf.KV{Key: k, Value: txbuf.Clone(kv.Value)})
+	}
+	if t.buf != nil {
+		kvs = t.buf.Merge(bucket, prefix, kvs)
+	}
+	for _, kv := range kvs {
+		if err := fn(kv.Key, kv.Value); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// commit applies the buffered writes if nothing read changed; false means a conflict.
+func (t *tx) commit() (bool, error) {
+	if t.buf.Empty() {
+		return true, nil // read-only: the snapshot was consistent
+	}
+	var cmps []clientv3.Cmp
+	for k, rev := range t.reads {
+		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(k), "=", rev))
+	}
+	for p := range t.ranges {
+		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(p), "<", t.rev+1).WithPrefix())
+	}
+	var ops []clientv3.Op
+	for _, b := range t.buf.Buckets() {
+		deletes := false
+		_ = t.buf.Each(b, func(key string, value []byte, deleted bool) error {
+			if deleted {
+				deletes = true
+				ops = append(ops, clientv3.OpDelete(t.key(b, key)))
+			} else {
+				ops = append(ops, clientv3.OpPut(t.key(b, key), string(value)))
+			}
+			return nil
+		})
+		if deletes {
+			ops = append(ops, clientv3.OpPut(t.key(b, ""), ""))
+		}
+	}
+	ctx, cancel := context.WithTimeout(t.ctx, t.s.cfg.RequestTimeout)
+	defer cancel()
+	resp, err := t.s.cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
+	if err != nil {
+		if t.ctx.Err() != nil {
+			return false, fmt.Errorf("%s: commit: %w", t.s.where, t.ctx.Err())
+		}
+		// The outcome of a commit that timed out is unknown: say so.
+		return false, t.s.mapErr(fmt.Sprintf("commit of %d writes (outcome unknown if it timed out)", len(ops)), err)
+	}
+	return resp.Succeeded, nil
+}
