@@ -1,0 +1,83 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/nkp-dev/nkp/provider/api"
+)
+
+func TestPassphraseSource(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "pass")
+	if err := os.WriteFile(file, []byte("from file\nsecond line\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	empty := filepath.Join(dir, "empty")
+	if err := os.WriteFile(empty, []byte("\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name    string
+		src     passphraseSource
+		stdin   string
+		want    string
+		wantErr string
+	}{
+		{"file, first line", passphraseSource{file: file}, "", "from file", ""},
+		{"stdin", passphraseSource{stdin: true}, "typed\r\n", "typed", ""},
+		{"stdin without newline", passphraseSource{stdin: true}, "typed", "typed", ""},
+		{"both", passphraseSource{file: file, stdin: true}, "", "", "choose one"},
+		{"missing file", passphraseSource{file: filepath.Join(dir, "nope")}, "", "", "--passphrase-file"},
+		{"empty file", passphraseSource{file: empty}, "", "", "empty passphrase"},
+		{"no terminal", passphraseSource{}, "", "", "--passphrase-file FILE or --passphrase-stdin"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := tc.src.read(strings.NewReader(tc.stdin), &bytes.Buffer{}, false)
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("read = %q, %v; want error %q", got, err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil || string(got) != tc.want {
+				t.Fatalf("read = %q, %v; want %q", got, err, tc.want)
+			}
+		})
+	}
+}
+
+func TestParsePolicy(t *testing.T) {
+	tests := []struct {
+		in      string
+		want    api.Policy
+		wantErr bool
+	}{
+		{"tpm-required=on", api.Policy{TPMRequired: true}, false},
+		{"tpm-required=off", api.Policy{}, false},
+		{"tpm-required=true", api.Policy{TPMRequired: true}, false},
+		{"tpm-required=maybe", api.Policy{}, true},
+		{"tpm=on", api.Policy{}, true},
+		{"tpm-required", api.Policy{}, true},
+	}
+	for _, tc := range tests {
+		got, err := parsePolicy(tc.in)
+		if (err != nil) != tc.wantErr || got != tc.want {
+			t.Errorf("parsePolicy(%q) = %+v, %v; want %+v, err=%v", tc.in, got, err, tc.want, tc.wantErr)
+		}
+	}
+}
+
+// TestNoPassphraseInArgv: there is no flag that takes a passphrase value.
+func TestNoPassphraseInArgv(t *testing.T) {
+	var out, errb bytes.Buffer
+	err := run(context.Background(), []string{"provider", "backup", "--passphrase", "x", "--out", "f"}, strings.NewReader(""), &out, &errb)
+	if err == nil || !strings.Contains(err.Error(), "unknown flag") {
+		t.Fatalf("--passphrase accepted: %v", err)
+	}
+}
