@@ -170,6 +170,9 @@ func TestEncryptedState(t *testing.T) {
 				if out, err := runTool(t, nil, "swtpm_ioctl", "--unix", p.Ctrl, "-i"); err == nil {
 					t.Errorf("CMD_INIT with a wrong key succeeded: %s", out)
 				}
+				if be.name == "nkp-swtpm" && !strings.Contains(p.logText(), "wrong key") {
+					t.Errorf("the log does not say the key is wrong: %q", p.logText())
+				}
 				p.Kill()
 				after := stateFiles(t, state)
 				for name, b := range before {

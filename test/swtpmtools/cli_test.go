@@ -1,0 +1,246 @@
+package swtpmtools
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nkp-dev/nkp/test/e2e"
+)
+
+// runBackend runs a backend's program with args to its end (bounded) and returns the
+// exit code and the output streams.
+func runBackend(t *testing.T, be backend, files []*os.File, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	argv := be.argv(t)
+	cmd := exec.Command(argv[0], append(argv[1:], args...)...)
+	cmd.ExtraFiles = files
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		cmd.Process.Kill()
+		<-done
+		t.Fatalf("%s %v did not return within 30 s", be.name, args)
+	}
+	return cmd.ProcessState.ExitCode(), out.String(), errb.String()
+}
+
+// alive reports whether pid runs and is not a zombie (PID 1 here does not reap).
+func alive(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i >= 0 && i+2 < len(s) && s[i+2] != 'Z'
+}
+
+// keyPipe returns the read end of a pipe holding a random 256-bit hex key, the way a
+// supervisor hands nkp-swtpm its key (never in argv or the environment).
+func keyPipe(t *testing.T) *os.File {
+	t.Helper()
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := make([]byte, 32)
+	rand.Read(k)
+	if _, err := w.WriteString(hex.EncodeToString(k)); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	t.Cleanup(func() { r.Close() })
+	return r
+}
+
+// defineIndex defines an NV index through the data socket, which makes the TPM write
+// its permanent state.
+func defineIndex(t *testing.T, p *tpmProc) {
+	t.Helper()
+	conn, err := netDial(p.Data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if err := nvDefine(&connTPM{c: conn}); err != nil {
+		t.Fatalf("NV_DefineSpace: %v", err)
+	}
+}
+
+// TestDaemon starts a backend with -d, the state key on an inherited fd and a pid file:
+// the command returns 0, the daemon serves an encrypted TPM and ends on CMD_SHUTDOWN.
+// nkp-swtpm returns only once the daemon serves, so its sockets answer at once.
+func TestDaemon(t *testing.T) {
+	e2e.Require(t, "swtpm_ioctl", "tpm2_getrandom")
+	forEachBackend(t, func(t *testing.T, be backend) {
+		state, dir := t.TempDir(), sockDir(t)
+		ctrl, data, pidf := filepath.Join(dir, "tpm.sock.ctrl"), filepath.Join(dir, "tpm.sock"), filepath.Join(dir, "pid")
+		code, _, stderr := runBackend(t, be, []*os.File{keyPipe(t)}, "-d", "--tpm2",
+			"--ctrl", "type=unixio,path="+ctrl, "--server", "type=unixio,path="+data,
+			"--tpmstate", "dir="+state, "--key", "fd=3,mode=aes-256-cbc", "--pid", "file="+pidf,
+			"--flags", "not-need-init,startup-clear", "--log", "file="+filepath.Join(dir, "log"))
+		if code != 0 {
+			t.Fatalf("%s -d exited %d: %s", be.name, code, stderr)
+		}
+		if be.name == "nkp-swtpm" && !(dialable(ctrl) && dialable(data)) {
+			t.Errorf("nkp-swtpm -d returned before its sockets accept connections")
+		}
+		var pid int
+		e2e.WaitFor(t, 10*time.Second, "the pid file", func() bool {
+			b, _ := os.ReadFile(pidf)
+			pid, _ = strconv.Atoi(strings.TrimSpace(string(b)))
+			return pid > 0 && dialable(ctrl) && dialable(data)
+		})
+		t.Cleanup(func() {
+			if alive(pid) {
+				if p, err := os.FindProcess(pid); err == nil {
+					p.Kill()
+				}
+			}
+		})
+		if !alive(pid) {
+			t.Fatalf("pid %d from the pid file does not run", pid)
+		}
+		mustRun(t, []string{"TPM2TOOLS_TCTI=swtpm:path=" + data}, "tpm2_getrandom", "--hex", "8")
+		// GET_CONFIG bit 0: the state is encrypted with a key.
+		if out := mustRun(t, nil, "swtpm_ioctl", "--unix", ctrl, "-g"); !strings.Contains(out, "0x1") {
+			t.Errorf("swtpm_ioctl -g = %q, want flags 0x1 (state key in use)", out)
+		}
+		mustRun(t, nil, "swtpm_ioctl", "--unix", ctrl, "-s")
+		e2e.WaitFor(t, 10*time.Second, "the daemon to exit after CMD_SHUTDOWN", func() bool { return !alive(pid) })
+	})
+}
+
+// TestDaemonStartError: when the daemon cannot start, nkp-swtpm -d exits non-zero and
+// says why (swtpm 0.7.1 forks before it checks, so it is not held to this).
+func TestDaemonStartError(t *testing.T) {
+	be := backends[1]
+	dir := sockDir(t)
+	missing := filepath.Join(t.TempDir(), "no-such-dir")
+	code, _, stderr := runBackend(t, be, nil, "-d", "--tpm2", "--ctrl", "type=unixio,path="+filepath.Join(dir, "c"),
+		"--tpmstate", "dir="+missing, "--flags", "not-need-init,startup-clear")
+	if code == 0 {
+		t.Fatalf("nkp-swtpm -d with a missing state directory exited 0")
+	}
+	if !strings.Contains(stderr, missing) || !strings.Contains(stderr, "does not exist") {
+		t.Errorf("stderr %q does not name the missing directory", stderr)
+	}
+}
+
+// TestPrintCapabilitiesAndStates runs the probes libvirt and swtpm_setup run.
+func TestPrintCapabilitiesAndStates(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, be backend) {
+		code, out, stderr := runBackend(t, be, nil, "--print-capabilities")
+		if code != 0 {
+			t.Fatalf("--print-capabilities exited %d: %s", code, stderr)
+		}
+		var caps struct {
+			Type     string   `json:"type"`
+			Features []string `json:"features"`
+			Version  string   `json:"version"`
+		}
+		if err := json.Unmarshal([]byte(out), &caps); err != nil {
+			t.Fatalf("--print-capabilities is not JSON: %v: %q", err, out)
+		}
+		feats := strings.Join(caps.Features, " ")
+		for _, f := range []string{"tpm-2.0", "cmdarg-pwd-fd", "cmdarg-key-fd", "cmdarg-print-states", "tpm-send-command-header", "flags-opt-startup"} {
+			if !strings.Contains(" "+feats+" ", " "+f+" ") {
+				t.Errorf("feature %s missing from %v", f, caps.Features)
+			}
+		}
+		if caps.Type != "swtpm" || caps.Version == "" {
+			t.Errorf("type %q version %q", caps.Type, caps.Version)
+		}
+
+		state := t.TempDir()
+		states := func() string {
+			t.Helper()
+			code, out, stderr := runBackend(t, be, nil, "--print-states", "--tpmstate", "backend-uri=dir://"+state, "--tpm2")
+			if code != 0 {
+				t.Fatalf("--print-states exited %d: %s", code, stderr)
+			}
+			return out
+		}
+		if out := states(); strings.Contains(out, "permall") {
+			t.Errorf("--print-states on an empty directory = %q", out)
+		}
+		p := start(t, be, procOpts{stateDir: state, extra: startupFlags})
+		defineIndex(t, p)
+		p.Stop()
+		if out := states(); !strings.Contains(out, `"name"`) || !strings.Contains(out, "permall") {
+			t.Errorf("--print-states after a run = %q, want permall listed", out)
+		}
+	})
+}
+
+// TestBadStateFiles starts a backend on garbage and on truncated state: it must refuse
+// to run the TPM, say so, and leave the file as it was.
+func TestBadStateFiles(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, be backend) {
+		good := t.TempDir()
+		p := start(t, be, procOpts{stateDir: good, extra: startupFlags})
+		defineIndex(t, p)
+		p.Stop()
+		perm, err := os.ReadFile(filepath.Join(good, "tpm2-00.permall"))
+		if err != nil {
+			t.Fatalf("no permall after a run: %v", err)
+		}
+		garbage := make([]byte, len(perm))
+		rand.Read(garbage)
+		for _, tt := range []struct {
+			name string
+			data []byte
+		}{
+			{"garbage", garbage},
+			{"truncated", perm[:len(perm)/2]},
+			{"empty", []byte{}},
+		} {
+			t.Run(tt.name, func(t *testing.T) {
+				state := t.TempDir()
+				f := filepath.Join(state, "tpm2-00.permall")
+				if err := os.WriteFile(f, tt.data, 0o600); err != nil {
+					t.Fatal(err)
+				}
+				p := startNoWait(t, be, procOpts{stateDir: state, extra: startupFlags})
+				if err := p.Wait(20 * time.Second); err == nil {
+					t.Fatalf("%s ran on a %s permall", be.name, tt.name)
+				}
+				if after, _ := os.ReadFile(f); !bytes.Equal(after, tt.data) {
+					t.Errorf("the %s permall was changed", tt.name)
+				}
+				if be.name == "nkp-swtpm" && !strings.Contains(p.logText(), "permall") {
+					t.Errorf("the refusal does not name the state file: %q", p.logText())
+				}
+			})
+		}
+	})
+}
+
+// TestUnknownOption: an unknown option is refused and named.
+func TestUnknownOption(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, be backend) {
+		code, _, stderr := runBackend(t, be, nil, "--tpm2", "--tpmstate", "dir=/tmp", "--no-such-option")
+		if code == 0 {
+			t.Fatalf("%s accepted --no-such-option", be.name)
+		}
+		if be.name == "nkp-swtpm" && !strings.Contains(stderr, "--no-such-option") {
+			t.Errorf("stderr %q does not name the option", stderr)
+		}
+	})
+}
