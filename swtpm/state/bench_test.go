@@ -9,11 +9,16 @@ import (
 // permanent-state blob of swtpm's typical size (~1.7 KB), with and without a key.
 func BenchmarkStore(b *testing.B) {
 	for _, tt := range []struct {
-		name string
-		key  *Key
-	}{{"plaintext", nil}, {"aes-256-gcm", testKey(b, 8, 32)}} {
+		name   string
+		key    *Key
+		noSync bool
+	}{
+		{"plaintext", nil, false},
+		{"aes-256-gcm", testKey(b, 8, 32), false},
+		{"aes-256-gcm-nosync", testKey(b, 8, 32), true},
+	} {
 		b.Run(tt.name, func(b *testing.B) {
-			d := mustOpen(b, b.TempDir(), Options{Key: tt.key})
+			d := mustOpen(b, b.TempDir(), Options{Key: tt.key, NoSync: tt.noSync})
 			blob := bytes.Repeat([]byte{0x5c}, 1700)
 			b.SetBytes(int64(len(blob)))
 			for b.Loop() {

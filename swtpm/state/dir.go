@@ -59,6 +59,12 @@ type Options struct {
 	// Backup keeps the previous version of each file as <file>.bak (swtpm's backup
 	// option); Load falls back to it when the file itself cannot be read.
 	Backup bool
+	// NoSync skips the fsync of each file and of the directory. Each write stays atomic
+	// (temp file and rename), so a killed process never leaves a torn state, but a power
+	// loss may lose the last writes or, on some file systems, leave an empty file.
+	// swtpm ≥ 0.8 never fsyncs by default (it found the stalls caused TPM command
+	// timeouts); nkp syncs unless told otherwise.
+	NoSync bool
 	// Log gets warnings (plaintext state, backup fallbacks). nil discards them.
 	Log *slog.Logger
 }
@@ -75,6 +81,7 @@ type Dir struct {
 	mode   os.FileMode
 	log    *slog.Logger
 	backup bool
+	noSync bool
 	accept bool
 
 	mu     sync.Mutex // guards everything below
@@ -115,6 +122,7 @@ func Open(dir string, opts Options) (*Dir, error) {
 		mode:   opts.Mode.Perm(),
 		log:    log,
 		backup: opts.Backup,
+		noSync: opts.NoSync,
 		accept: opts.AcceptPlaintext,
 		bad:    map[string]error{},
 	}
@@ -224,7 +232,8 @@ func (d *Dir) loadFile(name, p string) ([]byte, error) {
 	return data, nil
 }
 
-// Store writes data as blob name: temp file, fsync, rename, fsync of the directory.
+// Store writes data as blob name: temp file, fsync, rename, fsync of the directory
+// (without the fsyncs under Options.NoSync).
 func (d *Dir) Store(name string, data []byte) error {
 	p, err := d.path(name)
 	if err != nil {
@@ -262,10 +271,24 @@ func (d *Dir) Store(name string, data []byte) error {
 		os.Remove(tmp)
 		return fmt.Errorf("state file %s: %w", p, err)
 	}
-	if err := d.dirFD.Sync(); err != nil {
+	if err := d.syncDir(); err != nil {
 		return fmt.Errorf("state file %s: fsync directory: %w", p, err)
 	}
 	return nil
+}
+
+func (d *Dir) syncFile(f *os.File) error {
+	if d.noSync {
+		return nil
+	}
+	return f.Sync()
+}
+
+func (d *Dir) syncDir() error {
+	if d.noSync {
+		return nil
+	}
+	return d.dirFD.Sync()
 }
 
 // refuseLocked refuses writes to a file that could not be read, and all writes while
@@ -295,7 +318,7 @@ func (d *Dir) writeTemp(tmp string, b []byte) error {
 		os.Remove(tmp)
 		return err
 	}
-	if err := f.Sync(); err != nil {
+	if err := d.syncFile(f); err != nil {
 		f.Close()
 		os.Remove(tmp)
 		return err
@@ -349,7 +372,7 @@ func (d *Dir) Delete(name string) error {
 	if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("state file %s: %w", p, err)
 	}
-	if err := d.dirFD.Sync(); err != nil {
+	if err := d.syncDir(); err != nil {
 		return fmt.Errorf("state file %s: fsync directory: %w", p, err)
 	}
 	return nil

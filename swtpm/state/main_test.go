@@ -19,6 +19,7 @@ const (
 	envChild   = "NKP_STATE_CHILD"
 	envDir     = "NKP_STATE_DIR"
 	envKeyFile = "NKP_STATE_KEYFILE"
+	envNoSync  = "NKP_STATE_NOSYNC"
 )
 
 func TestMain(m *testing.M) {
@@ -45,6 +46,7 @@ func childOpen() (*Dir, error) {
 		defer k.Wipe()
 		opts.Key = k
 	}
+	opts.NoSync = os.Getenv(envNoSync) != ""
 	return Open(os.Getenv(envDir), opts)
 }
 

@@ -22,10 +22,11 @@ import (
 )
 
 // child starts this test binary as another process in role on dir, with stdout piped.
-func child(t *testing.T, role, dir, keyFile string) (*exec.Cmd, *bufio.Reader, io.WriteCloser) {
+func child(t *testing.T, role, dir, keyFile string, extraEnv ...string) (*exec.Cmd, *bufio.Reader, io.WriteCloser) {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), envChild+"="+role, envDir+"="+dir, envKeyFile+"="+keyFile)
+	cmd.Env = append(cmd.Env, extraEnv...)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -144,8 +145,23 @@ func TestLockSwtpm(t *testing.T) {
 
 // TestKill9DuringWrites kills a writer process with SIGKILL at random instants while it
 // stores an increasing counter, hundreds of times: the state must always load, and hold
-// exactly the last acknowledged value or the one being written when it died.
+// exactly the last acknowledged value or the one being written when it died. It runs
+// with fsync (the default) and with NoSync, which must be just as safe against a kill.
 func TestKill9DuringWrites(t *testing.T) {
+	tests := []struct {
+		name   string
+		trials int
+		env    []string
+	}{
+		{"fsync", 300, nil},
+		{"no fsync", 100, []string{envNoSync + "=1"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) { kill9DuringWrites(t, tt.trials, tt.env) })
+	}
+}
+
+func kill9DuringWrites(t *testing.T, trials int, env []string) {
 	dir := t.TempDir()
 	keyFile := filepath.Join(t.TempDir(), "key")
 	if err := os.WriteFile(keyFile, []byte(strings.Repeat("5a", 32)), 0o600); err != nil {
@@ -157,15 +173,15 @@ func TestKill9DuringWrites(t *testing.T) {
 	}
 	defer key.Wipe()
 
-	trials, budget := 300, 60*time.Second
+	budget := 60 * time.Second
 	if testing.Short() {
-		trials, budget = 30, 10*time.Second
+		trials, budget = trials/10, 10*time.Second
 	}
 	deadline := time.Now().Add(budget)
 	var stored uint64 // the value on disk after the previous trial
 	done, withAcks, inFlight := 0, 0, 0
 	for ; done < trials && time.Now().Before(deadline); done++ {
-		cmd, out, in := child(t, "writer", dir, keyFile)
+		cmd, out, in := child(t, "writer", dir, keyFile, env...)
 		line, err := out.ReadString('\n')
 		if err != nil || !strings.HasPrefix(line, "ready ") {
 			cmd.Process.Kill()
