@@ -242,3 +242,42 @@ func parseSmapsRollup(b []byte) (memory, error) {
 	}
 	return m, nil
 }
+
+// cpuTime returns the CPU time a process has run so far: the sum over its
+// threads of the first field of /proc/PID/task/TID/schedstat (nanoseconds).
+// Unlike wall time, it hardly depends on how loaded the machine is. Threads
+// that already exited are not counted (Go and swtpm keep theirs).
+func cpuTime(pid int) (time.Duration, error) {
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		return 0, fmt.Errorf("CPU time of pid %d: %w", pid, err)
+	}
+	var sum time.Duration
+	for _, t := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/schedstat", pid, t.Name()))
+		if errors.Is(err, os.ErrNotExist) {
+			continue // the thread just ended
+		}
+		if err != nil {
+			return 0, fmt.Errorf("CPU time of pid %d: %w", pid, err)
+		}
+		d, err := parseSchedstat(b)
+		if err != nil {
+			return 0, fmt.Errorf("CPU time of pid %d thread %s: %w", pid, t.Name(), err)
+		}
+		sum += d
+	}
+	return sum, nil
+}
+
+func parseSchedstat(b []byte) (time.Duration, error) {
+	f := strings.Fields(string(b))
+	if len(f) < 1 {
+		return 0, errors.New("schedstat: empty")
+	}
+	ns, err := strconv.ParseInt(f[0], 10, 64)
+	if err != nil || ns < 0 {
+		return 0, fmt.Errorf("schedstat %q: not a CPU time", f[0])
+	}
+	return time.Duration(ns), nil
+}

@@ -66,6 +66,26 @@ func TestParseSmapsRollup(t *testing.T) {
 	}
 }
 
+func TestParseSchedstat(t *testing.T) {
+	tests := []struct {
+		in      string
+		want    time.Duration
+		wantErr bool
+	}{
+		{"7358696 2849547 39\n", 7358696 * time.Nanosecond, false},
+		{"0 0 0", 0, false},
+		{"", 0, true},
+		{"-5 1 1", 0, true},
+		{"abc 1 1", 0, true},
+	}
+	for _, tc := range tests {
+		got, err := parseSchedstat([]byte(tc.in))
+		if (err != nil) != tc.wantErr || got != tc.want {
+			t.Errorf("parseSchedstat(%q) = %v, %v; want %v, error %v", tc.in, got, err, tc.want, tc.wantErr)
+		}
+	}
+}
+
 func TestRowVerdict(t *testing.T) {
 	tests := []struct {
 		r         row
@@ -131,7 +151,7 @@ func TestBenchSwtpmAgainstItself(t *testing.T) {
 			t.Errorf("table lacks %q:\n%s", want, got)
 		}
 	}
-	if strings.Contains(got, "n/a") || strings.Contains(got, "| 0.00 ") {
+	if strings.Contains(got, "n/a") || strings.Contains(got, "| 0.00 ") || strings.Contains(got, "| 0 KiB") {
 		t.Errorf("table has a missing or zero measure:\n%s", got)
 	}
 	file, err := os.ReadFile(out)

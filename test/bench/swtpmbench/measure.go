@@ -26,7 +26,9 @@ var ops = []string{opGetRandom, opPCRExtend, opNVWrite, opCreate}
 // side is what was measured for one backend.
 type side struct {
 	lat        map[string][]time.Duration // per command, sorted
+	cpu        map[string]time.Duration   // server CPU time per call, per command
 	startReady []time.Duration            // sorted
+	startCPU   []time.Duration            // server CPU time until ready, sorted
 	mem        []memory                   // per idle instance
 }
 
@@ -50,7 +52,9 @@ func measure(ctx context.Context, cfg config, progress io.Writer) (*report, erro
 		return nil, err
 	}
 	rep := &report{cfg: cfg, start: time.Now(), load: [2]string{loadavg(), ""}}
-	rep.a.lat, rep.b.lat = map[string][]time.Duration{}, map[string][]time.Duration{}
+	for _, s := range []*side{&rep.a, &rep.b} {
+		s.lat, s.cpu = map[string][]time.Duration{}, map[string]time.Duration{}
+	}
 	backends := [2]backend{cfg.A, cfg.B}
 	sides := [2]*side{&rep.a, &rep.b}
 	dirs := [2]string{filepath.Join(cfg.Work, "a"), filepath.Join(cfg.Work, "b")}
@@ -163,8 +167,14 @@ func measureLatency(ctx context.Context, cfg config, cmds commands, backends [2]
 		if op == opCreate {
 			n = cfg.NCreate
 		}
+		var cpu0 [2]time.Duration
 		for i := range 2 {
 			sides[i].lat[op] = make([]time.Duration, 0, n)
+			c, err := cpuTime(run[i].in.cmd.Process.Pid)
+			if err != nil {
+				return err
+			}
+			cpu0[i] = c
 		}
 		for k := -cfg.Warmup; k < n; k++ {
 			if err := ctx.Err(); err != nil {
@@ -186,6 +196,11 @@ func measureLatency(ctx context.Context, cfg config, cmds commands, backends [2]
 		}
 		for i := range 2 {
 			slices.Sort(sides[i].lat[op])
+			c, err := cpuTime(run[i].in.cmd.Process.Pid)
+			if err != nil {
+				return err
+			}
+			sides[i].cpu[op] = (c - cpu0[i]) / time.Duration(n+cfg.Warmup)
 		}
 	}
 	return nil
@@ -217,14 +232,21 @@ func measureStarts(ctx context.Context, cfg config, backends [2]backend, dirs [2
 				return err
 			}
 			el := time.Since(t0)
+			cpu, err := cpuTime(s.in.cmd.Process.Pid)
+			if err != nil {
+				s.stop()
+				return err
+			}
 			if err := s.stop(); err != nil {
 				return fmt.Errorf("%s: %w: %w", backends[i].Label, errBackend, err)
 			}
 			sides[i].startReady = append(sides[i].startReady, el)
+			sides[i].startCPU = append(sides[i].startCPU, cpu)
 		}
 	}
 	for i := range 2 {
 		slices.Sort(sides[i].startReady)
+		slices.Sort(sides[i].startCPU)
 	}
 	return nil
 }

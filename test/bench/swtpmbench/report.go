@@ -41,12 +41,29 @@ func (r report) rows() []row {
 			})
 		}
 	}
+	for _, op := range ops {
+		unit, scale := "µs", float64(time.Microsecond)
+		if op == opCreate {
+			unit, scale = "ms", float64(time.Millisecond)
+		}
+		rows = append(rows, row{
+			name: op + ": backend CPU time per call",
+			a:    float64(r.a.cpu[op]) / scale,
+			b:    float64(r.b.cpu[op]) / scale,
+			unit: unit,
+		})
+	}
 	rows = append(rows, row{
 		name:   fmt.Sprintf("start-to-ready, median of %d", r.cfg.Starts),
 		a:      float64(percentile(r.a.startReady, 0.5)) / float64(time.Millisecond),
 		b:      float64(percentile(r.b.startReady, 0.5)) / float64(time.Millisecond),
 		unit:   "ms",
 		target: 0.7,
+	}, row{
+		name: fmt.Sprintf("start-to-ready: backend CPU time, median of %d", r.cfg.Starts),
+		a:    float64(percentile(r.a.startCPU, 0.5)) / float64(time.Millisecond),
+		b:    float64(percentile(r.b.startCPU, 0.5)) / float64(time.Millisecond),
+		unit: "ms",
 	})
 	rows = append(rows,
 		row{name: fmt.Sprintf("RSS per idle instance, mean of %d", r.cfg.Idle), a: meanKiB(r.a.mem, false), b: meanKiB(r.b.mem, false), unit: "KiB"},
