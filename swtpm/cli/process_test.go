@@ -1,0 +1,250 @@
+package cli
+
+import (
+	"bytes"
+	"net"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/nkp-dev/nkp/swtpm/envelope"
+	"github.com/nkp-dev/nkp/swtpm/state"
+)
+
+func TestPrefixWriter(t *testing.T) {
+	tests := []struct {
+		prefix string
+		writes []string
+		want   string
+	}{
+		{"swtpm: ", []string{"a\n"}, "swtpm: a\n"},
+		{"> ", []string{"a\nb\n", "c\n"}, "> a\n> b\n> c\n"},
+		{"> ", []string{"no newline"}, "> no newline"},
+	}
+	for _, tt := range tests {
+		var buf bytes.Buffer
+		w := &prefixWriter{w: &buf, prefix: []byte(tt.prefix)}
+		for _, s := range tt.writes {
+			if n, err := w.Write([]byte(s)); err != nil || n != len(s) {
+				t.Fatalf("Write(%q) = %d, %v", s, n, err)
+			}
+		}
+		if buf.String() != tt.want {
+			t.Errorf("prefix %q writes %q gave %q, want %q", tt.prefix, tt.writes, buf.String(), tt.want)
+		}
+	}
+}
+
+func TestOpenLog(t *testing.T) {
+	dir := t.TempDir()
+	existing := filepath.Join(dir, "existing.log")
+	if err := os.WriteFile(existing, []byte("old line\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name     string
+		opts     *LogOptions
+		wantFile string // file to inspect; "" for stderr
+		wantOld  bool   // the old content is kept
+		wantLine string // "" when nothing must be logged
+	}{
+		{"stderr without --log", nil, "", false, "msg=hello"},
+		{"new file", &LogOptions{File: filepath.Join(dir, "new.log"), FD: -1}, filepath.Join(dir, "new.log"), false, "msg=hello"},
+		{"append", &LogOptions{File: existing, FD: -1, Prefix: "P: "}, existing, true, "P: time="},
+		{"truncate", &LogOptions{File: filepath.Join(dir, "t.log"), FD: -1, Truncate: true}, filepath.Join(dir, "t.log"), false, "msg=hello"},
+		{"disabled", &LogOptions{File: "-", FD: -1}, "", false, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var stderr bytes.Buffer
+			log, closeLog, err := openLog(tt.opts, &stderr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			log.Info("hello")
+			log.Debug("debug only")
+			closeLog()
+			got := stderr.String()
+			if tt.wantFile != "" {
+				b, err := os.ReadFile(tt.wantFile)
+				if err != nil {
+					t.Fatal(err)
+				}
+				got = string(b)
+				fi, _ := os.Stat(tt.wantFile)
+				if tt.wantFile != existing && fi.Mode().Perm() != 0o600 {
+					t.Errorf("log file mode %v, want 0600", fi.Mode().Perm())
+				}
+			}
+			if tt.wantLine == "" && got != "" {
+				t.Errorf("logged %q, want nothing", got)
+			}
+			if !strings.Contains(got, tt.wantLine) {
+				t.Errorf("log %q, want it to contain %q", got, tt.wantLine)
+			}
+			if strings.Contains(got, "old line") != tt.wantOld {
+				t.Errorf("old content kept = %v, want %v", !tt.wantOld, tt.wantOld)
+			}
+			if strings.Contains(got, "debug only") {
+				t.Errorf("debug logged at the default level: %q", got)
+			}
+		})
+	}
+	if _, _, err := openLog(&LogOptions{File: filepath.Join(dir, "missing", "x.log"), FD: -1}, os.Stderr); err == nil || !strings.Contains(err.Error(), "--log file=") {
+		t.Errorf("log in a missing directory: err = %v, want one naming --log file=", err)
+	}
+}
+
+func TestPidFile(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "swtpm.pid")
+	// swtpm_setup creates the file first and watches it: it must be written in place.
+	if err := os.WriteFile(p, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	before, _ := os.Stat(p)
+	remove, err := pidFile(&PidOptions{File: p, FD: -1}, 4242)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(p)
+	after, _ := os.Stat(p)
+	if strings.TrimSpace(string(b)) != "4242" {
+		t.Errorf("pid file holds %q, want 4242", b)
+	}
+	if !os.SameFile(before, after) {
+		t.Errorf("the pid file was replaced by another inode; swtpm_setup would not see it")
+	}
+	remove()
+	if _, err := os.Stat(p); !os.IsNotExist(err) {
+		t.Errorf("pid file still there after removal: %v", err)
+	}
+
+	f, err := os.Create(filepath.Join(dir, "byfd"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteString("stale content that is longer\n")
+	fd, err := syscall.Dup(int(f.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pidFile(&PidOptions{FD: fd}, 7); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(f.Name()); string(b) != "7\n" {
+		t.Errorf("pid via fd wrote %q, want \"7\\n\"", b)
+	}
+	f.Close()
+
+	if _, err := pidFile(&PidOptions{File: filepath.Join(dir, "no", "dir", "pid"), FD: -1}, 1); err == nil {
+		t.Error("pid file in a missing directory: no error")
+	}
+}
+
+func TestChannelOpen(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "ctrl.sock")
+	// A stale file where the socket goes is replaced, as swtpm does.
+	if err := os.WriteFile(sock, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ep, err := (&Channel{Type: TypeUnixIO, Path: sock, Port: -1, ListenFD: -1, ConnFD: -1, Mode: 0o660, UID: strconv.Itoa(os.Getuid())}).Open("ctrl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(sock)
+	if err != nil || fi.Mode()&os.ModeSocket == 0 || fi.Mode().Perm() != 0o660 {
+		t.Fatalf("socket file %v, %v; want a socket with mode 0660", fi, err)
+	}
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatalf("dial the created socket: %v", err)
+	}
+	c.Close()
+	ep.Close()
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Errorf("socket file left after Close: %v", err)
+	}
+
+	// Inherited fds: a listening socket and a connected one.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lf, _ := l.(*net.TCPListener).File()
+	l.Close()
+	ep, err = (&Channel{Type: TypeTCP, Port: -1, ListenFD: int(lf.Fd()), ConnFD: -1}).Open("ctrl")
+	if err != nil || ep.Listener == nil {
+		t.Fatalf("listen fd: %v, %+v", err, ep)
+	}
+	ep.Close()
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Close(fds[0])
+	ep, err = (&Channel{Type: TypeTCP, Port: -1, ListenFD: -1, ConnFD: fds[1]}).Open("server")
+	if err != nil || ep.Conn == nil {
+		t.Fatalf("conn fd: %v, %+v", err, ep)
+	}
+	ep.Close()
+
+	// Errors name the option and the cause.
+	for _, c := range []*Channel{
+		{Type: TypeUnixIO, Path: filepath.Join(dir, "missing", "s"), Port: -1, ListenFD: -1, ConnFD: -1, Mode: 0o600},
+		{Type: TypeUnixIO, Path: filepath.Join(dir, "s2"), Port: -1, ListenFD: -1, ConnFD: -1, Mode: 0o600, UID: "no-such-user-nkp"},
+		{Type: TypeTCP, Port: -1, ListenFD: int(os.Stdin.Fd()) + 100, ConnFD: -1},
+	} {
+		if _, err := c.Open("ctrl"); err == nil || !strings.HasPrefix(err.Error(), "--ctrl") {
+			t.Errorf("Open(%+v) = %v, want an error starting with --ctrl", c, err)
+		}
+	}
+}
+
+func TestKeySpec(t *testing.T) {
+	tests := []struct {
+		opt  string
+		want state.KeySpec
+	}{
+		{"file=/k", state.KeySpec{Source: state.KeyFile, Path: "/k", FD: -1, Format: "hex"}},
+		{"fd=5,mode=aes-256-cbc,format=binary", state.KeySpec{Source: state.KeyFD, FD: 5, Format: "binary", Mode: "aes-256-cbc"}},
+		{"pwdfile=/p,remove", state.KeySpec{Source: state.PwdFile, Path: "/p", FD: -1, KDF: envelope.KDFPBKDF2, Remove: true}},
+		{"pwdfd=9,kdf=sha512,mode=aes-cbc", state.KeySpec{Source: state.PwdFD, FD: 9, KDF: envelope.KDFSHA512, Mode: "aes-128-cbc"}},
+	}
+	for _, tt := range tests {
+		k, err := parseKey("key", tt.opt)
+		if err != nil {
+			t.Fatalf("parseKey(%s): %v", tt.opt, err)
+		}
+		if got := k.KeySpec(); !reflect.DeepEqual(got, tt.want) {
+			t.Errorf("KeySpec(%s) = %+v, want %+v", tt.opt, got, tt.want)
+		}
+		// The state package's own parser of the same text agrees on what matters.
+		ref, err := state.ParseKeySpec(tt.opt)
+		if err != nil {
+			t.Fatalf("state.ParseKeySpec(%s): %v", tt.opt, err)
+		}
+		if got := k.KeySpec(); got.Source != ref.Source || got.Path != ref.Path || got.FD != ref.FD || got.Remove != ref.Remove {
+			t.Errorf("KeySpec(%s) = %+v, state.ParseKeySpec = %+v", tt.opt, got, ref)
+		}
+	}
+}
+
+func TestInheritedFDs(t *testing.T) {
+	o, err := Parse(strings.Fields("--tpm2 --tpmstate dir=/s --ctrl type=unixio,clientfd=6 --server type=tcp,fd=5 --key pwdfd=7 --migration-key fd=8 --log fd=9 --pid fd=10"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := o.inheritedFDs(), []int{6, 5, 7, 8, 9, 10}; !reflect.DeepEqual(got, want) {
+		t.Errorf("inheritedFDs = %v, want %v", got, want)
+	}
+	o, _ = Parse(strings.Fields("--tpm2 --tpmstate dir=/s --ctrl type=unixio,path=/c --log fd=2"))
+	if got := o.inheritedFDs(); len(got) != 0 {
+		t.Errorf("inheritedFDs = %v, want none (stderr is not passed as an extra file)", got)
+	}
+}
