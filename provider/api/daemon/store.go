@@ -9,6 +9,7 @@ import (
 
 	"github.com/nkp-dev/nkp/provider/store"
 	"github.com/nkp-dev/nkp/provider/store/boltstore"
+	"github.com/nkp-dev/nkp/provider/store/etcdstore"
 )
 
 // Store kinds.
@@ -24,7 +25,8 @@ type StoreConfig struct {
 	Kind string
 	// EtcdEndpoints are the etcd client URLs (StoreEtcd only).
 	EtcdEndpoints []string
-	// EtcdPrefix namespaces the provider's keys in etcd (default "/nkp/provider/").
+	// EtcdPrefix namespaces the provider's keys in etcd (default etcdstore.DefaultPrefix,
+	// "/nkp/provider/"); replicas of one provider use the same prefix.
 	EtcdPrefix string
 }
 
@@ -49,11 +51,11 @@ func (c *StoreConfig) Validate() error {
 func OpenStore(ctx context.Context, dir string, cfg StoreConfig, log *slog.Logger) (store.Store, error) {
 	switch cfg.Kind {
 	case StoreEtcd:
-		prefix := cfg.EtcdPrefix
-		if prefix == "" {
-			prefix = "/nkp/provider/"
+		s, err := etcdstore.Open(ctx, etcdstore.Config{Endpoints: cfg.EtcdEndpoints, Prefix: cfg.EtcdPrefix, Log: log})
+		if err != nil {
+			return nil, fmt.Errorf("etcd store at %s: %w (is etcd running and reachable?)", strings.Join(cfg.EtcdEndpoints, ","), err)
 		}
-		return nil, fmt.Errorf("etcd store at %s (prefix %s): the etcd backend is not built into this nkp yet; use --store bolt", strings.Join(cfg.EtcdEndpoints, ","), prefix)
+		return s, nil
 	default:
 		path := filepath.Join(dir, StoreFile)
 		s, err := boltstore.Open(path, boltstore.Options{})

@@ -1,0 +1,127 @@
+package provider_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/api/daemon"
+	"github.com/nkp-dev/nkp/provider/client"
+	"github.com/nkp-dev/nkp/test/e2e"
+	"github.com/nkp-dev/nkp/test/etcdtest"
+)
+
+// copyReplicaFiles gives a second replica the same root key and admin credentials.
+func copyReplicaFiles(t *testing.T, from, to string) {
+	t.Helper()
+	if err := os.MkdirAll(to, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{daemon.RootKeyFile, daemon.CACertFile, daemon.AdminCertFile, daemon.AdminKeyFile} {
+		data, err := os.ReadFile(filepath.Join(from, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(to, f), data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestReplicasOnEtcd: two replicas share one etcd. A host revoked on one is refused at
+// once on the other; when one replica is killed mid-run, hosts that fail over keep
+// fetching from the other without a single failed fetch.
+func TestReplicasOnEtcd(t *testing.T) {
+	b := build(t)
+	ctx := context.Background()
+	etcd := etcdtest.New(t, etcdtest.Config{})
+	storeArgs := []string{"--store", "etcd", "--etcd-endpoints", strings.Join(etcd.Endpoints(), ",")}
+	dirA := b.initProvider(t, storeArgs...)
+	dirB := filepath.Join(t.TempDir(), "replica-b")
+	copyReplicaFiles(t, dirA, dirB)
+	a := b.serve(t, dirA, storeArgs...)
+	bb := b.serve(t, dirB, storeArgs...)
+	b.mustCtl(t, dirA, a.url, "", "backup", "--passphrase-file", writeFile(t, filepath.Join(t.TempDir(), "p"), "pw"), "--out", filepath.Join(t.TempDir(), "b.age"))
+
+	var st api.Status
+	b.ctlJSON(t, dirB, bb.url, &st, "status")
+	if st.State != "Active" {
+		t.Fatalf("replica B sees state %s after a backup through A", st.State)
+	}
+
+	// Revocation through A is seen by B on the very next request.
+	victim := b.mustJoin(t, a, "kvm-victim")
+	victimOnB := victim.clientFor(t, bb.url)
+	if _, err := victimOnB.Release(ctx); err != nil {
+		t.Fatalf("host enrolled on A fetching from B: %v", err)
+	}
+	b.mustCtl(t, dirA, a.url, "", "revoke", victim.id)
+	if _, err := victimOnB.Release(ctx); !client.IsCode(err, api.CodeHostRevoked) {
+		t.Fatalf("host revoked on A, fetching from B: %v, want %s", err, api.CodeHostRevoked)
+	}
+
+	// Hosts fetch from A and fail over to B; A is killed mid-run.
+	const nHosts = 8
+	type pair struct{ a, b *client.Client }
+	hosts := make([]pair, nHosts)
+	for i := range hosts {
+		h := b.mustJoin(t, a, "kvm-"+string(rune('a'+i)))
+		hosts[i] = pair{a: h.c, b: h.clientFor(t, bb.url)}
+	}
+	var okBefore, okAfter, failed, viaB atomic.Int64
+	var killed atomic.Bool
+	var firstErr atomic.Value
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for _, h := range hosts {
+		wg.Add(1)
+		go func(h pair) {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				fctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+				_, err := h.a.Release(fctx)
+				var ae *client.APIError
+				if err != nil && !errors.As(err, &ae) { // replica unreachable: fail over
+					viaB.Add(1)
+					_, err = h.b.Release(fctx)
+				}
+				cancel()
+				switch {
+				case err != nil:
+					failed.Add(1)
+					firstErr.CompareAndSwap(nil, err)
+				case killed.Load():
+					okAfter.Add(1)
+				default:
+					okBefore.Add(1)
+				}
+			}
+		}(h)
+	}
+	e2e.WaitFor(t, 60*time.Second, "50 fetches before the kill", func() bool { return okBefore.Load() >= 50 })
+	killed.Store(true)
+	a.kill()
+	e2e.WaitFor(t, 60*time.Second, "50 fetches after the kill", func() bool { return okAfter.Load() >= 50 || failed.Load() > 0 })
+	close(stop)
+	wg.Wait()
+	if n := failed.Load(); n > 0 {
+		t.Fatalf("%d fetches failed on both replicas; first: %v", n, firstErr.Load())
+	}
+	if viaB.Load() == 0 {
+		t.Fatal("no fetch failed over to replica B")
+	}
+	t.Logf("fetches: %d before the kill, %d after (%d failed over to B)", okBefore.Load(), okAfter.Load(), viaB.Load())
+	b.mustCtl(t, dirB, bb.url, "", "audit", "verify")
+}
