@@ -41,6 +41,9 @@ func ForMigrationWithStateKey(data, migKey, stateKey []byte, decrypted bool) (bl
 	var outer []TLV
 	if migKey != nil {
 		outer, err = encrypt(migKey, inner, TagEncryptedMigrationData, TagMigrationIV)
+		if !encrypted {
+			clear(inner) // a plaintext copy of the state
+		}
 		if err != nil {
 			return nil, 0, fmt.Errorf("migration blob: migration key layer: %w", err)
 		}
@@ -99,6 +102,9 @@ func FromMigration(blob []byte, reqFlags uint32, migKey, stateKey []byte) ([]byt
 		return out, nil
 	}
 	out, err := plainData(inner, TagData, h.Version)
+	if h.Flags&FlagMigrationEncrypted != 0 {
+		clear(inner) // decrypted here: a plaintext copy of the state
+	}
 	if err != nil {
 		return nil, fmt.Errorf("migration blob: %w", err)
 	}
