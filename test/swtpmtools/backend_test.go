@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -70,6 +71,9 @@ type tpmProc struct {
 	Data     string
 	StateDir string
 	Log      string
+	// TCPPort is the data port of a backend started with procOpts.tcp (the control
+	// port is TCPPort+1, as tpm2-tss' swtpm TCTI expects); 0 for unix sockets.
+	TCPPort  int
 	stderr   bytes.Buffer
 	done     chan struct{}
 	waitErr  error
@@ -81,6 +85,7 @@ type procOpts struct {
 	dir      string   // socket directory; a new one when empty
 	extra    []string // more options (--key, --flags ...)
 	noServer bool     // no --server: the data channel only through SET_DATAFD
+	tcp      bool     // TCP sockets on 127.0.0.1 instead of unix sockets
 	files    []*os.File
 }
 
@@ -92,7 +97,7 @@ func start(t *testing.T, be backend, o procOpts) *tpmProc {
 		if p.exited() {
 			t.Fatalf("%s exited early: %v\nstderr: %s\nlog: %s", be.name, p.waitErr, p.stderr.String(), p.logText())
 		}
-		return dialable(p.Ctrl) && (o.noServer || dialable(p.Data))
+		return p.dialable(p.ctrlAddr()) && (o.noServer || p.dialable(p.dataAddr()))
 	})
 	return p
 }
@@ -113,12 +118,18 @@ func startNoWait(t *testing.T, be backend, o procOpts) *tpmProc {
 		Log:      filepath.Join(dir, "tpm.log"),
 		done:     make(chan struct{}),
 	}
+	ctrl, server := "type=unixio,path="+p.Ctrl, "type=unixio,path="+p.Data
+	if o.tcp {
+		p.TCPPort = freePortPair(t)
+		ctrl = fmt.Sprintf("type=tcp,port=%d", p.TCPPort+1)
+		server = fmt.Sprintf("type=tcp,port=%d", p.TCPPort)
+	}
 	args := append(argv[1:], "--tpm2",
-		"--ctrl", "type=unixio,path="+p.Ctrl,
+		"--ctrl", ctrl,
 		"--tpmstate", "dir="+o.stateDir,
 		"--log", "file="+p.Log+",level=20")
 	if !o.noServer {
-		args = append(args, "--server", "type=unixio,path="+p.Data)
+		args = append(args, "--server", server)
 	}
 	args = append(args, o.extra...)
 	p.cmd = exec.Command(argv[0], args...)
@@ -130,6 +141,59 @@ func startNoWait(t *testing.T, be backend, o procOpts) *tpmProc {
 	go func() { p.waitErr = p.cmd.Wait(); close(p.done) }()
 	t.Cleanup(func() { p.Kill() })
 	return p
+}
+
+// ctrlAddr and dataAddr return the sockets as "unix:PATH" or "tcp:HOST:PORT".
+func (p *tpmProc) ctrlAddr() string {
+	if p.TCPPort != 0 {
+		return fmt.Sprintf("tcp:127.0.0.1:%d", p.TCPPort+1)
+	}
+	return "unix:" + p.Ctrl
+}
+
+func (p *tpmProc) dataAddr() string {
+	if p.TCPPort != 0 {
+		return fmt.Sprintf("tcp:127.0.0.1:%d", p.TCPPort)
+	}
+	return "unix:" + p.Data
+}
+
+// TCTI returns the environment that points tpm2-tools at the backend.
+func (p *tpmProc) TCTI() []string {
+	if p.TCPPort != 0 {
+		return []string{fmt.Sprintf("TPM2TOOLS_TCTI=swtpm:host=127.0.0.1,port=%d", p.TCPPort)}
+	}
+	return []string{"TPM2TOOLS_TCTI=swtpm:path=" + p.Data}
+}
+
+func (p *tpmProc) dialable(addr string) bool {
+	network, a, _ := strings.Cut(addr, ":")
+	c, err := net.DialTimeout(network, a, time.Second)
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
+}
+
+// freePortPair returns a port P such that P and P+1 were free on 127.0.0.1 a moment ago.
+func freePortPair(t *testing.T) int {
+	t.Helper()
+	for i := 0; i < 50; i++ {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		l2, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port+1))
+		l.Close()
+		if err == nil {
+			l2.Close()
+			return port
+		}
+	}
+	t.Fatal("no two consecutive free TCP ports on 127.0.0.1")
+	return 0
 }
 
 func dialable(path string) bool {

@@ -138,3 +138,24 @@ func TestSwtpmIoctl(t *testing.T) {
 		}
 	})
 }
+
+// TestTCPChannels drives a backend whose control and data channels are TCP sockets
+// with swtpm_ioctl --tcp and swtpm_bios --tcp, as in swtpm's own examples.
+func TestTCPChannels(t *testing.T) {
+	e2e.Require(t, "swtpm_ioctl", "swtpm_bios", "tpm2_getrandom")
+	forEachBackend(t, func(t *testing.T, be backend) {
+		p := start(t, be, procOpts{stateDir: t.TempDir(), tcp: true})
+		ctrl := "127.0.0.1:" + strconv.Itoa(p.TCPPort+1)
+		data := "127.0.0.1:" + strconv.Itoa(p.TCPPort)
+		mustRun(t, nil, "swtpm_ioctl", "--tcp", ctrl, "-i")
+		mustRun(t, nil, "swtpm_bios", "--tpm2", "--tcp", data)
+		mustRun(t, p.TCTI(), "tpm2_getrandom", "--hex", "8")
+		if out := mustRun(t, nil, "swtpm_ioctl", "--tcp", ctrl, "-e"); !strings.Contains(out, "tpmEstablished is 0") {
+			t.Errorf("swtpm_ioctl --tcp -e = %q", out)
+		}
+		mustRun(t, nil, "swtpm_ioctl", "--tcp", ctrl, "-s")
+		if err := p.Wait(10 * time.Second); err != nil {
+			t.Errorf("exit after -s: %v", err)
+		}
+	})
+}

@@ -29,46 +29,53 @@ func TestTPM2Tools(t *testing.T) {
 	e2e.Require(t, "tpm2_getrandom", "tpm2_pcrextend", "tpm2_pcrread", "tpm2_createprimary",
 		"tpm2_nvdefine", "tpm2_nvwrite", "tpm2_nvread")
 	forEachBackend(t, func(t *testing.T, be backend) {
-		state, work := t.TempDir(), t.TempDir()
-		dir := sockDir(t)
-		p := start(t, be, procOpts{stateDir: state, dir: dir, extra: startupFlags})
-		tcti := []string{"TPM2TOOLS_TCTI=swtpm:path=" + p.Data}
-
-		if got := strings.TrimSpace(mustRun(t, tcti, "tpm2_getrandom", "--hex", "32")); !regexp.MustCompile(`^[0-9a-f]{64}$`).MatchString(got) {
-			t.Errorf("tpm2_getrandom = %q, want 64 hex digits", got)
-		}
-
-		digest := sha256.Sum256([]byte("nkp event"))
-		mustRun(t, tcti, "tpm2_pcrextend", "16:sha256="+hex.EncodeToString(digest[:]))
-		want := sha256.Sum256(append(make([]byte, 32), digest[:]...))
-		out := mustRun(t, tcti, "tpm2_pcrread", "sha256:16")
-		if !strings.Contains(strings.ToLower(out), hex.EncodeToString(want[:])) {
-			t.Errorf("tpm2_pcrread sha256:16 = %q, want 0x%X", out, want)
-		}
-
-		ctx := filepath.Join(work, "primary.ctx")
-		out = mustRun(t, tcti, "tpm2_createprimary", "-C", "o", "-G", "ecc256", "-c", ctx)
-		if !strings.Contains(out, "ecc") {
-			t.Errorf("tpm2_createprimary printed %q, want an ECC key", out)
-		}
-
-		value := []byte("nkp NV value that must survive restarts")
-		nvWrite(t, tcti, work, value)
-		if got := nvRead(t, tcti, len(value)); !bytes.Equal(got, value) {
-			t.Fatalf("tpm2_nvread = %q, want %q", got, value)
-		}
-
-		p.Stop()
-		p = start(t, be, procOpts{stateDir: state, dir: dir, extra: startupFlags})
-		if got := nvRead(t, tcti, len(value)); !bytes.Equal(got, value) {
-			t.Fatalf("after a restart tpm2_nvread = %q, want %q", got, value)
-		}
-		// PCRs are volatile: Startup(CLEAR) after the restart resets PCR 16.
-		out = mustRun(t, tcti, "tpm2_pcrread", "sha256:16")
-		if !strings.Contains(out, "0x0000000000000000000000000000000000000000000000000000000000000000") {
-			t.Errorf("PCR 16 after restart with Startup(CLEAR) = %q, want zeros", out)
+		for _, tcp := range []bool{false, true} {
+			t.Run(map[bool]string{false: "unix", true: "tcp"}[tcp], func(t *testing.T) { testTPM2Tools(t, be, tcp) })
 		}
 	})
+}
+
+func testTPM2Tools(t *testing.T, be backend, tcp bool) {
+	state, work := t.TempDir(), t.TempDir()
+	dir := sockDir(t)
+	p := start(t, be, procOpts{stateDir: state, dir: dir, extra: startupFlags, tcp: tcp})
+	tcti := p.TCTI()
+
+	if got := strings.TrimSpace(mustRun(t, tcti, "tpm2_getrandom", "--hex", "32")); !regexp.MustCompile(`^[0-9a-f]{64}$`).MatchString(got) {
+		t.Errorf("tpm2_getrandom = %q, want 64 hex digits", got)
+	}
+
+	digest := sha256.Sum256([]byte("nkp event"))
+	mustRun(t, tcti, "tpm2_pcrextend", "16:sha256="+hex.EncodeToString(digest[:]))
+	want := sha256.Sum256(append(make([]byte, 32), digest[:]...))
+	out := mustRun(t, tcti, "tpm2_pcrread", "sha256:16")
+	if !strings.Contains(strings.ToLower(out), hex.EncodeToString(want[:])) {
+		t.Errorf("tpm2_pcrread sha256:16 = %q, want 0x%X", out, want)
+	}
+
+	ctx := filepath.Join(work, "primary.ctx")
+	out = mustRun(t, tcti, "tpm2_createprimary", "-C", "o", "-G", "ecc256", "-c", ctx)
+	if !strings.Contains(out, "ecc") {
+		t.Errorf("tpm2_createprimary printed %q, want an ECC key", out)
+	}
+
+	value := []byte("nkp NV value that must survive restarts")
+	nvWrite(t, tcti, work, value)
+	if got := nvRead(t, tcti, len(value)); !bytes.Equal(got, value) {
+		t.Fatalf("tpm2_nvread = %q, want %q", got, value)
+	}
+
+	p.Stop()
+	p = start(t, be, procOpts{stateDir: state, dir: dir, extra: startupFlags, tcp: tcp})
+	tcti = p.TCTI()
+	if got := nvRead(t, tcti, len(value)); !bytes.Equal(got, value) {
+		t.Fatalf("after a restart tpm2_nvread = %q, want %q", got, value)
+	}
+	// PCRs are volatile: Startup(CLEAR) after the restart resets PCR 16.
+	out = mustRun(t, tcti, "tpm2_pcrread", "sha256:16")
+	if !strings.Contains(out, "0x0000000000000000000000000000000000000000000000000000000000000000") {
+		t.Errorf("PCR 16 after restart with Startup(CLEAR) = %q, want zeros", out)
+	}
 }
 
 // nvWrite defines nvIndex (owner read/write, len(value) bytes) and writes value.
