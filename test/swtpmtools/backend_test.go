@@ -73,10 +73,10 @@ type tpmProc struct {
 	Log      string
 	// TCPPort is the data port of a backend started with procOpts.tcp (the control
 	// port is TCPPort+1, as tpm2-tss' swtpm TCTI expects); 0 for unix sockets.
-	TCPPort  int
-	stderr   bytes.Buffer
-	done     chan struct{}
-	waitErr  error
+	TCPPort int
+	stderr  bytes.Buffer
+	done    chan struct{}
+	waitErr error
 }
 
 // procOpts says how to start a backend.
