@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -241,6 +242,43 @@ func TestUnknownOption(t *testing.T) {
 		}
 		if be.name == "nkp-swtpm" && !strings.Contains(stderr, "--no-such-option") {
 			t.Errorf("stderr %q does not name the option", stderr)
+		}
+	})
+}
+
+// TestRunAs starts a backend as root with --runas nobody: it serves as that user, and
+// the state it writes belongs to that user.
+func TestRunAs(t *testing.T) {
+	e2e.RequireRoot(t)
+	e2e.Require(t, "tpm2_getrandom")
+	const uid = 65534 // nobody
+	forEachBackend(t, func(t *testing.T, be backend) {
+		state, dir := t.TempDir(), sockDir(t)
+		for _, d := range []string{state, dir} {
+			if err := os.Chown(d, uid, uid); err != nil {
+				t.Fatal(err)
+			}
+		}
+		os.Chmod(filepath.Dir(state), 0o755) // t.TempDir's parent is 0700
+		p := start(t, be, procOpts{stateDir: state, dir: dir, extra: append([]string{"--runas", "nobody"}, startupFlags...)})
+		status, err := os.ReadFile("/proc/" + strconv.Itoa(p.cmd.Process.Pid) + "/status")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, line := range strings.Split(string(status), "\n") {
+			if strings.HasPrefix(line, "Uid:") && strings.Fields(line)[1] != strconv.Itoa(uid) {
+				t.Errorf("runs as %q, want uid %d", line, uid)
+			}
+		}
+		mustRun(t, p.TCTI(), "tpm2_getrandom", "--hex", "8")
+		defineIndex(t, p)
+		p.Stop()
+		fi, err := os.Stat(filepath.Join(state, "tpm2-00.permall"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st := fi.Sys().(*syscall.Stat_t); st.Uid != uid {
+			t.Errorf("permall owned by uid %d, want %d", st.Uid, uid)
 		}
 	})
 }
