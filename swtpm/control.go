@@ -2,6 +2,7 @@ package swtpm
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"io/fs"
 	"net"
@@ -97,7 +98,7 @@ type ctrlMsg struct {
 
 // readCtrlMsg reads one control message. Waiting for its first bytes is unbounded (an
 // idle client); once they arrived, every further read must bring bytes within
-// MessageTimeout, else the message is refused as truncated. Like swtpm it reads what is
+// MessageTimeout, else the connection is closed without a reply, as swtpm does. Like swtpm it reads what is
 // available, so padding sent with a request is consumed with it. SCM_RIGHTS fds that
 // came with the message are returned; the caller closes those it does not keep.
 func (s *Server) readCtrlMsg(c net.Conn, buf []byte) (ctrlMsg, []int, error) {
@@ -131,11 +132,9 @@ func (s *Server) readCtrlMsg(c net.Conn, buf []byte) (ctrlMsg, []int, error) {
 		k, rerr := c.Read(b[len(b):need])
 		b = b[:len(b)+k]
 		if k == 0 && rerr != nil {
-			pe := ctrl.Incomplete(b)
-			if !errors.Is(rerr, os.ErrDeadlineExceeded) {
-				pe.Close = true // the peer closed or the socket broke: nothing to resync
-			}
-			return ctrlMsg{perr: pe}, fds, nil
+			// swtpm closes the connection without a reply when a request stops short
+			// (its poll times out): do the same, the client cannot be in sync anyway.
+			return ctrlMsg{}, fds, fmt.Errorf("%w (%v)", ctrl.Incomplete(b), rerr)
 		}
 	}
 }

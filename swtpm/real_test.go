@@ -314,7 +314,7 @@ func TestRealEngineControlRobustness(t *testing.T) {
 		{"RESET_TPMESTABLISHED padded loc 3", ctrl.ResetEstablished{Loc: 3, Padded: true}.Marshal(), ctrl.ResSuccess},
 		{"RESET_TPMESTABLISHED loc 0", ctrl.ResetEstablished{Loc: 0}.Marshal(), ctrl.ResBadLocality},
 		{"garbage", []byte{0xde, 0xad, 0xbe, 0xef, 1, 2, 3}, ctrl.ResBadOrdinal},
-		{"truncated INIT", []byte{0, 0, 0, 2, 0}, ctrl.ResBadParameter},
+		{"INIT with a long body", []byte{0, 0, 0, 2, 0, 0, 0, 0, 0, 0}, ctrl.ResBadParameter},
 	}
 	for _, s := range steps {
 		c.write(s.send)

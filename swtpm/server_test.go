@@ -183,39 +183,35 @@ func be32(b []byte) uint32 {
 	return uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
 }
 
-// A request cut short is refused after MessageTimeout, not waited for forever.
+// A request cut short closes the connection after MessageTimeout without a reply, as
+// swtpm does; the next client is served.
 func TestTruncatedControlRequest(t *testing.T) {
 	h := startServer(t, func(c *Config) { c.MessageTimeout = 100 * time.Millisecond })
-	c := h.dialCtrl()
 	tests := []struct {
-		name      string
-		send      []byte
-		wantClose bool
+		name string
+		send []byte
 	}{
-		{"INIT without body", []byte{0, 0, 0, 2, 0}, false},
-		{"half a command code", []byte{0, 0}, false},
+		{"INIT without body", []byte{0, 0, 0, 2, 0}},
+		{"half a command code", []byte{0, 0}},
+		{"SET_STATEBLOB cut in the payload", ctrl.SetStateBlob{Type: ctrl.BlobPermanent, Data: make([]byte, 100)}.Marshal()[:50]},
+		{"HASH_DATA cut in the payload", ctrl.HashData{Data: make([]byte, 100)}.Marshal()[:20]},
 	}
 	for _, tt := range tests {
+		c := h.dialCtrl()
 		c.write(tt.send)
 		start := time.Now()
-		if got := ctrl.Result(be32(c.readN(4))); got != ctrl.ResBadParameter {
-			t.Fatalf("%s: reply %v, want BAD_PARAMETER", tt.name, got)
+		c.c.SetReadDeadline(time.Now().Add(ioTimeout))
+		if n, err := c.c.Read(make([]byte, 4)); err != io.EOF {
+			t.Fatalf("%s: read %d bytes, %v; want the connection closed without a reply", tt.name, n, err)
 		}
 		if el := time.Since(start); el > 3*time.Second {
-			t.Fatalf("%s: refused after %v; the bound is 100 ms", tt.name, el)
+			t.Fatalf("%s: closed after %v; the bound is 100 ms", tt.name, el)
 		}
-		if caps := c.do(ctrl.GetCapability{}).(ctrl.CapabilityResponse).Caps; caps != ctrl.CapsTPM2Socket {
-			t.Fatalf("%s: stream out of sync after the refusal", tt.name)
+		next := h.dialCtrl()
+		if caps := next.do(ctrl.GetCapability{}).(ctrl.CapabilityResponse).Caps; caps != ctrl.CapsTPM2Socket {
+			t.Fatalf("%s: the next client is not served", tt.name)
 		}
-	}
-	// A SET_STATEBLOB payload cut midway cannot be resynchronised: reply, then close.
-	c.write(ctrl.SetStateBlob{Type: ctrl.BlobPermanent, Data: make([]byte, 100)}.Marshal()[:50])
-	if got := ctrl.Result(be32(c.readN(4))); got != ctrl.ResBadParameter {
-		t.Fatalf("truncated SET_STATEBLOB: reply %v", got)
-	}
-	c.c.SetReadDeadline(time.Now().Add(ioTimeout))
-	if _, err := c.c.Read(make([]byte, 1)); err != io.EOF {
-		t.Fatalf("after a truncated blob: read err %v, want EOF (closed)", err)
+		next.c.Close() // one control client at a time: let the next one in
 	}
 }
 
