@@ -139,3 +139,12 @@ func TestOpenErrors(t *testing.T) {
 		})
 	}
 }
+
+func BenchmarkStore(b *testing.B) {
+	s, err := boltstore.Open(filepath.Join(b.TempDir(), "provider.db"), boltstore.Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	storetest.Benchmark(b, s)
+}

@@ -208,3 +208,13 @@ func TestConfig(t *testing.T) {
 		})
 	}
 }
+
+func BenchmarkStore(b *testing.B) {
+	e2e.Require(b, etcdtest.Binary)
+	s, err := etcdstore.Open(context.Background(), etcdstore.Config{Endpoints: shared.Endpoints(), Prefix: "/bench/"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	storetest.Benchmark(b, s)
+}

@@ -52,3 +52,5 @@ func TestTxAfterReturn(t *testing.T) {
 		t.Fatal("Put on a finished transaction succeeded")
 	}
 }
+
+func BenchmarkStore(b *testing.B) { storetest.Benchmark(b, mem.New()) }
