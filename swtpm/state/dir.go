@@ -59,6 +59,11 @@ type Options struct {
 	// Backup keeps the previous version of each file as <file>.bak (swtpm's backup
 	// option); Load falls back to it when the file itself cannot be read.
 	Backup bool
+	// DeferLock opens the directory without locking it, for an incoming migration on
+	// shared storage (swtpm's --migration incoming): the source holds the lock until it
+	// hands the state over. Load works; Store and Delete fail with ErrLockReleased until
+	// LockStorage takes the lock.
+	DeferLock bool
 	// NoSync skips the fsync of each file and of the directory. Each write stays atomic
 	// (temp file and rename), so a killed process never leaves a torn state, but a power
 	// loss may lose the last writes or, on some file systems, leave an empty file.
@@ -99,7 +104,8 @@ func FileName(name string) string { return "tpm2-00." + name }
 func tempName(name string) string { return "TMP2-00." + name }
 
 // Open opens and locks the state directory dir, which must exist and be writable. It
-// fails with an error wrapping ErrLocked when another process holds the directory.
+// fails with an error wrapping ErrLocked when another process holds the directory
+// (unless Options.DeferLock).
 func Open(dir string, opts Options) (*Dir, error) {
 	fi, err := os.Stat(dir)
 	switch {
@@ -138,12 +144,16 @@ func Open(dir string, opts Options) (*Dir, error) {
 		}
 		d.key = append([]byte{}, k...)
 	}
-	if d.lock, err = lockDir(dir); err != nil {
-		d.wipe()
-		return nil, err
+	if !opts.DeferLock {
+		if d.lock, err = lockDir(dir); err != nil {
+			d.wipe()
+			return nil, err
+		}
 	}
 	if d.dirFD, err = os.Open(dir); err != nil {
-		d.lock.Close()
+		if d.lock != nil {
+			d.lock.Close()
+		}
 		d.wipe()
 		return nil, fmt.Errorf("state directory %s: open for fsync: %w", dir, err)
 	}

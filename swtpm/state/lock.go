@@ -14,10 +14,10 @@ import (
 // ErrLocked: another process (nkp-swtpm or swtpm) holds the directory's lock.
 var ErrLocked = errors.New("another process holds the state directory's lock")
 
-// ErrLockReleased: Store or Delete after ReleaseLock. On shared storage the migration's
-// destination owns the files now; LockStorage takes them back (the fallback when the
-// migration failed).
-var ErrLockReleased = errors.New("the state directory's lock was released for an outgoing migration; writes are refused until LOCK_STORAGE takes it again")
+// ErrLockReleased: Store or Delete while the Dir does not hold its lock: after
+// ReleaseLock (on shared storage the migration's destination owns the files now) or
+// before the first LockStorage of a Dir opened with DeferLock. LockStorage takes it.
+var ErrLockReleased = errors.New("the state directory's lock is not held (released for an outgoing migration, or deferred for an incoming one); writes are refused until LOCK_STORAGE takes it")
 
 // lockFile is swtpm's lock file name: the same file, locked with fcntl, so that nkp-swtpm
 // and swtpm exclude each other.
@@ -77,9 +77,10 @@ func (d *Dir) ReleaseLock() error {
 	return nil
 }
 
-// LockStorage takes the directory lock again after ReleaseLock (control command
-// LOCK_STORAGE): it tries retries+1 times, 10 ms apart, and stops early when ctx ends.
-// It succeeds at once when the lock is held.
+// LockStorage takes the directory lock after ReleaseLock or DeferLock (control command
+// LOCK_STORAGE, or the first command of an incoming migration): it tries retries+1
+// times, 10 ms apart, and stops early when ctx ends. It succeeds at once when the lock
+// is held.
 func (d *Dir) LockStorage(ctx context.Context, retries int) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()

@@ -75,6 +75,43 @@ func TestLockSameProcess(t *testing.T) {
 	mustOpen(t, dir, Options{})
 }
 
+// TestDeferLock: an incoming migration on shared storage opens the directory while the
+// source still holds it, reads, and takes the lock once the source lets go.
+func TestDeferLock(t *testing.T) {
+	dir := t.TempDir()
+	src := mustOpen(t, dir, Options{})
+	if err := src.Store("permall", []byte("state")); err != nil {
+		t.Fatal(err)
+	}
+	dst, err := Open(dir, Options{DeferLock: true})
+	if err != nil {
+		t.Fatalf("Open with DeferLock while the source holds the lock: %v", err)
+	}
+	defer dst.Close()
+	if b, err := dst.Load("permall"); err != nil || string(b) != "state" {
+		t.Fatalf("Load before locking: %q, %v", b, err)
+	}
+	if err := dst.Store("permall", []byte("x")); !errors.Is(err, ErrLockReleased) {
+		t.Fatalf("Store before locking: %v", err)
+	}
+	ctx := context.Background()
+	if err := dst.LockStorage(ctx, 0); !errors.Is(err, ErrLocked) {
+		t.Fatalf("LockStorage while the source holds it: %v", err)
+	}
+	if err := src.ReleaseLock(); err != nil {
+		t.Fatal(err)
+	}
+	if err := dst.LockStorage(ctx, 0); err != nil {
+		t.Fatalf("LockStorage after the source released: %v", err)
+	}
+	if err := dst.Store("permall", []byte("migrated")); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Store("permall", []byte("stale")); !errors.Is(err, ErrLockReleased) {
+		t.Fatalf("the source wrote after handing over: %v", err)
+	}
+}
+
 func TestLockOtherProcess(t *testing.T) {
 	dir := t.TempDir()
 	cmd, out, in := child(t, "locker", dir, "")
