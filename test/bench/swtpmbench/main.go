@@ -59,6 +59,7 @@ type config struct {
 	Work    string     // work directory; a temporary one when empty
 	Keep    bool       // keep the work directory
 	Out     string     // also write the table here
+	CPUs    string     // pin the client and the backends to these CPUs ("" = no pinning)
 }
 
 func parseFlags(args []string, stderr io.Writer) (config, error) {
@@ -78,6 +79,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.StringVar(&c.Work, "work", "", "work directory for state, sockets and logs (default: a new temporary directory)")
 	fs.BoolVar(&c.Keep, "keep", false, "keep the work directory (logs of the backends)")
 	fs.StringVar(&c.Out, "out", "", "also write the markdown table to this file")
+	fs.StringVar(&c.CPUs, "cpus", "", "pin the client and both backends to these CPUs, e.g. 1 or 0,1 (default: no pinning)")
 	if err := fs.Parse(args); err != nil {
 		return c, err
 	}
@@ -104,6 +106,11 @@ func (c config) validate() error {
 	case c.Key != keyByFD && c.Key != keyByFile:
 		return fmt.Errorf("-key %q: want fd or file", c.Key)
 	}
+	if c.CPUs != "" {
+		if _, err := parseCPUList(c.CPUs); err != nil {
+			return err
+		}
+	}
 	for _, b := range []struct {
 		flag string
 		path string
@@ -119,6 +126,12 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	cfg, err := parseFlags(args, os.Stderr)
 	if err != nil {
 		return err
+	}
+	if cfg.CPUs != "" {
+		set, _ := parseCPUList(cfg.CPUs) // checked by validate
+		if err := pinProcess(set); err != nil {
+			return err
+		}
 	}
 	if cfg.A.Label == "" {
 		cfg.A.Label = versionLabel(cfg.A.Path)

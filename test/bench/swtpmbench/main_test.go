@@ -121,6 +121,8 @@ func TestFlagsRefused(t *testing.T) {
 		{[]string{"-key", "argv"}, "-key"},
 		{[]string{"-a", "/nonexistent/swtpm"}, "-a /nonexistent/swtpm"},
 		{[]string{"stray"}, "unexpected arguments"},
+		{[]string{"-cpus", "one"}, "-cpus"},
+		{[]string{"-cpus", "0,-1"}, "-cpus"},
 	}
 	for _, tc := range tests {
 		_, err := parseFlags(tc.args, new(strings.Builder))

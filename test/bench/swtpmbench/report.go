@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"math"
 	"os"
 	"runtime"
 	"strings"
@@ -96,7 +97,7 @@ func (r row) verdict() string {
 		return "n/a"
 	}
 	mark := "✗"
-	if r.b/r.a <= r.target {
+	if math.Round(r.b/r.a*100)/100 <= r.target { // as the ratio column shows it
 		mark = "✓"
 	}
 	return fmt.Sprintf("≤ %.1f %s", r.target, mark)
@@ -131,9 +132,9 @@ func (r report) markdown() string {
 	}
 	fmt.Fprintf(&sb, "\nRun %s, %.0f s; %s; load average %s before, %s after. "+
 		"%d timed calls per command (%d CreatePrimary) after %d warm-up calls, one data connection per backend, the two backends taking turns; "+
-		"encrypted state, key by %s; unix sockets.\n",
+		"encrypted state, key by %s; unix sockets; %s.\n",
 		r.start.UTC().Format("2006-01-02 15:04 MST"), r.end.Sub(r.start).Seconds(), machine(), r.load[0], r.load[1],
-		r.cfg.N, r.cfg.NCreate, r.cfg.Warmup, keyDescription(r.cfg.Key))
+		r.cfg.N, r.cfg.NCreate, r.cfg.Warmup, keyDescription(r.cfg.Key), pinning(r.cfg.CPUs))
 	return sb.String()
 }
 
@@ -169,4 +170,11 @@ func machine() string {
 		kernel = strings.TrimSpace(string(b))
 	}
 	return fmt.Sprintf("%s, %d cores, Linux %s", cpu, runtime.NumCPU(), kernel)
+}
+
+func pinning(cpus string) string {
+	if cpus == "" {
+		return "no CPU pinning"
+	}
+	return "client and backends pinned to CPU " + cpus
 }
