@@ -144,16 +144,18 @@ func ParseKey(spec KeySpec, log *slog.Logger) (*Key, error) {
 	if spec.Source == PwdFile || spec.Source == PwdFD {
 		limit = maxPassphraseInput
 	}
-	var what string
+	var what, fix string
 	switch spec.Source {
 	case KeyFile, PwdFile:
 		what = "key file " + spec.Path
+		fix = "check the path and that the user nkp-swtpm runs as can read the file"
 		raw, err = readKeyFile(spec.Path, limit, log)
 	case KeyFD, PwdFD:
 		what = "key fd " + strconv.Itoa(spec.FD)
+		fix = "the process that starts nkp-swtpm must pass that descriptor open, holding the key"
 		f := os.NewFile(uintptr(spec.FD), what)
 		if f == nil {
-			return nil, fmt.Errorf("%s: not a valid file descriptor", what)
+			return nil, fmt.Errorf("%s: not a valid file descriptor; %s", what, fix)
 		}
 		raw, err = readLimited(f, limit)
 		f.Close()
@@ -161,7 +163,7 @@ func ParseKey(spec KeySpec, log *slog.Logger) (*Key, error) {
 		return nil, errors.New("key: no source given; use file=, fd=, pwdfile= or pwdfd=")
 	}
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", what, err)
+		return nil, fmt.Errorf("%s: %w; %s", what, err, fix)
 	}
 	defer clear(raw)
 
