@@ -2,11 +2,13 @@ package cli
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
+	"sync"
 
 	"github.com/nkp-dev/nkp/swtpm"
 	"github.com/nkp-dev/nkp/swtpm/envelope"
@@ -122,18 +124,63 @@ func serve(ctx context.Context, o *Options, log *slog.Logger, ready func() error
 		defer data.Close()
 		cfg.DataListener, cfg.DataConn, cfg.Disconnect = data.Listener, data.Conn, o.Server.Disconnect
 	}
+	// Ready means clients can connect and, when the TPM starts at launch (--flags
+	// not-need-init or startup-*), that it started: so that `-d` and a pid-file
+	// watcher do not report a daemon whose state could not be loaded (a wrong key).
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var readyErr error
+	signal := func() {
+		if readyErr = ready(); readyErr != nil {
+			cancel()
+		}
+	}
+	if cfg.NotNeedInit || cfg.Startup != swtpm.StartupNone {
+		cfg.Engine = &launchEngine{Engine: tpm, waitStartup: cfg.Startup != swtpm.StartupNone, started: signal}
+	}
 	srv, err := swtpm.New(cfg)
 	if err != nil {
 		return err
 	}
-	if err := ready(); err != nil {
-		return err
+	if cfg.Engine == swtpm.Engine(tpm) {
+		signal()
+		if readyErr != nil {
+			return readyErr
+		}
 	}
 	log.Info("nkp-swtpm serving", "version", Version, "state", o.State.Dir, "encrypted", stateKey != nil, "pid", os.Getpid())
 	if err := srv.Serve(ctx); err != nil {
 		return fmt.Errorf("vTPM: %w", err)
 	}
-	return nil
+	return readyErr
+}
+
+// launchEngine passes everything to the TPM engine and calls started once, when the
+// TPM started at launch: after MainInit, or after a successful TPM2_Startup when the
+// server sends one.
+type launchEngine struct {
+	swtpm.Engine
+	waitStartup bool
+	started     func()
+	once        sync.Once
+}
+
+// MainInit implements swtpm.Engine.
+func (e *launchEngine) MainInit() error {
+	err := e.Engine.MainInit()
+	if err == nil && !e.waitStartup {
+		e.once.Do(e.started)
+	}
+	return err
+}
+
+// Process implements swtpm.Engine.
+func (e *launchEngine) Process(cmd []byte) ([]byte, error) {
+	rsp, err := e.Engine.Process(cmd)
+	if err == nil && e.waitStartup && len(rsp) >= 10 && binary.BigEndian.Uint32(rsp[6:10]) == 0 {
+		e.once.Do(e.started)
+	}
+	return rsp, err
 }
 
 // printStates prints the state blobs of --tpmstate as swtpm --print-states does.

@@ -129,18 +129,57 @@ func TestDaemon(t *testing.T) {
 }
 
 // TestDaemonStartError: when the daemon cannot start, nkp-swtpm -d exits non-zero and
-// says why (swtpm 0.7.1 forks before it checks, so it is not held to this).
+// says why: a missing state directory, or a wrong key for the state when the TPM starts
+// at launch. (swtpm 0.7.1 forks before it checks, so it is not held to this.)
 func TestDaemonStartError(t *testing.T) {
 	be := backends[1]
-	dir := sockDir(t)
-	missing := filepath.Join(t.TempDir(), "no-such-dir")
-	code, _, stderr := runBackend(t, be, nil, "-d", "--tpm2", "--ctrl", "type=unixio,path="+filepath.Join(dir, "c"),
-		"--tpmstate", "dir="+missing, "--flags", "not-need-init,startup-clear")
-	if code == 0 {
-		t.Fatalf("nkp-swtpm -d with a missing state directory exited 0")
+	keyFile := func(t *testing.T) string {
+		k := make([]byte, 32)
+		rand.Read(k)
+		p := filepath.Join(t.TempDir(), "key")
+		if err := os.WriteFile(p, []byte(hex.EncodeToString(k)), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
 	}
-	if !strings.Contains(stderr, missing) || !strings.Contains(stderr, "does not exist") {
-		t.Errorf("stderr %q does not name the missing directory", stderr)
+	encrypted := t.TempDir()
+	p := start(t, be, procOpts{stateDir: encrypted, extra: append([]string{"--key", "file=" + keyFile(t)}, startupFlags...)})
+	defineIndex(t, p)
+	p.Stop()
+	before := stateFiles(t, encrypted)
+
+	tests := []struct {
+		name, state string
+		extra       []string
+		want        []string
+	}{
+		{"missing state directory", filepath.Join(t.TempDir(), "no-such-dir"), nil, []string{"no-such-dir", "does not exist"}},
+		{"wrong key", encrypted, []string{"--key", "file=" + keyFile(t)}, []string{"permall", "wrong key"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := sockDir(t)
+			args := append([]string{"-d", "--tpm2", "--ctrl", "type=unixio,path=" + filepath.Join(dir, "c"),
+				"--tpmstate", "dir=" + tt.state, "--flags", "not-need-init,startup-clear", "--pid", "file=" + filepath.Join(dir, "pid")}, tt.extra...)
+			code, _, stderr := runBackend(t, be, nil, args...)
+			if code == 0 {
+				t.Fatalf("nkp-swtpm -d exited 0")
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(stderr, w) {
+					t.Errorf("stderr %q does not contain %q", stderr, w)
+				}
+			}
+			if _, err := os.Stat(filepath.Join(dir, "pid")); err == nil {
+				t.Errorf("a pid file was written for a daemon that did not start")
+			}
+		})
+	}
+	after := stateFiles(t, encrypted)
+	for name, b := range before {
+		if !bytes.Equal(after[name], b) {
+			t.Errorf("state file %s changed by the failed start", name)
+		}
 	}
 }
 
