@@ -89,6 +89,7 @@ const (
 	CodeBadPassphrase   = "bad_passphrase"
 	CodeBadArchive      = "bad_archive"
 	CodeAuditBroken     = "audit_broken"
+	CodeRootKeyMismatch = "root_key_mismatch"
 	CodeConflict        = "conflict"
 	CodeUnavailable     = "unavailable"
 	CodeInternal        = "internal"

@@ -42,6 +42,7 @@ var errorMap = []struct {
 	{provider.ErrBadPassphrase, http.StatusBadRequest, CodeBadPassphrase},
 	{provider.ErrBadArchive, http.StatusBadRequest, CodeBadArchive},
 	{provider.ErrNotFound, http.StatusNotFound, CodeNotFound},
+	{provider.ErrRootKeyMismatch, http.StatusServiceUnavailable, CodeRootKeyMismatch},
 	{provider.ErrBadRequest, http.StatusBadRequest, CodeBadRequest},
 	{audit.ErrTampered, http.StatusConflict, CodeAuditBroken},
 	{ca.ErrBadCSR, http.StatusBadRequest, CodeBadRequest},

@@ -1,8 +1,10 @@
 package provider_test
 
 import (
+	"bytes"
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -181,5 +183,29 @@ func TestClientCertificates(t *testing.T) {
 	b.ctlJSON(t, dirA, s.url, &hosts, "hosts")
 	if len(hosts) != 1 || !hosts[0].Revoked {
 		t.Fatalf("hosts after revoke = %+v", hosts)
+	}
+}
+
+// TestForeignStore: a store file from another provider is refused at start with a
+// sentence naming the root key, and nothing is changed in it.
+func TestForeignStore(t *testing.T) {
+	b := build(t)
+	dirA := b.initProvider(t)
+	dirB := b.initProvider(t)
+	foreign, err := os.ReadFile(filepath.Join(dirB, "provider.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dirA, "provider.db"), foreign, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(b.provider, "serve", "--dir", dirA, "--listen", "127.0.0.1:0", "--log-format", "text")
+	out, err := cmd.CombinedOutput()
+	if err == nil || !strings.Contains(strings.ToLower(string(out)), "root key") {
+		t.Fatalf("serve over another provider's store: %v\n%s\nwant a refusal naming the root key", err, out)
+	}
+	after, err := os.ReadFile(filepath.Join(dirA, "provider.db"))
+	if err != nil || !bytes.Equal(after, foreign) {
+		t.Fatalf("the foreign store was modified by the refused start (%v)", err)
 	}
 }

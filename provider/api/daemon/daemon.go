@@ -94,14 +94,14 @@ type Daemon struct {
 
 // Start opens the provider in cfg.Dir and serves it. The provider must have been
 // initialised (Init) or restored (Restore). Cancel ctx or call Shutdown to stop.
-func Start(ctx context.Context, cfg Config) (d *Daemon, err error) {
+func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
 	if cfg.ShutdownTimeout == 0 {
 		cfg.ShutdownTimeout = 10 * time.Second
 	}
-	d = &Daemon{cfg: cfg, ready: make(chan struct{}), done: make(chan struct{})}
+	d := &Daemon{cfg: cfg, ready: make(chan struct{}), done: make(chan struct{})}
 	defer func() {
 		if err != nil {
 			d.closeAll()
