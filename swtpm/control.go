@@ -23,6 +23,7 @@ func (s *Server) serveCtrl() {
 		if s.track(s.cfg.CtrlConn) {
 			s.serveCtrlConn(s.cfg.CtrlConn)
 		}
+		s.ctrlGone.Store(true)
 		switch {
 		case s.cfg.CtrlTerminate:
 			s.requestStop("control connection closed (--ctrl ...,terminate)")
@@ -402,6 +403,10 @@ func (s *Server) setStateBlobLocked(r ctrl.SetStateBlob) ctrl.Result {
 	}
 	if err := s.cfg.Engine.SetState(typ, plain); err != nil {
 		clear(plain)
+		// libtpms drops every blob set before when it refuses one: so do we, or INIT
+		// would store a permanent state the TPM did not start from.
+		clear(s.heldPerm)
+		s.heldPerm = nil
 		s.log.Error("SET_STATEBLOB: the TPM refused the blob", "blob", typ, "err", err)
 		return resultOf(err)
 	}

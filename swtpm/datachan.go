@@ -14,8 +14,10 @@ func (s *Server) acceptData(l net.Listener) {
 }
 
 // serveDataConn answers TPM commands on one data connection until it closes, breaks,
-// or (Config.Disconnect) after the first response. what names the connection's origin.
+// or (Config.Disconnect, --server connections only) after the first response. what
+// names the connection's origin.
 func (s *Server) serveDataConn(c net.Conn, what string) {
+	disconnect := s.cfg.Disconnect && c != s.dataFDConn()
 	if c == s.cfg.DataConn {
 		if !s.track(c) {
 			s.dataLost(c, what)
@@ -44,7 +46,7 @@ func (s *Server) serveDataConn(c net.Conn, what string) {
 			s.log.Warn("data channel: response not sent, closing the connection", "conn", what, "err", err)
 			break
 		}
-		if s.cfg.Disconnect {
+		if disconnect {
 			break
 		}
 	}
@@ -65,6 +67,16 @@ func (s *Server) dataLost(c net.Conn, what string) {
 	if s.cfg.Terminate && !s.stopping() {
 		s.requestStop(what + " closed (--terminate)")
 	}
+	if s.ctrlGone.Load() && !s.dataReachable() {
+		s.requestStop(what + " closed, and the control connection (clientfd) is gone: nothing can reach the TPM")
+	}
+}
+
+// dataFDConn returns the connection that came by SET_DATAFD, if any.
+func (s *Server) dataFDConn() net.Conn {
+	s.tpmMu.Lock()
+	defer s.tpmMu.Unlock()
+	return s.dataFD
 }
 
 // execData runs one TPM command from the data channel and returns the response to send.

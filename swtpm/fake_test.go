@@ -56,6 +56,10 @@ func (f *fakeEngine) SetState(typ libtpms.StateType, blob []byte) error {
 	if f.running {
 		return libtpms.ErrRunning
 	}
+	if string(blob) == "reject" { // as libtpms: refuse, and drop what was set before
+		f.pending = map[libtpms.StateType][]byte{}
+		return fmt.Errorf("fake: %w", libtpms.ResultBadParameter)
+	}
 	f.pending[typ] = append([]byte{}, blob...)
 	return nil
 }

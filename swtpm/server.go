@@ -25,6 +25,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nkp-dev/nkp/swtpm/data"
@@ -38,13 +39,14 @@ type Server struct {
 	// tpmMu serialises the TPM and guards the fields below it; control and data
 	// goroutines take it around each command, never while reading or writing a socket.
 	tpmMu        sync.Mutex
-	running      bool     // between a successful start (INIT) and STOP/SHUTDOWN/failure
-	locality     uint8    // sticky across INIT, as in swtpm
-	lastCmd      uint32   // TPM_CC of the last command the TPM executed since start
-	heldPerm     []byte   // permanent blob from SET_STATEBLOB, stored at the next INIT
-	maxCommand   int      // largest command the data channel frames (libtpms' max buffer)
-	dataFD       net.Conn // the data connection that came by SET_DATAFD, if any
-	dataConnOpen bool     // Config.DataConn is still being served
+	running      bool        // between a successful start (INIT) and STOP/SHUTDOWN/failure
+	locality     uint8       // sticky across INIT, as in swtpm
+	lastCmd      uint32      // TPM_CC of the last command the TPM executed since start
+	heldPerm     []byte      // permanent blob from SET_STATEBLOB, stored at the next INIT
+	maxCommand   int         // largest command the data channel frames (libtpms' max buffer)
+	dataFD       net.Conn    // the data connection that came by SET_DATAFD, if any
+	dataConnOpen bool        // Config.DataConn is still being served
+	ctrlGone     atomic.Bool // Config.CtrlConn (a one-shot control connection) closed
 
 	// connMu guards the set of open connections, closed when Serve stops.
 	connMu sync.Mutex

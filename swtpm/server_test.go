@@ -12,6 +12,7 @@ import (
 
 	"github.com/nkp-dev/nkp/swtpm/ctrl"
 	"github.com/nkp-dev/nkp/swtpm/data"
+	"github.com/nkp-dev/nkp/swtpm/envelope"
 )
 
 func TestConfigValidate(t *testing.T) {
@@ -632,5 +633,55 @@ func TestStalledDataPeerDoesNotBlockControl(t *testing.T) {
 	}
 	if el := time.Since(start); el > 2*time.Second {
 		t.Fatalf("control answered after %v while the data peer stalled", el)
+	}
+}
+
+// When the TPM refuses a blob it drops those set before; INIT must then not store the
+// earlier permanent blob over the directory's own state.
+func TestRefusedBlobDropsHeldState(t *testing.T) {
+	h := startServer(t, nil)
+	h.store.Store("permall", []byte("perm:original"))
+	c := h.dialCtrl()
+	perm, _, err := envelope.ForMigration([]byte("perm:migrated"), nil, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad, _, _ := envelope.ForMigration([]byte("reject"), nil, true)
+	if r := c.result(ctrl.SetStateBlob{Type: ctrl.BlobPermanent, Data: perm}); r != ctrl.ResSuccess {
+		t.Fatalf("SET_STATEBLOB permanent = %v", r)
+	}
+	if r := c.result(ctrl.SetStateBlob{Type: ctrl.BlobVolatile, Data: bad}); r != ctrl.ResBadParameter {
+		t.Fatalf("SET_STATEBLOB of a refused blob = %v, want the TPM's BAD_PARAMETER", r)
+	}
+	if r := c.result(ctrl.Init{}); r != ctrl.ResSuccess {
+		t.Fatalf("INIT = %v", r)
+	}
+	if b, _ := h.store.Load("permall"); string(b) != "perm:original" {
+		t.Fatalf("permall = %q after a refused migration, want the original", b)
+	}
+}
+
+// With a one-shot control connection (clientfd=) and a one-shot data connection
+// (--server fd=), Serve ends once both are gone: nothing could reach the TPM.
+func TestOneShotConnectionsEndServe(t *testing.T) {
+	ctrlPeer, ctrlConn := net.Pipe()
+	dataPeer, dataConn := net.Pipe()
+	h := startServer(t, func(c *Config) {
+		c.CtrlListener, c.CtrlConn, c.DataConn = nil, ctrlConn, dataConn
+		c.NotNeedInit, c.Startup = true, StartupClear
+	})
+	ctrlPeer.Close()
+	// The data connection still works after the control connection is gone.
+	if rc := rcOf(tpmCall(t, dataPeer, cmdGetRandom8)); rc != 0 {
+		t.Fatalf("GetRandom after the control connection closed: rc %#x", rc)
+	}
+	select {
+	case err := <-h.done:
+		t.Fatalf("Serve returned (%v) while the data connection is open", err)
+	default:
+	}
+	dataPeer.Close()
+	if err := h.waitDone(); err != nil {
+		t.Fatal(err)
 	}
 }
