@@ -163,19 +163,36 @@ func newKey(t *testing.T) []byte {
 
 // vtpm is one backend process serving a control socket.
 type vtpm struct {
-	be    backend
-	sock  string
-	state string
-	log   string
-	cmd   *exec.Cmd
-	done  chan struct{}
-	err   error // exit status, valid once done is closed
+	be     backend
+	sock   string
+	state  string
+	log    string
+	cmd    *exec.Cmd
+	done   chan struct{}
+	err    error        // exit status, valid once done is closed
+	stderr bytes.Buffer // stdout and stderr, to read once done is closed
 }
 
 // startVTPM starts be on stateDir with the state encrypted under key (64 hex digits on fd
 // 3, as swtpm reads --key fd= by default) and waits until its control socket accepts.
 // When qemuGroup is set the socket is handed to group kvm (mode 0660) for libvirt-qemu.
 func startVTPM(t *testing.T, be backend, dir, name, stateDir string, key []byte, qemuGroup bool) *vtpm {
+	t.Helper()
+	v := launchVTPM(t, be, dir, name, stateDir, key)
+	if v.exited() {
+		t.Fatalf("%s exited at start: %v\n%s%s", be.name, v.err, v.stderr.String(), v.logTail())
+	}
+	if qemuGroup {
+		if err := chownQEMU(v.sock); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return v
+}
+
+// launchVTPM starts the backend and waits until its control socket accepts or it exits
+// (check v.exited()); it fails the test only when neither happens in time.
+func launchVTPM(t *testing.T, be backend, dir, name, stateDir string, key []byte) *vtpm {
 	t.Helper()
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
 		t.Fatal(err)
@@ -207,8 +224,7 @@ func startVTPM(t *testing.T, be backend, dir, name, stateDir string, key []byte,
 		"--log", "file="+v.log+",level=2",
 		"--terminate")
 	v.cmd.ExtraFiles = []*os.File{r}
-	var stderr bytes.Buffer
-	v.cmd.Stdout, v.cmd.Stderr = &stderr, &stderr
+	v.cmd.Stdout, v.cmd.Stderr = &v.stderr, &v.stderr
 	if err := v.cmd.Start(); err != nil {
 		r.Close()
 		t.Fatalf("start %s: %v", be.name, err)
@@ -230,16 +246,8 @@ func startVTPM(t *testing.T, be backend, dir, name, stateDir string, key []byte,
 		c.Close()
 		return true
 	})
-	if v.exited() {
-		t.Fatalf("%s exited at start: %v\n%s%s", be.name, v.err, stderr.String(), v.logTail())
-	}
-	if err != nil {
+	if err != nil && !v.exited() {
 		t.Fatalf("%s control socket %s: %v\n%s", be.name, v.sock, err, v.logTail())
-	}
-	if qemuGroup {
-		if err := chownQEMU(v.sock); err != nil {
-			t.Fatal(err)
-		}
 	}
 	return v
 }

@@ -145,19 +145,35 @@ func runQMP(t *testing.T, m *qmp.SocketMonitor, cmd string, args any) json.RawMe
 	return rsp.Return
 }
 
-// TestQEMUPowerCycle boots the guest twice under plain QEMU, each time with a fresh
-// backend process on the same encrypted state directory: the first boot sees a TPM 2.0
-// with a firmware-measured PCR0 and writes an NV index; the second reads it back.
+// TestQEMUPowerCycle boots the guest under plain QEMU, each boot with a fresh backend
+// process on the same encrypted state directory. The first boot sees a TPM 2.0 with a
+// firmware-measured PCR0 and writes an NV index; a start with a wrong key fails and
+// leaves the state files as they were; the next boot with the right key reads the NV
+// value back. The second backend differs from the first in the swtpm-to-nkp-swtpm case:
+// a VM moving from swtpm keeps its TPM contents (nkp-swtpm reads swtpm's --key files).
 func TestQEMUPowerCycle(t *testing.T) {
 	a := requireVM(t)
-	for _, be := range backends(t) {
-		t.Run(be.name, func(t *testing.T) {
+	bs := backends(t)
+	type pair struct{ first, second backend }
+	var pairs []pair
+	for _, b := range bs {
+		pairs = append(pairs, pair{b, b})
+	}
+	if len(bs) == 2 && bs[0].name == "swtpm" {
+		pairs = append(pairs, pair{bs[0], bs[1]})
+	}
+	for _, p := range pairs {
+		name := p.first.name
+		if p.second != p.first {
+			name += "-then-" + p.second.name
+		}
+		t.Run(name, func(t *testing.T) {
 			dir := workDir(t)
 			state := filepath.Join(dir, "state")
 			key := newKey(t)
 			value := "nkp-" + randHex(t, 8)
 
-			v1 := startVTPM(t, be, dir, "tpm", state, key, false)
+			v1 := startVTPM(t, p.first, dir, "tpm", state, key, false)
 			q1 := startQEMU(t, a, dir, "boot1", v1, guest.Config{Actions: []string{guest.ActionNVWrite}, NV: value}, "")
 			recs1 := q1.console.waitFor(t, "done=ok after the NV write", q1.exited, has("done", "ok"))
 			q1.waitExit(t)
@@ -169,7 +185,9 @@ func TestQEMUPowerCycle(t *testing.T) {
 			v1.waitExit(t)
 			checkNoPlaintext(t, state, value)
 
-			v2 := startVTPM(t, be, dir, "tpm", state, key, false)
+			wrongKeyRefused(t, a, p.second, dir, state)
+
+			v2 := startVTPM(t, p.second, dir, "tpm", state, key, false)
 			q2 := startQEMU(t, a, dir, "boot2", v2, guest.Config{Actions: []string{guest.ActionNVRead}}, "")
 			recs2 := q2.console.waitFor(t, "done=ok after the NV read", q2.exited, has("done", "ok"))
 			q2.waitExit(t)
@@ -185,6 +203,70 @@ func TestQEMUPowerCycle(t *testing.T) {
 			v2.waitExit(t)
 		})
 	}
+}
+
+// wrongKeyRefused starts be on state with a wrong key: either the backend refuses to
+// start (with a message), or QEMU fails to bring the TPM up and exits with an error; in
+// both cases the guest never runs and the state files are byte for byte unchanged.
+func wrongKeyRefused(t *testing.T, a guest.Artifacts, be backend, dir, state string) {
+	t.Helper()
+	before := snapshot(t, state)
+	v := launchVTPM(t, be, dir, "wrongkey", state, newKey(t))
+	if v.exited() {
+		if v.err == nil || strings.TrimSpace(v.stderr.String())+v.logTail() == "" {
+			t.Errorf("%s with a wrong key exited (%v) without an error message", be.name, v.err)
+		}
+		t.Logf("%s refused the wrong key at start: %v: %s", be.name, v.err, strings.TrimSpace(v.stderr.String()))
+	} else {
+		q := startQEMU(t, a, dir, "wrongkey", v, guest.Config{}, "")
+		select {
+		case <-q.done:
+		case <-time.After(bootTimeout):
+			t.Fatalf("QEMU still runs %v after start against a backend with a wrong key\n%s", bootTimeout, q.console.tail())
+		}
+		if q.err == nil {
+			t.Errorf("QEMU exited cleanly against a backend with a wrong key; want a TPM error\n%s", q.console.tail())
+		}
+		if has("done", "")(q.console.records()) {
+			t.Errorf("the guest ran against a backend with a wrong key\n%s", q.console.tail())
+		}
+		t.Logf("QEMU against %s with a wrong key: %v: %s", be.name, q.err, strings.TrimSpace(q.out.String()))
+		// nkp's own backend must say what is wrong, not only fail INIT.
+		if be.name == "nkp-swtpm" && !strings.Contains(v.logTail(), "wrong key") {
+			t.Errorf("nkp-swtpm's log does not name the wrong key as the cause\n%s", v.logTail())
+		}
+		v.kill(t) // swtpm keeps running (and locking the state) after QEMU's failed INIT
+	}
+	after := snapshot(t, state)
+	if len(after) != len(before) {
+		t.Errorf("state files after the wrong key: %d files, want the %d of before", len(after), len(before))
+	}
+	for name, b := range before {
+		if !bytes.Equal(after[name], b) {
+			t.Errorf("state file %s changed while the backend had a wrong key", name)
+		}
+	}
+}
+
+// snapshot reads every regular file of dir except the lock file.
+func snapshot(t *testing.T, dir string) map[string][]byte {
+	t.Helper()
+	files, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := map[string][]byte{}
+	for _, f := range files {
+		if !f.Type().IsRegular() || f.Name() == ".lock" {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(dir, f.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		m[f.Name()] = b
+	}
+	return m
 }
 
 // checkNoPlaintext asserts that no file of the state directory holds value.
