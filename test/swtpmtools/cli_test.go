@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -320,4 +321,78 @@ func TestRunAs(t *testing.T) {
 			t.Errorf("permall owned by uid %d, want %d", st.Uid, uid)
 		}
 	})
+}
+
+// isSocket reports whether path is a unix socket file.
+func isSocket(path string) bool {
+	fi, err := os.Stat(path)
+	return err == nil && fi.Mode()&os.ModeSocket != 0
+}
+
+// TestTerminate checks -t (exit when the data connection goes away) and
+// --ctrl ...,terminate (exit when the control connection goes away), which libvirt and
+// QEMU rely on so that no backend outlives its VM.
+func TestTerminate(t *testing.T) {
+	getRandom := []byte{0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 8}
+	getCaps := []byte{0, 0, 0, 1}
+	tests := []struct {
+		name  string
+		extra []string
+		ctrl  bool   // talk on the control socket (else the data socket)
+		msg   []byte // one message, then close
+		needs string // capability the backend must report
+	}{
+		{"-t and the data connection closes", []string{"-t"}, false, getRandom, ""},
+		{"ctrl terminate and the control connection closes", nil, true, getCaps, "ctrl-opt-terminate"},
+	}
+	forEachBackend(t, func(t *testing.T, be backend) {
+		for _, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				if tt.needs != "" && !hasFeature(t, be, tt.needs) {
+					t.Skipf("%s does not report %s (swtpm has it from 0.8)", be.name, tt.needs)
+				}
+				dir := sockDir(t)
+				o := procOpts{stateDir: t.TempDir(), dir: dir, extra: append(tt.extra, startupFlags...)}
+				if tt.ctrl {
+					// Replace --ctrl: the last one given wins, in swtpm as in nkp-swtpm.
+					o.extra = append(o.extra, "--ctrl", "type=unixio,terminate,path="+filepath.Join(dir, "tpm.sock.ctrl"))
+				}
+				p := startNoWait(t, be, o)
+				// Dialing would count as a connection: wait for the socket files instead.
+				e2e.WaitFor(t, 10*time.Second, "socket files", func() bool { return isSocket(p.Ctrl) && isSocket(p.Data) })
+				path := p.Data
+				if tt.ctrl {
+					path = p.Ctrl
+				}
+				var c net.Conn
+				e2e.WaitFor(t, 10*time.Second, "a connection", func() bool {
+					var err error
+					c, err = netDial(path)
+					return err == nil
+				})
+				if _, err := c.Write(tt.msg); err != nil {
+					t.Fatal(err)
+				}
+				c.SetReadDeadline(time.Now().Add(5 * time.Second))
+				if n, err := c.Read(make([]byte, 64)); err != nil || n < 4 {
+					t.Fatalf("no reply: %d bytes, %v", n, err)
+				}
+				if p.exited() {
+					t.Fatalf("exited before the connection closed")
+				}
+				c.Close()
+				p.Wait(10 * time.Second)
+			})
+		}
+	})
+}
+
+// hasFeature reports whether the backend lists feature in --print-capabilities.
+func hasFeature(t *testing.T, be backend, feature string) bool {
+	t.Helper()
+	code, out, stderr := runBackend(t, be, nil, "--print-capabilities")
+	if code != 0 {
+		t.Fatalf("--print-capabilities exited %d: %s", code, stderr)
+	}
+	return strings.Contains(out, `"`+feature+`"`)
 }
