@@ -396,3 +396,37 @@ func hasFeature(t *testing.T, be backend, feature string) bool {
 	}
 	return strings.Contains(out, `"`+feature+`"`)
 }
+
+// TestReadOnlyStateDir starts a backend on a state directory mounted read-only: it must
+// refuse to run rather than run a TPM that cannot save, say why, and leave the state.
+func TestReadOnlyStateDir(t *testing.T) {
+	e2e.RequireRoot(t)
+	e2e.Require(t, "mount", "umount")
+	forEachBackend(t, func(t *testing.T, be backend) {
+		src, ro := t.TempDir(), t.TempDir()
+		p := start(t, be, procOpts{stateDir: src, extra: startupFlags})
+		defineIndex(t, p)
+		p.Stop()
+		before := stateFiles(t, src)
+		if out, err := runTool(t, nil, "mount", "--bind", src, ro); err != nil {
+			e2e.Unavailable(t, "cannot bind-mount here: "+out)
+		}
+		t.Cleanup(func() { runTool(t, nil, "umount", ro) })
+		if out, err := runTool(t, nil, "mount", "-o", "remount,bind,ro", ro); err != nil {
+			e2e.Unavailable(t, "cannot remount read-only here: "+out)
+		}
+		p = startNoWait(t, be, procOpts{stateDir: ro, extra: startupFlags})
+		if err := p.Wait(20 * time.Second); err == nil {
+			t.Fatalf("%s ran on a read-only state directory", be.name)
+		}
+		if be.name == "nkp-swtpm" && !strings.Contains(p.logText(), "not writable") {
+			t.Errorf("the refusal does not say the directory is not writable: %q", p.logText())
+		}
+		after := stateFiles(t, src)
+		for name, b := range before {
+			if !bytes.Equal(after[name], b) {
+				t.Errorf("state file %s changed", name)
+			}
+		}
+	})
+}
