@@ -3,6 +3,8 @@ package provider
 import (
 	"bytes"
 	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/x509"
 	"encoding/binary"
 	"fmt"
@@ -25,6 +27,14 @@ func parseEK(b []byte) (crypto.PublicKey, []byte, error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("EK public: %w: %w", ErrBadRequest, err)
 	}
+	if k, ok := key.(*ecdsa.PublicKey); ok {
+		if k.Curve != elliptic.P256() {
+			return nil, nil, fmt.Errorf("EK public: %w: ECC curve %s; the default EK template is NIST P-256", ErrBadRequest, k.Curve.Params().Name)
+		}
+		if _, err := k.ECDH(); err != nil { // go-tpm-tools panics on a point off the curve
+			return nil, nil, fmt.Errorf("EK public: %w: %w", ErrBadRequest, err)
+		}
+	}
 	area, err := server.CreateEKPublicAreaFromKey(key)
 	if err != nil {
 		return nil, nil, fmt.Errorf("EK public: %w: not an RSA-2048 or ECC P-256 endorsement key (%v)", ErrBadRequest, err)
@@ -41,6 +51,11 @@ func parseEK(b []byte) (crypto.PublicKey, []byte, error) {
 			return nil, nil, fmt.Errorf("EK public: %w: the EK does not use the default EK template (TCG EK Credential Profile, "+
 				"as go-tpm-tools client.EndorsementKeyRSA/ECC create it); import blobs for it would not import", ErrBadRequest)
 		}
+	}
+	// Wrap a dummy secret once: what Release will do, so a key that parses but cannot be
+	// used (an even RSA modulus, an ECC point off the curve) is refused here.
+	if err := tryImportBlob(key); err != nil {
+		return nil, nil, fmt.Errorf("EK public: %w: the key cannot wrap an import blob (%v)", ErrBadRequest, err)
 	}
 	der, err := x509.MarshalPKIXPublicKey(key)
 	if err != nil {
@@ -67,4 +82,16 @@ func decodeEK(b []byte) (crypto.PublicKey, *tpm2.Public, error) {
 		return nil, nil, fmt.Errorf("TPM public area holds no usable key: %w", err)
 	}
 	return k, &pub, nil
+}
+
+// tryImportBlob wraps a dummy secret for key, turning a panic inside go-tpm-tools (it
+// trusts its input) into an error.
+func tryImportBlob(key crypto.PublicKey) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("go-tpm-tools panicked: %v", r)
+		}
+	}()
+	_, err = server.CreateImportBlob(key, make([]byte, KDKSize), nil)
+	return err
 }

@@ -159,3 +159,5 @@ func assertNoSecret(t testing.TB, logs string, key []byte) {
 		}
 	}
 }
+
+func discardLog() *slog.Logger { return slog.New(slog.DiscardHandler) }

@@ -1,0 +1,216 @@
+package provider_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"testing"
+
+	"github.com/google/uuid"
+
+	"github.com/nkp-dev/nkp/provider"
+	"github.com/nkp-dev/nkp/provider/audit"
+	"github.com/nkp-dev/nkp/provider/store"
+	"github.com/nkp-dev/nkp/provider/store/mem"
+)
+
+func TestBackupRestore(t *testing.T) {
+	ctx := context.Background()
+	src := initEnv(t, provider.Policy{})
+	h := src.enroll(t, "kvm-01", nil)
+	revoked := src.enroll(t, "kvm-02", nil)
+	if err := src.p.Revoke(ctx, revoked.id); err != nil {
+		t.Fatal(err)
+	}
+	st0, _ := src.p.Status(ctx)
+	obj := provider.Object{VMUUID: uuid.NewString(), Name: "vtpm", KeyID: uuid.NewString(), KDKID: st0.KDKs[0].ID}
+	if err := src.p.RegisterObject(ctx, h.id, obj); err != nil {
+		t.Fatal(err)
+	}
+	archive := src.backup(t, "correct horse battery")
+	want, err := src.p.Release(ctx, h.id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := src.p.VerifyBackup(ctx, bytes.NewReader(archive), []byte("correct horse battery"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.ProviderID != st0.ProviderID || info.Hosts != 2 || info.Objects != 1 || info.Primary != 1 || info.Bytes != int64(len(archive)) {
+		t.Fatalf("VerifyBackup = %+v", info)
+	}
+
+	// Restore into an empty provider with another root key: hosts and keys keep working.
+	dst := newEnv(t)
+	st, err := dst.p.Restore(ctx, bytes.NewReader(archive), []byte("correct horse battery"), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.ProviderID != st0.ProviderID || st.State != provider.StateActive || st.Hosts != 1 || st.Revoked != 1 || st.LastBackup.IsZero() {
+		t.Fatalf("restored status: %+v", st)
+	}
+	if dst.p.CAHash() != src.p.CAHash() {
+		t.Fatal("restored CA differs: hosts pinning it would refuse the provider")
+	}
+	if _, err := dst.p.AuthorizeHost(ctx, h.cert); err != nil {
+		t.Fatalf("host certificate on the restored provider: %v", err)
+	}
+	if _, err := dst.p.AuthorizeHost(ctx, revoked.cert); !errors.Is(err, provider.ErrHostRevoked) {
+		t.Fatalf("revoked host on the restored provider: %v", err)
+	}
+	got, err := dst.p.Release(ctx, h.id)
+	if err != nil || len(got) != 1 || !bytes.Equal(got[0].Bare, want[0].Bare) || got[0].ID != want[0].ID {
+		t.Fatalf("restored release differs: %v", err)
+	}
+	objs, err := dst.p.Objects(ctx, provider.ObjectFilter{VMUUID: obj.VMUUID})
+	if err != nil || len(objs) != 1 || objs[0].KeyID != obj.KeyID {
+		t.Fatalf("restored catalog: %+v, %v", objs, err)
+	}
+	// The restored store opens with the new root key only.
+	reopened := open(t, dst.st, dst.rk, dst.clock)
+	if _, err := reopened.p.Release(ctx, h.id); err != nil {
+		t.Fatalf("release after reopening the restored store: %v", err)
+	}
+
+	// Over a non-empty provider: refused unless forced; forcing keeps the audit log.
+	other := initEnv(t, provider.Policy{TPMRequired: true})
+	if _, err := other.p.Restore(ctx, bytes.NewReader(archive), []byte("correct horse battery"), false); !errors.Is(err, provider.ErrNotEmpty) {
+		t.Fatalf("restore over a provider: %v, want ErrNotEmpty", err)
+	}
+	if _, err := other.p.Restore(ctx, bytes.NewReader(archive), []byte("correct horse battery"), true); err != nil {
+		t.Fatalf("forced restore: %v", err)
+	}
+	if _, err := other.p.AuthorizeHost(ctx, h.cert); err != nil {
+		t.Fatalf("host after forced restore: %v", err)
+	}
+	if pol, _ := other.p.Policy(ctx); pol.TPMRequired {
+		t.Fatal("forced restore kept the replaced provider's policy")
+	}
+	if err := other.p.AuditVerify(ctx); err != nil {
+		t.Fatal(err)
+	}
+	recs, _ := other.p.Audit(ctx, 1)
+	if len(recs) != 1 || recs[0].Kind != audit.KindRestore || recs[0].Details["forced"] != "true" {
+		t.Fatalf("last audit record after forced restore: %+v", recs)
+	}
+	assertNoSecret(t, dst.logs.String(), want[0].Bare)
+	assertNoSecret(t, other.logs.String(), want[0].Bare)
+}
+
+func TestRestoreRefusesBadArchives(t *testing.T) {
+	ctx := context.Background()
+	src := initEnv(t, provider.Policy{})
+	archive := src.backup(t, "pass")
+	flipped := bytes.Clone(archive)
+	flipped[len(flipped)-10] ^= 0x40
+	tests := []struct {
+		name string
+		data []byte
+		pass string
+		want error
+	}{
+		{"wrong passphrase", archive, "Pass", provider.ErrBadPassphrase},
+		{"truncated", archive[:len(archive)-17], "pass", provider.ErrBadArchive},
+		{"half", archive[:len(archive)/2], "pass", provider.ErrBadArchive},
+		{"tampered", flipped, "pass", provider.ErrBadArchive},
+		{"empty", nil, "pass", provider.ErrBadArchive},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dst := newEnv(t)
+			if _, err := dst.p.VerifyBackup(ctx, bytes.NewReader(tt.data), []byte(tt.pass)); !errors.Is(err, tt.want) {
+				t.Fatalf("VerifyBackup: %v, want %v", err, tt.want)
+			}
+			if _, err := dst.p.Restore(ctx, bytes.NewReader(tt.data), []byte(tt.pass), false); !errors.Is(err, tt.want) {
+				t.Fatalf("Restore: %v, want %v", err, tt.want)
+			}
+			if _, err := dst.p.Status(ctx); !errors.Is(err, provider.ErrNotInitialized) {
+				t.Fatalf("a refused restore left state behind: %v", err)
+			}
+		})
+	}
+}
+
+func TestBackupRefusals(t *testing.T) {
+	ctx := context.Background()
+	if _, err := newEnv(t).p.Backup(ctx, &bytes.Buffer{}, []byte("p")); !errors.Is(err, provider.ErrNotInitialized) {
+		t.Fatalf("backup before init: %v", err)
+	}
+	e := initEnv(t, provider.Policy{})
+	if _, err := e.p.Backup(ctx, &bytes.Buffer{}, nil); err == nil {
+		t.Fatal("backup with an empty passphrase succeeded")
+	}
+	if _, err := e.p.Backup(ctx, failWriter{}, []byte("p")); err == nil {
+		t.Fatal("backup to a failing writer succeeded")
+	}
+	if st, _ := e.p.Status(ctx); st.State != provider.StateNotBackedUp || !st.LastBackup.IsZero() {
+		t.Fatalf("a failed backup changed the state: %+v", st)
+	}
+}
+
+type failWriter struct{}
+
+func (failWriter) Write([]byte) (int, error) { return 0, errors.New("disk full") }
+
+func TestRootKeyMismatch(t *testing.T) {
+	e := initEnv(t, provider.Policy{})
+	other := newEnv(t) // another root key
+	_, err := provider.Open(context.Background(), provider.Config{Store: e.st, RootKey: other.rk, Log: discardLog()})
+	if !errors.Is(err, provider.ErrRootKeyMismatch) {
+		t.Fatalf("Open with another provider's root key: %v, want ErrRootKeyMismatch", err)
+	}
+}
+
+func TestStoreFailuresLoseNothing(t *testing.T) {
+	ctx := context.Background()
+	e := initEnv(t, provider.Policy{})
+	h := e.enroll(t, "kvm-01", nil)
+	e.backup(t, "p")
+	ms := e.st.(*mem.Store)
+	before, _ := e.p.Status(ctx)
+
+	ms.SetReadOnly(true)
+	if _, err := e.p.Rotate(ctx); !errors.Is(err, store.ErrReadOnly) {
+		t.Fatalf("Rotate on a read-only store: %v, want ErrReadOnly", err)
+	}
+	// A release that cannot be audited does not happen.
+	if _, err := e.p.Release(ctx, h.id); !errors.Is(err, store.ErrReadOnly) {
+		t.Fatalf("Release on a read-only store: %v, want ErrReadOnly", err)
+	}
+	ms.SetReadOnly(false)
+
+	ms.SetQuota(1)
+	if _, err := e.p.CreateToken(ctx, 0); !errors.Is(err, store.ErrFull) {
+		t.Fatalf("CreateToken on a full store: %v, want ErrFull", err)
+	}
+	if err := e.p.Revoke(ctx, h.id); !errors.Is(err, store.ErrFull) {
+		t.Fatalf("Revoke on a full store: %v, want ErrFull", err)
+	}
+	ms.SetQuota(0)
+
+	after, _ := e.p.Status(ctx)
+	if len(after.KDKs) != len(before.KDKs) || after.Hosts != 1 || after.State != provider.StateActive {
+		t.Fatalf("a failed write changed the provider: before %+v after %+v", before, after)
+	}
+	if err := e.p.AuditVerify(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.p.Release(ctx, h.id); err != nil {
+		t.Fatalf("release once the store is writable again: %v", err)
+	}
+}
+
+func TestAuditVerifyDetectsTampering(t *testing.T) {
+	ctx := context.Background()
+	e := initEnv(t, provider.Policy{})
+	e.enroll(t, "kvm-01", nil)
+	err := e.st.Update(ctx, func(tx store.Tx) error {
+		return tx.Delete(audit.Bucket, "00000000000000000002")
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.p.AuditVerify(ctx); !errors.Is(err, audit.ErrTampered) {
+		t.Fatalf("AuditVerify after removing record 2: %v, want ErrTampered", err)
+	}
+}

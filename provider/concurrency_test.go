@@ -1,0 +1,113 @@
+package provider_test
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+
+	"github.com/nkp-dev/nkp/provider"
+	"github.com/nkp-dev/nkp/provider/audit"
+)
+
+// TestConcurrentReleases runs releases from many goroutines at once (they are grouped
+// into shared transactions) and checks every one succeeded, got the same keys and left
+// exactly one audit record.
+func TestConcurrentReleases(t *testing.T) {
+	ctx := context.Background()
+	e := initEnv(t, provider.Policy{})
+	hosts := make([]*host, 8)
+	for i := range hosts {
+		hosts[i] = e.enroll(t, fmt.Sprintf("kvm-%02d", i), nil)
+	}
+	revoked := e.enroll(t, "revoked", nil)
+	if err := e.p.Revoke(ctx, revoked.id); err != nil {
+		t.Fatal(err)
+	}
+	e.backup(t, "p")
+	ref, err := e.p.Release(ctx, hosts[0].id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, _ := e.p.Audit(ctx, 1)
+
+	const perHost = 25
+	var wg sync.WaitGroup
+	errs := make(chan error, len(hosts)*perHost+perHost)
+	for _, h := range hosts {
+		for range perHost {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				rel, err := e.p.Release(ctx, h.id)
+				if err != nil {
+					errs <- err
+					return
+				}
+				if len(rel) != 1 || string(rel[0].Bare) != string(ref[0].Bare) {
+					errs <- fmt.Errorf("host %s got other keys", h.id)
+				}
+			}()
+		}
+	}
+	refused := make(chan error, perHost)
+	for range perHost {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := e.p.Release(ctx, revoked.id)
+			refused <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	close(refused)
+	for err := range errs {
+		t.Error(err)
+	}
+	for err := range refused {
+		if err == nil {
+			t.Error("a revoked host got keys in a batch with others")
+		}
+	}
+	after, _ := e.p.Audit(ctx, 1)
+	if got, want := after[0].Seq-before[0].Seq, uint64(len(hosts)*perHost); got != want {
+		t.Fatalf("%d audit records for %d releases", got, want)
+	}
+	recs, _ := e.p.Audit(ctx, len(hosts)*perHost)
+	for _, r := range recs {
+		if r.Kind != audit.KindRelease {
+			t.Fatalf("record %d is %s, want release", r.Seq, r.Kind)
+		}
+	}
+	if err := e.p.AuditVerify(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestReleaseCanceled checks a release whose context is already done returns its error.
+func TestReleaseCanceled(t *testing.T) {
+	e := initEnv(t, provider.Policy{})
+	h := e.enroll(t, "kvm", nil)
+	e.backup(t, "p")
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := e.p.Release(ctx, h.id); err == nil {
+		t.Fatal("release with a canceled context succeeded")
+	}
+}
+
+func BenchmarkRelease(b *testing.B) {
+	ctx := context.Background()
+	e := initEnv(b, provider.Policy{})
+	h := e.enroll(b, "kvm", nil)
+	e.backup(b, "p")
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if _, err := e.p.Release(ctx, h.id); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
