@@ -162,3 +162,23 @@ func TestParseDepends(t *testing.T) {
 		}
 	}
 }
+
+// FuzzParseArgs checks that any command line ParseArgs accepts survives a round trip
+// through KernelArgs.
+func FuzzParseArgs(f *testing.F) {
+	f.Add("console=ttyS0 nkp.do=nvwrite,loop nkp.nv=abc nkp.loop=5")
+	f.Fuzz(func(t *testing.T, cmdline string) {
+		c, err := ParseArgs(cmdline)
+		if err != nil {
+			return
+		}
+		args, err := c.KernelArgs()
+		if err != nil {
+			t.Fatalf("ParseArgs(%q) accepted %+v but KernelArgs refuses it: %v", cmdline, c, err)
+		}
+		back, err := ParseArgs(args)
+		if err != nil || !reflect.DeepEqual(back, c) {
+			t.Fatalf("round trip of %+v through %q gave %+v, %v", c, args, back, err)
+		}
+	})
+}
