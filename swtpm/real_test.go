@@ -2,6 +2,7 @@ package swtpm
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"io"
 	"net"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
+	"golang.org/x/sys/unix"
 
 	"github.com/nkp-dev/nkp/swtpm/ctrl"
 	"github.com/nkp-dev/nkp/swtpm/internal/libtpms"
@@ -333,4 +335,110 @@ func TestRealEngineControlRobustness(t *testing.T) {
 		t.Fatalf("GET_INFO = %q", info.Data)
 	}
 	closeReal(t, h, eng, d)
+}
+
+// BenchmarkRealEngine measures round trips through the server over a unix socketpair
+// (SET_DATAFD, as QEMU connects), with an encrypted state directory:
+// go test -run '^$' -bench RealEngine ./swtpm/
+func BenchmarkRealEngine(b *testing.B) {
+	dir, err := os.MkdirTemp("", "nkpbench")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	key, _ := state.NewKey(bytes.Repeat([]byte{7}, 32))
+	d, err := state.Open(dir, state.Options{Key: key, Mode: 0o600})
+	key.Wipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer d.Close()
+	eng, err := libtpms.Open(d)
+	if err != nil {
+		b.Skip(err)
+	}
+	defer eng.Close()
+	l, err := net.Listen("unix", filepath.Join(dir, "ctrl"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	srv, err := New(Config{Engine: eng, Store: d, CtrlListener: l, NotNeedInit: true, Startup: StartupClear})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx) }()
+	defer func() { cancel(); <-done }()
+
+	c, err := net.Dial("unix", filepath.Join(dir, "ctrl"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	fds, _ := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	f := os.NewFile(uintptr(fds[0]), "bench")
+	dc, _ := net.FileConn(f)
+	f.Close()
+	defer dc.Close()
+	c.(*net.UnixConn).WriteMsgUnix(ctrl.SetDataFD{}.Marshal(), unix.UnixRights(fds[1]), nil)
+	unix.Close(fds[1])
+	if _, err := ctrl.ReadResponse(c, ctrl.CmdSetDataFD); err != nil {
+		b.Fatal(err)
+	}
+	tpm := conn{dc}
+
+	nvValue := []byte("12345678")
+	def := tpm2.NVDefineSpace{
+		AuthHandle: tpm2.TPMRHOwner,
+		PublicInfo: tpm2.New2B(tpm2.TPMSNVPublic{
+			NVIndex: nvIndex, NameAlg: tpm2.TPMAlgSHA256, DataSize: 8,
+			Attributes: tpm2.TPMANV{OwnerWrite: true, OwnerRead: true, NT: tpm2.TPMNTOrdinary, NoDA: true},
+		}),
+	}
+	if _, err := def.Execute(tpm); err != nil {
+		b.Fatal(err)
+	}
+	pub, err := tpm2.NVReadPublic{NVIndex: nvIndex}.Execute(tpm)
+	if err != nil {
+		b.Fatal(err)
+	}
+	benches := []struct {
+		name string
+		run  func() error
+	}{
+		{"GetRandom32", func() error { _, err := tpm2.GetRandom{BytesRequested: 32}.Execute(tpm); return err }},
+		{"PCRExtend", func() error {
+			_, err := tpm2.PCRExtend{
+				PCRHandle: tpm2.AuthHandle{Handle: 16, Auth: tpm2.PasswordAuth(nil)},
+				Digests:   tpm2.TPMLDigestValues{Digests: []tpm2.TPMTHA{{HashAlg: tpm2.TPMAlgSHA256, Digest: make([]byte, 32)}}},
+			}.Execute(tpm)
+			return err
+		}},
+		{"NVWriteEncryptedState", func() error {
+			_, err := tpm2.NVWrite{
+				AuthHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
+				NVIndex:    tpm2.NamedHandle{Handle: nvIndex, Name: pub.NVName},
+				Data:       tpm2.TPM2BMaxNVBuffer{Buffer: nvValue},
+			}.Execute(tpm)
+			return err
+		}},
+		{"CreatePrimaryECC", func() error {
+			r, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHOwner, InPublic: tpm2.New2B(tpm2.ECCSRKTemplate)}.Execute(tpm)
+			if err != nil {
+				return err
+			}
+			_, err = tpm2.FlushContext{FlushHandle: r.ObjectHandle}.Execute(tpm)
+			return err
+		}},
+	}
+	for _, bb := range benches {
+		b.Run(bb.name, func(b *testing.B) {
+			for b.Loop() {
+				if err := bb.run(); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
 }
