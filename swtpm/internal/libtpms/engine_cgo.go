@@ -104,7 +104,7 @@ type TPM struct {
 	locality uint8      // what the getlocality callback reports
 	cbErr    error      // errors callbacks hit during the current libtpms call
 	cmd      *C.uchar   // C copy of the command, reused, wiped after each call
-	cmdCap   int        //
+	cmdCap   int        // size of cmd
 	resp     *C.uchar   // libtpms' response buffer, reused across calls
 	respCap  C.uint32_t // its size, as libtpms tracks it
 }
