@@ -10,9 +10,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -199,6 +201,10 @@ func (s *Server) clientCert(r *http.Request, role ca.Role) (*x509.Certificate, e
 			msg: fmt.Sprintf("this endpoint needs a client certificate from the provider's CA (role %s); hosts get one with `nkp-hostd join`, admins use the one in the provider directory", role)}
 	}
 	leaf := r.TLS.PeerCertificates[0]
+	conn, _ := r.Context().Value(connKey{}).(*connAuth)
+	if conn.verified(leaf, s.now()) {
+		return s.checkRole(leaf, role)
+	}
 	roots := x509.NewCertPool()
 	roots.AddCert(s.p.CA())
 	inter := x509.NewCertPool()
@@ -210,11 +216,52 @@ func (s *Server) clientCert(r *http.Request, role ca.Role) (*x509.Certificate, e
 		return nil, &codedError{status: http.StatusUnauthorized, code: CodeUnauthenticated,
 			msg: fmt.Sprintf("client certificate %q is not valid for this provider (CA %s): %v", leaf.Subject.CommonName, s.p.CAHash(), err)}
 	}
+	conn.remember(leaf)
+	return s.checkRole(leaf, role)
+}
+
+func (s *Server) checkRole(leaf *x509.Certificate, role ca.Role) (*x509.Certificate, error) {
 	if got := ca.RoleOf(leaf); got != role {
 		return nil, &codedError{status: http.StatusForbidden, code: CodeForbidden,
 			msg: fmt.Sprintf("client certificate %q has role %q; this endpoint needs role %q", leaf.Subject.CommonName, got, role)}
 	}
 	return leaf, nil
+}
+
+// connKey carries a connection's *connAuth in request contexts (see ConnContext).
+type connKey struct{}
+
+// connAuth remembers the client certificate whose chain was verified on one TLS
+// connection. TLS 1.3 has no renegotiation, so the peer certificate of a connection never
+// changes; later requests on a kept-alive connection skip the chain signature check (the
+// validity period is still checked, and hosts still pass Provider.AuthorizeHost).
+type connAuth struct {
+	mu   sync.Mutex
+	leaf *x509.Certificate
+}
+
+func (c *connAuth) verified(leaf *x509.Certificate, now time.Time) bool {
+	if c == nil {
+		return false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.leaf == leaf && !now.Before(leaf.NotBefore) && !now.After(leaf.NotAfter)
+}
+
+func (c *connAuth) remember(leaf *x509.Certificate) {
+	if c == nil {
+		return
+	}
+	c.mu.Lock()
+	c.leaf = leaf
+	c.mu.Unlock()
+}
+
+// ConnContext is meant for http.Server.ConnContext: it lets the server verify a client
+// certificate's chain once per connection instead of once per request.
+func (s *Server) ConnContext(ctx context.Context, _ net.Conn) context.Context {
+	return context.WithValue(ctx, connKey{}, &connAuth{})
 }
 
 type hostHandler func(w http.ResponseWriter, r *http.Request, hostID string)

@@ -297,6 +297,7 @@ func startEnv(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	srv := httptest.NewUnstartedServer(s.Handler())
+	srv.Config.ConnContext = s.ConnContext
 	srv.TLS = api.TLSConfig(certFrom(t, f.ca, ca.RoleServer, ""))
 	srv.Config.ErrorLog = log.New(io.Discard, "", 0) // handshake refusals are part of the tests
 	srv.StartTLS()

@@ -132,6 +132,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	}
 	d.srv = &http.Server{
 		Handler:           d.api.Handler(),
+		ConnContext:       d.api.ConnContext,
 		TLSConfig:         api.TLSConfig(cert),
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       60 * time.Second,

@@ -67,7 +67,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&stores, "store", "bolt,etcd", "stores to measure, comma-separated")
 	fs.StringVar(&cfg.out, "out", "", "markdown file whose \"## Provider\" section is replaced with the results")
 	fs.StringVar(&cfg.bin, "provider-bin", "", "nkp-provider binary (default $NKP_BIN/nkp-provider, else built with go build)")
-	fs.IntVar(&cfg.joinConc, "join-concurrency", 0, "enrollments in flight at once (0: all hosts at once)")
+	fs.IntVar(&cfg.joinConc, "join-concurrency", 100, "enrollments in flight at once (0: all hosts at once)")
 	fs.BoolVar(&cfg.keepWork, "keep", false, "keep the work directory")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -133,13 +133,14 @@ type result struct {
 	fetchP50, fetchP99, fetchMax time.Duration
 	achievedRate                 float64
 	rssKB, hwmKB                 int
+	cpuPerFetch                  time.Duration // provider CPU time per fetch in the fetch phase
 	load                         string
 }
 
 func (r result) line() string {
-	return fmt.Sprintf("%s: %d enrollments in %v (p50 %v, p99 %v, %d errors); %d fetches at %.0f/s, p50 %v, p99 %v, max %v, %d errors; RSS %d MiB (peak %d MiB)",
+	return fmt.Sprintf("%s: %d enrollments in %v (p50 %v, p99 %v, %d errors); %d fetches at %.0f/s, p50 %v, p99 %v, max %v, %d errors; provider CPU %v per fetch; RSS %d MiB (peak %d MiB)",
 		r.store, r.hosts, r.enrollTotal.Round(time.Millisecond), r.enrollP50.Round(time.Millisecond), r.enrollP99.Round(time.Millisecond), r.enrollErrors,
-		r.fetches, r.achievedRate, r.fetchP50.Round(10*time.Microsecond), r.fetchP99.Round(10*time.Microsecond), r.fetchMax.Round(10*time.Microsecond), r.fetchErrors, r.rssKB/1024, r.hwmKB/1024)
+		r.fetches, r.achievedRate, r.fetchP50.Round(10*time.Microsecond), r.fetchP99.Round(10*time.Microsecond), r.fetchMax.Round(10*time.Microsecond), r.fetchErrors, r.cpuPerFetch, r.rssKB/1024, r.hwmKB/1024)
 }
 
 // measure runs one store's benchmark.
@@ -147,6 +148,9 @@ func measure(ctx context.Context, cfg config, storeKind, bin, dir string, log *s
 	res := result{store: storeKind, hosts: cfg.hosts}
 	storeArgs := []string{"--store", storeKind}
 	if storeKind == daemon.StoreEtcd {
+		if err := os.MkdirAll(dir+"-etcd", 0o700); err != nil {
+			return res, err
+		}
 		cl, err := etcdtest.Start(ctx, etcdtest.Config{Dir: dir + "-etcd"})
 		if err != nil {
 			return res, fmt.Errorf("starting etcd: %w", err)
@@ -260,6 +264,7 @@ func measure(ctx context.Context, cfg config, storeKind, bin, dir string, log *s
 	var fetchErrs atomic.Int64
 	var wg sync.WaitGroup
 	interval := time.Second / time.Duration(cfg.rate)
+	cpu0 := cpuTime(cmd.Process.Pid)
 	fstart := time.Now()
 	for i := 0; i < total; i++ {
 		if d := time.Until(fstart.Add(time.Duration(i) * interval)); d > 0 {
@@ -289,6 +294,7 @@ func measure(ctx context.Context, cfg config, storeKind, bin, dir string, log *s
 	res.achievedRate = float64(total) / elapsed.Seconds()
 	res.fetchP50, res.fetchP99 = pct(lat, 50), pct(lat, 99)
 	res.fetchMax = slices.Max(lat)
+	res.cpuPerFetch = (cpuTime(cmd.Process.Pid) - cpu0) / time.Duration(total)
 	res.rssKB, res.hwmKB = rss(cmd.Process.Pid)
 	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
 		res.load = strings.Join(strings.Fields(string(b))[:3], " ")
@@ -326,6 +332,22 @@ func pct(d []time.Duration, p int) time.Duration {
 	return s[min(max(i-1, 0), len(s)-1)]
 }
 
+// cpuTime is the user+system CPU time of pid (clock ticks of 10 ms).
+func cpuTime(pid int) time.Duration {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+	if len(f) < 13 {
+		return 0
+	}
+	u, _ := strconv.Atoi(f[11])
+	k, _ := strconv.Atoi(f[12])
+	return time.Duration(u+k) * 10 * time.Millisecond
+}
+
 // rss reads VmRSS and VmHWM (kB) of pid.
 func rss(pid int) (int, int) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
@@ -355,12 +377,12 @@ func markdown(cfg config, rs []result) string {
 		"then they fetch their KDKs (GET /v1/host/kdks, mTLS, bare KDK since the hosts have no TPM, one audit record per release) at an open-loop target rate over kept-alive connections "+
 		"(one connection per host, opened by a warm-up fetch that is not counted). etcd is Debian's etcd-server, one member on loopback.\n\n",
 		cfg.hosts, cfg.rate, cfg.duration, time.Now().UTC().Format("2006-01-02"), runtime.NumCPU(), cfg.hosts)
-	fmt.Fprintf(&b, "| store | enroll %d hosts (total) | enroll p50 / p99 | enroll errors | fetches | achieved rate | fetch p50 | fetch p99 | fetch max | fetch errors | provider RSS (peak) | load avg |\n", cfg.hosts)
-	fmt.Fprintf(&b, "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&b, "| store | enroll %d hosts (total) | enroll p50 / p99 | enroll errors | fetches | achieved rate | fetch p50 | fetch p99 | fetch max | fetch errors | provider CPU per fetch | provider RSS (peak) | load avg |\n", cfg.hosts)
+	fmt.Fprintf(&b, "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, r := range rs {
-		fmt.Fprintf(&b, "| %s | %.2f s | %v / %v | %d | %d | %.0f/s | %.2f ms | %.2f ms | %.2f ms | %d | %d MiB (%d MiB) | %s |\n",
+		fmt.Fprintf(&b, "| %s | %.2f s | %v / %v | %d | %d | %.0f/s | %.2f ms | %.2f ms | %.2f ms | %d | %.2f ms | %d MiB (%d MiB) | %s |\n",
 			r.store, r.enrollTotal.Seconds(), r.enrollP50.Round(time.Millisecond), r.enrollP99.Round(time.Millisecond), r.enrollErrors,
-			r.fetches, r.achievedRate, ms(r.fetchP50), ms(r.fetchP99), ms(r.fetchMax), r.fetchErrors, r.rssKB/1024, r.hwmKB/1024, r.load)
+			r.fetches, r.achievedRate, ms(r.fetchP50), ms(r.fetchP99), ms(r.fetchMax), r.fetchErrors, ms(r.cpuPerFetch), r.rssKB/1024, r.hwmKB/1024, r.load)
 	}
 	fmt.Fprintf(&b, "\nTargets (issue 3): 1,000 enrollments in under 30 s; fetch p99 under 5 ms at 500 fetches/s with connection reuse.\n\n")
 	return b.String()
