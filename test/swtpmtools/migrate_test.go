@@ -81,3 +81,57 @@ func moveState(t *testing.T, from, to backend, keyOpt []string, value, digest, p
 		t.Errorf("PCR 16 after the move = %q, want 0x%X", out, pcr)
 	}
 }
+
+// TestSwtpmStateDirectory starts nkp-swtpm on a state directory that Debian's swtpm
+// wrote (plaintext, with a key file, with a passphrase): the NV value swtpm's TPM held
+// is there, so a VM moving from swtpm to nkp-swtpm keeps its TPM (EK, NV, sealed keys).
+// Plaintext state stays in swtpm's format, so it also goes back to swtpm.
+func TestSwtpmStateDirectory(t *testing.T) {
+	e2e.Require(t, "swtpm", "tpm2_nvdefine", "tpm2_nvwrite", "tpm2_nvread")
+	swtpmBE, nkp := backends[0], backends[1]
+	keys := t.TempDir()
+	k := make([]byte, 32)
+	rand.Read(k)
+	keyFile, pwdFile := filepath.Join(keys, "key"), filepath.Join(keys, "pwd")
+	if err := os.WriteFile(keyFile, []byte(hex.EncodeToString(k)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(pwdFile, []byte("a passphrase\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	value := []byte("written by swtpm, read by nkp")
+	for _, tt := range []struct {
+		name string
+		key  []string
+	}{
+		{"plaintext", nil},
+		{"key file", []string{"--key", "file=" + keyFile + ",mode=aes-256-cbc"}},
+		{"passphrase", []string{"--key", "pwdfile=" + pwdFile + ",mode=aes-256-cbc"}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			state, work := t.TempDir(), t.TempDir()
+			p := start(t, swtpmBE, procOpts{stateDir: state, extra: append(tt.key, startupFlags...)})
+			nvWrite(t, p.TCTI(), work, value)
+			p.Stop()
+
+			p = start(t, nkp, procOpts{stateDir: state, extra: append(tt.key, startupFlags...)})
+			if got := nvRead(t, p.TCTI(), len(value)); !bytes.Equal(got, value) {
+				t.Fatalf("nkp-swtpm reads %q from swtpm's state, want %q", got, value)
+			}
+			// A write makes nkp-swtpm store the state itself.
+			in := filepath.Join(work, "again")
+			if err := os.WriteFile(in, value, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			mustRun(t, p.TCTI(), "tpm2_nvwrite", nvIndex, "-C", "o", "-i", in)
+			p.Stop()
+			if tt.key != nil {
+				return
+			}
+			p = start(t, swtpmBE, procOpts{stateDir: state, extra: startupFlags})
+			if got := nvRead(t, p.TCTI(), len(value)); !bytes.Equal(got, value) {
+				t.Fatalf("swtpm reads %q back from nkp-swtpm's plaintext state, want %q", got, value)
+			}
+		})
+	}
+}
