@@ -119,6 +119,10 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		}
 	}
 	if o.PrintStates {
+		if o.State == nil {
+			fmt.Fprintln(stderr, "nkp-swtpm: --print-states needs --tpmstate dir=<directory> (or TPM_PATH)")
+			return 1
+		}
 		if err := printStates(o, stdout); err != nil {
 			fmt.Fprintf(stderr, "nkp-swtpm: %v\n", err)
 			return 1

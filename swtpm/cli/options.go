@@ -363,9 +363,6 @@ func validate(o *Options) error {
 		return fmt.Errorf("nkp-swtpm emulates a TPM 2.0 only and TPM 1.2 is not available: add --tpm2")
 	}
 	if o.PrintStates {
-		if o.State == nil {
-			return fmt.Errorf("--print-states needs --tpmstate dir=<directory>")
-		}
 		return nil
 	}
 	if o.Server != nil && o.Server.ConnFD >= 0 && o.Ctrl != nil && o.Ctrl.ConnFD == o.Server.ConnFD {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
@@ -182,7 +183,6 @@ func TestParseRefusals(t *testing.T) {
 		{"--tpm2 -p 65536", []string{"port \"65536\""}},
 		{"--tpm2 -f 1", []string{"0, 1 and 2 cannot carry"}},
 		{"--tpm2 --p 1", []string{"ambiguous"}},
-		{"--tpm2 --print-states", []string{"--print-states needs --tpmstate"}},
 		{"--tpm2 --runas", []string{"--runas needs a value"}},
 		{"--tpm2 -r", []string{"-r needs a value"}},
 	}
@@ -251,6 +251,10 @@ func TestPrintStates(t *testing.T) {
 }
 
 func TestMainModes(t *testing.T) {
+	states := t.TempDir()
+	if err := os.WriteFile(filepath.Join(states, "tpm2-00.permall"), []byte("abc"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	tests := []struct {
 		args       []string
 		wantCode   int
@@ -266,9 +270,16 @@ func TestMainModes(t *testing.T) {
 		{[]string{"frobnicate"}, 1, "", `unknown mode "frobnicate"`},
 		{[]string{"socket", "--tpm2", "--nope"}, 1, "", "unknown option --nope"},
 		{[]string{"socket", "--ctrl", "type=unixio,path=/x"}, 1, "", "add --tpm2"},
+		{[]string{"socket", "--tpm2", "--print-states"}, 1, "", "--print-states needs --tpmstate"},
+		{[]string{"socket", "--tpm2", "--print-states", "--tpmstate", "dir=" + states}, 0, `{"name":"permall","size":3}`, ""},
+		{[]string{"socket", "--tpm2", "--print-states", "--tpmstate", "dir=" + filepath.Join(states, "tpm2-00.permall")}, 1, "", "not a directory"},
+		{[]string{"socket", "--tpm2", "--ctrl", "type=unixio,path=" + filepath.Join(states, "c")}, 1, "", "no state directory"},
+		{[]string{"socket", "--tpm2", "--tpmstate", "dir=" + states}, 1, "", "no channel to serve"},
+		{[]string{"socket", "--tpm2", "--tpmstate", "dir=" + states, "--server", "type=tcp,port=0"}, 1, "", "no control channel"},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
+			t.Setenv("TPM_PATH", "")
 			var out, errb bytes.Buffer
 			code := Main(tt.args, &out, &errb)
 			if code != tt.wantCode {
