@@ -4,7 +4,11 @@
 //
 // Each store bucket is a top-level bbolt bucket. bbolt gives serialisable transactions
 // natively (one writer, MVCC readers), so Update never returns store.ErrConflict. Commits
-// are fsynced. Errors map to the store's sentinels: a read-only open or file system gives
+// are fsynced, and concurrent Updates share them (group commit): one writer goroutine
+// runs every Update waiting at that moment, one after the other, in one bbolt transaction,
+// each over a write buffer of its own so that a function that fails leaves nothing; a
+// failed commit runs the batch's functions again one by one, so one caller's failure
+// (a full disk hit by its large write) is not another's. Errors map to the store's sentinels: a read-only open or file system gives
 // store.ErrReadOnly, a full disk or Options.MaxSize gives store.ErrFull, and a failed
 // commit writes nothing.
 //
@@ -53,13 +57,26 @@ type Options struct {
 	Log *slog.Logger
 }
 
+// maxBatch bounds how many Updates share one commit.
+const maxBatch = 128
+
 // Store is a store.Store over one bbolt file.
 type Store struct {
-	path string
-	db   *bolt.DB
+	path   string
+	db     *bolt.DB
+	calls  chan *call    // Updates for the writer goroutine
+	writer chan struct{} // closed when the writer goroutine has ended
 
 	mu     sync.RWMutex // held for reading by transactions, for writing by Close
 	closed bool         // guarded by mu
+}
+
+// call is one Update waiting for the writer.
+type call struct {
+	ctx  context.Context
+	fn   func(store.Tx) error
+	err  error
+	done chan struct{}
 }
 
 var _ store.Store = (*Store)(nil)
@@ -105,7 +122,13 @@ func Open(path string, opts Options) (*Store, error) {
 	default:
 		return nil, fmt.Errorf("store %s: open: %w", path, mapErr(err))
 	}
-	return &Store{path: path, db: db}, nil
+	st := &Store{path: path, db: db}
+	if !opts.ReadOnly {
+		st.calls = make(chan *call)
+		st.writer = make(chan struct{})
+		go st.write()
+	}
+	return st, nil
 }
 
 // Path returns the store file's path.
@@ -162,21 +185,88 @@ func (s *Store) Update(ctx context.Context, fn func(store.Tx) error) error {
 		return err
 	}
 	defer done()
+	if s.calls == nil {
+		return fmt.Errorf("store %s: update: %w (opened read-only)", s.path, store.ErrReadOnly)
+	}
+	c := &call{ctx: ctx, fn: fn, done: make(chan struct{})}
+	s.calls <- c
+	<-c.done
+	return c.err
+}
+
+// write is the writer goroutine: it takes every waiting Update (up to maxBatch) and
+// commits them together, until Close closes s.calls.
+func (s *Store) write() {
+	defer close(s.writer)
+	for c := range s.calls {
+		batch := []*call{c}
+	drain:
+		for len(batch) < maxBatch {
+			select {
+			case c, ok := <-s.calls:
+				if !ok {
+					break drain
+				}
+				batch = append(batch, c)
+			default:
+				break drain
+			}
+		}
+		s.runBatch(batch)
+		for _, c := range batch {
+			close(c.done)
+		}
+	}
+}
+
+// runBatch runs the calls in one bbolt transaction and sets each call's err. When the
+// transaction as a whole fails, each call that had succeeded runs again alone.
+func (s *Store) runBatch(batch []*call) {
 	btx, err := s.db.Begin(true)
 	if err != nil {
-		return fmt.Errorf("store %s: update: %w", s.path, mapErr(err))
+		err = fmt.Errorf("store %s: update: %w", s.path, mapErr(err))
+		for _, c := range batch {
+			c.err = err
+		}
+		return
 	}
-	t := &tx{btx: btx, path: s.path, write: true}
-	err = fn(t)
-	t.done = true
-	if err != nil {
+	var ran []*call
+	var failed error
+	for _, c := range batch {
+		if err := c.ctx.Err(); err != nil {
+			c.err = fmt.Errorf("store %s: update: %w", s.path, err)
+			continue
+		}
+		t := &tx{btx: btx, path: s.path, write: true, buf: txbuf.New()}
+		err := c.fn(t)
+		t.done = true
+		if err != nil {
+			c.err = err // its buffer is dropped: nothing of it reaches the file
+			continue
+		}
+		ran = append(ran, c)
+		if err := t.apply(); err != nil {
+			failed = err
+			break
+		}
+	}
+	if failed == nil && len(ran) > 0 {
+		if err := btx.Commit(); err != nil {
+			failed = fmt.Errorf("store %s: commit: %w", s.path, mapErr(err))
+		}
+	} else {
 		_ = btx.Rollback()
-		return err
 	}
-	if err := btx.Commit(); err != nil {
-		return fmt.Errorf("store %s: commit: %w", s.path, mapErr(err))
+	if failed == nil {
+		return
 	}
-	return nil
+	if len(ran) == 1 {
+		ran[0].err = failed
+		return
+	}
+	for _, c := range ran {
+		s.runBatch([]*call{c})
+	}
 }
 
 // Close implements store.Store; it waits for running transactions.
@@ -187,16 +277,23 @@ func (s *Store) Close() error {
 		return nil
 	}
 	s.closed = true
+	if s.calls != nil {
+		close(s.calls) // no Update is running: they hold mu for reading
+		<-s.writer
+	}
 	if err := s.db.Close(); err != nil {
 		return fmt.Errorf("store %s: close: %w", s.path, err)
 	}
 	return nil
 }
 
+// tx is a transaction over btx. In an Update, buf holds its writes until the writer
+// applies them (the batch's bbolt transaction is shared with other Updates).
 type tx struct {
 	btx   *bolt.Tx
 	path  string
 	write bool
+	buf   *txbuf.Buffer
 	done  bool
 }
 
@@ -214,6 +311,14 @@ func (t *tx) Get(bucket, key string) ([]byte, error) {
 	if err := t.check(bucket, key, false); err != nil {
 		return nil, err
 	}
+	if t.buf != nil {
+		if v, deleted, ok := t.buf.Lookup(bucket, key); ok {
+			if deleted {
+				return nil, fmt.Errorf("%s/%q: %w", bucket, key, store.ErrNotFound)
+			}
+			return v, nil
+		}
+	}
 	b := t.btx.Bucket([]byte(bucket))
 	if b == nil {
 		return nil, fmt.Errorf("%s/%q: %w", bucket, key, store.ErrNotFound)
@@ -229,15 +334,7 @@ func (t *tx) Put(bucket, key string, value []byte) error {
 	if err := t.check(bucket, key, true); err != nil {
 		return err
 	}
-	b, err := t.btx.CreateBucketIfNotExists([]byte(bucket))
-	if err != nil {
-		return fmt.Errorf("store %s: bucket %s: %w", t.path, bucket, mapErr(err))
-	}
-	// bbolt keeps the slices until commit: hand it copies. A nil value would read back
-	// as missing, so store an empty one.
-	if err := b.Put([]byte(key), txbuf.Clone(value)); err != nil {
-		return fmt.Errorf("store %s: put %s/%q: %w", t.path, bucket, key, mapErr(err))
-	}
+	t.buf.Put(bucket, key, value)
 	return nil
 }
 
@@ -245,12 +342,33 @@ func (t *tx) Delete(bucket, key string) error {
 	if err := t.check(bucket, key, true); err != nil {
 		return err
 	}
-	b := t.btx.Bucket([]byte(bucket))
-	if b == nil {
-		return nil
-	}
-	if err := b.Delete([]byte(key)); err != nil {
-		return fmt.Errorf("store %s: delete %s/%q: %w", t.path, bucket, key, mapErr(err))
+	t.buf.Delete(bucket, key)
+	return nil
+}
+
+// apply writes the buffer into the bbolt transaction.
+func (t *tx) apply() error {
+	for _, name := range t.buf.Buckets() {
+		b, err := t.btx.CreateBucketIfNotExists([]byte(name))
+		if err != nil {
+			return fmt.Errorf("store %s: bucket %s: %w", t.path, name, mapErr(err))
+		}
+		err = t.buf.Each(name, func(key string, value []byte, deleted bool) error {
+			var err error
+			if deleted {
+				err = b.Delete([]byte(key))
+			} else {
+				// bbolt keeps the slice until commit; the buffer's copy is not reused.
+				err = b.Put([]byte(key), value)
+			}
+			if err != nil {
+				return fmt.Errorf("store %s: write %s/%q: %w", t.path, name, key, mapErr(err))
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
 	}
 	return nil
 }
@@ -262,19 +380,20 @@ func (t *tx) List(bucket, prefix string, fn func(key string, value []byte) error
 	if err := txbuf.CheckBucket(bucket); err != nil {
 		return err
 	}
-	b := t.btx.Bucket([]byte(bucket))
-	if b == nil {
-		return nil
-	}
-	// Collect first: fn may write to the bucket, which would upset a live cursor.
+	// Collect first: fn may write, and the walk shows the state at the List call.
 	var kvs []txbuf.KV
-	c := b.Cursor()
-	p := []byte(prefix)
-	for k, v := c.Seek(p); k != nil && len(k) >= len(p) && string(k[:len(p)]) == prefix; k, v = c.Next() {
-		if v == nil && b.Bucket(k) != nil {
-			continue // a nested bucket: not ours
+	if b := t.btx.Bucket([]byte(bucket)); b != nil {
+		c := b.Cursor()
+		p := []byte(prefix)
+		for k, v := c.Seek(p); k != nil && len(k) >= len(p) && string(k[:len(p)]) == prefix; k, v = c.Next() {
+			if v == nil && b.Bucket(k) != nil {
+				continue // a nested bucket: not ours
+			}
+			kvs = append(kvs, txbuf.KV{Key: string(k), Value: txbuf.Clone(v)})
 		}
-		kvs = append(kvs, txbuf.KV{Key: string(k), Value: txbuf.Clone(v)})
+	}
+	if t.buf != nil {
+		kvs = t.buf.Merge(bucket, prefix, kvs)
 	}
 	for _, kv := range kvs {
 		if err := fn(kv.Key, kv.Value); err != nil {

@@ -148,3 +148,39 @@ func BenchmarkStore(b *testing.B) {
 	defer s.Close()
 	storetest.Benchmark(b, s)
 }
+
+// When a batch's commit fails for lack of space, each Update runs again alone: the small
+// ones land and only the one too large for the file fails with ErrFull.
+func TestFullBatchRunsAlone(t *testing.T) {
+	s := open(t, filepath.Join(t.TempDir(), "provider.db"), boltstore.Options{MaxSize: 1 << 20})
+	defer s.Close()
+	big := make([]byte, 2<<20)
+	const small = 16
+	errs := make(chan error, small)
+	bigErr := make(chan error, 1)
+	go func() {
+		bigErr <- s.Update(context.Background(), func(tx store.Tx) error { return tx.Put("b", "big", big) })
+	}()
+	for i := 0; i < small; i++ {
+		go func() {
+			errs <- s.Update(context.Background(), func(tx store.Tx) error {
+				return tx.Put("b", "small"+string(rune('a'+i)), []byte("v"))
+			})
+		}()
+	}
+	for i := 0; i < small; i++ {
+		if err := <-errs; err != nil {
+			t.Errorf("small update: %v", err)
+		}
+	}
+	if err := <-bigErr; !errors.Is(err, store.ErrFull) {
+		t.Fatalf("2 MiB into a 1 MiB store: %v, want ErrFull", err)
+	}
+	n := 0
+	err := s.View(context.Background(), func(tx store.Tx) error {
+		return tx.List("b", "", func(string, []byte) error { n++; return nil })
+	})
+	if err != nil || n != small {
+		t.Fatalf("%d keys (%v), want the %d small ones", n, err, small)
+	}
+}

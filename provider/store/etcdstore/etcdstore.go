@@ -99,6 +99,11 @@ type Store struct {
 
 	mu     sync.RWMutex // read-held by transactions, write-held by Close
 	closed bool         // guarded by mu
+
+	// order makes a retry run alone in this process: first attempts hold it for
+	// reading, retries for writing, so retriers stop colliding with each other and with
+	// newcomers on a hot key (the audit log's head), leaving only other replicas to race.
+	order sync.RWMutex
 }
 
 var _ store.Store = (*Store)(nil)
@@ -185,20 +190,9 @@ func (s *Store) Update(ctx context.Context, fn func(store.Tx) error) error {
 	}
 	defer done()
 	for attempt := 1; attempt <= s.cfg.MaxAttempts; attempt++ {
-		t := &tx{s: s, ctx: ctx, buf: txbuf.New(), reads: map[string]int64{}, ranges: map[string]bool{}}
-		err := fn(t)
-		t.done = true
-		if t.restart == nil {
-			if err != nil {
-				return err
-			}
-			committed, err := t.commit()
-			if err != nil {
-				return err
-			}
-			if committed {
-				return nil
-			}
+		committed, err := s.attempt(ctx, fn, attempt)
+		if err != nil || committed {
+			return err
 		}
 		s.cfg.Log.Debug("etcd store: transaction conflict, retrying", "attempt", attempt)
 		if err := s.backoff(ctx, attempt); err != nil {
@@ -206,6 +200,27 @@ func (s *Store) Update(ctx context.Context, fn func(store.Tx) error) error {
 		}
 	}
 	return fmt.Errorf("%s: update: %w: other writers changed what it read %d times in a row; try again", s.where, store.ErrConflict, s.cfg.MaxAttempts)
+}
+
+// attempt runs fn once and commits it; false without error means it must run again.
+func (s *Store) attempt(ctx context.Context, fn func(store.Tx) error, attempt int) (bool, error) {
+	if attempt == 1 {
+		s.order.RLock()
+		defer s.order.RUnlock()
+	} else {
+		s.order.Lock()
+		defer s.order.Unlock()
+	}
+	t := &tx{s: s, ctx: ctx, buf: txbuf.New(), reads: map[string]int64{}, ranges: map[string]bool{}}
+	err := fn(t)
+	t.done = true
+	if t.restart != nil {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	return t.commit()
 }
 
 // backoff waits a short random time growing with attempt, or until ctx ends.

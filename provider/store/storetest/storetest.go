@@ -56,6 +56,7 @@ func Run(t *testing.T, b Backend) {
 		{"Closed", testClosed},
 		{"ConcurrentIncrements", testIncrements},
 		{"ConcurrentInserts", testPhantoms},
+		{"ConcurrentWithFailures", testMixed},
 		{"SnapshotView", testSnapshot},
 		{"Full", testFull},
 		{"Persistence", testReopen},
@@ -522,6 +523,53 @@ func testPhantoms(t *testing.T, b Backend) {
 	wg.Wait()
 	if got := len(list(t, x, "seq", "")); got != ok {
 		t.Fatalf("bucket holds %d keys after %d successful inserts: a List missed a concurrent insert", got, ok)
+	}
+}
+
+// testMixed: concurrent Updates of which every third fails after writing; the failed
+// ones leave nothing and the others all land, whatever the backend batches together.
+func testMixed(t *testing.T, b Backend) {
+	x, y := pair(t, b)
+	const n = 48
+	boom := errors.New("refused")
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	for i := 0; i < n; i++ {
+		s := x
+		if i%2 == 1 {
+			s = y
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = s.Update(context.Background(), func(tx store.Tx) error {
+				if err := tx.Put("mixed", fmt.Sprintf("%02d", i), []byte("x")); err != nil {
+					return err
+				}
+				if err := tx.Delete("mixed", "absent"); err != nil {
+					return err
+				}
+				if i%3 == 0 {
+					return boom
+				}
+				return nil
+			})
+		}()
+	}
+	wg.Wait()
+	var want []string
+	for i, err := range errs {
+		switch {
+		case i%3 == 0 && !errors.Is(err, boom):
+			t.Errorf("update %d returned %v, want its own error", i, err)
+		case i%3 != 0 && err != nil:
+			t.Errorf("update %d: %v", i, err)
+		case i%3 != 0:
+			want = append(want, fmt.Sprintf("%02d=x", i))
+		}
+	}
+	if got := list(t, x, "mixed", ""); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("after concurrent updates, some failing: %q, want %q", got, want)
 	}
 }
 
