@@ -218,3 +218,29 @@ func BenchmarkStore(b *testing.B) {
 	defer s.Close()
 	storetest.Benchmark(b, s)
 }
+
+// A transaction beyond etcd's --max-txn-ops fails with an error naming the flag and
+// writes nothing.
+func TestTooManyOps(t *testing.T) {
+	requireEtcd(t)
+	s := openPrefix(t, "", shared.Endpoints())
+	defer s.Close()
+	err := s.Update(context.Background(), func(tx store.Tx) error {
+		for i := 0; i < 16385; i++ {
+			if err := tx.Put("many", fmt.Sprintf("%05d", i), nil); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err == nil || !strings.Contains(err.Error(), "--max-txn-ops") {
+		t.Fatalf("Update of 16385 writes = %v, want an error naming --max-txn-ops", err)
+	}
+	err = s.View(context.Background(), func(tx store.Tx) error {
+		_, err := tx.Get("many", "00000")
+		return err
+	})
+	if !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("a refused transaction left writes: %v", err)
+	}
+}
