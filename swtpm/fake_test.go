@@ -131,8 +131,17 @@ func (f *fakeEngine) Process(cmd []byte) ([]byte, error) {
 	if !f.running {
 		return nil, libtpms.ErrNotRunning
 	}
+	if len(cmd) < 10 || int(binary.BigEndian.Uint32(cmd[2:])) != len(cmd) {
+		return fakeResp(0x142, nil), nil // TPM_RC_COMMAND_SIZE, as libtpms
+	}
 	cc := binary.BigEndian.Uint32(cmd[6:])
 	params := cmd[10:]
+	switch cc {
+	case 0x144, 0x145, 0x17b:
+		if len(params) < 2 {
+			return fakeResp(0x09a, nil), nil // TPM_RC_INSUFFICIENT
+		}
+	}
 	switch cc {
 	case 0x144: // Startup
 		f.record("Startup %d loc %d", binary.BigEndian.Uint16(params), f.locality)
