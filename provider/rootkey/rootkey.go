@@ -10,12 +10,15 @@
 //
 // Sealed format: 1 byte version (1) || 12 bytes nonce || ciphertext || 16 bytes tag.
 //
-// Not done: sealing the root key to the provider host's TPM. The file is the only form.
+// The file holds the 32 bytes (Create, Load), or the key sealed to the provider host's TPM
+// under its storage root key (CreateSealed, LoadSealed), so that a copy of the file is
+// useless on any other machine.
 //
 // Only package provider and cmd/nkp-provider (to create or load the file) import this.
 package rootkey
 
 import (
+	"bytes"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
@@ -156,31 +159,18 @@ func writeNew(path string, data []byte) error {
 // Load reads the root key from path. The file must hold exactly 32 bytes and must not be
 // readable or writable by group or others (chmod 600 it).
 func Load(path string) (*Key, error) {
-	f, err := os.Open(path)
+	b, err := readPrivate(path, maxSealedFile)
 	if err != nil {
-		return nil, fmt.Errorf("root key %s: %w (it is made by `nkp-provider init`)", path, err)
+		return nil, err
 	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, fmt.Errorf("root key %s: %w", path, err)
-	}
-	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("root key %s: not a regular file: %w", path, ErrBadFile)
-	}
-	if perm := st.Mode().Perm(); perm&0o077 != 0 {
-		return nil, fmt.Errorf("root key %s: mode %04o lets group or others read it; run chmod 600 %s: %w", path, perm, path, ErrBadFile)
-	}
-	b := make([]byte, Size+1)
 	defer clear(b)
-	n, err := io.ReadFull(f, b)
-	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
-		return nil, fmt.Errorf("root key %s: reading: %w", path, err)
+	if bytes.HasPrefix(b, []byte(sealedMagic)) {
+		return nil, fmt.Errorf("root key %s: %w; open it with LoadSealed and that TPM", path, ErrSealed)
 	}
-	if n != Size {
-		return nil, fmt.Errorf("root key %s: file holds %d bytes or more, want exactly %d: %w", path, n, Size, ErrBadFile)
+	if len(b) != Size {
+		return nil, fmt.Errorf("root key %s: file holds %d bytes, want exactly %d: %w", path, len(b), Size, ErrBadFile)
 	}
-	return New(b[:Size], path)
+	return New(b, path)
 }
 
 // Path is the file the key came from ("" for generated keys).
