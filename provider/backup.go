@@ -183,6 +183,13 @@ func (p *Provider) Restore(ctx context.Context, r io.Reader, passphrase []byte, 
 	if err != nil {
 		return Status{}, fmt.Errorf("restore: %w: %w", ErrBadArchive, err)
 	}
+	for _, h := range doc.Hosts {
+		if len(h.EKPublic) > 0 {
+			if _, _, err := parseEK(h.EKPublic); err != nil {
+				return Status{}, fmt.Errorf("restore: host %s (%s): %w: %w", h.ID, h.Hostname, ErrBadArchive, err)
+			}
+		}
+	}
 	id := doc.ProviderID
 	sealedCA, err := p.rk.Seal(doc.CA.Key, caAD(id))
 	if err != nil {
