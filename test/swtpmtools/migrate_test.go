@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nkp-dev/nkp/test/e2e"
 )
@@ -134,4 +135,47 @@ func TestSwtpmStateDirectory(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestSharedStorageMigration plays libvirt's migration on shared storage: the source
+// runs with --migration release-lock-outgoing and gives up the state directory's lock
+// when the savestate blob is read, so that a destination started with
+// --migration incoming on the same directory can take it and load the blobs.
+func TestSharedStorageMigration(t *testing.T) {
+	e2e.Require(t, "swtpm_ioctl", "tpm2_nvdefine", "tpm2_nvwrite", "tpm2_nvread")
+	forEachBackend(t, func(t *testing.T, be backend) {
+		if !hasFeature(t, be, "cmdarg-migration") {
+			t.Skipf("%s does not report cmdarg-migration (swtpm has it from 0.8)", be.name)
+		}
+		state, work := t.TempDir(), t.TempDir()
+		value := []byte("shared storage")
+		src := start(t, be, procOpts{stateDir: state, extra: append([]string{"--migration", "release-lock-outgoing"}, startupFlags...)})
+		nvWrite(t, src.TCTI(), work, value)
+
+		// Before the blobs are read, the directory is locked.
+		early := startNoWait(t, be, procOpts{stateDir: state, extra: startupFlags})
+		if err := early.Wait(10 * time.Second); err == nil {
+			t.Fatalf("a second backend ran on the source's locked directory")
+		}
+
+		blobs := map[string]string{}
+		for _, typ := range []string{"permanent", "volatile", "savestate"} {
+			blobs[typ] = filepath.Join(work, typ)
+			out, err := runTool(t, nil, "swtpm_ioctl", "--unix", src.Ctrl, "--save", typ, blobs[typ])
+			if err != nil && typ != "savestate" { // a TPM 2 has no savestate blob (0x800)
+				t.Fatalf("--save %s: %v\n%s", typ, err, out)
+			}
+		}
+
+		dst := start(t, be, procOpts{stateDir: state, extra: []string{"--migration", "incoming"}})
+		mustRun(t, nil, "swtpm_ioctl", "--unix", dst.Ctrl, "--stop")
+		for _, typ := range []string{"permanent", "volatile"} {
+			mustRun(t, nil, "swtpm_ioctl", "--unix", dst.Ctrl, "--load", typ, blobs[typ])
+		}
+		mustRun(t, nil, "swtpm_ioctl", "--unix", dst.Ctrl, "-i")
+		src.Kill()
+		if got := nvRead(t, dst.TCTI(), len(value)); !bytes.Equal(got, value) {
+			t.Errorf("NV on the destination = %q, want %q", got, value)
+		}
+	})
 }
