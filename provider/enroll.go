@@ -112,7 +112,9 @@ func (p *Provider) Enroll(ctx context.Context, req EnrollRequest) (EnrollRespons
 	resp, tokenID, err := p.enroll(ctx, req)
 	if err != nil {
 		p.log.Warn("enrollment refused", "hostname", req.Hostname, "token_id", tokenID, "err", err)
-		if tokenID != "" && (errors.Is(err, ErrTokenUsed) || errors.Is(err, ErrTokenExpired) || errors.Is(err, ErrTokenInvalid)) {
+		// Only replays of a real token (its secret was right) are audited: anyone can send
+		// unknown tokens, and recording those would let them fill the store.
+		if errors.Is(err, ErrTokenUsed) || errors.Is(err, ErrTokenExpired) {
 			p.auditRefusal(ctx, "enroll_refused", "token:"+tokenID, tokenID, err)
 		}
 		return EnrollResponse{}, fmt.Errorf("enroll %q: %w", req.Hostname, err)
