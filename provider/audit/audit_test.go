@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/nkp-dev/nkp/provider/audit"
 	"github.com/nkp-dev/nkp/provider/store"
+	"github.com/nkp-dev/nkp/provider/store/boltstore"
 	"github.com/nkp-dev/nkp/provider/store/mem"
 )
 
@@ -247,33 +249,51 @@ func TestAppendRollsBackWithTheAction(t *testing.T) {
 }
 
 func TestConcurrentAppends(t *testing.T) {
-	s := mem.New()
-	var wg sync.WaitGroup
-	for i := 0; i < 8; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for j := 0; j < 10; j++ {
-				err := s.Update(context.Background(), func(tx store.Tx) error {
-					_, err := audit.Append(tx, audit.Event{Kind: audit.KindRelease, Subject: "h"})
-					return err
-				})
-				if err != nil {
-					t.Error(err)
-				}
+	backends := []struct {
+		name string
+		open func(t *testing.T) store.Store
+	}{
+		{"mem", func(*testing.T) store.Store { return mem.New() }},
+		{"bolt (group commit)", func(t *testing.T) store.Store {
+			s, err := boltstore.Open(filepath.Join(t.TempDir(), "provider.db"), boltstore.Options{})
+			if err != nil {
+				t.Fatal(err)
 			}
-		}()
+			return s
+		}},
 	}
-	wg.Wait()
-	if err := verify(s); err != nil {
-		t.Fatal(err)
+	for _, b := range backends {
+		t.Run(b.name, func(t *testing.T) {
+			s := b.open(t)
+			defer s.Close()
+			var wg sync.WaitGroup
+			for i := 0; i < 8; i++ {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for j := 0; j < 10; j++ {
+						err := s.Update(context.Background(), func(tx store.Tx) error {
+							_, err := audit.Append(tx, audit.Event{Kind: audit.KindRelease, Subject: "h"})
+							return err
+						})
+						if err != nil {
+							t.Error(err)
+						}
+					}
+				}()
+			}
+			wg.Wait()
+			if err := verify(s); err != nil {
+				t.Fatal(err)
+			}
+			_ = s.View(context.Background(), func(tx store.Tx) error {
+				if seq, _, _ := audit.Head(tx); seq != 80 {
+					t.Fatalf("head = %d, want 80", seq)
+				}
+				return nil
+			})
+		})
 	}
-	_ = s.View(context.Background(), func(tx store.Tx) error {
-		if seq, _, _ := audit.Head(tx); seq != 80 {
-			t.Fatalf("head = %d, want 80", seq)
-		}
-		return nil
-	})
 }
 
 func TestLog(t *testing.T) {

@@ -11,6 +11,9 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
 	"github.com/nkp-dev/nkp/provider/store"
 	"github.com/nkp-dev/nkp/provider/store/etcdstore"
 	"github.com/nkp-dev/nkp/provider/store/storetest"
@@ -242,5 +245,54 @@ func TestTooManyOps(t *testing.T) {
 	})
 	if !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("a refused transaction left writes: %v", err)
+	}
+}
+
+// A View whose snapshot is compacted away between two reads runs again on a new
+// snapshot instead of failing or mixing two states.
+func TestCompactedSnapshotRestarts(t *testing.T) {
+	requireEtcd(t)
+	prefix := fmt.Sprintf("/test/%s/", t.Name())
+	ctx := context.Background()
+	s := openPrefix(t, prefix, shared.Endpoints())
+	defer s.Close()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: shared.Endpoints(), Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	write := func(v string) {
+		t.Helper()
+		if _, err := cli.Put(ctx, prefix+"b/a", v); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := cli.Put(ctx, prefix+"b/b", v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := cli.Compact(ctx, resp.Header.Revision); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("1")
+	runs := 0
+	var a, b []byte
+	err = s.View(ctx, func(tx store.Tx) error {
+		runs++
+		var err error
+		if a, err = tx.Get("b", "a"); err != nil {
+			return err
+		}
+		if runs == 1 {
+			write("2") // and compact: the first snapshot is gone
+		}
+		b, err = tx.Get("b", "b")
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if runs != 2 || string(a) != "2" || string(b) != "2" {
+		t.Fatalf("View ran %d times and read a=%s b=%s; want 2 runs reading 2 and 2", runs, a, b)
 	}
 }
