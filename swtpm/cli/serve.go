@@ -73,16 +73,32 @@ func serve(ctx context.Context, o *Options, log *slog.Logger, ready func() error
 	if o.State.ModeDefault {
 		mode = 0
 	}
-	dir, err := state.Open(o.State.Dir, state.Options{Key: stateKey, Mode: mode, Lock: o.State.Lock, Backup: o.State.Backup, Log: log})
-	if err != nil {
-		return fmt.Errorf("--tpmstate: %w", err)
+	opts := state.Options{Key: stateKey, Mode: mode, Lock: o.State.Lock, Backup: o.State.Backup, Log: log}
+	var store interface {
+		libtpms.NVRAM
+		swtpm.StorageLocker
+		Close() error
+	}
+	if o.Migration.Incoming {
+		// Opened (and locked) when the TPM first needs it: on shared storage the
+		// source holds the lock until the migration hands over the state.
+		if fi, err := os.Stat(o.State.Dir); err != nil || !fi.IsDir() {
+			return fmt.Errorf("--tpmstate: state directory %s does not exist or is not a directory; create it first", o.State.Dir)
+		}
+		store = &lazyDir{ctx: ctx, dir: o.State.Dir, opts: opts}
+	} else {
+		dir, err := state.Open(o.State.Dir, opts)
+		if err != nil {
+			return fmt.Errorf("--tpmstate: %w", err)
+		}
+		store = dir
 	}
 	defer func() {
-		if cerr := dir.Close(); cerr != nil && err == nil {
+		if cerr := store.Close(); cerr != nil && err == nil {
 			err = fmt.Errorf("--tpmstate: close: %w", cerr)
 		}
 	}()
-	tpm, err := libtpms.Open(dir)
+	tpm, err := libtpms.Open(store)
 	if err != nil {
 		return fmt.Errorf("open the TPM engine: %w", err)
 	}
@@ -90,7 +106,7 @@ func serve(ctx context.Context, o *Options, log *slog.Logger, ready func() error
 
 	cfg := swtpm.Config{
 		Engine:              tpm,
-		Store:               dir,
+		Store:               store,
 		Log:                 log,
 		Terminate:           o.Terminate,
 		NotNeedInit:         o.Flags.NotNeedInit,
@@ -100,9 +116,6 @@ func serve(ctx context.Context, o *Options, log *slog.Logger, ready func() error
 		StateKey:            stateKey.Bytes(),
 		MigrationKey:        migKey.Bytes(),
 		ReleaseLockOutgoing: o.Migration.ReleaseLockOutgoing,
-	}
-	if o.Migration.Incoming {
-		log.Warn("--migration incoming: nkp-swtpm locks the state directory at start, so on storage shared with the migration source it must start after the source released its lock")
 	}
 	switch o.Flags.Startup {
 	case StartupClear:

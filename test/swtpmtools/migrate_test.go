@@ -139,8 +139,8 @@ func TestSwtpmStateDirectory(t *testing.T) {
 
 // TestSharedStorageMigration plays libvirt's migration on shared storage: the source
 // runs with --migration release-lock-outgoing and gives up the state directory's lock
-// when the savestate blob is read, so that a destination started with
-// --migration incoming on the same directory can take it and load the blobs.
+// when the savestate blob is read, so that a destination started (before that) with
+// --migration incoming on the same directory takes it at CMD_INIT and loads the blobs.
 func TestSharedStorageMigration(t *testing.T) {
 	e2e.Require(t, "swtpm_ioctl", "tpm2_nvdefine", "tpm2_nvwrite", "tpm2_nvread")
 	forEachBackend(t, func(t *testing.T, be backend) {
@@ -158,6 +158,10 @@ func TestSharedStorageMigration(t *testing.T) {
 			t.Fatalf("a second backend ran on the source's locked directory")
 		}
 
+		// The destination starts while the source still holds the lock, as libvirt
+		// starts it before the migration; it locks the directory only at CMD_INIT.
+		dst := start(t, be, procOpts{stateDir: state, extra: []string{"--migration", "incoming"}})
+
 		blobs := map[string]string{}
 		for _, typ := range []string{"permanent", "volatile", "savestate"} {
 			blobs[typ] = filepath.Join(work, typ)
@@ -167,7 +171,6 @@ func TestSharedStorageMigration(t *testing.T) {
 			}
 		}
 
-		dst := start(t, be, procOpts{stateDir: state, extra: []string{"--migration", "incoming"}})
 		mustRun(t, nil, "swtpm_ioctl", "--unix", dst.Ctrl, "--stop")
 		for _, typ := range []string{"permanent", "volatile"} {
 			mustRun(t, nil, "swtpm_ioctl", "--unix", dst.Ctrl, "--load", typ, blobs[typ])
