@@ -17,8 +17,15 @@
 // (kdk, key, secret, passphrase, ...). Callers put identifiers (KDK ID, version, host ID,
 // token ID) in details, never values.
 //
+// The log grows by one record per action (every KDK release). Prune deletes the oldest
+// records, after the operator archived them (a backup holds them), and stays verifiable:
+// the hash of the last pruned record becomes the chain's base, and Prune appends a
+// "prune" record naming that base, so the removal is itself in the chain and a base
+// moved without it is detected.
+//
 // Storage: bucket "audit" maps the 20-digit zero-padded sequence number to the record's
-// JSON; bucket "audit.head" key "head" holds {"seq": N, "hash": "<hex>"}.
+// JSON; bucket "audit.head" key "head" holds {"seq": N, "hash": "<hex>"} and key "base"
+// the same for the last pruned record (absent until the first Prune).
 //
 // Only the provider package imports it.
 package audit
@@ -43,6 +50,9 @@ const (
 	Bucket     = "audit"
 	HeadBucket = "audit.head"
 	headKey    = "head"
+	baseKey    = "base"
+	// MaxPrune bounds the records one Prune deletes (one store transaction).
+	MaxPrune = 4096
 )
 
 // Kind names what happened.
@@ -61,6 +71,8 @@ const (
 	KindRetire   Kind = "retire"
 	KindPolicy   Kind = "policy"
 	KindRegister Kind = "register"
+	// KindPrune is appended by Prune itself.
+	KindPrune Kind = "prune"
 )
 
 // Limits on an event's fields; an event beyond them is refused with ErrInvalidEvent.
@@ -227,6 +239,74 @@ func readHead(tx store.Tx) (head, error) {
 	return h, nil
 }
 
+// readBase returns the last pruned record's seq and hash (0, "" before any Prune).
+func readBase(tx store.Tx) (head, error) {
+	v, err := tx.Get(HeadBucket, baseKey)
+	if errors.Is(err, store.ErrNotFound) {
+		return head{}, nil
+	}
+	if err != nil {
+		return head{}, fmt.Errorf("audit: read base: %w", err)
+	}
+	var b head
+	if err := json.Unmarshal(v, &b); err != nil {
+		return head{}, &VerifyError{Seq: 0, Reason: fmt.Sprintf("the base entry is unreadable (%v); restore from a backup", err)}
+	}
+	return b, nil
+}
+
+// Prune deletes the records up to and including upTo (at most MaxPrune records not yet
+// pruned; call again for more) and appends a "prune" record by actor naming the new
+// base. It returns how many records it deleted. The last record cannot be pruned.
+func Prune(tx store.Tx, upTo uint64, actor string) (int, error) {
+	h, err := readHead(tx)
+	if err != nil {
+		return 0, err
+	}
+	base, err := readBase(tx)
+	if err != nil {
+		return 0, err
+	}
+	if upTo >= h.Seq {
+		return 0, fmt.Errorf("%w: prune through record %d: the log ends at %d and its last record stays", ErrInvalidEvent, upTo, h.Seq)
+	}
+	if upTo <= base.Seq {
+		return 0, nil
+	}
+	if upTo-base.Seq > MaxPrune {
+		upTo = base.Seq + MaxPrune
+	}
+	v, err := tx.Get(Bucket, seqKey(upTo))
+	if err != nil {
+		return 0, fmt.Errorf("audit: prune: read record %d: %w (run audit verify)", upTo, err)
+	}
+	last, err := decode(v)
+	if err != nil || last.Seq != upTo {
+		return 0, &VerifyError{Seq: upTo, Reason: "unreadable or moved; prune refused (run audit verify)"}
+	}
+	for seq := base.Seq + 1; seq <= upTo; seq++ {
+		if err := tx.Delete(Bucket, seqKey(seq)); err != nil {
+			return 0, fmt.Errorf("audit: prune record %d: %w", seq, err)
+		}
+	}
+	bv, err := json.Marshal(head{Seq: upTo, Hash: last.Hash})
+	if err != nil {
+		return 0, fmt.Errorf("audit: encode base: %w", err)
+	}
+	if err := tx.Put(HeadBucket, baseKey, bv); err != nil {
+		return 0, fmt.Errorf("audit: write base: %w", err)
+	}
+	_, err = Append(tx, Event{Kind: KindPrune, Actor: actor, Subject: fmt.Sprintf("1-%d", upTo), Details: map[string]string{
+		"through": strconv.FormatUint(upTo, 10),
+		"base":    last.Hash,
+		"deleted": strconv.FormatUint(upTo-base.Seq, 10),
+	}})
+	if err != nil {
+		return 0, err
+	}
+	return int(upTo - base.Seq), nil
+}
+
 // Verify checks the whole chain in tx and returns nil, or a *VerifyError (wrapping
 // ErrTampered) naming the first record that was changed, removed or moved, or a store
 // error.
@@ -235,8 +315,13 @@ func Verify(tx store.Tx) error {
 	if err != nil {
 		return err
 	}
-	want := uint64(1)
-	prev := ""
+	base, err := readBase(tx)
+	if err != nil {
+		return err
+	}
+	want := base.Seq + 1
+	prev := base.Hash
+	baseRecorded := base.Seq == 0
 	err = tx.List(Bucket, "", func(key string, value []byte) error {
 		keySeq, perr := strconv.ParseUint(key, 10, 64)
 		if perr != nil || key != seqKey(keySeq) {
@@ -245,8 +330,8 @@ func Verify(tx store.Tx) error {
 		if keySeq > want {
 			return &VerifyError{Seq: want, Reason: fmt.Sprintf("removed (the log jumps to record %d)", keySeq)}
 		}
-		if keySeq < want { // cannot happen with ordered, unique keys
-			return &VerifyError{Seq: keySeq, Reason: "out of order"}
+		if keySeq < want {
+			return &VerifyError{Seq: keySeq, Reason: fmt.Sprintf("present although the log was pruned through record %d", base.Seq)}
 		}
 		rec, derr := decode(value)
 		if derr != nil {
@@ -261,12 +346,18 @@ func Verify(tx store.Tx) error {
 		if hashRecord(rec) != rec.Hash {
 			return &VerifyError{Seq: want, Reason: "changed: its content does not match its hash"}
 		}
+		if rec.Kind == KindPrune && rec.Details["through"] == strconv.FormatUint(base.Seq, 10) && rec.Details["base"] == base.Hash {
+			baseRecorded = true
+		}
 		prev = rec.Hash
 		want++
 		return nil
 	})
 	if err != nil {
 		return err
+	}
+	if !baseRecorded {
+		return &VerifyError{Seq: base.Seq, Reason: "records up to here were removed without a prune record naming them"}
 	}
 	last := want - 1
 	switch {
@@ -287,6 +378,11 @@ func List(tx store.Tx, after uint64, limit int) ([]Record, error) {
 	if err != nil {
 		return nil, err
 	}
+	base, err := readBase(tx)
+	if err != nil {
+		return nil, err
+	}
+	after = max(after, base.Seq)
 	end := h.Seq
 	if limit > 0 && after+uint64(limit) < end {
 		end = after + uint64(limit)
