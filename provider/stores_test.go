@@ -152,3 +152,38 @@ func mustKey(t *testing.T) *rootkey.Key {
 	}
 	return k
 }
+
+// TestBoltReadOnly opens an initialized bbolt file read-only: reads work, every write —
+// a release included, since it cannot be audited — is refused.
+func TestBoltReadOnly(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "provider.db")
+	s, err := boltstore.Open(path, boltstore.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := open(t, s, mustKey(t), newClock())
+	if _, err := e.p.Init(ctx, provider.InitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	h := e.enroll(t, "kvm", nil)
+	e.backup(t, "p")
+	s.Close()
+
+	ro, err := boltstore.Open(path, boltstore.Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := open(t, ro, e.rk, e.clock)
+	if st, err := r.p.Status(ctx); err != nil || st.Hosts != 1 {
+		t.Fatalf("Status on a read-only store: %+v, %v", st, err)
+	}
+	if _, err := r.p.Release(ctx, h.id); !errors.Is(err, store.ErrReadOnly) {
+		t.Fatalf("Release on a read-only store: %v, want ErrReadOnly", err)
+	}
+	if _, err := r.p.Rotate(ctx); !errors.Is(err, store.ErrReadOnly) {
+		t.Fatalf("Rotate on a read-only store: %v, want ErrReadOnly", err)
+	}
+	ro.Close()
+
+}
