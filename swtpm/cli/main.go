@@ -168,7 +168,7 @@ func run(ctx context.Context, o *Options, stderr io.Writer, ready *readyNotifier
 	}
 	removePid := func() {}
 	defer func() { removePid() }()
-	return serve(ctx, o, log, func() error {
+	err = serve(ctx, o, log, func() error {
 		rm, err := pidFile(o.Pid, os.Getpid())
 		if err != nil {
 			return err
@@ -177,4 +177,10 @@ func run(ctx context.Context, o *Options, stderr io.Writer, ready *readyNotifier
 		ready.Ready()
 		return nil
 	})
+	if err != nil && o.Log != nil {
+		// Main prints it on stderr too; the log file is where libvirt and
+		// swtpm_setup point users.
+		log.Error("nkp-swtpm stops on an error", "err", err)
+	}
+	return err
 }
