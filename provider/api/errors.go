@@ -84,11 +84,6 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	s.writeJSON(w, status, ErrorBody{Error: msg, Code: code})
 }
 
-// errNotFoundf is a 404 with a sentence.
-func errNotFoundf(format string, args ...any) error {
-	return &codedError{status: http.StatusNotFound, code: CodeNotFound, msg: fmt.Sprintf(format, args...)}
-}
-
 // errBadRequestf is a 400 with a sentence.
 func errBadRequestf(format string, args ...any) error {
 	return &codedError{status: http.StatusBadRequest, code: CodeBadRequest, msg: fmt.Sprintf(format, args...)}

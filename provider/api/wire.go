@@ -121,7 +121,6 @@ type Host struct {
 	TPM      bool      `json:"tpm"`
 	Enrolled time.Time `json:"enrolled,omitzero"`
 	Revoked  bool      `json:"revoked"`
-	LastSeen time.Time `json:"last_seen,omitzero"`
 }
 
 // HostsResponse is GET /v1/admin/hosts.
