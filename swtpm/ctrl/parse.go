@@ -13,6 +13,7 @@ type ParseError struct {
 	Close bool
 }
 
+// Error implements error.
 func (e *ParseError) Error() string {
 	return fmt.Sprintf("control request %v: %s: reply %v", e.Code, e.Reason, e.Result)
 }

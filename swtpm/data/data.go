@@ -108,6 +108,7 @@ type SizeError struct {
 	Prefixed bool   // the command came with the TPM_SEND_COMMAND prefix
 }
 
+// Error implements error.
 func (e *SizeError) Error() string {
 	if e.Size < HeaderSize {
 		return fmt.Sprintf("TPM command: declared size %d is smaller than the %d-byte header", e.Size, HeaderSize)
