@@ -87,6 +87,23 @@ func TestSwtpmSetup(t *testing.T) {
 				if der, err := os.ReadFile(certFile); err != nil || len(der) < 300 || der[0] != 0x30 {
 					t.Errorf("EK certificate at 0x1c00002: %d bytes, %v; want a DER certificate", len(der), err)
 				}
+				if strings.Contains(mustRun(t, tcti, "tpm2_getcap", "pcrs"), "sha1: [ 0") {
+					t.Errorf("the sha1 bank is active after setup; swtpm_setup.conf activates sha256 only")
+				}
+				p.Stop()
+
+				// What libvirt runs at each start when the domain sets active_pcr_banks.
+				reconf := []string{"--tpm2", "--tpm", prog + " socket", "--tpmstate", state,
+					"--pwdfile", pwd, "--cipher", "aes-256-cbc", "--pcr-banks", "sha1,sha256", "--reconfigure",
+					"--logfile", filepath.Join(work, "setup.log")}
+				if out, err := runTool(t, nil, "swtpm_setup", reconf...); err != nil {
+					log, _ := os.ReadFile(filepath.Join(work, "setup.log"))
+					t.Fatalf("swtpm_setup --reconfigure: %v\n%s\n%s", err, out, log)
+				}
+				p = start(t, be, procOpts{stateDir: state, extra: append([]string{"--key", "pwdfile=" + pwd + ",mode=aes-256-cbc"}, startupFlags...)})
+				if pcrs := mustRun(t, p.TCTI(), "tpm2_getcap", "pcrs"); !strings.Contains(pcrs, "sha1: [ 0") || !strings.Contains(pcrs, "sha256: [ 0") {
+					t.Errorf("after --reconfigure --pcr-banks sha1,sha256: tpm2_getcap pcrs =\n%s", pcrs)
+				}
 			})
 		}
 	})
