@@ -57,6 +57,7 @@ func Run(t *testing.T, b Backend) {
 		{"ConcurrentIncrements", testIncrements},
 		{"ConcurrentInserts", testPhantoms},
 		{"ConcurrentWithFailures", testMixed},
+		{"CommitVisibleToOtherHandle", testVisible},
 		{"SnapshotView", testSnapshot},
 		{"Full", testFull},
 		{"Persistence", testReopen},
@@ -523,6 +524,21 @@ func testPhantoms(t *testing.T, b Backend) {
 	wg.Wait()
 	if got := len(list(t, x, "seq", "")); got != ok {
 		t.Fatalf("bucket holds %d keys after %d successful inserts: a List missed a concurrent insert", got, ok)
+	}
+}
+
+// testVisible: once Update returns, a View on the other handle sees the write.
+func testVisible(t *testing.T, b Backend) {
+	x, y := pair(t, b)
+	for i := 0; i < 20; i++ {
+		w, r := x, y
+		if i%2 == 1 {
+			w, r = y, x
+		}
+		put(t, w, "vis", "k", strconv.Itoa(i))
+		if got := get(t, r, "vis", "k"); got != strconv.Itoa(i) {
+			t.Fatalf("write %d: the other handle reads %q", i, got)
+		}
 	}
 }
 
