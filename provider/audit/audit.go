@@ -126,6 +126,7 @@ type VerifyError struct {
 	Reason string
 }
 
+// Error says which record and why: "audit log: record 7: changed: ...".
 func (e *VerifyError) Error() string {
 	return fmt.Sprintf("audit log: record %d: %s", e.Seq, e.Reason)
 }
