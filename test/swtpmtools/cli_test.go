@@ -430,3 +430,43 @@ func TestReadOnlyStateDir(t *testing.T) {
 		}
 	})
 }
+
+// TestInheritedListener hands the backend a listening unix socket on fd 3
+// (--ctrl type=unixio,fd=3), as a supervisor that creates the socket with the right
+// owner does, and a listening data socket on fd 4 (--server type=unixio,fd=4).
+func TestInheritedListener(t *testing.T) {
+	e2e.Require(t, "swtpm_ioctl", "tpm2_getrandom")
+	forEachBackend(t, func(t *testing.T, be backend) {
+		dir := sockDir(t)
+		ctrl, data := filepath.Join(dir, "tpm.sock.ctrl"), filepath.Join(dir, "tpm.sock")
+		var files []*os.File
+		for _, path := range []string{ctrl, data} {
+			l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			f, err := l.File()
+			if err != nil {
+				t.Fatal(err)
+			}
+			l.SetUnlinkOnClose(false)
+			l.Close() // the dup in f stays open and listening
+			t.Cleanup(func() { f.Close() })
+			files = append(files, f)
+		}
+		argv := be.argv(t)
+		cmd := exec.Command(argv[0], append(argv[1:], "--tpm2", "--ctrl", "type=unixio,fd=3", "--server", "type=unixio,fd=4",
+			"--tpmstate", "dir="+t.TempDir(), "--flags", "not-need-init,startup-clear", "--log", "file=-")...)
+		cmd.ExtraFiles = files
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		mustRun(t, []string{"TPM2TOOLS_TCTI=swtpm:path=" + data}, "tpm2_getrandom", "--hex", "8")
+		if out := mustRun(t, nil, "swtpm_ioctl", "--unix", ctrl, "-c"); !strings.Contains(out, "ptm capability") {
+			t.Errorf("swtpm_ioctl -c over the inherited control socket = %q (stderr %s)", out, stderr.String())
+		}
+	})
+}
