@@ -271,7 +271,7 @@ func (p *Provider) Restore(ctx context.Context, r io.Reader, passphrase []byte, 
 	}
 	p.setCA(authority, id)
 	if replaced != "" {
-		p.log.Warn("restore replaced the provider's state; restart the other replicas sharing this store", "provider_id", id, "replaced_provider", replaced)
+		p.log.Warn("restore replaced the provider's state", "provider_id", id, "replaced_provider", replaced)
 	}
 	return p.Status(ctx)
 }

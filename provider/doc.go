@@ -8,8 +8,8 @@
 // Open a Provider over a store.Store (provider/store/mem, boltstore or etcdstore) and the
 // provider root key (provider/rootkey). Several Providers may share one etcd store
 // (replicas): every decision reads the store, so a revocation made on one replica refuses
-// the host on the others at once. Each replica caches only the CA, loaded on first use;
-// after a forced Restore, restart the other replicas.
+// the host on the others at once. Each replica caches only the CA, keyed by provider ID,
+// and reloads it when a forced Restore on another replica changed the provider.
 //
 // # State kept in the store
 //

@@ -153,10 +153,15 @@ func (p *Provider) enroll(ctx context.Context, req EnrollRequest) (EnrollRespons
 		return m, nil
 	}
 	// Check before signing anything, then again inside the transaction that uses the token.
-	if err := p.st.View(ctx, func(tx store.Tx) error { _, err := checks(tx, p.now()); return err }); err != nil {
+	var providerID string
+	if err := p.st.View(ctx, func(tx store.Tx) error {
+		m, err := checks(tx, p.now())
+		providerID = m.ID
+		return err
+	}); err != nil {
 		return EnrollResponse{}, tokenID, err
 	}
-	authority, err := p.loadCA(ctx)
+	authority, err := p.loadCA(ctx, providerID)
 	if err != nil {
 		return EnrollResponse{}, tokenID, err
 	}
@@ -167,8 +172,12 @@ func (p *Provider) enroll(ctx context.Context, req EnrollRequest) (EnrollRespons
 		return EnrollResponse{}, tokenID, fmt.Errorf("%w: %w", ErrBadRequest, err)
 	}
 	err = p.update(ctx, func(tx store.Tx, a *auditor) error {
-		if _, err := checks(tx, a.now); err != nil {
+		m, err := checks(tx, a.now)
+		if err != nil {
 			return err
+		}
+		if m.ID != providerID {
+			return fmt.Errorf("the store now holds provider %s (restored during the enrollment); enroll again", m.ID)
 		}
 		var t tokenRecord
 		if err := getJSON(tx, bucketTokens, tokenID, &t); err != nil {
@@ -243,7 +252,7 @@ func (p *Provider) IssueServerCert(ctx context.Context, csrDER []byte, names []s
 }
 
 func (p *Provider) issue(ctx context.Context, kind audit.Kind, subject string, fn func(*ca.CA, time.Time) (ca.Issued, error)) ([]byte, error) {
-	authority, err := p.loadCA(ctx)
+	authority, err := p.currentCA(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", kind, err)
 	}
@@ -315,7 +324,30 @@ func (p *Provider) Revoke(ctx context.Context, hostID string) error {
 // provider's CA for role nkp-host, still valid, the host's current certificate, and the
 // host not revoked. It returns the host.
 func (p *Provider) AuthorizeHost(ctx context.Context, cert *x509.Certificate) (Host, error) {
-	authority, err := p.loadCA(ctx)
+	if cert == nil {
+		return Host{}, fmt.Errorf("authorize host: no client certificate: %w", ErrHostUnknown)
+	}
+	// One read: the provider (to pick its CA) and the host the certificate names, which
+	// is trusted only once the certificate verifies.
+	var m metaRecord
+	var h hostRecord
+	var hostErr error
+	err := p.st.View(ctx, func(tx store.Tx) error {
+		var err error
+		if m, err = readMeta(tx); err != nil {
+			return err
+		}
+		if checkUUID("host ID", cert.Subject.CommonName) != nil {
+			hostErr = fmt.Errorf("certificate CN %.40q is not a host ID: %w", cert.Subject.CommonName, ErrHostUnknown)
+			return nil
+		}
+		h, hostErr = readHost(tx, cert.Subject.CommonName)
+		return nil
+	})
+	if err != nil {
+		return Host{}, fmt.Errorf("authorize host: %w", err)
+	}
+	authority, err := p.loadCA(ctx, m.ID)
 	if err != nil {
 		return Host{}, fmt.Errorf("authorize host: %w", err)
 	}
@@ -323,14 +355,8 @@ func (p *Provider) AuthorizeHost(ctx context.Context, cert *x509.Certificate) (H
 	if err != nil {
 		return Host{}, fmt.Errorf("authorize host: %w: %w", ErrHostUnknown, err)
 	}
-	var h hostRecord
-	err = p.st.View(ctx, func(tx store.Tx) error {
-		var err error
-		h, err = readHost(tx, hostID)
-		return err
-	})
-	if err != nil {
-		return Host{}, fmt.Errorf("authorize host: %w", err)
+	if hostErr != nil {
+		return Host{}, fmt.Errorf("authorize host: %w", hostErr)
 	}
 	if h.Revoked != nil {
 		return Host{}, fmt.Errorf("authorize host %s (%s): %w at %s; enroll it again with a new token if it should come back",

@@ -217,3 +217,28 @@ func TestRevokeOnOtherReplica(t *testing.T) {
 		t.Fatalf("Hosts = %+v, %v", hosts, err)
 	}
 }
+
+// TestForcedRestoreSeenByOtherReplica: a replica that cached the CA of the replaced
+// provider follows a forced restore made on another replica without a restart.
+func TestForcedRestoreSeenByOtherReplica(t *testing.T) {
+	ctx := context.Background()
+	src := initEnv(t, provider.Policy{})
+	h := src.enroll(t, "kvm", nil)
+	archive := src.backup(t, "p")
+
+	a := initEnv(t, provider.Policy{})
+	b := open(t, a.st, a.rk, a.clock)
+	old := b.p.CAHash() // b caches the replaced provider's CA
+	if _, err := a.p.Restore(ctx, bytes.NewReader(archive), []byte("p"), true); err != nil {
+		t.Fatal(err)
+	}
+	if got := b.p.CAHash(); got == old || got != src.p.CAHash() {
+		t.Fatalf("replica b CA hash %s after the restore, want %s", got, src.p.CAHash())
+	}
+	if _, err := b.p.AuthorizeHost(ctx, h.cert); err != nil {
+		t.Fatalf("replica b refuses a host of the restored provider: %v", err)
+	}
+	if _, err := b.p.Release(ctx, h.id); err != nil {
+		t.Fatalf("replica b release after the restore: %v", err)
+	}
+}

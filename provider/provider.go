@@ -369,7 +369,7 @@ func (p *Provider) SetPolicy(ctx context.Context, pol Policy) error {
 
 // CA returns the provider's CA certificate, or nil if the provider is not initialized.
 func (p *Provider) CA() *x509.Certificate {
-	c, err := p.loadCA(context.Background())
+	c, err := p.currentCA(context.Background())
 	if err != nil {
 		return nil
 	}
@@ -379,7 +379,7 @@ func (p *Provider) CA() *x509.Certificate {
 // CAHash is the pin hosts check at join: "sha256:<hex of the CA's SubjectPublicKeyInfo>"
 // ("" if the provider is not initialized).
 func (p *Provider) CAHash() string {
-	c, err := p.loadCA(context.Background())
+	c, err := p.currentCA(context.Background())
 	if err != nil {
 		return ""
 	}
@@ -392,11 +392,27 @@ func (p *Provider) setCA(c *ca.CA, providerID string) {
 	p.ca, p.caID = c, providerID
 }
 
-// loadCA returns the cached CA, loading it from the store on first use.
-func (p *Provider) loadCA(ctx context.Context) (*ca.CA, error) {
+// currentCA returns the CA of the provider the store holds now.
+func (p *Provider) currentCA(ctx context.Context) (*ca.CA, error) {
+	var id string
+	err := p.st.View(ctx, func(tx store.Tx) error {
+		m, err := readMeta(tx)
+		id = m.ID
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("loading the provider CA: %w", err)
+	}
+	return p.loadCA(ctx, id)
+}
+
+// loadCA returns the CA of provider providerID ("" = whichever the store holds), from
+// the cache when it belongs to that provider, else from the store: a forced restore by
+// another replica changes the provider ID, and this replica follows.
+func (p *Provider) loadCA(ctx context.Context, providerID string) (*ca.CA, error) {
 	p.caMu.Lock()
 	defer p.caMu.Unlock()
-	if p.ca != nil {
+	if p.ca != nil && (providerID == "" || providerID == p.caID) {
 		return p.ca, nil
 	}
 	var c *ca.CA
