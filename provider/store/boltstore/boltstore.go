@@ -73,10 +73,25 @@ type Store struct {
 
 // call is one Update waiting for the writer.
 type call struct {
-	ctx  context.Context
-	fn   func(store.Tx) error
-	err  error
-	done chan struct{}
+	ctx      context.Context
+	fn       func(store.Tx) error
+	err      error
+	panicked any // what fn panicked with; Update panics with it in the caller
+	done     chan struct{}
+}
+
+// errPanicked stands for a call whose fn panicked; nothing of it is written.
+var errPanicked = errors.New("transaction function panicked")
+
+// run calls c.fn, turning a panic into errPanicked (kept in c.panicked).
+func (c *call) run(t *tx) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			c.panicked = p
+			err = errPanicked
+		}
+	}()
+	return c.fn(t)
 }
 
 var _ store.Store = (*Store)(nil)
@@ -189,8 +204,15 @@ func (s *Store) Update(ctx context.Context, fn func(store.Tx) error) error {
 		return fmt.Errorf("store %s: update: %w (opened read-only)", s.path, store.ErrReadOnly)
 	}
 	c := &call{ctx: ctx, fn: fn, done: make(chan struct{})}
-	s.calls <- c
-	<-c.done
+	select {
+	case s.calls <- c:
+	case <-ctx.Done():
+		return fmt.Errorf("store %s: update: %w", s.path, ctx.Err())
+	}
+	<-c.done // fn may be running: wait for it even if ctx ends
+	if c.panicked != nil {
+		panic(c.panicked) // in the caller's goroutine, where it belongs
+	}
 	return c.err
 }
 
@@ -238,7 +260,7 @@ func (s *Store) runBatch(batch []*call) {
 			continue
 		}
 		t := &tx{btx: btx, path: s.path, write: true, buf: txbuf.New()}
-		err := c.fn(t)
+		err := c.run(t)
 		t.done = true
 		if err != nil {
 			c.err = err // its buffer is dropped: nothing of it reaches the file

@@ -3,6 +3,7 @@ package boltstore_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -182,5 +183,70 @@ func TestFullBatchRunsAlone(t *testing.T) {
 	})
 	if err != nil || n != small {
 		t.Fatalf("%d keys (%v), want the %d small ones", n, err, small)
+	}
+}
+
+// A panic in one Update's function reaches its caller, writes nothing, and leaves the
+// store working for the others.
+func TestPanicInUpdate(t *testing.T) {
+	s := open(t, filepath.Join(t.TempDir(), "provider.db"), boltstore.Options{})
+	defer s.Close()
+	got := func() (p any) {
+		defer func() { p = recover() }()
+		_ = s.Update(context.Background(), func(tx store.Tx) error {
+			_ = tx.Put("b", "half", []byte("x"))
+			panic("boom")
+		})
+		return nil
+	}()
+	if got != "boom" {
+		t.Fatalf("recovered %v, want the function's panic", got)
+	}
+	if err := put(s, "after", "ok"); err != nil {
+		t.Fatalf("Update after a panic: %v", err)
+	}
+	err := s.View(context.Background(), func(tx store.Tx) error {
+		if _, err := tx.Get("b", "half"); !errors.Is(err, store.ErrNotFound) {
+			return fmt.Errorf("the panicking function's write: %v", err)
+		}
+		_, err := tx.Get("b", "after")
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// An Update whose context ends while it waits behind a busy writer returns at once with
+// the context's error and never runs.
+func TestCancelWhileQueued(t *testing.T) {
+	s := open(t, filepath.Join(t.TempDir(), "provider.db"), boltstore.Options{})
+	defer s.Close()
+	release := make(chan struct{})
+	started := make(chan struct{})
+	go func() {
+		_ = s.Update(context.Background(), func(tx store.Tx) error {
+			close(started)
+			<-release // holds the writer
+			return nil
+		})
+	}()
+	<-started
+	ctx, cancel := context.WithCancel(context.Background())
+	ran := make(chan struct{}, 1)
+	errc := make(chan error, 1)
+	go func() {
+		errc <- s.Update(ctx, func(tx store.Tx) error { ran <- struct{}{}; return nil })
+	}()
+	cancel()
+	err := <-errc
+	close(release)
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("queued Update after cancel: %v, want context.Canceled", err)
+	}
+	select {
+	case <-ran:
+		t.Fatal("the cancelled Update ran")
+	default:
 	}
 }
