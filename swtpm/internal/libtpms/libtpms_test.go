@@ -537,3 +537,39 @@ func TestVolatileThroughNVRAM(t *testing.T) {
 		t.Errorf("PCR16 after MainInit from volatilestate = %x, %v; want %x without Startup", got, err, want)
 	}
 }
+
+func TestCancel(t *testing.T) {
+	tpm := startTPM(t, newMemNVRAM())
+	if err := tpm.Cancel(); err != nil {
+		t.Fatalf("Cancel on an open TPM: %v", err)
+	}
+	// A cancel request is dropped when the next command starts, as in swtpm.
+	if _, err := (tpm2.GetRandom{BytesRequested: 8}).Execute(tpmTransport{tpm}); err != nil {
+		t.Errorf("GetRandom after Cancel: %v", err)
+	}
+	tpm.Close()
+	if err := tpm.Cancel(); !errors.Is(err, ErrClosed) {
+		t.Errorf("Cancel after Close: %v, want ErrClosed", err)
+	}
+}
+
+func TestStateTypeNames(t *testing.T) {
+	tests := []struct {
+		typ  StateType
+		name string
+	}{
+		{Permanent, "permall"},
+		{Volatile, "volatilestate"},
+		{SaveState, "savestate"},
+		{0, ""},
+		{4, ""},
+	}
+	for _, tc := range tests {
+		if got := tc.typ.Name(); got != tc.name {
+			t.Errorf("StateType(%d).Name() = %q, want %q", tc.typ, got, tc.name)
+		}
+	}
+	if s := StateType(9).String(); s != "StateType(9)" {
+		t.Errorf("String of an unknown type = %q", s)
+	}
+}
