@@ -75,7 +75,11 @@ func (s *Server) serveCtrlConn(c net.Conn) {
 			resp = r.Marshal()
 		}
 		closeFDs(fds) // fds not taken by SET_DATAFD
-		if err := s.writeAll(c, resp); err != nil {
+		werr := s.writeAll(c, resp)
+		// State blobs cross this channel, in the clear without a migration key.
+		clear(msg.raw)
+		clear(resp)
+		if err := werr; err != nil {
 			s.log.Warn("control response not sent; closing the connection", "err", err)
 			if after != nil {
 				after()
@@ -95,6 +99,7 @@ func (s *Server) serveCtrlConn(c net.Conn) {
 type ctrlMsg struct {
 	req  ctrl.Request
 	perr *ctrl.ParseError
+	raw  []byte // the bytes read, wiped once the request was answered
 }
 
 // readCtrlMsg reads one control message. Waiting for its first bytes is unbounded (an
@@ -119,10 +124,10 @@ func (s *Server) readCtrlMsg(c net.Conn, buf []byte) (ctrlMsg, []int, error) {
 			if !errors.As(err, &pe) {
 				pe = &ctrl.ParseError{Result: ctrl.ResBadParameter, Reason: err.Error(), Close: true}
 			}
-			return ctrlMsg{perr: pe}, fds, nil
+			return ctrlMsg{perr: pe, raw: b}, fds, nil
 		}
 		if req != nil {
-			return ctrlMsg{req: req}, fds, nil
+			return ctrlMsg{req: req, raw: b}, fds, nil
 		}
 		if need > cap(b) {
 			nb := make([]byte, len(b), need)
@@ -135,6 +140,7 @@ func (s *Server) readCtrlMsg(c net.Conn, buf []byte) (ctrlMsg, []int, error) {
 		if k == 0 && rerr != nil {
 			// swtpm closes the connection without a reply when a request stops short
 			// (its poll times out): do the same, the client cannot be in sync anyway.
+			clear(b)
 			return ctrlMsg{}, fds, fmt.Errorf("%w (%v)", ctrl.Incomplete(b), rerr)
 		}
 	}

@@ -42,7 +42,11 @@ func (s *Server) serveDataConn(c net.Conn, what string) {
 			break
 		}
 		resp := s.execData(cmd)
-		if err := s.writeAll(c, cmd.Reply(resp)); err != nil {
+		reply := cmd.Reply(resp)
+		werr := s.writeAll(c, reply)
+		clear(reply) // responses carry unsealed data and NV contents
+		clear(resp)
+		if err := werr; err != nil {
 			s.log.Warn("data channel: response not sent, closing the connection", "conn", what, "err", err)
 			break
 		}

@@ -165,6 +165,7 @@ type Reader struct {
 	buf     []byte
 	start   int // first unconsumed byte
 	end     int // end of valid data
+	last    int // start of the command returned last, wiped by the next call
 }
 
 // deadliner is implemented by net.Conn and *os.File.
@@ -183,6 +184,8 @@ func NewReader(r io.Reader, max int, timeout time.Duration) *Reader {
 // commands, an error wrapping ErrTruncated when it ends or stalls inside one, and a
 // *SizeError for a refused size.
 func (r *Reader) Next() (Command, error) {
+	clear(r.buf[r.last:r.start]) // the previous command (auth values, NV data) is done with
+	r.last = r.start
 	var deadlineSet bool
 	defer func() {
 		if deadlineSet {
@@ -195,13 +198,15 @@ func (r *Reader) Next() (Command, error) {
 			return Command{}, err
 		}
 		if n > 0 {
+			r.last = r.start
 			r.start += n
 			return cmd, nil
 		}
 		if r.start > 0 && r.start+need > len(r.buf) {
 			copy(r.buf, r.buf[r.start:r.end])
+			clear(r.buf[r.end-r.start : r.end])
 			r.end -= r.start
-			r.start = 0
+			r.start, r.last = 0, 0
 		}
 		if r.end > r.start && !deadlineSet && r.timeout > 0 {
 			if d, ok := r.r.(deadliner); ok {

@@ -168,3 +168,20 @@ func TestReaderStallBounded(t *testing.T) {
 		t.Fatal("Next still blocked 5 s after a stall; the bound is 100 ms")
 	}
 }
+
+// A command's bytes (auth values, NV data) are wiped from the buffer once the next one
+// is asked for.
+func TestReaderWipesPreviousCommand(t *testing.T) {
+	r := NewReader(bytes.NewReader(h(getRandom+readClock+getRandom)), 4096, time.Second)
+	first, err := r.Next()
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept := first.Bytes // aliases the reader's buffer
+	if _, err := r.Next(); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(kept, make([]byte, len(kept))) {
+		t.Fatalf("previous command still in the buffer: %x", kept)
+	}
+}
