@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"io"
 	"net"
 	"os"
@@ -452,4 +453,46 @@ func cpuTime() time.Duration {
 	var ru unix.Rusage
 	unix.Getrusage(unix.RUSAGE_SELF, &ru)
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// --migration release-lock-outgoing: reading the savestate blob (QEMU's last
+// GET_STATEBLOB) releases the directory lock for the destination; LOCK_STORAGE (QEMU's
+// fallback when the migration failed) takes it back.
+func TestRealEngineReleaseLockOutgoing(t *testing.T) {
+	dir := shortDir(t)
+	eng, d := realTPM(t, dir, nil)
+	h := startServerWith(t, eng, d, func(c *Config) {
+		c.ReleaseLockOutgoing, c.NotNeedInit, c.Startup = true, true, StartupClear
+	})
+	c := h.dialCtrl()
+	locked := func() bool {
+		other, err := state.Open(dir, state.Options{})
+		if err == nil {
+			other.Close()
+			return false
+		}
+		if !errors.Is(err, state.ErrLocked) {
+			t.Fatalf("state.Open: %v", err)
+		}
+		return true
+	}
+	if !locked() {
+		t.Fatal("the state directory is not locked while served")
+	}
+	if r := c.do(ctrl.GetStateBlob{Flags: ctrl.StateFlagDecrypted, Type: ctrl.BlobPermanent}).(ctrl.StateBlobResponse); r.Result != 0 || !locked() {
+		t.Fatalf("GET_STATEBLOB permanent: %v; the lock must stay until the savestate blob", r.Result)
+	}
+	if r := c.do(ctrl.GetStateBlob{Flags: ctrl.StateFlagDecrypted, Type: ctrl.BlobSaveState}).(ctrl.StateBlobResponse); r.Result != ctrl.ResRetry {
+		t.Fatalf("GET_STATEBLOB savestate = %v", r.Result)
+	}
+	if locked() {
+		t.Fatal("the lock is still held after the savestate blob was read")
+	}
+	if r := c.result(ctrl.LockStorage{Retries: 10}); r != ctrl.ResSuccess {
+		t.Fatalf("LOCK_STORAGE = %v", r)
+	}
+	if !locked() {
+		t.Fatal("LOCK_STORAGE did not take the lock back")
+	}
+	closeReal(t, h, eng, d)
 }
