@@ -234,7 +234,12 @@ func launchVTPM(t *testing.T, be backend, dir, name, stateDir string, key []byte
 		v.err = v.cmd.Wait()
 		close(v.done)
 	}()
-	t.Cleanup(func() { v.kill(t) })
+	t.Cleanup(func() {
+		v.kill(t)
+		if t.Failed() {
+			t.Log(v.logTail()) // before workDir's cleanup removes it
+		}
+	})
 	err = e2e.Poll(backendTimeout, func() bool {
 		if v.exited() {
 			return true
@@ -289,8 +294,8 @@ func (v *vtpm) logTail() string {
 	if err != nil {
 		return ""
 	}
-	if len(b) > 4000 {
-		b = b[len(b)-4000:]
+	if len(b) > 6000 {
+		b = b[len(b)-6000:]
 	}
 	return fmt.Sprintf("--- %s log %s ---\n%s", v.be.name, v.log, b)
 }

@@ -158,54 +158,66 @@ func TestLibvirtExternalBackend(t *testing.T) {
 // TestLibvirtSaveRestore runs a guest that extends a PCR and writes NV, saves it with
 // `virsh save`, and restores it with `virsh restore` against a fresh backend process on
 // an empty state directory with another key: the vTPM state travels in the save image
-// (GET/SET_STATEBLOB), and the running guest still sees its PCRs and NV value.
+// (GET/SET_STATEBLOB, swtpm's envelope), and the running guest still sees its PCRs and NV
+// value. Every pair of backends is tried: an image saved with swtpm restores on
+// nkp-swtpm and the other way round.
 func TestLibvirtSaveRestore(t *testing.T) {
 	a := requireVM(t)
 	requireLibvirt(t)
-	for _, be := range backends(t) {
-		t.Run(be.name, func(t *testing.T) {
-			dir := workDir(t)
-			value := "save-" + randHex(t, 6)
-			cfg := guest.Config{
-				Actions: []string{guest.ActionNVWrite, guest.ActionExtend, guest.ActionLoop},
-				NV:      value, Extend: "before-save", Loop: 600,
+	bs := backends(t)
+	for _, src := range bs {
+		for _, dst := range bs {
+			name := src.name
+			if dst != src {
+				name += "-to-" + dst.name
 			}
-			v1 := startVTPM(t, be, dir, "tpm", filepath.Join(dir, "state1"), newKey(t), true)
-			vm := createDomain(t, a, dir, v1, cfg)
-			recs := vm.console.waitFor(t, "the first loop line", vm.gone, has("loop", ""))
-			checkTPMInfo(t, recs)
-			pcr0, _ := guest.Last(recs, "pcr0")
-			pcr16, _ := guest.Last(recs, "pcr16")
-
-			image := filepath.Join(dir, "vm.save")
-			if _, err := virsh("save", vm.name, image); err != nil {
-				t.Fatalf("%v\n%s", err, v1.logTail())
-			}
-			lastLoop := lastLoopIndex(vm.console.records())
-			v1.waitExit(t)
-
-			v2 := startVTPM(t, be, dir, "tpm", filepath.Join(dir, "state2"), newKey(t), true)
-			if _, err := virsh("restore", image); err != nil {
-				t.Fatalf("%v\n%s", err, v2.logTail())
-			}
-			after := vm.console.waitFor(t, fmt.Sprintf("a loop line after #%d", lastLoop), vm.gone, func(r []guest.Record) bool {
-				return lastLoopIndex(r) > lastLoop
-			})
-			if v, _ := guest.Last(after, "pcr16"); v != pcr16 {
-				t.Errorf("after restore PCR16 = %s, want %s (extended before the save)", v, pcr16)
-			}
-			if v, _ := guest.Last(after, "pcr0"); v != pcr0 {
-				t.Errorf("after restore PCR0 = %s, want %s", v, pcr0)
-			}
-			if v, _ := guest.Last(after, "nv"); v != value {
-				t.Errorf("after restore the guest reads NV %q, want %q", v, value)
-			}
-			if _, err := virsh("destroy", vm.name); err != nil {
-				t.Fatal(err)
-			}
-			v2.waitExit(t)
-		})
+			t.Run(name, func(t *testing.T) { saveRestore(t, a, src, dst) })
+		}
 	}
+}
+
+func saveRestore(t *testing.T, a guest.Artifacts, src, dst backend) {
+	t.Helper()
+	dir := workDir(t)
+	value := "save-" + randHex(t, 6)
+	cfg := guest.Config{
+		Actions: []string{guest.ActionNVWrite, guest.ActionExtend, guest.ActionLoop},
+		NV:      value, Extend: "before-save", Loop: 600,
+	}
+	v1 := startVTPM(t, src, dir, "tpm", filepath.Join(dir, "state1"), newKey(t), true)
+	vm := createDomain(t, a, dir, v1, cfg)
+	recs := vm.console.waitFor(t, "the first loop line", vm.gone, has("loop", ""))
+	checkTPMInfo(t, recs)
+	pcr0, _ := guest.Last(recs, "pcr0")
+	pcr16, _ := guest.Last(recs, "pcr16")
+
+	image := filepath.Join(dir, "vm.save")
+	if _, err := virsh("save", vm.name, image); err != nil {
+		t.Fatalf("%v\n%s", err, v1.logTail())
+	}
+	lastLoop := lastLoopIndex(vm.console.records())
+	v1.waitExit(t)
+
+	v2 := startVTPM(t, dst, dir, "tpm", filepath.Join(dir, "state2"), newKey(t), true)
+	if _, err := virsh("restore", image); err != nil {
+		t.Fatalf("%v\n%s", err, v2.logTail())
+	}
+	after := vm.console.waitFor(t, fmt.Sprintf("a loop line after #%d", lastLoop), vm.gone, func(r []guest.Record) bool {
+		return lastLoopIndex(r) > lastLoop
+	})
+	if v, _ := guest.Last(after, "pcr16"); v != pcr16 {
+		t.Errorf("after restore PCR16 = %s, want %s (extended before the save)", v, pcr16)
+	}
+	if v, _ := guest.Last(after, "pcr0"); v != pcr0 {
+		t.Errorf("after restore PCR0 = %s, want %s", v, pcr0)
+	}
+	if v, _ := guest.Last(after, "nv"); v != value {
+		t.Errorf("after restore the guest reads NV %q, want %q", v, value)
+	}
+	if _, err := virsh("destroy", vm.name); err != nil {
+		t.Fatal(err)
+	}
+	v2.waitExit(t)
 }
 
 // lastLoopIndex is the highest loop counter on the console, 0 if none.
