@@ -74,6 +74,8 @@ type tpmProc struct {
 	// TCPPort is the data port of a backend started with procOpts.tcp (the control
 	// port is TCPPort+1, as tpm2-tss' swtpm TCTI expects); 0 for unix sockets.
 	TCPPort int
+	// Cwd is the process's working directory, empty at start.
+	Cwd     string
 	stderr  bytes.Buffer
 	done    chan struct{}
 	waitErr error
@@ -133,6 +135,8 @@ func startNoWait(t *testing.T, be backend, o procOpts) *tpmProc {
 	}
 	args = append(args, o.extra...)
 	p.cmd = exec.Command(argv[0], args...)
+	p.Cwd = t.TempDir() // nothing may be written here (libtpms' NVChip, for one)
+	p.cmd.Dir = p.Cwd
 	p.cmd.Stderr = &p.stderr
 	p.cmd.ExtraFiles = o.files
 	if err := p.cmd.Start(); err != nil {

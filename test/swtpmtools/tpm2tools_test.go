@@ -66,6 +66,7 @@ func testTPM2Tools(t *testing.T, be backend, tcp bool) {
 	}
 
 	p.Stop()
+	first := p
 	p = start(t, be, procOpts{stateDir: state, dir: dir, extra: startupFlags, tcp: tcp})
 	tcti = p.TCTI()
 	if got := nvRead(t, tcti, len(value)); !bytes.Equal(got, value) {
@@ -75,6 +76,12 @@ func testTPM2Tools(t *testing.T, be backend, tcp bool) {
 	out = mustRun(t, tcti, "tpm2_pcrread", "sha256:16")
 	if !strings.Contains(out, "0x0000000000000000000000000000000000000000000000000000000000000000") {
 		t.Errorf("PCR 16 after restart with Startup(CLEAR) = %q, want zeros", out)
+	}
+	p.Stop()
+	for _, q := range []*tpmProc{first, p} {
+		if ents, _ := os.ReadDir(q.Cwd); len(ents) != 0 {
+			t.Errorf("%s wrote %d files into its working directory (%s...)", be.name, len(ents), ents[0].Name())
+		}
 	}
 }
 
