@@ -216,3 +216,29 @@ func TestKeyNotInArgv(t *testing.T) {
 		})
 	}
 }
+
+// TestBenchNkpSwtpm runs the benchmark, small, against nkp-swtpm built from
+// this module: it accepts swtpm's command line with the key on an fd, keeps
+// encrypted state and answers every measured command.
+func TestBenchNkpSwtpm(t *testing.T) {
+	e2e.Require(t, "swtpm", "go")
+	nkp := e2e.BuildBinary(t, "./cmd/nkp-swtpm")
+	var table strings.Builder
+	args := []string{"-a", "swtpm", "-b", nkp,
+		"-n", "30", "-n-create", "3", "-warmup", "2", "-starts", "3", "-idle", "3"}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if err := run(ctx, args, &table); err != nil {
+		t.Fatalf("run against %s: %v", nkp, err)
+	}
+	got := table.String()
+	if !strings.Contains(got, "nkp-swtpm") || strings.Contains(got, "n/a") || strings.Contains(got, "| 0 KiB") {
+		t.Errorf("table against nkp-swtpm lacks a measure:\n%s", got)
+	}
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	e2e.Cleanup()
+	os.Exit(code)
+}
