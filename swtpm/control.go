@@ -332,6 +332,7 @@ func (s *Server) execCtrl(req ctrl.Request, fds []int) (resp ctrl.Response, afte
 				s.log.Error("LOCK_STORAGE failed", "err", err)
 				return res(ctrl.ResFail), nil
 			}
+			s.lockReleased = false
 		}
 		return res(ctrl.ResSuccess), nil
 	}
@@ -364,6 +365,7 @@ func (s *Server) getStateBlobLocked(r ctrl.GetStateBlob) ctrl.Response {
 			if lerr := l.ReleaseLock(); lerr != nil {
 				s.log.Error("GET_STATEBLOB: releasing the state lock for the destination failed", "err", lerr)
 			} else {
+				s.lockReleased = true
 				s.log.Info("state lock released for the migration destination (--migration release-lock-outgoing)")
 			}
 		}

@@ -1,6 +1,7 @@
 package swtpm
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -347,4 +348,24 @@ func (m *memStore) setFail(err error) {
 	m.mu.Lock()
 	m.failErr = err
 	m.mu.Unlock()
+}
+
+// lockingStore is a memStore with a lock that can be released and taken again.
+type lockingStore struct {
+	*memStore
+	released bool
+}
+
+func (l *lockingStore) LockStorage(ctx context.Context, retries int) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.released = false
+	return nil
+}
+
+func (l *lockingStore) ReleaseLock() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.released = true
+	return nil
 }

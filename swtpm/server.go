@@ -47,6 +47,7 @@ type Server struct {
 	dataFD       net.Conn    // the data connection that came by SET_DATAFD, if any
 	dataConnOpen bool        // Config.DataConn is still being served
 	ctrlGone     atomic.Bool // Config.CtrlConn (a one-shot control connection) closed
+	lockReleased bool        // the store's lock went to a migration destination
 
 	// connMu guards the set of open connections, closed when Serve stops.
 	connMu sync.Mutex

@@ -685,3 +685,34 @@ func TestOneShotConnectionsEndServe(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// After the lock went to the migration destination, STOP sends no TPM2_Shutdown (it
+// would save this TPM's state over the destination's); after LOCK_STORAGE it does again.
+func TestNoAutoShutdownAfterLockReleased(t *testing.T) {
+	ms := newMemStore()
+	store := &lockingStore{memStore: ms}
+	eng := newFakeEngine(ms)
+	h := startServerWith(t, eng, store, func(c *Config) { c.ReleaseLockOutgoing = true })
+	c := h.dialCtrl()
+	c.result(ctrl.Init{})
+	_, dc := c.setDataFD()
+	tpmCall(t, dc, cmdStartupClear)
+	c.do(ctrl.GetStateBlob{Flags: ctrl.StateFlagDecrypted, Type: ctrl.BlobSaveState})
+	store.mu.Lock()
+	released := store.released
+	store.mu.Unlock()
+	if !released {
+		t.Fatal("savestate GET did not release the lock")
+	}
+	c.result(ctrl.Stop{})
+	if n := count(eng.Calls(), "Shutdown 1"); n != 0 {
+		t.Fatalf("automatic Shutdown sent %d times with the lock released", n)
+	}
+	c.result(ctrl.LockStorage{Retries: 3})
+	c.result(ctrl.Init{})
+	tpmCall(t, dc, cmdStartupClear)
+	c.result(ctrl.Stop{})
+	if n := count(eng.Calls(), "Shutdown 1"); n != 1 {
+		t.Fatalf("automatic Shutdown sent %d times after LOCK_STORAGE, want 1", n)
+	}
+}

@@ -112,6 +112,12 @@ func (s *Server) autoShutdownLocked(why string) {
 	if s.cfg.DisableAutoShutdown || s.lastCmd == data.CCShutdown {
 		return
 	}
+	if s.lockReleased {
+		// The state now belongs to the migration destination: saving ours over it
+		// would be refused by the store, and must not happen anyway.
+		s.log.Info("no automatic TPM2_Shutdown: the state lock went to the migration destination", "before", why)
+		return
+	}
 	for _, su := range []uint16{suState, suClear} {
 		resp := s.processLocked(suCommand(data.CCShutdown, su))
 		rc := data.ResponseCode(resp)
