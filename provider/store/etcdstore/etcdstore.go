@@ -406,6 +406,39 @@ func (t *tx) List(bucket, prefix string, fn func(key string, value []byte) error
 	return nil
 }
 
+// appliedAnyway resolves etcd's NOSPACE answer, which it gives both to a write it refused
+// before applying and to the write that crossed the quota, applied (etcd's quota applier
+// applies, then reports). The write was applied when every key it put now holds its
+// value at one revision (a transaction is one revision) newer than the snapshot; no
+// other writer can have overwritten them since, as the NOSPACE alarm stops writes.
+func (t *tx) appliedAnyway(puts map[string]string) bool {
+	if len(puts) == 0 {
+		return false
+	}
+	ops := make([]clientv3.Op, 0, len(puts))
+	for k := range puts {
+		ops = append(ops, clientv3.OpGet(k))
+	}
+	ctx, cancel := context.WithTimeout(t.ctx, t.s.cfg.RequestTimeout)
+	defer cancel()
+	resp, err := t.s.cli.Txn(ctx).Then(ops...).Commit()
+	if err != nil {
+		return false
+	}
+	var rev int64
+	for _, r := range resp.Responses {
+		kvs := r.GetResponseRange().GetKvs()
+		if len(kvs) != 1 || puts[string(kvs[0].Key)] != string(kvs[0].Value) || kvs[0].ModRevision <= t.rev {
+			return false
+		}
+		if rev != 0 && kvs[0].ModRevision != rev {
+			return false
+		}
+		rev = kvs[0].ModRevision
+	}
+	return true
+}
+
 // commit applies the buffered writes if nothing read changed; false means a conflict.
 func (t *tx) commit() (bool, error) {
 	if t.buf.Empty() {
@@ -419,6 +452,7 @@ func (t *tx) commit() (bool, error) {
 		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(p), "<", t.rev+1).WithPrefix())
 	}
 	var ops []clientv3.Op
+	puts := map[string]string{}
 	for _, b := range t.buf.Buckets() {
 		deletes := false
 		_ = t.buf.Each(b, func(key string, value []byte, deleted bool) error {
@@ -427,6 +461,7 @@ func (t *tx) commit() (bool, error) {
 				ops = append(ops, clientv3.OpDelete(t.key(b, key)))
 			} else {
 				ops = append(ops, clientv3.OpPut(t.key(b, key), string(value)))
+				puts[t.key(b, key)] = string(value)
 			}
 			return nil
 		})
@@ -437,6 +472,10 @@ func (t *tx) commit() (bool, error) {
 	ctx, cancel := context.WithTimeout(t.ctx, t.s.cfg.RequestTimeout)
 	defer cancel()
 	resp, err := t.s.cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
+	if errors.Is(err, rpctypes.ErrNoSpace) && t.appliedAnyway(puts) {
+		t.s.cfg.Log.Warn("etcd store: the write committed but etcd is now over its space quota; further writes will fail until space is reclaimed", "where", t.s.where)
+		return true, nil
+	}
 	if err != nil {
 		if t.ctx.Err() != nil {
 			return false, fmt.Errorf("%s: commit: %w", t.s.where, t.ctx.Err())

@@ -90,7 +90,7 @@ func TestContract(t *testing.T) {
 // after MaxAttempts runs and writes nothing.
 func TestConflictGivesUp(t *testing.T) {
 	requireEtcd(t)
-	prefix := fmt.Sprintf("/test/%s/", t.Name())
+	prefix := fmt.Sprintf("/test/%s/%d/", t.Name(), prefixes.Add(1))
 	ctx := context.Background()
 	s, err := etcdstore.Open(ctx, etcdstore.Config{Endpoints: shared.Endpoints(), Prefix: prefix, MaxAttempts: 3})
 	if err != nil {
@@ -128,7 +128,7 @@ func TestConflictGivesUp(t *testing.T) {
 // A delete of a listed key by another replica is a conflict, like an insert.
 func TestListConflictsWithDelete(t *testing.T) {
 	requireEtcd(t)
-	prefix := fmt.Sprintf("/test/%s/", t.Name())
+	prefix := fmt.Sprintf("/test/%s/%d/", t.Name(), prefixes.Add(1))
 	ctx := context.Background()
 	a, b := openPrefix(t, prefix, shared.Endpoints()), openPrefix(t, prefix, shared.Endpoints())
 	defer a.Close()
@@ -252,7 +252,7 @@ func TestTooManyOps(t *testing.T) {
 // snapshot instead of failing or mixing two states.
 func TestCompactedSnapshotRestarts(t *testing.T) {
 	requireEtcd(t)
-	prefix := fmt.Sprintf("/test/%s/", t.Name())
+	prefix := fmt.Sprintf("/test/%s/%d/", t.Name(), prefixes.Add(1))
 	ctx := context.Background()
 	s := openPrefix(t, prefix, shared.Endpoints())
 	defer s.Close()

@@ -20,7 +20,7 @@ import (
 // the head is read and written in the same serialisable transaction.
 func TestAuditOnTwoReplicas(t *testing.T) {
 	requireEtcd(t)
-	prefix := fmt.Sprintf("/test/%s/", t.Name())
+	prefix := fmt.Sprintf("/test/%s/%d/", t.Name(), prefixes.Add(1))
 	ctx := context.Background()
 	replicas := []store.Store{openPrefix(t, prefix, shared.Endpoints()), openPrefix(t, prefix, shared.Endpoints())}
 	defer replicas[0].Close()
