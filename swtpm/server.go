@@ -33,8 +33,9 @@ import (
 
 // Server is one vTPM served over swtpm's control and data channels.
 type Server struct {
-	cfg Config
-	log *slog.Logger
+	cfg        Config
+	log        *slog.Logger
+	maxCommand int // largest command the data channel frames (libtpms' max buffer); set by New
 
 	// tpmMu serialises the TPM and guards the fields below it; control and data
 	// goroutines take it around each command, never while reading or writing a socket.
@@ -43,7 +44,6 @@ type Server struct {
 	locality     uint8       // sticky across INIT, as in swtpm
 	lastCmd      uint32      // TPM_CC of the last command the TPM executed since start
 	heldPerm     []byte      // permanent blob from SET_STATEBLOB, stored at the next INIT
-	maxCommand   int         // largest command the data channel frames (libtpms' max buffer)
 	dataFD       net.Conn    // the data connection that came by SET_DATAFD, if any
 	dataConnOpen bool        // Config.DataConn is still being served
 	ctrlGone     atomic.Bool // Config.CtrlConn (a one-shot control connection) closed
@@ -227,14 +227,7 @@ func (s *Server) writeAll(c net.Conn, b []byte) error {
 	return err
 }
 
-// dataMax is the largest command the data channel accepts.
-func (s *Server) dataMax() int {
-	s.tpmMu.Lock()
-	defer s.tpmMu.Unlock()
-	return s.maxCommand
-}
-
 // newDataReader frames commands from c.
 func (s *Server) newDataReader(c net.Conn) *data.Reader {
-	return data.NewReader(c, s.dataMax(), s.cfg.MessageTimeout)
+	return data.NewReader(c, s.maxCommand, s.cfg.MessageTimeout)
 }
