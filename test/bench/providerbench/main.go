@@ -377,10 +377,10 @@ func markdown(cfg config, rs []result) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "## Provider\n\n")
 	fmt.Fprintf(&b, "Measured by `go run ./test/bench/providerbench -hosts %d -rate %d -duration %v` on %s (%d CPUs, shared with other jobs; load average at the end of each run in the table). "+
-		"The real `nkp-provider serve` binary; %d simulated hosts (in the benchmark process) each enroll with their own P-256 key, CSR and single-use token, all at once; "+
+		"The real `nkp-provider serve` binary; %d simulated hosts (in the benchmark process) each enroll with their own P-256 key, CSR and single-use token, %d enrollments in flight at a time; "+
 		"then they fetch their KDKs (GET /v1/host/kdks, mTLS, bare KDK since the hosts have no TPM, one audit record per release) at an open-loop target rate over kept-alive connections "+
 		"(one connection per host, opened by a warm-up fetch that is not counted). etcd is Debian's etcd-server, one member on loopback.\n\n",
-		cfg.hosts, cfg.rate, cfg.duration, time.Now().UTC().Format("2006-01-02"), runtime.NumCPU(), cfg.hosts)
+		cfg.hosts, cfg.rate, cfg.duration, time.Now().UTC().Format("2006-01-02"), runtime.NumCPU(), cfg.hosts, cfg.joinConc)
 	fmt.Fprintf(&b, "| store | enroll %d hosts (total) | enroll p50 / p99 | enroll errors | fetches | achieved rate | fetch p50 | fetch p99 | fetch max | fetch errors | CPU per fetch: provider / hosts | provider RSS (peak) | load avg |\n", cfg.hosts)
 	fmt.Fprintf(&b, "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, r := range rs {
