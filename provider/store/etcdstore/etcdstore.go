@@ -40,7 +40,6 @@ import (
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
 
 	"github.com/nkp-dev/nkp/provider/store"
 	"github.com/nkp-dev/nkp/provider/store/internal/txbuf"
@@ -64,8 +63,11 @@ type Config struct {
 	RequestTimeout time.Duration
 	// MaxAttempts bounds how often Update runs fn when other writers conflict; 0 means 16.
 	MaxAttempts int
-	// Log receives conflict retries at debug level and etcd trouble; nil discards.
+	// Log receives conflict retries at debug level, and the etcd client's own warnings
+	// and errors (component=etcd-client); nil discards them.
 	Log *slog.Logger
+
+	userLog *slog.Logger // Log as given, before defaults
 }
 
 func (c *Config) defaults() error {
@@ -84,6 +86,7 @@ func (c *Config) defaults() error {
 	if c.MaxAttempts <= 0 {
 		c.MaxAttempts = 16
 	}
+	c.userLog = c.Log
 	if c.Log == nil {
 		c.Log = slog.New(slog.DiscardHandler)
 	}
@@ -121,7 +124,7 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		Endpoints:   cfg.Endpoints,
 		DialTimeout: cfg.DialTimeout,
 		TLS:         cfg.TLS,
-		Logger:      zap.NewNop(),
+		Logger:      zapToSlog(cfg.userLog),
 		Context:     context.WithoutCancel(ctx),
 	})
 	if err != nil {
