@@ -354,9 +354,8 @@ func (s *Server) setLocalityLocked(loc uint8) {
 // swtpm's migration envelope, from the requested offset, with totlength == length.
 func (s *Server) getStateBlobLocked(r ctrl.GetStateBlob) ctrl.Response {
 	if !r.Type.Valid() {
-		// FAIL with the 16-byte header: the 4-byte replies are BAD_ORDINAL (stopped)
-		// and BAD_PARAMETER (short body), so a client can tell the layouts apart.
-		return ctrl.StateBlobResponse{Result: ctrl.ResFail}
+		// swtpm answers an unknown blob type as an absent blob (checked against 0.7.1).
+		return ctrl.StateBlobResponse{Result: ctrl.ResRetry}
 	}
 	typ := libtpms.StateType(r.Type)
 	raw, err := s.cfg.Engine.GetState(typ)

@@ -143,7 +143,7 @@ func TestControlErrors(t *testing.T) {
 		{"INIT too long", false, nil, []byte{0, 0, 0, 2, 0, 0, 0, 0, 0}, ctrl.ResBadParameter},
 		{"SET_DATAFD without fd", false, nil, ctrl.SetDataFD{}.Marshal(), ctrl.ResBadParameter},
 		{"GET_INFO offset past end", false, nil, ctrl.GetInfo{Flags: 1, Offset: 1000}.Marshal(), ctrl.ResBadParameter},
-		{"GET_STATEBLOB bad type", true, nil, nil, ctrl.ResFail},
+		{"GET_STATEBLOB bad type", true, nil, nil, ctrl.ResRetry},
 		{"SET_STATEBLOB garbage", false, nil, ctrl.SetStateBlob{Type: ctrl.BlobPermanent, Data: []byte("garbage!garbage!")}.Marshal(), 0},
 	}
 	for _, tt := range tests {

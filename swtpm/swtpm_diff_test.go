@@ -145,8 +145,13 @@ func TestDifferentialAgainstSwtpm(t *testing.T) {
 		{"GET_STATEBLOB savestate", ctrl.GetStateBlob{Flags: ctrl.StateFlagDecrypted, Type: ctrl.BlobSaveState}.Marshal(), exact},
 		{"GET_STATEBLOB permanent", ctrl.GetStateBlob{Flags: ctrl.StateFlagDecrypted, Type: ctrl.BlobPermanent}.Marshal(), sameResult},
 		{"LOCK_STORAGE (0.7.1: BAD_ORDINAL)", ctrl.LockStorage{Retries: 1}.Marshal(), known},
+		{"GET_STATEBLOB unknown type", ctrl.GetStateBlob{Flags: ctrl.StateFlagDecrypted, Type: 7}.Marshal(), exact},
 		{"STOP", ctrl.Stop{}.Marshal(), exact},
 		{"GET_TPMESTABLISHED after STOP", ctrl.GetEstablished{}.Marshal(), exact},
+		{"SET_STATEBLOB garbage", ctrl.SetStateBlob{Type: ctrl.BlobVolatile, Data: []byte("not an envelope at all")}.Marshal(), exact},
+		{"SET_STATEBLOB bad version", ctrl.SetStateBlob{Type: ctrl.BlobVolatile, Data: []byte{9, 9, 0, 10, 0, 4, 0, 0, 0, 10}}.Marshal(), exact},
+		{"SET_STATEBLOB unknown type", ctrl.SetStateBlob{Type: 9, Data: []byte{2, 1, 0, 10, 0, 4, 0, 0, 0, 10}}.Marshal(), exact},
+		{"SET_STATEBLOB empty", ctrl.SetStateBlob{Type: ctrl.BlobVolatile}.Marshal(), exact},
 	}
 	for _, s := range steps {
 		a := exchange(t, theirs.c, s.msg)
