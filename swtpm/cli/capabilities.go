@@ -14,7 +14,6 @@ const Version = "0.1.0"
 // cmdarg-pwd-fd, cmdarg-key-fd, tpmstate-opt-lock and the rsa-keysize-* entries.
 // Not listed on purpose: tpm-1.2 (TPM 2.0 only), cmdarg-seccomp (--seccomp is accepted
 // but no filter is installed), cmdarg-chroot, nvram-backend-file, the profile options,
-// tpmstate-dir-backend-opt-backup (no .bak file is kept: writes are atomic instead),
 // cmdarg-pcap and systemd-notify.
 var Features = []string{
 	"tpm-2.0",
@@ -31,6 +30,7 @@ var Features = []string{
 	"rsa-keysize-2048",
 	"rsa-keysize-3072",
 	"tpmstate-opt-lock",
+	"tpmstate-dir-backend-opt-backup",
 	"tpmstate-dir-backend-opt-fsync",
 }
 

@@ -42,8 +42,8 @@ Options (as swtpm's; values in [] are optional):
 --tpmstate dir=<dir>|backend-uri=dir://<dir>[,mode=0...][,lock][,backup][,fsync]
                   state directory (or $TPM_PATH); always locked against a second
                   process; state files are written atomically and synced (fsync is
-                  implied; backup is accepted and ignored); backend-uri=file:// is
-                  not supported
+                  implied); backup keeps <file>.bak and falls back to it when a
+                  file cannot be read; backend-uri=file:// is not supported
 --key file=<path>|fd=<fd>[,mode=aes-128-cbc|aes-256-cbc][,format=hex|binary][,remove]
 --key pwdfile=<path>|pwdfd=<fd>[,mode=...][,kdf=pbkdf2|sha512][,remove]
                   key of the state files; nkp writes them with AES-256-GCM and reads

@@ -49,7 +49,7 @@ type StateOptions struct {
 	Mode        os.FileMode // mode of the state files; 0640 when not given
 	ModeDefault bool        // Mode was not given (swtpm then keeps the mode of existing files)
 	Lock        bool        // lock the directory; always true for the directory backend
-	Backup      bool        // accepted for compatibility; see Usage
+	Backup      bool        // keep <file>.bak and fall back to it (state.Options.Backup)
 	Fsync       bool        // accepted for compatibility; nkp always syncs
 }
 

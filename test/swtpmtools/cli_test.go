@@ -349,7 +349,7 @@ func TestTerminate(t *testing.T) {
 		for _, tt := range tests {
 			t.Run(tt.name, func(t *testing.T) {
 				if tt.needs != "" && !hasFeature(t, be, tt.needs) {
-					t.Skipf("%s does not report %s (swtpm has it from 0.8)", be.name, tt.needs)
+					t.Skipf("%s does not report %s (newer swtpm releases have it)", be.name, tt.needs)
 				}
 				dir := sockDir(t)
 				o := procOpts{stateDir: t.TempDir(), dir: dir, extra: append(tt.extra, startupFlags...)}

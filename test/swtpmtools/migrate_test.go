@@ -145,7 +145,7 @@ func TestSharedStorageMigration(t *testing.T) {
 	e2e.Require(t, "swtpm_ioctl", "tpm2_nvdefine", "tpm2_nvwrite", "tpm2_nvread")
 	forEachBackend(t, func(t *testing.T, be backend) {
 		if !hasFeature(t, be, "cmdarg-migration") {
-			t.Skipf("%s does not report cmdarg-migration (swtpm has it from 0.8)", be.name)
+			t.Skipf("%s does not report cmdarg-migration (newer swtpm releases have it)", be.name)
 		}
 		state, work := t.TempDir(), t.TempDir()
 		value := []byte("shared storage")

@@ -171,3 +171,47 @@ func TestKeyForms(t *testing.T) {
 		})
 	}
 }
+
+// TestStateBackup: with --tpmstate ...,backup the previous permall is kept as .bak, and
+// a damaged permall falls back to it instead of leaving the VM without its TPM.
+func TestStateBackup(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, be backend) {
+		if !hasFeature(t, be, "tpmstate-dir-backend-opt-backup") {
+			t.Skipf("%s does not report tpmstate-dir-backend-opt-backup (newer swtpm releases have it)", be.name)
+		}
+		state, dir := t.TempDir(), sockDir(t)
+		extra := append([]string{"--tpmstate", "dir=" + state + ",backup"}, startupFlags...)
+		p := start(t, be, procOpts{stateDir: state, dir: dir, extra: extra})
+		defineIndex(t, p) // the index is in permall, and after one more write in .bak too
+		conn, err := netDial(p.Data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tpm := &connTPM{c: conn}
+		h, err := nvHandle(tpm)
+		if err == nil {
+			err = nvWriteU64(tpm, h, 42)
+		}
+		conn.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.Stop()
+		perm := filepath.Join(state, "tpm2-00.permall")
+		if _, err := os.Stat(perm + ".bak"); err != nil {
+			t.Fatalf("no backup next to permall: %v", err)
+		}
+		if err := os.WriteFile(perm, []byte("damaged"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		p = start(t, be, procOpts{stateDir: state, dir: dir, extra: extra})
+		conn, err = netDial(p.Data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		if _, err := nvHandle(&connTPM{c: conn}); err != nil {
+			t.Errorf("after falling back to the backup the NV index is gone: %v", err)
+		}
+	})
+}
