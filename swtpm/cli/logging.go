@@ -68,6 +68,7 @@ type prefixWriter struct {
 	prefix []byte
 }
 
+// Write implements io.Writer: one prefixed line per line of b, in one write.
 func (p *prefixWriter) Write(b []byte) (int, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
