@@ -201,16 +201,33 @@ func TestStoreFailuresLoseNothing(t *testing.T) {
 }
 
 func TestAuditVerifyDetectsTampering(t *testing.T) {
-	ctx := context.Background()
-	e := initEnv(t, provider.Policy{})
-	e.enroll(t, "kvm-01", nil)
-	err := e.st.Update(ctx, func(tx store.Tx) error {
-		return tx.Delete(audit.Bucket, "00000000000000000002")
-	})
-	if err != nil {
-		t.Fatal(err)
+	tests := []struct {
+		name   string
+		tamper func(tx store.Tx) error
+	}{
+		{"removed record", func(tx store.Tx) error { return tx.Delete(audit.Bucket, "00000000000000000002") }},
+		{"changed record", func(tx store.Tx) error {
+			v, err := tx.Get(audit.Bucket, "00000000000000000003")
+			if err != nil {
+				return err
+			}
+			return tx.Put(audit.Bucket, "00000000000000000003", bytes.Replace(v, []byte(`"kvm-01"`), []byte(`"kvm-99"`), 1))
+		}},
 	}
-	if err := e.p.AuditVerify(ctx); !errors.Is(err, audit.ErrTampered) {
-		t.Fatalf("AuditVerify after removing record 2: %v, want ErrTampered", err)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx := context.Background()
+			e := initEnv(t, provider.Policy{})
+			e.enroll(t, "kvm-01", nil) // records: 1 init, 2 token, 3 enroll
+			if err := e.p.AuditVerify(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if err := e.st.Update(ctx, tt.tamper); err != nil {
+				t.Fatal(err)
+			}
+			if err := e.p.AuditVerify(ctx); !errors.Is(err, audit.ErrTampered) {
+				t.Fatalf("AuditVerify: %v, want ErrTampered", err)
+			}
+		})
 	}
 }
