@@ -135,8 +135,14 @@ func TestAuthorizeHost(t *testing.T) {
 	if _, err := e.p.AuthorizeHost(ctx, good.cert); !errors.Is(err, provider.ErrHostUnknown) {
 		t.Fatalf("expired certificate: %v, want ErrHostUnknown", err)
 	}
-	if _, err := e.p.Release(ctx, uuid.NewString()); !errors.Is(err, provider.ErrHostUnknown) && !errors.Is(err, provider.ErrNotBackedUp) {
-		t.Fatalf("release to an unknown host: %v", err)
+	e.backup(t, "p")
+	for _, id := range []string{uuid.NewString(), "", "../x"} {
+		if _, err := e.p.Release(ctx, id); !errors.Is(err, provider.ErrHostUnknown) {
+			t.Fatalf("release to unknown host %q: %v, want ErrHostUnknown", id, err)
+		}
+		if err := e.p.Revoke(ctx, id); !errors.Is(err, provider.ErrHostUnknown) {
+			t.Fatalf("revoke of unknown host %q: %v, want ErrHostUnknown", id, err)
+		}
 	}
 }
 

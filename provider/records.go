@@ -153,6 +153,9 @@ func stateOf(kdks []kdkRecord) State {
 
 func readHost(tx store.Tx, hostID string) (hostRecord, error) {
 	var h hostRecord
+	if checkUUID("host ID", hostID) != nil {
+		return h, fmt.Errorf("host %.40q: %w: not a host ID", hostID, ErrHostUnknown)
+	}
 	err := getJSON(tx, bucketHosts, hostID, &h)
 	if errors.Is(err, store.ErrNotFound) {
 		return h, fmt.Errorf("host %s: %w: it is not enrolled with this provider; enroll it with a join token", hostID, ErrHostUnknown)
