@@ -18,6 +18,7 @@ package etcdtest
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -54,14 +55,19 @@ type Config struct {
 	StartTimeout time.Duration
 	// Log receives start and stop lines; nil discards them.
 	Log *slog.Logger
+	// TLS serves clients over https and requires a client certificate from the
+	// cluster's own CA (Cluster.TLSFiles, Cluster.ClientTLS); peers stay on http.
+	TLS bool
 }
 
 // Cluster is a running etcd cluster.
 type Cluster struct {
-	members []*Member
-	dir     string
-	tempDir bool
-	log     *slog.Logger
+	members   []*Member
+	dir       string
+	tempDir   bool
+	log       *slog.Logger
+	tlsFiles  *TLSFiles   // nil without Config.TLS
+	clientTLS *tls.Config // nil without Config.TLS
 }
 
 // Member is one etcd process.
@@ -124,6 +130,19 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 		}
 		c.dir, c.tempDir = d, true
 	}
+	if cfg.TLS {
+		f, err := makeTLS(c.dir)
+		if err == nil {
+			c.clientTLS, err = f.clientTLS()
+		}
+		if err != nil {
+			if c.tempDir {
+				os.RemoveAll(c.dir)
+			}
+			return nil, err
+		}
+		c.tlsFiles = f
+	}
 	// A free port can be taken by someone else between our probe and etcd's bind; try
 	// again with new ports when that happens.
 	var err error
@@ -154,9 +173,13 @@ func (c *Cluster) start(ctx context.Context, cfg Config, attempt int) error {
 	}
 	var initial []string
 	for i := 0; i < cfg.Members; i++ {
+		scheme := "http"
+		if c.tlsFiles != nil {
+			scheme = "https"
+		}
 		m := &Member{
 			Name:      fmt.Sprintf("m%d", i),
-			ClientURL: "http://127.0.0.1:" + strconv.Itoa(ports[2*i]),
+			ClientURL: scheme + "://127.0.0.1:" + strconv.Itoa(ports[2*i]),
 			PeerURL:   "http://127.0.0.1:" + strconv.Itoa(ports[2*i+1]),
 		}
 		base := filepath.Join(c.dir, fmt.Sprintf("%s.%d", m.Name, attempt))
@@ -183,6 +206,10 @@ func (c *Cluster) start(ctx context.Context, cfg Config, attempt int) error {
 			"--logger", "zap",
 			"--log-outputs", "stderr",
 		}
+		if f := c.tlsFiles; f != nil {
+			args = append(args, "--cert-file", f.serverCert, "--key-file", f.serverKey,
+				"--trusted-ca-file", f.CA, "--client-cert-auth")
+		}
 		if cfg.QuotaBytes > 0 {
 			args = append(args, "--quota-backend-bytes", strconv.FormatInt(cfg.QuotaBytes, 10))
 		}
@@ -194,7 +221,7 @@ func (c *Cluster) start(ctx context.Context, cfg Config, attempt int) error {
 	startCtx, cancel := context.WithTimeout(ctx, cfg.StartTimeout)
 	defer cancel()
 	for _, m := range c.members {
-		if err := m.waitReady(startCtx); err != nil {
+		if err := m.waitReady(startCtx, c.clientTLS); err != nil {
 			return err
 		}
 	}
@@ -241,10 +268,11 @@ func cleanEnv() []string {
 	return env
 }
 
-func (m *Member) waitReady(ctx context.Context) error {
+func (m *Member) waitReady(ctx context.Context, tlsCfg *tls.Config) error {
 	cli, err := clientv3.New(clientv3.Config{
 		Endpoints:   []string{m.ClientURL},
 		DialTimeout: time.Second,
+		TLS:         tlsCfg,
 		Logger:      zap.NewNop(),
 	})
 	if err != nil {
@@ -328,6 +356,19 @@ func (c *Cluster) Endpoints() []string {
 		eps = append(eps, m.ClientURL)
 	}
 	return eps
+}
+
+// TLSFiles returns the CA and client certificate files of a cluster started with
+// Config.TLS, nil otherwise.
+func (c *Cluster) TLSFiles() *TLSFiles { return c.tlsFiles }
+
+// ClientTLS returns a client TLS configuration trusting the cluster's CA and presenting
+// its client certificate (Config.TLS), nil otherwise.
+func (c *Cluster) ClientTLS() *tls.Config {
+	if c.clientTLS == nil {
+		return nil
+	}
+	return c.clientTLS.Clone()
 }
 
 // Members returns the members, in start order.
