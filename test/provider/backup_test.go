@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/creack/pty"
+	"golang.org/x/sys/unix"
 
 	"github.com/nkp-dev/nkp/test/e2e"
 )
@@ -121,15 +122,88 @@ func TestGracefulShutdownAndNotify(t *testing.T) {
 	dir := b.initProvider(t)
 	sock := filepath.Join(t.TempDir(), "notify.sock")
 	conn := listenNotify(t, sock)
-	s := b.serveEnv(t, dir, []string{"NOTIFY_SOCKET=" + sock})
+	s := b.serveEnv(t, dir, []string{"NOTIFY_SOCKET=" + sock, "WATCHDOG_USEC=200000"})
 	if got := readNotify(t, conn); got != "READY=1" {
 		t.Fatalf("first notification %q, want READY=1", got)
+	}
+	for i := 0; i < 2; i++ { // WATCHDOG_USEC=200ms: keep-alives every 100 ms while the store answers
+		if got := readNotify(t, conn); got != "WATCHDOG=1" {
+			t.Fatalf("notification %q, want WATCHDOG=1", got)
+		}
 	}
 	if status, _ := rawGet(t, s.url+"/healthz", filepath.Join(dir, "ca.crt")); status != 200 {
 		t.Fatalf("healthz = %d", status)
 	}
 	s.stop(t)
-	if got := readNotify(t, conn); got != "STOPPING=1" {
-		t.Fatalf("notification at SIGTERM %q, want STOPPING=1", got)
+	for {
+		got := readNotify(t, conn)
+		if got == "STOPPING=1" {
+			break
+		}
+		if got != "WATCHDOG=1" {
+			t.Fatalf("notification at SIGTERM %q, want STOPPING=1", got)
+		}
+	}
+}
+
+// TestPassphrasePrompt: without --passphrase-file or --passphrase-stdin, nkpctl asks on
+// the terminal (twice for a backup) and the archive opens with what was typed.
+func TestPassphrasePrompt(t *testing.T) {
+	b := build(t)
+	dir := b.initProvider(t)
+	s := b.serve(t, dir)
+	archive := filepath.Join(t.TempDir(), "b.age")
+	cmd := exec.Command(b.nkpctl, "provider", "--dir", dir, "--provider", s.url, "backup", "--out", archive)
+	ptmx, err := pty.Start(cmd)
+	if err != nil {
+		t.Fatalf("nkpctl under a pty: %v", err)
+	}
+	defer ptmx.Close()
+	var seen, all bytes.Buffer // since the last prompt; everything the terminal showed
+	expect := func(what string) {
+		t.Helper()
+		e2e.WaitFor(t, 30*time.Second, "the prompt "+what, func() bool {
+			ptmx.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+			buf := make([]byte, 256)
+			n, _ := ptmx.Read(buf)
+			seen.Write(buf[:n])
+			all.Write(buf[:n])
+			return strings.Contains(seen.String(), what)
+		})
+		seen.Reset()
+	}
+	// Type only once nkpctl has turned echo off (the prompt is printed just before).
+	echoOff := func() bool {
+		tio, err := unix.IoctlGetTermios(int(ptmx.Fd()), unix.TCGETS)
+		return err == nil && tio.Lflag&unix.ECHO == 0
+	}
+	expect("Backup passphrase:")
+	e2e.WaitFor(t, 30*time.Second, "echo off for the passphrase", echoOff)
+	io.WriteString(ptmx, "typed at the prompt\r")
+	expect("Again:")
+	e2e.WaitFor(t, 30*time.Second, "echo off for the confirmation", echoOff)
+	io.WriteString(ptmx, "typed at the prompt\r")
+	done := make(chan error, 1)
+	var rest bytes.Buffer
+	go func() { io.Copy(&rest, ptmx); done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		all.Write(rest.Bytes())
+		if err != nil {
+			t.Fatalf("nkpctl backup with a prompt: %v (terminal: %q)", err, all.String())
+		}
+	case <-time.After(60 * time.Second):
+		cmd.Process.Kill()
+		t.Fatal("nkpctl backup did not finish within 60 s")
+	}
+	if strings.Contains(all.String(), "typed at the prompt") {
+		t.Fatalf("the passphrase was echoed to the terminal: %q", all.String())
+	}
+	if !strings.Contains(all.String(), "backup written") {
+		t.Fatalf("terminal output %q lacks the confirmation", all.String())
+	}
+	pass := writeFile(t, filepath.Join(t.TempDir(), "p"), "typed at the prompt\n")
+	if out, err := b.ctl(t, dir, "", "", "backup", "verify", "--in", archive, "--passphrase-file", pass); err != nil || !strings.Contains(out, "OK") {
+		t.Fatalf("verify the prompted backup: %q, %v", out, err)
 	}
 }
