@@ -38,7 +38,7 @@ func TestUnitExposure(t *testing.T) {
 func TestListenerActivated(t *testing.T) {
 	if os.Getenv("NKP_SYSTEMD_ACTIVATION_CHILD") == "1" {
 		os.Setenv("LISTEN_PID", strconv.Itoa(os.Getpid())) // systemd sets it after fork
-		l, err := Listener("127.0.0.1:1")                  // port 1 would fail: proves the fd is used
+		l, err := Listener("127.0.0.1:0")                  // the address must come from the passed fd
 		if err != nil {
 			fmt.Println("ERR", err)
 			os.Exit(1)
