@@ -19,6 +19,7 @@ import (
 	"github.com/nkp-dev/nkp/swtpm/ctrl"
 	"github.com/nkp-dev/nkp/swtpm/internal/libtpms"
 	"github.com/nkp-dev/nkp/swtpm/state"
+	"github.com/nkp-dev/nkp/test/e2e"
 )
 
 // The real engine and store satisfy the server's interfaces.
@@ -47,8 +48,8 @@ func realTPM(t *testing.T, dir string, key []byte) (*libtpms.TPM, *state.Dir) {
 	tpm, err := libtpms.Open(d)
 	if err != nil {
 		d.Close()
-		if err == libtpms.ErrNoCgo {
-			t.Skip("libtpms needs cgo: " + err.Error())
+		if errors.Is(err, libtpms.ErrNoCgo) {
+			e2e.Unavailable(t, "the real TPM engine needs cgo and libtpms-dev: "+err.Error())
 		}
 		t.Fatal(err)
 	}
