@@ -68,11 +68,18 @@ type env struct {
 	logs  *syncBuffer
 }
 
-func open(t testing.TB, st store.Store, rk *rootkey.Key, c *clock) *env {
+// strictAudit makes a provider record every release.
+func strictAudit(c *provider.Config) { c.ReleaseAuditWindow = -1 }
+
+func open(t testing.TB, st store.Store, rk *rootkey.Key, c *clock, opts ...func(*provider.Config)) *env {
 	t.Helper()
 	logs := &syncBuffer{}
 	log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	p, err := provider.Open(context.Background(), provider.Config{Store: st, RootKey: rk, Log: log, Now: c.Now, BackupWorkFactor: 10})
+	cfg := provider.Config{Store: st, RootKey: rk, Log: log, Now: c.Now, BackupWorkFactor: 10}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	p, err := provider.Open(context.Background(), cfg)
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
@@ -80,19 +87,19 @@ func open(t testing.TB, st store.Store, rk *rootkey.Key, c *clock) *env {
 }
 
 // newEnv opens a provider over a fresh in-memory store with a fresh root key.
-func newEnv(t testing.TB) *env {
+func newEnv(t testing.TB, opts ...func(*provider.Config)) *env {
 	t.Helper()
 	rk, err := rootkey.Generate()
 	if err != nil {
 		t.Fatal(err)
 	}
-	return open(t, mem.New(), rk, newClock())
+	return open(t, mem.New(), rk, newClock(), opts...)
 }
 
 // initEnv is newEnv plus Init.
-func initEnv(t testing.TB, pol provider.Policy) *env {
+func initEnv(t testing.TB, pol provider.Policy, opts ...func(*provider.Config)) *env {
 	t.Helper()
-	e := newEnv(t)
+	e := newEnv(t, opts...)
 	if _, err := e.p.Init(context.Background(), provider.InitOptions{Policy: pol}); err != nil {
 		t.Fatalf("Init: %v", err)
 	}

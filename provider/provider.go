@@ -26,6 +26,7 @@ const (
 	DefaultAdminCertValidity  = 2 * 365 * 24 * time.Hour
 	DefaultServerCertValidity = 365 * 24 * time.Hour
 	DefaultTokenTTL           = time.Hour
+	DefaultReleaseAuditWindow = time.Minute
 	MaxTokenTTL               = 7 * 24 * time.Hour
 	// KDKSize is the length of a KDK in bytes.
 	KDKSize = 32
@@ -45,6 +46,10 @@ type Config struct {
 	// BackupWorkFactor is the scrypt work factor (log2 N) of backup archives; 0 means
 	// age's default (18). Tests lower it.
 	BackupWorkFactor int
+	// ReleaseAuditWindow: a host fetching the same KDK versions again within this window
+	// is served from a read-only check, without a new audit record (the next record counts
+	// the repeats). 0 means DefaultReleaseAuditWindow; negative records every release.
+	ReleaseAuditWindow time.Duration
 }
 
 // Validate names the first missing or bad field.
@@ -73,6 +78,9 @@ type Provider struct {
 
 	rel batcher // groups concurrent releases into one transaction
 
+	seenMu sync.Mutex
+	seen   map[string]*releaseSeen // by host ID; guarded by seenMu
+
 	caMu sync.Mutex
 	// Guarded by caMu.
 	ca   *ca.CA
@@ -98,7 +106,10 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 	if cfg.ServerCertValidity == 0 {
 		cfg.ServerCertValidity = DefaultServerCertValidity
 	}
-	p := &Provider{st: cfg.Store, rk: cfg.RootKey, log: cfg.Log, now: cfg.Now, cfg: cfg}
+	if cfg.ReleaseAuditWindow == 0 {
+		cfg.ReleaseAuditWindow = DefaultReleaseAuditWindow
+	}
+	p := &Provider{st: cfg.Store, rk: cfg.RootKey, log: cfg.Log, now: cfg.Now, cfg: cfg, seen: map[string]*releaseSeen{}}
 	err := p.st.View(ctx, func(tx store.Tx) error {
 		m, err := readMeta(tx)
 		if errors.Is(err, ErrNotInitialized) {

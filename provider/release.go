@@ -27,15 +27,28 @@ const (
 
 // Release returns every live KDK version for the host: as import blobs for its TPM's
 // endorsement key, or bare for a host without a TPM while policy tpm-required is off.
-// It is refused while the provider is NotBackedUp, and for unknown or revoked hosts.
-// Each release is recorded in the audit log before any key leaves: the record commits
-// first, in a transaction shared with other releases running at the same time.
+// It is refused while the provider is NotBackedUp, and for unknown or revoked hosts;
+// every release reads the store, so a revocation or policy change applies at once.
+//
+// Audit: a release is recorded before any key leaves, in a transaction shared with other
+// releases running at the same time. With Config.ReleaseAuditWindow > 0 (the default),
+// a host fetching the same KDK versions again within the window is served without a new
+// record; the next record for that host counts those repeats ("repeats_before"). A
+// negative window records every single release.
 func (p *Provider) Release(ctx context.Context, hostID string) ([]ReleasedKDK, error) {
-	r := &releaseReq{ctx: ctx, hostID: hostID, wake: make(chan bool, 1)}
-	p.runRelease(ctx, r)
-	if r.err != nil {
-		p.log.Warn("release refused", "host_id", hostID, "err", r.err)
-		return nil, fmt.Errorf("release to host %s: %w", hostID, r.err)
+	r, ok, err := p.releaseCovered(ctx, hostID)
+	if err != nil {
+		p.log.Warn("release refused", "host_id", hostID, "err", err)
+		return nil, fmt.Errorf("release to host %s: %w", hostID, err)
+	}
+	if !ok {
+		r = &releaseReq{ctx: ctx, hostID: hostID, wake: make(chan bool, 1), repeats: p.takeRepeats(hostID)}
+		p.runRelease(ctx, r)
+		if r.err != nil {
+			p.log.Warn("release refused", "host_id", hostID, "err", r.err)
+			return nil, fmt.Errorf("release to host %s: %w", hostID, r.err)
+		}
+		p.noteRecorded(hostID, r.versions)
 	}
 	out, err := p.wrap(r)
 	if err != nil {
@@ -44,16 +57,93 @@ func (p *Provider) Release(ctx context.Context, hostID string) ([]ReleasedKDK, e
 	return out, nil
 }
 
+// releaseSeen is what the audit log already holds about a host's releases.
+type releaseSeen struct {
+	versions string    // the KDK versions of the last recorded release
+	at       time.Time // when it was recorded
+	repeats  int       // releases of the same versions since, not recorded one by one
+}
+
+// releaseCovered checks the release in a read-only view and reports whether a recorded
+// release of the same versions within the audit window covers it (then the caller serves
+// it without a write). A refusal is returned as err.
+func (p *Provider) releaseCovered(ctx context.Context, hostID string) (*releaseReq, bool, error) {
+	if p.cfg.ReleaseAuditWindow <= 0 {
+		return nil, false, nil
+	}
+	p.seenMu.Lock()
+	_, known := p.seen[hostID]
+	p.seenMu.Unlock()
+	if !known {
+		return nil, false, nil
+	}
+	r := &releaseReq{hostID: hostID}
+	err := p.st.View(ctx, func(tx store.Tx) error {
+		m, kdks, err := releaseState(tx)
+		if err != nil {
+			return err
+		}
+		h, _, err := checkRelease(tx, m, kdks, hostID)
+		if err != nil {
+			return err
+		}
+		r.providerID, r.host, r.kdks, r.versions = m.ID, h, liveKDKs(kdks), versionList(kdks)
+		return nil
+	})
+	if err != nil {
+		return nil, false, err
+	}
+	now := p.now()
+	p.seenMu.Lock()
+	defer p.seenMu.Unlock()
+	s, ok := p.seen[hostID]
+	if !ok || s.versions != r.versions || now.Sub(s.at) >= p.cfg.ReleaseAuditWindow || now.Before(s.at) {
+		return nil, false, nil
+	}
+	s.repeats++
+	return r, true, nil
+}
+
+// takeRepeats returns and clears the count of unrecorded repeats for the host.
+func (p *Provider) takeRepeats(hostID string) int {
+	p.seenMu.Lock()
+	defer p.seenMu.Unlock()
+	s, ok := p.seen[hostID]
+	if !ok {
+		return 0
+	}
+	n := s.repeats
+	s.repeats = 0
+	return n
+}
+
+// noteRecorded remembers that a release of versions to the host is in the audit log.
+func (p *Provider) noteRecorded(hostID, versions string) {
+	if p.cfg.ReleaseAuditWindow <= 0 {
+		return
+	}
+	p.seenMu.Lock()
+	defer p.seenMu.Unlock()
+	s, ok := p.seen[hostID]
+	if !ok {
+		s = &releaseSeen{}
+		p.seen[hostID] = s
+	}
+	s.versions, s.at = versions, p.now()
+}
+
 // releaseReq is one Release waiting for its batch's transaction.
 type releaseReq struct {
 	ctx    context.Context
 	hostID string
 	wake   chan bool // true: lead the next batch; false: the batch that held it is done
 	// Results, set by the batch leader before wake.
+	repeats    int // unrecorded releases of the same versions before this one
 	err        error
 	providerID string
 	host       hostRecord
 	kdks       []kdkRecord // live versions
+	versions   string      // their numbers, "1,2"
 }
 
 // batcher groups concurrent releases: the first caller leads and commits every request
@@ -115,56 +205,82 @@ func (p *Provider) runRelease(ctx context.Context, r *releaseReq) {
 	}
 }
 
+// releaseState reads what every release check needs.
+func releaseState(tx store.Tx) (metaRecord, []kdkRecord, error) {
+	m, err := readMeta(tx)
+	if err != nil {
+		return m, nil, err
+	}
+	kdks, err := listKDKs(tx)
+	return m, kdks, err
+}
+
+// checkRelease decides whether host hostID may have the KDKs now; it returns the host
+// and the form its keys take ("import_blob" or "bare").
+func checkRelease(tx store.Tx, m metaRecord, kdks []kdkRecord, hostID string) (hostRecord, string, error) {
+	if stateOf(kdks) == StateNotBackedUp {
+		return hostRecord{}, "", fmt.Errorf("%w: a KDK version is in no backup yet; take a backup first (`nkpctl provider backup`), then hosts get their keys", ErrNotBackedUp)
+	}
+	h, err := readHost(tx, hostID)
+	if err != nil {
+		return h, "", err
+	}
+	if h.Revoked != nil {
+		return h, "", fmt.Errorf("host %s (%s): %w at %s", h.ID, h.Hostname, ErrHostRevoked, h.Revoked.Format(time.RFC3339))
+	}
+	if len(h.EKPublic) > 0 {
+		return h, "import_blob", nil
+	}
+	if m.Policy.TPMRequired {
+		return h, "", fmt.Errorf("host %s (%s) has no TPM: %w; re-enroll it with its TPM or turn policy tpm-required off", h.ID, h.Hostname, ErrTPMRequired)
+	}
+	return h, "bare", nil
+}
+
+func liveKDKs(kdks []kdkRecord) []kdkRecord {
+	var live []kdkRecord
+	for _, k := range kdks {
+		if k.Retired == nil {
+			live = append(live, k)
+		}
+	}
+	return live
+}
+
+func versionList(kdks []kdkRecord) string {
+	var v []string
+	for _, k := range kdks {
+		if k.Retired == nil {
+			v = append(v, strconv.Itoa(k.Version))
+		}
+	}
+	return strings.Join(v, ",")
+}
+
 // commitReleases checks every request and appends its audit record, in one transaction.
 // A request refused sets its own err; a failing transaction fails them all.
 func (p *Provider) commitReleases(ctx context.Context, reqs []*releaseReq) error {
 	return p.update(ctx, func(tx store.Tx, a *auditor) error {
-		m, err := readMeta(tx)
+		m, kdks, err := releaseState(tx)
 		if err != nil {
 			return err
 		}
-		kdks, err := listKDKs(tx)
-		if err != nil {
-			return err
-		}
-		var live []kdkRecord
-		var versions []string
-		for _, k := range kdks {
-			if k.Retired == nil {
-				live = append(live, k)
-				versions = append(versions, strconv.Itoa(k.Version))
-			}
-		}
-		notBackedUp := stateOf(kdks) == StateNotBackedUp
+		live, versions := liveKDKs(kdks), versionList(kdks)
 		for _, q := range reqs {
 			q.err, q.kdks = nil, nil
-			if notBackedUp {
-				q.err = fmt.Errorf("%w: a KDK version is in no backup yet; take a backup first (`nkpctl provider backup`), then hosts get their keys", ErrNotBackedUp)
-				continue
-			}
-			h, err := readHost(tx, q.hostID)
+			h, form, err := checkRelease(tx, m, kdks, q.hostID)
 			if err != nil {
 				q.err = err
 				continue
 			}
-			if h.Revoked != nil {
-				q.err = fmt.Errorf("host %s (%s): %w at %s", h.ID, h.Hostname, ErrHostRevoked, h.Revoked.Format(time.RFC3339))
-				continue
+			details := map[string]string{"hostname": h.Hostname, "kdk_versions": versions, "form": form}
+			if q.repeats > 0 {
+				details["repeats_before"] = strconv.Itoa(q.repeats)
 			}
-			form := "import_blob"
-			if len(h.EKPublic) == 0 {
-				if m.Policy.TPMRequired {
-					q.err = fmt.Errorf("host %s (%s) has no TPM: %w; re-enroll it with its TPM or turn policy tpm-required off", h.ID, h.Hostname, ErrTPMRequired)
-					continue
-				}
-				form = "bare"
-			}
-			if err := a.add(tx, audit.Event{Kind: audit.KindRelease, Actor: "host:" + h.ID, Subject: h.ID, Details: map[string]string{
-				"hostname": h.Hostname, "kdk_versions": strings.Join(versions, ","), "form": form,
-			}}); err != nil {
+			if err := a.add(tx, audit.Event{Kind: audit.KindRelease, Actor: "host:" + h.ID, Subject: h.ID, Details: details}); err != nil {
 				return err
 			}
-			q.providerID, q.host, q.kdks = m.ID, h, live
+			q.providerID, q.host, q.kdks, q.versions = m.ID, h, live, versions
 		}
 		return nil
 	})
