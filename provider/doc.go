@@ -32,6 +32,9 @@
 //     tpm-required is off, and cannot enroll while it is on.
 //   - A KDK version is retired only when no catalog object uses it, and never while primary;
 //     retiring destroys its sealed key (backups still hold it).
+//   - Every release is checked against the store and audited before keys leave; repeats of
+//     the same release to a host within Config.ReleaseAuditWindow share one record, and the
+//     host's next record counts them.
 //   - No key bytes are logged or audited: audit details carry IDs and versions only.
 //
 // Only provider/api (the HTTPS edge), cmd/nkp-provider and tests import this package.
