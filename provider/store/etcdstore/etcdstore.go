@@ -276,12 +276,15 @@ func (s *Store) mapErr(op string, err error) error {
 
 // tx is one attempt of a transaction. buf is nil in a View.
 type tx struct {
-	s       *Store
-	ctx     context.Context
-	rev     int64            // snapshot revision; 0 until the first read
-	buf     *txbuf.Buffer    // pending writes
-	reads   map[string]int64 // etcd key -> mod revision seen (0: missing)
-	ranges  map[string]bool  // bucket range prefixes listed
+	s      *Store
+	ctx    context.Context
+	rev    int64            // snapshot revision; 0 until the first read
+	buf    *txbuf.Buffer    // pending writes
+	reads  map[string]int64 // etcd key -> mod revision seen (0: missing)
+	ranges map[string]bool  // bucket range prefixes listed
+	// cache holds what this transaction read at its snapshot (nil value: missing), so a
+	// key read again, or read after a List that returned it, costs no round trip.
+	cache   map[string][]byte
 	restart error
 	done    bool
 }
@@ -338,9 +341,23 @@ func (t *tx) Get(bucket, key string) ([]byte, error) {
 		}
 	}
 	k := t.key(bucket, key)
+	if v, ok := t.cache[k]; ok {
+		if v == nil {
+			return nil, fmt.Errorf("%s/%q: %w", bucket, key, store.ErrNotFound)
+		}
+		return txbuf.Clone(v), nil
+	}
 	resp, err := t.get(fmt.Sprintf("get %s/%q", bucket, key), k)
 	if err != nil {
 		return nil, err
+	}
+	if t.cache == nil {
+		t.cache = make(map[string][]byte)
+	}
+	if len(resp.Kvs) > 0 {
+		t.cache[k] = txbuf.Clone(resp.Kvs[0].Value)
+	} else {
+		t.cache[k] = nil
 	}
 	var modRev int64
 	var val []byte
@@ -397,6 +414,10 @@ func (t *tx) List(bucket, prefix string, fn func(key string, value []byte) error
 			continue // the bucket's marker
 		}
 		kvs = append(kvs, txbuf.KV{Key: k, Value: txbuf.Clone(kv.Value)})
+		if t.cache == nil {
+			t.cache = make(map[string][]byte)
+		}
+		t.cache[string(kv.Key)] = txbuf.Clone(kv.Value)
 	}
 	if t.buf != nil {
 		kvs = t.buf.Merge(bucket, prefix, kvs)
