@@ -351,7 +351,7 @@ func (p *Provider) AuthorizeHost(ctx context.Context, cert *x509.Certificate) (H
 	if err != nil {
 		return Host{}, fmt.Errorf("authorize host: %w", err)
 	}
-	hostID, err := authority.Verify(cert, ca.RoleHost, p.now())
+	hostID, err := p.verifyHostCert(authority, m.ID, cert)
 	if err != nil {
 		return Host{}, fmt.Errorf("authorize host: %w: %w", ErrHostUnknown, err)
 	}
@@ -367,4 +367,41 @@ func (p *Provider) AuthorizeHost(ctx context.Context, cert *x509.Certificate) (H
 			hostID, h.Hostname, serial, h.CertSerial, ErrHostUnknown)
 	}
 	return h.public(), nil
+}
+
+// maxVerified bounds the cache of verified host certificates.
+const maxVerified = 4096
+
+// verifiedCert is a host certificate whose signature chain was checked against the CA of
+// provider caID.
+type verifiedCert struct {
+	caID      string
+	hostID    string
+	notBefore time.Time
+	notAfter  time.Time
+}
+
+// verifyHostCert verifies cert's chain to the CA once per certificate (a signature check
+// per request costs more than the rest of AuthorizeHost); its validity period is checked
+// against the clock on every call.
+func (p *Provider) verifyHostCert(authority *ca.CA, caID string, cert *x509.Certificate) (string, error) {
+	sum := sha256.Sum256(cert.Raw)
+	now := p.now()
+	p.verifiedMu.Lock()
+	v, ok := p.verified[sum]
+	p.verifiedMu.Unlock()
+	if ok && v.caID == caID && !now.Before(v.notBefore) && !now.After(v.notAfter) {
+		return v.hostID, nil
+	}
+	hostID, err := authority.Verify(cert, ca.RoleHost, now)
+	if err != nil {
+		return "", err
+	}
+	p.verifiedMu.Lock()
+	defer p.verifiedMu.Unlock()
+	if len(p.verified) >= maxVerified {
+		clear(p.verified)
+	}
+	p.verified[sum] = verifiedCert{caID: caID, hostID: hostID, notBefore: cert.NotBefore, notAfter: cert.NotAfter}
+	return hostID, nil
 }

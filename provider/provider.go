@@ -81,6 +81,9 @@ type Provider struct {
 	seenMu sync.Mutex
 	seen   map[string]*releaseSeen // by host ID; guarded by seenMu
 
+	verifiedMu sync.Mutex
+	verified   map[[32]byte]verifiedCert // by SHA-256 of the certificate; guarded by verifiedMu
+
 	caMu sync.Mutex
 	// Guarded by caMu.
 	ca   *ca.CA
@@ -109,7 +112,8 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 	if cfg.ReleaseAuditWindow == 0 {
 		cfg.ReleaseAuditWindow = DefaultReleaseAuditWindow
 	}
-	p := &Provider{st: cfg.Store, rk: cfg.RootKey, log: cfg.Log, now: cfg.Now, cfg: cfg, seen: map[string]*releaseSeen{}}
+	p := &Provider{st: cfg.Store, rk: cfg.RootKey, log: cfg.Log, now: cfg.Now, cfg: cfg,
+		seen: map[string]*releaseSeen{}, verified: map[[32]byte]verifiedCert{}}
 	err := p.st.View(ctx, func(tx store.Tx) error {
 		m, err := readMeta(tx)
 		if errors.Is(err, ErrNotInitialized) {
