@@ -418,6 +418,8 @@ func BenchmarkRealEngine(b *testing.B) {
 			return err
 		}},
 		{"NVWriteEncryptedState", func() error {
+			// New data every call: libtpms stores nothing when NV does not change.
+			binary.BigEndian.PutUint64(nvValue, binary.BigEndian.Uint64(nvValue)+1)
 			_, err := tpm2.NVWrite{
 				AuthHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
 				NVIndex:    tpm2.NamedHandle{Handle: nvIndex, Name: pub.NVName},
