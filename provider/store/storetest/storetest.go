@@ -195,7 +195,7 @@ func testValues(t *testing.T, b Backend) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = s.View(context.Background(), func(tx store.Tx) error {
+	check := func(tx store.Tx) error {
 		for _, c := range cases {
 			v, err := tx.Get("vals", c.key)
 			if err != nil {
@@ -206,6 +206,21 @@ func testValues(t *testing.T, b Backend) {
 			}
 		}
 		return nil
+	}
+	err = s.View(context.Background(), check)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Again after a List walked them (a backend may answer Gets from what List read).
+	err = s.View(context.Background(), func(tx store.Tx) error {
+		n := 0
+		if err := tx.List("vals", "", func(string, []byte) error { n++; return nil }); err != nil {
+			return err
+		}
+		if n != len(cases) {
+			t.Errorf("List saw %d values, want %d", n, len(cases))
+		}
+		return check(tx)
 	})
 	if err != nil {
 		t.Fatal(err)
