@@ -45,10 +45,11 @@ func (p *Provider) Release(ctx context.Context, hostID string) ([]ReleasedKDK, e
 		r = &releaseReq{ctx: ctx, hostID: hostID, wake: make(chan bool, 1), repeats: p.takeRepeats(hostID)}
 		p.runRelease(ctx, r)
 		if r.err != nil {
+			p.giveBackRepeats(hostID, r.repeats)
 			p.log.Warn("release refused", "host_id", hostID, "err", r.err)
 			return nil, fmt.Errorf("release to host %s: %w", hostID, r.err)
 		}
-		p.noteRecorded(hostID, r.versions)
+		p.noteRecorded(hostID, r.set)
 	}
 	out, err := p.wrap(r)
 	if err != nil {
@@ -59,7 +60,7 @@ func (p *Provider) Release(ctx context.Context, hostID string) ([]ReleasedKDK, e
 
 // releaseSeen is what the audit log already holds about a host's releases.
 type releaseSeen struct {
-	versions string    // the KDK versions of the last recorded release
+	set      string    // provider and KDK IDs of the last recorded release (keySet)
 	at       time.Time // when it was recorded
 	repeats  int       // releases of the same versions since, not recorded one by one
 }
@@ -88,6 +89,7 @@ func (p *Provider) releaseCovered(ctx context.Context, hostID string) (*releaseR
 			return err
 		}
 		r.providerID, r.host, r.kdks, r.versions = m.ID, h, liveKDKs(kdks), versionList(kdks)
+		r.set = keySet(m.ID, r.kdks)
 		return nil
 	})
 	if err != nil {
@@ -97,7 +99,7 @@ func (p *Provider) releaseCovered(ctx context.Context, hostID string) (*releaseR
 	p.seenMu.Lock()
 	defer p.seenMu.Unlock()
 	s, ok := p.seen[hostID]
-	if !ok || s.versions != r.versions || now.Sub(s.at) >= p.cfg.ReleaseAuditWindow || now.Before(s.at) {
+	if !ok || s.set != r.set || now.Sub(s.at) >= p.cfg.ReleaseAuditWindow || now.Before(s.at) {
 		return nil, false, nil
 	}
 	s.repeats++
@@ -117,8 +119,20 @@ func (p *Provider) takeRepeats(hostID string) int {
 	return n
 }
 
-// noteRecorded remembers that a release of versions to the host is in the audit log.
-func (p *Provider) noteRecorded(hostID, versions string) {
+// giveBackRepeats restores a count taken for a release that was not recorded.
+func (p *Provider) giveBackRepeats(hostID string, n int) {
+	if n == 0 {
+		return
+	}
+	p.seenMu.Lock()
+	defer p.seenMu.Unlock()
+	if s, ok := p.seen[hostID]; ok {
+		s.repeats += n
+	}
+}
+
+// noteRecorded remembers that a release of the key set to the host is in the audit log.
+func (p *Provider) noteRecorded(hostID, set string) {
 	if p.cfg.ReleaseAuditWindow <= 0 {
 		return
 	}
@@ -129,7 +143,7 @@ func (p *Provider) noteRecorded(hostID, versions string) {
 		s = &releaseSeen{}
 		p.seen[hostID] = s
 	}
-	s.versions, s.at = versions, p.now()
+	s.set, s.at = set, p.now()
 }
 
 // releaseReq is one Release waiting for its batch's transaction.
@@ -144,6 +158,7 @@ type releaseReq struct {
 	host       hostRecord
 	kdks       []kdkRecord // live versions
 	versions   string      // their numbers, "1,2"
+	set        string      // keySet of the provider and kdks
 }
 
 // batcher groups concurrent releases: the first caller leads and commits every request
@@ -247,6 +262,16 @@ func liveKDKs(kdks []kdkRecord) []kdkRecord {
 	return live
 }
 
+// keySet names what a release hands out: the provider and its live KDK IDs.
+func keySet(providerID string, live []kdkRecord) string {
+	ids := make([]string, 0, len(live)+1)
+	ids = append(ids, providerID)
+	for _, k := range live {
+		ids = append(ids, k.ID)
+	}
+	return strings.Join(ids, ",")
+}
+
 func versionList(kdks []kdkRecord) string {
 	var v []string
 	for _, k := range kdks {
@@ -280,7 +305,7 @@ func (p *Provider) commitReleases(ctx context.Context, reqs []*releaseReq) error
 			if err := a.add(tx, audit.Event{Kind: audit.KindRelease, Actor: "host:" + h.ID, Subject: h.ID, Details: details}); err != nil {
 				return err
 			}
-			q.providerID, q.host, q.kdks, q.versions = m.ID, h, live, versions
+			q.providerID, q.host, q.kdks, q.versions, q.set = m.ID, h, live, versions, keySet(m.ID, live)
 		}
 		return nil
 	})
