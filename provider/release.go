@@ -60,9 +60,9 @@ func (p *Provider) Release(ctx context.Context, hostID string) ([]ReleasedKDK, e
 
 // releaseSeen is what the audit log already holds about a host's releases.
 type releaseSeen struct {
-	set      string    // provider and KDK IDs of the last recorded release (keySet)
-	at       time.Time // when it was recorded
-	repeats  int       // releases of the same versions since, not recorded one by one
+	set     string    // provider and KDK IDs of the last recorded release (keySet)
+	at      time.Time // when it was recorded
+	repeats int       // releases of the same versions since, not recorded one by one
 }
 
 // releaseCovered checks the release in a read-only view and reports whether a recorded
