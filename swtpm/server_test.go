@@ -716,3 +716,53 @@ func TestNoAutoShutdownAfterLockReleased(t *testing.T) {
 		t.Fatalf("automatic Shutdown sent %d times after LOCK_STORAGE, want 1", n)
 	}
 }
+
+// Control and data channels over TCP, as tpm2-tss' swtpm TCTI and swtpm_ioctl --tcp
+// use them; one data client at a time.
+func TestTCPChannels(t *testing.T) {
+	cl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	startServer(t, func(c *Config) { c.CtrlListener, c.DataListener = cl, dl })
+	cc, err := net.Dial("tcp", cl.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	cc.SetDeadline(time.Now().Add(ioTimeout))
+	for _, req := range []ctrl.Request{ctrl.SetLocality{Loc: 0}, ctrl.Init{}} {
+		cc.Write(req.Marshal())
+		if r, err := ctrl.ReadResponse(cc, req.Code()); err != nil || r.(ctrl.ResultResponse).Result != ctrl.ResSuccess {
+			t.Fatalf("%v over TCP: %v, %v", req.Code(), r, err)
+		}
+	}
+	first, err := net.Dial("tcp", dl.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	if rc := rcOf(tpmCall(t, first, cmdStartupClear)); rc != 0 {
+		t.Fatalf("Startup over TCP: rc %#x", rc)
+	}
+	second, err := net.Dial("tcp", dl.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer second.Close()
+	second.Write(cmdGetRandom8)
+	second.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+	if n, err := second.Read(make([]byte, 20)); n != 0 || err == nil {
+		t.Fatalf("second data client answered (%d bytes, %v) while the first is connected", n, err)
+	}
+	first.Close()
+	second.SetReadDeadline(time.Now().Add(ioTimeout))
+	resp := make([]byte, 20)
+	if _, err := io.ReadFull(second, resp); err != nil || rcOf(resp) != 0 {
+		t.Fatalf("second data client after the first left: %x, %v", resp, err)
+	}
+}
