@@ -766,3 +766,18 @@ func TestTCPChannels(t *testing.T) {
 		t.Fatalf("second data client after the first left: %x, %v", resp, err)
 	}
 }
+
+// A TPM that cannot start at launch (--flags not-need-init) makes Serve fail with a
+// clear error, and the listeners are closed.
+func TestServeFailsWhenLaunchStartFails(t *testing.T) {
+	store := newMemStore()
+	store.Store("permall", []byte("corrupt"))
+	h := startServerWith(t, newFakeEngine(store), store, func(c *Config) { c.NotNeedInit = true })
+	err := h.waitDone()
+	if err == nil || !strings.Contains(err.Error(), "not-need-init") || !strings.Contains(err.Error(), "corrupt") {
+		t.Fatalf("Serve = %v, want an error naming not-need-init and the cause", err)
+	}
+	if _, derr := net.Dial("unix", h.ctrlPath); derr == nil {
+		t.Fatal("control socket still accepts after Serve failed")
+	}
+}
