@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -164,5 +165,41 @@ func TestIssueServerCert(t *testing.T) {
 	}
 	if _, err := e.p.IssueServerCert(ctx, newHost(t).csr, nil); !errors.Is(err, provider.ErrBadRequest) {
 		t.Fatalf("no names: %v, want ErrBadRequest", err)
+	}
+}
+
+// TestTokenRace: one token presented by many hosts at once enrolls exactly one.
+func TestTokenRace(t *testing.T) {
+	ctx := context.Background()
+	e := initEnv(t, provider.Policy{})
+	tok, err := e.p.CreateToken(ctx, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 10
+	errs := make(chan error, n)
+	var wg sync.WaitGroup
+	for range n {
+		h := newHost(t)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := e.p.Enroll(ctx, provider.EnrollRequest{Token: tok.Secret, CSR: h.csr, Hostname: "racer"})
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	ok := 0
+	for err := range errs {
+		switch {
+		case err == nil:
+			ok++
+		case !errors.Is(err, provider.ErrTokenUsed):
+			t.Errorf("loser: %v, want ErrTokenUsed", err)
+		}
+	}
+	if hosts, _ := e.p.Hosts(ctx); ok != 1 || len(hosts) != 1 {
+		t.Fatalf("%d enrollments succeeded and %d hosts exist, want 1 and 1", ok, len(hosts))
 	}
 }
