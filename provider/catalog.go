@@ -45,7 +45,7 @@ func checkUUID(what, s string) error {
 // derived from KDK obj.KDKID. Registering the same object again with another key ID or
 // KDK (after a rekey) replaces the entry.
 func (p *Provider) RegisterObject(ctx context.Context, hostID string, obj Object) error {
-	obj.VMUUID = strings.ToLower(obj.VMUUID)
+	obj.VMUUID, obj.KeyID, obj.KDKID = strings.ToLower(obj.VMUUID), strings.ToLower(obj.KeyID), strings.ToLower(obj.KDKID)
 	if err := checkUUID("VM UUID", obj.VMUUID); err != nil {
 		return fmt.Errorf("register object: %w", err)
 	}

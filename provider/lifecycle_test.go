@@ -242,3 +242,44 @@ func TestForcedRestoreSeenByOtherReplica(t *testing.T) {
 		t.Fatalf("replica b release after the restore: %v", err)
 	}
 }
+
+func TestRegisterObjectRefusals(t *testing.T) {
+	ctx := context.Background()
+	e := initEnv(t, provider.Policy{})
+	h := e.enroll(t, "kvm", nil)
+	st, _ := e.p.Status(ctx)
+	kdk := st.KDKs[0].ID
+	vm, key := uuid.NewString(), uuid.NewString()
+	tests := []struct {
+		name string
+		host string
+		obj  provider.Object
+		want error
+	}{
+		{"upper-case UUIDs", h.id, provider.Object{VMUUID: strings.ToUpper(vm), Name: "vtpm", KeyID: strings.ToUpper(key), KDKID: strings.ToUpper(kdk)}, nil},
+		{"bad VM UUID", h.id, provider.Object{VMUUID: "vm-1", Name: "vtpm", KeyID: key, KDKID: kdk}, provider.ErrBadRequest},
+		{"bad name", h.id, provider.Object{VMUUID: vm, Name: "disk:../x", KeyID: key, KDKID: kdk}, provider.ErrBadRequest},
+		{"empty disk target", h.id, provider.Object{VMUUID: vm, Name: "disk:", KeyID: key, KDKID: kdk}, provider.ErrBadRequest},
+		{"bad key ID", h.id, provider.Object{VMUUID: vm, Name: "vtpm", KeyID: "k", KDKID: kdk}, provider.ErrBadRequest},
+		{"unknown KDK", h.id, provider.Object{VMUUID: vm, Name: "vtpm", KeyID: key, KDKID: uuid.NewString()}, provider.ErrNotFound},
+		{"unknown host", uuid.NewString(), provider.Object{VMUUID: vm, Name: "vtpm", KeyID: key, KDKID: kdk}, provider.ErrHostUnknown},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := e.p.RegisterObject(ctx, tt.host, tt.obj)
+			if !errors.Is(err, tt.want) {
+				t.Fatalf("RegisterObject: %v, want %v", err, tt.want)
+			}
+		})
+	}
+	objs, err := e.p.Objects(ctx, provider.ObjectFilter{VMUUID: strings.ToUpper(vm)})
+	if err != nil || len(objs) != 1 || objs[0].KeyID != key || objs[0].KDKVersion != 1 {
+		t.Fatalf("Objects = %+v, %v", objs, err)
+	}
+	if err := e.p.UnregisterObject(ctx, h.id, vm, "vtpm"); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.p.UnregisterObject(ctx, h.id, vm, "vtpm"); !errors.Is(err, provider.ErrNotFound) {
+		t.Fatalf("second UnregisterObject: %v, want ErrNotFound", err)
+	}
+}
