@@ -93,3 +93,25 @@ func TestBuild(t *testing.T) {
 		t.Errorf("second Build rewrote %s", filepath.Base(b.Initrd))
 	}
 }
+
+func TestCheckStatic(t *testing.T) {
+	tests := []struct {
+		path    string
+		wantErr string
+	}{
+		{Busybox, ""},                     // Debian's busybox-static
+		{"/bin/sh", "dynamically linked"}, // dash, linked against libc
+		{"build.go", "bad magic"},         // not ELF at all
+		{"no-such-file", "no such file"},
+	}
+	for _, tc := range tests {
+		if _, err := os.Stat(tc.path); err != nil && tc.wantErr != "no such file" {
+			t.Logf("%s missing, case skipped", tc.path)
+			continue
+		}
+		err := checkStatic(tc.path)
+		if tc.wantErr == "" && err != nil || tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)) {
+			t.Errorf("checkStatic(%s) = %v, want error containing %q", tc.path, err, tc.wantErr)
+		}
+	}
+}
