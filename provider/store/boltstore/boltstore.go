@@ -3,17 +3,22 @@
 // process waits Options.LockTimeout and then gets a clear error).
 //
 // Each store bucket is a top-level bbolt bucket. bbolt gives serialisable transactions
-// natively (one writer, MVCC readers), so Update never returns store.ErrConflict. Commits
-// are fsynced, and concurrent Updates share them (group commit): one writer goroutine
-// runs every Update waiting at that moment, one after the other, in one bbolt transaction,
-// each over a write buffer of its own so that a function that fails leaves nothing; a
-// failed commit runs the batch's functions again one by one, so one caller's failure
-// (a full disk hit by its large write) is not another's. Errors map to the store's sentinels: a read-only open or file system gives
+// natively (one writer, MVCC readers), so Update never returns store.ErrConflict.
+//
+// Commits are fsynced, and concurrent Updates share them (group commit): one writer
+// goroutine runs every Update waiting at that moment, one after the other, in one bbolt
+// transaction, each over a write buffer of its own so that a function that fails (or
+// panics: the panic is raised again in its caller) leaves nothing. A failed commit runs
+// the batch's functions again one by one, so one caller's failure (a full disk hit by
+// its large write) is not another's.
+//
+// Errors map to the store's sentinels: a read-only open or file system gives
 // store.ErrReadOnly, a full disk or Options.MaxSize gives store.ErrFull, and a failed
 // commit writes nothing.
 //
-// A transaction's function must not start another transaction on the same Store: a
-// remap of the file (past 256 MiB) waits for open read transactions.
+// A transaction's function must not start another transaction on the same Store: an
+// Update inside an Update waits for the writer that runs it, and a remap of the file
+// (past 256 MiB) waits for open read transactions.
 //
 // Only the provider's wiring (cmd/nkp-provider, tests) imports it.
 package boltstore
@@ -252,9 +257,9 @@ func (s *Store) runBatch(batch []*call) {
 		}
 		return
 	}
-	var ran []*call
+	var ran, unrun []*call
 	var failed error
-	for _, c := range batch {
+	for i, c := range batch {
 		if err := c.ctx.Err(); err != nil {
 			c.err = fmt.Errorf("store %s: update: %w", s.path, err)
 			continue
@@ -269,6 +274,7 @@ func (s *Store) runBatch(batch []*call) {
 		ran = append(ran, c)
 		if err := t.apply(); err != nil {
 			failed = err
+			unrun = batch[i+1:]
 			break
 		}
 	}
@@ -282,11 +288,13 @@ func (s *Store) runBatch(batch []*call) {
 	if failed == nil {
 		return
 	}
-	if len(ran) == 1 {
-		ran[0].err = failed
+	if len(batch) == 1 {
+		batch[0].err = failed
 		return
 	}
-	for _, c := range ran {
+	// Nothing of this batch reached the file: run again, alone, every call that had
+	// succeeded and every call the failure kept from running.
+	for _, c := range append(ran, unrun...) {
 		s.runBatch([]*call{c})
 	}
 }
