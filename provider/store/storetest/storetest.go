@@ -44,6 +44,7 @@ func Run(t *testing.T, b Backend) {
 		fn   func(t *testing.T, b Backend)
 	}{
 		{"GetPutDelete", testGetPutDelete},
+		{"RandomAgainstModel", testModel},
 		{"EmptyAndLargeValues", testValues},
 		{"ValuesAreCopies", testCopies},
 		{"ListOrderAndPrefix", testList},
