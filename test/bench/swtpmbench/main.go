@@ -6,7 +6,7 @@
 //   - p50 and p99 latency of GetRandom(32), PCR_Extend, NV_Write (64 bytes to
 //     a defined index, new data each time) and CreatePrimary ECC P-256 +
 //     FlushContext, all over one data connection, the two backends taking
-//     turns command by command so that both see the same machine noise;
+//     turns in blocks of -block calls so that both see the same machine noise;
 //   - start-to-ready: process start until the control socket answers
 //     GET_CAPABILITY (median of -starts, existing state, turns alternating);
 //   - RSS and PSS (from /proc/PID/smaps_rollup) per instance of -idle idle
@@ -53,6 +53,7 @@ type config struct {
 	N       int        // timed calls per fast command and backend
 	NCreate int        // timed CreatePrimary+Flush pairs per backend
 	Warmup  int        // untimed calls of each command first
+	Block   int        // timed calls in a row on one backend before the other's turn
 	Starts  int        // start-to-ready samples per backend
 	Idle    int        // idle instances per backend for RSS/PSS
 	Key     keyPassing // fd or file
@@ -73,6 +74,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.IntVar(&c.N, "n", 3000, "timed calls per command (GetRandom, PCR_Extend, NV_Write) and backend")
 	fs.IntVar(&c.NCreate, "n-create", 300, "timed CreatePrimary ECC P-256 + FlushContext pairs per backend")
 	fs.IntVar(&c.Warmup, "warmup", 50, "untimed calls of each command before timing")
+	fs.IntVar(&c.Block, "block", 100, "timed calls in a row on one backend before the other backend's turn (1: call by call)")
 	fs.IntVar(&c.Starts, "starts", 20, "start-to-ready samples per backend (the median is reported)")
 	fs.IntVar(&c.Idle, "idle", 50, "idle instances per backend for RSS and PSS")
 	key := fs.String("key", "fd", "how the state key is passed: fd (--key fd=3) or file (--key file=PATH); both read a 0600 file")
@@ -97,6 +99,8 @@ func (c config) validate() error {
 		return fmt.Errorf("-n %d: need at least 1 call", c.N)
 	case c.NCreate < 1:
 		return fmt.Errorf("-n-create %d: need at least 1 call", c.NCreate)
+	case c.Block < 1:
+		return fmt.Errorf("-block %d: need at least 1 call", c.Block)
 	case c.Warmup < 0:
 		return fmt.Errorf("-warmup %d: must not be negative", c.Warmup)
 	case c.Starts < 1:

@@ -122,6 +122,7 @@ func TestFlagsRefused(t *testing.T) {
 		{[]string{"-a", "/nonexistent/swtpm"}, "-a /nonexistent/swtpm"},
 		{[]string{"stray"}, "unexpected arguments"},
 		{[]string{"-cpus", "one"}, "-cpus"},
+		{[]string{"-block", "0"}, "-block"},
 		{[]string{"-cpus", "0,-1"}, "-cpus"},
 	}
 	for _, tc := range tests {

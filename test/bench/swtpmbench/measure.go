@@ -176,20 +176,29 @@ func measureLatency(ctx context.Context, cfg config, cmds commands, backends [2]
 			}
 			cpu0[i] = c
 		}
-		for k := -cfg.Warmup; k < n; k++ {
-			if err := ctx.Err(); err != nil {
-				return err
-			}
-			for j := range 2 {
-				i := (j + k) & 1 // alternate who goes first
-				if k < 0 {
-					i = j
-				}
-				d, err := call(i, op)
-				if err != nil {
+		for i := range 2 { // untimed warm-up, each backend alone
+			for range cfg.Warmup {
+				if _, err := call(i, op); err != nil {
 					return fmt.Errorf("%s %s: %w: %w", backends[i].Label, op, errBackend, err)
 				}
-				if k >= 0 {
+			}
+		}
+		// Timed calls in blocks, the backends taking turns block by block and
+		// who goes first alternating: both meet the same machine noise, and
+		// neither runs right after the other's every call (a Go server's idle
+		// threads keep spinning for a moment after each response).
+		for first, blk := 0, 0; first < n; first, blk = first+cfg.Block, blk+1 {
+			size := min(cfg.Block, n-first)
+			for j := range 2 {
+				i := (j + blk) & 1
+				for range size {
+					if err := ctx.Err(); err != nil {
+						return err
+					}
+					d, err := call(i, op)
+					if err != nil {
+						return fmt.Errorf("%s %s: %w: %w", backends[i].Label, op, errBackend, err)
+					}
 					sides[i].lat[op] = append(sides[i].lat[op], d)
 				}
 			}

@@ -131,10 +131,10 @@ func (r report) markdown() string {
 		fmt.Fprintf(&sb, "| %s | %s | %s | %s | %s |\n", row.name, formatValue(row.a, row.unit), formatValue(row.b, row.unit), row.ratio(), row.verdict())
 	}
 	fmt.Fprintf(&sb, "\nRun %s, %.0f s; %s; load average %s before, %s after. "+
-		"%d timed calls per command (%d CreatePrimary) after %d warm-up calls, one data connection per backend, the two backends taking turns; "+
+		"%d timed calls per command (%d CreatePrimary) after %d warm-up calls, one data connection per backend, the two backends taking turns every %d calls; "+
 		"encrypted state, key by %s; unix sockets; %s.\n",
 		r.start.UTC().Format("2006-01-02 15:04 MST"), r.end.Sub(r.start).Seconds(), machine(), r.load[0], r.load[1],
-		r.cfg.N, r.cfg.NCreate, r.cfg.Warmup, keyDescription(r.cfg.Key), pinning(r.cfg.CPUs))
+		r.cfg.N, r.cfg.NCreate, r.cfg.Warmup, r.cfg.Block, keyDescription(r.cfg.Key), pinning(r.cfg.CPUs))
 	return sb.String()
 }
 
