@@ -231,3 +231,42 @@ func TestAuditVerifyDetectsTampering(t *testing.T) {
 		})
 	}
 }
+
+// rotatingWriter rotates the provider's KDK while the backup archive is being written.
+type rotatingWriter struct {
+	bytes.Buffer
+	rotate  func() error
+	rotated bool
+	err     error
+}
+
+func (w *rotatingWriter) Write(p []byte) (int, error) {
+	if !w.rotated {
+		w.rotated = true
+		w.err = w.rotate()
+	}
+	return w.Buffer.Write(p)
+}
+
+// TestBackupDuringRotate: a version made while a backup is being written is not in that
+// archive, so the backup must not mark it backed up.
+func TestBackupDuringRotate(t *testing.T) {
+	ctx := context.Background()
+	e := initEnv(t, provider.Policy{})
+	w := &rotatingWriter{rotate: func() error { _, err := e.p.Rotate(ctx); return err }}
+	info, err := e.p.Backup(ctx, w, []byte("p"))
+	if err != nil || w.err != nil {
+		t.Fatalf("Backup: %v; Rotate during it: %v", err, w.err)
+	}
+	if len(info.KDKs) != 1 || info.KDKs[0] != 1 {
+		t.Fatalf("archive holds versions %v, want [1]", info.KDKs)
+	}
+	st, _ := e.p.Status(ctx)
+	if st.State != provider.StateNotBackedUp || !st.KDKs[0].BackedUp || st.KDKs[1].BackedUp {
+		t.Fatalf("after a backup that missed version 2: %+v", st)
+	}
+	e.backup(t, "p")
+	if st, _ := e.p.Status(ctx); st.State != provider.StateActive {
+		t.Fatalf("after the next backup: %s, want Active", st.State)
+	}
+}
