@@ -150,6 +150,7 @@ func (f ObjectFilter) match(o Object) bool {
 	return (f.VMUUID == "" || f.VMUUID == o.VMUUID) && (f.KDKVersion == 0 || f.KDKVersion == o.KDKVersion)
 }
 
+// String names the object for messages (no key material: IDs only).
 func (o Object) String() string {
 	return fmt.Sprintf("VM %s %s (key %s, KDK v%d)", o.VMUUID, o.Name, o.KeyID, o.KDKVersion)
 }
