@@ -2,8 +2,11 @@ package provider
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"strconv"
 	"strings"
@@ -33,11 +36,12 @@ func (p *Provider) Backup(ctx context.Context, w io.Writer, passphrase []byte) (
 		return BackupInfo{}, fmt.Errorf("backup: %w", err)
 	}
 	defer doc.Wipe()
-	n, err := backup.Write(w, passphrase, doc, backup.WriteOptions{WorkFactor: p.cfg.BackupWorkFactor})
+	sum := sha256.New()
+	n, err := backup.Write(io.MultiWriter(w, sum), passphrase, doc, backup.WriteOptions{WorkFactor: p.cfg.BackupWorkFactor})
 	if err != nil {
 		return BackupInfo{}, fmt.Errorf("backup of provider %s: %w", doc.ProviderID, err)
 	}
-	in := infoOf(doc, n)
+	in := infoOf(doc, n, sum)
 	included := map[string]bool{}
 	for _, k := range doc.KDKs {
 		if k.Retired == nil {
@@ -71,7 +75,7 @@ func (p *Provider) Backup(ctx context.Context, w io.Writer, passphrase []byte) (
 		}
 		return a.add(tx, audit.Event{Kind: audit.KindBackup, Actor: actorOf(ctx), Subject: m.ID, Details: map[string]string{
 			"kdk_versions": joinInts(in.KDKs), "hosts": strconv.Itoa(in.Hosts), "objects": strconv.Itoa(in.Objects),
-			"bytes": strconv.FormatInt(n, 10), "created": doc.Created.Format(time.RFC3339),
+			"bytes": strconv.FormatInt(n, 10), "created": doc.Created.Format(time.RFC3339), "archive_sha256": in.SHA256,
 		}})
 	})
 	if err != nil {
@@ -142,10 +146,26 @@ func (p *Provider) document(tx store.Tx) (doc *backup.Document, err error) {
 	return doc, nil
 }
 
-func infoOf(d *backup.Document, n int64) BackupInfo {
+func infoOf(d *backup.Document, n int64, sum hash.Hash) BackupInfo {
 	in := d.Info()
 	return BackupInfo{ProviderID: in.ProviderID, Created: in.Created, KDKs: in.KDKVersions, Primary: in.Primary,
-		Hosts: in.Hosts, Objects: in.Objects, Bytes: n}
+		Hosts: in.Hosts, Objects: in.Objects, Bytes: n, SHA256: hex.EncodeToString(sum.Sum(nil))}
+}
+
+// readArchive reads and checks an archive, hashing every byte of r.
+func readArchive(r io.Reader, passphrase []byte) (*backup.Document, BackupInfo, error) {
+	sum := sha256.New()
+	tee := io.TeeReader(r, sum)
+	doc, n, err := backup.Read(tee, passphrase)
+	if err != nil {
+		return nil, BackupInfo{}, err
+	}
+	// backup.Read stops at the end of the age stream, which is the end of the file.
+	if _, err := io.Copy(io.Discard, tee); err != nil {
+		doc.Wipe()
+		return nil, BackupInfo{}, fmt.Errorf("reading the archive: %w", err)
+	}
+	return doc, infoOf(doc, n, sum), nil
 }
 
 func joinInts(v []int) string {
@@ -160,12 +180,12 @@ func joinInts(v []int) string {
 // the CA key against its certificate, the catalog against the KDK versions). It changes
 // nothing.
 func (p *Provider) VerifyBackup(ctx context.Context, r io.Reader, passphrase []byte) (BackupInfo, error) {
-	doc, n, err := backup.Read(r, passphrase)
+	doc, info, err := readArchive(r, passphrase)
 	if err != nil {
 		return BackupInfo{}, fmt.Errorf("verify backup: %w", err)
 	}
-	defer doc.Wipe()
-	return infoOf(doc, n), nil
+	doc.Wipe()
+	return info, nil
 }
 
 // Restore rebuilds the provider from an archive: same provider ID, KDK versions, CA,
@@ -174,7 +194,7 @@ func (p *Provider) VerifyBackup(ctx context.Context, r io.Reader, passphrase []b
 // ErrNotEmpty unless force; with force its state is replaced (its audit log is kept and
 // the restore appended to it). Unused join tokens are not in archives.
 func (p *Provider) Restore(ctx context.Context, r io.Reader, passphrase []byte, force bool) (Status, error) {
-	doc, _, err := backup.Read(r, passphrase)
+	doc, info, err := readArchive(r, passphrase)
 	if err != nil {
 		return Status{}, fmt.Errorf("restore: %w", err)
 	}
@@ -256,6 +276,7 @@ func (p *Provider) Restore(ctx context.Context, r io.Reader, passphrase []byte, 
 		details := map[string]string{
 			"archive_created": doc.Created.Format(time.RFC3339), "kdk_versions": joinInts(in.KDKVersions),
 			"hosts": strconv.Itoa(in.Hosts), "objects": strconv.Itoa(in.Objects), "forced": strconv.FormatBool(replaced != ""),
+			"archive_sha256": info.SHA256,
 		}
 		if replaced != "" {
 			details["replaced_provider"] = replaced

@@ -3,6 +3,8 @@ package provider_test
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"testing"
 
@@ -38,6 +40,14 @@ func TestBackupRestore(t *testing.T) {
 	}
 	if info.ProviderID != st0.ProviderID || info.Hosts != 2 || info.Objects != 1 || info.Primary != 1 || info.Bytes != int64(len(archive)) {
 		t.Fatalf("VerifyBackup = %+v", info)
+	}
+	sum := sha256.Sum256(archive)
+	if info.SHA256 != hex.EncodeToString(sum[:]) {
+		t.Fatalf("VerifyBackup SHA256 %s, want the archive's %x", info.SHA256, sum)
+	}
+	recs, err := src.p.Audit(ctx, 2) // backup, then the release
+	if err != nil || recs[0].Kind != audit.KindBackup || recs[0].Details["archive_sha256"] != info.SHA256 {
+		t.Fatalf("the backup audit record does not name the archive's hash: %+v, %v", recs, err)
 	}
 
 	// Restore into an empty provider with another root key: hosts and keys keep working.
@@ -89,7 +99,7 @@ func TestBackupRestore(t *testing.T) {
 	if err := other.p.AuditVerify(ctx); err != nil {
 		t.Fatal(err)
 	}
-	recs, _ := other.p.Audit(ctx, 1)
+	recs, _ = other.p.Audit(ctx, 1)
 	if len(recs) != 1 || recs[0].Kind != audit.KindRestore || recs[0].Details["forced"] != "true" {
 		t.Fatalf("last audit record after forced restore: %+v", recs)
 	}

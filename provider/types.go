@@ -69,6 +69,9 @@ type BackupInfo struct {
 	Hosts      int
 	Objects    int
 	Bytes      int64 // size of the encrypted archive
+	// SHA256 is the hex SHA-256 of the encrypted archive, as `sha256sum` prints it; the
+	// audit log records it, so an archive file can be matched to its backup.
+	SHA256 string
 }
 
 // Token is a single-use join token. Secret is shown once; it is what the host presents
