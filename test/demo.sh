@@ -76,8 +76,9 @@ XML
 virsh -c qemu:///system create "$W/domain.xml" >/dev/null || die "virsh create refused the domain"
 say "virsh started domain $NAME (TCG, 256 MiB) with <tpm model='tpm-crb'><backend type='external'> on that socket"
 
-for _ in $(seq 1800); do grep -q 'NKP-GUEST done=' "$CONSOLE" 2>/dev/null && break; sleep 0.1; done
-grep -q 'NKP-GUEST done=' "$CONSOLE" 2>/dev/null || die "no result from the guest within 180 s; console: $(tail -n 5 "$CONSOLE" 2>/dev/null)"
+# The serial port writes a line byte by byte: wait for a whole verdict, not its first bytes.
+for _ in $(seq 1800); do grep -aEq 'NKP-GUEST done=(ok|fail)' "$CONSOLE" 2>/dev/null && break; sleep 0.1; done
+grep -aEq 'NKP-GUEST done=(ok|fail)' "$CONSOLE" 2>/dev/null || die "no result from the guest within 180 s; console: $(tail -n 5 "$CONSOLE" 2>/dev/null)"
 say "the guest's TPM, as the guest sees it:"
 grep -a 'NKP-GUEST ' "$CONSOLE" | grep -av 'poweroff=' | sed 's/^.*NKP-GUEST /  /'
 

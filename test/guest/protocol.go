@@ -176,9 +176,12 @@ func needsQuote(v string) bool {
 
 // ParseConsole extracts the agent's records from a serial console capture, in order.
 // Kernel messages may precede the prefix on a line (they share the console); anything
-// before the prefix is ignored, and so are malformed pairs.
+// before the prefix is ignored, and so are malformed pairs. A last line without its
+// newline is ignored: the serial port delivers a line byte by byte, so a capture read
+// while the guest runs may end in the middle of one.
 func ParseConsole(data []byte) []Record {
 	var out []Record
+	data = data[:bytes.LastIndexByte(data, '\n')+1]
 	sc := bufio.NewScanner(bytes.NewReader(data))
 	sc.Buffer(make([]byte, 0, 4096), 1<<20)
 	sc.Split(scanLinesAnyLength)

@@ -81,7 +81,8 @@ func TestParseConsole(t *testing.T) {
 		{name: "malformed pair stops the line", in: "NKP-GUEST a=1 junk b=2\n", want: []Record{{"a": "1"}}},
 		{name: "bad quote stops the line", in: "NKP-GUEST a=1 b=\"open\n", want: []Record{{"a": "1"}}},
 		{name: "prefix without pairs", in: "NKP-GUEST \nNKP-GUESTX a=1\n", want: nil},
-		{name: "no final newline", in: "NKP-GUEST done=ok", want: []Record{{"done": "ok"}}},
+		{name: "unterminated last line is still being written", in: "NKP-GUEST a=1\nNKP-GUEST loop=3 pcr0=e2", want: []Record{{"a": "1"}}},
+		{name: "unterminated only line", in: "NKP-GUEST done=ok", want: nil},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
