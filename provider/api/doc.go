@@ -21,7 +21,8 @@
 //
 //	POST /v1/enroll                      EnrollRequest → EnrollResponse
 //	GET  /v1/host/kdks                   → ReleaseResponse (every KDK version in use)
-//	POST /v1/host/objects                Object → 204
+//	POST /v1/host/objects                Object → 204 (registers, or replaces the entry of the same VM and name)
+//	DELETE /v1/host/objects/{vm}/{name}  → 204 (the object is gone: VM deleted, disk removed)
 //	GET  /v1/admin/status                → Status
 //	POST /v1/admin/backup                BackupRequest → the age archive (application/octet-stream)
 //	POST /v1/admin/backup/verify         ArchiveRequest → BackupInfo

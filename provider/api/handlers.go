@@ -30,6 +30,7 @@ type Provider interface {
 	Rotate(ctx context.Context) (provider.KDKVersion, error)
 	Retire(ctx context.Context, version int) error
 	RegisterObject(ctx context.Context, hostID string, obj provider.Object) error
+	UnregisterObject(ctx context.Context, hostID, vmUUID, name string) error
 	Objects(ctx context.Context, f provider.ObjectFilter) ([]provider.Object, error)
 	Policy(ctx context.Context) (provider.Policy, error)
 	SetPolicy(ctx context.Context, p provider.Policy) error
@@ -94,6 +95,14 @@ func (s *Server) handleRegisterObject(w http.ResponseWriter, r *http.Request, ho
 	}
 	err = s.p.RegisterObject(r.Context(), hostID, provider.Object{VMUUID: o.VMUUID, Name: o.Name, KeyID: o.KeyID, KDKID: o.KDKID})
 	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *Server) handleUnregisterObject(w http.ResponseWriter, r *http.Request, hostID string) {
+	if err := s.p.UnregisterObject(r.Context(), hostID, r.PathValue("vm"), r.PathValue("name")); err != nil {
 		s.writeError(w, r, err)
 		return
 	}

@@ -115,6 +115,7 @@ func (s *Server) routes() {
 	handle("POST "+PathEnroll, "enroll", s.handleEnroll)
 	handle("GET "+PathHostKDKs, "host_kdks", s.host(s.handleRelease))
 	handle("POST "+PathHostObjects, "host_objects", s.host(s.handleRegisterObject))
+	handle("DELETE "+PathHostObjects+"/{vm}/{name}", "host_objects_delete", s.host(s.handleUnregisterObject))
 
 	handle("GET "+PathStatus, "status", s.admin(s.handleStatus))
 	handle("POST "+PathBackup, "backup", s.admin(s.handleBackup))
@@ -131,7 +132,7 @@ func (s *Server) routes() {
 	handle("PUT "+PathPolicy, "policy_set", s.admin(s.handleSetPolicy))
 	handle("/", "unknown", func(w http.ResponseWriter, r *http.Request) {
 		var allow []string
-		for _, m := range []string{http.MethodGet, http.MethodPost, http.MethodPut} {
+		for _, m := range []string{http.MethodGet, http.MethodPost, http.MethodPut, http.MethodDelete} {
 			r2 := r.Clone(r.Context())
 			r2.Method = m
 			if _, pattern := mux.Handler(r2); pattern != "/" && pattern != "" {

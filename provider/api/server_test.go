@@ -192,6 +192,18 @@ func (f *fake) RegisterObject(ctx context.Context, hostID string, o provider.Obj
 	return nil
 }
 
+func (f *fake) UnregisterObject(ctx context.Context, hostID, vm, name string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for i, o := range f.objects {
+		if o.VMUUID == vm && o.Name == name {
+			f.objects = append(f.objects[:i], f.objects[i+1:]...)
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: the catalog has no object %s for VM %s", provider.ErrNotFound, name, vm)
+}
+
 func (f *fake) Objects(ctx context.Context, flt provider.ObjectFilter) ([]provider.Object, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -578,6 +590,15 @@ func TestRelease(t *testing.T) {
 	objs, err := e.admin.Objects(ctx, "vm-1", 0)
 	if err != nil || len(objs) != 1 || objs[0].HostID != hostID || objs[0].KeyID != "key-1" {
 		t.Fatalf("objects = %+v, %v", objs, err)
+	}
+	if err := host.UnregisterObject(ctx, "vm-1", "vtpm"); err != nil {
+		t.Fatalf("unregister: %v", err)
+	}
+	if err := host.UnregisterObject(ctx, "vm-1", "vtpm"); !client.IsCode(err, api.CodeNotFound) {
+		t.Fatalf("unregister twice: %v, want %s", err, api.CodeNotFound)
+	}
+	if objs, err := e.admin.Objects(ctx, "vm-1", 0); err != nil || len(objs) != 0 {
+		t.Fatalf("objects after unregister = %+v, %v", objs, err)
 	}
 }
 

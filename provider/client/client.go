@@ -229,6 +229,11 @@ func (c *Client) RegisterObject(ctx context.Context, o api.Object) error {
 	return c.do(ctx, http.MethodPost, api.PathHostObjects, nil, o, nil)
 }
 
+// UnregisterObject removes a protected object from the provider's catalog.
+func (c *Client) UnregisterObject(ctx context.Context, vmUUID, name string) error {
+	return c.do(ctx, http.MethodDelete, api.PathHostObjects+"/"+url.PathEscape(vmUUID)+"/"+url.PathEscape(name), nil, nil, nil)
+}
+
 // Status returns the provider's state (admin).
 func (c *Client) Status(ctx context.Context) (api.Status, error) {
 	var s api.Status

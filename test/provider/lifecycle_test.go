@@ -68,6 +68,16 @@ func TestLifecycle(t *testing.T) {
 	if len(objs) != 2 {
 		t.Fatalf("objects of %s = %+v", vm, objs)
 	}
+	if err := h.c.RegisterObject(ctx, api.Object{VMUUID: vm, Name: "disk:vdb", KeyID: newUUID(t), KDKID: kdk1.ID}); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.c.UnregisterObject(ctx, vm, "disk:vdb"); err != nil {
+		t.Fatalf("unregister disk:vdb: %v", err)
+	}
+	b.ctlJSON(t, dir, s.url, &objs, "objects", "--vm", vm)
+	if len(objs) != 2 {
+		t.Fatalf("objects of %s after unregistering one = %+v", vm, objs)
+	}
 
 	var v2 api.KDKVersion
 	b.ctlJSON(t, dir, s.url, &v2, "rotate")
