@@ -50,8 +50,10 @@
 //     command.
 //   - libtpms never stores "volatilestate" or "savestate" by itself, and
 //     Terminate stores nothing: the server stores VolatileAllStore's blob
-//     when swtpm would (STORE_VOLATILE, shutdown). libtpms 0.9.2 never calls
-//     the delete callback for a TPM 2; the server deletes what it must.
+//     when swtpm would (STORE_VOLATILE, shutdown). Only libtpms' TPM 1.2
+//     code calls the delete callback (TPM_PermanentAll_NVDelete,
+//     TPM_SaveState_NVDelete); for a TPM 2 no test saw one, so the server
+//     deletes what it must itself.
 //   - Without registered callbacks libtpms would write a 176 KB NVChip file
 //     into the working directory; Open always registers them, so nothing
 //     is written there.
