@@ -22,6 +22,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/nkp-dev/nkp/provider/api"
@@ -31,6 +32,11 @@ import (
 type Config struct {
 	// URL is the provider's base URL, e.g. https://provider.example:8443.
 	URL string
+	// Replicas are more base URLs of the same provider (replicas sharing one etcd). A
+	// request that fails to reach one (connection refused or cut, TLS failure, timeout) is
+	// sent to the next; the one that answered is tried first next time. A refusal from a
+	// provider (*APIError) is final.
+	Replicas []string
 	// CA is the provider CA that the server's certificate must chain to.
 	CA *x509.Certificate
 	// Certificate is the client certificate (host or admin) with its private key.
@@ -43,8 +49,9 @@ type Config struct {
 
 // Client talks to one provider. It is safe for concurrent use.
 type Client struct {
-	base *url.URL
-	hc   *http.Client
+	bases   []*url.URL
+	current atomic.Int32 // index in bases of the replica that answered last
+	hc      *http.Client
 }
 
 // APIError is an error response from the provider.
@@ -78,13 +85,17 @@ func New(cfg Config) (*Client, error) {
 		InsecureSkipVerify: true, // replaced by VerifyConnection: chain to the pinned CA, no host name check
 		VerifyConnection:   verifyAgainst(cfg.CA),
 	}
-	return newClient(cfg.URL, tc, cfg.Timeout, cfg.MaxConnsPerHost)
+	return newClient(append([]string{cfg.URL}, cfg.Replicas...), tc, cfg.Timeout, cfg.MaxConnsPerHost)
 }
 
-func newClient(rawURL string, tc *tls.Config, timeout time.Duration, maxConns int) (*Client, error) {
-	u, err := url.Parse(rawURL)
-	if err != nil || u.Scheme != "https" || u.Host == "" {
-		return nil, fmt.Errorf("provider client: URL %q: want https://HOST:PORT", rawURL)
+func newClient(rawURLs []string, tc *tls.Config, timeout time.Duration, maxConns int) (*Client, error) {
+	var bases []*url.URL
+	for _, raw := range rawURLs {
+		u, err := url.Parse(raw)
+		if err != nil || u.Scheme != "https" || u.Host == "" {
+			return nil, fmt.Errorf("provider client: URL %q: want https://HOST:PORT", raw)
+		}
+		bases = append(bases, u)
 	}
 	if timeout == 0 {
 		timeout = 30 * time.Second
@@ -98,7 +109,7 @@ func newClient(rawURL string, tc *tls.Config, timeout time.Duration, maxConns in
 		IdleConnTimeout:     90 * time.Second,
 		TLSHandshakeTimeout: 10 * time.Second,
 	}
-	return &Client{base: u, hc: &http.Client{Transport: tr, Timeout: timeout}}, nil
+	return &Client{bases: bases, hc: &http.Client{Transport: tr, Timeout: timeout}}, nil
 }
 
 // CAHash is the pin of a CA certificate: "sha256:" and the hex SHA-256 of its
@@ -158,10 +169,6 @@ func (c *Client) do(ctx context.Context, method, path string, query url.Values, 
 }
 
 func (c *Client) send(ctx context.Context, method, path string, query url.Values, in any) (*http.Response, error) {
-	u := *c.base
-	u.Path = strings.TrimSuffix(u.Path, "/") + path
-	u.RawQuery = query.Encode()
-	var body io.Reader
 	var raw []byte
 	if in != nil {
 		var err error
@@ -170,18 +177,42 @@ func (c *Client) send(ctx context.Context, method, path string, query url.Values
 			return nil, fmt.Errorf("provider %s %s: encoding request: %w", method, path, err)
 		}
 		defer clear(raw) // may hold a passphrase
+	}
+	start := int(c.current.Load())
+	var errs []error
+	for i := range c.bases {
+		n := (start + i) % len(c.bases)
+		resp, err := c.sendTo(ctx, c.bases[n], method, path, query, raw)
+		var ae *APIError
+		if err == nil || errors.As(err, &ae) || ctx.Err() != nil {
+			if err == nil || ae != nil {
+				c.current.Store(int32(n))
+			}
+			return resp, err
+		}
+		errs = append(errs, err)
+	}
+	return nil, errors.Join(errs...)
+}
+
+func (c *Client) sendTo(ctx context.Context, base *url.URL, method, path string, query url.Values, raw []byte) (*http.Response, error) {
+	u := *base
+	u.Path = strings.TrimSuffix(u.Path, "/") + path
+	u.RawQuery = query.Encode()
+	var body io.Reader
+	if raw != nil {
 		body = bytes.NewReader(raw)
 	}
 	req, err := http.NewRequestWithContext(ctx, method, u.String(), body)
 	if err != nil {
 		return nil, fmt.Errorf("provider %s %s: %w", method, path, err)
 	}
-	if in != nil {
+	if raw != nil {
 		req.Header.Set("Content-Type", api.ContentTypeJSON)
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("provider %s %s: %w (is nkp-provider running at %s?)", method, path, err, c.base.Host)
+		return nil, fmt.Errorf("provider %s %s: %w (is nkp-provider running at %s?)", method, path, err, base.Host)
 	}
 	if resp.StatusCode/100 != 2 {
 		defer resp.Body.Close()

@@ -12,6 +12,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"math/big"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -119,4 +120,82 @@ func selfSigned(t *testing.T) *x509.Certificate {
 		t.Fatal(err)
 	}
 	return c
+}
+
+// TestReplicaFailover: a replica that cannot be reached is skipped, the one that answered
+// is tried first afterwards, and a refusal from a provider is not retried elsewhere.
+func TestReplicaFailover(t *testing.T) {
+	var hitsB, hitsC atomic.Int64
+	answer := func(hits *atomic.Int64, code int) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) {
+			hits.Add(1)
+			w.WriteHeader(code)
+			if code == http.StatusOK {
+				w.Write([]byte(`{"state":"Active"}`))
+			} else {
+				w.Write([]byte(`{"error":"host revoked","code":"host_revoked"}`))
+			}
+		}
+	}
+	// A broken replica: accepts TCP connections and closes them at once, counting them.
+	var brokenAccepts atomic.Int64
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			brokenAccepts.Add(1)
+			conn.Close()
+		}
+	}()
+	downURL := "https://" + ln.Addr().String()
+	b := httptest.NewTLSServer(answer(&hitsB, http.StatusOK))
+	defer b.Close()
+	c := httptest.NewTLSServer(answer(&hitsC, http.StatusForbidden))
+	defer c.Close()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	cert := tls.Certificate{Certificate: [][]byte{b.Certificate().Raw}, PrivateKey: key}
+
+	cl, err := New(Config{URL: downURL, Replicas: []string{b.URL}, CA: b.Certificate(), Certificate: cert})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	for i := 0; i < 3; i++ {
+		if st, err := cl.Status(context.Background()); err != nil || st.State != "Active" {
+			t.Fatalf("status with the first replica down = %+v, %v", st, err)
+		}
+	}
+	if hitsB.Load() != 3 || brokenAccepts.Load() != 1 {
+		t.Fatalf("replica B answered %d times (want 3), the broken one was tried %d times (want 1: B is tried first once it answered)",
+			hitsB.Load(), brokenAccepts.Load())
+	}
+
+	refusing, err := New(Config{URL: c.URL, Replicas: []string{b.URL}, CA: b.Certificate(), Certificate: cert})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer refusing.Close()
+	before := hitsB.Load()
+	if _, err := refusing.Status(context.Background()); !IsCode(err, api.CodeHostRevoked) {
+		t.Fatalf("status = %v, want the first replica's refusal", err)
+	}
+	if hitsB.Load() != before || hitsC.Load() != 1 {
+		t.Fatalf("a refusal was retried on another replica (B %d→%d, C %d)", before, hitsB.Load(), hitsC.Load())
+	}
+
+	allDown, err := New(Config{URL: downURL, Replicas: []string{downURL}, CA: b.Certificate(), Certificate: cert})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer allDown.Close()
+	if _, err := allDown.Status(context.Background()); err == nil || strings.Count(err.Error(), "is nkp-provider running") != 2 {
+		t.Fatalf("status with every replica down = %v", err)
+	}
 }

@@ -69,7 +69,7 @@ func Join(ctx context.Context, req JoinRequest) (*Enrollment, error) {
 			return fmt.Errorf("join: the provider's CA does not match the pinned hash %s: check --ca-hash (another provider, or an interception)", want)
 		},
 	}
-	c, err := newClient(req.URL, tc, req.Timeout, 0)
+	c, err := newClient([]string{req.URL}, tc, req.Timeout, 0)
 	if err != nil {
 		return nil, err
 	}
