@@ -51,7 +51,7 @@ func newRoot(stdin io.Reader, stdout, stderr io.Writer) *cobra.Command {
 	root.SetErr(stderr)
 	prov := &cobra.Command{Use: "provider", Short: "run and administer the key provider"}
 	pf := prov.PersistentFlags()
-	pf.StringVar(&c.url, "provider", envOr("NKP_PROVIDER", "https://127.0.0.1:8443"), "provider URL (env NKP_PROVIDER)")
+	pf.StringVar(&c.url, "provider", envOr("NKP_PROVIDER", "https://127.0.0.1:8443"), "provider URL, or several replicas' URLs comma-separated (env NKP_PROVIDER)")
 	pf.StringVar(&c.dir, "dir", envOr("NKP_PROVIDER_DIR", "/var/lib/nkp-provider"), "provider directory with ca.crt, admin.crt, admin.key (env NKP_PROVIDER_DIR)")
 	pf.StringVar(&c.certFile, "cert", "", "admin certificate (default DIR/admin.crt)")
 	pf.StringVar(&c.keyFile, "key", "", "admin key (default DIR/admin.key)")
@@ -105,7 +105,8 @@ func (c *ctl) client() (*client.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	return client.New(client.Config{URL: c.url, CA: adm.CA, Certificate: adm.Certificate})
+	urls := strings.Split(c.url, ",")
+	return client.New(client.Config{URL: urls[0], Replicas: urls[1:], CA: adm.CA, Certificate: adm.Certificate})
 }
 
 // print writes v as JSON (--json) or through the human formatter.
