@@ -3,6 +3,9 @@
 //	nkp-provider init  --dir D [--store bolt|etcd --etcd-endpoints URLS] [--tpm-required]
 //	nkp-provider serve --dir D --listen ADDR [--store bolt|etcd --etcd-endpoints URLS] [--san NAME,...]
 //
+// With https:// etcd endpoints, --etcd-cacert names the CA of etcd's server certificate
+// and --etcd-cert/--etcd-key the client certificate etcd's --client-cert-auth asks for.
+//
 // serve answers SIGTERM and SIGINT with a graceful shutdown (STOPPING=1 to systemd, readiness
 // withdrawn, current requests finished), sends READY=1 once it accepts connections and
 // keeps systemd's watchdog fed while the store answers. Replicas sharing one etcd store
@@ -36,6 +39,7 @@ func main() {
 
 type options struct {
 	dir, listen, storeKind, etcd, etcdPrefix, sans, logLevel, logFormat string
+	etcdCA, etcdCert, etcdKey                                           string
 	tpmRequired                                                         bool
 	shutdown                                                            time.Duration
 	workFactor                                                          int
@@ -43,7 +47,7 @@ type options struct {
 }
 
 func (o *options) store() daemon.StoreConfig {
-	sc := daemon.StoreConfig{Kind: o.storeKind, EtcdPrefix: o.etcdPrefix}
+	sc := daemon.StoreConfig{Kind: o.storeKind, EtcdPrefix: o.etcdPrefix, EtcdCACert: o.etcdCA, EtcdCert: o.etcdCert, EtcdKey: o.etcdKey}
 	if o.etcd != "" {
 		sc.EtcdEndpoints = strings.Split(o.etcd, ",")
 	}
@@ -75,6 +79,9 @@ func run(args []string, stdout, stderr io.Writer) error {
 	pf.StringVar(&o.storeKind, "store", daemon.StoreBolt, "store: bolt or etcd")
 	pf.StringVar(&o.etcd, "etcd-endpoints", "", "etcd client URLs, comma-separated (--store etcd)")
 	pf.StringVar(&o.etcdPrefix, "etcd-prefix", "", "key prefix in etcd (default /nkp/provider/)")
+	pf.StringVar(&o.etcdCA, "etcd-cacert", "", "CA certificate (PEM) of etcd's server certificate, for https:// endpoints")
+	pf.StringVar(&o.etcdCert, "etcd-cert", "", "client certificate (PEM) for etcd's --client-cert-auth")
+	pf.StringVar(&o.etcdKey, "etcd-key", "", "key (PEM, mode 0600) of --etcd-cert")
 	pf.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	pf.StringVar(&o.logFormat, "log-format", "json", "json or text")
 

@@ -79,6 +79,9 @@ func (c *ctl) storeFlags(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&c.store.Kind, "store", daemon.StoreBolt, "store: bolt (a file in --dir) or etcd")
 	cmd.Flags().StringVar(&c.etcdEP, "etcd-endpoints", "", "etcd client URLs, comma-separated (--store etcd)")
 	cmd.Flags().StringVar(&c.store.EtcdPrefix, "etcd-prefix", "", "key prefix in etcd (default /nkp/provider/)")
+	cmd.Flags().StringVar(&c.store.EtcdCACert, "etcd-cacert", "", "CA certificate (PEM) of etcd's server certificate, for https:// endpoints")
+	cmd.Flags().StringVar(&c.store.EtcdCert, "etcd-cert", "", "client certificate (PEM) for etcd's --client-cert-auth")
+	cmd.Flags().StringVar(&c.store.EtcdKey, "etcd-key", "", "key (PEM, mode 0600) of --etcd-cert")
 }
 
 func (c *ctl) storeConfig() daemon.StoreConfig {

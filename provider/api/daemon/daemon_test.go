@@ -31,6 +31,11 @@ func TestConfigValidate(t *testing.T) {
 		{"etcd without endpoints", daemon.Config{Dir: "d", Listen: ":0", Log: quiet(), Store: daemon.StoreConfig{Kind: "etcd"}}, "--etcd-endpoints"},
 		{"endpoints with bolt", daemon.Config{Dir: "d", Listen: ":0", Log: quiet(), Store: daemon.StoreConfig{EtcdEndpoints: []string{"http://x"}}}, "--store etcd"},
 		{"unknown store", daemon.Config{Dir: "d", Listen: ":0", Log: quiet(), Store: daemon.StoreConfig{Kind: "redis"}}, "--store"},
+		{"https without CA", daemon.Config{Dir: "d", Listen: ":0", Log: quiet(), Store: daemon.StoreConfig{Kind: "etcd", EtcdEndpoints: []string{"https://x:2379"}}}, "--etcd-cacert"},
+		{"TLS files with http", daemon.Config{Dir: "d", Listen: ":0", Log: quiet(), Store: daemon.StoreConfig{Kind: "etcd", EtcdEndpoints: []string{"http://x:2379"}, EtcdCACert: "ca.pem"}}, "not https://"},
+		{"cert without key", daemon.Config{Dir: "d", Listen: ":0", Log: quiet(), Store: daemon.StoreConfig{Kind: "etcd", EtcdEndpoints: []string{"https://x:2379"}, EtcdCACert: "ca.pem", EtcdCert: "c.pem"}}, "--etcd-key"},
+		{"TLS files with bolt", daemon.Config{Dir: "d", Listen: ":0", Log: quiet(), Store: daemon.StoreConfig{EtcdCACert: "ca.pem"}}, "--store etcd"},
+		{"etcd TLS ok", daemon.Config{Dir: "d", Listen: ":0", Log: quiet(), Store: daemon.StoreConfig{Kind: "etcd", EtcdEndpoints: []string{"https://x:2379"}, EtcdCACert: "ca.pem", EtcdCert: "c.pem", EtcdKey: "k.pem"}}, ""},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
