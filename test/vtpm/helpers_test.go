@@ -33,6 +33,9 @@ const (
 func TestMain(m *testing.M) {
 	code := m.Run()
 	e2e.Cleanup()
+	if nkpBin.tmp != "" {
+		os.RemoveAll(nkpBin.tmp)
+	}
 	os.Exit(code)
 }
 
@@ -62,6 +65,7 @@ func backends(t *testing.T) []backend {
 var nkpBin struct {
 	sync.Once
 	path, why string
+	tmp       string // build directory, removed by TestMain
 }
 
 // nkpSwtpm finds or builds nkp-swtpm once per test binary.
@@ -83,6 +87,7 @@ func nkpSwtpm(t *testing.T) (string, bool) {
 			nkpBin.why = err.Error()
 			return
 		}
+		nkpBin.tmp = dir
 		out := filepath.Join(dir, "nkp-swtpm")
 		cmd := exec.Command("go", "build", "-o", out, "./cmd/nkp-swtpm")
 		cmd.Dir = root
