@@ -4,10 +4,12 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"hash"
 	"io"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -18,13 +20,41 @@ import (
 	"github.com/nkp-dev/nkp/provider/store"
 )
 
+// PendingBackupTTL is how long a written backup waits for ConfirmBackup; an archive
+// confirmed later is refused (take the backup again).
+const PendingBackupTTL = 24 * time.Hour
+
+// maxPendingBackups bounds the unconfirmed backups kept (the oldest go first).
+const maxPendingBackups = 16
+
+// pendingBackup is a written archive waiting for its confirmation (bucket "backups",
+// key = hex SHA-256 of the archive). Confirmed records stay until they expire, so a
+// confirmation repeated (a client retry, another replica) is answered the same way.
+type pendingBackup struct {
+	SHA256     string     `json:"sha256"`
+	ProviderID string     `json:"provider_id"`
+	Created    time.Time  `json:"created"`
+	KDKIDs     []string   `json:"kdk_ids"`
+	KDKs       []int      `json:"kdk_versions"`
+	Primary    int        `json:"primary"`
+	Hosts      int        `json:"hosts"`
+	Objects    int        `json:"objects"`
+	Bytes      int64      `json:"bytes"`
+	Confirmed  *time.Time `json:"confirmed,omitempty"`
+}
+
+func (b pendingBackup) info() BackupInfo {
+	return BackupInfo{ProviderID: b.ProviderID, Created: b.Created, KDKs: b.KDKs, Primary: b.Primary,
+		Hosts: b.Hosts, Objects: b.Objects, Bytes: b.Bytes, SHA256: b.SHA256}
+}
+
 // Backup writes an age archive (scrypt, passphrase) of everything needed to rebuild the
-// provider — KDK versions, CA, hosts, catalog, policy — to w, then marks the KDK versions
-// it holds as backed up: once every live version is, the provider is Active. The
-// passphrase never leaves this call; the caller wipes it.
-//
-// The versions are marked as soon as w accepted every byte, so w should be durable (a
-// file the caller fsyncs, or a buffer it delivers before reporting success).
+// provider — KDK versions, CA, hosts, catalog, policy — to w and records it as pending:
+// nothing is marked backed up yet. Only ConfirmBackup with the archive's SHA256 (what the
+// caller computes after storing the archive durably and opening it again with the
+// passphrase) marks the KDK versions it holds as backed up, making the provider Active. A
+// backup never confirmed leaves the state as it was. The passphrase never leaves this
+// call; the caller wipes it.
 func (p *Provider) Backup(ctx context.Context, w io.Writer, passphrase []byte) (BackupInfo, error) {
 	var doc *backup.Document
 	err := p.st.View(ctx, func(tx store.Tx) error {
@@ -42,10 +72,11 @@ func (p *Provider) Backup(ctx context.Context, w io.Writer, passphrase []byte) (
 		return BackupInfo{}, fmt.Errorf("backup of provider %s: %w", doc.ProviderID, err)
 	}
 	in := infoOf(doc, n, sum)
-	included := map[string]bool{}
+	pend := pendingBackup{SHA256: in.SHA256, ProviderID: in.ProviderID, Created: in.Created, KDKs: in.KDKs,
+		Primary: in.Primary, Hosts: in.Hosts, Objects: in.Objects, Bytes: n}
 	for _, k := range doc.KDKs {
 		if k.Retired == nil {
-			included[k.ID] = true
+			pend.KDKIDs = append(pend.KDKIDs, k.ID)
 		}
 	}
 	err = p.update(ctx, func(tx store.Tx, a *auditor) error {
@@ -56,25 +87,14 @@ func (p *Provider) Backup(ctx context.Context, w io.Writer, passphrase []byte) (
 		if m.ID != doc.ProviderID {
 			return fmt.Errorf("the store now holds provider %s (restored during the backup); take the backup again", m.ID)
 		}
-		kdks, err := listKDKs(tx)
-		if err != nil {
+		if err := p.prunePending(tx); err != nil {
 			return err
 		}
-		for _, k := range kdks {
-			if included[k.ID] && !k.BackedUp {
-				k.BackedUp = true
-				if err := putJSON(tx, bucketKDKs, kdkKey(k.Version), k); err != nil {
-					return err
-				}
-			}
-		}
-		t := doc.Created
-		m.LastBackup = &t
-		if err := putJSON(tx, bucketProvider, keyMeta, m); err != nil {
+		if err := putJSON(tx, bucketBackups, pend.SHA256, pend); err != nil {
 			return err
 		}
 		return a.add(tx, audit.Event{Kind: audit.KindBackup, Actor: actorOf(ctx), Subject: m.ID, Details: map[string]string{
-			"kdk_versions": joinInts(in.KDKs), "hosts": strconv.Itoa(in.Hosts), "objects": strconv.Itoa(in.Objects),
+			"stage": "written", "kdk_versions": joinInts(in.KDKs), "hosts": strconv.Itoa(in.Hosts), "objects": strconv.Itoa(in.Objects),
 			"bytes": strconv.FormatInt(n, 10), "created": doc.Created.Format(time.RFC3339), "archive_sha256": in.SHA256,
 		}})
 	})
@@ -82,6 +102,113 @@ func (p *Provider) Backup(ctx context.Context, w io.Writer, passphrase []byte) (
 		return BackupInfo{}, fmt.Errorf("backup of provider %s was written, but recording it failed (the provider stays as it was; take the backup again): %w", doc.ProviderID, err)
 	}
 	return in, nil
+}
+
+// ConfirmBackup marks the KDK versions held by the archive whose hex SHA-256 is sum as
+// backed up — the provider becomes Active once every live version is — and records the
+// backup time. Call it only after the archive is stored durably and was opened again with
+// its passphrase. An unknown sum, or a backup written more than PendingBackupTTL ago,
+// fails with ErrNotFound; confirming a confirmed backup again returns its info.
+func (p *Provider) ConfirmBackup(ctx context.Context, sum string) (BackupInfo, error) {
+	sum = strings.ToLower(strings.TrimSpace(sum))
+	if b, err := hex.DecodeString(sum); err != nil || len(b) != sha256.Size {
+		return BackupInfo{}, fmt.Errorf("confirm backup: %w: %q is not a hex SHA-256 (64 hex digits, as sha256sum prints it)", ErrBadRequest, sum)
+	}
+	var pend pendingBackup
+	err := p.update(ctx, func(tx store.Tx, a *auditor) error {
+		m, err := readMeta(tx)
+		if err != nil {
+			return err
+		}
+		err = getJSON(tx, bucketBackups, sum, &pend)
+		if errors.Is(err, store.ErrNotFound) || (err == nil && p.now().Sub(pend.Created) > PendingBackupTTL) {
+			return fmt.Errorf("%w: no backup with SHA-256 %s is waiting for confirmation (never taken here, or older than %v); take the backup again", ErrNotFound, sum, PendingBackupTTL)
+		}
+		if err != nil {
+			return err
+		}
+		if pend.ProviderID != m.ID {
+			return fmt.Errorf("%w: backup %s is of provider %s, the store now holds provider %s; take the backup again", ErrNotFound, sum, pend.ProviderID, m.ID)
+		}
+		if pend.Confirmed != nil {
+			return nil
+		}
+		included := map[string]bool{}
+		for _, id := range pend.KDKIDs {
+			included[id] = true
+		}
+		kdks, err := listKDKs(tx)
+		if err != nil {
+			return err
+		}
+		for _, k := range kdks {
+			if included[k.ID] && !k.BackedUp && k.Retired == nil {
+				k.BackedUp = true
+				if err := putJSON(tx, bucketKDKs, kdkKey(k.Version), k); err != nil {
+					return err
+				}
+			}
+		}
+		if m.LastBackup == nil || pend.Created.After(*m.LastBackup) {
+			t := pend.Created
+			m.LastBackup = &t
+			if err := putJSON(tx, bucketProvider, keyMeta, m); err != nil {
+				return err
+			}
+		}
+		now := p.now().UTC()
+		pend.Confirmed = &now
+		if err := putJSON(tx, bucketBackups, sum, pend); err != nil {
+			return err
+		}
+		return a.add(tx, audit.Event{Kind: audit.KindBackup, Actor: actorOf(ctx), Subject: m.ID, Details: map[string]string{
+			"stage": "confirmed", "kdk_versions": joinInts(pend.KDKs), "created": pend.Created.Format(time.RFC3339), "archive_sha256": sum,
+		}})
+	})
+	if err != nil {
+		return BackupInfo{}, fmt.Errorf("confirm backup: %w", err)
+	}
+	return pend.info(), nil
+}
+
+// prunePending drops expired backup records and keeps at most maxPendingBackups-1, so
+// that one more fits.
+func (p *Provider) prunePending(tx store.Tx) error {
+	var all []pendingBackup
+	if err := tx.List(bucketBackups, "", func(_ string, v []byte) error {
+		var b pendingBackup
+		if json.Unmarshal(v, &b) == nil {
+			all = append(all, b)
+		}
+		return nil
+	}); err != nil {
+		return fmt.Errorf("listing pending backups: %w", err)
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i].Created.Before(all[j].Created) })
+	for i, b := range all {
+		if p.now().Sub(b.Created) > PendingBackupTTL || len(all)-i >= maxPendingBackups {
+			if err := tx.Delete(bucketBackups, b.SHA256); err != nil {
+				return fmt.Errorf("pruning pending backup %s: %w", b.SHA256, err)
+			}
+		}
+	}
+	return nil
+}
+
+// pendingBackups counts the backups written and not yet confirmed (nor expired).
+func (p *Provider) pendingBackups(tx store.Tx) (int, error) {
+	n := 0
+	err := tx.List(bucketBackups, "", func(_ string, v []byte) error {
+		var b pendingBackup
+		if json.Unmarshal(v, &b) == nil && b.Confirmed == nil && p.now().Sub(b.Created) <= PendingBackupTTL {
+			n++
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("listing pending backups: %w", err)
+	}
+	return n, nil
 }
 
 // document collects the provider's state into a backup document (with keys: wipe it).

@@ -6,7 +6,10 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"io"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/uuid"
 
@@ -271,6 +274,9 @@ func TestBackupDuringRotate(t *testing.T) {
 	if len(info.KDKs) != 1 || info.KDKs[0] != 1 {
 		t.Fatalf("archive holds versions %v, want [1]", info.KDKs)
 	}
+	if _, err := e.p.ConfirmBackup(ctx, info.SHA256); err != nil {
+		t.Fatalf("ConfirmBackup: %v", err)
+	}
 	st, _ := e.p.Status(ctx)
 	if st.State != provider.StateNotBackedUp || !st.KDKs[0].BackedUp || st.KDKs[1].BackedUp {
 		t.Fatalf("after a backup that missed version 2: %+v", st)
@@ -278,5 +284,90 @@ func TestBackupDuringRotate(t *testing.T) {
 	e.backup(t, "p")
 	if st, _ := e.p.Status(ctx); st.State != provider.StateActive {
 		t.Fatalf("after the next backup: %s, want Active", st.State)
+	}
+}
+
+// TestBackupConfirm: a written backup changes nothing until it is confirmed by the
+// archive's SHA-256; wrong, malformed and expired sums are refused; a repeated
+// confirmation answers the same; both steps are in the audit log.
+func TestBackupConfirm(t *testing.T) {
+	ctx := context.Background()
+	now := time.Date(2026, 11, 28, 9, 0, 0, 0, time.UTC)
+	clock := func() time.Time { return now }
+	e := initEnv(t, provider.Policy{}, func(c *provider.Config) { c.Now = func() time.Time { return clock() } })
+	h := e.enroll(t, "kvm-01", nil)
+	var buf bytes.Buffer
+	info, err := e.p.Backup(ctx, &buf, []byte("p"))
+	if err != nil {
+		t.Fatalf("Backup: %v", err)
+	}
+	sum := sha256.Sum256(buf.Bytes())
+	if info.SHA256 != hex.EncodeToString(sum[:]) {
+		t.Fatalf("BackupInfo.SHA256 %s is not the archive's %x", info.SHA256, sum)
+	}
+	st, _ := e.p.Status(ctx)
+	if st.State != provider.StateNotBackedUp || !st.LastBackup.IsZero() || st.PendingBackups != 1 {
+		t.Fatalf("after an unconfirmed backup: state %s, last backup %v, pending %d; want NotBackedUp, never, 1", st.State, st.LastBackup, st.PendingBackups)
+	}
+	if _, err := e.p.Release(ctx, h.id); !errors.Is(err, provider.ErrNotBackedUp) || !strings.Contains(err.Error(), "confirm") {
+		t.Fatalf("release after an unconfirmed backup: %v, want ErrNotBackedUp saying it needs confirming", err)
+	}
+	other := sha256.Sum256([]byte("another archive"))
+	for _, tc := range []struct {
+		name, sum string
+		want      error
+	}{
+		{"not hex", "zz", provider.ErrBadRequest},
+		{"short", info.SHA256[:62], provider.ErrBadRequest},
+		{"unknown archive", hex.EncodeToString(other[:]), provider.ErrNotFound},
+	} {
+		if _, err := e.p.ConfirmBackup(ctx, tc.sum); !errors.Is(err, tc.want) {
+			t.Fatalf("%s: ConfirmBackup(%q) = %v, want %v", tc.name, tc.sum, err, tc.want)
+		}
+	}
+	if st, _ := e.p.Status(ctx); st.State != provider.StateNotBackedUp {
+		t.Fatalf("refused confirmations changed the state to %s", st.State)
+	}
+	for i := 0; i < 2; i++ {
+		got, err := e.p.ConfirmBackup(ctx, strings.ToUpper(info.SHA256))
+		if err != nil || got.SHA256 != info.SHA256 || len(got.KDKs) != 1 {
+			t.Fatalf("ConfirmBackup #%d = %+v, %v; want the backup's info", i+1, got, err)
+		}
+	}
+	st, _ = e.p.Status(ctx)
+	if st.State != provider.StateActive || !st.LastBackup.Equal(info.Created) || st.PendingBackups != 0 {
+		t.Fatalf("after confirming: %+v", st)
+	}
+	if _, err := e.p.Release(ctx, h.id); err != nil {
+		t.Fatalf("release after a confirmed backup: %v", err)
+	}
+	recs, err := e.p.Audit(ctx, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stages []string
+	for _, r := range recs {
+		if r.Kind == audit.KindBackup {
+			stages = append(stages, r.Details["stage"])
+		}
+	}
+	if strings.Join(stages, ",") != "written,confirmed" {
+		t.Fatalf("backup audit records have stages %v, want written,confirmed", stages)
+	}
+
+	// A backup after a rotation, confirmed after PendingBackupTTL, is refused.
+	if _, err := e.p.Rotate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	late, err := e.p.Backup(ctx, io.Discard, []byte("p"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	now = now.Add(provider.PendingBackupTTL + time.Minute)
+	if _, err := e.p.ConfirmBackup(ctx, late.SHA256); !errors.Is(err, provider.ErrNotFound) {
+		t.Fatalf("confirming an expired backup: %v, want ErrNotFound", err)
+	}
+	if st, _ := e.p.Status(ctx); st.State != provider.StateNotBackedUp || st.PendingBackups != 0 {
+		t.Fatalf("after an expired backup: state %s, pending %d", st.State, st.PendingBackups)
 	}
 }

@@ -21,12 +21,17 @@
 //	bucket "tokens"    key token ID  JSON: SHA-256 of the secret, created, expires, used
 //	bucket "hosts"     key host ID   JSON: hostname, enrolled, certificate serial, EK public (PKIX DER), revoked
 //	bucket "objects"   key <vm uuid>/<name>  JSON Object
+//	bucket "backups"   key hex SHA-256 of an archive  JSON: the backup written and the KDK
+//	                                IDs it holds, confirmed time once confirmed (kept PendingBackupTTL)
 //	buckets "audit", "audit.head"  owned by provider/audit
 //
 // # Rules
 //
-//   - The provider state is NotBackedUp while any live KDK version is in no backup (after
-//     Init, and again after Rotate until the next Backup); every Release is refused then.
+//   - The provider state is NotBackedUp while any live KDK version is in no confirmed
+//     backup (after Init, and again after Rotate until the next backup); every Release is
+//     refused then. Backup writes the archive and records it as pending; only
+//     ConfirmBackup with the archive's SHA-256 — sent once the archive is stored durably and
+//     opened again with its passphrase — marks the versions it holds as backed up.
 //   - A host enrolled with an endorsement key gets import blobs that only its TPM can
 //     unwrap; a host without one gets bare KDKs (inside mTLS) only while policy
 //     tpm-required is off, and cannot enroll while it is on.

@@ -41,7 +41,15 @@ func Example() {
 	fmt.Println("release before backup refused:", errors.Is(err, provider.ErrNotBackedUp))
 
 	var archive bytes.Buffer
-	if _, err := p.Backup(ctx, &archive, []byte("a passphrase from a file or a prompt")); err != nil {
+	info, err := p.Backup(ctx, &archive, []byte("a passphrase from a file or a prompt"))
+	if err != nil {
+		panic(err)
+	}
+	st, _ = p.Status(ctx)
+	fmt.Println("backup written, not confirmed:", st.State)
+	// The caller stores the archive durably, opens it again with the passphrase, then
+	// confirms it by its SHA-256.
+	if _, err := p.ConfirmBackup(ctx, info.SHA256); err != nil {
 		panic(err)
 	}
 	st, _ = p.Status(ctx)
@@ -53,6 +61,7 @@ func Example() {
 	// Output:
 	// after init: NotBackedUp
 	// release before backup refused: true
+	// backup written, not confirmed: NotBackedUp
 	// after backup: Active
 	// released: 1 version 1 bare bytes 32
 }

@@ -106,12 +106,16 @@ func initEnv(t testing.TB, pol provider.Policy, opts ...func(*provider.Config)) 
 	return e
 }
 
-// backup takes a backup and returns the archive.
+// backup takes a backup, confirms it and returns the archive.
 func (e *env) backup(t testing.TB, pass string) []byte {
 	t.Helper()
 	var buf bytes.Buffer
-	if _, err := e.p.Backup(context.Background(), &buf, []byte(pass)); err != nil {
+	info, err := e.p.Backup(context.Background(), &buf, []byte(pass))
+	if err != nil {
 		t.Fatalf("Backup: %v", err)
+	}
+	if _, err := e.p.ConfirmBackup(context.Background(), info.SHA256); err != nil {
+		t.Fatalf("ConfirmBackup: %v", err)
 	}
 	return buf.Bytes()
 }

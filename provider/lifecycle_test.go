@@ -139,7 +139,7 @@ func TestLifecycle(t *testing.T) {
 	for _, rec := range recs {
 		kinds[rec.Kind]++
 	}
-	want := map[audit.Kind]int{audit.KindInit: 1, audit.KindToken: 1, audit.KindEnroll: 1, audit.KindBackup: 2,
+	want := map[audit.Kind]int{audit.KindInit: 1, audit.KindToken: 1, audit.KindEnroll: 1, audit.KindBackup: 4, // two backups, each written + confirmed
 		audit.KindRelease: 3, audit.KindRotate: 1, audit.KindRetire: 1, audit.KindRegister: 3}
 	for k, n := range want {
 		if kinds[k] != n {

@@ -310,6 +310,9 @@ func (p *Provider) Status(ctx context.Context) (Status, error) {
 			return err
 		}
 		st = Status{State: stateOf(kdks), ProviderID: m.ID, Created: m.Created, Policy: m.Policy}
+		if st.PendingBackups, err = p.pendingBackups(tx); err != nil {
+			return err
+		}
 		if m.LastBackup != nil {
 			st.LastBackup = *m.LastBackup
 		}

@@ -16,12 +16,13 @@ const (
 	bucketTokens   = "tokens"
 	bucketHosts    = "hosts"
 	bucketObjects  = "objects"
+	bucketBackups  = "backups"
 	keyMeta        = "meta"
 	keyCA          = "ca"
 )
 
 // ownBuckets are the buckets a forced Restore empties (the audit log is kept).
-var ownBuckets = []string{bucketProvider, bucketKDKs, bucketTokens, bucketHosts, bucketObjects}
+var ownBuckets = []string{bucketProvider, bucketKDKs, bucketTokens, bucketHosts, bucketObjects, bucketBackups}
 
 type metaRecord struct {
 	ID         string     `json:"id"`

@@ -234,7 +234,7 @@ func releaseState(tx store.Tx) (metaRecord, []kdkRecord, error) {
 // and the form its keys take ("import_blob" or "bare").
 func checkRelease(tx store.Tx, m metaRecord, kdks []kdkRecord, hostID string) (hostRecord, string, error) {
 	if stateOf(kdks) == StateNotBackedUp {
-		return hostRecord{}, "", fmt.Errorf("%w: a KDK version is in no backup yet; take a backup first (`nkpctl provider backup`), then hosts get their keys", ErrNotBackedUp)
+		return hostRecord{}, "", fmt.Errorf("%w: a KDK version is in no confirmed backup yet; take a backup first (`nkpctl provider backup` saves the archive, opens it again and confirms it), then hosts get their keys", ErrNotBackedUp)
 	}
 	h, err := readHost(tx, hostID)
 	if err != nil {

@@ -46,8 +46,11 @@ type Status struct {
 	KDKs       []KDKVersion // in version order, retired ones included
 	Hosts      int          // enrolled and not revoked
 	Revoked    int          // revoked hosts
-	LastBackup time.Time    // zero before the first backup
+	LastBackup time.Time    // zero before the first confirmed backup
 	Policy     Policy
+	// PendingBackups counts backups written but not confirmed (ConfirmBackup) within
+	// PendingBackupTTL: they do not count as backups.
+	PendingBackups int
 }
 
 // Primary returns the primary KDK version (zero value if none).

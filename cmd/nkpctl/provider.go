@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -166,6 +168,9 @@ func (c *ctl) statusCmd() *cobra.Command {
 				} else {
 					fmt.Fprintf(w, "last backup\t%s\n", st.LastBackup.Format(time.RFC3339))
 				}
+				if st.PendingBackups > 0 {
+					fmt.Fprintf(w, "unconfirmed backups\t%d (they do not count: confirm with `nkpctl provider backup confirm --in FILE`, or take a backup again)\n", st.PendingBackups)
+				}
 				for _, k := range st.KDKs {
 					fmt.Fprintf(w, "KDK v%d\t%s%s%s\n", k.Version, k.ID, mark(k.Primary, " primary"), mark(k.Retired, " retired"))
 				}
@@ -205,16 +210,86 @@ func (c *ctl) backupCmd() *cobra.Command {
 			if _, err := cl.Backup(cmd.Context(), &buf, pass); err != nil {
 				return err
 			}
+			defer clear(buf.Bytes())
 			if err := daemon.WriteFileAtomic(out, buf.Bytes(), 0o600); err != nil {
-				return fmt.Errorf("the provider took the backup but it could not be saved: %w (take it again)", err)
+				return fmt.Errorf("the backup could not be saved, so it is not confirmed (the provider's state is unchanged): %w (take it again)", err)
 			}
-			fmt.Fprintf(c.stderr, "backup written to %s (%d bytes); opens with `age -d %s` too\n", out, buf.Len(), out)
-			return nil
+			return c.confirm(cmd, cl, out, pass)
 		},
 	}
 	cmd.Flags().StringVarP(&out, "out", "o", "", "archive file to write")
 	c.passFlags(cmd)
-	cmd.AddCommand(c.backupVerifyCmd())
+	cmd.AddCommand(c.backupVerifyCmd(), c.backupConfirmCmd())
+	return cmd
+}
+
+// confirm opens the stored archive at path again with the passphrase and, if it reads
+// back whole, posts its SHA-256 to the provider: only then does the backup count.
+func (c *ctl) confirm(cmd *cobra.Command, cl *client.Client, path string, pass []byte) error {
+	sum, info, n, err := openArchive(path, pass)
+	if err != nil {
+		return fmt.Errorf("backup %s does not open again, so it is not confirmed (the provider stays as it was): %w (take it again)", path, err)
+	}
+	got, err := cl.ConfirmBackup(cmd.Context(), sum)
+	if err != nil {
+		return fmt.Errorf("backup %s (sha256 %s) is saved but NOT confirmed, so the provider still counts it as no backup: %w (retry with `nkpctl provider backup confirm --in %s`)", path, sum, err, path)
+	}
+	fmt.Fprintf(c.stderr, "backup written to %s (%d bytes, sha256 %s), opened again and confirmed: KDK versions %v are backed up; it opens with `age -d %s` too\n",
+		path, n, got.SHA256, info.KDKVersions, path)
+	return nil
+}
+
+// openArchive reads the archive at path completely with the passphrase and returns the
+// hex SHA-256 of its bytes.
+func openArchive(path string, pass []byte) (string, backup.Info, int64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", backup.Info{}, 0, err
+	}
+	defer f.Close()
+	h := sha256.New()
+	tee := io.TeeReader(f, h)
+	doc, _, err := backup.Read(tee, pass)
+	if err != nil {
+		return "", backup.Info{}, 0, err
+	}
+	info := doc.Info()
+	doc.Wipe()
+	if _, err := io.Copy(io.Discard, tee); err != nil {
+		return "", backup.Info{}, 0, err
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		return "", backup.Info{}, 0, err
+	}
+	return hex.EncodeToString(h.Sum(nil)), info, fi.Size(), nil
+}
+
+func (c *ctl) backupConfirmCmd() *cobra.Command {
+	var in string
+	cmd := &cobra.Command{
+		Use:   "confirm",
+		Short: "confirm a saved backup archive to the provider (when `backup` could not)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if in == "" {
+				return errors.New("--in FILE is required")
+			}
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			defer cl.Close()
+			pass, err := c.pass.read(c.stdin, c.stderr, false)
+			if err != nil {
+				return err
+			}
+			defer clear(pass)
+			return c.confirm(cmd, cl, in, pass)
+		},
+	}
+	cmd.Flags().StringVarP(&in, "in", "i", "", "archive file written by `nkpctl provider backup`")
+	c.passFlags(cmd)
 	return cmd
 }
 

@@ -10,7 +10,7 @@ func kdkVersionToWire(v provider.KDKVersion) KDKVersion {
 
 func statusToWire(st provider.Status, caHash string) Status {
 	out := Status{State: string(st.State), ProviderID: st.ProviderID, Hosts: st.Hosts,
-		LastBackup: st.LastBackup, TPMRequired: st.Policy.TPMRequired, CAHash: caHash,
+		LastBackup: st.LastBackup, TPMRequired: st.Policy.TPMRequired, CAHash: caHash, PendingBackups: st.PendingBackups,
 		KDKs: make([]KDKVersion, 0, len(st.KDKs))}
 	for _, v := range st.KDKs {
 		out.KDKs = append(out.KDKs, kdkVersionToWire(v))
@@ -19,7 +19,7 @@ func statusToWire(st provider.Status, caHash string) Status {
 }
 
 func backupInfoToWire(i provider.BackupInfo) BackupInfo {
-	return BackupInfo{ProviderID: i.ProviderID, Created: i.Created, KDKVersions: len(i.KDKs), Hosts: i.Hosts, Objects: i.Objects}
+	return BackupInfo{ProviderID: i.ProviderID, Created: i.Created, KDKVersions: len(i.KDKs), Hosts: i.Hosts, Objects: i.Objects, SHA256: i.SHA256}
 }
 
 func hostToWire(h provider.Host) Host {

@@ -26,6 +26,7 @@
 //	GET  /v1/admin/status                → Status
 //	POST /v1/admin/backup                BackupRequest → the age archive (application/octet-stream)
 //	POST /v1/admin/backup/verify         ArchiveRequest → BackupInfo
+//	POST /v1/admin/backup/confirm        BackupConfirmRequest → BackupInfo (the backup counts from now on)
 //	POST /v1/admin/tokens                TokenRequest → Token
 //	GET  /v1/admin/hosts                 → HostsResponse
 //	POST /v1/admin/hosts/{id}/revoke     → 204
@@ -57,6 +58,7 @@ const (
 	PathStatus        = "/v1/admin/status"
 	PathBackup        = "/v1/admin/backup"
 	PathBackupVerify  = "/v1/admin/backup/verify"
+	PathBackupConfirm = "/v1/admin/backup/confirm"
 	PathTokens        = "/v1/admin/tokens"
 	PathHosts         = "/v1/admin/hosts"
 	PathRotate        = "/v1/admin/rotate"

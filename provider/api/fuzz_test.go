@@ -60,6 +60,11 @@ func FuzzBackupRequest(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode[api.BackupRequest](t, data) })
 }
 
+func FuzzBackupConfirmRequest(f *testing.F) {
+	f.Add([]byte(`{"sha256":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"}`))
+	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode[api.BackupConfirmRequest](t, data) })
+}
+
 func FuzzTokenRequest(f *testing.F) {
 	f.Add([]byte(`{"ttl_seconds":3600}`))
 	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode[api.TokenRequest](t, data) })

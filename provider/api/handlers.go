@@ -19,6 +19,7 @@ type Provider interface {
 	Status(ctx context.Context) (provider.Status, error)
 	Backup(ctx context.Context, w io.Writer, passphrase []byte) (provider.BackupInfo, error)
 	VerifyBackup(ctx context.Context, r io.Reader, passphrase []byte) (provider.BackupInfo, error)
+	ConfirmBackup(ctx context.Context, sha256 string) (provider.BackupInfo, error)
 	CreateToken(ctx context.Context, ttl time.Duration) (provider.Token, error)
 	Enroll(ctx context.Context, req provider.EnrollRequest) (provider.EnrollResponse, error)
 	CA() *x509.Certificate
@@ -126,14 +127,32 @@ func (s *Server) handleBackup(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var buf bytes.Buffer
-	if _, err := s.p.Backup(r.Context(), &buf, req.Passphrase); err != nil {
+	info, err := s.p.Backup(r.Context(), &buf, req.Passphrase)
+	if err != nil {
 		s.writeError(w, r, err)
 		return
 	}
+	w.Header().Set(HeaderArchiveSHA256, info.SHA256)
 	w.Header().Set("Content-Type", ContentTypeBinary)
 	w.Header().Set("Content-Length", strconv.Itoa(buf.Len()))
 	w.Header().Set("Cache-Control", "no-store")
 	w.Write(buf.Bytes())
+}
+
+// handleBackupConfirm marks a written backup as taken, once the admin has stored the
+// archive and opened it again (provider.ConfirmBackup).
+func (s *Server) handleBackupConfirm(w http.ResponseWriter, r *http.Request) {
+	req, err := decodeBody[BackupConfirmRequest](w, r, MaxBodyBytes)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	info, err := s.p.ConfirmBackup(r.Context(), req.SHA256)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	s.writeJSON(w, http.StatusOK, backupInfoToWire(info))
 }
 
 func (s *Server) handleBackupVerify(w http.ResponseWriter, r *http.Request) {

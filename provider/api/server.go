@@ -120,6 +120,7 @@ func (s *Server) routes() {
 	handle("GET "+PathStatus, "status", s.admin(s.handleStatus))
 	handle("POST "+PathBackup, "backup", s.admin(s.handleBackup))
 	handle("POST "+PathBackupVerify, "backup_verify", s.admin(s.handleBackupVerify))
+	handle("POST "+PathBackupConfirm, "backup_confirm", s.admin(s.handleBackupConfirm))
 	handle("POST "+PathTokens, "tokens", s.admin(s.handleCreateToken))
 	handle("GET "+PathHosts, "hosts", s.admin(s.handleHosts))
 	handle("POST "+PathHosts+"/{id}/revoke", "revoke", s.admin(s.handleRevoke))

@@ -7,9 +7,11 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -35,15 +37,17 @@ import (
 type fake struct {
 	ca *ca.CA
 
-	mu       sync.Mutex
-	hosts    map[string]provider.Host // by ID
-	revoked  map[string]bool
-	tokens   map[string]bool // secret -> unused
-	objects  []provider.Object
-	policy   provider.Policy
-	fail     error // returned by every domain call when set
-	kdks     []provider.ReleasedKDK
-	released [][]byte // Bare slices handed out, to check wiping
+	mu        sync.Mutex
+	hosts     map[string]provider.Host // by ID
+	revoked   map[string]bool
+	tokens    map[string]bool // secret -> unused
+	objects   []provider.Object
+	policy    provider.Policy
+	fail      error // returned by every domain call when set
+	kdks      []provider.ReleasedKDK
+	released  [][]byte // Bare slices handed out, to check wiping
+	pending   string   // SHA-256 of the last backup written
+	confirmed bool     // ConfirmBackup saw it
 }
 
 func newFake(t *testing.T) *fake {
@@ -74,7 +78,21 @@ func (f *fake) Backup(ctx context.Context, w io.Writer, pass []byte) (provider.B
 		return provider.BackupInfo{}, err
 	}
 	_, err := fmt.Fprintf(w, "archive(%d)", len(pass))
-	return provider.BackupInfo{ProviderID: "p1"}, err
+	sum := sha256.Sum256([]byte(fmt.Sprintf("archive(%d)", len(pass))))
+	f.mu.Lock()
+	f.pending = hex.EncodeToString(sum[:])
+	f.mu.Unlock()
+	return provider.BackupInfo{ProviderID: "p1", SHA256: hex.EncodeToString(sum[:])}, err
+}
+
+func (f *fake) ConfirmBackup(ctx context.Context, sum string) (provider.BackupInfo, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if sum != f.pending {
+		return provider.BackupInfo{}, fmt.Errorf("backup %s: %w", sum, provider.ErrNotFound)
+	}
+	f.confirmed = true
+	return provider.BackupInfo{ProviderID: "p1", SHA256: sum}, nil
 }
 
 func (f *fake) VerifyBackup(ctx context.Context, r io.Reader, pass []byte) (provider.BackupInfo, error) {
@@ -608,6 +626,17 @@ func TestAdminCalls(t *testing.T) {
 	var buf bytes.Buffer
 	if _, err := e.admin.Backup(ctx, &buf, []byte("pass")); err != nil || buf.String() != "archive(4)" {
 		t.Fatalf("backup = %q, %v", buf.String(), err)
+	}
+	if _, err := e.admin.ConfirmBackup(ctx, strings.Repeat("0", 64)); !client.IsCode(err, api.CodeNotFound) {
+		t.Fatalf("confirming an unknown archive: %v, want %s", err, api.CodeNotFound)
+	}
+	sum := sha256.Sum256(buf.Bytes())
+	info, err := e.admin.ConfirmBackup(ctx, hex.EncodeToString(sum[:]))
+	e.f.mu.Lock()
+	confirmed := e.f.confirmed
+	e.f.mu.Unlock()
+	if err != nil || info.SHA256 != hex.EncodeToString(sum[:]) || !confirmed {
+		t.Fatalf("confirm = %+v, %v (reached the domain: %v)", info, err, confirmed)
 	}
 	if _, err := e.admin.VerifyBackup(ctx, buf.Bytes(), []byte("wrong")); !client.IsCode(err, api.CodeBadPassphrase) {
 		t.Fatalf("verify with the wrong passphrase: %v", err)

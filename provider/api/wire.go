@@ -99,6 +99,8 @@ type Status struct {
 	LastBackup  time.Time    `json:"last_backup,omitzero"`
 	TPMRequired bool         `json:"tpm_required"`
 	CAHash      string       `json:"ca_hash"`
+	// PendingBackups counts backups written but not confirmed: they do not count.
+	PendingBackups int `json:"pending_backups,omitempty"`
 }
 
 // TokenRequest is POST /v1/admin/tokens. TTLSeconds 0 means the provider's default.
@@ -131,6 +133,17 @@ type HostsResponse struct {
 // BackupRequest is POST /v1/admin/backup; the archive is the response body.
 type BackupRequest struct {
 	Passphrase []byte `json:"passphrase"`
+}
+
+// HeaderArchiveSHA256 carries the hex SHA-256 of the archive in the response to POST
+// /v1/admin/backup; the client checks the bytes it stored against it.
+const HeaderArchiveSHA256 = "Nkp-Archive-Sha256"
+
+// BackupConfirmRequest is POST /v1/admin/backup/confirm: the hex SHA-256 of an archive
+// the admin stored durably and opened again with its passphrase. Until it is posted, the
+// backup does not count (the provider stays NotBackedUp).
+type BackupConfirmRequest struct {
+	SHA256 string `json:"sha256"`
 }
 
 // ArchiveRequest is POST /v1/admin/backup/verify and POST /v1/admin/restore.
@@ -238,6 +251,13 @@ func (t *TokenRequest) check() error {
 func (b *BackupRequest) check() error {
 	if len(b.Passphrase) == 0 {
 		return errors.New(`"passphrase" is required`)
+	}
+	return nil
+}
+
+func (b *BackupConfirmRequest) check() error {
+	if b.SHA256 == "" {
+		return errors.New(`"sha256" is required (hex SHA-256 of the stored archive)`)
 	}
 	return nil
 }

@@ -273,18 +273,32 @@ func (c *Client) Status(ctx context.Context) (api.Status, error) {
 }
 
 // Backup writes a new age-encrypted backup archive to w (admin). The passphrase travels
-// only inside the mTLS request body.
+// only inside the mTLS request body. The backup does not count until ConfirmBackup: store
+// the archive durably, open it again with the passphrase, then confirm its SHA-256.
+// Backup checks the bytes received against the SHA-256 the provider sent.
 func (c *Client) Backup(ctx context.Context, w io.Writer, passphrase []byte) (int64, error) {
 	resp, err := c.send(ctx, http.MethodPost, api.PathBackup, nil, api.BackupRequest{Passphrase: passphrase})
 	if err != nil {
 		return 0, err
 	}
 	defer resp.Body.Close()
-	n, err := io.Copy(w, resp.Body)
+	sum := sha256.New()
+	n, err := io.Copy(io.MultiWriter(w, sum), resp.Body)
 	if err != nil {
-		return n, fmt.Errorf("provider backup: receiving the archive after %d bytes: %w", n, err)
+		return n, fmt.Errorf("provider backup: receiving the archive after %d bytes: %w (the backup is not confirmed; take it again)", n, err)
+	}
+	if want := resp.Header.Get(api.HeaderArchiveSHA256); want != "" && !strings.EqualFold(want, hex.EncodeToString(sum.Sum(nil))) {
+		return n, fmt.Errorf("provider backup: the %d bytes received do not hash to the archive's SHA-256 %s (damaged in transfer; take the backup again)", n, want)
 	}
 	return n, nil
+}
+
+// ConfirmBackup tells the provider that the archive with this hex SHA-256 is stored and
+// opens with its passphrase (admin): only then do its KDK versions count as backed up.
+func (c *Client) ConfirmBackup(ctx context.Context, sha256Hex string) (api.BackupInfo, error) {
+	var info api.BackupInfo
+	err := c.do(ctx, http.MethodPost, api.PathBackupConfirm, nil, api.BackupConfirmRequest{SHA256: sha256Hex}, &info)
+	return info, err
 }
 
 // VerifyBackup has the provider open and check an archive (admin).

@@ -2,6 +2,7 @@ package provider_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"io"
 	"os"
@@ -14,6 +15,9 @@ import (
 	"github.com/creack/pty"
 	"golang.org/x/sys/unix"
 
+	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/api/daemon"
+	"github.com/nkp-dev/nkp/provider/client"
 	"github.com/nkp-dev/nkp/test/e2e"
 )
 
@@ -205,5 +209,67 @@ func TestPassphrasePrompt(t *testing.T) {
 	pass := writeFile(t, filepath.Join(t.TempDir(), "p"), "typed at the prompt\n")
 	if out, err := b.ctl(t, dir, "", "", "backup", "verify", "--in", archive, "--passphrase-file", pass); err != nil || !strings.Contains(out, "OK") {
 		t.Fatalf("verify the prompted backup: %q, %v", out, err)
+	}
+}
+
+// TestBackupConfirm: a backup counts only once nkpctl has saved the archive, opened it
+// again and confirmed its SHA-256. A backup that cannot be saved, or a saved archive that
+// does not open, leaves the provider NotBackedUp (status says a backup is unconfirmed);
+// `backup confirm --in FILE` confirms a good archive later.
+func TestBackupConfirm(t *testing.T) {
+	b := build(t)
+	ctx := context.Background()
+	dir := b.initProvider(t)
+	s := b.serve(t, dir)
+	h := b.mustJoin(t, s, "kvm-01")
+	tmp := t.TempDir()
+	pass := writeFile(t, filepath.Join(tmp, "pass"), "pw\n")
+
+	_, err := b.ctl(t, dir, s.url, "", "backup", "--passphrase-file", pass, "--out", filepath.Join(tmp, "missing-dir", "b.age"))
+	if err == nil || !strings.Contains(err.Error(), "not confirmed") {
+		t.Fatalf("backup into a missing directory: %v, want a refusal saying it is not confirmed", err)
+	}
+	var st api.Status
+	b.ctlJSON(t, dir, s.url, &st, "status")
+	if st.State != "NotBackedUp" || st.PendingBackups != 1 || !st.LastBackup.IsZero() {
+		t.Fatalf("status after an unsaved backup = %+v, want NotBackedUp with 1 unconfirmed backup", st)
+	}
+	if out := b.mustCtl(t, dir, s.url, "", "status"); !strings.Contains(out, "unconfirmed backups") {
+		t.Fatalf("status does not mention the unconfirmed backup:\n%s", out)
+	}
+	if _, err := h.c.Release(ctx); !client.IsCode(err, api.CodeNotBackedUp) {
+		t.Fatalf("release after an unsaved backup: %v, want %s", err, api.CodeNotBackedUp)
+	}
+
+	// An archive fetched but never confirmed (as if nkpctl died after the transfer).
+	adm, err := daemon.LoadAdmin(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl, err := client.New(client.Config{URL: s.url, CA: adm.CA, Certificate: adm.Certificate})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	var buf bytes.Buffer
+	if _, err := cl.Backup(ctx, &buf, []byte("pw")); err != nil {
+		t.Fatal(err)
+	}
+	full := writeFile(t, filepath.Join(tmp, "full.age"), buf.String())
+	cut := writeFile(t, filepath.Join(tmp, "cut.age"), buf.String()[:buf.Len()-30])
+	if _, err := b.ctl(t, dir, s.url, "", "backup", "confirm", "--in", cut, "--passphrase-file", pass); err == nil || !strings.Contains(err.Error(), "not confirmed") {
+		t.Fatalf("confirming a truncated archive: %v, want a refusal", err)
+	}
+	b.ctlJSON(t, dir, s.url, &st, "status")
+	if st.State != "NotBackedUp" {
+		t.Fatalf("state after a refused confirmation: %s", st.State)
+	}
+	b.mustCtl(t, dir, s.url, "", "backup", "confirm", "--in", full, "--passphrase-file", pass)
+	b.ctlJSON(t, dir, s.url, &st, "status")
+	if st.State != "Active" || st.LastBackup.IsZero() {
+		t.Fatalf("status after confirming = %+v, want Active", st)
+	}
+	if _, err := h.c.Release(ctx); err != nil {
+		t.Fatalf("release after the confirmed backup: %v", err)
 	}
 }

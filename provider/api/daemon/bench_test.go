@@ -27,7 +27,11 @@ func BenchmarkRelease(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer d.Shutdown(ctx)
-	if _, err := d.Provider().Backup(ctx, io.Discard, []byte("pw")); err != nil {
+	info, err := d.Provider().Backup(ctx, io.Discard, []byte("pw"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	if _, err := d.Provider().ConfirmBackup(ctx, info.SHA256); err != nil {
 		b.Fatal(err)
 	}
 	tok, err := d.Provider().CreateToken(ctx, time.Hour)

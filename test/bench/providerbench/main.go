@@ -15,6 +15,8 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -207,8 +209,12 @@ func measure(ctx context.Context, cfg config, storeKind, bin, dir string, log *s
 		return res, err
 	}
 	defer admin.Close()
-	if _, err := admin.Backup(ctx, io.Discard, []byte("benchmark passphrase")); err != nil {
+	archive := sha256.New()
+	if _, err := admin.Backup(ctx, archive, []byte("benchmark passphrase")); err != nil {
 		return res, fmt.Errorf("backup: %w", err)
+	}
+	if _, err := admin.ConfirmBackup(ctx, hex.EncodeToString(archive.Sum(nil))); err != nil {
+		return res, fmt.Errorf("backup confirm: %w", err)
 	}
 
 	// Tokens first (an administrator hands them out ahead of time), then enrollment.
