@@ -20,9 +20,10 @@
 package state
 
 import (
+	"bytes"
+	"crypto/sha256"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -89,12 +90,17 @@ type Dir struct {
 	noSync bool
 	accept bool
 
-	mu     sync.Mutex // guards everything below
-	key    []byte     // nil without a key; wiped by Close
-	seal   *sealer
-	lock   *os.File // nil after ReleaseLock
-	dirFD  *os.File // for fsync of the directory
-	bad    map[string]error
+	mu    sync.Mutex // guards everything below
+	key   []byte     // nil without a key; wiped by Close
+	seal  *sealer
+	lock  *os.File // nil after ReleaseLock
+	dirFD *os.File // for fsync of the directory
+	bad   map[string]error
+	// known holds, per blob name, the SHA-256 of the payload that its file is known to
+	// hold in the format Store writes (read back by Load, or written by Store), so that
+	// a Store of the same payload writes nothing: libtpms stores the permanent state
+	// unchanged at every start and TPM2_Startup, and each write costs two fsyncs.
+	known  map[string][sha256.Size]byte
 	closed bool
 }
 
@@ -131,6 +137,7 @@ func Open(dir string, opts Options) (*Dir, error) {
 		noSync: opts.NoSync,
 		accept: opts.AcceptPlaintext,
 		bad:    map[string]error{},
+		known:  map[string][sha256.Size]byte{},
 	}
 	if d.mode == 0 {
 		d.mode = DefaultMode
@@ -189,12 +196,16 @@ func (d *Dir) Load(name string) ([]byte, error) {
 	if d.closed {
 		return nil, fmt.Errorf("state file %s: directory closed", p)
 	}
-	data, err := d.loadFile(name, p)
+	delete(d.known, name)
+	data, current, err := d.loadFile(name, p)
+	if err == nil && current {
+		d.known[name] = sha256.Sum256(data)
+	}
 	if err == nil || errors.Is(err, fs.ErrNotExist) {
 		return data, err
 	}
 	if d.backup {
-		if bak, berr := d.loadFile(name, p+".bak"); berr == nil {
+		if bak, _, berr := d.loadFile(name, p+".bak"); berr == nil {
 			d.log.Warn("state file unreadable; using its backup", "file", p, "error", err.Error())
 			d.bad[name] = errRecovered
 			return bak, nil
@@ -213,33 +224,84 @@ var errRecovered = errors.New("recovered from backup")
 // into memory.
 const maxFileSize = 8 << 20
 
-func (d *Dir) loadFile(name, p string) ([]byte, error) {
-	f, err := os.Open(p)
+// loadFile reads and decodes the state file p. current reports that the file is in the
+// format Store writes (nkp's with a key, swtpm's plaintext without), so that storing
+// the same payload again would change nothing.
+func (d *Dir) loadFile(name, p string) (data []byte, current bool, err error) {
+	file, err := readFile(p)
 	if err != nil {
-		return nil, fmt.Errorf("state file %s: %w", p, err)
+		return nil, false, err
 	}
-	defer f.Close()
-	if fi, err := f.Stat(); err != nil {
-		return nil, fmt.Errorf("state file %s: %w", p, err)
-	} else if !fi.Mode().IsRegular() || fi.Size() > maxFileSize {
-		return nil, fmt.Errorf("state file %s: %w: not a regular file of at most %d bytes; the file was left untouched", p, ErrCorrupt, maxFileSize)
-	}
-	file, err := io.ReadAll(io.LimitReader(f, maxFileSize+1))
-	if err != nil {
-		return nil, fmt.Errorf("state file %s: %w", p, err)
-	}
+	defer clear(file)
 	data, plain, err := decodeFile(name, file, d.seal, d.key, d.accept)
 	if err != nil {
 		var h *hinted
 		if errors.As(err, &h) {
-			return nil, fmt.Errorf("state file %s: %w; the file was left untouched (%s)", p, h.err, h.hint)
+			return nil, false, fmt.Errorf("state file %s: %w; the file was left untouched (%s)", p, h.err, h.hint)
 		}
-		return nil, fmt.Errorf("state file %s: %w; the file was left untouched", p, err)
+		return nil, false, fmt.Errorf("state file %s: %w; the file was left untouched", p, err)
 	}
 	if plain && d.key != nil {
 		d.log.Warn("imported an unencrypted swtpm state file; it will be written encrypted from now on", "file", p)
 	}
-	return data, nil
+	if d.seal != nil {
+		current = bytes.HasPrefix(file, []byte(fileMagic))
+	} else {
+		current = plain
+	}
+	return data, current, nil
+}
+
+// readFile reads a state file of at most maxFileSize bytes with plain system calls (no
+// netpoller registration, which os.Open attempts for every file and costs four more
+// system calls).
+func readFile(p string) ([]byte, error) {
+	fd, err := openNoIntr(p, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, fmt.Errorf("state file %s: %w", p, &fs.PathError{Op: "open", Path: p, Err: err})
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, fmt.Errorf("state file %s: %w", p, &fs.PathError{Op: "fstat", Path: p, Err: err})
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size > maxFileSize {
+		return nil, fmt.Errorf("state file %s: %w: not a regular file of at most %d bytes; the file was left untouched", p, ErrCorrupt, maxFileSize)
+	}
+	// One read more than the size, so that a file that grew meanwhile is read whole
+	// (up to the bound) and a short file ends the loop.
+	buf := make([]byte, 0, st.Size+1)
+	for {
+		if len(buf) == cap(buf) {
+			if len(buf) > maxFileSize {
+				clear(buf)
+				return nil, fmt.Errorf("state file %s: %w: more than %d bytes; the file was left untouched", p, ErrCorrupt, maxFileSize)
+			}
+			buf = append(buf, 0)[:len(buf)]
+		}
+		n, err := unix.Read(fd, buf[len(buf):cap(buf)])
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			clear(buf)
+			return nil, fmt.Errorf("state file %s: %w", p, &fs.PathError{Op: "read", Path: p, Err: err})
+		}
+		if n == 0 {
+			return buf, nil
+		}
+		buf = buf[:len(buf)+n]
+	}
+}
+
+// openNoIntr is open(2), retried on EINTR.
+func openNoIntr(p string, flags int, mode uint32) (int, error) {
+	for {
+		fd, err := unix.Open(p, flags, mode)
+		if !errors.Is(err, unix.EINTR) {
+			return fd, err
+		}
+	}
 }
 
 // Store writes data as blob name: temp file, fsync, rename, fsync of the directory
@@ -257,6 +319,11 @@ func (d *Dir) Store(name string, data []byte) error {
 	if err := d.refuseLocked(name, p); err != nil {
 		return err
 	}
+	sum := sha256.Sum256(data)
+	if k, ok := d.known[name]; ok && k == sum {
+		return nil // the file holds this payload already
+	}
+	delete(d.known, name) // until the new file is in place
 	var file []byte
 	if d.seal != nil {
 		file, err = d.seal.seal(blobTypes[name], data)
@@ -284,14 +351,22 @@ func (d *Dir) Store(name string, data []byte) error {
 	if err := d.syncDir(); err != nil {
 		return fmt.Errorf("state file %s: fsync directory: %w", p, err)
 	}
+	d.known[name] = sum
 	return nil
 }
 
-func (d *Dir) syncFile(f *os.File) error {
+// syncFile makes a new file's data durable: fdatasync, which also writes the metadata
+// needed to read the data back (size, blocks) but not the times.
+func (d *Dir) syncFile(fd int) error {
 	if d.noSync {
 		return nil
 	}
-	return f.Sync()
+	for {
+		err := unix.Fdatasync(fd)
+		if !errors.Is(err, unix.EINTR) {
+			return err
+		}
+	}
 }
 
 func (d *Dir) syncDir() error {
@@ -313,29 +388,37 @@ func (d *Dir) refuseLocked(name, p string) error {
 	return nil
 }
 
+// writeTemp writes b to the new file tmp and makes it durable. It uses plain system
+// calls: os.OpenFile would also try to register the file with the netpoller.
 func (d *Dir) writeTemp(tmp string, b []byte) error {
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|unix.O_NOFOLLOW|unix.O_CLOEXEC, d.mode)
+	fd, err := openNoIntr(tmp, unix.O_WRONLY|unix.O_CREAT|unix.O_TRUNC|unix.O_NOFOLLOW|unix.O_CLOEXEC, uint32(d.mode))
 	if err != nil {
-		return err
+		return &fs.PathError{Op: "open", Path: tmp, Err: err}
 	}
-	if err := f.Chmod(d.mode); err != nil { // the umask may have narrowed it
-		f.Close()
+	fail := func(op string, err error) error {
+		unix.Close(fd)
 		os.Remove(tmp)
-		return err
+		return &fs.PathError{Op: op, Path: tmp, Err: err}
 	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		os.Remove(tmp)
-		return err
+	if err := unix.Fchmod(fd, uint32(d.mode)); err != nil { // the umask may have narrowed it
+		return fail("chmod", err)
 	}
-	if err := d.syncFile(f); err != nil {
-		f.Close()
-		os.Remove(tmp)
-		return err
+	for rest := b; len(rest) > 0; {
+		n, err := unix.Write(fd, rest)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return fail("write", err)
+		}
+		rest = rest[n:]
 	}
-	if err := f.Close(); err != nil {
+	if err := d.syncFile(fd); err != nil {
+		return fail("fdatasync", err)
+	}
+	if err := unix.Close(fd); err != nil {
 		os.Remove(tmp)
-		return err
+		return &fs.PathError{Op: "close", Path: tmp, Err: err}
 	}
 	return nil
 }
@@ -379,6 +462,7 @@ func (d *Dir) Delete(name string) error {
 	if err := d.refuseLocked(name, p); err != nil {
 		return err
 	}
+	delete(d.known, name)
 	if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("state file %s: %w", p, err)
 	}

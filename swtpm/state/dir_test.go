@@ -88,7 +88,9 @@ func TestFormats(t *testing.T) {
 		t.Fatal(err)
 	}
 	first, _ := os.ReadFile(filepath.Join(dir, "tpm2-00.permall"))
-	if err := d.Store("permall", payload); err != nil {
+	payload2 := bytes.Clone(payload)
+	payload2[0] = 1 // the same payload again is not written at all (TestStoreUnchanged)
+	if err := d.Store("permall", payload2); err != nil {
 		t.Fatal(err)
 	}
 	second, _ := os.ReadFile(filepath.Join(dir, "tpm2-00.permall"))
@@ -340,5 +342,77 @@ func TestStates(t *testing.T) {
 	}
 	if want := int64(envelope.HeaderSize + 6 + 2); s[0].Size != want {
 		t.Errorf("permall size %d, want %d", s[0].Size, want)
+	}
+}
+
+// TestStoreUnchanged: storing the payload a file is known to hold (loaded or stored by
+// this Dir, in the format Store writes) leaves the file alone; anything else writes it.
+func TestStoreUnchanged(t *testing.T) {
+	payload := bytes.Repeat([]byte{7}, 300)
+	for _, tt := range []struct {
+		name      string
+		prepare   func(t *testing.T, dir string) // state the directory holds before Open
+		key       *Key
+		accept    bool
+		load      bool // Load before the Store
+		wantWrite bool
+	}{
+		{name: "stored by this Dir", key: testKey(t, 4, 32), wantWrite: false},
+		{name: "stored by this Dir, plaintext", wantWrite: false},
+		{name: "loaded, nkp file", key: testKey(t, 4, 32), load: true, wantWrite: false,
+			prepare: func(t *testing.T, dir string) { storeIn(t, dir, testKey(t, 4, 32), payload) }},
+		{name: "not loaded, nkp file", key: testKey(t, 4, 32), wantWrite: true,
+			prepare: func(t *testing.T, dir string) { storeIn(t, dir, testKey(t, 4, 32), payload) }},
+		{name: "loaded swtpm plaintext under a key (import)", key: testKey(t, 4, 32), accept: true, load: true, wantWrite: true,
+			prepare: func(t *testing.T, dir string) { storeIn(t, dir, nil, payload) }},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			if tt.prepare != nil {
+				tt.prepare(t, dir)
+			}
+			d := mustOpen(t, dir, Options{Key: tt.key, AcceptPlaintext: tt.accept})
+			if tt.prepare == nil {
+				if err := d.Store("permall", payload); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if tt.load {
+				if got, err := d.Load("permall"); err != nil || !bytes.Equal(got, payload) {
+					t.Fatalf("Load = %x, %v", got, err)
+				}
+			}
+			p := filepath.Join(dir, FileName("permall"))
+			before, err := os.Stat(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := d.Store("permall", payload); err != nil {
+				t.Fatal(err)
+			}
+			after, err := os.Stat(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Store writes a new file and renames it over the old one: a new inode.
+			if wrote := !os.SameFile(before, after); wrote != tt.wantWrite {
+				t.Errorf("file rewritten = %v, want %v", wrote, tt.wantWrite)
+			}
+			if got, err := d.Load("permall"); err != nil || !bytes.Equal(got, payload) {
+				t.Errorf("Load after Store = %x, %v; want the payload", got, err)
+			}
+		})
+	}
+}
+
+// storeIn writes payload as permall into dir with its own Dir, closed again.
+func storeIn(t *testing.T, dir string, key *Key, payload []byte) {
+	t.Helper()
+	d := mustOpen(t, dir, Options{Key: key})
+	if err := d.Store("permall", payload); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
 	}
 }
