@@ -10,6 +10,10 @@
 // withdrawn, current requests finished), sends READY=1 once it accepts connections and
 // keeps systemd's watchdog fed while the store answers. Replicas sharing one etcd store
 // need the same root.key file in their --dir (copy it, 0600).
+//
+// --root-key-tpm /dev/tpmrm0 (or swtpm:path=SOCKET) at init seals the root key to the
+// provider host's TPM instead of writing it in the clear; serve then needs the same flag,
+// and the file opens on no other machine (keep the backup: it is the way back).
 package main
 
 import (
@@ -27,6 +31,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/nkp-dev/nkp/provider/api/daemon"
+	"github.com/nkp-dev/nkp/provider/rootkey"
 	"github.com/nkp-dev/nkp/systemd"
 )
 
@@ -39,7 +44,7 @@ func main() {
 
 type options struct {
 	dir, listen, storeKind, etcd, etcdPrefix, sans, logLevel, logFormat string
-	etcdCA, etcdCert, etcdKey                                           string
+	etcdCA, etcdCert, etcdKey, rootKeyTPM                               string
 	tpmRequired                                                         bool
 	shutdown                                                            time.Duration
 	workFactor                                                          int
@@ -82,6 +87,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 	pf.StringVar(&o.etcdCA, "etcd-cacert", "", "CA certificate (PEM) of etcd's server certificate, for https:// endpoints")
 	pf.StringVar(&o.etcdCert, "etcd-cert", "", "client certificate (PEM) for etcd's --client-cert-auth")
 	pf.StringVar(&o.etcdKey, "etcd-key", "", "key (PEM, mode 0600) of --etcd-cert")
+	pf.StringVar(&o.rootKeyTPM, "root-key-tpm", "", "seal the root key to this TPM (init) / unseal it with it (serve): "+rootkey.TPMSpecHelp)
 	pf.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	pf.StringVar(&o.logFormat, "log-format", "json", "json or text")
 
@@ -94,7 +100,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 			if err != nil {
 				return err
 			}
-			st, err := daemon.Init(context.Background(), daemon.InitConfig{Dir: o.dir, Store: o.store(), TPMRequired: o.tpmRequired, Log: log})
+			st, err := daemon.Init(context.Background(), daemon.InitConfig{Dir: o.dir, Store: o.store(), TPMRequired: o.tpmRequired, RootKeyTPM: o.rootKeyTPM, Log: log})
 			if err != nil {
 				return err
 			}
@@ -129,7 +135,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 func serve(o *options, log *slog.Logger) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	cfg := daemon.Config{Dir: o.dir, Listen: o.listen, Store: o.store(), Log: log, ShutdownTimeout: o.shutdown, BackupWorkFactor: o.workFactor, ReleaseAuditWindow: o.auditWindow}
+	cfg := daemon.Config{Dir: o.dir, Listen: o.listen, Store: o.store(), Log: log, ShutdownTimeout: o.shutdown, BackupWorkFactor: o.workFactor, ReleaseAuditWindow: o.auditWindow, RootKeyTPM: o.rootKeyTPM}
 	if o.sans != "" {
 		cfg.Names = strings.Split(o.sans, ",")
 	}

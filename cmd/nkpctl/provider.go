@@ -22,6 +22,7 @@ import (
 	"github.com/nkp-dev/nkp/provider/api/daemon"
 	"github.com/nkp-dev/nkp/provider/backup"
 	"github.com/nkp-dev/nkp/provider/client"
+	"github.com/nkp-dev/nkp/provider/rootkey"
 )
 
 // ctl holds the global flags and the streams of one invocation.
@@ -38,6 +39,7 @@ type ctl struct {
 	pass     passphraseSource
 	store    daemon.StoreConfig
 	etcdEP   string
+	tpm      string // --root-key-tpm (init, restore)
 }
 
 func newRoot(stdin io.Reader, stdout, stderr io.Writer) *cobra.Command {
@@ -81,6 +83,7 @@ func (c *ctl) storeFlags(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&c.store.Kind, "store", daemon.StoreBolt, "store: bolt (a file in --dir) or etcd")
 	cmd.Flags().StringVar(&c.etcdEP, "etcd-endpoints", "", "etcd client URLs, comma-separated (--store etcd)")
 	cmd.Flags().StringVar(&c.store.EtcdPrefix, "etcd-prefix", "", "key prefix in etcd (default /nkp/provider/)")
+	cmd.Flags().StringVar(&c.tpm, "root-key-tpm", "", "the root key is (to be) sealed to this TPM: "+rootkey.TPMSpecHelp)
 	cmd.Flags().StringVar(&c.store.EtcdCACert, "etcd-cacert", "", "CA certificate (PEM) of etcd's server certificate, for https:// endpoints")
 	cmd.Flags().StringVar(&c.store.EtcdCert, "etcd-cert", "", "client certificate (PEM) for etcd's --client-cert-auth")
 	cmd.Flags().StringVar(&c.store.EtcdKey, "etcd-key", "", "key (PEM, mode 0600) of --etcd-cert")
@@ -133,7 +136,7 @@ func (c *ctl) initCmd() *cobra.Command {
 		Short: "create a provider in --dir: root key, store, CA, first KDK, admin credentials",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			st, err := daemon.Init(cmd.Context(), daemon.InitConfig{Dir: c.dir, Store: c.storeConfig(), TPMRequired: tpmRequired, Log: c.logger()})
+			st, err := daemon.Init(cmd.Context(), daemon.InitConfig{Dir: c.dir, Store: c.storeConfig(), TPMRequired: tpmRequired, RootKeyTPM: c.tpm, Log: c.logger()})
 			if err != nil {
 				return err
 			}
@@ -353,7 +356,7 @@ func (c *ctl) restoreCmd() *cobra.Command {
 			}
 			defer clear(pass)
 			st, err := daemon.Restore(cmd.Context(), daemon.RestoreConfig{Dir: c.dir, Store: c.storeConfig(), Archive: f,
-				Passphrase: pass, Force: force, Log: c.logger()})
+				Passphrase: pass, Force: force, RootKeyTPM: c.tpm, Log: c.logger()})
 			if err != nil {
 				return err
 			}

@@ -24,7 +24,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -59,6 +58,9 @@ type Config struct {
 	// BackupWorkFactor is the scrypt work factor (log2 N) of backup archives; 0 means
 	// age's default (18). Only tests lower it.
 	BackupWorkFactor int
+	// RootKeyTPM names the TPM the root key is sealed to (InitConfig.RootKeyTPM); empty
+	// for a plain key file.
+	RootKeyTPM string
 	// ReleaseAuditWindow is provider.Config.ReleaseAuditWindow: repeated fetches of the
 	// same KDK versions by one host within it are counted in the host's next audit record
 	// instead of each writing one; 0 means the provider's default, negative audits every fetch.
@@ -111,7 +113,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 			d.closeAll()
 		}
 	}()
-	if d.key, err = rootkey.Load(filepath.Join(cfg.Dir, RootKeyFile)); err != nil {
+	if d.key, err = loadRootKey(cfg.Dir, cfg.RootKeyTPM); err != nil {
 		return nil, fmt.Errorf("provider %s: %w (run `nkp-provider init` first, or copy the root key of the replica set)", cfg.Dir, err)
 	}
 	if d.st, err = OpenStore(ctx, cfg.Dir, cfg.Store, cfg.Log); err != nil {

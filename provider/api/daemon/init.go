@@ -20,6 +20,9 @@ type InitConfig struct {
 	Dir         string
 	Store       StoreConfig
 	TPMRequired bool
+	// RootKeyTPM seals the root key to the provider host's TPM (rootkey.OpenTPM: a device
+	// such as /dev/tpmrm0, or swtpm:path=SOCKET); empty writes a plain 0600 key file.
+	RootKeyTPM string
 	// AdminName is the CN of the admin certificate written into Dir (default "admin").
 	AdminName string
 	Log       *slog.Logger
@@ -37,9 +40,12 @@ func Init(ctx context.Context, cfg InitConfig) (provider.Status, error) {
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return provider.Status{}, fmt.Errorf("provider directory %s: %w", cfg.Dir, err)
 	}
-	key, err := rootkey.Create(filepath.Join(cfg.Dir, RootKeyFile))
-	if err != nil {
+	key, err := createRootKey(cfg.Dir, cfg.RootKeyTPM)
+	if errors.Is(err, rootkey.ErrExists) {
 		return provider.Status{}, fmt.Errorf("provider %s: %w (a provider exists there already; use another --dir)", cfg.Dir, err)
+	}
+	if err != nil {
+		return provider.Status{}, fmt.Errorf("provider %s: %w", cfg.Dir, err)
 	}
 	defer key.Wipe()
 	return withProvider(ctx, cfg.Dir, cfg.Store, key, cfg.Log, func(p *provider.Provider) (provider.Status, error) {
@@ -58,9 +64,12 @@ type RestoreConfig struct {
 	Archive    io.Reader
 	Passphrase []byte
 	// Force restores over a provider that is not empty.
-	Force     bool
-	AdminName string
-	Log       *slog.Logger
+	Force bool
+	// RootKeyTPM is InitConfig.RootKeyTPM: the TPM the directory's root key is sealed to,
+	// or, without a root key yet, the TPM to seal a new one to.
+	RootKeyTPM string
+	AdminName  string
+	Log        *slog.Logger
 }
 
 // Restore rebuilds a provider from a backup archive into Dir: it creates the root key if
@@ -76,10 +85,9 @@ func Restore(ctx context.Context, cfg RestoreConfig) (provider.Status, error) {
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return provider.Status{}, fmt.Errorf("provider directory %s: %w", cfg.Dir, err)
 	}
-	path := filepath.Join(cfg.Dir, RootKeyFile)
-	key, err := rootkey.Load(path)
+	key, err := loadRootKey(cfg.Dir, cfg.RootKeyTPM)
 	if errors.Is(err, fs.ErrNotExist) {
-		key, err = rootkey.Create(path)
+		key, err = createRootKey(cfg.Dir, cfg.RootKeyTPM)
 	}
 	if err != nil {
 		return provider.Status{}, fmt.Errorf("provider %s: %w", cfg.Dir, err)
