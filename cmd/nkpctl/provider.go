@@ -193,7 +193,7 @@ func (c *ctl) backupCmd() *cobra.Command {
 	var out string
 	cmd := &cobra.Command{
 		Use:   "backup",
-		Short: "write an age-encrypted backup archive (then the provider may release keys)",
+		Short: "write an age-encrypted backup archive, open it again and confirm it (then the provider may release keys)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if out == "" {
