@@ -20,6 +20,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
@@ -113,8 +114,10 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 			d.closeAll()
 		}
 	}()
-	if d.key, err = loadRootKey(cfg.Dir, cfg.RootKeyTPM); err != nil {
+	if d.key, err = loadRootKey(cfg.Dir, cfg.RootKeyTPM); errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("provider %s: %w (run `nkp-provider init` first, or copy the root key of the replica set)", cfg.Dir, err)
+	} else if err != nil {
+		return nil, fmt.Errorf("provider %s: %w", cfg.Dir, err)
 	}
 	if d.st, err = OpenStore(ctx, cfg.Dir, cfg.Store, cfg.Log); err != nil {
 		return nil, err

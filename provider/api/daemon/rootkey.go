@@ -35,7 +35,7 @@ func loadRootKey(dir, tpmSpec string) (*rootkey.Key, error) {
 	if tpmSpec == "" {
 		k, err := rootkey.Load(path)
 		if errors.Is(err, rootkey.ErrSealed) {
-			return nil, fmt.Errorf("%w: give --root-key-tpm with the TPM it was sealed to (%s)", err, rootkey.TPMSpecHelp)
+			return nil, fmt.Errorf("root key %s: %w: give --root-key-tpm with the TPM it was sealed to (%s)", path, rootkey.ErrSealed, rootkey.TPMSpecHelp)
 		}
 		return k, err
 	}
