@@ -19,6 +19,9 @@ func TestRunRefusals(t *testing.T) {
 		{"unknown store", []string{"init", "--dir", filepath.Join(dir, "c"), "--store", "redis"}, "--store"},
 		{"etcd without endpoints", []string{"serve", "--dir", dir, "--store", "etcd"}, "--etcd-endpoints"},
 		{"serve without a provider", []string{"serve", "--dir", filepath.Join(dir, "none"), "--listen", "127.0.0.1:0"}, "nkp-provider init"},
+		{"https etcd without a CA", []string{"init", "--dir", filepath.Join(dir, "d"), "--store", "etcd", "--etcd-endpoints", "https://127.0.0.1:1"}, "--etcd-cacert"},
+		{"etcd client cert without key", []string{"serve", "--dir", dir, "--store", "etcd", "--etcd-endpoints", "https://127.0.0.1:1", "--etcd-cacert", "ca.pem", "--etcd-cert", "c.pem"}, "--etcd-key"},
+		{"bad root key TPM", []string{"init", "--dir", filepath.Join(dir, "e"), "--root-key-tpm", "tpm0"}, "/dev/tpmrm0"},
 		{"passphrase flag does not exist", []string{"serve", "--passphrase", "x"}, "unknown flag"},
 	}
 	for _, tc := range tests {

@@ -37,6 +37,11 @@ func Init(ctx context.Context, cfg InitConfig) (provider.Status, error) {
 	if err := cfg.Store.Validate(); err != nil {
 		return provider.Status{}, err
 	}
+	if cfg.RootKeyTPM != "" {
+		if _, _, err := rootkey.ParseTPMSpec(cfg.RootKeyTPM); err != nil {
+			return provider.Status{}, fmt.Errorf("--root-key-tpm: %w", err)
+		}
+	}
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return provider.Status{}, fmt.Errorf("provider directory %s: %w", cfg.Dir, err)
 	}
