@@ -13,7 +13,7 @@ for p in "${PKGS[@]}"; do
 done
 # The guest builder uses `apt-get download`, which needs package lists even when every
 # package above is installed.
-if [ ${#missing[@]} -gt 0 ] || ! ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1; then
+if [ ${#missing[@]} -gt 0 ] || ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then
   apt-get update -q
 fi
 if [ ${#missing[@]} -gt 0 ]; then
