@@ -11,8 +11,11 @@
 // moving from swtpm keeps its TPM. File names are swtpm's (tpm2-00.permall, ...), and the
 // directory is locked through swtpm's .lock file for the Dir's life.
 //
-// Writes are crash-safe: temp file, fsync, rename, fsync of the directory. A file that
-// could not be read is never overwritten nor deleted by this Dir.
+// Writes are crash-safe and durable: temp file, fdatasync, rename, fsync of the
+// directory, so a Store that returned survives a process crash and a power loss, and a
+// crash in between leaves the old file or the new one. A Store of the payload a file is
+// known to hold already writes nothing. A file that could not be read is never
+// overwritten nor deleted by this Dir.
 //
 // Importers: swtpm/cli, which opens the directory for the swtpm server and parses
 // --key/--migration-key with ParseKeySpec/ParseKey, and tests. Other daemons hand keys
@@ -304,8 +307,10 @@ func openNoIntr(p string, flags int, mode uint32) (int, error) {
 	}
 }
 
-// Store writes data as blob name: temp file, fsync, rename, fsync of the directory
-// (without the fsyncs under Options.NoSync).
+// Store writes data as blob name: temp file, fdatasync, rename, fsync of the directory
+// (without the syncs under Options.NoSync). When the file is known to hold data already
+// (this Dir loaded it from a file in the format Store writes, or stored it last) it
+// writes nothing.
 func (d *Dir) Store(name string, data []byte) error {
 	p, err := d.path(name)
 	if err != nil {
