@@ -1,174 +1,17 @@
-// Command nkp-provider is the cluster's key provider daemon.
-//
-//	nkp-provider init  --dir D [--store bolt|etcd --etcd-endpoints URLS] [--tpm-required]
-//	nkp-provider serve --dir D --listen ADDR [--store bolt|etcd --etcd-endpoints URLS] [--san NAME,...]
-//
-// With https:// etcd endpoints, --etcd-cacert names the CA of etcd's server certificate
-// and --etcd-cert/--etcd-key the client certificate etcd's --client-cert-auth asks for.
-//
-// serve answers SIGTERM and SIGINT with a graceful shutdown (STOPPING=1 to systemd, readiness
-// withdrawn, current requests finished), sends READY=1 once it accepts connections and
-// keeps systemd's watchdog fed while the store answers. Replicas sharing one etcd store
-// need the same root.key file in their --dir (copy it, 0600).
-//
-// --root-key-tpm /dev/tpmrm0 (or swtpm:path=SOCKET) at init seals the root key to the
-// provider host's TPM instead of writing it in the clear; serve then needs the same flag,
-// and the file opens on no other machine (keep the backup: it is the way back).
+// Command nkp-provider is the cluster's key provider daemon: `nkp-provider init|serve`.
+// See package github.com/nkp-dev/nkp/provider/cli.
 package main
 
 import (
-	"context"
-	"errors"
 	"fmt"
-	"io"
-	"log/slog"
 	"os"
-	"os/signal"
-	"strings"
-	"syscall"
-	"time"
 
-	"github.com/spf13/cobra"
-
-	"github.com/nkp-dev/nkp/provider/api/daemon"
-	"github.com/nkp-dev/nkp/provider/rootkey"
-	"github.com/nkp-dev/nkp/systemd"
+	"github.com/nkp-dev/nkp/provider/cli"
 )
 
 func main() {
-	if err := run(os.Args[1:], os.Stdout, os.Stderr); err != nil {
+	if err := cli.Main(os.Args[1:], os.Stdout, os.Stderr); err != nil {
 		fmt.Fprintln(os.Stderr, "nkp-provider:", err)
 		os.Exit(1)
 	}
-}
-
-type options struct {
-	dir, listen, storeKind, etcd, etcdPrefix, sans, logLevel, logFormat string
-	etcdCA, etcdCert, etcdKey, rootKeyTPM                               string
-	tpmRequired                                                         bool
-	shutdown                                                            time.Duration
-	workFactor                                                          int
-	auditWindow                                                         time.Duration
-}
-
-func (o *options) store() daemon.StoreConfig {
-	sc := daemon.StoreConfig{Kind: o.storeKind, EtcdPrefix: o.etcdPrefix, EtcdCACert: o.etcdCA, EtcdCert: o.etcdCert, EtcdKey: o.etcdKey}
-	if o.etcd != "" {
-		sc.EtcdEndpoints = strings.Split(o.etcd, ",")
-	}
-	return sc
-}
-
-func (o *options) logger(w io.Writer) (*slog.Logger, error) {
-	var lvl slog.Level
-	if err := lvl.UnmarshalText([]byte(o.logLevel)); err != nil {
-		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", o.logLevel)
-	}
-	hopts := &slog.HandlerOptions{Level: lvl}
-	switch o.logFormat {
-	case "json":
-		return slog.New(slog.NewJSONHandler(w, hopts)), nil
-	case "text":
-		return slog.New(slog.NewTextHandler(w, hopts)), nil
-	}
-	return nil, fmt.Errorf("--log-format %q: want json or text", o.logFormat)
-}
-
-func run(args []string, stdout, stderr io.Writer) error {
-	o := &options{}
-	root := &cobra.Command{Use: "nkp-provider", Short: "nkp key provider", SilenceUsage: true, SilenceErrors: true}
-	root.SetOut(stdout)
-	root.SetErr(stderr)
-	pf := root.PersistentFlags()
-	pf.StringVar(&o.dir, "dir", "/var/lib/nkp-provider", "provider directory (root key, store, admin credentials)")
-	pf.StringVar(&o.storeKind, "store", daemon.StoreBolt, "store: bolt or etcd")
-	pf.StringVar(&o.etcd, "etcd-endpoints", "", "etcd client URLs, comma-separated (--store etcd)")
-	pf.StringVar(&o.etcdPrefix, "etcd-prefix", "", "key prefix in etcd (default /nkp/provider/)")
-	pf.StringVar(&o.etcdCA, "etcd-cacert", "", "CA certificate (PEM) of etcd's server certificate, for https:// endpoints")
-	pf.StringVar(&o.etcdCert, "etcd-cert", "", "client certificate (PEM) for etcd's --client-cert-auth")
-	pf.StringVar(&o.etcdKey, "etcd-key", "", "key (PEM, mode 0600) of --etcd-cert")
-	pf.StringVar(&o.rootKeyTPM, "root-key-tpm", "", "seal the root key to this TPM (init) / unseal it with it (serve): "+rootkey.TPMSpecHelp)
-	pf.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
-	pf.StringVar(&o.logFormat, "log-format", "json", "json or text")
-
-	initCmd := &cobra.Command{
-		Use:   "init",
-		Short: "create a provider in --dir (state NotBackedUp until the first backup)",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := o.logger(stderr)
-			if err != nil {
-				return err
-			}
-			st, err := daemon.Init(context.Background(), daemon.InitConfig{Dir: o.dir, Store: o.store(), TPMRequired: o.tpmRequired, RootKeyTPM: o.rootKeyTPM, Log: log})
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(stdout, "provider %s initialised in %s (state %s): take a backup before hosts can get keys\n", st.ProviderID, o.dir, st.State)
-			return nil
-		},
-	}
-	initCmd.Flags().BoolVar(&o.tpmRequired, "tpm-required", false, "refuse hosts without a TPM")
-
-	serveCmd := &cobra.Command{
-		Use:   "serve",
-		Short: "serve the provider's HTTPS API",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := o.logger(stderr)
-			if err != nil {
-				return err
-			}
-			return serve(o, log)
-		},
-	}
-	serveCmd.Flags().StringVar(&o.listen, "listen", ":8443", "address to listen on (host:port)")
-	serveCmd.Flags().StringVar(&o.sans, "san", "", "DNS names and IPs for the server certificate, comma-separated (default: localhost, loopback, host name)")
-	serveCmd.Flags().IntVar(&o.workFactor, "backup-work-factor", 0, "scrypt work factor (log2 N) of backups; 0 is age's default 18 (lower it only in tests)")
-	serveCmd.Flags().DurationVar(&o.auditWindow, "release-audit-window", 0, "repeated KDK fetches by one host within this window share one audit record (0: provider default, 1m; negative: audit every fetch)")
-	serveCmd.Flags().DurationVar(&o.shutdown, "shutdown-timeout", 10*time.Second, "how long a graceful shutdown waits for requests")
-	root.AddCommand(initCmd, serveCmd)
-	root.SetArgs(args)
-	return root.Execute()
-}
-
-func serve(o *options, log *slog.Logger) error {
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
-	cfg := daemon.Config{Dir: o.dir, Listen: o.listen, Store: o.store(), Log: log, ShutdownTimeout: o.shutdown, BackupWorkFactor: o.workFactor, ReleaseAuditWindow: o.auditWindow, RootKeyTPM: o.rootKeyTPM}
-	if o.sans != "" {
-		cfg.Names = strings.Split(o.sans, ",")
-	}
-	d, err := daemon.Start(context.Background(), cfg)
-	if err != nil {
-		return err
-	}
-	if err := systemd.Ready(); err != nil {
-		log.Warn("readiness not signalled to systemd", "err", err)
-	}
-	wd, err := systemd.WatchdogInterval()
-	if err != nil {
-		log.Warn("watchdog disabled", "err", err)
-	}
-	wctx, wcancel := context.WithCancel(context.Background())
-	defer wcancel()
-	go systemd.RunWatchdog(wctx, log, wd, d.Healthy)
-
-	select {
-	case <-ctx.Done():
-		log.Info("provider stopping", "reason", "signal")
-	case <-d.Done():
-		return d.Err()
-	}
-	wcancel()
-	if err := systemd.Stopping(); err != nil {
-		log.Warn("stopping not signalled to systemd", "err", err)
-	}
-	sctx, cancel := context.WithTimeout(context.Background(), o.shutdown)
-	defer cancel()
-	if err := d.Shutdown(sctx); err != nil && !errors.Is(err, context.Canceled) {
-		return err
-	}
-	log.Info("provider stopped")
-	return nil
 }

@@ -1,4 +1,4 @@
-package main
+package cli
 
 import (
 	"bytes"
@@ -42,17 +42,12 @@ type ctl struct {
 	tpm      string // --root-key-tpm (init, restore)
 }
 
-func newRoot(stdin io.Reader, stdout, stderr io.Writer) *cobra.Command {
+// Command returns `nkpctl provider`: init and restore act on a provider directory
+// directly; every other subcommand talks to a running nkp-provider over mTLS with the
+// admin certificate that init wrote into that directory. Passphrases are never taken from
+// the command line: --passphrase-file FILE, --passphrase-stdin, or a terminal prompt.
+func Command(stdin io.Reader, stdout, stderr io.Writer) *cobra.Command {
 	c := &ctl{stdin: stdin, stdout: stdout, stderr: stderr}
-	root := &cobra.Command{
-		Use:           "nkpctl",
-		Short:         "nkp's command-line tool",
-		SilenceUsage:  true,
-		SilenceErrors: true,
-	}
-	root.SetIn(stdin)
-	root.SetOut(stdout)
-	root.SetErr(stderr)
 	prov := &cobra.Command{Use: "provider", Short: "run and administer the key provider"}
 	pf := prov.PersistentFlags()
 	pf.StringVar(&c.url, "provider", envOr("NKP_PROVIDER", "https://127.0.0.1:8443"), "provider URL, or several replicas' URLs comma-separated (env NKP_PROVIDER)")
@@ -61,10 +56,9 @@ func newRoot(stdin io.Reader, stdout, stderr io.Writer) *cobra.Command {
 	pf.StringVar(&c.keyFile, "key", "", "admin key (default DIR/admin.key)")
 	pf.StringVar(&c.caFile, "ca", "", "provider CA certificate (default DIR/ca.crt)")
 	pf.BoolVar(&c.asJSON, "json", false, "print JSON")
-	root.AddCommand(prov)
 	prov.AddCommand(c.initCmd(), c.statusCmd(), c.backupCmd(), c.restoreCmd(), c.tokenCmd(), c.hostsCmd(),
 		c.revokeCmd(), c.rotateCmd(), c.retireCmd(), c.objectsCmd(), c.auditCmd(), c.policyCmd())
-	return root
+	return prov
 }
 
 func envOr(name, def string) string {
@@ -389,8 +383,9 @@ func (c *ctl) tokenCmd() *cobra.Command {
 				return err
 			}
 			return c.print(t, func(w io.Writer) {
-				fmt.Fprintf(w, "token\t%s\nexpires\t%s\nCA hash\t%s\n\non the host:\tnkp-hostd join --provider %s --token %s --ca-hash %s\n",
-					t.Secret, t.Expires.Format(time.RFC3339), t.CAHash, c.url, t.Secret, t.CAHash)
+				// The secret goes to the host through a 0600 file or stdin, never its argv.
+				fmt.Fprintf(w, "token\t%s\nexpires\t%s\nCA hash\t%s\n\non the host (token on stdin, not in argv):\tnkp-hostd join --provider %s --ca-hash %s --token-file -\n",
+					t.Secret, t.Expires.Format(time.RFC3339), t.CAHash, c.url, t.CAHash)
 			})
 		},
 	}

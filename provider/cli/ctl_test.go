@@ -1,8 +1,9 @@
-package main
+package cli
 
 import (
 	"bytes"
 	"context"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -76,8 +77,16 @@ func TestParsePolicy(t *testing.T) {
 // TestNoPassphraseInArgv: there is no flag that takes a passphrase value.
 func TestNoPassphraseInArgv(t *testing.T) {
 	var out, errb bytes.Buffer
-	err := run(context.Background(), []string{"provider", "backup", "--passphrase", "x", "--out", "f"}, strings.NewReader(""), &out, &errb)
+	err := runCtl(context.Background(), []string{"backup", "--passphrase", "x", "--out", "f"}, strings.NewReader(""), &out, &errb)
 	if err == nil || !strings.Contains(err.Error(), "unknown flag") {
 		t.Fatalf("--passphrase accepted: %v", err)
 	}
+}
+
+// runCtl runs `nkpctl provider ARGS` as cmd/nkpctl does.
+func runCtl(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
+	cmd := Command(stdin, stdout, stderr)
+	cmd.SilenceUsage, cmd.SilenceErrors = true, true
+	cmd.SetArgs(args)
+	return cmd.ExecuteContext(ctx)
 }

@@ -1,4 +1,4 @@
-package main
+package cli
 
 import (
 	"bytes"
@@ -27,7 +27,7 @@ func TestRunRefusals(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			var out, errb bytes.Buffer
-			err := run(tc.args, &out, &errb)
+			err := Main(tc.args, &out, &errb)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("run(%v) = %v, want an error naming %q", tc.args, err, tc.want)
 			}
@@ -38,13 +38,13 @@ func TestRunRefusals(t *testing.T) {
 func TestInit(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "p")
 	var out, errb bytes.Buffer
-	if err := run([]string{"init", "--dir", dir, "--log-format", "text"}, &out, &errb); err != nil {
+	if err := Main([]string{"init", "--dir", dir, "--log-format", "text"}, &out, &errb); err != nil {
 		t.Fatalf("init: %v\n%s", err, errb.String())
 	}
 	if !strings.Contains(out.String(), "take a backup") {
 		t.Fatalf("init printed %q, want the backup reminder", out.String())
 	}
-	if err := run([]string{"init", "--dir", dir, "--log-format", "text"}, &out, &errb); err == nil {
+	if err := Main([]string{"init", "--dir", dir, "--log-format", "text"}, &out, &errb); err == nil {
 		t.Fatal("a second init in the same directory succeeded")
 	}
 }
