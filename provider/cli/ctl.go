@@ -297,18 +297,11 @@ func (c *ctl) backupVerifyCmd() *cobra.Command {
 		Short: "open an archive locally and check it (no provider needed)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if in == "" {
-				return errors.New("--in FILE is required")
-			}
-			f, err := os.Open(in)
-			if err != nil {
-				return fmt.Errorf("backup verify: %w", err)
-			}
-			defer f.Close()
-			pass, err := c.pass.read(c.stdin, c.stderr, false)
+			f, pass, err := c.openArchiveFile("backup verify", in)
 			if err != nil {
 				return err
 			}
+			defer f.Close()
 			defer clear(pass)
 			doc, n, err := backup.Read(f, pass)
 			if err != nil {
@@ -328,6 +321,23 @@ func (c *ctl) backupVerifyCmd() *cobra.Command {
 	return cmd
 }
 
+// openArchiveFile opens the archive named by --in and reads the passphrase for it.
+func (c *ctl) openArchiveFile(op, in string) (*os.File, []byte, error) {
+	if in == "" {
+		return nil, nil, errors.New("--in FILE is required")
+	}
+	f, err := os.Open(in)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", op, err)
+	}
+	pass, err := c.pass.read(c.stdin, c.stderr, false)
+	if err != nil {
+		f.Close()
+		return nil, nil, err
+	}
+	return f, pass, nil
+}
+
 func (c *ctl) restoreCmd() *cobra.Command {
 	var in string
 	var force bool
@@ -336,18 +346,11 @@ func (c *ctl) restoreCmd() *cobra.Command {
 		Short: "rebuild a provider in --dir from a backup archive (with nkp-provider stopped)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if in == "" {
-				return errors.New("--in FILE is required")
-			}
-			f, err := os.Open(in)
-			if err != nil {
-				return fmt.Errorf("restore: %w", err)
-			}
-			defer f.Close()
-			pass, err := c.pass.read(c.stdin, c.stderr, false)
+			f, pass, err := c.openArchiveFile("restore", in)
 			if err != nil {
 				return err
 			}
+			defer f.Close()
 			defer clear(pass)
 			st, err := daemon.Restore(cmd.Context(), daemon.RestoreConfig{Dir: c.dir, Store: c.storeConfig(), Archive: f,
 				Passphrase: pass, Force: force, RootKeyTPM: c.tpm, Log: c.logger()})
