@@ -30,7 +30,6 @@ import (
 	"io/fs"
 	"log/slog"
 	"os"
-	"sync"
 	"syscall"
 	"time"
 
@@ -72,8 +71,7 @@ type Store struct {
 	calls  chan *call    // Updates for the writer goroutine
 	writer chan struct{} // closed when the writer goroutine has ended
 
-	mu     sync.RWMutex // held for reading by transactions, for writing by Close
-	closed bool         // guarded by mu
+	gate txbuf.Gate // admits transactions until Close
 }
 
 // call is one Update waiting for the writer.
@@ -170,15 +168,7 @@ func mapErr(err error) error {
 }
 
 func (s *Store) begin(ctx context.Context, op string) (func(), error) {
-	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("store %s: %s: %w", s.path, op, err)
-	}
-	s.mu.RLock()
-	if s.closed {
-		s.mu.RUnlock()
-		return nil, fmt.Errorf("store %s: %s: %w", s.path, op, store.ErrClosed)
-	}
-	return s.mu.RUnlock, nil
+	return s.gate.Enter(ctx, "store "+s.path, op)
 }
 
 // View implements store.Store.
@@ -301,20 +291,16 @@ func (s *Store) runBatch(batch []*call) {
 
 // Close implements store.Store; it waits for running transactions.
 func (s *Store) Close() error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
+	return s.gate.Close(func() error {
+		if s.calls != nil {
+			close(s.calls) // no Update is running: they are inside the gate
+			<-s.writer
+		}
+		if err := s.db.Close(); err != nil {
+			return fmt.Errorf("store %s: close: %w", s.path, err)
+		}
 		return nil
-	}
-	s.closed = true
-	if s.calls != nil {
-		close(s.calls) // no Update is running: they hold mu for reading
-		<-s.writer
-	}
-	if err := s.db.Close(); err != nil {
-		return fmt.Errorf("store %s: close: %w", s.path, err)
-	}
-	return nil
+	})
 }
 
 // tx is a transaction over btx. In an Update, buf holds its writes until the writer

@@ -100,8 +100,7 @@ type Store struct {
 	cfg     Config
 	where   string // for messages: "etcd store <endpoints><prefix>"
 
-	mu     sync.RWMutex // read-held by transactions, write-held by Close
-	closed bool         // guarded by mu
+	gate txbuf.Gate // admits transactions until Close
 
 	// order makes a retry run alone in this process: first attempts hold it for
 	// reading, retries for writing, so retriers stop colliding with each other and with
@@ -154,15 +153,7 @@ func newStore(cli *clientv3.Client, cfg Config) *Store {
 }
 
 func (s *Store) begin(ctx context.Context, op string) (func(), error) {
-	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("%s: %s: %w", s.where, op, err)
-	}
-	s.mu.RLock()
-	if s.closed {
-		s.mu.RUnlock()
-		return nil, fmt.Errorf("%s: %s: %w", s.where, op, store.ErrClosed)
-	}
-	return s.mu.RUnlock, nil
+	return s.gate.Enter(ctx, s.where, op)
 }
 
 // View implements store.Store.
@@ -242,18 +233,14 @@ func (s *Store) backoff(ctx context.Context, attempt int) error {
 
 // Close implements store.Store; it waits for running transactions.
 func (s *Store) Close() error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
-		return nil
-	}
-	s.closed = true
-	if s.ownsCli {
-		if err := s.cli.Close(); err != nil && !errors.Is(err, context.Canceled) {
-			return fmt.Errorf("%s: close: %w", s.where, err)
+	return s.gate.Close(func() error {
+		if s.ownsCli {
+			if err := s.cli.Close(); err != nil && !errors.Is(err, context.Canceled) {
+				return fmt.Errorf("%s: close: %w", s.where, err)
+			}
 		}
-	}
-	return nil
+		return nil
+	})
 }
 
 // errRestart marks a read whose snapshot is gone; the transaction starts again.
