@@ -23,7 +23,6 @@
 package state
 
 import (
-	"bytes"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -103,7 +102,10 @@ type Dir struct {
 	// hold in the format Store writes (read back by Load, or written by Store), so that
 	// a Store of the same payload writes nothing: libtpms stores the permanent state
 	// unchanged at every start and TPM2_Startup, and each write costs two fsyncs.
-	known  map[string][sha256.Size]byte
+	known map[string][sha256.Size]byte
+	// slots holds, per blob name, where the newest record of its slotted file is (as
+	// loaded or last stored), so that the next Store overwrites the other slot in place.
+	slots  map[string]slotInfo
 	closed bool
 }
 
@@ -141,6 +143,7 @@ func Open(dir string, opts Options) (*Dir, error) {
 		accept: opts.AcceptPlaintext,
 		bad:    map[string]error{},
 		known:  map[string][sha256.Size]byte{},
+		slots:  map[string]slotInfo{},
 	}
 	if d.mode == 0 {
 		d.mode = DefaultMode
@@ -199,16 +202,19 @@ func (d *Dir) Load(name string) ([]byte, error) {
 	if d.closed {
 		return nil, fmt.Errorf("state file %s: directory closed", p)
 	}
-	delete(d.known, name)
-	data, current, err := d.loadFile(name, p)
+	d.forgetLocked(name)
+	data, current, slots, err := d.loadFile(name, p)
 	if err == nil && current {
 		d.known[name] = sha256.Sum256(data)
+	}
+	if err == nil && slots != nil && !d.backup {
+		d.slots[name] = *slots
 	}
 	if err == nil || errors.Is(err, fs.ErrNotExist) {
 		return data, err
 	}
 	if d.backup {
-		if bak, _, berr := d.loadFile(name, p+".bak"); berr == nil {
+		if bak, _, _, berr := d.loadFile(name, p+".bak"); berr == nil {
 			d.log.Warn("state file unreadable; using its backup", "file", p, "error", err.Error())
 			d.bad[name] = errRecovered
 			return bak, nil
@@ -230,29 +236,35 @@ const maxFileSize = 8 << 20
 // loadFile reads and decodes the state file p. current reports that the file is in the
 // format Store writes (nkp's with a key, swtpm's plaintext without), so that storing
 // the same payload again would change nothing.
-func (d *Dir) loadFile(name, p string) (data []byte, current bool, err error) {
+func (d *Dir) loadFile(name, p string) (data []byte, current bool, slots *slotInfo, err error) {
 	file, err := readFile(p)
 	if err != nil {
-		return nil, false, err
+		return nil, false, nil, err
 	}
 	defer clear(file)
-	data, plain, err := decodeFile(name, file, d.seal, d.key, d.accept)
+	data, plain, slots, err := decodeFileSlots(name, file, d.seal, d.key, d.accept)
 	if err != nil {
 		var h *hinted
 		if errors.As(err, &h) {
-			return nil, false, fmt.Errorf("state file %s: %w; the file was left untouched (%s)", p, h.err, h.hint)
+			return nil, false, nil, fmt.Errorf("state file %s: %w; the file was left untouched (%s)", p, h.err, h.hint)
 		}
-		return nil, false, fmt.Errorf("state file %s: %w; the file was left untouched", p, err)
+		return nil, false, nil, fmt.Errorf("state file %s: %w; the file was left untouched", p, err)
 	}
 	if plain && d.key != nil {
 		d.log.Warn("imported an unencrypted swtpm state file; it will be written encrypted from now on", "file", p)
 	}
 	if d.seal != nil {
-		current = bytes.HasPrefix(file, []byte(fileMagic))
+		current = slots != nil
 	} else {
 		current = plain
 	}
-	return data, current, nil
+	return data, current, slots, nil
+}
+
+// forgetLocked drops what the Dir knows about blob name's file.
+func (d *Dir) forgetLocked(name string) {
+	delete(d.known, name)
+	delete(d.slots, name)
 }
 
 // readFile reads a state file of at most maxFileSize bytes with plain system calls (no
@@ -328,10 +340,26 @@ func (d *Dir) Store(name string, data []byte) error {
 	if k, ok := d.known[name]; ok && k == sum {
 		return nil // the file holds this payload already
 	}
-	delete(d.known, name) // until the new file is in place
+	slots, inPlace := d.slots[name]
+	d.forgetLocked(name) // until the new record is durable
+	if inPlace && d.seal != nil {
+		if next, err := d.storeInPlace(name, p, data, slots); err == nil {
+			d.known[name] = sum
+			d.slots[name] = next
+			return nil
+		} else if !errors.Is(err, errNoFit) {
+			return fmt.Errorf("state file %s: %w", p, err)
+		}
+	}
 	var file []byte
+	var next slotInfo
 	if d.seal != nil {
-		file, err = d.seal.seal(blobTypes[name], data)
+		next = slotInfo{size: slotSizeFor(len(data)), seq: slots.seq + 1, cur: 0}
+		var rec []byte
+		rec, err = d.seal.sealSlot(blobTypes[name], next.seq, next.size, data)
+		if err == nil {
+			file = newSlotFile(rec, next.size)
+		}
 	} else {
 		file, err = envelope.EncodeFile(data, nil)
 		defer clear(file)
@@ -357,7 +385,46 @@ func (d *Dir) Store(name string, data []byte) error {
 		return fmt.Errorf("state file %s: fsync directory: %w", p, err)
 	}
 	d.known[name] = sum
+	if d.seal != nil && !d.backup {
+		d.slots[name] = next
+	}
 	return nil
+}
+
+// errNoFit: the record does not fit the file's slots; Store writes a new file.
+var errNoFit = errors.New("record does not fit the slot")
+
+// storeInPlace writes data into the slot of p's slotted file that does not hold the
+// newest record and makes it durable with one fdatasync (see format.go). The newest
+// record is never touched, so a crash or power loss at any point leaves it readable.
+func (d *Dir) storeInPlace(name, p string, data []byte, s slotInfo) (slotInfo, error) {
+	if slotHeaderSize+len(data)+d.seal.aead.Overhead() > s.size {
+		return slotInfo{}, errNoFit
+	}
+	next := slotInfo{size: s.size, seq: s.seq + 1, cur: 1 - s.cur}
+	rec, err := d.seal.sealSlot(blobTypes[name], next.seq, next.size, data)
+	if err != nil {
+		return slotInfo{}, err
+	}
+	fd, err := openNoIntr(p, unix.O_WRONLY|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		return slotInfo{}, &fs.PathError{Op: "open", Path: p, Err: err}
+	}
+	defer unix.Close(fd)
+	for off := 0; off < len(rec); {
+		n, err := unix.Pwrite(fd, rec[off:], int64(next.cur*next.size+off))
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return slotInfo{}, &fs.PathError{Op: "write", Path: p, Err: err}
+		}
+		off += n
+	}
+	if err := d.syncFile(fd); err != nil {
+		return slotInfo{}, &fs.PathError{Op: "fdatasync", Path: p, Err: err}
+	}
+	return next, nil
 }
 
 // syncFile makes a new file's data durable: fdatasync, which also writes the metadata
@@ -467,7 +534,7 @@ func (d *Dir) Delete(name string) error {
 	if err := d.refuseLocked(name, p); err != nil {
 		return err
 	}
-	delete(d.known, name)
+	d.forgetLocked(name)
 	if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("state file %s: %w", p, err)
 	}

@@ -2,6 +2,7 @@ package state
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"io/fs"
 	"log/slog"
@@ -94,17 +95,25 @@ func TestFormats(t *testing.T) {
 		t.Fatal(err)
 	}
 	second, _ := os.ReadFile(filepath.Join(dir, "tpm2-00.permall"))
-	if !bytes.HasPrefix(first, []byte(fileMagic)) || first[9] != 1 {
-		t.Errorf("header %q: want magic and blob type 1", first[:10])
+	if !bytes.HasPrefix(first, []byte(fileMagic)) || first[8] != fileVersionSlots || first[9] != 1 {
+		t.Errorf("header %q: want magic, version 2 and blob type 1", first[:10])
 	}
-	if bytes.Contains(first, secret[:16]) {
+	if bytes.Contains(first, secret[:16]) || bytes.Contains(second, secret[:16]) {
 		t.Errorf("an encrypted state file holds the plaintext")
 	}
-	if bytes.Equal(first[20:32], second[20:32]) || bytes.Equal(first, second) {
+	size := slotSizeFor(len(payload))
+	if len(first) != 2*size || len(second) != 2*size || size%slotAlign != 0 {
+		t.Fatalf("file is %d then %d bytes, want two slots of %d", len(first), len(second), size)
+	}
+	// The second write went into slot 1 in place; slot 0 kept the first record.
+	if !bytes.Equal(second[:size], first[:size]) {
+		t.Errorf("the second write changed the slot of the newest record")
+	}
+	if bytes.Equal(first[20:32], second[size+20:size+32]) {
 		t.Errorf("two writes used the same nonce")
 	}
-	if len(first) != fileHeaderSize+len(payload)+16 {
-		t.Errorf("file is %d bytes, want %d", len(first), fileHeaderSize+len(payload)+16)
+	if got := binary.BigEndian.Uint64(second[size+32:]); got != binary.BigEndian.Uint64(first[32:])+1 {
+		t.Errorf("slot 1 sequence number %d, want one more than slot 0's", got)
 	}
 
 	plainDir := t.TempDir()
@@ -161,7 +170,9 @@ func TestTamper(t *testing.T) {
 	d.Close()
 	path := filepath.Join(dir, "tpm2-00.permall")
 	orig, _ := os.ReadFile(path)
-	for i := range orig {
+	// The only record is in slot 0 (slot 1 is empty): any change to it is an error.
+	record := slotHeaderSize + len("tpm permanent state") + 16
+	for i := range record {
 		bad := append([]byte{}, orig...)
 		bad[i] ^= 0x04
 		if err := os.WriteFile(path, bad, 0o600); err != nil {
@@ -187,13 +198,25 @@ func TestTamper(t *testing.T) {
 	}
 	// A damaged body under the right key says so.
 	bad := append([]byte{}, orig...)
-	bad[len(bad)-1] ^= 1
+	bad[record-1] ^= 1
 	os.WriteFile(path, bad, 0o600)
 	d = mustOpen(t, dir, Options{Key: key})
 	if _, err := d.Load("permall"); err == nil || !strings.Contains(err.Error(), "the file itself is damaged") {
 		t.Errorf("damaged file: %v", err)
 	}
 	d.Close()
+
+	// Damage outside the newest record (the empty slot, unused bytes) changes nothing.
+	for _, i := range []int{record, len(orig) / 2, len(orig) - 1} {
+		bad := append([]byte{}, orig...)
+		bad[i] ^= 0x40
+		os.WriteFile(path, bad, 0o600)
+		d = mustOpen(t, dir, Options{Key: key})
+		if got, err := d.Load("permall"); err != nil || string(got) != "tpm permanent state" {
+			t.Errorf("byte %d (outside the record) flipped: Load = %q, %v", i, got, err)
+		}
+		d.Close()
+	}
 
 	// Truncations, garbage and renames.
 	cases := []struct {
@@ -204,7 +227,8 @@ func TestTamper(t *testing.T) {
 	}{
 		{"empty", nil, "permall", ErrCorrupt},
 		{"header only", orig[:fileHeaderSize], "permall", ErrCorrupt},
-		{"truncated", orig[:len(orig)-1], "permall", ErrAuth},
+		{"truncated", orig[:len(orig)-1], "permall", ErrCorrupt},
+		{"truncated to one slot", orig[:len(orig)/2], "permall", ErrCorrupt},
 		{"garbage", []byte("this is not a TPM state file at all"), "permall", ErrCorrupt},
 		{"renamed to volatilestate", orig, "volatilestate", ErrBlobType},
 		{"huge", make([]byte, maxFileSize+1), "permall", ErrCorrupt},
@@ -414,5 +438,75 @@ func storeIn(t *testing.T, dir string, key *Key, payload []byte) {
 	}
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestSlots: keyed writes after the first overwrite the older slot in place (same
+// inode); a damaged newest slot (a write cut by a crash) loads the previous record; a
+// payload that outgrows the slots gets a new, larger file.
+func TestSlots(t *testing.T) {
+	key := testKey(t, 2, 32)
+	small := bytes.Repeat([]byte{1}, 100)
+	for _, tt := range []struct {
+		name     string
+		writes   [][]byte
+		damage   func(file []byte) // applied to the file after the writes, before Load
+		want     []byte
+		sameFile bool // the last write kept the file (in place)
+	}{
+		{name: "second write in place", writes: [][]byte{small, []byte("two")}, want: []byte("two"), sameFile: true},
+		{name: "third write in place", writes: [][]byte{small, []byte("two"), []byte("three")}, want: []byte("three"), sameFile: true},
+		{name: "newest slot torn: previous record", writes: [][]byte{small, []byte("two")},
+			damage: func(f []byte) { f[len(f)/2+slotHeaderSize] ^= 1 }, want: small, sameFile: true},
+		{name: "older slot torn: newest record", writes: [][]byte{small, []byte("two")},
+			damage: func(f []byte) { f[slotHeaderSize] ^= 1 }, want: []byte("two"), sameFile: true},
+		{name: "outgrows the slot: new file", writes: [][]byte{small, bytes.Repeat([]byte{3}, 2*slotAlign)},
+			want: bytes.Repeat([]byte{3}, 2*slotAlign), sameFile: false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			p := filepath.Join(dir, FileName("permall"))
+			d := mustOpen(t, dir, Options{Key: key})
+			var before os.FileInfo
+			for i, w := range tt.writes {
+				if i == len(tt.writes)-1 {
+					before, _ = os.Stat(p)
+				}
+				if err := d.Store("permall", w); err != nil {
+					t.Fatal(err)
+				}
+			}
+			after, _ := os.Stat(p)
+			if len(tt.writes) > 1 && os.SameFile(before, after) != tt.sameFile {
+				t.Errorf("last write kept the file = %v, want %v", os.SameFile(before, after), tt.sameFile)
+			}
+			d.Close()
+			if tt.damage != nil {
+				f, err := os.ReadFile(p)
+				if err != nil {
+					t.Fatal(err)
+				}
+				tt.damage(f)
+				if err := os.WriteFile(p, f, 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			d = mustOpen(t, dir, Options{Key: key})
+			got, err := d.Load("permall")
+			if err != nil || !bytes.Equal(got, tt.want) {
+				t.Fatalf("Load = %.20q (%d bytes), %v; want %.20q", got, len(got), err, tt.want)
+			}
+			// A Store after that Load goes in place again and reads back.
+			st, _ := os.Stat(p)
+			if err := d.Store("permall", []byte("after load")); err != nil {
+				t.Fatal(err)
+			}
+			if st2, _ := os.Stat(p); !os.SameFile(st, st2) {
+				t.Errorf("the Store after Load replaced the file instead of writing in place")
+			}
+			if got, err := d.Load("permall"); err != nil || string(got) != "after load" {
+				t.Errorf("Load after in-place Store = %q, %v", got, err)
+			}
+		})
 	}
 }

@@ -17,6 +17,8 @@ func FuzzDecodeFile(f *testing.F) {
 	sealed, _ := s.seal(1, []byte("permanent state"))
 	f.Add(sealed, uint8(0), true)
 	f.Add([]byte("NKPSTATE"), uint8(1), true)
+	rec, _ := s.sealSlot(1, 7, slotSizeFor(15), []byte("permanent state"))
+	f.Add(newSlotFile(rec, slotSizeFor(15)), uint8(0), true)
 	f.Fuzz(func(t *testing.T, file []byte, nameSel uint8, keyed bool) {
 		name := Names[int(nameSel)%len(Names)]
 		var sl *sealer

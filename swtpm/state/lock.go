@@ -72,6 +72,7 @@ func (d *Dir) ReleaseLock() error {
 	err := d.lock.Close()
 	d.lock = nil
 	clear(d.known) // the destination may write the files now
+	clear(d.slots)
 	if err != nil {
 		return fmt.Errorf("state directory %s: release lock: %w", d.dir, err)
 	}
