@@ -3,7 +3,8 @@
 // swtpm/internal/libtpms (Load, Store, Delete by name).
 //
 // With a key, files are written in nkp's own authenticated format (AES-256-GCM with
-// its header as additional data; the layout is in format.go and docs/DEVELOPING.md),
+// its header as additional data, two slots per file so that later writes go in place;
+// the layout is in format.go and docs/DEVELOPING.md),
 // bound to their blob type and key. Without a key they are written in swtpm's
 // plaintext format, so that real swtpm can read the directory back, and a warning is
 // logged once. Reading accepts nkp's files, swtpm's plaintext files (only without a key,
@@ -11,9 +12,12 @@
 // moving from swtpm keeps its TPM. File names are swtpm's (tpm2-00.permall, ...), and the
 // directory is locked through swtpm's .lock file for the Dir's life.
 //
-// Writes are crash-safe and durable: temp file, fdatasync, rename, fsync of the
-// directory, so a Store that returned survives a process crash and a power loss, and a
-// crash in between leaves the old file or the new one. A Store of the payload a file is
+// Writes are crash-safe and durable: a Store that returned survives a process crash
+// and a power loss. A new file is written as temp file, fdatasync, rename, fsync of the
+// directory (a crash in between leaves the old file or the new one); later writes of a
+// keyed file overwrite the slot that does not hold the newest record and fdatasync it
+// (a crash in between damages only that slot, which then fails authentication, and the
+// reader takes the other). A Store of the payload a file is
 // known to hold already writes nothing. A file that could not be read is never
 // overwritten nor deleted by this Dir.
 //

@@ -15,7 +15,8 @@ import (
 	"github.com/nkp-dev/nkp/swtpm/envelope"
 )
 
-// nkp's state file format (written whenever a key is set):
+// nkp's state file format version 1 (written by earlier nkp-swtpm; still read, and
+// replaced by version 2, below, at the next write):
 //
 //	offset size
 //	0      8    magic "NKPSTATE"
@@ -29,7 +30,7 @@ import (
 // The AEAD key is HKDF-SHA256(key, info "nkp/swtpm/state/v1/aead"), so the same key can
 // also serve swtpm's AES-CBC layers without two schemes sharing raw key bytes. The 32
 // header bytes are the additional data: editing any of them, or renaming a file to
-// another blob type, makes it fail to open.
+// another blob type, makes it fail to open. Version 2 uses the same key derivation.
 const (
 	fileMagic      = "NKPSTATE"
 	fileVersion    = 1
