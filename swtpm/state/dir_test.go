@@ -510,3 +510,36 @@ func TestSlots(t *testing.T) {
 		})
 	}
 }
+
+// TestVersion1File: a state file of format version 1 (nkp-swtpm before the slots) loads,
+// and the next Store replaces it with a version 2 file that loads back.
+func TestVersion1File(t *testing.T) {
+	key := testKey(t, 6, 32)
+	s, err := newSealer(key.Bytes())
+	if err != nil {
+		t.Fatal(err)
+	}
+	v1, err := s.seal(blobTypes["permall"], []byte("state of version 1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	p := filepath.Join(dir, FileName("permall"))
+	if err := os.WriteFile(p, v1, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := mustOpen(t, dir, Options{Key: key})
+	if got, err := d.Load("permall"); err != nil || string(got) != "state of version 1" {
+		t.Fatalf("Load of a version 1 file = %q, %v", got, err)
+	}
+	if err := d.Store("permall", []byte("state of version 1")); err != nil {
+		t.Fatal(err)
+	}
+	f, _ := os.ReadFile(p)
+	if len(f) < 9 || f[8] != fileVersionSlots {
+		t.Fatalf("after Store the file is not version 2: % x", f[:min(len(f), 10)])
+	}
+	if got, err := d.Load("permall"); err != nil || string(got) != "state of version 1" {
+		t.Errorf("Load after rewrite = %q, %v", got, err)
+	}
+}
