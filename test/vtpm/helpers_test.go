@@ -25,8 +25,8 @@ import (
 
 // Timeouts are generous: the machine is shared and QEMU runs without KVM.
 const (
-	bootTimeout    = 4 * time.Minute // boot to the agent's last line
-	backendTimeout = 20 * time.Second
+	bootTimeout    = 4 * time.Minute  // boot to the agent's last line
+	backendTimeout = 60 * time.Second // a process to listen, QEMU to resume
 	exitTimeout    = 60 * time.Second
 )
 
@@ -337,12 +337,26 @@ func (c console) tail() string {
 	return fmt.Sprintf("--- console %s ---\n%s", string(c), b)
 }
 
-var errGone = errors.New("the VM stopped")
+// Reasons why console.poll ends without its condition.
+var (
+	errGone        = errors.New("the VM stopped")
+	errAgentFailed = errors.New("the guest agent failed")
+)
 
 // waitFor polls the console until cond holds on its records, the VM stops (stopped
 // returns true) or bootTimeout passes. It returns the records that satisfied cond.
 func (c console) waitFor(t *testing.T, what string, stopped func() bool, cond func([]guest.Record) bool) []guest.Record {
 	t.Helper()
+	recs, err := c.poll(stopped, cond)
+	if err != nil {
+		t.Fatalf("waiting for the guest to print %s: %v\n%s", what, err, c.tail())
+	}
+	return recs
+}
+
+// poll is waitFor without failing the test: it returns errAgentFailed when the agent
+// printed done=fail, errGone when the VM stopped first, or e2e.ErrTimeout (wrapped).
+func (c console) poll(stopped func() bool, cond func([]guest.Record) bool) ([]guest.Record, error) {
 	var recs []guest.Record
 	var gone, failed bool
 	err := e2e.Poll(bootTimeout, func() bool {
@@ -366,12 +380,35 @@ func (c console) waitFor(t *testing.T, what string, stopped func() bool, cond fu
 		err = errGone
 	}
 	if failed {
-		err = errors.New("the guest agent failed")
+		err = errAgentFailed
 	}
-	if err != nil {
-		t.Fatalf("waiting for the guest to print %s: %v\n%s", what, err, c.tail())
+	return recs, err
+}
+
+// crash returns the console line that shows the guest itself crashed, or "" when there
+// is none: a kernel panic, or a Go program (the agent) killed by a fault outside Go
+// code, which the Go runtime reports with a bare "SIGSEGV: ..." header and a wild PC.
+// Neither can come from a TPM answer: a bad answer makes the agent print error= and
+// done=fail, and a Go bug that dereferences nil panics with "panic: runtime error".
+func (c console) crash() string {
+	b, _ := os.ReadFile(string(c))
+	return guestCrash(b)
+}
+
+// guestCrash is console.crash on the console's bytes.
+func guestCrash(b []byte) string {
+	for _, line := range strings.Split(string(b), "\n") {
+		line = strings.TrimRight(line, "\r")
+		if strings.Contains(line, "Kernel panic - not syncing") {
+			return line
+		}
+		for _, sig := range []string{"SIGSEGV: ", "SIGBUS: ", "SIGILL: "} {
+			if strings.HasPrefix(line, sig) {
+				return line
+			}
+		}
 	}
-	return recs
+	return ""
 }
 
 // has is a condition: some record has key (with value, when value != "").
