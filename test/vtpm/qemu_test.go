@@ -438,7 +438,7 @@ func migrate(t *testing.T, a guest.Artifacts, src, dst backend) (crash string) {
 		}
 	}
 	if err != nil {
-		t.Fatalf("waiting for the guest to print a loop line on the destination: %v\n%s", err, qd.console.tail())
+		t.Fatalf("waiting for the guest to print a loop line on the destination: %v\n%s\n%s", err, qd.console.tail(), registers(md, qd))
 	}
 	if v, _ := guest.Last(after, "nv"); v != value {
 		t.Errorf("after migration the guest reads NV %q, want %q", v, value)
@@ -453,4 +453,21 @@ func migrate(t *testing.T, a guest.Artifacts, src, dst backend) (crash string) {
 	qd.waitExit(t)
 	vd.waitExit(t)
 	return ""
+}
+
+// registers returns QEMU's "info registers" of a VM that still runs, to tell a hung guest
+// (RIP in the kernel's idle loop or a lockup) from one waiting on its TPM; "" otherwise.
+func registers(m *qmp.SocketMonitor, q *qemuVM) string {
+	if q.exited() {
+		return ""
+	}
+	raw, err := m.Run([]byte(`{"execute":"human-monitor-command","arguments":{"command-line":"info registers"}}`))
+	if err != nil {
+		return fmt.Sprintf("--- info registers of %s: %v ---", q.name, err)
+	}
+	var rsp struct {
+		Return string `json:"return"`
+	}
+	json.Unmarshal(raw, &rsp)
+	return fmt.Sprintf("--- info registers of %s (still running) ---\n%s", q.name, rsp.Return)
 }
