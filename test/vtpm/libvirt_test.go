@@ -2,6 +2,7 @@ package vtpm
 
 import (
 	"bytes"
+	"context"
 	"encoding/xml"
 	"fmt"
 	"io"
@@ -12,6 +13,7 @@ import (
 	"strings"
 	"testing"
 	"text/template"
+	"time"
 
 	"github.com/nkp-dev/nkp/test/e2e"
 	"github.com/nkp-dev/nkp/test/guest"
@@ -23,13 +25,23 @@ const libvirtURI = "qemu:///system"
 func requireLibvirt(t *testing.T) {
 	t.Helper()
 	e2e.Require(t, "virsh")
-	if out, err := exec.Command("virsh", "-c", libvirtURI, "version").CombinedOutput(); err != nil {
-		e2e.Unavailable(t, fmt.Sprintf("libvirtd does not answer on %s (start it with `make setup`): %v: %s", libvirtURI, err, bytes.TrimSpace(out)))
+	if _, err := virsh("version"); err != nil {
+		e2e.Unavailable(t, fmt.Sprintf("libvirtd does not answer on %s (start it with `make setup`): %v", libvirtURI, err))
 	}
 }
 
+// virshTimeout bounds one virsh command: save and restore of the 256 MiB guest take
+// seconds, a loaded machine stretches that, a hung libvirtd must not take the whole run.
+const virshTimeout = 3 * time.Minute
+
+// virsh runs one virsh command on libvirtURI, killed after virshTimeout.
 func virsh(args ...string) (string, error) {
-	out, err := exec.Command("virsh", append([]string{"-c", libvirtURI}, args...)...).CombinedOutput()
+	ctx, cancel := context.WithTimeout(context.Background(), virshTimeout)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "virsh", append([]string{"-c", libvirtURI}, args...)...).CombinedOutput()
+	if ctx.Err() != nil {
+		err = fmt.Errorf("%w after %v (is libvirtd hung? see its log)", ctx.Err(), virshTimeout)
+	}
 	if err != nil {
 		return string(out), fmt.Errorf("virsh %s: %w: %s", strings.Join(args, " "), err, bytes.TrimSpace(out))
 	}
