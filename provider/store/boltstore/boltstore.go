@@ -183,8 +183,8 @@ func (s *Store) View(ctx context.Context, fn func(store.Tx) error) error {
 		return fmt.Errorf("store %s: view: %w", s.path, mapErr(err))
 	}
 	defer btx.Rollback()
-	t := &tx{btx: btx, path: s.path}
-	defer func() { t.done = true }()
+	t := &tx{Front: txbuf.Front{Where: "store " + s.path}, btx: btx}
+	defer func() { t.Done = true }()
 	return fn(t)
 }
 
@@ -254,9 +254,9 @@ func (s *Store) runBatch(batch []*call) {
 			c.err = fmt.Errorf("store %s: update: %w", s.path, err)
 			continue
 		}
-		t := &tx{btx: btx, path: s.path, write: true, buf: txbuf.New()}
+		t := &tx{Front: txbuf.Front{Where: "store " + s.path, Buf: txbuf.New()}, btx: btx}
 		err := c.run(t)
-		t.done = true
+		t.Done = true
 		if err != nil {
 			c.err = err // its buffer is dropped: nothing of it reaches the file
 			continue
@@ -306,34 +306,16 @@ func (s *Store) Close() error {
 // tx is a transaction over btx. In an Update, buf holds its writes until the writer
 // applies them (the batch's bbolt transaction is shared with other Updates).
 type tx struct {
-	btx   *bolt.Tx
-	path  string
-	write bool
-	buf   *txbuf.Buffer
-	done  bool
-}
-
-func (t *tx) check(bucket, key string, write bool) error {
-	if t.done {
-		return fmt.Errorf("store %s: transaction used after its function returned", t.path)
-	}
-	if write && !t.write {
-		return fmt.Errorf("store %s: write to %s/%q in a View: %w (use Update)", t.path, bucket, key, store.ErrReadOnly)
-	}
-	return txbuf.CheckName(bucket, key)
+	txbuf.Front
+	btx *bolt.Tx
 }
 
 func (t *tx) Get(bucket, key string) ([]byte, error) {
-	if err := t.check(bucket, key, false); err != nil {
+	if err := t.Check(bucket, key, false); err != nil {
 		return nil, err
 	}
-	if t.buf != nil {
-		if v, deleted, ok := t.buf.Lookup(bucket, key); ok {
-			if deleted {
-				return nil, fmt.Errorf("%s/%q: %w", bucket, key, store.ErrNotFound)
-			}
-			return v, nil
-		}
+	if v, ok, err := t.Pending(bucket, key); ok {
+		return v, err
 	}
 	b := t.btx.Bucket([]byte(bucket))
 	if b == nil {
@@ -346,30 +328,14 @@ func (t *tx) Get(bucket, key string) ([]byte, error) {
 	return txbuf.Clone(v), nil
 }
 
-func (t *tx) Put(bucket, key string, value []byte) error {
-	if err := t.check(bucket, key, true); err != nil {
-		return err
-	}
-	t.buf.Put(bucket, key, value)
-	return nil
-}
-
-func (t *tx) Delete(bucket, key string) error {
-	if err := t.check(bucket, key, true); err != nil {
-		return err
-	}
-	t.buf.Delete(bucket, key)
-	return nil
-}
-
 // apply writes the buffer into the bbolt transaction.
 func (t *tx) apply() error {
-	for _, name := range t.buf.Buckets() {
+	for _, name := range t.Buf.Buckets() {
 		b, err := t.btx.CreateBucketIfNotExists([]byte(name))
 		if err != nil {
-			return fmt.Errorf("store %s: bucket %s: %w", t.path, name, mapErr(err))
+			return fmt.Errorf("%s: bucket %s: %w", t.Where, name, mapErr(err))
 		}
-		err = t.buf.Each(name, func(key string, value []byte, deleted bool) error {
+		err = t.Buf.Each(name, func(key string, value []byte, deleted bool) error {
 			var err error
 			if deleted {
 				err = b.Delete([]byte(key))
@@ -378,7 +344,7 @@ func (t *tx) apply() error {
 				err = b.Put([]byte(key), value)
 			}
 			if err != nil {
-				return fmt.Errorf("store %s: write %s/%q: %w", t.path, name, key, mapErr(err))
+				return fmt.Errorf("%s: write %s/%q: %w", t.Where, name, key, mapErr(err))
 			}
 			return nil
 		})
@@ -390,10 +356,7 @@ func (t *tx) apply() error {
 }
 
 func (t *tx) List(bucket, prefix string, fn func(key string, value []byte) error) error {
-	if t.done {
-		return fmt.Errorf("store %s: transaction used after its function returned", t.path)
-	}
-	if err := txbuf.CheckBucket(bucket); err != nil {
+	if err := t.CheckOpen(bucket); err != nil {
 		return err
 	}
 	// Collect first: fn may write, and the walk shows the state at the List call.
@@ -408,8 +371,8 @@ func (t *tx) List(bucket, prefix string, fn func(key string, value []byte) error
 			kvs = append(kvs, txbuf.KV{Key: string(k), Value: txbuf.Clone(v)})
 		}
 	}
-	if t.buf != nil {
-		kvs = t.buf.Merge(bucket, prefix, kvs)
+	if t.Buf != nil {
+		kvs = t.Buf.Merge(bucket, prefix, kvs)
 	}
 	for _, kv := range kvs {
 		if err := fn(kv.Key, kv.Value); err != nil {

@@ -164,9 +164,9 @@ func (s *Store) View(ctx context.Context, fn func(store.Tx) error) error {
 	}
 	defer done()
 	for attempt := 1; ; attempt++ {
-		t := &tx{s: s, ctx: ctx}
+		t := &tx{Front: txbuf.Front{Where: s.where}, s: s, ctx: ctx}
 		err := fn(t)
-		t.done = true
+		t.Done = true
 		if t.restart == nil || attempt >= s.cfg.MaxAttempts {
 			return err
 		}
@@ -205,9 +205,9 @@ func (s *Store) attempt(ctx context.Context, fn func(store.Tx) error, attempt in
 		s.order.Lock()
 		defer s.order.Unlock()
 	}
-	t := &tx{s: s, ctx: ctx, buf: txbuf.New(), reads: map[string]int64{}, ranges: map[string]bool{}}
+	t := &tx{Front: txbuf.Front{Where: s.where, Buf: txbuf.New()}, s: s, ctx: ctx, reads: map[string]int64{}, ranges: map[string]bool{}}
 	err := fn(t)
-	t.done = true
+	t.Done = true
 	if t.restart != nil {
 		return false, nil
 	}
@@ -263,30 +263,19 @@ func (s *Store) mapErr(op string, err error) error {
 
 // tx is one attempt of a transaction. buf is nil in a View.
 type tx struct {
-	s      *Store
-	ctx    context.Context
-	rev    int64            // snapshot revision; 0 until the first read
-	buf    *txbuf.Buffer    // pending writes
-	reads  map[string]int64 // etcd key -> mod revision seen (0: missing)
-	ranges map[string]bool  // bucket range prefixes listed
+	txbuf.Front // pending writes, checks
+	s           *Store
+	ctx         context.Context
+	rev         int64            // snapshot revision; 0 until the first read
+	reads       map[string]int64 // etcd key -> mod revision seen (0: missing)
+	ranges      map[string]bool  // bucket range prefixes listed
 	// cache holds what this transaction read at its snapshot (nil value: missing), so a
 	// key read again, or read after a List that returned it, costs no round trip.
 	cache   map[string][]byte
 	restart error
-	done    bool
 }
 
 func (t *tx) key(bucket, key string) string { return t.s.cfg.Prefix + bucket + "/" + key }
-
-func (t *tx) check(bucket, key string, write bool) error {
-	if t.done {
-		return fmt.Errorf("%s: transaction used after its function returned", t.s.where)
-	}
-	if write && t.buf == nil {
-		return fmt.Errorf("%s: write to %s/%q in a View: %w (use Update)", t.s.where, bucket, key, store.ErrReadOnly)
-	}
-	return txbuf.CheckName(bucket, key)
-}
 
 // get reads at the snapshot, fixing it on the first read.
 func (t *tx) get(op string, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error) {
@@ -316,16 +305,11 @@ func (t *tx) get(op string, key string, opts ...clientv3.OpOption) (*clientv3.Ge
 }
 
 func (t *tx) Get(bucket, key string) ([]byte, error) {
-	if err := t.check(bucket, key, false); err != nil {
+	if err := t.Check(bucket, key, false); err != nil {
 		return nil, err
 	}
-	if t.buf != nil {
-		if v, deleted, ok := t.buf.Lookup(bucket, key); ok {
-			if deleted {
-				return nil, fmt.Errorf("%s/%q: %w", bucket, key, store.ErrNotFound)
-			}
-			return v, nil
-		}
+	if v, ok, err := t.Pending(bucket, key); ok {
+		return v, err
 	}
 	k := t.key(bucket, key)
 	if v, ok := t.cache[k]; ok {
@@ -362,27 +346,8 @@ func (t *tx) Get(bucket, key string) ([]byte, error) {
 	return txbuf.Clone(val), nil
 }
 
-func (t *tx) Put(bucket, key string, value []byte) error {
-	if err := t.check(bucket, key, true); err != nil {
-		return err
-	}
-	t.buf.Put(bucket, key, value)
-	return nil
-}
-
-func (t *tx) Delete(bucket, key string) error {
-	if err := t.check(bucket, key, true); err != nil {
-		return err
-	}
-	t.buf.Delete(bucket, key)
-	return nil
-}
-
 func (t *tx) List(bucket, prefix string, fn func(key string, value []byte) error) error {
-	if t.done {
-		return fmt.Errorf("%s: transaction used after its function returned", t.s.where)
-	}
-	if err := txbuf.CheckBucket(bucket); err != nil {
+	if err := t.CheckOpen(bucket); err != nil {
 		return err
 	}
 	bucketPrefix := t.key(bucket, "")
@@ -406,8 +371,8 @@ func (t *tx) List(bucket, prefix string, fn func(key string, value []byte) error
 		}
 		t.cache[string(kv.Key)] = txbuf.Clone(kv.Value)
 	}
-	if t.buf != nil {
-		kvs = t.buf.Merge(bucket, prefix, kvs)
+	if t.Buf != nil {
+		kvs = t.Buf.Merge(bucket, prefix, kvs)
 	}
 	for _, kv := range kvs {
 		if err := fn(kv.Key, kv.Value); err != nil {
@@ -452,7 +417,7 @@ func (t *tx) appliedAnyway(puts map[string]string) bool {
 
 // commit applies the buffered writes if nothing read changed; false means a conflict.
 func (t *tx) commit() (bool, error) {
-	if t.buf.Empty() {
+	if t.Buf.Empty() {
 		return true, nil // read-only: the snapshot was consistent
 	}
 	var cmps []clientv3.Cmp
@@ -464,9 +429,9 @@ func (t *tx) commit() (bool, error) {
 	}
 	var ops []clientv3.Op
 	puts := map[string]string{}
-	for _, b := range t.buf.Buckets() {
+	for _, b := range t.Buf.Buckets() {
 		deletes := false
-		_ = t.buf.Each(b, func(key string, value []byte, deleted bool) error {
+		_ = t.Buf.Each(b, func(key string, value []byte, deleted bool) error {
 			if deleted {
 				deletes = true
 				ops = append(ops, clientv3.OpDelete(t.key(b, key)))

@@ -61,8 +61,8 @@ func (s *Store) View(ctx context.Context, fn func(store.Tx) error) error {
 	if s.closed {
 		return fmt.Errorf("mem store: view: %w", store.ErrClosed)
 	}
-	tx := &tx{s: s}
-	defer func() { tx.done = true }()
+	tx := &tx{Front: txbuf.Front{Where: "mem store"}, s: s}
+	defer func() { tx.Done = true }()
 	return fn(tx)
 }
 
@@ -79,13 +79,13 @@ func (s *Store) Update(ctx context.Context, fn func(store.Tx) error) error {
 	if s.readOnly {
 		return fmt.Errorf("mem store: update: %w (SetReadOnly(true) is in effect)", store.ErrReadOnly)
 	}
-	tx := &tx{s: s, buf: txbuf.New()}
+	tx := &tx{Front: txbuf.Front{Where: "mem store", Buf: txbuf.New()}, s: s}
 	err := fn(tx)
-	tx.done = true
+	tx.Done = true
 	if err != nil {
 		return err
 	}
-	return s.commitLocked(tx.buf)
+	return s.commitLocked(tx.Buf)
 }
 
 // commitLocked applies buf, or nothing when the quota would be exceeded.
@@ -135,34 +135,16 @@ func (s *Store) Close() error {
 
 // tx is a transaction; buf is nil in a View. The Store's lock is held while it is live.
 type tx struct {
-	s    *Store
-	buf  *txbuf.Buffer
-	done bool
-}
-
-var errTxDone = fmt.Errorf("mem store: transaction used after its function returned")
-
-func (t *tx) check(bucket, key string, write bool) error {
-	if t.done {
-		return errTxDone
-	}
-	if write && t.buf == nil {
-		return fmt.Errorf("mem store: write to %s/%q in a View: %w (use Update)", bucket, key, store.ErrReadOnly)
-	}
-	return txbuf.CheckName(bucket, key)
+	txbuf.Front
+	s *Store
 }
 
 func (t *tx) Get(bucket, key string) ([]byte, error) {
-	if err := t.check(bucket, key, false); err != nil {
+	if err := t.Check(bucket, key, false); err != nil {
 		return nil, err
 	}
-	if t.buf != nil {
-		if v, deleted, ok := t.buf.Lookup(bucket, key); ok {
-			if deleted {
-				return nil, fmt.Errorf("%s/%q: %w", bucket, key, store.ErrNotFound)
-			}
-			return v, nil
-		}
+	if v, ok, err := t.Pending(bucket, key); ok {
+		return v, err
 	}
 	v, ok := t.s.data[bucket][key]
 	if !ok {
@@ -171,27 +153,8 @@ func (t *tx) Get(bucket, key string) ([]byte, error) {
 	return txbuf.Clone(v), nil
 }
 
-func (t *tx) Put(bucket, key string, value []byte) error {
-	if err := t.check(bucket, key, true); err != nil {
-		return err
-	}
-	t.buf.Put(bucket, key, value)
-	return nil
-}
-
-func (t *tx) Delete(bucket, key string) error {
-	if err := t.check(bucket, key, true); err != nil {
-		return err
-	}
-	t.buf.Delete(bucket, key)
-	return nil
-}
-
 func (t *tx) List(bucket, prefix string, fn func(key string, value []byte) error) error {
-	if t.done {
-		return errTxDone
-	}
-	if err := txbuf.CheckBucket(bucket); err != nil {
+	if err := t.CheckOpen(bucket); err != nil {
 		return err
 	}
 	m := t.s.data[bucket]
@@ -202,8 +165,8 @@ func (t *tx) List(bucket, prefix string, fn func(key string, value []byte) error
 		}
 	}
 	sort.Slice(base, func(i, j int) bool { return base[i].Key < base[j].Key })
-	if t.buf != nil {
-		base = t.buf.Merge(bucket, prefix, base)
+	if t.Buf != nil {
+		base = t.Buf.Merge(bucket, prefix, base)
 	}
 	for _, kv := range base {
 		if err := fn(kv.Key, kv.Value); err != nil {
