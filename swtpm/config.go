@@ -32,9 +32,9 @@ type Engine interface {
 }
 
 // Store is the state store as the server uses it (*state.Dir implements it): the
-// server writes the volatile state on STORE_VOLATILE, the permanent state that arrived
-// by SET_STATEBLOB at the next INIT, and deletes the volatile state where swtpm does.
-// libtpms itself writes through the same store from inside Engine calls.
+// server writes the volatile state on STORE_VOLATILE and deletes it where swtpm does;
+// libtpms itself writes through the same store from inside Engine calls (the permanent
+// state after NV changes, and one set by SET_STATEBLOB when MainInit starts from it).
 type Store interface {
 	Store(name string, data []byte) error
 	Delete(name string) error

@@ -397,7 +397,8 @@ func (s *Server) getStateBlobLocked(r ctrl.GetStateBlob) ctrl.Response {
 
 // setStateBlobLocked takes a blob for a stopped TPM: unwrapped now (so a bad key or a
 // corrupt blob is refused at once, as swtpm does), handed to libtpms, used at the next
-// INIT.
+// INIT. libtpms' MainInit stores a permanent blob set this way through the state store
+// (swtpm/internal/libtpms TestStateRoundTrip), so a restarted destination finds it.
 func (s *Server) setStateBlobLocked(r ctrl.SetStateBlob) ctrl.Result {
 	if !r.Type.Valid() {
 		return ctrl.ResBadParameter
@@ -408,20 +409,11 @@ func (s *Server) setStateBlobLocked(r ctrl.SetStateBlob) ctrl.Result {
 		s.log.Error("SET_STATEBLOB refused", "blob", typ, "err", err)
 		return ctrl.Result(envelope.ResultCode(err))
 	}
-	if err := s.cfg.Engine.SetState(typ, plain); err != nil {
-		clear(plain)
-		// libtpms drops every blob set before when it refuses one: so do we, or INIT
-		// would store a permanent state the TPM did not start from.
-		clear(s.heldPerm)
-		s.heldPerm = nil
+	err = s.cfg.Engine.SetState(typ, plain)
+	clear(plain)
+	if err != nil {
 		s.log.Error("SET_STATEBLOB: the TPM refused the blob", "blob", typ, "err", err)
 		return resultOf(err)
-	}
-	if typ == libtpms.Permanent {
-		clear(s.heldPerm)
-		s.heldPerm = plain
-	} else {
-		clear(plain)
 	}
 	return ctrl.ResSuccess
 }

@@ -95,6 +95,12 @@ func (f *fakeEngine) MainInit() error {
 			return fmt.Errorf("fake: load permall: %w", err)
 		}
 		perm = b
+	} else if len(perm) >= 5 && string(perm[:5]) == "perm:" {
+		// As libtpms: MainInit stores a permanent state set by SetState through the NVRAM
+		// (swtpm/internal/libtpms TestStateRoundTrip checks the real one).
+		if err := f.nv.Store("permall", perm); err != nil {
+			return fmt.Errorf("fake: store permall: %w", err)
+		}
 	}
 	if len(perm) < 5 || string(perm[:5]) != "perm:" {
 		return fmt.Errorf("fake: corrupt permanent state: %w", libtpms.ResultFail)

@@ -293,9 +293,18 @@ func TestRealEngineMigration(t *testing.T) {
 		t.Fatalf("NV after migration = %q", got)
 	}
 	closeReal(t, dst, eng2, d2)
-	if _, err := os.Stat(filepath.Join(dstDir, "tpm2-00.permall")); err != nil {
-		t.Fatalf("the destination did not store the migrated state: %v", err)
+
+	// A restart of the destination backend finds the migrated state on disk.
+	eng3, d3 := realTPM(t, dstDir, nil)
+	again := startServerWith(t, eng3, d3, nil)
+	tpm = initAndConnect(t, again.dialCtrl(), true)
+	if _, err := (tpm2.Startup{StartupType: tpm2.TPMSUClear}).Execute(tpm); err != nil {
+		t.Fatalf("Startup after restarting the destination: %v", err)
 	}
+	if got := nvRead(t, tpm, len(value)); !bytes.Equal(got, value) {
+		t.Fatalf("NV after restarting the destination = %q, want %q: the migrated state is not durable", got, value)
+	}
+	closeReal(t, again, eng3, d3)
 }
 
 // Padded and unpadded locality bodies, garbage and truncated messages against the real

@@ -43,7 +43,6 @@ type Server struct {
 	running      bool        // between a successful start (INIT) and STOP/SHUTDOWN/failure
 	locality     uint8       // sticky across INIT, as in swtpm
 	lastCmd      uint32      // TPM_CC of the last command the TPM executed since start
-	heldPerm     []byte      // permanent blob from SET_STATEBLOB, stored at the next INIT
 	dataFD       net.Conn    // the data connection that came by SET_DATAFD, if any
 	dataConnOpen bool        // Config.DataConn is still being served
 	ctrlGone     atomic.Bool // Config.CtrlConn (a one-shot control connection) closed

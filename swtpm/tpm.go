@@ -65,25 +65,13 @@ func (s *Server) startAtLaunch() error {
 }
 
 // startTPMLocked does the work of CMD_INIT after the TPM was stopped: it starts the
-// TPM from the blobs set by SET_STATEBLOB or from the store, makes a migrated
-// permanent state durable, and applies DELETE_VOLATILE.
+// TPM from the blobs set by SET_STATEBLOB or from the store (libtpms stores a migrated
+// permanent state through the store as it starts), and applies DELETE_VOLATILE.
 func (s *Server) startTPMLocked(flags uint32) error {
 	if err := s.cfg.Engine.MainInit(); err != nil {
-		s.heldPerm = nil
 		return fmt.Errorf("start the TPM: %w", err)
 	}
 	s.cfg.Engine.SetLocality(s.locality)
-	if s.heldPerm != nil {
-		// The state came by SET_STATEBLOB (incoming migration); store it now so that
-		// a restart of this backend finds it.
-		err := s.cfg.Store.Store(libtpms.Permanent.Name(), s.heldPerm)
-		clear(s.heldPerm)
-		s.heldPerm = nil
-		if err != nil {
-			s.cfg.Engine.Terminate()
-			return fmt.Errorf("store the permanent state received by SET_STATEBLOB: %w", err)
-		}
-	}
 	if flags&ctrl.InitDeleteVolatile != 0 {
 		if err := s.cfg.Store.Delete(libtpms.Volatile.Name()); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			s.cfg.Engine.Terminate()
