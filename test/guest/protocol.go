@@ -95,7 +95,9 @@ func (c Config) KernelArgs() (string, error) {
 	if err := c.Validate(); err != nil {
 		return "", err
 	}
-	args := []string{"console=ttyS0", "quiet", "loglevel=1", "panic=-1"}
+	// oops=panic and panic=-1: a guest whose kernel oopses reboots at once, and QEMU
+	// (-no-reboot) exits, so a test sees the crash instead of waiting on a dead guest.
+	args := []string{"console=ttyS0", "quiet", "loglevel=1", "oops=panic", "panic=-1"}
 	if len(c.Actions) > 0 {
 		args = append(args, "nkp.do="+strings.Join(c.Actions, ","))
 	}

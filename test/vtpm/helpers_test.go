@@ -386,21 +386,31 @@ func (c console) poll(stopped func() bool, cond func([]guest.Record) bool) ([]gu
 }
 
 // crash returns the console line that shows the guest itself crashed, or "" when there
-// is none: a kernel panic, or a Go program (the agent) killed by a fault outside Go
-// code, which the Go runtime reports with a bare "SIGSEGV: ..." header and a wild PC.
-// Neither can come from a TPM answer: a bad answer makes the agent print error= and
-// done=fail, and a Go bug that dereferences nil panics with "panic: runtime error".
+// is none: a kernel oops, BUG or panic, or a Go program (the agent) killed by a fault
+// outside Go code, which the Go runtime reports with a bare "SIGSEGV: ..." header and a
+// wild PC. Neither can come from a TPM answer: a bad answer makes the agent print error=
+// and done=fail, and a Go bug that dereferences nil panics with "panic: runtime error".
 func (c console) crash() string {
 	b, _ := os.ReadFile(string(c))
 	return guestCrash(b)
 }
 
-// guestCrash is console.crash on the console's bytes.
+// kernelCrashMarks are the words the Linux kernel prints when it crashes: an oops
+// ("Oops: 0000 [#1]", "general protection fault", "invalid opcode"), a BUG, the end of
+// an oops trace, or the panic that oops=panic turns every oops into.
+var kernelCrashMarks = []string{
+	"Kernel panic - not syncing", "Oops: ", "BUG: ", "general protection fault",
+	"invalid opcode: ", "---[ end trace",
+}
+
+// guestCrash is console.crash on the console's bytes: the first crash line.
 func guestCrash(b []byte) string {
 	for _, line := range strings.Split(string(b), "\n") {
 		line = strings.TrimRight(line, "\r")
-		if strings.Contains(line, "Kernel panic - not syncing") {
-			return line
+		for _, m := range kernelCrashMarks {
+			if strings.Contains(line, m) {
+				return line
+			}
 		}
 		for _, sig := range []string{"SIGSEGV: ", "SIGBUS: ", "SIGILL: "} {
 			if strings.HasPrefix(line, sig) {

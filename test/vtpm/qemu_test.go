@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -336,7 +337,11 @@ func randHex(t *testing.T, n int) string {
 // other engineers' load): swtpm-to-swtpm 1 crash in 76 migrations (agent SIGSEGV, PC=0x7),
 // nkp-swtpm-to-nkp-swtpm 1 kernel panic in pick_next_task_fair and 2 hangs in 76 (kernel
 // spinning with interrupts off, RBP at the run queue: not retried, info registers logged);
-// without extra load 0 in 20+ per pair.
+// without extra load 0 in 20+ per pair. The first CI run on a fresh machine lost
+// nkp-swtpm-to-nkp-swtpm to an oops in pick_next_task_fair (RIP at a data page) that did
+// not panic and so was waited on for 4 minutes: the guest now boots with oops=panic, every
+// oops, BUG and panic mark counts as a crash, and a kernel spinning with interrupts off
+// for 30 s (lockupWatch) too.
 const maxMigrationRetries = 2
 
 // TestQEMUMigration live-migrates a running guest between two QEMU processes, each with
@@ -433,10 +438,21 @@ func migrate(t *testing.T, a guest.Artifacts, src, dst backend) (crash string) {
 	qs.waitExit(t)
 	vs.waitExit(t) // CMD_SHUTDOWN, or --terminate when the connection closes
 
-	after, err := qd.console.poll(qd.exited, has("loop", ""))
+	// Stop waiting early when the guest has crashed (oops=panic makes QEMU exit, but a
+	// crash mark is enough) or its kernel spins with interrupts off (a lockup after
+	// corrupt RAM, which never reaches the console).
+	lock := &lockupWatch{}
+	crashed := func() bool {
+		return qd.exited() || qd.console.crash() != "" || lock.lockedUp(md, qd)
+	}
+	after, err := qd.console.poll(crashed, has("loop", ""))
 	if errors.Is(err, errGone) {
-		if crash := qd.console.crash(); crash != "" {
-			t.Logf("destination guest crashed after the migration\n%s\n%s\n%s", qd.console.tail(), vs.logTail(), vd.logTail())
+		crash := qd.console.crash()
+		if crash == "" && lock.verdict != "" {
+			crash = lock.verdict
+		}
+		if crash != "" {
+			t.Logf("destination guest crashed after the migration\n%s\n%s\n%s\n%s", qd.console.tail(), lock.samples, vs.logTail(), vd.logTail())
 			vd.kill(t)
 			return crash
 		}
@@ -457,6 +473,88 @@ func migrate(t *testing.T, a guest.Artifacts, src, dst backend) (crash string) {
 	qd.waitExit(t)
 	vd.waitExit(t)
 	return ""
+}
+
+// lockupWatch tells a guest kernel that spins with interrupts off (it never prints
+// again, and its timer cannot fire, so oops=panic does not help) from a guest waiting on
+// its TPM, which sleeps with interrupts on (HLT=1, or IF set in user space). It samples
+// QEMU's "info registers" every lockupEvery; lockupSamples samples in a row in ring 0
+// with IF clear and the CPU not halted, with no console output in between, are a lockup.
+type lockupWatch struct {
+	next     time.Time
+	run      int
+	size     int64
+	samples  string // the register lines of the run, for the log
+	verdict  string // set once a lockup is seen
+	disabled bool   // QMP failed: give up sampling
+}
+
+const (
+	lockupEvery   = 5 * time.Second
+	lockupSamples = 6
+)
+
+// lockedUp samples when due and reports whether the guest is locked up.
+func (w *lockupWatch) lockedUp(m *qmp.SocketMonitor, q *qemuVM) bool {
+	if w.verdict != "" {
+		return true
+	}
+	if w.disabled || time.Now().Before(w.next) || q.exited() {
+		return false
+	}
+	w.next = time.Now().Add(lockupEvery)
+	fi, err := os.Stat(string(q.console))
+	if err != nil {
+		return false
+	}
+	raw, err := m.Run([]byte(`{"execute":"human-monitor-command","arguments":{"command-line":"info registers"}}`))
+	if err != nil {
+		w.disabled = true
+		return false
+	}
+	var rsp struct {
+		Return string `json:"return"`
+	}
+	json.Unmarshal(raw, &rsp)
+	line, spinning := kernelSpinning(rsp.Return)
+	if !spinning || (w.run > 0 && fi.Size() != w.size) {
+		w.run, w.samples = 0, ""
+	}
+	if spinning {
+		w.run++
+		w.samples += line + "\n"
+	}
+	w.size = fi.Size()
+	if w.run >= lockupSamples {
+		w.verdict = fmt.Sprintf("guest kernel locked up: %d samples over %v in ring 0 with interrupts off, not halted, no console output; last: %s",
+			w.run, time.Duration(w.run-1)*lockupEvery, line)
+		return true
+	}
+	return false
+}
+
+// kernelSpinning reads QEMU's "info registers" text: it returns the RIP line and whether
+// the CPU is in ring 0 (CPL=0), not halted (HLT=0) and with interrupts disabled (IF,
+// bit 9 of RFL, clear).
+func kernelSpinning(regs string) (string, bool) {
+	for _, line := range strings.Split(regs, "\n") {
+		line = strings.TrimSpace(line)
+		if !strings.HasPrefix(line, "RIP=") {
+			continue
+		}
+		f := map[string]string{}
+		for _, w := range strings.Fields(line) {
+			if k, v, ok := strings.Cut(w, "="); ok {
+				f[k] = v
+			}
+		}
+		rfl, err := strconv.ParseUint(f["RFL"], 16, 64)
+		if err != nil {
+			return line, false
+		}
+		return line, f["CPL"] == "0" && f["HLT"] == "0" && rfl&0x200 == 0
+	}
+	return "", false
 }
 
 // registers returns QEMU's "info registers" of a VM that still runs, to tell a hung guest
