@@ -1,0 +1,80 @@
+package seccomp
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"unsafe"
+
+	"golang.org/x/net/bpf"
+	"golang.org/x/sys/unix"
+)
+
+// Install sets no_new_privs and installs the filter for a on every thread of this
+// process; with None it does nothing. Errors name the reason and the way out: a
+// kernel without seccomp filters, or without the action, is an error for Kill and Log,
+// never a silent pass.
+//
+// It loads the program itself rather than with go-seccomp-bpf's LoadFilter, which
+// does not keep the prctl and the seccomp call on one OS thread and ignores the
+// thread id TSYNC returns when a thread cannot be synchronised.
+func Install(a Action) error {
+	if a == None {
+		return nil
+	}
+	_, name, err := a.ret()
+	if err != nil {
+		return err
+	}
+	avail, err := actionsAvail(os.ReadFile)
+	if err != nil {
+		return err
+	}
+	for _, need := range []string{name, "errno"} {
+		if !avail[need] {
+			return fmt.Errorf("seccomp: the kernel does not offer the filter action %q (see /proc/sys/kernel/seccomp/actions_avail): run with --seccomp action=none to serve without a filter", need)
+		}
+	}
+	insts, err := policy(a, os.Getpid())
+	if err != nil {
+		return err
+	}
+	raw, err := bpf.Assemble(insts)
+	if err != nil {
+		return fmt.Errorf("seccomp: assemble the %v filter: %w", a, err)
+	}
+	if len(raw) > unix.BPF_MAXINSNS {
+		return fmt.Errorf("seccomp: the %v filter has %d instructions, more than the kernel's %d", a, len(raw), unix.BPF_MAXINSNS)
+	}
+	filter := make([]unix.SockFilter, len(raw))
+	for i, in := range raw {
+		filter[i] = unix.SockFilter{Code: in.Op, Jt: in.Jt, Jf: in.Jf, K: in.K}
+	}
+	prog := unix.SockFprog{Len: uint16(len(filter)), Filter: &filter[0]}
+	return load(&prog)
+}
+
+// load sets no_new_privs and loads prog with TSYNC, both from one OS thread: the
+// kernel sets no_new_privs on the threads it synchronises when the caller has it.
+func load(prog *unix.SockFprog) error {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+		return fmt.Errorf("seccomp: set no_new_privs: %w: the kernel refused prctl(PR_SET_NO_NEW_PRIVS); run with --seccomp action=none to serve without a filter", err)
+	}
+	tid, _, errno := unix.Syscall(unix.SYS_SECCOMP, unix.SECCOMP_SET_MODE_FILTER,
+		unix.SECCOMP_FILTER_FLAG_TSYNC, uintptr(unsafe.Pointer(prog)))
+	runtime.KeepAlive(prog)
+	switch {
+	case errors.Is(errno, unix.ENOSYS):
+		return fmt.Errorf("seccomp: the kernel has no seccomp (%w): run with --seccomp action=none to serve without a filter", errno)
+	case errors.Is(errno, unix.EINVAL):
+		return fmt.Errorf("seccomp: the kernel refused the filter (%w; seccomp filters or TSYNC missing, kernel older than 3.17 or built without CONFIG_SECCOMP_FILTER): run with --seccomp action=none to serve without a filter", errno)
+	case errno != 0:
+		return fmt.Errorf("seccomp: load the filter: %w: run with --seccomp action=none to serve without a filter", errno)
+	case tid != 0:
+		return fmt.Errorf("seccomp: thread %d could not be given the filter (it has an incompatible one); no thread was changed: run with --seccomp action=none to serve without a filter", tid)
+	}
+	return nil
+}
