@@ -263,6 +263,13 @@ func (p *Provider) document(tx store.Tx) (doc *backup.Document, err error) {
 		doc.Objects = append(doc.Objects, backup.Object{VMUUID: o.VMUUID, Name: o.Name, KeyID: o.KeyID,
 			KDKID: o.KDKID, KDKVersion: o.KDKVersion, HostID: o.HostID, Registered: o.Registered})
 	}
+	admins, err := listAdmins(tx)
+	if err != nil {
+		return doc, err
+	}
+	for _, a := range admins {
+		doc.Admins = append(doc.Admins, backup.Admin{Name: a.Name, Serial: a.Serial, Issued: a.Issued, NotAfter: a.NotAfter, Revoked: a.Revoked})
+	}
 	seq, hash, err := audit.Head(tx)
 	if err != nil {
 		return doc, err
@@ -399,11 +406,17 @@ func (p *Provider) Restore(ctx context.Context, r io.Reader, passphrase []byte, 
 				return err
 			}
 		}
+		for _, ad := range doc.Admins {
+			rec := adminRecord{Name: ad.Name, Serial: ad.Serial, Issued: ad.Issued, NotAfter: ad.NotAfter, Revoked: ad.Revoked}
+			if err := putJSON(tx, bucketAdmins, ad.Serial, rec); err != nil {
+				return err
+			}
+		}
 		in := doc.Info()
 		details := map[string]string{
 			"archive_created": doc.Created.Format(time.RFC3339), "kdk_versions": joinInts(in.KDKVersions),
 			"hosts": strconv.Itoa(in.Hosts), "objects": strconv.Itoa(in.Objects), "forced": strconv.FormatBool(replaced != ""),
-			"archive_sha256": info.SHA256,
+			"archive_sha256": info.SHA256, "admins": strconv.Itoa(len(doc.Admins)),
 		}
 		if replaced != "" {
 			details["replaced_provider"] = replaced

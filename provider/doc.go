@@ -23,6 +23,7 @@
 //	bucket "objects"   key <vm uuid>/<name>  JSON Object
 //	bucket "backups"   key hex SHA-256 of an archive  JSON: the backup written and the KDK
 //	                                IDs it holds, confirmed time once confirmed (kept PendingBackupTTL)
+//	bucket "admins"    key hex certificate serial  JSON: admin name, issued, not after, revoked
 //	buckets "audit", "audit.head"  owned by provider/audit
 //
 // # Rules
@@ -40,6 +41,9 @@
 //   - Every release is checked against the store and audited before keys leave; repeats of
 //     the same release to a host within Config.ReleaseAuditWindow share one record, and the
 //     host's next record counts them.
+//   - Every admin request is checked against the "admins" bucket (AuthorizeAdmin): a
+//     revoked administrator certificate is refused on every replica at once, and the last
+//     live one cannot be revoked.
 //   - No key bytes are logged or audited: audit details carry IDs and versions only.
 //
 // Only provider/api (the HTTPS edge), cmd/nkp-provider and tests import this package.

@@ -238,8 +238,11 @@ func (p *Provider) IssueAdminCert(ctx context.Context, csrDER []byte) ([]byte, e
 	if err := checkHostname(name); err != nil {
 		return nil, fmt.Errorf("admin certificate: CN: %w", err)
 	}
-	return p.issue(ctx, "admin_cert", name, func(c *ca.CA, now time.Time) (ca.Issued, error) {
+	return p.issue(ctx, audit.KindAdminCert, name, func(c *ca.CA, now time.Time) (ca.Issued, error) {
 		return c.IssueAdmin(csrDER, name, now, p.cfg.AdminCertValidity)
+	}, func(tx store.Tx, iss ca.Issued, now time.Time) error {
+		rec := adminRecord{Name: name, Serial: iss.Serial, Issued: now.UTC(), NotAfter: iss.Cert.NotAfter.UTC()}
+		return putJSON(tx, bucketAdmins, iss.Serial, rec)
 	})
 }
 
@@ -248,10 +251,13 @@ func (p *Provider) IssueAdminCert(ctx context.Context, csrDER []byte) ([]byte, e
 func (p *Provider) IssueServerCert(ctx context.Context, csrDER []byte, names []string) ([]byte, error) {
 	return p.issue(ctx, "server_cert", strings.Join(names, ","), func(c *ca.CA, now time.Time) (ca.Issued, error) {
 		return c.IssueServer(csrDER, names, now, p.cfg.ServerCertValidity)
-	})
+	}, nil)
 }
 
-func (p *Provider) issue(ctx context.Context, kind audit.Kind, subject string, fn func(*ca.CA, time.Time) (ca.Issued, error)) ([]byte, error) {
+// issue signs with fn and records the issuance (audit, and record when not nil) in one
+// transaction.
+func (p *Provider) issue(ctx context.Context, kind audit.Kind, subject string, fn func(*ca.CA, time.Time) (ca.Issued, error),
+	record func(store.Tx, ca.Issued, time.Time) error) ([]byte, error) {
 	authority, err := p.currentCA(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", kind, err)
@@ -264,6 +270,11 @@ func (p *Provider) issue(ctx context.Context, kind audit.Kind, subject string, f
 		subject = subject[:audit.MaxFieldLen]
 	}
 	err = p.update(ctx, func(tx store.Tx, a *auditor) error {
+		if record != nil {
+			if err := record(tx, issued, a.now); err != nil {
+				return err
+			}
+		}
 		return a.add(tx, audit.Event{Kind: kind, Actor: actorOf(ctx), Subject: subject, Details: map[string]string{"cert_serial": issued.Serial}})
 	})
 	if err != nil {

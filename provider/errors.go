@@ -24,6 +24,10 @@ var (
 	// ErrHostUnknown: no enrolled host matches (unknown ID, a certificate from another CA
 	// or an older certificate of a re-enrolled host).
 	ErrHostUnknown = errors.New("host unknown")
+	// ErrAdminRevoked: the administrator certificate was revoked (RevokeAdmin).
+	ErrAdminRevoked = errors.New("revoked")
+	// ErrLastAdmin: revoking would leave no live administrator certificate.
+	ErrLastAdmin = errors.New("last administrator")
 	// ErrTPMRequired: policy tpm-required refuses a host without a TPM endorsement key.
 	ErrTPMRequired = errors.New("TPM required by policy")
 	// ErrInUse: the KDK version is still used (by catalog objects, or it is primary).

@@ -22,7 +22,7 @@ const (
 )
 
 // ownBuckets are the buckets a forced Restore empties (the audit log is kept).
-var ownBuckets = []string{bucketProvider, bucketKDKs, bucketTokens, bucketHosts, bucketObjects, bucketBackups}
+var ownBuckets = []string{bucketProvider, bucketKDKs, bucketTokens, bucketHosts, bucketObjects, bucketBackups, bucketAdmins}
 
 type metaRecord struct {
 	ID         string     `json:"id"`

@@ -160,3 +160,12 @@ func (f ObjectFilter) match(o Object) bool {
 func (o Object) String() string {
 	return fmt.Sprintf("VM %s %s (key %s, KDK v%d)", o.VMUUID, o.Name, o.KeyID, o.KDKVersion)
 }
+
+// Admin is an issued administrator certificate (role nkp-admin).
+type Admin struct {
+	Name     string // the certificate's CN ("" for a serial revoked without a record)
+	Serial   string // hex serial
+	Issued   time.Time
+	NotAfter time.Time
+	Revoked  time.Time // zero unless revoked
+}

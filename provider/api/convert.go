@@ -34,3 +34,15 @@ func objectToWire(o provider.Object) Object {
 func policyToWire(p provider.Policy) Policy { return Policy{TPMRequired: p.TPMRequired} }
 
 func policyFromWire(p Policy) provider.Policy { return provider.Policy{TPMRequired: p.TPMRequired} }
+
+func adminToWire(a provider.Admin) Admin {
+	return Admin{Name: a.Name, Serial: a.Serial, Issued: a.Issued, NotAfter: a.NotAfter, Revoked: !a.Revoked.IsZero(), RevokedAt: a.Revoked}
+}
+
+func adminsToWire(as []provider.Admin) AdminsResponse {
+	out := AdminsResponse{Admins: make([]Admin, 0, len(as))}
+	for _, a := range as {
+		out.Admins = append(out.Admins, adminToWire(a))
+	}
+	return out
+}

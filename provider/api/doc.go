@@ -36,6 +36,12 @@
 //	GET  /v1/admin/audit[?n=N]           → AuditResponse (the last N records: default 100, 0 = up to 10,000)
 //	POST /v1/admin/audit/verify          → 204, or 409 code "audit_broken"
 //	GET  /v1/admin/policy, PUT /v1/admin/policy  Policy
+//	GET  /v1/admin/admins                → AdminsResponse (administrator certificates, revoked ones included)
+//	POST /v1/admin/admins                AdminCertRequest → AdminCertResponse (a new administrator certificate)
+//	POST /v1/admin/admins/revoke         AdminRevokeRequest → AdminsResponse (the certificates revoked now)
+//
+// Every /v1/admin request also passes Provider.AuthorizeAdmin: a revoked administrator
+// certificate is refused (403, code admin_revoked) at once, on every replica.
 //
 // Bodies are JSON ([]byte fields in standard base64), read through http.MaxBytesReader
 // (MaxBodyBytes, MaxArchiveBodyBytes for archives) and decoded with unknown fields
@@ -67,6 +73,8 @@ const (
 	PathAudit         = "/v1/admin/audit"
 	PathAuditVerify   = "/v1/admin/audit/verify"
 	PathPolicy        = "/v1/admin/policy"
+	PathAdmins        = "/v1/admin/admins"
+	PathAdminsRevoke  = "/v1/admin/admins/revoke"
 	AdminOU           = "nkp-admin"
 	ContentTypeJSON   = "application/json"
 	ContentTypeBinary = "application/octet-stream"
@@ -86,6 +94,8 @@ const (
 	CodeTokenUsed       = "token_used"
 	CodeHostRevoked     = "host_revoked"
 	CodeHostUnknown     = "host_unknown"
+	CodeAdminRevoked    = "admin_revoked"
+	CodeLastAdmin       = "last_admin"
 	CodeTPMRequired     = "tpm_required"
 	CodeInUse           = "in_use"
 	CodeNotEmpty        = "not_empty"

@@ -36,6 +36,8 @@ var errorMap = []struct {
 	{provider.ErrTokenInvalid, http.StatusForbidden, CodeTokenInvalid},
 	{provider.ErrHostRevoked, http.StatusForbidden, CodeHostRevoked},
 	{provider.ErrHostUnknown, http.StatusForbidden, CodeHostUnknown},
+	{provider.ErrAdminRevoked, http.StatusForbidden, CodeAdminRevoked},
+	{provider.ErrLastAdmin, http.StatusConflict, CodeLastAdmin},
 	{provider.ErrTPMRequired, http.StatusForbidden, CodeTPMRequired},
 	{provider.ErrInUse, http.StatusConflict, CodeInUse},
 	{provider.ErrNotEmpty, http.StatusConflict, CodeNotEmpty},

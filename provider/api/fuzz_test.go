@@ -74,3 +74,13 @@ func FuzzPolicy(f *testing.F) {
 	f.Add([]byte(`{"tpm_required":true}`))
 	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode[api.Policy](t, data) })
 }
+
+func FuzzAdminCertRequest(f *testing.F) {
+	f.Add([]byte(`{"csr":"MIIB"}`))
+	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode[api.AdminCertRequest](t, data) })
+}
+
+func FuzzAdminRevokeRequest(f *testing.F) {
+	f.Add([]byte(`{"admin":"bob"}`))
+	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode[api.AdminRevokeRequest](t, data) })
+}

@@ -37,6 +37,10 @@ type Provider interface {
 	SetPolicy(ctx context.Context, p provider.Policy) error
 	AuditVerify(ctx context.Context) error
 	Audit(ctx context.Context, n int) ([]audit.Record, error)
+	IssueAdminCert(ctx context.Context, csr []byte) ([]byte, error)
+	Admins(ctx context.Context) ([]provider.Admin, error)
+	RevokeAdmin(ctx context.Context, ref string) ([]provider.Admin, error)
+	AuthorizeAdmin(ctx context.Context, cert *x509.Certificate) error
 }
 
 func (s *Server) authorizeHost(ctx context.Context, cert *x509.Certificate) (string, error) {
@@ -317,4 +321,41 @@ func (s *Server) handleSetPolicy(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.handlePolicy(w, r)
+}
+
+func (s *Server) handleAdmins(w http.ResponseWriter, r *http.Request) {
+	as, err := s.p.Admins(r.Context())
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	s.writeJSON(w, http.StatusOK, adminsToWire(as))
+}
+
+func (s *Server) handleAdminCert(w http.ResponseWriter, r *http.Request) {
+	req, err := decodeBody[AdminCertRequest](w, r, MaxBodyBytes)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	der, err := s.p.IssueAdminCert(r.Context(), req.CSR)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	s.writeJSON(w, http.StatusOK, AdminCertResponse{Certificate: der, CAChain: [][]byte{s.p.CA().Raw}})
+}
+
+func (s *Server) handleRevokeAdmin(w http.ResponseWriter, r *http.Request) {
+	req, err := decodeBody[AdminRevokeRequest](w, r, MaxBodyBytes)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	as, err := s.p.RevokeAdmin(r.Context(), req.Admin)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	s.writeJSON(w, http.StatusOK, adminsToWire(as))
 }

@@ -131,6 +131,9 @@ func (s *Server) routes() {
 	handle("POST "+PathAuditVerify, "audit_verify", s.admin(s.handleAuditVerify))
 	handle("GET "+PathPolicy, "policy", s.admin(s.handlePolicy))
 	handle("PUT "+PathPolicy, "policy_set", s.admin(s.handleSetPolicy))
+	handle("GET "+PathAdmins, "admins", s.admin(s.handleAdmins))
+	handle("POST "+PathAdmins, "admins_add", s.admin(s.handleAdminCert))
+	handle("POST "+PathAdminsRevoke, "admins_revoke", s.admin(s.handleRevokeAdmin))
 	handle("/", "unknown", func(w http.ResponseWriter, r *http.Request) {
 		var allow []string
 		for _, m := range []string{http.MethodGet, http.MethodPost, http.MethodPut, http.MethodDelete} {
@@ -286,11 +289,16 @@ func (s *Server) host(h hostHandler) http.HandlerFunc {
 	}
 }
 
-// admin authenticates nkpctl: a client certificate chained to the CA with the admin role.
+// admin authenticates nkpctl: a client certificate chained to the CA with the admin role,
+// not revoked (Provider.AuthorizeAdmin reads the store on every request).
 func (s *Server) admin(h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		cert, err := s.clientCert(r, ca.RoleAdmin)
 		if err != nil {
+			s.writeError(w, r, err)
+			return
+		}
+		if err := s.p.AuthorizeAdmin(r.Context(), cert); err != nil {
 			s.writeError(w, r, err)
 			return
 		}

@@ -45,9 +45,10 @@ type fake struct {
 	policy    provider.Policy
 	fail      error // returned by every domain call when set
 	kdks      []provider.ReleasedKDK
-	released  [][]byte // Bare slices handed out, to check wiping
-	pending   string   // SHA-256 of the last backup written
-	confirmed bool     // ConfirmBackup saw it
+	released  [][]byte                  // Bare slices handed out, to check wiping
+	pending   string                    // SHA-256 of the last backup written
+	confirmed bool                      // ConfirmBackup saw it
+	admins    map[string]provider.Admin // by serial
 }
 
 func newFake(t *testing.T) *fake {
@@ -56,7 +57,8 @@ func newFake(t *testing.T) *fake {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &fake{ca: c, hosts: map[string]provider.Host{}, revoked: map[string]bool{}, tokens: map[string]bool{}}
+	return &fake{ca: c, hosts: map[string]provider.Host{}, revoked: map[string]bool{}, tokens: map[string]bool{},
+		admins: map[string]provider.Admin{}}
 }
 
 func (f *fake) err() error {
@@ -253,6 +255,56 @@ func (f *fake) AuditVerify(ctx context.Context) error {
 
 func (f *fake) Audit(ctx context.Context, n int) ([]audit.Record, error) {
 	return []audit.Record{{Seq: 1, Kind: audit.KindInit, Actor: "provider"}}, nil
+}
+
+func (f *fake) IssueAdminCert(ctx context.Context, csr []byte) ([]byte, error) {
+	c, err := ca.ParseCSR(csr)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", provider.ErrBadRequest, err)
+	}
+	iss, err := f.ca.IssueAdmin(csr, c.Subject.CommonName, time.Now(), time.Hour)
+	if err != nil {
+		return nil, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.admins[iss.Serial] = provider.Admin{Name: c.Subject.CommonName, Serial: iss.Serial, NotAfter: iss.Cert.NotAfter}
+	return iss.DER, nil
+}
+
+func (f *fake) Admins(ctx context.Context) ([]provider.Admin, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []provider.Admin
+	for _, a := range f.admins {
+		out = append(out, a)
+	}
+	return out, nil
+}
+
+// RevokeAdmin revokes by serial only; "last" plays the last admin.
+func (f *fake) RevokeAdmin(ctx context.Context, ref string) ([]provider.Admin, error) {
+	if ref == "last" {
+		return nil, fmt.Errorf("revoke admin %q: %w: issue another first", ref, provider.ErrLastAdmin)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	a, ok := f.admins[ref]
+	if !ok {
+		return nil, fmt.Errorf("admin %q: %w", ref, provider.ErrNotFound)
+	}
+	a.Revoked = time.Now()
+	f.admins[ref] = a
+	return []provider.Admin{a}, nil
+}
+
+func (f *fake) AuthorizeAdmin(ctx context.Context, cert *x509.Certificate) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if a, ok := f.admins[cert.SerialNumber.Text(16)]; ok && !a.Revoked.IsZero() {
+		return fmt.Errorf("admin certificate %q %w", a.Name, provider.ErrAdminRevoked)
+	}
+	return nil
 }
 
 // env is a running test server with credentials.
@@ -695,5 +747,47 @@ func TestHealthReadinessMetrics(t *testing.T) {
 		if code != 200 || !strings.Contains(body, want) {
 			t.Fatalf("metrics (%d) lack %q:\n%s", code, want, body)
 		}
+	}
+}
+
+// TestAdminRevocation: an admin issued through the API works until revoked, then is
+// refused at once (same kept-alive connection) with code admin_revoked; the admin who
+// revoked it keeps working; the domain's last-admin refusal becomes 409 last_admin.
+func TestAdminRevocation(t *testing.T) {
+	e := startEnv(t)
+	ctx := context.Background()
+	bobCert, err := e.admin.AddAdmin(ctx, "bob", newKey(t))
+	if err != nil {
+		t.Fatalf("add admin: %v", err)
+	}
+	if bobCert.Leaf.Subject.CommonName != "bob" || ca.RoleOf(bobCert.Leaf) != ca.RoleAdmin {
+		t.Fatalf("issued %q role %q, want bob %s", bobCert.Leaf.Subject.CommonName, ca.RoleOf(bobCert.Leaf), ca.RoleAdmin)
+	}
+	bob := e.client(t, bobCert)
+	if _, err := bob.Status(ctx); err != nil {
+		t.Fatalf("new admin before revocation: %v", err)
+	}
+	list, err := e.admin.Admins(ctx)
+	if err != nil || len(list) != 1 || list[0].Name != "bob" || list[0].Revoked {
+		t.Fatalf("admins = %+v, %v", list, err)
+	}
+	serial := bobCert.Leaf.SerialNumber.Text(16)
+	got, err := e.admin.RevokeAdmin(ctx, serial)
+	if err != nil || len(got) != 1 || !got[0].Revoked || got[0].Serial != serial {
+		t.Fatalf("revoke = %+v, %v", got, err)
+	}
+	_, err = bob.Status(ctx)
+	var ae *client.APIError
+	if !errors.As(err, &ae) || ae.Status != http.StatusForbidden || ae.Code != api.CodeAdminRevoked || !strings.Contains(ae.Message, "bob") {
+		t.Fatalf("revoked admin: %v, want 403 %s naming bob", err, api.CodeAdminRevoked)
+	}
+	if _, err := e.admin.Status(ctx); err != nil {
+		t.Fatalf("the other admin after the revocation: %v", err)
+	}
+	if _, err := e.admin.RevokeAdmin(ctx, "last"); !client.IsCode(err, api.CodeLastAdmin) {
+		t.Fatalf("revoking the last admin: %v, want %s", err, api.CodeLastAdmin)
+	}
+	if _, err := e.admin.RevokeAdmin(ctx, "nobody"); !client.IsCode(err, api.CodeNotFound) {
+		t.Fatalf("revoking an unknown admin: %v, want %s", err, api.CodeNotFound)
 	}
 }

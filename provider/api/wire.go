@@ -184,6 +184,39 @@ type AuditResponse struct {
 	Records []AuditRecord `json:"records"`
 }
 
+// Admin is one administrator certificate (GET /v1/admin/admins).
+type Admin struct {
+	Name      string    `json:"name"`
+	Serial    string    `json:"serial"`
+	Issued    time.Time `json:"issued,omitzero"`
+	NotAfter  time.Time `json:"not_after,omitzero"`
+	Revoked   bool      `json:"revoked"`
+	RevokedAt time.Time `json:"revoked_at,omitzero"`
+}
+
+// AdminsResponse lists administrator certificates.
+type AdminsResponse struct {
+	Admins []Admin `json:"admins"`
+}
+
+// AdminCertRequest is POST /v1/admin/admins: a PKCS#10 CSR (DER) whose CN names the new
+// administrator.
+type AdminCertRequest struct {
+	CSR []byte `json:"csr"`
+}
+
+// AdminCertResponse carries the new administrator certificate (DER) and the CA chain.
+type AdminCertResponse struct {
+	Certificate []byte   `json:"certificate"`
+	CAChain     [][]byte `json:"ca_chain"`
+}
+
+// AdminRevokeRequest is POST /v1/admin/admins/revoke: Admin is a certificate serial (hex)
+// or an admin name (every live certificate of that name).
+type AdminRevokeRequest struct {
+	Admin string `json:"admin"`
+}
+
 // Decode reads exactly one JSON value of type T from r, refusing unknown fields, trailing
 // data and bodies longer than limit. Errors wrap ErrBadRequest.
 func Decode[T any](r io.Reader, limit int64) (T, error) {
@@ -268,6 +301,20 @@ func (a *ArchiveRequest) check() error {
 		return errors.New(`"passphrase" is required`)
 	case len(a.Archive) == 0:
 		return errors.New(`"archive" is required`)
+	}
+	return nil
+}
+
+func (a *AdminCertRequest) check() error {
+	if len(a.CSR) == 0 {
+		return errors.New(`"csr" (a DER PKCS#10 request whose CN names the admin) is required`)
+	}
+	return nil
+}
+
+func (a *AdminRevokeRequest) check() error {
+	if a.Admin == "" || len(a.Admin) > 253 {
+		return errors.New(`"admin" is required: an admin name or a certificate serial (at most 253 characters)`)
 	}
 	return nil
 }

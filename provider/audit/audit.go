@@ -71,6 +71,12 @@ const (
 	KindRetire   Kind = "retire"
 	KindPolicy   Kind = "policy"
 	KindRegister Kind = "register"
+	// KindAdminCert: an administrator certificate was issued.
+	KindAdminCert Kind = "admin_cert"
+	// KindAdminRevoke: an administrator certificate was revoked.
+	KindAdminRevoke Kind = "admin_revoke"
+	// KindHostRenew: a host renewed its certificate.
+	KindHostRenew Kind = "host_renew"
 	// KindPrune is appended by Prune itself.
 	KindPrune Kind = "prune"
 )

@@ -39,11 +39,18 @@
 //	    "vm_uuid": "<uuid>", "name": "disk:vda" | "vtpm", "key_id": "<uuid>",
 //	    "kdk_id": "<uuid>", "kdk_version": 1, "host_id": "<uuid>", "registered": "<RFC 3339>"
 //	  }],
+//	  "admins": [{                              // administrator certificates (role nkp-admin); optional
+//	    "name": "alice", "serial": "<hex>",     // name is "" for a serial revoked without a record
+//	    "issued": "<RFC 3339>", "not_after": "<RFC 3339>",
+//	    "revoked": "<RFC 3339>"                  // omitted unless revoked
+//	  }],
 //	  "audit_head": {"seq": 42, "hash": "<hex>"} // the audit chain's last record when taken; optional
 //	}
 //
 // Unknown fields are refused: a reader of version 1 must not silently drop data that a
-// later writer put in the archive.
+// later writer put in the archive. "admins" was added within version 1 (optional, so
+// archives written before it still read and restore; an nkp older than it refuses an
+// archive that has it, naming the field, rather than dropping the revocations).
 package backup
 
 import (
@@ -100,7 +107,17 @@ type Document struct {
 	CA              CA         `json:"ca"`
 	Hosts           []Host     `json:"hosts"`
 	Objects         []Object   `json:"objects"`
+	Admins          []Admin    `json:"admins,omitempty"`
 	AuditHead       *AuditHead `json:"audit_head,omitempty"`
+}
+
+// Admin is one administrator certificate the provider issued (or a revoked serial).
+type Admin struct {
+	Name     string     `json:"name"`
+	Serial   string     `json:"serial"`
+	Issued   time.Time  `json:"issued,omitzero"`
+	NotAfter time.Time  `json:"not_after,omitzero"`
+	Revoked  *time.Time `json:"revoked,omitempty"`
 }
 
 // Policy is the provider's policy.
@@ -246,6 +263,19 @@ func (d *Document) Validate() error {
 			return fmt.Errorf("hosts[%d] (%s): certificate serial missing: %w", i, h.ID, ErrBadArchive)
 		}
 	}
+	serials := map[string]bool{}
+	for i, a := range d.Admins {
+		if !isSerial(a.Serial) {
+			return fmt.Errorf("admins[%d]: serial %.44q is not lower-case hex: %w", i, a.Serial, ErrBadArchive)
+		}
+		if serials[a.Serial] {
+			return fmt.Errorf("admins[%d]: serial %s repeats: %w", i, a.Serial, ErrBadArchive)
+		}
+		serials[a.Serial] = true
+		if len(a.Name) > 253 {
+			return fmt.Errorf("admins[%d]: name longer than 253 bytes: %w", i, ErrBadArchive)
+		}
+	}
 	objects := map[string]bool{}
 	for i, o := range d.Objects {
 		if err := checkUUID(fmt.Sprintf("objects[%d].vm_uuid", i), o.VMUUID); err != nil {
@@ -267,6 +297,20 @@ func (d *Document) Validate() error {
 		objects[k] = true
 	}
 	return nil
+}
+
+// isSerial reports whether s is a certificate serial as the provider writes it: 1 to 40
+// lower-case hex digits.
+func isSerial(s string) bool {
+	if s == "" || len(s) > 40 {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= '0' && r <= '9' || r >= 'a' && r <= 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 func checkUUID(field, s string) error {

@@ -3,6 +3,7 @@ package backup
 import (
 	"bytes"
 	"crypto/rand"
+	"encoding/json"
 	"errors"
 	"strings"
 	"testing"
@@ -165,5 +166,56 @@ func TestParseRefusesUnknownFieldsAndTrailingData(t *testing.T) {
 	}
 	if _, err := Parse(append(bytes.Clone(plain), []byte("{}")...)); !errors.Is(err, ErrBadArchive) {
 		t.Fatalf("trailing data: %v", err)
+	}
+}
+
+// TestAdmins: "admins" is optional (archives written before it still parse), round-trips
+// when present, and is checked.
+func TestAdmins(t *testing.T) {
+	now := time.Date(2026, 11, 28, 8, 0, 0, 0, time.UTC)
+	tests := []struct {
+		name    string
+		admins  []Admin
+		wantErr bool
+	}{
+		{"none (an archive from before the field)", nil, false},
+		{"live and revoked", []Admin{{Name: "alice", Serial: "0a1b", Issued: now, NotAfter: now.Add(time.Hour)},
+			{Name: "bob", Serial: "ff", Issued: now, NotAfter: now.Add(time.Hour), Revoked: &now}}, false},
+		{"revoked serial without a record", []Admin{{Serial: "1234", Revoked: &now}}, false},
+		{"serial not hex", []Admin{{Name: "alice", Serial: "xyz"}}, true},
+		{"serial upper case", []Admin{{Name: "alice", Serial: "AB"}}, true},
+		{"serial empty", []Admin{{Name: "alice"}}, true},
+		{"serial repeats", []Admin{{Name: "a", Serial: "ab"}, {Name: "b", Serial: "ab"}}, true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			d := sampleDoc(t)
+			d.Admins = tc.admins
+			plain, err := json.Marshal(d)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.admins == nil && bytes.Contains(plain, []byte(`"admins"`)) {
+				t.Fatalf("a document without admins still names the field: %s", plain)
+			}
+			got, err := Parse(plain)
+			if tc.wantErr {
+				if !errors.Is(err, ErrBadArchive) {
+					t.Fatalf("Parse = %v, want ErrBadArchive", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got.Admins) != len(tc.admins) {
+				t.Fatalf("admins %+v, want %+v", got.Admins, tc.admins)
+			}
+			for i := range tc.admins {
+				if got.Admins[i].Serial != tc.admins[i].Serial || (got.Admins[i].Revoked == nil) != (tc.admins[i].Revoked == nil) {
+					t.Fatalf("admins[%d] = %+v, want %+v", i, got.Admins[i], tc.admins[i])
+				}
+			}
+		})
 	}
 }

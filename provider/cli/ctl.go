@@ -57,7 +57,7 @@ func Command(stdin io.Reader, stdout, stderr io.Writer) *cobra.Command {
 	pf.StringVar(&c.caFile, "ca", "", "provider CA certificate (default DIR/ca.crt)")
 	pf.BoolVar(&c.asJSON, "json", false, "print JSON")
 	prov.AddCommand(c.initCmd(), c.statusCmd(), c.backupCmd(), c.restoreCmd(), c.tokenCmd(), c.hostsCmd(),
-		c.revokeCmd(), c.rotateCmd(), c.retireCmd(), c.objectsCmd(), c.auditCmd(), c.policyCmd())
+		c.revokeCmd(), c.rotateCmd(), c.retireCmd(), c.objectsCmd(), c.auditCmd(), c.policyCmd(), c.adminsCmd())
 	return prov
 }
 
@@ -95,15 +95,17 @@ func (c *ctl) logger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(c.stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 }
 
+// pick is the file a --cert/--key/--ca flag names, or name in --dir.
+func (c *ctl) pick(flag, name string) string {
+	if flag != "" {
+		return flag
+	}
+	return filepath.Join(c.dir, name)
+}
+
 // client connects with the admin credentials.
 func (c *ctl) client() (*client.Client, error) {
-	pick := func(flag, name string) string {
-		if flag != "" {
-			return flag
-		}
-		return filepath.Join(c.dir, name)
-	}
-	adm, err := daemon.LoadAdminFiles(pick(c.certFile, daemon.AdminCertFile), pick(c.keyFile, daemon.AdminKeyFile), pick(c.caFile, daemon.CACertFile))
+	adm, err := daemon.LoadAdminFiles(c.pick(c.certFile, daemon.AdminCertFile), c.pick(c.keyFile, daemon.AdminKeyFile), c.pick(c.caFile, daemon.CACertFile))
 	if err != nil {
 		return nil, err
 	}

@@ -10,9 +10,12 @@ package client
 import (
 	"bytes"
 	"context"
+	"crypto"
+	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -49,6 +52,7 @@ type Config struct {
 
 // Client talks to one provider. It is safe for concurrent use.
 type Client struct {
+	ca      *x509.Certificate // the pinned provider CA (nil for Join's client)
 	bases   []*url.URL
 	current atomic.Int32 // index in bases of the replica that answered last
 	hc      *http.Client
@@ -85,7 +89,12 @@ func New(cfg Config) (*Client, error) {
 		InsecureSkipVerify: true, // replaced by VerifyConnection: chain to the pinned CA, no host name check
 		VerifyConnection:   verifyAgainst(cfg.CA),
 	}
-	return newClient(append([]string{cfg.URL}, cfg.Replicas...), tc, cfg.Timeout, cfg.MaxConnsPerHost)
+	c, err := newClient(append([]string{cfg.URL}, cfg.Replicas...), tc, cfg.Timeout, cfg.MaxConnsPerHost)
+	if err != nil {
+		return nil, err
+	}
+	c.ca = cfg.CA
+	return c, nil
 }
 
 func newClient(rawURLs []string, tc *tls.Config, timeout time.Duration, maxConns int) (*Client, error) {
@@ -380,4 +389,54 @@ func (c *Client) SetPolicy(ctx context.Context, p api.Policy) (api.Policy, error
 	var out api.Policy
 	err := c.do(ctx, http.MethodPut, api.PathPolicy, nil, p, &out)
 	return out, err
+}
+
+// Admins lists the administrator certificates the provider issued (admin).
+func (c *Client) Admins(ctx context.Context) ([]api.Admin, error) {
+	var r api.AdminsResponse
+	err := c.do(ctx, http.MethodGet, api.PathAdmins, nil, nil, &r)
+	return r.Admins, err
+}
+
+// AddAdmin has the provider issue an administrator certificate named name for key
+// (admin). The key never leaves the caller; the result holds it with the certificate.
+func (c *Client) AddAdmin(ctx context.Context, name string, key crypto.Signer) (tls.Certificate, error) {
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: name}}, key)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("add admin %q: creating the certificate request: %w", name, err)
+	}
+	var r api.AdminCertResponse
+	if err := c.do(ctx, http.MethodPost, api.PathAdmins, nil, api.AdminCertRequest{CSR: csr}, &r); err != nil {
+		return tls.Certificate{}, fmt.Errorf("add admin %q: %w", name, err)
+	}
+	return c.certificate(r.Certificate, key)
+}
+
+// RevokeAdmin revokes the administrator certificate with serial ref, or every live one
+// of the admin named ref (admin). It returns the certificates revoked now.
+func (c *Client) RevokeAdmin(ctx context.Context, ref string) ([]api.Admin, error) {
+	var r api.AdminsResponse
+	err := c.do(ctx, http.MethodPost, api.PathAdminsRevoke, nil, api.AdminRevokeRequest{Admin: ref}, &r)
+	return r.Admins, err
+}
+
+// certificate checks an issued client certificate against the pinned CA (the response's
+// CA chain only repeats it) and pairs it with its key.
+func (c *Client) certificate(der []byte, key crypto.Signer) (tls.Certificate, error) {
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("the provider returned an unreadable certificate: %w", err)
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: poolOf(c.ca), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+		return tls.Certificate{}, fmt.Errorf("the issued certificate does not chain to the trusted provider CA %s: %w", CAHash(c.ca), err)
+	}
+	if !publicKeyMatches(leaf, key) {
+		return tls.Certificate{}, errors.New("the issued certificate is not for the key that was sent")
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, nil
+}
+
+func publicKeyMatches(cert *x509.Certificate, key crypto.Signer) bool {
+	pub, ok := key.Public().(interface{ Equal(crypto.PublicKey) bool })
+	return ok && pub.Equal(cert.PublicKey)
 }

@@ -146,3 +146,21 @@ func LoadCACert(path string) (*x509.Certificate, error) {
 	}
 	return c, nil
 }
+
+// WriteAdminDir writes another administrator's credentials into dir (made 0700 if
+// missing): ca.crt, admin.crt and admin.key (0600), the layout nkpctl's --dir reads.
+// It refuses to overwrite existing admin files.
+func WriteAdminDir(dir string, ca *x509.Certificate, certDER []byte, key *ecdsa.PrivateKey) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("admin directory %s: %w", dir, err)
+	}
+	for _, f := range []string{AdminCertFile, AdminKeyFile} {
+		if _, err := os.Lstat(filepath.Join(dir, f)); err == nil {
+			return fmt.Errorf("admin directory %s: %s exists already; give an empty directory", dir, f)
+		}
+	}
+	if err := writeCACert(filepath.Join(dir, CACertFile), ca); err != nil {
+		return err
+	}
+	return writeCredentials(filepath.Join(dir, AdminCertFile), filepath.Join(dir, AdminKeyFile), certDER, key)
+}

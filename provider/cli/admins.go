@@ -1,0 +1,124 @@
+package cli
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/api/daemon"
+)
+
+// adminsCmd is `nkpctl provider admins [add|revoke]`: administrator certificates.
+func (c *ctl) adminsCmd() *cobra.Command {
+	adm := &cobra.Command{
+		Use:   "admins",
+		Short: "list administrator certificates (add, revoke)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			defer cl.Close()
+			as, err := cl.Admins(cmd.Context())
+			if err != nil {
+				return err
+			}
+			return c.printAdmins(as)
+		},
+	}
+	var out string
+	add := &cobra.Command{
+		Use:   "add NAME --out DIR",
+		Short: "issue an administrator certificate for a new key; writes DIR/admin.crt, DIR/admin.key (0600) and DIR/ca.crt",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if out == "" {
+				return errors.New("--out DIR is required: the new admin's files go there (give it to that admin; nkpctl uses it with --dir DIR)")
+			}
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			defer cl.Close()
+			key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+			if err != nil {
+				return fmt.Errorf("add admin %s: generating a key: %w", args[0], err)
+			}
+			cert, err := cl.AddAdmin(cmd.Context(), args[0], key)
+			if err != nil {
+				return err
+			}
+			caCert, err := daemon.LoadCACert(c.pick(c.caFile, daemon.CACertFile))
+			if err != nil {
+				return err
+			}
+			if err := daemon.WriteAdminDir(out, caCert, cert.Certificate[0], key); err != nil {
+				return fmt.Errorf("admin %s was issued certificate %s but its files could not be written: %w (revoke it with `nkpctl provider admins revoke %s` and add it again)",
+					args[0], cert.Leaf.SerialNumber.Text(16), err, cert.Leaf.SerialNumber.Text(16))
+			}
+			fmt.Fprintf(c.stderr, "admin %s: certificate %s (valid until %s) written to %s; use it with `nkpctl provider --dir %s …`\n",
+				args[0], cert.Leaf.SerialNumber.Text(16), cert.Leaf.NotAfter.UTC().Format(time.RFC3339), out, out)
+			return nil
+		},
+	}
+	add.Flags().StringVarP(&out, "out", "o", "", "directory for the new admin's files (created 0700)")
+	revoke := &cobra.Command{
+		Use:   "revoke NAME|SERIAL",
+		Short: "revoke an administrator certificate (by serial) or every live one of an admin (by name), on every replica at once",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			defer cl.Close()
+			as, err := cl.RevokeAdmin(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			if len(as) == 0 && !c.asJSON {
+				fmt.Fprintf(c.stderr, "admin %s: already revoked\n", args[0])
+				return nil
+			}
+			for _, a := range as {
+				fmt.Fprintf(c.stderr, "admin %s certificate %s revoked\n", a.Name, a.Serial)
+			}
+			if c.asJSON {
+				return c.printAdmins(as)
+			}
+			return nil
+		},
+	}
+	adm.AddCommand(add, revoke)
+	return adm
+}
+
+func (c *ctl) printAdmins(as []api.Admin) error {
+	return c.print(as, func(w io.Writer) {
+		fmt.Fprintln(w, "NAME\tSERIAL\tISSUED\tNOT AFTER\tREVOKED")
+		for _, a := range as {
+			name, issued, notAfter, revoked := a.Name, "-", "-", "false"
+			if name == "" {
+				name = "(unrecorded)"
+			}
+			if !a.Issued.IsZero() {
+				issued = a.Issued.UTC().Format(time.RFC3339)
+			}
+			if !a.NotAfter.IsZero() {
+				notAfter = a.NotAfter.UTC().Format(time.RFC3339)
+			}
+			if a.Revoked {
+				revoked = a.RevokedAt.UTC().Format(time.RFC3339)
+			}
+			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", name, a.Serial, issued, notAfter, revoked)
+		}
+	})
+}
