@@ -2,7 +2,8 @@
 // QEMU users, libvirt 9.0, swtpm_setup, swtpm_ioctl and swtpm_bios use (`nkp-swtpm
 // socket [options]`, see Usage and specs/swtpm-protocol.md §3), and turns it into a
 // running vTPM server from package swtpm: logging, pid file, --runas, --daemon, the
-// control and data sockets and the state directory with its key.
+// control and data sockets, the state directory with its key, and the seccomp filter
+// (package swtpm/seccomp).
 //
 // Parsing (Parse, Options) is pure and may be used by any package that builds an
 // nkp-swtpm command line; Main is for cmd/nkp-swtpm only.
@@ -15,6 +16,8 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/nkp-dev/nkp/swtpm/seccomp"
 )
 
 // Usage is the help text of `nkp-swtpm socket --help`.
@@ -57,7 +60,11 @@ Options (as swtpm's; values in [] are optional):
 --locality [reject-locality-4][,allow-set-locality]
 --migration [incoming][,release-lock-outgoing]
 --seccomp action=none|log|kill
-                  accepted for compatibility; nkp-swtpm installs no seccomp filter
+                  seccomp filter installed before the first client byte is read
+                  (default kill, as swtpm): a denied system call (exec, fork,
+                  ptrace, mount, module loading, bpf, keyctl, clock setting, ...)
+                  kills the process with SIGSYS (kill), is allowed and logged by
+                  the kernel (log), or no filter is installed (none)
 -d|--daemon       run detached; the command returns once the daemon serves
 -r|--runas <user> switch to this user before opening files and sockets
 --print-capabilities  print the supported features as JSON and exit
@@ -163,17 +170,28 @@ func run(ctx context.Context, o *Options, stderr io.Writer, ready *readyNotifier
 		return err
 	}
 	defer closeLog()
-	if o.Seccomp != "" && o.Seccomp != "none" {
-		log.Warn("--seccomp is accepted for compatibility but nkp-swtpm installs no seccomp filter", "action", o.Seccomp)
+	filter, err := seccompAction(o.Seccomp)
+	if err != nil {
+		return err
 	}
 	removePid := func() {}
 	defer func() { removePid() }()
+	// serve calls this once the sockets listen, the state directory is locked and the
+	// TPM started if it starts at launch, and before it reads a byte from a client.
 	err = serve(ctx, o, log, func() error {
 		rm, err := pidFile(o.Pid, os.Getpid())
 		if err != nil {
 			return err
 		}
 		removePid = rm
+		if err := seccomp.Install(filter); err != nil {
+			return fmt.Errorf("--seccomp action=%v: %w", filter, err)
+		}
+		if filter == seccomp.None {
+			log.Info("no seccomp filter (--seccomp action=none)")
+		} else {
+			log.Info("seccomp filter installed", "action", filter)
+		}
 		ready.Ready()
 		return nil
 	})
@@ -183,4 +201,17 @@ func run(ctx context.Context, o *Options, stderr io.Writer, ready *readyNotifier
 		log.Error("nkp-swtpm stops on an error", "err", err)
 	}
 	return err
+}
+
+// seccompAction is the filter --seccomp asks for; without the option, Kill (swtpm's
+// default).
+func seccompAction(opt string) (seccomp.Action, error) {
+	if opt == "" {
+		return seccomp.Kill, nil
+	}
+	a, err := seccomp.ParseAction(opt)
+	if err != nil {
+		return 0, fmt.Errorf("--seccomp: %w", err)
+	}
+	return a, nil
 }
