@@ -19,7 +19,8 @@
 //	bucket "kdks"      key %010d version  JSON: id, version, created, primary, retired,
 //	                                backed_up, key sealed under the root key (AD "nkp/v1/kdk/<provider id>/<kdk id>")
 //	bucket "tokens"    key token ID  JSON: SHA-256 of the secret, created, expires, used
-//	bucket "hosts"     key host ID   JSON: hostname, enrolled, certificate serial, EK public (PKIX DER), revoked
+//	bucket "hosts"     key host ID   JSON: hostname, enrolled, certificate serial (and the one a renewal
+//	                                superseded, until the new one is used), EK public (PKIX DER), revoked
 //	bucket "objects"   key <vm uuid>/<name>  JSON Object
 //	bucket "backups"   key hex SHA-256 of an archive  JSON: the backup written and the KDK
 //	                                IDs it holds, confirmed time once confirmed (kept PendingBackupTTL)

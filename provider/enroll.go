@@ -332,8 +332,9 @@ func (p *Provider) Revoke(ctx context.Context, hostID string) error {
 }
 
 // AuthorizeHost checks a host's client certificate on every request: issued by this
-// provider's CA for role nkp-host, still valid, the host's current certificate, and the
-// host not revoked. It returns the host.
+// provider's CA for role nkp-host, still valid, the host's current certificate (or the
+// one a renewal superseded, until the current one is first presented), and the host not
+// revoked. It returns the host.
 func (p *Provider) AuthorizeHost(ctx context.Context, cert *x509.Certificate) (Host, error) {
 	if cert == nil {
 		return Host{}, fmt.Errorf("authorize host: no client certificate: %w", ErrHostUnknown)
@@ -373,7 +374,12 @@ func (p *Provider) AuthorizeHost(ctx context.Context, cert *x509.Certificate) (H
 		return Host{}, fmt.Errorf("authorize host %s (%s): %w at %s; enroll it again with a new token if it should come back",
 			hostID, h.Hostname, ErrHostRevoked, h.Revoked.Format(time.RFC3339))
 	}
-	if serial := cert.SerialNumber.Text(16); serial != h.CertSerial {
+	serial := cert.SerialNumber.Text(16)
+	switch {
+	case serial == h.CertSerial && h.PrevCertSerial != "":
+		p.retirePrevious(ctx, hostID, serial) // the host has its renewed certificate
+	case serial == h.CertSerial, serial == h.PrevCertSerial && h.PrevCertSerial != "":
+	default:
 		return Host{}, fmt.Errorf("authorize host %s (%s): certificate serial %s is not its current one (%s): %w",
 			hostID, h.Hostname, serial, h.CertSerial, ErrHostUnknown)
 	}

@@ -67,14 +67,17 @@ type tokenRecord struct {
 }
 
 type hostRecord struct {
-	ID           string     `json:"id"`
-	Hostname     string     `json:"hostname"`
-	Enrolled     time.Time  `json:"enrolled"`
-	CertSerial   string     `json:"cert_serial"`
-	CertNotAfter time.Time  `json:"cert_not_after"`
-	EKPublic     []byte     `json:"ek_public,omitempty"`
-	TokenID      string     `json:"token_id,omitempty"`
-	Revoked      *time.Time `json:"revoked,omitempty"`
+	ID           string    `json:"id"`
+	Hostname     string    `json:"hostname"`
+	Enrolled     time.Time `json:"enrolled"`
+	CertSerial   string    `json:"cert_serial"`
+	CertNotAfter time.Time `json:"cert_not_after"`
+	// PrevCertSerial is the certificate a renewal superseded, accepted until the current
+	// one is first presented (RenewHost).
+	PrevCertSerial string     `json:"prev_cert_serial,omitempty"`
+	EKPublic       []byte     `json:"ek_public,omitempty"`
+	TokenID        string     `json:"token_id,omitempty"`
+	Revoked        *time.Time `json:"revoked,omitempty"`
 }
 
 func (h hostRecord) public() Host {

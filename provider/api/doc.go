@@ -23,6 +23,8 @@
 //	GET  /v1/host/kdks                   → ReleaseResponse (every KDK version in use)
 //	POST /v1/host/objects                Object → 204 (registers, or replaces the entry of the same VM and name)
 //	DELETE /v1/host/objects/{vm}/{name}  → 204 (the object is gone: VM deleted, disk removed)
+//	POST /v1/host/renew                  HostRenewRequest → EnrollResponse (a new certificate, same host ID;
+//	                                     the one presented is accepted until the new one is first used)
 //	GET  /v1/admin/status                → Status
 //	POST /v1/admin/backup                BackupRequest → the age archive (application/octet-stream)
 //	POST /v1/admin/backup/verify         ArchiveRequest → BackupInfo
@@ -61,6 +63,7 @@ const (
 	PathEnroll        = "/v1/enroll"
 	PathHostKDKs      = "/v1/host/kdks"
 	PathHostObjects   = "/v1/host/objects"
+	PathHostRenew     = "/v1/host/renew"
 	PathStatus        = "/v1/admin/status"
 	PathBackup        = "/v1/admin/backup"
 	PathBackupVerify  = "/v1/admin/backup/verify"

@@ -84,3 +84,8 @@ func FuzzAdminRevokeRequest(f *testing.F) {
 	f.Add([]byte(`{"admin":"bob"}`))
 	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode[api.AdminRevokeRequest](t, data) })
 }
+
+func FuzzHostRenewRequest(f *testing.F) {
+	f.Add([]byte(`{"csr":"MIIB"}`))
+	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode[api.HostRenewRequest](t, data) })
+}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/nkp-dev/nkp/provider"
 	"github.com/nkp-dev/nkp/provider/audit"
+	"github.com/nkp-dev/nkp/provider/ca"
 )
 
 // Provider is what the server calls on the domain: exactly these methods of
@@ -41,6 +42,7 @@ type Provider interface {
 	Admins(ctx context.Context) ([]provider.Admin, error)
 	RevokeAdmin(ctx context.Context, ref string) ([]provider.Admin, error)
 	AuthorizeAdmin(ctx context.Context, cert *x509.Certificate) error
+	RenewHost(ctx context.Context, cert *x509.Certificate, csr []byte) (provider.EnrollResponse, error)
 }
 
 func (s *Server) authorizeHost(ctx context.Context, cert *x509.Certificate) (string, error) {
@@ -358,4 +360,30 @@ func (s *Server) handleRevokeAdmin(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.writeJSON(w, http.StatusOK, adminsToWire(as))
+}
+
+// handleRenew issues an enrolled host a new certificate (Provider.RenewHost authorizes
+// the one presented: a revoked host cannot renew).
+func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request) {
+	cert, err := s.clientCert(r, ca.RoleHost)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	if _, err := s.authorizeHost(r.Context(), cert); err != nil { // refuse before reading the body
+		s.writeError(w, r, err)
+		return
+	}
+	req, err := decodeBody[HostRenewRequest](w, r, MaxBodyBytes)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	resp, err := s.p.RenewHost(r.Context(), cert, req.CSR)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	s.log.Info("api: host certificate renewed", "host_id", resp.HostID)
+	s.writeJSON(w, http.StatusOK, EnrollResponse{HostID: resp.HostID, Certificate: resp.Certificate, CAChain: resp.CAChain})
 }

@@ -116,6 +116,7 @@ func (s *Server) routes() {
 	handle("GET "+PathHostKDKs, "host_kdks", s.host(s.handleRelease))
 	handle("POST "+PathHostObjects, "host_objects", s.host(s.handleRegisterObject))
 	handle("DELETE "+PathHostObjects+"/{vm}/{name}", "host_objects_delete", s.host(s.handleUnregisterObject))
+	handle("POST "+PathHostRenew, "host_renew", s.handleRenew)
 
 	handle("GET "+PathStatus, "status", s.admin(s.handleStatus))
 	handle("POST "+PathBackup, "backup", s.admin(s.handleBackup))

@@ -307,6 +307,18 @@ func (f *fake) AuthorizeAdmin(ctx context.Context, cert *x509.Certificate) error
 	return nil
 }
 
+func (f *fake) RenewHost(ctx context.Context, cert *x509.Certificate, csr []byte) (provider.EnrollResponse, error) {
+	h, err := f.AuthorizeHost(ctx, cert)
+	if err != nil {
+		return provider.EnrollResponse{}, err
+	}
+	iss, err := f.ca.IssueHost(csr, h.ID, time.Now(), time.Hour)
+	if err != nil {
+		return provider.EnrollResponse{}, fmt.Errorf("%w: %w", provider.ErrBadRequest, err)
+	}
+	return provider.EnrollResponse{HostID: h.ID, Certificate: iss.DER, CAChain: [][]byte{f.ca.Certificate().Raw}}, nil
+}
+
 // env is a running test server with credentials.
 type env struct {
 	f      *fake
@@ -789,5 +801,49 @@ func TestAdminRevocation(t *testing.T) {
 	}
 	if _, err := e.admin.RevokeAdmin(ctx, "nobody"); !client.IsCode(err, api.CodeNotFound) {
 		t.Fatalf("revoking an unknown admin: %v, want %s", err, api.CodeNotFound)
+	}
+}
+
+// TestRenew: a host renews through the client, which then presents the new certificate;
+// a revoked host, an admin certificate and a request without one are refused.
+func TestRenew(t *testing.T) {
+	e := startEnv(t)
+	ctx := context.Background()
+	host, id := e.join(t, "kvm-renew")
+	newKey := newKey(t)
+	cert, err := host.Renew(ctx, newKey)
+	if err != nil {
+		t.Fatalf("renew: %v", err)
+	}
+	if cert.Leaf.Subject.CommonName != id || !newKey.PublicKey.Equal(cert.Leaf.PublicKey) {
+		t.Fatalf("renewed certificate for %q, want host %s and the new key", cert.Leaf.Subject.CommonName, id)
+	}
+	if _, err := host.Release(ctx); err != nil {
+		t.Fatalf("release with the renewed certificate: %v", err)
+	}
+	tests := []struct {
+		name     string
+		certs    []tls.Certificate
+		wantCode int
+		want     string
+	}{
+		{"no certificate", nil, 401, api.CodeUnauthenticated},
+		{"admin certificate", []tls.Certificate{certFrom(t, e.f.ca, ca.RoleAdmin, "alice")}, 403, api.CodeForbidden},
+		{"unknown host", []tls.Certificate{certFrom(t, e.f.ca, ca.RoleHost, "ghost")}, 403, api.CodeHostUnknown},
+		{"empty body", []tls.Certificate{cert}, 400, api.CodeBadRequest},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			code, eb, _ := e.do(t, e.rawClient(tc.certs...), "POST", api.PathHostRenew, "{}")
+			if code != tc.wantCode || eb.Code != tc.want {
+				t.Fatalf("renew = %d %q (%s), want %d %q", code, eb.Code, eb.Error, tc.wantCode, tc.want)
+			}
+		})
+	}
+	if err := e.admin.Revoke(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := host.Renew(ctx, newKey); !client.IsCode(err, api.CodeHostRevoked) {
+		t.Fatalf("renew of a revoked host: %v, want %s", err, api.CodeHostRevoked)
 	}
 }

@@ -184,6 +184,12 @@ type AuditResponse struct {
 	Records []AuditRecord `json:"records"`
 }
 
+// HostRenewRequest is POST /v1/host/renew: a PKCS#10 CSR (DER) for the host's current
+// key or a new one; the answer is an EnrollResponse with the same host ID.
+type HostRenewRequest struct {
+	CSR []byte `json:"csr"`
+}
+
 // Admin is one administrator certificate (GET /v1/admin/admins).
 type Admin struct {
 	Name      string    `json:"name"`
@@ -315,6 +321,13 @@ func (a *AdminCertRequest) check() error {
 func (a *AdminRevokeRequest) check() error {
 	if a.Admin == "" || len(a.Admin) > 253 {
 		return errors.New(`"admin" is required: an admin name or a certificate serial (at most 253 characters)`)
+	}
+	return nil
+}
+
+func (h *HostRenewRequest) check() error {
+	if len(h.CSR) == 0 {
+		return errors.New(`"csr" (a DER PKCS#10 request for the host's key) is required`)
 	}
 	return nil
 }

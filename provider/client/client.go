@@ -25,6 +25,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -55,7 +56,13 @@ type Client struct {
 	ca      *x509.Certificate // the pinned provider CA (nil for Join's client)
 	bases   []*url.URL
 	current atomic.Int32 // index in bases of the replica that answered last
-	hc      *http.Client
+	timeout time.Duration
+	maxConn int
+
+	tcMu sync.Mutex
+	tc   *tls.Config // guarded by tcMu; Renew replaces its certificate
+
+	hc atomic.Pointer[http.Client] // replaced whole when Renew changes the certificate
 }
 
 // APIError is an error response from the provider.
@@ -109,16 +116,23 @@ func newClient(rawURLs []string, tc *tls.Config, timeout time.Duration, maxConns
 	if timeout == 0 {
 		timeout = 30 * time.Second
 	}
+	c := &Client{bases: bases, timeout: timeout, maxConn: maxConns, tc: tc}
+	c.hc.Store(c.httpClient(tc))
+	return c, nil
+}
+
+// httpClient is an HTTP client over tc with its own connection pool.
+func (c *Client) httpClient(tc *tls.Config) *http.Client {
 	tr := &http.Transport{
 		TLSClientConfig:     tc,
 		ForceAttemptHTTP2:   false,
 		MaxIdleConns:        1024,
 		MaxIdleConnsPerHost: 1024,
-		MaxConnsPerHost:     maxConns,
+		MaxConnsPerHost:     c.maxConn,
 		IdleConnTimeout:     90 * time.Second,
 		TLSHandshakeTimeout: 10 * time.Second,
 	}
-	return &Client{bases: bases, hc: &http.Client{Transport: tr, Timeout: timeout}}, nil
+	return &http.Client{Transport: tr, Timeout: c.timeout}
 }
 
 // CAHash is the pin of a CA certificate: "sha256:" and the hex SHA-256 of its
@@ -156,7 +170,7 @@ func verifyAgainst(ca *x509.Certificate) func(tls.ConnectionState) error {
 }
 
 // Close drops idle connections.
-func (c *Client) Close() { c.hc.CloseIdleConnections() }
+func (c *Client) Close() { c.hc.Load().CloseIdleConnections() }
 
 // do sends one request; in (if not nil) is marshalled as JSON, out (if not nil) receives
 // the JSON response. A non-2xx status becomes *APIError.
@@ -219,7 +233,7 @@ func (c *Client) sendTo(ctx context.Context, base *url.URL, method, path string,
 	if raw != nil {
 		req.Header.Set("Content-Type", api.ContentTypeJSON)
 	}
-	resp, err := c.hc.Do(req)
+	resp, err := c.hc.Load().Do(req)
 	if err != nil {
 		return nil, fmt.Errorf("provider %s %s: %w (is nkp-provider running at %s?)", method, path, err, base.Host)
 	}
@@ -439,4 +453,39 @@ func (c *Client) certificate(der []byte, key crypto.Signer) (tls.Certificate, er
 func publicKeyMatches(cert *x509.Certificate, key crypto.Signer) bool {
 	pub, ok := key.Public().(interface{ Equal(crypto.PublicKey) bool })
 	return ok && pub.Equal(cert.PublicKey)
+}
+
+// Renew has the provider issue the calling host a new certificate for key (its current
+// key or a new one), with the same host ID (host). From then on this Client presents the
+// new certificate: new connections use it and the old ones are dropped once idle. The
+// caller stores the returned certificate durably (with key) before anything else; the
+// provider keeps accepting the old one until the new one is first presented, so a crash
+// before it is stored does not lock the host out.
+func (c *Client) Renew(ctx context.Context, key crypto.Signer) (tls.Certificate, error) {
+	c.tcMu.Lock()
+	defer c.tcMu.Unlock()
+	if c.ca == nil || len(c.tc.Certificates) == 0 {
+		return tls.Certificate{}, errors.New("renew: this client has no host certificate to renew")
+	}
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("renew: creating the certificate request: %w", err)
+	}
+	var r api.EnrollResponse
+	if err := c.do(ctx, http.MethodPost, api.PathHostRenew, nil, api.HostRenewRequest{CSR: csr}, &r); err != nil {
+		return tls.Certificate{}, fmt.Errorf("renew: %w", err)
+	}
+	cert, err := c.certificate(r.Certificate, key)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("renew: %w", err)
+	}
+	if cert.Leaf.Subject.CommonName != r.HostID {
+		return tls.Certificate{}, fmt.Errorf("renew: the new certificate names %q, not host %s", cert.Leaf.Subject.CommonName, r.HostID)
+	}
+	tc := c.tc.Clone()
+	tc.Certificates = []tls.Certificate{cert}
+	c.tc = tc
+	old := c.hc.Swap(c.httpClient(tc))
+	old.CloseIdleConnections()
+	return cert, nil
 }
