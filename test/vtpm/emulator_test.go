@@ -690,10 +690,12 @@ func unescapeMount(s string) string {
 	return b.String()
 }
 
+// TestParseMountsAt reads mount tables as Linux 6.1 writes them; the second bind mount
+// is one whose source file was removed (a killed run whose directory was cleaned up).
 func TestParseMountsAt(t *testing.T) {
 	const info = `22 1 254:0 / / rw,relatime - ext4 /dev/vda rw
 43 22 254:0 /tmp/nkp-emulator-swtpm-1/swtpm /usr/bin/swtpm rw,relatime - ext4 /dev/vda rw
-44 22 0:21 /nkp-emulator-swtpm-2/swtpm\040(deleted) /usr/bin/swtpm rw - tmpfs tmpfs rw
+44 22 254:0 /tmp/nkp-emulator-swtpm-2/swtpm//deleted /usr/bin/swtpm rw - ext4 /dev/vda rw
 45 22 0:21 /a\040b /usr/bin/swtpm_setup rw - tmpfs tmpfs rw
 46 22 0:21 /c /mnt/with\040space rw - tmpfs tmpfs rw
 `
@@ -701,7 +703,7 @@ func TestParseMountsAt(t *testing.T) {
 		path string
 		want []string
 	}{
-		{"/usr/bin/swtpm", []string{"/tmp/nkp-emulator-swtpm-1/swtpm", "/nkp-emulator-swtpm-2/swtpm (deleted)"}},
+		{"/usr/bin/swtpm", []string{"/tmp/nkp-emulator-swtpm-1/swtpm", "/tmp/nkp-emulator-swtpm-2/swtpm//deleted"}},
 		{"/usr/bin/swtpm_setup", []string{"/a b"}},
 		{"/mnt/with space", []string{"/c"}},
 		{"/usr/bin/swtpm_ioctl", nil},
