@@ -168,8 +168,14 @@ func TestLockSwtpm(t *testing.T) {
 		_, err := os.Stat(ctrl)
 		return err == nil
 	})
-	// swtpm opens its control socket before it locks the directory: wait for the lock
-	// itself, looking without taking it (taking it would make swtpm fail).
+	// swtpm opens its control socket before it locks the directory, and while it starts
+	// the TPM (not-need-init) it may drop and retake the lock: wait until it answers on
+	// its control channel (its main loop runs, start-up is over), then for the lock
+	// itself, looking without taking it (taking it would make swtpm fail). A CI run saw
+	// Open refused while F_GETLK found no holder a moment later.
+	e2e.WaitFor(t, 5*time.Second, "swtpm to answer on its control channel", func() bool {
+		return exec.Command("swtpm_ioctl", "--unix", ctrl, "-g").Run() == nil
+	})
 	e2e.WaitFor(t, 5*time.Second, "swtpm's lock on "+dir, func() bool { return lockHeld(filepath.Join(dir, lockFile)) })
 	_, err = Open(dir, Options{})
 	if !errors.Is(err, ErrLocked) {
