@@ -37,13 +37,8 @@ const nkpStateMagic = "NKPSTATE"
 // (<backend type='emulator'> with <encryption secret=…>): for the test, a copy of
 // nkp-swtpm is bind-mounted over the swtpm that libvirtd finds in its PATH, only while a
 // libvirt call that starts swtpm runs (start, restore), so that other users of
-// /usr/bin/swtpm on this host see Debian's swtpm the rest of the time. It checks that
-// the TPM process libvirt started is nkp-swtpm running as swtpm_user with no secret in
-// its argv or log; that swtpm_setup provisioned the EK and its certificate through
-// nkp-swtpm; that the state libvirt keeps is nkp's encrypted format, mode 0600, without
-// the guest's NV value in plaintext; that NV survives `virsh destroy` + `virsh start`;
-// that `virsh save` + `virsh restore` keeps PCR16 and NV (GET/SET_STATEBLOB under the
-// migration key); and that `virsh undefine --tpm` removes the state.
+// /usr/bin/swtpm on this host see Debian's swtpm the rest of the time. Each case is one
+// domain's life; see emulatorLifecycle and emulatorTakeOver.
 func TestLibvirtEmulator(t *testing.T) {
 	a := requireVM(t)
 	requireLibvirt(t)
@@ -52,12 +47,39 @@ func TestLibvirtEmulator(t *testing.T) {
 	if !ok {
 		t.Skip("nkp-swtpm unavailable (see the log above)")
 	}
-	tss := swtpmUser(t)
-	ov := newSwtpmOverride(t, bin)
-	prepareLocalCA(t, tss)
+	env := emulatorEnv{a: a, tss: swtpmUser(t)}
+	env.ov = newSwtpmOverride(t, bin)
+	prepareLocalCA(t, env.tss)
+	tests := []struct {
+		name string
+		run  func(t *testing.T, env emulatorEnv)
+	}{
+		{"nkp-swtpm-from-the-first-start", emulatorLifecycle},
+		{"swtpm-state-taken-over", emulatorTakeOver},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) { tt.run(t, env) })
+	}
+}
 
+// emulatorEnv is what every case of TestLibvirtEmulator shares.
+type emulatorEnv struct {
+	a   guest.Artifacts
+	ov  *swtpmOverride
+	tss *user.User // libvirt's swtpm_user
+}
+
+// emulatorLifecycle: a domain whose vTPM is nkp-swtpm from its first start. It checks
+// that the TPM process libvirt started is nkp-swtpm running as swtpm_user with no secret
+// in its argv or log; that swtpm_setup provisioned the EK and its certificate through
+// nkp-swtpm; that the state libvirt keeps is nkp's encrypted format, mode 0600, without
+// the guest's NV value in plaintext; that `virsh save` + `virsh restore` keeps PCR16 and
+// NV (GET/SET_STATEBLOB under the migration key); that NV survives `virsh destroy` +
+// `virsh start`; and that `virsh undefine --tpm` removes the state.
+func emulatorLifecycle(t *testing.T, env emulatorEnv) {
+	ov, tss := env.ov, env.tss
 	dir := workDir(t)
-	vm := newEmulatorVM(t, a, dir)
+	vm := newEmulatorVM(t, env.a, dir)
 	value := "emu-" + randHex(t, 6)
 
 	// Boot 1: swtpm_setup manufactures the TPM through nkp-swtpm, the guest writes NV,
@@ -128,6 +150,53 @@ func TestLibvirtEmulator(t *testing.T) {
 	if _, err := os.Stat(filepath.Dir(vm.storage())); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("virsh undefine --tpm left %s (stat: %v)", filepath.Dir(vm.storage()), err)
 	}
+}
+
+// emulatorTakeOver: a domain whose vTPM state Debian's swtpm made (swtpm_setup, an NV
+// write by the guest, encrypted with the secret's passphrase) boots with nkp-swtpm in
+// its place: the guest reads its NV value, and nkp-swtpm has rewritten the state in its
+// own encrypted format, mode 0600.
+func emulatorTakeOver(t *testing.T, env emulatorEnv) {
+	dir := workDir(t)
+	vm := newEmulatorVM(t, env.a, dir)
+	value := "swtpm-" + randHex(t, 6)
+
+	vm.define(t, "console1.log", guest.Config{Actions: []string{guest.ActionNVWrite}, NV: value})
+	vm.virsh(t, "start", vm.name) // no override: Debian's swtpm
+	pid := vm.waitTPMProcess(t)
+	debian, err := os.Stat(env.ov.target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if exe, err := os.Stat(fmt.Sprintf("/proc/%d/exe", pid)); err != nil || !os.SameFile(exe, debian) {
+		t.Fatalf("TPM process %d does not run Debian's %s (stat: %v): the override leaked", pid, env.ov.target, err)
+	}
+	recs := vm.console.waitFor(t, "done=ok", vm.stopped, has("done", "ok"))
+	checkTPMInfo(t, recs)
+	if v, _ := guest.Last(recs, "nvwrite"); v != "ok" {
+		t.Fatalf("guest nvwrite under Debian's swtpm = %q, want ok", v)
+	}
+	e2e.WaitFor(t, bootTimeout, "domain "+vm.name+" to power off", vm.stopped)
+	vm.waitNoTPM(t)
+	b, err := os.ReadFile(filepath.Join(vm.storage(), "tpm2-00.permall"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.HasPrefix(b, []byte(nkpStateMagic)) {
+		t.Fatalf("Debian's swtpm left a state in nkp's format: the test did not run swtpm")
+	}
+
+	vm.define(t, "console2.log", guest.Config{Actions: []string{guest.ActionNVRead}})
+	env.ov.during(t, func() { vm.virsh(t, "start", vm.name) })
+	vm.checkTPMProcess(t, env.ov, env.tss)
+	recs = vm.console.waitFor(t, "done=ok", vm.stopped, has("done", "ok"))
+	checkTPMInfo(t, recs)
+	if v, _ := guest.Last(recs, "nv"); v != value {
+		t.Errorf("nkp-swtpm on swtpm's state: the guest reads NV %q, want %q", v, value)
+	}
+	e2e.WaitFor(t, bootTimeout, "domain "+vm.name+" to power off", vm.stopped)
+	vm.waitNoTPM(t)
+	vm.checkState(t, env.tss, value)
 }
 
 // emulatorDomainXML is a persistent TCG domain booting the test guest with libvirt's own
@@ -336,10 +405,9 @@ func (vm *emulatorVM) waitNoTPM(t *testing.T) {
 	e2e.WaitFor(t, exitTimeout, "the TPM process of "+vm.name+" to exit", func() bool { return len(vm.tpmProcs()) == 0 })
 }
 
-// checkTPMProcess checks the one TPM process libvirt started for the domain: it runs the
-// bind-mounted nkp-swtpm (same file), as swtpm_user, with no secret in its argv, and
-// its log says it serves this state directory encrypted. It returns the pid.
-func (vm *emulatorVM) checkTPMProcess(t *testing.T, ov *swtpmOverride, u *user.User) int {
+// waitTPMProcess waits for the one live TPM process that serves the domain's state and
+// returns its pid.
+func (vm *emulatorVM) waitTPMProcess(t *testing.T) int {
 	t.Helper()
 	var pids []int
 	err := e2e.Poll(backendTimeout, func() bool {
@@ -352,7 +420,15 @@ func (vm *emulatorVM) checkTPMProcess(t *testing.T, ov *swtpmOverride, u *user.U
 	if len(pids) != 1 {
 		t.Fatalf("%d TPM processes serve %s, want 1: %v", len(pids), vm.storage(), pids)
 	}
-	pid := pids[0]
+	return pids[0]
+}
+
+// checkTPMProcess checks the one TPM process libvirt started for the domain: it runs the
+// bind-mounted nkp-swtpm (same file), as swtpm_user, with no secret in its argv, and
+// its log says it serves this state directory encrypted. It returns the pid.
+func (vm *emulatorVM) checkTPMProcess(t *testing.T, ov *swtpmOverride, u *user.User) int {
+	t.Helper()
+	pid := vm.waitTPMProcess(t)
 	exe, err := os.Stat(fmt.Sprintf("/proc/%d/exe", pid))
 	if err != nil {
 		t.Fatalf("TPM process %d: %v", pid, err)
