@@ -12,15 +12,16 @@ const Version = "0.1.0"
 // Features lists the swtpm capability strings nkp-swtpm really supports, in swtpm's
 // order. libvirt 9.0 looks for cmdarg-pwd-fd and cmdarg-migration; swtpm_setup for
 // cmdarg-pwd-fd, cmdarg-key-fd, tpmstate-opt-lock and the rsa-keysize-* entries.
-// Not listed on purpose: tpm-1.2 (TPM 2.0 only), cmdarg-seccomp (--seccomp is accepted
-// but no filter is installed), cmdarg-chroot, nvram-backend-file, the profile options,
-// cmdarg-pcap and systemd-notify.
+// cmdarg-seccomp: --seccomp action=kill|log|none installs package swtpm/seccomp's
+// filter (default kill, as swtpm). Not listed on purpose: tpm-1.2 (TPM 2.0 only),
+// cmdarg-chroot, nvram-backend-file, the profile options, cmdarg-pcap and systemd-notify.
 var Features = []string{
 	"tpm-2.0",
 	"tpm-send-command-header",
 	"flags-opt-startup",
 	"flags-opt-disable-auto-shutdown",
 	"ctrl-opt-terminate",
+	"cmdarg-seccomp",
 	"cmdarg-key-fd",
 	"cmdarg-pwd-fd",
 	"cmdarg-print-states",
