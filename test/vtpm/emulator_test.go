@@ -424,8 +424,9 @@ func (vm *emulatorVM) waitTPMProcess(t *testing.T) int {
 }
 
 // checkTPMProcess checks the one TPM process libvirt started for the domain: it runs the
-// bind-mounted nkp-swtpm (same file), as swtpm_user, with no secret in its argv, and
-// its log says it serves this state directory encrypted. It returns the pid.
+// bind-mounted nkp-swtpm (same file), as swtpm_user, under a seccomp filter, with no
+// secret in its argv, and its log says it serves this state directory encrypted. It
+// returns the pid.
 func (vm *emulatorVM) checkTPMProcess(t *testing.T, ov *swtpmOverride, u *user.User) int {
 	t.Helper()
 	pid := vm.waitTPMProcess(t)
@@ -436,7 +437,7 @@ func (vm *emulatorVM) checkTPMProcess(t *testing.T, ov *swtpmOverride, u *user.U
 	if !os.SameFile(exe, ov.info) {
 		t.Errorf("TPM process %d does not run the nkp-swtpm copy %s (libvirt started another swtpm)", pid, ov.copy)
 	}
-	if uid := processUID(t, pid); uid != u.Uid {
+	if uid := processStatus(t, pid, "Uid"); uid != u.Uid {
 		t.Errorf("TPM process %d runs as uid %s, want %s (%s, libvirt's swtpm_user)", pid, uid, u.Uid, u.Username)
 	}
 	cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
@@ -458,6 +459,11 @@ func (vm *emulatorVM) checkTPMProcess(t *testing.T, ov *swtpmOverride, u *user.U
 		}
 		return false
 	})
+	// libvirt passes no --seccomp: nkp-swtpm's default, like swtpm's, is a kill filter,
+	// installed before the serving line.
+	if mode := processStatus(t, pid, "Seccomp"); mode != "2" {
+		t.Errorf("TPM process %d: Seccomp mode %s in /proc/%d/status, want 2 (a filter; the default --seccomp action=kill)", pid, mode, pid)
+	}
 	return pid
 }
 
@@ -550,8 +556,9 @@ func contains(list []string, s string) bool {
 	return false
 }
 
-// processUID returns the real uid of pid as a string.
-func processUID(t *testing.T, pid int) string {
+// processStatus returns the first value of the field key ("Uid", "Seccomp") in
+// /proc/PID/status: the real uid, the seccomp mode (2: a filter).
+func processStatus(t *testing.T, pid int, key string) string {
 	t.Helper()
 	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
@@ -560,13 +567,13 @@ func processUID(t *testing.T, pid int) string {
 	defer f.Close()
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
-		if rest, ok := strings.CutPrefix(sc.Text(), "Uid:"); ok {
+		if rest, ok := strings.CutPrefix(sc.Text(), key+":"); ok {
 			if fields := strings.Fields(rest); len(fields) > 0 {
 				return fields[0]
 			}
 		}
 	}
-	t.Fatalf("process %d: no Uid line in its status", pid)
+	t.Fatalf("process %d: no %s line in its status", pid, key)
 	return ""
 }
 
