@@ -41,6 +41,8 @@ type pendingBackup struct {
 	Objects    int        `json:"objects"`
 	Bytes      int64      `json:"bytes"`
 	Confirmed  *time.Time `json:"confirmed,omitempty"`
+	// AuditSeq is the audit head the archive records (0: none).
+	AuditSeq uint64 `json:"audit_seq,omitempty"`
 }
 
 func (b pendingBackup) info() BackupInfo {
@@ -74,6 +76,9 @@ func (p *Provider) Backup(ctx context.Context, w io.Writer, passphrase []byte) (
 	in := infoOf(doc, n, sum)
 	pend := pendingBackup{SHA256: in.SHA256, ProviderID: in.ProviderID, Created: in.Created, KDKs: in.KDKs,
 		Primary: in.Primary, Hosts: in.Hosts, Objects: in.Objects, Bytes: n}
+	if doc.AuditHead != nil {
+		pend.AuditSeq = doc.AuditHead.Seq
+	}
 	for _, k := range doc.KDKs {
 		if k.Retired == nil {
 			pend.KDKIDs = append(pend.KDKIDs, k.ID)
@@ -149,9 +154,17 @@ func (p *Provider) ConfirmBackup(ctx context.Context, sum string) (BackupInfo, e
 				}
 			}
 		}
+		changed := false
 		if m.LastBackup == nil || pend.Created.After(*m.LastBackup) {
 			t := pend.Created
 			m.LastBackup = &t
+			changed = true
+		}
+		if pend.AuditSeq > m.BackupAuditSeq {
+			m.BackupAuditSeq = pend.AuditSeq
+			changed = true
+		}
+		if changed {
 			if err := putJSON(tx, bucketProvider, keyMeta, m); err != nil {
 				return err
 			}

@@ -32,6 +32,10 @@ type metaRecord struct {
 	RootCheck  []byte     `json:"root_check"`
 	// RestoredFrom is the creation time of the archive the provider was restored from.
 	RestoredFrom *time.Time `json:"restored_from,omitempty"`
+	// BackupAuditSeq is the audit head (sequence number) recorded in the newest confirmed
+	// backup taken since this provider's audit log began: PruneAudit keeps that record and
+	// every later one. 0 = none yet (nothing may be pruned).
+	BackupAuditSeq uint64 `json:"backup_audit_seq,omitempty"`
 }
 
 type caRecord struct {

@@ -37,6 +37,8 @@
 //	GET  /v1/admin/objects[?vm=UUID][&kdk_version=N] → ObjectsResponse
 //	GET  /v1/admin/audit[?n=N]           → AuditResponse (the last N records: default 100, 0 = up to 10,000)
 //	POST /v1/admin/audit/verify          → 204, or 409 code "audit_broken"
+//	POST /v1/admin/audit/prune           AuditPruneRequest → AuditPruneResponse (records dated before a time,
+//	                                     never the newest confirmed backup's audit head or later: 409 not_backed_up)
 //	GET  /v1/admin/policy, PUT /v1/admin/policy  Policy
 //	GET  /v1/admin/admins                → AdminsResponse (administrator certificates, revoked ones included)
 //	POST /v1/admin/admins                AdminCertRequest → AdminCertResponse (a new administrator certificate)
@@ -75,6 +77,7 @@ const (
 	PathObjects       = "/v1/admin/objects"
 	PathAudit         = "/v1/admin/audit"
 	PathAuditVerify   = "/v1/admin/audit/verify"
+	PathAuditPrune    = "/v1/admin/audit/prune"
 	PathPolicy        = "/v1/admin/policy"
 	PathAdmins        = "/v1/admin/admins"
 	PathAdminsRevoke  = "/v1/admin/admins/revoke"

@@ -89,3 +89,8 @@ func FuzzHostRenewRequest(f *testing.F) {
 	f.Add([]byte(`{"csr":"MIIB"}`))
 	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode[api.HostRenewRequest](t, data) })
 }
+
+func FuzzAuditPruneRequest(f *testing.F) {
+	f.Add([]byte(`{"before":"2026-11-01T00:00:00Z","dry_run":true}`))
+	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode[api.AuditPruneRequest](t, data) })
+}

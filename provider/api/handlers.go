@@ -43,6 +43,7 @@ type Provider interface {
 	RevokeAdmin(ctx context.Context, ref string) ([]provider.Admin, error)
 	AuthorizeAdmin(ctx context.Context, cert *x509.Certificate) error
 	RenewHost(ctx context.Context, cert *x509.Certificate, csr []byte) (provider.EnrollResponse, error)
+	PruneAudit(ctx context.Context, before time.Time, dryRun bool) (provider.AuditPrune, error)
 }
 
 func (s *Server) authorizeHost(ctx context.Context, cert *x509.Certificate) (string, error) {
@@ -386,4 +387,18 @@ func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request) {
 	}
 	s.log.Info("api: host certificate renewed", "host_id", resp.HostID)
 	s.writeJSON(w, http.StatusOK, EnrollResponse{HostID: resp.HostID, Certificate: resp.Certificate, CAChain: resp.CAChain})
+}
+
+func (s *Server) handleAuditPrune(w http.ResponseWriter, r *http.Request) {
+	req, err := decodeBody[AuditPruneRequest](w, r, MaxBodyBytes)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	res, err := s.p.PruneAudit(r.Context(), req.Before, req.DryRun)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	s.writeJSON(w, http.StatusOK, AuditPruneResponse{Through: res.Through, Deleted: res.Deleted, Anchor: res.Anchor, DryRun: res.DryRun})
 }

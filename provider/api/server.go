@@ -130,6 +130,7 @@ func (s *Server) routes() {
 	handle("GET "+PathObjects, "objects", s.admin(s.handleObjects))
 	handle("GET "+PathAudit, "audit", s.admin(s.handleAudit))
 	handle("POST "+PathAuditVerify, "audit_verify", s.admin(s.handleAuditVerify))
+	handle("POST "+PathAuditPrune, "audit_prune", s.admin(s.handleAuditPrune))
 	handle("GET "+PathPolicy, "policy", s.admin(s.handlePolicy))
 	handle("PUT "+PathPolicy, "policy_set", s.admin(s.handleSetPolicy))
 	handle("GET "+PathAdmins, "admins", s.admin(s.handleAdmins))

@@ -319,6 +319,14 @@ func (f *fake) RenewHost(ctx context.Context, cert *x509.Certificate, csr []byte
 	return provider.EnrollResponse{HostID: h.ID, Certificate: iss.DER, CAChain: [][]byte{f.ca.Certificate().Raw}}, nil
 }
 
+// PruneAudit prunes 3 records before 2026, refuses later times as the domain does.
+func (f *fake) PruneAudit(ctx context.Context, before time.Time, dryRun bool) (provider.AuditPrune, error) {
+	if before.Year() >= 2026 {
+		return provider.AuditPrune{}, fmt.Errorf("audit prune: %w: record 9 and later are in no confirmed backup", provider.ErrNotBackedUp)
+	}
+	return provider.AuditPrune{Through: 3, Deleted: 3, Anchor: 9, DryRun: dryRun}, nil
+}
+
 // env is a running test server with credentials.
 type env struct {
 	f      *fake
@@ -845,5 +853,21 @@ func TestRenew(t *testing.T) {
 	}
 	if _, err := host.Renew(ctx, newKey); !client.IsCode(err, api.CodeHostRevoked) {
 		t.Fatalf("renew of a revoked host: %v, want %s", err, api.CodeHostRevoked)
+	}
+}
+
+func TestAuditPrune(t *testing.T) {
+	e := startEnv(t)
+	ctx := context.Background()
+	got, err := e.admin.PruneAudit(ctx, time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC), true)
+	if err != nil || got != (api.AuditPruneResponse{Through: 3, Deleted: 3, Anchor: 9, DryRun: true}) {
+		t.Fatalf("prune = %+v, %v", got, err)
+	}
+	if _, err := e.admin.PruneAudit(ctx, time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC), false); !client.IsCode(err, api.CodeNotBackedUp) {
+		t.Fatalf("prune past the backup: %v, want %s", err, api.CodeNotBackedUp)
+	}
+	code, eb, _ := e.do(t, e.rawClient(certFrom(t, e.f.ca, ca.RoleAdmin, "alice")), "POST", api.PathAuditPrune, `{"dry_run":true}`)
+	if code != http.StatusBadRequest || eb.Code != api.CodeBadRequest || !strings.Contains(eb.Error, "before") {
+		t.Fatalf("prune without a time = %d %+v, want 400 naming \"before\"", code, eb)
 	}
 }

@@ -184,6 +184,23 @@ type AuditResponse struct {
 	Records []AuditRecord `json:"records"`
 }
 
+// AuditPruneRequest is POST /v1/admin/audit/prune: delete the audit records dated
+// before Before (required); DryRun only reports what would go.
+type AuditPruneRequest struct {
+	Before time.Time `json:"before"`
+	DryRun bool      `json:"dry_run,omitempty"`
+}
+
+// AuditPruneResponse says which records went (or would go, DryRun): 1 to Through
+// (Deleted of them; Through 0 = none). Anchor is the audit record the newest confirmed
+// backup recorded: it and every later record are kept.
+type AuditPruneResponse struct {
+	Through uint64 `json:"through"`
+	Deleted int    `json:"deleted"`
+	Anchor  uint64 `json:"anchor"`
+	DryRun  bool   `json:"dry_run,omitempty"`
+}
+
 // HostRenewRequest is POST /v1/host/renew: a PKCS#10 CSR (DER) for the host's current
 // key or a new one; the answer is an EnrollResponse with the same host ID.
 type HostRenewRequest struct {
@@ -328,6 +345,13 @@ func (a *AdminRevokeRequest) check() error {
 func (h *HostRenewRequest) check() error {
 	if len(h.CSR) == 0 {
 		return errors.New(`"csr" (a DER PKCS#10 request for the host's key) is required`)
+	}
+	return nil
+}
+
+func (a *AuditPruneRequest) check() error {
+	if a.Before.IsZero() {
+		return errors.New(`"before" (RFC 3339 time) is required`)
 	}
 	return nil
 }

@@ -560,7 +560,7 @@ func (c *ctl) auditCmd() *cobra.Command {
 			fmt.Fprintln(c.stdout, "audit log: chain intact")
 			return nil
 		},
-	})
+	}, c.auditPruneCmd())
 	return cmd
 }
 

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nkp-dev/nkp/provider/api"
 )
@@ -89,4 +90,31 @@ func runCtl(ctx context.Context, args []string, stdin io.Reader, stdout, stderr 
 	cmd.SilenceUsage, cmd.SilenceErrors = true, true
 	cmd.SetArgs(args)
 	return cmd.ExecuteContext(ctx)
+}
+
+func TestParseTime(t *testing.T) {
+	tests := []struct {
+		in      string
+		want    string
+		wantErr bool
+	}{
+		{"2026-11-01T00:00:00Z", "2026-11-01T00:00:00Z", false},
+		{"2026-11-01T02:00:00+02:00", "2026-11-01T00:00:00Z", false},
+		{"2026-11-01", "2026-11-01T00:00:00Z", false},
+		{"yesterday", "", true},
+		{"2026-13-01", "", true},
+		{"", "", true},
+	}
+	for _, tc := range tests {
+		got, err := parseTime(tc.in)
+		if tc.wantErr {
+			if err == nil || !strings.Contains(err.Error(), "--before") {
+				t.Fatalf("parseTime(%q) = %v, %v; want an error naming --before", tc.in, got, err)
+			}
+			continue
+		}
+		if err != nil || got.UTC().Format(time.RFC3339) != tc.want {
+			t.Fatalf("parseTime(%q) = %v, %v; want %s", tc.in, got, err, tc.want)
+		}
+	}
 }

@@ -391,6 +391,15 @@ func (c *Client) AuditVerify(ctx context.Context) error {
 	return c.do(ctx, http.MethodPost, api.PathAuditVerify, nil, nil, nil)
 }
 
+// PruneAudit deletes the audit records dated before before (admin); with dryRun it only
+// reports what would go. The provider refuses (code not_backed_up) to delete the audit
+// head of the newest confirmed backup or anything later.
+func (c *Client) PruneAudit(ctx context.Context, before time.Time, dryRun bool) (api.AuditPruneResponse, error) {
+	var r api.AuditPruneResponse
+	err := c.do(ctx, http.MethodPost, api.PathAuditPrune, nil, api.AuditPruneRequest{Before: before, DryRun: dryRun}, &r)
+	return r, err
+}
+
 // Policy returns the provider's policy (admin).
 func (c *Client) Policy(ctx context.Context) (api.Policy, error) {
 	var p api.Policy
