@@ -371,3 +371,25 @@ func TestBackupConfirm(t *testing.T) {
 		t.Fatalf("after an expired backup: state %s, pending %d", st.State, st.PendingBackups)
 	}
 }
+
+// TestRestoreDropsTokens: an unused join token handed out before the backup is not
+// honoured by the restored provider (docs/provider.md says why); a new one works.
+func TestRestoreDropsTokens(t *testing.T) {
+	ctx := context.Background()
+	src := initEnv(t, provider.Policy{})
+	tok, err := src.p.CreateToken(ctx, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	archive := src.backup(t, "pw")
+	dst := newEnv(t)
+	if _, err := dst.p.Restore(ctx, bytes.NewReader(archive), []byte("pw"), false); err != nil {
+		t.Fatal(err)
+	}
+	h := newHost(t)
+	_, err = dst.p.Enroll(ctx, provider.EnrollRequest{Token: tok.Secret, CSR: h.csr, Hostname: "kvm-late"})
+	if !errors.Is(err, provider.ErrTokenInvalid) || !strings.Contains(err.Error(), "never issued") {
+		t.Fatalf("pre-backup token after restore: %v, want ErrTokenInvalid", err)
+	}
+	dst.enroll(t, "kvm-late", nil) // with a token of the restored provider
+}
