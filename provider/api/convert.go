@@ -23,7 +23,8 @@ func backupInfoToWire(i provider.BackupInfo) BackupInfo {
 }
 
 func hostToWire(h provider.Host) Host {
-	return Host{ID: h.ID, Hostname: h.Hostname, TPM: len(h.EKPublic) > 0, Enrolled: h.Enrolled, Revoked: !h.Revoked.IsZero()}
+	return Host{ID: h.ID, Hostname: h.Hostname, TPM: len(h.EKPublic) > 0, Enrolled: h.Enrolled, Revoked: !h.Revoked.IsZero(),
+		CertNotAfter: h.CertNotAfter}
 }
 
 func objectToWire(o provider.Object) Object {

@@ -123,6 +123,9 @@ type Host struct {
 	TPM      bool      `json:"tpm"`
 	Enrolled time.Time `json:"enrolled,omitzero"`
 	Revoked  bool      `json:"revoked"`
+	// CertNotAfter is when the host's current certificate expires (it renews it with POST
+	// /v1/host/renew).
+	CertNotAfter time.Time `json:"cert_not_after,omitzero"`
 }
 
 // HostsResponse is GET /v1/admin/hosts.

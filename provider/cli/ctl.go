@@ -415,9 +415,10 @@ func (c *ctl) hostsCmd() *cobra.Command {
 				return err
 			}
 			return c.print(hs, func(w io.Writer) {
-				fmt.Fprintln(w, "ID\tHOSTNAME\tTPM\tENROLLED\tREVOKED")
+				fmt.Fprintln(w, "ID\tHOSTNAME\tTPM\tENROLLED\tCERT EXPIRES\tREVOKED")
 				for _, h := range hs {
-					fmt.Fprintf(w, "%s\t%s\t%v\t%s\t%v\n", h.ID, h.Hostname, h.TPM, h.Enrolled.Format(time.RFC3339), h.Revoked)
+					fmt.Fprintf(w, "%s\t%s\t%v\t%s\t%s\t%v\n", h.ID, h.Hostname, h.TPM, h.Enrolled.Format(time.RFC3339),
+						h.CertNotAfter.UTC().Format(time.DateOnly), h.Revoked)
 				}
 			})
 		},

@@ -58,6 +58,11 @@ func TestRenewOnOtherReplica(t *testing.T) {
 	if _, err := oldOnA.Release(ctx); !client.IsCode(err, api.CodeHostUnknown) {
 		t.Fatalf("the old certificate after the new one was used: %v, want %s", err, api.CodeHostUnknown)
 	}
+	var hosts []api.Host
+	b.ctlJSON(t, dirB, bb.url, &hosts, "hosts")
+	if len(hosts) != 1 || !hosts[0].CertNotAfter.Equal(cert.Leaf.NotAfter) {
+		t.Fatalf("hosts = %+v, want the renewed certificate's expiry %s", hosts, cert.Leaf.NotAfter)
+	}
 	out := b.mustCtl(t, dirA, a.url, "", "audit", "-n", "10")
 	if !strings.Contains(out, "host_renew") || !strings.Contains(out, cert.Leaf.SerialNumber.Text(16)) {
 		t.Fatalf("no host_renew record naming the new serial:\n%s", out)
