@@ -23,36 +23,45 @@ func Install(a Action) error {
 	if a == None {
 		return nil
 	}
-	_, name, err := a.ret()
+	prog, err := program(a, os.ReadFile)
 	if err != nil {
 		return err
 	}
-	avail, err := actionsAvail(os.ReadFile)
+	return load(prog)
+}
+
+// program checks that the kernel offers what the filter for a needs (read gives
+// /proc/sys/kernel/seccomp/actions_avail) and returns the filter as the kernel takes it.
+func program(a Action, read func(string) ([]byte, error)) (*unix.SockFprog, error) {
+	_, name, err := a.ret()
 	if err != nil {
-		return err
+		return nil, err
+	}
+	avail, err := actionsAvail(read)
+	if err != nil {
+		return nil, err
 	}
 	for _, need := range []string{name, "errno"} {
 		if !avail[need] {
-			return fmt.Errorf("seccomp: the kernel does not offer the filter action %q (see /proc/sys/kernel/seccomp/actions_avail): run with --seccomp action=none to serve without a filter", need)
+			return nil, fmt.Errorf("seccomp: the kernel does not offer the filter action %q (see /proc/sys/kernel/seccomp/actions_avail): run with --seccomp action=none to serve without a filter", need)
 		}
 	}
 	insts, err := policy(a, os.Getpid())
 	if err != nil {
-		return err
+		return nil, err
 	}
 	raw, err := bpf.Assemble(insts)
 	if err != nil {
-		return fmt.Errorf("seccomp: assemble the %v filter: %w", a, err)
+		return nil, fmt.Errorf("seccomp: assemble the %v filter: %w", a, err)
 	}
 	if len(raw) > unix.BPF_MAXINSNS {
-		return fmt.Errorf("seccomp: the %v filter has %d instructions, more than the kernel's %d", a, len(raw), unix.BPF_MAXINSNS)
+		return nil, fmt.Errorf("seccomp: the %v filter has %d instructions, more than the kernel's %d", a, len(raw), unix.BPF_MAXINSNS)
 	}
 	filter := make([]unix.SockFilter, len(raw))
 	for i, in := range raw {
 		filter[i] = unix.SockFilter{Code: in.Op, Jt: in.Jt, Jf: in.Jf, K: in.K}
 	}
-	prog := unix.SockFprog{Len: uint16(len(filter)), Filter: &filter[0]}
-	return load(&prog)
+	return &unix.SockFprog{Len: uint16(len(filter)), Filter: &filter[0]}, nil
 }
 
 // load sets no_new_privs and loads prog with TSYNC, both from one OS thread: the

@@ -236,6 +236,43 @@ func TestPolicyNone(t *testing.T) {
 	}
 }
 
+// TestProgramNeedsKernelActions: a kernel lacking seccomp or the action is an error
+// naming the way out, for Kill and Log alike, never a silent pass.
+func TestProgramNeedsKernelActions(t *testing.T) {
+	tests := []struct {
+		name    string
+		action  Action
+		avail   string // contents of actions_avail; "-" for a missing file
+		wantErr string
+	}{
+		{"no seccomp, kill", Kill, "-", "no seccomp filters"},
+		{"no seccomp, log", Log, "-", "no seccomp filters"},
+		{"no kill_process", Kill, "kill_thread trap errno log allow", `"kill_process"`},
+		{"no log", Log, "kill_process kill_thread trap errno allow", `"log"`},
+		{"no errno", Kill, "kill_process log allow", `"errno"`},
+		{"kill", Kill, "kill_process errno log allow", ""},
+		{"log", Log, "kill_process errno log allow", ""},
+	}
+	for _, tt := range tests {
+		read := func(string) ([]byte, error) {
+			if tt.avail == "-" {
+				return nil, os.ErrNotExist
+			}
+			return []byte(tt.avail + "\n"), nil
+		}
+		prog, err := program(tt.action, read)
+		if tt.wantErr == "" {
+			if err != nil || prog == nil || prog.Len == 0 {
+				t.Errorf("%s: program = %v, %v; want a filter", tt.name, prog, err)
+			}
+			continue
+		}
+		if err == nil || !strings.Contains(err.Error(), tt.wantErr) || !strings.Contains(err.Error(), "--seccomp action=none") {
+			t.Errorf("%s: error %v; want one naming %s and --seccomp action=none", tt.name, err, tt.wantErr)
+		}
+	}
+}
+
 func TestActionsAvail(t *testing.T) {
 	missing := func(string) ([]byte, error) { return nil, os.ErrNotExist }
 	if _, err := actionsAvail(missing); err == nil || !errors.Is(err, os.ErrNotExist) || !strings.Contains(err.Error(), "action=none") {
