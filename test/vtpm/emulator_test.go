@@ -56,6 +56,7 @@ func TestLibvirtEmulator(t *testing.T) {
 	}{
 		{"nkp-swtpm-from-the-first-start", emulatorLifecycle},
 		{"swtpm-state-taken-over", emulatorTakeOver},
+		{"back-to-swtpm-by-save-restore", emulatorBackToSwtpm},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) { tt.run(t, env) })
@@ -163,14 +164,7 @@ func emulatorTakeOver(t *testing.T, env emulatorEnv) {
 
 	vm.define(t, "console1.log", guest.Config{Actions: []string{guest.ActionNVWrite}, NV: value})
 	vm.virsh(t, "start", vm.name) // no override: Debian's swtpm
-	pid := vm.waitTPMProcess(t)
-	debian, err := os.Stat(env.ov.target)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if exe, err := os.Stat(fmt.Sprintf("/proc/%d/exe", pid)); err != nil || !os.SameFile(exe, debian) {
-		t.Fatalf("TPM process %d does not run Debian's %s (stat: %v): the override leaked", pid, env.ov.target, err)
-	}
+	vm.checkDebianTPM(t, env.ov)
 	recs := vm.console.waitFor(t, "done=ok", vm.stopped, has("done", "ok"))
 	checkTPMInfo(t, recs)
 	if v, _ := guest.Last(recs, "nvwrite"); v != "ok" {
@@ -197,6 +191,54 @@ func emulatorTakeOver(t *testing.T, env emulatorEnv) {
 	e2e.WaitFor(t, bootTimeout, "domain "+vm.name+" to power off", vm.stopped)
 	vm.waitNoTPM(t)
 	vm.checkState(t, env.tss, value)
+}
+
+// emulatorBackToSwtpm: the way back from nkp-swtpm to Debian's swtpm for a domain whose
+// state nkp-swtpm encrypted in its own format, which swtpm cannot read: `virsh save`
+// under nkp-swtpm, `virsh restore` under Debian's swtpm (the state blobs in the image
+// keep swtpm's envelope), then the domain keeps its PCR16 and NV, and after `virsh
+// destroy` Debian's swtpm alone boots it again with its NV value.
+func emulatorBackToSwtpm(t *testing.T, env emulatorEnv) {
+	dir := workDir(t)
+	vm := newEmulatorVM(t, env.a, dir)
+	value := "back-" + randHex(t, 6)
+
+	vm.define(t, "console1.log", guest.Config{
+		Actions: []string{guest.ActionNVWrite, guest.ActionExtend, guest.ActionLoop},
+		NV:      value, Extend: "under-nkp", Loop: 600,
+	})
+	env.ov.during(t, func() { vm.virsh(t, "start", vm.name) })
+	vm.checkTPMProcess(t, env.ov, env.tss)
+	recs := vm.console.waitFor(t, "the first loop line", vm.stopped, has("loop", ""))
+	checkTPMInfo(t, recs)
+	pcr16, _ := guest.Last(recs, "pcr16")
+
+	image := filepath.Join(dir, "vm.save")
+	vm.virsh(t, "save", vm.name, image)
+	vm.waitNoTPM(t)
+	lastLoop := lastLoopIndex(vm.console.records())
+	vm.virsh(t, "restore", image) // no override: Debian's swtpm
+	vm.checkDebianTPM(t, env.ov)
+	after := vm.console.waitFor(t, fmt.Sprintf("a loop line after #%d", lastLoop), vm.stopped, func(r []guest.Record) bool {
+		return lastLoopIndex(r) > lastLoop
+	})
+	if v, _ := guest.Last(after, "pcr16"); v != pcr16 {
+		t.Errorf("restored under Debian's swtpm: PCR16 = %s, want %s", v, pcr16)
+	}
+	if v, _ := guest.Last(after, "nv"); v != value {
+		t.Errorf("restored under Debian's swtpm: the guest reads NV %q, want %q", v, value)
+	}
+
+	vm.define(t, "console2.log", guest.Config{Actions: []string{guest.ActionNVRead}})
+	vm.virsh(t, "destroy", vm.name)
+	vm.waitNoTPM(t)
+	vm.virsh(t, "start", vm.name)
+	vm.checkDebianTPM(t, env.ov)
+	recs = vm.console.waitFor(t, "done=ok", vm.stopped, has("done", "ok"))
+	checkTPMInfo(t, recs)
+	if v, _ := guest.Last(recs, "nv"); v != value {
+		t.Errorf("Debian's swtpm on the state it took back: the guest reads NV %q, want %q", v, value)
+	}
 }
 
 // emulatorDomainXML is a persistent TCG domain booting the test guest with libvirt's own
@@ -421,6 +463,21 @@ func (vm *emulatorVM) waitTPMProcess(t *testing.T) int {
 		t.Fatalf("%d TPM processes serve %s, want 1: %v", len(pids), vm.storage(), pids)
 	}
 	return pids[0]
+}
+
+// checkDebianTPM checks that the TPM process libvirt started for the domain runs
+// Debian's swtpm (the override is not mounted) and returns its pid.
+func (vm *emulatorVM) checkDebianTPM(t *testing.T, ov *swtpmOverride) int {
+	t.Helper()
+	pid := vm.waitTPMProcess(t)
+	debian, err := os.Stat(ov.target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if exe, err := os.Stat(fmt.Sprintf("/proc/%d/exe", pid)); err != nil || !os.SameFile(exe, debian) {
+		t.Fatalf("TPM process %d does not run Debian's %s (stat: %v): the override leaked", pid, ov.target, err)
+	}
+	return pid
 }
 
 // checkTPMProcess checks the one TPM process libvirt started for the domain: it runs the
