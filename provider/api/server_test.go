@@ -49,6 +49,7 @@ type fake struct {
 	pending   string                    // SHA-256 of the last backup written
 	confirmed bool                      // ConfirmBackup saw it
 	admins    map[string]provider.Admin // by serial
+	lastHost  string                    // serial of the last host certificate authorized
 }
 
 func newFake(t *testing.T) *fake {
@@ -166,6 +167,7 @@ func (f *fake) AuthorizeHost(ctx context.Context, cert *x509.Certificate) (provi
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.lastHost = cert.SerialNumber.Text(16)
 	h, ok := f.hosts[id]
 	switch {
 	case !ok:
@@ -869,5 +871,44 @@ func TestAuditPrune(t *testing.T) {
 	code, eb, _ := e.do(t, e.rawClient(certFrom(t, e.f.ca, ca.RoleAdmin, "alice")), "POST", api.PathAuditPrune, `{"dry_run":true}`)
 	if code != http.StatusBadRequest || eb.Code != api.CodeBadRequest || !strings.Contains(eb.Error, "before") {
 		t.Fatalf("prune without a time = %d %+v, want 400 naming \"before\"", code, eb)
+	}
+}
+
+// TestRenewWhileReleasing: requests in flight on the same Client while it renews all
+// succeed (the Client swaps its connection pool, it does not cut requests).
+func TestRenewWhileReleasing(t *testing.T) {
+	e := startEnv(t)
+	ctx := context.Background()
+	host, _ := e.join(t, "kvm-busy")
+	var wg sync.WaitGroup
+	errs := make(chan error, 4*20)
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 20 {
+				if _, err := host.Release(ctx); err != nil {
+					errs <- err
+				}
+			}
+		}()
+	}
+	cert, err := host.Renew(ctx, newKey(t))
+	wg.Wait()
+	close(errs)
+	if err != nil {
+		t.Fatalf("renew: %v", err)
+	}
+	for err := range errs {
+		t.Fatalf("release during the renewal: %v", err)
+	}
+	if _, err := host.Release(ctx); err != nil {
+		t.Fatalf("release after the renewal: %v", err)
+	}
+	e.f.mu.Lock()
+	last := e.f.lastHost
+	e.f.mu.Unlock()
+	if want := cert.Leaf.SerialNumber.Text(16); last != want {
+		t.Fatalf("after the renewal the client presented serial %s, want the new %s", last, want)
 	}
 }
