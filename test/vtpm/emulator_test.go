@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -38,7 +39,7 @@ const nkpStateMagic = "NKPSTATE"
 // nkp-swtpm is bind-mounted over the swtpm that libvirtd finds in its PATH, only while a
 // libvirt call that starts swtpm runs (start, restore), so that other users of
 // /usr/bin/swtpm on this host see Debian's swtpm the rest of the time. Each case is one
-// domain's life; see emulatorLifecycle and emulatorTakeOver.
+// domain's life: emulatorLifecycle, emulatorTakeOver and emulatorBackToSwtpm.
 func TestLibvirtEmulator(t *testing.T) {
 	a := requireVM(t)
 	requireLibvirt(t)
@@ -599,18 +600,9 @@ func (vm *emulatorVM) checkState(t *testing.T, u *user.User, nvValue string) {
 			t.Errorf("%s is owned by uid %d, want %s (%s)", p, st.Uid, u.Uid, u.Username)
 		}
 	}
-	if !contains(files, "tpm2-00.permall") {
+	if !slices.Contains(files, "tpm2-00.permall") {
 		t.Errorf("state %s holds %v, want tpm2-00.permall", vm.storage(), files)
 	}
-}
-
-func contains(list []string, s string) bool {
-	for _, v := range list {
-		if v == s {
-			return true
-		}
-	}
-	return false
 }
 
 // processStatus returns the first value of the field key ("Uid", "Seccomp") in
@@ -747,6 +739,9 @@ func (ov *swtpmOverride) unmount() {
 // swtpm at once (it is released when the test binary exits or the test ends).
 func lockOverride(t *testing.T) {
 	t.Helper()
+	if err := os.MkdirAll(filepath.Dir(overrideLockFile), 0o755); err != nil {
+		t.Fatalf("override lock: %v", err)
+	}
 	f, err := os.OpenFile(overrideLockFile, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		t.Fatalf("override lock: %v", err)
