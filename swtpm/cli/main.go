@@ -170,8 +170,18 @@ func run(ctx context.Context, o *Options, stderr io.Writer, ready *readyNotifier
 		return err
 	}
 	defer closeLog()
-	filter, err := seccompAction(o.Seccomp)
+	action, err := seccompAction(o.Seccomp)
 	if err != nil {
+		return err
+	}
+	// Built now, so that a kernel without seccomp refuses the start before the state
+	// and the sockets are opened; installed once serving is about to begin.
+	filter, err := seccomp.New(action)
+	if err != nil {
+		err = fmt.Errorf("--seccomp action=%v: %w", action, err)
+		if o.Log != nil {
+			log.Error("nkp-swtpm stops on an error", "err", err)
+		}
 		return err
 	}
 	removePid := func() {}
@@ -184,13 +194,13 @@ func run(ctx context.Context, o *Options, stderr io.Writer, ready *readyNotifier
 			return err
 		}
 		removePid = rm
-		if err := seccomp.Install(filter); err != nil {
-			return fmt.Errorf("--seccomp action=%v: %w", filter, err)
+		if err := filter.Install(); err != nil {
+			return fmt.Errorf("--seccomp action=%v: %w", action, err)
 		}
-		if filter == seccomp.None {
+		if action == seccomp.None {
 			log.Info("no seccomp filter (--seccomp action=none)")
 		} else {
-			log.Info("seccomp filter installed", "action", filter)
+			log.Info("seccomp filter installed", "action", action)
 		}
 		ready.Ready()
 		return nil

@@ -11,23 +11,51 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Install sets no_new_privs and installs the filter for a on every thread of this
-// process; with None it does nothing. Errors name the reason and the way out: a
-// kernel without seccomp filters, or without the action, is an error for Kill and Log,
-// never a silent pass.
+// Filter is a filter built for this process and this kernel, ready to install.
+type Filter struct {
+	action Action
+	prog   *unix.SockFprog // nil for None
+}
+
+// New checks that the kernel offers what the filter for a needs and builds it, so that
+// a caller can refuse to start before it opens anything; Install puts it in later.
+// Errors name the reason and the way out: a kernel without seccomp filters, or
+// without the action, is an error for Kill and Log, never a silent pass. None gives a
+// Filter whose Install does nothing. The filter is bound to this process (its pid).
+func New(a Action) (*Filter, error) {
+	if a == None {
+		return &Filter{action: None}, nil
+	}
+	prog, err := program(a, os.ReadFile)
+	if err != nil {
+		return nil, err
+	}
+	return &Filter{action: a, prog: prog}, nil
+}
+
+// Action returns the action the filter was built for.
+func (f *Filter) Action() Action { return f.action }
+
+// Install sets no_new_privs and installs the filter on every thread of this process
+// (TSYNC). It cannot be undone. A None filter installs nothing.
 //
 // It loads the program itself rather than with go-seccomp-bpf's LoadFilter, which
 // does not keep the prctl and the seccomp call on one OS thread and ignores the
 // thread id TSYNC returns when a thread cannot be synchronised.
-func Install(a Action) error {
-	if a == None {
+func (f *Filter) Install() error {
+	if f.prog == nil {
 		return nil
 	}
-	prog, err := program(a, os.ReadFile)
+	return load(f.prog)
+}
+
+// Install is New followed by Filter.Install.
+func Install(a Action) error {
+	f, err := New(a)
 	if err != nil {
 		return err
 	}
-	return load(prog)
+	return f.Install()
 }
 
 // program checks that the kernel offers what the filter for a needs (read gives

@@ -228,6 +228,13 @@ func TestPolicyNone(t *testing.T) {
 	if _, err := policy(None, 1); err == nil {
 		t.Fatal("policy(None) built a filter; None must install nothing")
 	}
+	f, err := New(None)
+	if err != nil || f.Action() != None {
+		t.Fatalf("New(None) = %v, %v; want a None filter", f, err)
+	}
+	if err := f.Install(); err != nil {
+		t.Fatalf("New(None).Install() = %v, want nil", err)
+	}
 	if err := Install(None); err != nil {
 		t.Fatalf("Install(None) = %v, want nil", err)
 	}
