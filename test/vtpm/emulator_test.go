@@ -58,6 +58,7 @@ func TestLibvirtEmulator(t *testing.T) {
 		{"nkp-swtpm-from-the-first-start", emulatorLifecycle},
 		{"swtpm-state-taken-over", emulatorTakeOver},
 		{"back-to-swtpm-by-save-restore", emulatorBackToSwtpm},
+		{"wrong-secret-refused", emulatorWrongSecret},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) { tt.run(t, env) })
@@ -242,6 +243,88 @@ func emulatorBackToSwtpm(t *testing.T, env emulatorEnv) {
 	}
 }
 
+// emulatorWrongSecret: with another value in the domain's secret, `virsh start` fails,
+// the swtpm log names the state file and the wrong key, no TPM process is left holding
+// the state, and the state files are unchanged; with the right value back, the guest
+// reads its NV value.
+func emulatorWrongSecret(t *testing.T, env emulatorEnv) {
+	dir := workDir(t)
+	vm := newEmulatorVM(t, env.a, dir)
+	value := "key-" + randHex(t, 6)
+
+	vm.define(t, "console1.log", guest.Config{Actions: []string{guest.ActionNVWrite}, NV: value})
+	env.ov.during(t, func() { vm.virsh(t, "start", vm.name) })
+	vm.checkTPMProcess(t, env.ov, env.tss)
+	recs := vm.console.waitFor(t, "done=ok", vm.stopped, has("done", "ok"))
+	checkTPMInfo(t, recs)
+	e2e.WaitFor(t, bootTimeout, "domain "+vm.name+" to power off", vm.stopped)
+	vm.waitNoTPM(t)
+	before := readStateFiles(t, vm.storage())
+
+	right := vm.passphrase
+	vm.setSecret(t, randHex(t, 32))
+	vm.define(t, "console2.log", guest.Config{Actions: []string{guest.ActionNVRead}})
+	var startErr error
+	env.ov.during(t, func() { _, startErr = virsh("start", vm.name) })
+	if startErr == nil {
+		t.Fatalf("virsh start succeeded with a wrong secret value\n%s", vm.logTail())
+	}
+	t.Logf("virsh start with a wrong secret: %v", startErr)
+	permall := filepath.Join(vm.storage(), "tpm2-00.permall")
+	e2e.WaitFor(t, backendTimeout, "nkp-swtpm to log the wrong key", func() bool {
+		for _, l := range vm.logLines() {
+			if strings.Contains(l, "level=ERROR") && strings.Contains(l, permall) && strings.Contains(l, "wrong key") {
+				return true
+			}
+		}
+		return false
+	})
+	e2e.WaitFor(t, bootTimeout, "domain "+vm.name+" to be shut off", vm.stopped)
+	vm.waitNoTPM(t)
+	after := readStateFiles(t, vm.storage())
+	for name, b := range before {
+		if !bytes.Equal(after[name], b) {
+			t.Errorf("state file %s changed after a start with a wrong secret", name)
+		}
+	}
+	for name := range after {
+		if _, ok := before[name]; !ok {
+			t.Errorf("state file %s appeared after a start with a wrong secret", name)
+		}
+	}
+
+	vm.setSecret(t, right)
+	env.ov.during(t, func() { vm.virsh(t, "start", vm.name) })
+	recs = vm.console.waitFor(t, "done=ok", vm.stopped, has("done", "ok"))
+	if v, _ := guest.Last(recs, "nv"); v != value {
+		t.Errorf("with the right secret back the guest reads NV %q, want %q", v, value)
+	}
+}
+
+// readStateFiles returns the contents of the state files in dir (not the lock).
+func readStateFiles(t *testing.T, dir string) map[string][]byte {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := map[string][]byte{}
+	for _, e := range entries {
+		if e.Name() == ".lock" || !e.Type().IsRegular() {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		files[e.Name()] = b
+	}
+	if len(files) == 0 {
+		t.Fatalf("no state files in %s", dir)
+	}
+	return files
+}
+
 // emulatorDomainXML is a persistent TCG domain booting the test guest with libvirt's own
 // swtpm (<backend type='emulator'>), its state encrypted under a libvirt secret.
 var emulatorDomainXML = template.Must(template.New("emulator").Funcs(template.FuncMap{"x": xmlEscape}).Parse(`<domain type='qemu'>
@@ -331,12 +414,18 @@ func (vm *emulatorVM) defineSecret(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { virsh("secret-undefine", vm.secret) })
-	vm.passphrase = randHex(t, 32)
+	vm.setSecret(t, randHex(t, 32))
+}
+
+// setSecret sets the secret's value from a 0600 file (never argv) and remembers it.
+func (vm *emulatorVM) setSecret(t *testing.T, passphrase string) {
+	t.Helper()
+	vm.passphrase = passphrase
 	pwFile := filepath.Join(vm.dir, "passphrase")
-	if err := os.WriteFile(pwFile, []byte(vm.passphrase), 0o600); err != nil {
+	if err := os.WriteFile(pwFile, []byte(passphrase), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	_, err = virsh("secret-set-value", "--secret", vm.secret, "--file", pwFile, "--plain")
+	_, err := virsh("secret-set-value", "--secret", vm.secret, "--file", pwFile, "--plain")
 	os.Remove(pwFile)
 	if err != nil {
 		t.Fatal(err)
