@@ -3,6 +3,7 @@ package vtpm
 import (
 	"bufio"
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -17,6 +18,7 @@ import (
 	"text/template"
 	"time"
 
+	"github.com/nkp-dev/nkp/swtpm/envelope"
 	"github.com/nkp-dev/nkp/test/e2e"
 	"github.com/nkp-dev/nkp/test/guest"
 )
@@ -113,6 +115,7 @@ func emulatorLifecycle(t *testing.T, env emulatorEnv) {
 	image := filepath.Join(dir, "vm.save")
 	vm.virsh(t, "save", vm.name, image)
 	vm.waitNoTPM(t)
+	vm.checkSavedTPMBlob(t, image)
 	lastLoop := lastLoopIndex(vm.console.records())
 	ov.during(t, func() { vm.virsh(t, "restore", image) })
 	vm.checkTPMProcess(t, ov, tss)
@@ -651,6 +654,81 @@ func (vm *emulatorVM) checkSetupLog(t *testing.T, pid int) {
 	}
 }
 
+// checkSavedTPMBlob checks the TPM's permanent state blob in a `virsh save` image: it is
+// in swtpm's envelope, encrypted with the migration key (TLV TagEncryptedMigrationData,
+// no plaintext TagMigrationData), and that key is the one swtpm derives from the
+// secret's value: the blob opens with it and not with another.
+func (vm *emulatorVM) checkSavedTPMBlob(t *testing.T, image string) {
+	t.Helper()
+	b, err := os.ReadFile(image)
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob, err := tpmEmulatorBlob(b)
+	if err != nil {
+		t.Fatalf("save image %s: %v", image, err)
+	}
+	_, body, err := envelope.ParseHeader(blob)
+	if err != nil {
+		t.Fatalf("save image %s: the TPM's permanent blob is not in swtpm's envelope: %v", image, err)
+	}
+	if _, ok := envelope.Find(body, envelope.TagEncryptedMigrationData); !ok {
+		t.Errorf("save image %s: the TPM's permanent blob is not encrypted with the migration key", image)
+	}
+	if _, ok := envelope.Find(body, envelope.TagMigrationData); ok {
+		t.Errorf("save image %s: the TPM's permanent blob carries plaintext migration data", image)
+	}
+	for _, tt := range []struct {
+		passphrase string
+		opens      bool
+	}{
+		{vm.passphrase, true},
+		{randHex(t, 32), false},
+	} {
+		key, err := envelope.DeriveKey([]byte(tt.passphrase), 32, envelope.KDFPBKDF2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		state, err := envelope.FromMigration(blob, 0, key, nil)
+		clear(key)
+		if opened := err == nil && len(state) > 0; opened != tt.opens {
+			t.Errorf("save image %s: the TPM's permanent blob opens with the key of passphrase %s… = %v (%v), want %v", image, tt.passphrase[:8], opened, err, tt.opens)
+		}
+		clear(state)
+	}
+}
+
+// tpmEmulatorBlob returns the permanent state blob of QEMU's "tpm-emulator" device
+// section in a migration stream (what `virsh save` writes after libvirt's header):
+// a full section is 0x04, section id (4 bytes), the id string with a length byte,
+// instance id and version id (4 bytes each), then the device's fields, of which the
+// first are the permanent blob's flags and length (4 bytes each) and the blob.
+func tpmEmulatorBlob(stream []byte) ([]byte, error) {
+	const idstr = "tpm-emulator"
+	marker := append([]byte{byte(len(idstr))}, idstr...)
+	for from := 0; ; {
+		i := bytes.Index(stream[from:], marker)
+		if i < 0 {
+			return nil, errors.New(`no QEMU section "tpm-emulator" holding a TPM state blob`)
+		}
+		i += from
+		from = i + 1
+		if i < 5 || stream[i-5] != 0x04 { // not a full section header: the vmdesc JSON, say
+			continue
+		}
+		p := i + len(marker) + 8 // instance id, version id
+		if p+8 > len(stream) {
+			continue
+		}
+		n := int(binary.BigEndian.Uint32(stream[p+4 : p+8]))
+		p += 8
+		if n == 0 || n > len(stream)-p {
+			continue
+		}
+		return stream[p : p+n], nil
+	}
+}
+
 // checkState checks the state libvirt keeps: nkp's encrypted format,
 // owned by swtpm_user, mode 0600 (libvirt's --tpmstate mode=0600), and no plaintext of
 // the NV value the guest wrote.
@@ -936,6 +1014,44 @@ func TestParseMountsAt(t *testing.T) {
 		got := parseMountsAt([]byte(info), tt.path)
 		if strings.Join(got, "|") != strings.Join(tt.want, "|") {
 			t.Errorf("mounts at %s = %q, want %q", tt.path, got, tt.want)
+		}
+	}
+}
+
+// TestTPMEmulatorBlob finds the device section as QEMU 7.2 writes it and skips what
+// only looks like it (the name in the vmdesc JSON, a truncated section).
+func TestTPMEmulatorBlob(t *testing.T) {
+	section := func(blob []byte, declared int) []byte {
+		b := []byte{0x04, 0, 0, 0, 5, 12}
+		b = append(b, "tpm-emulator"...)
+		b = append(b, 0, 0, 0, 0, 0, 0, 0, 0)   // instance id, version id
+		b = binary.BigEndian.AppendUint32(b, 0) // permanent flags
+		b = binary.BigEndian.AppendUint32(b, uint32(declared))
+		return append(b, blob...)
+	}
+	blob := []byte{2, 1, 0, 10, 0, 0x16, 0, 0, 0, 10}
+	tests := []struct {
+		name   string
+		stream []byte
+		want   []byte // nil: an error
+	}{
+		{"section", append(append([]byte("QEVM..."), section(blob, len(blob))...), "more"...), blob},
+		{"vmdesc name first", append([]byte("{\"name\": \"\x0ctpm-emulator\"}"), section(blob, len(blob))...), blob},
+		{"truncated blob", section(blob, len(blob)+1), nil},
+		{"empty blob", section(nil, 0), nil},
+		{"no section", []byte("tpm-emulator"), nil},
+		{"header cut", []byte{0x04, 0, 0, 0, 5, 12, 't', 'p', 'm', '-', 'e', 'm', 'u', 'l', 'a', 't', 'o', 'r', 0}, nil},
+	}
+	for _, tt := range tests {
+		got, err := tpmEmulatorBlob(tt.stream)
+		if tt.want == nil {
+			if err == nil {
+				t.Errorf("%s: got blob % x, want an error", tt.name, got)
+			}
+			continue
+		}
+		if err != nil || !bytes.Equal(got, tt.want) {
+			t.Errorf("%s: got % x, %v; want % x", tt.name, got, err, tt.want)
 		}
 	}
 }
