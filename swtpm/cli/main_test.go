@@ -85,6 +85,8 @@ func TestSeccompInstalled(t *testing.T) {
 			var stderr bytes.Buffer
 			cmd.Stderr = &stderr
 			var pid int
+			var waitErr error
+			done := make(chan struct{}) // closed when the foreground process has exited
 			if tt.daemon {
 				// -d returns once the daemon is ready: the filter must be in by then.
 				if err := cmd.Run(); err != nil {
@@ -100,7 +102,11 @@ func TestSeccompInstalled(t *testing.T) {
 					t.Fatalf("start nkp-swtpm: %v", err)
 				}
 				pid = cmd.Process.Pid
-				t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+				go func() { waitErr = cmd.Wait(); close(done) }()
+				t.Cleanup(func() {
+					cmd.Process.Kill()
+					<-done
+				})
 			}
 			// GET_CAPABILITY answered: the filter is in. Then CMD_INIT manufactures the
 			// TPM and writes its state (temp file, fsync, rename, fsync dir) under it.
@@ -134,12 +140,10 @@ func TestSeccompInstalled(t *testing.T) {
 				// The daemon's parent is PID 1, which may never reap it.
 				e2e.WaitFor(t, 10*time.Second, "the daemon to exit", func() bool { return exited(pid) })
 			} else {
-				done := make(chan error, 1)
-				go func() { done <- cmd.Wait() }()
 				select {
-				case err := <-done:
-					if err != nil {
-						t.Fatalf("nkp-swtpm after SIGTERM: %v (want exit 0)\n%s", err, stderr.String())
+				case <-done:
+					if waitErr != nil {
+						t.Fatalf("nkp-swtpm after SIGTERM: %v (want exit 0)\n%s", waitErr, stderr.String())
 					}
 				case <-time.After(10 * time.Second):
 					t.Fatalf("nkp-swtpm did not exit within 10 s of SIGTERM")
