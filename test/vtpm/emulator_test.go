@@ -30,6 +30,7 @@ const (
 	swtpmLocalCA        = "/var/lib/swtpm-localca"        // swtpm_localca's CA, used as swtpm_user
 	libvirtQEMUConf     = "/etc/libvirt/qemu.conf"        // swtpm_user (default tss)
 	overrideMark        = "nkp-emulator-swtpm-"           // in the path of the bind-mounted copy
+	emulatorPrefix      = "nkp-emu-"                      // names of this test's domains and secrets
 	overrideLockFile    = "/run/lock/nkp-test-swtpm.lock" // one override at a time on this host
 )
 
@@ -51,7 +52,8 @@ func TestLibvirtEmulator(t *testing.T) {
 		t.Skip("nkp-swtpm unavailable (see the log above)")
 	}
 	env := emulatorEnv{a: a, tss: swtpmUser(t)}
-	env.ov = newSwtpmOverride(t, bin)
+	env.ov = newSwtpmOverride(t, bin) // takes the host-wide lock first
+	removeStaleDomains(t)
 	prepareLocalCA(t, env.tss)
 	tests := []struct {
 		name string
@@ -373,7 +375,7 @@ func newEmulatorVM(t *testing.T, a guest.Artifacts, dir string) *emulatorVM {
 	t.Helper()
 	u := randHex(t, 16)
 	vm := &emulatorVM{
-		name:   "nkp-emu-" + randHex(t, 6),
+		name:   emulatorPrefix + randHex(t, 6),
 		uuid:   u[0:8] + "-" + u[8:12] + "-" + u[12:16] + "-" + u[16:20] + "-" + u[20:32],
 		dir:    dir,
 		kernel: filepath.Join(dir, "vmlinuz"),
@@ -838,6 +840,41 @@ func prepareLocalCA(t *testing.T, u *user.User) {
 				t.Fatalf("give %s to %s (swtpm_setup runs as it under libvirt): %v", p, u.Username, err)
 			}
 			t.Logf("%s was owned by uid %d: now %s's, as swtpm_setup under libvirt needs", p, st.Uid, u.Username)
+		}
+	}
+}
+
+// removeStaleDomains undefines, with their TPM state, the domains and secrets that a
+// killed earlier run of this test left (named emulatorPrefix…). Called under the
+// override lock, so no live run of the test owns them.
+func removeStaleDomains(t *testing.T) {
+	t.Helper()
+	out, err := virsh("list", "--all", "--name")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range strings.Fields(out) {
+		if !strings.HasPrefix(name, emulatorPrefix) {
+			continue
+		}
+		virsh("destroy", name)
+		if _, err := virsh("undefine", name, "--tpm"); err != nil {
+			t.Fatalf("remove the domain %s an earlier run left: %v", name, err)
+		}
+		os.Remove(filepath.Join(libvirtSwtpmLogs, name+"-swtpm.log"))
+		t.Logf("removed the domain %s (and its TPM state) that an earlier run left", name)
+	}
+	out, err = virsh("secret-list")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if len(f) == 3 && f[1] == "vtpm" && strings.HasPrefix(f[2], emulatorPrefix) {
+			if _, err := virsh("secret-undefine", f[0]); err != nil {
+				t.Fatalf("remove the secret %s an earlier run left: %v", f[0], err)
+			}
+			t.Logf("removed the secret %s (%s) that an earlier run left", f[0], f[2])
 		}
 	}
 }
