@@ -51,3 +51,39 @@ type Tx interface {
 	// Returning an error from fn stops the walk and returns that error.
 	List(bucket, prefix string, fn func(key string, value []byte) error) error
 }
+
+// Read names what a transaction is about to read, for Prefetch: the key Key of Bucket,
+// or with Prefix every key of Bucket that starts with Key (Key may then be empty).
+type Read struct {
+	Bucket string
+	Key    string
+	Prefix bool
+}
+
+// Key is the Read of one key.
+func Key(bucket, key string) Read { return Read{Bucket: bucket, Key: key} }
+
+// Range is the Read of the keys of bucket that start with prefix ("" for all of them).
+func Range(bucket, prefix string) Read { return Read{Bucket: bucket, Key: prefix, Prefix: true} }
+
+// Prefetcher is implemented by the Tx of a backend that pays a network round trip per
+// read (etcd). Prefetch reads every key and range named in one round trip, at the
+// transaction's snapshot (fixing it if nothing was read yet, so the snapshot still holds
+// every write committed before the transaction started), and the transaction's later
+// Gets and Lists within what it read are served from that copy without another round
+// trip. It is a hint: it changes no result, only the cost. A Read with a bad bucket or
+// key name is skipped (the Get or List of it reports the error). Reads in an Update are
+// checked for conflicts only when the function actually Gets or Lists them.
+type Prefetcher interface {
+	Prefetch(reads ...Read) error
+}
+
+// Prefetch tells tx what its function is about to read: a Tx that implements Prefetcher
+// reads it all at once; for the others (mem, bbolt, whose reads are local) it does
+// nothing. Call it first in a View or Update whose reads are known in advance.
+func Prefetch(tx Tx, reads ...Read) error {
+	if p, ok := tx.(Prefetcher); ok {
+		return p.Prefetch(reads...)
+	}
+	return nil
+}

@@ -34,10 +34,12 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"sync"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -108,7 +110,10 @@ type Store struct {
 	order sync.RWMutex
 }
 
-var _ store.Store = (*Store)(nil)
+var (
+	_ store.Store      = (*Store)(nil)
+	_ store.Prefetcher = (*tx)(nil)
+)
 
 // Open connects to the cluster in cfg.Endpoints and checks that it answers within
 // cfg.DialTimeout. Close closes the connection.
@@ -269,13 +274,73 @@ type tx struct {
 	rev         int64            // snapshot revision; 0 until the first read
 	reads       map[string]int64 // etcd key -> mod revision seen (0: missing)
 	ranges      map[string]bool  // bucket range prefixes listed
-	// cache holds what this transaction read at its snapshot (nil value: missing), so a
-	// key read again, or read after a List that returned it, costs no round trip.
-	cache   map[string][]byte
+	// cache holds what this transaction read at its snapshot, so a key read again, or
+	// read after a List or Prefetch that returned it, costs no round trip.
+	cache map[string]cached
+	// fetched are the etcd key prefixes whose every key at the snapshot is in cache (a
+	// List or a prefetched range): a key under one of them that cache lacks is missing.
+	fetched []string
 	restart error
 }
 
+// cached is one key as the transaction's snapshot holds it.
+type cached struct {
+	value  []byte // nil: the key is missing
+	modRev int64  // 0 when missing
+}
+
 func (t *tx) key(bucket, key string) string { return t.s.cfg.Prefix + bucket + "/" + key }
+
+// remember records what the snapshot holds at etcd key k.
+func (t *tx) remember(k string, kvs []*mvccpb.KeyValue) cached {
+	var c cached
+	if len(kvs) > 0 {
+		c = cached{value: txbuf.Clone(kvs[0].Value), modRev: kvs[0].ModRevision}
+	}
+	if t.cache == nil {
+		t.cache = make(map[string]cached)
+	}
+	t.cache[k] = c
+	return c
+}
+
+// covered reports whether a range already read holds every key starting with k.
+func (t *tx) covered(k string) bool {
+	for _, p := range t.fetched {
+		if strings.HasPrefix(k, p) {
+			return true
+		}
+	}
+	return false
+}
+
+// lookup returns etcd key k as the snapshot holds it, if this transaction knows it.
+func (t *tx) lookup(k string) (cached, bool) {
+	if c, ok := t.cache[k]; ok {
+		return c, true
+	}
+	return cached{}, t.covered(k)
+}
+
+// fixRev adopts the revision of the transaction's first read as its snapshot.
+func (t *tx) fixRev(rev int64) {
+	if t.rev == 0 {
+		t.rev = rev
+	}
+}
+
+// readErr turns a failed read into the transaction's error: a compacted snapshot makes
+// the transaction start again.
+func (t *tx) readErr(op string, err error) error {
+	if errors.Is(err, rpctypes.ErrCompacted) {
+		t.restart = fmt.Errorf("%s: %s: %w", t.s.where, op, errRestart)
+		return t.restart
+	}
+	if t.ctx.Err() != nil {
+		return fmt.Errorf("%s: %s: %w", t.s.where, op, t.ctx.Err())
+	}
+	return t.s.mapErr(op, err)
+}
 
 // get reads at the snapshot, fixing it on the first read.
 func (t *tx) get(op string, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error) {
@@ -288,20 +353,79 @@ func (t *tx) get(op string, key string, opts ...clientv3.OpOption) (*clientv3.Ge
 	ctx, cancel := context.WithTimeout(t.ctx, t.s.cfg.RequestTimeout)
 	defer cancel()
 	resp, err := t.s.cli.Get(ctx, key, opts...)
-	if errors.Is(err, rpctypes.ErrCompacted) {
-		t.restart = fmt.Errorf("%s: %s: %w", t.s.where, op, errRestart)
-		return nil, t.restart
-	}
 	if err != nil {
-		if t.ctx.Err() != nil {
-			return nil, fmt.Errorf("%s: %s: %w", t.s.where, op, t.ctx.Err())
-		}
-		return nil, t.s.mapErr(op, err)
+		return nil, t.readErr(op, err)
 	}
-	if t.rev == 0 {
-		t.rev = resp.Header.Revision
-	}
+	t.fixRev(resp.Header.Revision)
 	return resp, nil
+}
+
+// Prefetch implements store.Prefetcher: the keys and ranges not read yet are read in one
+// etcd Txn (several Range operations, one linearizable round trip) at the snapshot.
+func (t *tx) Prefetch(reads ...store.Read) error {
+	if t.Done {
+		return fmt.Errorf("%s: transaction used after its function returned", t.Where)
+	}
+	if t.restart != nil {
+		return t.restart
+	}
+	type pending struct {
+		key   string
+		whole bool // a range
+	}
+	var want []pending
+	var ops []clientv3.Op
+	for _, r := range reads {
+		var opts []clientv3.OpOption
+		var k string
+		if r.Prefix {
+			if txbuf.CheckBucket(r.Bucket) != nil {
+				continue // a hint only: the List reports the bad name
+			}
+			if k = t.key(r.Bucket, r.Key); t.covered(k) {
+				continue
+			}
+			opts = append(opts, clientv3.WithPrefix())
+		} else {
+			if txbuf.CheckName(r.Bucket, r.Key) != nil {
+				continue
+			}
+			if k = t.key(r.Bucket, r.Key); func() bool { _, ok := t.lookup(k); return ok }() {
+				continue
+			}
+		}
+		if t.rev > 0 {
+			opts = append(opts, clientv3.WithRev(t.rev))
+		}
+		want = append(want, pending{key: k, whole: r.Prefix})
+		ops = append(ops, clientv3.OpGet(k, opts...))
+	}
+	if len(ops) == 0 {
+		return nil
+	}
+	op := fmt.Sprintf("prefetch of %d reads", len(ops))
+	ctx, cancel := context.WithTimeout(t.ctx, t.s.cfg.RequestTimeout)
+	defer cancel()
+	resp, err := t.s.cli.Txn(ctx).Then(ops...).Commit()
+	if err != nil {
+		return t.readErr(op, err)
+	}
+	if len(resp.Responses) != len(want) {
+		return fmt.Errorf("%s: %s: etcd answered %d of them; try again", t.s.where, op, len(resp.Responses))
+	}
+	t.fixRev(resp.Header.Revision)
+	for i, r := range resp.Responses {
+		kvs := r.GetResponseRange().GetKvs()
+		if !want[i].whole {
+			t.remember(want[i].key, kvs)
+			continue
+		}
+		for _, kv := range kvs {
+			t.remember(string(kv.Key), []*mvccpb.KeyValue{kv})
+		}
+		t.fetched = append(t.fetched, want[i].key)
+	}
+	return nil
 }
 
 func (t *tx) Get(bucket, key string) ([]byte, error) {
@@ -312,38 +436,23 @@ func (t *tx) Get(bucket, key string) ([]byte, error) {
 		return v, err
 	}
 	k := t.key(bucket, key)
-	if v, ok := t.cache[k]; ok {
-		if v == nil {
-			return nil, fmt.Errorf("%s/%q: %w", bucket, key, store.ErrNotFound)
+	c, ok := t.lookup(k)
+	if !ok {
+		resp, err := t.get(fmt.Sprintf("get %s/%q", bucket, key), k)
+		if err != nil {
+			return nil, err
 		}
-		return txbuf.Clone(v), nil
-	}
-	resp, err := t.get(fmt.Sprintf("get %s/%q", bucket, key), k)
-	if err != nil {
-		return nil, err
-	}
-	if t.cache == nil {
-		t.cache = make(map[string][]byte)
-	}
-	if len(resp.Kvs) > 0 {
-		t.cache[k] = txbuf.Clone(resp.Kvs[0].Value)
-	} else {
-		t.cache[k] = nil
-	}
-	var modRev int64
-	var val []byte
-	if len(resp.Kvs) > 0 {
-		modRev, val = resp.Kvs[0].ModRevision, resp.Kvs[0].Value
+		c = t.remember(k, resp.Kvs)
 	}
 	if t.reads != nil {
 		if _, seen := t.reads[k]; !seen {
-			t.reads[k] = modRev
+			t.reads[k] = c.modRev
 		}
 	}
-	if len(resp.Kvs) == 0 {
+	if c.value == nil {
 		return nil, fmt.Errorf("%s/%q: %w", bucket, key, store.ErrNotFound)
 	}
-	return txbuf.Clone(val), nil
+	return txbuf.Clone(c.value), nil
 }
 
 func (t *tx) List(bucket, prefix string, fn func(key string, value []byte) error) error {
@@ -351,25 +460,34 @@ func (t *tx) List(bucket, prefix string, fn func(key string, value []byte) error
 		return err
 	}
 	bucketPrefix := t.key(bucket, "")
-	resp, err := t.get(fmt.Sprintf("list %s/%q", bucket, prefix), bucketPrefix+prefix,
-		clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortAscend))
-	if err != nil {
-		return err
+	from := bucketPrefix + prefix
+	var kvs []txbuf.KV
+	if t.covered(from) {
+		for k, c := range t.cache {
+			if c.value != nil && len(k) > len(bucketPrefix) && strings.HasPrefix(k, from) {
+				kvs = append(kvs, txbuf.KV{Key: k[len(bucketPrefix):], Value: txbuf.Clone(c.value)})
+			}
+		}
+		slices.SortFunc(kvs, func(a, b txbuf.KV) int { return strings.Compare(a.Key, b.Key) })
+	} else {
+		resp, err := t.get(fmt.Sprintf("list %s/%q", bucket, prefix), from,
+			clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortAscend))
+		if err != nil {
+			return err
+		}
+		kvs = make([]txbuf.KV, 0, len(resp.Kvs))
+		for _, kv := range resp.Kvs {
+			t.remember(string(kv.Key), []*mvccpb.KeyValue{kv})
+			k := string(kv.Key[len(bucketPrefix):])
+			if k == "" {
+				continue // the bucket's marker
+			}
+			kvs = append(kvs, txbuf.KV{Key: k, Value: txbuf.Clone(kv.Value)})
+		}
+		t.fetched = append(t.fetched, from)
 	}
 	if t.ranges != nil {
 		t.ranges[bucketPrefix] = true
-	}
-	kvs := make([]txbuf.KV, 0, len(resp.Kvs))
-	for _, kv := range resp.Kvs {
-		k := string(kv.Key[len(bucketPrefix):])
-		if k == "" {
-			continue // the bucket's marker
-		}
-		kvs = append(kvs, txbuf.KV{Key: k, Value: txbuf.Clone(kv.Value)})
-		if t.cache == nil {
-			t.cache = make(map[string][]byte)
-		}
-		t.cache[string(kv.Key)] = txbuf.Clone(kv.Value)
 	}
 	if t.Buf != nil {
 		kvs = t.Buf.Merge(bucket, prefix, kvs)

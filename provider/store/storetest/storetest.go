@@ -62,6 +62,12 @@ func Run(t *testing.T, b Backend) {
 		{"SnapshotView", testSnapshot},
 		{"Full", testFull},
 		{"Persistence", testReopen},
+		{"PrefetchSameResults", testPrefetchSameResults},
+		{"PrefetchLinearizable", testPrefetchLinearizable},
+		{"PrefetchSnapshot", testPrefetchSnapshot},
+		{"PrefetchIncrements", testPrefetchIncrements},
+		{"PrefetchOwnWrites", testPrefetchOwnWrites},
+		{"PrefetchAfterReturn", testPrefetchAfterReturn},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) { tc.fn(t, b) })
