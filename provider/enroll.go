@@ -339,39 +339,69 @@ func (p *Provider) AuthorizeHost(ctx context.Context, cert *x509.Certificate) (H
 	if cert == nil {
 		return Host{}, fmt.Errorf("authorize host: no client certificate: %w", ErrHostUnknown)
 	}
-	// One read: the provider (to pick its CA) and the host the certificate names, which
-	// is trusted only once the certificate verifies.
-	var m metaRecord
-	var h hostRecord
-	var hostErr error
+	var a hostAuth
 	err := p.st.View(ctx, func(tx store.Tx) error {
-		var err error
-		if m, err = readMeta(tx); err != nil {
+		if err := store.Prefetch(tx, a.reads(cert)...); err != nil {
 			return err
 		}
-		if checkUUID("host ID", cert.Subject.CommonName) != nil {
-			hostErr = fmt.Errorf("certificate CN %.40q is not a host ID: %w", cert.Subject.CommonName, ErrHostUnknown)
-			return nil
-		}
-		h, hostErr = readHost(tx, cert.Subject.CommonName)
-		return nil
+		return a.read(tx, cert)
 	})
 	if err != nil {
 		return Host{}, fmt.Errorf("authorize host: %w", err)
 	}
-	authority, err := p.loadCA(ctx, m.ID)
+	h, err := p.authorize(ctx, cert, a)
 	if err != nil {
-		return Host{}, fmt.Errorf("authorize host: %w", err)
+		return Host{}, err
 	}
-	hostID, err := p.verifyHostCert(authority, m.ID, cert)
+	return h.public(), nil
+}
+
+// hostAuth is what AuthorizeHost reads from the store: the provider (to pick its CA) and
+// the host the certificate names, which is trusted only once the certificate verifies.
+type hostAuth struct {
+	m       metaRecord
+	h       hostRecord
+	hostErr error // the host cannot be read: unknown, or a bad ID
+}
+
+// reads names the store keys read reads, for store.Prefetch.
+func (a *hostAuth) reads(cert *x509.Certificate) []store.Read {
+	return []store.Read{store.Key(bucketProvider, keyMeta), store.Key(bucketHosts, cert.Subject.CommonName)}
+}
+
+// read reads the provider and the host named by cert; only a failure to read the
+// provider is returned, the host's is kept in hostErr.
+func (a *hostAuth) read(tx store.Tx, cert *x509.Certificate) error {
+	*a = hostAuth{}
+	var err error
+	if a.m, err = readMeta(tx); err != nil {
+		return err
+	}
+	if checkUUID("host ID", cert.Subject.CommonName) != nil {
+		a.hostErr = fmt.Errorf("certificate CN %.40q is not a host ID: %w", cert.Subject.CommonName, ErrHostUnknown)
+		return nil
+	}
+	a.h, a.hostErr = readHost(tx, cert.Subject.CommonName)
+	return nil
+}
+
+// authorize decides on what read read: the certificate verifies to the provider's CA,
+// the host exists, is not revoked, and cert is its current certificate.
+func (p *Provider) authorize(ctx context.Context, cert *x509.Certificate, a hostAuth) (hostRecord, error) {
+	authority, err := p.loadCA(ctx, a.m.ID)
 	if err != nil {
-		return Host{}, fmt.Errorf("authorize host: %w: %w", ErrHostUnknown, err)
+		return hostRecord{}, fmt.Errorf("authorize host: %w", err)
 	}
-	if hostErr != nil {
-		return Host{}, fmt.Errorf("authorize host: %w", hostErr)
+	hostID, err := p.verifyHostCert(authority, a.m.ID, cert)
+	if err != nil {
+		return hostRecord{}, fmt.Errorf("authorize host: %w: %w", ErrHostUnknown, err)
 	}
+	if a.hostErr != nil {
+		return hostRecord{}, fmt.Errorf("authorize host: %w", a.hostErr)
+	}
+	h := a.h
 	if h.Revoked != nil {
-		return Host{}, fmt.Errorf("authorize host %s (%s): %w at %s; enroll it again with a new token if it should come back",
+		return hostRecord{}, fmt.Errorf("authorize host %s (%s): %w at %s; enroll it again with a new token if it should come back",
 			hostID, h.Hostname, ErrHostRevoked, h.Revoked.Format(time.RFC3339))
 	}
 	serial := cert.SerialNumber.Text(16)
@@ -380,10 +410,10 @@ func (p *Provider) AuthorizeHost(ctx context.Context, cert *x509.Certificate) (H
 		p.retirePrevious(ctx, hostID, serial) // the host has its renewed certificate
 	case serial == h.CertSerial, serial == h.PrevCertSerial && h.PrevCertSerial != "":
 	default:
-		return Host{}, fmt.Errorf("authorize host %s (%s): certificate serial %s is not its current one (%s): %w",
+		return hostRecord{}, fmt.Errorf("authorize host %s (%s): certificate serial %s is not its current one (%s): %w",
 			hostID, h.Hostname, serial, h.CertSerial, ErrHostUnknown)
 	}
-	return h.public(), nil
+	return h, nil
 }
 
 // maxVerified bounds the cache of verified host certificates.

@@ -37,6 +37,62 @@ const (
 // negative window records every single release.
 func (p *Provider) Release(ctx context.Context, hostID string) ([]ReleasedKDK, error) {
 	r, ok, err := p.releaseCovered(ctx, hostID)
+	return p.finishRelease(ctx, hostID, r, ok, err)
+}
+
+// ReleaseTo is AuthorizeHost(cert) followed by Release of that host's KDKs, in one
+// read of the store when the release is covered by an audited one (see Release): the
+// host's record, the provider and the KDK versions come from one snapshot, taken after
+// the call began, so a revocation, rotation or retirement committed on any replica
+// before it is seen. The API's key fetch calls it; the caller wipes Bare.
+func (p *Provider) ReleaseTo(ctx context.Context, cert *x509.Certificate) (Host, []ReleasedKDK, error) {
+	if cert == nil {
+		return Host{}, nil, fmt.Errorf("authorize host: no client certificate: %w", ErrHostUnknown)
+	}
+	hostID := cert.Subject.CommonName
+	coverable := p.coverable(hostID)
+	var a hostAuth
+	var r *releaseReq
+	var refused error
+	err := p.st.View(ctx, func(tx store.Tx) error {
+		reads := a.reads(cert)
+		if coverable {
+			reads = append(reads, releaseReads(hostID)...)
+		}
+		if err := store.Prefetch(tx, reads...); err != nil {
+			return err
+		}
+		if err := a.read(tx, cert); err != nil {
+			return err
+		}
+		r, refused = nil, nil
+		if coverable && a.hostErr == nil {
+			r, refused = releaseView(tx, hostID)
+		}
+		return nil
+	})
+	if err != nil {
+		return Host{}, nil, fmt.Errorf("authorize host: %w", err)
+	}
+	h, err := p.authorize(ctx, cert, a)
+	if err != nil {
+		return Host{}, nil, err
+	}
+	covered := false
+	if refused == nil && r != nil {
+		covered = p.covers(hostID, r)
+	}
+	out, err := p.finishRelease(ctx, hostID, r, covered, refused)
+	if err != nil {
+		return Host{}, nil, err
+	}
+	return h.public(), out, nil
+}
+
+// finishRelease completes a release whose read-only check gave r, ok and err (see
+// releaseCovered): a refusal is returned, a covered release is served, and any other is
+// recorded in the audit log before it is served.
+func (p *Provider) finishRelease(ctx context.Context, hostID string, r *releaseReq, ok bool, err error) ([]ReleasedKDK, error) {
 	if err != nil {
 		p.log.Warn("release refused", "host_id", hostID, "err", err)
 		return nil, fmt.Errorf("release to host %s: %w", hostID, err)
@@ -69,41 +125,68 @@ type releaseSeen struct {
 // release of the same versions within the audit window covers it (then the caller serves
 // it without a write). A refusal is returned as err.
 func (p *Provider) releaseCovered(ctx context.Context, hostID string) (*releaseReq, bool, error) {
-	if p.cfg.ReleaseAuditWindow <= 0 {
+	if !p.coverable(hostID) {
 		return nil, false, nil
 	}
-	p.seenMu.Lock()
-	_, known := p.seen[hostID]
-	p.seenMu.Unlock()
-	if !known {
-		return nil, false, nil
-	}
-	r := &releaseReq{hostID: hostID}
+	var r *releaseReq
 	err := p.st.View(ctx, func(tx store.Tx) error {
-		m, kdks, err := releaseState(tx)
-		if err != nil {
+		if err := store.Prefetch(tx, releaseReads(hostID)...); err != nil {
 			return err
 		}
-		h, _, err := checkRelease(tx, m, kdks, hostID)
-		if err != nil {
-			return err
-		}
-		r.providerID, r.host, r.kdks, r.versions = m.ID, h, liveKDKs(kdks), versionList(kdks)
-		r.set = keySet(m.ID, r.kdks)
-		return nil
+		var err error
+		r, err = releaseView(tx, hostID)
+		return err
 	})
 	if err != nil {
 		return nil, false, err
 	}
+	return r, p.covers(hostID, r), nil
+}
+
+// coverable reports whether a release to the host may be covered by one already in the
+// audit log: the window is on and this replica recorded a release to it.
+func (p *Provider) coverable(hostID string) bool {
+	if p.cfg.ReleaseAuditWindow <= 0 {
+		return false
+	}
+	p.seenMu.Lock()
+	defer p.seenMu.Unlock()
+	_, known := p.seen[hostID]
+	return known
+}
+
+// releaseReads names what releaseView reads, for store.Prefetch.
+func releaseReads(hostID string) []store.Read {
+	return []store.Read{store.Key(bucketProvider, keyMeta), store.Range(bucketKDKs, ""), store.Key(bucketHosts, hostID)}
+}
+
+// releaseView checks a release to the host on tx; a refusal is returned as err.
+func releaseView(tx store.Tx, hostID string) (*releaseReq, error) {
+	m, kdks, err := releaseState(tx)
+	if err != nil {
+		return nil, err
+	}
+	h, _, err := checkRelease(tx, m, kdks, hostID)
+	if err != nil {
+		return nil, err
+	}
+	r := &releaseReq{hostID: hostID, providerID: m.ID, host: h, kdks: liveKDKs(kdks), versions: versionList(kdks)}
+	r.set = keySet(m.ID, r.kdks)
+	return r, nil
+}
+
+// covers reports whether a release of r's versions to the host, recorded within the
+// audit window, covers r; if so it counts r as one more repeat.
+func (p *Provider) covers(hostID string, r *releaseReq) bool {
 	now := p.now()
 	p.seenMu.Lock()
 	defer p.seenMu.Unlock()
 	s, ok := p.seen[hostID]
 	if !ok || s.set != r.set || now.Sub(s.at) >= p.cfg.ReleaseAuditWindow || now.Before(s.at) {
-		return nil, false, nil
+		return false
 	}
 	s.repeats++
-	return r, true, nil
+	return true
 }
 
 // takeRepeats returns and clears the count of unrecorded repeats for the host.
@@ -286,6 +369,13 @@ func versionList(kdks []kdkRecord) string {
 // A request refused sets its own err; a failing transaction fails them all.
 func (p *Provider) commitReleases(ctx context.Context, reqs []*releaseReq) error {
 	return p.update(ctx, func(tx store.Tx, a *auditor) error {
+		reads := []store.Read{store.Key(bucketProvider, keyMeta), store.Range(bucketKDKs, "")}
+		for _, q := range reqs {
+			reads = append(reads, store.Key(bucketHosts, q.hostID))
+		}
+		if err := store.Prefetch(tx, reads...); err != nil {
+			return err
+		}
 		m, kdks, err := releaseState(tx)
 		if err != nil {
 			return err

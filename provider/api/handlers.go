@@ -28,7 +28,7 @@ type Provider interface {
 	Hosts(ctx context.Context) ([]provider.Host, error)
 	Revoke(ctx context.Context, hostID string) error
 	AuthorizeHost(ctx context.Context, cert *x509.Certificate) (provider.Host, error)
-	Release(ctx context.Context, hostID string) ([]provider.ReleasedKDK, error)
+	ReleaseTo(ctx context.Context, cert *x509.Certificate) (provider.Host, []provider.ReleasedKDK, error)
 	Rotate(ctx context.Context) (provider.KDKVersion, error)
 	Retire(ctx context.Context, version int) error
 	RegisterObject(ctx context.Context, hostID string, obj provider.Object) error
@@ -74,8 +74,15 @@ func (s *Server) handleEnroll(w http.ResponseWriter, r *http.Request) {
 	s.writeJSON(w, http.StatusOK, EnrollResponse{HostID: resp.HostID, Certificate: resp.Certificate, CAChain: resp.CAChain})
 }
 
-func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request, hostID string) {
-	kdks, err := s.p.Release(r.Context(), hostID)
+// handleRelease authenticates the host as Server.host does and releases its KDKs, in one
+// call of the domain (Provider.ReleaseTo reads the store once for both).
+func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request) {
+	cert, err := s.clientCert(r, ca.RoleHost)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	_, kdks, err := s.p.ReleaseTo(r.Context(), cert)
 	if err != nil {
 		s.writeError(w, r, err)
 		return

@@ -113,7 +113,7 @@ func (s *Server) routes() {
 	mux.Handle("GET "+PathMetrics, promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{Registry: s.reg}))
 
 	handle("POST "+PathEnroll, "enroll", s.handleEnroll)
-	handle("GET "+PathHostKDKs, "host_kdks", s.host(s.handleRelease))
+	handle("GET "+PathHostKDKs, "host_kdks", s.handleRelease)
 	handle("POST "+PathHostObjects, "host_objects", s.host(s.handleRegisterObject))
 	handle("DELETE "+PathHostObjects+"/{vm}/{name}", "host_objects_delete", s.host(s.handleUnregisterObject))
 	handle("POST "+PathHostRenew, "host_renew", s.handleRenew)

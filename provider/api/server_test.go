@@ -178,6 +178,15 @@ func (f *fake) AuthorizeHost(ctx context.Context, cert *x509.Certificate) (provi
 	return h, nil
 }
 
+func (f *fake) ReleaseTo(ctx context.Context, cert *x509.Certificate) (provider.Host, []provider.ReleasedKDK, error) {
+	h, err := f.AuthorizeHost(ctx, cert)
+	if err != nil {
+		return provider.Host{}, nil, err
+	}
+	out, err := f.Release(ctx, h.ID)
+	return h, out, err
+}
+
 func (f *fake) Release(ctx context.Context, id string) ([]provider.ReleasedKDK, error) {
 	if err := f.err(); err != nil {
 		return nil, err
