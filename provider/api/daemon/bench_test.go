@@ -12,17 +12,32 @@ import (
 
 	"github.com/nkp-dev/nkp/provider/api/daemon"
 	"github.com/nkp-dev/nkp/provider/client"
+	"github.com/nkp-dev/nkp/test/etcdtest"
 )
 
 // BenchmarkRelease measures one host fetching its KDKs over a kept-alive mTLS connection
-// from an in-process provider on bbolt (server and client share the process).
+// from an in-process provider on bbolt, and on a real etcd (server and client share the
+// process; etcd runs beside it). The fetches after the first are read-only (the release
+// audit window covers them).
 func BenchmarkRelease(b *testing.B) {
+	for _, kind := range []string{daemon.StoreBolt, daemon.StoreEtcd} {
+		b.Run(kind, func(b *testing.B) {
+			sc := daemon.StoreConfig{Kind: kind}
+			if kind == daemon.StoreEtcd {
+				sc.EtcdEndpoints = etcdtest.New(b, etcdtest.Config{}).Endpoints()
+			}
+			benchmarkRelease(b, sc)
+		})
+	}
+}
+
+func benchmarkRelease(b *testing.B, sc daemon.StoreConfig) {
 	ctx := context.Background()
 	dir := filepath.Join(b.TempDir(), "p")
-	if _, err := daemon.Init(ctx, daemon.InitConfig{Dir: dir, Log: quiet()}); err != nil {
+	if _, err := daemon.Init(ctx, daemon.InitConfig{Dir: dir, Store: sc, Log: quiet()}); err != nil {
 		b.Fatal(err)
 	}
-	d, err := daemon.Start(ctx, daemon.Config{Dir: dir, Listen: "127.0.0.1:0", Log: quiet(), BackupWorkFactor: 10})
+	d, err := daemon.Start(ctx, daemon.Config{Dir: dir, Store: sc, Listen: "127.0.0.1:0", Log: quiet(), BackupWorkFactor: 10})
 	if err != nil {
 		b.Fatal(err)
 	}
