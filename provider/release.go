@@ -369,7 +369,7 @@ func versionList(kdks []kdkRecord) string {
 // A request refused sets its own err; a failing transaction fails them all.
 func (p *Provider) commitReleases(ctx context.Context, reqs []*releaseReq) error {
 	return p.update(ctx, func(tx store.Tx, a *auditor) error {
-		reads := []store.Read{store.Key(bucketProvider, keyMeta), store.Range(bucketKDKs, "")}
+		reads := append([]store.Read{store.Key(bucketProvider, keyMeta), store.Range(bucketKDKs, "")}, audit.AppendReads()...)
 		for _, q := range reqs {
 			reads = append(reads, store.Key(bucketHosts, q.hostID))
 		}

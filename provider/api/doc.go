@@ -12,7 +12,9 @@
 //	POST /v1/enroll                           the join token in the body (no client certificate)
 //	/v1/host/...                              a client certificate chained to the provider CA,
 //	                                          authorized by Provider.AuthorizeHost on every request
-//	                                          (unknown and revoked hosts are refused at once)
+//	                                          (unknown and revoked hosts are refused at once); the
+//	                                          key fetch calls Provider.ReleaseTo, which authorizes
+//	                                          the same way and releases from the same store read
 //	/v1/admin/...                             a client certificate chained to the provider CA that
 //	                                          carries the admin role (OU=nkp-admin), as issued at
 //	                                          init into the provider directory for nkpctl

@@ -224,6 +224,10 @@ func Append(tx store.Tx, ev Event) (Record, error) {
 	return rec, nil
 }
 
+// AppendReads names what Append reads (the head), for store.Prefetch in a transaction
+// that appends.
+func AppendReads() []store.Read { return []store.Read{store.Key(HeadBucket, headKey)} }
+
 // Head returns the sequence number and hash of the last record (0 and "" for an empty
 // log): the value to keep elsewhere to detect a rewrite of the whole log.
 func Head(tx store.Tx) (seq uint64, hash string, err error) {

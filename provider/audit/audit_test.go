@@ -324,3 +324,39 @@ func TestRecordJSONStable(t *testing.T) {
 		t.Fatalf("record does not round-trip:\n%s\n%s", v, again)
 	}
 }
+
+// spyTx records the keys a transaction reads.
+type spyTx struct {
+	store.Tx
+	reads []store.Read
+}
+
+func (s *spyTx) Get(bucket, key string) ([]byte, error) {
+	s.reads = append(s.reads, store.Key(bucket, key))
+	return s.Tx.Get(bucket, key)
+}
+
+func (s *spyTx) List(bucket, prefix string, fn func(string, []byte) error) error {
+	s.reads = append(s.reads, store.Range(bucket, prefix))
+	return s.Tx.List(bucket, prefix, fn)
+}
+
+// AppendReads names every key Append reads, on an empty log and on a longer one, so a
+// transaction that prefetches it reads nothing else for the audit record.
+func TestAppendReads(t *testing.T) {
+	s := mem.New()
+	for i := range 3 {
+		var spy *spyTx
+		err := s.Update(context.Background(), func(tx store.Tx) error {
+			spy = &spyTx{Tx: tx}
+			_, err := audit.Append(spy, audit.Event{Kind: audit.KindRelease, Actor: "host:h", Subject: "h"})
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, want := fmt.Sprint(spy.reads), fmt.Sprint(audit.AppendReads()); got != want {
+			t.Fatalf("append %d read %s, AppendReads names %s", i, got, want)
+		}
+	}
+}

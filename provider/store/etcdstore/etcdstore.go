@@ -17,6 +17,11 @@
 //     snapshot, up to Config.MaxAttempts times, and then Update returns an error wrapping
 //     store.ErrConflict.
 //
+// Each read is one etcd round trip, unless the transaction read it already (a key Got, a
+// range Listed) or named it first with store.Prefetch: then the keys and ranges named are
+// read in one etcd Txn of Range operations, linearizable like any read, and served from
+// that copy (the provider's key fetch is one round trip this way).
+//
 // etcd limits one Txn to --max-txn-ops operations (128 by default) and one request to
 // --max-request-bytes (1.5 MiB by default). A provider restore writes every host, KDK and
 // catalog entry in one transaction, so run etcd with --max-txn-ops 16384 and
