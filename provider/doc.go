@@ -42,6 +42,10 @@
 //   - Every release is checked against the store and audited before keys leave; repeats of
 //     the same release to a host within Config.ReleaseAuditWindow share one record, and the
 //     host's next record counts them.
+//   - A host's key fetch (ReleaseTo: AuthorizeHost and Release together) reads the store
+//     once when it is such a repeat: the provider record, the host and the KDK versions in
+//     one store.Prefetch, which is one linearizable etcd request on etcd, so a revocation,
+//     rotation or retirement committed on any replica is seen by the next fetch.
 //   - Every admin request is checked against the "admins" bucket (AuthorizeAdmin): a
 //     revoked administrator certificate is refused on every replica at once, and the last
 //     live one cannot be revoked.

@@ -67,7 +67,7 @@ func (p *Provider) ReleaseTo(ctx context.Context, cert *x509.Certificate) (Host,
 		}
 		r, refused = nil, nil
 		if coverable && a.hostErr == nil {
-			r, refused = releaseView(tx, hostID)
+			r, refused = releaseOf(tx, a.m, a.h)
 		}
 		return nil
 	})
@@ -170,9 +170,30 @@ func releaseView(tx store.Tx, hostID string) (*releaseReq, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &releaseReq{hostID: hostID, providerID: m.ID, host: h, kdks: liveKDKs(kdks), versions: versionList(kdks)}
+	return newCovered(m, kdks, h), nil
+}
+
+// releaseOf is releaseView for a provider record m and host record h already read on tx
+// (ReleaseTo read them to authorize the host), decoded once.
+func releaseOf(tx store.Tx, m metaRecord, h hostRecord) (*releaseReq, error) {
+	kdks, err := listKDKs(tx)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkBackedUp(kdks); err != nil {
+		return nil, err
+	}
+	if _, err := checkHost(m, h); err != nil {
+		return nil, err
+	}
+	return newCovered(m, kdks, h), nil
+}
+
+// newCovered is the release of the live versions of kdks to h, checked read-only.
+func newCovered(m metaRecord, kdks []kdkRecord, h hostRecord) *releaseReq {
+	r := &releaseReq{hostID: h.ID, providerID: m.ID, host: h, kdks: liveKDKs(kdks), versions: versionList(kdks)}
 	r.set = keySet(m.ID, r.kdks)
-	return r, nil
+	return r
 }
 
 // covers reports whether a release of r's versions to the host, recorded within the
@@ -316,23 +337,38 @@ func releaseState(tx store.Tx) (metaRecord, []kdkRecord, error) {
 // checkRelease decides whether host hostID may have the KDKs now; it returns the host
 // and the form its keys take ("import_blob" or "bare").
 func checkRelease(tx store.Tx, m metaRecord, kdks []kdkRecord, hostID string) (hostRecord, string, error) {
-	if stateOf(kdks) == StateNotBackedUp {
-		return hostRecord{}, "", fmt.Errorf("%w: a KDK version is in no confirmed backup yet; take a backup first (`nkpctl provider backup` saves the archive, opens it again and confirms it), then hosts get their keys", ErrNotBackedUp)
+	if err := checkBackedUp(kdks); err != nil {
+		return hostRecord{}, "", err
 	}
 	h, err := readHost(tx, hostID)
 	if err != nil {
 		return h, "", err
 	}
+	form, err := checkHost(m, h)
+	return h, form, err
+}
+
+// checkBackedUp refuses every release while a live KDK version is in no confirmed backup.
+func checkBackedUp(kdks []kdkRecord) error {
+	if stateOf(kdks) == StateNotBackedUp {
+		return fmt.Errorf("%w: a KDK version is in no confirmed backup yet; take a backup first (`nkpctl provider backup` saves the archive, opens it again and confirms it), then hosts get their keys", ErrNotBackedUp)
+	}
+	return nil
+}
+
+// checkHost decides whether host h may have keys under the provider's policy, and in
+// which form.
+func checkHost(m metaRecord, h hostRecord) (string, error) {
 	if h.Revoked != nil {
-		return h, "", fmt.Errorf("host %s (%s): %w at %s", h.ID, h.Hostname, ErrHostRevoked, h.Revoked.Format(time.RFC3339))
+		return "", fmt.Errorf("host %s (%s): %w at %s", h.ID, h.Hostname, ErrHostRevoked, h.Revoked.Format(time.RFC3339))
 	}
 	if len(h.EKPublic) > 0 {
-		return h, "import_blob", nil
+		return "import_blob", nil
 	}
 	if m.Policy.TPMRequired {
-		return h, "", fmt.Errorf("host %s (%s) has no TPM: %w; re-enroll it with its TPM or turn policy tpm-required off", h.ID, h.Hostname, ErrTPMRequired)
+		return "", fmt.Errorf("host %s (%s) has no TPM: %w; re-enroll it with its TPM or turn policy tpm-required off", h.ID, h.Hostname, ErrTPMRequired)
 	}
-	return h, "bare", nil
+	return "bare", nil
 }
 
 func liveKDKs(kdks []kdkRecord) []kdkRecord {

@@ -138,19 +138,21 @@ type result struct {
 	achievedRate                 float64
 	rssKB, hwmKB                 int
 	cpuPerFetch                  time.Duration // provider CPU time per fetch in the fetch phase
+	etcdCPUPerFetch              time.Duration // etcd's CPU time per fetch (etcd runs only)
 	clientCPUPerFetch            time.Duration // the simulated hosts' CPU time per fetch
 	load                         string
 }
 
 func (r result) line() string {
-	return fmt.Sprintf("%s: %d enrollments in %v (p50 %v, p99 %v, %d errors); %d fetches at %.0f/s, p50 %v, p99 %v, max %v, %d errors; provider CPU %v per fetch; RSS %d MiB (peak %d MiB)",
+	return fmt.Sprintf("%s: %d enrollments in %v (p50 %v, p99 %v, %d errors); %d fetches at %.0f/s, p50 %v, p99 %v, max %v, %d errors; CPU per fetch (provider / hosts / etcd) %s ms; RSS %d MiB (peak %d MiB)",
 		r.store, r.hosts, r.enrollTotal.Round(time.Millisecond), r.enrollP50.Round(time.Millisecond), r.enrollP99.Round(time.Millisecond), r.enrollErrors,
-		r.fetches, r.achievedRate, r.fetchP50.Round(10*time.Microsecond), r.fetchP99.Round(10*time.Microsecond), r.fetchMax.Round(10*time.Microsecond), r.fetchErrors, r.cpuPerFetch, r.rssKB/1024, r.hwmKB/1024)
+		r.fetches, r.achievedRate, r.fetchP50.Round(10*time.Microsecond), r.fetchP99.Round(10*time.Microsecond), r.fetchMax.Round(10*time.Microsecond), r.fetchErrors, r.cpuText(), r.rssKB/1024, r.hwmKB/1024)
 }
 
 // measure runs one store's benchmark.
 func measure(ctx context.Context, cfg config, storeKind, bin, dir string, log *slog.Logger) (result, error) {
 	res := result{store: storeKind, hosts: cfg.hosts}
+	etcdPID := 0 // the etcd member's process, for its CPU time
 	storeArgs := []string{"--store", storeKind}
 	if storeKind == daemon.StoreEtcd {
 		if err := os.MkdirAll(dir+"-etcd", 0o700); err != nil {
@@ -162,6 +164,7 @@ func measure(ctx context.Context, cfg config, storeKind, bin, dir string, log *s
 		}
 		defer cl.Stop()
 		storeArgs = append(storeArgs, "--etcd-endpoints", strings.Join(cl.Endpoints(), ","))
+		etcdPID = pidWith(cl.Members()[0].DataDir)
 	}
 	if out, err := exec.Command(bin, append([]string{"init", "--dir", dir, "--log-format", "text"}, storeArgs...)...).CombinedOutput(); err != nil {
 		return res, fmt.Errorf("nkp-provider init: %v\n%s", err, out)
@@ -279,7 +282,7 @@ func measure(ctx context.Context, cfg config, storeKind, bin, dir string, log *s
 	var fetchErrs atomic.Int64
 	var wg sync.WaitGroup
 	interval := time.Second / time.Duration(cfg.rate)
-	cpu0, self0 := cpuTime(cmd.Process.Pid), cpuTime(os.Getpid())
+	cpu0, self0, etcd0 := cpuTime(cmd.Process.Pid), cpuTime(os.Getpid()), cpuTime(etcdPID)
 	fstart := time.Now()
 	for i := 0; i < total; i++ {
 		if d := time.Until(fstart.Add(time.Duration(i) * interval)); d > 0 {
@@ -311,6 +314,7 @@ func measure(ctx context.Context, cfg config, storeKind, bin, dir string, log *s
 	res.fetchMax = slices.Max(lat)
 	res.cpuPerFetch = (cpuTime(cmd.Process.Pid) - cpu0) / time.Duration(total)
 	res.clientCPUPerFetch = (cpuTime(os.Getpid()) - self0) / time.Duration(total)
+	res.etcdCPUPerFetch = (cpuTime(etcdPID) - etcd0) / time.Duration(total)
 	res.rssKB, res.hwmKB = rss(cmd.Process.Pid)
 	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
 		res.load = strings.Join(strings.Fields(string(b))[:3], " ")
@@ -348,8 +352,28 @@ func pct(d []time.Duration, p int) time.Duration {
 	return s[min(max(i-1, 0), len(s)-1)]
 }
 
-// cpuTime is the user+system CPU time of pid (clock ticks of 10 ms).
+// pidWith returns the process whose command line holds arg (the etcd member started
+// with its data directory), or 0.
+func pidWith(arg string) int {
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err == nil && slices.Contains(strings.Split(string(b), "\x00"), arg) {
+			return pid
+		}
+	}
+	return 0
+}
+
+// cpuTime is the user+system CPU time of pid (clock ticks of 10 ms); 0 for pid 0.
 func cpuTime(pid int) time.Duration {
+	if pid == 0 {
+		return 0
+	}
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
 		return 0
@@ -393,15 +417,24 @@ func markdown(cfg config, rs []result) string {
 		"then they fetch their KDKs (GET /v1/host/kdks, mTLS, bare KDK since the hosts have no TPM; release audit window %s) at an open-loop target rate over kept-alive connections "+
 		"(one connection per host, opened by a warm-up fetch that is not counted). etcd is Debian's etcd-server, one member on loopback.\n\n",
 		cfg.hosts, cfg.rate, cfg.duration, time.Now().UTC().Format("2006-01-02"), runtime.NumCPU(), cfg.hosts, cfg.joinConc, windowText(cfg.window))
-	fmt.Fprintf(&b, "| store | enroll %d hosts (total) | enroll p50 / p99 | enroll errors | fetches | achieved rate | fetch p50 | fetch p99 | fetch max | fetch errors | CPU per fetch: provider / hosts | provider RSS (peak) | load avg |\n", cfg.hosts)
+	fmt.Fprintf(&b, "| store | enroll %d hosts (total) | enroll p50 / p99 | enroll errors | fetches | achieved rate | fetch p50 | fetch p99 | fetch max | fetch errors | CPU per fetch: provider / hosts / etcd | provider RSS (peak) | load avg |\n", cfg.hosts)
 	fmt.Fprintf(&b, "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, r := range rs {
-		fmt.Fprintf(&b, "| %s | %.2f s | %v / %v | %d | %d | %.0f/s | %.2f ms | %.2f ms | %.2f ms | %d | %.2f / %.2f ms | %d MiB (%d MiB) | %s |\n",
+		fmt.Fprintf(&b, "| %s | %.2f s | %v / %v | %d | %d | %.0f/s | %.2f ms | %.2f ms | %.2f ms | %d | %s ms | %d MiB (%d MiB) | %s |\n",
 			r.store, r.enrollTotal.Seconds(), r.enrollP50.Round(time.Millisecond), r.enrollP99.Round(time.Millisecond), r.enrollErrors,
-			r.fetches, r.achievedRate, ms(r.fetchP50), ms(r.fetchP99), ms(r.fetchMax), r.fetchErrors, ms(r.cpuPerFetch), ms(r.clientCPUPerFetch), r.rssKB/1024, r.hwmKB/1024, r.load)
+			r.fetches, r.achievedRate, ms(r.fetchP50), ms(r.fetchP99), ms(r.fetchMax), r.fetchErrors, r.cpuText(), r.rssKB/1024, r.hwmKB/1024, r.load)
 	}
 	fmt.Fprintf(&b, "\nTargets (issue 3): 1,000 enrollments in under 30 s; fetch p99 under 5 ms at 500 fetches/s with connection reuse.\n\n")
 	return b.String()
+}
+
+// cpuText is the CPU per fetch of the provider, the hosts and etcd (etcd runs only).
+func (r result) cpuText() string {
+	t := fmt.Sprintf("%.2f / %.2f", ms(r.cpuPerFetch), ms(r.clientCPUPerFetch))
+	if r.store == daemon.StoreEtcd {
+		t += fmt.Sprintf(" / %.2f", ms(r.etcdCPUPerFetch))
+	}
+	return t
 }
 
 func windowText(w string) string {
