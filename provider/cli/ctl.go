@@ -2,6 +2,7 @@ package cli
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -125,6 +126,29 @@ func (c *ctl) print(v any, human func(w io.Writer)) error {
 	return tw.Flush()
 }
 
+// call connects with the admin credentials, runs f with the command's context and the
+// client, and closes the client afterwards.
+func (c *ctl) call(cmd *cobra.Command, f func(ctx context.Context, cl *client.Client) error) error {
+	cl, err := c.client()
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	return f(cmd.Context(), cl)
+}
+
+// show connects, gets one value and prints it: JSON with --json, else through human.
+// get has the shape of a method expression such as (*client.Client).Status.
+func show[T any](c *ctl, cmd *cobra.Command, get func(*client.Client, context.Context) (T, error), human func(w io.Writer, v T)) error {
+	return c.call(cmd, func(ctx context.Context, cl *client.Client) error {
+		v, err := get(cl, ctx)
+		if err != nil {
+			return err
+		}
+		return c.print(v, func(w io.Writer) { human(w, v) })
+	})
+}
+
 func (c *ctl) initCmd() *cobra.Command {
 	var tpmRequired bool
 	cmd := &cobra.Command{
@@ -151,16 +175,7 @@ func (c *ctl) statusCmd() *cobra.Command {
 		Short: "show state, KDK versions, hosts, last backup",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			defer cl.Close()
-			st, err := cl.Status(cmd.Context())
-			if err != nil {
-				return err
-			}
-			return c.print(st, func(w io.Writer) {
+			return show(c, cmd, (*client.Client).Status, func(w io.Writer, st api.Status) {
 				fmt.Fprintf(w, "provider\t%s\nstate\t%s\nCA hash\t%s\nhosts\t%d\ntpm-required\t%v\n", st.ProviderID, st.State, st.CAHash, st.Hosts, st.TPMRequired)
 				if st.LastBackup.IsZero() {
 					fmt.Fprintf(w, "last backup\tnever\n")
@@ -195,25 +210,22 @@ func (c *ctl) backupCmd() *cobra.Command {
 			if out == "" {
 				return errors.New("--out FILE is required (the archive is written 0600)")
 			}
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			defer cl.Close()
-			pass, err := c.pass.read(c.stdin, c.stderr, true)
-			if err != nil {
-				return err
-			}
-			defer clear(pass)
-			var buf bytes.Buffer
-			if _, err := cl.Backup(cmd.Context(), &buf, pass); err != nil {
-				return err
-			}
-			defer clear(buf.Bytes())
-			if err := daemon.WriteFileAtomic(out, buf.Bytes(), 0o600); err != nil {
-				return fmt.Errorf("the backup could not be saved, so it is not confirmed (the provider's state is unchanged): %w (take it again)", err)
-			}
-			return c.confirm(cmd, cl, out, pass)
+			return c.call(cmd, func(ctx context.Context, cl *client.Client) error {
+				pass, err := c.pass.read(c.stdin, c.stderr, true)
+				if err != nil {
+					return err
+				}
+				defer clear(pass)
+				var buf bytes.Buffer
+				if _, err := cl.Backup(ctx, &buf, pass); err != nil {
+					return err
+				}
+				defer clear(buf.Bytes())
+				if err := daemon.WriteFileAtomic(out, buf.Bytes(), 0o600); err != nil {
+					return fmt.Errorf("the backup could not be saved, so it is not confirmed (the provider's state is unchanged): %w (take it again)", err)
+				}
+				return c.confirm(ctx, cl, out, pass)
+			})
 		},
 	}
 	cmd.Flags().StringVarP(&out, "out", "o", "", "archive file to write")
@@ -224,12 +236,12 @@ func (c *ctl) backupCmd() *cobra.Command {
 
 // confirm opens the stored archive at path again with the passphrase and, if it reads
 // back whole, posts its SHA-256 to the provider: only then does the backup count.
-func (c *ctl) confirm(cmd *cobra.Command, cl *client.Client, path string, pass []byte) error {
+func (c *ctl) confirm(ctx context.Context, cl *client.Client, path string, pass []byte) error {
 	sum, info, n, err := openArchive(path, pass)
 	if err != nil {
 		return fmt.Errorf("backup %s does not open again, so it is not confirmed (the provider stays as it was): %w (take it again)", path, err)
 	}
-	got, err := cl.ConfirmBackup(cmd.Context(), sum)
+	got, err := cl.ConfirmBackup(ctx, sum)
 	if err != nil {
 		return fmt.Errorf("backup %s (sha256 %s) is saved but NOT confirmed, so the provider still counts it as no backup: %w (retry with `nkpctl provider backup confirm --in %s`)", path, sum, err, path)
 	}
@@ -274,17 +286,14 @@ func (c *ctl) backupConfirmCmd() *cobra.Command {
 			if in == "" {
 				return errors.New("--in FILE is required")
 			}
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			defer cl.Close()
-			pass, err := c.pass.read(c.stdin, c.stderr, false)
-			if err != nil {
-				return err
-			}
-			defer clear(pass)
-			return c.confirm(cmd, cl, in, pass)
+			return c.call(cmd, func(ctx context.Context, cl *client.Client) error {
+				pass, err := c.pass.read(c.stdin, c.stderr, false)
+				if err != nil {
+					return err
+				}
+				defer clear(pass)
+				return c.confirm(ctx, cl, in, pass)
+			})
 		},
 	}
 	cmd.Flags().StringVarP(&in, "in", "i", "", "archive file written by `nkpctl provider backup`")
@@ -378,16 +387,8 @@ func (c *ctl) tokenCmd() *cobra.Command {
 		Short: "create a single-use join token for one host",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			defer cl.Close()
-			t, err := cl.CreateToken(cmd.Context(), ttl)
-			if err != nil {
-				return err
-			}
-			return c.print(t, func(w io.Writer) {
+			createToken := func(cl *client.Client, ctx context.Context) (api.Token, error) { return cl.CreateToken(ctx, ttl) }
+			return show(c, cmd, createToken, func(w io.Writer, t api.Token) {
 				// The secret goes to the host through a 0600 file or stdin, never its argv.
 				fmt.Fprintf(w, "token\t%s\nexpires\t%s\nCA hash\t%s\n\non the host (token on stdin, not in argv):\tnkp-hostd join --provider %s --ca-hash %s --token-file -\n",
 					t.Secret, t.Expires.Format(time.RFC3339), t.CAHash, c.url, t.CAHash)
@@ -405,16 +406,7 @@ func (c *ctl) hostsCmd() *cobra.Command {
 		Short: "list enrolled hosts",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			defer cl.Close()
-			hs, err := cl.Hosts(cmd.Context())
-			if err != nil {
-				return err
-			}
-			return c.print(hs, func(w io.Writer) {
+			return show(c, cmd, (*client.Client).Hosts, func(w io.Writer, hs []api.Host) {
 				fmt.Fprintln(w, "ID\tHOSTNAME\tTPM\tENROLLED\tCERT EXPIRES\tREVOKED")
 				for _, h := range hs {
 					fmt.Fprintf(w, "%s\t%s\t%v\t%s\t%s\t%v\n", h.ID, h.Hostname, h.TPM, h.Enrolled.Format(time.RFC3339),
@@ -431,16 +423,13 @@ func (c *ctl) revokeCmd() *cobra.Command {
 		Short: "refuse a host from now on, on every replica",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			defer cl.Close()
-			if err := cl.Revoke(cmd.Context(), args[0]); err != nil {
-				return err
-			}
-			fmt.Fprintf(c.stderr, "host %s revoked\n", args[0])
-			return nil
+			return c.call(cmd, func(ctx context.Context, cl *client.Client) error {
+				if err := cl.Revoke(ctx, args[0]); err != nil {
+					return err
+				}
+				fmt.Fprintf(c.stderr, "host %s revoked\n", args[0])
+				return nil
+			})
 		},
 	}
 }
@@ -451,16 +440,7 @@ func (c *ctl) rotateCmd() *cobra.Command {
 		Short: "make a new KDK version primary (take a backup afterwards)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			defer cl.Close()
-			v, err := cl.Rotate(cmd.Context())
-			if err != nil {
-				return err
-			}
-			return c.print(v, func(w io.Writer) {
+			return show(c, cmd, (*client.Client).Rotate, func(w io.Writer, v api.KDKVersion) {
 				fmt.Fprintf(w, "KDK v%d\t%s is now primary; take a backup before hosts can get it\n", v.Version, v.ID)
 			})
 		},
@@ -477,16 +457,13 @@ func (c *ctl) retireCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("VERSION %q: want a number like 1 or v1", args[0])
 			}
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			defer cl.Close()
-			if err := cl.Retire(cmd.Context(), v); err != nil {
-				return err
-			}
-			fmt.Fprintf(c.stderr, "KDK v%d retired\n", v)
-			return nil
+			return c.call(cmd, func(ctx context.Context, cl *client.Client) error {
+				if err := cl.Retire(ctx, v); err != nil {
+					return err
+				}
+				fmt.Fprintf(c.stderr, "KDK v%d retired\n", v)
+				return nil
+			})
 		},
 	}
 }
@@ -499,16 +476,10 @@ func (c *ctl) objectsCmd() *cobra.Command {
 		Short: "list the key catalog (by VM, by KDK version)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cl, err := c.client()
-			if err != nil {
-				return err
+			objects := func(cl *client.Client, ctx context.Context) ([]api.Object, error) {
+				return cl.Objects(ctx, vm, kdkVersion)
 			}
-			defer cl.Close()
-			objs, err := cl.Objects(cmd.Context(), vm, kdkVersion)
-			if err != nil {
-				return err
-			}
-			return c.print(objs, func(w io.Writer) {
+			return show(c, cmd, objects, func(w io.Writer, objs []api.Object) {
 				fmt.Fprintln(w, "VM\tOBJECT\tKEY ID\tKDK\tHOST")
 				for _, o := range objs {
 					fmt.Fprintf(w, "%s\t%s\t%s\tv%d %s\t%s\n", o.VMUUID, o.Name, o.KeyID, o.KDKVersion, o.KDKID, o.HostID)
@@ -528,16 +499,8 @@ func (c *ctl) auditCmd() *cobra.Command {
 		Short: "show the last audit records",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			defer cl.Close()
-			recs, err := cl.Audit(cmd.Context(), n)
-			if err != nil {
-				return err
-			}
-			return c.print(recs, func(w io.Writer) {
+			audit := func(cl *client.Client, ctx context.Context) ([]api.AuditRecord, error) { return cl.Audit(ctx, n) }
+			return show(c, cmd, audit, func(w io.Writer, recs []api.AuditRecord) {
 				for _, r := range recs {
 					fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s\t%v\n", r.Seq, r.Time.Format(time.RFC3339), r.Kind, r.Actor, r.Subject, r.Details)
 				}
@@ -550,16 +513,13 @@ func (c *ctl) auditCmd() *cobra.Command {
 		Short: "check the audit log's hash chain",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			defer cl.Close()
-			if err := cl.AuditVerify(cmd.Context()); err != nil {
-				return err
-			}
-			fmt.Fprintln(c.stdout, "audit log: chain intact")
-			return nil
+			return c.call(cmd, func(ctx context.Context, cl *client.Client) error {
+				if err := cl.AuditVerify(ctx); err != nil {
+					return err
+				}
+				fmt.Fprintln(c.stdout, "audit log: chain intact")
+				return nil
+			})
 		},
 	}, c.auditPruneCmd())
 	return cmd
@@ -571,16 +531,7 @@ func (c *ctl) policyCmd() *cobra.Command {
 		Short: "show the provider policy",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			defer cl.Close()
-			p, err := cl.Policy(cmd.Context())
-			if err != nil {
-				return err
-			}
-			return c.printPolicy(p)
+			return show(c, cmd, (*client.Client).Policy, policyTable)
 		},
 	}
 	pol.AddCommand(&cobra.Command{
@@ -592,23 +543,16 @@ func (c *ctl) policyCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			defer cl.Close()
-			got, err := cl.SetPolicy(cmd.Context(), p)
-			if err != nil {
-				return err
-			}
-			return c.printPolicy(got)
+			setPolicy := func(cl *client.Client, ctx context.Context) (api.Policy, error) { return cl.SetPolicy(ctx, p) }
+			return show(c, cmd, setPolicy, policyTable)
 		},
 	})
 	return pol
 }
 
-func (c *ctl) printPolicy(p api.Policy) error {
-	return c.print(p, func(w io.Writer) { fmt.Fprintf(w, "tpm-required\t%s\n", onOff(p.TPMRequired)) })
+// policyTable is the human form of a policy.
+func policyTable(w io.Writer, p api.Policy) {
+	fmt.Fprintf(w, "tpm-required\t%s\n", onOff(p.TPMRequired))
 }
 
 func onOff(b bool) string {

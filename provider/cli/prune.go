@@ -1,12 +1,16 @@
 package cli
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"time"
 
 	"github.com/spf13/cobra"
+
+	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/client"
 )
 
 // auditPruneCmd is `nkpctl provider audit prune --before TIME [--yes]`.
@@ -25,16 +29,10 @@ func (c *ctl) auditPruneCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			cl, err := c.client()
-			if err != nil {
-				return err
+			prune := func(cl *client.Client, ctx context.Context) (api.AuditPruneResponse, error) {
+				return cl.PruneAudit(ctx, before, !yes)
 			}
-			defer cl.Close()
-			res, err := cl.PruneAudit(cmd.Context(), before, !yes)
-			if err != nil {
-				return err
-			}
-			return c.print(res, func(w io.Writer) {
+			return show(c, cmd, prune, func(w io.Writer, res api.AuditPruneResponse) {
 				switch {
 				case res.Deleted == 0:
 					fmt.Fprintf(w, "no audit record before %s can go (the newest confirmed backup anchors record %d)\n", before.Format(time.RFC3339Nano), res.Anchor)
