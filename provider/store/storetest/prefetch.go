@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/nkp-dev/nkp/provider/store"
@@ -174,55 +173,23 @@ func testPrefetchSnapshot(t *testing.T, b Backend) {
 func testPrefetchIncrements(t *testing.T, b Backend) {
 	x, y := pair(t, b)
 	const workers, each = 6, 8
-	var wg sync.WaitGroup
-	errs := make(chan error, workers*each)
-	for w := 0; w < workers; w++ {
-		s := x
-		if w%2 == 1 {
-			s = y
+	failed := concurrently(t, x, y, "increment", workers, each, func(tx store.Tx) error {
+		if err := store.Prefetch(tx, store.Key("pfc", "n"), store.Range("pfc.seq", "")); err != nil {
+			return err
 		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := 0; i < each; i++ {
-				errs <- s.Update(context.Background(), func(tx store.Tx) error {
-					if err := store.Prefetch(tx, store.Key("pfc", "n"), store.Range("pfc.seq", "")); err != nil {
-						return err
-					}
-					n := 0
-					v, err := tx.Get("pfc", "n")
-					switch {
-					case errors.Is(err, store.ErrNotFound):
-					case err != nil:
-						return err
-					default:
-						if n, err = strconv.Atoi(string(v)); err != nil {
-							return err
-						}
-					}
-					seq := 0
-					if err := tx.List("pfc.seq", "", func(string, []byte) error { seq++; return nil }); err != nil {
-						return err
-					}
-					if err := tx.Put("pfc.seq", fmt.Sprintf("%04d", seq), nil); err != nil {
-						return err
-					}
-					return tx.Put("pfc", "n", []byte(strconv.Itoa(n+1)))
-				})
-			}
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	failed := 0
-	for err := range errs {
+		n, err := counter(tx, "pfc", "n")
 		if err != nil {
-			if !errors.Is(err, store.ErrConflict) {
-				t.Fatalf("increment: %v", err)
-			}
-			failed++
+			return err
 		}
-	}
+		seq := 0
+		if err := tx.List("pfc.seq", "", func(string, []byte) error { seq++; return nil }); err != nil {
+			return err
+		}
+		if err := tx.Put("pfc.seq", fmt.Sprintf("%04d", seq), nil); err != nil {
+			return err
+		}
+		return tx.Put("pfc", "n", []byte(strconv.Itoa(n+1)))
+	})
 	want := workers*each - failed
 	if got := get(t, x, "pfc", "n"); got != strconv.Itoa(want) {
 		t.Fatalf("counter = %s after %d successful increments: an update was lost", got, want)

@@ -458,6 +458,23 @@ func pair(t *testing.T, b Backend) (store.Store, store.Store) {
 func testIncrements(t *testing.T, b Backend) {
 	x, y := pair(t, b)
 	const workers, each = 6, 10
+	failed := concurrently(t, x, y, "increment", workers, each, func(tx store.Tx) error {
+		return increment(tx, "ctr", "n")
+	})
+	want := workers*each - failed
+	if got := get(t, x, "ctr", "n"); got != strconv.Itoa(want) {
+		t.Fatalf("counter = %s after %d successful increments (%d gave up with ErrConflict): an update was lost", got, want, failed)
+	}
+	if failed > workers*each/2 {
+		t.Fatalf("%d of %d updates gave up with ErrConflict; retries should absorb most conflicts", failed, workers*each)
+	}
+}
+
+// concurrently runs update workers times each times in as many goroutines, alternating
+// the handles x and y, and returns how many of the Updates gave up with ErrConflict; any
+// other error fails the test, named by op.
+func concurrently(t *testing.T, x, y store.Store, op string, workers, each int, update func(tx store.Tx) error) int {
+	t.Helper()
 	var wg sync.WaitGroup
 	errs := make(chan error, workers*each)
 	for w := 0; w < workers; w++ {
@@ -469,20 +486,7 @@ func testIncrements(t *testing.T, b Backend) {
 		go func() {
 			defer wg.Done()
 			for i := 0; i < each; i++ {
-				errs <- s.Update(context.Background(), func(tx store.Tx) error {
-					n := 0
-					v, err := tx.Get("ctr", "n")
-					switch {
-					case errors.Is(err, store.ErrNotFound):
-					case err != nil:
-						return err
-					default:
-						if n, err = strconv.Atoi(string(v)); err != nil {
-							return err
-						}
-					}
-					return tx.Put("ctr", "n", []byte(strconv.Itoa(n+1)))
-				})
+				errs <- s.Update(context.Background(), update)
 			}
 		}()
 	}
@@ -492,18 +496,33 @@ func testIncrements(t *testing.T, b Backend) {
 	for err := range errs {
 		if err != nil {
 			if !errors.Is(err, store.ErrConflict) {
-				t.Fatalf("increment: %v", err)
+				t.Fatalf("%s: %v", op, err)
 			}
 			failed++
 		}
 	}
-	want := workers*each - failed
-	if got := get(t, x, "ctr", "n"); got != strconv.Itoa(want) {
-		t.Fatalf("counter = %s after %d successful increments (%d gave up with ErrConflict): an update was lost", got, want, failed)
+	return failed
+}
+
+// increment adds one to the decimal counter at bucket/key in tx.
+func increment(tx store.Tx, bucket, key string) error {
+	n, err := counter(tx, bucket, key)
+	if err != nil {
+		return err
 	}
-	if failed > workers*each/2 {
-		t.Fatalf("%d of %d updates gave up with ErrConflict; retries should absorb most conflicts", failed, workers*each)
+	return tx.Put(bucket, key, []byte(strconv.Itoa(n+1)))
+}
+
+// counter reads the decimal counter at bucket/key in tx (a missing key counts 0).
+func counter(tx store.Tx, bucket, key string) (int, error) {
+	v, err := tx.Get(bucket, key)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		return 0, nil
+	case err != nil:
+		return 0, err
 	}
+	return strconv.Atoi(string(v))
 }
 
 // testPhantoms: each transaction counts the keys of a bucket with List and inserts key
@@ -512,39 +531,14 @@ func testIncrements(t *testing.T, b Backend) {
 func testPhantoms(t *testing.T, b Backend) {
 	x, y := pair(t, b)
 	const workers, each = 4, 8
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	ok := 0
-	for w := 0; w < workers; w++ {
-		s := x
-		if w%2 == 1 {
-			s = y
+	failed := concurrently(t, x, y, "insert", workers, each, func(tx store.Tx) error {
+		n := 0
+		if err := tx.List("seq", "", func(string, []byte) error { n++; return nil }); err != nil {
+			return err
 		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := 0; i < each; i++ {
-				err := s.Update(context.Background(), func(tx store.Tx) error {
-					n := 0
-					if err := tx.List("seq", "", func(string, []byte) error { n++; return nil }); err != nil {
-						return err
-					}
-					return tx.Put("seq", fmt.Sprintf("%04d", n), []byte("x"))
-				})
-				if err != nil && !errors.Is(err, store.ErrConflict) {
-					t.Errorf("insert: %v", err)
-					return
-				}
-				if err == nil {
-					mu.Lock()
-					ok++
-					mu.Unlock()
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	if got := len(list(t, x, "seq", "")); got != ok {
+		return tx.Put("seq", fmt.Sprintf("%04d", n), []byte("x"))
+	})
+	if got, ok := len(list(t, x, "seq", "")), workers*each-failed; got != ok {
 		t.Fatalf("bucket holds %d keys after %d successful inserts: a List missed a concurrent insert", got, ok)
 	}
 }
