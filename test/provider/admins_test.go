@@ -6,7 +6,6 @@ import (
 	"testing"
 
 	"github.com/nkp-dev/nkp/provider/api"
-	"github.com/nkp-dev/nkp/test/etcdtest"
 )
 
 // TestAdminRevocation: an administrator added through replica A works on both replicas
@@ -15,13 +14,8 @@ import (
 // revoked; a backup carries the revocation into a restored provider.
 func TestAdminRevocation(t *testing.T) {
 	b := build(t)
-	etcd := etcdtest.New(t, etcdtest.Config{})
-	storeArgs := []string{"--store", "etcd", "--etcd-endpoints", strings.Join(etcd.Endpoints(), ",")}
-	dirA := b.initProvider(t, storeArgs...)
-	dirB := filepath.Join(t.TempDir(), "replica-b")
-	copyReplicaFiles(t, dirA, dirB)
-	a := b.serve(t, dirA, storeArgs...)
-	bb := b.serve(t, dirB, storeArgs...)
+	p := b.replicas(t)
+	dirA, dirB, a, bb := p.dirA, p.dirB, p.a, p.b
 
 	bobDir := filepath.Join(t.TempDir(), "bob")
 	b.mustCtl(t, dirA, a.url, "", "admins", "add", "bob", "--out", bobDir)

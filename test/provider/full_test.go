@@ -2,7 +2,6 @@ package provider_test
 
 import (
 	"context"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -21,10 +20,10 @@ func TestFullStore(t *testing.T) {
 	b := build(t)
 	ctx := context.Background()
 	etcd := etcdtest.New(t, etcdtest.Config{QuotaBytes: 4 << 20})
-	storeArgs := []string{"--store", "etcd", "--etcd-endpoints", strings.Join(etcd.Endpoints(), ",")}
+	storeArgs := etcdStoreArgs(etcd)
 	dir := b.initProvider(t, storeArgs...)
 	s := b.serve(t, dir, append(storeArgs, "--release-audit-window", "-1s")...) // audit every fetch
-	b.mustCtl(t, dir, s.url, "", "backup", "--passphrase-file", writeFile(t, filepath.Join(t.TempDir(), "p"), "pw"), "--out", filepath.Join(t.TempDir(), "b.age"))
+	b.backUp(t, dir, s.url)
 	h := b.mustJoin(t, s, "kvm-01")
 	before, err := h.c.Release(ctx)
 	if err != nil {

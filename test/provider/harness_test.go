@@ -36,6 +36,7 @@ import (
 	"github.com/nkp-dev/nkp/provider/api/daemon"
 	"github.com/nkp-dev/nkp/provider/client"
 	"github.com/nkp-dev/nkp/test/e2e"
+	"github.com/nkp-dev/nkp/test/etcdtest"
 )
 
 func TestMain(m *testing.M) {
@@ -325,4 +326,34 @@ func readNotify(t *testing.T, c *net.UnixConn) string {
 		t.Fatalf("no sd_notify message within 30 s: %v", err)
 	}
 	return string(buf[:n])
+}
+
+// etcdStoreArgs are the flags that put a provider's store in etcd.
+func etcdStoreArgs(etcd *etcdtest.Cluster) []string {
+	return []string{"--store", "etcd", "--etcd-endpoints", strings.Join(etcd.Endpoints(), ",")}
+}
+
+// backUp takes a backup through the provider at url with the admin in dir (passphrase
+// "pw", archive in a temporary directory), so that it may release keys.
+func (b bins) backUp(t *testing.T, dir, url string) {
+	t.Helper()
+	b.mustCtl(t, dir, url, "", "backup", "--passphrase-file", writeFile(t, filepath.Join(t.TempDir(), "p"), "pw"), "--out", filepath.Join(t.TempDir(), "b.age"))
+}
+
+// replicaPair is two nkp-provider replicas on one etcd with the same root key and
+// admin credentials.
+type replicaPair struct {
+	dirA, dirB string  // their directories
+	a, b       *server // the running replicas
+}
+
+// replicas initialises a provider on a fresh etcd and serves it from two replicas.
+func (b bins) replicas(t *testing.T) replicaPair {
+	t.Helper()
+	storeArgs := etcdStoreArgs(etcdtest.New(t, etcdtest.Config{}))
+	p := replicaPair{dirA: b.initProvider(t, storeArgs...), dirB: filepath.Join(t.TempDir(), "replica-b")}
+	copyReplicaFiles(t, p.dirA, p.dirB)
+	p.a = b.serve(t, p.dirA, storeArgs...)
+	p.b = b.serve(t, p.dirB, storeArgs...)
+	return p
 }

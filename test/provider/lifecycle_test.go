@@ -162,7 +162,7 @@ func TestClientCertificates(t *testing.T) {
 	ctx := context.Background()
 	dirA := b.initProvider(t)
 	s := b.serve(t, dirA)
-	b.mustCtl(t, dirA, s.url, "", "backup", "--passphrase-file", writeFile(t, filepath.Join(t.TempDir(), "p"), "pw"), "--out", filepath.Join(t.TempDir(), "b.age"))
+	b.backUp(t, dirA, s.url)
 	h := b.mustJoin(t, s, "kvm-01")
 	if _, err := h.c.Release(ctx); err != nil {
 		t.Fatalf("release: %v", err)

@@ -2,14 +2,12 @@ package provider_test
 
 import (
 	"context"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/nkp-dev/nkp/provider/api"
 	"github.com/nkp-dev/nkp/provider/client"
-	"github.com/nkp-dev/nkp/test/etcdtest"
 )
 
 // TestRenewOnOtherReplica: a host enrolled on replica A renews its certificate (new key)
@@ -18,14 +16,9 @@ import (
 func TestRenewOnOtherReplica(t *testing.T) {
 	b := build(t)
 	ctx := context.Background()
-	etcd := etcdtest.New(t, etcdtest.Config{})
-	storeArgs := []string{"--store", "etcd", "--etcd-endpoints", strings.Join(etcd.Endpoints(), ",")}
-	dirA := b.initProvider(t, storeArgs...)
-	dirB := filepath.Join(t.TempDir(), "replica-b")
-	copyReplicaFiles(t, dirA, dirB)
-	a := b.serve(t, dirA, storeArgs...)
-	bb := b.serve(t, dirB, storeArgs...)
-	b.mustCtl(t, dirA, a.url, "", "backup", "--passphrase-file", writeFile(t, filepath.Join(t.TempDir(), "p"), "pw"), "--out", filepath.Join(t.TempDir(), "b.age"))
+	p := b.replicas(t)
+	dirA, dirB, a, bb := p.dirA, p.dirB, p.a, p.b
+	b.backUp(t, dirA, a.url)
 
 	h := b.mustJoin(t, a, "kvm-renew")
 	oldOnA := h.c // the enrolled certificate, on A

@@ -4,7 +4,6 @@ import (
 	"context"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -14,7 +13,6 @@ import (
 	"github.com/nkp-dev/nkp/provider/api/daemon"
 	"github.com/nkp-dev/nkp/provider/client"
 	"github.com/nkp-dev/nkp/test/e2e"
-	"github.com/nkp-dev/nkp/test/etcdtest"
 )
 
 // copyReplicaFiles gives a second replica the same root key and admin credentials.
@@ -40,14 +38,9 @@ func copyReplicaFiles(t *testing.T, from, to string) {
 func TestReplicasOnEtcd(t *testing.T) {
 	b := build(t)
 	ctx := context.Background()
-	etcd := etcdtest.New(t, etcdtest.Config{})
-	storeArgs := []string{"--store", "etcd", "--etcd-endpoints", strings.Join(etcd.Endpoints(), ",")}
-	dirA := b.initProvider(t, storeArgs...)
-	dirB := filepath.Join(t.TempDir(), "replica-b")
-	copyReplicaFiles(t, dirA, dirB)
-	a := b.serve(t, dirA, storeArgs...)
-	bb := b.serve(t, dirB, storeArgs...)
-	b.mustCtl(t, dirA, a.url, "", "backup", "--passphrase-file", writeFile(t, filepath.Join(t.TempDir(), "p"), "pw"), "--out", filepath.Join(t.TempDir(), "b.age"))
+	p := b.replicas(t)
+	dirA, dirB, a, bb := p.dirA, p.dirB, p.a, p.b
+	b.backUp(t, dirA, a.url)
 
 	var st api.Status
 	b.ctlJSON(t, dirB, bb.url, &st, "status")

@@ -87,7 +87,7 @@ func TestRootKeyTPM(t *testing.T) {
 	}
 
 	s := b.serve(t, dir, "--root-key-tpm", mine)
-	b.mustCtl(t, dir, s.url, "", "backup", "--passphrase-file", writeFile(t, filepath.Join(t.TempDir(), "p"), "pw"), "--out", filepath.Join(t.TempDir(), "b.age"))
+	b.backUp(t, dir, s.url)
 	var st api.Status
 	b.ctlJSON(t, dir, s.url, &st, "status")
 	if st.State != "Active" {

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/x509"
-	"path/filepath"
 	"testing"
 
 	"github.com/google/go-tpm-tools/client"
@@ -24,7 +23,7 @@ func TestTPMHost(t *testing.T) {
 	ctx := context.Background()
 	dir := b.initProvider(t)
 	s := b.serve(t, dir)
-	b.mustCtl(t, dir, s.url, "", "backup", "--passphrase-file", writeFile(t, filepath.Join(t.TempDir(), "p"), "pw"), "--out", filepath.Join(t.TempDir(), "b.age"))
+	b.backUp(t, dir, s.url)
 
 	sim, err := simulator.Get()
 	if err != nil {
