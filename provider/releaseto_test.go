@@ -15,25 +15,10 @@ import (
 	"github.com/nkp-dev/nkp/provider/store"
 	"github.com/nkp-dev/nkp/provider/store/boltstore"
 	"github.com/nkp-dev/nkp/provider/store/etcdstore"
+	"github.com/nkp-dev/nkp/provider/store/etcdstore/etcdcount"
 	"github.com/nkp-dev/nkp/provider/store/mem"
 	"github.com/nkp-dev/nkp/test/etcdtest"
 )
-
-// countingKV counts the requests that reach etcd's KV service.
-type countingKV struct {
-	clientv3.KV
-	n *atomic.Int64
-}
-
-func (c countingKV) Get(ctx context.Context, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error) {
-	c.n.Add(1)
-	return c.KV.Get(ctx, key, opts...)
-}
-
-func (c countingKV) Txn(ctx context.Context) clientv3.Txn {
-	c.n.Add(1)
-	return c.KV.Txn(ctx)
-}
 
 // TestReleaseToOnReplicas: replica b serves a host's repeated fetches (ReleaseTo, as the
 // API's key fetch) from one read of the store, and still sees at once a revocation,
@@ -65,8 +50,7 @@ func TestReleaseToOnReplicas(t *testing.T) {
 				t.Fatal(err)
 			}
 			t.Cleanup(func() { cli.Close() })
-			n := new(atomic.Int64)
-			cli.KV = countingKV{KV: cli.KV, n: n}
+			n := etcdcount.Requests(cli)
 			b, err := etcdstore.New(cli, etcdstore.Config{})
 			if err != nil {
 				t.Fatal(err)

@@ -2,31 +2,14 @@ package etcdstore_test
 
 import (
 	"context"
-	"sync/atomic"
 	"testing"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/nkp-dev/nkp/provider/store"
 	"github.com/nkp-dev/nkp/provider/store/etcdstore"
+	"github.com/nkp-dev/nkp/provider/store/etcdstore/etcdcount"
 )
-
-// countingKV counts the requests that reach etcd's KV service (a Txn counts when made:
-// the store commits every Txn it makes).
-type countingKV struct {
-	clientv3.KV
-	n *atomic.Int64
-}
-
-func (c countingKV) Get(ctx context.Context, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error) {
-	c.n.Add(1)
-	return c.KV.Get(ctx, key, opts...)
-}
-
-func (c countingKV) Txn(ctx context.Context) clientv3.Txn {
-	c.n.Add(1)
-	return c.KV.Txn(ctx)
-}
 
 // TestPrefetchRoundTrips: a transaction that prefetches what it reads costs one etcd
 // request, whatever it then Gets and Lists of it; without Prefetch each read is one.
@@ -38,8 +21,7 @@ func TestPrefetchRoundTrips(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cli.Close()
-	var n atomic.Int64
-	cli.KV = countingKV{KV: cli.KV, n: &n}
+	n := etcdcount.Requests(cli)
 	s, err := etcdstore.New(cli, etcdstore.Config{Prefix: "/test/" + t.Name() + "/"})
 	if err != nil {
 		t.Fatal(err)
