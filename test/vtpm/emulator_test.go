@@ -15,7 +15,6 @@ import (
 	"strings"
 	"syscall"
 	"testing"
-	"text/template"
 	"time"
 
 	"github.com/nkp-dev/nkp/swtpm/envelope"
@@ -330,35 +329,6 @@ func readStateFiles(t *testing.T, dir string) map[string][]byte {
 	return files
 }
 
-// emulatorDomainXML is a persistent TCG domain booting the test guest with libvirt's own
-// swtpm (<backend type='emulator'>), its state encrypted under a libvirt secret.
-var emulatorDomainXML = template.Must(template.New("emulator").Funcs(template.FuncMap{"x": xmlEscape}).Parse(`<domain type='qemu'>
-  <name>{{x .Name}}</name>
-  <uuid>{{x .UUID}}</uuid>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{{x .Kernel}}</kernel>
-    <initrd>{{x .Initrd}}</initrd>
-    <cmdline>{{x .Cmdline}}</cmdline>
-  </os>
-  <features><acpi/><apic/></features>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <serial type='file'><source path='{{x .Console}}'/><target port='0'/></serial>
-    <console type='file'><source path='{{x .Console}}'/><target type='serial' port='0'/></console>
-    <tpm model='tpm-crb'>
-      <backend type='emulator' version='2.0'><encryption secret='{{x .Secret}}'/></backend>
-    </tpm>
-    <controller type='usb' model='none'/>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-`))
-
 // emulatorVM is a persistent libvirt domain with an emulator TPM, undefined (with its
 // TPM state) and its secret removed at the end of the test.
 type emulatorVM struct {
@@ -375,14 +345,11 @@ func newEmulatorVM(t *testing.T, a guest.Artifacts, dir string) *emulatorVM {
 	t.Helper()
 	u := randHex(t, 16)
 	vm := &emulatorVM{
-		name:   emulatorPrefix + randHex(t, 6),
-		uuid:   u[0:8] + "-" + u[8:12] + "-" + u[12:16] + "-" + u[16:20] + "-" + u[20:32],
-		dir:    dir,
-		kernel: filepath.Join(dir, "vmlinuz"),
-		initrd: filepath.Join(dir, "initrd.gz"),
+		name: emulatorPrefix + randHex(t, 6),
+		uuid: u[0:8] + "-" + u[8:12] + "-" + u[12:16] + "-" + u[16:20] + "-" + u[20:32],
+		dir:  dir,
 	}
-	copyTo(t, a.Kernel, vm.kernel)
-	copyTo(t, a.Initrd, vm.initrd)
+	vm.kernel, vm.initrd = copyGuest(t, a, dir)
 	vm.defineSecret(t)
 	t.Cleanup(func() {
 		virsh("destroy", vm.name)
@@ -445,18 +412,10 @@ func (vm *emulatorVM) define(t *testing.T, consoleName string, cfg guest.Config)
 		t.Fatal(err)
 	}
 	vm.console = console(filepath.Join(vm.dir, consoleName))
-	var buf bytes.Buffer
-	err = emulatorDomainXML.Execute(&buf, map[string]string{
-		"Name": vm.name, "UUID": vm.uuid, "Kernel": vm.kernel, "Initrd": vm.initrd,
-		"Cmdline": args, "Console": string(vm.console), "Secret": vm.secret,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	xmlPath := filepath.Join(vm.dir, "domain.xml")
-	if err := os.WriteFile(xmlPath, buf.Bytes(), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	xmlPath := domainSpec{
+		Name: vm.name, UUID: vm.uuid, Kernel: vm.kernel, Initrd: vm.initrd,
+		Cmdline: args, Console: string(vm.console), Secret: vm.secret,
+	}.write(t, vm.dir)
 	vm.virsh(t, "define", xmlPath)
 }
 

@@ -3,7 +3,6 @@ package vtpm
 import (
 	"bytes"
 	"context"
-	"encoding/xml"
 	"fmt"
 	"io"
 	"os"
@@ -12,7 +11,6 @@ import (
 	"strconv"
 	"strings"
 	"testing"
-	"text/template"
 	"time"
 
 	"github.com/nkp-dev/nkp/test/e2e"
@@ -48,39 +46,6 @@ func virsh(args ...string) (string, error) {
 	return string(out), nil
 }
 
-// domainXML is a transient TCG domain booting the test guest with an external vTPM.
-var domainXML = template.Must(template.New("domain").Funcs(template.FuncMap{"x": xmlEscape}).Parse(`<domain type='qemu'>
-  <name>{{x .Name}}</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{{x .Kernel}}</kernel>
-    <initrd>{{x .Initrd}}</initrd>
-    <cmdline>{{x .Cmdline}}</cmdline>
-  </os>
-  <features><acpi/><apic/></features>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <serial type='file'><source path='{{x .Console}}'/><target port='0'/></serial>
-    <console type='file'><source path='{{x .Console}}'/><target type='serial' port='0'/></console>
-    <tpm model='tpm-crb'>
-      <backend type='external'><source type='unix' mode='connect' path='{{x .Socket}}'/></backend>
-    </tpm>
-    <controller type='usb' model='none'/>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-`))
-
-func xmlEscape(s string) string {
-	var b strings.Builder
-	xml.EscapeText(&b, []byte(s))
-	return b.String()
-}
-
 // libvirtVM is a transient libvirt domain: it disappears when the guest powers off.
 type libvirtVM struct {
 	name    string
@@ -96,21 +61,11 @@ func createDomain(t *testing.T, a guest.Artifacts, dir string, v *vtpm, cfg gues
 		t.Fatal(err)
 	}
 	vm := &libvirtVM{name: "nkp-vtpm-" + randHex(t, 6), console: console(filepath.Join(dir, "console.log"))}
-	kernel, initrd := filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.gz")
-	copyTo(t, a.Kernel, kernel)
-	copyTo(t, a.Initrd, initrd)
-	var buf bytes.Buffer
-	err = domainXML.Execute(&buf, map[string]string{
-		"Name": vm.name, "Kernel": kernel, "Initrd": initrd, "Cmdline": args,
-		"Console": string(vm.console), "Socket": v.sock,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	xmlPath := filepath.Join(dir, "domain.xml")
-	if err := os.WriteFile(xmlPath, buf.Bytes(), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	kernel, initrd := copyGuest(t, a, dir)
+	xmlPath := domainSpec{
+		Name: vm.name, Kernel: kernel, Initrd: initrd, Cmdline: args,
+		Console: string(vm.console), Socket: v.sock,
+	}.write(t, dir)
 	t.Cleanup(func() { virsh("destroy", vm.name) })
 	if _, err := virsh("create", xmlPath); err != nil {
 		t.Fatalf("start domain: %v\n%s", err, v.logTail())
