@@ -58,20 +58,6 @@ func listAdmins(tx store.Tx) ([]adminRecord, error) {
 	return out, nil
 }
 
-// isSerial reports whether s looks like a certificate serial as the provider prints it
-// (lower-case hex, at most 40 digits: 20 bytes, RFC 5280's bound).
-func isSerial(s string) bool {
-	if s == "" || len(s) > 40 {
-		return false
-	}
-	for _, r := range s {
-		if !(r >= '0' && r <= '9' || r >= 'a' && r <= 'f') {
-			return false
-		}
-	}
-	return true
-}
-
 // Admins lists the administrator certificates issued (by init, restore or `admins add`),
 // revoked ones included, oldest first. Certificates issued before nkp kept this record
 // are not listed (their serials are in the audit log, kind admin_cert).
@@ -135,7 +121,7 @@ func (p *Provider) RevokeAdmin(ctx context.Context, ref string) ([]Admin, error)
 			return nil // every certificate of that name is revoked already
 		}
 		if len(targets) == 0 {
-			if !isSerial(serial) {
+			if !ca.IsSerial(serial) {
 				return fmt.Errorf("admin %q: %w: no admin certificate has this name or serial; list them with `nkpctl provider admins`", ref, ErrNotFound)
 			}
 			targets = []adminRecord{{Name: "", Serial: serial}}

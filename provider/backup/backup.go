@@ -265,7 +265,7 @@ func (d *Document) Validate() error {
 	}
 	serials := map[string]bool{}
 	for i, a := range d.Admins {
-		if !isSerial(a.Serial) {
+		if !ca.IsSerial(a.Serial) {
 			return fmt.Errorf("admins[%d]: serial %.44q is not lower-case hex: %w", i, a.Serial, ErrBadArchive)
 		}
 		if serials[a.Serial] {
@@ -297,20 +297,6 @@ func (d *Document) Validate() error {
 		objects[k] = true
 	}
 	return nil
-}
-
-// isSerial reports whether s is a certificate serial as the provider writes it: 1 to 40
-// lower-case hex digits.
-func isSerial(s string) bool {
-	if s == "" || len(s) > 40 {
-		return false
-	}
-	for _, r := range s {
-		if !(r >= '0' && r <= '9' || r >= 'a' && r <= 'f') {
-			return false
-		}
-	}
-	return true
 }
 
 func checkUUID(field, s string) error {

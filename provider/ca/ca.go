@@ -216,6 +216,20 @@ func (c *CA) issue(csrDER []byte, subject pkix.Name, eku []x509.ExtKeyUsage, dns
 	return Issued{DER: der, Serial: serial.Text(16), Cert: cert}, nil
 }
 
+// IsSerial reports whether s is a certificate serial as the CA writes it (Issued.Serial):
+// 1 to 40 lower-case hex digits (at most 20 bytes, RFC 5280's bound).
+func IsSerial(s string) bool {
+	if s == "" || len(s) > 40 {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= '0' && r <= '9' || r >= 'a' && r <= 'f') {
+			return false
+		}
+	}
+	return true
+}
+
 // ParseCSR parses a DER certificate request, checks its self-signature and accepts only
 // ECDSA P-256/P-384, Ed25519 or RSA of 2048 bits or more.
 func ParseCSR(der []byte) (*x509.CertificateRequest, error) {

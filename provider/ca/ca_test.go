@@ -136,3 +136,26 @@ func TestParseCSRRefuses(t *testing.T) {
 		t.Fatalf("good CSR: %v", err)
 	}
 }
+
+func TestIsSerial(t *testing.T) {
+	tests := []struct {
+		s    string
+		want bool
+	}{
+		{"", false},
+		{"0", true},
+		{"1f3a", true},
+		{"1F3A", false},
+		{"-1", false},
+		{"0x1f", false},
+		{" 1f", false},
+		{strings.Repeat("f", 40), true},
+		{strings.Repeat("f", 41), false},
+		{"g", false},
+	}
+	for _, tt := range tests {
+		if got := IsSerial(tt.s); got != tt.want {
+			t.Errorf("IsSerial(%q) = %v, want %v", tt.s, got, tt.want)
+		}
+	}
+}
