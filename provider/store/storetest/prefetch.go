@@ -101,12 +101,7 @@ func testPrefetchSameResults(t *testing.T, b Backend) {
 // testPrefetchLinearizable: a write committed (on either handle) before a transaction
 // starts is seen by that transaction's Prefetch, and by the Gets and Lists it serves.
 func testPrefetchLinearizable(t *testing.T, b Backend) {
-	x, y := pair(t, b)
-	for i := 0; i < 20; i++ {
-		w, r := x, y
-		if i%2 == 1 {
-			w, r = y, x
-		}
+	alternating(t, b, 20, func(i int, w, r store.Store) {
 		put(t, w, "pfl", "k", strconv.Itoa(i), "pfl", "r"+strconv.Itoa(i), "x")
 		var got string
 		var n int
@@ -127,7 +122,7 @@ func testPrefetchLinearizable(t *testing.T, b Backend) {
 		if got != strconv.Itoa(i) || n != i+1 {
 			t.Fatalf("write %d committed before the View: the View read k=%q and %d keys r*", i, got, n)
 		}
-	}
+	})
 }
 
 // testPrefetchSnapshot: what a View reads after its Prefetch (prefetched or not) is one

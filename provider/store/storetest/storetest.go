@@ -545,16 +545,24 @@ func testPhantoms(t *testing.T, b Backend) {
 
 // testVisible: once Update returns, a View on the other handle sees the write.
 func testVisible(t *testing.T, b Backend) {
-	x, y := pair(t, b)
-	for i := 0; i < 20; i++ {
-		w, r := x, y
-		if i%2 == 1 {
-			w, r = y, x
-		}
+	alternating(t, b, 20, func(i int, w, r store.Store) {
 		put(t, w, "vis", "k", strconv.Itoa(i))
 		if got := get(t, r, "vis", "k"); got != strconv.Itoa(i) {
 			t.Fatalf("write %d: the other handle reads %q", i, got)
 		}
+	})
+}
+
+// alternating calls f n times with a writer and a reader handle of a pair, swapping them
+// each time (one store when the backend has no Pair).
+func alternating(t *testing.T, b Backend, n int, f func(i int, w, r store.Store)) {
+	x, y := pair(t, b)
+	for i := 0; i < n; i++ {
+		w, r := x, y
+		if i%2 == 1 {
+			w, r = y, x
+		}
+		f(i, w, r)
 	}
 }
 
