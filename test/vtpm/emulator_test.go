@@ -83,7 +83,6 @@ type emulatorEnv struct {
 // NV (GET/SET_STATEBLOB under the migration key); that NV survives `virsh destroy` +
 // `virsh start`; and that `virsh undefine --tpm` removes the state.
 func emulatorLifecycle(t *testing.T, env emulatorEnv) {
-	ov, tss := env.ov, env.tss
 	dir := workDir(t)
 	vm := newEmulatorVM(t, env.a, dir)
 	value := "emu-" + randHex(t, 6)
@@ -97,19 +96,17 @@ func emulatorLifecycle(t *testing.T, env emulatorEnv) {
 	if _, err := os.Stat(vm.storage()); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("state %s exists before the first start (stat: %v): a leftover of another domain with this UUID?", vm.storage(), err)
 	}
-	ov.during(t, func() { vm.virsh(t, "start", vm.name) })
-	pid := vm.checkTPMProcess(t, ov, tss)
-	recs := vm.console.waitFor(t, "the first loop line", vm.stopped, has("loop", ""))
-	checkTPMInfo(t, recs)
+	pid := vm.runNKP(t, env, "start", vm.name)
+	recs := vm.waitFirstLoop(t)
 	if v, _ := guest.Last(recs, "nvwrite"); v != "ok" {
 		t.Errorf("guest nvwrite = %q, want ok", v)
 	}
 	vm.checkSetupLog(t, pid)
 	// The state as swtpm_setup left it and nkp-swtpm then wrote it in place (the guest's
 	// NV write): the mode must be libvirt's 0600 already, not swtpm_setup's 0640.
-	vm.checkState(t, tss, value)
-	pcr0, _ := guest.Last(recs, "pcr0")
-	pcr16, _ := guest.Last(recs, "pcr16")
+	vm.checkState(t, env.tss, value)
+	before := lastValues(recs, "pcr0", "pcr16")
+	before["nv"] = value
 
 	// virsh save + restore: the state blobs travel in the save image, encrypted with
 	// the migration key, into a new nkp-swtpm process on the same state directory.
@@ -118,36 +115,18 @@ func emulatorLifecycle(t *testing.T, env emulatorEnv) {
 	vm.waitNoTPM(t)
 	vm.checkSavedTPMBlob(t, image)
 	lastLoop := lastLoopIndex(vm.console.records())
-	ov.during(t, func() { vm.virsh(t, "restore", image) })
-	vm.checkTPMProcess(t, ov, tss)
-	after := vm.console.waitFor(t, fmt.Sprintf("a loop line after #%d", lastLoop), vm.stopped, func(r []guest.Record) bool {
-		return lastLoopIndex(r) > lastLoop
-	})
-	if v, _ := guest.Last(after, "pcr16"); v != pcr16 {
-		t.Errorf("after virsh restore PCR16 = %s, want %s (extended before the save)", v, pcr16)
-	}
-	if v, _ := guest.Last(after, "pcr0"); v != pcr0 {
-		t.Errorf("after virsh restore PCR0 = %s, want %s", v, pcr0)
-	}
-	if v, _ := guest.Last(after, "nv"); v != value {
-		t.Errorf("after virsh restore the guest reads NV %q, want %q", v, value)
-	}
+	vm.runNKP(t, env, "restore", image)
+	checkKept(t, "virsh restore", vm.console.waitLoopAfter(t, lastLoop, vm.stopped), before)
 
 	// virsh destroy (power cut, no TPM2_Shutdown) + virsh start with a guest that only
 	// reads NV: the value must come from the state nkp-swtpm stored under libvirt.
 	vm.define(t, "console2.log", guest.Config{Actions: []string{guest.ActionNVRead}})
 	vm.virsh(t, "destroy", vm.name)
 	vm.waitNoTPM(t)
-	vm.checkState(t, tss, value)
-	ov.during(t, func() { vm.virsh(t, "start", vm.name) })
-	vm.checkTPMProcess(t, ov, tss)
-	recs = vm.console.waitFor(t, "done=ok", vm.stopped, has("done", "ok"))
-	checkTPMInfo(t, recs)
-	if v, _ := guest.Last(recs, "nv"); v != value {
-		t.Errorf("after virsh destroy + start the guest reads NV %q, want %q", v, value)
-	}
-	e2e.WaitFor(t, bootTimeout, "domain "+vm.name+" to power off", vm.stopped)
-	vm.waitNoTPM(t)
+	vm.checkState(t, env.tss, value)
+	vm.runNKP(t, env, "start", vm.name)
+	checkKept(t, "virsh destroy + start", vm.waitDone(t), map[string]string{"nv": value})
+	vm.waitPowerOff(t)
 
 	// virsh undefine --tpm removes the state directory libvirt made.
 	if _, err := os.Stat(vm.storage()); err != nil {
@@ -169,15 +148,11 @@ func emulatorTakeOver(t *testing.T, env emulatorEnv) {
 	value := "swtpm-" + randHex(t, 6)
 
 	vm.define(t, "console1.log", guest.Config{Actions: []string{guest.ActionNVWrite}, NV: value})
-	vm.virsh(t, "start", vm.name) // no override: Debian's swtpm
-	vm.checkDebianTPM(t, env.ov)
-	recs := vm.console.waitFor(t, "done=ok", vm.stopped, has("done", "ok"))
-	checkTPMInfo(t, recs)
-	if v, _ := guest.Last(recs, "nvwrite"); v != "ok" {
+	vm.runDebian(t, env, "start", vm.name)
+	if v, _ := guest.Last(vm.waitDone(t), "nvwrite"); v != "ok" {
 		t.Fatalf("guest nvwrite under Debian's swtpm = %q, want ok", v)
 	}
-	e2e.WaitFor(t, bootTimeout, "domain "+vm.name+" to power off", vm.stopped)
-	vm.waitNoTPM(t)
+	vm.waitPowerOff(t)
 	b, err := os.ReadFile(filepath.Join(vm.storage(), "tpm2-00.permall"))
 	if err != nil {
 		t.Fatal(err)
@@ -187,15 +162,9 @@ func emulatorTakeOver(t *testing.T, env emulatorEnv) {
 	}
 
 	vm.define(t, "console2.log", guest.Config{Actions: []string{guest.ActionNVRead}})
-	env.ov.during(t, func() { vm.virsh(t, "start", vm.name) })
-	vm.checkTPMProcess(t, env.ov, env.tss)
-	recs = vm.console.waitFor(t, "done=ok", vm.stopped, has("done", "ok"))
-	checkTPMInfo(t, recs)
-	if v, _ := guest.Last(recs, "nv"); v != value {
-		t.Errorf("nkp-swtpm on swtpm's state: the guest reads NV %q, want %q", v, value)
-	}
-	e2e.WaitFor(t, bootTimeout, "domain "+vm.name+" to power off", vm.stopped)
-	vm.waitNoTPM(t)
+	vm.runNKP(t, env, "start", vm.name)
+	checkKept(t, "nkp-swtpm's start on swtpm's state", vm.waitDone(t), map[string]string{"nv": value})
+	vm.waitPowerOff(t)
 	vm.checkState(t, env.tss, value)
 }
 
@@ -213,38 +182,22 @@ func emulatorBackToSwtpm(t *testing.T, env emulatorEnv) {
 		Actions: []string{guest.ActionNVWrite, guest.ActionExtend, guest.ActionLoop},
 		NV:      value, Extend: "under-nkp", Loop: 600,
 	})
-	env.ov.during(t, func() { vm.virsh(t, "start", vm.name) })
-	vm.checkTPMProcess(t, env.ov, env.tss)
-	recs := vm.console.waitFor(t, "the first loop line", vm.stopped, has("loop", ""))
-	checkTPMInfo(t, recs)
-	pcr16, _ := guest.Last(recs, "pcr16")
+	vm.runNKP(t, env, "start", vm.name)
+	before := lastValues(vm.waitFirstLoop(t), "pcr16")
+	before["nv"] = value
 
 	image := filepath.Join(dir, "vm.save")
 	vm.virsh(t, "save", vm.name, image)
 	vm.waitNoTPM(t)
 	lastLoop := lastLoopIndex(vm.console.records())
-	vm.virsh(t, "restore", image) // no override: Debian's swtpm
-	vm.checkDebianTPM(t, env.ov)
-	after := vm.console.waitFor(t, fmt.Sprintf("a loop line after #%d", lastLoop), vm.stopped, func(r []guest.Record) bool {
-		return lastLoopIndex(r) > lastLoop
-	})
-	if v, _ := guest.Last(after, "pcr16"); v != pcr16 {
-		t.Errorf("restored under Debian's swtpm: PCR16 = %s, want %s", v, pcr16)
-	}
-	if v, _ := guest.Last(after, "nv"); v != value {
-		t.Errorf("restored under Debian's swtpm: the guest reads NV %q, want %q", v, value)
-	}
+	vm.runDebian(t, env, "restore", image)
+	checkKept(t, "virsh restore under Debian's swtpm", vm.console.waitLoopAfter(t, lastLoop, vm.stopped), before)
 
 	vm.define(t, "console2.log", guest.Config{Actions: []string{guest.ActionNVRead}})
 	vm.virsh(t, "destroy", vm.name)
 	vm.waitNoTPM(t)
-	vm.virsh(t, "start", vm.name)
-	vm.checkDebianTPM(t, env.ov)
-	recs = vm.console.waitFor(t, "done=ok", vm.stopped, has("done", "ok"))
-	checkTPMInfo(t, recs)
-	if v, _ := guest.Last(recs, "nv"); v != value {
-		t.Errorf("Debian's swtpm on the state it took back: the guest reads NV %q, want %q", v, value)
-	}
+	vm.runDebian(t, env, "start", vm.name)
+	checkKept(t, "Debian's swtpm's start on the state it took back", vm.waitDone(t), map[string]string{"nv": value})
 }
 
 // emulatorWrongSecret: with another value in the domain's secret, `virsh start` fails,
@@ -257,12 +210,9 @@ func emulatorWrongSecret(t *testing.T, env emulatorEnv) {
 	value := "key-" + randHex(t, 6)
 
 	vm.define(t, "console1.log", guest.Config{Actions: []string{guest.ActionNVWrite}, NV: value})
-	env.ov.during(t, func() { vm.virsh(t, "start", vm.name) })
-	vm.checkTPMProcess(t, env.ov, env.tss)
-	recs := vm.console.waitFor(t, "done=ok", vm.stopped, has("done", "ok"))
-	checkTPMInfo(t, recs)
-	e2e.WaitFor(t, bootTimeout, "domain "+vm.name+" to power off", vm.stopped)
-	vm.waitNoTPM(t)
+	vm.runNKP(t, env, "start", vm.name)
+	vm.waitDone(t)
+	vm.waitPowerOff(t)
 	before := readStateFiles(t, vm.storage())
 
 	right := vm.passphrase
@@ -283,8 +233,7 @@ func emulatorWrongSecret(t *testing.T, env emulatorEnv) {
 		}
 		return false
 	})
-	e2e.WaitFor(t, bootTimeout, "domain "+vm.name+" to be shut off", vm.stopped)
-	vm.waitNoTPM(t)
+	vm.waitPowerOff(t) // libvirt shuts the domain off when its TPM does not start
 	after := readStateFiles(t, vm.storage())
 	for name, b := range before {
 		if !bytes.Equal(after[name], b) {
@@ -298,11 +247,8 @@ func emulatorWrongSecret(t *testing.T, env emulatorEnv) {
 	}
 
 	vm.setSecret(t, right)
-	env.ov.during(t, func() { vm.virsh(t, "start", vm.name) })
-	recs = vm.console.waitFor(t, "done=ok", vm.stopped, has("done", "ok"))
-	if v, _ := guest.Last(recs, "nv"); v != value {
-		t.Errorf("with the right secret back the guest reads NV %q, want %q", v, value)
-	}
+	vm.runNKP(t, env, "start", vm.name)
+	checkKept(t, "the right secret is back", vm.waitDone(t), map[string]string{"nv": value})
 }
 
 // readStateFiles returns the contents of the state files in dir (not the lock).
@@ -517,6 +463,47 @@ func (vm *emulatorVM) waitTPMProcess(t *testing.T) int {
 		t.Fatalf("%d TPM processes serve %s, want 1: %v", len(pids), vm.storage(), pids)
 	}
 	return pids[0]
+}
+
+// runNKP runs a virsh command that starts the domain's TPM (start, restore) with
+// nkp-swtpm in place of swtpm, checks the TPM process libvirt started
+// (checkTPMProcess) and returns its pid.
+func (vm *emulatorVM) runNKP(t *testing.T, env emulatorEnv, args ...string) int {
+	t.Helper()
+	env.ov.during(t, func() { vm.virsh(t, args...) })
+	return vm.checkTPMProcess(t, env.ov, env.tss)
+}
+
+// runDebian runs a virsh command that starts the domain's TPM (start, restore) with no
+// override, and checks that the TPM process runs Debian's swtpm; it returns its pid.
+func (vm *emulatorVM) runDebian(t *testing.T, env emulatorEnv, args ...string) int {
+	t.Helper()
+	vm.virsh(t, args...)
+	return vm.checkDebianTPM(t, env.ov)
+}
+
+// waitDone waits for the guest's done=ok, checks the TPM it saw and returns its records.
+func (vm *emulatorVM) waitDone(t *testing.T) []guest.Record {
+	t.Helper()
+	recs := vm.console.waitFor(t, "done=ok", vm.stopped, has("done", "ok"))
+	checkTPMInfo(t, recs)
+	return recs
+}
+
+// waitFirstLoop waits for the guest's first loop line, checks the TPM it saw and
+// returns its records.
+func (vm *emulatorVM) waitFirstLoop(t *testing.T) []guest.Record {
+	t.Helper()
+	recs := vm.console.waitFor(t, "the first loop line", vm.stopped, has("loop", ""))
+	checkTPMInfo(t, recs)
+	return recs
+}
+
+// waitPowerOff waits for the guest to power off and the domain's TPM process to exit.
+func (vm *emulatorVM) waitPowerOff(t *testing.T) {
+	t.Helper()
+	e2e.WaitFor(t, bootTimeout, "domain "+vm.name+" to power off", vm.stopped)
+	vm.waitNoTPM(t)
 }
 
 // checkDebianTPM checks that the TPM process libvirt started for the domain runs

@@ -7,11 +7,13 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -430,6 +432,35 @@ func has(key, value string) func([]guest.Record) bool {
 			}
 		}
 		return false
+	}
+}
+
+// waitLoopAfter waits for a loop line numbered above n: the guest runs again (after a
+// restore or a migration). It returns the records.
+func (c console) waitLoopAfter(t *testing.T, n int, stopped func() bool) []guest.Record {
+	t.Helper()
+	return c.waitFor(t, fmt.Sprintf("a loop line after #%d", n), stopped, func(r []guest.Record) bool {
+		return lastLoopIndex(r) > n
+	})
+}
+
+// lastValues returns the last value of each key in recs ("" when there is none).
+func lastValues(recs []guest.Record, keys ...string) map[string]string {
+	m := make(map[string]string, len(keys))
+	for _, k := range keys {
+		m[k], _ = guest.Last(recs, k)
+	}
+	return m
+}
+
+// checkKept checks that after what (a restore, a migration, a restart) the guest
+// reports what it reported before: for each key of before, its last value in recs.
+func checkKept(t *testing.T, what string, recs []guest.Record, before map[string]string) {
+	t.Helper()
+	for _, k := range slices.Sorted(maps.Keys(before)) {
+		if v, _ := guest.Last(recs, k); v != before[k] {
+			t.Errorf("after %s the guest reports %s=%q, want %q (as before)", what, k, v, before[k])
+		}
 	}
 }
 
