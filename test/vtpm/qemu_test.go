@@ -460,15 +460,7 @@ func migrate(t *testing.T, a guest.Artifacts, src, dst backend) (crash string) {
 	if err != nil {
 		t.Fatalf("waiting for the guest to print a loop line on the destination: %v\n%s\n%s", err, qd.console.tail(), registers(md, qd))
 	}
-	if v, _ := guest.Last(after, "nv"); v != value {
-		t.Errorf("after migration the guest reads NV %q, want %q", v, value)
-	}
-	if v, _ := guest.Last(after, "pcr16"); v != pcr16 {
-		t.Errorf("after migration PCR16 = %s, want %s (extended before migration)", v, pcr16)
-	}
-	if v, _ := guest.Last(after, "pcr0"); v != pcr0 {
-		t.Errorf("after migration PCR0 = %s, want %s", v, pcr0)
-	}
+	checkKept(t, "migration", after, map[string]string{"nv": value, "pcr16": pcr16, "pcr0": pcr0})
 	runQMP(t, md, "quit", nil)
 	qd.waitExit(t)
 	vd.waitExit(t)
