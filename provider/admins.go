@@ -3,7 +3,6 @@ package provider
 import (
 	"context"
 	"crypto/x509"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"sort"
@@ -42,17 +41,9 @@ func (r adminRecord) active(now time.Time) bool {
 }
 
 func listAdmins(tx store.Tx) ([]adminRecord, error) {
-	var out []adminRecord
-	err := tx.List(bucketAdmins, "", func(key string, value []byte) error {
-		var a adminRecord
-		if err := json.Unmarshal(value, &a); err != nil {
-			return fmt.Errorf("store record %s/%s is unreadable (%v); restore the provider from a backup", bucketAdmins, key, err)
-		}
-		out = append(out, a)
-		return nil
-	})
+	out, err := listJSON[adminRecord](tx, bucketAdmins, "", "admin certificates")
 	if err != nil {
-		return nil, fmt.Errorf("listing admin certificates: %w", err)
+		return nil, err
 	}
 	sort.SliceStable(out, func(i, j int) bool { return out[i].Issued.Before(out[j].Issued) })
 	return out, nil
@@ -62,21 +53,7 @@ func listAdmins(tx store.Tx) ([]adminRecord, error) {
 // revoked ones included, oldest first. Certificates issued before nkp kept this record
 // are not listed (their serials are in the audit log, kind admin_cert).
 func (p *Provider) Admins(ctx context.Context) ([]Admin, error) {
-	var out []Admin
-	err := p.st.View(ctx, func(tx store.Tx) error {
-		if _, err := readMeta(tx); err != nil {
-			return err
-		}
-		recs, err := listAdmins(tx)
-		for _, r := range recs {
-			out = append(out, r.public())
-		}
-		return err
-	})
-	if err != nil {
-		return nil, fmt.Errorf("admins: %w", err)
-	}
-	return out, nil
+	return listPublic(ctx, p, "admins", listAdmins)
 }
 
 // RevokeAdmin revokes administrator certificates: the one whose hex serial is ref, or

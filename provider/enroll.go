@@ -285,21 +285,7 @@ func (p *Provider) issue(ctx context.Context, kind audit.Kind, subject string, f
 
 // Hosts lists the enrolled hosts, revoked ones included.
 func (p *Provider) Hosts(ctx context.Context) ([]Host, error) {
-	var out []Host
-	err := p.st.View(ctx, func(tx store.Tx) error {
-		if _, err := readMeta(tx); err != nil {
-			return err
-		}
-		hs, err := listHosts(tx)
-		for _, h := range hs {
-			out = append(out, h.public())
-		}
-		return err
-	})
-	if err != nil {
-		return nil, fmt.Errorf("hosts: %w", err)
-	}
-	return out, nil
+	return listPublic(ctx, p, "hosts", listHosts)
 }
 
 // Revoke refuses the host from now on, on every replica sharing the store. Revoking a

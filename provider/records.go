@@ -1,6 +1,7 @@
 package provider
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -109,6 +110,24 @@ func getJSON(tx store.Tx, bucket, key string, v any) error {
 	return nil
 }
 
+// listJSON decodes the records of bucket whose keys start with prefix, in key order;
+// what names them in the error.
+func listJSON[T any](tx store.Tx, bucket, prefix, what string) ([]T, error) {
+	var out []T
+	err := tx.List(bucket, prefix, func(key string, value []byte) error {
+		var v T
+		if err := json.Unmarshal(value, &v); err != nil {
+			return fmt.Errorf("store record %s/%s is unreadable (%v); restore the provider from a backup", bucket, key, err)
+		}
+		out = append(out, v)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("listing %s: %w", what, err)
+	}
+	return out, nil
+}
+
 func putJSON(tx store.Tx, bucket, key string, v any) error {
 	b, err := json.Marshal(v)
 	if err != nil {
@@ -135,19 +154,7 @@ func readMeta(tx store.Tx) (metaRecord, error) {
 
 // listKDKs returns every KDK record in version order.
 func listKDKs(tx store.Tx) ([]kdkRecord, error) {
-	var out []kdkRecord
-	err := tx.List(bucketKDKs, "", func(key string, value []byte) error {
-		var k kdkRecord
-		if err := json.Unmarshal(value, &k); err != nil {
-			return fmt.Errorf("store record %s/%s is unreadable (%v); restore the provider from a backup", bucketKDKs, key, err)
-		}
-		out = append(out, k)
-		return nil
-	})
-	if err != nil {
-		return nil, fmt.Errorf("listing KDK versions: %w", err)
-	}
-	return out, nil
+	return listJSON[kdkRecord](tx, bucketKDKs, "", "KDK versions")
 }
 
 func stateOf(kdks []kdkRecord) State {
@@ -175,33 +182,29 @@ func readHost(tx store.Tx, hostID string) (hostRecord, error) {
 }
 
 func listHosts(tx store.Tx) ([]hostRecord, error) {
-	var out []hostRecord
-	err := tx.List(bucketHosts, "", func(key string, value []byte) error {
-		var h hostRecord
-		if err := json.Unmarshal(value, &h); err != nil {
-			return fmt.Errorf("store record %s/%s is unreadable (%v)", bucketHosts, key, err)
-		}
-		out = append(out, h)
-		return nil
-	})
-	if err != nil {
-		return nil, fmt.Errorf("listing hosts: %w", err)
-	}
-	return out, nil
+	return listJSON[hostRecord](tx, bucketHosts, "", "hosts")
 }
 
 func listObjects(tx store.Tx, prefix string) ([]Object, error) {
-	var out []Object
-	err := tx.List(bucketObjects, prefix, func(key string, value []byte) error {
-		var o Object
-		if err := json.Unmarshal(value, &o); err != nil {
-			return fmt.Errorf("store record %s/%s is unreadable (%v)", bucketObjects, key, err)
+	return listJSON[Object](tx, bucketObjects, prefix, "catalog objects")
+}
+
+// listPublic reads the records list returns in one View of an initialised provider and
+// returns their public forms; what names the listing in the error.
+func listPublic[R interface{ public() P }, P any](ctx context.Context, p *Provider, what string, list func(store.Tx) ([]R, error)) ([]P, error) {
+	var out []P
+	err := p.st.View(ctx, func(tx store.Tx) error {
+		if _, err := readMeta(tx); err != nil {
+			return err
 		}
-		out = append(out, o)
-		return nil
+		recs, err := list(tx)
+		for _, r := range recs {
+			out = append(out, r.public())
+		}
+		return err
 	})
 	if err != nil {
-		return nil, fmt.Errorf("listing catalog objects: %w", err)
+		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	return out, nil
 }
