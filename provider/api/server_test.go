@@ -18,8 +18,10 @@ import (
 	"io"
 	"log"
 	"log/slog"
+	"maps"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -143,11 +145,7 @@ func (f *fake) CAHash() string        { return f.ca.Hash() }
 func (f *fake) Hosts(ctx context.Context) ([]provider.Host, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	var hs []provider.Host
-	for _, h := range f.hosts {
-		hs = append(hs, h)
-	}
-	return hs, nil
+	return slices.Collect(maps.Values(f.hosts)), nil
 }
 
 func (f *fake) Revoke(ctx context.Context, id string) error {
@@ -286,11 +284,7 @@ func (f *fake) IssueAdminCert(ctx context.Context, csr []byte) ([]byte, error) {
 func (f *fake) Admins(ctx context.Context) ([]provider.Admin, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	var out []provider.Admin
-	for _, a := range f.admins {
-		out = append(out, a)
-	}
-	return out, nil
+	return slices.Collect(maps.Values(f.admins)), nil
 }
 
 // RevokeAdmin revokes by serial only; "last" plays the last admin.
