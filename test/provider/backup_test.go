@@ -26,8 +26,7 @@ import (
 // from stdin; and the standard `age -d` opens the archive (break-glass) to the JSON document.
 func TestBackupArchives(t *testing.T) {
 	b := build(t)
-	dir := b.initProvider(t)
-	s := b.serve(t, dir)
+	dir, s := b.running(t)
 	tmp := t.TempDir()
 	archive := filepath.Join(tmp, "b.age")
 	b.mustCtl(t, dir, s.url, "s3cret passphrase\n", "backup", "--passphrase-stdin", "--out", archive)
@@ -154,8 +153,7 @@ func TestGracefulShutdownAndNotify(t *testing.T) {
 // the terminal (twice for a backup) and the archive opens with what was typed.
 func TestPassphrasePrompt(t *testing.T) {
 	b := build(t)
-	dir := b.initProvider(t)
-	s := b.serve(t, dir)
+	dir, s := b.running(t)
 	archive := filepath.Join(t.TempDir(), "b.age")
 	cmd := exec.Command(b.nkpctl, "provider", "--dir", dir, "--provider", s.url, "backup", "--out", archive)
 	ptmx, err := pty.Start(cmd)
@@ -219,8 +217,7 @@ func TestPassphrasePrompt(t *testing.T) {
 func TestBackupConfirm(t *testing.T) {
 	b := build(t)
 	ctx := context.Background()
-	dir := b.initProvider(t)
-	s := b.serve(t, dir)
+	dir, s := b.running(t)
 	h := b.mustJoin(t, s, "kvm-01")
 	tmp := t.TempDir()
 	pass := writeFile(t, filepath.Join(tmp, "pass"), "pw\n")

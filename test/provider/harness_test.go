@@ -328,6 +328,13 @@ func readNotify(t *testing.T, c *net.UnixConn) string {
 	return string(buf[:n])
 }
 
+// running initialises a provider in a new directory and serves it; extra goes to both.
+func (b bins) running(t *testing.T, extra ...string) (string, *server) {
+	t.Helper()
+	dir := b.initProvider(t, extra...)
+	return dir, b.serve(t, dir, extra...)
+}
+
 // etcdStoreArgs are the flags that put a provider's store in etcd.
 func etcdStoreArgs(etcd *etcdtest.Cluster) []string {
 	return []string{"--store", "etcd", "--etcd-endpoints", strings.Join(etcd.Endpoints(), ",")}

@@ -160,8 +160,7 @@ func TestTokens(t *testing.T) {
 func TestClientCertificates(t *testing.T) {
 	b := build(t)
 	ctx := context.Background()
-	dirA := b.initProvider(t)
-	s := b.serve(t, dirA)
+	dirA, s := b.running(t)
 	b.backUp(t, dirA, s.url)
 	h := b.mustJoin(t, s, "kvm-01")
 	if _, err := h.c.Release(ctx); err != nil {

@@ -14,8 +14,7 @@ import (
 // and `audit verify` still passes.
 func TestAuditPrune(t *testing.T) {
 	b := build(t)
-	dir := b.initProvider(t)
-	s := b.serve(t, dir)
+	dir, s := b.running(t)
 	far := time.Now().Add(24 * time.Hour).UTC().Format(time.RFC3339)
 	if _, err := b.ctl(t, dir, s.url, "", "audit", "prune", "--before", far, "--yes"); err == nil || !strings.Contains(err.Error(), api.CodeNotBackedUp) {
 		t.Fatalf("prune before any backup: %v, want %s", err, api.CodeNotBackedUp)

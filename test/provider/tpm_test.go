@@ -21,8 +21,7 @@ import (
 func TestTPMHost(t *testing.T) {
 	b := build(t)
 	ctx := context.Background()
-	dir := b.initProvider(t)
-	s := b.serve(t, dir)
+	dir, s := b.running(t)
 	b.backUp(t, dir, s.url)
 
 	sim, err := simulator.Get()
