@@ -89,10 +89,7 @@ func emulatorLifecycle(t *testing.T, env emulatorEnv) {
 
 	// Boot 1: swtpm_setup manufactures the TPM through nkp-swtpm, the guest writes NV,
 	// extends PCR16 and loops.
-	vm.define(t, "console1.log", guest.Config{
-		Actions: []string{guest.ActionNVWrite, guest.ActionExtend, guest.ActionLoop},
-		NV:      value, Extend: "before-save", Loop: 600,
-	})
+	vm.define(t, "console1.log", loopConfig(value, "before-save"))
 	if _, err := os.Stat(vm.storage()); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("state %s exists before the first start (stat: %v): a leftover of another domain with this UUID?", vm.storage(), err)
 	}
@@ -178,10 +175,7 @@ func emulatorBackToSwtpm(t *testing.T, env emulatorEnv) {
 	vm := newEmulatorVM(t, env.a, dir)
 	value := "back-" + randHex(t, 6)
 
-	vm.define(t, "console1.log", guest.Config{
-		Actions: []string{guest.ActionNVWrite, guest.ActionExtend, guest.ActionLoop},
-		NV:      value, Extend: "under-nkp", Loop: 600,
-	})
+	vm.define(t, "console1.log", loopConfig(value, "under-nkp"))
 	vm.runNKP(t, env, "start", vm.name)
 	before := lastValues(vm.waitFirstLoop(t), "pcr16")
 	before["nv"] = value
@@ -213,7 +207,10 @@ func emulatorWrongSecret(t *testing.T, env emulatorEnv) {
 	vm.runNKP(t, env, "start", vm.name)
 	vm.waitDone(t)
 	vm.waitPowerOff(t)
-	before := readStateFiles(t, vm.storage())
+	before := snapshot(t, vm.storage())
+	if len(before) == 0 {
+		t.Fatalf("no state files in %s after the first boot", vm.storage())
+	}
 
 	right := vm.passphrase
 	vm.setSecret(t, randHex(t, 32))
@@ -234,45 +231,11 @@ func emulatorWrongSecret(t *testing.T, env emulatorEnv) {
 		return false
 	})
 	vm.waitPowerOff(t) // libvirt shuts the domain off when its TPM does not start
-	after := readStateFiles(t, vm.storage())
-	for name, b := range before {
-		if !bytes.Equal(after[name], b) {
-			t.Errorf("state file %s changed after a start with a wrong secret", name)
-		}
-	}
-	for name := range after {
-		if _, ok := before[name]; !ok {
-			t.Errorf("state file %s appeared after a start with a wrong secret", name)
-		}
-	}
+	checkUnchanged(t, "after a start with a wrong secret", before, snapshot(t, vm.storage()))
 
 	vm.setSecret(t, right)
 	vm.runNKP(t, env, "start", vm.name)
 	checkKept(t, "the right secret is back", vm.waitDone(t), map[string]string{"nv": value})
-}
-
-// readStateFiles returns the contents of the state files in dir (not the lock).
-func readStateFiles(t *testing.T, dir string) map[string][]byte {
-	t.Helper()
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	files := map[string][]byte{}
-	for _, e := range entries {
-		if e.Name() == ".lock" || !e.Type().IsRegular() {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
-		if err != nil {
-			t.Fatal(err)
-		}
-		files[e.Name()] = b
-	}
-	if len(files) == 0 {
-		t.Fatalf("no state files in %s", dir)
-	}
-	return files
 }
 
 // emulatorVM is a persistent libvirt domain with an emulator TPM, undefined (with its

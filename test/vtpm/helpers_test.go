@@ -435,6 +435,15 @@ func has(key, value string) func([]guest.Record) bool {
 	}
 }
 
+// loopConfig is the guest of the save/restore and migration tests: it writes nv to NV,
+// extends PCR16 with extend, then prints a loop line every second for ten minutes.
+func loopConfig(nv, extend string) guest.Config {
+	return guest.Config{
+		Actions: []string{guest.ActionNVWrite, guest.ActionExtend, guest.ActionLoop},
+		NV:      nv, Extend: extend, Loop: 600,
+	}
+}
+
 // waitLoopAfter waits for a loop line numbered above n: the guest runs again (after a
 // restore or a migration). It returns the records.
 func (c console) waitLoopAfter(t *testing.T, n int, stopped func() bool) []guest.Record {

@@ -147,10 +147,7 @@ func saveRestore(t *testing.T, a guest.Artifacts, src, dst backend) {
 	t.Helper()
 	dir := workDir(t)
 	value := "save-" + randHex(t, 6)
-	cfg := guest.Config{
-		Actions: []string{guest.ActionNVWrite, guest.ActionExtend, guest.ActionLoop},
-		NV:      value, Extend: "before-save", Loop: 600,
-	}
+	cfg := loopConfig(value, "before-save")
 	v1 := startVTPM(t, src, dir, "tpm", filepath.Join(dir, "state1"), newKey(t), true)
 	vm := createDomain(t, a, dir, v1, cfg)
 	recs := vm.console.waitFor(t, "the first loop line", vm.gone, has("loop", ""))

@@ -5,9 +5,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -261,15 +263,7 @@ func wrongKeyRefused(t *testing.T, a guest.Artifacts, be backend, dir, state str
 		}
 		v.kill(t) // swtpm keeps running (and locking the state) after QEMU's failed INIT
 	}
-	after := snapshot(t, state)
-	if len(after) != len(before) {
-		t.Errorf("state files after the wrong key: %d files, want the %d of before", len(after), len(before))
-	}
-	for name, b := range before {
-		if !bytes.Equal(after[name], b) {
-			t.Errorf("state file %s changed while the backend had a wrong key", name)
-		}
-	}
+	checkUnchanged(t, "while the backend had a wrong key", before, snapshot(t, state))
 }
 
 // snapshot reads every regular file of dir except the lock file.
@@ -291,6 +285,26 @@ func snapshot(t *testing.T, dir string) map[string][]byte {
 		m[f.Name()] = b
 	}
 	return m
+}
+
+// checkUnchanged checks that the state files after are those of before, byte for byte:
+// none changed, went away or appeared. what says when (for the messages).
+func checkUnchanged(t *testing.T, what string, before, after map[string][]byte) {
+	t.Helper()
+	for _, name := range slices.Sorted(maps.Keys(before)) {
+		b, ok := after[name]
+		switch {
+		case !ok:
+			t.Errorf("state file %s went away %s", name, what)
+		case !bytes.Equal(b, before[name]):
+			t.Errorf("state file %s changed %s", name, what)
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(after)) {
+		if _, ok := before[name]; !ok {
+			t.Errorf("state file %s appeared %s", name, what)
+		}
+	}
 }
 
 // checkNoPlaintext asserts that no file of the state directory holds value.
@@ -379,10 +393,7 @@ func migrate(t *testing.T, a guest.Artifacts, src, dst backend) (crash string) {
 	t.Helper()
 	dir := workDir(t)
 	value := "mig-" + randHex(t, 6)
-	cfg := guest.Config{
-		Actions: []string{guest.ActionNVWrite, guest.ActionExtend, guest.ActionLoop},
-		NV:      value, Extend: "before-migration", Loop: 600,
-	}
+	cfg := loopConfig(value, "before-migration")
 	vs := startVTPM(t, src, dir, "src", filepath.Join(dir, "src-state"), newKey(t), false)
 	qs := startQEMU(t, a, dir, "src", vs, cfg, tpmTIS, "")
 	recs := qs.console.waitFor(t, "the first loop line", qs.exited, has("loop", ""))
