@@ -107,19 +107,14 @@ func emulatorLifecycle(t *testing.T, env emulatorEnv) {
 
 	// virsh save + restore: the state blobs travel in the save image, encrypted with
 	// the migration key, into a new nkp-swtpm process on the same state directory.
-	image := filepath.Join(dir, "vm.save")
-	vm.virsh(t, "save", vm.name, image)
-	vm.waitNoTPM(t)
+	image, lastLoop := vm.save(t)
 	vm.checkSavedTPMBlob(t, image)
-	lastLoop := lastLoopIndex(vm.console.records())
 	vm.runNKP(t, env, "restore", image)
 	checkKept(t, "virsh restore", vm.console.waitLoopAfter(t, lastLoop, vm.stopped), before)
 
 	// virsh destroy (power cut, no TPM2_Shutdown) + virsh start with a guest that only
 	// reads NV: the value must come from the state nkp-swtpm stored under libvirt.
-	vm.define(t, "console2.log", guest.Config{Actions: []string{guest.ActionNVRead}})
-	vm.virsh(t, "destroy", vm.name)
-	vm.waitNoTPM(t)
+	vm.destroyForNVRead(t)
 	vm.checkState(t, env.tss, value)
 	vm.runNKP(t, env, "start", vm.name)
 	checkKept(t, "virsh destroy + start", vm.waitDone(t), map[string]string{"nv": value})
@@ -180,16 +175,11 @@ func emulatorBackToSwtpm(t *testing.T, env emulatorEnv) {
 	before := lastValues(vm.waitFirstLoop(t), "pcr16")
 	before["nv"] = value
 
-	image := filepath.Join(dir, "vm.save")
-	vm.virsh(t, "save", vm.name, image)
-	vm.waitNoTPM(t)
-	lastLoop := lastLoopIndex(vm.console.records())
+	image, lastLoop := vm.save(t)
 	vm.runDebian(t, env, "restore", image)
 	checkKept(t, "virsh restore under Debian's swtpm", vm.console.waitLoopAfter(t, lastLoop, vm.stopped), before)
 
-	vm.define(t, "console2.log", guest.Config{Actions: []string{guest.ActionNVRead}})
-	vm.virsh(t, "destroy", vm.name)
-	vm.waitNoTPM(t)
+	vm.destroyForNVRead(t)
 	vm.runDebian(t, env, "start", vm.name)
 	checkKept(t, "Debian's swtpm's start on the state it took back", vm.waitDone(t), map[string]string{"nv": value})
 }
@@ -460,6 +450,26 @@ func (vm *emulatorVM) waitFirstLoop(t *testing.T) []guest.Record {
 	recs := vm.console.waitFor(t, "the first loop line", vm.stopped, has("loop", ""))
 	checkTPMInfo(t, recs)
 	return recs
+}
+
+// save saves the running domain with `virsh save` to dir/vm.save, waits for its TPM
+// process to exit, and returns the image and the guest's last loop counter before it.
+func (vm *emulatorVM) save(t *testing.T) (image string, lastLoop int) {
+	t.Helper()
+	image = filepath.Join(vm.dir, "vm.save")
+	vm.virsh(t, "save", vm.name, image)
+	vm.waitNoTPM(t)
+	return image, lastLoopIndex(vm.console.records())
+}
+
+// destroyForNVRead redefines the domain to boot a guest that only reads NV (console2.log),
+// then cuts the running one's power (`virsh destroy`, no TPM2_Shutdown) and waits for
+// its TPM process to exit.
+func (vm *emulatorVM) destroyForNVRead(t *testing.T) {
+	t.Helper()
+	vm.define(t, "console2.log", guest.Config{Actions: []string{guest.ActionNVRead}})
+	vm.virsh(t, "destroy", vm.name)
+	vm.waitNoTPM(t)
 }
 
 // waitPowerOff waits for the guest to power off and the domain's TPM process to exit.
