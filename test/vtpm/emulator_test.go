@@ -83,8 +83,7 @@ type emulatorEnv struct {
 // NV (GET/SET_STATEBLOB under the migration key); that NV survives `virsh destroy` +
 // `virsh start`; and that `virsh undefine --tpm` removes the state.
 func emulatorLifecycle(t *testing.T, env emulatorEnv) {
-	dir := workDir(t)
-	vm := newEmulatorVM(t, env.a, dir)
+	vm := newEmulatorVM(t, env.a)
 	value := "emu-" + randHex(t, 6)
 
 	// Boot 1: swtpm_setup manufactures the TPM through nkp-swtpm, the guest writes NV,
@@ -135,8 +134,7 @@ func emulatorLifecycle(t *testing.T, env emulatorEnv) {
 // its place: the guest reads its NV value, and nkp-swtpm has rewritten the state in its
 // own encrypted format, mode 0600.
 func emulatorTakeOver(t *testing.T, env emulatorEnv) {
-	dir := workDir(t)
-	vm := newEmulatorVM(t, env.a, dir)
+	vm := newEmulatorVM(t, env.a)
 	value := "swtpm-" + randHex(t, 6)
 
 	vm.define(t, "console1.log", guest.Config{Actions: []string{guest.ActionNVWrite}, NV: value})
@@ -166,8 +164,7 @@ func emulatorTakeOver(t *testing.T, env emulatorEnv) {
 // keep swtpm's envelope), then the domain keeps its PCR16 and NV, and after `virsh
 // destroy` Debian's swtpm alone boots it again with its NV value.
 func emulatorBackToSwtpm(t *testing.T, env emulatorEnv) {
-	dir := workDir(t)
-	vm := newEmulatorVM(t, env.a, dir)
+	vm := newEmulatorVM(t, env.a)
 	value := "back-" + randHex(t, 6)
 
 	vm.define(t, "console1.log", loopConfig(value, "under-nkp"))
@@ -189,8 +186,7 @@ func emulatorBackToSwtpm(t *testing.T, env emulatorEnv) {
 // the state, and the state files are unchanged; with the right value back, the guest
 // reads its NV value.
 func emulatorWrongSecret(t *testing.T, env emulatorEnv) {
-	dir := workDir(t)
-	vm := newEmulatorVM(t, env.a, dir)
+	vm := newEmulatorVM(t, env.a)
 	value := "key-" + randHex(t, 6)
 
 	vm.define(t, "console1.log", guest.Config{Actions: []string{guest.ActionNVWrite}, NV: value})
@@ -239,9 +235,11 @@ type emulatorVM struct {
 	passphrase     string // the secret's value, to check it never shows
 }
 
-// newEmulatorVM copies the guest into dir and defines the libvirt secret of the vTPM.
-func newEmulatorVM(t *testing.T, a guest.Artifacts, dir string) *emulatorVM {
+// newEmulatorVM copies the guest into a work directory of the test (workDir) and
+// defines the libvirt secret of the vTPM.
+func newEmulatorVM(t *testing.T, a guest.Artifacts) *emulatorVM {
 	t.Helper()
+	dir := workDir(t)
 	u := randHex(t, 16)
 	vm := &emulatorVM{
 		name: emulatorPrefix + randHex(t, 6),
