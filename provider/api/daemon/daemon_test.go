@@ -154,3 +154,46 @@ func TestRestore(t *testing.T) {
 		t.Fatalf("admin credentials after restore: %v", err)
 	}
 }
+
+// TestRefusedBeforeWriting: Init and Restore check the directory name, the store settings
+// and the root key's TPM spec before they create anything.
+func TestRefusedBeforeWriting(t *testing.T) {
+	ctx := context.Background()
+	tests := []struct {
+		name    string
+		dir     bool // give a directory (that must not be created)
+		tpm     string
+		store   daemon.StoreConfig
+		wantErr string
+	}{
+		{"no directory", false, "", daemon.StoreConfig{}, "--dir"},
+		{"TPM spec without a path", true, "swtpm:", daemon.StoreConfig{}, "--root-key-tpm"},
+		{"TPM spec that is not a device", true, "tpm0", daemon.StoreConfig{}, "--root-key-tpm"},
+		{"unknown store", true, "", daemon.StoreConfig{Kind: "mongo"}, "mongo"},
+	}
+	for _, tc := range tests {
+		for _, op := range []string{"init", "restore"} {
+			t.Run(tc.name+"/"+op, func(t *testing.T) {
+				dir := ""
+				if tc.dir {
+					dir = filepath.Join(t.TempDir(), "p")
+				}
+				var err error
+				if op == "init" {
+					_, err = daemon.Init(ctx, daemon.InitConfig{Dir: dir, Store: tc.store, RootKeyTPM: tc.tpm, Log: quiet()})
+				} else {
+					_, err = daemon.Restore(ctx, daemon.RestoreConfig{Dir: dir, Store: tc.store, RootKeyTPM: tc.tpm,
+						Archive: strings.NewReader("not read"), Passphrase: []byte("pw"), Log: quiet()})
+				}
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("%s: err %v, want one naming %q", op, err, tc.wantErr)
+				}
+				if dir != "" {
+					if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+						t.Errorf("%s created %s before refusing (stat: %v)", op, dir, err)
+					}
+				}
+			})
+		}
+	}
+}

@@ -31,19 +31,8 @@ type InitConfig struct {
 // Init creates a provider in a new directory: the root key (0600), the store, the provider
 // ID and the first KDK (state NotBackedUp), and nkpctl's admin credentials.
 func Init(ctx context.Context, cfg InitConfig) (provider.Status, error) {
-	if cfg.Dir == "" {
-		return provider.Status{}, errors.New("--dir: the provider directory is required")
-	}
-	if err := cfg.Store.Validate(); err != nil {
+	if err := prepareDir(cfg.Dir, cfg.Store, cfg.RootKeyTPM); err != nil {
 		return provider.Status{}, err
-	}
-	if cfg.RootKeyTPM != "" {
-		if _, _, err := rootkey.ParseTPMSpec(cfg.RootKeyTPM); err != nil {
-			return provider.Status{}, fmt.Errorf("--root-key-tpm: %w", err)
-		}
-	}
-	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
-		return provider.Status{}, fmt.Errorf("provider directory %s: %w", cfg.Dir, err)
 	}
 	key, err := createRootKey(cfg.Dir, cfg.RootKeyTPM)
 	if errors.Is(err, rootkey.ErrExists) {
@@ -81,14 +70,8 @@ type RestoreConfig struct {
 // there is none, restores the store (refused over a non-empty provider unless Force), and
 // writes fresh admin credentials from the restored CA.
 func Restore(ctx context.Context, cfg RestoreConfig) (provider.Status, error) {
-	if cfg.Dir == "" {
-		return provider.Status{}, errors.New("--dir: the provider directory is required")
-	}
-	if err := cfg.Store.Validate(); err != nil {
+	if err := prepareDir(cfg.Dir, cfg.Store, cfg.RootKeyTPM); err != nil {
 		return provider.Status{}, err
-	}
-	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
-		return provider.Status{}, fmt.Errorf("provider directory %s: %w", cfg.Dir, err)
 	}
 	key, err := loadRootKey(cfg.Dir, cfg.RootKeyTPM)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -105,6 +88,26 @@ func Restore(ctx context.Context, cfg RestoreConfig) (provider.Status, error) {
 		}
 		return st, writeAdmin(ctx, p, cfg.Dir, cfg.AdminName)
 	})
+}
+
+// prepareDir checks what Init and Restore are given before anything is written (the
+// directory, the store settings, the root key's TPM) and makes the directory (0700).
+func prepareDir(dir string, sc StoreConfig, rootKeyTPM string) error {
+	if dir == "" {
+		return errors.New("--dir: the provider directory is required")
+	}
+	if err := sc.Validate(); err != nil {
+		return err
+	}
+	if rootKeyTPM != "" {
+		if _, _, err := rootkey.ParseTPMSpec(rootKeyTPM); err != nil {
+			return fmt.Errorf("--root-key-tpm: %w", err)
+		}
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("provider directory %s: %w", dir, err)
+	}
+	return nil
 }
 
 func withProvider(ctx context.Context, dir string, sc StoreConfig, key *rootkey.Key, log *slog.Logger,
