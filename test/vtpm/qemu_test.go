@@ -510,16 +510,12 @@ func (w *lockupWatch) lockedUp(m *qmp.SocketMonitor, q *qemuVM) bool {
 	if err != nil {
 		return false
 	}
-	raw, err := m.Run([]byte(`{"execute":"human-monitor-command","arguments":{"command-line":"info registers"}}`))
+	regs, err := infoRegisters(m)
 	if err != nil {
 		w.disabled = true
 		return false
 	}
-	var rsp struct {
-		Return string `json:"return"`
-	}
-	json.Unmarshal(raw, &rsp)
-	line, spinning := kernelSpinning(rsp.Return)
+	line, spinning := kernelSpinning(regs)
 	if !spinning || (w.run > 0 && fi.Size() != w.size) {
 		w.run, w.samples = 0, ""
 	}
@@ -566,13 +562,24 @@ func registers(m *qmp.SocketMonitor, q *qemuVM) string {
 	if q.exited() {
 		return ""
 	}
-	raw, err := m.Run([]byte(`{"execute":"human-monitor-command","arguments":{"command-line":"info registers"}}`))
+	regs, err := infoRegisters(m)
 	if err != nil {
 		return fmt.Sprintf("--- info registers of %s: %v ---", q.name, err)
+	}
+	return fmt.Sprintf("--- info registers of %s (still running) ---\n%s", q.name, regs)
+}
+
+// infoRegisters runs the human monitor's "info registers" over QMP and returns its text.
+func infoRegisters(m *qmp.SocketMonitor) (string, error) {
+	raw, err := m.Run([]byte(`{"execute":"human-monitor-command","arguments":{"command-line":"info registers"}}`))
+	if err != nil {
+		return "", err
 	}
 	var rsp struct {
 		Return string `json:"return"`
 	}
-	json.Unmarshal(raw, &rsp)
-	return fmt.Sprintf("--- info registers of %s (still running) ---\n%s", q.name, rsp.Return)
+	if err := json.Unmarshal(raw, &rsp); err != nil {
+		return "", fmt.Errorf("info registers: %w", err)
+	}
+	return rsp.Return, nil
 }
