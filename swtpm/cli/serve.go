@@ -6,10 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"sync"
 
 	"github.com/nkp-dev/nkp/swtpm"
@@ -94,11 +92,6 @@ func serve(ctx context.Context, o *Options, log *slog.Logger, ready func() error
 			return fmt.Errorf("--tpmstate: %w", err)
 		}
 		store = dir
-		if !o.State.ModeDefault {
-			// Under the lock, so a second process never touches the files of a
-			// running one. (--migration incoming: the source's process did it.)
-			applyStateMode(o.State.Dir, mode, log)
-		}
 	}
 	defer func() {
 		if cerr := store.Close(); cerr != nil && err == nil {
@@ -214,38 +207,4 @@ func printStates(o *Options, w io.Writer) error {
 		entries[i] = StateEntry{Name: in.Name, Size: in.Size}
 	}
 	return PrintStates(w, entries)
-}
-
-// applyStateMode gives the state files already in dir (and their .bak copies) the mode
-// that --tpmstate mode= asks for. swtpm writes a state file anew on every store (temp
-// file, rename), so after its first write the file has that mode whatever it had before;
-// package state overwrites the older slot of an encrypted file in place, which keeps the
-// file's old mode. Under libvirt that matters: swtpm_setup's run of the TPM creates the
-// files without mode= (0640), then libvirt starts the TPM with mode=0600, and the
-// encrypted state must not stay readable by the group. A file that cannot be changed
-// (not owned by this user) is logged and left as it is, as swtpm would only replace it
-// at its next write; links and other non-regular files are left to package state,
-// which refuses them.
-func applyStateMode(dir string, mode os.FileMode, log *slog.Logger) {
-	mode = mode.Perm()
-	for _, name := range state.Names {
-		for _, file := range []string{state.FileName(name), state.FileName(name) + ".bak"} {
-			p := filepath.Join(dir, file)
-			fi, err := os.Lstat(p)
-			if err != nil {
-				if !errors.Is(err, fs.ErrNotExist) {
-					log.Warn("--tpmstate mode=: cannot stat a state file; its mode is left as it is", "path", p, "err", err)
-				}
-				continue
-			}
-			if !fi.Mode().IsRegular() || fi.Mode().Perm() == mode {
-				continue
-			}
-			if err := os.Chmod(p, mode); err != nil {
-				log.Warn("--tpmstate mode=: cannot change the mode of a state file; run nkp-swtpm as the files' owner", "path", p, "mode", fmt.Sprintf("%#o", mode), "have", fmt.Sprintf("%#o", fi.Mode().Perm()), "err", err)
-				continue
-			}
-			log.Debug("state file mode changed as --tpmstate mode= asks", "path", p, "mode", fmt.Sprintf("%#o", mode), "was", fmt.Sprintf("%#o", fi.Mode().Perm()))
-		}
-	}
 }

@@ -54,7 +54,8 @@ type Options struct {
 	// the key; the caller may Wipe its Key once Open returned.
 	Key *Key
 	// Mode of the state files; 0 means DefaultMode (0640, like swtpm; libvirt passes
-	// 0600). An existing directory's own mode is left alone.
+	// 0600). A non-zero Mode is also given to the state files already there once the
+	// lock is taken (see applyModeLocked). An existing directory's own mode is left alone.
 	Mode os.FileMode
 	// Lock is accepted for the CLI's lock sub-option but has no effect: the directory
 	// backend always locks, as swtpm's does.
@@ -89,12 +90,14 @@ type StateInfo struct {
 
 // Dir is an open, locked state directory. Its methods are safe for concurrent use.
 type Dir struct {
-	dir    string
-	mode   os.FileMode
-	log    *slog.Logger
-	backup bool
-	noSync bool
-	accept bool
+	dir  string
+	mode os.FileMode
+	// explicitMode: Options.Mode was given, so existing files get it too.
+	explicitMode bool
+	log          *slog.Logger
+	backup       bool
+	noSync       bool
+	accept       bool
 
 	mu    sync.Mutex // guards everything below
 	key   []byte     // nil without a key; wiped by Close
@@ -149,6 +152,7 @@ func Open(dir string, opts Options) (*Dir, error) {
 		known:  map[string][sha256.Size]byte{},
 		slots:  map[string]slotInfo{},
 	}
+	d.explicitMode = d.mode != 0
 	if d.mode == 0 {
 		d.mode = DefaultMode
 	}
@@ -166,6 +170,7 @@ func Open(dir string, opts Options) (*Dir, error) {
 			d.wipe()
 			return nil, err
 		}
+		d.applyModeLocked()
 	}
 	if d.dirFD, err = os.Open(dir); err != nil {
 		if d.lock != nil {

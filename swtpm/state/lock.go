@@ -98,6 +98,7 @@ func (d *Dir) LockStorage(ctx context.Context, retries int) error {
 		f, err := lockDir(d.dir)
 		if err == nil {
 			d.lock = f
+			d.applyModeLocked()
 			return nil
 		}
 		if !errors.Is(err, ErrLocked) || i >= retries {

@@ -1,0 +1,49 @@
+package state
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+)
+
+// applyModeLocked gives the state files already in the directory (and their .bak copies)
+// the mode Options.Mode asks for, when it was given; called each time the Dir takes the
+// lock, so a second process never touches the files of a running one.
+//
+// swtpm writes a state file anew on every store (temp file, rename), so after its first
+// write the file has the mode whatever it had before; a Dir overwrites the older slot of
+// an encrypted file in place, which keeps the file's old mode. Under libvirt that
+// matters: swtpm_setup's run of the TPM creates the files without mode= (0640), then
+// libvirt starts the TPM with mode=0600, and the encrypted state must not stay readable
+// by the group. A file that cannot be changed (not owned by this user) is logged and
+// left as it is, as swtpm would only replace it at its next write; links and other
+// non-regular files are left to Load, which refuses them.
+func (d *Dir) applyModeLocked() {
+	if !d.explicitMode {
+		return
+	}
+	for _, name := range Names {
+		for _, file := range []string{FileName(name), FileName(name) + ".bak"} {
+			p := filepath.Join(d.dir, file)
+			fi, err := os.Lstat(p)
+			if err != nil {
+				if !errors.Is(err, fs.ErrNotExist) {
+					d.log.Warn("--tpmstate mode=: cannot stat a state file; its mode is left as it is", "path", p, "err", err)
+				}
+				continue
+			}
+			if !fi.Mode().IsRegular() || fi.Mode().Perm() == d.mode {
+				continue
+			}
+			if err := os.Chmod(p, d.mode); err != nil {
+				d.log.Warn("--tpmstate mode=: cannot change the mode of a state file; run nkp-swtpm as the files' owner",
+					"path", p, "mode", fmt.Sprintf("%#o", d.mode), "have", fmt.Sprintf("%#o", fi.Mode().Perm()), "err", err)
+				continue
+			}
+			d.log.Debug("state file mode changed as --tpmstate mode= asks",
+				"path", p, "mode", fmt.Sprintf("%#o", d.mode), "was", fmt.Sprintf("%#o", fi.Mode().Perm()))
+		}
+	}
+}
