@@ -12,13 +12,21 @@
 // foreign ABI (i386 int 0x80 on x86-64) get the same action as a denied call; x32 calls
 // fail with ENOSYS.
 //
+// Signals reach only this process: kill, tgkill, rt_sigqueueinfo and rt_tgsigqueueinfo
+// are allowed only when their first argument is this process' pid (kill(0, …) and
+// kill(-1, …), a process group or every process, are denied; Go's preemption and crash
+// signals use tgkill and kill on its own pid), and tkill (a thread id of any process)
+// and pidfd_send_signal (a pidfd of any process) are denied outright. swtpm 0.7.1
+// allows all six; under libvirt every vTPM runs as the same user, so without this one
+// compromised vTPM could signal the others.
+//
 // A Go program needs a few calls swtpm's list denies, so these are narrowed instead
 // of denied: clone only with CLONE_THREAD (Go and glibc threads; a new process is
-// denied), tgkill only towards this process (Go's preemption signals), prctl only with
-// PR_SET_VMA (Go names its heap mappings), prlimit64 only to read this process' limits
-// (glibc's getrlimit), and sigaltstack is allowed (Go sets one per thread). clone3
-// passes its flags in memory, where a filter cannot read them: it fails with ENOSYS
-// with either action, and glibc and Go fall back to clone, whose flags are checked.
+// denied), prctl only with PR_SET_VMA (Go names its heap mappings), prlimit64 only to
+// read this process' limits (glibc's getrlimit), and sigaltstack is allowed (Go sets
+// one per thread). clone3 passes its flags in memory, where a filter cannot read them:
+// it fails with ENOSYS with either action, and glibc and Go fall back to clone, whose
+// flags are checked. Every other call is allowed.
 //
 // Install sets no_new_privs and applies the filter to every thread of the process
 // (SECCOMP_FILTER_FLAG_TSYNC; the kernel also sets no_new_privs on the threads it
@@ -103,6 +111,7 @@ var denied = []string{
 	"iopl", "ioperm", "sysfs", "personality",
 	// Other processes and the kernel's attack surface.
 	"ptrace", "process_vm_readv", "process_vm_writev", "process_madvise", "pidfd_getfd",
+	"tkill", "pidfd_send_signal",
 	"bpf", "perf_event_open", "userfaultfd", "open_by_handle_at", "name_to_handle_at",
 	"migrate_pages", "move_pages", "io_uring_setup", "io_uring_enter",
 	"io_uring_register", "add_key", "request_key", "keyctl",
@@ -157,14 +166,19 @@ func policy(a Action, pid int) ([]bpf.Instruction, error) {
 			{Argument: 0, Operation: libseccomp.BitsNotSet, Value: unix.CLONE_THREAD}}},
 		{Name: "prctl", Conditions: libseccomp.ArgumentConditions{
 			{Argument: 0, Operation: libseccomp.NotEqual, Value: prSetVMA}}},
-		{Name: "tgkill", Conditions: libseccomp.ArgumentConditions{
-			{Argument: 0, Operation: libseccomp.NotEqual, Value: uint64(pid)}}},
+	}
+	// Signals only to this process: the first argument of each is the target's pid.
+	for _, n := range []string{"kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"} {
+		narrowed = append(narrowed, libseccomp.NameWithConditions{Name: n, Conditions: libseccomp.ArgumentConditions{
+			{Argument: 0, Operation: libseccomp.NotEqual, Value: uint64(pid)}}})
+	}
+	narrowed = append(narrowed, []libseccomp.NameWithConditions{
 		// prlimit64(0, resource, NULL, &old) reads this process' limit.
 		{Name: "prlimit64", Conditions: libseccomp.ArgumentConditions{
 			{Argument: 0, Operation: libseccomp.NotEqual, Value: 0}}},
 		{Name: "prlimit64", Conditions: libseccomp.ArgumentConditions{
 			{Argument: 2, Operation: libseccomp.NotEqual, Value: 0}}},
-	}
+	}...)
 	p := libseccomp.Policy{
 		DefaultAction: libseccomp.ActionAllow,
 		Syscalls: []libseccomp.SyscallGroup{

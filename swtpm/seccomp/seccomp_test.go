@@ -143,6 +143,18 @@ func TestPolicyDecisions(t *testing.T) {
 		{"clone3 fails with ENOSYS", "clone3", 0, nil, enosys},
 		{"tgkill own process", "tgkill", 0, []uint64{pid, pid + 1, uint64(unix.SIGURG)}, allow},
 		{"tgkill other process", "tgkill", 0, []uint64{pid + 1, pid + 1, uint64(unix.SIGKILL)}, deny},
+		{"kill own process", "kill", 0, []uint64{pid, uint64(unix.SIGUSR1)}, allow},
+		{"kill other process", "kill", 0, []uint64{pid + 1, uint64(unix.SIGTERM)}, deny},
+		{"kill own process group (0)", "kill", 0, []uint64{0, uint64(unix.SIGTERM)}, deny},
+		{"kill every process (-1)", "kill", 0, []uint64{^uint64(0), uint64(unix.SIGTERM)}, deny},
+		{"kill a process group (-pid)", "kill", 0, []uint64{^uint64(pid - 1), uint64(unix.SIGTERM)}, deny},
+		{"kill own pid in the low half only", "kill", 0, []uint64{1<<32 | pid, uint64(unix.SIGTERM)}, deny},
+		{"tkill any thread", "tkill", 0, []uint64{pid, uint64(unix.SIGURG)}, deny},
+		{"pidfd_send_signal", "pidfd_send_signal", 0, []uint64{3, uint64(unix.SIGKILL), 0, 0}, deny},
+		{"rt_sigqueueinfo own", "rt_sigqueueinfo", 0, []uint64{pid, uint64(unix.SIGUSR1), 0}, allow},
+		{"rt_sigqueueinfo other", "rt_sigqueueinfo", 0, []uint64{pid + 1, uint64(unix.SIGUSR1), 0}, deny},
+		{"rt_tgsigqueueinfo own", "rt_tgsigqueueinfo", 0, []uint64{pid, pid, uint64(unix.SIGUSR1), 0}, allow},
+		{"rt_tgsigqueueinfo other", "rt_tgsigqueueinfo", 0, []uint64{pid + 1, pid + 1, uint64(unix.SIGUSR1), 0}, deny},
 		{"prctl PR_SET_VMA", "prctl", 0, []uint64{prSetVMA, 0}, allow},
 		{"prctl PR_SET_DUMPABLE", "prctl", 0, []uint64{unix.PR_SET_DUMPABLE, 1}, deny},
 		{"prctl PR_SET_NO_NEW_PRIVS", "prctl", 0, []uint64{unix.PR_SET_NO_NEW_PRIVS, 1}, deny},
@@ -172,7 +184,6 @@ func TestPolicyDecisions(t *testing.T) {
 		{"sigaltstack", "sigaltstack", 0, nil, allow},
 		{"getrandom", "getrandom", 0, nil, allow},
 		{"exit_group", "exit_group", 0, nil, allow},
-		{"kill", "kill", 0, nil, allow},
 		// Other ABIs.
 		{"i386 execve", "#11", 0x40000003, nil, deny},
 		{"i386 getpid", "#20", 0x40000003, nil, deny},
@@ -306,16 +317,24 @@ func TestInstall(t *testing.T) {
 		{Kill, "getpriority", true},
 		{Kill, "exec", true},
 		{Kill, "tgkill-parent", true},
+		{Kill, "kill-parent", true},
+		{Kill, "kill-group", true},
+		{Kill, "tkill-parent", true},
+		{Kill, "pidfd-signal-parent", true},
 		{Kill, "prctl", true},
 		{Kill, "runtime", false},
 		{Log, "getpriority", false},
 		{Log, "exec", false},
 		{Log, "tgkill-parent", false},
+		{Log, "kill-parent", false},
+		{Log, "tkill-parent", false},
+		{Log, "pidfd-signal-parent", false},
 		{Log, "prctl", false},
 		{Log, "runtime", false},
 		{None, "getpriority", false},
 		{None, "exec", false},
 		{None, "tgkill-parent", false},
+		{None, "kill-parent", false},
 		{None, "prctl", false},
 		{None, "runtime", false},
 	}
@@ -407,6 +426,25 @@ func runProbe(a Action, probe string) error {
 	case "tgkill-parent":
 		ppid := os.Getppid()
 		return unix.Tgkill(ppid, ppid, 0)
+	case "kill-parent": // signal 0 only checks the permission
+		return unix.Kill(os.Getppid(), 0)
+	case "kill-group":
+		return unix.Kill(0, 0)
+	case "tkill-parent":
+		_, _, errno := unix.Syscall(unix.SYS_TKILL, uintptr(os.Getppid()), 0, 0)
+		if errno != 0 {
+			return errno
+		}
+		return nil
+	case "pidfd-signal-parent":
+		// The pidfd is opened before the filter would matter (pidfd_open is allowed);
+		// sending on it is what must be denied.
+		fd, err := unix.PidfdOpen(os.Getppid(), 0)
+		if err != nil {
+			return fmt.Errorf("pidfd_open: %w", err)
+		}
+		defer unix.Close(fd)
+		return unix.PidfdSendSignal(fd, 0, nil, 0)
 	case "prctl":
 		_, err := unix.PrctlRetInt(unix.PR_GET_DUMPABLE, 0, 0, 0, 0)
 		return err
