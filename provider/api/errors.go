@@ -7,6 +7,7 @@ import (
 	"net/http"
 
 	"github.com/nkp-dev/nkp/provider"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/audit"
 	"github.com/nkp-dev/nkp/provider/ca"
 	"github.com/nkp-dev/nkp/provider/store"
@@ -28,34 +29,34 @@ var errorMap = []struct {
 	status int
 	code   string
 }{
-	{ErrBadRequest, http.StatusBadRequest, CodeBadRequest},
-	{provider.ErrNotInitialized, http.StatusServiceUnavailable, CodeNotInitialized},
-	{provider.ErrNotBackedUp, http.StatusConflict, CodeNotBackedUp},
-	{provider.ErrTokenExpired, http.StatusForbidden, CodeTokenExpired},
-	{provider.ErrTokenUsed, http.StatusForbidden, CodeTokenUsed},
-	{provider.ErrTokenInvalid, http.StatusForbidden, CodeTokenInvalid},
-	{provider.ErrHostRevoked, http.StatusForbidden, CodeHostRevoked},
-	{provider.ErrHostUnknown, http.StatusForbidden, CodeHostUnknown},
-	{provider.ErrAdminRevoked, http.StatusForbidden, CodeAdminRevoked},
-	{provider.ErrLastAdmin, http.StatusConflict, CodeLastAdmin},
-	{provider.ErrTPMRequired, http.StatusForbidden, CodeTPMRequired},
-	{provider.ErrInUse, http.StatusConflict, CodeInUse},
-	{provider.ErrNotEmpty, http.StatusConflict, CodeNotEmpty},
-	{provider.ErrBadPassphrase, http.StatusBadRequest, CodeBadPassphrase},
-	{provider.ErrBadArchive, http.StatusBadRequest, CodeBadArchive},
-	{provider.ErrNotFound, http.StatusNotFound, CodeNotFound},
-	{provider.ErrRootKeyMismatch, http.StatusServiceUnavailable, CodeRootKeyMismatch},
-	{provider.ErrBadRequest, http.StatusBadRequest, CodeBadRequest},
-	{audit.ErrTampered, http.StatusConflict, CodeAuditBroken},
-	{ca.ErrBadCSR, http.StatusBadRequest, CodeBadRequest},
-	{ca.ErrNotIssued, http.StatusUnauthorized, CodeUnauthenticated},
-	{store.ErrNotFound, http.StatusNotFound, CodeNotFound},
-	{store.ErrConflict, http.StatusConflict, CodeConflict},
-	{store.ErrReadOnly, http.StatusServiceUnavailable, CodeUnavailable},
-	{store.ErrFull, http.StatusInsufficientStorage, CodeUnavailable},
-	{store.ErrClosed, http.StatusServiceUnavailable, CodeUnavailable},
-	{context.DeadlineExceeded, http.StatusServiceUnavailable, CodeUnavailable},
-	{context.Canceled, http.StatusServiceUnavailable, CodeUnavailable},
+	{apiv1.ErrBadRequest, http.StatusBadRequest, apiv1.CodeBadRequest},
+	{provider.ErrNotInitialized, http.StatusServiceUnavailable, apiv1.CodeNotInitialized},
+	{provider.ErrNotBackedUp, http.StatusConflict, apiv1.CodeNotBackedUp},
+	{provider.ErrTokenExpired, http.StatusForbidden, apiv1.CodeTokenExpired},
+	{provider.ErrTokenUsed, http.StatusForbidden, apiv1.CodeTokenUsed},
+	{provider.ErrTokenInvalid, http.StatusForbidden, apiv1.CodeTokenInvalid},
+	{provider.ErrHostRevoked, http.StatusForbidden, apiv1.CodeHostRevoked},
+	{provider.ErrHostUnknown, http.StatusForbidden, apiv1.CodeHostUnknown},
+	{provider.ErrAdminRevoked, http.StatusForbidden, apiv1.CodeAdminRevoked},
+	{provider.ErrLastAdmin, http.StatusConflict, apiv1.CodeLastAdmin},
+	{provider.ErrTPMRequired, http.StatusForbidden, apiv1.CodeTPMRequired},
+	{provider.ErrInUse, http.StatusConflict, apiv1.CodeInUse},
+	{provider.ErrNotEmpty, http.StatusConflict, apiv1.CodeNotEmpty},
+	{provider.ErrBadPassphrase, http.StatusBadRequest, apiv1.CodeBadPassphrase},
+	{provider.ErrBadArchive, http.StatusBadRequest, apiv1.CodeBadArchive},
+	{provider.ErrNotFound, http.StatusNotFound, apiv1.CodeNotFound},
+	{provider.ErrRootKeyMismatch, http.StatusServiceUnavailable, apiv1.CodeRootKeyMismatch},
+	{provider.ErrBadRequest, http.StatusBadRequest, apiv1.CodeBadRequest},
+	{audit.ErrTampered, http.StatusConflict, apiv1.CodeAuditBroken},
+	{ca.ErrBadCSR, http.StatusBadRequest, apiv1.CodeBadRequest},
+	{ca.ErrNotIssued, http.StatusUnauthorized, apiv1.CodeUnauthenticated},
+	{store.ErrNotFound, http.StatusNotFound, apiv1.CodeNotFound},
+	{store.ErrConflict, http.StatusConflict, apiv1.CodeConflict},
+	{store.ErrReadOnly, http.StatusServiceUnavailable, apiv1.CodeUnavailable},
+	{store.ErrFull, http.StatusInsufficientStorage, apiv1.CodeUnavailable},
+	{store.ErrClosed, http.StatusServiceUnavailable, apiv1.CodeUnavailable},
+	{context.DeadlineExceeded, http.StatusServiceUnavailable, apiv1.CodeUnavailable},
+	{context.Canceled, http.StatusServiceUnavailable, apiv1.CodeUnavailable},
 }
 
 // classify returns the status, code and sentence for err. Unknown errors become a 500
@@ -70,7 +71,7 @@ func classify(err error) (int, string, string) {
 			return m.status, m.code, err.Error()
 		}
 	}
-	return http.StatusInternalServerError, CodeInternal, "internal error in the provider; see its log for the cause"
+	return http.StatusInternalServerError, apiv1.CodeInternal, "internal error in the provider; see its log for the cause"
 }
 
 // writeError sends the JSON error body and logs the refusal. Domain error texts never
@@ -83,10 +84,10 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 		level = s.log.Error
 	}
 	level("api: request refused", "method", r.Method, "path", r.URL.Path, "status", status, "code", code, "err", err.Error())
-	s.writeJSON(w, status, ErrorBody{Error: msg, Code: code})
+	s.writeJSON(w, status, apiv1.ErrorBody{Error: msg, Code: code})
 }
 
 // errBadRequestf is a 400 with a sentence.
 func errBadRequestf(format string, args ...any) error {
-	return &codedError{status: http.StatusBadRequest, code: CodeBadRequest, msg: fmt.Sprintf(format, args...)}
+	return &codedError{status: http.StatusBadRequest, code: apiv1.CodeBadRequest, msg: fmt.Sprintf(format, args...)}
 }

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/nkp-dev/nkp/provider"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/audit"
 	"github.com/nkp-dev/nkp/provider/ca"
 )
@@ -55,9 +56,9 @@ func (s *Server) authorizeHost(ctx context.Context, cert *x509.Certificate) (str
 }
 
 func (s *Server) handleEnroll(w http.ResponseWriter, r *http.Request) {
-	req, err := decodeBody[EnrollRequest](w, r, MaxBodyBytes)
+	req, err := decodeBody[apiv1.EnrollRequest](w, r, apiv1.MaxBodyBytes)
 	if err != nil {
-		s.m.enrolls.WithLabelValues(CodeBadRequest).Inc()
+		s.m.enrolls.WithLabelValues(apiv1.CodeBadRequest).Inc()
 		s.writeError(w, r, err)
 		return
 	}
@@ -71,7 +72,7 @@ func (s *Server) handleEnroll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.m.enrolls.WithLabelValues("ok").Inc()
-	s.writeJSON(w, http.StatusOK, EnrollResponse{HostID: resp.HostID, Certificate: resp.Certificate, CAChain: resp.CAChain})
+	s.writeJSON(w, http.StatusOK, apiv1.EnrollResponse{HostID: resp.HostID, Certificate: resp.Certificate, CAChain: resp.CAChain})
 }
 
 // handleRelease authenticates the host as Server.host does and releases its KDKs, in one
@@ -87,14 +88,14 @@ func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	out := ReleaseResponse{KDKs: make([]KDK, 0, len(kdks))}
+	out := apiv1.ReleaseResponse{KDKs: make([]apiv1.KDK, 0, len(kdks))}
 	for _, k := range kdks {
 		form := "import_blob"
 		if len(k.ImportBlob) == 0 {
 			form = "bare"
 		}
 		s.m.releases.WithLabelValues(form).Inc()
-		out.KDKs = append(out.KDKs, KDK{ID: k.ID, Version: k.Version, Primary: k.Primary, ImportBlob: k.ImportBlob, Bare: k.Bare})
+		out.KDKs = append(out.KDKs, apiv1.KDK{ID: k.ID, Version: k.Version, Primary: k.Primary, ImportBlob: k.ImportBlob, Bare: k.Bare})
 	}
 	s.writeJSON(w, http.StatusOK, out)
 	for _, k := range kdks {
@@ -103,7 +104,7 @@ func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) handleRegisterObject(w http.ResponseWriter, r *http.Request, hostID string) {
-	o, err := decodeBody[Object](w, r, MaxBodyBytes)
+	o, err := decodeBody[apiv1.Object](w, r, apiv1.MaxBodyBytes)
 	if err != nil {
 		s.writeError(w, r, err)
 		return
@@ -134,7 +135,7 @@ func (s *Server) handleStatus(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) handleBackup(w http.ResponseWriter, r *http.Request) {
-	req, err := decodeBody[BackupRequest](w, r, MaxBodyBytes)
+	req, err := decodeBody[apiv1.BackupRequest](w, r, apiv1.MaxBodyBytes)
 	defer clear(req.Passphrase)
 	if err != nil {
 		s.writeError(w, r, err)
@@ -146,8 +147,8 @@ func (s *Server) handleBackup(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	w.Header().Set(HeaderArchiveSHA256, info.SHA256)
-	w.Header().Set("Content-Type", ContentTypeBinary)
+	w.Header().Set(apiv1.HeaderArchiveSHA256, info.SHA256)
+	w.Header().Set("Content-Type", apiv1.ContentTypeBinary)
 	w.Header().Set("Content-Length", strconv.Itoa(buf.Len()))
 	w.Header().Set("Cache-Control", "no-store")
 	w.Write(buf.Bytes())
@@ -156,7 +157,7 @@ func (s *Server) handleBackup(w http.ResponseWriter, r *http.Request) {
 // handleBackupConfirm marks a written backup as taken, once the admin has stored the
 // archive and opened it again (provider.ConfirmBackup).
 func (s *Server) handleBackupConfirm(w http.ResponseWriter, r *http.Request) {
-	req, err := decodeBody[BackupConfirmRequest](w, r, MaxBodyBytes)
+	req, err := decodeBody[apiv1.BackupConfirmRequest](w, r, apiv1.MaxBodyBytes)
 	if err != nil {
 		s.writeError(w, r, err)
 		return
@@ -170,7 +171,7 @@ func (s *Server) handleBackupConfirm(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) handleBackupVerify(w http.ResponseWriter, r *http.Request) {
-	req, err := decodeBody[ArchiveRequest](w, r, MaxArchiveBodyBytes)
+	req, err := decodeBody[apiv1.ArchiveRequest](w, r, apiv1.MaxArchiveBodyBytes)
 	defer clear(req.Passphrase)
 	if err != nil {
 		s.writeError(w, r, err)
@@ -188,7 +189,7 @@ func (s *Server) handleBackupVerify(w http.ResponseWriter, r *http.Request) {
 const maxTokenTTL = 7 * 24 * time.Hour
 
 func (s *Server) handleCreateToken(w http.ResponseWriter, r *http.Request) {
-	req, err := decodeBody[TokenRequest](w, r, MaxBodyBytes)
+	req, err := decodeBody[apiv1.TokenRequest](w, r, apiv1.MaxBodyBytes)
 	if err != nil {
 		s.writeError(w, r, err)
 		return
@@ -203,7 +204,7 @@ func (s *Server) handleCreateToken(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	s.writeJSON(w, http.StatusOK, Token{ID: t.ID, Secret: t.Secret, Expires: t.Expires, CAHash: s.p.CAHash()})
+	s.writeJSON(w, http.StatusOK, apiv1.Token{ID: t.ID, Secret: t.Secret, Expires: t.Expires, CAHash: s.p.CAHash()})
 }
 
 func (s *Server) handleHosts(w http.ResponseWriter, r *http.Request) {
@@ -212,7 +213,7 @@ func (s *Server) handleHosts(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	out := HostsResponse{Hosts: make([]Host, 0, len(hosts))}
+	out := apiv1.HostsResponse{Hosts: make([]apiv1.Host, 0, len(hosts))}
 	for _, h := range hosts {
 		out.Hosts = append(out.Hosts, hostToWire(h))
 	}
@@ -264,7 +265,7 @@ func (s *Server) handleObjects(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	out := ObjectsResponse{Objects: make([]Object, 0, len(objs))}
+	out := apiv1.ObjectsResponse{Objects: make([]apiv1.Object, 0, len(objs))}
 	for _, o := range objs {
 		out.Objects = append(out.Objects, objectToWire(o))
 	}
@@ -295,9 +296,9 @@ func (s *Server) handleAudit(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	out := AuditResponse{Records: make([]AuditRecord, 0, len(recs))}
+	out := apiv1.AuditResponse{Records: make([]apiv1.AuditRecord, 0, len(recs))}
 	for _, rec := range recs {
-		out.Records = append(out.Records, AuditRecord{Seq: rec.Seq, Time: rec.Time, Kind: string(rec.Kind),
+		out.Records = append(out.Records, apiv1.AuditRecord{Seq: rec.Seq, Time: rec.Time, Kind: string(rec.Kind),
 			Actor: rec.Actor, Subject: rec.Subject, Details: rec.Details, Hash: rec.Hash})
 	}
 	s.writeJSON(w, http.StatusOK, out)
@@ -321,7 +322,7 @@ func (s *Server) handlePolicy(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) handleSetPolicy(w http.ResponseWriter, r *http.Request) {
-	req, err := decodeBody[Policy](w, r, MaxBodyBytes)
+	req, err := decodeBody[apiv1.Policy](w, r, apiv1.MaxBodyBytes)
 	if err != nil {
 		s.writeError(w, r, err)
 		return
@@ -343,7 +344,7 @@ func (s *Server) handleAdmins(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) handleAdminCert(w http.ResponseWriter, r *http.Request) {
-	req, err := decodeBody[AdminCertRequest](w, r, MaxBodyBytes)
+	req, err := decodeBody[apiv1.AdminCertRequest](w, r, apiv1.MaxBodyBytes)
 	if err != nil {
 		s.writeError(w, r, err)
 		return
@@ -353,11 +354,11 @@ func (s *Server) handleAdminCert(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	s.writeJSON(w, http.StatusOK, AdminCertResponse{Certificate: der, CAChain: [][]byte{s.p.CA().Raw}})
+	s.writeJSON(w, http.StatusOK, apiv1.AdminCertResponse{Certificate: der, CAChain: [][]byte{s.p.CA().Raw}})
 }
 
 func (s *Server) handleRevokeAdmin(w http.ResponseWriter, r *http.Request) {
-	req, err := decodeBody[AdminRevokeRequest](w, r, MaxBodyBytes)
+	req, err := decodeBody[apiv1.AdminRevokeRequest](w, r, apiv1.MaxBodyBytes)
 	if err != nil {
 		s.writeError(w, r, err)
 		return
@@ -382,7 +383,7 @@ func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	req, err := decodeBody[HostRenewRequest](w, r, MaxBodyBytes)
+	req, err := decodeBody[apiv1.HostRenewRequest](w, r, apiv1.MaxBodyBytes)
 	if err != nil {
 		s.writeError(w, r, err)
 		return
@@ -393,11 +394,11 @@ func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.log.Info("api: host certificate renewed", "host_id", resp.HostID)
-	s.writeJSON(w, http.StatusOK, EnrollResponse{HostID: resp.HostID, Certificate: resp.Certificate, CAChain: resp.CAChain})
+	s.writeJSON(w, http.StatusOK, apiv1.EnrollResponse{HostID: resp.HostID, Certificate: resp.Certificate, CAChain: resp.CAChain})
 }
 
 func (s *Server) handleAuditPrune(w http.ResponseWriter, r *http.Request) {
-	req, err := decodeBody[AuditPruneRequest](w, r, MaxBodyBytes)
+	req, err := decodeBody[apiv1.AuditPruneRequest](w, r, apiv1.MaxBodyBytes)
 	if err != nil {
 		s.writeError(w, r, err)
 		return
@@ -407,5 +408,5 @@ func (s *Server) handleAuditPrune(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	s.writeJSON(w, http.StatusOK, AuditPruneResponse{Through: res.Through, Deleted: res.Deleted, Anchor: res.Anchor, DryRun: res.DryRun})
+	s.writeJSON(w, http.StatusOK, apiv1.AuditPruneResponse{Through: res.Through, Deleted: res.Deleted, Anchor: res.Anchor, DryRun: res.DryRun})
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/nkp-dev/nkp/provider"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/ca"
 )
 
@@ -105,37 +106,37 @@ func (s *Server) routes() {
 	handle := func(pattern, route string, h http.HandlerFunc) {
 		mux.Handle(pattern, s.instrument(route, h))
 	}
-	handle("GET "+PathHealthz, "healthz", func(w http.ResponseWriter, r *http.Request) {
+	handle("GET "+apiv1.PathHealthz, "healthz", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		io.WriteString(w, "ok\n")
 	})
-	handle("GET "+PathReadyz, "readyz", s.handleReadyz)
-	mux.Handle("GET "+PathMetrics, promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{Registry: s.reg}))
+	handle("GET "+apiv1.PathReadyz, "readyz", s.handleReadyz)
+	mux.Handle("GET "+apiv1.PathMetrics, promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{Registry: s.reg}))
 
-	handle("POST "+PathEnroll, "enroll", s.handleEnroll)
-	handle("GET "+PathHostKDKs, "host_kdks", s.handleRelease)
-	handle("POST "+PathHostObjects, "host_objects", s.host(s.handleRegisterObject))
-	handle("DELETE "+PathHostObjects+"/{vm}/{name}", "host_objects_delete", s.host(s.handleUnregisterObject))
-	handle("POST "+PathHostRenew, "host_renew", s.handleRenew)
+	handle("POST "+apiv1.PathEnroll, "enroll", s.handleEnroll)
+	handle("GET "+apiv1.PathHostKDKs, "host_kdks", s.handleRelease)
+	handle("POST "+apiv1.PathHostObjects, "host_objects", s.host(s.handleRegisterObject))
+	handle("DELETE "+apiv1.PathHostObjects+"/{vm}/{name}", "host_objects_delete", s.host(s.handleUnregisterObject))
+	handle("POST "+apiv1.PathHostRenew, "host_renew", s.handleRenew)
 
-	handle("GET "+PathStatus, "status", s.admin(s.handleStatus))
-	handle("POST "+PathBackup, "backup", s.admin(s.handleBackup))
-	handle("POST "+PathBackupVerify, "backup_verify", s.admin(s.handleBackupVerify))
-	handle("POST "+PathBackupConfirm, "backup_confirm", s.admin(s.handleBackupConfirm))
-	handle("POST "+PathTokens, "tokens", s.admin(s.handleCreateToken))
-	handle("GET "+PathHosts, "hosts", s.admin(s.handleHosts))
-	handle("POST "+PathHosts+"/{id}/revoke", "revoke", s.admin(s.handleRevoke))
-	handle("POST "+PathRotate, "rotate", s.admin(s.handleRotate))
-	handle("POST "+PathKDKs+"/{version}/retire", "retire", s.admin(s.handleRetire))
-	handle("GET "+PathObjects, "objects", s.admin(s.handleObjects))
-	handle("GET "+PathAudit, "audit", s.admin(s.handleAudit))
-	handle("POST "+PathAuditVerify, "audit_verify", s.admin(s.handleAuditVerify))
-	handle("POST "+PathAuditPrune, "audit_prune", s.admin(s.handleAuditPrune))
-	handle("GET "+PathPolicy, "policy", s.admin(s.handlePolicy))
-	handle("PUT "+PathPolicy, "policy_set", s.admin(s.handleSetPolicy))
-	handle("GET "+PathAdmins, "admins", s.admin(s.handleAdmins))
-	handle("POST "+PathAdmins, "admins_add", s.admin(s.handleAdminCert))
-	handle("POST "+PathAdminsRevoke, "admins_revoke", s.admin(s.handleRevokeAdmin))
+	handle("GET "+apiv1.PathStatus, "status", s.admin(s.handleStatus))
+	handle("POST "+apiv1.PathBackup, "backup", s.admin(s.handleBackup))
+	handle("POST "+apiv1.PathBackupVerify, "backup_verify", s.admin(s.handleBackupVerify))
+	handle("POST "+apiv1.PathBackupConfirm, "backup_confirm", s.admin(s.handleBackupConfirm))
+	handle("POST "+apiv1.PathTokens, "tokens", s.admin(s.handleCreateToken))
+	handle("GET "+apiv1.PathHosts, "hosts", s.admin(s.handleHosts))
+	handle("POST "+apiv1.PathHosts+"/{id}/revoke", "revoke", s.admin(s.handleRevoke))
+	handle("POST "+apiv1.PathRotate, "rotate", s.admin(s.handleRotate))
+	handle("POST "+apiv1.PathKDKs+"/{version}/retire", "retire", s.admin(s.handleRetire))
+	handle("GET "+apiv1.PathObjects, "objects", s.admin(s.handleObjects))
+	handle("GET "+apiv1.PathAudit, "audit", s.admin(s.handleAudit))
+	handle("POST "+apiv1.PathAuditVerify, "audit_verify", s.admin(s.handleAuditVerify))
+	handle("POST "+apiv1.PathAuditPrune, "audit_prune", s.admin(s.handleAuditPrune))
+	handle("GET "+apiv1.PathPolicy, "policy", s.admin(s.handlePolicy))
+	handle("PUT "+apiv1.PathPolicy, "policy_set", s.admin(s.handleSetPolicy))
+	handle("GET "+apiv1.PathAdmins, "admins", s.admin(s.handleAdmins))
+	handle("POST "+apiv1.PathAdmins, "admins_add", s.admin(s.handleAdminCert))
+	handle("POST "+apiv1.PathAdminsRevoke, "admins_revoke", s.admin(s.handleRevokeAdmin))
 	handle("/", "unknown", func(w http.ResponseWriter, r *http.Request) {
 		var allow []string
 		for _, m := range []string{http.MethodGet, http.MethodPost, http.MethodPut, http.MethodDelete} {
@@ -147,11 +148,11 @@ func (s *Server) routes() {
 		}
 		if len(allow) > 0 {
 			w.Header().Set("Allow", strings.Join(allow, ", "))
-			s.writeError(w, r, &codedError{status: http.StatusMethodNotAllowed, code: CodeBadRequest,
+			s.writeError(w, r, &codedError{status: http.StatusMethodNotAllowed, code: apiv1.CodeBadRequest,
 				msg: fmt.Sprintf("%s does not accept %s; use %s", r.URL.Path, r.Method, strings.Join(allow, " or "))})
 			return
 		}
-		s.writeError(w, r, &codedError{status: http.StatusNotFound, code: CodeNotFound,
+		s.writeError(w, r, &codedError{status: http.StatusNotFound, code: apiv1.CodeNotFound,
 			msg: fmt.Sprintf("no route %s %s; see the provider/api package documentation", r.Method, r.URL.Path)})
 	})
 }
@@ -204,7 +205,7 @@ func (s *Server) instrument(route string, h http.HandlerFunc) http.Handler {
 // code unauthenticated.
 func (s *Server) clientCert(r *http.Request, role ca.Role) (*x509.Certificate, error) {
 	if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
-		return nil, &codedError{status: http.StatusUnauthorized, code: CodeUnauthenticated,
+		return nil, &codedError{status: http.StatusUnauthorized, code: apiv1.CodeUnauthenticated,
 			msg: fmt.Sprintf("this endpoint needs a client certificate from the provider's CA (role %s); hosts get one with `nkp-hostd join`, admins use the one in the provider directory", role)}
 	}
 	leaf := r.TLS.PeerCertificates[0]
@@ -220,7 +221,7 @@ func (s *Server) clientCert(r *http.Request, role ca.Role) (*x509.Certificate, e
 	}
 	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: s.now(),
 		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
-		return nil, &codedError{status: http.StatusUnauthorized, code: CodeUnauthenticated,
+		return nil, &codedError{status: http.StatusUnauthorized, code: apiv1.CodeUnauthenticated,
 			msg: fmt.Sprintf("client certificate %q is not valid for this provider (CA %s): %v", leaf.Subject.CommonName, s.p.CAHash(), err)}
 	}
 	conn.remember(leaf)
@@ -229,7 +230,7 @@ func (s *Server) clientCert(r *http.Request, role ca.Role) (*x509.Certificate, e
 
 func (s *Server) checkRole(leaf *x509.Certificate, role ca.Role) (*x509.Certificate, error) {
 	if got := ca.RoleOf(leaf); got != role {
-		return nil, &codedError{status: http.StatusForbidden, code: CodeForbidden,
+		return nil, &codedError{status: http.StatusForbidden, code: apiv1.CodeForbidden,
 			msg: fmt.Sprintf("client certificate %q has role %q; this endpoint needs role %q", leaf.Subject.CommonName, got, role)}
 	}
 	return leaf, nil
@@ -311,13 +312,13 @@ func (s *Server) admin(h http.HandlerFunc) http.HandlerFunc {
 
 func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
 	if s.draining.Load() {
-		s.writeError(w, r, &codedError{status: http.StatusServiceUnavailable, code: CodeUnavailable, msg: "shutting down"})
+		s.writeError(w, r, &codedError{status: http.StatusServiceUnavailable, code: apiv1.CodeUnavailable, msg: "shutting down"})
 		return
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
 	if err := s.ready(ctx); err != nil {
-		s.writeError(w, r, &codedError{status: http.StatusServiceUnavailable, code: CodeUnavailable,
+		s.writeError(w, r, &codedError{status: http.StatusServiceUnavailable, code: apiv1.CodeUnavailable,
 			msg: fmt.Sprintf("not ready: %v", err)})
 		return
 	}
@@ -328,11 +329,11 @@ func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
 // decodeBody reads a JSON body of type T through http.MaxBytesReader.
 func decodeBody[T any](w http.ResponseWriter, r *http.Request, limit int64) (T, error) {
 	body := http.MaxBytesReader(w, r.Body, limit)
-	v, err := Decode[T](body, limit)
+	v, err := apiv1.Decode[T](body, limit)
 	if err != nil {
 		var mbe *http.MaxBytesError
-		if errors.As(err, &mbe) || errors.Is(err, errTooLong) {
-			return v, &codedError{status: http.StatusRequestEntityTooLarge, code: CodeTooLarge,
+		if errors.As(err, &mbe) || errors.Is(err, apiv1.ErrTooLong) {
+			return v, &codedError{status: http.StatusRequestEntityTooLarge, code: apiv1.CodeTooLarge,
 				msg: fmt.Sprintf("request body longer than %d bytes", limit)}
 		}
 		return v, err
@@ -350,7 +351,7 @@ func (s *Server) writeJSON(w http.ResponseWriter, status int, v any) {
 		return
 	}
 	defer clear(buf.Bytes())
-	w.Header().Set("Content-Type", ContentTypeJSON)
+	w.Header().Set("Content-Type", apiv1.ContentTypeJSON)
 	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(status)
 	w.Write(buf.Bytes())

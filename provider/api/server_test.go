@@ -29,6 +29,7 @@ import (
 
 	"github.com/nkp-dev/nkp/provider"
 	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/audit"
 	"github.com/nkp-dev/nkp/provider/ca"
 	"github.com/nkp-dev/nkp/provider/client"
@@ -448,7 +449,7 @@ func (e *env) rawClient(certs ...tls.Certificate) *http.Client {
 	}}}
 }
 
-func (e *env) do(t *testing.T, hc *http.Client, method, path, body string) (int, api.ErrorBody, string) {
+func (e *env) do(t *testing.T, hc *http.Client, method, path, body string) (int, apiv1.ErrorBody, string) {
 	t.Helper()
 	req, err := http.NewRequest(method, e.srv.URL+path, strings.NewReader(body))
 	if err != nil {
@@ -460,7 +461,7 @@ func (e *env) do(t *testing.T, hc *http.Client, method, path, body string) (int,
 	}
 	defer resp.Body.Close()
 	data, _ := io.ReadAll(resp.Body)
-	var eb api.ErrorBody
+	var eb apiv1.ErrorBody
 	if resp.StatusCode >= 400 {
 		if err := json.Unmarshal(data, &eb); err != nil {
 			t.Fatalf("%s %s: error body %q is not JSON: %v", method, path, data, err)
@@ -487,19 +488,19 @@ func TestAuthentication(t *testing.T) {
 		wantCode int
 		wantErr  string
 	}{
-		{"host route without certificate", nil, "GET", api.PathHostKDKs, 401, api.CodeUnauthenticated},
-		{"admin route without certificate", nil, "GET", api.PathStatus, 401, api.CodeUnauthenticated},
-		{"host certificate from another CA", []tls.Certificate{certFrom(t, other, ca.RoleHost, hostID)}, "GET", api.PathHostKDKs, 401, api.CodeUnauthenticated},
-		{"admin certificate from another CA", []tls.Certificate{certFrom(t, other, ca.RoleAdmin, "mallory")}, "GET", api.PathStatus, 401, api.CodeUnauthenticated},
-		{"host certificate on admin route", []tls.Certificate{hostCert()}, "GET", api.PathStatus, 403, api.CodeForbidden},
-		{"admin certificate on host route", []tls.Certificate{certFrom(t, e.f.ca, ca.RoleAdmin, "alice")}, "GET", api.PathHostKDKs, 403, api.CodeForbidden},
-		{"server certificate as client", []tls.Certificate{certFrom(t, e.f.ca, ca.RoleServer, "")}, "GET", api.PathStatus, 401, api.CodeUnauthenticated},
-		{"unknown host", []tls.Certificate{certFrom(t, e.f.ca, ca.RoleHost, "ghost")}, "GET", api.PathHostKDKs, 403, api.CodeHostUnknown},
-		{"enrolled host", []tls.Certificate{hostCert()}, "GET", api.PathHostKDKs, 200, ""},
-		{"admin", []tls.Certificate{certFrom(t, e.f.ca, ca.RoleAdmin, "alice")}, "GET", api.PathStatus, 200, ""},
-		{"health without certificate", nil, "GET", api.PathHealthz, 200, ""},
-		{"unknown route", nil, "GET", "/v1/nothing", 404, api.CodeNotFound},
-		{"wrong method", []tls.Certificate{certFrom(t, e.f.ca, ca.RoleAdmin, "alice")}, "DELETE", api.PathStatus, 405, api.CodeBadRequest},
+		{"host route without certificate", nil, "GET", apiv1.PathHostKDKs, 401, apiv1.CodeUnauthenticated},
+		{"admin route without certificate", nil, "GET", apiv1.PathStatus, 401, apiv1.CodeUnauthenticated},
+		{"host certificate from another CA", []tls.Certificate{certFrom(t, other, ca.RoleHost, hostID)}, "GET", apiv1.PathHostKDKs, 401, apiv1.CodeUnauthenticated},
+		{"admin certificate from another CA", []tls.Certificate{certFrom(t, other, ca.RoleAdmin, "mallory")}, "GET", apiv1.PathStatus, 401, apiv1.CodeUnauthenticated},
+		{"host certificate on admin route", []tls.Certificate{hostCert()}, "GET", apiv1.PathStatus, 403, apiv1.CodeForbidden},
+		{"admin certificate on host route", []tls.Certificate{certFrom(t, e.f.ca, ca.RoleAdmin, "alice")}, "GET", apiv1.PathHostKDKs, 403, apiv1.CodeForbidden},
+		{"server certificate as client", []tls.Certificate{certFrom(t, e.f.ca, ca.RoleServer, "")}, "GET", apiv1.PathStatus, 401, apiv1.CodeUnauthenticated},
+		{"unknown host", []tls.Certificate{certFrom(t, e.f.ca, ca.RoleHost, "ghost")}, "GET", apiv1.PathHostKDKs, 403, apiv1.CodeHostUnknown},
+		{"enrolled host", []tls.Certificate{hostCert()}, "GET", apiv1.PathHostKDKs, 200, ""},
+		{"admin", []tls.Certificate{certFrom(t, e.f.ca, ca.RoleAdmin, "alice")}, "GET", apiv1.PathStatus, 200, ""},
+		{"health without certificate", nil, "GET", apiv1.PathHealthz, 200, ""},
+		{"unknown route", nil, "GET", "/v1/nothing", 404, apiv1.CodeNotFound},
+		{"wrong method", []tls.Certificate{certFrom(t, e.f.ca, ca.RoleAdmin, "alice")}, "DELETE", apiv1.PathStatus, 405, apiv1.CodeBadRequest},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -525,11 +526,11 @@ func TestRevokedHostRefusedAtOnce(t *testing.T) {
 		t.Fatalf("revoke: %v", err)
 	}
 	// Same client, same kept-alive connection: the refusal must not wait for a new handshake.
-	if _, err := host.Release(ctx); !client.IsCode(err, api.CodeHostRevoked) {
-		t.Fatalf("release after revoke: %v, want code %s", err, api.CodeHostRevoked)
+	if _, err := host.Release(ctx); !client.IsCode(err, apiv1.CodeHostRevoked) {
+		t.Fatalf("release after revoke: %v, want code %s", err, apiv1.CodeHostRevoked)
 	}
-	if err := e.admin.Revoke(ctx, "nobody"); !client.IsCode(err, api.CodeHostUnknown) {
-		t.Fatalf("revoke unknown host: %v, want %s", err, api.CodeHostUnknown)
+	if err := e.admin.Revoke(ctx, "nobody"); !client.IsCode(err, apiv1.CodeHostUnknown) {
+		t.Fatalf("revoke unknown host: %v, want %s", err, apiv1.CodeHostUnknown)
 	}
 }
 
@@ -549,9 +550,9 @@ func TestJoin(t *testing.T) {
 	}{
 		{"wrong CA pin", tok.Secret, other.Hash(), "does not match the pinned hash"},
 		{"malformed pin", tok.Secret, "md5:abc", "want sha256:"},
-		{"unknown token", "nope", tok.CAHash, api.CodeTokenInvalid},
+		{"unknown token", "nope", tok.CAHash, apiv1.CodeTokenInvalid},
 		{"good", tok.Secret, tok.CAHash, ""},
-		{"reused token", tok.Secret, tok.CAHash, api.CodeTokenUsed},
+		{"reused token", tok.Secret, tok.CAHash, apiv1.CodeTokenUsed},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -588,20 +589,20 @@ func TestBadBodies(t *testing.T) {
 		wantCode int
 		wantErr  string
 	}{
-		{"malformed JSON", e.rawClient(), "POST", api.PathEnroll, `{"token":`, 400, api.CodeBadRequest},
-		{"unknown field", e.rawClient(), "POST", api.PathEnroll, `{"token":"` + tok.Secret + `","csr":"AA==","hostname":"h","admin":true}`, 400, api.CodeBadRequest},
-		{"trailing data", e.rawClient(), "POST", api.PathEnroll, `{"token":"t","csr":"AA==","hostname":"h"} {}`, 400, api.CodeBadRequest},
-		{"missing CSR", e.rawClient(), "POST", api.PathEnroll, `{"token":"t","hostname":"h"}`, 400, api.CodeBadRequest},
-		{"bad base64", e.rawClient(), "POST", api.PathEnroll, `{"token":"t","csr":"!!","hostname":"h"}`, 400, api.CodeBadRequest},
-		{"garbage CSR", e.rawClient(), "POST", api.PathEnroll, `{"token":"` + tok.Secret + `","csr":"AAAA","hostname":"h"}`, 400, api.CodeBadRequest},
-		{"oversized body", e.rawClient(), "POST", api.PathEnroll, `{"token":"` + strings.Repeat("a", api.MaxBodyBytes) + `"}`, 413, api.CodeTooLarge},
-		{"negative TTL", adminHC, "POST", api.PathTokens, `{"ttl_seconds":-5}`, 400, api.CodeBadRequest},
-		{"TTL too long", adminHC, "POST", api.PathTokens, `{"ttl_seconds":99999999}`, 400, api.CodeBadRequest},
-		{"retire non-number", adminHC, "POST", api.PathKDKs + "/one/retire", ``, 400, api.CodeBadRequest},
-		{"objects bad filter", adminHC, "GET", api.PathObjects + "?kdk_version=x", ``, 400, api.CodeBadRequest},
-		{"audit bad n", adminHC, "GET", api.PathAudit + "?n=-1", ``, 400, api.CodeBadRequest},
-		{"policy wrong type", adminHC, "PUT", api.PathPolicy, `{"tpm_required":"yes"}`, 400, api.CodeBadRequest},
-		{"empty backup passphrase", adminHC, "POST", api.PathBackup, `{"passphrase":""}`, 400, api.CodeBadRequest},
+		{"malformed JSON", e.rawClient(), "POST", apiv1.PathEnroll, `{"token":`, 400, apiv1.CodeBadRequest},
+		{"unknown field", e.rawClient(), "POST", apiv1.PathEnroll, `{"token":"` + tok.Secret + `","csr":"AA==","hostname":"h","admin":true}`, 400, apiv1.CodeBadRequest},
+		{"trailing data", e.rawClient(), "POST", apiv1.PathEnroll, `{"token":"t","csr":"AA==","hostname":"h"} {}`, 400, apiv1.CodeBadRequest},
+		{"missing CSR", e.rawClient(), "POST", apiv1.PathEnroll, `{"token":"t","hostname":"h"}`, 400, apiv1.CodeBadRequest},
+		{"bad base64", e.rawClient(), "POST", apiv1.PathEnroll, `{"token":"t","csr":"!!","hostname":"h"}`, 400, apiv1.CodeBadRequest},
+		{"garbage CSR", e.rawClient(), "POST", apiv1.PathEnroll, `{"token":"` + tok.Secret + `","csr":"AAAA","hostname":"h"}`, 400, apiv1.CodeBadRequest},
+		{"oversized body", e.rawClient(), "POST", apiv1.PathEnroll, `{"token":"` + strings.Repeat("a", apiv1.MaxBodyBytes) + `"}`, 413, apiv1.CodeTooLarge},
+		{"negative TTL", adminHC, "POST", apiv1.PathTokens, `{"ttl_seconds":-5}`, 400, apiv1.CodeBadRequest},
+		{"TTL too long", adminHC, "POST", apiv1.PathTokens, `{"ttl_seconds":99999999}`, 400, apiv1.CodeBadRequest},
+		{"retire non-number", adminHC, "POST", apiv1.PathKDKs + "/one/retire", ``, 400, apiv1.CodeBadRequest},
+		{"objects bad filter", adminHC, "GET", apiv1.PathObjects + "?kdk_version=x", ``, 400, apiv1.CodeBadRequest},
+		{"audit bad n", adminHC, "GET", apiv1.PathAudit + "?n=-1", ``, 400, apiv1.CodeBadRequest},
+		{"policy wrong type", adminHC, "PUT", apiv1.PathPolicy, `{"tpm_required":"yes"}`, 400, apiv1.CodeBadRequest},
+		{"empty backup passphrase", adminHC, "POST", apiv1.PathBackup, `{"passphrase":""}`, 400, apiv1.CodeBadRequest},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -625,12 +626,12 @@ func TestDomainErrorsTranslated(t *testing.T) {
 		wantCode string
 		status   int
 	}{
-		{fmt.Errorf("release: %w: take a backup first (nkpctl provider backup)", provider.ErrNotBackedUp), api.CodeNotBackedUp, 409},
-		{fmt.Errorf("x: %w", provider.ErrTPMRequired), api.CodeTPMRequired, 403},
-		{fmt.Errorf("x: %w", provider.ErrNotInitialized), api.CodeNotInitialized, 503},
-		{fmt.Errorf("bolt: %w", store.ErrFull), api.CodeUnavailable, 507},
-		{fmt.Errorf("bolt: %w", store.ErrReadOnly), api.CodeUnavailable, 503},
-		{errors.New("something unexpected with key 0xdeadbeef"), api.CodeInternal, 500},
+		{fmt.Errorf("release: %w: take a backup first (nkpctl provider backup)", provider.ErrNotBackedUp), apiv1.CodeNotBackedUp, 409},
+		{fmt.Errorf("x: %w", provider.ErrTPMRequired), apiv1.CodeTPMRequired, 403},
+		{fmt.Errorf("x: %w", provider.ErrNotInitialized), apiv1.CodeNotInitialized, 503},
+		{fmt.Errorf("bolt: %w", store.ErrFull), apiv1.CodeUnavailable, 507},
+		{fmt.Errorf("bolt: %w", store.ErrReadOnly), apiv1.CodeUnavailable, 503},
+		{errors.New("something unexpected with key 0xdeadbeef"), apiv1.CodeInternal, 500},
 	}
 	for _, tc := range tests {
 		t.Run(tc.wantCode, func(t *testing.T) {
@@ -678,7 +679,7 @@ func TestRelease(t *testing.T) {
 	if strings.Contains(e.logBuf.String(), "QkJCQkJC") || strings.Contains(e.logBuf.String(), "4242424242") {
 		t.Fatal("KDK bytes in the log")
 	}
-	obj := api.Object{VMUUID: "vm-1", Name: "vtpm", KeyID: "key-1", KDKID: "k2"}
+	obj := apiv1.Object{VMUUID: "vm-1", Name: "vtpm", KeyID: "key-1", KDKID: "k2"}
 	if err := host.RegisterObject(ctx, obj); err != nil {
 		t.Fatal(err)
 	}
@@ -689,8 +690,8 @@ func TestRelease(t *testing.T) {
 	if err := host.UnregisterObject(ctx, "vm-1", "vtpm"); err != nil {
 		t.Fatalf("unregister: %v", err)
 	}
-	if err := host.UnregisterObject(ctx, "vm-1", "vtpm"); !client.IsCode(err, api.CodeNotFound) {
-		t.Fatalf("unregister twice: %v, want %s", err, api.CodeNotFound)
+	if err := host.UnregisterObject(ctx, "vm-1", "vtpm"); !client.IsCode(err, apiv1.CodeNotFound) {
+		t.Fatalf("unregister twice: %v, want %s", err, apiv1.CodeNotFound)
 	}
 	if objs, err := e.admin.Objects(ctx, "vm-1", 0); err != nil || len(objs) != 0 {
 		t.Fatalf("objects after unregister = %+v, %v", objs, err)
@@ -704,8 +705,8 @@ func TestAdminCalls(t *testing.T) {
 	if _, err := e.admin.Backup(ctx, &buf, []byte("pass")); err != nil || buf.String() != "archive(4)" {
 		t.Fatalf("backup = %q, %v", buf.String(), err)
 	}
-	if _, err := e.admin.ConfirmBackup(ctx, strings.Repeat("0", 64)); !client.IsCode(err, api.CodeNotFound) {
-		t.Fatalf("confirming an unknown archive: %v, want %s", err, api.CodeNotFound)
+	if _, err := e.admin.ConfirmBackup(ctx, strings.Repeat("0", 64)); !client.IsCode(err, apiv1.CodeNotFound) {
+		t.Fatalf("confirming an unknown archive: %v, want %s", err, apiv1.CodeNotFound)
 	}
 	sum := sha256.Sum256(buf.Bytes())
 	info, err := e.admin.ConfirmBackup(ctx, hex.EncodeToString(sum[:]))
@@ -715,13 +716,13 @@ func TestAdminCalls(t *testing.T) {
 	if err != nil || info.SHA256 != hex.EncodeToString(sum[:]) || !confirmed {
 		t.Fatalf("confirm = %+v, %v (reached the domain: %v)", info, err, confirmed)
 	}
-	if _, err := e.admin.VerifyBackup(ctx, buf.Bytes(), []byte("wrong")); !client.IsCode(err, api.CodeBadPassphrase) {
+	if _, err := e.admin.VerifyBackup(ctx, buf.Bytes(), []byte("wrong")); !client.IsCode(err, apiv1.CodeBadPassphrase) {
 		t.Fatalf("verify with the wrong passphrase: %v", err)
 	}
 	if _, err := e.admin.VerifyBackup(ctx, buf.Bytes(), []byte("right")); err != nil {
 		t.Fatalf("verify: %v", err)
 	}
-	if err := e.admin.Retire(ctx, 1); !client.IsCode(err, api.CodeInUse) {
+	if err := e.admin.Retire(ctx, 1); !client.IsCode(err, apiv1.CodeInUse) {
 		t.Fatalf("retire in use: %v", err)
 	}
 	if err := e.admin.Retire(ctx, 2); err != nil {
@@ -730,11 +731,11 @@ func TestAdminCalls(t *testing.T) {
 	if v, err := e.admin.Rotate(ctx); err != nil || v.Version != 2 {
 		t.Fatalf("rotate = %+v, %v", v, err)
 	}
-	if p, err := e.admin.SetPolicy(ctx, api.Policy{TPMRequired: true}); err != nil || !p.TPMRequired {
+	if p, err := e.admin.SetPolicy(ctx, apiv1.Policy{TPMRequired: true}); err != nil || !p.TPMRequired {
 		t.Fatalf("set policy = %+v, %v", p, err)
 	}
-	if err := e.admin.AuditVerify(ctx); !client.IsCode(err, api.CodeAuditBroken) || !strings.Contains(err.Error(), "record 7") {
-		t.Fatalf("audit verify: %v, want %s naming record 7", err, api.CodeAuditBroken)
+	if err := e.admin.AuditVerify(ctx); !client.IsCode(err, apiv1.CodeAuditBroken) || !strings.Contains(err.Error(), "record 7") {
+		t.Fatalf("audit verify: %v, want %s naming record 7", err, apiv1.CodeAuditBroken)
 	}
 	if recs, err := e.admin.Audit(ctx, 5); err != nil || len(recs) != 1 || recs[0].Kind != "init" {
 		t.Fatalf("audit = %+v, %v", recs, err)
@@ -748,26 +749,26 @@ func TestAdminCalls(t *testing.T) {
 func TestHealthReadinessMetrics(t *testing.T) {
 	e := startEnv(t)
 	hc := e.rawClient()
-	if code, _, _ := e.do(t, hc, "GET", api.PathReadyz, ""); code != 200 {
+	if code, _, _ := e.do(t, hc, "GET", apiv1.PathReadyz, ""); code != 200 {
 		t.Fatalf("readyz = %d, want 200", code)
 	}
 	e.f.mu.Lock()
 	e.f.fail = fmt.Errorf("etcd: %w", context.DeadlineExceeded)
 	e.f.mu.Unlock()
-	if code, eb, _ := e.do(t, hc, "GET", api.PathReadyz, ""); code != 503 || eb.Code != api.CodeUnavailable {
+	if code, eb, _ := e.do(t, hc, "GET", apiv1.PathReadyz, ""); code != 503 || eb.Code != apiv1.CodeUnavailable {
 		t.Fatalf("readyz with a failing store = %d %q, want 503", code, eb.Code)
 	}
 	e.f.mu.Lock()
 	e.f.fail = nil
 	e.f.mu.Unlock()
 	e.api.SetDraining()
-	if code, _, _ := e.do(t, hc, "GET", api.PathReadyz, ""); code != 503 {
+	if code, _, _ := e.do(t, hc, "GET", apiv1.PathReadyz, ""); code != 503 {
 		t.Fatalf("readyz while draining = %d, want 503", code)
 	}
-	if code, _, _ := e.do(t, hc, "GET", api.PathHealthz, ""); code != 200 {
+	if code, _, _ := e.do(t, hc, "GET", apiv1.PathHealthz, ""); code != 200 {
 		t.Fatalf("healthz while draining = %d, want 200", code)
 	}
-	code, _, body := e.do(t, hc, "GET", api.PathMetrics, "")
+	code, _, body := e.do(t, hc, "GET", apiv1.PathMetrics, "")
 	for _, want := range []string{`nkp_provider_http_requests_total{code="503",route="readyz"} 2`, "nkp_provider_refusals_total", "go_goroutines"} {
 		if code != 200 || !strings.Contains(body, want) {
 			t.Fatalf("metrics (%d) lack %q:\n%s", code, want, body)
@@ -803,17 +804,17 @@ func TestAdminRevocation(t *testing.T) {
 	}
 	_, err = bob.Status(ctx)
 	var ae *client.APIError
-	if !errors.As(err, &ae) || ae.Status != http.StatusForbidden || ae.Code != api.CodeAdminRevoked || !strings.Contains(ae.Message, "bob") {
-		t.Fatalf("revoked admin: %v, want 403 %s naming bob", err, api.CodeAdminRevoked)
+	if !errors.As(err, &ae) || ae.Status != http.StatusForbidden || ae.Code != apiv1.CodeAdminRevoked || !strings.Contains(ae.Message, "bob") {
+		t.Fatalf("revoked admin: %v, want 403 %s naming bob", err, apiv1.CodeAdminRevoked)
 	}
 	if _, err := e.admin.Status(ctx); err != nil {
 		t.Fatalf("the other admin after the revocation: %v", err)
 	}
-	if _, err := e.admin.RevokeAdmin(ctx, "last"); !client.IsCode(err, api.CodeLastAdmin) {
-		t.Fatalf("revoking the last admin: %v, want %s", err, api.CodeLastAdmin)
+	if _, err := e.admin.RevokeAdmin(ctx, "last"); !client.IsCode(err, apiv1.CodeLastAdmin) {
+		t.Fatalf("revoking the last admin: %v, want %s", err, apiv1.CodeLastAdmin)
 	}
-	if _, err := e.admin.RevokeAdmin(ctx, "nobody"); !client.IsCode(err, api.CodeNotFound) {
-		t.Fatalf("revoking an unknown admin: %v, want %s", err, api.CodeNotFound)
+	if _, err := e.admin.RevokeAdmin(ctx, "nobody"); !client.IsCode(err, apiv1.CodeNotFound) {
+		t.Fatalf("revoking an unknown admin: %v, want %s", err, apiv1.CodeNotFound)
 	}
 }
 
@@ -840,14 +841,14 @@ func TestRenew(t *testing.T) {
 		wantCode int
 		want     string
 	}{
-		{"no certificate", nil, 401, api.CodeUnauthenticated},
-		{"admin certificate", []tls.Certificate{certFrom(t, e.f.ca, ca.RoleAdmin, "alice")}, 403, api.CodeForbidden},
-		{"unknown host", []tls.Certificate{certFrom(t, e.f.ca, ca.RoleHost, "ghost")}, 403, api.CodeHostUnknown},
-		{"empty body", []tls.Certificate{cert}, 400, api.CodeBadRequest},
+		{"no certificate", nil, 401, apiv1.CodeUnauthenticated},
+		{"admin certificate", []tls.Certificate{certFrom(t, e.f.ca, ca.RoleAdmin, "alice")}, 403, apiv1.CodeForbidden},
+		{"unknown host", []tls.Certificate{certFrom(t, e.f.ca, ca.RoleHost, "ghost")}, 403, apiv1.CodeHostUnknown},
+		{"empty body", []tls.Certificate{cert}, 400, apiv1.CodeBadRequest},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			code, eb, _ := e.do(t, e.rawClient(tc.certs...), "POST", api.PathHostRenew, "{}")
+			code, eb, _ := e.do(t, e.rawClient(tc.certs...), "POST", apiv1.PathHostRenew, "{}")
 			if code != tc.wantCode || eb.Code != tc.want {
 				t.Fatalf("renew = %d %q (%s), want %d %q", code, eb.Code, eb.Error, tc.wantCode, tc.want)
 			}
@@ -856,8 +857,8 @@ func TestRenew(t *testing.T) {
 	if err := e.admin.Revoke(ctx, id); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := host.Renew(ctx, newKey); !client.IsCode(err, api.CodeHostRevoked) {
-		t.Fatalf("renew of a revoked host: %v, want %s", err, api.CodeHostRevoked)
+	if _, err := host.Renew(ctx, newKey); !client.IsCode(err, apiv1.CodeHostRevoked) {
+		t.Fatalf("renew of a revoked host: %v, want %s", err, apiv1.CodeHostRevoked)
 	}
 }
 
@@ -865,14 +866,14 @@ func TestAuditPrune(t *testing.T) {
 	e := startEnv(t)
 	ctx := context.Background()
 	got, err := e.admin.PruneAudit(ctx, time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC), true)
-	if err != nil || got != (api.AuditPruneResponse{Through: 3, Deleted: 3, Anchor: 9, DryRun: true}) {
+	if err != nil || got != (apiv1.AuditPruneResponse{Through: 3, Deleted: 3, Anchor: 9, DryRun: true}) {
 		t.Fatalf("prune = %+v, %v", got, err)
 	}
-	if _, err := e.admin.PruneAudit(ctx, time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC), false); !client.IsCode(err, api.CodeNotBackedUp) {
-		t.Fatalf("prune past the backup: %v, want %s", err, api.CodeNotBackedUp)
+	if _, err := e.admin.PruneAudit(ctx, time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC), false); !client.IsCode(err, apiv1.CodeNotBackedUp) {
+		t.Fatalf("prune past the backup: %v, want %s", err, apiv1.CodeNotBackedUp)
 	}
-	code, eb, _ := e.do(t, e.rawClient(certFrom(t, e.f.ca, ca.RoleAdmin, "alice")), "POST", api.PathAuditPrune, `{"dry_run":true}`)
-	if code != http.StatusBadRequest || eb.Code != api.CodeBadRequest || !strings.Contains(eb.Error, "before") {
+	code, eb, _ := e.do(t, e.rawClient(certFrom(t, e.f.ca, ca.RoleAdmin, "alice")), "POST", apiv1.PathAuditPrune, `{"dry_run":true}`)
+	if code != http.StatusBadRequest || eb.Code != apiv1.CodeBadRequest || !strings.Contains(eb.Error, "before") {
 		t.Fatalf("prune without a time = %d %+v, want 400 naming \"before\"", code, eb)
 	}
 }

@@ -12,8 +12,8 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/nkp-dev/nkp/provider/api"
 	"github.com/nkp-dev/nkp/provider/api/daemon"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/client"
 )
 
@@ -100,7 +100,7 @@ func (c *ctl) revokeAdmin(ctx context.Context, cl *client.Client, ref string) er
 }
 
 // adminsTable is the human form of a list of admin certificates.
-func adminsTable(w io.Writer, as []api.Admin) {
+func adminsTable(w io.Writer, as []apiv1.Admin) {
 	fmt.Fprintln(w, "NAME\tSERIAL\tISSUED\tNOT AFTER\tREVOKED")
 	for _, a := range as {
 		name, issued, notAfter, revoked := a.Name, "-", "-", "false"

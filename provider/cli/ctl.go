@@ -19,8 +19,8 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/nkp-dev/nkp/provider/api"
 	"github.com/nkp-dev/nkp/provider/api/daemon"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/backup"
 	"github.com/nkp-dev/nkp/provider/client"
 	"github.com/nkp-dev/nkp/provider/rootkey"
@@ -175,7 +175,7 @@ func (c *ctl) statusCmd() *cobra.Command {
 		Short: "show state, KDK versions, hosts, last backup",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return show(c, cmd, (*client.Client).Status, func(w io.Writer, st api.Status) {
+			return show(c, cmd, (*client.Client).Status, func(w io.Writer, st apiv1.Status) {
 				fmt.Fprintf(w, "provider\t%s\nstate\t%s\nCA hash\t%s\nhosts\t%d\ntpm-required\t%v\n", st.ProviderID, st.State, st.CAHash, st.Hosts, st.TPMRequired)
 				if st.LastBackup.IsZero() {
 					fmt.Fprintf(w, "last backup\tnever\n")
@@ -320,7 +320,7 @@ func (c *ctl) backupVerifyCmd() *cobra.Command {
 			}
 			defer doc.Wipe()
 			info := doc.Info()
-			out := api.BackupInfo{ProviderID: info.ProviderID, Created: info.Created, KDKVersions: len(info.KDKVersions), Hosts: info.Hosts, Objects: info.Objects}
+			out := apiv1.BackupInfo{ProviderID: info.ProviderID, Created: info.Created, KDKVersions: len(info.KDKVersions), Hosts: info.Hosts, Objects: info.Objects}
 			return c.print(out, func(w io.Writer) {
 				fmt.Fprintf(w, "archive\t%s (%d bytes): OK\nprovider\t%s\ncreated\t%s\nKDK versions\t%v (primary v%d)\nhosts\t%d\nobjects\t%d\n",
 					in, n, info.ProviderID, info.Created.Format(time.RFC3339), info.KDKVersions, info.Primary, info.Hosts, info.Objects)
@@ -387,8 +387,8 @@ func (c *ctl) tokenCmd() *cobra.Command {
 		Short: "create a single-use join token for one host",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			createToken := func(cl *client.Client, ctx context.Context) (api.Token, error) { return cl.CreateToken(ctx, ttl) }
-			return show(c, cmd, createToken, func(w io.Writer, t api.Token) {
+			createToken := func(cl *client.Client, ctx context.Context) (apiv1.Token, error) { return cl.CreateToken(ctx, ttl) }
+			return show(c, cmd, createToken, func(w io.Writer, t apiv1.Token) {
 				// The secret goes to the host through a 0600 file or stdin, never its argv.
 				fmt.Fprintf(w, "token\t%s\nexpires\t%s\nCA hash\t%s\n\non the host (token on stdin, not in argv):\tnkp-hostd join --provider %s --ca-hash %s --token-file -\n",
 					t.Secret, t.Expires.Format(time.RFC3339), t.CAHash, c.url, t.CAHash)
@@ -406,7 +406,7 @@ func (c *ctl) hostsCmd() *cobra.Command {
 		Short: "list enrolled hosts",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return show(c, cmd, (*client.Client).Hosts, func(w io.Writer, hs []api.Host) {
+			return show(c, cmd, (*client.Client).Hosts, func(w io.Writer, hs []apiv1.Host) {
 				fmt.Fprintln(w, "ID\tHOSTNAME\tTPM\tENROLLED\tCERT EXPIRES\tREVOKED")
 				for _, h := range hs {
 					fmt.Fprintf(w, "%s\t%s\t%v\t%s\t%s\t%v\n", h.ID, h.Hostname, h.TPM, h.Enrolled.Format(time.RFC3339),
@@ -440,7 +440,7 @@ func (c *ctl) rotateCmd() *cobra.Command {
 		Short: "make a new KDK version primary (take a backup afterwards)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return show(c, cmd, (*client.Client).Rotate, func(w io.Writer, v api.KDKVersion) {
+			return show(c, cmd, (*client.Client).Rotate, func(w io.Writer, v apiv1.KDKVersion) {
 				fmt.Fprintf(w, "KDK v%d\t%s is now primary; take a backup before hosts can get it\n", v.Version, v.ID)
 			})
 		},
@@ -476,10 +476,10 @@ func (c *ctl) objectsCmd() *cobra.Command {
 		Short: "list the key catalog (by VM, by KDK version)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			objects := func(cl *client.Client, ctx context.Context) ([]api.Object, error) {
+			objects := func(cl *client.Client, ctx context.Context) ([]apiv1.Object, error) {
 				return cl.Objects(ctx, vm, kdkVersion)
 			}
-			return show(c, cmd, objects, func(w io.Writer, objs []api.Object) {
+			return show(c, cmd, objects, func(w io.Writer, objs []apiv1.Object) {
 				fmt.Fprintln(w, "VM\tOBJECT\tKEY ID\tKDK\tHOST")
 				for _, o := range objs {
 					fmt.Fprintf(w, "%s\t%s\t%s\tv%d %s\t%s\n", o.VMUUID, o.Name, o.KeyID, o.KDKVersion, o.KDKID, o.HostID)
@@ -499,8 +499,8 @@ func (c *ctl) auditCmd() *cobra.Command {
 		Short: "show the last audit records",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			audit := func(cl *client.Client, ctx context.Context) ([]api.AuditRecord, error) { return cl.Audit(ctx, n) }
-			return show(c, cmd, audit, func(w io.Writer, recs []api.AuditRecord) {
+			audit := func(cl *client.Client, ctx context.Context) ([]apiv1.AuditRecord, error) { return cl.Audit(ctx, n) }
+			return show(c, cmd, audit, func(w io.Writer, recs []apiv1.AuditRecord) {
 				for _, r := range recs {
 					fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s\t%v\n", r.Seq, r.Time.Format(time.RFC3339), r.Kind, r.Actor, r.Subject, r.Details)
 				}
@@ -543,7 +543,7 @@ func (c *ctl) policyCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			setPolicy := func(cl *client.Client, ctx context.Context) (api.Policy, error) { return cl.SetPolicy(ctx, p) }
+			setPolicy := func(cl *client.Client, ctx context.Context) (apiv1.Policy, error) { return cl.SetPolicy(ctx, p) }
 			return show(c, cmd, setPolicy, policyTable)
 		},
 	})
@@ -551,7 +551,7 @@ func (c *ctl) policyCmd() *cobra.Command {
 }
 
 // policyTable is the human form of a policy.
-func policyTable(w io.Writer, p api.Policy) {
+func policyTable(w io.Writer, p apiv1.Policy) {
 	fmt.Fprintf(w, "tpm-required\t%s\n", onOff(p.TPMRequired))
 }
 
@@ -562,16 +562,16 @@ func onOff(b bool) string {
 	return "off"
 }
 
-func parsePolicy(s string) (api.Policy, error) {
+func parsePolicy(s string) (apiv1.Policy, error) {
 	name, val, ok := strings.Cut(s, "=")
 	if !ok || name != "tpm-required" {
-		return api.Policy{}, fmt.Errorf("policy %q: want tpm-required=on or tpm-required=off", s)
+		return apiv1.Policy{}, fmt.Errorf("policy %q: want tpm-required=on or tpm-required=off", s)
 	}
 	switch val {
 	case "on", "true", "yes":
-		return api.Policy{TPMRequired: true}, nil
+		return apiv1.Policy{TPMRequired: true}, nil
 	case "off", "false", "no":
-		return api.Policy{TPMRequired: false}, nil
+		return apiv1.Policy{TPMRequired: false}, nil
 	}
-	return api.Policy{}, fmt.Errorf("policy tpm-required=%q: want on or off", val)
+	return apiv1.Policy{}, fmt.Errorf("policy tpm-required=%q: want on or off", val)
 }

@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 )
 
 func TestPassphraseSource(t *testing.T) {
@@ -57,15 +57,15 @@ func TestPassphraseSource(t *testing.T) {
 func TestParsePolicy(t *testing.T) {
 	tests := []struct {
 		in      string
-		want    api.Policy
+		want    apiv1.Policy
 		wantErr bool
 	}{
-		{"tpm-required=on", api.Policy{TPMRequired: true}, false},
-		{"tpm-required=off", api.Policy{}, false},
-		{"tpm-required=true", api.Policy{TPMRequired: true}, false},
-		{"tpm-required=maybe", api.Policy{}, true},
-		{"tpm=on", api.Policy{}, true},
-		{"tpm-required", api.Policy{}, true},
+		{"tpm-required=on", apiv1.Policy{TPMRequired: true}, false},
+		{"tpm-required=off", apiv1.Policy{}, false},
+		{"tpm-required=true", apiv1.Policy{TPMRequired: true}, false},
+		{"tpm-required=maybe", apiv1.Policy{}, true},
+		{"tpm=on", apiv1.Policy{}, true},
+		{"tpm-required", apiv1.Policy{}, true},
 	}
 	for _, tc := range tests {
 		got, err := parsePolicy(tc.in)

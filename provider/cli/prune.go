@@ -9,7 +9,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/client"
 )
 
@@ -29,10 +29,10 @@ func (c *ctl) auditPruneCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			prune := func(cl *client.Client, ctx context.Context) (api.AuditPruneResponse, error) {
+			prune := func(cl *client.Client, ctx context.Context) (apiv1.AuditPruneResponse, error) {
 				return cl.PruneAudit(ctx, before, !yes)
 			}
-			return show(c, cmd, prune, func(w io.Writer, res api.AuditPruneResponse) {
+			return show(c, cmd, prune, func(w io.Writer, res apiv1.AuditPruneResponse) {
 				switch {
 				case res.Deleted == 0:
 					fmt.Fprintf(w, "no audit record before %s can go (the newest confirmed backup anchors record %d)\n", before.Format(time.RFC3339Nano), res.Anchor)

@@ -1,10 +1,15 @@
-// Package client is the Go client of nkp-provider's HTTPS API (package provider/api):
-// nkpctl uses it with the admin certificate, nkp-hostd with its host certificate, and the
+// Package client is the Go client of nkp-provider's HTTPS API, whose wire contract is
+// package provider/apiv1: nkpctl uses it with the admin certificate, nkp-hostd with its host certificate, and the
 // tests and the benchmark with either. Join enrolls a new host, trusting the provider only
 // through the CA hash the operator passes (no certificate is needed beforehand).
 //
 // A Client reuses its connections (HTTP/1.1 keep-alive over TLS 1.3); it is safe for
-// concurrent use. Error responses become *APIError, whose Code is the api.Code* constant.
+// concurrent use. Error responses become *APIError, whose Code is one of apiv1's Code
+// constants.
+//
+// Who may import it: nkpctl (provider/cli), hostd, tests and benchmarks. It imports only the
+// standard library and provider/apiv1, never the provider's server, domain or stores, so a
+// host links none of them.
 package client
 
 import (
@@ -29,7 +34,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 )
 
 // Config says where the provider is and how to authenticate to it.
@@ -68,7 +73,7 @@ type Client struct {
 // APIError is an error response from the provider.
 type APIError struct {
 	Status  int    // HTTP status
-	Code    string // api.Code* constant
+	Code    string // one of apiv1's Code constants
 	Message string // the provider's sentence
 }
 
@@ -184,7 +189,7 @@ func (c *Client) do(ctx context.Context, method, path string, query url.Values, 
 		io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20))
 		return nil
 	}
-	dec := json.NewDecoder(io.LimitReader(resp.Body, api.MaxArchiveBodyBytes))
+	dec := json.NewDecoder(io.LimitReader(resp.Body, apiv1.MaxArchiveBodyBytes))
 	if err := dec.Decode(out); err != nil {
 		return fmt.Errorf("provider %s %s: decoding response: %w", method, path, err)
 	}
@@ -231,7 +236,7 @@ func (c *Client) sendTo(ctx context.Context, base *url.URL, method, path string,
 		return nil, fmt.Errorf("provider %s %s: %w", method, path, err)
 	}
 	if raw != nil {
-		req.Header.Set("Content-Type", api.ContentTypeJSON)
+		req.Header.Set("Content-Type", apiv1.ContentTypeJSON)
 	}
 	resp, err := c.hc.Load().Do(req)
 	if err != nil {
@@ -246,9 +251,9 @@ func (c *Client) sendTo(ctx context.Context, base *url.URL, method, path string,
 
 func decodeError(resp *http.Response) error {
 	data, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-	var eb api.ErrorBody
+	var eb apiv1.ErrorBody
 	if err := json.Unmarshal(data, &eb); err != nil || eb.Code == "" {
-		return &APIError{Status: resp.StatusCode, Code: api.CodeInternal,
+		return &APIError{Status: resp.StatusCode, Code: apiv1.CodeInternal,
 			Message: fmt.Sprintf("unexpected response %q", truncate(string(data), 200))}
 	}
 	return &APIError{Status: resp.StatusCode, Code: eb.Code, Message: eb.Error}
@@ -263,35 +268,35 @@ func truncate(s string, n int) string {
 
 // Healthz reports whether the provider process answers.
 func (c *Client) Healthz(ctx context.Context) error {
-	return c.do(ctx, http.MethodGet, api.PathHealthz, nil, nil, nil)
+	return c.do(ctx, http.MethodGet, apiv1.PathHealthz, nil, nil, nil)
 }
 
 // Readyz reports whether the provider can serve (store reachable, initialised).
 func (c *Client) Readyz(ctx context.Context) error {
-	return c.do(ctx, http.MethodGet, api.PathReadyz, nil, nil, nil)
+	return c.do(ctx, http.MethodGet, apiv1.PathReadyz, nil, nil, nil)
 }
 
 // Release fetches every KDK version in use for the calling host.
-func (c *Client) Release(ctx context.Context) (api.ReleaseResponse, error) {
-	var r api.ReleaseResponse
-	err := c.do(ctx, http.MethodGet, api.PathHostKDKs, nil, nil, &r)
+func (c *Client) Release(ctx context.Context) (apiv1.ReleaseResponse, error) {
+	var r apiv1.ReleaseResponse
+	err := c.do(ctx, http.MethodGet, apiv1.PathHostKDKs, nil, nil, &r)
 	return r, err
 }
 
 // RegisterObject records a protected object in the provider's catalog.
-func (c *Client) RegisterObject(ctx context.Context, o api.Object) error {
-	return c.do(ctx, http.MethodPost, api.PathHostObjects, nil, o, nil)
+func (c *Client) RegisterObject(ctx context.Context, o apiv1.Object) error {
+	return c.do(ctx, http.MethodPost, apiv1.PathHostObjects, nil, o, nil)
 }
 
 // UnregisterObject removes a protected object from the provider's catalog.
 func (c *Client) UnregisterObject(ctx context.Context, vmUUID, name string) error {
-	return c.do(ctx, http.MethodDelete, api.PathHostObjects+"/"+url.PathEscape(vmUUID)+"/"+url.PathEscape(name), nil, nil, nil)
+	return c.do(ctx, http.MethodDelete, apiv1.PathHostObjects+"/"+url.PathEscape(vmUUID)+"/"+url.PathEscape(name), nil, nil, nil)
 }
 
 // Status returns the provider's state (admin).
-func (c *Client) Status(ctx context.Context) (api.Status, error) {
-	var s api.Status
-	err := c.do(ctx, http.MethodGet, api.PathStatus, nil, nil, &s)
+func (c *Client) Status(ctx context.Context) (apiv1.Status, error) {
+	var s apiv1.Status
+	err := c.do(ctx, http.MethodGet, apiv1.PathStatus, nil, nil, &s)
 	return s, err
 }
 
@@ -300,7 +305,7 @@ func (c *Client) Status(ctx context.Context) (api.Status, error) {
 // the archive durably, open it again with the passphrase, then confirm its SHA-256.
 // Backup checks the bytes received against the SHA-256 the provider sent.
 func (c *Client) Backup(ctx context.Context, w io.Writer, passphrase []byte) (int64, error) {
-	resp, err := c.send(ctx, http.MethodPost, api.PathBackup, nil, api.BackupRequest{Passphrase: passphrase})
+	resp, err := c.send(ctx, http.MethodPost, apiv1.PathBackup, nil, apiv1.BackupRequest{Passphrase: passphrase})
 	if err != nil {
 		return 0, err
 	}
@@ -310,7 +315,7 @@ func (c *Client) Backup(ctx context.Context, w io.Writer, passphrase []byte) (in
 	if err != nil {
 		return n, fmt.Errorf("provider backup: receiving the archive after %d bytes: %w (the backup is not confirmed; take it again)", n, err)
 	}
-	if want := resp.Header.Get(api.HeaderArchiveSHA256); want != "" && !strings.EqualFold(want, hex.EncodeToString(sum.Sum(nil))) {
+	if want := resp.Header.Get(apiv1.HeaderArchiveSHA256); want != "" && !strings.EqualFold(want, hex.EncodeToString(sum.Sum(nil))) {
 		return n, fmt.Errorf("provider backup: the %d bytes received do not hash to the archive's SHA-256 %s (damaged in transfer; take the backup again)", n, want)
 	}
 	return n, nil
@@ -318,52 +323,52 @@ func (c *Client) Backup(ctx context.Context, w io.Writer, passphrase []byte) (in
 
 // ConfirmBackup tells the provider that the archive with this hex SHA-256 is stored and
 // opens with its passphrase (admin): only then do its KDK versions count as backed up.
-func (c *Client) ConfirmBackup(ctx context.Context, sha256Hex string) (api.BackupInfo, error) {
-	var info api.BackupInfo
-	err := c.do(ctx, http.MethodPost, api.PathBackupConfirm, nil, api.BackupConfirmRequest{SHA256: sha256Hex}, &info)
+func (c *Client) ConfirmBackup(ctx context.Context, sha256Hex string) (apiv1.BackupInfo, error) {
+	var info apiv1.BackupInfo
+	err := c.do(ctx, http.MethodPost, apiv1.PathBackupConfirm, nil, apiv1.BackupConfirmRequest{SHA256: sha256Hex}, &info)
 	return info, err
 }
 
 // VerifyBackup has the provider open and check an archive (admin).
-func (c *Client) VerifyBackup(ctx context.Context, archive, passphrase []byte) (api.BackupInfo, error) {
-	var info api.BackupInfo
-	err := c.do(ctx, http.MethodPost, api.PathBackupVerify, nil, api.ArchiveRequest{Passphrase: passphrase, Archive: archive}, &info)
+func (c *Client) VerifyBackup(ctx context.Context, archive, passphrase []byte) (apiv1.BackupInfo, error) {
+	var info apiv1.BackupInfo
+	err := c.do(ctx, http.MethodPost, apiv1.PathBackupVerify, nil, apiv1.ArchiveRequest{Passphrase: passphrase, Archive: archive}, &info)
 	return info, err
 }
 
 // CreateToken creates a single-use join token (admin); ttl 0 is the provider's default.
-func (c *Client) CreateToken(ctx context.Context, ttl time.Duration) (api.Token, error) {
-	var t api.Token
-	err := c.do(ctx, http.MethodPost, api.PathTokens, nil, api.TokenRequest{TTLSeconds: int64(ttl / time.Second)}, &t)
+func (c *Client) CreateToken(ctx context.Context, ttl time.Duration) (apiv1.Token, error) {
+	var t apiv1.Token
+	err := c.do(ctx, http.MethodPost, apiv1.PathTokens, nil, apiv1.TokenRequest{TTLSeconds: int64(ttl / time.Second)}, &t)
 	return t, err
 }
 
 // Hosts lists enrolled hosts (admin).
-func (c *Client) Hosts(ctx context.Context) ([]api.Host, error) {
-	var r api.HostsResponse
-	err := c.do(ctx, http.MethodGet, api.PathHosts, nil, nil, &r)
+func (c *Client) Hosts(ctx context.Context) ([]apiv1.Host, error) {
+	var r apiv1.HostsResponse
+	err := c.do(ctx, http.MethodGet, apiv1.PathHosts, nil, nil, &r)
 	return r.Hosts, err
 }
 
 // Revoke refuses a host from now on, on every replica (admin).
 func (c *Client) Revoke(ctx context.Context, hostID string) error {
-	return c.do(ctx, http.MethodPost, api.PathHosts+"/"+url.PathEscape(hostID)+"/revoke", nil, nil, nil)
+	return c.do(ctx, http.MethodPost, apiv1.PathHosts+"/"+url.PathEscape(hostID)+"/revoke", nil, nil, nil)
 }
 
 // Rotate makes a new KDK version primary (admin).
-func (c *Client) Rotate(ctx context.Context) (api.KDKVersion, error) {
-	var v api.KDKVersion
-	err := c.do(ctx, http.MethodPost, api.PathRotate, nil, nil, &v)
+func (c *Client) Rotate(ctx context.Context) (apiv1.KDKVersion, error) {
+	var v apiv1.KDKVersion
+	err := c.do(ctx, http.MethodPost, apiv1.PathRotate, nil, nil, &v)
 	return v, err
 }
 
 // Retire retires a KDK version that no catalogued object uses (admin).
 func (c *Client) Retire(ctx context.Context, version int) error {
-	return c.do(ctx, http.MethodPost, api.PathKDKs+"/"+strconv.Itoa(version)+"/retire", nil, nil, nil)
+	return c.do(ctx, http.MethodPost, apiv1.PathKDKs+"/"+strconv.Itoa(version)+"/retire", nil, nil, nil)
 }
 
 // Objects lists catalogued objects, optionally of one VM and/or one KDK version (admin).
-func (c *Client) Objects(ctx context.Context, vmUUID string, kdkVersion int) ([]api.Object, error) {
+func (c *Client) Objects(ctx context.Context, vmUUID string, kdkVersion int) ([]apiv1.Object, error) {
 	q := url.Values{}
 	if vmUUID != "" {
 		q.Set("vm", vmUUID)
@@ -371,53 +376,53 @@ func (c *Client) Objects(ctx context.Context, vmUUID string, kdkVersion int) ([]
 	if kdkVersion > 0 {
 		q.Set("kdk_version", strconv.Itoa(kdkVersion))
 	}
-	var r api.ObjectsResponse
-	err := c.do(ctx, http.MethodGet, api.PathObjects, q, nil, &r)
+	var r apiv1.ObjectsResponse
+	err := c.do(ctx, http.MethodGet, apiv1.PathObjects, q, nil, &r)
 	return r.Objects, err
 }
 
 // Audit returns the last n audit records (admin); n <= 0 returns as many as the
 // provider allows (10,000).
-func (c *Client) Audit(ctx context.Context, n int) ([]api.AuditRecord, error) {
+func (c *Client) Audit(ctx context.Context, n int) ([]apiv1.AuditRecord, error) {
 	q := url.Values{}
 	q.Set("n", strconv.Itoa(max(n, 0)))
-	var r api.AuditResponse
-	err := c.do(ctx, http.MethodGet, api.PathAudit, q, nil, &r)
+	var r apiv1.AuditResponse
+	err := c.do(ctx, http.MethodGet, apiv1.PathAudit, q, nil, &r)
 	return r.Records, err
 }
 
 // AuditVerify has the provider check the audit log's hash chain (admin).
 func (c *Client) AuditVerify(ctx context.Context) error {
-	return c.do(ctx, http.MethodPost, api.PathAuditVerify, nil, nil, nil)
+	return c.do(ctx, http.MethodPost, apiv1.PathAuditVerify, nil, nil, nil)
 }
 
 // PruneAudit deletes the audit records dated before before (admin); with dryRun it only
 // reports what would go. The provider refuses (code not_backed_up) to delete the audit
 // head of the newest confirmed backup or anything later.
-func (c *Client) PruneAudit(ctx context.Context, before time.Time, dryRun bool) (api.AuditPruneResponse, error) {
-	var r api.AuditPruneResponse
-	err := c.do(ctx, http.MethodPost, api.PathAuditPrune, nil, api.AuditPruneRequest{Before: before, DryRun: dryRun}, &r)
+func (c *Client) PruneAudit(ctx context.Context, before time.Time, dryRun bool) (apiv1.AuditPruneResponse, error) {
+	var r apiv1.AuditPruneResponse
+	err := c.do(ctx, http.MethodPost, apiv1.PathAuditPrune, nil, apiv1.AuditPruneRequest{Before: before, DryRun: dryRun}, &r)
 	return r, err
 }
 
 // Policy returns the provider's policy (admin).
-func (c *Client) Policy(ctx context.Context) (api.Policy, error) {
-	var p api.Policy
-	err := c.do(ctx, http.MethodGet, api.PathPolicy, nil, nil, &p)
+func (c *Client) Policy(ctx context.Context) (apiv1.Policy, error) {
+	var p apiv1.Policy
+	err := c.do(ctx, http.MethodGet, apiv1.PathPolicy, nil, nil, &p)
 	return p, err
 }
 
 // SetPolicy replaces the provider's policy (admin).
-func (c *Client) SetPolicy(ctx context.Context, p api.Policy) (api.Policy, error) {
-	var out api.Policy
-	err := c.do(ctx, http.MethodPut, api.PathPolicy, nil, p, &out)
+func (c *Client) SetPolicy(ctx context.Context, p apiv1.Policy) (apiv1.Policy, error) {
+	var out apiv1.Policy
+	err := c.do(ctx, http.MethodPut, apiv1.PathPolicy, nil, p, &out)
 	return out, err
 }
 
 // Admins lists the administrator certificates the provider issued (admin).
-func (c *Client) Admins(ctx context.Context) ([]api.Admin, error) {
-	var r api.AdminsResponse
-	err := c.do(ctx, http.MethodGet, api.PathAdmins, nil, nil, &r)
+func (c *Client) Admins(ctx context.Context) ([]apiv1.Admin, error) {
+	var r apiv1.AdminsResponse
+	err := c.do(ctx, http.MethodGet, apiv1.PathAdmins, nil, nil, &r)
 	return r.Admins, err
 }
 
@@ -428,8 +433,8 @@ func (c *Client) AddAdmin(ctx context.Context, name string, key crypto.Signer) (
 	if err != nil {
 		return tls.Certificate{}, fmt.Errorf("add admin %q: creating the certificate request: %w", name, err)
 	}
-	var r api.AdminCertResponse
-	if err := c.do(ctx, http.MethodPost, api.PathAdmins, nil, api.AdminCertRequest{CSR: csr}, &r); err != nil {
+	var r apiv1.AdminCertResponse
+	if err := c.do(ctx, http.MethodPost, apiv1.PathAdmins, nil, apiv1.AdminCertRequest{CSR: csr}, &r); err != nil {
 		return tls.Certificate{}, fmt.Errorf("add admin %q: %w", name, err)
 	}
 	return c.certificate(r.Certificate, key)
@@ -437,9 +442,9 @@ func (c *Client) AddAdmin(ctx context.Context, name string, key crypto.Signer) (
 
 // RevokeAdmin revokes the administrator certificate with serial ref, or every live one
 // of the admin named ref (admin). It returns the certificates revoked now.
-func (c *Client) RevokeAdmin(ctx context.Context, ref string) ([]api.Admin, error) {
-	var r api.AdminsResponse
-	err := c.do(ctx, http.MethodPost, api.PathAdminsRevoke, nil, api.AdminRevokeRequest{Admin: ref}, &r)
+func (c *Client) RevokeAdmin(ctx context.Context, ref string) ([]apiv1.Admin, error) {
+	var r apiv1.AdminsResponse
+	err := c.do(ctx, http.MethodPost, apiv1.PathAdminsRevoke, nil, apiv1.AdminRevokeRequest{Admin: ref}, &r)
 	return r.Admins, err
 }
 
@@ -480,8 +485,8 @@ func (c *Client) Renew(ctx context.Context, key crypto.Signer) (tls.Certificate,
 	if err != nil {
 		return tls.Certificate{}, fmt.Errorf("renew: creating the certificate request: %w", err)
 	}
-	var r api.EnrollResponse
-	if err := c.do(ctx, http.MethodPost, api.PathHostRenew, nil, api.HostRenewRequest{CSR: csr}, &r); err != nil {
+	var r apiv1.EnrollResponse
+	if err := c.do(ctx, http.MethodPost, apiv1.PathHostRenew, nil, apiv1.HostRenewRequest{CSR: csr}, &r); err != nil {
 		return tls.Certificate{}, fmt.Errorf("renew: %w", err)
 	}
 	cert, err := c.certificate(r.Certificate, key)

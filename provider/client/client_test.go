@@ -20,7 +20,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 )
 
 func TestCAHash(t *testing.T) {
@@ -64,7 +64,7 @@ func TestErrors(t *testing.T) {
 	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		requests.Add(1)
 		switch r.URL.Path {
-		case api.PathStatus:
+		case apiv1.PathStatus:
 			w.WriteHeader(http.StatusConflict)
 			w.Write([]byte(`{"error":"take a backup first","code":"not_backed_up"}`))
 		default:
@@ -83,10 +83,10 @@ func TestErrors(t *testing.T) {
 	defer c.Close()
 	_, err = c.Status(context.Background())
 	var ae *APIError
-	if !errors.As(err, &ae) || ae.Code != api.CodeNotBackedUp || ae.Status != 409 || !IsCode(err, api.CodeNotBackedUp) {
+	if !errors.As(err, &ae) || ae.Code != apiv1.CodeNotBackedUp || ae.Status != 409 || !IsCode(err, apiv1.CodeNotBackedUp) {
 		t.Fatalf("Status = %v, want APIError not_backed_up", err)
 	}
-	if _, err := c.Hosts(context.Background()); !IsCode(err, api.CodeInternal) || !strings.Contains(err.Error(), "proxy error") {
+	if _, err := c.Hosts(context.Background()); !IsCode(err, apiv1.CodeInternal) || !strings.Contains(err.Error(), "proxy error") {
 		t.Fatalf("Hosts = %v, want code internal quoting the body", err)
 	}
 
@@ -183,7 +183,7 @@ func TestReplicaFailover(t *testing.T) {
 	}
 	defer refusing.Close()
 	before := hitsB.Load()
-	if _, err := refusing.Status(context.Background()); !IsCode(err, api.CodeHostRevoked) {
+	if _, err := refusing.Status(context.Background()); !IsCode(err, apiv1.CodeHostRevoked) {
 		t.Fatalf("status = %v, want the first replica's refusal", err)
 	}
 	if hitsB.Load() != before || hitsC.Load() != 1 {

@@ -13,7 +13,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 )
 
 // JoinRequest is what a host needs to enroll.
@@ -80,8 +80,8 @@ func Join(ctx context.Context, req JoinRequest) (*Enrollment, error) {
 	if err != nil {
 		return nil, fmt.Errorf("join: creating the certificate request: %w", err)
 	}
-	var resp api.EnrollResponse
-	err = c.do(ctx, http.MethodPost, api.PathEnroll, nil, api.EnrollRequest{
+	var resp apiv1.EnrollResponse
+	err = c.do(ctx, http.MethodPost, apiv1.PathEnroll, nil, apiv1.EnrollRequest{
 		Token: req.Token, CSR: csr, Hostname: req.Hostname, EKPublic: req.EKPublic,
 	}, &resp)
 	if err != nil {

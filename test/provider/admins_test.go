@@ -5,7 +5,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 )
 
 // TestAdminRevocation: an administrator added through replica A works on both replicas
@@ -24,7 +24,7 @@ func TestAdminRevocation(t *testing.T) {
 			t.Fatalf("bob on %s before the revocation: %v", s.url, err)
 		}
 	}
-	var admins []api.Admin
+	var admins []apiv1.Admin
 	b.ctlJSON(t, dirB, bb.url, &admins, "admins")
 	if len(admins) != 2 || admins[0].Name != "admin" || admins[1].Name != "bob" || admins[1].Revoked {
 		t.Fatalf("admins on B = %+v, want admin and bob, live", admins)
@@ -34,16 +34,16 @@ func TestAdminRevocation(t *testing.T) {
 	b.mustCtl(t, dirA, a.url, "", "admins", "revoke", "bob")
 	for _, s := range []*server{a, bb} {
 		_, err := b.ctl(t, bobDir, s.url, "", "status")
-		if err == nil || !strings.Contains(err.Error(), "HTTP 403, code "+api.CodeAdminRevoked) || !strings.Contains(err.Error(), bobSerial) {
-			t.Fatalf("revoked bob on %s: %v, want HTTP 403 %s naming serial %s", s.url, err, api.CodeAdminRevoked, bobSerial)
+		if err == nil || !strings.Contains(err.Error(), "HTTP 403, code "+apiv1.CodeAdminRevoked) || !strings.Contains(err.Error(), bobSerial) {
+			t.Fatalf("revoked bob on %s: %v, want HTTP 403 %s naming serial %s", s.url, err, apiv1.CodeAdminRevoked, bobSerial)
 		}
 		if _, err := b.ctl(t, dirA, s.url, "", "status"); err != nil {
 			t.Fatalf("the other admin on %s after bob's revocation: %v", s.url, err)
 		}
 	}
-	if _, err := b.ctl(t, dirB, bb.url, "", "admins", "revoke", "admin"); err == nil || !strings.Contains(err.Error(), api.CodeLastAdmin) ||
+	if _, err := b.ctl(t, dirB, bb.url, "", "admins", "revoke", "admin"); err == nil || !strings.Contains(err.Error(), apiv1.CodeLastAdmin) ||
 		!strings.Contains(err.Error(), "admins add") {
-		t.Fatalf("revoking the last admin: %v, want %s with the way out", err, api.CodeLastAdmin)
+		t.Fatalf("revoking the last admin: %v, want %s with the way out", err, apiv1.CodeLastAdmin)
 	}
 	out := b.mustCtl(t, dirB, bb.url, "", "audit", "-n", "5")
 	if !strings.Contains(out, "admin_revoke") || !strings.Contains(out, bobSerial) {
@@ -58,8 +58,8 @@ func TestAdminRevocation(t *testing.T) {
 	restored := filepath.Join(t.TempDir(), "restored")
 	b.mustCtl(t, restored, "", "", "restore", "--in", archive, "--passphrase-file", pass)
 	r := b.serve(t, restored)
-	if _, err := b.ctl(t, bobDir, r.url, "", "status"); err == nil || !strings.Contains(err.Error(), api.CodeAdminRevoked) {
-		t.Fatalf("revoked bob on the restored provider: %v, want %s", err, api.CodeAdminRevoked)
+	if _, err := b.ctl(t, bobDir, r.url, "", "status"); err == nil || !strings.Contains(err.Error(), apiv1.CodeAdminRevoked) {
+		t.Fatalf("revoked bob on the restored provider: %v, want %s", err, apiv1.CodeAdminRevoked)
 	}
 	b.ctlJSON(t, restored, r.url, &admins, "admins")
 	revoked := 0

@@ -15,8 +15,8 @@ import (
 	"github.com/creack/pty"
 	"golang.org/x/sys/unix"
 
-	"github.com/nkp-dev/nkp/provider/api"
 	"github.com/nkp-dev/nkp/provider/api/daemon"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/client"
 	"github.com/nkp-dev/nkp/test/e2e"
 )
@@ -226,7 +226,7 @@ func TestBackupConfirm(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "not confirmed") {
 		t.Fatalf("backup into a missing directory: %v, want a refusal saying it is not confirmed", err)
 	}
-	var st api.Status
+	var st apiv1.Status
 	b.ctlJSON(t, dir, s.url, &st, "status")
 	if st.State != "NotBackedUp" || st.PendingBackups != 1 || !st.LastBackup.IsZero() {
 		t.Fatalf("status after an unsaved backup = %+v, want NotBackedUp with 1 unconfirmed backup", st)
@@ -234,8 +234,8 @@ func TestBackupConfirm(t *testing.T) {
 	if out := b.mustCtl(t, dir, s.url, "", "status"); !strings.Contains(out, "unconfirmed backups") {
 		t.Fatalf("status does not mention the unconfirmed backup:\n%s", out)
 	}
-	if _, err := h.c.Release(ctx); !client.IsCode(err, api.CodeNotBackedUp) {
-		t.Fatalf("release after an unsaved backup: %v, want %s", err, api.CodeNotBackedUp)
+	if _, err := h.c.Release(ctx); !client.IsCode(err, apiv1.CodeNotBackedUp) {
+		t.Fatalf("release after an unsaved backup: %v, want %s", err, apiv1.CodeNotBackedUp)
 	}
 
 	// An archive fetched but never confirmed (as if nkpctl died after the transfer).

@@ -6,7 +6,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/test/etcdtest"
 )
 
@@ -56,7 +56,7 @@ func TestEtcdTLS(t *testing.T) {
 	pass := writeFile(t, filepath.Join(t.TempDir(), "pass"), "pw")
 	archive := filepath.Join(t.TempDir(), "b.age")
 	b.mustCtl(t, dir, s.url, "", "backup", "--passphrase-file", pass, "--out", archive)
-	var st api.Status
+	var st apiv1.Status
 	b.ctlJSON(t, dir, s.url, &st, "status")
 	if st.State != "Active" {
 		t.Fatalf("state after a backup over etcd TLS: %s", st.State)

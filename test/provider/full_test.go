@@ -8,7 +8,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/client"
 	"github.com/nkp-dev/nkp/test/etcdtest"
 )
@@ -50,18 +50,18 @@ func TestFullStore(t *testing.T) {
 	}
 
 	_, err = b.ctl(t, dir, s.url, "", "token", "create")
-	if err == nil || !strings.Contains(err.Error(), "quota") || !strings.Contains(err.Error(), api.CodeUnavailable) {
+	if err == nil || !strings.Contains(err.Error(), "quota") || !strings.Contains(err.Error(), apiv1.CodeUnavailable) {
 		t.Fatalf("token create on a full store: %v, want a refusal naming the quota", err)
 	}
-	var st api.Status
+	var st apiv1.Status
 	b.ctlJSON(t, dir, s.url, &st, "status")
 	if st.State != "Active" || st.Hosts != 1 {
 		t.Fatalf("status on a full store = %+v", st)
 	}
-	if _, err := h.c.Release(ctx); !client.IsCode(err, api.CodeUnavailable) {
-		t.Fatalf("release on a full store: %v, want %s (the release cannot be audited)", err, api.CodeUnavailable)
+	if _, err := h.c.Release(ctx); !client.IsCode(err, apiv1.CodeUnavailable) {
+		t.Fatalf("release on a full store: %v, want %s (the release cannot be audited)", err, apiv1.CodeUnavailable)
 	}
-	var hosts []api.Host
+	var hosts []apiv1.Host
 	b.ctlJSON(t, dir, s.url, &hosts, "hosts")
 	if len(hosts) != 1 || hosts[0].ID != h.id || len(before.KDKs) != 1 {
 		t.Fatalf("hosts on a full store = %+v", hosts)

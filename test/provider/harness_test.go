@@ -32,8 +32,8 @@ import (
 
 	"github.com/google/uuid"
 
-	"github.com/nkp-dev/nkp/provider/api"
 	"github.com/nkp-dev/nkp/provider/api/daemon"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/client"
 	"github.com/nkp-dev/nkp/test/e2e"
 	"github.com/nkp-dev/nkp/test/etcdtest"
@@ -229,9 +229,9 @@ func newKey(t testing.TB) *ecdsa.PrivateKey {
 }
 
 // token creates a join token through nkpctl.
-func (b bins) token(t *testing.T, s *server, ttl string) api.Token {
+func (b bins) token(t *testing.T, s *server, ttl string) apiv1.Token {
 	t.Helper()
-	var tok api.Token
+	var tok apiv1.Token
 	b.ctlJSON(t, s.dir, s.url, &tok, "token", "create", "--ttl", ttl)
 	if tok.Secret == "" || !strings.HasPrefix(tok.CAHash, "sha256:") {
 		t.Fatalf("token create printed %+v", tok)
@@ -239,7 +239,7 @@ func (b bins) token(t *testing.T, s *server, ttl string) api.Token {
 	return tok
 }
 
-func join(t *testing.T, url string, tok api.Token, name string, ek []byte) (*host, error) {
+func join(t *testing.T, url string, tok apiv1.Token, name string, ek []byte) (*host, error) {
 	t.Helper()
 	enr, err := client.Join(context.Background(), client.JoinRequest{URL: url, Token: tok.Secret, CAHash: tok.CAHash,
 		Hostname: name, Key: newKey(t), EKPublic: ek})

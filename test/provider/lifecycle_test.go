@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/client"
 	"github.com/nkp-dev/nkp/test/e2e"
 )
@@ -29,7 +29,7 @@ func TestLifecycle(t *testing.T) {
 		}
 	}
 	s := b.serve(t, dir)
-	var st api.Status
+	var st apiv1.Status
 	b.ctlJSON(t, dir, s.url, &st, "status")
 	if st.State != "NotBackedUp" || len(st.KDKs) != 1 || st.KDKs[0].Version != 1 || !st.KDKs[0].Primary {
 		t.Fatalf("status after init = %+v", st)
@@ -37,8 +37,8 @@ func TestLifecycle(t *testing.T) {
 
 	h := b.mustJoin(t, s, "kvm-01")
 	_, err := h.c.Release(ctx)
-	if !client.IsCode(err, api.CodeNotBackedUp) || !strings.Contains(strings.ToLower(err.Error()), "backup") {
-		t.Fatalf("release before backup: %v, want %s with a sentence saying to take a backup", err, api.CodeNotBackedUp)
+	if !client.IsCode(err, apiv1.CodeNotBackedUp) || !strings.Contains(strings.ToLower(err.Error()), "backup") {
+		t.Fatalf("release before backup: %v, want %s with a sentence saying to take a backup", err, apiv1.CodeNotBackedUp)
 	}
 
 	pass := writeFile(t, filepath.Join(t.TempDir(), "pass"), "correct horse battery staple\n")
@@ -59,16 +59,16 @@ func TestLifecycle(t *testing.T) {
 	kdk1 := rel.KDKs[0]
 	vm := "6f1d7c52-8a4b-4f0e-9a55-0c9a3b8e2d11"
 	for _, name := range []string{"vtpm", "disk:vda"} {
-		if err := h.c.RegisterObject(ctx, api.Object{VMUUID: vm, Name: name, KeyID: newUUID(t), KDKID: kdk1.ID}); err != nil {
+		if err := h.c.RegisterObject(ctx, apiv1.Object{VMUUID: vm, Name: name, KeyID: newUUID(t), KDKID: kdk1.ID}); err != nil {
 			t.Fatalf("register %s: %v", name, err)
 		}
 	}
-	var objs []api.Object
+	var objs []apiv1.Object
 	b.ctlJSON(t, dir, s.url, &objs, "objects", "--vm", vm)
 	if len(objs) != 2 {
 		t.Fatalf("objects of %s = %+v", vm, objs)
 	}
-	if err := h.c.RegisterObject(ctx, api.Object{VMUUID: vm, Name: "disk:vdb", KeyID: newUUID(t), KDKID: kdk1.ID}); err != nil {
+	if err := h.c.RegisterObject(ctx, apiv1.Object{VMUUID: vm, Name: "disk:vdb", KeyID: newUUID(t), KDKID: kdk1.ID}); err != nil {
 		t.Fatal(err)
 	}
 	if err := h.c.UnregisterObject(ctx, vm, "disk:vdb"); err != nil {
@@ -79,7 +79,7 @@ func TestLifecycle(t *testing.T) {
 		t.Fatalf("objects of %s after unregistering one = %+v", vm, objs)
 	}
 
-	var v2 api.KDKVersion
+	var v2 apiv1.KDKVersion
 	b.ctlJSON(t, dir, s.url, &v2, "rotate")
 	if v2.Version != 2 || !v2.Primary {
 		t.Fatalf("rotate = %+v", v2)
@@ -93,12 +93,12 @@ func TestLifecycle(t *testing.T) {
 	if len(objs) != 2 {
 		t.Fatalf("objects of KDK v1 = %+v", objs)
 	}
-	if _, err := b.ctl(t, dir, s.url, "", "retire", "1"); err == nil || !strings.Contains(err.Error(), api.CodeInUse) {
+	if _, err := b.ctl(t, dir, s.url, "", "retire", "1"); err == nil || !strings.Contains(err.Error(), apiv1.CodeInUse) {
 		t.Fatalf("retire v1 while in use: %v", err)
 	}
 
 	b.mustCtl(t, dir, s.url, "", "audit", "verify")
-	var recs []api.AuditRecord
+	var recs []apiv1.AuditRecord
 	b.ctlJSON(t, dir, s.url, &recs, "audit", "-n", "0")
 	kinds := map[string]bool{}
 	for _, r := range recs {
@@ -142,16 +142,16 @@ func TestTokens(t *testing.T) {
 	if _, err := join(t, s.url, tok, "kvm-a", nil); err != nil {
 		t.Fatalf("first use: %v", err)
 	}
-	if _, err := join(t, s.url, tok, "kvm-b", nil); !client.IsCode(err, api.CodeTokenUsed) {
-		t.Fatalf("reused token: %v, want %s", err, api.CodeTokenUsed)
+	if _, err := join(t, s.url, tok, "kvm-b", nil); !client.IsCode(err, apiv1.CodeTokenUsed) {
+		t.Fatalf("reused token: %v, want %s", err, apiv1.CodeTokenUsed)
 	}
 	short := b.token(t, s, "1s")
 	e2e.WaitFor(t, 30*time.Second, "the token's expiry", func() bool { return time.Now().After(short.Expires.Add(time.Second)) })
-	if _, err := join(t, s.url, short, "kvm-c", nil); !client.IsCode(err, api.CodeTokenExpired) {
-		t.Fatalf("expired token: %v, want %s", err, api.CodeTokenExpired)
+	if _, err := join(t, s.url, short, "kvm-c", nil); !client.IsCode(err, apiv1.CodeTokenExpired) {
+		t.Fatalf("expired token: %v, want %s", err, apiv1.CodeTokenExpired)
 	}
-	if _, err := join(t, s.url, api.Token{Secret: "forged.secret", CAHash: tok.CAHash}, "kvm-d", nil); !client.IsCode(err, api.CodeTokenInvalid) {
-		t.Fatalf("forged token: %v, want %s", err, api.CodeTokenInvalid)
+	if _, err := join(t, s.url, apiv1.Token{Secret: "forged.secret", CAHash: tok.CAHash}, "kvm-d", nil); !client.IsCode(err, apiv1.CodeTokenInvalid) {
+		t.Fatalf("forged token: %v, want %s", err, apiv1.CodeTokenInvalid)
 	}
 }
 
@@ -174,21 +174,21 @@ func TestClientCertificates(t *testing.T) {
 		t.Fatalf("nkpctl with another provider's CA: %v, want the server refused", err)
 	}
 	_, err := b.ctl(t, dirA, s.url, "", "status", "--cert", filepath.Join(dirB, "admin.crt"), "--key", filepath.Join(dirB, "admin.key"), "--ca", filepath.Join(dirA, "ca.crt"))
-	if err == nil || !strings.Contains(err.Error(), api.CodeUnauthenticated) {
-		t.Fatalf("admin certificate from another CA: %v, want %s", err, api.CodeUnauthenticated)
+	if err == nil || !strings.Contains(err.Error(), apiv1.CodeUnauthenticated) {
+		t.Fatalf("admin certificate from another CA: %v, want %s", err, apiv1.CodeUnauthenticated)
 	}
-	for _, path := range []string{api.PathStatus, api.PathHostKDKs} {
+	for _, path := range []string{apiv1.PathStatus, apiv1.PathHostKDKs} {
 		status, body := rawGet(t, s.url+path, filepath.Join(dirA, "ca.crt"))
-		if status != 401 || !strings.Contains(body, api.CodeUnauthenticated) {
-			t.Fatalf("GET %s without a client certificate = %d %s, want 401 %s", path, status, body, api.CodeUnauthenticated)
+		if status != 401 || !strings.Contains(body, apiv1.CodeUnauthenticated) {
+			t.Fatalf("GET %s without a client certificate = %d %s, want 401 %s", path, status, body, apiv1.CodeUnauthenticated)
 		}
 	}
 
 	b.mustCtl(t, dirA, s.url, "", "revoke", h.id)
-	if _, err := h.c.Release(ctx); !client.IsCode(err, api.CodeHostRevoked) {
-		t.Fatalf("revoked host: %v, want %s", err, api.CodeHostRevoked)
+	if _, err := h.c.Release(ctx); !client.IsCode(err, apiv1.CodeHostRevoked) {
+		t.Fatalf("revoked host: %v, want %s", err, apiv1.CodeHostRevoked)
 	}
-	var hosts []api.Host
+	var hosts []apiv1.Host
 	b.ctlJSON(t, dirA, s.url, &hosts, "hosts")
 	if len(hosts) != 1 || !hosts[0].Revoked {
 		t.Fatalf("hosts after revoke = %+v", hosts)

@@ -6,7 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 )
 
 // TestAuditPrune: `nkpctl provider audit prune` refuses before a backup and past the
@@ -16,8 +16,8 @@ func TestAuditPrune(t *testing.T) {
 	b := build(t)
 	dir, s := b.running(t)
 	far := time.Now().Add(24 * time.Hour).UTC().Format(time.RFC3339)
-	if _, err := b.ctl(t, dir, s.url, "", "audit", "prune", "--before", far, "--yes"); err == nil || !strings.Contains(err.Error(), api.CodeNotBackedUp) {
-		t.Fatalf("prune before any backup: %v, want %s", err, api.CodeNotBackedUp)
+	if _, err := b.ctl(t, dir, s.url, "", "audit", "prune", "--before", far, "--yes"); err == nil || !strings.Contains(err.Error(), apiv1.CodeNotBackedUp) {
+		t.Fatalf("prune before any backup: %v, want %s", err, apiv1.CodeNotBackedUp)
 	}
 	if _, err := b.ctl(t, dir, s.url, "", "audit", "prune"); err == nil || !strings.Contains(err.Error(), "--before") {
 		t.Fatalf("prune without --before: %v, want a refusal naming --before", err)
@@ -29,9 +29,9 @@ func TestAuditPrune(t *testing.T) {
 	b.mustCtl(t, dir, s.url, "", "backup", "--passphrase-file", pass, "--out", filepath.Join(t.TempDir(), "b.age"))
 	b.token(t, s, "10m")
 
-	var recs []api.AuditRecord
+	var recs []apiv1.AuditRecord
 	b.ctlJSON(t, dir, s.url, &recs, "audit", "-n", "0")
-	var anchor api.AuditRecord
+	var anchor apiv1.AuditRecord
 	for i, r := range recs {
 		if r.Kind == "backup" && r.Details["stage"] == "written" {
 			anchor = recs[i-1] // the backup recorded the head before its own record
@@ -41,20 +41,20 @@ func TestAuditPrune(t *testing.T) {
 		t.Fatalf("no backup record after a few records in %+v", recs)
 	}
 	if _, err := b.ctl(t, dir, s.url, "", "audit", "prune", "--before", far, "--yes"); err == nil ||
-		!strings.Contains(err.Error(), api.CodeNotBackedUp) || !strings.Contains(err.Error(), "take a backup first") {
-		t.Fatalf("prune past the backup's anchor: %v, want %s with the way out", err, api.CodeNotBackedUp)
+		!strings.Contains(err.Error(), apiv1.CodeNotBackedUp) || !strings.Contains(err.Error(), "take a backup first") {
+		t.Fatalf("prune past the backup's anchor: %v, want %s with the way out", err, apiv1.CodeNotBackedUp)
 	}
 	before := anchor.Time.Format(time.RFC3339Nano)
 	out := b.mustCtl(t, dir, s.url, "", "audit", "prune", "--before", before)
 	if !strings.Contains(out, "would delete") {
 		t.Fatalf("dry run printed %q", out)
 	}
-	var again []api.AuditRecord
+	var again []apiv1.AuditRecord
 	b.ctlJSON(t, dir, s.url, &again, "audit", "-n", "0")
 	if len(again) != len(recs) || again[0].Seq != 1 {
 		t.Fatalf("the dry run changed the log: %d records from %d, had %d from 1", len(again), again[0].Seq, len(recs))
 	}
-	var res api.AuditPruneResponse
+	var res apiv1.AuditPruneResponse
 	b.ctlJSON(t, dir, s.url, &res, "audit", "prune", "--before", before, "--yes")
 	if res.DryRun || res.Deleted < 2 || res.Through >= anchor.Seq || res.Anchor != anchor.Seq {
 		t.Fatalf("prune = %+v, want records deleted below the anchor %d", res, anchor.Seq)

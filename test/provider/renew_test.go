@@ -6,7 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/client"
 )
 
@@ -48,10 +48,10 @@ func TestRenewOnOtherReplica(t *testing.T) {
 	if _, err := newOnA.Release(ctx); err != nil {
 		t.Fatalf("release on A with the certificate renewed on B: %v", err)
 	}
-	if _, err := oldOnA.Release(ctx); !client.IsCode(err, api.CodeHostUnknown) {
-		t.Fatalf("the old certificate after the new one was used: %v, want %s", err, api.CodeHostUnknown)
+	if _, err := oldOnA.Release(ctx); !client.IsCode(err, apiv1.CodeHostUnknown) {
+		t.Fatalf("the old certificate after the new one was used: %v, want %s", err, apiv1.CodeHostUnknown)
 	}
-	var hosts []api.Host
+	var hosts []apiv1.Host
 	b.ctlJSON(t, dirB, bb.url, &hosts, "hosts")
 	if len(hosts) != 1 || !hosts[0].CertNotAfter.Equal(cert.Leaf.NotAfter) {
 		t.Fatalf("hosts = %+v, want the renewed certificate's expiry %s", hosts, cert.Leaf.NotAfter)
@@ -62,8 +62,8 @@ func TestRenewOnOtherReplica(t *testing.T) {
 	}
 
 	b.mustCtl(t, dirB, bb.url, "", "revoke", h.id)
-	if _, err := newOnA.Renew(ctx, newKey); !client.IsCode(err, api.CodeHostRevoked) {
-		t.Fatalf("renewal of a revoked host: %v, want %s", err, api.CodeHostRevoked)
+	if _, err := newOnA.Renew(ctx, newKey); !client.IsCode(err, apiv1.CodeHostRevoked) {
+		t.Fatalf("renewal of a revoked host: %v, want %s", err, apiv1.CodeHostRevoked)
 	}
 	b.mustCtl(t, dirA, a.url, "", "audit", "verify")
 }

@@ -9,8 +9,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nkp-dev/nkp/provider/api"
 	"github.com/nkp-dev/nkp/provider/api/daemon"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/client"
 	"github.com/nkp-dev/nkp/test/e2e"
 )
@@ -42,7 +42,7 @@ func TestReplicasOnEtcd(t *testing.T) {
 	dirA, dirB, a, bb := p.dirA, p.dirB, p.a, p.b
 	b.backUp(t, dirA, a.url)
 
-	var st api.Status
+	var st apiv1.Status
 	b.ctlJSON(t, dirB, bb.url, &st, "status")
 	if st.State != "Active" {
 		t.Fatalf("replica B sees state %s after a backup through A", st.State)
@@ -55,8 +55,8 @@ func TestReplicasOnEtcd(t *testing.T) {
 		t.Fatalf("host enrolled on A fetching from B: %v", err)
 	}
 	b.mustCtl(t, dirA, a.url, "", "revoke", victim.id)
-	if _, err := victimOnB.Release(ctx); !client.IsCode(err, api.CodeHostRevoked) {
-		t.Fatalf("host revoked on A, fetching from B: %v, want %s", err, api.CodeHostRevoked)
+	if _, err := victimOnB.Release(ctx); !client.IsCode(err, apiv1.CodeHostRevoked) {
+		t.Fatalf("host revoked on A, fetching from B: %v, want %s", err, apiv1.CodeHostRevoked)
 	}
 
 	// Hosts fetch from A with B as a replica (client failover); A is killed mid-run.

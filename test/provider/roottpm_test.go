@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/test/e2e"
 )
 
@@ -88,7 +88,7 @@ func TestRootKeyTPM(t *testing.T) {
 
 	s := b.serve(t, dir, "--root-key-tpm", mine)
 	b.backUp(t, dir, s.url)
-	var st api.Status
+	var st apiv1.Status
 	b.ctlJSON(t, dir, s.url, &st, "status")
 	if st.State != "Active" {
 		t.Fatalf("state after a backup on a TPM-sealed provider: %s", st.State)

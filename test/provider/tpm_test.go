@@ -11,7 +11,7 @@ import (
 	"github.com/google/go-tpm-tools/simulator"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 	pclient "github.com/nkp-dev/nkp/provider/client"
 )
 
@@ -80,11 +80,11 @@ func TestTPMHost(t *testing.T) {
 	}
 
 	b.mustCtl(t, dir, s.url, "", "policy", "set", "tpm-required=on")
-	if _, err := join(t, s.url, b.token(t, s, "10m"), "kvm-plain-2", nil); !pclient.IsCode(err, api.CodeTPMRequired) {
-		t.Fatalf("join without a TPM under tpm-required: %v, want %s", err, api.CodeTPMRequired)
+	if _, err := join(t, s.url, b.token(t, s, "10m"), "kvm-plain-2", nil); !pclient.IsCode(err, apiv1.CodeTPMRequired) {
+		t.Fatalf("join without a TPM under tpm-required: %v, want %s", err, apiv1.CodeTPMRequired)
 	}
-	if _, err := plainHost.c.Release(ctx); !pclient.IsCode(err, api.CodeTPMRequired) {
-		t.Fatalf("release to a TPM-less host under tpm-required: %v, want %s", err, api.CodeTPMRequired)
+	if _, err := plainHost.c.Release(ctx); !pclient.IsCode(err, apiv1.CodeTPMRequired) {
+		t.Fatalf("release to a TPM-less host under tpm-required: %v, want %s", err, apiv1.CodeTPMRequired)
 	}
 	if _, err := tpmHost.c.Release(ctx); err != nil {
 		t.Fatalf("release to the TPM host under tpm-required: %v", err)

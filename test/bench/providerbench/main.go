@@ -34,8 +34,8 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/nkp-dev/nkp/provider/api"
 	"github.com/nkp-dev/nkp/provider/api/daemon"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/client"
 	"github.com/nkp-dev/nkp/test/etcdtest"
 )
@@ -221,7 +221,7 @@ func measure(ctx context.Context, cfg config, storeKind, bin, dir string, log *s
 	}
 
 	// Tokens first (an administrator hands them out ahead of time), then enrollment.
-	tokens := make([]api.Token, cfg.hosts)
+	tokens := make([]apiv1.Token, cfg.hosts)
 	if err := parallel(cfg.hosts, 16, func(i int) error {
 		t, err := admin.CreateToken(ctx, time.Hour)
 		tokens[i] = t

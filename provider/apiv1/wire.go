@@ -1,4 +1,4 @@
-package api
+package apiv1
 
 import (
 	"bytes"
@@ -23,7 +23,9 @@ const (
 // type: malformed, unknown fields, trailing data, missing required fields or too long.
 var ErrBadRequest = errors.New("bad request body")
 
-var errTooLong = errors.New("body too long")
+// ErrTooLong marks a body longer than the limit given to Decode (whose error wraps both
+// it and ErrBadRequest).
+var ErrTooLong = errors.New("body too long")
 
 // ErrorBody is every error response: a sentence for people and a stable code for programs.
 type ErrorBody struct {
@@ -252,7 +254,7 @@ func Decode[T any](r io.Reader, limit int64) (T, error) {
 		return v, fmt.Errorf("%w: reading body: %w", ErrBadRequest, err)
 	}
 	if int64(len(data)) > limit {
-		return v, fmt.Errorf("%w: %w (limit %d bytes)", ErrBadRequest, errTooLong, limit)
+		return v, fmt.Errorf("%w: %w (limit %d bytes)", ErrBadRequest, ErrTooLong, limit)
 	}
 	defer clear(data) // bodies may carry passphrases
 	dec := json.NewDecoder(bytes.NewReader(data))
