@@ -11,6 +11,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/nkp-dev/nkp/swtpm/cmdline"
 )
 
 // envReadyFD tells a daemonized child which fd is the readiness pipe to its parent.
@@ -20,41 +22,11 @@ const envReadyFD = "NKP_SWTPM_READY_FD"
 // readyTimeout bounds how long the parent of -d waits for its child to be ready.
 const readyTimeout = 30 * time.Second
 
-// inheritedFDs lists the file descriptors the options name, which a daemonized child
-// must receive under the same numbers.
-func (o *Options) inheritedFDs() []int {
-	var fds []int
-	add := func(fd int) {
-		if fd >= 3 {
-			fds = append(fds, fd)
-		}
-	}
-	for _, c := range []*Channel{o.Ctrl, o.Server} {
-		if c != nil {
-			add(c.ListenFD)
-			add(c.ConnFD)
-		}
-	}
-	for _, k := range []*KeyOptions{o.Key, o.MigrationKey} {
-		if k != nil {
-			add(k.FD)
-			add(k.PwdFD)
-		}
-	}
-	if o.Log != nil {
-		add(o.Log.FD)
-	}
-	if o.Pid != nil {
-		add(o.Pid.FD)
-	}
-	return fds
-}
-
 // daemonize runs this program again in a new session with the same arguments and the
 // inherited fds under the same numbers (key fds too: the child reads the key, the
 // parent never does), and waits until the child reports on a pipe that it serves, or
 // why it could not. It returns the parent's exit code: 0 only once the child is ready.
-func daemonize(o *Options, args []string, stderr io.Writer) int {
+func daemonize(o *cmdline.Options, args []string, stderr io.Writer) int {
 	self, err := os.Executable()
 	if err != nil {
 		fmt.Fprintf(stderr, "nkp-swtpm: --daemon: cannot find own executable: %v\n", err)
@@ -67,7 +39,7 @@ func daemonize(o *Options, args []string, stderr io.Writer) int {
 	}
 	defer r.Close()
 	var extra []*os.File
-	for _, fd := range o.inheritedFDs() {
+	for _, fd := range o.InheritedFDs() {
 		for len(extra) <= fd-3 {
 			extra = append(extra, nil)
 		}

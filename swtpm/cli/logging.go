@@ -7,13 +7,15 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+
+	"github.com/nkp-dev/nkp/swtpm/cmdline"
 )
 
 // openLog returns the logger --log asks for and a function that closes its file.
 // Without --log it logs to stderr; file=- discards everything. A log file is created
 // with mode 0600 and appended to unless truncate is given. Level 0 or 1 logs Info and
 // above, level 2 and higher also Debug.
-func openLog(l *LogOptions, stderr io.Writer) (*slog.Logger, func(), error) {
+func openLog(l *cmdline.LogOptions, stderr io.Writer) (*slog.Logger, func(), error) {
 	noop := func() {}
 	if l == nil {
 		return newLogger(stderr, "", slog.LevelInfo), noop, nil

@@ -6,11 +6,13 @@ import (
 	"os/user"
 	"strconv"
 	"syscall"
+
+	"github.com/nkp-dev/nkp/swtpm/cmdline"
 )
 
 // pidFile writes the process id as --pid asks and returns a function that removes a
 // pid file again at exit.
-func pidFile(p *PidOptions, pid int) (func(), error) {
+func pidFile(p *cmdline.PidOptions, pid int) (func(), error) {
 	noop := func() {}
 	if p == nil {
 		return noop, nil

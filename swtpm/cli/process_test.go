@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/nkp-dev/nkp/swtpm/cmdline"
 	"github.com/nkp-dev/nkp/swtpm/envelope"
 	"github.com/nkp-dev/nkp/swtpm/state"
 )
@@ -47,16 +48,16 @@ func TestOpenLog(t *testing.T) {
 	}
 	tests := []struct {
 		name     string
-		opts     *LogOptions
+		opts     *cmdline.LogOptions
 		wantFile string // file to inspect; "" for stderr
 		wantOld  bool   // the old content is kept
 		wantLine string // "" when nothing must be logged
 	}{
 		{"stderr without --log", nil, "", false, "msg=hello"},
-		{"new file", &LogOptions{File: filepath.Join(dir, "new.log"), FD: -1}, filepath.Join(dir, "new.log"), false, "msg=hello"},
-		{"append", &LogOptions{File: existing, FD: -1, Prefix: "P: "}, existing, true, "P: time="},
-		{"truncate", &LogOptions{File: filepath.Join(dir, "t.log"), FD: -1, Truncate: true}, filepath.Join(dir, "t.log"), false, "msg=hello"},
-		{"disabled", &LogOptions{File: "-", FD: -1}, "", false, ""},
+		{"new file", &cmdline.LogOptions{File: filepath.Join(dir, "new.log"), FD: -1}, filepath.Join(dir, "new.log"), false, "msg=hello"},
+		{"append", &cmdline.LogOptions{File: existing, FD: -1, Prefix: "P: "}, existing, true, "P: time="},
+		{"truncate", &cmdline.LogOptions{File: filepath.Join(dir, "t.log"), FD: -1, Truncate: true}, filepath.Join(dir, "t.log"), false, "msg=hello"},
+		{"disabled", &cmdline.LogOptions{File: "-", FD: -1}, "", false, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -94,7 +95,7 @@ func TestOpenLog(t *testing.T) {
 			}
 		})
 	}
-	if _, _, err := openLog(&LogOptions{File: filepath.Join(dir, "missing", "x.log"), FD: -1}, os.Stderr); err == nil || !strings.Contains(err.Error(), "--log file=") {
+	if _, _, err := openLog(&cmdline.LogOptions{File: filepath.Join(dir, "missing", "x.log"), FD: -1}, os.Stderr); err == nil || !strings.Contains(err.Error(), "--log file=") {
 		t.Errorf("log in a missing directory: err = %v, want one naming --log file=", err)
 	}
 }
@@ -107,7 +108,7 @@ func TestPidFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	before, _ := os.Stat(p)
-	remove, err := pidFile(&PidOptions{File: p, FD: -1}, 4242)
+	remove, err := pidFile(&cmdline.PidOptions{File: p, FD: -1}, 4242)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -133,7 +134,7 @@ func TestPidFile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := pidFile(&PidOptions{FD: fd}, 7); err != nil {
+	if _, err := pidFile(&cmdline.PidOptions{FD: fd}, 7); err != nil {
 		t.Fatal(err)
 	}
 	if b, _ := os.ReadFile(f.Name()); string(b) != "7\n" {
@@ -141,7 +142,7 @@ func TestPidFile(t *testing.T) {
 	}
 	f.Close()
 
-	if _, err := pidFile(&PidOptions{File: filepath.Join(dir, "no", "dir", "pid"), FD: -1}, 1); err == nil {
+	if _, err := pidFile(&cmdline.PidOptions{File: filepath.Join(dir, "no", "dir", "pid"), FD: -1}, 1); err == nil {
 		t.Error("pid file in a missing directory: no error")
 	}
 }
@@ -153,7 +154,7 @@ func TestChannelOpen(t *testing.T) {
 	if err := os.WriteFile(sock, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	ep, err := (&Channel{Type: TypeUnixIO, Path: sock, Port: -1, ListenFD: -1, ConnFD: -1, Mode: 0o660, UID: strconv.Itoa(os.Getuid())}).Open("ctrl")
+	ep, err := openChannel(&cmdline.Channel{Type: cmdline.TypeUnixIO, Path: sock, Port: -1, ListenFD: -1, ConnFD: -1, Mode: 0o660, UID: strconv.Itoa(os.Getuid())}, "ctrl")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -178,7 +179,7 @@ func TestChannelOpen(t *testing.T) {
 	}
 	lf, _ := l.(*net.TCPListener).File()
 	l.Close()
-	ep, err = (&Channel{Type: TypeTCP, Port: -1, ListenFD: int(lf.Fd()), ConnFD: -1}).Open("ctrl")
+	ep, err = openChannel(&cmdline.Channel{Type: cmdline.TypeTCP, Port: -1, ListenFD: int(lf.Fd()), ConnFD: -1}, "ctrl")
 	if err != nil || ep.Listener == nil {
 		t.Fatalf("listen fd: %v, %+v", err, ep)
 	}
@@ -188,19 +189,19 @@ func TestChannelOpen(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer syscall.Close(fds[0])
-	ep, err = (&Channel{Type: TypeTCP, Port: -1, ListenFD: -1, ConnFD: fds[1]}).Open("server")
+	ep, err = openChannel(&cmdline.Channel{Type: cmdline.TypeTCP, Port: -1, ListenFD: -1, ConnFD: fds[1]}, "server")
 	if err != nil || ep.Conn == nil {
 		t.Fatalf("conn fd: %v, %+v", err, ep)
 	}
 	ep.Close()
 
 	// Errors name the option and the cause.
-	for _, c := range []*Channel{
-		{Type: TypeUnixIO, Path: filepath.Join(dir, "missing", "s"), Port: -1, ListenFD: -1, ConnFD: -1, Mode: 0o600},
-		{Type: TypeUnixIO, Path: filepath.Join(dir, "s2"), Port: -1, ListenFD: -1, ConnFD: -1, Mode: 0o600, UID: "no-such-user-nkp"},
-		{Type: TypeTCP, Port: -1, ListenFD: int(os.Stdin.Fd()) + 100, ConnFD: -1},
+	for _, c := range []*cmdline.Channel{
+		{Type: cmdline.TypeUnixIO, Path: filepath.Join(dir, "missing", "s"), Port: -1, ListenFD: -1, ConnFD: -1, Mode: 0o600},
+		{Type: cmdline.TypeUnixIO, Path: filepath.Join(dir, "s2"), Port: -1, ListenFD: -1, ConnFD: -1, Mode: 0o600, UID: "no-such-user-nkp"},
+		{Type: cmdline.TypeTCP, Port: -1, ListenFD: int(os.Stdin.Fd()) + 100, ConnFD: -1},
 	} {
-		if _, err := c.Open("ctrl"); err == nil || !strings.HasPrefix(err.Error(), "--ctrl") {
+		if _, err := openChannel(c, "ctrl"); err == nil || !strings.HasPrefix(err.Error(), "--ctrl") {
 			t.Errorf("Open(%+v) = %v, want an error starting with --ctrl", c, err)
 		}
 	}
@@ -217,11 +218,12 @@ func TestKeySpec(t *testing.T) {
 		{"pwdfd=9,kdf=sha512,mode=aes-cbc", state.KeySpec{Source: state.PwdFD, FD: 9, KDF: envelope.KDFSHA512, Mode: "aes-128-cbc"}},
 	}
 	for _, tt := range tests {
-		k, err := parseKey("key", tt.opt)
+		o, err := cmdline.Parse([]string{"--tpm2", "--key", tt.opt})
 		if err != nil {
-			t.Fatalf("parseKey(%s): %v", tt.opt, err)
+			t.Fatalf("Parse(--key %s): %v", tt.opt, err)
 		}
-		if got := k.KeySpec(); !reflect.DeepEqual(got, tt.want) {
+		k := o.Key
+		if got := keySpec(k); !reflect.DeepEqual(got, tt.want) {
 			t.Errorf("KeySpec(%s) = %+v, want %+v", tt.opt, got, tt.want)
 		}
 		// The state package's own parser of the same text agrees on what matters.
@@ -229,22 +231,8 @@ func TestKeySpec(t *testing.T) {
 		if err != nil {
 			t.Fatalf("state.ParseKeySpec(%s): %v", tt.opt, err)
 		}
-		if got := k.KeySpec(); got.Source != ref.Source || got.Path != ref.Path || got.FD != ref.FD || got.Remove != ref.Remove {
+		if got := keySpec(k); got.Source != ref.Source || got.Path != ref.Path || got.FD != ref.FD || got.Remove != ref.Remove {
 			t.Errorf("KeySpec(%s) = %+v, state.ParseKeySpec = %+v", tt.opt, got, ref)
 		}
-	}
-}
-
-func TestInheritedFDs(t *testing.T) {
-	o, err := Parse(strings.Fields("--tpm2 --tpmstate dir=/s --ctrl type=unixio,clientfd=6 --server type=tcp,fd=5 --key pwdfd=7 --migration-key fd=8 --log fd=9 --pid fd=10"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got, want := o.inheritedFDs(), []int{6, 5, 7, 8, 9, 10}; !reflect.DeepEqual(got, want) {
-		t.Errorf("inheritedFDs = %v, want %v", got, want)
-	}
-	o, _ = Parse(strings.Fields("--tpm2 --tpmstate dir=/s --ctrl type=unixio,path=/c --log fd=2"))
-	if got := o.inheritedFDs(); len(got) != 0 {
-		t.Errorf("inheritedFDs = %v, want none (stderr is not passed as an extra file)", got)
 	}
 }

@@ -11,14 +11,15 @@ import (
 	"sync"
 
 	"github.com/nkp-dev/nkp/swtpm"
+	"github.com/nkp-dev/nkp/swtpm/cmdline"
 	"github.com/nkp-dev/nkp/swtpm/envelope"
 	"github.com/nkp-dev/nkp/swtpm/internal/libtpms"
 	"github.com/nkp-dev/nkp/swtpm/state"
 )
 
-// KeySpec converts the parsed --key or --migration-key option to what package state
+// keySpec converts the parsed --key or --migration-key option to what package state
 // reads the key with.
-func (k *KeyOptions) KeySpec() state.KeySpec {
+func keySpec(k *cmdline.KeyOptions) state.KeySpec {
 	spec := state.KeySpec{FD: -1, Format: k.Format, Mode: k.Mode, Remove: k.Remove}
 	switch {
 	case k.File != "":
@@ -37,11 +38,11 @@ func (k *KeyOptions) KeySpec() state.KeySpec {
 }
 
 // readKey reads the key an option names; nil options give a nil key.
-func readKey(option string, k *KeyOptions, log *slog.Logger) (*state.Key, error) {
+func readKey(option string, k *cmdline.KeyOptions, log *slog.Logger) (*state.Key, error) {
 	if k == nil {
 		return nil, nil
 	}
-	key, err := state.ParseKey(k.KeySpec(), log)
+	key, err := state.ParseKey(keySpec(k), log)
 	if err != nil {
 		return nil, fmt.Errorf("--%s: %w", option, err)
 	}
@@ -51,11 +52,11 @@ func readKey(option string, k *KeyOptions, log *slog.Logger) (*state.Key, error)
 // serve reads the keys, opens the state directory, the TPM and the sockets, calls ready
 // once clients can connect, and serves until ctx ends or the server stops. Everything
 // it opened is closed and the keys are wiped before it returns.
-func serve(ctx context.Context, o *Options, log *slog.Logger, ready func() error) (err error) {
+func serve(ctx context.Context, o *cmdline.Options, log *slog.Logger, ready func() error) (err error) {
 	if o.Ctrl == nil {
 		return errors.New("no control channel: give --ctrl type=unixio,path=<socket> (or clientfd=, fd=, type=tcp,port=); nkp-swtpm is always driven through one")
 	}
-	if o.Flags.Startup == StartupDeactivated {
+	if o.Flags.Startup == cmdline.StartupDeactivated {
 		return errors.New("--flags startup-deactivated exists only for TPM 1.2; use startup-clear or startup-state")
 	}
 	stateKey, err := readKey("key", o.Key, log)
@@ -118,19 +119,19 @@ func serve(ctx context.Context, o *Options, log *slog.Logger, ready func() error
 		ReleaseLockOutgoing: o.Migration.ReleaseLockOutgoing,
 	}
 	switch o.Flags.Startup {
-	case StartupClear:
+	case cmdline.StartupClear:
 		cfg.Startup = swtpm.StartupClear
-	case StartupState:
+	case cmdline.StartupState:
 		cfg.Startup = swtpm.StartupState
 	}
-	ctrl, err := o.Ctrl.Open("ctrl")
+	ctrl, err := openChannel(o.Ctrl, "ctrl")
 	if err != nil {
 		return err
 	}
 	defer ctrl.Close()
 	cfg.CtrlListener, cfg.CtrlConn, cfg.CtrlTerminate = ctrl.Listener, ctrl.Conn, o.Ctrl.Terminate
 	if o.Server != nil {
-		data, err := o.Server.Open("server")
+		data, err := openChannel(o.Server, "server")
 		if err != nil {
 			return err
 		}
@@ -197,7 +198,7 @@ func (e *launchEngine) Process(cmd []byte) ([]byte, error) {
 }
 
 // printStates prints the state blobs of --tpmstate as swtpm --print-states does.
-func printStates(o *Options, w io.Writer) error {
+func printStates(o *cmdline.Options, w io.Writer) error {
 	infos, err := state.States(o.State.Dir)
 	if err != nil {
 		return fmt.Errorf("--print-states: %w", err)

@@ -8,6 +8,8 @@ import (
 	"os"
 	"os/user"
 	"strconv"
+
+	"github.com/nkp-dev/nkp/swtpm/cmdline"
 )
 
 // Endpoint is an opened --ctrl or --server channel: a listener accepting clients, or a
@@ -40,9 +42,9 @@ func (e *Endpoint) Close() error {
 	return err
 }
 
-// Open creates or adopts the socket a Channel describes. option names the command-line
-// option ("ctrl" or "server") for error messages.
-func (c *Channel) Open(option string) (*Endpoint, error) {
+// openChannel creates or adopts the socket a Channel describes. option names the
+// command-line option ("ctrl" or "server") for error messages.
+func openChannel(c *cmdline.Channel, option string) (*Endpoint, error) {
 	switch {
 	case c.ConnFD >= 0:
 		f := os.NewFile(uintptr(c.ConnFD), option+"-conn")
@@ -60,7 +62,7 @@ func (c *Channel) Open(option string) (*Endpoint, error) {
 			return nil, fmt.Errorf("--%s: fd %d is not a listening socket: %w (pass a socket after listen(2))", option, c.ListenFD, err)
 		}
 		return &Endpoint{Listener: l}, nil
-	case c.Type == TypeUnixIO:
+	case c.Type == cmdline.TypeUnixIO:
 		return openUnix(option, c)
 	default:
 		addr := net.JoinHostPort(c.BindAddr, strconv.Itoa(c.Port))
@@ -75,7 +77,7 @@ func (c *Channel) Open(option string) (*Endpoint, error) {
 	}
 }
 
-func openUnix(option string, c *Channel) (*Endpoint, error) {
+func openUnix(option string, c *cmdline.Channel) (*Endpoint, error) {
 	uid, gid, err := owner(c.UID, c.GID)
 	if err != nil {
 		return nil, fmt.Errorf("--%s: %w", option, err)

@@ -1,6 +1,7 @@
-package cli
+package cmdline
 
 import (
+	"reflect"
 	"strings"
 	"testing"
 )
@@ -89,6 +90,41 @@ func FuzzParse(f *testing.F) {
 			if c.ListenFD >= 0 && c.ConnFD >= 0 {
 				t.Fatalf("both listen and conn fd from %q", s)
 			}
+		}
+	})
+}
+
+// FuzzBuild checks Build against Parse on arguments split from arbitrary text: for
+// every command line Parse accepts, Build succeeds and its argv parses back to the same
+// Options. (A file mode of 0 is the one thing Build cannot say: it means "default".)
+func FuzzBuild(f *testing.F) {
+	f.Add("--tpm2 --ctrl type=unixio,path=/s,mode=0660,gid=kvm --tpmstate dir=/d,mode=0600 --key fd=3,format=binary,mode=aes-256-gcm")
+	f.Add("--flags not-need-init,startup-clear --tpmstate backend-uri=dir:///d,lock --tpm2 --server type=tcp,fd=5 --ctrl type=unixio,clientfd=6")
+	f.Add("-dtp2321 -f 9 --tpm2 --tpmstate dir=/d --log fd=1,prefix=a=b")
+	f.Add("--tpm2 --ctrl=type=tcp,port=0,bindaddr=::1 --server type=unixio,fd=4 --key pwdfd=5,kdf=sha512")
+	f.Fuzz(func(t *testing.T, s string) {
+		want, err := Parse(strings.Fields(s))
+		if err != nil {
+			return
+		}
+		for _, c := range []*Channel{want.Ctrl, want.Server} {
+			if c != nil && c.Path != "" && c.Mode == 0 {
+				return
+			}
+		}
+		if want.State != nil && !want.State.ModeDefault && want.State.Mode == 0 {
+			return
+		}
+		args, err := Build(want)
+		if err != nil {
+			t.Fatalf("Parse accepted %q but Build refused it: %v", s, err)
+		}
+		got, err := Parse(args)
+		if err != nil {
+			t.Fatalf("Build(Parse(%q)) = %q, which Parse refuses: %v", s, args, err)
+		}
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("Build(Parse(%q)) = %q, which parses to %+v, want %+v", s, args, got, want)
 		}
 	})
 }

@@ -1,4 +1,4 @@
-package cli
+package cmdline
 
 import (
 	"fmt"
@@ -219,7 +219,8 @@ var longOpts = []longOpt{
 		if err != nil {
 			return err
 		}
-		o.Server = &Channel{Type: TypeTCP, Port: port, BindAddr: DefaultBindAddr, ListenFD: -1, ConnFD: -1, Disconnect: true}
+		// Exactly what --server type=tcp,port=<port>,disconnect gives.
+		o.Server = &Channel{Type: TypeTCP, Port: port, BindAddr: DefaultBindAddr, ListenFD: -1, ConnFD: -1, Mode: 0o770, Disconnect: true}
 		return nil
 	}},
 	{"fd", 'f', true, func(o *Options, v string) error {
