@@ -1,0 +1,271 @@
+// Package hooks is nkp's libvirt qemu hook, the program installed as
+// /etc/libvirt/hooks/qemu.d/nkp (cmd/nkp-hook is its main).
+//
+// libvirtd runs the hook with argv DOMAIN OPERATION SUB-OPERATION EXTRA and the domain XML
+// on stdin, and waits for it while holding one of its workers. The hook:
+//
+//  1. reads the XML; if it does not mention nkp's namespace (hookproto.Protected) the
+//     domain is not nkp's and the hook exits 0 at once, without touching any socket,
+//     whether hostd runs or not;
+//  2. otherwise forwards (domain, operation, sub-operation, extra, XML) to nkp-hostd over
+//     its root-only unix socket and waits for the answer, at most Config.Timeout;
+//  3. exits 0 when hostd allows, 1 when it refuses, printing hostd's sentence on stderr
+//     (virsh shows it to the user). When hostd cannot be asked, operations that start a
+//     VM (hookproto.Required) fail closed with a sentence naming the VM, the key ID and
+//     what to do; the others pass with a warning, since hostd reconciles them from
+//     libvirt's events and refusing them would only harm running VMs.
+//
+// It never writes to stdout: for the migrate and restore operations libvirt would take
+// any output as a replacement domain XML.
+//
+// Configuration (libvirt passes a fixed argv): leading flags --socket=PATH, --timeout=D
+// and --config=FILE (for a wrapper script), else the environment (NKP_HOOK_SOCKET,
+// NKP_HOOK_TIMEOUT, NKP_HOOK_CONFIG), else the config file (default /etc/nkp/hook.conf,
+// lines "socket = PATH" and "timeout = 30s", # comments), else the defaults.
+//
+// Importers: cmd/nkp-hook and tests. It imports hooks/hookproto and the standard library
+// only, and no cgo, so that it starts in a few milliseconds.
+package hooks
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/xml"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/nkp-dev/nkp/hooks/hookproto"
+)
+
+// Defaults.
+const (
+	DefaultSocket  = "/run/nkp/hook.sock"
+	DefaultConfig  = "/etc/nkp/hook.conf"
+	DefaultTimeout = 30 * time.Second
+	// OptionalTimeout bounds the wait for operations that are not hookproto.Required: they
+	// pass anyway, so a hung hostd must not hold libvirtd's worker for long.
+	OptionalTimeout = 5 * time.Second
+)
+
+// Config is where hostd listens and how long the hook waits for it.
+type Config struct {
+	Socket  string        // hostd's hook socket
+	Timeout time.Duration // bounded wait for required operations (dial, send and answer)
+}
+
+// Env is the environment lookup the hook uses (os.Getenv in cmd/nkp-hook).
+type Env func(string) string
+
+// Main runs the hook with args (os.Args[1:]) and returns the exit status.
+func Main(args []string, stdin io.Reader, stderr io.Writer, getenv Env) int {
+	ctx := context.Background()
+	xmlDoc, readErr := io.ReadAll(io.LimitReader(stdin, hookproto.MaxRequest))
+	if !hookproto.Protected(xmlDoc) {
+		return 0 // not nkp's domain: the fast path, nothing else is looked at
+	}
+	cfg, pos, err := configure(args, getenv)
+	if err == nil && len(pos) != 4 {
+		err = fmt.Errorf("want the 4 arguments DOMAIN OPERATION SUB-OPERATION EXTRA that libvirt passes, got %d", len(pos))
+	}
+	if err == nil && readErr != nil {
+		err = fmt.Errorf("reading the domain XML from stdin: %w", readErr)
+	}
+	if err != nil {
+		domain := "(unknown)"
+		if len(pos) > 0 {
+			domain = pos[0]
+		}
+		fmt.Fprintf(stderr, "nkp: VM %q (vTPM key %s) is protected by nkp but nkp-hook cannot run: %v; check /etc/libvirt/hooks/qemu.d/nkp and %s\n",
+			domain, keyID(xmlDoc), err, DefaultConfig)
+		return 1
+	}
+	req := hookproto.Request{Version: hookproto.Version, Domain: pos[0], Op: pos[1], SubOp: pos[2], Extra: pos[3], XML: string(xmlDoc)}
+	timeout := cfg.Timeout
+	if !hookproto.Required(req.Op) && timeout > OptionalTimeout {
+		timeout = OptionalTimeout
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	reply, err := Ask(ctx, cfg.Socket, req)
+	if err != nil {
+		if !hookproto.Required(req.Op) {
+			fmt.Fprintf(stderr, "nkp: warning: VM %q %s %s: nkp-hostd could not be told (%v); it will reconcile from libvirt's events when it runs\n",
+				req.Domain, req.Op, req.SubOp, err)
+			return 0
+		}
+		fmt.Fprintf(stderr, "nkp: VM %q (vTPM key %s) is protected by nkp and cannot %s: nkp-hostd did not answer on %s (%v); start nkp-hostd (systemctl start nkp-hostd) and try again\n",
+			req.Domain, keyID(xmlDoc), verb(req.Op), cfg.Socket, err)
+		return 1
+	}
+	if reply.Message != "" {
+		fmt.Fprintln(stderr, strings.TrimRight(reply.Message, "\n"))
+	}
+	if !reply.Allow {
+		return 1
+	}
+	return 0
+}
+
+func verb(op string) string {
+	switch op {
+	case hookproto.OpPrepare, hookproto.OpStart:
+		return "start"
+	case hookproto.OpMigrate:
+		return "migrate in"
+	case hookproto.OpRestore:
+		return "be restored"
+	}
+	return "pass the " + op + " hook"
+}
+
+// Ask sends one request to hostd's hook socket and returns its reply. ctx bounds the
+// whole exchange.
+func Ask(ctx context.Context, socket string, req hookproto.Request) (hookproto.Reply, error) {
+	c, err := dialUnix(ctx, socket)
+	if err != nil {
+		return hookproto.Reply{}, err
+	}
+	defer c.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		c.SetDeadline(dl)
+	}
+	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
+	defer stop()
+	if err := hookproto.WriteRequest(c, req); err != nil {
+		return hookproto.Reply{}, fmt.Errorf("sending the request: %w", err)
+	}
+	reply, err := hookproto.ReadReply(bufio.NewReader(c))
+	if err != nil {
+		if ctx.Err() != nil {
+			return hookproto.Reply{}, fmt.Errorf("no answer within the hook's time limit: %w", ctx.Err())
+		}
+		return hookproto.Reply{}, err
+	}
+	return reply, nil
+}
+
+// configure reads the leading flags, the environment and the config file; it returns the
+// configuration and the positional arguments.
+func configure(args []string, getenv Env) (Config, []string, error) {
+	var flagSocket, flagTimeout, flagConfig string
+	for len(args) > 0 && strings.HasPrefix(args[0], "--") {
+		name, val, ok := strings.Cut(args[0][2:], "=")
+		if !ok {
+			break // libvirt's own arguments never look like --name=value
+		}
+		switch name {
+		case "socket":
+			flagSocket = val
+		case "timeout":
+			flagTimeout = val
+		case "config":
+			flagConfig = val
+		default:
+			return Config{}, args, fmt.Errorf("unknown flag --%s (known: --socket=, --timeout=, --config=)", name)
+		}
+		args = args[1:]
+	}
+	cfg := Config{Socket: DefaultSocket, Timeout: DefaultTimeout}
+	path, explicit := first(flagConfig, getenv("NKP_HOOK_CONFIG")), true
+	if path == "" {
+		path, explicit = DefaultConfig, false
+	}
+	file, err := readConfig(path)
+	if err != nil && (explicit || !errors.Is(err, os.ErrNotExist)) {
+		return Config{}, args, err
+	}
+	if s := first(flagSocket, getenv("NKP_HOOK_SOCKET"), file["socket"]); s != "" {
+		cfg.Socket = s
+	}
+	if s := first(flagTimeout, getenv("NKP_HOOK_TIMEOUT"), file["timeout"]); s != "" {
+		d, err := time.ParseDuration(s)
+		if err != nil || d <= 0 {
+			return Config{}, args, fmt.Errorf("timeout %q: want a positive duration such as 30s", s)
+		}
+		cfg.Timeout = d
+	}
+	return cfg, args, nil
+}
+
+func first(s ...string) string {
+	for _, v := range s {
+		if v != "" {
+			return v
+		}
+	}
+	return ""
+}
+
+// readConfig reads "key = value" lines; unknown keys are an error (a typo must not be
+// silently ignored).
+func readConfig(path string) (map[string]string, error) {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("hook config %s: %w", path, err)
+	}
+	out := map[string]string{}
+	for i, line := range strings.Split(string(raw), "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		k, v, ok := strings.Cut(line, "=")
+		k, v = strings.TrimSpace(k), strings.TrimSpace(v)
+		if !ok || (k != "socket" && k != "timeout") {
+			return nil, fmt.Errorf("hook config %s line %d: want \"socket = PATH\" or \"timeout = DURATION\", got %q", path, i+1, line)
+		}
+		out[k] = v
+	}
+	return out, nil
+}
+
+// keyID finds the vTPM's key ID in nkp's metadata for a message when hostd cannot say it:
+// the key-id attribute of the first element in nkp's namespace named vtpm, else of any
+// element in it. "(unknown)" if the XML has none.
+func keyID(doc []byte) string {
+	d := xml.NewDecoder(bytes.NewReader(doc))
+	var any string
+	for {
+		tok, err := d.Token()
+		if err != nil {
+			break
+		}
+		se, ok := tok.(xml.StartElement)
+		if !ok || se.Name.Space != hookproto.Namespace {
+			continue
+		}
+		for _, a := range se.Attr {
+			if a.Name.Local == "key-id" && a.Value != "" {
+				if se.Name.Local == "vtpm" {
+					return printable(a.Value)
+				}
+				if any == "" {
+					any = printable(a.Value)
+				}
+			}
+		}
+	}
+	if any == "" {
+		return "(unknown)"
+	}
+	return any
+}
+
+// printable keeps a value from the XML short and free of control characters for stderr.
+func printable(s string) string {
+	s = strings.Map(func(r rune) rune {
+		if r < 0x20 || r == 0x7f {
+			return '?'
+		}
+		return r
+	}, s)
+	if len(s) > 64 {
+		s = s[:64] + "…"
+	}
+	return s
+}

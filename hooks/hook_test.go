@@ -1,0 +1,299 @@
+package hooks
+
+import (
+	"bytes"
+	"errors"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nkp-dev/nkp/hooks/hookproto"
+)
+
+const protectedXML = `<domain type='qemu'><name>vm1</name><uuid>6f1c2a9e-3b4d-4e5f-8a6b-7c8d9e0f1a2b</uuid>
+<metadata><nkp:vm xmlns:nkp="https://nkp.dev/ns/vm/1" provider="p1"><nkp:disk target="vda" key-id="11111111-2222-4333-8444-555555555555"/><nkp:vtpm key-id="0f8fad5b-d9cb-469f-a165-70867728950e"/></nkp:vm></metadata></domain>`
+
+const plainXML = `<domain type='qemu'><name>plain</name><devices/></domain>`
+
+// server answers hook requests like hostd would, recording what it got.
+type server struct {
+	path  string
+	mu    sync.Mutex
+	got   []hookproto.Request
+	reply func(hookproto.Request) hookproto.Reply
+	done  chan struct{}
+}
+
+func startServer(t *testing.T, reply func(hookproto.Request) hookproto.Reply) *server {
+	t.Helper()
+	s := &server{path: filepath.Join(t.TempDir(), "hook.sock"), reply: reply, done: make(chan struct{})}
+	t.Cleanup(func() { close(s.done) })
+	l, err := net.Listen("unix", s.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				req, err := hookproto.ReadRequest(c)
+				if err != nil {
+					return
+				}
+				s.mu.Lock()
+				s.got = append(s.got, req)
+				s.mu.Unlock()
+				if s.reply == nil { // hang: hold the connection until the test ends
+					<-s.done
+					return
+				}
+				hookproto.WriteReply(c, s.reply(req))
+			}()
+		}
+	}()
+	return s
+}
+
+func (s *server) requests() []hookproto.Request {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.got)
+}
+
+func env(m map[string]string) Env { return func(k string) string { return m[k] } }
+
+func TestMain_(t *testing.T) {
+	allow := func(hookproto.Request) hookproto.Reply { return hookproto.Reply{Version: 1, Allow: true} }
+	refuse := func(r hookproto.Request) hookproto.Reply {
+		return hookproto.Reply{Version: 1, Message: "nkp: VM " + r.Domain + ": KDK version 9 is unknown"}
+	}
+	warn := func(hookproto.Request) hookproto.Reply {
+		return hookproto.Reply{Version: 1, Allow: true, Message: "nkp: provider unreachable, using the cached KDK"}
+	}
+	absent := filepath.Join(t.TempDir(), "no.sock")
+	tests := []struct {
+		name      string
+		reply     func(hookproto.Request) hookproto.Reply // nil server: hostd absent
+		hang      bool                                    // server reads but never answers
+		args      []string
+		xml       string
+		wantCode  int
+		wantErr   []string // substrings of stderr; nil: stderr empty
+		forwarded bool
+	}{
+		{name: "plain domain, hostd absent", args: []string{"plain", "prepare", "begin", "-"}, xml: plainXML, wantCode: 0},
+		{name: "plain domain, garbage args", args: []string{"--weird"}, xml: plainXML, wantCode: 0},
+		{name: "garbage stdin", args: []string{"x", "prepare", "begin", "-"}, xml: "\x00\xff<<<", wantCode: 0},
+		{name: "empty stdin", args: []string{"x", "prepare", "begin", "-"}, xml: "", wantCode: 0},
+		{name: "protected, allowed", reply: allow, args: []string{"vm1", "prepare", "begin", "-"}, xml: protectedXML, wantCode: 0, forwarded: true},
+		{name: "protected, allowed with warning", reply: warn, args: []string{"vm1", "prepare", "begin", "-"}, xml: protectedXML, wantCode: 0, wantErr: []string{"cached KDK"}, forwarded: true},
+		{name: "protected, refused", reply: refuse, args: []string{"vm1", "prepare", "begin", "-"}, xml: protectedXML, wantCode: 1, wantErr: []string{"VM vm1: KDK version 9"}, forwarded: true},
+		{name: "protected, unknown op, refused", reply: refuse, args: []string{"vm1", "frobnicate", "begin", "-"}, xml: protectedXML, wantCode: 1, wantErr: []string{"KDK version 9"}, forwarded: true},
+		{name: "hostd absent, prepare", args: []string{"vm1", "prepare", "begin", "-"}, xml: protectedXML, wantCode: 1,
+			wantErr: []string{`VM "vm1"`, "0f8fad5b-d9cb-469f-a165-70867728950e", "cannot start", "start nkp-hostd"}},
+		{name: "hostd absent, restore", args: []string{"vm1", "restore", "begin", "-"}, xml: protectedXML, wantCode: 1, wantErr: []string{"cannot be restored"}},
+		{name: "hostd absent, migrate", args: []string{"vm1", "migrate", "begin", "-"}, xml: protectedXML, wantCode: 1, wantErr: []string{"cannot migrate in"}},
+		{name: "hostd absent, unknown op", args: []string{"vm1", "frobnicate", "begin", "-"}, xml: protectedXML, wantCode: 1, wantErr: []string{"frobnicate"}},
+		{name: "hostd absent, release", args: []string{"vm1", "release", "end", "-"}, xml: protectedXML, wantCode: 0, wantErr: []string{"warning", "reconcile"}},
+		{name: "hostd absent, reconnect", args: []string{"vm1", "reconnect", "begin", "-"}, xml: protectedXML, wantCode: 0, wantErr: []string{"warning"}},
+		{name: "hostd hangs, prepare", hang: true, args: []string{"--timeout=200ms", "vm1", "prepare", "begin", "-"}, xml: protectedXML, wantCode: 1, wantErr: []string{"time limit", "start nkp-hostd"}, forwarded: true},
+		{name: "protected, wrong arg count", reply: allow, args: []string{"vm1", "prepare"}, xml: protectedXML, wantCode: 1, wantErr: []string{"4 arguments", "0f8fad5b"}},
+		{name: "protected, bad flag", reply: allow, args: []string{"--sockets=x", "vm1", "prepare", "begin", "-"}, xml: protectedXML, wantCode: 1, wantErr: []string{"unknown flag --sockets"}},
+		{name: "protected, bad timeout", reply: allow, args: []string{"--timeout=soon", "vm1", "prepare", "begin", "-"}, xml: protectedXML, wantCode: 1, wantErr: []string{`timeout "soon"`}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			sock := absent
+			var srv *server
+			if tt.reply != nil || tt.hang {
+				srv = startServer(t, tt.reply)
+				sock = srv.path
+			}
+			var stderr bytes.Buffer
+			code := Main(tt.args, strings.NewReader(tt.xml), &stderr, env(map[string]string{
+				"NKP_HOOK_SOCKET": sock, "NKP_HOOK_CONFIG": os.DevNull,
+			}))
+			if code != tt.wantCode {
+				t.Errorf("exit %d, want %d (stderr %q)", code, tt.wantCode, stderr.String())
+			}
+			if tt.wantErr == nil && stderr.Len() != 0 {
+				t.Errorf("stderr %q, want none", stderr.String())
+			}
+			for _, w := range tt.wantErr {
+				if !strings.Contains(stderr.String(), w) {
+					t.Errorf("stderr %q lacks %q", stderr.String(), w)
+				}
+			}
+			if srv != nil {
+				got := srv.requests()
+				if tt.forwarded != (len(got) == 1) {
+					t.Fatalf("hostd got %d requests, forwarded = %v", len(got), tt.forwarded)
+				}
+				if tt.forwarded {
+					a := tt.args[len(tt.args)-4:]
+					want := hookproto.Request{Version: 1, Domain: a[0], Op: a[1], SubOp: a[2], Extra: a[3], XML: tt.xml}
+					if got[0] != want {
+						t.Errorf("hostd got %+v, want %+v", got[0], want)
+					}
+				}
+			}
+		})
+	}
+}
+
+func TestConfigure(t *testing.T) {
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "hook.conf")
+	os.WriteFile(conf, []byte("# test\nsocket = /run/a/hook.sock\ntimeout = 7s\n"), 0o644)
+	bad := filepath.Join(dir, "bad.conf")
+	os.WriteFile(bad, []byte("sokcet = /x\n"), 0o644)
+	tests := []struct {
+		name    string
+		args    []string
+		env     map[string]string
+		want    Config
+		wantErr string
+	}{
+		{"defaults (no file)", nil, map[string]string{"NKP_HOOK_CONFIG": ""}, Config{DefaultSocket, DefaultTimeout}, ""},
+		{"file", nil, map[string]string{"NKP_HOOK_CONFIG": conf}, Config{"/run/a/hook.sock", 7 * time.Second}, ""},
+		{"env over file", nil, map[string]string{"NKP_HOOK_CONFIG": conf, "NKP_HOOK_SOCKET": "/e"}, Config{"/e", 7 * time.Second}, ""},
+		{"flag over env", []string{"--socket=/f", "--timeout=1s"}, map[string]string{"NKP_HOOK_CONFIG": conf, "NKP_HOOK_SOCKET": "/e"}, Config{"/f", time.Second}, ""},
+		{"config flag", []string{"--config=" + conf}, nil, Config{"/run/a/hook.sock", 7 * time.Second}, ""},
+		{"missing explicit file", []string{"--config=" + dir + "/none"}, nil, Config{}, "no such file"},
+		{"typo in file", []string{"--config=" + bad}, nil, Config{}, "line 1"},
+		{"negative timeout", []string{"--config=" + conf, "--timeout=-1s"}, nil, Config{}, "positive duration"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			args := append(tt.args, "d", "prepare", "begin", "-")
+			got, pos, err := configure(args, env(tt.env))
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("error %v, want %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tt.name == "defaults (no file)" {
+				// /etc/nkp/hook.conf may exist on a test machine; only check when it does not.
+				if _, err := os.Stat(DefaultConfig); err == nil {
+					t.Skip(DefaultConfig + " exists here")
+				}
+			}
+			if got != tt.want || len(pos) != 4 {
+				t.Errorf("got %+v %q, want %+v", got, pos, tt.want)
+			}
+		})
+	}
+}
+
+func TestKeyID(t *testing.T) {
+	tests := []struct{ xml, want string }{
+		{protectedXML, "0f8fad5b-d9cb-469f-a165-70867728950e"},
+		{`<d xmlns:n="https://nkp.dev/ns/vm/1"><n:disk key-id="k1"/></d>`, "k1"},
+		{`<d xmlns:n="https://nkp.dev/ns/vm/1"><n:vm/></d>`, "(unknown)"},
+		{`<d><disk key-id="not-ours"/> https://nkp.dev/ns/vm/1</d>`, "(unknown)"},
+		{`<d xmlns:n="https://nkp.dev/ns/vm/1"><n:vtpm key-id="a&#10;b"/></d>`, "a?b"},
+	}
+	for _, tt := range tests {
+		if got := keyID([]byte(tt.xml)); got != tt.want {
+			t.Errorf("keyID(%q) = %q, want %q", tt.xml, got, tt.want)
+		}
+	}
+}
+
+// TestBinaryFastPath runs the built hook as libvirtd does and checks the time a domain
+// without nkp metadata costs, with hostd absent.
+func TestBinaryFastPath(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds cmd/nkp-hook")
+	}
+	bin := filepath.Join(t.TempDir(), "nkp-hook")
+	if out, err := exec.Command("go", "build", "-o", bin, "github.com/nkp-dev/nkp/cmd/nkp-hook").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	// The reference: a Go program that does nothing, so the bound is on what the hook adds
+	// to the Go runtime's start.
+	refDir := t.TempDir()
+	os.WriteFile(filepath.Join(refDir, "go.mod"), []byte("module ref\ngo 1.26\n"), 0o644)
+	os.WriteFile(filepath.Join(refDir, "main.go"), []byte("package main\n\nimport \"os\"\n\nfunc main() { os.Exit(0) }\n"), 0o644)
+	ref := filepath.Join(refDir, "ref")
+	build := exec.Command("go", "build", "-o", ref, ".")
+	build.Dir = refDir
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build reference: %v\n%s", err, out)
+	}
+	// hostd "present" but hung: the fast path must not touch the socket at all.
+	hung := startServer(t, nil)
+	big := strings.Replace(plainXML, "<devices/>", "<devices>"+strings.Repeat("<disk type='file'><source file='/x'/></disk>", 500)+"</devices>", 1)
+	type result struct {
+		wall, cpu time.Duration
+		code      int
+		stderr    string
+	}
+	run := func(bin, sock, xml string, args ...string) result {
+		cmd := exec.Command(bin, args...)
+		cmd.Env = []string{"NKP_HOOK_SOCKET=" + sock, "NKP_HOOK_CONFIG=/dev/null", "NKP_HOOK_TIMEOUT=30s"}
+		cmd.Stdin = strings.NewReader(xml)
+		var stderr, stdout bytes.Buffer
+		cmd.Stderr, cmd.Stdout = &stderr, &stdout
+		start := time.Now()
+		err := cmd.Run()
+		r := result{wall: time.Since(start), stderr: stderr.String()}
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			r.code = ee.ExitCode()
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		r.cpu = cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
+		if stdout.Len() != 0 {
+			t.Errorf("hook wrote %q on stdout (libvirt takes it as a new XML on migrate/restore)", stdout.String())
+		}
+		return r
+	}
+	// Interleaved with the reference: on a loaded machine the wall time of any process
+	// start is mostly waiting for a CPU, so the bound is on the CPU time the hook adds to
+	// an empty Go program; the wall times are logged beside the reference's.
+	var hookWall, hookCPU, refWall, refCPU []time.Duration
+	for range 30 {
+		for _, xml := range []string{plainXML, big} {
+			r := run(bin, hung.path, xml, "plain", "prepare", "begin", "-")
+			if r.code != 0 || r.stderr != "" {
+				t.Fatalf("plain domain: exit %d, stderr %q", r.code, r.stderr)
+			}
+			hookWall, hookCPU = append(hookWall, r.wall), append(hookCPU, r.cpu)
+			r = run(ref, hung.path, "")
+			refWall, refCPU = append(refWall, r.wall), append(refCPU, r.cpu)
+		}
+	}
+	for _, s := range [][]time.Duration{hookWall, hookCPU, refWall, refCPU} {
+		slices.Sort(s)
+	}
+	p := func(s []time.Duration, q int) time.Duration { return s[len(s)*q/100] }
+	t.Logf("fast path, %d runs: wall p50 %v p90 %v, CPU p50 %v p90 %v; empty Go program: wall p50 %v p90 %v, CPU p50 %v p90 %v",
+		len(hookWall), p(hookWall, 50), p(hookWall, 90), p(hookCPU, 50), p(hookCPU, 90), p(refWall, 50), p(refWall, 90), p(refCPU, 50), p(refCPU, 90))
+	if added := p(hookCPU, 50) - p(refCPU, 50); added > 5*time.Millisecond {
+		t.Errorf("fast path adds %v CPU at p50 to an empty Go program, want under 5 ms", added)
+	}
+	if added := p(hookWall, 50) - p(refWall, 50); added > 5*time.Millisecond {
+		t.Errorf("fast path adds %v wall time at p50 to an empty Go program, want under 5 ms", added)
+	}
+	r := run(bin, filepath.Join(t.TempDir(), "absent.sock"), protectedXML, "vm1", "prepare", "begin", "-")
+	if r.code != 1 || !strings.Contains(r.stderr, "0f8fad5b-d9cb-469f-a165-70867728950e") {
+		t.Errorf("protected with hostd absent: exit %d, stderr %q", r.code, r.stderr)
+	}
+}
