@@ -224,9 +224,10 @@ func readConfig(path string) (map[string]string, error) {
 	return out, nil
 }
 
-// keyID finds the vTPM's key ID in nkp's metadata for a message when hostd cannot say it:
-// the key-id attribute of the first element in nkp's namespace named vtpm, else of any
-// element in it. "(unknown)" if the XML has none.
+// keyID finds the vTPM's key ID in nkp's metadata for a message when hostd cannot say it
+// (hostd/domxml's <nkp:object name="vtpm" key-id="…"/>): the key-id attribute of the
+// element in nkp's namespace that is the vTPM (name="vtpm", or an element called vtpm),
+// else of the first element in it that has one; "(unknown)" if there is none.
 func keyID(doc []byte) string {
 	d := xml.NewDecoder(bytes.NewReader(doc))
 	var any string
@@ -239,15 +240,23 @@ func keyID(doc []byte) string {
 		if !ok || se.Name.Space != hookproto.Namespace {
 			continue
 		}
+		id, vtpm := "", se.Name.Local == "vtpm"
 		for _, a := range se.Attr {
-			if a.Name.Local == "key-id" && a.Value != "" {
-				if se.Name.Local == "vtpm" {
-					return printable(a.Value)
-				}
-				if any == "" {
-					any = printable(a.Value)
-				}
+			switch a.Name.Local {
+			case "key-id":
+				id = a.Value
+			case "name":
+				vtpm = vtpm || a.Value == "vtpm"
 			}
+		}
+		if id == "" {
+			continue
+		}
+		if vtpm {
+			return printable(id)
+		}
+		if any == "" {
+			any = printable(id)
 		}
 	}
 	if any == "" {

@@ -17,7 +17,7 @@ import (
 )
 
 const protectedXML = `<domain type='qemu'><name>vm1</name><uuid>6f1c2a9e-3b4d-4e5f-8a6b-7c8d9e0f1a2b</uuid>
-<metadata><nkp:vm xmlns:nkp="https://nkp.dev/ns/vm/1" provider="p1"><nkp:disk target="vda" key-id="11111111-2222-4333-8444-555555555555"/><nkp:vtpm key-id="0f8fad5b-d9cb-469f-a165-70867728950e"/></nkp:vm></metadata></domain>`
+<metadata><nkp:vm xmlns:nkp="https://nkp.dev/ns/vm/1" provider="p1"><nkp:object name="disk:vda" key-id="11111111-2222-4333-8444-555555555555" kdk-id="a" kdk-version="1"/><nkp:object name="vtpm" key-id="0f8fad5b-d9cb-469f-a165-70867728950e" kdk-id="a" kdk-version="1"/></nkp:vm></metadata></domain>`
 
 const plainXML = `<domain type='qemu'><name>plain</name><devices/></domain>`
 
@@ -207,6 +207,7 @@ func TestKeyID(t *testing.T) {
 		{`<d xmlns:n="https://nkp.dev/ns/vm/1"><n:vm/></d>`, "(unknown)"},
 		{`<d><disk key-id="not-ours"/> https://nkp.dev/ns/vm/1</d>`, "(unknown)"},
 		{`<d xmlns:n="https://nkp.dev/ns/vm/1"><n:vtpm key-id="a&#10;b"/></d>`, "a?b"},
+		{`<d xmlns:n="https://nkp.dev/ns/vm/1"><n:object name="disk:vda" key-id="d1"/><n:object name="vtpm" key-id="t1"/></d>`, "t1"},
 	}
 	for _, tt := range tests {
 		if got := keyID([]byte(tt.xml)); got != tt.want {
