@@ -334,14 +334,36 @@ func TestSecretsNeverInArgvOrEnv(t *testing.T) {
 	}
 }
 
+// holds reports whether process pid has path open.
+func holds(pid int, path string) bool {
+	ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	for _, e := range ents {
+		if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, e.Name())); l == path {
+			return true
+		}
+	}
+	return false
+}
+
 func TestLockedImage(t *testing.T) {
 	qi, ctx, dir := tool(t), context.Background(), t.TempDir()
-	img := qemuimg.Image{Path: filepath.Join(dir, "busy.qcow2"), Format: qemuimg.QCOW2}
+	img := qemuimg.Image{Path: filepath.Join(dir, "busy.qcow2"), Format: qemuimg.QCOW2, Key: key(t)}
 	if err := qi.Create(ctx, qemuimg.CreateOptions{Image: img, Size: 1 << 20}); err != nil {
 		t.Fatal(err)
 	}
-	// qemu-io reading commands from a pipe holds the image open (and locked) like a VM.
-	cmd := exec.Command("qemu-io", "-f", "qcow2", img.Path)
+	kf := filepath.Join(dir, "k")
+	if err := os.WriteFile(kf, img.Key, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(kf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	// qemu-io reading commands from a pipe holds the image open and locked, as a VM does.
+	cmd := exec.Command("qemu-io", "--object", "secret,id=k,file=/dev/fd/3", "--image-opts",
+		"driver=qcow2,file.filename="+img.Path+",encrypt.key-secret=k")
+	cmd.ExtraFiles = []*os.File{f}
 	in, err := cmd.StdinPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -350,42 +372,8 @@ func TestLockedImage(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { in.Close(); cmd.Wait() }()
-	e2e.WaitFor(t, 10*time.Second, "qemu-io to open the image", func() bool {
-		ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", cmd.Process.Pid))
-		for _, e := range ents {
-			if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", cmd.Process.Pid, e.Name())); l == img.Path {
-				return true
-			}
-		}
-		return false
-	})
-	dst := qemuimg.Image{Path: filepath.Join(dir, "d.qcow2"), Format: qemuimg.QCOW2, Key: key(t)}
-	// Converting reads only, which a running VM allows; amending writes and is refused.
-	k := key(t)
-	if err := qi.Convert(ctx, qemuimg.ConvertOptions{Src: img, Dst: dst}); err != nil {
-		t.Logf("convert of a busy image: %v", err)
-	}
-	enc := dst
-	if err := qi.Create(ctx, qemuimg.CreateOptions{Image: enc, Size: 1 << 20}); err != nil {
-		t.Fatal(err)
-	}
-	cmd2 := exec.Command("qemu-io", "--object", "secret,id=k,file=/dev/fd/3", "--image-opts", "driver=qcow2,file.filename="+enc.Path+",encrypt.key-secret=k")
-	kf := filepath.Join(dir, "k")
-	os.WriteFile(kf, enc.Key, 0o600)
-	f, _ := os.Open(kf)
-	defer f.Close()
-	cmd2.ExtraFiles = []*os.File{f}
-	in2, _ := cmd2.StdinPipe()
-	if err := cmd2.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { in2.Close(); cmd2.Wait() }()
-	e2e.WaitFor(t, 10*time.Second, "qemu-io to open the encrypted image", func() bool {
-		l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/4", cmd2.Process.Pid))
-		l5, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/5", cmd2.Process.Pid))
-		return l == enc.Path || l5 == enc.Path
-	})
-	err = qi.AddKey(ctx, enc, k, qemuimg.LUKSOptions{})
+	e2e.WaitFor(t, 10*time.Second, "qemu-io to open the image", func() bool { return holds(cmd.Process.Pid, img.Path) })
+	err = qi.AddKey(ctx, img, key(t), qemuimg.LUKSOptions{})
 	if !errors.Is(err, qemuimg.ErrLocked) || !strings.Contains(err.Error(), "shut it off") {
 		t.Fatalf("amend of an image in use: %v, want ErrLocked with a way out", err)
 	}
