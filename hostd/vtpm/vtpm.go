@@ -1,0 +1,701 @@
+// Package vtpm supervises the nkp-swtpm processes that hostd runs, one per running
+// protected VM.
+//
+// Start runs `nkp-swtpm socket` for a VM with:
+//   - its state key on an inherited pipe (--key fd=3,format=binary,mode=aes-256-gcm): the
+//     key is in no argv, environment or file;
+//   - its control socket created by hostd (root) at RunDir/<vm-uuid>.sock, owned by
+//     QEMU's user with mode 0600, and inherited as a listening fd (--ctrl
+//     type=unixio,fd=4): QEMU's user and root can connect, no one else, and the socket
+//     accepts connections (queued) from the moment Start returns;
+//   - its state in StateRoot/<vm-uuid>/ (0700, owned by the vTPM user), --tpmstate
+//     mode=0600, and --terminate as libvirt passes it;
+//   - the unprivileged vTPM user's uid and gid and no supplementary groups, in a session
+//     of its own (setsid), so that it outlives hostd: running VMs keep their vTPM
+//     across a hostd restart or crash;
+//   - its stderr appended to StateRoot/<vm-uuid>.log (root, 0600; no key is ever logged).
+//
+// Start returns once nkp-swtpm has written its pid (--pid fd=5, done when its sockets
+// listen and the state directory is locked) or fails with its log's last lines.
+//
+// Each instance has a record RunDir/<vm-uuid>.json (root, 0600: pid, process start time,
+// key ID, KDK version). Adopt, run by a new hostd, re-attaches to the processes those
+// records name after checking their identity in /proc (same pid and start time, still
+// nkp-swtpm on that state directory, not a zombie), and cleans up after the dead ones.
+// Exits of started and adopted processes are watched with pidfds; Stop sends SIGTERM,
+// then SIGKILL after a grace period, waits for the exit, and removes the socket and the
+// record. A child started by this hostd is reaped by it; an adopted one is reaped by
+// whoever its parent became (PID 1 under systemd).
+//
+// Importers: hostd. No cgo.
+package vtpm
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nkp-dev/nkp/provider/kdk"
+	"github.com/nkp-dev/nkp/swtpm/cmdline"
+)
+
+// Errors.
+var (
+	ErrRunning    = errors.New("a vTPM is already running for this VM")
+	ErrNotRunning = errors.New("no vTPM is running for this VM")
+	ErrStart      = errors.New("nkp-swtpm did not start")
+)
+
+// Credential is a uid and gid.
+type Credential struct {
+	UID, GID int
+}
+
+// Config says where the supervisor keeps things and as whom it runs them.
+type Config struct {
+	// Binary is the nkp-swtpm program.
+	Binary string
+	// StateRoot holds one state directory per VM (hostd's state dir + "/vtpm"). Created
+	// 0711 (the vTPM user must traverse it to its own directory).
+	StateRoot string
+	// RunDir holds the control sockets and the instance records (/run/nkp/vtpm).
+	// Created 0711: QEMU's user must traverse it to the socket.
+	RunDir string
+	// User is the unprivileged user nkp-swtpm runs as.
+	User Credential
+	// QEMU is the user (and group) that owns the control sockets.
+	QEMU Credential
+	// StartTimeout bounds Start's wait for nkp-swtpm to be ready (default 10 s).
+	StartTimeout time.Duration
+	// StopTimeout is the grace period between SIGTERM and SIGKILL (default 5 s).
+	StopTimeout time.Duration
+	Log         *slog.Logger
+}
+
+// VM names the VM a vTPM belongs to.
+type VM struct {
+	UUID       string // canonical lower-case
+	Name       string
+	KeyID      string // the vTPM's key ID (for status and messages; the key comes separately)
+	KDKVersion int
+}
+
+// Instance is a running (or just ended) vTPM.
+type Instance struct {
+	VM
+	PID        int       `json:"pid"`
+	StartTicks uint64    `json:"start_ticks"` // /proc/PID/stat field 22
+	Socket     string    `json:"socket"`
+	StateDir   string    `json:"state_dir"`
+	Started    time.Time `json:"started"`
+	Adopted    bool      `json:"-"`
+}
+
+type proc struct {
+	inst   Instance
+	exited chan struct{} // closed when the process has ended
+	cmd    *exec.Cmd     // nil for adopted
+}
+
+// Supervisor runs and tracks the vTPM processes. It is safe for concurrent use.
+type Supervisor struct {
+	cfg Config
+	log *slog.Logger
+
+	mu    sync.Mutex
+	procs map[string]*proc // by VM UUID; guarded by mu
+	// exits receives the UUID of every process that ended on its own (not through Stop).
+	exits chan string
+}
+
+// New checks cfg and creates the directories.
+func New(cfg Config) (*Supervisor, error) {
+	if cfg.Binary == "" || cfg.StateRoot == "" || cfg.RunDir == "" {
+		return nil, errors.New("vtpm: Binary, StateRoot and RunDir are required")
+	}
+	if cfg.StartTimeout == 0 {
+		cfg.StartTimeout = 10 * time.Second
+	}
+	if cfg.StopTimeout == 0 {
+		cfg.StopTimeout = 5 * time.Second
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	for _, d := range []string{cfg.StateRoot, cfg.RunDir} {
+		if err := os.MkdirAll(d, 0o711); err != nil {
+			return nil, fmt.Errorf("vtpm: %w", err)
+		}
+		if err := os.Chmod(d, 0o711); err != nil {
+			return nil, fmt.Errorf("vtpm: %w", err)
+		}
+	}
+	return &Supervisor{cfg: cfg, log: cfg.Log, procs: map[string]*proc{}, exits: make(chan string, 64)}, nil
+}
+
+// Exits delivers the UUID of each vTPM that ended without Stop (QEMU sent SHUTDOWN or
+// closed its connection, or the process died). The caller drains it.
+func (s *Supervisor) Exits() <-chan string { return s.exits }
+
+// SocketPath is the control socket of vm's vTPM.
+func (s *Supervisor) SocketPath(vmUUID string) string {
+	return filepath.Join(s.cfg.RunDir, vmUUID+".sock")
+}
+
+// StateDir is vm's vTPM state directory.
+func (s *Supervisor) StateDir(vmUUID string) string { return filepath.Join(s.cfg.StateRoot, vmUUID) }
+
+func (s *Supervisor) recordPath(vmUUID string) string {
+	return filepath.Join(s.cfg.RunDir, vmUUID+".json")
+}
+
+// Get returns vm's running vTPM.
+func (s *Supervisor) Get(vmUUID string) (Instance, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p, ok := s.procs[vmUUID]
+	if !ok || p.inst.PID == 0 || p.done() {
+		return Instance{}, false
+	}
+	return p.inst, true
+}
+
+// List returns the running vTPMs, by UUID.
+func (s *Supervisor) List() []Instance {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []Instance
+	for _, p := range s.procs {
+		if p.inst.PID != 0 && !p.done() {
+			out = append(out, p.inst)
+		}
+	}
+	slices.SortFunc(out, func(a, b Instance) int { return strings.Compare(a.UUID, b.UUID) })
+	return out
+}
+
+// Running is the number of running vTPMs.
+func (s *Supervisor) Running() int { return len(s.List()) }
+
+func (p *proc) done() bool {
+	select {
+	case <-p.exited:
+		return true
+	default:
+		return false
+	}
+}
+
+// Start runs nkp-swtpm for vm with key (32 bytes, not kept: the caller wipes it).
+func (s *Supervisor) Start(ctx context.Context, vm VM, key []byte) (inst Instance, err error) {
+	if err := kdk.CheckUUID(vm.UUID); err != nil {
+		return Instance{}, fmt.Errorf("vm %q: %w", vm.Name, err)
+	}
+	if len(key) != kdk.Size {
+		return Instance{}, fmt.Errorf("vm %q: vTPM key is %d bytes, want %d", vm.Name, len(key), kdk.Size)
+	}
+	s.mu.Lock()
+	if p, ok := s.procs[vm.UUID]; ok && !p.done() {
+		s.mu.Unlock()
+		return Instance{}, fmt.Errorf("vm %q (%s): %w (pid %d)", vm.Name, vm.UUID, ErrRunning, p.inst.PID)
+	}
+	// Reserve the slot while starting, so that two prepares of one VM do not race.
+	placeholder := &proc{exited: make(chan struct{})}
+	s.procs[vm.UUID] = placeholder
+	s.mu.Unlock()
+	defer func() {
+		if err != nil {
+			s.mu.Lock()
+			if s.procs[vm.UUID] == placeholder {
+				delete(s.procs, vm.UUID)
+			}
+			s.mu.Unlock()
+		}
+	}()
+
+	stateDir := s.StateDir(vm.UUID)
+	if err := ensureDir(stateDir, s.cfg.User); err != nil {
+		return Instance{}, fmt.Errorf("vm %q: vTPM state: %w", vm.Name, err)
+	}
+	logFile, err := os.OpenFile(filepath.Join(s.cfg.StateRoot, vm.UUID+".log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return Instance{}, fmt.Errorf("vm %q: vTPM log: %w", vm.Name, err)
+	}
+	defer logFile.Close()
+	logStart, _ := logFile.Seek(0, io.SeekEnd)
+
+	sockPath := s.SocketPath(vm.UUID)
+	sock, err := s.listen(sockPath)
+	if err != nil {
+		return Instance{}, fmt.Errorf("vm %q: vTPM socket: %w", vm.Name, err)
+	}
+	defer sock.Close()
+	defer func() {
+		if err != nil {
+			os.Remove(sockPath)
+		}
+	}()
+
+	keyR, keyW, err := os.Pipe()
+	if err != nil {
+		return Instance{}, fmt.Errorf("vm %q: key pipe: %w", vm.Name, err)
+	}
+	defer keyR.Close()
+	_, err = keyW.Write(key) // 32 bytes: fits in the pipe buffer, never blocks
+	keyW.Close()
+	if err != nil {
+		return Instance{}, fmt.Errorf("vm %q: key pipe: %w", vm.Name, err)
+	}
+
+	pidFile, err := os.CreateTemp(s.cfg.RunDir, ".pid-*")
+	if err != nil {
+		return Instance{}, fmt.Errorf("vm %q: %w", vm.Name, err)
+	}
+	os.Remove(pidFile.Name())
+	defer pidFile.Close()
+	// nkp-swtpm runs as the vTPM user and writes its pid into this root-owned file by fd.
+	args, err := cmdline.Build(&cmdline.Options{
+		TPM2:      true,
+		Ctrl:      &cmdline.Channel{Type: cmdline.TypeUnixIO, ListenFD: 4},
+		State:     &cmdline.StateOptions{Dir: stateDir, Mode: 0o600},
+		Key:       &cmdline.KeyOptions{FD: 3, Format: cmdline.FormatBinary, Mode: "aes-256-gcm"},
+		Pid:       &cmdline.PidOptions{FD: 5},
+		Terminate: true,
+	})
+	if err != nil {
+		return Instance{}, fmt.Errorf("vm %q: nkp-swtpm command line: %w", vm.Name, err)
+	}
+	cmd := exec.Command(s.cfg.Binary, append([]string{"socket"}, args...)...)
+	cmd.Dir = "/"
+	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	cmd.ExtraFiles = []*os.File{keyR, sock, pidFile} // fds 3, 4, 5
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Setsid:     true,
+		Credential: &syscall.Credential{Uid: uint32(s.cfg.User.UID), Gid: uint32(s.cfg.User.GID), Groups: []uint32{}},
+	}
+	started := time.Now()
+	if err := cmd.Start(); err != nil {
+		return Instance{}, fmt.Errorf("vm %q: %w: %w", vm.Name, ErrStart, err)
+	}
+	p := &proc{cmd: cmd, exited: make(chan struct{})}
+	go func() {
+		cmd.Wait()
+		close(p.exited)
+	}()
+	keyR.Close()
+	sock.Close()
+
+	if err := waitReady(ctx, p, pidFile, s.cfg.StartTimeout); err != nil {
+		cmd.Process.Kill()
+		<-p.exited
+		return Instance{}, fmt.Errorf("vm %q: %w: %w; its log says: %s", vm.Name, ErrStart, err, tail(logFile.Name(), logStart))
+	}
+	ticks, err := startTicks(cmd.Process.Pid)
+	if err != nil {
+		cmd.Process.Kill()
+		<-p.exited
+		return Instance{}, fmt.Errorf("vm %q: %w: %w", vm.Name, ErrStart, err)
+	}
+	p.inst = Instance{VM: vm, PID: cmd.Process.Pid, StartTicks: ticks, Socket: sockPath, StateDir: stateDir, Started: started}
+	if err := writeRecord(s.recordPath(vm.UUID), p.inst); err != nil {
+		cmd.Process.Kill()
+		<-p.exited
+		return Instance{}, fmt.Errorf("vm %q: vTPM record: %w", vm.Name, err)
+	}
+	s.mu.Lock()
+	s.procs[vm.UUID] = p
+	s.mu.Unlock()
+	go s.watch(p)
+	s.log.Info("vTPM started", "vm", vm.Name, "uuid", vm.UUID, "key_id", vm.KeyID, "kdk_version", vm.KDKVersion, "pid", p.inst.PID, "took", time.Since(started))
+	return p.inst, nil
+}
+
+// listen creates the control socket, owned by QEMU's user, mode 0600.
+func (s *Supervisor) listen(path string) (*os.File, error) {
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	// Before the chmod the socket has the umask's mode; connecting needs write
+	// permission, which the umask never grants to others in hostd (0077 in its unit,
+	// 0022 at worst), and the directory is root's.
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	l.SetUnlinkOnClose(false)
+	defer l.Close()
+	if err := os.Chmod(path, 0o600); err != nil {
+		os.Remove(path)
+		return nil, err
+	}
+	if err := os.Lchown(path, s.cfg.QEMU.UID, s.cfg.QEMU.GID); err != nil {
+		os.Remove(path)
+		return nil, err
+	}
+	f, err := l.File() // a dup: stays listening after l.Close
+	if err != nil {
+		os.Remove(path)
+		return nil, err
+	}
+	return f, nil
+}
+
+func ensureDir(dir string, owner Credential) error {
+	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+		return err
+	}
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return err
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("%s is not a directory", dir)
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	if int(st.Uid) != owner.UID || int(st.Gid) != owner.GID {
+		if err := os.Lchown(dir, owner.UID, owner.GID); err != nil {
+			return err
+		}
+	}
+	if fi.Mode().Perm() != 0o700 {
+		return os.Chmod(dir, 0o700)
+	}
+	return nil
+}
+
+// waitReady polls the pid file (written by nkp-swtpm by fd when it serves) until it has
+// content, the process ends, ctx ends or the timeout passes.
+func waitReady(ctx context.Context, p *proc, pidFile *os.File, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	delay := time.Millisecond
+	for {
+		if fi, err := pidFile.Stat(); err == nil && fi.Size() > 0 {
+			return nil
+		}
+		select {
+		case <-p.exited:
+			return fmt.Errorf("it exited (%v) before serving", p.cmd.ProcessState)
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(delay):
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("not serving after %v", timeout)
+		}
+		delay = min(delay*2, 20*time.Millisecond)
+	}
+}
+
+// tail returns the log written since offset, last 5 lines, on one line.
+func tail(path string, offset int64) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return "(no log: " + err.Error() + ")"
+	}
+	defer f.Close()
+	f.Seek(offset, io.SeekStart)
+	b, _ := io.ReadAll(io.LimitReader(f, 64<<10))
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	if len(lines) > 5 {
+		lines = lines[len(lines)-5:]
+	}
+	s := strings.Join(lines, " | ")
+	if s == "" {
+		return "(nothing)"
+	}
+	return s
+}
+
+// watch waits for p to end. An end not caused by Stop removes the socket and record and
+// is reported on Exits.
+func (s *Supervisor) watch(p *proc) {
+	<-p.exited
+	s.mu.Lock()
+	current := s.procs[p.inst.UUID] == p
+	if current {
+		delete(s.procs, p.inst.UUID)
+	}
+	s.mu.Unlock()
+	if !current {
+		return // Stop or a newer instance took over
+	}
+	s.cleanup(p.inst)
+	s.log.Info("vTPM ended", "vm", p.inst.Name, "uuid", p.inst.UUID, "pid", p.inst.PID)
+	select {
+	case s.exits <- p.inst.UUID:
+	default:
+	}
+}
+
+func (s *Supervisor) cleanup(inst Instance) {
+	// Remove the socket only if it is still this instance's (a new Start replaced it
+	// otherwise; Start holds the slot, so this is a check against a stale record).
+	os.Remove(inst.Socket)
+	os.Remove(s.recordPath(inst.UUID))
+}
+
+// Stop ends vm's vTPM: SIGTERM, SIGKILL after the grace period, and waits until it has
+// ended. It returns ErrNotRunning if there is none.
+func (s *Supervisor) Stop(ctx context.Context, vmUUID string) error {
+	s.mu.Lock()
+	p, ok := s.procs[vmUUID]
+	if ok && p.inst.PID == 0 {
+		s.mu.Unlock()
+		return fmt.Errorf("vTPM of %s: still starting", vmUUID)
+	}
+	if ok {
+		delete(s.procs, vmUUID)
+	}
+	s.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("vTPM of %s: %w", vmUUID, ErrNotRunning)
+	}
+	defer s.cleanup(p.inst)
+	if p.done() {
+		return nil
+	}
+	if err := s.signal(p, syscall.SIGTERM); err != nil {
+		return err
+	}
+	t := time.NewTimer(s.cfg.StopTimeout)
+	defer t.Stop()
+	select {
+	case <-p.exited:
+		s.log.Info("vTPM stopped", "vm", p.inst.Name, "uuid", vmUUID, "pid", p.inst.PID)
+		return nil
+	case <-t.C:
+	case <-ctx.Done():
+	}
+	s.log.Warn("vTPM did not end on SIGTERM: killing it", "vm", p.inst.Name, "uuid", vmUUID, "pid", p.inst.PID)
+	if err := s.signal(p, syscall.SIGKILL); err != nil {
+		return err
+	}
+	select {
+	case <-p.exited:
+		return nil
+	case <-time.After(s.cfg.StopTimeout):
+		return fmt.Errorf("vTPM of %s (pid %d): still running after SIGKILL", vmUUID, p.inst.PID)
+	}
+}
+
+// signal sends sig to p, through a pidfd so that a recycled pid is never hit.
+func (s *Supervisor) signal(p *proc, sig syscall.Signal) error {
+	if p.cmd != nil {
+		if err := p.cmd.Process.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
+			return fmt.Errorf("vTPM pid %d: %w", p.inst.PID, err)
+		}
+		return nil
+	}
+	fd, err := unix.PidfdOpen(p.inst.PID, 0)
+	if err != nil {
+		return nil // gone
+	}
+	defer unix.Close(fd)
+	if ok, _ := sameProcess(p.inst); !ok {
+		return nil
+	}
+	if err := unix.PidfdSendSignal(fd, sig, nil, 0); err != nil && !errors.Is(err, unix.ESRCH) {
+		return fmt.Errorf("vTPM pid %d: %w", p.inst.PID, err)
+	}
+	return nil
+}
+
+// Adopt reads the instance records left by an earlier hostd, re-attaches to the vTPMs
+// that still run and removes what the dead ones left. It returns the adopted instances.
+func (s *Supervisor) Adopt() ([]Instance, error) {
+	ents, err := os.ReadDir(s.cfg.RunDir)
+	if err != nil {
+		return nil, fmt.Errorf("vtpm: %w", err)
+	}
+	var out []Instance
+	for _, e := range ents {
+		name := e.Name()
+		uuid, ok := strings.CutSuffix(name, ".json")
+		if !ok || kdk.CheckUUID(uuid) != nil {
+			if strings.HasPrefix(name, ".pid-") {
+				os.Remove(filepath.Join(s.cfg.RunDir, name))
+			}
+			continue
+		}
+		path := filepath.Join(s.cfg.RunDir, name)
+		inst, err := readRecord(path)
+		if err != nil || inst.UUID != uuid {
+			s.log.Warn("vTPM record unreadable: removed", "path", path, "err", err)
+			os.Remove(path)
+			continue
+		}
+		alive, why := sameProcess(inst)
+		if !alive {
+			s.log.Info("vTPM of an earlier hostd has ended", "vm", inst.Name, "uuid", uuid, "pid", inst.PID, "why", why)
+			s.cleanup(inst)
+			continue
+		}
+		fd, err := unix.PidfdOpen(inst.PID, 0)
+		if err != nil {
+			s.cleanup(inst)
+			continue
+		}
+		inst.Adopted = true
+		p := &proc{inst: inst, exited: make(chan struct{})}
+		s.mu.Lock()
+		if old, ok := s.procs[uuid]; ok && !old.done() {
+			s.mu.Unlock()
+			unix.Close(fd)
+			continue
+		}
+		s.procs[uuid] = p
+		s.mu.Unlock()
+		go func() {
+			waitPidfd(fd)
+			unix.Close(fd)
+			close(p.exited)
+		}()
+		go s.watch(p)
+		s.log.Info("vTPM adopted", "vm", inst.Name, "uuid", uuid, "pid", inst.PID, "key_id", inst.KeyID)
+		out = append(out, inst)
+	}
+	return out, nil
+}
+
+// waitPidfd blocks until the process behind fd has ended (zombie or reaped).
+func waitPidfd(fd int) {
+	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+	for {
+		n, err := unix.Poll(fds, -1)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil || n > 0 {
+			return
+		}
+	}
+}
+
+// sameProcess checks that inst's pid is still the process that was started: same start
+// time, not a zombie, and running nkp-swtpm (or swtpm) on inst's state directory.
+func sameProcess(inst Instance) (bool, string) {
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", inst.PID))
+	if err != nil {
+		return false, "no such process"
+	}
+	state, ticks, err := parseStat(raw)
+	if err != nil {
+		return false, err.Error()
+	}
+	if ticks != inst.StartTicks {
+		return false, "pid reused by another process"
+	}
+	if state == 'Z' || state == 'X' {
+		return false, "ended (zombie)"
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", inst.PID))
+	if err != nil {
+		return false, "no such process"
+	}
+	if !bytes.Contains(cmdline, []byte("dir="+inst.StateDir)) {
+		return false, "another program"
+	}
+	return true, ""
+}
+
+func startTicks(pid int) (uint64, error) {
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	_, t, err := parseStat(raw)
+	return t, err
+}
+
+// parseStat returns the state (field 3) and start time (field 22) of /proc/PID/stat.
+// The command name (field 2) is in parentheses and may contain anything, so fields are
+// counted from the last ')'.
+func parseStat(raw []byte) (byte, uint64, error) {
+	i := bytes.LastIndexByte(raw, ')')
+	if i < 0 {
+		return 0, 0, errors.New("unreadable /proc stat")
+	}
+	f := strings.Fields(string(raw[i+1:]))
+	if len(f) < 20 || len(f[0]) != 1 {
+		return 0, 0, errors.New("unreadable /proc stat")
+	}
+	t, err := strconv.ParseUint(f[19], 10, 64)
+	if err != nil {
+		return 0, 0, fmt.Errorf("unreadable /proc stat start time: %w", err)
+	}
+	return f[0][0], t, nil
+}
+
+func writeRecord(path string, inst Instance) error {
+	b, err := json.Marshal(inst)
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(path, b, 0o600)
+}
+
+func readRecord(path string) (Instance, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return Instance{}, err
+	}
+	var inst Instance
+	if err := json.Unmarshal(b, &inst); err != nil {
+		return Instance{}, err
+	}
+	if inst.PID <= 1 || inst.StateDir == "" {
+		return Instance{}, errors.New("record without pid or state directory")
+	}
+	return inst, nil
+}
+
+// writeFileAtomic: temp file, fsync, rename, fsync dir.
+func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, ".tmp-"+filepath.Base(path)+"-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	if err := f.Chmod(mode); err != nil {
+		f.Close()
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(f.Name(), path); err != nil {
+		return err
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}

@@ -1,0 +1,466 @@
+package vtpm
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nkp-dev/nkp/provider/kdk"
+	"github.com/nkp-dev/nkp/swtpm/ctrl"
+)
+
+var (
+	buildOnce sync.Once
+	swtpmBin  string
+	buildErr  error
+)
+
+// nkpSwtpm builds cmd/nkp-swtpm once into a directory the vTPM user can read.
+func nkpSwtpm(t *testing.T) string {
+	t.Helper()
+	if os.Getuid() != 0 {
+		t.Skip("needs root (runs nkp-swtpm as another user)")
+	}
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "nkp-vtpm-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		os.Chmod(dir, 0o755)
+		swtpmBin = filepath.Join(dir, "nkp-swtpm")
+		out, err := exec.Command("go", "build", "-o", swtpmBin, "github.com/nkp-dev/nkp/cmd/nkp-swtpm").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("build nkp-swtpm: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return swtpmBin
+}
+
+func lookup(t *testing.T, name string) Credential {
+	t.Helper()
+	u, err := user.Lookup(name)
+	if err != nil {
+		t.Skipf("user %s: %v", name, err)
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	return Credential{uid, gid}
+}
+
+// dirs returns a state root and a run dir under a temporary directory others may
+// traverse (t.TempDir is 0700).
+func dirs(t *testing.T) (string, string) {
+	base, err := os.MkdirTemp("", "nkp-vtpm-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(base, 0o711)
+	t.Cleanup(func() { os.RemoveAll(base) })
+	return filepath.Join(base, "state"), filepath.Join(base, "run")
+}
+
+func newSupervisor(t *testing.T, state, run string) *Supervisor {
+	t.Helper()
+	s, err := New(Config{
+		Binary: nkpSwtpm(t), StateRoot: state, RunDir: run,
+		User: lookup(t, "tss"), QEMU: lookup(t, "libvirt-qemu"),
+		StopTimeout: 3 * time.Second,
+		Log:         slog.New(slog.NewTextHandler(testWriter{t}, nil)),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
+
+func key(b byte) []byte { return bytes.Repeat([]byte{b}, 32) }
+
+// session is a QEMU-like client of a vTPM control socket: SET_DATAFD, INIT, TPM commands.
+type session struct {
+	ctrl *net.UnixConn
+	data *os.File
+}
+
+func dial(t *testing.T, sock string) *session {
+	t.Helper()
+	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: sock, Net: "unix"})
+	if err != nil {
+		t.Fatalf("connect %s: %v", sock, err)
+	}
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mine, theirs := os.NewFile(uintptr(fds[0]), "data"), os.NewFile(uintptr(fds[1]), "data-peer")
+	defer theirs.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	if _, _, err := c.WriteMsgUnix(ctrl.SetDataFD{}.Marshal(), unix.UnixRights(int(theirs.Fd())), nil); err != nil {
+		t.Fatal(err)
+	}
+	s := &session{ctrl: c, data: mine}
+	if rc := s.result(t); rc != 0 {
+		t.Fatalf("SET_DATAFD: result %#x", rc)
+	}
+	t.Cleanup(func() { c.Close(); mine.Close() })
+	return s
+}
+
+func (s *session) result(t *testing.T) uint32 {
+	var b [4]byte
+	if _, err := s.ctrl.Read(b[:]); err != nil {
+		t.Fatalf("control response: %v", err)
+	}
+	return binary.BigEndian.Uint32(b[:])
+}
+
+func (s *session) init(t *testing.T) uint32 {
+	if _, err := s.ctrl.Write(ctrl.Init{}.Marshal()); err != nil {
+		t.Fatal(err)
+	}
+	return s.result(t)
+}
+
+func (s *session) tpm(t *testing.T, cmdHex string) []byte {
+	t.Helper()
+	cmd, _ := hex.DecodeString(cmdHex)
+	s.data.SetDeadline(time.Now().Add(20 * time.Second))
+	if _, err := s.data.Write(cmd); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 4096)
+	n, err := s.data.Read(buf)
+	if err != nil {
+		t.Fatalf("TPM response: %v", err)
+	}
+	return buf[:n]
+}
+
+func rc(rsp []byte) uint32 {
+	if len(rsp) < 10 {
+		return 0xffffffff
+	}
+	return binary.BigEndian.Uint32(rsp[6:10])
+}
+
+const (
+	startupClear = "80010000000c000001440000"
+	getRandom8   = "80010000000c0000017b0008"
+)
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond) // polling a condition, bounded by deadline
+	}
+}
+
+func TestStartServeStop(t *testing.T) {
+	state, run := dirs(t)
+	s := newSupervisor(t, state, run)
+	ctx := context.Background()
+	vm := VM{UUID: kdk.NewKeyID(), Name: "vtpm-test-a", KeyID: kdk.NewKeyID(), KDKVersion: 1}
+	k := key(0xa5)
+	inst, err := s.Start(ctx, vm, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Start(ctx, vm, k); !errors.Is(err, ErrRunning) {
+		t.Errorf("second Start: %v, want ErrRunning", err)
+	}
+
+	// Who and what: the vTPM user, its own session, socket for QEMU's user only.
+	tss, qemu := lookup(t, "tss"), lookup(t, "libvirt-qemu")
+	status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", inst.PID))
+	if !strings.Contains(string(status), fmt.Sprintf("\nUid:\t%d\t%d\t%d\t%d\n", tss.UID, tss.UID, tss.UID, tss.UID)) {
+		t.Errorf("nkp-swtpm does not run as tss:\n%s", status)
+	}
+	if groups := fieldOf(string(status), "Groups:"); groups != "" {
+		t.Errorf("nkp-swtpm has supplementary groups:\n%s", status)
+	}
+	if sid, _ := unix.Getsid(inst.PID); sid != inst.PID {
+		t.Errorf("nkp-swtpm session %d, want its own (%d)", sid, inst.PID)
+	}
+	fi, err := os.Stat(inst.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	if fi.Mode()&os.ModeSocket == 0 || fi.Mode().Perm() != 0o600 || int(st.Uid) != qemu.UID {
+		t.Errorf("socket %s: mode %v owner %d, want socket 0600 owned by libvirt-qemu (%d)", inst.Socket, fi.Mode(), st.Uid, qemu.UID)
+	}
+	fi, _ = os.Stat(inst.StateDir)
+	st = fi.Sys().(*syscall.Stat_t)
+	if fi.Mode().Perm() != 0o700 || int(st.Uid) != tss.UID {
+		t.Errorf("state dir: mode %v owner %d, want 0700 owned by tss", fi.Mode(), st.Uid)
+	}
+	// No key material where others can read it.
+	for _, f := range []string{"cmdline", "environ"} {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/%s", inst.PID, f))
+		if bytes.Contains(b, k) || bytes.Contains(bytes.ToLower(b), []byte(hex.EncodeToString(k))) || bytes.Contains(b, []byte("file=")) {
+			t.Errorf("/proc/%d/%s holds the key or a key file: %q", inst.PID, f, b)
+		}
+	}
+
+	// A QEMU-like session works, and the state it writes is encrypted.
+	sess := dial(t, inst.Socket)
+	if r := sess.init(t); r != 0 {
+		t.Fatalf("INIT: %#x", r)
+	}
+	if r := rc(sess.tpm(t, startupClear)); r != 0 {
+		t.Fatalf("Startup: %#x", r)
+	}
+	if r := rc(sess.tpm(t, getRandom8)); r != 0 {
+		t.Fatalf("GetRandom: %#x", r)
+	}
+	perm, err := os.ReadFile(filepath.Join(inst.StateDir, "tpm2-00.permall"))
+	if err != nil || !bytes.HasPrefix(perm, []byte("NKPSTATE")) {
+		t.Fatalf("state file: %v, header %q; want nkp's encrypted format", err, perm[:min(8, len(perm))])
+	}
+
+	if err := s.Stop(ctx, vm.UUID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(inst.Socket); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("socket left after Stop: %v", err)
+	}
+	if _, err := os.Stat(s.recordPath(vm.UUID)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("record left after Stop: %v", err)
+	}
+	if ok, _ := sameProcess(inst); ok {
+		t.Error("process still running after Stop")
+	}
+	if err := s.Stop(ctx, vm.UUID); !errors.Is(err, ErrNotRunning) {
+		t.Errorf("second Stop: %v, want ErrNotRunning", err)
+	}
+
+	// Same key again: the state decrypts (INIT 0). Wrong key: INIT fails, state untouched.
+	for _, tc := range []struct {
+		key  []byte
+		good bool
+	}{{key(0xa5), true}, {key(0x5a), false}} {
+		inst, err := s.Start(ctx, vm, tc.key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := dial(t, inst.Socket).init(t)
+		if (r == 0) != tc.good {
+			t.Errorf("INIT with the %v key: %#x", map[bool]string{true: "right", false: "wrong"}[tc.good], r)
+		}
+		if err := s.Stop(ctx, vm.UUID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	after, _ := os.ReadFile(filepath.Join(inst.StateDir, "tpm2-00.permall"))
+	if len(after) == 0 {
+		t.Error("state file gone after a wrong-key start")
+	}
+}
+
+// QEMU's SHUTDOWN ends nkp-swtpm; the supervisor reports it on Exits and cleans up.
+func TestExitReported(t *testing.T) {
+	state, run := dirs(t)
+	s := newSupervisor(t, state, run)
+	vm := VM{UUID: kdk.NewKeyID(), Name: "vtpm-test-exit"}
+	inst, err := s.Start(context.Background(), vm, key(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("swtpm_ioctl", "--unix", inst.Socket, "-s").CombinedOutput(); err != nil {
+		t.Fatalf("swtpm_ioctl -s: %v %s", err, out)
+	}
+	select {
+	case got := <-s.Exits():
+		if got != vm.UUID {
+			t.Errorf("Exits: %s, want %s", got, vm.UUID)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("no exit reported within 15 s")
+	}
+	if _, ok := s.Get(vm.UUID); ok {
+		t.Error("Get still finds the ended vTPM")
+	}
+	if _, err := os.Stat(inst.Socket); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("socket left: %v", err)
+	}
+}
+
+func TestStartFails(t *testing.T) {
+	state, run := dirs(t)
+	s := newSupervisor(t, state, run)
+	ctx := context.Background()
+	if _, err := s.Start(ctx, VM{UUID: "NOT-A-UUID", Name: "x"}, key(1)); err == nil {
+		t.Error("Start accepted a bad UUID")
+	}
+	if _, err := s.Start(ctx, VM{UUID: kdk.NewKeyID(), Name: "x"}, key(1)[:16]); err == nil {
+		t.Error("Start accepted a 16-byte key")
+	}
+	// A state directory nkp-swtpm cannot use: a file in its place.
+	vm := VM{UUID: kdk.NewKeyID(), Name: "vtpm-test-bad"}
+	os.MkdirAll(state, 0o711)
+	os.WriteFile(filepath.Join(state, vm.UUID), []byte("x"), 0o600)
+	if _, err := s.Start(ctx, vm, key(1)); err == nil || !strings.Contains(err.Error(), "not a directory") {
+		t.Errorf("Start over a file: %v", err)
+	}
+	// A binary that exits at once: the error carries its log.
+	s.cfg.Binary = "/bin/false"
+	vm2 := VM{UUID: kdk.NewKeyID(), Name: "vtpm-test-false"}
+	if _, err := s.Start(ctx, vm2, key(1)); !errors.Is(err, ErrStart) || !strings.Contains(err.Error(), "exited") {
+		t.Errorf("Start of /bin/false: %v", err)
+	}
+	if _, ok := s.Get(vm2.UUID); ok {
+		t.Error("a failed start left an instance")
+	}
+	if _, err := os.Stat(s.SocketPath(vm2.UUID)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("a failed start left its socket: %v", err)
+	}
+}
+
+// TestKill9Adopt: a hostd (a helper process) starts a vTPM and is killed with SIGKILL; the
+// vTPM keeps serving; a new supervisor adopts it, sees its end, and Stop works on it.
+func TestKill9Adopt(t *testing.T) {
+	if os.Getenv("NKP_VTPM_HELPER") != "" {
+		t.Skip("helper")
+	}
+	state, run := dirs(t)
+	nkpSwtpm(t)
+	// Orphans come to this test process, which reaps them (PID 1 here does not).
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+	vm := VM{UUID: kdk.NewKeyID(), Name: "vtpm-test-kill9", KeyID: kdk.NewKeyID(), KDKVersion: 2}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperHostd$")
+	cmd.Env = append(os.Environ(), "NKP_VTPM_HELPER=1", "H_STATE="+state, "H_RUN="+run, "H_BIN="+swtpmBin, "H_VM="+vm.UUID)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	rec := filepath.Join(run, vm.UUID+".json")
+	waitFor(t, "the helper's vTPM record", func() bool { _, err := os.Stat(rec); return err == nil })
+	cmd.Process.Kill()
+	cmd.Wait()
+
+	s := newSupervisor(t, state, run)
+	adopted, err := s.Adopt()
+	if err != nil || len(adopted) != 1 || adopted[0].UUID != vm.UUID || adopted[0].KDKVersion != 2 {
+		t.Fatalf("Adopt = %+v, %v; helper said:\n%s", adopted, err, out.String())
+	}
+	inst := adopted[0]
+	// Still serving after its hostd died.
+	sess := dial(t, inst.Socket)
+	if r := sess.init(t); r != 0 {
+		t.Fatalf("INIT on the adopted vTPM: %#x", r)
+	}
+	if r := rc(sess.tpm(t, startupClear)); r != 0 {
+		t.Fatalf("Startup on the adopted vTPM: %#x", r)
+	}
+	sess.ctrl.Close()
+	sess.data.Close()
+	// --terminate: losing QEMU's connection ends it; the new supervisor notices (the
+	// process is our zombie child now: reap it after the pidfd reported the end).
+	select {
+	case got := <-s.Exits():
+		if got != vm.UUID {
+			t.Errorf("Exits: %s", got)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("end of the adopted vTPM not reported")
+	}
+	var ws unix.WaitStatus
+	unix.Wait4(inst.PID, &ws, unix.WNOHANG, nil)
+	if _, err := os.Stat(rec); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("record of the ended vTPM left: %v", err)
+	}
+
+	// Adopt twice more: a record naming a recycled pid or a dead process is cleaned up.
+	bogus := Instance{VM: VM{UUID: kdk.NewKeyID()}, PID: os.Getpid(), StartTicks: 1, StateDir: state + "/x", Socket: run + "/x.sock"}
+	b, _ := json.Marshal(bogus)
+	os.WriteFile(filepath.Join(run, bogus.UUID+".json"), b, 0o600)
+	os.WriteFile(filepath.Join(run, kdk.NewKeyID()+".json"), []byte("{garbage"), 0o600)
+	if got, err := newSupervisor(t, state, run).Adopt(); err != nil || len(got) != 0 {
+		t.Errorf("Adopt of stale records = %+v, %v", got, err)
+	}
+	if ents, _ := os.ReadDir(run); len(ents) != 0 {
+		t.Errorf("stale records left: %v", ents)
+	}
+}
+
+// TestHelperHostd is the helper process of TestKill9Adopt: it starts one vTPM and waits
+// to be killed.
+func TestHelperHostd(t *testing.T) {
+	if os.Getenv("NKP_VTPM_HELPER") == "" {
+		t.Skip("helper of TestKill9Adopt")
+	}
+	tss, qemu := lookup(t, "tss"), lookup(t, "libvirt-qemu")
+	s, err := New(Config{Binary: os.Getenv("H_BIN"), StateRoot: os.Getenv("H_STATE"), RunDir: os.Getenv("H_RUN"), User: tss, QEMU: qemu})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Start(context.Background(), VM{UUID: os.Getenv("H_VM"), Name: "vtpm-test-kill9", KeyID: kdk.NewKeyID(), KDKVersion: 2}, key(7)); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Minute) // killed by the parent test long before
+}
+
+func TestParseStat(t *testing.T) {
+	tests := []struct {
+		in    string
+		state byte
+		ticks uint64
+		ok    bool
+	}{
+		{"123 (nkp-swtpm) S 1 123 123 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 3 0 98765 1 2 3", 'S', 98765, true},
+		{"5 (a) b) c) Z 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 4242 x", 'Z', 4242, true},
+		{"garbage", 0, 0, false},
+		{"1 (x) S 1 2", 0, 0, false},
+	}
+	for _, tt := range tests {
+		st, ticks, err := parseStat([]byte(tt.in))
+		if (err == nil) != tt.ok || st != tt.state || ticks != tt.ticks {
+			t.Errorf("parseStat(%q) = %c %d %v", tt.in, st, ticks, err)
+		}
+	}
+}
+
+func fieldOf(status, name string) string {
+	for _, line := range strings.Split(status, "\n") {
+		if v, ok := strings.CutPrefix(line, name); ok {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "(missing)"
+}
