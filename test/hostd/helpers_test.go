@@ -80,7 +80,12 @@ func (l *testLog) Write(p []byte) (int, error) {
 func (l *testLog) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	b := l.buf.Bytes()
+	var b []byte
+	for _, line := range bytes.SplitAfter(l.buf.Bytes(), []byte("\n")) {
+		if !bytes.Contains(line, []byte("virNetDevSendEthtoolIoctl")) { // libvirtd's noise in a netns
+			b = append(b, line...)
+		}
+	}
 	if len(b) > 8000 {
 		b = b[len(b)-8000:]
 	}
@@ -95,7 +100,7 @@ func newHost(t *testing.T, name string, hooks map[string][]byte) *libvirtns.Host
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	h, err := libvirtns.Start(ctx, libvirtns.Config{
-		Name: name, Private: []string{"/run/nkp", "/var/lib/nkp"}, Hooks: hooks, Log: log,
+		Name: name, Private: []string{"/run/nkp", "/var/lib/nkp", "/etc/nkp"}, Hooks: hooks, Log: log,
 	})
 	if err != nil {
 		t.Fatalf("host %s: %v", name, err)
