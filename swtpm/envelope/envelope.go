@@ -250,3 +250,17 @@ func plainData(body []byte, tag uint16, version uint8) ([]byte, error) {
 	}
 	return append([]byte{}, v...), nil
 }
+
+// DecodeHeaderless returns the payload of a state file that swtpm wrote encrypted
+// before it had a blob header (swtpm's "version 1" files: the whole file is AES-CBC
+// with a zero IV over SHA-256(data) || data, padded to a multiple of the key length
+// with bytes that each hold the pad length). swtpm 0.7.1 still reads them: a file whose
+// header does not check is read this way when a key is set. The key's length selects
+// AES-128 or AES-256 (the swtpm of that era took 128-bit keys only). A wrong key or a
+// damaged file gives ErrAuth.
+func DecodeHeaderless(blob, key []byte) ([]byte, error) {
+	if err := checkKey(key); err != nil {
+		return nil, err
+	}
+	return decryptV1(key, blob)
+}

@@ -15,11 +15,38 @@
 // Writes are crash-safe and durable: a Store that returned survives a process crash
 // and a power loss. A new file is written as temp file, fdatasync, rename, fsync of the
 // directory (a crash in between leaves the old file or the new one); later writes of a
-// keyed file overwrite the slot that does not hold the newest record and fdatasync it
+// keyed file overwrite the slot that does not hold the newest record (body, fdatasync, then header, fdatasync)
 // (a crash in between damages only that slot, which then fails authentication, and the
 // reader takes the other). A Store of the payload a file is
 // known to hold already writes nothing. A file that could not be read is never
 // overwritten nor deleted by this Dir.
+//
+// Damaged slots: when one slot of an encrypted file fails authentication, Load decides
+// from the slot's header (itself authenticated in format version 3) whether the damaged
+// slot may have held a newer record than the one that opens:
+//   - it names an older record, or is empty: a write cut by a crash (records are written
+//     body first, header last) or damage to an older record. Nothing acknowledged is
+//     lost; the newest record loads, with a warning.
+//   - it names a newer record, or its header is damaged: the record was complete when its
+//     write was acknowledged, so loading the older one would silently undo that write.
+//     Load refuses (ErrRollback, the file untouched) unless Options.AcceptRollback.
+//   - it was written in one pass (format version 2, before this rule, or Options.NoSync):
+//     a crash and damage look the same there, so the older record loads, logged at
+//     error level as a rollback.
+//
+// Every damaged slot is logged with the file, both slots and their sequence numbers, at
+// every load, and counted in Stats (DamagedSlots, Rollbacks); the file is kept as
+// evidence (<file>.damaged.<time>, a hard link) and the next Store writes a new file
+// instead of overwriting the damaged slot.
+//
+// Each encrypted record carries the directory's state ID (.nkp-state-id, made at the
+// first encrypted write), so that a state file copied from another VM's directory is
+// refused (ErrForeign) even under the same key. A world-writable directory is refused
+// at Open.
+//
+// Formats read: nkp's (versions 1 to 3), and everything swtpm 0.7.1 reads — its
+// blob-header files (plaintext, or --key encrypted) and the header-less files of swtpm
+// before that header (bare libtpms blobs, and AES-CBC files with a SHA-256 inside).
 //
 // Importers: swtpm/cli, which opens the directory for the swtpm server and parses
 // --key/--migration-key with ParseKeySpec/ParseKey, and tests. Other daemons hand keys
@@ -35,6 +62,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -78,8 +106,24 @@ type Options struct {
 	// swtpm ≥ 0.8 never fsyncs by default (it found the stalls caused TPM command
 	// timeouts); nkp syncs unless told otherwise.
 	NoSync bool
-	// Log gets warnings (plaintext state, backup fallbacks). nil discards them.
+	// AcceptRollback loads the older record of a slotted file whose newer slot fails
+	// authentication although it was written completely (ErrRollback otherwise): the
+	// operator's choice to lose the newest write rather than restore a backup. Each such
+	// load is logged at error level and counted in Stats.
+	AcceptRollback bool
+	// Log gets warnings (plaintext state, backup fallbacks, damaged slots). nil discards them.
 	Log *slog.Logger
+}
+
+// Stats counts what the Dir passed over while loading, since Open.
+type Stats struct {
+	// DamagedSlots counts slots of slotted files that failed authentication and were
+	// passed over for the other slot (each is also logged, with file, slot and
+	// sequence numbers).
+	DamagedSlots uint64
+	// Rollbacks counts loads that took an older record while a slot that may have held
+	// a newer one failed authentication: the TPM's state may have gone back by one write.
+	Rollbacks uint64
 }
 
 // StateInfo describes one state file, for --print-states.
@@ -98,6 +142,7 @@ type Dir struct {
 	backup       bool
 	noSync       bool
 	accept       bool
+	rollback     bool // Options.AcceptRollback
 
 	mu    sync.Mutex // guards everything below
 	key   []byte     // nil without a key; wiped by Close
@@ -112,8 +157,12 @@ type Dir struct {
 	known map[string][sha256.Size]byte
 	// slots holds, per blob name, where the newest record of its slotted file is (as
 	// loaded or last stored), so that the next Store overwrites the other slot in place.
-	slots  map[string]slotInfo
-	closed bool
+	slots map[string]slotInfo
+	// stateID is the directory's state ID (.nkp-state-id), nil until it has one: read
+	// at Open and when the lock is taken, made by the first keyed Store.
+	stateID []byte
+	stats   Stats
+	closed  bool
 }
 
 // FileName returns swtpm's file name for a blob name (TPM 2: tpm2-00.<name>).
@@ -133,6 +182,8 @@ func Open(dir string, opts Options) (*Dir, error) {
 		return nil, fmt.Errorf("state directory %s: %w", dir, err)
 	case !fi.IsDir():
 		return nil, fmt.Errorf("state directory %s is not a directory; give --tpmstate dir= a directory", dir)
+	case fi.Mode().Perm()&0o002 != 0:
+		return nil, fmt.Errorf("state directory %s is writable by every user (mode %#o): anyone on the host could replace or delete the TPM's state; restrict it with chmod o-w %s (0700, or 0750 with a group, is what a key store wants)", dir, fi.Mode().Perm(), dir)
 	}
 	if err := unix.Access(dir, unix.W_OK|unix.X_OK); err != nil {
 		return nil, fmt.Errorf("state directory %s is not writable (%w): the TPM could not save its state; check that the file system is mounted read-write, the directory is not immutable (lsattr), and its owner and mode", dir, err)
@@ -142,15 +193,16 @@ func Open(dir string, opts Options) (*Dir, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	d := &Dir{
-		dir:    dir,
-		mode:   opts.Mode.Perm(),
-		log:    log,
-		backup: opts.Backup,
-		noSync: opts.NoSync,
-		accept: opts.AcceptPlaintext,
-		bad:    map[string]error{},
-		known:  map[string][sha256.Size]byte{},
-		slots:  map[string]slotInfo{},
+		dir:      dir,
+		mode:     opts.Mode.Perm(),
+		log:      log,
+		backup:   opts.Backup,
+		noSync:   opts.NoSync,
+		accept:   opts.AcceptPlaintext,
+		rollback: opts.AcceptRollback,
+		bad:      map[string]error{},
+		known:    map[string][sha256.Size]byte{},
+		slots:    map[string]slotInfo{},
 	}
 	d.explicitMode = d.mode != 0
 	if d.mode == 0 {
@@ -166,11 +218,18 @@ func Open(dir string, opts Options) (*Dir, error) {
 		d.key = append([]byte{}, k...)
 	}
 	if !opts.DeferLock {
-		if d.lock, err = lockDir(dir); err != nil {
+		if d.lock, err = lockDir(dir, d.mode); err != nil {
 			d.wipe()
 			return nil, err
 		}
 		d.applyModeLocked()
+	}
+	if d.stateID, err = readStateID(dir); err != nil {
+		if d.lock != nil {
+			d.lock.Close()
+		}
+		d.wipe()
+		return nil, err
 	}
 	if d.dirFD, err = os.Open(dir); err != nil {
 		if d.lock != nil {
@@ -251,7 +310,7 @@ func (d *Dir) loadFile(name, p string) (data []byte, current bool, slots *slotIn
 		return nil, false, nil, err
 	}
 	defer clear(file)
-	data, plain, slots, err := decodeFileSlots(name, file, d.seal, d.key, d.accept)
+	r, err := decode(file, decodeOpts{name: name, seal: d.seal, key: d.key, acceptPlain: d.accept, dirID: d.stateID, acceptRollback: d.rollback})
 	if err != nil {
 		var h *hinted
 		if errors.As(err, &h) {
@@ -259,15 +318,71 @@ func (d *Dir) loadFile(name, p string) (data []byte, current bool, slots *slotIn
 		}
 		return nil, false, nil, fmt.Errorf("state file %s: %w; the file was left untouched", p, err)
 	}
-	if plain && d.key != nil {
+	switch {
+	case r.format.plain() && d.key != nil:
 		d.log.Warn("imported an unencrypted swtpm state file; it will be written encrypted from now on", "file", p)
+	case r.format == formatBare || r.format == formatBareKey:
+		d.log.Info("read a state file that swtpm wrote before its blob header; it will be written in the current format", "file", p)
 	}
 	if d.seal != nil {
-		current = slots != nil
+		current = r.format == formatNKPSlots
 	} else {
-		current = plain
+		current = r.format == formatSwtpmPlain
 	}
-	return data, current, slots, nil
+	if len(r.damaged) > 0 {
+		d.reportDamageLocked(p, r)
+		// The next Store writes a new file (the damaged one stays as evidence).
+		return r.payload, false, nil, nil
+	}
+	return r.payload, current, r.slots, nil
+}
+
+// reportDamageLocked logs every slot that a load passed over (each time: a damaged
+// file is loaded at every start until a Store replaces it), counts it in Stats, and
+// keeps the file as evidence under <file>.damaged.<unix time> (a hard link; Load then
+// forgets the slots, so the next Store writes a new file instead of overwriting the
+// damaged slot in place).
+func (d *Dir) reportDamageLocked(p string, r decoded) {
+	evidence := d.keepEvidence(p)
+	for _, dm := range r.damaged {
+		d.stats.DamagedSlots++
+		attrs := []any{"file", p, "slot", dm.slot, "slot_sequence", dm.claimed(), "reason", dm.reason,
+			"loaded_slot", r.slots.cur, "loaded_sequence", r.slots.seq, "evidence", evidence}
+		if dm.newer {
+			d.stats.Rollbacks++
+			msg := "state file: a slot that may hold a newer record fails authentication; the TPM continues from the older record, so its last write may be undone (a write cut by a crash in a file written by an earlier nkp-swtpm, or damage)"
+			if !dm.onePass && dm.known {
+				msg = "state file: a slot holding a newer, completely written record fails authentication; continuing from the older record as --tpmstate accept-rollback allows: the TPM's last acknowledged write is undone"
+			}
+			d.log.Error(msg, append(attrs, "rollbacks", d.stats.Rollbacks)...)
+			continue
+		}
+		d.log.Warn("state file: a slot fails authentication and is passed over; the other slot holds the newest record, so nothing acknowledged is lost (a write cut by a crash, or damage to an older record)", attrs...)
+	}
+}
+
+// keepEvidence hard-links p as <p>.damaged.<unix time> unless such a link to the same
+// file exists already, and returns its name ("" if it could not be made; logged).
+func (d *Dir) keepEvidence(p string) string {
+	fi, err := os.Lstat(p)
+	if err != nil {
+		return ""
+	}
+	old, _ := filepath.Glob(p + ".damaged.*")
+	for _, o := range old {
+		if ofi, err := os.Lstat(o); err == nil && os.SameFile(fi, ofi) {
+			return o
+		}
+	}
+	ev := fmt.Sprintf("%s.damaged.%d", p, time.Now().UnixNano())
+	if d.lock == nil {
+		return "" // not ours to write now (lock released or deferred)
+	}
+	if err := os.Link(p, ev); err != nil {
+		d.log.Warn("state file: could not keep the damaged file as evidence", "file", p, "err", err)
+		return ""
+	}
+	return ev
 }
 
 // forgetLocked drops what the Dir knows about blob name's file.
@@ -351,6 +466,11 @@ func (d *Dir) Store(name string, data []byte) error {
 	}
 	slots, inPlace := d.slots[name]
 	d.forgetLocked(name) // until the new record is durable
+	if d.seal != nil && d.stateID == nil {
+		if d.stateID, err = makeStateID(d.dir, d.mode, !d.noSync); err != nil {
+			return err
+		}
+	}
 	if inPlace && d.seal != nil {
 		if next, err := d.storeInPlace(name, p, data, slots); err == nil {
 			d.known[name] = sum
@@ -365,7 +485,7 @@ func (d *Dir) Store(name string, data []byte) error {
 	if d.seal != nil {
 		next = slotInfo{size: slotSizeFor(len(data)), seq: slots.seq + 1, cur: 0}
 		var rec []byte
-		rec, err = d.seal.sealSlot(blobTypes[name], next.seq, next.size, data)
+		rec, err = d.seal.sealSlot(blobTypes[name], next.seq, next.size, d.stateID, d.slotFlags(), data)
 		if err == nil {
 			file = newSlotFile(rec, next.size)
 		}
@@ -404,14 +524,15 @@ func (d *Dir) Store(name string, data []byte) error {
 var errNoFit = errors.New("record does not fit the slot")
 
 // storeInPlace writes data into the slot of p's slotted file that does not hold the
-// newest record and makes it durable with one fdatasync (see format.go). The newest
-// record is never touched, so a crash or power loss at any point leaves it readable.
+// newest record (see slots.go): the record's body, fdatasync, then its header,
+// fdatasync. The newest record is never touched, so a crash or power loss at any point
+// leaves it readable, and a slot whose header is new holds a complete record.
 func (d *Dir) storeInPlace(name, p string, data []byte, s slotInfo) (slotInfo, error) {
 	if slotHeaderSize+len(data)+d.seal.aead.Overhead() > s.size {
 		return slotInfo{}, errNoFit
 	}
 	next := slotInfo{size: s.size, seq: s.seq + 1, cur: 1 - s.cur}
-	rec, err := d.seal.sealSlot(blobTypes[name], next.seq, next.size, data)
+	rec, err := d.seal.sealSlot(blobTypes[name], next.seq, next.size, d.stateID, d.slotFlags(), data)
 	if err != nil {
 		return slotInfo{}, err
 	}
@@ -420,20 +541,42 @@ func (d *Dir) storeInPlace(name, p string, data []byte, s slotInfo) (slotInfo, e
 		return slotInfo{}, &fs.PathError{Op: "open", Path: p, Err: err}
 	}
 	defer unix.Close(fd)
-	for off := 0; off < len(rec); {
-		n, err := unix.Pwrite(fd, rec[off:], int64(next.cur*next.size+off))
+	base := int64(next.cur * next.size)
+	for _, part := range []struct {
+		b   []byte
+		off int64
+	}{{rec[slotHeaderSize:], base + slotHeaderSize}, {rec[:slotHeaderSize], base}} {
+		if err := pwriteAll(fd, part.b, part.off); err != nil {
+			return slotInfo{}, &fs.PathError{Op: "write", Path: p, Err: err}
+		}
+		if err := d.syncFile(fd); err != nil {
+			return slotInfo{}, &fs.PathError{Op: "fdatasync", Path: p, Err: err}
+		}
+	}
+	return next, nil
+}
+
+// pwriteAll writes all of b at off, retrying on EINTR and short writes.
+func pwriteAll(fd int, b []byte, off int64) error {
+	for done := 0; done < len(b); {
+		n, err := unix.Pwrite(fd, b[done:], off+int64(done))
 		if errors.Is(err, unix.EINTR) {
 			continue
 		}
 		if err != nil {
-			return slotInfo{}, &fs.PathError{Op: "write", Path: p, Err: err}
+			return err
 		}
-		off += n
+		done += n
 	}
-	if err := d.syncFile(fd); err != nil {
-		return slotInfo{}, &fs.PathError{Op: "fdatasync", Path: p, Err: err}
+	return nil
+}
+
+// slotFlags are the flags of the records this Dir writes.
+func (d *Dir) slotFlags() uint16 {
+	if d.noSync {
+		return flagNoSync
 	}
-	return next, nil
+	return 0
 }
 
 // syncFile makes a new file's data durable: fdatasync, which also writes the metadata
@@ -574,6 +717,13 @@ func States(dir string) ([]StateInfo, error) {
 		out = append(out, StateInfo{Name: n, Size: fi.Size()})
 	}
 	return out, nil
+}
+
+// Stats returns what the Dir's loads passed over since Open (damaged slots, rollbacks).
+func (d *Dir) Stats() Stats {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.stats
 }
 
 // Dir returns the directory's path.

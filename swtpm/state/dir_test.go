@@ -3,6 +3,7 @@ package state
 import (
 	"bytes"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"io/fs"
 	"log/slog"
@@ -95,8 +96,12 @@ func TestFormats(t *testing.T) {
 		t.Fatal(err)
 	}
 	second, _ := os.ReadFile(filepath.Join(dir, "tpm2-00.permall"))
-	if !bytes.HasPrefix(first, []byte(fileMagic)) || first[8] != fileVersionSlots || first[9] != 1 {
-		t.Errorf("header %q: want magic, version 2 and blob type 1", first[:10])
+	if !bytes.HasPrefix(first, []byte(fileMagic)) || first[8] != fileVersionBound || first[9] != 1 {
+		t.Errorf("header %q: want magic, version 3 and blob type 1", first[:10])
+	}
+	id, err := os.ReadFile(filepath.Join(dir, stateIDFile))
+	if err != nil || string(id) != hex.EncodeToString(first[48:64])+"\n" {
+		t.Errorf("the record's state ID %x is not the directory's %q (%v)", first[48:64], id, err)
 	}
 	if bytes.Contains(first, secret[:16]) || bytes.Contains(second, secret[:16]) {
 		t.Errorf("an encrypted state file holds the plaintext")
@@ -442,24 +447,41 @@ func storeIn(t *testing.T, dir string, key *Key, payload []byte) {
 }
 
 // TestSlots: keyed writes after the first overwrite the older slot in place (same
-// inode); a damaged newest slot (a write cut by a crash) loads the previous record; a
-// payload that outgrows the slots gets a new, larger file.
+// inode); a payload that outgrows the slots gets a new, larger file; and damaged slots
+// are told apart: a torn write (the older slot's authentic header over a new body) or
+// damage to an empty slot loads the newest record, a damaged newest record is refused
+// unless AcceptRollback, and every damaged slot is counted, logged and kept as evidence
+// (the next Store writes a new file).
 func TestSlots(t *testing.T) {
 	key := testKey(t, 2, 32)
 	small := bytes.Repeat([]byte{1}, 100)
+	two := [][]byte{small, []byte("two")}
+	slot1 := func(f []byte) int { return len(f) / 2 }
 	for _, tt := range []struct {
 		name     string
 		writes   [][]byte
 		damage   func(file []byte) // applied to the file after the writes, before Load
+		opts     Options
 		want     []byte
+		wantErr  error
+		stats    Stats
 		sameFile bool // the last write kept the file (in place)
 	}{
-		{name: "second write in place", writes: [][]byte{small, []byte("two")}, want: []byte("two"), sameFile: true},
+		{name: "second write in place", writes: two, want: []byte("two"), sameFile: true},
 		{name: "third write in place", writes: [][]byte{small, []byte("two"), []byte("three")}, want: []byte("three"), sameFile: true},
-		{name: "newest slot torn: previous record", writes: [][]byte{small, []byte("two")},
-			damage: func(f []byte) { f[len(f)/2+slotHeaderSize] ^= 1 }, want: small, sameFile: true},
-		{name: "older slot torn: newest record", writes: [][]byte{small, []byte("two")},
-			damage: func(f []byte) { f[slotHeaderSize] ^= 1 }, want: []byte("two"), sameFile: true},
+		{name: "newest record damaged: refused", writes: two,
+			damage: func(f []byte) { f[slot1(f)+slotHeaderSize] ^= 1 }, wantErr: ErrRollback, sameFile: true},
+		{name: "newest header damaged: refused", writes: two,
+			damage: func(f []byte) { f[slot1(f)+33] ^= 1 }, wantErr: ErrRollback, sameFile: true},
+		{name: "newest record damaged, AcceptRollback: previous record", writes: two, opts: Options{AcceptRollback: true},
+			damage: func(f []byte) { f[slot1(f)+slotHeaderSize] ^= 1 }, want: small, stats: Stats{DamagedSlots: 1, Rollbacks: 1}, sameFile: true},
+		{name: "torn write over the older slot: newest record", writes: [][]byte{small, []byte("two"), []byte("three")},
+			// slot 1 ("two") was being overwritten: its header is still two's, the body half new
+			damage: func(f []byte) { f[slot1(f)+slotHeaderSize+1] ^= 0x10 }, want: []byte("three"), stats: Stats{DamagedSlots: 1}, sameFile: true},
+		{name: "torn first write into the empty slot", writes: [][]byte{small},
+			damage: func(f []byte) { f[slot1(f)+slotHeaderSize+5] = 7 }, want: small, stats: Stats{DamagedSlots: 1}},
+		{name: "damaged header bytes of the empty slot", writes: [][]byte{small},
+			damage: func(f []byte) { f[slot1(f)+3] = 7 }, want: small, stats: Stats{DamagedSlots: 1}},
 		{name: "outgrows the slot: new file", writes: [][]byte{small, bytes.Repeat([]byte{3}, 2*slotAlign)},
 			want: bytes.Repeat([]byte{3}, 2*slotAlign), sameFile: false},
 	} {
@@ -481,6 +503,7 @@ func TestSlots(t *testing.T) {
 				t.Errorf("last write kept the file = %v, want %v", os.SameFile(before, after), tt.sameFile)
 			}
 			d.Close()
+			var damaged []byte
 			if tt.damage != nil {
 				f, err := os.ReadFile(p)
 				if err != nil {
@@ -490,22 +513,63 @@ func TestSlots(t *testing.T) {
 				if err := os.WriteFile(p, f, 0o600); err != nil {
 					t.Fatal(err)
 				}
+				damaged = f
 			}
-			d = mustOpen(t, dir, Options{Key: key})
+			var logBuf bytes.Buffer
+			opts := tt.opts
+			opts.Key, opts.Log = key, slog.New(slog.NewTextHandler(&logBuf, nil))
+			d = mustOpen(t, dir, opts)
 			got, err := d.Load("permall")
+			if tt.wantErr != nil {
+				if !errors.Is(err, tt.wantErr) || !strings.Contains(err.Error(), "accept-rollback") {
+					t.Fatalf("Load = %v, want %v with its way out", err, tt.wantErr)
+				}
+				if err := d.Store("permall", []byte("x")); err == nil {
+					t.Fatalf("Store overwrote a refused file")
+				}
+				if now, _ := os.ReadFile(p); !bytes.Equal(now, damaged) {
+					t.Fatalf("the refused file changed")
+				}
+				return
+			}
 			if err != nil || !bytes.Equal(got, tt.want) {
 				t.Fatalf("Load = %.20q (%d bytes), %v; want %.20q", got, len(got), err, tt.want)
 			}
-			// A Store after that Load goes in place again and reads back.
+			if s := d.Stats(); s != tt.stats {
+				t.Errorf("Stats = %+v, want %+v", s, tt.stats)
+			}
+			evidence, _ := filepath.Glob(p + ".damaged.*")
+			if tt.stats.DamagedSlots > 0 {
+				for _, want := range []string{"slot=1", "loaded_slot=0", "evidence=" + p + ".damaged."} {
+					if !strings.Contains(logBuf.String(), want) {
+						t.Errorf("log lacks %q:\n%s", want, logBuf.String())
+					}
+				}
+				if tt.stats.Rollbacks > 0 && !strings.Contains(logBuf.String(), "level=ERROR") {
+					t.Errorf("a rollback was not logged as an error:\n%s", logBuf.String())
+				}
+				if len(evidence) != 1 {
+					t.Fatalf("evidence files: %v", evidence)
+				}
+			} else if len(evidence) != 0 {
+				t.Errorf("evidence kept without damage: %v", evidence)
+			}
+			// A Store after that Load goes in place again (or, after damage, writes a new
+			// file and leaves the evidence as it was) and reads back.
 			st, _ := os.Stat(p)
 			if err := d.Store("permall", []byte("after load")); err != nil {
 				t.Fatal(err)
 			}
-			if st2, _ := os.Stat(p); !os.SameFile(st, st2) {
-				t.Errorf("the Store after Load replaced the file instead of writing in place")
+			if st2, _ := os.Stat(p); os.SameFile(st, st2) != (tt.stats.DamagedSlots == 0) {
+				t.Errorf("the Store after Load kept the file = %v", os.SameFile(st, st2))
+			}
+			if len(evidence) == 1 {
+				if ev, _ := os.ReadFile(evidence[0]); !bytes.Equal(ev, damaged) {
+					t.Errorf("the evidence changed")
+				}
 			}
 			if got, err := d.Load("permall"); err != nil || string(got) != "after load" {
-				t.Errorf("Load after in-place Store = %q, %v", got, err)
+				t.Errorf("Load after Store = %q, %v", got, err)
 			}
 		})
 	}
@@ -536,8 +600,8 @@ func TestVersion1File(t *testing.T) {
 		t.Fatal(err)
 	}
 	f, _ := os.ReadFile(p)
-	if len(f) < 9 || f[8] != fileVersionSlots {
-		t.Fatalf("after Store the file is not version 2: % x", f[:min(len(f), 10)])
+	if len(f) < 9 || f[8] != fileVersionBound {
+		t.Fatalf("after Store the file is not version 3: % x", f[:min(len(f), 10)])
 	}
 	if got, err := d.Load("permall"); err != nil || string(got) != "state of version 1" {
 		t.Errorf("Load after rewrite = %q, %v", got, err)

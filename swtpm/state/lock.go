@@ -23,13 +23,22 @@ var ErrLockReleased = errors.New("the state directory's lock is not held (releas
 // and swtpm exclude each other.
 const lockFile = ".lock"
 
-// lockDir opens <dir>/.lock and takes a write lock on it. The lock is an open-file-
-// description lock (F_OFD_SETLK): it conflicts with swtpm's classic fcntl locks and,
-// unlike them, also with a second Open in the same process.
-func lockDir(dir string) (*os.File, error) {
+// lockDir opens <dir>/.lock, creating it with mode (the state files' mode, as swtpm
+// does), and takes a write lock on it. The lock is an open-file-description lock
+// (F_OFD_SETLK): it conflicts with swtpm's classic fcntl locks and, unlike them, also
+// with a second Open in the same process. An existing .lock keeps its mode.
+func lockDir(dir string, mode os.FileMode) (*os.File, error) {
 	path := filepath.Join(dir, lockFile)
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o660)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, mode)
+	if err == nil {
+		err = f.Chmod(mode) // the umask may have narrowed it
+	} else if errors.Is(err, os.ErrExist) {
+		f, err = os.OpenFile(path, os.O_WRONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	}
 	if err != nil {
+		if f != nil {
+			f.Close()
+		}
 		return nil, fmt.Errorf("state directory %s: open lock file: %w", dir, err)
 	}
 	lk := unix.Flock_t{Type: unix.F_WRLCK, Whence: 0, Start: 0, Len: 0}
@@ -95,10 +104,18 @@ func (d *Dir) LockStorage(ctx context.Context, retries int) error {
 	t := time.NewTicker(10 * time.Millisecond)
 	defer t.Stop()
 	for i := 0; ; i++ {
-		f, err := lockDir(d.dir)
+		f, err := lockDir(d.dir, d.mode)
 		if err == nil {
 			d.lock = f
 			d.applyModeLocked()
+			// The other side (shared storage) may have made the state ID meanwhile.
+			id, err := readStateID(d.dir)
+			if err != nil {
+				return err
+			}
+			if id != nil {
+				d.stateID = id
+			}
 			return nil
 		}
 		if !errors.Is(err, ErrLocked) || i >= retries {

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -59,4 +60,67 @@ func TestSwtpmReadsOurPlaintext(t *testing.T) {
 	if !bytes.Equal(got, ref) {
 		t.Errorf("swtpm's permanent state (%d bytes) differs from what nkp stored (%d bytes)", len(got), len(ref))
 	}
+}
+
+// TestSwtpmReadsLegacyFixtures is the differential check of the header-less fixtures:
+// swtpm 0.7.1 itself, given each fixture directory and its --key option, initialises
+// the TPM from it (INIT reads permall and volatilestate) and hands back the reference
+// permanent state. So the fixtures are files swtpm really reads, not only nkp.
+func TestSwtpmReadsLegacyFixtures(t *testing.T) {
+	e2e.Require(t, "swtpm", "swtpm_ioctl")
+	perm, _ := legacyPayloads(t)
+	for _, c := range legacyCases {
+		t.Run(c.dir, func(t *testing.T) {
+			dir := copyFixtureFrom(t, legacyFixtures, c.dir)
+			args := []string{"socket", "--tpm2", "--tpmstate", "dir=" + dir}
+			if c.key != "" {
+				abs, err := filepath.Abs("testdata")
+				if err != nil {
+					t.Fatal(err)
+				}
+				args = append(args, "--key", strings.ReplaceAll(c.key, "file=", "file="+abs+"/"))
+			}
+			got := swtpmPermall(t, args)
+			if !bytes.Equal(got, perm) {
+				t.Errorf("swtpm's permanent state (%d bytes) differs from the reference (%d bytes)", len(got), len(perm))
+			}
+		})
+	}
+}
+
+// swtpmPermall starts swtpm with args (plus a control socket and a log), sends INIT and
+// returns the permanent state it then holds (GET_STATEBLOB, decrypted).
+func swtpmPermall(t *testing.T, args []string) []byte {
+	t.Helper()
+	work := t.TempDir()
+	ctrl := filepath.Join(work, "ctrl")
+	logf := filepath.Join(work, "log")
+	cmd := exec.Command("swtpm", append(args, "--ctrl", "type=unixio,path="+ctrl, "--log", "file="+logf)...)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = exec.Command("swtpm_ioctl", "--unix", ctrl, "-s").Run()
+		_ = cmd.Wait()
+	})
+	e2e.WaitFor(t, 5*time.Second, "swtpm's control socket", func() bool {
+		_, err := os.Stat(ctrl)
+		return err == nil
+	})
+	ioctl := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command("swtpm_ioctl", append([]string{"--unix", ctrl}, args...)...).CombinedOutput(); err != nil {
+			log, _ := os.ReadFile(logf)
+			t.Fatalf("swtpm_ioctl %v: %v: %s\nswtpm log:\n%s", args, err, out, log)
+		}
+	}
+	ioctl("-i")
+	saved := filepath.Join(work, "permall")
+	ioctl("--save", "permanent", saved)
+	blob, _ := os.ReadFile(saved)
+	got, err := envelope.FromMigration(blob, 0, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return got
 }

@@ -1,0 +1,78 @@
+package state
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestWriteFuzzSeeds writes the checked-in seed corpora of the fuzz targets
+// (testdata/fuzz/Fuzz*/) when NKP_UPDATE_FIXTURES=1: real swtpm 0.7.1 files, the
+// header-less fixtures, and small nkp files of each format version. Otherwise it checks
+// that every target has seeds.
+func TestWriteFuzzSeeds(t *testing.T) {
+	if os.Getenv("NKP_UPDATE_FIXTURES") != "1" {
+		for _, target := range []string{"FuzzDecodeFile", "FuzzDecodeLegacy", "FuzzSlots", "FuzzDecodeKey"} {
+			if m, _ := filepath.Glob(filepath.Join("testdata/fuzz", target, "*")); len(m) == 0 {
+				t.Errorf("no checked-in seeds for %s (NKP_UPDATE_FIXTURES=1 go test -run TestWriteFuzzSeeds)", target)
+			}
+		}
+		return
+	}
+	s, err := newSealer(fuzzKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	read := func(p string) []byte {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	write := func(target, name string, vals ...any) {
+		var b strings.Builder
+		b.WriteString("go test fuzz v1\n")
+		for _, v := range vals {
+			switch v := v.(type) {
+			case []byte:
+				fmt.Fprintf(&b, "[]byte(%q)\n", v)
+			case uint8:
+				fmt.Fprintf(&b, "byte(%q)\n", v)
+			case uint16:
+				fmt.Fprintf(&b, "uint16(%d)\n", v)
+			case bool:
+				fmt.Fprintf(&b, "bool(%v)\n", v)
+			}
+		}
+		dir := filepath.Join("testdata/fuzz", target)
+		os.MkdirAll(dir, 0o755)
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(b.String()), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	v1, _ := s.seal(1, []byte("nkp version 1 permall"))
+	write("FuzzDecodeFile", "nkp-v1-permall", v1, uint8(0), true, false, false)
+	write("FuzzDecodeFile", "nkp-v3-two-records", smallSlotFile(t, s, 1, fuzzDirID, []byte("older"), []byte("newer")), uint8(0), true, true, false)
+	write("FuzzDecodeFile", "nkp-v3-unbound-dir", smallSlotFile(t, s, 2, fuzzDirID, []byte("volatile")), uint8(1), true, false, true)
+	write("FuzzDecodeFile", "swtpm-plain-permall", read(filepath.Join(fixtures, "plain/tpm2-00.permall")), uint8(0), false, false, false)
+	write("FuzzDecodeFile", "swtpm-key256-permall", read(filepath.Join(fixtures, "key256-hex/tpm2-00.permall")), uint8(0), true, false, false)
+	write("FuzzDecodeFile", "bare-permall", read(filepath.Join(legacyFixtures, "bare/tpm2-00.permall")), uint8(0), false, false, false)
+	for _, c := range []struct {
+		name string
+		key  []byte
+		sel  uint8
+	}{{"bare", nil, 0}, {"key128", fuzzKey[:16], 1}, {"key256", fuzzKey, 2}} {
+		perm := read(filepath.Join(legacyFixtures, "bare/tpm2-00.permall"))
+		if c.key != nil {
+			perm = encryptHeaderless(c.key, perm)
+		}
+		write("FuzzDecodeLegacy", c.name+"-permall", perm, uint8(0), c.sel)
+	}
+	write("FuzzDecodeLegacy", "garbage", []byte("neither a swtpm blob nor libtpms'"), uint8(1), uint8(0))
+	for _, off := range []uint16{9, 33, 50, 70, 100, 160 + 9, 160 + 33, 160 + 70, 160 + 100} {
+		write("FuzzSlots", fmt.Sprintf("flip-%d", off), off, uint8(1))
+	}
+}
