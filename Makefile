@@ -40,6 +40,7 @@ fuzz:
 # Benchmarks recorded in BENCHMARKS.md (pinned to one CPU: unpinned runs on 2 shared cores are noise).
 bench: build
 	$(GO) run ./test/bench/swtpmbench -cpus 1 -out bench-vtpm.md
+	$(GO) run ./test/bench/hookbench -hook $(BIN)/nkp-hook -n 1,10,50 -rounds 3 -out bench-hook.md
 	$(GO) run ./test/bench/providerbench -hosts 1000 -rate 500 -duration 20s -store bolt,etcd -out bench-provider.md
 
 clean:

@@ -1,0 +1,251 @@
+// Command hookbench measures what nkp's libvirt hook adds to `virsh start`: the time spent
+// inside the prepare hook (from the moment libvirtd's hook process starts nkp-hook to its
+// exit) with 1, 10 and 50 concurrent starts, and the start times themselves, in a private
+// libvirtd (test/libvirtns) so no other domain on the machine runs the hook.
+//
+// Kinds of domain, measured in interleaved rounds (the order rotates every round):
+//
+//   - reference: the hook is `cat >/dev/null` (a process that reads the XML and exits);
+//   - reference (again): the same, the calibration row (reference against itself);
+//   - plain: nkp-hook with a domain without nkp metadata (its fast path);
+//   - protected: nkp-hook with a domain protected by nkp (-protected, needs nkp-hostd and
+//     nkpctl; not measured unless given).
+//
+// The hook installed is a shell wrapper that takes a nanosecond timestamp, runs the
+// hook, takes another, and appends them to a log; the wrapper's own fork of `date` is
+// outside the interval. Domains are tiny (32 MiB, no disk, SeaBIOS finds nothing to boot)
+// and are destroyed after each round. Output: a markdown table with p50/p99 per kind and
+// concurrency, the ratio to the reference of the same run, and the difference at p99.
+//
+//	go run ./test/bench/hookbench -hook bin/nkp-hook -n 1,10,50 -rounds 5 -out bench-hook.md
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/nkp-dev/nkp/test/libvirtns"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "hookbench:", err)
+		os.Exit(1)
+	}
+}
+
+// wrapper is the hook libvirtd runs: the mode file says what to time.
+const wrapper = `#!/bin/sh
+read mode </etc/nkp/hookbench.mode
+s=$(date +%s%N)
+case $mode in
+reference) cat >/dev/null; rc=0 ;;
+*) /etc/libvirt/hooks/nkp-hook "$@"; rc=$? ;;
+esac
+e=$(date +%s%N)
+echo "$1 $2 $s $e $rc" >>/var/lib/nkp/hookbench.log
+exit $rc
+`
+
+// kind is one kind of domain measured.
+type kind struct {
+	label string // row label
+	mode  string // what the wrapper runs: reference or nkp
+	names []string
+}
+
+type sample struct {
+	hook  []time.Duration // inside the prepare hook
+	start []time.Duration // virsh start, wall clock
+}
+
+func run(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("hookbench", flag.ContinueOnError)
+	hook := fs.String("hook", filepath.Join(os.Getenv("NKP_BIN"), "nkp-hook"), "the nkp-hook program")
+	ns := fs.String("n", "1,10,50", "concurrent starts per round, comma-separated")
+	rounds := fs.Int("rounds", 5, "rounds per kind and concurrency (interleaved)")
+	out := fs.String("out", "", "write the markdown table here too")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	var conc []int
+	for _, s := range strings.Split(*ns, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil || n < 1 || n > 200 {
+			return fmt.Errorf("-n: %q is not a count of 1..200", s)
+		}
+		conc = append(conc, n)
+	}
+	hookBin, err := os.ReadFile(*hook)
+	if err != nil {
+		return fmt.Errorf("-hook: %w (run `make build` or give -hook PATH)", err)
+	}
+	if os.Geteuid() != 0 {
+		return errors.New("needs root (a private libvirtd in its own namespaces)")
+	}
+	h, err := libvirtns.Start(ctx, libvirtns.Config{
+		Name: "bench", Private: []string{"/run/nkp", "/var/lib/nkp", "/etc/nkp"},
+		Hooks: map[string][]byte{"zz-hookbench": []byte(wrapper)},
+	})
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	// nkp-hook next to qemu.d, not in it: only the wrapper is a hook.
+	if err := os.WriteFile(h.Path("/etc/libvirt/hooks/nkp-hook"), hookBin, 0o755); err != nil {
+		return err
+	}
+	max := slices.Max(conc)
+	kinds := []*kind{
+		{label: "reference (`cat >/dev/null` as the hook)", mode: "reference"},
+		{label: "reference again (calibration)", mode: "reference"},
+		{label: "nkp-hook, plain domain (fast path)", mode: "nkp"},
+	}
+	for i, k := range kinds {
+		for j := range max {
+			name := fmt.Sprintf("hookbench-%d-%03d", i, j)
+			if err := defineTiny(ctx, h, name); err != nil {
+				return err
+			}
+			k.names = append(k.names, name)
+		}
+	}
+	results := map[string]map[int]*sample{}
+	for _, k := range kinds {
+		results[k.label] = map[int]*sample{}
+		for _, n := range conc {
+			results[k.label][n] = &sample{}
+		}
+	}
+	logPath := h.Path("/var/lib/nkp/hookbench.log")
+	for r := range *rounds {
+		for _, n := range conc {
+			for i := range kinds {
+				k := kinds[(i+r)%len(kinds)]
+				s, err := round(ctx, h, k, n, logPath)
+				if err != nil {
+					return fmt.Errorf("%s, %d at once: %w", k.label, n, err)
+				}
+				acc := results[k.label][n]
+				acc.hook = append(acc.hook, s.hook...)
+				acc.start = append(acc.start, s.start...)
+			}
+		}
+		fmt.Fprintf(os.Stderr, "hookbench: round %d of %d done\n", r+1, *rounds)
+	}
+	table := report(kinds, conc, results, *rounds)
+	fmt.Fprint(stdout, table)
+	if *out != "" {
+		return os.WriteFile(*out, []byte(table), 0o644)
+	}
+	return nil
+}
+
+func defineTiny(ctx context.Context, h *libvirtns.Host, name string) error {
+	xml := fmt.Sprintf(`<domain type='qemu'><name>%s</name><memory unit='MiB'>32</memory><vcpu>1</vcpu>
+<os><type arch='x86_64' machine='pc'>hvm</type></os><on_poweroff>destroy</on_poweroff>
+<devices><controller type='usb' model='none'/><memballoon model='none'/></devices></domain>`, name)
+	p := filepath.Join(h.Dir, name+".xml")
+	if err := os.WriteFile(p, []byte(xml), 0o644); err != nil {
+		return err
+	}
+	_, err := h.Virsh(ctx, "define", p)
+	return err
+}
+
+// round starts n domains of kind k at once, reads the prepare hook's times from the log,
+// and destroys them.
+func round(ctx context.Context, h *libvirtns.Host, k *kind, n int, logPath string) (sample, error) {
+	if err := os.WriteFile(h.Path("/etc/nkp/hookbench.mode"), []byte(k.mode+"\n"), 0o644); err != nil {
+		return sample{}, err
+	}
+	os.Remove(logPath)
+	var s sample
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			t0 := time.Now()
+			_, errs[i] = h.Virsh(ctx, "start", k.names[i])
+			mu.Lock()
+			s.start = append(s.start, time.Since(t0))
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	for i := range n {
+		h.Virsh(ctx, "destroy", k.names[i])
+	}
+	if err := errors.Join(errs...); err != nil {
+		return sample{}, err
+	}
+	b, err := os.ReadFile(logPath)
+	if err != nil {
+		return sample{}, fmt.Errorf("the hook wrote no log: %w", err)
+	}
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		f := strings.Fields(line)
+		if len(f) != 5 || f[1] != "prepare" {
+			continue
+		}
+		a, err1 := strconv.ParseInt(f[2], 10, 64)
+		z, err2 := strconv.ParseInt(f[3], 10, 64)
+		if err1 != nil || err2 != nil || f[4] != "0" {
+			return sample{}, fmt.Errorf("bad hook log line %q", line)
+		}
+		s.hook = append(s.hook, time.Duration(z-a))
+	}
+	if len(s.hook) != n {
+		return sample{}, fmt.Errorf("%d prepare hooks logged for %d starts", len(s.hook), n)
+	}
+	return s, nil
+}
+
+func pct(d []time.Duration, p float64) time.Duration {
+	if len(d) == 0 {
+		return 0
+	}
+	s := slices.Clone(d)
+	slices.Sort(s)
+	i := int(p*float64(len(s))+0.5) - 1
+	return s[max(0, min(i, len(s)-1))]
+}
+
+func ms(d time.Duration) string { return fmt.Sprintf("%.1f", float64(d)/1e6) }
+
+func report(kinds []*kind, conc []int, res map[string]map[int]*sample, rounds int) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "hookbench: %d interleaved rounds; times in ms; ratio = kind ÷ reference (same run); +p99 = kind p99 − reference p99\n\n", rounds)
+	fmt.Fprintf(&b, "| kind | at once | samples | hook p50 | hook p99 | ratio p50 | ratio p99 | +p99 | start p50 | start p99 | start ratio p99 |\n")
+	fmt.Fprintf(&b, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	ref := kinds[0].label
+	for _, n := range conc {
+		r := res[ref][n]
+		for _, k := range kinds {
+			s := res[k.label][n]
+			fmt.Fprintf(&b, "| %s | %d | %d | %s | %s | %.2f | %.2f | %s | %s | %s | %.2f |\n", k.label, n, len(s.hook),
+				ms(pct(s.hook, .5)), ms(pct(s.hook, .99)),
+				float64(pct(s.hook, .5))/float64(pct(r.hook, .5)), float64(pct(s.hook, .99))/float64(pct(r.hook, .99)),
+				ms(pct(s.hook, .99)-pct(r.hook, .99)),
+				ms(pct(s.start, .5)), ms(pct(s.start, .99)), float64(pct(s.start, .99))/float64(pct(r.start, .99)))
+		}
+	}
+	return b.String()
+}
