@@ -19,11 +19,11 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/nkp-dev/nkp/internal/tpmdev"
 	"github.com/nkp-dev/nkp/provider/api/daemon"
 	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/backup"
 	"github.com/nkp-dev/nkp/provider/client"
-	"github.com/nkp-dev/nkp/provider/rootkey"
 )
 
 // ctl holds the global flags and the streams of one invocation.
@@ -78,7 +78,7 @@ func (c *ctl) storeFlags(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&c.store.Kind, "store", daemon.StoreBolt, "store: bolt (a file in --dir) or etcd")
 	cmd.Flags().StringVar(&c.etcdEP, "etcd-endpoints", "", "etcd client URLs, comma-separated (--store etcd)")
 	cmd.Flags().StringVar(&c.store.EtcdPrefix, "etcd-prefix", "", "key prefix in etcd (default /nkp/provider/)")
-	cmd.Flags().StringVar(&c.tpm, "root-key-tpm", "", "the root key is (to be) sealed to this TPM: "+rootkey.TPMSpecHelp)
+	cmd.Flags().StringVar(&c.tpm, "root-key-tpm", "", "the root key is (to be) sealed to this TPM: "+tpmdev.SpecHelp)
 	cmd.Flags().StringVar(&c.store.EtcdCACert, "etcd-cacert", "", "CA certificate (PEM) of etcd's server certificate, for https:// endpoints")
 	cmd.Flags().StringVar(&c.store.EtcdCert, "etcd-cert", "", "client certificate (PEM) for etcd's --client-cert-auth")
 	cmd.Flags().StringVar(&c.store.EtcdKey, "etcd-key", "", "key (PEM, mode 0600) of --etcd-cert")

@@ -33,8 +33,8 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/nkp-dev/nkp/internal/tpmdev"
 	"github.com/nkp-dev/nkp/provider/api/daemon"
-	"github.com/nkp-dev/nkp/provider/rootkey"
 	"github.com/nkp-dev/nkp/systemd"
 )
 
@@ -84,7 +84,7 @@ func Main(args []string, stdout, stderr io.Writer) error {
 	pf.StringVar(&o.etcdCA, "etcd-cacert", "", "CA certificate (PEM) of etcd's server certificate, for https:// endpoints")
 	pf.StringVar(&o.etcdCert, "etcd-cert", "", "client certificate (PEM) for etcd's --client-cert-auth")
 	pf.StringVar(&o.etcdKey, "etcd-key", "", "key (PEM, mode 0600) of --etcd-cert")
-	pf.StringVar(&o.rootKeyTPM, "root-key-tpm", "", "seal the root key to this TPM (init) / unseal it with it (serve): "+rootkey.TPMSpecHelp)
+	pf.StringVar(&o.rootKeyTPM, "root-key-tpm", "", "seal the root key to this TPM (init) / unseal it with it (serve): "+tpmdev.SpecHelp)
 	pf.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	pf.StringVar(&o.logFormat, "log-format", "json", "json or text")
 

@@ -10,7 +10,10 @@ import (
 
 	"github.com/google/go-tpm-tools/client"
 	pb "github.com/google/go-tpm-tools/proto/tpm"
+	"github.com/google/go-tpm/tpm2/transport"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/nkp-dev/nkp/internal/tpmdev"
 )
 
 // sealedMagic starts a root key file sealed to a TPM; the rest is a go-tpm-tools
@@ -29,8 +32,9 @@ var ErrSealed = errors.New("root key is sealed to a TPM")
 // firmware or kernel update does not lock the provider out. Clearing the TPM's owner
 // hierarchy destroys the key; the provider then needs its backup.
 //
-// rw is the host's TPM, e.g. legacy/tpm2.OpenTPM("/dev/tpmrm0"), or a simulator in tests.
-func CreateSealed(path string, rw io.ReadWriter) (*Key, error) {
+// tpm is the host's TPM, opened with tpmdev.Open (e.g. /dev/tpmrm0), or a simulator in
+// tests.
+func CreateSealed(path string, tpm transport.TPM) (*Key, error) {
 	if _, err := os.Lstat(path); err == nil {
 		return nil, fmt.Errorf("root key %s: %w; load it instead, or move it away if this provider is to be re-created", path, ErrExists)
 	}
@@ -39,7 +43,7 @@ func CreateSealed(path string, rw io.ReadWriter) (*Key, error) {
 	if _, err := io.ReadFull(rand.Reader, b); err != nil {
 		return nil, fmt.Errorf("root key %s: reading random bytes: %w", path, err)
 	}
-	srk, err := client.StorageRootKeyECC(rw)
+	srk, err := client.StorageRootKeyECC(tpmdev.ReadWriter(tpm))
 	if err != nil {
 		return nil, fmt.Errorf("root key %s: loading the TPM's storage root key: %w", path, err)
 	}
@@ -58,9 +62,9 @@ func CreateSealed(path string, rw io.ReadWriter) (*Key, error) {
 	return New(b, path)
 }
 
-// LoadSealed reads a root key file made by CreateSealed and unseals it with the TPM
-// behind rw. Another TPM, or this one after its owner hierarchy was cleared, fails.
-func LoadSealed(path string, rw io.ReadWriter) (*Key, error) {
+// LoadSealed reads a root key file made by CreateSealed and unseals it with tpm.
+// Another TPM, or this one after its owner hierarchy was cleared, fails.
+func LoadSealed(path string, tpm transport.TPM) (*Key, error) {
 	data, err := readPrivate(path, maxSealedFile)
 	if err != nil {
 		return nil, err
@@ -73,7 +77,7 @@ func LoadSealed(path string, rw io.ReadWriter) (*Key, error) {
 	if err := proto.Unmarshal(enc, &sealed); err != nil {
 		return nil, fmt.Errorf("root key %s: sealed key unreadable: %w: %w", path, ErrBadFile, err)
 	}
-	srk, err := client.StorageRootKeyECC(rw)
+	srk, err := client.StorageRootKeyECC(tpmdev.ReadWriter(tpm))
 	if err != nil {
 		return nil, fmt.Errorf("root key %s: loading the TPM's storage root key: %w", path, err)
 	}

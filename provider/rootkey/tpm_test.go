@@ -7,23 +7,24 @@ import (
 	"testing"
 
 	"github.com/google/go-tpm-tools/simulator"
+	"github.com/google/go-tpm/tpm2/transport"
 )
 
-func withTPM(t *testing.T, seed int64, fn func(sim *simulator.Simulator)) {
+func withTPM(t *testing.T, seed int64, fn func(sim transport.TPM)) {
 	t.Helper()
 	sim, err := simulator.GetWithFixedSeedInsecure(seed)
 	if err != nil {
 		t.Fatalf("simulator: %v", err)
 	}
 	defer sim.Close()
-	fn(sim)
+	fn(transport.FromReadWriter(sim))
 }
 
 func TestSealedRootKey(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "root.key")
 	var sealed []byte
-	withTPM(t, 1, func(sim *simulator.Simulator) {
+	withTPM(t, 1, func(sim transport.TPM) {
 		k, err := CreateSealed(path, sim)
 		if err != nil {
 			t.Fatal(err)
@@ -43,7 +44,7 @@ func TestSealedRootKey(t *testing.T) {
 		t.Fatalf("Load of a sealed file: %v, want ErrSealed", err)
 	}
 	// The same TPM after a restart unseals it.
-	withTPM(t, 1, func(sim *simulator.Simulator) {
+	withTPM(t, 1, func(sim transport.TPM) {
 		k, err := LoadSealed(path, sim)
 		if err != nil {
 			t.Fatal(err)
@@ -53,7 +54,7 @@ func TestSealedRootKey(t *testing.T) {
 		}
 	})
 	// Another TPM does not.
-	withTPM(t, 2, func(sim *simulator.Simulator) {
+	withTPM(t, 2, func(sim transport.TPM) {
 		if _, err := LoadSealed(path, sim); err == nil {
 			t.Fatal("another TPM unsealed the root key")
 		}

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/nkp-dev/nkp/internal/tpmdev"
 	"github.com/nkp-dev/nkp/provider"
 	"github.com/nkp-dev/nkp/provider/rootkey"
 )
@@ -20,8 +21,8 @@ type InitConfig struct {
 	Dir         string
 	Store       StoreConfig
 	TPMRequired bool
-	// RootKeyTPM seals the root key to the provider host's TPM (rootkey.OpenTPM: a device
-	// such as /dev/tpmrm0, or swtpm:path=SOCKET); empty writes a plain 0600 key file.
+	// RootKeyTPM seals the root key to the provider host's TPM (tpmdev.Open: a device
+	// such as /dev/tpmrm0, or swtpm:path=SOCKET[,ctrl=SOCKET]); empty writes a plain 0600 key file.
 	RootKeyTPM string
 	// AdminName is the CN of the admin certificate written into Dir (default "admin").
 	AdminName string
@@ -100,7 +101,7 @@ func prepareDir(dir string, sc StoreConfig, rootKeyTPM string) error {
 		return err
 	}
 	if rootKeyTPM != "" {
-		if _, _, err := rootkey.ParseTPMSpec(rootKeyTPM); err != nil {
+		if _, err := tpmdev.ParseSpec(rootKeyTPM); err != nil {
 			return fmt.Errorf("--root-key-tpm: %w", err)
 		}
 	}

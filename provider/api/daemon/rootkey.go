@@ -6,17 +6,18 @@ import (
 	"io/fs"
 	"path/filepath"
 
+	"github.com/nkp-dev/nkp/internal/tpmdev"
 	"github.com/nkp-dev/nkp/provider/rootkey"
 )
 
 // createRootKey makes the provider directory's root key: a 0600 file, or with tpmSpec
-// (rootkey.OpenTPM's forms) a file sealed to that TPM.
+// (tpmdev.Open's forms) a file sealed to that TPM.
 func createRootKey(dir, tpmSpec string) (*rootkey.Key, error) {
 	path := filepath.Join(dir, RootKeyFile)
 	if tpmSpec == "" {
 		return rootkey.Create(path)
 	}
-	rw, err := rootkey.OpenTPM(tpmSpec)
+	rw, err := tpmdev.Open(tpmSpec)
 	if err != nil {
 		return nil, fmt.Errorf("--root-key-tpm: %w", err)
 	}
@@ -35,7 +36,7 @@ func loadRootKey(dir, tpmSpec string) (*rootkey.Key, error) {
 	if tpmSpec == "" {
 		k, err := rootkey.Load(path)
 		if errors.Is(err, rootkey.ErrSealed) {
-			return nil, fmt.Errorf("root key %s: %w: give --root-key-tpm with the TPM it was sealed to (%s)", path, rootkey.ErrSealed, rootkey.TPMSpecHelp)
+			return nil, fmt.Errorf("root key %s: %w: give --root-key-tpm with the TPM it was sealed to (%s)", path, rootkey.ErrSealed, tpmdev.SpecHelp)
 		}
 		return k, err
 	}
@@ -45,7 +46,7 @@ func loadRootKey(dir, tpmSpec string) (*rootkey.Key, error) {
 	} else if errors.Is(err, fs.ErrNotExist) {
 		return nil, err
 	}
-	rw, err := rootkey.OpenTPM(tpmSpec)
+	rw, err := tpmdev.Open(tpmSpec)
 	if err != nil {
 		return nil, fmt.Errorf("--root-key-tpm: %w", err)
 	}
