@@ -1,0 +1,312 @@
+package vm
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/google/uuid"
+
+	"github.com/nkp-dev/nkp/hostd/domxml"
+)
+
+// virshLibvirt is Libvirt through the virsh command, for tests against the real
+// libvirtd while hostd's own libvirt adapter is not there.
+type virshLibvirt struct{ tmp string }
+
+func (v virshLibvirt) run(ctx context.Context, args ...string) ([]byte, error) {
+	var stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, "virsh", append([]string{"-q", "-c", "qemu:///system"}, args...)...)
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		msg := strings.TrimSpace(stderr.String())
+		if strings.Contains(msg, "failed to get domain") || strings.Contains(msg, "Domain not found") {
+			return nil, fmt.Errorf("%s: %w", msg, ErrNoDomain)
+		}
+		return nil, fmt.Errorf("virsh %s: %w: %s", args[0], err, msg)
+	}
+	return out, nil
+}
+
+func (v virshLibvirt) DomainXML(ctx context.Context, d string) ([]byte, error) {
+	return v.run(ctx, "dumpxml", "--inactive", "--security-info", d)
+}
+
+func (v virshLibvirt) DefineXML(ctx context.Context, x []byte) error {
+	f, err := os.CreateTemp(v.tmp, "define-*.xml")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.Write(x); err != nil {
+		f.Close()
+		return err
+	}
+	f.Close()
+	_, err = v.run(ctx, "define", f.Name())
+	return err
+}
+
+func (v virshLibvirt) IsActive(ctx context.Context, d string) (bool, error) {
+	out, err := v.run(ctx, "domstate", d)
+	if err != nil {
+		return false, err
+	}
+	return strings.TrimSpace(string(out)) != "shut off", nil
+}
+
+func (v virshLibvirt) Domains(ctx context.Context) ([]string, error) {
+	out, err := v.run(ctx, "list", "--all", "--uuid")
+	if err != nil {
+		return nil, err
+	}
+	return strings.Fields(string(out)), nil
+}
+
+func (v virshLibvirt) SecretValue(ctx context.Context, u string) ([]byte, error) {
+	out, err := v.run(ctx, "secret-get-value", u)
+	if err != nil {
+		return nil, err
+	}
+	return base64.StdEncoding.DecodeString(strings.TrimSpace(string(out)))
+}
+
+func (v virshLibvirt) TPMCheck(ctx context.Context, d string) error {
+	out, err := v.run(ctx, "qemu-monitor-command", d, `{"execute":"query-tpm"}`)
+	if err != nil {
+		return err
+	}
+	if !bytes.Contains(out, []byte(`"model"`)) {
+		return fmt.Errorf("QEMU reports no TPM device: %s", out)
+	}
+	return nil
+}
+
+func needLibvirt(t *testing.T) {
+	t.Helper()
+	if err := exec.Command("virsh", "-q", "-c", "qemu:///system", "version").Run(); err != nil {
+		if os.Getenv("NKP_E2E") == "required" {
+			t.Fatalf("libvirtd not reachable and NKP_E2E=required: run test/setup.sh (%v)", err)
+		}
+		t.Skipf("libvirtd not reachable (%v); run test/setup.sh", err)
+	}
+}
+
+// crashConfig is a Manager's configuration shared by the parent test and its children
+// (everything file-backed or in libvirtd, so a child's crash leaves it for the parent).
+func crashConfig(root string, primary int) (Config, *fileCatalog) {
+	cat := &fileCatalog{path: filepath.Join(root, "catalog.json")}
+	return Config{
+		Keys:    &fakeKeys{provider: "prov-a", primary: primary, known: primary},
+		Libvirt: virshLibvirt{tmp: root}, Catalog: cat,
+		VTPMDir: filepath.Join(root, "vtpm"), JournalDir: filepath.Join(root, "journal"),
+		SocketDir: "/run/nkp/vtpm", SwtpmRoot: filepath.Join(root, "swtpm"),
+	}, cat
+}
+
+// TestCrashChild is the process the crash tests kill: it runs one operation and sends
+// itself SIGKILL right after the named step.
+func TestCrashChild(t *testing.T) {
+	root := os.Getenv("NKP_VM_CRASH_ROOT")
+	if root == "" {
+		t.Skip("run by TestCrash")
+	}
+	primary, _ := strconv.Atoi(os.Getenv("NKP_VM_CRASH_PRIMARY"))
+	cfg, _ := crashConfig(root, primary)
+	op, step := os.Getenv("NKP_VM_CRASH_OP"), os.Getenv("NKP_VM_CRASH_STEP")
+	cfg.AfterStep = func(o, s string) {
+		if o == op && s == step {
+			syscall.Kill(os.Getpid(), syscall.SIGKILL)
+		}
+	}
+	m, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dom := os.Getenv("NKP_VM_CRASH_DOMAIN")
+	ctx := context.Background()
+	switch op {
+	case opProtect:
+		_, err = m.Protect(ctx, dom)
+	case opRekey:
+		_, err = m.Rekey(ctx, dom)
+	case opUnprotect:
+		_, err = m.Unprotect(ctx, dom, "keep")
+	}
+	t.Fatalf("step %s/%s never reached (err %v)", op, step, err)
+}
+
+// TestCrash kills a process running protect (adopting a libvirt swtpm state made by
+// swtpm_setup), rekey or unprotect right after each journaled step, against the real
+// libvirtd. Before any recovery the domain must already be bootable: its definition
+// names keys (or libvirt's swtpm) whose state is complete on disk. Then Recover must
+// settle it: journal gone, catalog equal to the definition, no state left over.
+func TestCrash(t *testing.T) {
+	needLibvirt(t)
+	seed := t.TempDir()
+	swtpmSetup(t, seed, nil)
+	orig := load(t, seed, nil)
+
+	cases := []struct {
+		op        string
+		step      string
+		committed bool
+	}{
+		{opProtect, "journal", false}, {opProtect, "staged", false}, {opProtect, "registered", false}, {opProtect, "defined", true},
+		{opRekey, "journal", false}, {opRekey, "staged", false}, {opRekey, "defined", true},
+		{opUnprotect, "journal", false}, {opUnprotect, "staged", false}, {opUnprotect, "defined", true},
+	}
+	for _, c := range cases {
+		t.Run(c.op+"/"+c.step, func(t *testing.T) {
+			ctx := context.Background()
+			root := t.TempDir()
+			var r [4]byte
+			rand.Read(r[:])
+			name := "hostdvm-crash-" + hex.EncodeToString(r[:])
+			u := uuid.NewString()
+			lv := virshLibvirt{tmp: root}
+			t.Cleanup(func() { exec.Command("virsh", "-c", "qemu:///system", "undefine", name).Run() })
+			if err := lv.DefineXML(ctx, domainXML(name, u, "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>")); err != nil {
+				t.Fatal(err)
+			}
+			libvirtDir := filepath.Join(root, "swtpm", u, "tpm2")
+			copyDir(t, seed, libvirtDir)
+
+			primary := 1
+			if c.op != opProtect {
+				cfg, _ := crashConfig(root, 1)
+				m, err := New(cfg)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, err := m.Protect(ctx, name); err != nil {
+					t.Fatal(err)
+				}
+				if c.op == opRekey {
+					primary = 2
+				}
+			}
+			before, _ := domxml.Parse(must(lv.DomainXML(ctx, u)))
+			oldObj, _ := before.Metadata.Object(domxml.ObjectVTPM)
+
+			cmd := exec.Command(os.Args[0], "-test.run=^TestCrashChild$", "-test.count=1")
+			cmd.Env = append(os.Environ(), "NKP_VM_CRASH_ROOT="+root, "NKP_VM_CRASH_DOMAIN="+name,
+				"NKP_VM_CRASH_OP="+c.op, "NKP_VM_CRASH_STEP="+c.step, "NKP_VM_CRASH_PRIMARY="+strconv.Itoa(primary))
+			out, err := cmd.CombinedOutput()
+			var ee *exec.ExitError
+			if !errors.As(err, &ee) || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
+				t.Fatalf("child was not killed at %s/%s: %v\n%s", c.op, c.step, err, out)
+			}
+
+			// Before recovery: bootable with the old keys or the new ones.
+			d, err := domxml.Parse(must(lv.DomainXML(ctx, u)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			cur, protected := d.Metadata.Object(domxml.ObjectVTPM)
+			tp, _ := d.TPM()
+			if protected {
+				if tp == nil || tp.Backend != domxml.BackendExternal {
+					t.Fatalf("metadata with key %s but TPM %+v", cur.KeyID, tp)
+				}
+				sameBlobs(t, load(t, StateDir(filepath.Join(root, "vtpm"), u, cur.KeyID), vtpmKeyBytes(t, u, cur)), orig)
+			} else {
+				if tp == nil || tp.Backend != domxml.BackendEmulator {
+					t.Fatalf("no metadata and TPM %+v", tp)
+				}
+				sameBlobs(t, load(t, libvirtDir, nil), orig)
+			}
+			isNew := map[string]bool{
+				opProtect:   protected,
+				opRekey:     cur.KeyID != oldObj.KeyID,
+				opUnprotect: !protected,
+			}[c.op]
+			if isNew != c.committed {
+				t.Fatalf("after %s/%s the domain has the new keys: %v, want %v", c.op, c.step, isNew, c.committed)
+			}
+
+			// Recovery, as at hostd's start.
+			cfg, cat := crashConfig(root, primary)
+			m, err := New(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := m.Recover(ctx); err != nil {
+				t.Fatalf("Recover: %v", err)
+			}
+			if _, err := os.Stat(m.j.path(u)); !errors.Is(err, fs.ErrNotExist) {
+				t.Fatalf("journal left after Recover: %v", err)
+			}
+			ents, _ := os.ReadDir(filepath.Join(root, "vtpm", u))
+			catObj, inCat := cat.get(u, domxml.ObjectVTPM)
+			if protected {
+				if len(ents) != 1 || ents[0].Name() != cur.KeyID {
+					t.Fatalf("state directories %v, want only %s", ents, cur.KeyID)
+				}
+				if !inCat || catObj.KeyID != cur.KeyID || catObj.KDKVersion != cur.KDKVersion {
+					t.Fatalf("catalog %+v (%v), want key %s", catObj, inCat, cur.KeyID)
+				}
+				if _, err := os.Stat(filepath.Join(libvirtDir, "tpm2-00.permall")); c.op == opProtect && c.committed && !errors.Is(err, fs.ErrNotExist) {
+					t.Fatalf("libvirt's adopted copy left: %v", err)
+				}
+			} else {
+				if len(ents) != 0 || inCat {
+					t.Fatalf("unprotected, but state directories %v and catalog %+v (%v) left", ents, catObj, inCat)
+				}
+				sameBlobs(t, load(t, libvirtDir, nil), orig)
+				if _, err := os.Stat(libvirtDir + ".nkp-new"); !errors.Is(err, fs.ErrNotExist) {
+					t.Fatalf("staging left: %v", err)
+				}
+			}
+			// And the VM can be operated on again.
+			if protected {
+				_, err = m.Unprotect(ctx, name, "keep")
+			} else {
+				_, err = m.Protect(ctx, name)
+			}
+			if err != nil {
+				t.Fatalf("next operation after recovery: %v", err)
+			}
+		})
+	}
+}
+
+func must[T any](v T, err error) T {
+	if err != nil {
+		panic(err)
+	}
+	return v
+}
+
+func copyDir(t *testing.T, from, to string) {
+	t.Helper()
+	if err := os.MkdirAll(to, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	ents, err := os.ReadDir(from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join(from, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(to, e.Name()), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+}

@@ -1,0 +1,246 @@
+package vm
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"testing"
+
+	"github.com/nkp-dev/nkp/hostd/domxml"
+	"github.com/nkp-dev/nkp/provider/apiv1"
+	"github.com/nkp-dev/nkp/provider/client"
+	"github.com/nkp-dev/nkp/provider/kdk"
+)
+
+// fakeKeys is a KDK cache with versions derived from their number (deterministic across
+// processes, for the crash tests).
+type fakeKeys struct {
+	provider string
+	primary  int // 0: none
+	known    int // versions 1..known are held
+	failWith error
+}
+
+func kdkID(v int) string { return fmt.Sprintf("00000000-0000-4000-8000-%012d", v) }
+
+func kdkBytes(v int) []byte {
+	s := sha256.Sum256([]byte(fmt.Sprintf("test KDK %d", v)))
+	return s[:]
+}
+
+func (k *fakeKeys) ProviderID() string { return k.provider }
+
+func (k *fakeKeys) Primary(context.Context) (KDK, error) {
+	if k.failWith != nil {
+		return KDK{}, k.failWith
+	}
+	if k.primary == 0 {
+		return KDK{}, errors.New("no KDK cached")
+	}
+	return KDK{ID: kdkID(k.primary), Version: k.primary}, nil
+}
+
+func (k *fakeKeys) Derive(_ context.Context, v KDK, purpose, vmUUID, keyID string) ([]byte, error) {
+	if k.failWith != nil {
+		return nil, k.failWith
+	}
+	if v.Version < 1 || v.Version > k.known || v.ID != kdkID(v.Version) {
+		return nil, fmt.Errorf("KDK version %d (%s) is not cached on this host", v.Version, v.ID)
+	}
+	return kdk.Derive(kdkBytes(v.Version), purpose, vmUUID, keyID)
+}
+
+// fileCatalog is the provider's catalog kept in a JSON file, so that a crashed child
+// process's registrations are seen by the parent.
+type fileCatalog struct {
+	path string
+	mu   sync.Mutex
+	down bool
+}
+
+func (c *fileCatalog) load() map[string]apiv1.Object {
+	m := map[string]apiv1.Object{}
+	if b, err := os.ReadFile(c.path); err == nil {
+		json.Unmarshal(b, &m)
+	}
+	return m
+}
+
+func (c *fileCatalog) save(m map[string]apiv1.Object) error {
+	b, _ := json.Marshal(m)
+	return writeFileAtomic(c.path, b)
+}
+
+func (c *fileCatalog) RegisterObject(_ context.Context, o apiv1.Object) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.down {
+		return errors.New("dial tcp 127.0.0.1:8443: connection refused")
+	}
+	m := c.load()
+	m[o.VMUUID+"/"+o.Name] = o
+	return c.save(m)
+}
+
+func (c *fileCatalog) UnregisterObject(_ context.Context, vmUUID, name string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.down {
+		return errors.New("dial tcp 127.0.0.1:8443: connection refused")
+	}
+	m := c.load()
+	if _, ok := m[vmUUID+"/"+name]; !ok {
+		return &client.APIError{Status: 404, Code: apiv1.CodeNotFound, Message: "no such object"}
+	}
+	delete(m, vmUUID+"/"+name)
+	return c.save(m)
+}
+
+func (c *fileCatalog) get(vmUUID, name string) (apiv1.Object, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	o, ok := c.load()[vmUUID+"/"+name]
+	return o, ok
+}
+
+// fakeLibvirt keeps domain definitions in memory.
+type fakeLibvirt struct {
+	mu      sync.Mutex
+	doms    map[string][]byte // by UUID
+	active  map[string]bool
+	secrets map[string][]byte
+	tpmErr  error
+	defines int
+}
+
+func newFakeLibvirt() *fakeLibvirt {
+	return &fakeLibvirt{doms: map[string][]byte{}, active: map[string]bool{}, secrets: map[string][]byte{}}
+}
+
+func (f *fakeLibvirt) find(domain string) (string, error) {
+	if _, ok := f.doms[domain]; ok {
+		return domain, nil
+	}
+	for u, x := range f.doms {
+		if d, err := domxml.Parse(x); err == nil && d.Name == domain {
+			return u, nil
+		}
+	}
+	return "", fmt.Errorf("domain %q: %w", domain, ErrNoDomain)
+}
+
+func (f *fakeLibvirt) DomainXML(_ context.Context, domain string) ([]byte, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	u, err := f.find(domain)
+	if err != nil {
+		return nil, err
+	}
+	return bytes.Clone(f.doms[u]), nil
+}
+
+func (f *fakeLibvirt) DefineXML(_ context.Context, x []byte) error {
+	d, err := domxml.Parse(x)
+	if err != nil {
+		return err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.doms[d.UUID] = bytes.Clone(x)
+	f.defines++
+	return nil
+}
+
+func (f *fakeLibvirt) IsActive(_ context.Context, domain string) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	u, err := f.find(domain)
+	if err != nil {
+		return false, err
+	}
+	return f.active[u], nil
+}
+
+func (f *fakeLibvirt) Domains(context.Context) ([]string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []string
+	for u := range f.doms {
+		out = append(out, u)
+	}
+	return out, nil
+}
+
+func (f *fakeLibvirt) SecretValue(_ context.Context, u string) ([]byte, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	v, ok := f.secrets[u]
+	if !ok {
+		return nil, fmt.Errorf("secret %s not found", u)
+	}
+	return bytes.Clone(v), nil
+}
+
+func (f *fakeLibvirt) TPMCheck(context.Context, string) error { return f.tpmErr }
+
+func (f *fakeLibvirt) domain(t *testing.T, u string) *domxml.Domain {
+	t.Helper()
+	f.mu.Lock()
+	x := f.doms[u]
+	f.mu.Unlock()
+	d, err := domxml.Parse(x)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+// domainXML is a small TCG domain; tpm is a <tpm> element or "".
+func domainXML(name, uuid, tpm string) []byte {
+	return []byte(`<domain type='qemu'>
+  <name>` + name + `</name>
+  <uuid>` + uuid + `</uuid>
+  <memory unit='MiB'>64</memory>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <controller type='usb' model='none'/>
+    ` + tpm + `
+    <memballoon model='none'/>
+  </devices>
+</domain>
+`)
+}
+
+// swtpmSetup makes a libvirt-style swtpm state directory with the real swtpm_setup (an
+// EK is created, so the state is what a used libvirt vTPM holds); pwd non-nil encrypts
+// it as libvirt does (--pwdfile, aes-256-cbc).
+func swtpmSetup(t *testing.T, dir string, pwd []byte) {
+	t.Helper()
+	if _, err := exec.LookPath("swtpm_setup"); err != nil {
+		if os.Getenv("NKP_E2E") == "required" {
+			t.Fatal("swtpm_setup not on PATH and NKP_E2E=required: install swtpm-tools")
+		}
+		t.Skip("swtpm_setup not on PATH (Debian package swtpm-tools)")
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"--tpm2", "--tpmstate", dir, "--createek", "--overwrite", "--config", "/dev/null"}
+	if pwd != nil {
+		pf := filepath.Join(t.TempDir(), "pwd")
+		if err := os.WriteFile(pf, pwd, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		args = append(args, "--pwdfile", pf, "--cipher", "aes-256-cbc")
+	}
+	if out, err := exec.Command("swtpm_setup", args...).CombinedOutput(); err != nil {
+		t.Fatalf("swtpm_setup %v: %v\n%s", args, err, out)
+	}
+}

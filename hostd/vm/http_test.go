@@ -1,0 +1,75 @@
+package vm
+
+import (
+	"context"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/nkp-dev/nkp/hostd/vm/vmapi"
+)
+
+// TestHandler drives the operations through vmapi's client over a unix socket, as
+// nkpctl does, and checks that refusals arrive with their code and sentence.
+func TestHandler(t *testing.T) {
+	e := newEnv(t)
+	e.define(t, "h1", uuid1, "")
+	sock := filepath.Join(t.TempDir(), "hostd.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle(vmapi.PathVMs, e.m.Handler())
+	mux.Handle(vmapi.PathVMs+"/", e.m.Handler())
+	srv := &http.Server{Handler: mux}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	c := vmapi.NewClient(sock)
+	ctx := context.Background()
+
+	v, err := c.Protect(ctx, "h1")
+	if err != nil || !v.Protected || v.Domain != "h1" || len(v.Objects) != 1 {
+		t.Fatalf("Protect = %+v, %v", v, err)
+	}
+	key := v.Objects[0].KeyID
+	if g, err := c.Get(ctx, uuid1); err != nil || g.Objects[0].KeyID != key {
+		t.Fatalf("Get by UUID = %+v, %v", g, err)
+	}
+	if l, err := c.List(ctx); err != nil || len(l.VMs) != 1 || l.VMs[0].UUID != uuid1 {
+		t.Fatalf("List = %+v, %v", l, err)
+	}
+	e.keys.primary, e.keys.known = 2, 2
+	if v, err := c.Rekey(ctx, "h1"); err != nil || v.Objects[0].KDKVersion != 2 || v.Objects[0].KeyID == key {
+		t.Fatalf("Rekey = %+v, %v", v, err)
+	}
+	refusals := []struct {
+		call func() error
+		code string
+		say  string
+	}{
+		{func() error { _, err := c.Get(ctx, "nope"); return err }, vmapi.CodeNotFound, `vm "nope"`},
+		{func() error { _, err := c.Protect(ctx, "h1"); return err }, vmapi.CodeAlreadyProtected, `vm "h1"`},
+		{func() error { _, err := c.Unprotect(ctx, "h1", vmapi.UnprotectRequest{TPM: "perhaps"}); return err }, vmapi.CodeBadRequest, `"perhaps"`},
+		{func() error {
+			e.lv.active[uuid1] = true
+			defer func() { e.lv.active[uuid1] = false }()
+			_, err := c.Unprotect(ctx, "h1", vmapi.UnprotectRequest{})
+			return err
+		}, vmapi.CodeRunning, "virsh shutdown h1"},
+	}
+	for _, r := range refusals {
+		err := r.call()
+		if !vmapi.IsCode(err, r.code) || !strings.Contains(err.Error(), r.say) {
+			t.Errorf("error %v: want code %s and %q", err, r.code, r.say)
+		}
+	}
+	if v, err := c.Unprotect(ctx, "h1", vmapi.UnprotectRequest{TPM: vmapi.UnprotectKeep}); err != nil || v.Protected {
+		t.Fatalf("Unprotect = %+v, %v", v, err)
+	}
+	if _, err := vmapi.NewClient(filepath.Join(t.TempDir(), "none.sock")).List(ctx); err == nil || !strings.Contains(err.Error(), "is nkp-hostd running?") {
+		t.Fatalf("no hostd: %v", err)
+	}
+}

@@ -1,0 +1,140 @@
+package vm
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/nkp-dev/nkp/hostd/domxml"
+	"golang.org/x/sys/unix"
+)
+
+// Operations in the journal.
+const (
+	opProtect   = "protect"
+	opRekey     = "rekey"
+	opUnprotect = "unprotect"
+)
+
+// entry is one VM's journal: what an operation is about to do, written before it
+// touches anything, so that recovery can finish or undo it.
+type entry struct {
+	Op     string `json:"op"`
+	Domain string `json:"domain"`
+	UUID   string `json:"uuid"`
+	// Old and New are the vTPM objects before and after ("" KeyID: none).
+	Old domxml.Object `json:"old"`
+	New domxml.Object `json:"new"`
+	// OldDir and NewDir are nkp state directories (StateDir) of Old and New.
+	OldDir string `json:"old_dir,omitempty"`
+	NewDir string `json:"new_dir,omitempty"`
+	// Adopted is libvirt's swtpm state directory that protect read (removed once the
+	// new XML is defined).
+	Adopted string `json:"adopted,omitempty"`
+	// Unprotect with the TPM kept: libvirt's state directory, where its new content is
+	// staged, where an existing one was moved aside, and whether it existed.
+	Emulator        string `json:"emulator,omitempty"`
+	Staging         string `json:"staging,omitempty"`
+	Aside           string `json:"aside,omitempty"`
+	EmulatorExisted bool   `json:"emulator_existed,omitempty"`
+}
+
+type journal struct{ dir string }
+
+func (j journal) path(uuid string) string { return filepath.Join(j.dir, uuid+".json") }
+
+func (j journal) write(e *entry) error {
+	b, err := json.MarshalIndent(e, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := writeFileAtomic(j.path(e.UUID), append(b, '\n')); err != nil {
+		return fmt.Errorf("vm %q: journal: %w", e.Domain, err)
+	}
+	return nil
+}
+
+func (j journal) read(uuid string) (*entry, error) {
+	b, err := os.ReadFile(j.path(uuid))
+	if err != nil {
+		return nil, err
+	}
+	var e entry
+	if err := json.Unmarshal(b, &e); err != nil {
+		return nil, fmt.Errorf("journal %s: %w (move it away after checking the VM by hand)", j.path(uuid), err)
+	}
+	if e.UUID != uuid {
+		return nil, fmt.Errorf("journal %s: names VM %q", j.path(uuid), e.UUID)
+	}
+	return &e, nil
+}
+
+func (j journal) remove(uuid string) error {
+	if err := os.Remove(j.path(uuid)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return syncDir(j.dir)
+}
+
+// list returns the UUIDs with a journal.
+func (j journal) list() ([]string, error) {
+	ents, err := os.ReadDir(j.dir)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, de := range ents {
+		if u, ok := strings.CutSuffix(de.Name(), ".json"); ok && !strings.HasPrefix(u, ".") {
+			out = append(out, u)
+		}
+	}
+	return out, nil
+}
+
+// writeFileAtomic writes data to path: temp file (0600), fsync, rename, fsync dir.
+// TODO(seams): use internal/atomicfile once it lands on main.
+func writeFileAtomic(path string, data []byte) (err error) {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(f.Name())
+		}
+	}()
+	if err = f.Chmod(0o600); err != nil {
+		return err
+	}
+	if _, err = f.Write(data); err != nil {
+		return err
+	}
+	if err = f.Sync(); err != nil {
+		return err
+	}
+	if err = f.Close(); err != nil {
+		return err
+	}
+	if err = os.Rename(f.Name(), path); err != nil {
+		return err
+	}
+	return syncDir(dir)
+}
+
+func syncDir(dir string) error {
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return &os.PathError{Op: "open", Path: dir, Err: err}
+	}
+	defer unix.Close(fd)
+	if err := unix.Fsync(fd); err != nil {
+		return &os.PathError{Op: "fsync", Path: dir, Err: err}
+	}
+	return nil
+}

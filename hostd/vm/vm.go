@@ -1,0 +1,717 @@
+package vm
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/nkp-dev/nkp/hostd/domxml"
+	"github.com/nkp-dev/nkp/hostd/vm/vmapi"
+	"github.com/nkp-dev/nkp/provider/apiv1"
+	"github.com/nkp-dev/nkp/provider/client"
+	"github.com/nkp-dev/nkp/provider/kdk"
+	"github.com/nkp-dev/nkp/swtpm/state"
+)
+
+// KDK names one KDK version.
+type KDK struct {
+	ID      string
+	Version int
+}
+
+// Keys is hostd's KDK cache as VM operations use it.
+type Keys interface {
+	// ProviderID is the provider this host joined.
+	ProviderID() string
+	// Primary is the current primary KDK version.
+	Primary(ctx context.Context) (KDK, error)
+	// Derive returns the key for (purpose, vmUUID, keyID) from KDK version k
+	// (provider/kdk.Derive). The caller wipes it. It fails when this host does not hold
+	// k (unknown version, or an ID that does not match the version).
+	Derive(ctx context.Context, k KDK, purpose, vmUUID, keyID string) ([]byte, error)
+}
+
+// ErrNoDomain is wrapped by Libvirt's errors for a domain that does not exist.
+var ErrNoDomain = errors.New("no such domain")
+
+// Libvirt is what VM operations ask of libvirt. domain is a name or a UUID.
+type Libvirt interface {
+	// DomainXML returns the domain's persistent definition (virsh dumpxml --inactive
+	// --security-info); an error wrapping ErrNoDomain when there is none.
+	DomainXML(ctx context.Context, domain string) ([]byte, error)
+	// DefineXML defines (replaces) a persistent domain.
+	DefineXML(ctx context.Context, xml []byte) error
+	// IsActive says whether the domain runs (or is paused, or is being started).
+	IsActive(ctx context.Context, domain string) (bool, error)
+	// Domains lists the UUIDs of the persistent domains.
+	Domains(ctx context.Context) ([]string, error)
+	// SecretValue returns a libvirt secret's value (the caller wipes it).
+	SecretValue(ctx context.Context, secretUUID string) ([]byte, error)
+	// TPMCheck checks a running domain's TPM: present in QEMU and answering.
+	TPMCheck(ctx context.Context, domain string) error
+}
+
+// Catalog is the provider's catalog of protected objects; *provider/client.Client is one.
+type Catalog interface {
+	RegisterObject(ctx context.Context, o apiv1.Object) error
+	UnregisterObject(ctx context.Context, vmUUID, name string) error
+}
+
+// Owner is a uid and gid that files are given.
+type Owner struct{ UID, GID int }
+
+// Config configures a Manager.
+type Config struct {
+	Keys    Keys
+	Libvirt Libvirt
+	Catalog Catalog
+	// VTPMDir holds the vTPM state directories (StateDir); hostd's <state>/vtpm.
+	VTPMDir string
+	// JournalDir holds the operations' journal; hostd's <state>/journal.
+	JournalDir string
+	// SocketDir is where hostd serves the vTPM sockets (/run/nkp/vtpm): the external
+	// backend's path in the domain XML is SocketDir/<uuid>.sock.
+	SocketDir string
+	// SwtpmRoot is libvirt's swtpm state root (domxml.DefaultSwtpmRoot if empty).
+	SwtpmRoot string
+	// VTPMOwner owns the vTPM state directories and files (the user nkp-swtpm runs as);
+	// nil leaves them to hostd's user.
+	VTPMOwner *Owner
+	// SwtpmOwner owns the state that unprotect hands back to libvirt (qemu.conf's
+	// swtpm_user, "tss" on Debian); nil leaves it to hostd's user.
+	SwtpmOwner *Owner
+	Log        *slog.Logger
+	// AfterStep, if set, is called after each journaled step of an operation with the
+	// operation and the step's name (tests inject crashes there). Nil in production.
+	AfterStep func(op, step string)
+}
+
+// Manager runs the VM operations. Its methods are safe for concurrent use; operations
+// that change a VM run one at a time.
+type Manager struct {
+	cfg Config
+	log *slog.Logger
+	j   journal
+
+	mu sync.Mutex // serialises Protect, Rekey, Unprotect and Recover
+}
+
+// New checks cfg and creates the directories it names (0700).
+func New(cfg Config) (*Manager, error) {
+	switch {
+	case cfg.Keys == nil:
+		return nil, errors.New("vm: Config.Keys is nil")
+	case cfg.Libvirt == nil:
+		return nil, errors.New("vm: Config.Libvirt is nil")
+	case cfg.Catalog == nil:
+		return nil, errors.New("vm: Config.Catalog is nil")
+	case !filepath.IsAbs(cfg.VTPMDir):
+		return nil, fmt.Errorf("vm: the vTPM state directory %q must be an absolute path", cfg.VTPMDir)
+	case !filepath.IsAbs(cfg.JournalDir):
+		return nil, fmt.Errorf("vm: the journal directory %q must be an absolute path", cfg.JournalDir)
+	case !filepath.IsAbs(cfg.SocketDir):
+		return nil, fmt.Errorf("vm: the vTPM socket directory %q must be an absolute path", cfg.SocketDir)
+	}
+	if cfg.SwtpmRoot == "" {
+		cfg.SwtpmRoot = domxml.DefaultSwtpmRoot
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	for _, d := range []string{cfg.VTPMDir, cfg.JournalDir} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, fmt.Errorf("vm: %w", err)
+		}
+	}
+	return &Manager{cfg: cfg, log: cfg.Log, j: journal{cfg.JournalDir}}, nil
+}
+
+// StateDir is the directory of a vTPM's state: root/<vm-uuid>/<key-id>. hostd's vTPM
+// supervisor starts nkp-swtpm there with the key derived for keyID.
+func StateDir(root, vmUUID, keyID string) string {
+	return filepath.Join(root, vmUUID, keyID)
+}
+
+// Errors of the operations, translated to vmapi codes at the HTTP edge. Each is wrapped
+// in a sentence naming the VM and what to do.
+var (
+	ErrRunning          = errors.New("the domain is running")
+	ErrAlreadyProtected = errors.New("the domain is already protected")
+	ErrNotProtected     = errors.New("the domain is not protected by nkp")
+	ErrUnsupported      = errors.New("unsupported TPM configuration")
+	ErrUnavailable      = errors.New("temporarily unavailable")
+	ErrPending          = errors.New("an interrupted operation is not finished")
+	ErrBadArgument      = errors.New("bad argument")
+)
+
+func (m *Manager) step(op, step string) {
+	if m.cfg.AfterStep != nil {
+		m.cfg.AfterStep(op, step)
+	}
+}
+
+// lookup reads a domain's persistent XML and parses it.
+func (m *Manager) lookup(ctx context.Context, domain string) ([]byte, *domxml.Domain, error) {
+	x, err := m.cfg.Libvirt.DomainXML(ctx, domain)
+	if err != nil {
+		if errors.Is(err, ErrNoDomain) {
+			return nil, nil, fmt.Errorf("vm %q: %w: check the name with virsh list --all", domain, err)
+		}
+		return nil, nil, fmt.Errorf("vm %q: reading its definition from libvirt: %w: %w", domain, ErrUnavailable, err)
+	}
+	d, err := domxml.Parse(x)
+	if err != nil {
+		return nil, nil, fmt.Errorf("vm %q: %w", domain, err)
+	}
+	if kdk.CheckUUID(d.UUID) != nil {
+		return nil, nil, fmt.Errorf("vm %q: its definition has no valid <uuid> (%q)", domain, d.UUID)
+	}
+	return x, d, nil
+}
+
+// prepare looks a domain up for a change: it must exist and be shut off, and any
+// interrupted operation on it is finished first.
+func (m *Manager) prepare(ctx context.Context, domain, what string) ([]byte, *domxml.Domain, error) {
+	_, d, err := m.lookup(ctx, domain)
+	if err != nil {
+		return nil, nil, err
+	}
+	if _, err := os.Stat(m.j.path(d.UUID)); err == nil {
+		if err := m.recoverOneLocked(ctx, d.UUID); err != nil {
+			return nil, nil, fmt.Errorf("vm %q: %w: %w; fix the cause and run the command again (hostd retries at its start too)", d.Name, ErrPending, err)
+		}
+	}
+	x, d, err := m.lookup(ctx, domain)
+	if err != nil {
+		return nil, nil, err
+	}
+	active, err := m.cfg.Libvirt.IsActive(ctx, d.UUID)
+	if err != nil {
+		return nil, nil, fmt.Errorf("vm %q: asking libvirt whether it runs: %w: %w", d.Name, ErrUnavailable, err)
+	}
+	if active {
+		return nil, nil, fmt.Errorf("vm %q: %w: %s needs it shut off (virsh shutdown %s), then run the command again", d.Name, ErrRunning, what, d.Name)
+	}
+	return x, d, nil
+}
+
+// source is an open state directory and the blobs read from it.
+type source struct {
+	dir     *state.Dir
+	blobs   map[string][]byte
+	created string // the .lock file Open created, removed again if nothing was committed
+}
+
+func (s *source) close(committed bool) {
+	for _, b := range s.blobs {
+		clear(b)
+	}
+	if s.dir != nil {
+		s.dir.Close()
+	}
+	if !committed && s.created != "" {
+		os.Remove(s.created)
+	}
+}
+
+// openSource opens dir (taking its lock) and reads every blob. key nil: swtpm's
+// plaintext files. A missing dir gives an empty source.
+func (m *Manager) openSource(dir string, key *state.Key) (*source, error) {
+	if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
+		return &source{blobs: map[string][]byte{}}, nil
+	}
+	lock := filepath.Join(dir, ".lock")
+	_, lerr := os.Lstat(lock)
+	d, err := state.Open(dir, state.Options{Key: key, Log: m.log})
+	if err != nil {
+		return nil, err
+	}
+	s := &source{dir: d, blobs: map[string][]byte{}}
+	if errors.Is(lerr, fs.ErrNotExist) {
+		s.created = lock
+	}
+	for _, n := range state.Names {
+		b, err := d.Load(n)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			s.close(false)
+			return nil, fmt.Errorf("state directory %s: %s: %w", dir, n, err)
+		}
+		s.blobs[n] = b
+	}
+	return s, nil
+}
+
+// writeState writes blobs into dir (created 0700; it must not exist yet) under key
+// (nil: swtpm's plaintext format), reads them back, and gives dir and files to owner.
+func (m *Manager) writeState(dir string, key *state.Key, blobs map[string][]byte, owner *Owner) error {
+	if err := os.MkdirAll(filepath.Dir(dir), 0o700); err != nil {
+		return err
+	}
+	if owner != nil {
+		if err := os.Lchown(filepath.Dir(dir), owner.UID, owner.GID); err != nil {
+			return err
+		}
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return err
+	}
+	d, err := state.Open(dir, state.Options{Key: key, Mode: 0o600, Log: m.log})
+	if err != nil {
+		return err
+	}
+	for _, n := range state.Names {
+		if b, ok := blobs[n]; ok {
+			if err := d.Store(n, b); err != nil {
+				d.Close()
+				return fmt.Errorf("state directory %s: writing %s: %w", dir, n, err)
+			}
+		}
+	}
+	if err := d.Close(); err != nil {
+		return err
+	}
+	// Read back through a fresh Dir: what the vTPM will load.
+	d, err = state.Open(dir, state.Options{Key: key, Log: m.log})
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	for _, n := range state.Names {
+		b, err := d.Load(n)
+		want, ok := blobs[n]
+		switch {
+		case !ok && errors.Is(err, fs.ErrNotExist):
+		case err != nil:
+			return fmt.Errorf("state directory %s: reading back %s: %w", dir, n, err)
+		case !bytes.Equal(b, want):
+			clear(b)
+			return fmt.Errorf("state directory %s: %s read back differs from what was written", dir, n)
+		default:
+			clear(b)
+		}
+	}
+	if owner != nil {
+		err := filepath.WalkDir(dir, func(p string, _ fs.DirEntry, err error) error {
+			if err != nil {
+				return err
+			}
+			return os.Lchown(p, owner.UID, owner.GID)
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return syncDir(filepath.Dir(dir))
+}
+
+// vtpmKey derives a vTPM state key.
+func (m *Manager) vtpmKey(ctx context.Context, name, uuid string, o domxml.Object) (*state.Key, error) {
+	b, err := m.cfg.Keys.Derive(ctx, KDK{ID: o.KDKID, Version: o.KDKVersion}, kdk.PurposeVTPM, uuid, o.KeyID)
+	if err != nil {
+		return nil, fmt.Errorf("vm %q: key %s: deriving from KDK version %d: %w: %w", name, o.KeyID, o.KDKVersion, ErrUnavailable, err)
+	}
+	defer clear(b)
+	return state.NewKey(b)
+}
+
+// newObject makes a vTPM object on the primary KDK version.
+func (m *Manager) newObject(ctx context.Context, name string) (domxml.Object, error) {
+	p, err := m.cfg.Keys.Primary(ctx)
+	if err != nil {
+		return domxml.Object{}, fmt.Errorf("vm %q: no primary KDK version on this host: %w: %w (check that nkp-hostd joined and synced with the provider)", name, ErrUnavailable, err)
+	}
+	return domxml.Object{Name: domxml.ObjectVTPM, KeyID: kdk.NewKeyID(), KDKID: p.ID, KDKVersion: p.Version}, nil
+}
+
+func (m *Manager) register(ctx context.Context, uuid string, o domxml.Object) error {
+	return m.cfg.Catalog.RegisterObject(ctx, apiv1.Object{VMUUID: uuid, Name: o.Name, KeyID: o.KeyID, KDKID: o.KDKID, KDKVersion: o.KDKVersion})
+}
+
+func (m *Manager) unregister(ctx context.Context, uuid, name string) error {
+	err := m.cfg.Catalog.UnregisterObject(ctx, uuid, name)
+	if client.IsCode(err, apiv1.CodeNotFound) {
+		return nil
+	}
+	return err
+}
+
+// Protect protects a shut-off domain: a new vTPM, or the domain's libvirt-managed
+// swtpm state adopted (EK, NV and sealed secrets kept), re-encrypted under a key derived
+// from the primary KDK version; the catalog entry; nkp's metadata and the external TPM
+// backend in the domain's definition.
+func (m *Manager) Protect(ctx context.Context, domain string) (vmapi.VM, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	x, d, err := m.prepare(ctx, domain, "protect")
+	if err != nil {
+		return vmapi.VM{}, err
+	}
+	if d.Metadata != nil {
+		o, _ := d.Metadata.Object(domxml.ObjectVTPM)
+		return vmapi.VM{}, fmt.Errorf("vm %q: %w (vTPM key %s); see nkpctl vm status %s", d.Name, ErrAlreadyProtected, o.KeyID, d.Name)
+	}
+	tp, err := d.TPM()
+	if err != nil {
+		return vmapi.VM{}, fmt.Errorf("vm %q: %w: %w", d.Name, ErrUnsupported, err)
+	}
+	var src *source
+	note := "new vTPM"
+	model := ""
+	if tp != nil {
+		model = tp.Model
+		switch tp.Backend {
+		case domxml.BackendEmulator:
+			if tp.Version == "1.2" {
+				return vmapi.VM{}, fmt.Errorf("vm %q: %w: its TPM is version 1.2; nkp provides TPM 2.0 only (change <backend version> with virsh edit, losing that TPM's state, or leave the VM unprotected)", d.Name, ErrUnsupported)
+			}
+			dir := tp.EmulatorStateDir(m.cfg.SwtpmRoot, d.UUID)
+			src, err = m.openEmulator(ctx, d, tp, dir)
+			if err != nil {
+				return vmapi.VM{}, err
+			}
+			if len(src.blobs) > 0 {
+				note = "adopted libvirt's swtpm state from " + dir
+			} else {
+				note = "new vTPM (libvirt's swtpm had no state yet in " + dir + ")"
+			}
+		default:
+			return vmapi.VM{}, fmt.Errorf("vm %q: %w: its TPM has a %q backend; nkp adopts only libvirt's emulator (swtpm): remove the <tpm> with virsh edit to get a new nkp vTPM", d.Name, ErrUnsupported, tp.Backend)
+		}
+	} else {
+		src = &source{blobs: map[string][]byte{}}
+	}
+	committed := false
+	defer func() { src.close(committed) }()
+
+	obj, err := m.newObject(ctx, d.Name)
+	if err != nil {
+		return vmapi.VM{}, err
+	}
+	key, err := m.vtpmKey(ctx, d.Name, d.UUID, obj)
+	if err != nil {
+		return vmapi.VM{}, err
+	}
+	defer key.Wipe()
+	meta := &domxml.Metadata{ProviderID: m.cfg.Keys.ProviderID(), Objects: []domxml.Object{obj}}
+	ext := domxml.External(model, domxml.SocketPath(m.cfg.SocketDir, d.UUID))
+	nx, err := domxml.SetMetadata(x, meta)
+	if err == nil {
+		nx, err = domxml.SetTPM(nx, &ext)
+	}
+	if err != nil {
+		return vmapi.VM{}, fmt.Errorf("vm %q: %w", d.Name, err)
+	}
+	e := &entry{Op: opProtect, Domain: d.Name, UUID: d.UUID, New: obj, NewDir: StateDir(m.cfg.VTPMDir, d.UUID, obj.KeyID)}
+	if src.dir != nil && len(src.blobs) > 0 {
+		e.Adopted = tp.EmulatorStateDir(m.cfg.SwtpmRoot, d.UUID)
+	}
+	if err := m.j.write(e); err != nil {
+		return vmapi.VM{}, err
+	}
+	m.step(opProtect, "journal")
+	fail := func(err error) (vmapi.VM, error) {
+		if rerr := m.recoverOneLocked(ctx, d.UUID); rerr != nil {
+			m.log.Warn("vm: rolling back protect", "vm", d.Name, "err", rerr)
+		}
+		return vmapi.VM{}, err
+	}
+	if err := m.writeState(e.NewDir, key, src.blobs, m.cfg.VTPMOwner); err != nil {
+		return fail(fmt.Errorf("vm %q: key %s: writing the vTPM state: %w", d.Name, obj.KeyID, err))
+	}
+	m.step(opProtect, "staged")
+	if err := m.register(ctx, d.UUID, obj); err != nil {
+		return fail(fmt.Errorf("vm %q: key %s: registering in the provider's catalog: %w: %w; nothing was changed on this host, try again when the provider answers", d.Name, obj.KeyID, ErrUnavailable, err))
+	}
+	m.step(opProtect, "registered")
+	if err := m.cfg.Libvirt.DefineXML(ctx, nx); err != nil {
+		return fail(fmt.Errorf("vm %q: key %s: defining the protected domain: %w", d.Name, obj.KeyID, err))
+	}
+	committed = true
+	m.step(opProtect, "defined")
+	src.close(true)
+	src = &source{}
+	if err := m.recoverOneLocked(ctx, d.UUID); err != nil {
+		m.log.Warn("vm: protect: cleaning up (retried at hostd's start)", "vm", d.Name, "err", err)
+	}
+	m.log.Info("vm protected", "vm", d.Name, "uuid", d.UUID, "key_id", obj.KeyID, "kdk_version", obj.KDKVersion, "how", note)
+	v, err := m.Status(ctx, d.UUID)
+	v.Note = note
+	return v, err
+}
+
+// openEmulator opens libvirt's swtpm state of a domain, with the libvirt secret's
+// passphrase when the state is encrypted (libvirt passes it to swtpm as pwdfd with
+// mode aes-256-cbc).
+func (m *Manager) openEmulator(ctx context.Context, d *domxml.Domain, tp *domxml.TPM, dir string) (*source, error) {
+	var key *state.Key
+	if tp.EncryptionSecret != "" {
+		pw, err := m.cfg.Libvirt.SecretValue(ctx, tp.EncryptionSecret)
+		if err != nil {
+			return nil, fmt.Errorf("vm %q: reading libvirt secret %s, the passphrase of its swtpm state: %w (check virsh secret-get-value %s)", d.Name, tp.EncryptionSecret, err, tp.EncryptionSecret)
+		}
+		key, err = passphraseKey(pw)
+		clear(pw)
+		if err != nil {
+			return nil, fmt.Errorf("vm %q: libvirt secret %s: %w", d.Name, tp.EncryptionSecret, err)
+		}
+		defer key.Wipe()
+	}
+	src, err := m.openSource(dir, key)
+	if err != nil {
+		if errors.Is(err, state.ErrLocked) {
+			return nil, fmt.Errorf("vm %q: %w: its swtpm state %s is in use by another process: %w", d.Name, ErrRunning, dir, err)
+		}
+		return nil, fmt.Errorf("vm %q: reading its libvirt-managed swtpm state: %w; nothing was changed", d.Name, err)
+	}
+	return src, nil
+}
+
+// passphraseKey turns a libvirt secret's value into swtpm's state key the way swtpm
+// reads libvirt's "--key pwdfd=N,mode=aes-256-cbc": through a pipe, so the passphrase is
+// in no file.
+func passphraseKey(pw []byte) (*state.Key, error) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	if len(pw) > 60000 {
+		r.Close()
+		w.Close()
+		return nil, errors.New("the passphrase is longer than 60000 bytes")
+	}
+	_, werr := w.Write(pw)
+	w.Close()
+	if werr != nil {
+		r.Close()
+		return nil, werr
+	}
+	fd, err := dupFD(r)
+	r.Close()
+	if err != nil {
+		return nil, err
+	}
+	return state.ParseKey(state.KeySpec{Source: state.PwdFD, FD: fd, Mode: state.ModeAES256CBC}, nil)
+}
+
+// Rekey re-encrypts a shut-off domain's vTPM state under a new key derived from the
+// primary KDK version, and updates the catalog.
+func (m *Manager) Rekey(ctx context.Context, domain string) (vmapi.VM, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	x, d, err := m.prepare(ctx, domain, "rekey")
+	if err != nil {
+		return vmapi.VM{}, err
+	}
+	old, ok := d.Metadata.Object(domxml.ObjectVTPM)
+	if !ok {
+		return vmapi.VM{}, fmt.Errorf("vm %q: %w (no nkp vTPM in its metadata); protect it first with nkpctl vm protect %s", d.Name, ErrNotProtected, d.Name)
+	}
+	if err := m.ownProvider(d); err != nil {
+		return vmapi.VM{}, err
+	}
+	p, err := m.cfg.Keys.Primary(ctx)
+	if err != nil {
+		return vmapi.VM{}, fmt.Errorf("vm %q: no primary KDK version on this host: %w: %w", d.Name, ErrUnavailable, err)
+	}
+	if p.ID == old.KDKID {
+		v, err := m.Status(ctx, d.UUID)
+		v.Note = fmt.Sprintf("already on the primary KDK version %d (key %s): nothing to do", p.Version, old.KeyID)
+		return v, err
+	}
+	oldKey, err := m.vtpmKey(ctx, d.Name, d.UUID, old)
+	if err != nil {
+		return vmapi.VM{}, err
+	}
+	defer oldKey.Wipe()
+	oldDir := StateDir(m.cfg.VTPMDir, d.UUID, old.KeyID)
+	src, err := m.openSource(oldDir, oldKey)
+	if err != nil {
+		if errors.Is(err, state.ErrLocked) {
+			return vmapi.VM{}, fmt.Errorf("vm %q: key %s: %w: its vTPM state is in use (is its nkp-swtpm still running?): %w", d.Name, old.KeyID, ErrRunning, err)
+		}
+		return vmapi.VM{}, fmt.Errorf("vm %q: key %s: reading the vTPM state: %w; nothing was changed", d.Name, old.KeyID, err)
+	}
+	committed := false
+	defer func() { src.close(committed) }()
+	obj := domxml.Object{Name: domxml.ObjectVTPM, KeyID: kdk.NewKeyID(), KDKID: p.ID, KDKVersion: p.Version}
+	newKey, err := m.vtpmKey(ctx, d.Name, d.UUID, obj)
+	if err != nil {
+		return vmapi.VM{}, err
+	}
+	defer newKey.Wipe()
+	meta := d.Metadata.Clone()
+	meta.SetObject(obj)
+	nx, err := domxml.SetMetadata(x, meta)
+	if err != nil {
+		return vmapi.VM{}, fmt.Errorf("vm %q: %w", d.Name, err)
+	}
+	e := &entry{Op: opRekey, Domain: d.Name, UUID: d.UUID, Old: old, New: obj, OldDir: oldDir, NewDir: StateDir(m.cfg.VTPMDir, d.UUID, obj.KeyID)}
+	if err := m.j.write(e); err != nil {
+		return vmapi.VM{}, err
+	}
+	m.step(opRekey, "journal")
+	fail := func(err error) (vmapi.VM, error) {
+		if rerr := m.recoverOneLocked(ctx, d.UUID); rerr != nil {
+			m.log.Warn("vm: rolling back rekey", "vm", d.Name, "err", rerr)
+		}
+		return vmapi.VM{}, err
+	}
+	if err := m.writeState(e.NewDir, newKey, src.blobs, m.cfg.VTPMOwner); err != nil {
+		return fail(fmt.Errorf("vm %q: key %s: writing the vTPM state: %w", d.Name, obj.KeyID, err))
+	}
+	m.step(opRekey, "staged")
+	if err := m.cfg.Libvirt.DefineXML(ctx, nx); err != nil {
+		return fail(fmt.Errorf("vm %q: key %s: defining the rekeyed domain: %w", d.Name, obj.KeyID, err))
+	}
+	committed = true
+	m.step(opRekey, "defined")
+	src.close(true)
+	src = &source{}
+	if err := m.recoverOneLocked(ctx, d.UUID); err != nil {
+		m.log.Warn("vm: rekey: updating the catalog and removing the old state (retried at hostd's start)", "vm", d.Name, "err", err)
+	}
+	m.log.Info("vm rekeyed", "vm", d.Name, "uuid", d.UUID, "old_key_id", old.KeyID, "key_id", obj.KeyID, "kdk_version", obj.KDKVersion)
+	v, err := m.Status(ctx, d.UUID)
+	v.Note = fmt.Sprintf("vTPM moved from key %s (KDK version %d) to key %s (KDK version %d)", old.KeyID, old.KDKVersion, obj.KeyID, obj.KDKVersion)
+	return v, err
+}
+
+// Unprotect gives a shut-off domain's vTPM back to libvirt: with tpm "keep" (the
+// default) its state is written, decrypted, as libvirt's swtpm state and the domain gets
+// <backend type='emulator'>; with "none" the vTPM and its state are removed. nkp's
+// metadata and catalog entry go.
+func (m *Manager) Unprotect(ctx context.Context, domain, tpm string) (vmapi.VM, error) {
+	if tpm == "" {
+		tpm = vmapi.UnprotectKeep
+	}
+	if tpm != vmapi.UnprotectKeep && tpm != vmapi.UnprotectNone {
+		return vmapi.VM{}, fmt.Errorf("vm %q: unprotect: %w: tpm %q: want %q or %q", domain, ErrBadArgument, tpm, vmapi.UnprotectKeep, vmapi.UnprotectNone)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	x, d, err := m.prepare(ctx, domain, "unprotect")
+	if err != nil {
+		return vmapi.VM{}, err
+	}
+	old, ok := d.Metadata.Object(domxml.ObjectVTPM)
+	if !ok {
+		return vmapi.VM{}, fmt.Errorf("vm %q: %w: nothing to unprotect", d.Name, ErrNotProtected)
+	}
+	if err := m.ownProvider(d); err != nil {
+		return vmapi.VM{}, err
+	}
+	tp, _ := d.TPM()
+	model := ""
+	if tp != nil {
+		model = tp.Model
+	}
+	e := &entry{Op: opUnprotect, Domain: d.Name, UUID: d.UUID, Old: old, OldDir: StateDir(m.cfg.VTPMDir, d.UUID, old.KeyID)}
+	src := &source{blobs: map[string][]byte{}}
+	var emu *domxml.TPM
+	if tpm == vmapi.UnprotectKeep {
+		key, err := m.vtpmKey(ctx, d.Name, d.UUID, old)
+		if err != nil {
+			return vmapi.VM{}, fmt.Errorf("%w; to drop the vTPM and its state instead, use --tpm none", err)
+		}
+		src, err = m.openSource(e.OldDir, key)
+		key.Wipe()
+		if err != nil {
+			if errors.Is(err, state.ErrLocked) {
+				return vmapi.VM{}, fmt.Errorf("vm %q: key %s: %w: its vTPM state is in use: %w", d.Name, old.KeyID, ErrRunning, err)
+			}
+			return vmapi.VM{}, fmt.Errorf("vm %q: key %s: reading the vTPM state: %w; nothing was changed", d.Name, old.KeyID, err)
+		}
+		emu = &domxml.TPM{Model: model, Backend: domxml.BackendEmulator, Version: "2.0"}
+		if emu.Model == "" {
+			emu.Model = "tpm-crb"
+		}
+		e.Emulator = emu.EmulatorStateDir(m.cfg.SwtpmRoot, d.UUID)
+		e.Staging = e.Emulator + ".nkp-new"
+		if _, err := os.Lstat(e.Emulator); err == nil {
+			e.EmulatorExisted = true
+			e.Aside = e.Emulator + ".before-nkp-" + strconv.FormatInt(time.Now().Unix(), 10)
+		}
+	}
+	committed := false
+	defer func() { src.close(committed) }()
+	meta := d.Metadata.Clone()
+	meta.RemoveObject(domxml.ObjectVTPM)
+	if len(meta.Objects) == 0 {
+		meta = nil
+	}
+	nx, err := domxml.SetMetadata(x, meta)
+	if err == nil {
+		nx, err = domxml.SetTPM(nx, emu)
+	}
+	if err != nil {
+		return vmapi.VM{}, fmt.Errorf("vm %q: %w", d.Name, err)
+	}
+	if err := m.j.write(e); err != nil {
+		return vmapi.VM{}, err
+	}
+	m.step(opUnprotect, "journal")
+	fail := func(err error) (vmapi.VM, error) {
+		if rerr := m.recoverOneLocked(ctx, d.UUID); rerr != nil {
+			m.log.Warn("vm: rolling back unprotect", "vm", d.Name, "err", rerr)
+		}
+		return vmapi.VM{}, err
+	}
+	if emu != nil {
+		os.RemoveAll(e.Staging) // a leftover of an earlier attempt
+		if err := m.writeState(e.Staging, nil, src.blobs, m.cfg.SwtpmOwner); err != nil {
+			return fail(fmt.Errorf("vm %q: writing libvirt's swtpm state %s: %w", d.Name, e.Staging, err))
+		}
+		os.Remove(filepath.Join(e.Staging, ".lock")) // libvirt's swtpm creates its own
+		if e.Aside != "" {
+			if err := os.Rename(e.Emulator, e.Aside); err != nil {
+				return fail(fmt.Errorf("vm %q: moving the existing %s aside: %w", d.Name, e.Emulator, err))
+			}
+		}
+		if err := os.Rename(e.Staging, e.Emulator); err != nil {
+			return fail(fmt.Errorf("vm %q: %w", d.Name, err))
+		}
+		if err := syncDir(filepath.Dir(e.Emulator)); err != nil {
+			return fail(fmt.Errorf("vm %q: %w", d.Name, err))
+		}
+		m.step(opUnprotect, "staged")
+	}
+	if err := m.cfg.Libvirt.DefineXML(ctx, nx); err != nil {
+		return fail(fmt.Errorf("vm %q: defining the unprotected domain: %w", d.Name, err))
+	}
+	committed = true
+	m.step(opUnprotect, "defined")
+	src.close(true)
+	src = &source{}
+	if err := m.recoverOneLocked(ctx, d.UUID); err != nil {
+		m.log.Warn("vm: unprotect: removing the catalog entry and nkp's state (retried at hostd's start)", "vm", d.Name, "err", err)
+	}
+	m.log.Info("vm unprotected", "vm", d.Name, "uuid", d.UUID, "key_id", old.KeyID, "tpm", tpm)
+	v, err := m.Status(ctx, d.UUID)
+	if emu != nil {
+		v.Note = "the vTPM is libvirt's swtpm again, its state (unencrypted, as libvirt keeps it) in " + e.Emulator
+		if e.Aside != "" {
+			v.Note += "; the directory that was there is kept as " + e.Aside
+		}
+	} else {
+		v.Note = "the vTPM and its state were removed"
+	}
+	return v, err
+}
+
+func (m *Manager) ownProvider(d *domxml.Domain) error {
+	if p := m.cfg.Keys.ProviderID(); d.Metadata.ProviderID != p {
+		return fmt.Errorf("vm %q: its keys come from provider %s, this host is joined to provider %s: run the command on a host of that provider", d.Name, d.Metadata.ProviderID, p)
+	}
+	return nil
+}

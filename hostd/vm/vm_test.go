@@ -1,0 +1,416 @@
+package vm
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/nkp-dev/nkp/hostd/domxml"
+	"github.com/nkp-dev/nkp/hostd/vm/vmapi"
+	"github.com/nkp-dev/nkp/provider/kdk"
+	"github.com/nkp-dev/nkp/swtpm/state"
+)
+
+const (
+	uuid1  = "5b0c6a1e-8f3d-4c2b-9a7e-1d2f3a4b5c6d"
+	secret = "6dd3e4a5-1d76-44ce-961f-f119f5aad935"
+)
+
+type env struct {
+	m    *Manager
+	lv   *fakeLibvirt
+	keys *fakeKeys
+	cat  *fileCatalog
+	root string
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	root := t.TempDir()
+	e := &env{lv: newFakeLibvirt(), keys: &fakeKeys{provider: "prov-a", primary: 1, known: 1},
+		cat: &fileCatalog{path: filepath.Join(root, "catalog.json")}, root: root}
+	m, err := New(Config{Keys: e.keys, Libvirt: e.lv, Catalog: e.cat,
+		VTPMDir: filepath.Join(root, "vtpm"), JournalDir: filepath.Join(root, "journal"),
+		SocketDir: "/run/nkp/vtpm", SwtpmRoot: filepath.Join(root, "swtpm")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.m = m
+	return e
+}
+
+func (e *env) define(t *testing.T, name, uuid, tpm string) {
+	t.Helper()
+	if err := e.lv.DefineXML(context.Background(), domainXML(name, uuid, tpm)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// load reads every blob of a state directory with key (nil: plaintext).
+func load(t *testing.T, dir string, key []byte) map[string][]byte {
+	t.Helper()
+	var k *state.Key
+	if key != nil {
+		var err error
+		if k, err = state.NewKey(key); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d, err := state.Open(dir, state.Options{Key: k})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	out := map[string][]byte{}
+	for _, n := range state.Names {
+		b, err := d.Load(n)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			t.Fatalf("%s: %s: %v", dir, n, err)
+		}
+		out[n] = b
+	}
+	return out
+}
+
+func sameBlobs(t *testing.T, got, want map[string][]byte) {
+	t.Helper()
+	if len(got) != len(want) {
+		t.Fatalf("blobs %d, want %d", len(got), len(want))
+	}
+	for n, w := range want {
+		if !bytes.Equal(got[n], w) {
+			t.Fatalf("blob %s differs (%d bytes, want %d)", n, len(got[n]), len(w))
+		}
+	}
+}
+
+func vtpmKeyBytes(t *testing.T, uuid string, o domxml.Object) []byte {
+	t.Helper()
+	b, err := kdk.Derive(kdkBytes(o.KDKVersion), kdk.PurposeVTPM, uuid, o.KeyID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// checkProtected checks that the domain is nkp's with its vTPM object on KDK version
+// v, that the state directory of that key holds want under the derived key, that the
+// catalog has the same entry, and that no other state directory or journal is left.
+func (e *env) checkProtected(t *testing.T, uuid string, v int, want map[string][]byte) domxml.Object {
+	t.Helper()
+	d := e.lv.domain(t, uuid)
+	o, ok := d.Metadata.Object(domxml.ObjectVTPM)
+	if !ok || o.KDKVersion != v || o.KDKID != kdkID(v) || d.Metadata.ProviderID != "prov-a" {
+		t.Fatalf("metadata = %+v, want a vTPM on KDK version %d", d.Metadata, v)
+	}
+	tp, _ := d.TPM()
+	if tp == nil || tp.Backend != domxml.BackendExternal || tp.SocketPath != "/run/nkp/vtpm/"+uuid+".sock" {
+		t.Fatalf("TPM = %+v", tp)
+	}
+	sameBlobs(t, load(t, StateDir(e.m.cfg.VTPMDir, uuid, o.KeyID), vtpmKeyBytes(t, uuid, o)), want)
+	c, ok := e.cat.get(uuid, domxml.ObjectVTPM)
+	if !ok || c.KeyID != o.KeyID || c.KDKID != o.KDKID || c.KDKVersion != v {
+		t.Fatalf("catalog = %+v, %v; want key %s", c, ok, o.KeyID)
+	}
+	ents, _ := os.ReadDir(filepath.Join(e.m.cfg.VTPMDir, uuid))
+	if len(ents) != 1 || ents[0].Name() != o.KeyID {
+		t.Fatalf("state directories of %s: %v, want only %s", uuid, ents, o.KeyID)
+	}
+	if _, err := os.Stat(e.m.j.path(uuid)); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("journal left: %v", err)
+	}
+	return o
+}
+
+func TestProtectNewVTPM(t *testing.T) {
+	e := newEnv(t)
+	e.define(t, "new1", uuid1, "")
+	v, err := e.m.Protect(context.Background(), "new1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !v.Protected || len(v.Objects) != 1 || !v.Objects[0].Primary || v.Note != "new vTPM" || v.TPM != "stopped" || len(v.Problems) != 0 {
+		t.Fatalf("status = %+v", v)
+	}
+	o := e.checkProtected(t, uuid1, 1, map[string][]byte{})
+	if v.Objects[0].KeyID != o.KeyID {
+		t.Fatalf("status key %s, XML key %s", v.Objects[0].KeyID, o.KeyID)
+	}
+	fi, err := os.Stat(StateDir(e.m.cfg.VTPMDir, uuid1, o.KeyID))
+	if err != nil || fi.Mode().Perm() != 0o700 {
+		t.Fatalf("state dir: %v %v", fi, err)
+	}
+}
+
+// TestAdoptRekeyUnprotect takes a libvirt-managed swtpm state made by the real
+// swtpm_setup (plaintext, and encrypted under a libvirt secret as libvirt does), adopts
+// it, rekeys it to a new KDK version, and gives it back to libvirt: the TPM's state
+// (EK, NV) must be the same bytes at every stage.
+func TestAdoptRekeyUnprotect(t *testing.T) {
+	for _, encrypted := range []bool{false, true} {
+		t.Run(map[bool]string{false: "plaintext", true: "libvirt secret"}[encrypted], func(t *testing.T) {
+			ctx := context.Background()
+			e := newEnv(t)
+			tpm := "<tpm model='tpm-tis'><backend type='emulator' version='2.0'/></tpm>"
+			var pwd []byte
+			if encrypted {
+				pwd = []byte("libvirt secret value")
+				e.lv.secrets[secret] = pwd
+				tpm = "<tpm model='tpm-tis'><backend type='emulator' version='2.0'><encryption secret='" + secret + "'/></backend></tpm>"
+			}
+			e.define(t, "adopt1", uuid1, tpm)
+			libvirtDir := filepath.Join(e.m.cfg.SwtpmRoot, uuid1, "tpm2")
+			swtpmSetup(t, libvirtDir, pwd)
+			var orig map[string][]byte
+			if encrypted {
+				k, err := passphraseKey(pwd)
+				if err != nil {
+					t.Fatal(err)
+				}
+				orig = load(t, libvirtDir, k.Bytes())
+			} else {
+				orig = load(t, libvirtDir, nil)
+			}
+			if len(orig["permall"]) < 1000 {
+				t.Fatalf("swtpm_setup's permall is %d bytes", len(orig["permall"]))
+			}
+
+			v, err := e.m.Protect(ctx, "adopt1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !strings.Contains(v.Note, "adopted libvirt's swtpm state from "+libvirtDir) {
+				t.Fatalf("note %q", v.Note)
+			}
+			o1 := e.checkProtected(t, uuid1, 1, orig)
+			if tp, _ := e.lv.domain(t, uuid1).TPM(); tp.Model != "tpm-tis" {
+				t.Fatalf("model %q, want tpm-tis kept", tp.Model)
+			}
+			if _, err := os.Stat(filepath.Join(libvirtDir, "tpm2-00.permall")); !errors.Is(err, fs.ErrNotExist) {
+				t.Fatalf("libvirt's plaintext copy left after adoption: %v", err)
+			}
+
+			// Rotate: version 2 becomes primary.
+			e.keys.primary, e.keys.known = 2, 2
+			if v, _ := e.m.Status(ctx, "adopt1"); v.Objects[0].Primary {
+				t.Fatalf("status after rotation says primary: %+v", v)
+			}
+			v, err = e.m.Rekey(ctx, "adopt1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			o2 := e.checkProtected(t, uuid1, 2, orig)
+			if o2.KeyID == o1.KeyID || !v.Objects[0].Primary {
+				t.Fatalf("rekey kept key %s / status %+v", o1.KeyID, v)
+			}
+			v, err = e.m.Rekey(ctx, "adopt1")
+			if err != nil || !strings.Contains(v.Note, "nothing to do") {
+				t.Fatalf("second rekey: %+v %v", v, err)
+			}
+
+			v, err = e.m.Unprotect(ctx, "adopt1", "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			d := e.lv.domain(t, uuid1)
+			tp, _ := d.TPM()
+			if d.Metadata != nil || tp == nil || tp.Backend != domxml.BackendEmulator || tp.Model != "tpm-tis" || tp.Version != "2.0" || v.Protected {
+				t.Fatalf("after unprotect: metadata %+v, TPM %+v, status %+v", d.Metadata, tp, v)
+			}
+			sameBlobs(t, load(t, libvirtDir, nil), orig)
+			if _, ok := e.cat.get(uuid1, domxml.ObjectVTPM); ok {
+				t.Fatal("catalog entry left after unprotect")
+			}
+			if _, err := os.Stat(filepath.Join(e.m.cfg.VTPMDir, uuid1)); !errors.Is(err, fs.ErrNotExist) {
+				t.Fatalf("nkp state left after unprotect: %v", err)
+			}
+
+			// And protect adopts it again.
+			if _, err := e.m.Protect(ctx, "adopt1"); err != nil {
+				t.Fatal(err)
+			}
+			e.checkProtected(t, uuid1, 2, orig)
+		})
+	}
+}
+
+func TestUnprotectNone(t *testing.T) {
+	e := newEnv(t)
+	e.define(t, "n1", uuid1, "")
+	if _, err := e.m.Protect(context.Background(), uuid1); err != nil {
+		t.Fatal(err)
+	}
+	v, err := e.m.Unprotect(context.Background(), "n1", vmapi.UnprotectNone)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := e.lv.domain(t, uuid1)
+	if d.Metadata != nil || len(d.TPMs) != 0 || v.Note != "the vTPM and its state were removed" {
+		t.Fatalf("after unprotect --tpm none: %+v %+v", d, v)
+	}
+	if _, err := os.Stat(filepath.Join(e.m.cfg.VTPMDir, uuid1)); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("state left: %v", err)
+	}
+}
+
+// TestRefusals: every refusal is a sentence naming the VM (and the key when there is
+// one), wraps the error the API translates, and changes nothing.
+func TestRefusals(t *testing.T) {
+	ctx := context.Background()
+	tests := []struct {
+		name  string
+		setup func(e *env)
+		op    func(e *env) error
+		is    error
+		want  []string
+	}{
+		{"protect running", func(e *env) { e.lv.active[uuid1] = true },
+			func(e *env) error { _, err := e.m.Protect(ctx, "r1"); return err }, ErrRunning, []string{`vm "r1"`, "virsh shutdown r1"}},
+		{"protect unknown", nil,
+			func(e *env) error { _, err := e.m.Protect(ctx, "nope"); return err }, ErrNoDomain, []string{`vm "nope"`, "virsh list --all"}},
+		{"protect twice", func(e *env) { e.m.Protect(ctx, "r1") },
+			func(e *env) error { _, err := e.m.Protect(ctx, "r1"); return err }, ErrAlreadyProtected, []string{`vm "r1"`, "vTPM key ", "nkpctl vm status r1"}},
+		{"passthrough TPM", func(e *env) {
+			e.lv.DefineXML(ctx, domainXML("r1", uuid1, "<tpm model='tpm-tis'><backend type='passthrough'><device path='/dev/tpm0'/></backend></tpm>"))
+		}, func(e *env) error { _, err := e.m.Protect(ctx, "r1"); return err }, ErrUnsupported, []string{`vm "r1"`, `"passthrough" backend`}},
+		{"TPM 1.2", func(e *env) {
+			e.lv.DefineXML(ctx, domainXML("r1", uuid1, "<tpm model='tpm-tis'><backend type='emulator' version='1.2'/></tpm>"))
+		}, func(e *env) error { _, err := e.m.Protect(ctx, "r1"); return err }, ErrUnsupported, []string{`vm "r1"`, "1.2"}},
+		{"catalog down", func(e *env) { e.cat.down = true },
+			func(e *env) error { _, err := e.m.Protect(ctx, "r1"); return err }, ErrUnavailable, []string{`vm "r1"`, "key ", "nothing was changed"}},
+		{"no KDK", func(e *env) { e.keys.primary = 0 },
+			func(e *env) error { _, err := e.m.Protect(ctx, "r1"); return err }, ErrUnavailable, []string{`vm "r1"`, "no primary KDK"}},
+		{"rekey unprotected", nil,
+			func(e *env) error { _, err := e.m.Rekey(ctx, "r1"); return err }, ErrNotProtected, []string{`vm "r1"`, "nkpctl vm protect r1"}},
+		{"unprotect unprotected", nil,
+			func(e *env) error { _, err := e.m.Unprotect(ctx, "r1", ""); return err }, ErrNotProtected, []string{`vm "r1"`}},
+		{"unprotect bad choice", nil,
+			func(e *env) error { _, err := e.m.Unprotect(ctx, "r1", "maybe"); return err }, ErrBadArgument, []string{`vm "r1"`, `"keep"`}},
+		{"rekey with unknown KDK", func(e *env) { e.m.Protect(ctx, "r1"); e.keys.primary, e.keys.known = 3, 1 },
+			func(e *env) error { _, err := e.m.Rekey(ctx, "r1"); return err }, ErrUnavailable, []string{`vm "r1"`, "key ", "KDK version 3"}},
+		{"rekey running", func(e *env) { e.m.Protect(ctx, "r1"); e.keys.primary, e.keys.known = 2, 2; e.lv.active[uuid1] = true },
+			func(e *env) error { _, err := e.m.Rekey(ctx, "r1"); return err }, ErrRunning, []string{`vm "r1"`, "shut off"}},
+		{"other provider", func(e *env) { e.m.Protect(ctx, "r1"); e.keys.provider = "prov-b" },
+			func(e *env) error { _, err := e.m.Unprotect(ctx, "r1", ""); return err }, nil, []string{`vm "r1"`, "provider prov-a", "joined to provider prov-b"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := newEnv(t)
+			e.define(t, "r1", uuid1, "")
+			if tt.setup != nil {
+				tt.setup(e)
+			}
+			before := e.lv.domain(t, uuid1)
+			beforeCat, _ := e.cat.get(uuid1, domxml.ObjectVTPM)
+			defines := e.lv.defines
+			err := tt.op(e)
+			if err == nil {
+				t.Fatal("no error")
+			}
+			if tt.is != nil && !errors.Is(err, tt.is) {
+				t.Fatalf("error %v does not wrap %v", err, tt.is)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not say %q", err, w)
+				}
+			}
+			if e.lv.defines != defines {
+				t.Errorf("the domain was redefined")
+			}
+			if after := e.lv.domain(t, uuid1); !equalMeta(after.Metadata, before.Metadata) {
+				t.Errorf("metadata changed: %+v -> %+v", before.Metadata, after.Metadata)
+			}
+			e.cat.down = false
+			if err := e.m.Recover(ctx); err != nil {
+				t.Fatalf("Recover: %v", err)
+			}
+			if c, _ := e.cat.get(uuid1, domxml.ObjectVTPM); c != beforeCat {
+				t.Errorf("catalog changed: %+v -> %+v", beforeCat, c)
+			}
+			if _, err := os.Stat(e.m.j.path(uuid1)); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("journal left behind: %v", err)
+			}
+			o, _ := before.Metadata.Object(domxml.ObjectVTPM)
+			ents, _ := os.ReadDir(filepath.Join(e.m.cfg.VTPMDir, uuid1))
+			if o.KeyID == "" && len(ents) != 0 || o.KeyID != "" && (len(ents) != 1 || ents[0].Name() != o.KeyID) {
+				t.Errorf("state directories %v, want only %q", ents, o.KeyID)
+			}
+		})
+	}
+}
+
+func equalMeta(a, b *domxml.Metadata) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	return a.ProviderID == b.ProviderID && slicesEqual(a.Objects, b.Objects)
+}
+
+func slicesEqual(a, b []domxml.Object) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func TestStatusRunning(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t)
+	e.define(t, "s1", uuid1, "")
+	if _, err := e.m.Protect(ctx, "s1"); err != nil {
+		t.Fatal(err)
+	}
+	e.lv.active[uuid1] = true
+	v, err := e.m.Status(ctx, "s1")
+	if err != nil || v.TPM != "ok" || !v.Running || len(v.Problems) != 0 {
+		t.Fatalf("running, TPM answering: %+v %v", v, err)
+	}
+	e.lv.tpmErr = errors.New("query-tpm: no TPM device")
+	v, err = e.m.Status(ctx, "s1")
+	if err != nil || !strings.Contains(v.TPM, "no TPM device") || len(v.Problems) != 1 || !strings.Contains(v.Problems[0], v.Objects[0].KeyID) {
+		t.Fatalf("running, TPM silent: %+v %v", v, err)
+	}
+	e.define(t, "plain", "5b0c6a1e-8f3d-4c2b-9a7e-000000000001", "")
+	l, err := e.m.List(ctx)
+	if err != nil || len(l) != 1 || l[0].Domain != "s1" {
+		t.Fatalf("List = %+v, %v; want only the protected s1", l, err)
+	}
+}
+
+func TestPassphraseKeyMatchesSwtpm(t *testing.T) {
+	// A state encrypted by swtpm_setup with --pwdfile and aes-256-cbc (what libvirt
+	// does with a secret) must open with passphraseKey of the same passphrase and not
+	// with another.
+	dir := t.TempDir()
+	swtpmSetup(t, dir, []byte("pw-1"))
+	k, err := passphraseKey([]byte("pw-1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b := load(t, dir, k.Bytes()); len(b["permall"]) == 0 {
+		t.Fatal("no permall")
+	}
+	bad, _ := passphraseKey([]byte("pw-2"))
+	d, err := state.Open(dir, state.Options{Key: bad})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if _, err := d.Load("permall"); !errors.Is(err, state.ErrAuth) {
+		t.Fatalf("wrong passphrase: %v, want ErrAuth", err)
+	}
+}
