@@ -379,3 +379,14 @@ func checkView(t *testing.T, what string, v tpmView, nv string) {
 		t.Errorf("%s: NV %q, want %q", what, v.nv, nv)
 	}
 }
+
+// uplink joins h to the root network namespace on subnet 10.78.n.0/24 (see
+// libvirtns.Uplink): servers there, such as the provider, are reachable from h.
+func uplink(t *testing.T, h *libvirtns.Host, n int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := libvirtns.Uplink(ctx, h, n); err != nil {
+		t.Fatal(err)
+	}
+}

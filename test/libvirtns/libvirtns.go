@@ -77,6 +77,10 @@ type Host struct {
 	NetNS string // ip netns name
 	URI   string // libvirt URI of this Host's libvirtd, usable from outside
 	IP    string // address on the link to another Host ("" before Link)
+	// Gateway is the root network namespace's address on the Host's uplink ("" before
+	// Uplink): a server in the root namespace listening there is reachable from every
+	// Host with an uplink (each has its default route through its own uplink).
+	Gateway string
 
 	cfg      Config
 	holder   *exec.Cmd
@@ -471,6 +475,37 @@ func Link(ctx context.Context, a, b *Host, n int) error {
 		}
 	}
 	a.IP, b.IP = ipA, ipB
+	return nil
+}
+
+// Uplink joins h to the root network namespace with a veth pair on subnet 10.78.N.0/24
+// (N from 1 to 254): the root side is 10.78.N.1 (h.Gateway), h's side 10.78.N.2, and h's
+// default route goes through it. Every address of the root namespace is then reachable
+// from h, so a server listening on one Host's Gateway serves all Hosts with an uplink.
+func Uplink(ctx context.Context, h *Host, n int) error {
+	if n < 1 || n > 254 {
+		return fmt.Errorf("libvirtns: uplink %s: subnet number %d out of 1..254", h.Name, n)
+	}
+	suffix := make([]byte, 3)
+	rand.Read(suffix)
+	ir, ih := "nkpr"+hex.EncodeToString(suffix), "nkph"+hex.EncodeToString(suffix)
+	gw, ip := fmt.Sprintf("10.78.%d.1", n), fmt.Sprintf("10.78.%d.2", n)
+	steps := [][]string{
+		{"link", "add", ir, "type", "veth", "peer", "name", ih},
+		{"link", "set", ih, "netns", h.NetNS},
+		{"addr", "add", gw + "/24", "dev", ir},
+		{"-n", h.NetNS, "addr", "add", ip + "/24", "dev", ih},
+		{"link", "set", ir, "up"},
+		{"-n", h.NetNS, "link", "set", ih, "up"},
+		{"-n", h.NetNS, "route", "add", "default", "via", gw},
+	}
+	for _, s := range steps {
+		if out, err := exec.CommandContext(ctx, "ip", s...).CombinedOutput(); err != nil {
+			exec.Command("ip", "link", "del", ir).Run()
+			return fmt.Errorf("libvirtns: uplink %s: ip %s: %w: %s", h.Name, strings.Join(s, " "), err, bytes.TrimSpace(out))
+		}
+	}
+	h.Gateway = gw
 	return nil
 }
 
