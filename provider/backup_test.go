@@ -388,7 +388,7 @@ func TestRestoreDropsTokens(t *testing.T) {
 	}
 	h := newHost(t)
 	_, err = dst.p.Enroll(ctx, provider.EnrollRequest{Token: tok.Secret, CSR: h.csr, Hostname: "kvm-late"})
-	if !errors.Is(err, provider.ErrTokenInvalid) || !strings.Contains(err.Error(), "never issued") {
+	if !errors.Is(err, provider.ErrTokenInvalid) || !strings.Contains(err.Error(), "no token of this provider has this ID and secret") {
 		t.Fatalf("pre-backup token after restore: %v, want ErrTokenInvalid", err)
 	}
 	dst.enroll(t, "kvm-late", nil) // with a token of the restored provider

@@ -70,19 +70,24 @@ func splitToken(secret string) (string, error) {
 	return id, nil
 }
 
-// checkToken returns nil if the token may be used now.
+// checkToken returns nil if the token may be used now. An unknown token ID and a wrong
+// secret give the same error (and both compare a hash), so a caller learns nothing about
+// which token IDs exist.
 func checkToken(tx store.Tx, id, secret string, now time.Time) (tokenRecord, error) {
 	var t tokenRecord
 	err := getJSON(tx, bucketTokens, id, &t)
-	if errors.Is(err, store.ErrNotFound) {
-		return t, fmt.Errorf("token %s: %w: this provider never issued it; create one with `nkpctl provider token create`", id, ErrTokenInvalid)
-	}
-	if err != nil {
+	known := err == nil
+	if err != nil && !errors.Is(err, store.ErrNotFound) {
 		return t, err
 	}
 	sum := sha256.Sum256([]byte(secret))
-	if subtle.ConstantTimeCompare(sum[:], t.SecretHash) != 1 {
-		return t, fmt.Errorf("token %s: %w: the secret is wrong", id, ErrTokenInvalid)
+	want := t.SecretHash
+	if !known {
+		want = make([]byte, sha256.Size)
+	}
+	if subtle.ConstantTimeCompare(sum[:], want) != 1 || !known {
+		return tokenRecord{}, fmt.Errorf("token %s: %w: no token of this provider has this ID and secret; "+
+			"copy the whole token that `nkpctl provider token create` printed, or create a new one", id, ErrTokenInvalid)
 	}
 	if t.Used != nil {
 		return t, fmt.Errorf("token %s: %w at %s by host %s; tokens are single use, create a new one", id, ErrTokenUsed, t.Used.Format(time.RFC3339), t.HostID)

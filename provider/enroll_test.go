@@ -203,3 +203,32 @@ func TestTokenRace(t *testing.T) {
 		t.Fatalf("%d enrollments succeeded and %d hosts exist, want 1 and 1", ok, len(hosts))
 	}
 }
+
+// TestTokenErrorsSayOneThing: a token whose ID was never issued and a real token ID with
+// a wrong secret are refused with the same sentence, so a caller cannot probe which IDs
+// exist.
+func TestTokenErrorsSayOneThing(t *testing.T) {
+	ctx := context.Background()
+	e := initEnv(t, provider.Policy{})
+	real, err := e.p.CreateToken(ctx, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unknown := uuid.NewString()
+	h := newHost(t)
+	msg := func(token, id string) string {
+		_, err := e.p.Enroll(ctx, provider.EnrollRequest{Token: token, CSR: h.csr, Hostname: "h"})
+		if !errors.Is(err, provider.ErrTokenInvalid) {
+			t.Fatalf("Enroll with %q: %v, want ErrTokenInvalid", token, err)
+		}
+		return strings.ReplaceAll(err.Error(), id, "ID")
+	}
+	wrongSecret := msg(real.ID+".AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", real.ID)
+	neverIssued := msg(unknown+".AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", unknown)
+	if wrongSecret != neverIssued {
+		t.Fatalf("the refusals differ:\n wrong secret: %s\n never issued: %s", wrongSecret, neverIssued)
+	}
+	if !strings.Contains(wrongSecret, "token create") {
+		t.Fatalf("refusal %q does not say the way out", wrongSecret)
+	}
+}
