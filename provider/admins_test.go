@@ -108,9 +108,9 @@ func TestAdminRevocation(t *testing.T) {
 	}
 
 	// A backup carries the revocations; a restore keeps them.
-	archive := e.backup(t, "pw")
+	archive := e.backup(t, "pw: correct horse battery")
 	dst := newEnv(t)
-	if _, err := dst.p.Restore(ctx, bytes.NewReader(archive), []byte("pw"), false); err != nil {
+	if _, err := dst.p.Restore(ctx, bytes.NewReader(archive), []byte("pw: correct horse battery"), false); err != nil {
 		t.Fatal(err)
 	}
 	if err := dst.p.AuthorizeAdmin(ctx, bob); !errors.Is(err, provider.ErrAdminRevoked) {

@@ -56,8 +56,12 @@ func (b pendingBackup) info() BackupInfo {
 // caller computes after storing the archive durably and opening it again with the
 // passphrase) marks the KDK versions it holds as backed up, making the provider Active. A
 // backup never confirmed leaves the state as it was. The passphrase never leaves this
-// call; the caller wipes it.
+// call; the caller wipes it. A passphrase that breaks backup.CheckPassphrase's rule is
+// refused with ErrBadRequest; archives are always written at age's default scrypt cost.
 func (p *Provider) Backup(ctx context.Context, w io.Writer, passphrase []byte) (BackupInfo, error) {
+	if err := backup.CheckPassphrase(passphrase); err != nil {
+		return BackupInfo{}, fmt.Errorf("backup: %w: %w", ErrBadRequest, err)
+	}
 	var doc *backup.Document
 	err := p.st.View(ctx, func(tx store.Tx) error {
 		var err error
@@ -69,7 +73,7 @@ func (p *Provider) Backup(ctx context.Context, w io.Writer, passphrase []byte) (
 	}
 	defer doc.Wipe()
 	sum := sha256.New()
-	n, err := backup.Write(io.MultiWriter(w, sum), passphrase, doc, backup.WriteOptions{WorkFactor: p.cfg.BackupWorkFactor})
+	n, err := p.cfg.writeArchive(io.MultiWriter(w, sum), passphrase, doc)
 	if err != nil {
 		return BackupInfo{}, fmt.Errorf("backup of provider %s: %w", doc.ProviderID, err)
 	}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/nkp-dev/nkp/provider"
 	"github.com/nkp-dev/nkp/provider/audit"
+	"github.com/nkp-dev/nkp/provider/backup"
 	"github.com/nkp-dev/nkp/provider/store"
 	"github.com/nkp-dev/nkp/provider/store/mem"
 )
@@ -113,7 +114,7 @@ func TestBackupRestore(t *testing.T) {
 func TestRestoreRefusesBadArchives(t *testing.T) {
 	ctx := context.Background()
 	src := initEnv(t, provider.Policy{})
-	archive := src.backup(t, "pass")
+	archive := src.backup(t, "pass: correct horse battery")
 	flipped := bytes.Clone(archive)
 	flipped[len(flipped)-10] ^= 0x40
 	tests := []struct {
@@ -123,10 +124,10 @@ func TestRestoreRefusesBadArchives(t *testing.T) {
 		want error
 	}{
 		{"wrong passphrase", archive, "Pass", provider.ErrBadPassphrase},
-		{"truncated", archive[:len(archive)-17], "pass", provider.ErrBadArchive},
-		{"half", archive[:len(archive)/2], "pass", provider.ErrBadArchive},
-		{"tampered", flipped, "pass", provider.ErrBadArchive},
-		{"empty", nil, "pass", provider.ErrBadArchive},
+		{"truncated", archive[:len(archive)-17], "pass: correct horse battery", provider.ErrBadArchive},
+		{"half", archive[:len(archive)/2], "pass: correct horse battery", provider.ErrBadArchive},
+		{"tampered", flipped, "pass: correct horse battery", provider.ErrBadArchive},
+		{"empty", nil, "pass: correct horse battery", provider.ErrBadArchive},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -146,14 +147,14 @@ func TestRestoreRefusesBadArchives(t *testing.T) {
 
 func TestBackupRefusals(t *testing.T) {
 	ctx := context.Background()
-	if _, err := newEnv(t).p.Backup(ctx, &bytes.Buffer{}, []byte("p")); !errors.Is(err, provider.ErrNotInitialized) {
+	if _, err := newEnv(t).p.Backup(ctx, &bytes.Buffer{}, []byte("p: correct horse battery")); !errors.Is(err, provider.ErrNotInitialized) {
 		t.Fatalf("backup before init: %v", err)
 	}
 	e := initEnv(t, provider.Policy{})
 	if _, err := e.p.Backup(ctx, &bytes.Buffer{}, nil); err == nil {
 		t.Fatal("backup with an empty passphrase succeeded")
 	}
-	if _, err := e.p.Backup(ctx, failWriter{}, []byte("p")); err == nil {
+	if _, err := e.p.Backup(ctx, failWriter{}, []byte("p: correct horse battery")); err == nil {
 		t.Fatal("backup to a failing writer succeeded")
 	}
 	if st, _ := e.p.Status(ctx); st.State != provider.StateNotBackedUp || !st.LastBackup.IsZero() {
@@ -178,7 +179,7 @@ func TestStoreFailuresLoseNothing(t *testing.T) {
 	ctx := context.Background()
 	e := initEnv(t, provider.Policy{})
 	h := e.enroll(t, "kvm-01", nil)
-	e.backup(t, "p")
+	e.backup(t, "p: correct horse battery")
 	ms := e.st.(*mem.Store)
 	before, _ := e.p.Status(ctx)
 
@@ -267,7 +268,7 @@ func TestBackupDuringRotate(t *testing.T) {
 	ctx := context.Background()
 	e := initEnv(t, provider.Policy{})
 	w := &rotatingWriter{rotate: func() error { _, err := e.p.Rotate(ctx); return err }}
-	info, err := e.p.Backup(ctx, w, []byte("p"))
+	info, err := e.p.Backup(ctx, w, []byte("p: correct horse battery"))
 	if err != nil || w.err != nil {
 		t.Fatalf("Backup: %v; Rotate during it: %v", err, w.err)
 	}
@@ -281,7 +282,7 @@ func TestBackupDuringRotate(t *testing.T) {
 	if st.State != provider.StateNotBackedUp || !st.KDKs[0].BackedUp || st.KDKs[1].BackedUp {
 		t.Fatalf("after a backup that missed version 2: %+v", st)
 	}
-	e.backup(t, "p")
+	e.backup(t, "p: correct horse battery")
 	if st, _ := e.p.Status(ctx); st.State != provider.StateActive {
 		t.Fatalf("after the next backup: %s, want Active", st.State)
 	}
@@ -297,7 +298,7 @@ func TestBackupConfirm(t *testing.T) {
 	e := initEnv(t, provider.Policy{}, func(c *provider.Config) { c.Now = func() time.Time { return clock() } })
 	h := e.enroll(t, "kvm-01", nil)
 	var buf bytes.Buffer
-	info, err := e.p.Backup(ctx, &buf, []byte("p"))
+	info, err := e.p.Backup(ctx, &buf, []byte("p: correct horse battery"))
 	if err != nil {
 		t.Fatalf("Backup: %v", err)
 	}
@@ -359,7 +360,7 @@ func TestBackupConfirm(t *testing.T) {
 	if _, err := e.p.Rotate(ctx); err != nil {
 		t.Fatal(err)
 	}
-	late, err := e.p.Backup(ctx, io.Discard, []byte("p"))
+	late, err := e.p.Backup(ctx, io.Discard, []byte("p: correct horse battery"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -381,9 +382,9 @@ func TestRestoreDropsTokens(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	archive := src.backup(t, "pw")
+	archive := src.backup(t, "pw: correct horse battery")
 	dst := newEnv(t)
-	if _, err := dst.p.Restore(ctx, bytes.NewReader(archive), []byte("pw"), false); err != nil {
+	if _, err := dst.p.Restore(ctx, bytes.NewReader(archive), []byte("pw: correct horse battery"), false); err != nil {
 		t.Fatal(err)
 	}
 	h := newHost(t)
@@ -392,4 +393,24 @@ func TestRestoreDropsTokens(t *testing.T) {
 		t.Fatalf("pre-backup token after restore: %v, want ErrTokenInvalid", err)
 	}
 	dst.enroll(t, "kvm-late", nil) // with a token of the restored provider
+}
+
+// TestBackupRefusesWeakPassphrase: a passphrase that breaks the rule is refused with
+// ErrBadRequest and the rule, before anything is written or recorded.
+func TestBackupRefusesWeakPassphrase(t *testing.T) {
+	ctx := context.Background()
+	e := initEnv(t, provider.Policy{})
+	for _, pass := range []string{"x", "hunter2", "aaaaaaaaaaaaaaaaaaaaaaaa"} {
+		var buf bytes.Buffer
+		_, err := e.p.Backup(ctx, &buf, []byte(pass))
+		if !errors.Is(err, provider.ErrBadRequest) || !errors.Is(err, backup.ErrWeakPassphrase) || !strings.Contains(err.Error(), backup.PassphraseRule) {
+			t.Fatalf("Backup with %q: %v, want ErrBadRequest stating the rule", pass, err)
+		}
+		if buf.Len() != 0 {
+			t.Fatalf("Backup with %q wrote %d bytes", pass, buf.Len())
+		}
+	}
+	if st, err := e.p.Status(ctx); err != nil || st.PendingBackups != 0 {
+		t.Fatalf("status after refused backups: %+v, %v; want no pending backup", st, err)
+	}
 }

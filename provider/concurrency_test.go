@@ -25,7 +25,7 @@ func TestConcurrentReleases(t *testing.T) {
 	if err := e.p.Revoke(ctx, revoked.id); err != nil {
 		t.Fatal(err)
 	}
-	e.backup(t, "p")
+	e.backup(t, "p: correct horse battery")
 	ref, err := e.p.Release(ctx, hosts[0].id)
 	if err != nil {
 		t.Fatal(err)
@@ -90,7 +90,7 @@ func TestConcurrentReleases(t *testing.T) {
 func TestReleaseCanceled(t *testing.T) {
 	e := initEnv(t, provider.Policy{})
 	h := e.enroll(t, "kvm", nil)
-	e.backup(t, "p")
+	e.backup(t, "p: correct horse battery")
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	if _, err := e.p.Release(ctx, h.id); err == nil {
@@ -130,7 +130,7 @@ func TestReleaseAuditWindow(t *testing.T) {
 	e := initEnv(t, provider.Policy{})
 	h := e.enroll(t, "kvm-01", nil)
 	other := e.enroll(t, "kvm-02", nil)
-	e.backup(t, "p")
+	e.backup(t, "p: correct horse battery")
 	count := func() map[string]int {
 		recs, err := e.p.Audit(ctx, 1000)
 		if err != nil {
@@ -164,7 +164,7 @@ func TestReleaseAuditWindow(t *testing.T) {
 	if _, err := e.p.Rotate(ctx); err != nil {
 		t.Fatal(err)
 	}
-	e.backup(t, "p")
+	e.backup(t, "p: correct horse battery")
 	if _, err := e.p.Release(ctx, h.id); err != nil {
 		t.Fatal(err)
 	}

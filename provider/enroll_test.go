@@ -136,7 +136,7 @@ func TestAuthorizeHost(t *testing.T) {
 	if _, err := e.p.AuthorizeHost(ctx, good.cert); !errors.Is(err, provider.ErrHostUnknown) {
 		t.Fatalf("expired certificate: %v, want ErrHostUnknown", err)
 	}
-	e.backup(t, "p")
+	e.backup(t, "p: correct horse battery")
 	for _, id := range []string{uuid.NewString(), "", "../x"} {
 		if _, err := e.p.Release(ctx, id); !errors.Is(err, provider.ErrHostUnknown) {
 			t.Fatalf("release to unknown host %q: %v, want ErrHostUnknown", id, err)

@@ -22,7 +22,7 @@ import (
 func Example() {
 	ctx := context.Background()
 	rk, _ := rootkey.Generate() // production: rootkey.Create/Load(dir + "/root.key")
-	p, err := provider.Open(ctx, provider.Config{Store: mem.New(), RootKey: rk, Log: slog.New(slog.DiscardHandler), BackupWorkFactor: 10})
+	p, err := provider.Open(ctx, provider.Config{Store: mem.New(), RootKey: rk, Log: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		panic(err)
 	}

@@ -75,7 +75,8 @@ func open(t testing.TB, st store.Store, rk *rootkey.Key, c *clock, opts ...func(
 	t.Helper()
 	logs := &syncBuffer{}
 	log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	cfg := provider.Config{Store: st, RootKey: rk, Log: log, Now: c.Now, BackupWorkFactor: 10}
+	cfg := provider.Config{Store: st, RootKey: rk, Log: log, Now: c.Now}
+	provider.CheapBackups(&cfg)
 	for _, o := range opts {
 		o(&cfg)
 	}

@@ -47,7 +47,7 @@ func TestLifecycle(t *testing.T) {
 		t.Fatalf("Release before backup: %v", err)
 	}
 
-	archive1 := e.backup(t, "pass one")
+	archive1 := e.backup(t, "pass one: correct horse battery")
 	st, _ = e.p.Status(ctx)
 	if st.State != provider.StateActive || st.LastBackup.IsZero() || st.Hosts != 1 || !st.KDKs[0].BackedUp {
 		t.Fatalf("status after backup: %+v", st)
@@ -69,7 +69,7 @@ func TestLifecycle(t *testing.T) {
 	if _, err := e.p.Release(ctx, h.id); !errors.Is(err, provider.ErrNotBackedUp) {
 		t.Fatalf("Release after rotate: %v, want ErrNotBackedUp", err)
 	}
-	e.backup(t, "pass two")
+	e.backup(t, "pass two: correct horse battery")
 	rel, err = e.p.Release(ctx, h.id)
 	if err != nil || len(rel) != 2 || rel[0].Version != 1 || rel[0].Primary || rel[1].Version != 2 || !rel[1].Primary {
 		t.Fatalf("release after rotate and backup: %+v, %v", rel, err)
@@ -123,7 +123,7 @@ func TestLifecycle(t *testing.T) {
 
 	// The old archive still restores the retired version (into another provider).
 	r := newEnv(t)
-	if _, err := r.p.Restore(ctx, bytes.NewReader(archive1), []byte("pass one"), false); err != nil {
+	if _, err := r.p.Restore(ctx, bytes.NewReader(archive1), []byte("pass one: correct horse battery"), false); err != nil {
 		t.Fatal(err)
 	}
 
@@ -158,7 +158,7 @@ func TestPolicy(t *testing.T) {
 	ctx := context.Background()
 	e := initEnv(t, provider.Policy{})
 	h := e.enroll(t, "kvm-01", nil)
-	e.backup(t, "p")
+	e.backup(t, "p: correct horse battery")
 	if _, err := e.p.Release(ctx, h.id); err != nil {
 		t.Fatal(err)
 	}
@@ -193,7 +193,7 @@ func TestRevokeOnOtherReplica(t *testing.T) {
 	a := initEnv(t, provider.Policy{})
 	b := open(t, a.st, a.rk, a.clock) // a second replica over the same store
 	h := a.enroll(t, "kvm-01", nil)
-	a.backup(t, "p")
+	a.backup(t, "p: correct horse battery")
 	if _, err := b.p.AuthorizeHost(ctx, h.cert); err != nil {
 		t.Fatalf("replica b: %v", err)
 	}
@@ -224,12 +224,12 @@ func TestForcedRestoreSeenByOtherReplica(t *testing.T) {
 	ctx := context.Background()
 	src := initEnv(t, provider.Policy{})
 	h := src.enroll(t, "kvm", nil)
-	archive := src.backup(t, "p")
+	archive := src.backup(t, "p: correct horse battery")
 
 	a := initEnv(t, provider.Policy{})
 	b := open(t, a.st, a.rk, a.clock)
 	old := b.p.CAHash() // b caches the replaced provider's CA
-	if _, err := a.p.Restore(ctx, bytes.NewReader(archive), []byte("p"), true); err != nil {
+	if _, err := a.p.Restore(ctx, bytes.NewReader(archive), []byte("p: correct horse battery"), true); err != nil {
 		t.Fatal(err)
 	}
 	if got := b.p.CAHash(); got == old || got != src.p.CAHash() {

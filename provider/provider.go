@@ -14,6 +14,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/nkp-dev/nkp/provider/audit"
+	"github.com/nkp-dev/nkp/provider/backup"
 	"github.com/nkp-dev/nkp/provider/ca"
 	"github.com/nkp-dev/nkp/provider/rootkey"
 	"github.com/nkp-dev/nkp/provider/store"
@@ -43,13 +44,14 @@ type Config struct {
 	HostCertValidity   time.Duration
 	AdminCertValidity  time.Duration
 	ServerCertValidity time.Duration
-	// BackupWorkFactor is the scrypt work factor (log2 N) of backup archives; 0 means
-	// age's default (18). Tests lower it.
-	BackupWorkFactor int
 	// ReleaseAuditWindow: a host fetching the same KDK versions again within this window
 	// is served from a read-only check, without a new audit record (the next record counts
 	// the repeats). 0 means DefaultReleaseAuditWindow; negative records every release.
 	ReleaseAuditWindow time.Duration
+
+	// writeArchive encrypts backup archives; nil means backup.Write (age's default scrypt
+	// cost). Only this package's tests set it (export_test.go), to a cheaper cost.
+	writeArchive func(w io.Writer, passphrase []byte, d *backup.Document) (int64, error)
 }
 
 // Validate names the first missing or bad field.
@@ -111,6 +113,9 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 	}
 	if cfg.ReleaseAuditWindow == 0 {
 		cfg.ReleaseAuditWindow = DefaultReleaseAuditWindow
+	}
+	if cfg.writeArchive == nil {
+		cfg.writeArchive = backup.Write
 	}
 	p := &Provider{st: cfg.Store, rk: cfg.RootKey, log: cfg.Log, now: cfg.Now, cfg: cfg,
 		seen: map[string]*releaseSeen{}, verified: map[[32]byte]verifiedCert{}}

@@ -28,7 +28,7 @@ func TestPruneAudit(t *testing.T) {
 		}
 	}
 	e.clock.Advance(time.Hour)
-	archive := e.backup(t, "pw") // records 4 (written, head 3) and 5 (confirmed), anchor 3
+	archive := e.backup(t, "pw: correct horse battery") // records 4 (written, head 3) and 5 (confirmed), anchor 3
 
 	steps := []struct {
 		name       string
@@ -51,7 +51,7 @@ func TestPruneAudit(t *testing.T) {
 	}
 	for _, st := range steps {
 		if st.backup {
-			e.backup(t, "pw") // head 6 (prune record) is the new anchor
+			e.backup(t, "pw: correct horse battery") // head 6 (prune record) is the new anchor
 		}
 		got, err := e.p.PruneAudit(ctx, st.before, st.dryRun)
 		if !errors.Is(err, st.wantErr) || (err == nil) != (st.wantErr == nil) {
@@ -77,7 +77,7 @@ func TestPruneAudit(t *testing.T) {
 
 	// A restored provider has no confirmed backup of its own log yet.
 	dst := newEnv(t)
-	if _, err := dst.p.Restore(ctx, bytes.NewReader(archive), []byte("pw"), false); err != nil {
+	if _, err := dst.p.Restore(ctx, bytes.NewReader(archive), []byte("pw: correct horse battery"), false); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := dst.p.PruneAudit(ctx, hour(100), false); !errors.Is(err, provider.ErrNotBackedUp) {
@@ -100,7 +100,7 @@ func TestPruneAuditLong(t *testing.T) {
 	if _, err := e.p.CreateToken(ctx, time.Hour); err != nil { // the record the backup anchors
 		t.Fatal(err)
 	}
-	e.backup(t, "pw")
+	e.backup(t, "pw: correct horse battery")
 	got, err := e.p.PruneAudit(ctx, e.clock.Now(), false)
 	if err != nil || got.Deleted != n+1 || got.Through != uint64(n+1) {
 		t.Fatalf("PruneAudit = %+v, %v; want %d records deleted", got, err, n+1)

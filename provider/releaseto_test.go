@@ -74,7 +74,7 @@ func TestReleaseToOnReplicas(t *testing.T) {
 			}
 			b := open(t, sb, rk, c)
 			h0, h1 := a.enroll(t, "kvm-0", nil), a.enroll(t, "kvm-1", nil)
-			a.backup(t, "p")
+			a.backup(t, "p: correct horse battery")
 
 			// fetch has b release to h and returns the versions it got.
 			fetch := func(h *host) (string, error) {
@@ -131,7 +131,7 @@ func TestReleaseToOnReplicas(t *testing.T) {
 				{"revoke on a", func() error { return a.p.Revoke(ctx, h0.id) }, h0, "", provider.ErrHostRevoked},
 				{"other host unaffected", func() error { return nil }, h1, "[1]", nil},
 				{"rotate on a", func() error { _, err := a.p.Rotate(ctx); return err }, h1, "", provider.ErrNotBackedUp},
-				{"backup on a", func() error { a.backup(t, "p"); return nil }, h1, "[1 2]", nil},
+				{"backup on a", func() error { a.backup(t, "p: correct horse battery"); return nil }, h1, "[1 2]", nil},
 				{"retire on a", func() error { return a.p.Retire(ctx, 1) }, h1, "[2]", nil},
 				{"nil certificate", func() error { return nil }, &host{}, "", provider.ErrHostUnknown},
 			}

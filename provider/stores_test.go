@@ -66,7 +66,7 @@ func TestReplicasOnEveryStore(t *testing.T) {
 			for i := range hosts {
 				hosts[i] = a.enroll(t, fmt.Sprintf("kvm-%d", i), nil)
 			}
-			a.backup(t, "p")
+			a.backup(t, "p: correct horse battery")
 			before, err := a.p.Audit(ctx, 1)
 			if err != nil {
 				t.Fatal(err)
@@ -167,7 +167,7 @@ func TestBoltReadOnly(t *testing.T) {
 		t.Fatal(err)
 	}
 	h := e.enroll(t, "kvm", nil)
-	e.backup(t, "p")
+	e.backup(t, "p: correct horse battery")
 	s.Close()
 
 	ro, err := boltstore.Open(path, boltstore.Options{ReadOnly: true})

@@ -79,8 +79,8 @@ func TestReleaseToTPM(t *testing.T) {
 			if _, err := e.p.Rotate(ctx); err != nil {
 				t.Fatal(err)
 			}
-			archive := e.backup(t, "pass")
-			doc, _, err := backup.Read(bytes.NewReader(archive), []byte("pass"))
+			archive := e.backup(t, "pass: correct horse battery")
+			doc, _, err := backup.Read(bytes.NewReader(archive), []byte("pass: correct horse battery"))
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -60,6 +60,7 @@ import (
 	"fmt"
 	"io"
 	"time"
+	"unicode/utf8"
 
 	"filippo.io/age"
 	"github.com/google/uuid"
@@ -77,7 +78,8 @@ const (
 const (
 	// MaxPlaintext bounds the decrypted document a reader accepts.
 	MaxPlaintext = 64 << 20
-	// DefaultWorkFactor is age's own scrypt default (log2 N), about a second here.
+	// DefaultWorkFactor is age's own scrypt default (log2 N), about a second and 256 MiB
+	// per guess here: every archive is written with it.
 	DefaultWorkFactor = 18
 	// MaxWorkFactor is the highest scrypt work factor a reader accepts (age's own limit).
 	MaxWorkFactor = 22
@@ -337,17 +339,59 @@ func Parse(plaintext []byte) (*Document, error) {
 	return &d, nil
 }
 
-// WriteOptions tune Write.
-type WriteOptions struct {
-	// WorkFactor is scrypt's log2 N; 0 means DefaultWorkFactor. Tests use ~10.
-	WorkFactor int
+// The passphrase rule (CheckPassphrase). The archive holds every KDK and the CA key,
+// and anyone who copies it can guess passphrases offline for as long as they like; age's
+// scrypt at DefaultWorkFactor makes each guess cost about a second of CPU and 256 MiB, so
+// a phrase of five random words (~64 bits, what `age -p` and diceware make) is out of
+// reach, while a word or a short PIN falls in hours. A provider cannot see how a phrase
+// was chosen; it can refuse the ones that are certainly weak: short ones, and long ones
+// made of a few characters repeated.
+const (
+	// MinPassphraseChars is the fewest characters (Unicode code points) a passphrase has.
+	MinPassphraseChars = 16
+	// MinPassphraseDistinct is the fewest different characters among them.
+	MinPassphraseDistinct = 8
+	// PassphraseRule says the rule in the words errors and docs use.
+	PassphraseRule = "at least 16 characters, at least 8 of them different (five random words, as `age -p` or diceware make, pass)"
+)
+
+// ErrWeakPassphrase: a passphrase for a new archive breaks the passphrase rule.
+var ErrWeakPassphrase = errors.New("backup passphrase too weak")
+
+// CheckPassphrase returns an error wrapping ErrWeakPassphrase, naming the rule, unless
+// passphrase is good enough to write an archive with. Reading old archives applies no rule.
+func CheckPassphrase(passphrase []byte) error {
+	if len(passphrase) == 0 {
+		return fmt.Errorf("%w: it is empty; give one from a file, stdin or the prompt: %s", ErrWeakPassphrase, PassphraseRule)
+	}
+	if !utf8.Valid(passphrase) {
+		return fmt.Errorf("%w: it is not UTF-8 text (age passphrases are strings): %s", ErrWeakPassphrase, PassphraseRule)
+	}
+	distinct := map[rune]bool{}
+	n := 0
+	for _, r := range string(passphrase) {
+		n++
+		distinct[r] = true
+	}
+	if n < MinPassphraseChars || len(distinct) < MinPassphraseDistinct {
+		return fmt.Errorf("%w: it has %d characters, %d of them different; the rule is %s",
+			ErrWeakPassphrase, n, len(distinct), PassphraseRule)
+	}
+	return nil
 }
 
-// Write encrypts d to w with age's scrypt recipient for passphrase. It returns the number
-// of bytes written. The passphrase must not be empty.
-func Write(w io.Writer, passphrase []byte, d *Document, opts WriteOptions) (int64, error) {
-	if len(passphrase) == 0 {
-		return 0, fmt.Errorf("backup: empty passphrase; give one from a file, stdin or the prompt")
+// Write encrypts d to w with age's scrypt recipient for passphrase, at age's default cost
+// (DefaultWorkFactor: there is no way to ask for less). The passphrase must meet
+// CheckPassphrase. It returns the number of bytes written.
+func Write(w io.Writer, passphrase []byte, d *Document) (int64, error) {
+	return write(w, passphrase, d, DefaultWorkFactor)
+}
+
+// write is Write at scrypt work factor wf; only this package's tests pass less than
+// DefaultWorkFactor.
+func write(w io.Writer, passphrase []byte, d *Document, wf int) (int64, error) {
+	if err := CheckPassphrase(passphrase); err != nil {
+		return 0, fmt.Errorf("backup: %w", err)
 	}
 	plain, err := Marshal(d)
 	if err != nil {
@@ -357,13 +401,6 @@ func Write(w io.Writer, passphrase []byte, d *Document, opts WriteOptions) (int6
 	rcpt, err := age.NewScryptRecipient(string(passphrase))
 	if err != nil {
 		return 0, fmt.Errorf("backup: %w", err)
-	}
-	wf := opts.WorkFactor
-	if wf == 0 {
-		wf = DefaultWorkFactor
-	}
-	if wf < 1 || wf > MaxWorkFactor {
-		return 0, fmt.Errorf("backup: scrypt work factor %d outside 1..%d", wf, MaxWorkFactor)
 	}
 	rcpt.SetWorkFactor(wf)
 	cw := &countWriter{w: w}

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -14,7 +15,10 @@ import (
 	"github.com/nkp-dev/nkp/provider/ca"
 )
 
-const testWorkFactor = 10
+const (
+	testWorkFactor = 10
+	testPass       = "correct horse battery"
+)
 
 func sampleDoc(t testing.TB) *Document {
 	t.Helper()
@@ -48,7 +52,7 @@ func sampleDoc(t testing.TB) *Document {
 func archive(t testing.TB, d *Document, pass string) []byte {
 	t.Helper()
 	var buf bytes.Buffer
-	n, err := Write(&buf, []byte(pass), d, WriteOptions{WorkFactor: testWorkFactor})
+	n, err := write(&buf, []byte(pass), d, testWorkFactor)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,11 +64,11 @@ func archive(t testing.TB, d *Document, pass string) []byte {
 
 func TestRoundTrip(t *testing.T) {
 	d := sampleDoc(t)
-	a := archive(t, d, "correct horse")
+	a := archive(t, d, "correct horse battery")
 	if bytes.Contains(a, d.KDKs[1].Key) || bytes.Contains(a, []byte(Format)) {
 		t.Fatal("archive holds plaintext")
 	}
-	got, n, err := Read(bytes.NewReader(a), []byte("correct horse"))
+	got, n, err := Read(bytes.NewReader(a), []byte("correct horse battery"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,7 +90,7 @@ func TestRoundTrip(t *testing.T) {
 }
 
 func TestReadRefuses(t *testing.T) {
-	a := archive(t, sampleDoc(t), "pass")
+	a := archive(t, sampleDoc(t), testPass)
 	flip := func(i int) []byte {
 		b := bytes.Clone(a)
 		b[i] ^= 0x01
@@ -98,16 +102,16 @@ func TestReadRefuses(t *testing.T) {
 		pass string
 		want error
 	}{
-		{"wrong passphrase", a, "Pass", ErrBadPassphrase},
+		{"wrong passphrase", a, "Correct horse battery", ErrBadPassphrase},
 		{"empty passphrase", a, "", ErrBadPassphrase},
-		{"empty file", nil, "pass", ErrBadArchive},
-		{"not age", []byte("{\"format\":\"nkp-provider-backup\"}"), "pass", ErrBadArchive},
-		{"header only", a[:bytes.Index(a, []byte("\n---"))+1], "pass", ErrBadArchive},
-		{"truncated by one byte", a[:len(a)-1], "pass", ErrBadArchive},
-		{"truncated in the payload", a[:len(a)-40], "pass", ErrBadArchive},
-		{"payload bit flipped", flip(len(a) - 20), "pass", ErrBadArchive},
-		{"header MAC bit flipped", flip(bytes.Index(a, []byte("\n---")) + 6), "pass", ErrBadArchive},
-		{"trailing garbage", append(bytes.Clone(a), 'x'), "pass", ErrBadArchive},
+		{"empty file", nil, testPass, ErrBadArchive},
+		{"not age", []byte("{\"format\":\"nkp-provider-backup\"}"), testPass, ErrBadArchive},
+		{"header only", a[:bytes.Index(a, []byte("\n---"))+1], testPass, ErrBadArchive},
+		{"truncated by one byte", a[:len(a)-1], testPass, ErrBadArchive},
+		{"truncated in the payload", a[:len(a)-40], testPass, ErrBadArchive},
+		{"payload bit flipped", flip(len(a) - 20), testPass, ErrBadArchive},
+		{"header MAC bit flipped", flip(bytes.Index(a, []byte("\n---")) + 6), testPass, ErrBadArchive},
+		{"trailing garbage", append(bytes.Clone(a), 'x'), testPass, ErrBadArchive},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -145,7 +149,7 @@ func TestValidate(t *testing.T) {
 			if !errors.Is(err, ErrBadArchive) || !strings.Contains(err.Error(), tt.want) {
 				t.Fatalf("Validate: %v, want ErrBadArchive mentioning %q", err, tt.want)
 			}
-			if _, err := Write(&bytes.Buffer{}, []byte("p"), d, WriteOptions{WorkFactor: testWorkFactor}); err == nil {
+			if _, err := write(&bytes.Buffer{}, []byte(testPass), d, testWorkFactor); err == nil {
 				t.Fatal("Write accepted an invalid document")
 			}
 		})
@@ -215,6 +219,58 @@ func TestAdmins(t *testing.T) {
 				if got.Admins[i].Serial != tc.admins[i].Serial || (got.Admins[i].Revoked == nil) != (tc.admins[i].Revoked == nil) {
 					t.Fatalf("admins[%d] = %+v, want %+v", i, got.Admins[i], tc.admins[i])
 				}
+			}
+		})
+	}
+}
+
+// TestWriteCost: Write always uses age's default scrypt cost; nothing lets a caller ask
+// for less (the work factor is the last field of the archive's scrypt stanza).
+func TestWriteCost(t *testing.T) {
+	var buf bytes.Buffer
+	if _, err := Write(&buf, []byte(testPass), sampleDoc(t)); err != nil {
+		t.Fatal(err)
+	}
+	line, _, _ := strings.Cut(strings.SplitN(buf.String(), "\n", 3)[1], "\n")
+	f := strings.Fields(line)
+	if len(f) != 4 || f[0] != "->" || f[1] != "scrypt" {
+		t.Fatalf("first stanza %q, want -> scrypt SALT WORKFACTOR", line)
+	}
+	if f[3] != fmt.Sprint(DefaultWorkFactor) {
+		t.Fatalf("archive written at scrypt work factor %s, want age's default %d", f[3], DefaultWorkFactor)
+	}
+}
+
+// TestPassphraseRule: Write refuses passphrases that break the rule, saying it; reading
+// applies no rule (older archives still open).
+func TestPassphraseRule(t *testing.T) {
+	tests := []struct {
+		pass string
+		ok   bool
+	}{
+		{"", false},
+		{"p", false},
+		{"hunter2", false},
+		{"fifteen chars!!", false},         // 15 characters
+		{"aaaaaaaaaaaaaaaaaaaaaaa", false}, // long, one character
+		{"abababababababababababab", false},
+		{"1212121234343434", false}, // 16 characters, 4 different
+		{"correct horse battery", true},
+		{"ünïcödé pässphräsé", true},
+		{"sixteen chars ok", true},
+		{"\xff\xfe not utf-8 at all....", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.pass, func(t *testing.T) {
+			_, err := write(&bytes.Buffer{}, []byte(tt.pass), sampleDoc(t), testWorkFactor)
+			if tt.ok {
+				if err != nil {
+					t.Fatalf("write: %v", err)
+				}
+				return
+			}
+			if !errors.Is(err, ErrWeakPassphrase) || !strings.Contains(err.Error(), PassphraseRule) {
+				t.Fatalf("write: %v, want ErrWeakPassphrase stating the rule", err)
 			}
 		})
 	}

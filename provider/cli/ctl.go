@@ -210,12 +210,15 @@ func (c *ctl) backupCmd() *cobra.Command {
 			if out == "" {
 				return errors.New("--out FILE is required (the archive is written 0600)")
 			}
+			pass, err := c.pass.read(c.stdin, c.stderr, true)
+			if err != nil {
+				return err
+			}
+			defer clear(pass)
+			if err := backup.CheckPassphrase(pass); err != nil {
+				return fmt.Errorf("backup: %w; nothing was written", err)
+			}
 			return c.call(cmd, func(ctx context.Context, cl *client.Client) error {
-				pass, err := c.pass.read(c.stdin, c.stderr, true)
-				if err != nil {
-					return err
-				}
-				defer clear(pass)
 				var buf bytes.Buffer
 				if _, err := cl.Backup(ctx, &buf, pass); err != nil {
 					return err

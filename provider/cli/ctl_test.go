@@ -11,12 +11,20 @@ import (
 	"time"
 
 	"github.com/nkp-dev/nkp/provider/apiv1"
+	"github.com/nkp-dev/nkp/provider/backup"
 )
 
 func TestPassphraseSource(t *testing.T) {
 	dir := t.TempDir()
 	file := filepath.Join(dir, "pass")
 	if err := os.WriteFile(file, []byte("from file\nsecond line\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	open := filepath.Join(dir, "world-readable")
+	if err := os.WriteFile(open, []byte("from file\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(open, 0o644); err != nil { // whatever the umask
 		t.Fatal(err)
 	}
 	empty := filepath.Join(dir, "empty")
@@ -36,6 +44,7 @@ func TestPassphraseSource(t *testing.T) {
 		{"both", passphraseSource{file: file, stdin: true}, "", "", "choose one"},
 		{"missing file", passphraseSource{file: filepath.Join(dir, "nope")}, "", "", "--passphrase-file"},
 		{"empty file", passphraseSource{file: empty}, "", "", "empty passphrase"},
+		{"file readable by others", passphraseSource{file: open}, "", "", "chmod 600 " + open},
 		{"no terminal", passphraseSource{}, "", "", "--passphrase-file FILE or --passphrase-stdin"},
 	}
 	for _, tc := range tests {
@@ -81,6 +90,28 @@ func TestNoPassphraseInArgv(t *testing.T) {
 	err := runCtl(context.Background(), []string{"backup", "--passphrase", "x", "--out", "f"}, strings.NewReader(""), &out, &errb)
 	if err == nil || !strings.Contains(err.Error(), "unknown flag") {
 		t.Fatalf("--passphrase accepted: %v", err)
+	}
+}
+
+// TestBackupRefusesWeakPassphrase: nkpctl refuses a weak passphrase for a new backup,
+// stating the rule, before it contacts the provider.
+func TestBackupRefusesWeakPassphrase(t *testing.T) {
+	dir := t.TempDir()
+	pass := filepath.Join(dir, "pass")
+	if err := os.WriteFile(pass, []byte("hunter2\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(dir, "b.age")
+	var stdout, stderr bytes.Buffer
+	// No provider listens at this URL, and --dir has no admin credentials either: the
+	// passphrase is refused before either is needed.
+	err := runCtl(context.Background(), []string{"--dir", dir, "--provider", "https://127.0.0.1:1", "backup", "--passphrase-file", pass, "--out", out},
+		strings.NewReader(""), &stdout, &stderr)
+	if err == nil || !strings.Contains(err.Error(), backup.PassphraseRule) {
+		t.Fatalf("backup with a weak passphrase: %v, want the rule %q", err, backup.PassphraseRule)
+	}
+	if _, err := os.Stat(out); err == nil {
+		t.Fatal("a refused backup wrote its archive")
 	}
 }
 

@@ -23,6 +23,7 @@ func TestRunRefusals(t *testing.T) {
 		{"etcd client cert without key", []string{"serve", "--dir", dir, "--store", "etcd", "--etcd-endpoints", "https://127.0.0.1:1", "--etcd-cacert", "ca.pem", "--etcd-cert", "c.pem"}, "--etcd-key"},
 		{"bad root key TPM", []string{"init", "--dir", filepath.Join(dir, "e"), "--root-key-tpm", "tpm0"}, "/dev/tpmrm0"},
 		{"passphrase flag does not exist", []string{"serve", "--passphrase", "x"}, "unknown flag"},
+		{"backup work factor is no flag", []string{"serve", "--dir", dir, "--backup-work-factor", "1"}, "unknown flag"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -24,9 +24,9 @@ func (s passphraseSource) read(stdin io.Reader, stderr io.Writer, confirm bool) 
 	case s.file != "" && s.stdin:
 		return nil, errors.New("--passphrase-file and --passphrase-stdin: choose one")
 	case s.file != "":
-		data, err := os.ReadFile(s.file)
+		data, err := readPrivateFile(s.file)
 		if err != nil {
-			return nil, fmt.Errorf("--passphrase-file: %w", err)
+			return nil, err
 		}
 		defer clear(data)
 		return firstLine(data, "--passphrase-file "+s.file)
@@ -67,6 +67,29 @@ func (s passphraseSource) read(stdin io.Reader, stderr io.Writer, confirm bool) 
 		}
 	}
 	return p, nil
+}
+
+// readPrivateFile reads a passphrase file. A regular file must be closed to group and
+// others (the passphrase opens every KDK and the CA key); pipes such as
+// --passphrase-file <(pass show nkp) are read as they are.
+func readPrivateFile(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("--passphrase-file: %w", err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("--passphrase-file %s: %w", path, err)
+	}
+	if perm := st.Mode().Perm(); st.Mode().IsRegular() && perm&0o077 != 0 {
+		return nil, fmt.Errorf("--passphrase-file %s: mode %04o lets group or others read or change the backup passphrase; run chmod 600 %s (and choose a new passphrase if others could read it)", path, perm, path)
+	}
+	data, err := io.ReadAll(io.LimitReader(f, 64<<10))
+	if err != nil {
+		return nil, fmt.Errorf("--passphrase-file %s: %w", path, err)
+	}
+	return data, nil
 }
 
 func firstLine(data []byte, from string) ([]byte, error) {

@@ -52,7 +52,7 @@ func TestAdminRevocation(t *testing.T) {
 	b.mustCtl(t, dirB, bb.url, "", "audit", "verify")
 
 	// The revocation survives a backup and a restore.
-	pass := writeFile(t, filepath.Join(t.TempDir(), "p"), "pw\n")
+	pass := writeFile(t, filepath.Join(t.TempDir(), "p"), "pw: correct horse battery\n")
 	archive := filepath.Join(t.TempDir(), "b.age")
 	b.mustCtl(t, dirA, a.url, "", "backup", "--passphrase-file", pass, "--out", archive)
 	restored := filepath.Join(t.TempDir(), "restored")

@@ -220,7 +220,7 @@ func TestBackupConfirm(t *testing.T) {
 	dir, s := b.running(t)
 	h := b.mustJoin(t, s, "kvm-01")
 	tmp := t.TempDir()
-	pass := writeFile(t, filepath.Join(tmp, "pass"), "pw\n")
+	pass := writeFile(t, filepath.Join(tmp, "pass"), "pw: correct horse battery\n")
 
 	_, err := b.ctl(t, dir, s.url, "", "backup", "--passphrase-file", pass, "--out", filepath.Join(tmp, "missing-dir", "b.age"))
 	if err == nil || !strings.Contains(err.Error(), "not confirmed") {
@@ -249,7 +249,7 @@ func TestBackupConfirm(t *testing.T) {
 	}
 	defer cl.Close()
 	var buf bytes.Buffer
-	if _, err := cl.Backup(ctx, &buf, []byte("pw")); err != nil {
+	if _, err := cl.Backup(ctx, &buf, []byte("pw: correct horse battery")); err != nil {
 		t.Fatal(err)
 	}
 	full := writeFile(t, filepath.Join(tmp, "full.age"), buf.String())

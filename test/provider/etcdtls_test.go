@@ -53,7 +53,7 @@ func TestEtcdTLS(t *testing.T) {
 		}
 	})
 	s := b.serve(t, dir, full...)
-	pass := writeFile(t, filepath.Join(t.TempDir(), "pass"), "pw")
+	pass := writeFile(t, filepath.Join(t.TempDir(), "pass"), "pw: correct horse battery")
 	archive := filepath.Join(t.TempDir(), "b.age")
 	b.mustCtl(t, dir, s.url, "", "backup", "--passphrase-file", pass, "--out", archive)
 	var st apiv1.Status

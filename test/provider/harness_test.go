@@ -75,7 +75,7 @@ func (b bins) serve(t *testing.T, dir string, extra ...string) *server {
 func (b bins) serveEnv(t *testing.T, dir string, env []string, extra ...string) *server {
 	t.Helper()
 	args := append([]string{"serve", "--dir", dir, "--listen", "127.0.0.1:0", "--log-format", "json",
-		"--backup-work-factor", "10", "--shutdown-timeout", "5s"}, extra...)
+		"--shutdown-timeout", "5s"}, extra...)
 	cmd := exec.Command(b.provider, args...)
 	cmd.Env = append(append(os.Environ(), "NOTIFY_SOCKET=", "WATCHDOG_USEC="), env...)
 	stderr, err := cmd.StderrPipe()
@@ -341,10 +341,10 @@ func etcdStoreArgs(etcd *etcdtest.Cluster) []string {
 }
 
 // backUp takes a backup through the provider at url with the admin in dir (passphrase
-// "pw", archive in a temporary directory), so that it may release keys.
+// "pw: correct horse battery", archive in a temporary directory), so that it may release keys.
 func (b bins) backUp(t *testing.T, dir, url string) {
 	t.Helper()
-	b.mustCtl(t, dir, url, "", "backup", "--passphrase-file", writeFile(t, filepath.Join(t.TempDir(), "p"), "pw"), "--out", filepath.Join(t.TempDir(), "b.age"))
+	b.mustCtl(t, dir, url, "", "backup", "--passphrase-file", writeFile(t, filepath.Join(t.TempDir(), "p"), "pw: correct horse battery"), "--out", filepath.Join(t.TempDir(), "b.age"))
 }
 
 // replicaPair is two nkp-provider replicas on one etcd with the same root key and

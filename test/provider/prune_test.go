@@ -25,7 +25,7 @@ func TestAuditPrune(t *testing.T) {
 	for range 3 {
 		b.token(t, s, "10m")
 	}
-	pass := writeFile(t, filepath.Join(t.TempDir(), "p"), "pw\n")
+	pass := writeFile(t, filepath.Join(t.TempDir(), "p"), "pw: correct horse battery\n")
 	b.mustCtl(t, dir, s.url, "", "backup", "--passphrase-file", pass, "--out", filepath.Join(t.TempDir(), "b.age"))
 	b.token(t, s, "10m")
 

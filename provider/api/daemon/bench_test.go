@@ -37,12 +37,12 @@ func benchmarkRelease(b *testing.B, sc daemon.StoreConfig) {
 	if _, err := daemon.Init(ctx, daemon.InitConfig{Dir: dir, Store: sc, Log: quiet()}); err != nil {
 		b.Fatal(err)
 	}
-	d, err := daemon.Start(ctx, daemon.Config{Dir: dir, Store: sc, Listen: "127.0.0.1:0", Log: quiet(), BackupWorkFactor: 10})
+	d, err := daemon.Start(ctx, daemon.Config{Dir: dir, Store: sc, Listen: "127.0.0.1:0", Log: quiet()})
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer d.Shutdown(ctx)
-	info, err := d.Provider().Backup(ctx, io.Discard, []byte("pw"))
+	info, err := d.Provider().Backup(ctx, io.Discard, []byte("pw: correct horse battery"))
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -56,9 +56,6 @@ type Config struct {
 	Registry *prometheus.Registry
 	// ShutdownTimeout bounds the graceful shutdown; 0 means 10 s.
 	ShutdownTimeout time.Duration
-	// BackupWorkFactor is the scrypt work factor (log2 N) of backup archives; 0 means
-	// age's default (18). Only tests lower it.
-	BackupWorkFactor int
 	// RootKeyTPM names the TPM the root key is sealed to (InitConfig.RootKeyTPM); empty
 	// for a plain key file.
 	RootKeyTPM string
@@ -122,7 +119,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if d.st, err = OpenStore(ctx, cfg.Dir, cfg.Store, cfg.Log); err != nil {
 		return nil, err
 	}
-	if d.p, err = provider.Open(ctx, provider.Config{Store: d.st, RootKey: d.key, Log: cfg.Log, Now: time.Now, BackupWorkFactor: cfg.BackupWorkFactor, ReleaseAuditWindow: cfg.ReleaseAuditWindow}); err != nil {
+	if d.p, err = provider.Open(ctx, provider.Config{Store: d.st, RootKey: d.key, Log: cfg.Log, Now: time.Now, ReleaseAuditWindow: cfg.ReleaseAuditWindow}); err != nil {
 		return nil, fmt.Errorf("provider %s: %w", cfg.Dir, err)
 	}
 	st, err := d.p.Status(ctx)

@@ -71,7 +71,7 @@ func TestInitServeShutdown(t *testing.T) {
 	}
 
 	for round := 0; round < 2; round++ {
-		d, err := daemon.Start(ctx, daemon.Config{Dir: dir, Listen: "127.0.0.1:0", Log: quiet(), BackupWorkFactor: 10})
+		d, err := daemon.Start(ctx, daemon.Config{Dir: dir, Listen: "127.0.0.1:0", Log: quiet()})
 		if err != nil {
 			t.Fatalf("Start (round %d): %v", round, err)
 		}
@@ -115,12 +115,12 @@ func TestRestore(t *testing.T) {
 	if _, err := daemon.Init(ctx, daemon.InitConfig{Dir: dir, Log: quiet()}); err != nil {
 		t.Fatal(err)
 	}
-	d, err := daemon.Start(ctx, daemon.Config{Dir: dir, Listen: "127.0.0.1:0", Log: quiet(), BackupWorkFactor: 10})
+	d, err := daemon.Start(ctx, daemon.Config{Dir: dir, Listen: "127.0.0.1:0", Log: quiet()})
 	if err != nil {
 		t.Fatal(err)
 	}
 	var archive bytes.Buffer
-	info, err := d.Provider().Backup(ctx, &archive, []byte("pw"))
+	info, err := d.Provider().Backup(ctx, &archive, []byte("pw: correct horse battery"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -134,9 +134,9 @@ func TestRestore(t *testing.T) {
 		wantErr error
 	}{
 		{"wrong passphrase", "nope", false, provider.ErrBadPassphrase},
-		{"into an empty provider", "pw", false, nil},
-		{"over a non-empty provider", "pw", false, provider.ErrNotEmpty},
-		{"forced", "pw", true, nil},
+		{"into an empty provider", "pw: correct horse battery", false, nil},
+		{"over a non-empty provider", "pw: correct horse battery", false, provider.ErrNotEmpty},
+		{"forced", "pw: correct horse battery", true, nil},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -183,7 +183,7 @@ func TestRefusedBeforeWriting(t *testing.T) {
 					_, err = daemon.Init(ctx, daemon.InitConfig{Dir: dir, Store: tc.store, RootKeyTPM: tc.tpm, Log: quiet()})
 				} else {
 					_, err = daemon.Restore(ctx, daemon.RestoreConfig{Dir: dir, Store: tc.store, RootKeyTPM: tc.tpm,
-						Archive: strings.NewReader("not read"), Passphrase: []byte("pw"), Log: quiet()})
+						Archive: strings.NewReader("not read"), Passphrase: []byte("pw: correct horse battery"), Log: quiet()})
 				}
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("%s: err %v, want one naming %q", op, err, tc.wantErr)

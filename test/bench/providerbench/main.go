@@ -169,7 +169,7 @@ func measure(ctx context.Context, cfg config, storeKind, bin, dir string, log *s
 	if out, err := exec.Command(bin, append([]string{"init", "--dir", dir, "--log-format", "text"}, storeArgs...)...).CombinedOutput(); err != nil {
 		return res, fmt.Errorf("nkp-provider init: %v\n%s", err, out)
 	}
-	serveArgs := append([]string{"serve", "--dir", dir, "--listen", "127.0.0.1:0", "--backup-work-factor", "10"}, storeArgs...)
+	serveArgs := append([]string{"serve", "--dir", dir, "--listen", "127.0.0.1:0"}, storeArgs...)
 	if cfg.window != "" {
 		serveArgs = append(serveArgs, "--release-audit-window", cfg.window)
 	}
