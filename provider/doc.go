@@ -39,6 +39,10 @@
 //     tpm-required is off, and cannot enroll while it is on.
 //   - A KDK version is retired only when no catalog object uses it, and never while primary;
 //     retiring destroys its sealed key (backups still hold it).
+//   - A host changes only the catalog objects it registered (ErrNotOwner otherwise), so no
+//     host can empty the catalog under another host's VMs and let a version they need be
+//     retired. A migrated VM's new host takes the VM's objects over explicitly (MoveVM),
+//     only for a VM the catalog holds; the audit log records the move and its old hosts.
 //   - Every release is checked against the store and audited before keys leave; repeats of
 //     the same release to a host within Config.ReleaseAuditWindow share one record, and the
 //     host's next record counts them.

@@ -34,6 +34,9 @@ var (
 	ErrInUse = errors.New("KDK version in use")
 	// ErrNotEmpty: the store already holds a provider (init twice, restore without force).
 	ErrNotEmpty = errors.New("provider not empty")
+	// ErrNotOwner: a host tried to change a catalog object another host registered
+	// (MoveVM takes a migrated VM's objects over explicitly).
+	ErrNotOwner = errors.New("catalog object belongs to another host")
 	// ErrNotFound: the named KDK version, object or host does not exist.
 	ErrNotFound = errors.New("not found")
 	// ErrBadRequest: an argument is malformed (CSR, EK, UUID, name, TTL, ...).

@@ -71,6 +71,10 @@ const (
 	KindRetire   Kind = "retire"
 	KindPolicy   Kind = "policy"
 	KindRegister Kind = "register"
+	// KindUnregister: a host removed one of its catalog objects.
+	KindUnregister Kind = "unregister"
+	// KindMove: a host took over a migrated VM's catalog objects from another host.
+	KindMove Kind = "move"
 	// KindAdminCert: an administrator certificate was issued.
 	KindAdminCert Kind = "admin_cert"
 	// KindAdminRevoke: an administrator certificate was revoked.
