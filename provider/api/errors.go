@@ -40,6 +40,7 @@ var errorMap = []struct {
 	{provider.ErrAdminRevoked, http.StatusForbidden, apiv1.CodeAdminRevoked},
 	{provider.ErrLastAdmin, http.StatusConflict, apiv1.CodeLastAdmin},
 	{provider.ErrTPMRequired, http.StatusForbidden, apiv1.CodeTPMRequired},
+	{provider.ErrNotOwner, http.StatusForbidden, apiv1.CodeNotOwner},
 	{provider.ErrInUse, http.StatusConflict, apiv1.CodeInUse},
 	{provider.ErrNotEmpty, http.StatusConflict, apiv1.CodeNotEmpty},
 	{provider.ErrBadPassphrase, http.StatusBadRequest, apiv1.CodeBadPassphrase},

@@ -34,6 +34,7 @@ type Provider interface {
 	Retire(ctx context.Context, version int) error
 	RegisterObject(ctx context.Context, hostID string, obj provider.Object) error
 	UnregisterObject(ctx context.Context, hostID, vmUUID, name string) error
+	MoveVM(ctx context.Context, hostID, vmUUID string) ([]provider.Object, error)
 	Objects(ctx context.Context, f provider.ObjectFilter) ([]provider.Object, error)
 	Policy(ctx context.Context) (provider.Policy, error)
 	SetPolicy(ctx context.Context, p provider.Policy) error
@@ -123,6 +124,20 @@ func (s *Server) handleUnregisterObject(w http.ResponseWriter, r *http.Request, 
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *Server) handleMoveVM(w http.ResponseWriter, r *http.Request, hostID string) {
+	m, err := decodeBody[apiv1.MoveRequest](w, r, apiv1.MaxBodyBytes)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	objs, err := s.p.MoveVM(r.Context(), hostID, m.VMUUID)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	s.writeJSON(w, http.StatusOK, objectsResponse(objs))
 }
 
 func (s *Server) handleStatus(w http.ResponseWriter, r *http.Request) {
@@ -265,11 +280,15 @@ func (s *Server) handleObjects(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
+	s.writeJSON(w, http.StatusOK, objectsResponse(objs))
+}
+
+func objectsResponse(objs []provider.Object) apiv1.ObjectsResponse {
 	out := apiv1.ObjectsResponse{Objects: make([]apiv1.Object, 0, len(objs))}
 	for _, o := range objs {
 		out.Objects = append(out.Objects, objectToWire(o))
 	}
-	s.writeJSON(w, http.StatusOK, out)
+	return out
 }
 
 // Audit listing bounds: GET /v1/admin/audit without n returns the last defaultAuditN

@@ -117,6 +117,7 @@ func (s *Server) routes() {
 	handle("GET "+apiv1.PathHostKDKs, "host_kdks", s.handleRelease)
 	handle("POST "+apiv1.PathHostObjects, "host_objects", s.host(s.handleRegisterObject))
 	handle("DELETE "+apiv1.PathHostObjects+"/{vm}/{name}", "host_objects_delete", s.host(s.handleUnregisterObject))
+	handle("POST "+apiv1.PathHostMoves, "host_moves", s.host(s.handleMoveVM))
 	handle("POST "+apiv1.PathHostRenew, "host_renew", s.handleRenew)
 
 	handle("GET "+apiv1.PathStatus, "status", s.admin(s.handleStatus))

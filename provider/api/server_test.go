@@ -234,6 +234,22 @@ func (f *fake) UnregisterObject(ctx context.Context, hostID, vm, name string) er
 	return fmt.Errorf("%w: the catalog has no object %s for VM %s", provider.ErrNotFound, name, vm)
 }
 
+func (f *fake) MoveVM(ctx context.Context, hostID, vm string) ([]provider.Object, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []provider.Object
+	for i := range f.objects {
+		if f.objects[i].VMUUID == vm {
+			f.objects[i].HostID = hostID
+			out = append(out, f.objects[i])
+		}
+	}
+	if out == nil {
+		return nil, fmt.Errorf("%w: the catalog holds no objects of VM %s", provider.ErrNotFound, vm)
+	}
+	return out, nil
+}
+
 func (f *fake) Objects(ctx context.Context, flt provider.ObjectFilter) ([]provider.Object, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()

@@ -14,6 +14,8 @@
 //	GET  /v1/host/kdks                   → ReleaseResponse (every KDK version in use)
 //	POST /v1/host/objects                Object → 204 (registers, or replaces the entry of the same VM and name)
 //	DELETE /v1/host/objects/{vm}/{name}  → 204 (the object is gone: VM deleted, disk removed)
+//	POST /v1/host/moves                  MoveRequest → ObjectsResponse (a migrated VM's objects, now the
+//	                                     caller's; a host changes only its own objects: 403 "not_owner")
 //	POST /v1/host/renew                  HostRenewRequest → EnrollResponse (a new certificate, same host ID;
 //	                                     the one presented is accepted until the new one is first used)
 //	GET  /v1/admin/status                → Status
@@ -50,6 +52,7 @@ const (
 	PathHostKDKs      = "/v1/host/kdks"
 	PathHostObjects   = "/v1/host/objects"
 	PathHostRenew     = "/v1/host/renew"
+	PathHostMoves     = "/v1/host/moves"
 	PathStatus        = "/v1/admin/status"
 	PathBackup        = "/v1/admin/backup"
 	PathBackupVerify  = "/v1/admin/backup/verify"
@@ -76,6 +79,7 @@ const (
 	CodeTooLarge        = "too_large"
 	CodeUnauthenticated = "unauthenticated"
 	CodeForbidden       = "forbidden"
+	CodeNotOwner        = "not_owner"
 	CodeNotFound        = "not_found"
 	CodeNotInitialized  = "not_initialized"
 	CodeNotBackedUp     = "not_backed_up"

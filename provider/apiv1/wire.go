@@ -78,6 +78,12 @@ type Object struct {
 	Registered time.Time `json:"registered,omitzero"`
 }
 
+// MoveRequest is POST /v1/host/moves: the calling host takes over the catalog objects of
+// VM VMUUID (after the VM migrated to it).
+type MoveRequest struct {
+	VMUUID string `json:"vm_uuid"`
+}
+
 // ObjectsResponse lists catalog entries.
 type ObjectsResponse struct {
 	Objects []Object `json:"objects"`
@@ -298,6 +304,13 @@ func (o *Object) check() error {
 		return errors.New(`"key_id" is required`)
 	case o.KDKID == "":
 		return errors.New(`"kdk_id" is required`)
+	}
+	return nil
+}
+
+func (m *MoveRequest) check() error {
+	if m.VMUUID == "" {
+		return errors.New(`"vm_uuid" is required`)
 	}
 	return nil
 }

@@ -293,6 +293,15 @@ func (c *Client) UnregisterObject(ctx context.Context, vmUUID, name string) erro
 	return c.do(ctx, http.MethodDelete, apiv1.PathHostObjects+"/"+url.PathEscape(vmUUID)+"/"+url.PathEscape(name), nil, nil, nil)
 }
 
+// MoveVM makes the calling host the owner of VM vmUUID's catalog objects, after the VM
+// migrated to it, and returns them; a host changes only its own objects (code
+// "not_owner" otherwise), and only a VM the catalog holds can be moved ("not_found").
+func (c *Client) MoveVM(ctx context.Context, vmUUID string) ([]apiv1.Object, error) {
+	var r apiv1.ObjectsResponse
+	err := c.do(ctx, http.MethodPost, apiv1.PathHostMoves, nil, apiv1.MoveRequest{VMUUID: vmUUID}, &r)
+	return r.Objects, err
+}
+
 // Status returns the provider's state (admin).
 func (c *Client) Status(ctx context.Context) (apiv1.Status, error) {
 	var s apiv1.Status

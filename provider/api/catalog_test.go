@@ -1,0 +1,152 @@
+package api_test
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"io"
+	"log"
+	"log/slog"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/nkp-dev/nkp/provider"
+	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/apiv1"
+	"github.com/nkp-dev/nkp/provider/audit"
+	"github.com/nkp-dev/nkp/provider/client"
+	"github.com/nkp-dev/nkp/provider/rootkey"
+	"github.com/nkp-dev/nkp/provider/store/mem"
+)
+
+// realEnv serves a real provider over the mem store through the API.
+type realEnv struct {
+	p     *provider.Provider
+	url   string
+	ca    *x509.Certificate
+	admin *client.Client
+}
+
+func startReal(t *testing.T) *realEnv {
+	t.Helper()
+	ctx := context.Background()
+	rk, err := rootkey.Generate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := provider.Open(ctx, provider.Config{Store: mem.New(), RootKey: rk, Log: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Init(ctx, provider.InitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	s, err := api.New(api.Config{Provider: p, Log: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	issue := func(name string, do func(csr []byte) ([]byte, error)) tls.Certificate {
+		key := newKey(t)
+		der, err := do(csrFor(t, key))
+		if err != nil {
+			t.Fatalf("issuing the %s certificate: %v", name, err)
+		}
+		return tls.Certificate{Certificate: [][]byte{der, p.CA().Raw}, PrivateKey: key}
+	}
+	srv := httptest.NewUnstartedServer(s.Handler())
+	srv.Config.ConnContext = s.ConnContext
+	srv.TLS = api.TLSConfig(issue("server", func(csr []byte) ([]byte, error) { return p.IssueServerCert(ctx, csr, []string{"127.0.0.1"}) }))
+	srv.Config.ErrorLog = log.New(io.Discard, "", 0)
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	e := &realEnv{p: p, url: srv.URL, ca: p.CA()}
+	e.admin = e.client(t, issue("admin", func(csr []byte) ([]byte, error) { return p.IssueAdminCert(ctx, csr) }))
+	return e
+}
+
+func (e *realEnv) client(t *testing.T, cert tls.Certificate) *client.Client {
+	t.Helper()
+	c, err := client.New(client.Config{URL: e.url, CA: e.ca, Certificate: cert})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	return c
+}
+
+func (e *realEnv) join(t *testing.T, name string) (*client.Client, string) {
+	t.Helper()
+	ctx := context.Background()
+	tok, err := e.admin.CreateToken(ctx, time.Minute)
+	if err != nil {
+		t.Fatalf("token: %v", err)
+	}
+	enr, err := client.Join(ctx, client.JoinRequest{URL: e.url, Token: tok.Secret, CAHash: tok.CAHash, Hostname: name, Key: newKey(t)})
+	if err != nil {
+		t.Fatalf("join: %v", err)
+	}
+	return e.client(t, enr.Certificate), enr.HostID
+}
+
+// TestCatalogOwnershipOverHTTP: host D can neither delete nor take over host C's
+// catalog object (403 not_owner with a sentence), so an admin's retire of the version
+// C's VM uses stays refused; D takes the VM over with MoveVM (audited) once it migrated,
+// and then C is the one refused.
+func TestCatalogOwnershipOverHTTP(t *testing.T) {
+	ctx := context.Background()
+	e := startReal(t)
+	c, cID := e.join(t, "kvm-c")
+	d, dID := e.join(t, "kvm-d")
+	st, err := e.admin.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v1 := st.KDKs[0]
+	vm := uuid.NewString()
+	obj := apiv1.Object{VMUUID: vm, Name: "vtpm", KeyID: uuid.NewString(), KDKID: v1.ID}
+	if err := c.RegisterObject(ctx, obj); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.admin.Rotate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	stolen := obj
+	stolen.KeyID = uuid.NewString()
+	for name, do := range map[string]func() error{
+		"DELETE another host's object":    func() error { return d.UnregisterObject(ctx, vm, "vtpm") },
+		"POST over another host's object": func() error { return d.RegisterObject(ctx, stolen) },
+	} {
+		err := do()
+		if !client.IsCode(err, apiv1.CodeNotOwner) || !strings.Contains(err.Error(), "403") || !strings.Contains(err.Error(), cID) {
+			t.Fatalf("%s: %v, want 403 %s naming the owner %s", name, err, apiv1.CodeNotOwner, cID)
+		}
+	}
+	if err := e.admin.Retire(ctx, v1.Version); !client.IsCode(err, apiv1.CodeInUse) {
+		t.Fatalf("retire while host C's VM uses v%d: %v, want %s", v1.Version, err, apiv1.CodeInUse)
+	}
+
+	if _, err := d.MoveVM(ctx, uuid.NewString()); !client.IsCode(err, apiv1.CodeNotFound) {
+		t.Fatalf("move of a VM the catalog does not hold: %v, want %s", err, apiv1.CodeNotFound)
+	}
+	moved, err := d.MoveVM(ctx, vm)
+	if err != nil || len(moved) != 1 || moved[0].HostID != dID || moved[0].KeyID != obj.KeyID {
+		t.Fatalf("MoveVM = %+v, %v; want host C's vtpm object, now host D's", moved, err)
+	}
+	recs, err := e.p.Audit(ctx, 1)
+	if err != nil || recs[0].Kind != audit.KindMove || recs[0].Details["from_hosts"] != cID || recs[0].Actor != "host:"+dID {
+		t.Fatalf("last audit record %+v, %v; want the move from host C by host D", recs, err)
+	}
+	if err := c.UnregisterObject(ctx, vm, "vtpm"); !client.IsCode(err, apiv1.CodeNotOwner) {
+		t.Fatalf("old host deletes the moved object: %v, want %s", err, apiv1.CodeNotOwner)
+	}
+	if err := d.UnregisterObject(ctx, vm, "vtpm"); err != nil {
+		t.Fatalf("new host deletes its object: %v", err)
+	}
+	if err := e.admin.Retire(ctx, v1.Version); err != nil {
+		t.Fatalf("retire once no VM uses v%d: %v", v1.Version, err)
+	}
+}
