@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -125,6 +126,49 @@ func TestRestore(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.Shutdown(ctx)
+
+	// A refused restore leaves the directory as it found it (missing, or empty), so init
+	// works there afterwards.
+	refusals := []struct {
+		name    string
+		archive []byte
+		pass    string
+		want    error
+	}{
+		{"wrong passphrase", archive.Bytes(), "not the passphrase at all", provider.ErrBadPassphrase},
+		{"truncated archive", archive.Bytes()[:archive.Len()-20], "pw: correct horse battery", provider.ErrBadArchive},
+	}
+	for _, tc := range refusals {
+		for _, exists := range []bool{false, true} {
+			t.Run(fmt.Sprintf("refused: %s, directory existed %v", tc.name, exists), func(t *testing.T) {
+				parent := t.TempDir()
+				dir := filepath.Join(parent, "new", "p")
+				if exists {
+					if err := os.MkdirAll(dir, 0o700); err != nil {
+						t.Fatal(err)
+					}
+				}
+				_, err := daemon.Restore(ctx, daemon.RestoreConfig{Dir: dir, Archive: bytes.NewReader(tc.archive),
+					Passphrase: []byte(tc.pass), Log: quiet()})
+				if !errors.Is(err, tc.want) {
+					t.Fatalf("Restore = %v, want %v", err, tc.want)
+				}
+				entries, err := os.ReadDir(parent)
+				if !exists {
+					if err != nil || len(entries) != 0 {
+						t.Fatalf("after the refused restore %s holds %v (%v), want nothing", parent, entries, err)
+					}
+					return
+				}
+				if left, err := os.ReadDir(dir); err != nil || len(left) != 0 {
+					t.Fatalf("after the refused restore %s holds %v (%v), want it empty as before", dir, left, err)
+				}
+				if _, err := daemon.Init(ctx, daemon.InitConfig{Dir: dir, Log: quiet()}); err != nil {
+					t.Fatalf("init after the refused restore: %v", err)
+				}
+			})
+		}
+	}
 
 	dir2 := filepath.Join(t.TempDir(), "q")
 	tests := []struct {
