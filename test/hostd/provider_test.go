@@ -61,7 +61,7 @@ func (p *provider) start(t *testing.T) {
 	t.Helper()
 	ip, _, _ := strings.Cut(p.addr, ":")
 	cmd := exec.Command(p.bin, "serve", "--dir", p.dir, "--listen", p.addr, "--san", ip, "--log-format", "json",
-		"--backup-work-factor", "10", "--shutdown-timeout", "5s")
+		"--shutdown-timeout", "5s")
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET=", "WATCHDOG_USEC=")
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
