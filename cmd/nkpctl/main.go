@@ -1,5 +1,6 @@
 // Command nkpctl is nkp's command-line tool. `nkpctl provider …` runs and administers the
-// key provider (package github.com/nkp-dev/nkp/provider/cli).
+// key provider (package github.com/nkp-dev/nkp/provider/cli); `nkpctl vm …` protects libvirt
+// domains through this host's nkp-hostd (package github.com/nkp-dev/nkp/hostd/vm/vmcli).
 package main
 
 import (
@@ -11,6 +12,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/nkp-dev/nkp/hostd/vm/vmcli"
 	providercli "github.com/nkp-dev/nkp/provider/cli"
 )
 
@@ -22,7 +24,7 @@ func main() {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(providercli.Command(os.Stdin, os.Stdout, os.Stderr))
+	root.AddCommand(providercli.Command(os.Stdin, os.Stdout, os.Stderr), vmcli.Command(os.Stdout))
 	err := root.ExecuteContext(ctx)
 	stop()
 	if err != nil {

@@ -1,0 +1,110 @@
+package vmcli
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/nkp-dev/nkp/hostd/vm/vmapi"
+)
+
+// fakeHostd answers vmapi's paths with canned replies and records the requests.
+func fakeHostd(t *testing.T) (string, *[]string) {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "hostd.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var seen []string
+	vm := vmapi.VM{Domain: "vm1", UUID: "5b0c6a1e-8f3d-4c2b-9a7e-1d2f3a4b5c6d", Protected: true, ProviderID: "prov-a", Running: true, TPM: "ok",
+		Objects: []vmapi.Object{{Name: "vtpm", KeyID: "3f1c8a52-5d4b-4a7e-9c1e-2b6f0d9e8a71", KDKID: "k", KDKVersion: 1, Primary: false}}}
+	mux := http.NewServeMux()
+	reply := func(w http.ResponseWriter, v any) { json.NewEncoder(w).Encode(v) }
+	mux.HandleFunc("GET /v1/vms", func(w http.ResponseWriter, r *http.Request) { reply(w, vmapi.List{VMs: []vmapi.VM{vm}}) })
+	mux.HandleFunc("GET /v1/vms/{d}", func(w http.ResponseWriter, r *http.Request) {
+		if r.PathValue("d") != "vm1" {
+			w.WriteHeader(404)
+			reply(w, vmapi.Error{Error: `vm "` + r.PathValue("d") + `": no such domain: check the name with virsh list --all`, Code: vmapi.CodeNotFound})
+			return
+		}
+		reply(w, vm)
+	})
+	mux.HandleFunc("POST /v1/vms/{d}/{op}", func(w http.ResponseWriter, r *http.Request) {
+		var body bytes.Buffer
+		body.ReadFrom(r.Body)
+		seen = append(seen, r.PathValue("op")+" "+r.PathValue("d")+" "+strings.TrimSpace(body.String()))
+		v := vm
+		v.Note = "done"
+		reply(w, v)
+	})
+	srv := &http.Server{Handler: mux}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return sock, &seen
+}
+
+func run(t *testing.T, sock string, args ...string) (string, error) {
+	t.Helper()
+	var out bytes.Buffer
+	cmd := Command(&out)
+	cmd.SetArgs(append([]string{"--socket", sock}, args...))
+	cmd.SilenceErrors, cmd.SilenceUsage = true, true
+	err := cmd.ExecuteContext(context.Background())
+	return out.String(), err
+}
+
+func TestCommands(t *testing.T) {
+	sock, seen := fakeHostd(t)
+	tests := []struct {
+		args    []string
+		want    []string
+		wantErr string
+		request string
+	}{
+		{args: []string{"status", "vm1"}, want: []string{"vm1 (5b0c6a1e-8f3d-4c2b-9a7e-1d2f3a4b5c6d): protected, keys from provider prov-a, running, TPM ok", "key 3f1c8a52-5d4b-4a7e-9c1e-2b6f0d9e8a71  KDK version 1 (not primary: nkpctl vm rekey vm1)"}},
+		{args: []string{"status"}, want: []string{"DOMAIN", "vm1", "3f1c8a52-5d4b-4a7e-9c1e-2b6f0d9e8a71", "1 (not primary)"}},
+		{args: []string{"status", "--json", "vm1"}, want: []string{`"key_id": "3f1c8a52-5d4b-4a7e-9c1e-2b6f0d9e8a71"`, `"tpm": "ok"`}},
+		{args: []string{"status", "nope"}, wantErr: `vm "nope": no such domain: check the name with virsh list --all`},
+		{args: []string{"protect", "vm1"}, want: []string{"vm1: done"}, request: "protect vm1 "},
+		{args: []string{"rekey", "vm1"}, want: []string{"vm1: done"}, request: "rekey vm1 "},
+		{args: []string{"unprotect", "vm1"}, want: []string{"vm1: done"}, request: `unprotect vm1 {"tpm":"keep"}`},
+		{args: []string{"unprotect", "--tpm", "none", "vm1"}, want: []string{"vm1: done"}, request: `unprotect vm1 {"tpm":"none"}`},
+		{args: []string{"unprotect", "--tpm", "maybe", "vm1"}, wantErr: `--tpm "maybe": want "keep"`},
+		{args: []string{"protect"}, wantErr: "accepts 1 arg"},
+	}
+	for _, tt := range tests {
+		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
+			n := len(*seen)
+			out, err := run(t, sock, tt.args...)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("error %v, want %q", err, tt.wantErr)
+				}
+				if len(*seen) != n {
+					t.Fatalf("a refused command reached hostd: %v", (*seen)[n:])
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(out, w) {
+					t.Errorf("output lacks %q:\n%s", w, out)
+				}
+			}
+			if tt.request != "" && (len(*seen) != n+1 || strings.TrimSpace((*seen)[n]) != strings.TrimSpace(tt.request)) {
+				t.Fatalf("requests %q, want %q", (*seen)[n:], tt.request)
+			}
+		})
+	}
+	if _, err := run(t, filepath.Join(t.TempDir(), "gone.sock"), "status"); err == nil || !strings.Contains(err.Error(), "is nkp-hostd running?") {
+		t.Fatalf("no hostd: %v", err)
+	}
+}
