@@ -141,8 +141,10 @@ func Ask(ctx context.Context, socket string, req hookproto.Request) (hookproto.R
 	}
 	reply, err := hookproto.ReadReply(bufio.NewReader(c))
 	if err != nil {
-		if ctx.Err() != nil {
-			return hookproto.Reply{}, fmt.Errorf("no answer within the hook's time limit: %w", ctx.Err())
+		// The socket's deadline is the context's, so the read can time out a moment before
+		// the context says so: either means the time limit was reached.
+		if ctx.Err() != nil || errors.Is(err, os.ErrDeadlineExceeded) {
+			return hookproto.Reply{}, fmt.Errorf("no answer within the hook's time limit: %w", err)
 		}
 		return hookproto.Reply{}, err
 	}
