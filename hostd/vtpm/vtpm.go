@@ -8,7 +8,8 @@
 //     QEMU's user with mode 0600, and inherited as a listening fd (--ctrl
 //     type=unixio,fd=4): QEMU's user and root can connect, no one else, and the socket
 //     accepts connections (queued) from the moment Start returns;
-//   - its state in StateRoot/<vm-uuid>/ (0700, owned by the vTPM user), --tpmstate
+//   - its state in StateRoot/<vm-uuid>/<key-id>/ (0700, owned by the vTPM user; the
+//     <vm-uuid> directory is root's, 0711), --tpmstate
 //     mode=0600, and --terminate as libvirt passes it;
 //   - the unprivileged vTPM user's uid and gid and no supplementary groups, in a session
 //     of its own (setsid), so that it outlives hostd: running VMs keep their vTPM
@@ -158,8 +159,12 @@ func (s *Supervisor) SocketPath(vmUUID string) string {
 	return filepath.Join(s.cfg.RunDir, vmUUID+".sock")
 }
 
-// StateDir is vm's vTPM state directory.
-func (s *Supervisor) StateDir(vmUUID string) string { return filepath.Join(s.cfg.StateRoot, vmUUID) }
+// StateDir is the state directory of vm's vTPM under key keyID: StateRoot/<vm-uuid>/<key-id>
+// (hostd/vm.StateDir: a rekey writes a new directory and the domain XML's key ID picks
+// the one in use).
+func (s *Supervisor) StateDir(vmUUID, keyID string) string {
+	return filepath.Join(s.cfg.StateRoot, vmUUID, keyID)
+}
 
 func (s *Supervisor) recordPath(vmUUID string) string {
 	return filepath.Join(s.cfg.RunDir, vmUUID+".json")
@@ -207,6 +212,9 @@ func (s *Supervisor) Start(ctx context.Context, vm VM, key []byte) (inst Instanc
 	if err := kdk.CheckUUID(vm.UUID); err != nil {
 		return Instance{}, fmt.Errorf("vm %q: %w", vm.Name, err)
 	}
+	if err := kdk.CheckUUID(vm.KeyID); err != nil {
+		return Instance{}, fmt.Errorf("vm %q: vTPM key ID: %w", vm.Name, err)
+	}
 	if len(key) != kdk.Size {
 		return Instance{}, fmt.Errorf("vm %q: vTPM key is %d bytes, want %d", vm.Name, len(key), kdk.Size)
 	}
@@ -229,8 +237,11 @@ func (s *Supervisor) Start(ctx context.Context, vm VM, key []byte) (inst Instanc
 		}
 	}()
 
-	stateDir := s.StateDir(vm.UUID)
-	if err := ensureDir(stateDir, s.cfg.User); err != nil {
+	stateDir := s.StateDir(vm.UUID, vm.KeyID)
+	if err := ensureDir(filepath.Dir(stateDir), Credential{0, 0}, 0o711); err != nil {
+		return Instance{}, fmt.Errorf("vm %q: vTPM state: %w", vm.Name, err)
+	}
+	if err := ensureDir(stateDir, s.cfg.User, 0o700); err != nil {
 		return Instance{}, fmt.Errorf("vm %q: vTPM state: %w", vm.Name, err)
 	}
 	logFile, err := os.OpenFile(filepath.Join(s.cfg.StateRoot, vm.UUID+".log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
@@ -357,8 +368,8 @@ func (s *Supervisor) listen(path string) (*os.File, error) {
 	return f, nil
 }
 
-func ensureDir(dir string, owner Credential) error {
-	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+func ensureDir(dir string, owner Credential, mode os.FileMode) error {
+	if err := os.Mkdir(dir, mode); err != nil && !errors.Is(err, os.ErrExist) {
 		return err
 	}
 	fi, err := os.Lstat(dir)
@@ -374,8 +385,8 @@ func ensureDir(dir string, owner Credential) error {
 			return err
 		}
 	}
-	if fi.Mode().Perm() != 0o700 {
-		return os.Chmod(dir, 0o700)
+	if fi.Mode().Perm() != mode {
+		return os.Chmod(dir, mode)
 	}
 	return nil
 }

@@ -293,7 +293,7 @@ func TestStartServeStop(t *testing.T) {
 func TestExitReported(t *testing.T) {
 	state, run := dirs(t)
 	s := newSupervisor(t, state, run)
-	vm := VM{UUID: kdk.NewKeyID(), Name: "vtpm-test-exit"}
+	vm := VM{UUID: kdk.NewKeyID(), Name: "vtpm-test-exit", KeyID: kdk.NewKeyID()}
 	inst, err := s.Start(context.Background(), vm, key(1))
 	if err != nil {
 		t.Fatal(err)
@@ -328,15 +328,18 @@ func TestStartFails(t *testing.T) {
 		t.Error("Start accepted a 16-byte key")
 	}
 	// A state directory nkp-swtpm cannot use: a file in its place.
-	vm := VM{UUID: kdk.NewKeyID(), Name: "vtpm-test-bad"}
-	os.MkdirAll(state, 0o711)
-	os.WriteFile(filepath.Join(state, vm.UUID), []byte("x"), 0o600)
+	vm := VM{UUID: kdk.NewKeyID(), Name: "vtpm-test-bad", KeyID: kdk.NewKeyID()}
+	os.MkdirAll(filepath.Join(state, vm.UUID), 0o711)
+	os.WriteFile(filepath.Join(state, vm.UUID, vm.KeyID), []byte("x"), 0o600)
 	if _, err := s.Start(ctx, vm, key(1)); err == nil || !strings.Contains(err.Error(), "not a directory") {
 		t.Errorf("Start over a file: %v", err)
 	}
 	// A binary that exits at once: the error carries its log.
 	s.cfg.Binary = "/bin/false"
-	vm2 := VM{UUID: kdk.NewKeyID(), Name: "vtpm-test-false"}
+	if _, err := s.Start(ctx, VM{UUID: kdk.NewKeyID(), Name: "x"}, key(1)); err == nil {
+		t.Error("Start accepted a VM without a key ID")
+	}
+	vm2 := VM{UUID: kdk.NewKeyID(), Name: "vtpm-test-false", KeyID: kdk.NewKeyID()}
 	if _, err := s.Start(ctx, vm2, key(1)); !errors.Is(err, ErrStart) || !strings.Contains(err.Error(), "exited") {
 		t.Errorf("Start of /bin/false: %v", err)
 	}
@@ -363,7 +366,7 @@ func TestKill9Adopt(t *testing.T) {
 	defer unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 	vm := VM{UUID: kdk.NewKeyID(), Name: "vtpm-test-kill9", KeyID: kdk.NewKeyID(), KDKVersion: 2}
 	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperHostd$")
-	cmd.Env = append(os.Environ(), "NKP_VTPM_HELPER=1", "H_STATE="+state, "H_RUN="+run, "H_BIN="+swtpmBin, "H_VM="+vm.UUID)
+	cmd.Env = append(os.Environ(), "NKP_VTPM_HELPER=1", "H_STATE="+state, "H_RUN="+run, "H_BIN="+swtpmBin, "H_VM="+vm.UUID, "H_KEYID="+vm.KeyID)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
@@ -430,7 +433,7 @@ func TestHelperHostd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Start(context.Background(), VM{UUID: os.Getenv("H_VM"), Name: "vtpm-test-kill9", KeyID: kdk.NewKeyID(), KDKVersion: 2}, key(7)); err != nil {
+	if _, err := s.Start(context.Background(), VM{UUID: os.Getenv("H_VM"), Name: "vtpm-test-kill9", KeyID: os.Getenv("H_KEYID"), KDKVersion: 2}, key(7)); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(time.Minute) // killed by the parent test long before
