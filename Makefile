@@ -1,7 +1,7 @@
 # nkp build, test and demo entry points. See README.md.
 GO        ?= go
 BIN       := $(CURDIR)/bin
-CMDS      := nkp-swtpm nkp-provider nkpctl nkp-hook
+CMDS      := nkp-swtpm nkp-provider nkpctl nkp-hook nkp-hostd
 export NKP_BIN := $(BIN)
 
 .PHONY: all build setup demo test check unit e2e fuzz bench clean

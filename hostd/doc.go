@@ -1,0 +1,31 @@
+// Package hostd is nkp's host daemon (cmd/nkp-hostd): it joins a provider (Join), keeps
+// the cluster's KDK versions cached so that only this host's TPM can unwrap them
+// (hostd/kdkcache), answers libvirt's qemu hook synchronously over a root-only unix
+// socket (hooks/hookproto), runs one nkp-swtpm per running protected VM
+// (hostd/vtpm), and serves a local API (health, readiness, Prometheus metrics, the VM
+// operations of hostd/vm) on another root-only socket.
+//
+// The daemon has etcd embed's shape: Start(ctx, cfg) returns a *Daemon whose Ready is
+// closed once both sockets listen, and whose Done is closed when it stopped — because
+// Close was called, ctx ended, or any serving goroutine (hook listener, API listener,
+// provider sync, libvirt events) failed; Err then says why. A dead listener therefore
+// ends the process instead of leaving a healthy-looking one.
+//
+// Hooks are answered without calling libvirt (the hook holds one of libvirtd's workers;
+// calling back can deadlock): the domain XML on the hook's stdin is all hostd reads.
+// What a hook missed is reconciled from libvirt's lifecycle events and at start-up.
+// The decisions themselves are pure (hostd/lifecycle).
+//
+// The provider: KDK releases are fetched at start and every SyncInterval; new versions
+// are cached, retired ones deleted. While the provider is unreachable hostd works from
+// the cache, logs a warning once, sets nkp_hostd_provider_reachable to 0, and adds a
+// warning to the hook's answer. A host the provider reports as revoked (policy) deletes
+// its KDK cache at once and refuses every later start of a protected VM with a sentence
+// saying so; VMs already running keep their vTPM (their keys are in their nkp-swtpm),
+// since killing running guests would lose data. The host certificate is renewed when
+// less than RenewBefore (default: a third of its lifetime) is left.
+//
+// Importers: cmd/nkp-hostd and tests. hostd may import provider/{client,apiv1,kdk},
+// swtpm/{cmdline,ctrl,state}, systemd, internal/..., its own subpackages — never the
+// provider's domain or stores.
+package hostd
