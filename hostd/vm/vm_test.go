@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/nkp-dev/nkp/hostd/domxml"
@@ -412,5 +413,43 @@ func TestPassphraseKeyMatchesSwtpm(t *testing.T) {
 	defer d.Close()
 	if _, err := d.Load("permall"); !errors.Is(err, state.ErrAuth) {
 		t.Fatalf("wrong passphrase: %v, want ErrAuth", err)
+	}
+}
+
+// TestOwner: the vTPM state written at adoption belongs to the vTPM user (nkp-swtpm runs
+// unprivileged), directories 0700 and files 0600.
+func TestOwner(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root to chown")
+	}
+	e := newEnv(t)
+	e.m.cfg.VTPMOwner = &Owner{UID: 65534, GID: 65534}
+	e.define(t, "o1", uuid1, "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>")
+	swtpmSetup(t, filepath.Join(e.m.cfg.SwtpmRoot, uuid1, "tpm2"), nil)
+	if _, err := e.m.Protect(context.Background(), "o1"); err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	err := filepath.WalkDir(filepath.Join(e.m.cfg.VTPMDir, uuid1), func(p string, de fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		fi, err := os.Lstat(p)
+		if err != nil {
+			return err
+		}
+		st := fi.Sys().(*syscall.Stat_t)
+		want := fs.FileMode(0o600)
+		if de.IsDir() {
+			want = 0o700
+		}
+		if st.Uid != 65534 || st.Gid != 65534 || (fi.Mode().Perm() != want && de.Name() != ".lock") {
+			t.Errorf("%s: owner %d:%d mode %v, want 65534:65534 %v", p, st.Uid, st.Gid, fi.Mode().Perm(), want)
+		}
+		n++
+		return nil
+	})
+	if err != nil || n < 3 {
+		t.Fatalf("walked %d entries: %v", n, err)
 	}
 }
