@@ -253,9 +253,10 @@ func (m *Manager) openSource(dir string, key *state.Key) (*source, error) {
 }
 
 // writeState writes blobs into dir (created 0700; it must not exist yet) under key
-// (nil: swtpm's plaintext format), reads them back, and gives dir and files to owner.
-func (m *Manager) writeState(dir string, key *state.Key, blobs map[string][]byte, owner *Owner) error {
-	if err := os.MkdirAll(filepath.Dir(dir), 0o700); err != nil {
+// (nil: swtpm's plaintext format), reads them back, and gives dir, its parent and the
+// files to owner. Missing ancestors are created with parentMode.
+func (m *Manager) writeState(dir string, key *state.Key, blobs map[string][]byte, owner *Owner, parentMode fs.FileMode) error {
+	if err := os.MkdirAll(filepath.Dir(dir), parentMode); err != nil {
 		return err
 	}
 	if owner != nil {
@@ -426,7 +427,7 @@ func (m *Manager) Protect(ctx context.Context, domain string) (vmapi.VM, error) 
 		}
 		return vmapi.VM{}, err
 	}
-	if err := m.writeState(e.NewDir, key, src.blobs, m.cfg.VTPMOwner); err != nil {
+	if err := m.writeState(e.NewDir, key, src.blobs, m.cfg.VTPMOwner, 0o700); err != nil {
 		return fail(fmt.Errorf("vm %q: key %s: writing the vTPM state: %w", d.Name, obj.KeyID, err))
 	}
 	m.step(opProtect, "staged")
@@ -567,7 +568,7 @@ func (m *Manager) Rekey(ctx context.Context, domain string) (vmapi.VM, error) {
 		}
 		return vmapi.VM{}, err
 	}
-	if err := m.writeState(e.NewDir, newKey, src.blobs, m.cfg.VTPMOwner); err != nil {
+	if err := m.writeState(e.NewDir, newKey, src.blobs, m.cfg.VTPMOwner, 0o700); err != nil {
 		return fail(fmt.Errorf("vm %q: key %s: writing the vTPM state: %w", d.Name, obj.KeyID, err))
 	}
 	m.step(opRekey, "staged")
@@ -636,11 +637,15 @@ func (m *Manager) Unprotect(ctx context.Context, domain, tpm string) (vmapi.VM, 
 		if emu.Model == "" {
 			emu.Model = "tpm-crb"
 		}
-		e.Emulator = emu.EmulatorStateDir(m.cfg.SwtpmRoot, d.UUID)
-		e.Staging = e.Emulator + ".nkp-new"
-		if _, err := os.Lstat(e.Emulator); err == nil {
-			e.EmulatorExisted = true
-			e.Aside = e.Emulator + ".before-nkp-" + strconv.FormatInt(time.Now().Unix(), 10)
+		// A vTPM that never ran has no state: libvirt then creates and manufactures
+		// its own at the next start (swtpm_setup), as for any new emulator TPM.
+		if len(src.blobs) > 0 {
+			e.Emulator = emu.EmulatorStateDir(m.cfg.SwtpmRoot, d.UUID)
+			e.Staging = e.Emulator + ".nkp-new"
+			if _, err := os.Lstat(e.Emulator); err == nil {
+				e.EmulatorExisted = true
+				e.Aside = e.Emulator + ".before-nkp-" + strconv.FormatInt(time.Now().Unix(), 10)
+			}
 		}
 	}
 	committed := false
@@ -667,9 +672,9 @@ func (m *Manager) Unprotect(ctx context.Context, domain, tpm string) (vmapi.VM, 
 		}
 		return vmapi.VM{}, err
 	}
-	if emu != nil {
+	if e.Emulator != "" {
 		os.RemoveAll(e.Staging) // a leftover of an earlier attempt
-		if err := m.writeState(e.Staging, nil, src.blobs, m.cfg.SwtpmOwner); err != nil {
+		if err := m.writeState(e.Staging, nil, src.blobs, m.cfg.SwtpmOwner, 0o711); err != nil {
 			return fail(fmt.Errorf("vm %q: writing libvirt's swtpm state %s: %w", d.Name, e.Staging, err))
 		}
 		os.Remove(filepath.Join(e.Staging, ".lock")) // libvirt's swtpm creates its own
@@ -698,12 +703,15 @@ func (m *Manager) Unprotect(ctx context.Context, domain, tpm string) (vmapi.VM, 
 	}
 	m.log.Info("vm unprotected", "vm", d.Name, "uuid", d.UUID, "key_id", old.KeyID, "tpm", tpm)
 	v, err := m.Status(ctx, d.UUID)
-	if emu != nil {
+	switch {
+	case e.Emulator != "":
 		v.Note = "the vTPM is libvirt's swtpm again, its state (unencrypted, as libvirt keeps it) in " + e.Emulator
 		if e.Aside != "" {
 			v.Note += "; the directory that was there is kept as " + e.Aside
 		}
-	} else {
+	case emu != nil:
+		v.Note = "the vTPM is libvirt's swtpm again; it had no state yet, so libvirt creates it at the next start"
+	default:
 		v.Note = "the vTPM and its state were removed"
 	}
 	return v, err

@@ -453,3 +453,25 @@ func TestOwner(t *testing.T) {
 		t.Fatalf("walked %d entries: %v", n, err)
 	}
 }
+
+// TestUnprotectNeverStarted: a vTPM that never ran has no state; unprotect --tpm keep
+// gives libvirt an emulator TPM and leaves the state directory for libvirt to create.
+func TestUnprotectNeverStarted(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t)
+	e.define(t, "ns1", uuid1, "")
+	if _, err := e.m.Protect(ctx, "ns1"); err != nil {
+		t.Fatal(err)
+	}
+	v, err := e.m.Unprotect(ctx, "ns1", vmapi.UnprotectKeep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tp, _ := e.lv.domain(t, uuid1).TPM()
+	if tp == nil || tp.Backend != domxml.BackendEmulator || !strings.Contains(v.Note, "no state yet") {
+		t.Fatalf("TPM %+v, note %q", tp, v.Note)
+	}
+	if _, err := os.Stat(filepath.Join(e.m.cfg.SwtpmRoot, uuid1)); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("an empty libvirt state directory was made: %v", err)
+	}
+}
