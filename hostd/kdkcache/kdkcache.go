@@ -27,6 +27,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/nkp-dev/nkp/internal/atomicfile"
 	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/kdk"
 )
@@ -99,7 +100,7 @@ func Open(dir string, tpm Unwrapper, log *slog.Logger) (*Cache, error) {
 	}
 	for _, e := range ents {
 		name := e.Name()
-		if strings.HasPrefix(name, ".tmp-") {
+		if atomicfile.IsTemp(name) {
 			os.Remove(filepath.Join(dir, name)) // a write cut short by a crash
 			continue
 		}
@@ -222,7 +223,7 @@ func (c *Cache) removeLocked(v int, e *entry) error {
 	if err := os.Remove(filepath.Join(c.dir, fileName(v))); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("KDK cache: %w", err)
 	}
-	return syncDir(c.dir)
+	return atomicfile.SyncDir(c.dir)
 }
 
 func (c *Cache) write(r record) error {
@@ -230,7 +231,7 @@ func (c *Cache) write(r record) error {
 	if err != nil {
 		return err
 	}
-	if err := writeFileAtomic(filepath.Join(c.dir, fileName(r.Version)), raw, 0o600); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(c.dir, fileName(r.Version)), raw, 0o600); err != nil {
 		return fmt.Errorf("KDK cache: storing version %d: %w", r.Version, err)
 	}
 	return nil
@@ -292,7 +293,7 @@ func (c *Cache) Forget() error {
 				first = fmt.Errorf("KDK cache: %w", err)
 			}
 		}
-		if err := syncDir(c.dir); err != nil && first == nil {
+		if err := atomicfile.SyncDir(c.dir); err != nil && first == nil {
 			first = err
 		}
 	}
@@ -307,42 +308,4 @@ func (c *Cache) Close() {
 		clear(e.key)
 		delete(c.entries, v)
 	}
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
-
-// writeFileAtomic: temp file, fsync, rename, fsync dir.
-func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, ".tmp-"+filepath.Base(path)+"-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name())
-	if err := f.Chmod(mode); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(f.Name(), path); err != nil {
-		return err
-	}
-	return syncDir(dir)
 }

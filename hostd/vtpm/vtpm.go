@@ -52,6 +52,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/nkp-dev/nkp/internal/atomicfile"
 	"github.com/nkp-dev/nkp/provider/kdk"
 	"github.com/nkp-dev/nkp/swtpm/cmdline"
 )
@@ -540,7 +541,7 @@ func (s *Supervisor) Adopt() ([]Instance, error) {
 		name := e.Name()
 		uuid, ok := strings.CutSuffix(name, ".json")
 		if !ok || kdk.CheckUUID(uuid) != nil {
-			if strings.HasPrefix(name, ".pid-") {
+			if strings.HasPrefix(name, ".pid-") || atomicfile.IsTemp(name) { // a crash's leftovers
 				os.Remove(filepath.Join(s.cfg.RunDir, name))
 			}
 			continue
@@ -659,7 +660,7 @@ func writeRecord(path string, inst Instance) error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(path, b, 0o600)
+	return atomicfile.WriteFile(path, b, 0o600)
 }
 
 func readRecord(path string) (Instance, error) {
@@ -675,38 +676,4 @@ func readRecord(path string) (Instance, error) {
 		return Instance{}, errors.New("record without pid or state directory")
 	}
 	return inst, nil
-}
-
-// writeFileAtomic: temp file, fsync, rename, fsync dir.
-func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, ".tmp-"+filepath.Base(path)+"-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name())
-	if err := f.Chmod(mode); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(f.Name(), path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }

@@ -19,6 +19,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/nkp-dev/nkp/internal/atomicfile"
 	"github.com/nkp-dev/nkp/internal/tpmdev"
 	"github.com/nkp-dev/nkp/provider/api/daemon"
 	"github.com/nkp-dev/nkp/provider/apiv1"
@@ -224,7 +225,7 @@ func (c *ctl) backupCmd() *cobra.Command {
 					return err
 				}
 				defer clear(buf.Bytes())
-				if err := daemon.WriteFileAtomic(out, buf.Bytes(), 0o600); err != nil {
+				if err := atomicfile.WriteFile(out, buf.Bytes(), 0o600); err != nil {
 					return fmt.Errorf("the backup could not be saved, so it is not confirmed (the provider's state is unchanged): %w (take it again)", err)
 				}
 				return c.confirm(ctx, cl, out, pass)

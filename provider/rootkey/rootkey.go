@@ -27,8 +27,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
-	"path/filepath"
+
+	"github.com/nkp-dev/nkp/internal/atomicfile"
 )
 
 // Size is the root key length in bytes.
@@ -110,48 +112,14 @@ func Create(path string) (*Key, error) {
 	return New(b, path)
 }
 
-// writeNew writes data to a temp file next to path, fsyncs it, hard-links it to path
-// (which fails if path exists, so a concurrent Create cannot be overwritten), removes
-// the temp name and fsyncs the directory.
+// writeNew writes a new root key file (0600) crash-safely, never over an existing one
+// (a concurrent Create cannot be overwritten).
 func writeNew(path string, data []byte) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return fmt.Errorf("root key %s: creating temp file: %w", path, err)
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	if err := f.Chmod(0o600); err != nil {
-		f.Close()
-		return fmt.Errorf("root key %s: chmod temp file: %w", path, err)
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return fmt.Errorf("root key %s: writing temp file: %w", path, err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("root key %s: fsync temp file: %w", path, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("root key %s: closing temp file: %w", path, err)
-	}
-	if err := os.Link(tmp, path); err != nil {
-		if errors.Is(err, os.ErrExist) {
+	if err := atomicfile.WriteNew(path, data, 0o600); err != nil {
+		if errors.Is(err, fs.ErrExist) {
 			return fmt.Errorf("root key %s: %w", path, ErrExists)
 		}
-		return fmt.Errorf("root key %s: linking into place: %w", path, err)
-	}
-	if err := os.Remove(tmp); err != nil {
-		return fmt.Errorf("root key %s: removing temp file: %w", path, err)
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("root key %s: opening directory to fsync: %w", path, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("root key %s: fsync directory: %w", path, err)
+		return fmt.Errorf("root key: %w", err)
 	}
 	return nil
 }

@@ -29,6 +29,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nkp-dev/nkp/internal/atomicfile"
 )
 
 //go:embed init.sh
@@ -229,8 +231,8 @@ func fetchKernel(ctx context.Context, dir, pkg string) (string, error) {
 	if err := os.Rename(out, kdir); err != nil {
 		return "", fmt.Errorf("guest: kernel: %w", err)
 	}
-	if err := syncDir(dir); err != nil {
-		return "", err
+	if err := atomicfile.SyncDir(dir); err != nil {
+		return "", fmt.Errorf("guest: kernel: %w", err)
 	}
 	return kdir, nil
 }
@@ -324,14 +326,7 @@ func buildInitrd(ctx context.Context, dir, root, src, kdir, pkg string) (string,
 		return "", err
 	}
 
-	part := filepath.Join(tmp, "initrd.cpio.gz")
-	if err := writeInitrd(part, busybox, agent, modules); err != nil {
-		return "", err
-	}
-	if err := os.Rename(part, initrd); err != nil {
-		return "", fmt.Errorf("guest: initramfs: %w", err)
-	}
-	if err := syncDir(dir); err != nil {
+	if err := writeInitrd(initrd, busybox, agent, modules); err != nil {
 		return "", err
 	}
 	// Older images are garbage now; a VM that is running has read its copy already.
@@ -344,17 +339,13 @@ func buildInitrd(ctx context.Context, dir, root, src, kdir, pkg string) (string,
 	return initrd, nil
 }
 
-// writeInitrd writes the gzip'd cpio archive to path and fsyncs it.
-func writeInitrd(path string, busybox, agent []byte, modules [][]byte) (err error) {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+// writeInitrd writes the gzip'd cpio archive to path, crash-safely.
+func writeInitrd(path string, busybox, agent []byte, modules [][]byte) error {
+	f, err := atomicfile.Create(path, 0o644)
 	if err != nil {
 		return fmt.Errorf("guest: initramfs: %w", err)
 	}
-	defer func() {
-		if cerr := f.Close(); err == nil && cerr != nil {
-			err = fmt.Errorf("guest: initramfs %s: %w", path, cerr)
-		}
-	}()
+	defer f.Abort() // no effect after Commit
 	zw, _ := gzip.NewWriterLevel(f, gzip.BestSpeed)
 	if err := writeCpio(zw, busybox, agent, modules); err != nil {
 		return fmt.Errorf("guest: initramfs %s: %w", path, err)
@@ -362,8 +353,8 @@ func writeInitrd(path string, busybox, agent []byte, modules [][]byte) (err erro
 	if err := zw.Close(); err != nil {
 		return fmt.Errorf("guest: initramfs %s: %w", path, err)
 	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("guest: initramfs %s: %w", path, err)
+	if err := f.Commit(); err != nil {
+		return fmt.Errorf("guest: initramfs: %w", err)
 	}
 	return nil
 }
@@ -444,18 +435,6 @@ func copyFile(from, to string) error {
 	}
 	if err := f.Close(); err != nil {
 		return fmt.Errorf("guest: copy to %s: %w", to, err)
-	}
-	return nil
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("guest: sync %s: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("guest: sync %s: %w", dir, err)
 	}
 	return nil
 }

@@ -38,6 +38,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/nkp-dev/nkp/internal/atomicfile"
 )
 
 // Tools are the programs a Host needs on $PATH.
@@ -272,10 +274,7 @@ func (h *Host) InstallHook(name string, content []byte) error {
 		return fmt.Errorf("libvirtns: host %s: hook name %q", h.Name, name)
 	}
 	p := filepath.Join(h.Dir, "etc-libvirt", "hooks", "qemu.d", name)
-	if err := os.WriteFile(p+".tmp", content, 0o755); err != nil {
-		return fmt.Errorf("libvirtns: host %s: hook %s: %w", h.Name, name, err)
-	}
-	if err := os.Rename(p+".tmp", p); err != nil {
+	if err := atomicfile.WriteFile(p, content, 0o755); err != nil {
 		return fmt.Errorf("libvirtns: host %s: hook %s: %w", h.Name, name, err)
 	}
 	return nil

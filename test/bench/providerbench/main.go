@@ -34,6 +34,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/nkp-dev/nkp/internal/atomicfile"
 	"github.com/nkp-dev/nkp/provider/api/daemon"
 	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/client"
@@ -474,5 +475,5 @@ func replaceSection(path, heading, section string) error {
 		}
 		out = text + section
 	}
-	return daemon.WriteFileAtomic(path, []byte(out), 0o644)
+	return atomicfile.WriteFile(path, []byte(out), 0o644)
 }
