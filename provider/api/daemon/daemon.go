@@ -11,6 +11,10 @@
 //	admin.crt    nkpctl's admin certificate (PEM, 0600, role OU=nkp-admin)
 //	admin.key    its key (PEM, 0600)
 //
+// Start, Init and Restore check the directory (closed to group and others) and every
+// secret file in it (a regular file, not a link, closed to group and others) with
+// CheckProviderDir, as rootkey.Load always checked root.key.
+//
 // The server's own TLS key lives only in memory: each start issues a fresh server
 // certificate from the provider CA.
 package daemon
@@ -111,6 +115,9 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 			d.closeAll()
 		}
 	}()
+	if err := CheckProviderDir(cfg.Dir); err != nil {
+		return nil, err
+	}
 	if d.key, err = loadRootKey(cfg.Dir, cfg.RootKeyTPM); errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("provider %s: %w (run `nkp-provider init` first, or copy the root key of the replica set)", cfg.Dir, err)
 	} else if err != nil {

@@ -74,7 +74,11 @@ func LoadAdmin(dir string) (*Admin, error) {
 }
 
 // LoadAdminFiles reads admin credentials from explicit PEM files.
+// The key must be closed to group and others (chmod 600), as Init writes it.
 func LoadAdminFiles(certFile, keyFile, caFile string) (*Admin, error) {
+	if st, err := os.Stat(keyFile); err == nil && st.Mode().Perm()&0o077 != 0 {
+		return nil, fmt.Errorf("admin key %s has mode %04o: group or others may read it and act as this administrator; run chmod 600 %s (and revoke this certificate with `nkpctl provider admins revoke` if others could read it)", keyFile, st.Mode().Perm(), keyFile)
+	}
 	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
 	if err != nil {
 		return nil, fmt.Errorf("admin credentials %s, %s: %w (run `nkpctl provider init --dir DIR` first, or pass --dir/--cert/--key)", certFile, keyFile, err)

@@ -145,6 +145,9 @@ func prepareDir(dir string, sc StoreConfig, rootKeyTPM string) (*undo, error) {
 			return nil, fmt.Errorf("--root-key-tpm: %w", err)
 		}
 	}
+	if err := CheckProviderDir(dir); err != nil {
+		return nil, err
+	}
 	u := &undo{}
 	var missing []string
 	for d := filepath.Clean(dir); ; d = filepath.Dir(d) {
