@@ -33,6 +33,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/nkp-dev/nkp/internal/nodump"
 	"github.com/nkp-dev/nkp/internal/tpmdev"
 	"github.com/nkp-dev/nkp/provider/api/daemon"
 	"github.com/nkp-dev/nkp/systemd"
@@ -72,7 +73,9 @@ func (o *options) logger(w io.Writer) (*slog.Logger, error) {
 // Main runs nkp-provider with args (without the program name).
 func Main(args []string, stdout, stderr io.Writer) error {
 	o := &options{}
-	root := &cobra.Command{Use: "nkp-provider", Short: "nkp key provider", SilenceUsage: true, SilenceErrors: true}
+	root := &cobra.Command{Use: "nkp-provider", Short: "nkp key provider", SilenceUsage: true, SilenceErrors: true,
+		// init and serve hold the root key: keep it out of core dumps and debuggers.
+		PersistentPreRunE: func(*cobra.Command, []string) error { return nodump.Apply() }}
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	pf := root.PersistentFlags()

@@ -1,9 +1,10 @@
 package cli
 
 import (
-	"encoding/json"
 	"fmt"
 	"io"
+	"strconv"
+	"strings"
 )
 
 // Version is nkp-swtpm's version, printed by --version and in --print-capabilities.
@@ -42,16 +43,29 @@ type Capabilities struct {
 	Version  string   `json:"version"`
 }
 
-// PrintCapabilities writes the --print-capabilities JSON line to w.
+// PrintCapabilities writes the --print-capabilities line to w exactly as swtpm 0.7.1
+// lays it out (scripts match that text, not only its JSON):
+// { "type": "swtpm", "features": [ "tpm-2.0", ... ], "version": "0.1.0" } and a newline.
 func PrintCapabilities(w io.Writer) error {
-	b, err := json.Marshal(Capabilities{Type: "swtpm", Features: Features, Version: Version})
-	if err != nil {
-		return fmt.Errorf("print capabilities: %w", err)
-	}
-	if _, err := fmt.Fprintf(w, "%s\n", b); err != nil {
+	if _, err := io.WriteString(w, formatCapabilities(Features, Version)); err != nil {
 		return fmt.Errorf("print capabilities: %w", err)
 	}
 	return nil
+}
+
+// formatCapabilities lays out a --print-capabilities line as swtpm 0.7.1's
+// capabilities_print_json does.
+func formatCapabilities(features []string, version string) string {
+	var b strings.Builder
+	b.WriteString(`{ "type": "swtpm", "features": [ `)
+	for i, f := range features {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteString(strconv.Quote(f))
+	}
+	fmt.Fprintf(&b, " ], \"version\": %s }\n", strconv.Quote(version))
+	return b.String()
 }
 
 // StateEntry is one state blob in the --print-states output.
@@ -60,20 +74,24 @@ type StateEntry struct {
 	Size int64  `json:"size"`
 }
 
-// PrintStates writes the --print-states JSON line to w, shaped like swtpm's:
-// {"type": "swtpm", "states": [{"name": "permall", "size": N}, ...]}.
+// PrintStates writes the --print-states JSON to w exactly as swtpm 0.7.1 does
+// (SWTPM_NVRAM_PrintJson), without a newline at the end:
+// { "type": "swtpm", "states": [ {"name": "permall", "size": 1315}, ... ] }, and
+// { "type": "swtpm", "states": [] } when there are none.
 func PrintStates(w io.Writer, states []StateEntry) error {
-	if states == nil {
-		states = []StateEntry{}
+	var b strings.Builder
+	b.WriteString(`{ "type": "swtpm", "states": [`)
+	for i, s := range states {
+		if i > 0 {
+			b.WriteString(",")
+		}
+		fmt.Fprintf(&b, ` {"name": %s, "size": %d}`, strconv.Quote(s.Name), s.Size)
 	}
-	b, err := json.Marshal(struct {
-		Type   string       `json:"type"`
-		States []StateEntry `json:"states"`
-	}{"swtpm", states})
-	if err != nil {
-		return fmt.Errorf("print states: %w", err)
+	if len(states) > 0 {
+		b.WriteString(" ")
 	}
-	if _, err := fmt.Fprintf(w, "%s\n", b); err != nil {
+	b.WriteString("] }")
+	if _, err := io.WriteString(w, b.String()); err != nil {
 		return fmt.Errorf("print states: %w", err)
 	}
 	return nil

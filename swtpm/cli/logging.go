@@ -30,11 +30,17 @@ func openLog(l *cmdline.LogOptions, stderr io.Writer) (*slog.Logger, func(), err
 	case l.File != "":
 		flags := os.O_WRONLY | os.O_CREATE | os.O_APPEND
 		if l.Truncate {
-			flags = os.O_WRONLY | os.O_CREATE | os.O_TRUNC
+			flags = os.O_WRONLY | os.O_CREATE
 		}
-		f, err := os.OpenFile(l.File, flags, 0o600)
+		f, err := openNoFollow("--log file=", l.File, flags, 0o600)
 		if err != nil {
-			return nil, nil, fmt.Errorf("--log file=%s: %w (does its directory exist and is it writable?)", l.File, err)
+			return nil, nil, err
+		}
+		if l.Truncate {
+			if err := f.Truncate(0); err != nil {
+				f.Close()
+				return nil, nil, fmt.Errorf("--log file=%s: truncate: %w", l.File, err)
+			}
 		}
 		return newLogger(f, l.Prefix, level), func() { f.Close() }, nil
 	case l.FD == 1 || l.FD == 2:

@@ -17,6 +17,7 @@ import (
 	"os/signal"
 	"syscall"
 
+	"github.com/nkp-dev/nkp/internal/nodump"
 	"github.com/nkp-dev/nkp/swtpm/cmdline"
 	"github.com/nkp-dev/nkp/swtpm/seccomp"
 )
@@ -107,9 +108,17 @@ func run(ctx context.Context, o *cmdline.Options, stderr io.Writer, ready *ready
 	if o.Ctrl == nil && o.Server == nil {
 		return fmt.Errorf("no channel to serve: give --ctrl and/or --server (see nkp-swtpm socket --help)")
 	}
+	// Keys never reach a core dump or a same-user debugger (again after --runas: the
+	// kernel resets the flag when the user changes).
+	if err := nodump.Apply(); err != nil {
+		return err
+	}
 	// Like swtpm: change user before any file is opened.
 	if o.RunAs != "" {
 		if err := runAs(o.RunAs); err != nil {
+			return err
+		}
+		if err := nodump.Apply(); err != nil {
 			return err
 		}
 	}

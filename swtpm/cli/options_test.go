@@ -44,8 +44,10 @@ func TestPrintStates(t *testing.T) {
 		states []StateEntry
 		want   string
 	}{
-		{nil, `{"type":"swtpm","states":[]}` + "\n"},
-		{[]StateEntry{{"permall", 1234}}, `{"type":"swtpm","states":[{"name":"permall","size":1234}]}` + "\n"},
+		{nil, `{ "type": "swtpm", "states": [] }`},
+		{[]StateEntry{{"permall", 1234}}, `{ "type": "swtpm", "states": [ {"name": "permall", "size": 1234} ] }`},
+		{[]StateEntry{{"permall", 1315}, {"volatilestate", 8986}},
+			`{ "type": "swtpm", "states": [ {"name": "permall", "size": 1315}, {"name": "volatilestate", "size": 8986} ] }`},
 	}
 	for _, tt := range tests {
 		var buf bytes.Buffer
@@ -54,6 +56,10 @@ func TestPrintStates(t *testing.T) {
 		}
 		if buf.String() != tt.want {
 			t.Errorf("PrintStates(%v) = %q, want %q", tt.states, buf.String(), tt.want)
+		}
+		var v struct{ States []StateEntry }
+		if err := json.Unmarshal(buf.Bytes(), &v); err != nil || len(v.States) != len(tt.states) {
+			t.Errorf("not the JSON it stands for: %v", err)
 		}
 	}
 }
@@ -72,14 +78,14 @@ func TestMainModes(t *testing.T) {
 		{nil, 1, "", "Usage: nkp-swtpm socket"},
 		{[]string{"--version"}, 0, "nkp-swtpm version " + Version, ""},
 		{[]string{"socket", "--help"}, 0, "--tpmstate dir=", ""},
-		{[]string{"socket", "--print-capabilities"}, 0, `"type":"swtpm"`, ""},
+		{[]string{"socket", "--print-capabilities"}, 0, `{ "type": "swtpm", "features": [ "tpm-2.0", `, ""},
 		{[]string{"chardev", "--tpm2"}, 1, "", `mode "chardev" is not supported`},
 		{[]string{"cuse"}, 1, "", "not supported"},
 		{[]string{"frobnicate"}, 1, "", `unknown mode "frobnicate"`},
 		{[]string{"socket", "--tpm2", "--nope"}, 1, "", "unknown option --nope"},
 		{[]string{"socket", "--ctrl", "type=unixio,path=/x"}, 1, "", "add --tpm2"},
 		{[]string{"socket", "--tpm2", "--print-states"}, 1, "", "--print-states needs --tpmstate"},
-		{[]string{"socket", "--tpm2", "--print-states", "--tpmstate", "dir=" + states}, 0, `{"name":"permall","size":3}`, ""},
+		{[]string{"socket", "--tpm2", "--print-states", "--tpmstate", "dir=" + states}, 0, `{ "type": "swtpm", "states": [ {"name": "permall", "size": 3} ] }`, ""},
 		{[]string{"socket", "--tpm2", "--print-states", "--tpmstate", "dir=" + filepath.Join(states, "tpm2-00.permall")}, 1, "", "not a directory"},
 		{[]string{"socket", "--tpm2", "--ctrl", "type=unixio,path=" + filepath.Join(states, "c")}, 1, "", "no state directory"},
 		{[]string{"socket", "--tpm2", "--tpmstate", "dir=" + states}, 1, "", "no channel to serve"},

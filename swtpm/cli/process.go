@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/user"
@@ -35,11 +36,14 @@ func pidFile(p *cmdline.PidOptions, pid int) (func(), error) {
 	}
 	// Written in place, not renamed over: swtpm_setup creates the file and watches
 	// that inode for the pid to appear.
-	f, err := os.OpenFile(p.File, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	f, err := openNoFollow("--pid file=", p.File, os.O_WRONLY|os.O_CREATE, 0o644)
 	if err != nil {
-		return nil, fmt.Errorf("--pid file=%s: %w (does the directory exist and is it writable?)", p.File, err)
+		return nil, err
 	}
-	_, err = f.Write(data)
+	err = f.Truncate(0) // only now: the file is known to be a regular file, not a link
+	if err == nil {
+		_, err = f.Write(data)
+	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
@@ -47,6 +51,29 @@ func pidFile(p *cmdline.PidOptions, pid int) (func(), error) {
 		return nil, fmt.Errorf("--pid file=%s: %w", p.File, err)
 	}
 	return func() { os.Remove(p.File) }, nil
+}
+
+// openNoFollow opens path for writing as swtpm opens its pid and log files: with
+// O_NOFOLLOW, so that a symbolic link planted at the path (by anyone who can write its
+// directory) cannot make nkp-swtpm truncate or write another file, and only a regular
+// file (a FIFO or device is refused too). flags must not hold O_TRUNC: truncate after.
+func openNoFollow(what, path string, flags int, mode os.FileMode) (*os.File, error) {
+	f, err := os.OpenFile(path, flags|syscall.O_NOFOLLOW|syscall.O_NONBLOCK|syscall.O_CLOEXEC, mode)
+	if errors.Is(err, syscall.ELOOP) {
+		return nil, fmt.Errorf("%s%s is a symbolic link; nkp-swtpm does not follow links here (a planted link would make it overwrite the file it points to): remove the link or give the real path", what, path)
+	}
+	if errors.Is(err, syscall.ENXIO) { // a FIFO without a reader (O_NONBLOCK keeps the open from hanging)
+		return nil, fmt.Errorf("%s%s is not a regular file (a FIFO); give the path of a regular file (it is created if missing)", what, path)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%s%s: %w (does the directory exist and is it writable?)", what, path, err)
+	}
+	fi, err := f.Stat()
+	if err != nil || !fi.Mode().IsRegular() {
+		f.Close()
+		return nil, fmt.Errorf("%s%s is not a regular file; give the path of a regular file (it is created if missing)", what, path)
+	}
+	return f, nil
 }
 
 // runAs switches the process to user name (or numeric uid), its primary group and its

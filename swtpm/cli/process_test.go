@@ -147,6 +147,61 @@ func TestPidFile(t *testing.T) {
 	}
 }
 
+// TestPidLogNoFollow: --pid file= and --log file= refuse a symbolic link (and any
+// file that is not regular) with a clear error, and the file behind the link is neither
+// truncated nor written.
+func TestPidLogNoFollow(t *testing.T) {
+	open := map[string]func(path string) error{
+		"pid": func(p string) error {
+			_, err := pidFile(&cmdline.PidOptions{File: p, FD: -1}, 4242)
+			return err
+		},
+		"log": func(p string) error {
+			_, closeLog, err := openLog(&cmdline.LogOptions{File: p}, nil)
+			if err == nil {
+				closeLog()
+			}
+			return err
+		},
+		"log truncate": func(p string) error {
+			_, closeLog, err := openLog(&cmdline.LogOptions{File: p, Truncate: true}, nil)
+			if err == nil {
+				closeLog()
+			}
+			return err
+		},
+	}
+	for name, fn := range open {
+		for _, tt := range []struct {
+			kind string
+			make func(t *testing.T, path, victim string)
+			want string
+		}{
+			{"symlink to a file", func(t *testing.T, p, victim string) { os.Symlink(victim, p) }, "is a symbolic link"},
+			{"dangling symlink", func(t *testing.T, p, victim string) { os.Symlink(victim+".new", p) }, "is a symbolic link"},
+			{"fifo", func(t *testing.T, p, victim string) { syscall.Mkfifo(p, 0o600) }, "not a regular file"},
+		} {
+			t.Run(name+"/"+tt.kind, func(t *testing.T) {
+				dir := t.TempDir()
+				victim := filepath.Join(dir, "victim")
+				os.WriteFile(victim, []byte("precious\n"), 0o600)
+				p := filepath.Join(dir, "planted")
+				tt.make(t, p, victim)
+				err := fn(p)
+				if err == nil || !strings.Contains(err.Error(), tt.want) || !strings.Contains(err.Error(), p) {
+					t.Fatalf("err = %v, want one naming %s and saying %q", err, p, tt.want)
+				}
+				if b, _ := os.ReadFile(victim); string(b) != "precious\n" {
+					t.Errorf("the file behind the link now holds %q", b)
+				}
+				if _, err := os.Lstat(victim + ".new"); err == nil {
+					t.Errorf("a file was created through a dangling link")
+				}
+			})
+		}
+	}
+}
+
 func TestChannelOpen(t *testing.T) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "ctrl.sock")
