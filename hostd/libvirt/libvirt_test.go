@@ -96,7 +96,7 @@ func TestConn(t *testing.T) {
 func TestSecretValue(t *testing.T) {
 	c := open(t)
 	su := uuid.NewString()
-	s, err := c.c.SecretDefineXML(`<secret ephemeral='yes' private='no'><uuid>` + su + `</uuid><description>hostdvm test</description></secret>`, 0)
+	s, err := c.c.SecretDefineXML(`<secret ephemeral='yes' private='no'><uuid>`+su+`</uuid><description>hostdvm test</description></secret>`, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
