@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/nkp-dev/nkp/hostd/hosttpm"
+	"github.com/nkp-dev/nkp/internal/atomicfile"
 	"github.com/nkp-dev/nkp/provider/client"
 )
 
@@ -121,11 +122,11 @@ func (id *identity) saveInfo(dir string) error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(filepath.Join(dir, fileHost), append(raw, '\n'), 0o600)
+	return atomicfile.WriteFile(filepath.Join(dir, fileHost), append(raw, '\n'), 0o600)
 }
 
 func (id *identity) saveCert(dir string) error {
-	return writeFileAtomic(filepath.Join(dir, fileCert), certPEM(id.cert.Leaf.Raw), 0o644)
+	return atomicfile.WriteFile(filepath.Join(dir, fileCert), certPEM(id.cert.Leaf.Raw), 0o644)
 }
 
 // save writes every identity file; host.json last, so a crash leaves no half-joined host
@@ -138,13 +139,13 @@ func (id *identity) save(dir string) error {
 	keyPEM := pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
 	defer clear(keyPEM)
 	defer clear(der)
-	if err := writeFileAtomic(filepath.Join(dir, fileKey), keyPEM, 0o600); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(dir, fileKey), keyPEM, 0o600); err != nil {
 		return err
 	}
 	if err := id.saveCert(dir); err != nil {
 		return err
 	}
-	if err := writeFileAtomic(filepath.Join(dir, fileCA), certPEM(id.ca.Raw), 0o644); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(dir, fileCA), certPEM(id.ca.Raw), 0o644); err != nil {
 		return err
 	}
 	return id.saveInfo(dir)
@@ -284,38 +285,4 @@ func openHostTPM(spec string, open func() (io.ReadWriter, io.Closer, error)) (*h
 		return nil, err
 	}
 	return t, nil
-}
-
-// writeFileAtomic: temp file, fsync, rename, fsync dir.
-func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, ".tmp-"+filepath.Base(path)+"-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name())
-	if err := f.Chmod(mode); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(f.Name(), path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }

@@ -14,6 +14,7 @@ import (
 	"testing"
 
 	"github.com/nkp-dev/nkp/hostd/domxml"
+	"github.com/nkp-dev/nkp/internal/atomicfile"
 	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/client"
 	"github.com/nkp-dev/nkp/provider/kdk"
@@ -75,7 +76,7 @@ func (c *fileCatalog) load() map[string]apiv1.Object {
 
 func (c *fileCatalog) save(m map[string]apiv1.Object) error {
 	b, _ := json.Marshal(m)
-	return writeFileAtomic(c.path, b)
+	return atomicfile.WriteFile(c.path, b, 0o600)
 }
 
 func (c *fileCatalog) RegisterObject(_ context.Context, o apiv1.Object) error {

@@ -10,7 +10,7 @@ import (
 	"strings"
 
 	"github.com/nkp-dev/nkp/hostd/domxml"
-	"golang.org/x/sys/unix"
+	"github.com/nkp-dev/nkp/internal/atomicfile"
 )
 
 // Operations in the journal.
@@ -52,7 +52,7 @@ func (j journal) write(e *entry) error {
 	if err != nil {
 		return err
 	}
-	if err := writeFileAtomic(j.path(e.UUID), append(b, '\n')); err != nil {
+	if err := atomicfile.WriteFile(j.path(e.UUID), append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("vm %q: journal: %w", e.Domain, err)
 	}
 	return nil
@@ -77,7 +77,7 @@ func (j journal) remove(uuid string) error {
 	if err := os.Remove(j.path(uuid)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}
-	return syncDir(j.dir)
+	return atomicfile.SyncDir(j.dir)
 }
 
 // list returns the UUIDs with a journal.
@@ -93,48 +93,4 @@ func (j journal) list() ([]string, error) {
 		}
 	}
 	return out, nil
-}
-
-// writeFileAtomic writes data to path: temp file (0600), fsync, rename, fsync dir.
-// TODO(seams): use internal/atomicfile once it lands on main.
-func writeFileAtomic(path string, data []byte) (err error) {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if err != nil {
-			f.Close()
-			os.Remove(f.Name())
-		}
-	}()
-	if err = f.Chmod(0o600); err != nil {
-		return err
-	}
-	if _, err = f.Write(data); err != nil {
-		return err
-	}
-	if err = f.Sync(); err != nil {
-		return err
-	}
-	if err = f.Close(); err != nil {
-		return err
-	}
-	if err = os.Rename(f.Name(), path); err != nil {
-		return err
-	}
-	return syncDir(dir)
-}
-
-func syncDir(dir string) error {
-	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return &os.PathError{Op: "open", Path: dir, Err: err}
-	}
-	defer unix.Close(fd)
-	if err := unix.Fsync(fd); err != nil {
-		return &os.PathError{Op: "fsync", Path: dir, Err: err}
-	}
-	return nil
 }

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 
 	"github.com/nkp-dev/nkp/hostd/domxml"
+	"github.com/nkp-dev/nkp/internal/atomicfile"
 	"github.com/nkp-dev/nkp/swtpm/state"
 	"golang.org/x/sys/unix"
 )
@@ -119,7 +120,7 @@ func (m *Manager) recoverOneLocked(ctx context.Context, uuid string) error {
 						return fmt.Errorf("vm %q: %w", e.Domain, err)
 					}
 				}
-				if err := syncDir(filepath.Dir(e.Emulator)); err != nil && !errors.Is(err, unix.ENOENT) {
+				if err := atomicfile.SyncDir(filepath.Dir(e.Emulator)); err != nil && !errors.Is(err, unix.ENOENT) {
 					return fmt.Errorf("vm %q: %w", e.Domain, err)
 				}
 			}
@@ -148,7 +149,7 @@ func removeDir(dir string) error {
 	if err := os.Remove(parent); err != nil && !errors.Is(err, unix.ENOTEMPTY) && !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, unix.EEXIST) {
 		return err
 	}
-	return syncDir(filepath.Dir(parent))
+	return atomicfile.SyncDir(filepath.Dir(parent))
 }
 
 // removeState removes swtpm's state files (and lock) from a libvirt state directory,

@@ -15,6 +15,7 @@ import (
 
 	"github.com/nkp-dev/nkp/hostd/domxml"
 	"github.com/nkp-dev/nkp/hostd/vm/vmapi"
+	"github.com/nkp-dev/nkp/internal/atomicfile"
 	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/client"
 	"github.com/nkp-dev/nkp/provider/kdk"
@@ -313,7 +314,7 @@ func (m *Manager) writeState(dir string, key *state.Key, blobs map[string][]byte
 			return err
 		}
 	}
-	return syncDir(filepath.Dir(dir))
+	return atomicfile.SyncDir(filepath.Dir(dir))
 }
 
 // vtpmKey derives a vTPM state key.
@@ -686,7 +687,7 @@ func (m *Manager) Unprotect(ctx context.Context, domain, tpm string) (vmapi.VM, 
 		if err := os.Rename(e.Staging, e.Emulator); err != nil {
 			return fail(fmt.Errorf("vm %q: %w", d.Name, err))
 		}
-		if err := syncDir(filepath.Dir(e.Emulator)); err != nil {
+		if err := atomicfile.SyncDir(filepath.Dir(e.Emulator)); err != nil {
 			return fail(fmt.Errorf("vm %q: %w", d.Name, err))
 		}
 		m.step(opUnprotect, "staged")
