@@ -88,6 +88,9 @@ func (j journal) list() ([]string, error) {
 	}
 	var out []string
 	for _, de := range ents {
+		if atomicfile.IsTemp(de.Name()) {
+			continue
+		}
 		if u, ok := strings.CutSuffix(de.Name(), ".json"); ok && !strings.HasPrefix(u, ".") {
 			out = append(out, u)
 		}

@@ -28,6 +28,13 @@ func (m *Manager) Recover(ctx context.Context) error {
 		return fmt.Errorf("vm: journal: %w", err)
 	}
 	var errs []error
+	if ents, err := os.ReadDir(m.j.dir); err == nil {
+		for _, de := range ents {
+			if atomicfile.IsTemp(de.Name()) { // a journal write that a crash cut short
+				errs = append(errs, os.Remove(filepath.Join(m.j.dir, de.Name())))
+			}
+		}
+	}
 	for _, u := range uuids {
 		if err := m.recoverOneLocked(ctx, u); err != nil {
 			errs = append(errs, err)

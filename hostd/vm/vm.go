@@ -314,7 +314,11 @@ func (m *Manager) writeState(dir string, key *state.Key, blobs map[string][]byte
 			return err
 		}
 	}
-	return atomicfile.SyncDir(filepath.Dir(dir))
+	// The new directory's entry, and its parent's when MkdirAll made it.
+	if err := atomicfile.SyncDir(filepath.Dir(dir)); err != nil {
+		return err
+	}
+	return atomicfile.SyncDir(filepath.Dir(filepath.Dir(dir)))
 }
 
 // vtpmKey derives a vTPM state key.
