@@ -3,7 +3,7 @@
 // to a temporary file in the same directory, which is fsynced, renamed over the name
 // (or linked to it, for a file that must not exist yet), and the directory is fsynced
 // so that the rename itself survives a power cut. It is the one copy of that sequence
-// in nkp (swtpm/state keeps its own, for its slotted state files).
+// in nkp (swtpm/state writes new state files with it and overwrites its slots in place).
 //
 // The temporary file is created 0600 and given its final mode before any byte is
 // written, so a secret is never readable at a wider mode. A crash can leave a

@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/nkp-dev/nkp/internal/atomicfile"
 )
 
 // sealSlotV2 writes a format version 2 record as nkp-swtpm did before the state ID (48
@@ -166,5 +168,27 @@ func TestDirPermissions(t *testing.T) {
 		if fi, _ := os.Stat(filepath.Join(dir, lockFile)); fi.Mode().Perm() != 0o604 {
 			t.Errorf("an existing .lock changed mode to %#o", fi.Mode().Perm())
 		}
+	}
+}
+
+// TestOpenCleansTemps: the temporary file a process killed in the middle of writing a
+// new state file left behind (internal/atomicfile's name) is removed when the next Dir
+// takes the lock, and nothing else is.
+func TestOpenCleansTemps(t *testing.T) {
+	dir := t.TempDir()
+	left := filepath.Join(dir, ".tpm2-00.permall.tmp-123456")
+	other := filepath.Join(dir, "notes.txt")
+	for _, p := range []string{left, other} {
+		os.WriteFile(p, []byte("x"), 0o600)
+	}
+	if !atomicfile.IsTemp(filepath.Base(left)) {
+		t.Fatalf("%s is not an atomicfile temporary name; fix the test", left)
+	}
+	mustOpen(t, dir, Options{}).Close()
+	if _, err := os.Stat(left); err == nil {
+		t.Errorf("the leftover temporary file is still there")
+	}
+	if _, err := os.Stat(other); err != nil {
+		t.Errorf("another file was removed: %v", err)
 	}
 }

@@ -61,11 +61,13 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/nkp-dev/nkp/internal/atomicfile"
 	"github.com/nkp-dev/nkp/swtpm/envelope"
 )
 
@@ -100,9 +102,11 @@ type Options struct {
 	// hands the state over. Load works; Store and Delete fail with ErrLockReleased until
 	// LockStorage takes the lock.
 	DeferLock bool
-	// NoSync skips the fsync of each file and of the directory. Each write stays atomic
-	// (temp file and rename), so a killed process never leaves a torn state, but a power
-	// loss may lose the last writes or, on some file systems, leave an empty file.
+	// NoSync skips the fdatasyncs of the in-place slot writes (records then carry
+	// flagNoSync, so a damaged newer slot is loaded past as a possible rollback rather
+	// than refused). A killed process never leaves a torn state, but a power loss may
+	// lose the last writes. New files (the first write, a record that outgrew its slots,
+	// plaintext state) are always written through internal/atomicfile, synced.
 	// swtpm ≥ 0.8 never fsyncs by default (it found the stalls caused TPM command
 	// timeouts); nkp syncs unless told otherwise.
 	NoSync bool
@@ -223,6 +227,9 @@ func Open(dir string, opts Options) (*Dir, error) {
 			return nil, err
 		}
 		d.applyModeLocked()
+	}
+	if d.lock != nil {
+		d.cleanTempsLocked()
 	}
 	if d.stateID, err = readStateID(dir); err != nil {
 		if d.lock != nil {
@@ -385,6 +392,22 @@ func (d *Dir) keepEvidence(p string) string {
 	return ev
 }
 
+// cleanTempsLocked removes the temporary files that a killed process left while it
+// wrote a new state file (internal/atomicfile's ".NAME.tmp-*"); only under the lock.
+func (d *Dir) cleanTempsLocked() {
+	for _, n := range append(slices.Clone(Names), stateIDFile) {
+		p := filepath.Join(d.dir, n)
+		if n != stateIDFile {
+			p = filepath.Join(d.dir, FileName(n))
+		}
+		if removed, err := atomicfile.CleanTemps(p); err != nil {
+			d.log.Warn("state directory: could not remove what an interrupted write left", "file", p, "err", err)
+		} else if len(removed) > 0 {
+			d.log.Info("state directory: removed what an interrupted write left", "files", removed)
+		}
+	}
+}
+
 // forgetLocked drops what the Dir knows about blob name's file.
 func (d *Dir) forgetLocked(name string) {
 	delete(d.known, name)
@@ -467,7 +490,7 @@ func (d *Dir) Store(name string, data []byte) error {
 	slots, inPlace := d.slots[name]
 	d.forgetLocked(name) // until the new record is durable
 	if d.seal != nil && d.stateID == nil {
-		if d.stateID, err = makeStateID(d.dir, d.mode, !d.noSync); err != nil {
+		if d.stateID, err = makeStateID(d.dir, d.mode); err != nil {
 			return err
 		}
 	}
@@ -496,22 +519,22 @@ func (d *Dir) Store(name string, data []byte) error {
 	if err != nil {
 		return fmt.Errorf("state file %s: %w", p, err)
 	}
-	tmp := filepath.Join(d.dir, tempName(name))
-	if err := d.writeTemp(tmp, file); err != nil {
+	// A new file: internal/atomicfile's temp file, fsync, rename, fsync of the directory.
+	f, err := atomicfile.Create(p, d.mode)
+	if err != nil {
+		return fmt.Errorf("state file %s: %w", p, err)
+	}
+	defer f.Abort()
+	if _, err := f.Write(file); err != nil {
 		return fmt.Errorf("state file %s: %w", p, err)
 	}
 	if d.backup {
 		if err := d.keepBackupLocked(name, p); err != nil {
-			os.Remove(tmp)
 			return err
 		}
 	}
-	if err := os.Rename(tmp, p); err != nil {
-		os.Remove(tmp)
+	if err := f.Commit(); err != nil {
 		return fmt.Errorf("state file %s: %w", p, err)
-	}
-	if err := d.syncDir(); err != nil {
-		return fmt.Errorf("state file %s: fsync directory: %w", p, err)
 	}
 	d.known[name] = sum
 	if d.seal != nil && !d.backup {
@@ -608,41 +631,6 @@ func (d *Dir) refuseLocked(name, p string) error {
 	}
 	if err, ok := d.bad[name]; ok && err != errRecovered {
 		return fmt.Errorf("state file %s could not be read earlier, so it is not overwritten: %w", p, err)
-	}
-	return nil
-}
-
-// writeTemp writes b to the new file tmp and makes it durable. It uses plain system
-// calls: os.OpenFile would also try to register the file with the netpoller.
-func (d *Dir) writeTemp(tmp string, b []byte) error {
-	fd, err := openNoIntr(tmp, unix.O_WRONLY|unix.O_CREAT|unix.O_TRUNC|unix.O_NOFOLLOW|unix.O_CLOEXEC, uint32(d.mode))
-	if err != nil {
-		return &fs.PathError{Op: "open", Path: tmp, Err: err}
-	}
-	fail := func(op string, err error) error {
-		unix.Close(fd)
-		os.Remove(tmp)
-		return &fs.PathError{Op: op, Path: tmp, Err: err}
-	}
-	if err := unix.Fchmod(fd, uint32(d.mode)); err != nil { // the umask may have narrowed it
-		return fail("chmod", err)
-	}
-	for rest := b; len(rest) > 0; {
-		n, err := unix.Write(fd, rest)
-		if errors.Is(err, unix.EINTR) {
-			continue
-		}
-		if err != nil {
-			return fail("write", err)
-		}
-		rest = rest[n:]
-	}
-	if err := d.syncFile(fd); err != nil {
-		return fail("fdatasync", err)
-	}
-	if err := unix.Close(fd); err != nil {
-		os.Remove(tmp)
-		return &fs.PathError{Op: "close", Path: tmp, Err: err}
 	}
 	return nil
 }

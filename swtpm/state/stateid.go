@@ -11,6 +11,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nkp-dev/nkp/internal/atomicfile"
 )
 
 // stateIDFile holds the directory's state ID: 32 hex digits and a newline. It is made
@@ -45,57 +47,22 @@ func readStateID(dir string) ([]byte, error) {
 	return id, nil
 }
 
-// makeStateID gives dir a new random state ID (temp file, fsync, link into place, fsync
-// of the directory) unless another process made one meanwhile, and returns the ID the
-// directory has.
-func makeStateID(dir string, mode os.FileMode, sync bool) ([]byte, error) {
+// makeStateID gives dir a new random state ID (internal/atomicfile.WriteNew: temp
+// file, fsync, link into place, fsync of the directory) unless another process made one
+// meanwhile, and returns the ID the directory has.
+func makeStateID(dir string, mode os.FileMode) ([]byte, error) {
 	id := make([]byte, stateIDSize)
 	if _, err := rand.Read(id); err != nil {
 		return nil, fmt.Errorf("state directory %s: random state ID: %w", dir, err)
 	}
-	p := filepath.Join(dir, stateIDFile)
-	tmp := p + ".tmp"
-	os.Remove(tmp)
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, mode)
+	err := atomicfile.WriteNew(filepath.Join(dir, stateIDFile), []byte(hex.EncodeToString(id)+"\n"), mode)
+	if errors.Is(err, fs.ErrExist) {
+		return readStateID(dir) // a link never replaces: if another process made the ID first, keep theirs
+	}
 	if err != nil {
 		return nil, fmt.Errorf("state directory %s: state ID: %w", dir, err)
-	}
-	_, err = f.WriteString(hex.EncodeToString(id) + "\n")
-	if err == nil {
-		err = f.Chmod(mode) // the umask may have narrowed it
-	}
-	if err == nil && sync {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		// A link never replaces: if another process made the ID first, keep theirs.
-		if err = os.Link(tmp, p); errors.Is(err, fs.ErrExist) {
-			os.Remove(tmp)
-			return readStateID(dir)
-		}
-	}
-	os.Remove(tmp)
-	if err != nil {
-		return nil, fmt.Errorf("state directory %s: state ID: %w", dir, err)
-	}
-	if sync {
-		if err := syncDirPath(dir); err != nil {
-			return nil, fmt.Errorf("state directory %s: state ID: fsync directory: %w", dir, err)
-		}
 	}
 	return id, nil
-}
-
-func syncDirPath(dir string) error {
-	f, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	return f.Sync()
 }
 
 // readStateIDBytes parses the content of a state ID file.
