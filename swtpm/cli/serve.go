@@ -74,7 +74,7 @@ func serve(ctx context.Context, o *cmdline.Options, log *slog.Logger, ready func
 	if o.State.ModeDefault {
 		mode = 0
 	}
-	opts := state.Options{Key: stateKey, Mode: mode, Lock: o.State.Lock, Backup: o.State.Backup, Log: log}
+	opts := state.Options{Key: stateKey, Mode: mode, Lock: o.State.Lock, Backup: o.State.Backup, AcceptRollback: o.State.AcceptRollback, Log: log}
 	var store interface {
 		libtpms.NVRAM
 		swtpm.StorageLocker

@@ -39,6 +39,7 @@ func Build(o *Options) ([]string, error) {
 		}
 		so.flag("backup", s.Backup)
 		so.flag("fsync", s.Fsync)
+		so.flag("accept-rollback", s.AcceptRollback)
 		b.sub("tpmstate", so)
 	}
 	if o.Key != nil {

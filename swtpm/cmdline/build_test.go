@@ -19,7 +19,7 @@ func TestBuildRoundTrip(t *testing.T) {
 		"--flags not-need-init,startup-clear --tpmstate backend-uri=dir:///tmp/st,lock --pid file=/tmp/p --tpm2 --key pwdfd=7,mode=aes-256-cbc --log file=/tmp/l --server type=tcp,fd=5 --ctrl type=unixio,clientfd=6",
 		// what hostd runs.
 		"--tpm2 --ctrl type=unixio,path=/run/nkp/vtpm/u.sock,mode=0660,gid=kvm --tpmstate dir=/var/lib/nkp/vtpm/u,mode=0600 --key fd=3,format=binary,mode=aes-256-gcm --log fd=2,level=2 --seccomp action=kill",
-		"--tpm2 --ctrl=type=tcp,port=2322,bindaddr=::1,ifname=eth0 --server type=tcp,port=2321,disconnect --tpmst dir=/s,backup,fsync -dt -rtss --key file=/k,format=binary,remove --flags startup-state,disable-auto-shutdown --locality reject-locality-4,allow-set-locality --seccomp action=none --pid fd=9 --log fd=9,level=20,prefix=X:,truncate",
+		"--tpm2 --ctrl=type=tcp,port=2322,bindaddr=::1,ifname=eth0 --server type=tcp,port=2321,disconnect --tpmst dir=/s,backup,fsync,accept-rollback -dt -rtss --key file=/k,format=binary,remove --flags startup-state,disable-auto-shutdown --locality reject-locality-4,allow-set-locality --seccomp action=none --pid fd=9 --log fd=9,level=20,prefix=X:,truncate",
 		"--tpm2 -p 2321 --ctrl type=unixio,fd=4,terminate --tpmstate dir=/s",
 		"--tpm2 -f 7 --ctrl type=tcp,fd=4 --tpmstate dir=/s --key pwdfile=/p,kdf=sha512,remove --flags startup-none",
 		"--tpm2 --server type=unixio,path=/d.sock,mode=0660,uid=0,gid=kvm --tpmstate dir=/s --key fd=3,format=hex,mode=aes-cbc --migration-key file=/m",

@@ -51,6 +51,11 @@ type StateOptions struct {
 	Lock        bool        // lock the directory; always true for the directory backend
 	Backup      bool        // keep <file>.bak and fall back to it (state.Options.Backup)
 	Fsync       bool        // accepted for compatibility; nkp always syncs
+	// AcceptRollback (accept-rollback, nkp only): load the older record of a state file
+	// whose newer slot is damaged, losing the newest write, instead of refusing it
+	// (state.Options.AcceptRollback, state.ErrRollback). For one start, as the
+	// operator's way out when no backup is at hand.
+	AcceptRollback bool
 }
 
 // Key sources and formats of --key and --migration-key.
@@ -152,7 +157,7 @@ var (
 		{"bindaddr", kindString}, {"ifname", kindString}, {"fd", kindInt}, {"disconnect", kindBool},
 		{"mode", kindMode}, {"uid", kindOwner}, {"gid", kindOwner}}
 	stateSubOpts = []subOpt{{"dir", kindString}, {"mode", kindMode}, {"backend-uri", kindString},
-		{"lock", kindBool}, {"backup", kindBool}, {"fsync", kindBool}}
+		{"lock", kindBool}, {"backup", kindBool}, {"fsync", kindBool}, {"accept-rollback", kindBool}}
 	keySubOpts = []subOpt{{"file", kindString}, {"mode", kindString}, {"format", kindString},
 		{"remove", kindBool}, {"pwdfile", kindString}, {"kdf", kindString}, {"fd", kindInt},
 		{"pwdfd", kindInt}}
@@ -499,6 +504,8 @@ func parseState(v string) (*StateOptions, error) {
 		Lock:        true,
 		Backup:      vs.flag("backup"),
 		Fsync:       vs.flag("fsync"),
+
+		AcceptRollback: vs.flag("accept-rollback"),
 	}
 	if l, ok := vs.get("lock"); ok && !l.flag {
 		return nil, fmt.Errorf("--tpmstate lock=false: the directory backend is always locked against a second process")

@@ -96,6 +96,15 @@ func TestParseCommandLines(t *testing.T) {
 			},
 		},
 		{
+			name: "accept-rollback",
+			args: "--tpm2 --ctrl type=unixio,path=/c --tpmstate dir=/s,accept-rollback",
+			want: func(o *Options) {
+				o.TPM2 = true
+				o.Ctrl = &Channel{Type: TypeUnixIO, Path: "/c", Port: -1, BindAddr: DefaultBindAddr, ListenFD: -1, ConnFD: -1, Mode: 0o770}
+				o.State = &StateOptions{Dir: "/s", Mode: 0o640, ModeDefault: true, Lock: true, AcceptRollback: true}
+			},
+		},
+		{
 			name: "unixio server at a path with owner",
 			args: "--tpm2 --server type=unixio,path=/d.sock,mode=0660,uid=0,gid=kvm --tpmstate dir=/s --key fd=3,format=hex,mode=aes-cbc",
 			want: func(o *Options) {

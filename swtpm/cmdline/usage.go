@@ -22,11 +22,13 @@ Options (as swtpm's; values in [] are optional):
 -p|--port <port>  legacy: --server type=tcp,port=<port>,disconnect
 -f|--fd <fd>      legacy: data on the connected fd <fd>, terminate when it closes
 -t|--terminate    exit when the data connection is lost
---tpmstate dir=<dir>|backend-uri=dir://<dir>[,mode=0...][,lock][,backup][,fsync]
+--tpmstate dir=<dir>|backend-uri=dir://<dir>[,mode=0...][,lock][,backup][,fsync][,accept-rollback]
                   state directory (or $TPM_PATH); always locked against a second
                   process; state files are written atomically and synced (fsync is
                   implied); backup keeps <file>.bak and falls back to it when a
-                  file cannot be read; backend-uri=file:// is not supported
+                  file cannot be read; accept-rollback loads the older record of a
+                  file whose newest one is damaged (losing that write) instead of
+                  refusing to start; backend-uri=file:// is not supported
 --key file=<path>|fd=<fd>[,mode=aes-128-cbc|aes-256-cbc][,format=hex|binary][,remove]
 --key pwdfile=<path>|pwdfd=<fd>[,mode=...][,kdf=pbkdf2|sha512][,remove]
                   key of the state files; nkp writes them with AES-256-GCM and reads
