@@ -150,7 +150,8 @@ func TestCrashChild(t *testing.T) {
 }
 
 // TestCrash kills a process running protect (adopting a libvirt swtpm state made by
-// swtpm_setup), rekey or unprotect right after each journaled step, against the real
+// swtpm_setup), rekey or unprotect right after each journaled step (including the
+// catalog update and the cleanup that follow the commit), against the real
 // libvirtd. Before any recovery the domain must already be bootable: its definition
 // names keys (or libvirt's swtpm) whose state is complete on disk. Then Recover must
 // settle it: journal gone, catalog equal to the definition, no state left over.
@@ -165,9 +166,12 @@ func TestCrash(t *testing.T) {
 		step      string
 		committed bool
 	}{
-		{opProtect, "journal", false}, {opProtect, "staged", false}, {opProtect, "registered", false}, {opProtect, "defined", true},
-		{opRekey, "journal", false}, {opRekey, "staged", false}, {opRekey, "defined", true},
-		{opUnprotect, "journal", false}, {opUnprotect, "staged", false}, {opUnprotect, "defined", true},
+		{opProtect, "journal", false}, {opProtect, "staged", false}, {opProtect, "registered", false},
+		{opProtect, "defined", true}, {opProtect, "catalog", true}, {opProtect, "cleaned", true},
+		{opRekey, "journal", false}, {opRekey, "staged", false},
+		{opRekey, "defined", true}, {opRekey, "catalog", true}, {opRekey, "cleaned", true},
+		{opUnprotect, "journal", false}, {opUnprotect, "staged", false},
+		{opUnprotect, "defined", true}, {opUnprotect, "catalog", true}, {opUnprotect, "cleaned", true},
 	}
 	for _, c := range cases {
 		t.Run(c.op+"/"+c.step, func(t *testing.T) {

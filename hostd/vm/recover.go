@@ -70,6 +70,7 @@ func (m *Manager) recoverOneLocked(ctx context.Context, uuid string) error {
 			if err := m.register(ctx, uuid, e.New); err != nil {
 				return fmt.Errorf("vm %q: key %s: registering in the catalog: %w: %w", e.Domain, e.New.KeyID, ErrUnavailable, err)
 			}
+			m.step(e.Op, "catalog")
 			if e.Adopted != "" {
 				if err := removeState(e.Adopted); err != nil {
 					return fmt.Errorf("vm %q: removing libvirt's adopted swtpm state: %w", e.Domain, err)
@@ -91,6 +92,7 @@ func (m *Manager) recoverOneLocked(ctx context.Context, uuid string) error {
 			if err := m.register(ctx, uuid, e.New); err != nil {
 				return fmt.Errorf("vm %q: key %s: updating the catalog: %w: %w", e.Domain, e.New.KeyID, ErrUnavailable, err)
 			}
+			m.step(e.Op, "catalog")
 			if err := removeDir(e.OldDir); err != nil {
 				return fmt.Errorf("vm %q: %w", e.Domain, err)
 			}
@@ -107,6 +109,7 @@ func (m *Manager) recoverOneLocked(ctx context.Context, uuid string) error {
 			if err := m.unregister(ctx, uuid, name); err != nil {
 				return fmt.Errorf("vm %q: key %s: removing from the catalog: %w: %w", e.Domain, e.Old.KeyID, ErrUnavailable, err)
 			}
+			m.step(e.Op, "catalog")
 			if err := removeDir(e.OldDir); err != nil {
 				return fmt.Errorf("vm %q: %w", e.Domain, err)
 			}
@@ -137,6 +140,7 @@ func (m *Manager) recoverOneLocked(ctx context.Context, uuid string) error {
 	default:
 		return fmt.Errorf("vm %q: journal %s: unknown operation %q", e.Domain, m.j.path(uuid), e.Op)
 	}
+	m.step(e.Op, "cleaned")
 	if err := m.j.remove(uuid); err != nil {
 		return fmt.Errorf("vm %q: journal: %w", e.Domain, err)
 	}
