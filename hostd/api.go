@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/nkp-dev/nkp/hostd/kdkcache"
+	"github.com/nkp-dev/nkp/hostd/vm/vmapi"
 	"github.com/nkp-dev/nkp/hostd/vtpm"
 )
 
@@ -70,6 +71,8 @@ func (d *Daemon) apiMux() *http.ServeMux {
 		w.Write([]byte("ok\n"))
 	})
 	mux.Handle("GET "+PathMetrics, promhttp.HandlerFor(d.cfg.Registry, promhttp.HandlerOpts{}))
+	mux.Handle(vmapi.PathVMs, &d.vmAPI)
+	mux.Handle(vmapi.PathVMs+"/", &d.vmAPI)
 	mux.HandleFunc("GET "+PathHost, func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		json.NewEncoder(w).Encode(d.Status())

@@ -46,6 +46,7 @@ type Daemon struct {
 
 	vmLocks sync.Map // VM UUID → *sync.Mutex: hooks of one VM run one at a time
 	kick    chan struct{}
+	vmAPI   lateHandler // hostd/vm's handler, once libvirt is connected
 }
 
 // Start starts a host daemon for a joined host. The returned Daemon serves until ctx
@@ -128,6 +129,9 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	})
 	d.goServe(ctx, "provider sync", d.syncLoop)
 	d.goServe(ctx, "vTPM exits", d.watchExits)
+	if cfg.LibvirtURI != "-" {
+		d.goServe(ctx, "libvirt", d.runLibvirt)
+	}
 	d.goServe(ctx, "stop", func(ctx context.Context) error {
 		<-ctx.Done()
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

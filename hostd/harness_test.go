@@ -49,7 +49,7 @@ func startProvider(t *testing.T) *provider {
 		t.Fatalf("nkp-provider init: %v\n%s", err, out)
 	}
 	p.serve(t, "127.0.0.1:0")
-	p.mustCtl(t, "", "backup", "--passphrase-file", writeFile(t, "pw"), "--out", filepath.Join(t.TempDir(), "b.age"))
+	p.mustCtl(t, "", "backup", "--passphrase-file", writeFile(t, "nkp hostd test passphrase 42"), "--out", filepath.Join(t.TempDir(), "b.age"))
 	return p
 }
 
@@ -64,7 +64,7 @@ func writeFile(t *testing.T, s string) string {
 // serve (re)starts the provider on addr and waits until it listens.
 func (p *provider) serve(t *testing.T, addr string) {
 	t.Helper()
-	cmd := exec.Command(p.bin, "serve", "--dir", p.dir, "--listen", addr, "--log-format", "json", "--backup-work-factor", "10", "--shutdown-timeout", "2s")
+	cmd := exec.Command(p.bin, "serve", "--dir", p.dir, "--listen", addr, "--log-format", "json", "--shutdown-timeout", "2s")
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET=", "WATCHDOG_USEC=")
 	stderr, _ := cmd.StderrPipe()
 	if err := cmd.Start(); err != nil {

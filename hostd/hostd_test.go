@@ -116,7 +116,7 @@ func TestHost(t *testing.T) {
 
 	// Rotation: a new primary after rotate + backup; renewal of the certificate.
 	p.mustCtl(t, "", "rotate")
-	p.mustCtl(t, "", "backup", "--passphrase-file", writeFile(t, "pw"), "--out", filepath.Join(t.TempDir(), "b2.age"))
+	p.mustCtl(t, "", "backup", "--passphrase-file", writeFile(t, "nkp hostd test passphrase 42"), "--out", filepath.Join(t.TempDir(), "b2.age"))
 	oldCert, _ := os.ReadFile(filepath.Join(h.state, "host.crt"))
 	d.Close()
 	h.renew = 100 * 365 * 24 * time.Hour // renew at the next sync

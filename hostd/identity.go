@@ -94,6 +94,9 @@ func loadIdentity(dir string) (*identity, error) {
 	if id.ca, err = readCert(filepath.Join(dir, fileCA)); err != nil {
 		return nil, err
 	}
+	if id.info.ProviderID == "" {
+		id.info.ProviderID = providerIDOf(id.ca)
+	}
 	return &id, nil
 }
 
@@ -235,7 +238,8 @@ func Join(ctx context.Context, cfg JoinConfig) (JoinResult, error) {
 		return JoinResult{}, err
 	}
 	id := &identity{
-		info: hostInfo{ProviderURLs: cfg.Providers, CAHash: client.CAHash(enr.CA), HostID: enr.HostID, Hostname: cfg.Hostname, TPM: ek != nil, Joined: time.Now().UTC()},
+		info: hostInfo{ProviderURLs: cfg.Providers, CAHash: client.CAHash(enr.CA), HostID: enr.HostID, Hostname: cfg.Hostname, TPM: ek != nil, Joined: time.Now().UTC(),
+			ProviderID: providerIDOf(enr.CA)},
 		key:  key, cert: enr.Certificate, ca: enr.CA,
 	}
 	if err := id.save(cfg.StateDir); err != nil {

@@ -1,12 +1,17 @@
 package hostd
 
 import (
-	"errors"
 	"io"
+
+	"github.com/nkp-dev/nkp/internal/tpmdev"
 )
 
-// openTPMSpec opens the host TPM named by spec. Until internal/tpmdev lands this only
-// reports that device TPMs are not wired yet; tests use Config.OpenTPM.
+// openTPMSpec opens the host TPM named by spec (internal/tpmdev: "" is /dev/tpmrm0,
+// swtpm:path=DATA[,ctrl=CTRL] a socket TPM).
 func openTPMSpec(spec string) (io.ReadWriter, io.Closer, error) {
-	return nil, nil, errors.New("opening " + spec + ": TPM devices are not wired yet (internal/tpmdev)")
+	t, err := tpmdev.Open(spec)
+	if err != nil {
+		return nil, nil, err
+	}
+	return tpmdev.ReadWriter(t), t, nil
 }

@@ -1,0 +1,340 @@
+// Package virt is hostd's adapter to libvirt (libvirt.org/go/libvirt, cgo): the domain
+// operations hostd/vm needs (its Libvirt interface), the domain state hostd's reconcile
+// reads, and the lifecycle events that tell hostd about domains whose hooks it missed.
+//
+// Open connects and runs libvirt's default event loop in a goroutine. When libvirtd goes
+// away (restart) the connection is re-opened in the background, the lifecycle callback
+// registered again, and a Reconnected event delivered so that hostd reconciles
+// everything. Callers never call into this package while answering a libvirt hook.
+//
+// Importers: hostd. The only cgo in hostd.
+package virt
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+
+	"libvirt.org/go/libvirt"
+
+	"github.com/nkp-dev/nkp/hostd/vm"
+	"github.com/nkp-dev/nkp/provider/kdk"
+)
+
+// EventKind is what happened to a domain.
+type EventKind int
+
+// Event kinds.
+const (
+	Stopped     EventKind = iota + 1 // the domain stopped (shutdown, destroy, crash, saved, migrated away, failed start)
+	Started                          // the domain started (boot, restore, migrated in)
+	Other                            // any other lifecycle change
+	Reconnected                      // the connection to libvirtd was (re)established: reconcile everything
+)
+
+// Event is one lifecycle event.
+type Event struct {
+	Kind EventKind
+	UUID string // "" for Reconnected
+	Name string
+}
+
+var eventLoop sync.Once
+
+// Conn is a libvirt connection that re-opens itself.
+type Conn struct {
+	uri    string
+	log    *slog.Logger
+	events chan Event
+
+	mu   sync.Mutex
+	conn *libvirt.Connect // nil while disconnected; guarded by mu
+	lost chan struct{}    // closed by the close callback of conn
+}
+
+// Open connects to uri (qemu:///system) and starts delivering events. It fails only if
+// the first connection fails; later losses are repaired in the background until ctx ends.
+func Open(ctx context.Context, uri string, log *slog.Logger) (*Conn, error) {
+	var loopErr error
+	eventLoop.Do(func() {
+		if loopErr = libvirt.EventRegisterDefaultImpl(); loopErr != nil {
+			return
+		}
+		go func() {
+			for {
+				if err := libvirt.EventRunDefaultImpl(); err != nil {
+					log.Warn("libvirt event loop", "err", err)
+					time.Sleep(100 * time.Millisecond) // an error here repeats at once otherwise
+				}
+			}
+		}()
+	})
+	if loopErr != nil {
+		return nil, fmt.Errorf("libvirt event loop: %w", loopErr)
+	}
+	c := &Conn{uri: uri, log: log, events: make(chan Event, 256)}
+	if err := c.connect(); err != nil {
+		return nil, err
+	}
+	go c.keep(ctx)
+	return c, nil
+}
+
+// Events delivers lifecycle events (dropped, with a warning, when the consumer lags; a
+// Reconnected or the periodic reconcile catches up).
+func (c *Conn) Events() <-chan Event { return c.events }
+
+func (c *Conn) connect() error {
+	conn, err := libvirt.NewConnect(c.uri)
+	if err != nil {
+		return fmt.Errorf("libvirt %s: %w", c.uri, err)
+	}
+	lost := make(chan struct{})
+	var once sync.Once
+	if err := conn.RegisterCloseCallback(func(*libvirt.Connect, libvirt.ConnectCloseReason) { once.Do(func() { close(lost) }) }); err != nil {
+		conn.Close()
+		return fmt.Errorf("libvirt %s: close callback: %w", c.uri, err)
+	}
+	if err := conn.SetKeepAlive(5, 3); err != nil {
+		c.log.Debug("libvirt keepalive not set", "err", err)
+	}
+	_, err = conn.DomainEventLifecycleRegister(nil, func(_ *libvirt.Connect, d *libvirt.Domain, ev *libvirt.DomainEventLifecycle) {
+		uuid, _ := d.GetUUIDString()
+		name, _ := d.GetName()
+		kind := Other
+		switch ev.Event {
+		case libvirt.DOMAIN_EVENT_STOPPED:
+			kind = Stopped
+		case libvirt.DOMAIN_EVENT_STARTED:
+			kind = Started
+		}
+		c.send(Event{Kind: kind, UUID: uuid, Name: name})
+	})
+	if err != nil {
+		conn.UnregisterCloseCallback()
+		conn.Close()
+		return fmt.Errorf("libvirt %s: lifecycle events: %w", c.uri, err)
+	}
+	c.mu.Lock()
+	c.conn, c.lost = conn, lost
+	c.mu.Unlock()
+	c.send(Event{Kind: Reconnected})
+	return nil
+}
+
+func (c *Conn) send(e Event) {
+	select {
+	case c.events <- e:
+	default:
+		c.log.Warn("libvirt event dropped: hostd is behind", "uuid", e.UUID)
+	}
+}
+
+// keep re-opens the connection whenever libvirtd closes it.
+func (c *Conn) keep(ctx context.Context) {
+	for {
+		c.mu.Lock()
+		lost := c.lost
+		c.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			c.mu.Lock()
+			if c.conn != nil {
+				c.conn.Close()
+				c.conn = nil
+			}
+			c.mu.Unlock()
+			return
+		case <-lost:
+		}
+		c.log.Warn("lost the connection to libvirtd: reconnecting", "uri", c.uri)
+		c.mu.Lock()
+		if c.conn != nil {
+			c.conn.Close()
+			c.conn = nil
+		}
+		c.mu.Unlock()
+		for delay := 100 * time.Millisecond; ; delay = min(delay*2, 5*time.Second) {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(delay):
+			}
+			if err := c.connect(); err == nil {
+				c.log.Info("connected to libvirtd again", "uri", c.uri)
+				break
+			}
+		}
+	}
+}
+
+func (c *Conn) get() (*libvirt.Connect, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.conn == nil {
+		return nil, fmt.Errorf("libvirt %s: not connected (libvirtd restarting?)", c.uri)
+	}
+	return c.conn, nil
+}
+
+func isCode(err error, code libvirt.ErrorNumber) bool {
+	var le libvirt.Error
+	return errors.As(err, &le) && le.Code == code
+}
+
+func (c *Conn) lookup(domain string) (*libvirt.Domain, error) {
+	conn, err := c.get()
+	if err != nil {
+		return nil, err
+	}
+	var d *libvirt.Domain
+	if kdk.CheckUUID(strings.ToLower(domain)) == nil {
+		d, err = conn.LookupDomainByUUIDString(domain)
+	} else {
+		d, err = conn.LookupDomainByName(domain)
+	}
+	if isCode(err, libvirt.ERR_NO_DOMAIN) {
+		return nil, fmt.Errorf("domain %q: %w", domain, vm.ErrNoDomain)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("domain %q: %w", domain, err)
+	}
+	return d, nil
+}
+
+// DomainXML implements vm.Libvirt: the persistent definition with secure fields.
+func (c *Conn) DomainXML(_ context.Context, domain string) ([]byte, error) {
+	d, err := c.lookup(domain)
+	if err != nil {
+		return nil, err
+	}
+	defer d.Free()
+	x, err := d.GetXMLDesc(libvirt.DOMAIN_XML_INACTIVE | libvirt.DOMAIN_XML_SECURE)
+	if err != nil {
+		return nil, fmt.Errorf("domain %q: %w", domain, err)
+	}
+	return []byte(x), nil
+}
+
+// DefineXML implements vm.Libvirt.
+func (c *Conn) DefineXML(_ context.Context, xml []byte) error {
+	conn, err := c.get()
+	if err != nil {
+		return err
+	}
+	d, err := conn.DomainDefineXML(string(xml))
+	if err != nil {
+		return fmt.Errorf("define: %w", err)
+	}
+	d.Free()
+	return nil
+}
+
+// IsActive implements vm.Libvirt.
+func (c *Conn) IsActive(_ context.Context, domain string) (bool, error) {
+	d, err := c.lookup(domain)
+	if err != nil {
+		return false, err
+	}
+	defer d.Free()
+	return d.IsActive()
+}
+
+// Domains implements vm.Libvirt: the UUIDs of the persistent domains.
+func (c *Conn) Domains(_ context.Context) ([]string, error) {
+	conn, err := c.get()
+	if err != nil {
+		return nil, err
+	}
+	ds, err := conn.ListAllDomains(libvirt.CONNECT_LIST_DOMAINS_PERSISTENT)
+	if err != nil {
+		return nil, fmt.Errorf("list domains: %w", err)
+	}
+	var out []string
+	for _, d := range ds {
+		if u, err := d.GetUUIDString(); err == nil {
+			out = append(out, u)
+		}
+		d.Free()
+	}
+	return out, nil
+}
+
+// SecretValue implements vm.Libvirt.
+func (c *Conn) SecretValue(_ context.Context, secretUUID string) ([]byte, error) {
+	conn, err := c.get()
+	if err != nil {
+		return nil, err
+	}
+	s, err := conn.LookupSecretByUUIDString(secretUUID)
+	if err != nil {
+		return nil, fmt.Errorf("libvirt secret %s: %w", secretUUID, err)
+	}
+	defer s.Free()
+	v, err := s.GetValue(0)
+	if err != nil {
+		return nil, fmt.Errorf("libvirt secret %s: %w", secretUUID, err)
+	}
+	return v, nil
+}
+
+// TPMCheck implements vm.Libvirt: QEMU reports a TPM device with the emulator backend.
+func (c *Conn) TPMCheck(_ context.Context, domain string) error {
+	d, err := c.lookup(domain)
+	if err != nil {
+		return err
+	}
+	defer d.Free()
+	out, err := d.QemuMonitorCommand(`{"execute":"query-tpm"}`, libvirt.DOMAIN_QEMU_MONITOR_COMMAND_DEFAULT)
+	if err != nil {
+		return fmt.Errorf("domain %q: query-tpm: %w", domain, err)
+	}
+	if !strings.Contains(out, `"emulator"`) {
+		return fmt.Errorf("domain %q: QEMU reports no emulator TPM (%s)", domain, out)
+	}
+	return nil
+}
+
+// State is what reconcile needs to know about a domain.
+type State struct {
+	Known, Active bool
+	XML           []byte // the live definition when active, else the persistent one; nil if unknown
+}
+
+// DomainState reads a domain's state by UUID.
+func (c *Conn) DomainState(_ context.Context, uuid string) (State, error) {
+	d, err := c.lookup(uuid)
+	if errors.Is(err, vm.ErrNoDomain) {
+		return State{}, nil
+	}
+	if err != nil {
+		return State{}, err
+	}
+	defer d.Free()
+	active, err := d.IsActive()
+	if err != nil {
+		return State{}, fmt.Errorf("domain %s: %w", uuid, err)
+	}
+	x, err := d.GetXMLDesc(0)
+	if err != nil {
+		return State{}, fmt.Errorf("domain %s: %w", uuid, err)
+	}
+	return State{Known: true, Active: active, XML: []byte(x)}, nil
+}
+
+// Close closes the connection (the event loop goroutine stays: it is per process).
+func (c *Conn) Close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.conn != nil {
+		c.conn.UnregisterCloseCallback()
+		c.conn.Close()
+		c.conn = nil
+	}
+}
+
+var _ vm.Libvirt = (*Conn)(nil)
