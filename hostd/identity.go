@@ -240,10 +240,10 @@ func Join(ctx context.Context, cfg JoinConfig) (JoinResult, error) {
 	id := &identity{
 		info: hostInfo{ProviderURLs: cfg.Providers, CAHash: client.CAHash(enr.CA), HostID: enr.HostID, Hostname: cfg.Hostname, TPM: ek != nil, Joined: time.Now().UTC(),
 			ProviderID: providerIDOf(enr.CA)},
-		key:  key, cert: enr.Certificate, ca: enr.CA,
+		key: key, cert: enr.Certificate, ca: enr.CA,
 	}
 	if err := id.save(cfg.StateDir); err != nil {
-		return JoinResult{}, fmt.Errorf("join: the provider enrolled host %s but saving its identity in %s failed: %w; revoke that host ID (nkpctl provider host revoke) and join again", enr.HostID, cfg.StateDir, err)
+		return JoinResult{}, fmt.Errorf("join: the provider enrolled host %s but saving its identity in %s failed: %w; revoke that host ID (nkpctl provider revoke HOST-ID) and join again", enr.HostID, cfg.StateDir, err)
 	}
 	cfg.Log.Info("host joined", "host_id", enr.HostID, "provider", used, "tpm", ek != nil)
 	return JoinResult{HostID: enr.HostID, TPM: ek != nil, CAHash: id.info.CAHash, Provider: used}, nil
