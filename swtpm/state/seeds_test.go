@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/nkp-dev/nkp/swtpm/envelope"
 )
 
 // TestWriteFuzzSeeds writes the checked-in seed corpora of the fuzz targets
@@ -24,13 +26,6 @@ func TestWriteFuzzSeeds(t *testing.T) {
 	s, err := newSealer(fuzzKey)
 	if err != nil {
 		t.Fatal(err)
-	}
-	read := func(p string) []byte {
-		b, err := os.ReadFile(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return b
 	}
 	write := func(target, name string, vals ...any) {
 		var b strings.Builder
@@ -57,15 +52,21 @@ func TestWriteFuzzSeeds(t *testing.T) {
 	write("FuzzDecodeFile", "nkp-v1-permall", v1, uint8(0), true, false, false)
 	write("FuzzDecodeFile", "nkp-v3-two-records", smallSlotFile(t, s, 1, fuzzDirID, []byte("older"), []byte("newer")), uint8(0), true, true, false)
 	write("FuzzDecodeFile", "nkp-v3-unbound-dir", smallSlotFile(t, s, 2, fuzzDirID, []byte("volatile")), uint8(1), true, false, true)
-	write("FuzzDecodeFile", "swtpm-plain-permall", read(filepath.Join(fixtures, "plain/tpm2-00.permall")), uint8(0), false, false, false)
-	write("FuzzDecodeFile", "swtpm-key256-permall", read(filepath.Join(fixtures, "key256-hex/tpm2-00.permall")), uint8(0), true, false, false)
-	write("FuzzDecodeFile", "bare-permall", read(filepath.Join(legacyFixtures, "bare/tpm2-00.permall")), uint8(0), false, false, false)
+	// Small files of each swtpm format (the real ones are KBs, which slows every
+	// mutation; the fixture tests read those): the fuzzer works at parser speed.
+	small := []byte("\x00\x03\xab\x36\x47\x23 small permall")
+	plain, _ := envelope.EncodeFile(small, nil)
+	keyed, _ := envelope.EncodeFile(small, fuzzKey)
+	write("FuzzDecodeFile", "swtpm-plain-permall", plain, uint8(0), false, false, false)
+	write("FuzzDecodeFile", "swtpm-key256-permall", keyed, uint8(0), true, false, false)
+	write("FuzzDecodeFile", "bare-permall", small, uint8(0), false, false, false)
+	write("FuzzDecodeFile", "headerless-key128-permall", encryptHeaderless(fuzzKey[:16], small), uint8(0), true, false, false)
 	for _, c := range []struct {
 		name string
 		key  []byte
 		sel  uint8
 	}{{"bare", nil, 0}, {"key128", fuzzKey[:16], 1}, {"key256", fuzzKey, 2}} {
-		perm := read(filepath.Join(legacyFixtures, "bare/tpm2-00.permall"))
+		perm := small
 		if c.key != nil {
 			perm = encryptHeaderless(c.key, perm)
 		}
