@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -23,7 +24,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/nkp-dev/nkp/hostd/domxml"
-	"github.com/nkp-dev/nkp/hostd/libvirt"
+	"github.com/nkp-dev/nkp/hostd/virt"
 	"github.com/nkp-dev/nkp/hostd/vm"
 	"github.com/nkp-dev/nkp/hostd/vm/vmapi"
 	"github.com/nkp-dev/nkp/provider/apiv1"
@@ -93,7 +94,7 @@ func TestNkpctlWithLibvirt(t *testing.T) {
 			t.Skipf("%s missing", tool)
 		}
 	}
-	conn, err := libvirt.Open("qemu:///system")
+	conn, err := virt.Open(context.Background(), "qemu:///system", slog.New(slog.DiscardHandler))
 	if err != nil {
 		if os.Getenv("NKP_E2E") == "required" {
 			t.Fatal(err)
