@@ -47,6 +47,7 @@ type Daemon struct {
 	vmLocks sync.Map // VM UUID → *sync.Mutex: hooks of one VM run one at a time
 	kick    chan struct{}
 	vmAPI   lateHandler // hostd/vm's handler, once libvirt is connected
+	syncMu  sync.Mutex  // one on-demand sync at a time (syncNow)
 }
 
 // Start starts a host daemon for a joined host. The returned Daemon serves until ctx

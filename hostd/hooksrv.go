@@ -161,6 +161,14 @@ func (d *Daemon) vtpmKey(dom *domxml.Domain, obj domxml.Object) ([]byte, hookpro
 		return nil, refuse("VM %q (vTPM key %s): its keys come from provider %s, but this host is joined to provider %s: run it on a host of that provider, or unprotect and protect it again here", dom.Name, obj.KeyID, dom.Metadata.ProviderID, info.ProviderID), false
 	}
 	k, id, err := d.cache.Key(obj.KDKVersion)
+	if errors.Is(err, kdkcache.ErrUnknownVersion) && d.isOnline() {
+		// A version rotated in since the last sync (or a VM protected on another host
+		// with it): ask the provider now rather than refuse.
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		d.syncNow(sctx)
+		cancel()
+		k, id, err = d.cache.Key(obj.KDKVersion)
+	}
 	switch {
 	case errors.Is(err, kdkcache.ErrUnknownVersion):
 		why := "the provider has not released it to this host yet"

@@ -3,6 +3,7 @@ package hostd_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"net/url"
 	"os"
 	"os/exec"
@@ -11,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/kdk"
 	"github.com/nkp-dev/nkp/test/e2e"
 )
@@ -142,6 +144,24 @@ func TestHost(t *testing.T) {
 		t.Fatalf("prepare with KDK v2: %d %s", code, stderr)
 	}
 
+	// Another rotation, no sync: a prepare naming the new version makes hostd ask the
+	// provider at once instead of refusing.
+	p.mustCtl(t, "", "rotate")
+	p.mustCtl(t, "", "backup", "--passphrase-file", writeFile(t, "nkp hostd test passphrase 42"), "--out", filepath.Join(t.TempDir(), "b3.age"))
+	var ps apiv1.Status
+	if err := json.Unmarshal([]byte(p.mustCtl(t, "", "status", "--json")), &ps); err != nil {
+		t.Fatal(err)
+	}
+	k3 := ps.KDKs[len(ps.KDKs)-1]
+	c := newVM("hostd-test-c")
+	xmlC := vmXML(t, h.run, c.name, c.uuid, st.ProviderID, k3.ID, k3.Version, c.keyID)
+	if code, stderr, _ := hook(t, h.run, xmlC, c.name, "prepare", "begin", "-"); code != 0 {
+		t.Fatalf("prepare with a KDK version rotated in since the last sync: %d %s", code, stderr)
+	}
+	if code, stderr, _ := hook(t, h.run, xmlC, c.name, "release", "end", "-"); code != 0 {
+		t.Fatalf("release c: %d %s", code, stderr)
+	}
+
 	// Provider down, hostd killed and restarted: VMs start from the TPM-bound cache; the
 	// running vTPM of b is re-adopted.
 	u, _ := url.Parse(p.url)
@@ -153,7 +173,7 @@ func TestHost(t *testing.T) {
 		t.Fatal("sync with the provider down succeeded")
 	}
 	st = h.status()
-	if st.ProviderOnline || len(st.KDKs) != 2 || len(st.VTPMs) != 1 || st.VTPMs[0].UUID != b.uuid {
+	if st.ProviderOnline || len(st.KDKs) != 3 || len(st.VTPMs) != 1 || st.VTPMs[0].UUID != b.uuid {
 		t.Fatalf("status offline after restart: %+v", st)
 	}
 	code, stderr, _ = hook(t, h.run, xmlA, a.name, "prepare", "begin", "-")

@@ -141,6 +141,19 @@ func (d *Daemon) renewIfDue(ctx context.Context) error {
 	return nil
 }
 
+// syncNow runs Sync for a hook that needs a KDK version the cache lacks; concurrent
+// callers share one sync, and none runs if one finished in the last two seconds.
+func (d *Daemon) syncNow(ctx context.Context) {
+	d.syncMu.Lock()
+	defer d.syncMu.Unlock()
+	d.mu.Lock()
+	recent := !d.lastOK.IsZero() && d.cfg.Now().Sub(d.lastOK) < 2*time.Second
+	d.mu.Unlock()
+	if !recent {
+		d.Sync(ctx)
+	}
+}
+
 // syncLoop runs Sync at start and every SyncInterval (sooner on a kick). Provider
 // errors are not fatal: the daemon keeps serving from the cache.
 func (d *Daemon) syncLoop(ctx context.Context) error {
