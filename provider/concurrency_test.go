@@ -6,17 +6,21 @@ import (
 	"fmt"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/nkp-dev/nkp/provider"
 	"github.com/nkp-dev/nkp/provider/audit"
+	"github.com/nkp-dev/nkp/provider/rootkey"
+	"github.com/nkp-dev/nkp/provider/store"
+	"github.com/nkp-dev/nkp/provider/store/mem"
 )
 
 // TestConcurrentReleases runs releases from many goroutines at once (they are grouped
-// into shared transactions) and checks every one succeeded, got the same keys and, with
-// every release audited, left exactly one audit record.
+// into shared transactions) and checks every one succeeded, got the same keys and left
+// exactly one audit record.
 func TestConcurrentReleases(t *testing.T) {
 	ctx := context.Background()
-	e := initEnv(t, provider.Policy{}, strictAudit)
+	e := initEnv(t, provider.Policy{})
 	hosts := make([]*host, 8)
 	for i := range hosts {
 		hosts[i] = e.enroll(t, fmt.Sprintf("kvm-%02d", i), nil)
@@ -99,19 +103,10 @@ func TestReleaseCanceled(t *testing.T) {
 }
 
 func BenchmarkRelease(b *testing.B) {
-	for _, bb := range []struct {
-		name string
-		opts []func(*provider.Config)
-	}{{"audit-window", nil}, {"audit-every", []func(*provider.Config){strictAudit}}} {
-		b.Run(bb.name, func(b *testing.B) { benchmarkRelease(b, bb.opts...) })
-	}
-}
-
-func benchmarkRelease(b *testing.B, opts ...func(*provider.Config)) {
 	ctx := context.Background()
-	e := initEnv(b, provider.Policy{}, opts...)
+	e := initEnv(b, provider.Policy{})
 	h := e.enroll(b, "kvm", nil)
-	e.backup(b, "p")
+	e.backup(b, "p: correct horse battery")
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
@@ -122,70 +117,125 @@ func benchmarkRelease(b *testing.B, opts ...func(*provider.Config)) {
 	})
 }
 
-// TestReleaseAuditWindow: repeats of the same release within the window are served
-// without a record and counted in the next one; a revocation still applies at once, and
-// new versions are recorded at once.
-func TestReleaseAuditWindow(t *testing.T) {
+// gatedStore holds every Update at the gate while it is closed, to keep a batch of
+// releases committing for as long as a test needs.
+type gatedStore struct {
+	store.Store
+	mu      sync.Mutex
+	gate    chan struct{} // nil: open
+	entered chan struct{} // receives once per Update held
+}
+
+func (s *gatedStore) close() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.gate, s.entered = make(chan struct{}), make(chan struct{}, 16)
+}
+
+func (s *gatedStore) open() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	close(s.gate)
+	s.gate = nil
+}
+
+func (s *gatedStore) Update(ctx context.Context, fn func(store.Tx) error) error {
+	s.mu.Lock()
+	gate, entered := s.gate, s.entered
+	s.mu.Unlock()
+	if gate != nil {
+		entered <- struct{}{}
+		<-gate
+	}
+	return s.Store.Update(ctx, fn)
+}
+
+// TestReleaseWaiterHonoursContext: a release waiting for its turn behind a batch that is
+// committing returns as soon as its context ends, is not recorded, and leaves the queue
+// working for the next release.
+func TestReleaseWaiterHonoursContext(t *testing.T) {
+	ctx := context.Background()
+	rk, err := rootkey.Generate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := &gatedStore{Store: mem.New()}
+	e := open(t, st, rk, newClock())
+	if _, err := e.p.Init(ctx, provider.InitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	leader, waiter := e.enroll(t, "kvm-lead", nil), e.enroll(t, "kvm-wait", nil)
+	e.backup(t, "p: correct horse battery")
+	before, _ := e.p.Audit(ctx, 1)
+
+	st.close()
+	led := make(chan error, 1)
+	go func() { _, err := e.p.Release(ctx, leader.id); led <- err }()
+	select {
+	case <-st.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the leading release did not reach the store within 10 s")
+	}
+	wctx, cancel := context.WithCancel(ctx)
+	waited := make(chan error, 1)
+	go func() { _, err := e.p.Release(wctx, waiter.id); waited <- err }()
+	cancel()
+	select {
+	case err := <-waited:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("waiting release after its context ended: %v, want context.Canceled", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a waiting release did not return within 10 s of its context ending (the batch ahead is still committing)")
+	}
+	st.open()
+	if err := <-led; err != nil {
+		t.Fatalf("leading release: %v", err)
+	}
+	if _, err := e.p.Release(ctx, waiter.id); err != nil {
+		t.Fatalf("release after a canceled waiter: %v", err)
+	}
+	recs, _ := e.p.Audit(ctx, 3)
+	var subjects []string
+	for _, r := range recs {
+		if r.Seq > before[0].Seq {
+			subjects = append(subjects, r.Subject)
+		}
+	}
+	if want := []string{leader.id, waiter.id}; fmt.Sprint(subjects) != fmt.Sprint(want) {
+		t.Fatalf("release records after the test: %v, want %v (the canceled one not recorded)", subjects, want)
+	}
+}
+
+// TestEveryReleaseAudited: each release that hands out keys has its own audit record,
+// written before the keys leave; refusals (revoked, tpm-required) apply at once.
+func TestEveryReleaseAudited(t *testing.T) {
 	ctx := context.Background()
 	e := initEnv(t, provider.Policy{})
 	h := e.enroll(t, "kvm-01", nil)
-	other := e.enroll(t, "kvm-02", nil)
 	e.backup(t, "p: correct horse battery")
-	count := func() map[string]int {
-		recs, err := e.p.Audit(ctx, 1000)
-		if err != nil {
-			t.Fatal(err)
-		}
-		n := map[string]int{}
-		for _, r := range recs {
-			if r.Kind == audit.KindRelease {
-				n[r.Subject]++
-			}
-		}
-		return n
-	}
-	for range 10 {
+	before, _ := e.p.Audit(ctx, 1)
+	for range 3 {
 		if _, err := e.p.Release(ctx, h.id); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if n := count()[h.id]; n != 1 {
-		t.Fatalf("%d release records for 10 releases within the window, want 1", n)
+	recs, _ := e.p.Audit(ctx, 3)
+	for i, r := range recs {
+		if r.Seq != before[0].Seq+uint64(i)+1 || r.Kind != audit.KindRelease || r.Subject != h.id || r.Details["kdk_versions"] != "1" {
+			t.Fatalf("record %d after three releases: %+v, want a release of v1 to %s", i, r, h.id)
+		}
 	}
-	e.clock.Advance(provider.DefaultReleaseAuditWindow)
-	if _, err := e.p.Release(ctx, h.id); err != nil {
-		t.Fatal(err)
-	}
-	recs, _ := e.p.Audit(ctx, 1)
-	if recs[0].Kind != audit.KindRelease || recs[0].Details["repeats_before"] != "9" {
-		t.Fatalf("record after the window: %+v, want a release with repeats_before=9", recs[0])
-	}
-	// A new version is recorded at once (after its backup).
-	if _, err := e.p.Rotate(ctx); err != nil {
-		t.Fatal(err)
-	}
-	e.backup(t, "p: correct horse battery")
-	if _, err := e.p.Release(ctx, h.id); err != nil {
-		t.Fatal(err)
-	}
-	if n := count()[h.id]; n != 3 {
-		t.Fatalf("%d release records after a rotation, want 3", n)
-	}
-	// A revocation applies inside the window.
-	if _, err := e.p.Release(ctx, other.id); err != nil {
-		t.Fatal(err)
-	}
-	if err := e.p.Revoke(ctx, other.id); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := e.p.Release(ctx, other.id); !errors.Is(err, provider.ErrHostRevoked) {
-		t.Fatalf("release to a host revoked inside the window: %v, want ErrHostRevoked", err)
-	}
-	// So does tpm-required.
 	if err := e.p.SetPolicy(ctx, provider.Policy{TPMRequired: true}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := e.p.Release(ctx, h.id); !errors.Is(err, provider.ErrTPMRequired) {
-		t.Fatalf("bare release inside the window after tpm-required: %v, want ErrTPMRequired", err)
+		t.Fatalf("bare release after tpm-required: %v, want ErrTPMRequired", err)
+	}
+	if err := e.p.Revoke(ctx, h.id); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.p.Release(ctx, h.id); !errors.Is(err, provider.ErrHostRevoked) {
+		t.Fatalf("release to a revoked host: %v, want ErrHostRevoked", err)
 	}
 }

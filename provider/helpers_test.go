@@ -68,9 +68,6 @@ type env struct {
 	logs  *syncBuffer
 }
 
-// strictAudit makes a provider record every release.
-func strictAudit(c *provider.Config) { c.ReleaseAuditWindow = -1 }
-
 func open(t testing.TB, st store.Store, rk *rootkey.Key, c *clock, opts ...func(*provider.Config)) *env {
 	t.Helper()
 	logs := &syncBuffer{}

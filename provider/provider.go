@@ -27,7 +27,6 @@ const (
 	DefaultAdminCertValidity  = 2 * 365 * 24 * time.Hour
 	DefaultServerCertValidity = 365 * 24 * time.Hour
 	DefaultTokenTTL           = time.Hour
-	DefaultReleaseAuditWindow = time.Minute
 	MaxTokenTTL               = 7 * 24 * time.Hour
 	// KDKSize is the length of a KDK in bytes.
 	KDKSize = 32
@@ -44,10 +43,6 @@ type Config struct {
 	HostCertValidity   time.Duration
 	AdminCertValidity  time.Duration
 	ServerCertValidity time.Duration
-	// ReleaseAuditWindow: a host fetching the same KDK versions again within this window
-	// is served from a read-only check, without a new audit record (the next record counts
-	// the repeats). 0 means DefaultReleaseAuditWindow; negative records every release.
-	ReleaseAuditWindow time.Duration
 
 	// writeArchive encrypts backup archives; nil means backup.Write (age's default scrypt
 	// cost). Only this package's tests set it (export_test.go), to a cheaper cost.
@@ -80,9 +75,6 @@ type Provider struct {
 
 	rel batcher // groups concurrent releases into one transaction
 
-	seenMu sync.Mutex
-	seen   map[string]*releaseSeen // by host ID; guarded by seenMu
-
 	verifiedMu sync.Mutex
 	verified   map[[32]byte]verifiedCert // by SHA-256 of the certificate; guarded by verifiedMu
 
@@ -111,14 +103,11 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 	if cfg.ServerCertValidity == 0 {
 		cfg.ServerCertValidity = DefaultServerCertValidity
 	}
-	if cfg.ReleaseAuditWindow == 0 {
-		cfg.ReleaseAuditWindow = DefaultReleaseAuditWindow
-	}
 	if cfg.writeArchive == nil {
 		cfg.writeArchive = backup.Write
 	}
 	p := &Provider{st: cfg.Store, rk: cfg.RootKey, log: cfg.Log, now: cfg.Now, cfg: cfg,
-		seen: map[string]*releaseSeen{}, verified: map[[32]byte]verifiedCert{}}
+		verified: map[[32]byte]verifiedCert{}}
 	err := p.st.View(ctx, func(tx store.Tx) error {
 		m, err := readMeta(tx)
 		if errors.Is(err, ErrNotInitialized) {

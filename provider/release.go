@@ -2,8 +2,11 @@ package provider
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/x509"
+	"encoding/hex"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -19,254 +22,107 @@ import (
 // Release limits.
 const (
 	// maxReleaseBatch bounds how many concurrent releases share one transaction (an etcd
-	// transaction holds at most 128 operations by default).
+	// transaction holds at most 128 operations by default; each release adds its host's
+	// read and an audit record).
 	maxReleaseBatch = 32
 	// releaseCommitTimeout bounds one batch's transaction.
 	releaseCommitTimeout = 30 * time.Second
 )
 
-// Release returns every live KDK version for the host: as import blobs for its TPM's
-// endorsement key, or bare for a host without a TPM while policy tpm-required is off.
-// It is refused while the provider is NotBackedUp, and for unknown or revoked hosts;
-// every release reads the store, so a revocation or policy change applies at once.
-//
-// Audit: a release is recorded before any key leaves, in a transaction shared with other
-// releases running at the same time. With Config.ReleaseAuditWindow > 0 (the default),
-// a host fetching the same KDK versions again within the window is served without a new
-// record; the next record for that host counts those repeats ("repeats_before"). A
-// negative window records every single release.
-func (p *Provider) Release(ctx context.Context, hostID string) ([]ReleasedKDK, error) {
-	r, ok, err := p.releaseCovered(ctx, hostID)
-	return p.finishRelease(ctx, hostID, r, ok, err)
-}
-
-// ReleaseTo is AuthorizeHost(cert) followed by Release of that host's KDKs, in one
-// read of the store when the release is covered by an audited one (see Release): the
-// host's record, the provider and the KDK versions come from one snapshot, taken after
-// the call began, so a revocation, rotation or retirement committed on any replica
-// before it is seen. The API's key fetch calls it; the caller wipes Bare.
-func (p *Provider) ReleaseTo(ctx context.Context, cert *x509.Certificate) (Host, []ReleasedKDK, error) {
+// CheckRelease is the read-only half of a key fetch: it authorizes the host's
+// certificate (as AuthorizeHost) and decides whether the host may have its KDKs now (as
+// ReleaseTo would), in one read of the store, and returns the host and the key set it
+// would get. The key set names the provider and its live KDK versions; a host that holds
+// that set already needs no keys, so nothing leaves and nothing is audited. On etcd this
+// is one linearizable request, so a revocation, rotation or retirement committed on any
+// replica before the call is seen.
+func (p *Provider) CheckRelease(ctx context.Context, cert *x509.Certificate) (Host, string, error) {
 	if cert == nil {
-		return Host{}, nil, fmt.Errorf("authorize host: no client certificate: %w", ErrHostUnknown)
+		return Host{}, "", fmt.Errorf("authorize host: no client certificate: %w", ErrHostUnknown)
 	}
-	hostID := cert.Subject.CommonName
-	coverable := p.coverable(hostID)
 	var a hostAuth
-	var r *releaseReq
-	var refused error
+	var kdks []kdkRecord
 	err := p.st.View(ctx, func(tx store.Tx) error {
-		reads := a.reads(cert)
-		if coverable {
-			reads = append(reads, releaseReads(hostID)...)
-		}
-		if err := store.Prefetch(tx, reads...); err != nil {
+		if err := store.Prefetch(tx, append(a.reads(cert), store.Range(bucketKDKs, ""))...); err != nil {
 			return err
 		}
 		if err := a.read(tx, cert); err != nil {
 			return err
 		}
-		r, refused = nil, nil
-		if coverable && a.hostErr == nil {
-			r, refused = releaseOf(tx, a.m, a.h)
-		}
-		return nil
-	})
-	if err != nil {
-		return Host{}, nil, fmt.Errorf("authorize host: %w", err)
-	}
-	h, err := p.authorize(ctx, cert, a)
-	if err != nil {
-		return Host{}, nil, err
-	}
-	covered := false
-	if refused == nil && r != nil {
-		covered = p.covers(hostID, r)
-	}
-	out, err := p.finishRelease(ctx, hostID, r, covered, refused)
-	if err != nil {
-		return Host{}, nil, err
-	}
-	return h.public(), out, nil
-}
-
-// finishRelease completes a release whose read-only check gave r, ok and err (see
-// releaseCovered): a refusal is returned, a covered release is served, and any other is
-// recorded in the audit log before it is served.
-func (p *Provider) finishRelease(ctx context.Context, hostID string, r *releaseReq, ok bool, err error) ([]ReleasedKDK, error) {
-	if err != nil {
-		p.log.Warn("release refused", "host_id", hostID, "err", err)
-		return nil, fmt.Errorf("release to host %s: %w", hostID, err)
-	}
-	if !ok {
-		r = &releaseReq{ctx: ctx, hostID: hostID, wake: make(chan bool, 1), repeats: p.takeRepeats(hostID)}
-		p.runRelease(ctx, r)
-		if r.err != nil {
-			p.giveBackRepeats(hostID, r.repeats)
-			p.log.Warn("release refused", "host_id", hostID, "err", r.err)
-			return nil, fmt.Errorf("release to host %s: %w", hostID, r.err)
-		}
-		p.noteRecorded(hostID, r.set)
-	}
-	out, err := p.wrap(r)
-	if err != nil {
-		return nil, fmt.Errorf("release to host %s: %w", hostID, err)
-	}
-	return out, nil
-}
-
-// releaseSeen is what the audit log already holds about a host's releases.
-type releaseSeen struct {
-	set     string    // provider and KDK IDs of the last recorded release (keySet)
-	at      time.Time // when it was recorded
-	repeats int       // releases of the same versions since, not recorded one by one
-}
-
-// releaseCovered checks the release in a read-only view and reports whether a recorded
-// release of the same versions within the audit window covers it (then the caller serves
-// it without a write). A refusal is returned as err.
-func (p *Provider) releaseCovered(ctx context.Context, hostID string) (*releaseReq, bool, error) {
-	if !p.coverable(hostID) {
-		return nil, false, nil
-	}
-	var r *releaseReq
-	err := p.st.View(ctx, func(tx store.Tx) error {
-		if err := store.Prefetch(tx, releaseReads(hostID)...); err != nil {
-			return err
-		}
 		var err error
-		r, err = releaseView(tx, hostID)
+		kdks, err = listKDKs(tx)
 		return err
 	})
 	if err != nil {
-		return nil, false, err
+		return Host{}, "", fmt.Errorf("authorize host: %w", err)
 	}
-	return r, p.covers(hostID, r), nil
-}
-
-// coverable reports whether a release to the host may be covered by one already in the
-// audit log: the window is on and this replica recorded a release to it.
-func (p *Provider) coverable(hostID string) bool {
-	if p.cfg.ReleaseAuditWindow <= 0 {
-		return false
-	}
-	p.seenMu.Lock()
-	defer p.seenMu.Unlock()
-	_, known := p.seen[hostID]
-	return known
-}
-
-// releaseReads names what releaseView reads, for store.Prefetch.
-func releaseReads(hostID string) []store.Read {
-	return []store.Read{store.Key(bucketProvider, keyMeta), store.Range(bucketKDKs, ""), store.Key(bucketHosts, hostID)}
-}
-
-// releaseView checks a release to the host on tx; a refusal is returned as err.
-func releaseView(tx store.Tx, hostID string) (*releaseReq, error) {
-	m, kdks, err := releaseState(tx)
+	h, err := p.authorize(ctx, cert, a)
 	if err != nil {
-		return nil, err
-	}
-	h, _, err := checkRelease(tx, m, kdks, hostID)
-	if err != nil {
-		return nil, err
-	}
-	return newCovered(m, kdks, h), nil
-}
-
-// releaseOf is releaseView for a provider record m and host record h already read on tx
-// (ReleaseTo read them to authorize the host), decoded once.
-func releaseOf(tx store.Tx, m metaRecord, h hostRecord) (*releaseReq, error) {
-	kdks, err := listKDKs(tx)
-	if err != nil {
-		return nil, err
+		return Host{}, "", err
 	}
 	if err := checkBackedUp(kdks); err != nil {
-		return nil, err
+		return Host{}, "", fmt.Errorf("release to host %s: %w", h.ID, err)
 	}
-	if _, err := checkHost(m, h); err != nil {
-		return nil, err
+	if _, err := checkHost(a.m, h); err != nil {
+		return Host{}, "", fmt.Errorf("release to host %s: %w", h.ID, err)
 	}
-	return newCovered(m, kdks, h), nil
+	return h.public(), keySet(a.m.ID, liveKDKs(kdks)), nil
 }
 
-// newCovered is the release of the live versions of kdks to h, checked read-only.
-func newCovered(m metaRecord, kdks []kdkRecord, h hostRecord) *releaseReq {
-	r := &releaseReq{hostID: h.ID, providerID: m.ID, host: h, kdks: liveKDKs(kdks), versions: versionList(kdks)}
-	r.set = keySet(m.ID, r.kdks)
-	return r
+// ReleaseTo authorizes the host's certificate (AuthorizeHost) and releases every live KDK
+// version to it: as import blobs for its TPM's endorsement key, or bare for a host
+// without a TPM while policy tpm-required is off. It is refused while the provider is
+// NotBackedUp, and for unknown or revoked hosts. Every release is checked again and
+// recorded in the audit log, in a transaction shared with the releases running at the
+// same time (group commit), before any key leaves. It returns the host, the keys (the
+// caller wipes Bare) and their key set (see CheckRelease).
+func (p *Provider) ReleaseTo(ctx context.Context, cert *x509.Certificate) (Host, []ReleasedKDK, string, error) {
+	h, err := p.AuthorizeHost(ctx, cert)
+	if err != nil {
+		return Host{}, nil, "", err
+	}
+	out, set, err := p.release(ctx, h.ID)
+	if err != nil {
+		return Host{}, nil, "", err
+	}
+	return h, out, set, nil
 }
 
-// covers reports whether a release of r's versions to the host, recorded within the
-// audit window, covers r; if so it counts r as one more repeat.
-func (p *Provider) covers(hostID string, r *releaseReq) bool {
-	now := p.now()
-	p.seenMu.Lock()
-	defer p.seenMu.Unlock()
-	s, ok := p.seen[hostID]
-	if !ok || s.set != r.set || now.Sub(s.at) >= p.cfg.ReleaseAuditWindow || now.Before(s.at) {
-		return false
+// release records a release to host hostID (group commit) and wraps its keys.
+func (p *Provider) release(ctx context.Context, hostID string) ([]ReleasedKDK, string, error) {
+	r := &releaseReq{ctx: ctx, hostID: hostID, wake: make(chan bool, 1)}
+	if err := p.runRelease(ctx, r); err != nil {
+		return nil, "", fmt.Errorf("release to host %s: %w", hostID, err)
 	}
-	s.repeats++
-	return true
+	if r.err != nil {
+		p.log.Warn("release refused", "host_id", hostID, "err", r.err)
+		return nil, "", fmt.Errorf("release to host %s: %w", hostID, r.err)
+	}
+	out, err := p.wrap(r)
+	if err != nil {
+		return nil, "", fmt.Errorf("release to host %s: %w", hostID, err)
+	}
+	return out, keySet(r.providerID, r.kdks), nil
 }
 
-// takeRepeats returns and clears the count of unrecorded repeats for the host.
-func (p *Provider) takeRepeats(hostID string) int {
-	p.seenMu.Lock()
-	defer p.seenMu.Unlock()
-	s, ok := p.seen[hostID]
-	if !ok {
-		return 0
-	}
-	n := s.repeats
-	s.repeats = 0
-	return n
-}
-
-// giveBackRepeats restores a count taken for a release that was not recorded.
-func (p *Provider) giveBackRepeats(hostID string, n int) {
-	if n == 0 {
-		return
-	}
-	p.seenMu.Lock()
-	defer p.seenMu.Unlock()
-	if s, ok := p.seen[hostID]; ok {
-		s.repeats += n
-	}
-}
-
-// noteRecorded remembers that a release of the key set to the host is in the audit log.
-func (p *Provider) noteRecorded(hostID, set string) {
-	if p.cfg.ReleaseAuditWindow <= 0 {
-		return
-	}
-	p.seenMu.Lock()
-	defer p.seenMu.Unlock()
-	s, ok := p.seen[hostID]
-	if !ok {
-		s = &releaseSeen{}
-		p.seen[hostID] = s
-	}
-	s.set, s.at = set, p.now()
-}
-
-// releaseReq is one Release waiting for its batch's transaction.
+// releaseReq is one release waiting for its batch's transaction.
 type releaseReq struct {
 	ctx    context.Context
 	hostID string
 	wake   chan bool // true: lead the next batch; false: the batch that held it is done
 	// Results, set by the batch leader before wake.
-	repeats    int // unrecorded releases of the same versions before this one
 	err        error
 	providerID string
 	host       hostRecord
 	kdks       []kdkRecord // live versions
-	versions   string      // their numbers, "1,2"
-	set        string      // keySet of the provider and kdks
 }
 
-// batcher groups concurrent releases: the first caller leads and commits every request
-// that arrived meanwhile in one transaction, then hands the lead to the next waiting one.
+// batcher groups concurrent releases (group commit): the first caller leads and commits
+// every request that arrived meanwhile in one transaction, then hands the lead to the
+// next waiting one. Every release writes an audit record, and audit records form one
+// hash chain, so releases committed one by one would queue for the chain's head (bbolt:
+// two fsyncs each; etcd: a raft round each, and conflicts on the head); a batch pays that
+// once.
 type batcher struct {
 	mu sync.Mutex
 	// Guarded by mu.
@@ -274,14 +130,33 @@ type batcher struct {
 	pending []*releaseReq
 }
 
-func (p *Provider) runRelease(ctx context.Context, r *releaseReq) {
+// runRelease commits r with the releases waiting beside it. It returns ctx's error if
+// ctx ends while r waits for its turn (r is then dropped from the queue, or, if its batch
+// is already committing, its result is ignored); otherwise r.err holds the outcome.
+func (p *Provider) runRelease(ctx context.Context, r *releaseReq) error {
 	b := &p.rel
 	b.mu.Lock()
 	b.pending = append(b.pending, r)
 	if b.busy {
 		b.mu.Unlock()
-		if lead := <-r.wake; !lead {
-			return
+		select {
+		case lead := <-r.wake:
+			if !lead {
+				return nil
+			}
+		case <-ctx.Done():
+			b.mu.Lock()
+			if i := slices.Index(b.pending, r); i >= 0 {
+				b.pending = slices.Delete(b.pending, i, i+1)
+				b.mu.Unlock()
+				return ctx.Err()
+			}
+			b.mu.Unlock()
+			// r was taken into a batch, or handed the lead: a lead must be taken up, or
+			// the requests behind it would wait forever.
+			if lead := <-r.wake; !lead {
+				return ctx.Err()
+			}
 		}
 		b.mu.Lock()
 	} else {
@@ -322,30 +197,17 @@ func (p *Provider) runRelease(ctx context.Context, r *releaseReq) {
 			q.wake <- false
 		}
 	}
+	return nil
 }
 
-// releaseState reads what every release check needs.
-func releaseState(tx store.Tx) (metaRecord, []kdkRecord, error) {
-	m, err := readMeta(tx)
-	if err != nil {
-		return m, nil, err
+// releaseReads names what commitReleases reads for the hosts, for store.Prefetch (one
+// etcd request instead of one per key).
+func releaseReads(hostIDs []string) []store.Read {
+	reads := append([]store.Read{store.Key(bucketProvider, keyMeta), store.Range(bucketKDKs, "")}, audit.AppendReads()...)
+	for _, id := range hostIDs {
+		reads = append(reads, store.Key(bucketHosts, id))
 	}
-	kdks, err := listKDKs(tx)
-	return m, kdks, err
-}
-
-// checkRelease decides whether host hostID may have the KDKs now; it returns the host
-// and the form its keys take ("import_blob" or "bare").
-func checkRelease(tx store.Tx, m metaRecord, kdks []kdkRecord, hostID string) (hostRecord, string, error) {
-	if err := checkBackedUp(kdks); err != nil {
-		return hostRecord{}, "", err
-	}
-	h, err := readHost(tx, hostID)
-	if err != nil {
-		return h, "", err
-	}
-	form, err := checkHost(m, h)
-	return h, form, err
+	return reads
 }
 
 // checkBackedUp refuses every release while a live KDK version is in no confirmed backup.
@@ -381,22 +243,23 @@ func liveKDKs(kdks []kdkRecord) []kdkRecord {
 	return live
 }
 
-// keySet names what a release hands out: the provider and its live KDK IDs.
+// keySet names what a release hands out: 32 hex digits of the SHA-256 of the provider ID
+// and its live KDK IDs. It changes when a version is added or retired, or the store holds
+// another provider.
 func keySet(providerID string, live []kdkRecord) string {
 	ids := make([]string, 0, len(live)+1)
 	ids = append(ids, providerID)
 	for _, k := range live {
 		ids = append(ids, k.ID)
 	}
-	return strings.Join(ids, ",")
+	sum := sha256.Sum256([]byte(strings.Join(ids, ",")))
+	return hex.EncodeToString(sum[:16])
 }
 
 func versionList(kdks []kdkRecord) string {
-	var v []string
+	v := make([]string, 0, len(kdks))
 	for _, k := range kdks {
-		if k.Retired == nil {
-			v = append(v, strconv.Itoa(k.Version))
-		}
+		v = append(v, strconv.Itoa(k.Version))
 	}
 	return strings.Join(v, ",")
 }
@@ -404,34 +267,44 @@ func versionList(kdks []kdkRecord) string {
 // commitReleases checks every request and appends its audit record, in one transaction.
 // A request refused sets its own err; a failing transaction fails them all.
 func (p *Provider) commitReleases(ctx context.Context, reqs []*releaseReq) error {
+	ids := make([]string, len(reqs))
+	for i, q := range reqs {
+		ids[i] = q.hostID
+	}
 	return p.update(ctx, func(tx store.Tx, a *auditor) error {
-		reads := append([]store.Read{store.Key(bucketProvider, keyMeta), store.Range(bucketKDKs, "")}, audit.AppendReads()...)
-		for _, q := range reqs {
-			reads = append(reads, store.Key(bucketHosts, q.hostID))
-		}
-		if err := store.Prefetch(tx, reads...); err != nil {
+		if err := store.Prefetch(tx, releaseReads(ids)...); err != nil {
 			return err
 		}
-		m, kdks, err := releaseState(tx)
+		m, err := readMeta(tx)
 		if err != nil {
 			return err
 		}
-		live, versions := liveKDKs(kdks), versionList(kdks)
+		kdks, err := listKDKs(tx)
+		if err != nil {
+			return err
+		}
+		live := liveKDKs(kdks)
+		versions := versionList(live)
 		for _, q := range reqs {
 			q.err, q.kdks = nil, nil
-			h, form, err := checkRelease(tx, m, kdks, q.hostID)
+			if q.err = checkBackedUp(kdks); q.err != nil {
+				continue
+			}
+			h, err := readHost(tx, q.hostID)
+			if err != nil {
+				q.err = err
+				continue
+			}
+			form, err := checkHost(m, h)
 			if err != nil {
 				q.err = err
 				continue
 			}
 			details := map[string]string{"hostname": h.Hostname, "kdk_versions": versions, "form": form}
-			if q.repeats > 0 {
-				details["repeats_before"] = strconv.Itoa(q.repeats)
-			}
 			if err := a.add(tx, audit.Event{Kind: audit.KindRelease, Actor: "host:" + h.ID, Subject: h.ID, Details: details}); err != nil {
 				return err
 			}
-			q.providerID, q.host, q.kdks, q.versions, q.set = m.ID, h, live, versions, keySet(m.ID, live)
+			q.providerID, q.host, q.kdks = m.ID, h, live
 		}
 		return nil
 	})

@@ -57,11 +57,11 @@ func TestReplicasOnEveryStore(t *testing.T) {
 				t.Fatal(err)
 			}
 			c := newClock()
-			a := open(t, sa, rk, c, strictAudit)
+			a := open(t, sa, rk, c)
 			if _, err := a.p.Init(ctx, provider.InitOptions{}); err != nil {
 				t.Fatal(err)
 			}
-			b := open(t, sb, rk, c, strictAudit)
+			b := open(t, sb, rk, c)
 			hosts := make([]*host, 4)
 			for i := range hosts {
 				hosts[i] = a.enroll(t, fmt.Sprintf("kvm-%d", i), nil)

@@ -14,8 +14,9 @@
 //	/v1/host/...                              a client certificate chained to the provider CA,
 //	                                          authorized by Provider.AuthorizeHost on every request
 //	                                          (unknown and revoked hosts are refused at once); the
-//	                                          key fetch calls Provider.ReleaseTo, which authorizes
-//	                                          the same way and releases from the same store read
+//	                                          key fetch calls Provider.ReleaseTo (authorizes the
+//	                                          same way, then an audited release), a poll with
+//	                                          ?known=KEYSET Provider.CheckRelease (one read, no keys)
 //	/v1/admin/...                             a client certificate chained to the provider CA that
 //	                                          carries the admin role (OU=nkp-admin), as issued at
 //	                                          init into the provider directory for nkpctl

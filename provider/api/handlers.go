@@ -29,7 +29,8 @@ type Provider interface {
 	Hosts(ctx context.Context) ([]provider.Host, error)
 	Revoke(ctx context.Context, hostID string) error
 	AuthorizeHost(ctx context.Context, cert *x509.Certificate) (provider.Host, error)
-	ReleaseTo(ctx context.Context, cert *x509.Certificate) (provider.Host, []provider.ReleasedKDK, error)
+	CheckRelease(ctx context.Context, cert *x509.Certificate) (provider.Host, string, error)
+	ReleaseTo(ctx context.Context, cert *x509.Certificate) (provider.Host, []provider.ReleasedKDK, string, error)
 	Rotate(ctx context.Context) (provider.KDKVersion, error)
 	Retire(ctx context.Context, version int) error
 	RegisterObject(ctx context.Context, hostID string, obj provider.Object) error
@@ -77,19 +78,32 @@ func (s *Server) handleEnroll(w http.ResponseWriter, r *http.Request) {
 }
 
 // handleRelease authenticates the host as Server.host does and releases its KDKs, in one
-// call of the domain (Provider.ReleaseTo reads the store once for both).
+// call of the domain. With ?known=KEYSET it first checks read-only (Provider.CheckRelease)
+// and answers Unchanged, without keys, while that set is current.
 func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request) {
 	cert, err := s.clientCert(r, ca.RoleHost)
 	if err != nil {
 		s.writeError(w, r, err)
 		return
 	}
-	_, kdks, err := s.p.ReleaseTo(r.Context(), cert)
+	if known := r.URL.Query().Get("known"); known != "" {
+		_, set, err := s.p.CheckRelease(r.Context(), cert)
+		if err != nil {
+			s.writeError(w, r, err)
+			return
+		}
+		if set == known {
+			s.m.releases.WithLabelValues("unchanged").Inc()
+			s.writeJSON(w, http.StatusOK, apiv1.ReleaseResponse{KDKs: []apiv1.KDK{}, KeySet: set, Unchanged: true})
+			return
+		}
+	}
+	_, kdks, set, err := s.p.ReleaseTo(r.Context(), cert)
 	if err != nil {
 		s.writeError(w, r, err)
 		return
 	}
-	out := apiv1.ReleaseResponse{KDKs: make([]apiv1.KDK, 0, len(kdks))}
+	out := apiv1.ReleaseResponse{KDKs: make([]apiv1.KDK, 0, len(kdks)), KeySet: set}
 	for _, k := range kdks {
 		form := "import_blob"
 		if len(k.ImportBlob) == 0 {

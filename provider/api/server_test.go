@@ -177,13 +177,32 @@ func (f *fake) AuthorizeHost(ctx context.Context, cert *x509.Certificate) (provi
 	return h, nil
 }
 
-func (f *fake) ReleaseTo(ctx context.Context, cert *x509.Certificate) (provider.Host, []provider.ReleasedKDK, error) {
+func (f *fake) ReleaseTo(ctx context.Context, cert *x509.Certificate) (provider.Host, []provider.ReleasedKDK, string, error) {
 	h, err := f.AuthorizeHost(ctx, cert)
 	if err != nil {
-		return provider.Host{}, nil, err
+		return provider.Host{}, nil, "", err
 	}
 	out, err := f.Release(ctx, h.ID)
-	return h, out, err
+	return h, out, f.keySet(), err
+}
+
+func (f *fake) CheckRelease(ctx context.Context, cert *x509.Certificate) (provider.Host, string, error) {
+	h, err := f.AuthorizeHost(ctx, cert)
+	if err != nil {
+		return provider.Host{}, "", err
+	}
+	return h, f.keySet(), nil
+}
+
+// keySet names the fake's KDK versions.
+func (f *fake) keySet() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var ids []string
+	for _, k := range f.kdks {
+		ids = append(ids, k.ID)
+	}
+	return strings.Join(ids, ",")
 }
 
 func (f *fake) Release(ctx context.Context, id string) ([]provider.ReleasedKDK, error) {

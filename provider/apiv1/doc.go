@@ -11,7 +11,8 @@
 // Routes:
 //
 //	POST /v1/enroll                      EnrollRequest → EnrollResponse
-//	GET  /v1/host/kdks                   → ReleaseResponse (every KDK version in use)
+//	GET  /v1/host/kdks[?known=KEYSET]    → ReleaseResponse (every KDK version in use; with the
+//	                                     current key set as known: Unchanged, no keys, not audited)
 //	POST /v1/host/objects                Object → 204 (registers, or replaces the entry of the same VM and name)
 //	DELETE /v1/host/objects/{vm}/{name}  → 204 (the object is gone: VM deleted, disk removed)
 //	POST /v1/host/moves                  MoveRequest → ObjectsResponse (a migrated VM's objects, now the

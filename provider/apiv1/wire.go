@@ -61,10 +61,18 @@ type KDK struct {
 	Bare       []byte `json:"bare,omitempty"`
 }
 
-// ReleaseResponse is GET /v1/host/kdks: every KDK version still in use.
+// ReleaseResponse is GET /v1/host/kdks: every KDK version still in use, and their key
+// set. GET /v1/host/kdks?known=KEYSET, with the key set of the host's last release,
+// answers Unchanged and no KDKs while that set is still current: the host is checked
+// (revoked, unknown and not-backed-up refusals as usual) but no key leaves, so nothing is
+// audited. A host polls that way and fetches keys only when the set changed.
 type ReleaseResponse struct {
 	ProviderID string `json:"provider_id,omitempty"`
 	KDKs       []KDK  `json:"kdks"`
+	// KeySet names the provider and its live KDK versions (opaque, 32 hex digits).
+	KeySet string `json:"key_set,omitempty"`
+	// Unchanged: the request's known key set is current; KDKs is empty.
+	Unchanged bool `json:"unchanged,omitempty"`
 }
 
 // Object is one protected object in the catalog (POST /v1/host/objects, GET /v1/admin/objects).

@@ -44,7 +44,6 @@ type options struct {
 	etcdCA, etcdCert, etcdKey, rootKeyTPM                               string
 	tpmRequired                                                         bool
 	shutdown                                                            time.Duration
-	auditWindow                                                         time.Duration
 }
 
 func (o *options) store() daemon.StoreConfig {
@@ -123,7 +122,6 @@ func Main(args []string, stdout, stderr io.Writer) error {
 	}
 	serveCmd.Flags().StringVar(&o.listen, "listen", ":8443", "address to listen on (host:port)")
 	serveCmd.Flags().StringVar(&o.sans, "san", "", "DNS names and IPs for the server certificate, comma-separated (default: localhost, loopback, host name)")
-	serveCmd.Flags().DurationVar(&o.auditWindow, "release-audit-window", 0, "repeated KDK fetches by one host within this window share one audit record (0: provider default, 1m; negative: audit every fetch)")
 	serveCmd.Flags().DurationVar(&o.shutdown, "shutdown-timeout", 10*time.Second, "how long a graceful shutdown waits for requests")
 	root.AddCommand(initCmd, serveCmd)
 	root.SetArgs(args)
@@ -133,7 +131,7 @@ func Main(args []string, stdout, stderr io.Writer) error {
 func serve(o *options, log *slog.Logger) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	cfg := daemon.Config{Dir: o.dir, Listen: o.listen, Store: o.store(), Log: log, ShutdownTimeout: o.shutdown, ReleaseAuditWindow: o.auditWindow, RootKeyTPM: o.rootKeyTPM}
+	cfg := daemon.Config{Dir: o.dir, Listen: o.listen, Store: o.store(), Log: log, ShutdownTimeout: o.shutdown, RootKeyTPM: o.rootKeyTPM}
 	if o.sans != "" {
 		cfg.Names = strings.Split(o.sans, ",")
 	}

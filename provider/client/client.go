@@ -283,6 +283,20 @@ func (c *Client) Release(ctx context.Context) (apiv1.ReleaseResponse, error) {
 	return r, err
 }
 
+// ReleaseChanged is Release for a host that holds the KDKs of key set known (the KeySet
+// of its last release): while that set is current the provider answers Unchanged with no
+// KDKs (and audits nothing); else it releases the keys as Release does. A polling host
+// uses it; an empty known is Release.
+func (c *Client) ReleaseChanged(ctx context.Context, known string) (apiv1.ReleaseResponse, error) {
+	var r apiv1.ReleaseResponse
+	var q url.Values
+	if known != "" {
+		q = url.Values{"known": {known}}
+	}
+	err := c.do(ctx, http.MethodGet, apiv1.PathHostKDKs, q, nil, &r)
+	return r, err
+}
+
 // RegisterObject records a protected object in the provider's catalog.
 func (c *Client) RegisterObject(ctx context.Context, o apiv1.Object) error {
 	return c.do(ctx, http.MethodPost, apiv1.PathHostObjects, nil, o, nil)

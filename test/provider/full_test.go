@@ -22,7 +22,7 @@ func TestFullStore(t *testing.T) {
 	etcd := etcdtest.New(t, etcdtest.Config{QuotaBytes: 4 << 20})
 	storeArgs := etcdStoreArgs(etcd)
 	dir := b.initProvider(t, storeArgs...)
-	s := b.serve(t, dir, append(storeArgs, "--release-audit-window", "-1s")...) // audit every fetch
+	s := b.serve(t, dir, storeArgs...)
 	b.backUp(t, dir, s.url)
 	h := b.mustJoin(t, s, "kvm-01")
 	before, err := h.c.Release(ctx)

@@ -63,10 +63,6 @@ type Config struct {
 	// RootKeyTPM names the TPM the root key is sealed to (InitConfig.RootKeyTPM); empty
 	// for a plain key file.
 	RootKeyTPM string
-	// ReleaseAuditWindow is provider.Config.ReleaseAuditWindow: repeated fetches of the
-	// same KDK versions by one host within it are counted in the host's next audit record
-	// instead of each writing one; 0 means the provider's default, negative audits every fetch.
-	ReleaseAuditWindow time.Duration
 }
 
 // Validate checks the configuration and names the bad setting.
@@ -126,7 +122,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if d.st, err = OpenStore(ctx, cfg.Dir, cfg.Store, cfg.Log); err != nil {
 		return nil, err
 	}
-	if d.p, err = provider.Open(ctx, provider.Config{Store: d.st, RootKey: d.key, Log: cfg.Log, Now: time.Now, ReleaseAuditWindow: cfg.ReleaseAuditWindow}); err != nil {
+	if d.p, err = provider.Open(ctx, provider.Config{Store: d.st, RootKey: d.key, Log: cfg.Log, Now: time.Now}); err != nil {
 		return nil, fmt.Errorf("provider %s: %w", cfg.Dir, err)
 	}
 	st, err := d.p.Status(ctx)

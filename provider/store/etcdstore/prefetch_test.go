@@ -8,7 +8,7 @@ import (
 
 	"github.com/nkp-dev/nkp/provider/store"
 	"github.com/nkp-dev/nkp/provider/store/etcdstore"
-	"github.com/nkp-dev/nkp/provider/store/etcdstore/etcdcount"
+	"github.com/nkp-dev/nkp/test/etcdtest/etcdcount"
 )
 
 // TestPrefetchRoundTrips: a transaction that prefetches what it reads costs one etcd

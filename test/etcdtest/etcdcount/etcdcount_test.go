@@ -6,8 +6,8 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/nkp-dev/nkp/provider/store/etcdstore/etcdcount"
 	"github.com/nkp-dev/nkp/test/etcdtest"
+	"github.com/nkp-dev/nkp/test/etcdtest/etcdcount"
 )
 
 // TestRequests: each Get and each Txn made through the client counts once; Puts do not.

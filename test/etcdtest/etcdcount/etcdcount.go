@@ -1,5 +1,5 @@
 // Package etcdcount counts the requests an etcd client sends to etcd's KV service, for
-// tests that check how many round trips an operation costs.
+// tests that check how many round trips an operation costs. Only tests import it.
 package etcdcount
 
 import (
