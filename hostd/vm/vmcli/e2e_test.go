@@ -121,6 +121,7 @@ func TestNkpctlWithLibvirt(t *testing.T) {
 	})
 	x := `<domain type='qemu'><name>` + name + `</name><uuid>` + u + `</uuid><memory unit='MiB'>64</memory>
 <os><type arch='x86_64'>hvm</type></os><devices><controller type='usb' model='none'/><memballoon model='none'/>
+<graphics type='vnc' port='-1' autoport='yes' listen='127.0.0.1' passwd='vncpw-k8'/>
 <tpm model='tpm-tis'><backend type='emulator' version='2.0'/></tpm></devices></domain>`
 	if err := conn.DefineXML(ctx, []byte(x)); err != nil {
 		t.Fatal(err)
@@ -190,9 +191,14 @@ func TestNkpctlWithLibvirt(t *testing.T) {
 	if !v.Protected || len(v.Objects) != 1 || v.Objects[0].KDKVersion != 1 || v.TPM != "stopped" {
 		t.Fatalf("status after protect: %+v", v)
 	}
-	d, _ := domxml.Parse(must(conn.DomainXML(ctx, u)))
+	px := must(conn.DomainXML(ctx, u))
+	d, _ := domxml.Parse(px)
 	if tp, _ := d.TPM(); tp == nil || tp.Backend != domxml.BackendExternal || tp.Model != "tpm-tis" {
 		t.Fatalf("libvirt's definition after protect: TPM %+v", tp)
+	}
+	// The redefinition keeps what only --security-info shows (a VNC password here).
+	if !bytes.Contains(px, []byte("passwd='vncpw-k8'")) {
+		t.Fatalf("the VNC password was lost by protect:\n%s", px)
 	}
 
 	k.mu.Lock()
