@@ -117,14 +117,14 @@ func (d *Daemon) Hook(ctx context.Context, req hookproto.Request) hookproto.Repl
 			return r
 		}
 	}
-	key, r, ok := d.vtpmKey(dom, obj)
+	keys, r, ok := d.vtpmKeys(dom, obj)
 	if !ok {
 		log.Warn("hook refused", "key_id", obj.KeyID, "kdk_version", obj.KDKVersion, "reason", r.Message)
 		return r
 	}
-	defer clear(key)
+	defer keys.Wipe()
 	if plan.Start {
-		inst, err := d.sup.Start(ctx, vtpm.VM{UUID: dom.UUID, Name: dom.Name, KeyID: obj.KeyID, KDKVersion: obj.KDKVersion}, key)
+		inst, err := d.sup.Start(ctx, vtpm.VM{UUID: dom.UUID, Name: dom.Name, KeyID: obj.KeyID, KDKVersion: obj.KDKVersion}, keys)
 		if err != nil {
 			return refuse("VM %q: its vTPM (key %s) did not start: %v", dom.Name, obj.KeyID, err)
 		}
@@ -148,17 +148,17 @@ func (d *Daemon) checkTPMDevice(dom *domxml.Domain, obj domxml.Object) (hookprot
 	return hookproto.Reply{}, true
 }
 
-// vtpmKey checks the metadata against this host's provider and KDK cache and derives the
-// vTPM state key; on refusal it returns the sentence.
-func (d *Daemon) vtpmKey(dom *domxml.Domain, obj domxml.Object) ([]byte, hookproto.Reply, bool) {
+// vtpmKeys checks the metadata against this host's provider and KDK cache and derives the
+// vTPM's state and migration keys; on refusal it returns the sentence.
+func (d *Daemon) vtpmKeys(dom *domxml.Domain, obj domxml.Object) (vtpm.Keys, hookproto.Reply, bool) {
 	d.mu.Lock()
 	info := d.id.info
 	d.mu.Unlock()
 	if info.Revoked != nil {
-		return nil, refuse("VM %q (vTPM key %s): this host (%s) was revoked by the provider on %s and holds no keys: an administrator must allow it again, then join it again (nkp-hostd join)", dom.Name, obj.KeyID, info.HostID, info.Revoked.Format(time.RFC3339)), false
+		return vtpm.Keys{}, refuse("VM %q (vTPM key %s): this host (%s) was revoked by the provider on %s and holds no keys: an administrator must allow it again, then join it again (nkp-hostd join)", dom.Name, obj.KeyID, info.HostID, info.Revoked.Format(time.RFC3339)), false
 	}
 	if info.ProviderID != "" && dom.Metadata.ProviderID != info.ProviderID {
-		return nil, refuse("VM %q (vTPM key %s): its keys come from provider %s, but this host is joined to provider %s: run it on a host of that provider, or unprotect and protect it again here", dom.Name, obj.KeyID, dom.Metadata.ProviderID, info.ProviderID), false
+		return vtpm.Keys{}, refuse("VM %q (vTPM key %s): its keys come from provider %s, but this host is joined to provider %s: run it on a host of that provider, or unprotect and protect it again here", dom.Name, obj.KeyID, dom.Metadata.ProviderID, info.ProviderID), false
 	}
 	k, id, err := d.cache.Key(obj.KDKVersion)
 	if errors.Is(err, kdkcache.ErrUnknownVersion) && d.isOnline() {
@@ -177,21 +177,26 @@ func (d *Daemon) vtpmKey(dom *domxml.Domain, obj domxml.Object) ([]byte, hookpro
 		} else if !d.isOnline() {
 			why = "the provider is unreachable and the version is not in this host's TPM-bound cache"
 		}
-		return nil, refuse("VM %q (vTPM key %s): KDK version %d (%s) is unknown to this host: %s; bring the provider back or check `nkpctl provider status`, then start the VM again", dom.Name, obj.KeyID, obj.KDKVersion, obj.KDKID, why), false
+		return vtpm.Keys{}, refuse("VM %q (vTPM key %s): KDK version %d (%s) is unknown to this host: %s; bring the provider back or check `nkpctl provider status`, then start the VM again", dom.Name, obj.KeyID, obj.KDKVersion, obj.KDKID, why), false
 	case errors.Is(err, kdkcache.ErrUnusable):
-		return nil, refuse("VM %q (vTPM key %s): this host's TPM cannot unwrap its cached KDK version %d (the blob was made for another TPM, or is damaged): with the provider reachable nkp-hostd fetches a fresh one; if this host's TPM was replaced, join it again", dom.Name, obj.KeyID, obj.KDKVersion), false
+		return vtpm.Keys{}, refuse("VM %q (vTPM key %s): this host's TPM cannot unwrap its cached KDK version %d (the blob was made for another TPM, or is damaged): with the provider reachable nkp-hostd fetches a fresh one; if this host's TPM was replaced, join it again", dom.Name, obj.KeyID, obj.KDKVersion), false
 	case err != nil:
-		return nil, refuse("VM %q (vTPM key %s): %v", dom.Name, obj.KeyID, err), false
+		return vtpm.Keys{}, refuse("VM %q (vTPM key %s): %v", dom.Name, obj.KeyID, err), false
 	}
 	defer clear(k)
 	if id != obj.KDKID {
-		return nil, refuse("VM %q (vTPM key %s): its metadata names KDK %s as version %d, but this host's version %d is KDK %s: the metadata comes from another provider or was edited; unprotect and protect the VM again", dom.Name, obj.KeyID, obj.KDKID, obj.KDKVersion, obj.KDKVersion, id), false
+		return vtpm.Keys{}, refuse("VM %q (vTPM key %s): its metadata names KDK %s as version %d, but this host's version %d is KDK %s: the metadata comes from another provider or was edited; unprotect and protect the VM again", dom.Name, obj.KeyID, obj.KDKID, obj.KDKVersion, obj.KDKVersion, id), false
 	}
-	key, err := kdk.Derive(k, kdk.PurposeVTPM, dom.UUID, obj.KeyID)
+	var keys vtpm.Keys
+	keys.State, err = kdk.Derive(k, kdk.PurposeVTPM, dom.UUID, obj.KeyID)
+	if err == nil {
+		keys.Migration, err = kdk.Derive(k, kdk.PurposeVTPMMigration, dom.UUID, obj.KeyID)
+	}
 	if err != nil {
-		return nil, refuse("VM %q (vTPM key %s): %v", dom.Name, obj.KeyID, err), false
+		keys.Wipe()
+		return vtpm.Keys{}, refuse("VM %q (vTPM key %s): %v", dom.Name, obj.KeyID, err), false
 	}
-	return key, hookproto.Reply{}, true
+	return keys, hookproto.Reply{}, true
 }
 
 func (d *Daemon) offlineWarning(name string, version int) string {

@@ -208,16 +208,30 @@ func (p *proc) done() bool {
 	}
 }
 
-// Start runs nkp-swtpm for vm with key (32 bytes, not kept: the caller wipes it).
-func (s *Supervisor) Start(ctx context.Context, vm VM, key []byte) (inst Instance, err error) {
+// Keys are the two keys of one vTPM, each kdk.Size bytes, derived from the KDK: State
+// encrypts the state files (--key), Migration the state blobs that QEMU carries in its
+// migration stream and in `virsh save` images (--migration-key), which would otherwise hold
+// the TPM's seeds and NV in plaintext. Every host of the cluster derives the same ones.
+type Keys struct {
+	State, Migration []byte
+}
+
+// Wipe clears both keys.
+func (k Keys) Wipe() {
+	clear(k.State)
+	clear(k.Migration)
+}
+
+// Start runs nkp-swtpm for vm with keys (not kept: the caller wipes them).
+func (s *Supervisor) Start(ctx context.Context, vm VM, keys Keys) (inst Instance, err error) {
 	if err := kdk.CheckUUID(vm.UUID); err != nil {
 		return Instance{}, fmt.Errorf("vm %q: %w", vm.Name, err)
 	}
 	if err := kdk.CheckUUID(vm.KeyID); err != nil {
 		return Instance{}, fmt.Errorf("vm %q: vTPM key ID: %w", vm.Name, err)
 	}
-	if len(key) != kdk.Size {
-		return Instance{}, fmt.Errorf("vm %q: vTPM key is %d bytes, want %d", vm.Name, len(key), kdk.Size)
+	if len(keys.State) != kdk.Size || len(keys.Migration) != kdk.Size {
+		return Instance{}, fmt.Errorf("vm %q: vTPM keys are %d and %d bytes, want %d each", vm.Name, len(keys.State), len(keys.Migration), kdk.Size)
 	}
 	s.mu.Lock()
 	if p, ok := s.procs[vm.UUID]; ok && !p.done() {
@@ -264,16 +278,16 @@ func (s *Supervisor) Start(ctx context.Context, vm VM, key []byte) (inst Instanc
 		}
 	}()
 
-	keyR, keyW, err := os.Pipe()
+	keyR, err := keyPipe(keys.State)
 	if err != nil {
 		return Instance{}, fmt.Errorf("vm %q: key pipe: %w", vm.Name, err)
 	}
 	defer keyR.Close()
-	_, err = keyW.Write(key) // 32 bytes: fits in the pipe buffer, never blocks
-	keyW.Close()
+	migR, err := keyPipe(keys.Migration)
 	if err != nil {
-		return Instance{}, fmt.Errorf("vm %q: key pipe: %w", vm.Name, err)
+		return Instance{}, fmt.Errorf("vm %q: migration key pipe: %w", vm.Name, err)
 	}
+	defer migR.Close()
 
 	pidFile, err := os.CreateTemp(s.cfg.RunDir, ".pid-*")
 	if err != nil {
@@ -283,12 +297,14 @@ func (s *Supervisor) Start(ctx context.Context, vm VM, key []byte) (inst Instanc
 	defer pidFile.Close()
 	// nkp-swtpm runs as the vTPM user and writes its pid into this root-owned file by fd.
 	args, err := cmdline.Build(&cmdline.Options{
-		TPM2:      true,
-		Ctrl:      &cmdline.Channel{Type: cmdline.TypeUnixIO, ListenFD: 4},
-		State:     &cmdline.StateOptions{Dir: stateDir, Mode: 0o600},
-		Key:       &cmdline.KeyOptions{FD: 3, Format: cmdline.FormatBinary, Mode: "aes-256-gcm"},
-		Pid:       &cmdline.PidOptions{FD: 5},
-		Terminate: true,
+		TPM2:  true,
+		Ctrl:  &cmdline.Channel{Type: cmdline.TypeUnixIO, ListenFD: 4},
+		State: &cmdline.StateOptions{Dir: stateDir, Mode: 0o600},
+		Key:   &cmdline.KeyOptions{FD: 3, Format: cmdline.FormatBinary, Mode: "aes-256-gcm"},
+		// swtpm's blob envelope knows AES-CBC (+HMAC) only; both ends derive this key.
+		MigrationKey: &cmdline.KeyOptions{FD: 6, Format: cmdline.FormatBinary, Mode: "aes-256-cbc"},
+		Pid:          &cmdline.PidOptions{FD: 5},
+		Terminate:    true,
 	})
 	if err != nil {
 		return Instance{}, fmt.Errorf("vm %q: nkp-swtpm command line: %w", vm.Name, err)
@@ -297,7 +313,7 @@ func (s *Supervisor) Start(ctx context.Context, vm VM, key []byte) (inst Instanc
 	cmd.Dir = "/"
 	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
 	cmd.Stdout, cmd.Stderr = logFile, logFile
-	cmd.ExtraFiles = []*os.File{keyR, sock, pidFile} // fds 3, 4, 5
+	cmd.ExtraFiles = []*os.File{keyR, sock, pidFile, migR} // fds 3, 4, 5, 6
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Setsid:     true,
 		Credential: &syscall.Credential{Uid: uint32(s.cfg.User.UID), Gid: uint32(s.cfg.User.GID), Groups: []uint32{}},
@@ -676,4 +692,22 @@ func readRecord(path string) (Instance, error) {
 		return Instance{}, errors.New("record without pid or state directory")
 	}
 	return inst, nil
+}
+
+// keyPipe returns the read end of a pipe that holds key and is closed for writing: a key is
+// 32 bytes, far below a pipe's buffer, so the write never blocks.
+func keyPipe(key []byte) (*os.File, error) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	_, err = w.Write(key)
+	if cerr := w.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		r.Close()
+		return nil, err
+	}
+	return r, nil
 }

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -25,6 +26,7 @@ import (
 
 	"github.com/nkp-dev/nkp/provider/kdk"
 	"github.com/nkp-dev/nkp/swtpm/ctrl"
+	"github.com/nkp-dev/nkp/swtpm/envelope"
 )
 
 var (
@@ -104,6 +106,9 @@ func (w testWriter) Write(p []byte) (int, error) {
 
 func key(b byte) []byte { return bytes.Repeat([]byte{b}, 32) }
 
+// keys is a vTPM's state key filled with b and a migration key derived from it.
+func keys(state []byte) Keys { return Keys{State: state, Migration: bytes.Repeat([]byte{0x5c}, 32)} }
+
 // session is a QEMU-like client of a vTPM control socket: SET_DATAFD, INIT, TPM commands.
 type session struct {
 	ctrl *net.UnixConn
@@ -164,6 +169,36 @@ func (s *session) tpm(t *testing.T, cmdHex string) []byte {
 	return buf[:n]
 }
 
+// stateBlobHeader asks for one state blob as QEMU does before a migration or a save
+// (decrypted flag set) and returns its swtpm envelope header.
+func (s *session) stateBlobHeader(t *testing.T, typ ctrl.BlobType) envelope.Header {
+	t.Helper()
+	if _, err := s.ctrl.Write(ctrl.GetStateBlob{Flags: ctrl.StateFlagDecrypted, Type: typ}.Marshal()); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 64<<10)
+	n, err := io.ReadAtLeast(s.ctrl, buf, 16)
+	if err != nil {
+		t.Fatalf("GET_STATEBLOB: %v", err)
+	}
+	if r := binary.BigEndian.Uint32(buf); r != 0 {
+		t.Fatalf("GET_STATEBLOB: result %#x", r)
+	}
+	length := int(binary.BigEndian.Uint32(buf[12:]))
+	for n < 16+length {
+		m, err := s.ctrl.Read(buf[n:])
+		if err != nil {
+			t.Fatalf("GET_STATEBLOB data: %v", err)
+		}
+		n += m
+	}
+	h, _, err := envelope.ParseHeader(buf[16 : 16+length])
+	if err != nil {
+		t.Fatalf("GET_STATEBLOB blob: %v", err)
+	}
+	return h
+}
+
 func rc(rsp []byte) uint32 {
 	if len(rsp) < 10 {
 		return 0xffffffff
@@ -193,11 +228,11 @@ func TestStartServeStop(t *testing.T) {
 	ctx := context.Background()
 	vm := VM{UUID: kdk.NewKeyID(), Name: "vtpm-test-a", KeyID: kdk.NewKeyID(), KDKVersion: 1}
 	k := key(0xa5)
-	inst, err := s.Start(ctx, vm, k)
+	inst, err := s.Start(ctx, vm, keys(k))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Start(ctx, vm, k); !errors.Is(err, ErrRunning) {
+	if _, err := s.Start(ctx, vm, keys(k)); !errors.Is(err, ErrRunning) {
 		t.Errorf("second Start: %v, want ErrRunning", err)
 	}
 
@@ -249,6 +284,11 @@ func TestStartServeStop(t *testing.T) {
 	if err != nil || !bytes.HasPrefix(perm, []byte("NKPSTATE")) {
 		t.Fatalf("state file: %v, header %q; want nkp's encrypted format", err, perm[:min(8, len(perm))])
 	}
+	// What QEMU takes out for a migration or `virsh save` (GET_STATEBLOB with the state
+	// key's layer removed, as QEMU asks) is under the migration key, never plaintext.
+	if h := sess.stateBlobHeader(t, ctrl.BlobPermanent); h.Flags&envelope.FlagMigrationEncrypted == 0 {
+		t.Errorf("GET_STATEBLOB gives a blob with flags %#x: not encrypted under the migration key", h.Flags)
+	}
 
 	if err := s.Stop(ctx, vm.UUID); err != nil {
 		t.Fatal(err)
@@ -271,7 +311,7 @@ func TestStartServeStop(t *testing.T) {
 		key  []byte
 		good bool
 	}{{key(0xa5), true}, {key(0x5a), false}} {
-		inst, err := s.Start(ctx, vm, tc.key)
+		inst, err := s.Start(ctx, vm, keys(tc.key))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -294,7 +334,7 @@ func TestExitReported(t *testing.T) {
 	state, run := dirs(t)
 	s := newSupervisor(t, state, run)
 	vm := VM{UUID: kdk.NewKeyID(), Name: "vtpm-test-exit", KeyID: kdk.NewKeyID()}
-	inst, err := s.Start(context.Background(), vm, key(1))
+	inst, err := s.Start(context.Background(), vm, keys(key(1)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -321,26 +361,26 @@ func TestStartFails(t *testing.T) {
 	state, run := dirs(t)
 	s := newSupervisor(t, state, run)
 	ctx := context.Background()
-	if _, err := s.Start(ctx, VM{UUID: "NOT-A-UUID", Name: "x"}, key(1)); err == nil {
+	if _, err := s.Start(ctx, VM{UUID: "NOT-A-UUID", Name: "x"}, keys(key(1))); err == nil {
 		t.Error("Start accepted a bad UUID")
 	}
-	if _, err := s.Start(ctx, VM{UUID: kdk.NewKeyID(), Name: "x"}, key(1)[:16]); err == nil {
+	if _, err := s.Start(ctx, VM{UUID: kdk.NewKeyID(), Name: "x"}, keys(key(1)[:16])); err == nil {
 		t.Error("Start accepted a 16-byte key")
 	}
 	// A state directory nkp-swtpm cannot use: a file in its place.
 	vm := VM{UUID: kdk.NewKeyID(), Name: "vtpm-test-bad", KeyID: kdk.NewKeyID()}
 	os.MkdirAll(filepath.Join(state, vm.UUID), 0o711)
 	os.WriteFile(filepath.Join(state, vm.UUID, vm.KeyID), []byte("x"), 0o600)
-	if _, err := s.Start(ctx, vm, key(1)); err == nil || !strings.Contains(err.Error(), "not a directory") {
+	if _, err := s.Start(ctx, vm, keys(key(1))); err == nil || !strings.Contains(err.Error(), "not a directory") {
 		t.Errorf("Start over a file: %v", err)
 	}
 	// A binary that exits at once: the error carries its log.
 	s.cfg.Binary = "/bin/false"
-	if _, err := s.Start(ctx, VM{UUID: kdk.NewKeyID(), Name: "x"}, key(1)); err == nil {
+	if _, err := s.Start(ctx, VM{UUID: kdk.NewKeyID(), Name: "x"}, keys(key(1))); err == nil {
 		t.Error("Start accepted a VM without a key ID")
 	}
 	vm2 := VM{UUID: kdk.NewKeyID(), Name: "vtpm-test-false", KeyID: kdk.NewKeyID()}
-	if _, err := s.Start(ctx, vm2, key(1)); !errors.Is(err, ErrStart) || !strings.Contains(err.Error(), "exited") {
+	if _, err := s.Start(ctx, vm2, keys(key(1))); !errors.Is(err, ErrStart) || !strings.Contains(err.Error(), "exited") {
 		t.Errorf("Start of /bin/false: %v", err)
 	}
 	if _, ok := s.Get(vm2.UUID); ok {
@@ -433,7 +473,7 @@ func TestHelperHostd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Start(context.Background(), VM{UUID: os.Getenv("H_VM"), Name: "vtpm-test-kill9", KeyID: os.Getenv("H_KEYID"), KDKVersion: 2}, key(7)); err != nil {
+	if _, err := s.Start(context.Background(), VM{UUID: os.Getenv("H_VM"), Name: "vtpm-test-kill9", KeyID: os.Getenv("H_KEYID"), KDKVersion: 2}, keys(key(7))); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(time.Minute) // killed by the parent test long before

@@ -3,7 +3,10 @@
 //
 //	key = HKDF-SHA256(ikm = KDK, salt = none, info = "nkp/v1/" purpose "/" vm-uuid "/" key-id), 32 bytes
 //
-// Purposes are "vtpm" (the vTPM state key given to nkp-swtpm by fd) and "disk" (the LUKS
+// Purposes are "vtpm" (the vTPM state key given to nkp-swtpm by fd), "vtpm-migration"
+// (the key of the vTPM state blobs that QEMU carries in its migration stream and in
+// `virsh save` images: every host of the cluster derives the same one, so a VM migrates
+// and restores between nkp hosts, and the blobs are never plaintext) and "disk" (the LUKS
 // passphrase of one disk). A key ID is a random UUID per protected object (NewKeyID); the
 // domain XML and the provider's catalog carry it, so every host holding the KDK derives
 // the same key for a VM (migration, restore on another host).
@@ -27,8 +30,9 @@ const Size = 32
 
 // Purposes of derived keys.
 const (
-	PurposeVTPM = "vtpm" // vTPM state key (nkp-swtpm --key fd=N,format=binary)
-	PurposeDisk = "disk" // LUKS passphrase of one disk
+	PurposeVTPM          = "vtpm"           // vTPM state key (nkp-swtpm --key fd=N,format=binary)
+	PurposeVTPMMigration = "vtpm-migration" // vTPM state blobs in transit (nkp-swtpm --migration-key)
+	PurposeDisk          = "disk"           // LUKS passphrase of one disk
 )
 
 // ErrInvalid is wrapped by every error about a bad argument (wrong KDK length, unknown
@@ -50,8 +54,8 @@ func Derive(kdk []byte, purpose, vmUUID, keyID string) ([]byte, error) {
 	if len(kdk) != Size {
 		return nil, fmt.Errorf("%w: KDK is %d bytes, want %d", ErrInvalid, len(kdk), Size)
 	}
-	if purpose != PurposeVTPM && purpose != PurposeDisk {
-		return nil, fmt.Errorf("%w: purpose %q: want %q or %q", ErrInvalid, purpose, PurposeVTPM, PurposeDisk)
+	if purpose != PurposeVTPM && purpose != PurposeVTPMMigration && purpose != PurposeDisk {
+		return nil, fmt.Errorf("%w: purpose %q: want %q, %q or %q", ErrInvalid, purpose, PurposeVTPM, PurposeVTPMMigration, PurposeDisk)
 	}
 	if err := CheckUUID(vmUUID); err != nil {
 		return nil, fmt.Errorf("vm uuid: %w", err)
