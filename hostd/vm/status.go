@@ -21,11 +21,16 @@ func (m *Manager) Status(ctx context.Context, domain string) (vmapi.VM, error) {
 	v := vmapi.VM{Domain: d.Name, UUID: d.UUID, Protected: d.Metadata != nil}
 	if _, err := os.Stat(m.j.path(d.UUID)); err == nil {
 		e, _ := m.j.read(d.UUID)
-		op := "an operation"
+		op := "operation"
 		if e != nil {
 			op = e.Op
 		}
-		v.Problems = append(v.Problems, fmt.Sprintf("an interrupted %s is not finished: it is finished at hostd's next start or by the next nkpctl vm command on %s", op, d.Name))
+		if m.mu.TryLock() {
+			m.mu.Unlock()
+			v.Problems = append(v.Problems, fmt.Sprintf("an interrupted %s is not finished: it is finished at hostd's next start or by the next nkpctl vm command on %s", op, d.Name))
+		} else {
+			v.Note = fmt.Sprintf("a %s may be in progress", op)
+		}
 	}
 	active, err := m.cfg.Libvirt.IsActive(ctx, d.UUID)
 	if err != nil {

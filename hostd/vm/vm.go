@@ -447,12 +447,14 @@ func (m *Manager) Protect(ctx context.Context, domain string) (vmapi.VM, error) 
 	m.step(opProtect, "defined")
 	src.close(true)
 	src = &source{}
-	if err := m.recoverOneLocked(ctx, d.UUID); err != nil {
-		m.log.Warn("vm: protect: cleaning up (retried at hostd's start)", "vm", d.Name, "err", err)
+	finish := m.recoverOneLocked(ctx, d.UUID)
+	if finish != nil {
+		m.log.Warn("vm: protect: cleaning up (retried at hostd's start)", "vm", d.Name, "err", finish)
 	}
 	m.log.Info("vm protected", "vm", d.Name, "uuid", d.UUID, "key_id", obj.KeyID, "kdk_version", obj.KDKVersion, "how", note)
 	v, err := m.Status(ctx, d.UUID)
 	v.Note = note
+	v.Problems = appendFinish(v.Problems, finish)
 	return v, err
 }
 
@@ -584,11 +586,13 @@ func (m *Manager) Rekey(ctx context.Context, domain string) (vmapi.VM, error) {
 	m.step(opRekey, "defined")
 	src.close(true)
 	src = &source{}
-	if err := m.recoverOneLocked(ctx, d.UUID); err != nil {
-		m.log.Warn("vm: rekey: updating the catalog and removing the old state (retried at hostd's start)", "vm", d.Name, "err", err)
+	finish := m.recoverOneLocked(ctx, d.UUID)
+	if finish != nil {
+		m.log.Warn("vm: rekey: updating the catalog and removing the old state (retried at hostd's start)", "vm", d.Name, "err", finish)
 	}
 	m.log.Info("vm rekeyed", "vm", d.Name, "uuid", d.UUID, "old_key_id", old.KeyID, "key_id", obj.KeyID, "kdk_version", obj.KDKVersion)
 	v, err := m.Status(ctx, d.UUID)
+	v.Problems = appendFinish(v.Problems, finish)
 	v.Note = fmt.Sprintf("vTPM moved from key %s (KDK version %d) to key %s (KDK version %d)", old.KeyID, old.KDKVersion, obj.KeyID, obj.KDKVersion)
 	return v, err
 }
@@ -703,11 +707,13 @@ func (m *Manager) Unprotect(ctx context.Context, domain, tpm string) (vmapi.VM, 
 	m.step(opUnprotect, "defined")
 	src.close(true)
 	src = &source{}
-	if err := m.recoverOneLocked(ctx, d.UUID); err != nil {
-		m.log.Warn("vm: unprotect: removing the catalog entry and nkp's state (retried at hostd's start)", "vm", d.Name, "err", err)
+	finish := m.recoverOneLocked(ctx, d.UUID)
+	if finish != nil {
+		m.log.Warn("vm: unprotect: removing the catalog entry and nkp's state (retried at hostd's start)", "vm", d.Name, "err", finish)
 	}
 	m.log.Info("vm unprotected", "vm", d.Name, "uuid", d.UUID, "key_id", old.KeyID, "tpm", tpm)
 	v, err := m.Status(ctx, d.UUID)
+	v.Problems = appendFinish(v.Problems, finish)
 	switch {
 	case e.Emulator != "":
 		v.Note = "the vTPM is libvirt's swtpm again, its state (unencrypted, as libvirt keeps it) in " + e.Emulator
@@ -727,4 +733,12 @@ func (m *Manager) ownProvider(d *domxml.Domain) error {
 		return fmt.Errorf("vm %q: its keys come from provider %s, this host is joined to provider %s: run the command on a host of that provider", d.Name, d.Metadata.ProviderID, p)
 	}
 	return nil
+}
+
+// appendFinish adds the sentence for a committed operation whose remaining steps failed.
+func appendFinish(problems []string, finish error) []string {
+	if finish == nil {
+		return problems
+	}
+	return append(problems, fmt.Sprintf("the change is made, but finishing it failed (%v); hostd retries at its next start and before the next nkpctl vm command on this VM", finish))
 }

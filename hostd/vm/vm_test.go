@@ -475,3 +475,35 @@ func TestUnprotectNeverStarted(t *testing.T) {
 		t.Fatalf("an empty libvirt state directory was made: %v", err)
 	}
 }
+
+// TestRekeyCatalogDown: the provider is down during a rekey. The rekey takes effect (the
+// catalog is updated after the commit), its answer says what is left, and Recover
+// finishes it once the provider answers.
+func TestRekeyCatalogDown(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t)
+	e.define(t, "cd1", uuid1, "")
+	if _, err := e.m.Protect(ctx, "cd1"); err != nil {
+		t.Fatal(err)
+	}
+	e.keys.primary, e.keys.known = 2, 2
+	e.cat.down = true
+	v, err := e.m.Rekey(ctx, "cd1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.Objects[0].KDKVersion != 2 || len(v.Problems) != 1 || !strings.Contains(v.Problems[0], "finishing it failed") {
+		t.Fatalf("rekey with the provider down: %+v", v)
+	}
+	if c, _ := e.cat.get(uuid1, domxml.ObjectVTPM); c.KDKVersion != 1 {
+		t.Fatalf("catalog %+v, want still version 1 (provider down)", c)
+	}
+	if s, _ := e.m.Status(ctx, "cd1"); len(s.Problems) != 1 || !strings.Contains(s.Problems[0], "interrupted rekey") {
+		t.Fatalf("status: %+v", s)
+	}
+	e.cat.down = false
+	if err := e.m.Recover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e.checkProtected(t, uuid1, 2, map[string][]byte{})
+}
