@@ -199,6 +199,7 @@ type host struct {
 	logs       *logBuf
 	d          *hostd.Daemon
 	renew      time.Duration
+	libvirt    string // "" = none ("-")
 }
 
 func newHost(t *testing.T, p *provider, tpm *hostTPM) *host {
@@ -221,7 +222,11 @@ func newHost(t *testing.T, p *provider, tpm *hostTPM) *host {
 
 func (h *host) start() *hostd.Daemon {
 	h.t.Helper()
-	cfg := hostd.Config{StateDir: h.state, RunDir: h.run, SwtpmBinary: h.swtpm, LibvirtURI: "-", SyncInterval: time.Hour, RenewBefore: h.renew,
+	uri := h.libvirt
+	if uri == "" {
+		uri = "-"
+	}
+	cfg := hostd.Config{StateDir: h.state, RunDir: h.run, SwtpmBinary: h.swtpm, LibvirtURI: uri, SyncInterval: time.Hour, RenewBefore: h.renew,
 		Log: slog.New(slog.NewTextHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))}
 	if h.tpm != nil {
 		cfg.OpenTPM = h.tpm.open
