@@ -217,8 +217,13 @@ func (s *Server) execCtrl(req ctrl.Request, fds []int) (resp ctrl.Response, afte
 		return res(resultOf(s.cfg.Engine.Cancel())), nil
 	}
 
-	s.tpmMu.Lock()
-	defer s.tpmMu.Unlock()
+	// GET_CAPABILITY needs no TPM: answered even while the TPM starts at launch.
+	if _, ok := req.(ctrl.GetCapability); ok {
+		return ctrl.CapabilityResponse{Caps: ctrl.CapsTPM2Socket}, nil
+	}
+
+	s.lockTPM()
+	defer s.unlockTPM()
 	s.log.Debug("control request", "cmd", req.Code())
 	if needsRunning[req.Code()] && !s.running {
 		return notRunning, nil
@@ -228,9 +233,6 @@ func (s *Server) execCtrl(req ctrl.Request, fds []int) (resp ctrl.Response, afte
 	}
 
 	switch r := req.(type) {
-	case ctrl.GetCapability:
-		return ctrl.CapabilityResponse{Caps: ctrl.CapsTPM2Socket}, nil
-
 	case ctrl.Init:
 		s.stopTPMLocked("INIT")
 		if err := s.startTPMLocked(r.Flags); err != nil {
@@ -343,11 +345,10 @@ func (s *Server) localityOK(loc uint8) bool {
 	return loc <= 4 && !(loc == 4 && s.cfg.RejectLocality4)
 }
 
+// setLocalityLocked sets the locality of the following commands. The engine keeps it
+// (across INIT, as swtpm does); the data loop of an engine with one changes it too.
 func (s *Server) setLocalityLocked(loc uint8) {
-	if s.locality != loc {
-		s.locality = loc
-		s.cfg.Engine.SetLocality(loc)
-	}
+	s.cfg.Engine.SetLocality(loc)
 }
 
 // getStateBlobLocked answers GET_STATEBLOB on a running TPM: the current state in
@@ -429,6 +430,23 @@ func (s *Server) setDataFDLocked(fds []int) (ctrl.Response, func()) {
 	}
 	fd := fds[0]
 	fds[0] = -1 // taken: the caller closes the others
+	if s.cs != nil {
+		// Served by the engine's data loop, on the fd as it came.
+		if typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE); err != nil || typ != unix.SOCK_STREAM {
+			unix.Close(fd)
+			s.log.Error("SET_DATAFD: the fd is not a stream socket", "err", err)
+			return res(ctrl.ResBadParameter), nil
+		}
+		fc := newFDConn(fd)
+		if !s.track(fc) {
+			fc.release()
+			return res(ctrl.ResIOError), nil
+		}
+		s.dataFD = fc
+		return res(ctrl.ResSuccess), func() {
+			s.goServe(func() { s.serveDataFD(fc, "SET_DATAFD", false, false) })
+		}
+	}
 	f := os.NewFile(uintptr(fd), "datafd")
 	conn, err := net.FileConn(f)
 	f.Close() // FileConn dup'ed it

@@ -37,20 +37,24 @@ type Server struct {
 	log        *slog.Logger
 	maxCommand int // largest command the data channel frames (libtpms' max buffer); set by New
 
-	// tpmMu serialises the TPM and guards the fields below it; control and data
-	// goroutines take it around each command, never while reading or writing a socket.
+	// cs is the engine's own data loop, if it has one (libtpms does): data
+	// connections are then served by it, outside the Go scheduler (serveDataFD).
+	cs connServer
+
+	// tpmMu guards the fields below it. Around each use of the TPM the server takes
+	// it and the engine's lock (lockTPM), never while reading or writing a socket; the
+	// engine's data loop takes the engine's lock alone, around each command.
 	tpmMu        sync.Mutex
 	running      bool        // between a successful start (INIT) and STOP/SHUTDOWN/failure
-	locality     uint8       // sticky across INIT, as in swtpm
-	lastCmd      uint32      // TPM_CC of the last command the TPM executed since start
-	dataFD       net.Conn    // the data connection that came by SET_DATAFD, if any
+	lastCmd      uint32      // TPM_CC of the last command sent through processLocked since start
+	dataFD       io.Closer   // the data connection that came by SET_DATAFD, if any
 	dataConnOpen bool        // Config.DataConn is still being served
 	ctrlGone     atomic.Bool // Config.CtrlConn (a one-shot control connection) closed
 	lockReleased bool        // the store's lock went to a migration destination
 
 	// connMu guards the set of open connections, closed when Serve stops.
 	connMu sync.Mutex
-	conns  map[net.Conn]struct{}
+	conns  map[io.Closer]struct{}
 	closed bool
 
 	ctx      context.Context // Serve's context, for store calls that wait
@@ -58,6 +62,10 @@ type Server struct {
 	stop     chan struct{} // closed to end Serve
 	stopWhy  string
 	wg       sync.WaitGroup
+
+	ready chan struct{} // closed once serving (and the TPM started, if at launch)
+	done  chan struct{} // closed when Serve has returned
+	err   error         // what Serve returned; set before done is closed
 }
 
 // New checks cfg and returns a server ready to Serve. It does not touch the TPM yet.
@@ -78,8 +86,10 @@ func New(cfg Config) (*Server, error) {
 	s := &Server{
 		cfg:   cfg,
 		log:   log,
-		conns: make(map[net.Conn]struct{}),
+		conns: make(map[io.Closer]struct{}),
 		stop:  make(chan struct{}),
+		ready: make(chan struct{}),
+		done:  make(chan struct{}),
 		ctx:   context.Background(),
 	}
 	_, _, maxSize, err := cfg.Engine.SetBufferSize(0)
@@ -87,6 +97,7 @@ func New(cfg Config) (*Server, error) {
 		maxSize = 4096
 	}
 	s.maxCommand = int(maxSize)
+	s.cs, _ = cfg.Engine.(connServer)
 	return s, nil
 }
 
@@ -95,15 +106,23 @@ func New(cfg Config) (*Server, error) {
 // Config.CtrlTerminate). Before it returns it sends TPM2_Shutdown if needed, stops the
 // TPM and closes the listeners and connections of Config. A nil error means an orderly
 // end; an error means the TPM could not be started (Config.NotNeedInit, Startup).
-func (s *Server) Serve(ctx context.Context) error {
+// Serve may be called once; Ready, Done and Err tell its progress to other goroutines.
+//
+// When the TPM starts at launch, Serve starts it while the channels are already
+// served: a request that needs the TPM waits until it started (or failed), one that
+// does not (GET_CAPABILITY) is answered at once, so a client is not held up by the
+// state's decryption and TPM2_Startup.
+func (s *Server) Serve(ctx context.Context) (err error) {
+	defer func() {
+		s.err = err
+		close(s.done)
+	}()
 	s.ctx = ctx
-	if s.cfg.NotNeedInit || s.cfg.Startup != StartupNone {
-		if err := s.startAtLaunch(); err != nil {
-			s.closeAll()
-			return err
-		}
+	launch := s.cfg.NotNeedInit || s.cfg.Startup != StartupNone
+	if launch {
+		// Taken before any client is served, so that the start comes first.
+		s.lockTPM()
 	}
-
 	s.dataConnOpen = s.cfg.DataConn != nil
 	s.goServe(func() { s.serveCtrl() })
 	switch {
@@ -111,6 +130,16 @@ func (s *Server) Serve(ctx context.Context) error {
 		s.goServe(func() { s.acceptData(s.cfg.DataListener) })
 	case s.cfg.DataConn != nil:
 		s.goServe(func() { s.serveDataConn(s.cfg.DataConn, "data fd") })
+	}
+	var startErr error
+	if launch {
+		startErr = s.startAtLaunchLocked()
+		s.unlockTPM()
+	}
+	if startErr != nil {
+		s.requestStop("the TPM did not start")
+	} else {
+		close(s.ready)
 	}
 
 	select {
@@ -121,11 +150,49 @@ func (s *Server) Serve(ctx context.Context) error {
 	s.closeAll()
 	s.wg.Wait()
 
-	s.tpmMu.Lock()
+	s.lockTPM()
 	s.stopTPMLocked("exit")
-	s.tpmMu.Unlock()
+	s.unlockTPM()
+	if startErr != nil {
+		return startErr
+	}
 	s.log.Info("vTPM server stopped", "reason", s.stopWhy)
 	return nil
+}
+
+// Ready returns a channel that is closed once Serve serves: its channels take clients
+// and, when the TPM starts at launch (Config.NotNeedInit, Startup), the TPM started
+// and TPM2_Startup succeeded. It is never closed when that start failed; Done is.
+func (s *Server) Ready() <-chan struct{} { return s.ready }
+
+// Done returns a channel that is closed when Serve has returned: the TPM is stopped
+// (its state saved) and every listener and connection of Config is closed.
+func (s *Server) Done() <-chan struct{} { return s.done }
+
+// Err returns what Serve returned once Done is closed (nil for an orderly end), and
+// nil before.
+func (s *Server) Err() error {
+	select {
+	case <-s.done:
+		return s.err
+	default:
+		return nil
+	}
+}
+
+// lockTPM takes tpmMu and the engine's lock: what every use of the TPM runs under.
+func (s *Server) lockTPM() {
+	s.tpmMu.Lock()
+	if s.cs != nil {
+		s.cs.Lock()
+	}
+}
+
+func (s *Server) unlockTPM() {
+	if s.cs != nil {
+		s.cs.Unlock()
+	}
+	s.tpmMu.Unlock()
 }
 
 func (s *Server) goServe(f func()) {
@@ -155,7 +222,7 @@ func (s *Server) stopping() bool {
 
 // track registers c so that closeAll closes it; it returns false (and closes c) when
 // the server is already closing.
-func (s *Server) track(c net.Conn) bool {
+func (s *Server) track(c io.Closer) bool {
 	s.connMu.Lock()
 	defer s.connMu.Unlock()
 	if s.closed {
@@ -166,7 +233,7 @@ func (s *Server) track(c net.Conn) bool {
 	return true
 }
 
-func (s *Server) untrack(c net.Conn) {
+func (s *Server) untrack(c io.Closer) {
 	s.connMu.Lock()
 	delete(s.conns, c)
 	s.connMu.Unlock()
@@ -178,7 +245,7 @@ func (s *Server) closeAll() {
 	s.connMu.Lock()
 	s.closed = true
 	conns := s.conns
-	s.conns = map[net.Conn]struct{}{}
+	s.conns = map[io.Closer]struct{}{}
 	s.connMu.Unlock()
 	for c := range conns {
 		c.Close()

@@ -40,10 +40,8 @@ func resultOf(err error) ctrl.Result {
 	return ctrl.ResFail
 }
 
-// startAtLaunch starts the TPM without CMD_INIT (--flags not-need-init, startup-*).
-func (s *Server) startAtLaunch() error {
-	s.tpmMu.Lock()
-	defer s.tpmMu.Unlock()
+// startAtLaunchLocked starts the TPM without CMD_INIT (--flags not-need-init, startup-*).
+func (s *Server) startAtLaunchLocked() error {
 	if err := s.startTPMLocked(0); err != nil {
 		return fmt.Errorf("vTPM: start the TPM at launch (--flags not-need-init): %w", err)
 	}
@@ -71,7 +69,6 @@ func (s *Server) startTPMLocked(flags uint32) error {
 	if err := s.cfg.Engine.MainInit(); err != nil {
 		return fmt.Errorf("start the TPM: %w", err)
 	}
-	s.cfg.Engine.SetLocality(s.locality)
 	if flags&ctrl.InitDeleteVolatile != 0 {
 		if err := s.cfg.Store.Delete(libtpms.Volatile.Name()); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			s.cfg.Engine.Terminate()
@@ -97,7 +94,7 @@ func (s *Server) stopTPMLocked(why string) {
 // last command was not a TPM2_Shutdown (swtpm ≥ 0.8, PR #701: keeps the dictionary
 // attack counter from growing at every reset or exit).
 func (s *Server) autoShutdownLocked(why string) {
-	if s.cfg.DisableAutoShutdown || s.lastCmd == data.CCShutdown {
+	if s.cfg.DisableAutoShutdown || s.lastCommandLocked() == data.CCShutdown {
 		return
 	}
 	if s.lockReleased {
@@ -117,6 +114,15 @@ func (s *Server) autoShutdownLocked(why string) {
 			return // no TPM2_Startup yet: nothing to shut down
 		}
 	}
+}
+
+// lastCommandLocked returns the command code of the last TPM command since the TPM
+// started, wherever it came from.
+func (s *Server) lastCommandLocked() uint32 {
+	if s.cs != nil {
+		return s.cs.LastCommand()
+	}
+	return s.lastCmd
 }
 
 // processLocked runs one TPM command and returns its response; engine failures become

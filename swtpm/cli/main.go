@@ -143,24 +143,30 @@ func run(ctx context.Context, o *cmdline.Options, stderr io.Writer, ready *ready
 	}
 	removePid := func() {}
 	defer func() { removePid() }()
-	// serve calls this once the sockets listen, the state directory is locked and the
-	// TPM started if it starts at launch, and before it reads a byte from a client.
-	err = serve(ctx, o, log, func() error {
-		rm, err := pidFile(o.Pid, os.Getpid())
-		if err != nil {
-			return err
-		}
-		removePid = rm
-		if err := filter.Install(); err != nil {
-			return fmt.Errorf("--seccomp action=%v: %w", action, err)
-		}
-		if action == seccomp.None {
-			log.Info("no seccomp filter (--seccomp action=none)")
-		} else {
-			log.Info("seccomp filter installed", "action", action)
-		}
-		ready.Ready()
-		return nil
+	err = serve(ctx, o, log, serveHooks{
+		// Once the sockets listen and the state directory is locked, before a byte
+		// from a client is read (and before the TPM starts at launch).
+		beforeServe: func() error {
+			if err := filter.Install(); err != nil {
+				return fmt.Errorf("--seccomp action=%v: %w", action, err)
+			}
+			if action == seccomp.None {
+				log.Info("no seccomp filter (--seccomp action=none)")
+			} else {
+				log.Info("seccomp filter installed", "action", action)
+			}
+			return nil
+		},
+		// Once the server is ready: the TPM started if it starts at launch.
+		ready: func() error {
+			rm, err := pidFile(o.Pid, os.Getpid())
+			if err != nil {
+				return err
+			}
+			removePid = rm
+			ready.Ready()
+			return nil
+		},
 	})
 	if err != nil && o.Log != nil {
 		// Main prints it on stderr too; the log file is where libvirt and

@@ -2,13 +2,11 @@ package cli
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
-	"sync"
 
 	"github.com/nkp-dev/nkp/swtpm"
 	"github.com/nkp-dev/nkp/swtpm/cmdline"
@@ -49,10 +47,20 @@ func readKey(option string, k *cmdline.KeyOptions, log *slog.Logger) (*state.Key
 	return key, nil
 }
 
-// serve reads the keys, opens the state directory, the TPM and the sockets, calls ready
-// once clients can connect, and serves until ctx ends or the server stops. Everything
-// it opened is closed and the keys are wiped before it returns.
-func serve(ctx context.Context, o *cmdline.Options, log *slog.Logger, ready func() error) (err error) {
+// serveHooks are what serve calls at the two points of a start.
+type serveHooks struct {
+	// beforeServe runs once the sockets listen and the state directory is locked,
+	// before a byte from a client is read (the seccomp filter goes in there).
+	beforeServe func() error
+	// ready runs once the server is ready (swtpm.Server.Ready): clients can connect
+	// and a TPM that starts at launch started. An error stops the server.
+	ready func() error
+}
+
+// serve reads the keys, opens the state directory, the TPM and the sockets, calls the
+// hooks, and serves until ctx ends or the server stops. Everything it opened is closed
+// and the keys are wiped before it returns.
+func serve(ctx context.Context, o *cmdline.Options, log *slog.Logger, hooks serveHooks) (err error) {
 	if o.Ctrl == nil {
 		return errors.New("no control channel: give --ctrl type=unixio,path=<socket> (or clientfd=, fd=, type=tcp,port=); nkp-swtpm is always driven through one")
 	}
@@ -138,63 +146,38 @@ func serve(ctx context.Context, o *cmdline.Options, log *slog.Logger, ready func
 		defer data.Close()
 		cfg.DataListener, cfg.DataConn, cfg.Disconnect = data.Listener, data.Conn, o.Server.Disconnect
 	}
+	srv, err := swtpm.New(cfg)
+	if err != nil {
+		return err
+	}
+	// The server reads from clients as soon as Serve starts.
+	if err := hooks.beforeServe(); err != nil {
+		return err
+	}
 	// Ready means clients can connect and, when the TPM starts at launch (--flags
 	// not-need-init or startup-*), that it started: so that `-d` and a pid-file
 	// watcher do not report a daemon whose state could not be loaded (a wrong key).
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var readyErr error
-	signal := func() {
-		if readyErr = ready(); readyErr != nil {
-			cancel()
+	readyDone := make(chan struct{})
+	go func() {
+		defer close(readyDone)
+		select {
+		case <-srv.Ready():
+			if readyErr = hooks.ready(); readyErr != nil {
+				cancel()
+			}
+		case <-srv.Done():
 		}
-	}
-	if cfg.NotNeedInit || cfg.Startup != swtpm.StartupNone {
-		cfg.Engine = &launchEngine{Engine: tpm, waitStartup: cfg.Startup != swtpm.StartupNone, started: signal}
-	}
-	srv, err := swtpm.New(cfg)
-	if err != nil {
-		return err
-	}
-	if cfg.Engine == swtpm.Engine(tpm) {
-		signal()
-		if readyErr != nil {
-			return readyErr
-		}
-	}
+	}()
 	log.Info("nkp-swtpm serving", "version", Version, "state", o.State.Dir, "encrypted", stateKey != nil, "pid", os.Getpid())
-	if err := srv.Serve(ctx); err != nil {
+	err = srv.Serve(ctx)
+	<-readyDone
+	if err != nil {
 		return fmt.Errorf("vTPM: %w", err)
 	}
 	return readyErr
-}
-
-// launchEngine passes everything to the TPM engine and calls started once, when the
-// TPM started at launch: after MainInit, or after a successful TPM2_Startup when the
-// server sends one.
-type launchEngine struct {
-	swtpm.Engine
-	waitStartup bool
-	started     func()
-	once        sync.Once
-}
-
-// MainInit implements swtpm.Engine.
-func (e *launchEngine) MainInit() error {
-	err := e.Engine.MainInit()
-	if err == nil && !e.waitStartup {
-		e.once.Do(e.started)
-	}
-	return err
-}
-
-// Process implements swtpm.Engine.
-func (e *launchEngine) Process(cmd []byte) ([]byte, error) {
-	rsp, err := e.Engine.Process(cmd)
-	if err == nil && e.waitStartup && len(rsp) >= 10 && binary.BigEndian.Uint32(rsp[6:10]) == 0 {
-		e.once.Do(e.started)
-	}
-	return rsp, err
 }
 
 // printStates prints the state blobs of --tpmstate as swtpm --print-states does.

@@ -25,8 +25,8 @@ const (
 )
 
 // callbackTPM returns the TPM the callbacks serve. The caller of the libtpms
-// function that led here holds t.mu, so the callback may use t's guarded
-// fields without locking.
+// function that led here holds the engine's lock, so the callback may use t's
+// guarded fields without locking.
 func callbackTPM() *TPM { return current.Load() }
 
 // guard turns a panic in an NVRAM implementation into TPM_FAIL: a Go panic
@@ -122,15 +122,9 @@ func nkpIoInit() C.TPM_RESULT {
 	return cSuccess
 }
 
-//export nkpIoGetLocality
-func nkpIoGetLocality(loc *C.TPM_MODIFIER_INDICATOR) C.TPM_RESULT {
-	t := callbackTPM()
-	if t == nil {
-		*loc = 0
-		return cFail
-	}
-	*loc = C.TPM_MODIFIER_INDICATOR(t.locality)
-	return cSuccess
+//export nkpConnCommandFailed
+func nkpConnCommandFailed(h C.uintptr_t, cc, rc, n C.uint32_t) {
+	connCommandFailed(uintptr(h), uint32(cc), uint32(rc), uint32(n))
 }
 
 //export nkpIoGetPhysicalPresence

@@ -12,6 +12,7 @@ package libtpms
 // #include <libtpms/tpm_error.h>
 // #include <libtpms/tpm_memory.h>
 // #include <libtpms/tpm_tis.h>
+// #include "conn.h"
 //
 // // The Go callbacks of callbacks_cgo.go (//export).
 // extern TPM_RESULT nkpNvramInit(void);
@@ -19,31 +20,39 @@ package libtpms
 // extern TPM_RESULT nkpNvramStore(unsigned char *data, uint32_t length, char *name);
 // extern TPM_RESULT nkpNvramDelete(char *name, TPM_BOOL mustExist);
 // extern TPM_RESULT nkpIoInit(void);
-// extern TPM_RESULT nkpIoGetLocality(TPM_MODIFIER_INDICATOR *loc);
 // extern TPM_RESULT nkpIoGetPhysicalPresence(TPM_BOOL *pp);
 //
 // // Trampolines: libtpms' callback signatures carry const and a tpm_number
 // // (always 0); the exported Go functions take neither.
 // static TPM_RESULT nkp_nvram_init(void) { return nkpNvramInit(); }
+// // A failed callback is noted in nkp_cb_failed, which the data loop checks (a
+// // missing blob, TPM_RETRY, is no failure).
+// static TPM_RESULT nkp_noted(TPM_RESULT rc) {
+//     if (rc != 0 && rc != TPM_RETRY)
+//         nkp_cb_failed = 1;
+//     return rc;
+// }
 // static TPM_RESULT nkp_nvram_loaddata(unsigned char **data, uint32_t *length,
 //                                      uint32_t tpm_number, const char *name) {
 //     (void)tpm_number;
-//     return nkpNvramLoad(data, length, (char *)name);
+//     return nkp_noted(nkpNvramLoad(data, length, (char *)name));
 // }
 // static TPM_RESULT nkp_nvram_storedata(const unsigned char *data, uint32_t length,
 //                                       uint32_t tpm_number, const char *name) {
 //     (void)tpm_number;
-//     return nkpNvramStore((unsigned char *)data, length, (char *)name);
+//     return nkp_noted(nkpNvramStore((unsigned char *)data, length, (char *)name));
 // }
 // static TPM_RESULT nkp_nvram_deletename(uint32_t tpm_number, const char *name,
 //                                        TPM_BOOL mustExist) {
 //     (void)tpm_number;
-//     return nkpNvramDelete((char *)name, mustExist);
+//     return nkp_noted(nkpNvramDelete((char *)name, mustExist));
 // }
 // static TPM_RESULT nkp_io_init(void) { return nkpIoInit(); }
+// // The locality is C state, so that a command needs no call into Go for it.
 // static TPM_RESULT nkp_io_getlocality(TPM_MODIFIER_INDICATOR *loc, uint32_t tpm_number) {
 //     (void)tpm_number;
-//     return nkpIoGetLocality(loc);
+//     *loc = nkp_locality;
+//     return 0;
 // }
 // static TPM_RESULT nkp_io_getphysicalpresence(TPM_BOOL *pp, uint32_t tpm_number) {
 //     (void)tpm_number;
@@ -64,6 +73,15 @@ package libtpms
 //     return TPMLIB_RegisterCallbacks(&cbs);
 // }
 //
+// static void nkp_free_resp(void) {
+//     if (nkp_resp != NULL) {
+//         memset(nkp_resp, 0, nkp_resp_cap);
+//         TPM_Free(nkp_resp);
+//     }
+//     nkp_resp = NULL;
+//     nkp_resp_cap = 0;
+// }
+//
 // // Forget the blobs cached by TPMLIB_SetState: libtpms drops them whenever
 // // the chosen TPM version changes, and has no other call for it.
 // static void nkp_clear_cached_state(void) {
@@ -75,7 +93,7 @@ import "C"
 import (
 	"errors"
 	"fmt"
-	"sync"
+	"runtime"
 	"sync/atomic"
 	"unsafe"
 )
@@ -93,21 +111,41 @@ const maxCommand = 64 << 10
 
 // TPM is the process' libtpms TPM 2.0. Its methods are safe for concurrent
 // use; they are serialised, as libtpms is not reentrant.
+//
+// The lock that serialises them is a C mutex (conn.c), so that the data loop of
+// ServeConn can take it without entering Go. Whether the TPM runs, its locality,
+// the last command code and libtpms' response buffer are C state under that lock.
 type TPM struct {
 	nv NVRAM // set by Open, read by the callbacks
 
-	// mu serialises every call into libtpms and guards the fields below.
-	// The callbacks run on the goroutine that holds mu and read them freely.
-	mu       sync.Mutex
-	closed   bool
-	running  bool       // between a successful MainInit and Terminate
-	locality uint8      // what the getlocality callback reports
-	cbErr    error      // errors callbacks hit during the current libtpms call
-	cmd      *C.uchar   // C copy of the command, reused, wiped after each call
-	cmdCap   int        // size of cmd
-	resp     *C.uchar   // libtpms' response buffer, reused across calls
-	respCap  C.uint32_t // its size, as libtpms tracks it
+	// Guarded by the C lock (lock/unlock). The callbacks run on the thread that
+	// holds it and use them freely.
+	closed bool
+	cbErr  error    // errors callbacks hit during the current libtpms call
+	cmd    *C.uchar // C copy of the command, reused, wiped after each call
+	cmdCap int      // size of cmd
 }
+
+// lock takes the engine's lock. The C mutex is recursive and owned by an OS
+// thread, so the goroutine stays on its thread until unlock.
+func (t *TPM) lock() {
+	runtime.LockOSThread()
+	C.nkp_lock()
+}
+
+func (t *TPM) unlock() {
+	C.nkp_unlock()
+	runtime.UnlockOSThread()
+}
+
+// Lock takes the lock every call into libtpms is made under, for a caller that
+// must make several calls with no command of ServeConn's data loop in between
+// (the vTPM server around each control request). The TPM's methods may be
+// called while it is held, from the same goroutine; Unlock releases it.
+func (t *TPM) Lock() { t.lock() }
+
+// Unlock releases the lock taken by Lock.
+func (t *TPM) Unlock() { t.unlock() }
 
 // Open makes the process' TPM 2.0 with its NVRAM callbacks landing in nv. It
 // does not start the TPM: give saved state with SetState if there is any,
@@ -120,8 +158,9 @@ func Open(nv NVRAM) (*TPM, error) {
 	if !current.CompareAndSwap(nil, t) {
 		return nil, ErrInUse
 	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
+	t.lock()
+	defer t.unlock()
+	C.nkp_running, C.nkp_locality, C.nkp_last_cc = 0, 0, 0
 	C.nkp_clear_cached_state() // blobs a previous TPM in this process left behind
 	if rc := C.TPMLIB_ChooseTPMVersion(C.TPMLIB_TPM_VERSION_2); rc != 0 {
 		current.Store(nil)
@@ -143,14 +182,14 @@ func Open(nv NVRAM) (*TPM, error) {
 // the state should be orderly), drops blobs given to SetState and releases
 // the process' TPM for another Open. Closing twice is a no-op.
 func (t *TPM) Close() error {
-	t.mu.Lock()
-	defer t.mu.Unlock()
+	t.lock()
+	defer t.unlock()
 	if t.closed {
 		return nil
 	}
-	if t.running {
+	if C.nkp_running != 0 {
 		C.TPMLIB_Terminate()
-		t.running = false
+		C.nkp_running = 0
 	}
 	C.nkp_clear_cached_state()
 	if t.cmd != nil {
@@ -158,18 +197,14 @@ func (t *TPM) Close() error {
 		C.free(unsafe.Pointer(t.cmd))
 		t.cmd, t.cmdCap = nil, 0
 	}
-	if t.resp != nil {
-		C.memset(unsafe.Pointer(t.resp), 0, C.size_t(t.respCap))
-		C.TPM_Free(t.resp)
-		t.resp, t.respCap = nil, 0
-	}
+	C.nkp_free_resp()
 	t.closed = true
 	current.CompareAndSwap(t, nil)
 	return nil
 }
 
 // noteCallbackErr records an error a callback met; the libtpms call that led
-// to the callback reports it. Called with t.mu held by the caller.
+// to the callback reports it. Called with the lock held by the caller.
 func (t *TPM) noteCallbackErr(err error) {
 	t.cbErr = errors.Join(t.cbErr, err)
 }
@@ -187,9 +222,9 @@ func (t *TPM) checkLocked(op string, want int) error {
 	switch {
 	case t.closed:
 		return fmt.Errorf("libtpms: %s: %w", op, ErrClosed)
-	case want > 0 && !t.running:
+	case want > 0 && C.nkp_running == 0:
 		return fmt.Errorf("libtpms: %s: %w", op, ErrNotRunning)
-	case want < 0 && t.running:
+	case want < 0 && C.nkp_running != 0:
 		return fmt.Errorf("libtpms: %s: %w", op, ErrRunning)
 	}
 	t.cbErr = nil
@@ -224,8 +259,8 @@ func (t *TPM) SetState(typ StateType, blob []byte) error {
 	if len(blob) > MaxBlobSize {
 		return fmt.Errorf("libtpms: SetState %s: blob of %d bytes exceeds %d: %w", typ, len(blob), MaxBlobSize, ResultSize)
 	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
+	t.lock()
+	defer t.unlock()
 	if err := t.checkLocked("SetState "+typ.String(), -1); err != nil {
 		return err
 	}
@@ -253,8 +288,8 @@ func (t *TPM) GetState(typ StateType) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
+	t.lock()
+	defer t.unlock()
 	if err := t.checkLocked("GetState "+typ.String(), 0); err != nil {
 		return nil, err
 	}
@@ -290,8 +325,8 @@ func takeCBuffer(buf *C.uchar, n C.uint32_t) []byte {
 // manufactures a new TPM when there is no permall. The TPM then expects
 // TPM2_Startup, unless a volatile state was restored.
 func (t *TPM) MainInit() error {
-	t.mu.Lock()
-	defer t.mu.Unlock()
+	t.lock()
+	defer t.unlock()
 	if err := t.checkLocked("MainInit", -1); err != nil {
 		return err
 	}
@@ -306,7 +341,8 @@ func (t *TPM) MainInit() error {
 		C.TPMLIB_Terminate()
 		return fmt.Errorf("libtpms: MainInit: %w", cbErr)
 	}
-	t.running = true
+	C.nkp_running = 1
+	C.nkp_last_cc = 0
 	return nil
 }
 
@@ -314,13 +350,13 @@ func (t *TPM) MainInit() error {
 // without storing anything: state not yet stored through the NVRAM is lost.
 // A stopped or closed TPM is left as it is.
 func (t *TPM) Terminate() {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.closed || !t.running {
+	t.lock()
+	defer t.unlock()
+	if t.closed || C.nkp_running == 0 {
 		return
 	}
 	C.TPMLIB_Terminate()
-	t.running = false
+	C.nkp_running = 0
 }
 
 // Process executes one TPM 2.0 command and returns the response. A command
@@ -332,8 +368,8 @@ func (t *TPM) Process(cmd []byte) ([]byte, error) {
 	if len(cmd) > maxCommand {
 		return nil, fmt.Errorf("libtpms: Process: command of %d bytes exceeds %d: %w", len(cmd), maxCommand, ResultSize)
 	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
+	t.lock()
+	defer t.unlock()
 	if err := t.checkLocked("Process", 1); err != nil {
 		return nil, err
 	}
@@ -351,12 +387,12 @@ func (t *TPM) Process(cmd []byte) ([]byte, error) {
 	in := unsafe.Slice((*byte)(unsafe.Pointer(t.cmd)), t.cmdCap)
 	copy(in, cmd)
 	var n C.uint32_t
-	rc := C.TPMLIB_Process(&t.resp, &n, &t.respCap, t.cmd, C.uint32_t(len(cmd)))
+	rc := C.nkp_process(t.cmd, C.uint32_t(len(cmd)), &n)
 	clear(in[:len(cmd)]) // commands carry auth values and NV data
 	cbErr := t.takeCallbackErr()
 	var out []byte
-	if t.resp != nil && n > 0 && n <= t.respCap {
-		resp := unsafe.Slice((*byte)(unsafe.Pointer(t.resp)), n)
+	if C.nkp_resp != nil && n > 0 && n <= C.nkp_resp_cap {
+		resp := unsafe.Slice((*byte)(unsafe.Pointer(C.nkp_resp)), n)
 		out = append([]byte(nil), resp...)
 		clear(resp)
 	}
@@ -385,16 +421,24 @@ func commandCode(cmd []byte) uint32 {
 // libtpms for the following commands. It survives MainInit and Terminate, as
 // swtpm's locality does across INIT.
 func (t *TPM) SetLocality(loc uint8) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.locality = loc
+	t.lock()
+	defer t.unlock()
+	C.nkp_locality = C.uint8_t(loc)
+}
+
+// LastCommand returns the command code of the last command the TPM executed
+// since MainInit (0 if none), whether it came through Process or ServeConn.
+func (t *TPM) LastCommand() uint32 {
+	t.lock()
+	defer t.unlock()
+	return uint32(C.nkp_last_cc)
 }
 
 // VolatileAllStore serialises the running TPM's volatile state
 // (TPMLIB_VolatileAll_Store), for the caller to store as "volatilestate".
 func (t *TPM) VolatileAllStore() ([]byte, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
+	t.lock()
+	defer t.unlock()
 	if err := t.checkLocked("VolatileAllStore", 1); err != nil {
 		return nil, err
 	}
@@ -417,8 +461,8 @@ func (t *TPM) VolatileAllStore() ([]byte, error) {
 // size is clamped to [min, max] (2808 and 4096 for libtpms 0.9). Setting a
 // size needs a stopped TPM (ErrRunning otherwise); a query works always.
 func (t *TPM) SetBufferSize(want uint32) (actual, min, max uint32, err error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
+	t.lock()
+	defer t.unlock()
 	state := 0
 	if want != 0 {
 		state = -1
@@ -435,8 +479,8 @@ func (t *TPM) SetBufferSize(want uint32) (actual, min, max uint32, err error) {
 // GET_INFO: 1 specification, 2 attributes, 4 features. libtpms 0.9 ignores
 // the newer flags and returns "{}" when none of its flags is set.
 func (t *TPM) Info(flags uint64) (string, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
+	t.lock()
+	defer t.unlock()
 	if err := t.checkLocked("Info", 0); err != nil {
 		return "", err
 	}
@@ -483,17 +527,17 @@ func (t *TPM) Established() (bool, error) {
 // locality set with SetLocality is unchanged afterwards.
 func (t *TPM) ResetEstablished(loc uint8) error {
 	return t.call(fmt.Sprintf("ResetEstablished(locality %d)", loc), func() C.TPM_RESULT {
-		saved := t.locality
-		t.locality = loc
-		defer func() { t.locality = saved }()
+		saved := C.nkp_locality
+		C.nkp_locality = C.uint8_t(loc)
+		defer func() { C.nkp_locality = saved }()
 		return C.TPM_IO_TpmEstablished_Reset()
 	})
 }
 
-// call runs f, a libtpms call needing a running TPM, under t.mu.
+// call runs f, a libtpms call needing a running TPM, under the lock.
 func (t *TPM) call(op string, f func() C.TPM_RESULT) error {
-	t.mu.Lock()
-	defer t.mu.Unlock()
+	t.lock()
+	defer t.unlock()
 	if err := t.checkLocked(op, 1); err != nil {
 		return err
 	}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"time"
 )
 
 // StateType names one of libtpms' three state blobs. The numbering is that of
@@ -113,3 +114,55 @@ var (
 // MaxBlobSize bounds a state blob handed to SetState or returned by Load. It
 // matches swtpm's 512 KiB cap on SET_STATEBLOB; real blobs are below 64 KiB.
 const MaxBlobSize = 512 << 10
+
+// ConnOptions configures TPM.ServeConn, one data connection served by the engine's
+// own loop.
+type ConnOptions struct {
+	// MaxCommand is the largest command accepted, without the TPM_SEND_COMMAND
+	// prefix (the server's libtpms buffer size). Larger or smaller-than-a-header
+	// sizes get TPM_RC_COMMAND_SIZE and end the connection (EndSize).
+	MaxCommand int
+	// MessageTimeout bounds the wait for the rest of a command once its first byte
+	// came (EndStalled); 0 waits forever. Waiting for a first byte is unbounded.
+	MessageTimeout time.Duration
+	// WriteTimeout bounds writing one response (EndWrite with ETIMEDOUT); 0 waits forever.
+	WriteTimeout time.Duration
+	// RejectLocality4 refuses locality 4 in the TPM_SEND_COMMAND prefix and in
+	// TPM2_SetLocality with TPM_RC_LOCALITY.
+	RejectLocality4 bool
+	// AllowSetLocality serves swtpm's TPM2_SetLocality vendor command
+	// (0x20001000); without it the command gets TPM_RC_FAILURE, as from swtpm.
+	AllowSetLocality bool
+	// Disconnect ends the connection after the first response (EndDisconnect).
+	Disconnect bool
+	// OnCommandError, if set, is called when the engine failed a command (a state
+	// Store that failed, which puts libtpms in failure mode). The command then got
+	// TPM_RC_FAILURE and is not acknowledged. It runs with the TPM locked and must
+	// not call the TPM.
+	OnCommandError func(error)
+}
+
+// EndReason says why ServeConn returned.
+type EndReason int
+
+// The reasons.
+const (
+	EndEOF        EndReason = iota + 1 // the peer closed (or the socket was shut down) between commands
+	EndSize                            // a refused command size; TPM_RC_COMMAND_SIZE was sent
+	EndTruncated                       // the stream ended inside a command
+	EndStalled                         // the rest of a command did not come within MessageTimeout
+	EndRead                            // reading failed (Err)
+	EndWrite                           // writing a response failed (Err)
+	EndDisconnect                      // ConnOptions.Disconnect: one response was sent
+	EndNoMemory                        // the loop could not allocate its buffers
+)
+
+// ConnEnd is how a connection served by ServeConn ended.
+type ConnEnd struct {
+	Reason   EndReason
+	Err      error  // the system call's error, for EndRead, EndWrite and some EndTruncated
+	Size     uint32 // EndSize: the declared size
+	Prefixed bool   // EndSize: the command came with the TPM_SEND_COMMAND prefix
+	Pending  int    // EndTruncated, EndStalled: bytes of the unfinished command
+	Commands uint64 // commands answered
+}
