@@ -7,7 +7,6 @@ import (
 	"runtime"
 	"unsafe"
 
-	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
 )
 
@@ -74,20 +73,12 @@ func program(a Action, read func(string) ([]byte, error)) (*unix.SockFprog, erro
 			return nil, fmt.Errorf("seccomp: the kernel does not offer the filter action %q (see /proc/sys/kernel/seccomp/actions_avail): run with --seccomp action=none to serve without a filter", need)
 		}
 	}
-	insts, err := policy(a, os.Getpid())
+	filter, err := instructions(a, os.Getpid())
 	if err != nil {
 		return nil, err
 	}
-	raw, err := bpf.Assemble(insts)
-	if err != nil {
-		return nil, fmt.Errorf("seccomp: assemble the %v filter: %w", a, err)
-	}
-	if len(raw) > unix.BPF_MAXINSNS {
-		return nil, fmt.Errorf("seccomp: the %v filter has %d instructions, more than the kernel's %d", a, len(raw), unix.BPF_MAXINSNS)
-	}
-	filter := make([]unix.SockFilter, len(raw))
-	for i, in := range raw {
-		filter[i] = unix.SockFilter{Code: in.Op, Jt: in.Jt, Jf: in.Jf, K: in.K}
+	if len(filter) == 0 || len(filter) > unix.BPF_MAXINSNS {
+		return nil, fmt.Errorf("seccomp: the %v filter has %d instructions, want 1 to the kernel's %d", a, len(filter), unix.BPF_MAXINSNS)
 	}
 	return &unix.SockFprog{Len: uint16(len(filter)), Filter: &filter[0]}, nil
 }

@@ -21,6 +21,7 @@ import (
 	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
 
+	"github.com/nkp-dev/nkp/swtpm/seccomp/internal/policy"
 	"github.com/nkp-dev/nkp/test/e2e"
 )
 
@@ -84,7 +85,46 @@ func seccompData(nr, archID uint32, args ...uint64) []byte {
 	return b
 }
 
-// TestPolicyDecisions runs the assembled filter in a BPF interpreter over system calls
+// The table installed on amd64 is what package internal/policy builds: regenerate
+// it with `go generate ./swtpm/seccomp` after changing the policy.
+func TestGeneratedFilterUpToDate(t *testing.T) {
+	if runtime.GOARCH != "amd64" {
+		t.Skipf("the generated table is for amd64; %s builds its filter at start", runtime.GOARCH)
+	}
+	want, err := policy.Source()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile("zfilter_amd64.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("zfilter_amd64.go differs from what internal/policy builds: run `go generate ./swtpm/seccomp`")
+	}
+	// The pid goes where the placeholder was, and nowhere else.
+	const pid = 4242
+	for _, a := range []Action{Kill, Log} {
+		prog, err := instructions(a, pid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for _, in := range prog {
+			if in.K == policy.PIDPlaceholder {
+				t.Fatalf("%v: the pid placeholder is left in %+v", a, in)
+			}
+			if in.K == pid {
+				n++
+			}
+		}
+		if n != 4 { // kill, tgkill, rt_sigqueueinfo, rt_tgsigqueueinfo
+			t.Fatalf("%v: %d instructions compare with the pid, want 4", a, n)
+		}
+	}
+}
+
+// TestPolicyDecisions runs the installed filter in a BPF interpreter over system calls
 // a vTPM makes, and ones it must never make.
 func TestPolicyDecisions(t *testing.T) {
 	info, err := arch.GetInfo("")
@@ -155,7 +195,7 @@ func TestPolicyDecisions(t *testing.T) {
 		{"rt_sigqueueinfo other", "rt_sigqueueinfo", 0, []uint64{pid + 1, uint64(unix.SIGUSR1), 0}, deny},
 		{"rt_tgsigqueueinfo own", "rt_tgsigqueueinfo", 0, []uint64{pid, pid, uint64(unix.SIGUSR1), 0}, allow},
 		{"rt_tgsigqueueinfo other", "rt_tgsigqueueinfo", 0, []uint64{pid + 1, pid + 1, uint64(unix.SIGUSR1), 0}, deny},
-		{"prctl PR_SET_VMA", "prctl", 0, []uint64{prSetVMA, 0}, allow},
+		{"prctl PR_SET_VMA", "prctl", 0, []uint64{policy.PRSetVMA, 0}, allow},
 		{"prctl PR_SET_DUMPABLE", "prctl", 0, []uint64{unix.PR_SET_DUMPABLE, 1}, deny},
 		{"prctl PR_SET_NO_NEW_PRIVS", "prctl", 0, []uint64{unix.PR_SET_NO_NEW_PRIVS, 1}, deny},
 		{"prlimit64 read own", "prlimit64", 0, []uint64{0, unix.RLIMIT_NOFILE, 0, 0x1000}, allow},
@@ -190,9 +230,13 @@ func TestPolicyDecisions(t *testing.T) {
 		{"x32 read", "#1073741824", 0, nil, enosys},
 	}
 	for _, a := range []Action{Kill, Log} {
-		insts, err := policy(a, pid)
+		prog, err := instructions(a, pid)
 		if err != nil {
-			t.Fatalf("policy(%v): %v", a, err)
+			t.Fatalf("instructions(%v): %v", a, err)
+		}
+		insts := make([]bpf.Instruction, len(prog))
+		for i, in := range prog {
+			insts[i] = bpf.RawInstruction{Op: in.Code, Jt: in.Jt, Jf: in.Jf, K: in.K}.Disassemble()
 		}
 		if len(insts) > unix.BPF_MAXINSNS {
 			t.Fatalf("policy(%v): %d instructions, over the kernel's %d", a, len(insts), unix.BPF_MAXINSNS)
@@ -236,8 +280,8 @@ func TestPolicyDecisions(t *testing.T) {
 }
 
 func TestPolicyNone(t *testing.T) {
-	if _, err := policy(None, 1); err == nil {
-		t.Fatal("policy(None) built a filter; None must install nothing")
+	if _, err := instructions(None, 1); err == nil {
+		t.Fatal("instructions(None) built a filter; None must install nothing")
 	}
 	f, err := New(None)
 	if err != nil || f.Action() != None {
