@@ -109,6 +109,9 @@ var rules = []rule{
 // binding anyone who drives libvirt. Any other cgo dependency needs a rule here.
 var cgoAllowed = map[string][]string{
 	module + "/swtpm/internal/libtpms": {"swtpm/...", "cmd/nkp-swtpm"},
+	// An ELF constructor that makes nkp-swtpm's Go runtime start with one P (it must
+	// run before the runtime, so it is C); linked by swtpm/cli for nkp-swtpm only.
+	module + "/swtpm/internal/oneproc": {"swtpm/...", "cmd/nkp-swtpm"},
 	"libvirt.org/go/libvirt":           {"..."},
 }
 

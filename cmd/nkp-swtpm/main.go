@@ -1,6 +1,12 @@
 // Command nkp-swtpm is a vTPM 2.0 backend over libtpms that QEMU, libvirt and the swtpm
 // tools accept in place of swtpm: `nkp-swtpm socket [swtpm options]`. See package
 // github.com/nkp-dev/nkp/swtpm/cli for the options.
+//
+// It runs with GOMAXPROCS=1 (see swtpm/internal/oneproc, linked through swtpm/cli): the
+// data channel is served by libtpms' C loop, so more Ps would only cost memory; the
+// runtime must not raise it later either.
+//
+//go:debug updatemaxprocs=0
 package main
 
 import (

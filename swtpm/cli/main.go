@@ -19,6 +19,8 @@ import (
 
 	"github.com/nkp-dev/nkp/internal/nodump"
 	"github.com/nkp-dev/nkp/swtpm/cmdline"
+	// One P from the first instruction, whatever the host's CPU count.
+	_ "github.com/nkp-dev/nkp/swtpm/internal/oneproc"
 	"github.com/nkp-dev/nkp/swtpm/seccomp"
 )
 

@@ -1,0 +1,60 @@
+// Package oneproc makes the Go runtime of nkp-swtpm start with one P (GOMAXPROCS=1)
+// without changing the CPUs the process may run on. Only cmd/nkp-swtpm imports it, for
+// its side effect.
+//
+// Each P costs about 17 KB of memory that the runtime touches at start, and the runtime
+// sizes itself from the CPU affinity before any Go code runs: on a 64-CPU host every
+// idle vTPM would carry 63 P that it never uses, since its data channel is served by
+// libtpms' C loop and the Go side answers only the rare control requests and state
+// writes. Setting GOMAXPROCS=1 from Go (runtime.GOMAXPROCS) is too late, and the
+// environment of a vTPM is libvirt's, not ours.
+//
+// So an ELF constructor, which the dynamic loader runs before the Go runtime starts,
+// narrows the process' CPU affinity to the CPU it runs on; the runtime then sees one
+// CPU. This package's init gives every thread the original affinity back (threads
+// inherit their creator's, so it repeats until no new thread appears), and the binary
+// keeps GOMAXPROCS at 1 with //go:debug updatemaxprocs=0. When GOMAXPROCS is set in
+// the environment, or the process may run on one CPU only, nothing is changed.
+package oneproc
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+)
+
+func init() {
+	if !narrowed() {
+		return
+	}
+	if err := restoreAll(); err != nil {
+		// The process would stay on one CPU: say so, but do not refuse to run.
+		fmt.Fprintf(os.Stderr, "nkp-swtpm: giving the threads their CPU affinity back failed (they run on one CPU): %v\n", err)
+	}
+}
+
+// restoreAll gives every thread of the process the original affinity.
+func restoreAll() error {
+	done := map[int]bool{}
+	for range 100 {
+		ents, err := os.ReadDir("/proc/self/task")
+		if err != nil {
+			return err
+		}
+		fresh := false
+		for _, e := range ents {
+			tid, err := strconv.Atoi(e.Name())
+			if err != nil || done[tid] {
+				continue
+			}
+			if err := restore(tid); err != nil {
+				return fmt.Errorf("thread %d: %w", tid, err)
+			}
+			done[tid], fresh = true, true
+		}
+		if !fresh {
+			return nil
+		}
+	}
+	return fmt.Errorf("threads kept appearing in /proc/self/task")
+}

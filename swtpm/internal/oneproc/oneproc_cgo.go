@@ -1,0 +1,18 @@
+//go:build cgo
+
+package oneproc
+
+// int nkp_oneproc_narrowed(void);
+// int nkp_oneproc_restore(int tid);
+import "C"
+
+import "syscall"
+
+func narrowed() bool { return C.nkp_oneproc_narrowed() != 0 }
+
+func restore(tid int) error {
+	if e := C.nkp_oneproc_restore(C.int(tid)); e != 0 {
+		return syscall.Errno(e)
+	}
+	return nil
+}
