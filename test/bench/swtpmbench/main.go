@@ -61,6 +61,7 @@ type config struct {
 	Keep    bool       // keep the work directory
 	Out     string     // also write the table here
 	CPUs    string     // pin the client and the backends to these CPUs ("" = no pinning)
+	Runs    int        // whole runs one after the other; the table gives medians
 }
 
 func parseFlags(args []string, stderr io.Writer) (config, error) {
@@ -82,6 +83,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.BoolVar(&c.Keep, "keep", false, "keep the work directory (logs of the backends)")
 	fs.StringVar(&c.Out, "out", "", "also write the markdown table to this file")
 	fs.StringVar(&c.CPUs, "cpus", "", "pin the client and both backends to these CPUs, e.g. 1 or 0,1 (default: no pinning)")
+	fs.IntVar(&c.Runs, "runs", 1, "whole runs one after the other (each interleaves both backends); the table gives the median of each value and of each run's ratio, and lists every run's ratio")
 	if err := fs.Parse(args); err != nil {
 		return c, err
 	}
@@ -107,6 +109,8 @@ func (c config) validate() error {
 		return fmt.Errorf("-starts %d: need at least 1 sample", c.Starts)
 	case c.Idle < 1:
 		return fmt.Errorf("-idle %d: need at least 1 instance", c.Idle)
+	case c.Runs < 1:
+		return fmt.Errorf("-runs %d: need at least 1 run", c.Runs)
 	case c.Key != keyByFD && c.Key != keyByFile:
 		return fmt.Errorf("-key %q: want fd or file", c.Key)
 	}
@@ -155,11 +159,26 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	if !cfg.Keep {
 		defer os.RemoveAll(cfg.Work)
 	}
-	rep, err := measure(ctx, cfg, os.Stderr)
-	if err != nil {
-		return err
+	var reps []report
+	for i := range cfg.Runs {
+		one := cfg
+		if cfg.Runs > 1 {
+			fmt.Fprintf(os.Stderr, "run %d of %d\n", i+1, cfg.Runs)
+			one.Work = filepath.Join(cfg.Work, fmt.Sprintf("run%d", i+1))
+			if err := os.MkdirAll(one.Work, 0o700); err != nil {
+				return fmt.Errorf("work directory: %w", err)
+			}
+		}
+		rep, err := measure(ctx, one, os.Stderr)
+		if err != nil {
+			return err
+		}
+		reps = append(reps, *rep)
 	}
-	table := rep.markdown()
+	table := reps[0].markdown()
+	if len(reps) > 1 {
+		table = markdownRuns(reps)
+	}
 	if _, err := io.WriteString(stdout, table); err != nil {
 		return err
 	}

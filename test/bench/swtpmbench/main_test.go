@@ -112,6 +112,38 @@ func TestRowVerdict(t *testing.T) {
 	}
 }
 
+// Several runs combine into medians; the verdict is taken on the median ratio.
+func TestCombineRuns(t *testing.T) {
+	rep := func(a, b float64) report {
+		r := report{cfg: config{Starts: 1, Idle: 1}}
+		r.a.mem = []memory{{PSS: int64(a)}}
+		r.b.mem = []memory{{PSS: int64(b)}}
+		return r
+	}
+	tests := []struct {
+		name      string
+		runs      []report
+		wantRatio string
+		wantEach  string
+		wantOK    bool
+	}{
+		{"one run", []report{rep(100, 90)}, "0.90", "0.90", true},
+		{"median of three, one outlier", []report{rep(100, 90), rep(100, 300), rep(100, 95)}, "0.95", "0.90, 3.00, 0.95", true},
+		{"even count averages the middle", []report{rep(100, 100), rep(100, 120)}, "1.10", "1.00, 1.20", false},
+	}
+	for _, tt := range tests {
+		var pss combined
+		for _, c := range combineRuns(tt.runs) {
+			if strings.HasPrefix(c.name, "PSS") {
+				pss = c
+			}
+		}
+		if pss.ratio != tt.wantRatio || strings.Join(pss.each, ", ") != tt.wantEach || strings.HasSuffix(pss.verdict, "✓") != tt.wantOK {
+			t.Errorf("%s: PSS ratio %s, each %v, verdict %q; want %s, %s, ok %v", tt.name, pss.ratio, pss.each, pss.verdict, tt.wantRatio, tt.wantEach, tt.wantOK)
+		}
+	}
+}
+
 func TestFlagsRefused(t *testing.T) {
 	tests := []struct {
 		args []string

@@ -5,6 +5,7 @@ import (
 	"math"
 	"os"
 	"runtime"
+	"sort"
 	"strings"
 	"time"
 )
@@ -136,6 +137,80 @@ func (r report) markdown() string {
 		r.start.UTC().Format("2006-01-02 15:04 MST"), r.end.Sub(r.start).Seconds(), machine(), r.load[0], r.load[1],
 		r.cfg.N, r.cfg.NCreate, r.cfg.Warmup, r.cfg.Block, keyDescription(r.cfg.Key), pinning(r.cfg.CPUs))
 	return sb.String()
+}
+
+// markdownRuns renders several runs of the same configuration: the median of each
+// value, the median of the runs' ratios (what the target is checked against), and
+// every run's ratio, so that the noise shows.
+func markdownRuns(reps []report) string {
+	first, last := reps[0], reps[len(reps)-1]
+	var sb strings.Builder
+	fmt.Fprintf(&sb, "| measure | %s | %s | ratio (%s ÷ %s), median | ratio in each run | target |\n",
+		first.cfg.A.Label, first.cfg.B.Label, short(first.cfg.B.Label), short(first.cfg.A.Label))
+	sb.WriteString("|---|---:|---:|---:|---|---|\n")
+	for _, m := range combineRuns(reps) {
+		fmt.Fprintf(&sb, "| %s | %s | %s | %s | %s | %s |\n", m.name, formatValue(m.a, m.unit), formatValue(m.b, m.unit),
+			m.ratio, strings.Join(m.each, ", "), m.verdict)
+	}
+	fmt.Fprintf(&sb, "\n%d runs from %s to %s; %s; load average %s before the first, %s after the last. Values are medians over the runs. "+
+		"Each run: %d timed calls per command (%d CreatePrimary) after %d warm-up calls, one data connection per backend, the two backends taking turns every %d calls; "+
+		"%d starts and %d idle instances per backend; encrypted state, key by %s; unix sockets; %s.\n",
+		len(reps), first.start.UTC().Format("2006-01-02 15:04"), last.end.UTC().Format("15:04 MST"), machine(), first.load[0], last.load[1],
+		first.cfg.N, first.cfg.NCreate, first.cfg.Warmup, first.cfg.Block, first.cfg.Starts, first.cfg.Idle, keyDescription(first.cfg.Key), pinning(first.cfg.CPUs))
+	return sb.String()
+}
+
+// combined is one row over several runs.
+type combined struct {
+	name, unit string
+	a, b       float64  // medians of the values
+	ratio      string   // median of the runs' ratios
+	each       []string // every run's ratio
+	verdict    string
+}
+
+func combineRuns(reps []report) []combined {
+	per := make([][]row, len(reps))
+	for i, r := range reps {
+		per[i] = r.rows()
+	}
+	var out []combined
+	for j, r0 := range per[0] {
+		var as, bs, ratios []float64
+		c := combined{name: r0.name, unit: r0.unit}
+		for i := range per {
+			r := per[i][j]
+			as, bs = append(as, r.a), append(bs, r.b)
+			c.each = append(c.each, r.ratio())
+			if r.a > 0 {
+				ratios = append(ratios, r.b/r.a)
+			}
+		}
+		c.a, c.b = median(as), median(bs)
+		c.ratio, c.verdict = "n/a", "—"
+		if len(ratios) > 0 {
+			m := median(ratios)
+			c.ratio = fmt.Sprintf("%.2f", m)
+			if r0.target > 0 {
+				c.verdict = row{a: 1, b: m, target: r0.target}.verdict()
+			}
+		}
+		out = append(out, c)
+	}
+	return out
+}
+
+// median of v (the mean of the middle two for an even count); 0 for none.
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
 func short(label string) string {
