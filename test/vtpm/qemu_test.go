@@ -46,6 +46,16 @@ const (
 	tpmTIS = "tpm-tis"
 )
 
+// migrationTPM is the front end TestQEMUMigration uses: tpm-tis, or what
+// NKP_VTPM_MIGRATION_TPM names (tpm-crb, to measure the CRB race above:
+// NKP_VTPM_MIGRATION_TPM=tpm-crb go test -count 20 -run 'TestQEMUMigration/nkp-swtpm-to-nkp-swtpm' ./test/vtpm).
+func migrationTPM() string {
+	if m := os.Getenv("NKP_VTPM_MIGRATION_TPM"); m == tpmCRB {
+		return tpmCRB
+	}
+	return tpmTIS
+}
+
 // startQEMU boots the guest with cfg against the vTPM's control socket on the given TPM
 // front end. incoming, when set, is QEMU's -incoming URI (the VM then waits for a
 // migration instead of booting).
@@ -395,7 +405,7 @@ func migrate(t *testing.T, a guest.Artifacts, src, dst backend) (crash string) {
 	value := "mig-" + randHex(t, 6)
 	cfg := loopConfig(value, "before-migration")
 	vs := startVTPM(t, src, dir, "src", filepath.Join(dir, "src-state"), newKey(t), false)
-	qs := startQEMU(t, a, dir, "src", vs, cfg, tpmTIS, "")
+	qs := startQEMU(t, a, dir, "src", vs, cfg, migrationTPM(), "")
 	recs := qs.console.waitFor(t, "the first loop line", qs.exited, has("loop", ""))
 	checkTPMInfo(t, recs)
 	pcr0, _ := guest.Last(recs, "pcr0")
@@ -403,7 +413,7 @@ func migrate(t *testing.T, a guest.Artifacts, src, dst backend) (crash string) {
 
 	vd := startVTPM(t, dst, dir, "dst", filepath.Join(dir, "dst-state"), newKey(t), false)
 	migSock := filepath.Join(dir, "migrate.sock")
-	qd := startQEMU(t, a, dir, "dst", vd, cfg, tpmTIS, "unix:"+migSock)
+	qd := startQEMU(t, a, dir, "dst", vd, cfg, migrationTPM(), "unix:"+migSock)
 	md := qd.qmp(t)
 	e2e.WaitFor(t, backendTimeout, "the destination's migration socket", func() bool {
 		_, err := os.Stat(migSock)
