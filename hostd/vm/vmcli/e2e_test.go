@@ -161,7 +161,9 @@ func TestNkpctlWithLibvirt(t *testing.T) {
 		cmd := exec.Command(nkpctl, append([]string{"vm", "--socket", sock}, args...)...)
 		var out, errb bytes.Buffer
 		cmd.Stdout, cmd.Stderr = &out, &errb
+		start := time.Now()
 		err := cmd.Run()
+		t.Logf("nkpctl vm %s: %v", strings.Join(args, " "), time.Since(start).Round(time.Millisecond))
 		return out.String(), errb.String(), err
 	}
 	status := func() vmapi.VM {
