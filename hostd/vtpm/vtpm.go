@@ -2,8 +2,9 @@
 // protected VM.
 //
 // Start runs `nkp-swtpm socket` for a VM with:
-//   - its state key on an inherited pipe (--key fd=3,format=binary,mode=aes-256-gcm): the
-//     key is in no argv, environment or file;
+//   - its state key on an inherited pipe (--key fd=3,format=binary,mode=aes-256-gcm) and
+//     its migration key on another (--migration-key fd=6,format=binary,mode=aes-256-cbc):
+//     the keys are in no argv, environment or file;
 //   - its control socket created by hostd (root) at RunDir/<vm-uuid>.sock, owned by
 //     QEMU's user with mode 0600, and inherited as a listening fd (--ctrl
 //     type=unixio,fd=4): QEMU's user and root can connect, no one else, and the socket
