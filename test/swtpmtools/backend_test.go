@@ -10,11 +10,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/nkp-dev/nkp/swtpm/cmdline"
 	"github.com/nkp-dev/nkp/test/e2e"
+	"github.com/nkp-dev/nkp/test/vtpmproc"
 )
 
 func TestMain(m *testing.M) {
@@ -28,19 +29,18 @@ func TestMain(m *testing.M) {
 // checks the right thing, and passing on nkp-swtpm shows nkp-swtpm stands in for it.
 type backend struct {
 	name string
-	// argv returns the program and its mode word ("socket"); it skips or fails t when
-	// the program is not available.
-	argv func(t *testing.T) []string
+	// get returns the program; it skips or fails t when it is not available.
+	get func(t testing.TB) vtpmproc.Backend
 }
 
 var backends = []backend{
-	{"swtpm", func(t *testing.T) []string {
-		e2e.Require(t, "swtpm")
-		return []string{"swtpm", "socket"}
-	}},
-	{"nkp-swtpm", func(t *testing.T) []string {
-		return []string{e2e.BuildBinary(t, "./cmd/nkp-swtpm"), "socket"}
-	}},
+	{"swtpm", vtpmproc.SwtpmFor},
+	{"nkp-swtpm", vtpmproc.NKPSwtpmFor},
+}
+
+// argv returns the program and its mode word ("socket").
+func (be backend) argv(t *testing.T) []string {
+	return []string{be.get(t).Path, "socket"}
 }
 
 // forEachBackend runs f as a subtest per backend.
@@ -66,7 +66,7 @@ func sockDir(t *testing.T) string {
 // data socket (Data = Ctrl without ".ctrl", the layout tpm2-tss' swtpm TCTI expects).
 type tpmProc struct {
 	t        *testing.T
-	cmd      *exec.Cmd
+	proc     *vtpmproc.Proc
 	Ctrl     string
 	Data     string
 	StateDir string
@@ -75,10 +75,8 @@ type tpmProc struct {
 	// port is TCPPort+1, as tpm2-tss' swtpm TCTI expects); 0 for unix sockets.
 	TCPPort int
 	// Cwd is the process's working directory, empty at start.
-	Cwd     string
-	stderr  bytes.Buffer
-	done    chan struct{}
-	waitErr error
+	Cwd    string
+	stderr bytes.Buffer
 }
 
 // procOpts says how to start a backend.
@@ -95,19 +93,20 @@ type procOpts struct {
 func start(t *testing.T, be backend, o procOpts) *tpmProc {
 	t.Helper()
 	p := startNoWait(t, be, o)
-	e2e.WaitFor(t, 10*time.Second, be.name+" sockets", func() bool {
-		if p.exited() {
-			t.Fatalf("%s exited early: %v\nstderr: %s\nlog: %s", be.name, p.waitErr, p.stderr.String(), p.logText())
-		}
-		return p.dialable(p.ctrlAddr()) && (o.noServer || p.dialable(p.dataAddr()))
-	})
+	addrs := []string{p.ctrlAddr()}
+	if !o.noServer {
+		addrs = append(addrs, p.dataAddr())
+	}
+	if err := p.proc.WaitListening(10*time.Second, addrs...); err != nil {
+		t.Fatalf("%v\nstderr: %s\nlog: %s", err, p.stderr.String(), p.logText())
+	}
 	return p
 }
 
 // startNoWait runs the backend without waiting for its sockets.
 func startNoWait(t *testing.T, be backend, o procOpts) *tpmProc {
 	t.Helper()
-	argv := be.argv(t)
+	prog := be.get(t)
 	dir := o.dir
 	if dir == "" {
 		dir = sockDir(t)
@@ -118,32 +117,31 @@ func startNoWait(t *testing.T, be backend, o procOpts) *tpmProc {
 		Ctrl:     filepath.Join(dir, "tpm.sock.ctrl"),
 		StateDir: o.stateDir,
 		Log:      filepath.Join(dir, "tpm.log"),
-		done:     make(chan struct{}),
 	}
-	ctrl, server := "type=unixio,path="+p.Ctrl, "type=unixio,path="+p.Data
+	args := cmdline.Options{
+		TPM2:  true,
+		Ctrl:  &cmdline.Channel{Type: cmdline.TypeUnixIO, Path: p.Ctrl},
+		State: &cmdline.StateOptions{Dir: o.stateDir},
+		Log:   &cmdline.LogOptions{File: p.Log, Level: 20},
+	}
+	if !o.noServer {
+		args.Server = &cmdline.Channel{Type: cmdline.TypeUnixIO, Path: p.Data}
+	}
 	if o.tcp {
 		p.TCPPort = freePortPair(t)
-		ctrl = fmt.Sprintf("type=tcp,port=%d", p.TCPPort+1)
-		server = fmt.Sprintf("type=tcp,port=%d", p.TCPPort)
+		args.Ctrl = &cmdline.Channel{Type: cmdline.TypeTCP, Port: p.TCPPort + 1}
+		if !o.noServer {
+			args.Server = &cmdline.Channel{Type: cmdline.TypeTCP, Port: p.TCPPort}
+		}
 	}
-	args := append(argv[1:], "--tpm2",
-		"--ctrl", ctrl,
-		"--tpmstate", "dir="+o.stateDir,
-		"--log", "file="+p.Log+",level=20")
-	if !o.noServer {
-		args = append(args, "--server", server)
-	}
-	args = append(args, o.extra...)
-	p.cmd = exec.Command(argv[0], args...)
 	p.Cwd = t.TempDir() // nothing may be written here (libtpms' NVChip, for one)
-	p.cmd.Dir = p.Cwd
-	p.cmd.Stderr = &p.stderr
-	p.cmd.ExtraFiles = o.files
-	if err := p.cmd.Start(); err != nil {
-		t.Fatalf("start %s: %v", be.name, err)
-	}
-	go func() { p.waitErr = p.cmd.Wait(); close(p.done) }()
-	t.Cleanup(func() { p.Kill() })
+	p.proc = vtpmproc.StartT(t, prog, vtpmproc.Options{
+		Args:   args,
+		Extra:  o.extra,
+		Files:  o.files,
+		Dir:    p.Cwd,
+		Output: &p.stderr,
+	})
 	return p
 }
 
@@ -168,16 +166,6 @@ func (p *tpmProc) TCTI() []string {
 		return []string{fmt.Sprintf("TPM2TOOLS_TCTI=swtpm:host=127.0.0.1,port=%d", p.TCPPort)}
 	}
 	return []string{"TPM2TOOLS_TCTI=swtpm:path=" + p.Data}
-}
-
-func (p *tpmProc) dialable(addr string) bool {
-	network, a, _ := strings.Cut(addr, ":")
-	c, err := net.DialTimeout(network, a, time.Second)
-	if err != nil {
-		return false
-	}
-	c.Close()
-	return true
 }
 
 // freePortPair returns a port P such that P and P+1 were free on 127.0.0.1 a moment ago.
@@ -209,25 +197,19 @@ func dialable(path string) bool {
 	return true
 }
 
-func (p *tpmProc) exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
+func (p *tpmProc) exited() bool { return p.proc.Exited() }
+
+// pid is the backend's process id.
+func (p *tpmProc) pid() int { return p.proc.PID() }
 
 // Wait waits up to timeout for the process to exit and returns its exit error.
 func (p *tpmProc) Wait(timeout time.Duration) error {
 	p.t.Helper()
-	select {
-	case <-p.done:
-		return p.waitErr
-	case <-time.After(timeout):
-		p.t.Fatalf("process %d did not exit within %v; log: %s", p.cmd.Process.Pid, timeout, p.logText())
-		return nil
+	err, ok := p.proc.WaitExit(timeout)
+	if !ok {
+		p.t.Fatalf("process %d did not exit within %v; log: %s", p.pid(), timeout, p.logText())
 	}
+	return err
 }
 
 // Stop ends the process with SIGTERM (a clean exit that saves the state) and waits.
@@ -236,23 +218,18 @@ func (p *tpmProc) Stop() {
 	if p.exited() {
 		return
 	}
-	p.cmd.Process.Signal(syscall.SIGTERM)
-	if err := p.Wait(10 * time.Second); err != nil {
-		var ee *exec.ExitError
-		if !errors.As(err, &ee) || ee.ExitCode() != 0 {
-			p.t.Logf("exit after SIGTERM: %v", err)
-		}
+	var ee *exec.ExitError
+	switch err := p.proc.Stop(10 * time.Second); {
+	case err == nil:
+	case errors.As(err, &ee):
+		p.t.Logf("exit after SIGTERM: %v", err)
+	default:
+		p.t.Fatalf("%v; log: %s", err, p.logText())
 	}
 }
 
 // Kill ends the process with SIGKILL and waits for it.
-func (p *tpmProc) Kill() {
-	if p.exited() {
-		return
-	}
-	p.cmd.Process.Kill()
-	<-p.done
-}
+func (p *tpmProc) Kill() { p.proc.Kill() }
 
 func (p *tpmProc) logText() string {
 	b, _ := os.ReadFile(p.Log)

@@ -15,7 +15,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nkp-dev/nkp/swtpm/cmdline"
 	"github.com/nkp-dev/nkp/test/e2e"
+	"github.com/nkp-dev/nkp/test/vtpmproc"
 )
 
 // runBackend runs a backend's program with args to its end (bounded) and returns the
@@ -301,7 +303,7 @@ func TestRunAs(t *testing.T) {
 		}
 		os.Chmod(filepath.Dir(state), 0o755) // t.TempDir's parent is 0700
 		p := start(t, be, procOpts{stateDir: state, dir: dir, extra: append([]string{"--runas", "nobody"}, startupFlags...)})
-		status, err := os.ReadFile("/proc/" + strconv.Itoa(p.cmd.Process.Pid) + "/status")
+		status, err := os.ReadFile("/proc/" + strconv.Itoa(p.pid()) + "/status")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -454,16 +456,19 @@ func TestInheritedListener(t *testing.T) {
 			t.Cleanup(func() { f.Close() })
 			files = append(files, f)
 		}
-		argv := be.argv(t)
-		cmd := exec.Command(argv[0], append(argv[1:], "--tpm2", "--ctrl", "type=unixio,fd=3", "--server", "type=unixio,fd=4",
-			"--tpmstate", "dir="+t.TempDir(), "--flags", "not-need-init,startup-clear", "--log", "file=-")...)
-		cmd.ExtraFiles = files
 		var stderr bytes.Buffer
-		cmd.Stderr = &stderr
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		vtpmproc.StartT(t, be.get(t), vtpmproc.Options{
+			Args: cmdline.Options{
+				TPM2:   true,
+				Ctrl:   &cmdline.Channel{Type: cmdline.TypeUnixIO, ListenFD: 3},
+				Server: &cmdline.Channel{Type: cmdline.TypeUnixIO, ListenFD: 4},
+				State:  &cmdline.StateOptions{Dir: t.TempDir()},
+				Flags:  cmdline.FlagsOptions{NotNeedInit: true, Startup: cmdline.StartupClear},
+				Log:    &cmdline.LogOptions{File: "-"},
+			},
+			Files:  files,
+			Output: &stderr,
+		})
 		mustRun(t, []string{"TPM2TOOLS_TCTI=swtpm:path=" + data}, "tpm2_getrandom", "--hex", "8")
 		if out := mustRun(t, nil, "swtpm_ioctl", "--unix", ctrl, "-c"); !strings.Contains(out, "ptm capability") {
 			t.Errorf("swtpm_ioctl -c over the inherited control socket = %q (stderr %s)", out, stderr.String())

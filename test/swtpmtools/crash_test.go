@@ -156,7 +156,7 @@ func TestKillDuringNVWrites(t *testing.T) {
 				}
 				lastAcked = got
 			}
-			pid := p.cmd.Process.Pid
+			pid := p.pid()
 			timer := time.AfterFunc(randDuration(maxDelay), func() { syscall.Kill(pid, syscall.SIGKILL) })
 			for {
 				inFlight = lastAcked + 1

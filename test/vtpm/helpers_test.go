@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"net"
 	"os"
 	"os/exec"
 	"os/user"
@@ -17,12 +16,13 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/nkp-dev/nkp/swtpm/cmdline"
 	"github.com/nkp-dev/nkp/test/e2e"
 	"github.com/nkp-dev/nkp/test/guest"
+	"github.com/nkp-dev/nkp/test/vtpmproc"
 )
 
 // Timeouts are generous: the machine is shared and QEMU runs without KVM.
@@ -42,24 +42,21 @@ func TestMain(m *testing.M) {
 }
 
 // backend is a vTPM program that takes swtpm's `socket` command line.
-type backend struct {
-	name string
-	bin  string
-}
+type backend = vtpmproc.Backend
 
 // backends returns the table every test runs: Debian's swtpm and nkp-swtpm.
 func backends(t *testing.T) []backend {
 	t.Helper()
 	var bs []backend
 	if p, err := exec.LookPath("swtpm"); err == nil {
-		bs = append(bs, backend{name: "swtpm", bin: p})
+		bs = append(bs, backend{Name: "swtpm", Path: p})
 	} else if e2e.Required() {
 		t.Fatalf("swtpm not on PATH and NKP_E2E=required: install swtpm (make setup)")
 	} else {
 		t.Logf("swtpm not on PATH: its cases are skipped (make setup installs it)")
 	}
 	if p, ok := nkpSwtpm(t); ok {
-		bs = append(bs, backend{name: "nkp-swtpm", bin: p})
+		bs = append(bs, backend{Name: "nkp-swtpm", Path: p})
 	}
 	return bs
 }
@@ -174,10 +171,8 @@ type vtpm struct {
 	sock   string
 	state  string
 	log    string
-	cmd    *exec.Cmd
-	done   chan struct{}
-	err    error        // exit status, valid once done is closed
-	stderr bytes.Buffer // stdout and stderr, to read once done is closed
+	proc   *vtpmproc.Proc
+	stderr bytes.Buffer // stdout and stderr, to read once the process exited
 }
 
 // startVTPM starts be on stateDir with the state encrypted under key (64 hex digits on fd
@@ -187,7 +182,7 @@ func startVTPM(t *testing.T, be backend, dir, name, stateDir string, key []byte,
 	t.Helper()
 	v := launchVTPM(t, be, dir, name, stateDir, key)
 	if v.exited() {
-		t.Fatalf("%s exited at start: %v\n%s%s", be.name, v.err, v.stderr.String(), v.logTail())
+		t.Fatalf("%s exited at start: %v\n%s%s", be.Name, v.proc.Err(), v.stderr.String(), v.logTail())
 	}
 	if qemuGroup {
 		if err := chownQEMU(v.sock); err != nil {
@@ -209,7 +204,6 @@ func launchVTPM(t *testing.T, be backend, dir, name, stateDir string, key []byte
 		sock:  filepath.Join(dir, name+".sock"),
 		state: stateDir,
 		log:   filepath.Join(dir, name+".log"),
-		done:  make(chan struct{}),
 	}
 	os.Remove(v.sock) // a socket file left by the previous process on this path
 	r, w, err := os.Pipe()
@@ -224,77 +218,47 @@ func launchVTPM(t *testing.T, be backend, dir, name, stateDir string, key []byte
 		r.Close()
 		t.Fatalf("write the key to the pipe: %v", werr)
 	}
-	v.cmd = exec.Command(be.bin, "socket", "--tpm2",
-		"--tpmstate", "dir="+stateDir+",mode=0600",
-		"--ctrl", "type=unixio,path="+v.sock+",mode=0660",
-		"--key", "fd=3,mode=aes-256-cbc",
-		"--log", "file="+v.log+",level=2",
-		"--terminate")
-	v.cmd.ExtraFiles = []*os.File{r}
-	v.cmd.Stdout, v.cmd.Stderr = &v.stderr, &v.stderr
-	if err := v.cmd.Start(); err != nil {
-		r.Close()
-		t.Fatalf("start %s: %v", be.name, err)
-	}
+	v.proc, err = vtpmproc.Start(be, vtpmproc.Options{
+		Args: cmdline.Options{
+			TPM2:      true,
+			State:     &cmdline.StateOptions{Dir: stateDir, Mode: 0o600},
+			Ctrl:      &cmdline.Channel{Type: cmdline.TypeUnixIO, Path: v.sock, Mode: 0o660},
+			Key:       &cmdline.KeyOptions{FD: 3, Mode: "aes-256-cbc"},
+			Log:       &cmdline.LogOptions{File: v.log, Level: 2},
+			Terminate: true,
+		},
+		Files:  []*os.File{r},
+		Output: &v.stderr,
+	})
 	r.Close()
-	go func() {
-		v.err = v.cmd.Wait()
-		close(v.done)
-	}()
+	if err != nil {
+		t.Fatal(err)
+	}
 	t.Cleanup(func() {
 		v.kill(t)
 		if t.Failed() {
 			t.Log(v.logTail()) // before workDir's cleanup removes it
 		}
 	})
-	err = e2e.Poll(backendTimeout, func() bool {
-		if v.exited() {
-			return true
-		}
-		c, err := net.DialTimeout("unix", v.sock, time.Second)
-		if err != nil {
-			return false
-		}
-		c.Close()
-		return true
-	})
-	if err != nil && !v.exited() {
-		t.Fatalf("%s control socket %s: %v\n%s", be.name, v.sock, err, v.logTail())
+	err = v.proc.WaitListening(backendTimeout, v.sock)
+	if err != nil && !errors.Is(err, vtpmproc.ErrExited) {
+		t.Fatalf("%s control socket %s: %v\n%s", be.Name, v.sock, err, v.logTail())
 	}
 	return v
 }
 
-func (v *vtpm) exited() bool {
-	select {
-	case <-v.done:
-		return true
-	default:
-		return false
-	}
-}
+func (v *vtpm) exited() bool { return v.proc.Exited() }
 
 // waitExit waits for the backend to end by itself (QEMU's CMD_SHUTDOWN, or --terminate).
 func (v *vtpm) waitExit(t *testing.T) {
 	t.Helper()
-	select {
-	case <-v.done:
-	case <-time.After(exitTimeout):
-		t.Fatalf("%s did not exit within %v after QEMU stopped\n%s", v.be.name, exitTimeout, v.logTail())
+	if _, ok := v.proc.WaitExit(exitTimeout); !ok {
+		t.Fatalf("%s did not exit within %v after QEMU stopped\n%s", v.be.Name, exitTimeout, v.logTail())
 	}
 }
 
-func (v *vtpm) kill(t *testing.T) {
-	if v.exited() {
-		return
-	}
-	v.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-v.done:
-	case <-time.After(10 * time.Second):
-		v.cmd.Process.Kill()
-		<-v.done
-	}
-}
+// kill stops the backend (SIGTERM, then SIGKILL after 10 s).
+func (v *vtpm) kill(t *testing.T) { v.proc.Stop(10 * time.Second) }
 
 func (v *vtpm) logTail() string {
 	b, err := os.ReadFile(v.log)
@@ -304,7 +268,7 @@ func (v *vtpm) logTail() string {
 	if len(b) > 6000 {
 		b = b[len(b)-6000:]
 	}
-	return fmt.Sprintf("--- %s log %s ---\n%s", v.be.name, v.log, b)
+	return fmt.Sprintf("--- %s log %s ---\n%s", v.be.Name, v.log, b)
 }
 
 // chownQEMU makes path readable and writable by QEMU under libvirt (group kvm, 0660).

@@ -110,7 +110,7 @@ func TestLibvirtExternalBackend(t *testing.T) {
 	a := requireVM(t)
 	requireLibvirt(t)
 	for _, be := range backends(t) {
-		t.Run(be.name, func(t *testing.T) {
+		t.Run(be.Name, func(t *testing.T) {
 			dir := workDir(t)
 			v := startVTPM(t, be, dir, "tpm", filepath.Join(dir, "state"), newKey(t), true)
 			vm := createDomain(t, a, dir, v, guest.Config{})
@@ -134,9 +134,9 @@ func TestLibvirtSaveRestore(t *testing.T) {
 	bs := backends(t)
 	for _, src := range bs {
 		for _, dst := range bs {
-			name := src.name
+			name := src.Name
 			if dst != src {
-				name += "-to-" + dst.name
+				name += "-to-" + dst.Name
 			}
 			t.Run(name, func(t *testing.T) { saveRestore(t, a, src, dst) })
 		}

@@ -195,13 +195,13 @@ func TestQEMUPowerCycle(t *testing.T) {
 	for _, b := range bs {
 		pairs = append(pairs, pair{b, b})
 	}
-	if len(bs) == 2 && bs[0].name == "swtpm" {
+	if len(bs) == 2 && bs[0].Name == "swtpm" {
 		pairs = append(pairs, pair{bs[0], bs[1]})
 	}
 	for _, p := range pairs {
-		name := p.first.name
+		name := p.first.Name
 		if p.second != p.first {
-			name += "-then-" + p.second.name
+			name += "-then-" + p.second.Name
 		}
 		t.Run(name, func(t *testing.T) {
 			dir := workDir(t)
@@ -249,10 +249,10 @@ func wrongKeyRefused(t *testing.T, a guest.Artifacts, be backend, dir, state str
 	before := snapshot(t, state)
 	v := launchVTPM(t, be, dir, "wrongkey", state, newKey(t))
 	if v.exited() {
-		if v.err == nil || strings.TrimSpace(v.stderr.String())+v.logTail() == "" {
-			t.Errorf("%s with a wrong key exited (%v) without an error message", be.name, v.err)
+		if v.proc.Err() == nil || strings.TrimSpace(v.stderr.String())+v.logTail() == "" {
+			t.Errorf("%s with a wrong key exited (%v) without an error message", be.Name, v.proc.Err())
 		}
-		t.Logf("%s refused the wrong key at start: %v: %s", be.name, v.err, strings.TrimSpace(v.stderr.String()))
+		t.Logf("%s refused the wrong key at start: %v: %s", be.Name, v.proc.Err(), strings.TrimSpace(v.stderr.String()))
 	} else {
 		q := startQEMU(t, a, dir, "wrongkey", v, guest.Config{}, tpmCRB, "")
 		select {
@@ -266,9 +266,9 @@ func wrongKeyRefused(t *testing.T, a guest.Artifacts, be backend, dir, state str
 		if has("done", "")(q.console.records()) {
 			t.Errorf("the guest ran against a backend with a wrong key\n%s", q.console.tail())
 		}
-		t.Logf("QEMU against %s with a wrong key: %v: %s", be.name, q.err, strings.TrimSpace(q.out.String()))
+		t.Logf("QEMU against %s with a wrong key: %v: %s", be.Name, q.err, strings.TrimSpace(q.out.String()))
 		// nkp's own backend must say what is wrong, not only fail INIT.
-		if be.name == "nkp-swtpm" && !strings.Contains(v.logTail(), "wrong key") {
+		if be.Name == "nkp-swtpm" && !strings.Contains(v.logTail(), "wrong key") {
 			t.Errorf("nkp-swtpm's log does not name the wrong key as the cause\n%s", v.logTail())
 		}
 		v.kill(t) // swtpm keeps running (and locking the state) after QEMU's failed INIT
@@ -376,7 +376,7 @@ func TestQEMUMigration(t *testing.T) {
 	bs := backends(t)
 	for _, src := range bs {
 		for _, dst := range bs {
-			t.Run(src.name+"-to-"+dst.name, func(t *testing.T) {
+			t.Run(src.Name+"-to-"+dst.Name, func(t *testing.T) {
 				for attempt := 0; ; attempt++ {
 					crash := migrate(t, a, src, dst)
 					if crash == "" {

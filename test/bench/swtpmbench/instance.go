@@ -10,20 +10,19 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/nkp-dev/nkp/swtpm/cmdline"
+	"github.com/nkp-dev/nkp/test/vtpmproc"
 )
 
-// backend is one vTPM program under test, started as `<path> socket ...` with
-// the swtpm command line.
-type backend struct {
-	Label string // column heading, e.g. "swtpm 0.7.1"
-	Path  string // program, looked up in $PATH when it has no slash
-}
+// backend is one vTPM program under test, started as `<Path> socket ...` with the
+// swtpm command line; its Name is the column heading, e.g. "swtpm 0.7.1".
+type backend = vtpmproc.Backend
 
 // keyPassing says how the state key reaches the process: both keep it out of
 // argv and the environment.
@@ -37,13 +36,14 @@ const (
 // instance is one running backend process with its own state directory and
 // sockets.
 type instance struct {
-	cmd  *exec.Cmd
+	proc *vtpmproc.Proc
 	dir  string // holds state/, ctrl.sock, data.sock, log
 	ctrl string
 	data string
-	done chan struct{} // closed when the process was reaped
-	err  error         // its Wait result, valid after done
 }
+
+// pid is the backend's process id.
+func (in *instance) pid() int { return in.proc.PID() }
 
 // startInstance starts b on dir (created if missing; an existing state/ is
 // reused). It returns once the process runs, not when it is ready.
@@ -56,32 +56,31 @@ func startInstance(b backend, dir, keyFile string, kp keyPassing) (*instance, er
 		dir:  dir,
 		ctrl: filepath.Join(dir, "ctrl.sock"),
 		data: filepath.Join(dir, "data.sock"),
-		done: make(chan struct{}),
 	}
 	for _, s := range []string{in.ctrl, in.data} {
 		if err := os.Remove(s); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return nil, fmt.Errorf("instance %s: stale socket: %w", s, err)
 		}
 	}
-	args := []string{"socket", "--tpm2",
-		"--tpmstate", "dir=" + state + ",mode=0600",
-		"--ctrl", "type=unixio,path=" + in.ctrl,
-		"--server", "type=unixio,path=" + in.data,
-		"--flags", "not-need-init,startup-clear",
+	args := cmdline.Options{
+		TPM2:   true,
+		State:  &cmdline.StateOptions{Dir: state, Mode: 0o600},
+		Ctrl:   &cmdline.Channel{Type: cmdline.TypeUnixIO, Path: in.ctrl},
+		Server: &cmdline.Channel{Type: cmdline.TypeUnixIO, Path: in.data},
+		Flags:  cmdline.FlagsOptions{NotNeedInit: true, Startup: cmdline.StartupClear},
 	}
-	cmd := exec.Command(b.Path, args...)
-	var keyf *os.File
+	var files []*os.File
 	switch kp {
 	case keyByFD:
 		f, err := os.Open(keyFile)
 		if err != nil {
 			return nil, fmt.Errorf("instance %s: key file: %w", dir, err)
 		}
-		keyf = f
-		cmd.ExtraFiles = []*os.File{f} // fd 3 in the child
-		cmd.Args = append(cmd.Args, "--key", "fd=3,mode=aes-256-cbc")
+		defer f.Close() // the child has its own copy as fd 3
+		files = []*os.File{f}
+		args.Key = &cmdline.KeyOptions{FD: 3, Mode: "aes-256-cbc"}
 	case keyByFile:
-		cmd.Args = append(cmd.Args, "--key", "file="+keyFile+",mode=aes-256-cbc")
+		args.Key = &cmdline.KeyOptions{File: keyFile, Mode: "aes-256-cbc"}
 	default:
 		return nil, fmt.Errorf("key passing %q: want fd or file", kp)
 	}
@@ -89,33 +88,16 @@ func startInstance(b backend, dir, keyFile string, kp keyPassing) (*instance, er
 	if err != nil {
 		return nil, fmt.Errorf("instance %s: log file: %w", dir, err)
 	}
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	err = cmd.Start()
-	logf.Close()
-	if keyf != nil {
-		keyf.Close()
-	}
+	defer logf.Close()
+	in.proc, err = vtpmproc.Start(b, vtpmproc.Options{Args: args, Files: files, Output: logf, Pdeathsig: true})
 	if err != nil {
-		return nil, fmt.Errorf("starting %s (%s): %w", b.Label, b.Path, err)
+		return nil, err
 	}
-	in.cmd = cmd
-	go func() {
-		in.err = cmd.Wait()
-		close(in.done)
-	}()
 	return in, nil
 }
 
 // exited reports whether the process has ended.
-func (in *instance) exited() bool {
-	select {
-	case <-in.done:
-		return true
-	default:
-		return false
-	}
-}
+func (in *instance) exited() bool { return in.proc.Exited() }
 
 // logTail returns the end of the instance's log, for error messages.
 func (in *instance) logTail() string {
@@ -175,7 +157,7 @@ func (in *instance) waitReady(ctx context.Context) (net.Conn, error) {
 			return c, nil
 		}
 		if in.exited() {
-			return nil, fmt.Errorf("instance %s exited before it was ready (%v); log: %s", in.dir, in.err, in.logTail())
+			return nil, fmt.Errorf("instance %s exited before it was ready (%v); log: %s", in.dir, in.proc.Err(), in.logTail())
 		}
 		select {
 		case <-ctx.Done():
@@ -192,17 +174,14 @@ func (in *instance) stop(ctrl net.Conn, timeout time.Duration) error {
 		ctrl.SetDeadline(time.Now().Add(timeout))
 		_, _ = ctrlCall(ctrl, cmdShutdown, 4)
 		ctrl.Close()
-	} else if in.cmd.Process != nil {
-		in.cmd.Process.Signal(syscall.SIGTERM)
+	} else {
+		in.proc.Signal(syscall.SIGTERM)
 	}
-	select {
-	case <-in.done:
-		return nil
-	case <-time.After(timeout):
-		in.cmd.Process.Kill()
-		<-in.done
+	if _, ok := in.proc.WaitExit(timeout); !ok {
+		in.proc.Kill()
 		return fmt.Errorf("instance %s did not exit within %v of SHUTDOWN; killed", in.dir, timeout)
 	}
+	return nil
 }
 
 // memory is what /proc/PID/smaps_rollup reports, in KiB.

@@ -69,9 +69,9 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.SetOutput(stderr)
 	var c config
 	fs.StringVar(&c.A.Path, "a", "swtpm", "baseline program (run as `PROG socket ...`)")
-	fs.StringVar(&c.A.Label, "a-label", "", "baseline column heading (default: the program's version line)")
+	fs.StringVar(&c.A.Name, "a-label", "", "baseline column heading (default: the program's version line)")
 	fs.StringVar(&c.B.Path, "b", "bin/nkp-swtpm", "candidate program (run as `PROG socket ...`)")
-	fs.StringVar(&c.B.Label, "b-label", "", "candidate column heading (default: the program's name)")
+	fs.StringVar(&c.B.Name, "b-label", "", "candidate column heading (default: the program's name)")
 	fs.IntVar(&c.N, "n", 3000, "timed calls per command (GetRandom, PCR_Extend, NV_Write) and backend")
 	fs.IntVar(&c.NCreate, "n-create", 300, "timed CreatePrimary ECC P-256 + FlushContext pairs per backend")
 	fs.IntVar(&c.Warmup, "warmup", 50, "untimed calls of each command before timing")
@@ -141,11 +141,11 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 			return err
 		}
 	}
-	if cfg.A.Label == "" {
-		cfg.A.Label = versionLabel(cfg.A.Path)
+	if cfg.A.Name == "" {
+		cfg.A.Name = versionLabel(cfg.A.Path)
 	}
-	if cfg.B.Label == "" {
-		cfg.B.Label = versionLabel(cfg.B.Path)
+	if cfg.B.Name == "" {
+		cfg.B.Name = versionLabel(cfg.B.Path)
 	}
 	if cfg.Work == "" {
 		d, err := os.MkdirTemp("", "swtpmbench-")

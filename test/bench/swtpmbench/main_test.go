@@ -231,12 +231,12 @@ func TestKeyNotInArgv(t *testing.T) {
 			key, _ := os.ReadFile(keyFile)
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
-			s, err := startReady(ctx, backend{Label: "swtpm", Path: "swtpm"}, filepath.Join(dir, "tpm"), keyFile, kp)
+			s, err := startReady(ctx, backend{Name: "swtpm", Path: "swtpm"}, filepath.Join(dir, "tpm"), keyFile, kp)
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer s.stop()
-			pid := s.in.cmd.Process.Pid
+			pid := s.in.pid()
 			for _, f := range []string{"cmdline", "environ"} {
 				b, err := os.ReadFile(filepath.Join("/proc", fmt.Sprint(pid), f))
 				if err != nil {

@@ -68,7 +68,7 @@ func measure(ctx context.Context, cfg config, progress io.Writer) (*report, erro
 		return nil, err
 	}
 	for i, b := range backends {
-		fmt.Fprintf(progress, "memory: %d idle instances of %s\n", cfg.Idle, b.Label)
+		fmt.Fprintf(progress, "memory: %d idle instances of %s\n", cfg.Idle, b.Name)
 		m, err := measureIdle(ctx, cfg, b, filepath.Join(dirs[i], "idle"), keyFile)
 		if err != nil {
 			return nil, err
@@ -96,7 +96,7 @@ func startReady(ctx context.Context, b backend, dir, keyFile string, kp keyPassi
 	ctrl, err := in.waitReady(rctx)
 	if err != nil {
 		in.stop(nil, 2*time.Second)
-		return nil, fmt.Errorf("%s: %w: %w", b.Label, errBackend, err)
+		return nil, fmt.Errorf("%s: %w: %w", b.Name, errBackend, err)
 	}
 	return &started{in: in, ctrl: ctrl}, nil
 }
@@ -127,10 +127,10 @@ func measureLatency(ctx context.Context, cfg config, cmds commands, backends [2]
 		}
 		run[i] = s
 		if s.data, err = dialData(s.in.data); err != nil {
-			return fmt.Errorf("%s: %w: %w", b.Label, errBackend, err)
+			return fmt.Errorf("%s: %w: %w", b.Name, errBackend, err)
 		}
 		if err := defineNV(s.data); err != nil {
-			return fmt.Errorf("%s: %w: %w", b.Label, errBackend, err)
+			return fmt.Errorf("%s: %w: %w", b.Name, errBackend, err)
 		}
 		nv[i] = slices.Clone(cmds.nvWrite)
 	}
@@ -170,7 +170,7 @@ func measureLatency(ctx context.Context, cfg config, cmds commands, backends [2]
 		var cpu0 [2]time.Duration
 		for i := range 2 {
 			sides[i].lat[op] = make([]time.Duration, 0, n)
-			c, err := cpuTime(run[i].in.cmd.Process.Pid)
+			c, err := cpuTime(run[i].in.pid())
 			if err != nil {
 				return err
 			}
@@ -179,7 +179,7 @@ func measureLatency(ctx context.Context, cfg config, cmds commands, backends [2]
 		for i := range 2 { // untimed warm-up, each backend alone
 			for range cfg.Warmup {
 				if _, err := call(i, op); err != nil {
-					return fmt.Errorf("%s %s: %w: %w", backends[i].Label, op, errBackend, err)
+					return fmt.Errorf("%s %s: %w: %w", backends[i].Name, op, errBackend, err)
 				}
 			}
 		}
@@ -197,7 +197,7 @@ func measureLatency(ctx context.Context, cfg config, cmds commands, backends [2]
 					}
 					d, err := call(i, op)
 					if err != nil {
-						return fmt.Errorf("%s %s: %w: %w", backends[i].Label, op, errBackend, err)
+						return fmt.Errorf("%s %s: %w: %w", backends[i].Name, op, errBackend, err)
 					}
 					sides[i].lat[op] = append(sides[i].lat[op], d)
 				}
@@ -205,7 +205,7 @@ func measureLatency(ctx context.Context, cfg config, cmds commands, backends [2]
 		}
 		for i := range 2 {
 			slices.Sort(sides[i].lat[op])
-			c, err := cpuTime(run[i].in.cmd.Process.Pid)
+			c, err := cpuTime(run[i].in.pid())
 			if err != nil {
 				return err
 			}
@@ -241,13 +241,13 @@ func measureStarts(ctx context.Context, cfg config, backends [2]backend, dirs [2
 				return err
 			}
 			el := time.Since(t0)
-			cpu, err := cpuTime(s.in.cmd.Process.Pid)
+			cpu, err := cpuTime(s.in.pid())
 			if err != nil {
 				s.stop()
 				return err
 			}
 			if err := s.stop(); err != nil {
-				return fmt.Errorf("%s: %w: %w", backends[i].Label, errBackend, err)
+				return fmt.Errorf("%s: %w: %w", backends[i].Name, errBackend, err)
 			}
 			sides[i].startReady = append(sides[i].startReady, el)
 			sides[i].startCPU = append(sides[i].startCPU, cpu)
@@ -278,7 +278,7 @@ func measureIdle(ctx context.Context, cfg config, b backend, dir, keyFile string
 	}
 	mem := make([]memory, 0, len(all))
 	for _, s := range all {
-		m, err := readMemory(s.in.cmd.Process.Pid)
+		m, err := readMemory(s.in.pid())
 		if err != nil {
 			return nil, err
 		}

@@ -126,7 +126,7 @@ func formatValue(v float64, unit string) string {
 // markdown renders the run as a markdown section.
 func (r report) markdown() string {
 	var sb strings.Builder
-	fmt.Fprintf(&sb, "| measure | %s | %s | ratio (%s ÷ %s) | target |\n", r.cfg.A.Label, r.cfg.B.Label, short(r.cfg.B.Label), short(r.cfg.A.Label))
+	fmt.Fprintf(&sb, "| measure | %s | %s | ratio (%s ÷ %s) | target |\n", r.cfg.A.Name, r.cfg.B.Name, short(r.cfg.B.Name), short(r.cfg.A.Name))
 	sb.WriteString("|---|---:|---:|---:|---|\n")
 	for _, row := range r.rows() {
 		fmt.Fprintf(&sb, "| %s | %s | %s | %s | %s |\n", row.name, formatValue(row.a, row.unit), formatValue(row.b, row.unit), row.ratio(), row.verdict())
@@ -146,7 +146,7 @@ func markdownRuns(reps []report) string {
 	first, last := reps[0], reps[len(reps)-1]
 	var sb strings.Builder
 	fmt.Fprintf(&sb, "| measure | %s | %s | ratio (%s ÷ %s), median | ratio in each run | target |\n",
-		first.cfg.A.Label, first.cfg.B.Label, short(first.cfg.B.Label), short(first.cfg.A.Label))
+		first.cfg.A.Name, first.cfg.B.Name, short(first.cfg.B.Name), short(first.cfg.A.Name))
 	sb.WriteString("|---|---:|---:|---:|---|---|\n")
 	for _, m := range combineRuns(reps) {
 		fmt.Fprintf(&sb, "| %s | %s | %s | %s | %s | %s |\n", m.name, formatValue(m.a, m.unit), formatValue(m.b, m.unit),
