@@ -62,6 +62,7 @@ type config struct {
 	joinConc int
 	keepWork bool
 	modes    []string
+	serve    []string // extra nkp-provider serve arguments
 }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -77,12 +78,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&cfg.bin, "provider-bin", "", "nkp-provider binary (default $NKP_BIN/nkp-provider, else built with go build)")
 	fs.IntVar(&cfg.joinConc, "join-concurrency", 100, "enrollments in flight at once (0: all hosts at once)")
 	fs.BoolVar(&cfg.keepWork, "keep", false, "keep the work directory")
-	var modes string
+	var modes, serveArgs string
+	fs.StringVar(&serveArgs, "serve-args", "", "extra nkp-provider serve arguments, space-separated (to run an older build as the reference)")
 	fs.StringVar(&modes, "fetch", "keys,poll", "fetch phases: keys (every fetch hands out the KDKs, audited), poll (GET /v1/host/kdks?known=KEYSET, unchanged, read-only)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	cfg.modes = strings.Split(modes, ",")
+	cfg.serve = strings.Fields(serveArgs)
 	for _, m := range cfg.modes {
 		if m != "keys" && m != "poll" {
 			return fmt.Errorf("-fetch %q: want keys, poll or keys,poll", m)
@@ -184,7 +187,7 @@ func measure(ctx context.Context, cfg config, storeKind, bin, dir string, log *s
 	if out, err := exec.Command(bin, append([]string{"init", "--dir", dir, "--log-format", "text"}, storeArgs...)...).CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("nkp-provider init: %v\n%s", err, out)
 	}
-	serveArgs := append([]string{"serve", "--dir", dir, "--listen", "127.0.0.1:0"}, storeArgs...)
+	serveArgs := append(append([]string{"serve", "--dir", dir, "--listen", "127.0.0.1:0"}, storeArgs...), cfg.serve...)
 	cmd := exec.Command(bin, serveArgs...)
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET=", "WATCHDOG_USEC=")
 	stderr, err := cmd.StderrPipe()
