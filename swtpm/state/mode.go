@@ -8,8 +8,8 @@ import (
 	"path/filepath"
 )
 
-// applyModeLocked gives the state files already in the directory (and their .bak copies)
-// the mode Options.Mode asks for, when it was given; called each time the Dir takes the
+// applyModeLocked gives the state files already in the directory (their .bak copies and
+// the state ID file too) the mode Options.Mode asks for, when it was given; called each time the Dir takes the
 // lock, so a second process never touches the files of a running one.
 //
 // swtpm writes a state file anew on every store (temp file, rename), so after its first
@@ -24,26 +24,28 @@ func (d *Dir) applyModeLocked() {
 	if !d.explicitMode {
 		return
 	}
+	files := []string{stateIDFile}
 	for _, name := range Names {
-		for _, file := range []string{FileName(name), FileName(name) + ".bak"} {
-			p := filepath.Join(d.dir, file)
-			fi, err := os.Lstat(p)
-			if err != nil {
-				if !errors.Is(err, fs.ErrNotExist) {
-					d.log.Warn("--tpmstate mode=: cannot stat a state file; its mode is left as it is", "path", p, "err", err)
-				}
-				continue
+		files = append(files, FileName(name), FileName(name)+".bak")
+	}
+	for _, file := range files {
+		p := filepath.Join(d.dir, file)
+		fi, err := os.Lstat(p)
+		if err != nil {
+			if !errors.Is(err, fs.ErrNotExist) {
+				d.log.Warn("--tpmstate mode=: cannot stat a state file; its mode is left as it is", "path", p, "err", err)
 			}
-			if !fi.Mode().IsRegular() || fi.Mode().Perm() == d.mode {
-				continue
-			}
-			if err := os.Chmod(p, d.mode); err != nil {
-				d.log.Warn("--tpmstate mode=: cannot change the mode of a state file; run nkp-swtpm as the files' owner",
-					"path", p, "mode", fmt.Sprintf("%#o", d.mode), "have", fmt.Sprintf("%#o", fi.Mode().Perm()), "err", err)
-				continue
-			}
-			d.log.Debug("state file mode changed as --tpmstate mode= asks",
-				"path", p, "mode", fmt.Sprintf("%#o", d.mode), "was", fmt.Sprintf("%#o", fi.Mode().Perm()))
+			continue
 		}
+		if !fi.Mode().IsRegular() || fi.Mode().Perm() == d.mode {
+			continue
+		}
+		if err := os.Chmod(p, d.mode); err != nil {
+			d.log.Warn("--tpmstate mode=: cannot change the mode of a state file; run nkp-swtpm as the files' owner",
+				"path", p, "mode", fmt.Sprintf("%#o", d.mode), "have", fmt.Sprintf("%#o", fi.Mode().Perm()), "err", err)
+			continue
+		}
+		d.log.Debug("state file mode changed as --tpmstate mode= asks",
+			"path", p, "mode", fmt.Sprintf("%#o", d.mode), "was", fmt.Sprintf("%#o", fi.Mode().Perm()))
 	}
 }

@@ -31,6 +31,9 @@ func TestOpenAppliesMode(t *testing.T) {
 		{"backup copies too",
 			map[string]os.FileMode{permall: 0o640, permall + ".bak": 0o640}, 0o600,
 			map[string]os.FileMode{permall: 0o600, permall + ".bak": 0o600}},
+		{"the state ID file too",
+			map[string]os.FileMode{permall: 0o640, stateIDFile: 0o640}, 0o600,
+			map[string]os.FileMode{permall: 0o600, stateIDFile: 0o600}},
 		{"other files left alone",
 			map[string]os.FileMode{"notes.txt": 0o644}, 0o600,
 			map[string]os.FileMode{"notes.txt": 0o644}},
@@ -48,7 +51,11 @@ func TestOpenAppliesMode(t *testing.T) {
 				dir := t.TempDir()
 				for f, mode := range tt.files {
 					p := filepath.Join(dir, f)
-					if err := os.WriteFile(p, []byte("x"), mode); err != nil {
+					content := []byte("x")
+					if f == stateIDFile {
+						content = []byte(strings.Repeat("ab", stateIDSize) + "\n")
+					}
+					if err := os.WriteFile(p, content, mode); err != nil {
 						t.Fatal(err)
 					}
 					if err := os.Chmod(p, mode); err != nil { // past the umask
