@@ -96,6 +96,9 @@ func (l *testLog) String() string {
 // its own; Cleanup closes it and fails the test if anything is left.
 func newHost(t *testing.T, name string, hooks map[string][]byte) *libvirtns.Host {
 	t.Helper()
+	if err := libvirtns.RemoveStale(); err != nil {
+		t.Log(err)
+	}
 	log := &testLog{}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -240,6 +243,10 @@ func xmlEscape(s string) string {
 	return b.String()
 }
 
+// noTimerCheck keeps the guest kernel from panicking in setup_IO_APIC ("IO-APIC + timer
+// doesn't work") when TCG runs slowly on a loaded machine.
+const noTimerCheck = " no_timer_check"
+
 // newDomain is the spec of a domain booting f with cfg; name gets a random suffix.
 func newDomain(t *testing.T, f vmFiles, name string, cfg guest.Config, tpm string) domainSpec {
 	t.Helper()
@@ -248,7 +255,7 @@ func newDomain(t *testing.T, f vmFiles, name string, cfg guest.Config, tpm strin
 		t.Fatal(err)
 	}
 	return domainSpec{Name: "nkp-hostd-" + name + "-" + randHex(t, 4), Kernel: f.kernel, Initrd: f.initrd,
-		Cmdline: args, Console: string(f.console), TPM: tpm}
+		Cmdline: args + noTimerCheck, Console: string(f.console), TPM: tpm}
 }
 
 // write writes the domain's XML into dir and returns its path.

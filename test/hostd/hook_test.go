@@ -13,7 +13,6 @@ import (
 
 	"github.com/google/uuid"
 
-	"github.com/nkp-dev/nkp/hostd/domxml"
 	"github.com/nkp-dev/nkp/test/e2e"
 	"github.com/nkp-dev/nkp/test/libvirtns"
 )
@@ -26,32 +25,6 @@ func hookFiles(t *testing.T) map[string][]byte {
 		t.Fatal(err)
 	}
 	return map[string][]byte{"nkp": b}
-}
-
-// protectedXML returns d's XML with nkp's metadata and vTPM as `nkpctl vm protect`
-// writes them (hostd/domxml), for a VM nobody protected: keyID names its vTPM key.
-func protectedXML(t *testing.T, d domainSpec, dir string) (path, keyID string) {
-	t.Helper()
-	doc, err := os.ReadFile(d.write(t, dir))
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyID = uuid.NewString()
-	doc, err = domxml.SetMetadata(doc, &domxml.Metadata{ProviderID: uuid.NewString(), Objects: []domxml.Object{
-		{Name: domxml.ObjectVTPM, KeyID: keyID, KDKID: uuid.NewString(), KDKVersion: 1},
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	tpm := domxml.External("", domxml.SocketPath("/run/nkp/vtpm", d.UUID))
-	if doc, err = domxml.SetTPM(doc, &tpm); err != nil {
-		t.Fatal(err)
-	}
-	path = d.write(t, dir) + ".nkp"
-	if err := os.WriteFile(path, doc, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return path, keyID
 }
 
 // TestHookWithoutHostd runs nkp's hook in a host where no nkp-hostd runs: libvirt starts
@@ -76,7 +49,7 @@ func TestHookWithoutHostd(t *testing.T) {
 	t.Run("protected domain refused", func(t *testing.T) {
 		d := newDomain(t, f, "prot", loopConfig("x", "y"), "")
 		d.UUID = uuid.NewString()
-		p, keyID := protectedXML(t, d, f.dir)
+		p, keyID := protectXML(t, d, f.dir, uuid.NewString(), uuid.NewString(), 1)
 		virsh(t, h, "define", p)
 		t.Cleanup(func() { h.Virsh(context.Background(), "undefine", d.Name) })
 		out, err := h.Virsh(context.Background(), "start", d.Name)
@@ -96,7 +69,7 @@ func TestHookWithoutHostd(t *testing.T) {
 	t.Run("direct calls", func(t *testing.T) {
 		d := newDomain(t, f, "direct", loopConfig("x", "y"), "")
 		d.UUID = uuid.NewString()
-		p, keyID := protectedXML(t, d, f.dir)
+		p, keyID := protectXML(t, d, f.dir, uuid.NewString(), uuid.NewString(), 1)
 		prot, err := os.ReadFile(p)
 		if err != nil {
 			t.Fatal(err)

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -52,8 +53,17 @@ func startProvider(t *testing.T, ip string) *provider {
 	if err := os.WriteFile(pass, []byte("hostd-e2e backup passphrase"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	p.ctl(t, "backup", "--passphrase-file", pass, "--out", filepath.Join(t.TempDir(), "backup.age"))
-	return p
+	// The backup's scrypt can outlast nkpctl's request timeout on a loaded machine: try
+	// three times.
+	var err error
+	for range 3 {
+		if _, err = p.tryCtl("backup", "--passphrase-file", pass, "--out", filepath.Join(t.TempDir(), "backup.age")); err == nil {
+			return p
+		}
+		t.Logf("backup: %v; again", err)
+	}
+	t.Fatal(err)
+	return nil
 }
 
 // start serves the provider (again) and waits until it listens.
@@ -135,14 +145,23 @@ func (p *provider) Logs() string {
 // ctl runs `nkpctl provider ARGS` as the provider's first admin and returns stdout.
 func (p *provider) ctl(t *testing.T, args ...string) string {
 	t.Helper()
+	out, err := p.tryCtl(args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// tryCtl is ctl that returns the error (with nkpctl's stderr).
+func (p *provider) tryCtl(args ...string) (string, error) {
 	full := append(append([]string{"provider", "--dir", p.dir}, args...), "--provider", p.url)
 	cmd := exec.Command(p.nkpctl, full...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	if err := cmd.Run(); err != nil {
-		t.Fatalf("nkpctl provider %s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(errb.String()))
+		return "", fmt.Errorf("nkpctl provider %s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(errb.String()))
 	}
-	return out.String()
+	return out.String(), nil
 }
 
 // token creates a join token and writes its secret to a 0600 file (hostd reads it from

@@ -191,6 +191,12 @@ func (h *Host) layout() error {
 	if err := appendFile(filepath.Join(etc, "libvirtd.conf"), conf); err != nil {
 		return fmt.Errorf("libvirtns: host %s: %w", h.Name, err)
 	}
+	// cgroups are one hierarchy for the whole machine, and libvirt names a domain's group
+	// after its ID and name (machine/qemu-ID-NAME): the same VM on two Hosts (a migration)
+	// would share, and then remove, one group. QEMU runs without cgroups in a Host.
+	if err := appendFile(filepath.Join(etc, "qemu.conf"), "\n# libvirtns: no cgroups (shared by every Host on the machine)\ncgroup_controllers = [ ]\n"); err != nil {
+		return fmt.Errorf("libvirtns: host %s: %w", h.Name, err)
+	}
 	for _, d := range []struct {
 		p    string
 		mode os.FileMode
@@ -646,3 +652,34 @@ func appendFile(p, s string) error {
 }
 
 func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
+
+// RemoveStale deletes the network namespaces of Hosts whose run ended without Close (a
+// test binary killed by its timeout): nkpe2e-* namespaces older than ten minutes in
+// which no process runs. A Host in use has its holder process inside (and one being
+// created is younger), so it is left alone.
+func RemoveStale() error {
+	ents, err := os.ReadDir("/run/netns")
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		return fmt.Errorf("libvirtns: %w", err)
+	}
+	var errs []error
+	for _, e := range ents {
+		if !strings.HasPrefix(e.Name(), "nkpe2e-") {
+			continue
+		}
+		if fi, err := e.Info(); err != nil || time.Since(fi.ModTime()) < 10*time.Minute {
+			continue
+		}
+		out, err := exec.Command("ip", "netns", "pids", e.Name()).Output()
+		if err != nil || len(bytes.TrimSpace(out)) > 0 {
+			continue
+		}
+		if out, err := exec.Command("ip", "netns", "del", e.Name()).CombinedOutput(); err != nil {
+			errs = append(errs, fmt.Errorf("libvirtns: stale namespace %s: %w: %s", e.Name(), err, bytes.TrimSpace(out)))
+		}
+	}
+	return errors.Join(errs...)
+}
