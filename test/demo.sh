@@ -1,54 +1,132 @@
 #!/usr/bin/env bash
-# nkp demo (the README's main job, `sudo make demo`): boot a tiny VM through libvirt with
-# an nkp-swtpm vTPM whose state is encrypted under a random 256-bit key passed by fd,
-# show what the guest's TPM reports, then stop and clean up. Exits non-zero on failure.
+# nkp demo (the README's main job, `sudo make demo`), on one machine with embedded defaults
+# and no real TPM:
+#   1. initialise a key provider and take its backup (it releases no KDK before that);
+#   2. join nkp-hostd to it with a socket TPM as the host TPM (nkp-swtpm), and install the
+#      libvirt hook;
+#   3. define a small VM and `nkpctl vm protect` it: it gets an nkp vTPM;
+#   4. `virsh start`: the guest shows its TPM 2.0 and writes a value into TPM NV;
+#   5. `virsh start` again: the value survived the power cycle;
+#   6. stop the provider, restart nkp-hostd, `virsh start` again: the VM starts with the
+#      KDK from the host TPM's cache and the NV value is still there.
+# Everything lives in a temporary directory and is removed at the end (also on failure).
 #
-# Needs root, `make setup` (packages, libvirtd) and `make build` (bin/nkp-swtpm).
-# NKP_SWTPM=/path/to/backend overrides the vTPM program (e.g. /usr/bin/swtpm to compare).
+# Needs root, `make setup` (packages, libvirtd) and `make build`. Exits non-zero on failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=/usr/local/go/bin:$PATH
 
-say() { printf 'demo: %s\n' "$*"; }
+say() { printf '\ndemo: %s\n' "$*"; }
+run() { printf '  $ %s\n' "$*"; "$@"; }
 die() { printf 'demo: FAILED: %s\n' "$*" >&2; exit 1; }
 
-[ "$(id -u)" = 0 ] || die "run as root (sudo make demo): libvirt's system connection and QEMU's socket permissions need it"
-BACKEND=${NKP_SWTPM:-${NKP_BIN:-$PWD/bin}/nkp-swtpm}
-[ -x "$BACKEND" ] || die "no vTPM program at $BACKEND: run \`make build\` first"
+[ "$(id -u)" = 0 ] || die "run as root (sudo make demo): libvirt's system connection, the hook and the vTPM user need it"
+BIN=${NKP_BIN:-$PWD/bin}
+for b in nkp-provider nkpctl nkp-hostd nkp-swtpm nkp-hook; do
+	[ -x "$BIN/$b" ] || die "no $BIN/$b: run \`make build\` first"
+done
 virsh -c qemu:///system version >/dev/null 2>&1 || die "libvirtd does not answer: run \`make setup\` first"
+id tss >/dev/null 2>&1 || die "no user tss to run the vTPMs (Debian's tpm2-tools/swtpm packages create it: make setup)"
 
 say "building the tiny guest (kernel + busybox initramfs with a go-tpm agent; cached in test/guest/out)"
 eval "$(go run ./test/guest/cmd/guest-build | grep '^NKP_GUEST_[A-Z]*=/[A-Za-z0-9._/-]*$')"
 [ -n "${NKP_GUEST_KERNEL:-}" ] && [ -n "${NKP_GUEST_INITRD:-}" ] || die "the guest builder printed no kernel/initrd"
 
 W=$(mktemp -d /tmp/nkp-demo.XXXXXX)
-chmod 0711 "$W" # QEMU (libvirt-qemu) must reach the socket, the console and the guest files
-NAME=nkp-demo-$(basename "$W" | cut -d. -f2)
-BPID=
+chmod 0711 "$W" # QEMU (libvirt-qemu) and the vTPM user (tss) traverse it
+TAG=$(basename "$W" | cut -d. -f2)
+NAME=nkp-demo-$TAG
+HOOK=/etc/libvirt/hooks/qemu.d/nkp-demo-$TAG
+PROV_PID= TPM_PID= HOSTD_PID=
+stop_pid() { # pid: SIGTERM, wait up to 30 s, then SIGKILL
+	[ -n "$1" ] && kill -0 "$1" 2>/dev/null || return 0
+	kill "$1" 2>/dev/null || true
+	for _ in $(seq 300); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+	kill -9 "$1" 2>/dev/null || true
+	wait "$1" 2>/dev/null || true
+}
 cleanup() {
 	virsh -c qemu:///system destroy "$NAME" >/dev/null 2>&1 || true
-	if [ -n "$BPID" ] && kill -0 "$BPID" 2>/dev/null; then kill "$BPID"; wait "$BPID" 2>/dev/null || true; fi
+	virsh -c qemu:///system undefine "$NAME" >/dev/null 2>&1 || true
+	rm -f "$HOOK"
+	stop_pid "$HOSTD_PID"
+	stop_pid "$TPM_PID"
+	stop_pid "$PROV_PID"
 	rm -rf "$W"
 }
 trap cleanup EXIT
 
-# The state key: 32 random bytes in a 0600 file inside a 0700 directory, handed over on fd 3.
-mkdir -m 0700 "$W/keys" "$W/state"
-(umask 077 && head -c 32 /dev/urandom >"$W/keys/vtpm.key")
-SOCK=$W/vtpm.sock
-"$BACKEND" socket --tpm2 --tpmstate "dir=$W/state,mode=0600" \
-	--ctrl "type=unixio,path=$SOCK,mode=0660" \
-	--key fd=3,format=binary,mode=aes-256-cbc \
-	--log "file=$W/vtpm.log" --terminate 3<"$W/keys/vtpm.key" &
-BPID=$!
-for _ in $(seq 100); do [ -S "$SOCK" ] && break; kill -0 "$BPID" 2>/dev/null || break; sleep 0.1; done
-[ -S "$SOCK" ] || die "$(basename "$BACKEND") did not open $SOCK: $(tail -n 5 "$W/vtpm.log" 2>/dev/null)"
-chgrp kvm "$SOCK" # QEMU runs as libvirt-qemu:kvm under libvirt
-say "started $(basename "$BACKEND") (pid $BPID): state $W/state encrypted under a fresh 256-bit key (fd 3), control socket $SOCK"
+wait_for() { # seconds what command...: poll the command until it succeeds, or die
+	local secs=$1 what=$2
+	local end=$((SECONDS + secs))
+	shift 2
+	while [ "$SECONDS" -lt "$end" ]; do "$@" && return 0; sleep 0.2; done
+	die "$what did not happen within $secs s"
+}
 
+# 1. The provider.
+say "1. a key provider: init, serve, backup (no KDK is released before a backup exists)"
+run "$BIN/nkp-provider" init --dir "$W/provider" --log-format text >"$W/provider-init.log" 2>&1 || die "nkp-provider init: $(cat "$W/provider-init.log")"
+"$BIN/nkp-provider" serve --dir "$W/provider" --listen 127.0.0.1:0 --log-format json 2>"$W/provider.log" &
+PROV_PID=$!
+wait_for 60 "nkp-provider serving" grep -q '"msg":"provider serving"' "$W/provider.log"
+ADDR=$(grep -o '"msg":"provider serving","addr":"[^"]*"' "$W/provider.log" | head -n1 | sed 's/.*"addr":"\([^"]*\)"/\1/')
+URL=https://$ADDR
+echo "  nkp-provider serves $URL (pid $PROV_PID)"
+(umask 077 && head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$W/backup.pass")
+# (The backup's scrypt can outlast nkpctl's request timeout on a very loaded machine: 3 tries.)
+for try in 1 2 3; do
+	run "$BIN/nkpctl" provider --dir "$W/provider" --provider "$URL" backup --passphrase-file "$W/backup.pass" --out "$W/backup.age" >/dev/null && break
+	[ "$try" = 3 ] && die "the backup failed three times"
+done
+echo "  backup written to $W/backup.age (age-encrypted; opens with the age tool too)"
+
+# 2. The host: a socket TPM, join, serve, the hook.
+say "2. this host: a socket TPM as host TPM, nkp-hostd join (token from a file), serve, the libvirt hook"
+mkdir -m 0700 "$W/hosttpm" "$W/hosttpm/state"
+"$BIN/nkp-swtpm" socket --tpm2 --server "type=unixio,path=$W/hosttpm/data.sock" --ctrl "type=unixio,path=$W/hosttpm/ctrl.sock" \
+	--tpmstate "dir=$W/hosttpm/state" --flags not-need-init,startup-clear --log "file=$W/hosttpm/log" 2>>"$W/hosttpm/log" &
+TPM_PID=$!
+wait_for 30 "the host TPM's socket" test -S "$W/hosttpm/data.sock"
+TPMSPEC="swtpm:path=$W/hosttpm/data.sock,ctrl=$W/hosttpm/ctrl.sock"
+TOKEN_JSON=$("$BIN/nkpctl" provider --dir "$W/provider" --provider "$URL" token create --ttl 10m --json)
+(umask 077 && printf '%s' "$TOKEN_JSON" | sed -n 's/.*"secret": *"\([^"]*\)".*/\1/p' >"$W/token")
+CAHASH=$(printf '%s' "$TOKEN_JSON" | sed -n 's/.*"ca_hash": *"\([^"]*\)".*/\1/p')
+[ -s "$W/token" ] && [ -n "$CAHASH" ] || die "token create printed no secret or CA hash"
+mkdir -m 0711 "$W/run"
+HOSTD=("$BIN/nkp-hostd")
+STATE=(--state-dir "$W/hostd")
+run "${HOSTD[@]}" join --provider "$URL" --ca-hash "$CAHASH" --token-file "$W/token" --tpm "$TPMSPEC" "${STATE[@]}" --hostname "demo-$TAG" --log-format text
+rm -f "$W/token"
+start_hostd() {
+	NOTIFY_SOCKET= "${HOSTD[@]}" serve "${STATE[@]}" --run-dir "$W/run" --tpm "$TPMSPEC" --swtpm "$BIN/nkp-swtpm" --log-format text 2>>"$W/hostd.log" &
+	HOSTD_PID=$!
+	wait_for 60 "nkp-hostd serving" test -S "$W/run/hostd.sock"
+	wait_for 60 "nkp-hostd answering on its local API" "$BIN/nkpctl" vm --socket "$W/run/hostd.sock" status >/dev/null 2>&1
+}
+start_hostd
+echo "  nkp-hostd serves (pid $HOSTD_PID): hook socket $W/run/hook.sock, local API $W/run/hostd.sock"
+# The hook: nkp-hook asking this demo's hostd. libvirtd looks for hook files when it
+# starts or gets SIGHUP; a file added to an existing qemu.d is seen as it is.
+HUP=no
+{ [ -e /etc/libvirt/hooks/qemu ] || [ -n "$(ls -A /etc/libvirt/hooks/qemu.d 2>/dev/null)" ]; } || HUP=yes
+mkdir -p /etc/libvirt/hooks/qemu.d
+printf '#!/bin/sh\nexec %s --socket=%s "$@"\n' "$BIN/nkp-hook" "$W/run/hook.sock" >"$HOOK.tmp"
+chmod 0755 "$HOOK.tmp" && mv "$HOOK.tmp" "$HOOK"
+echo "  hook installed: $HOOK (domains without nkp metadata pass it untouched)"
+if [ "$HUP" = yes ]; then
+	for pf in /run/nkp-test/libvirtd.pid /run/libvirtd.pid; do
+		if [ -s "$pf" ]; then kill -HUP "$(cat "$pf")" && echo "  libvirtd (pid $(cat "$pf")) reloaded to see its first hook" && break; fi
+	done
+	sleep 1
+fi
+
+# 3. The VM.
+say "3. a small VM (TCG, 256 MiB, no TPM yet), then nkpctl vm protect"
 cp "$NKP_GUEST_KERNEL" "$W/vmlinuz"
 cp "$NKP_GUEST_INITRD" "$W/initrd.gz"
 CONSOLE=$W/console.log
+NV=demo-$TAG
 cat >"$W/domain.xml" <<XML
 <domain type='qemu'>
   <name>$NAME</name>
@@ -58,39 +136,71 @@ cat >"$W/domain.xml" <<XML
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>$W/vmlinuz</kernel>
     <initrd>$W/initrd.gz</initrd>
-    <cmdline>console=ttyS0 quiet loglevel=1 panic=-1</cmdline>
+    <cmdline>console=ttyS0 quiet loglevel=1 panic=-1 no_timer_check nkp.do=nvwrite nkp.nv=$NV</cmdline>
   </os>
   <features><acpi/><apic/></features>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
-    <serial type='file'><source path='$CONSOLE'/><target port='0'/></serial>
-    <console type='file'><source path='$CONSOLE'/><target type='serial' port='0'/></console>
-    <tpm model='tpm-crb'><backend type='external'><source type='unix' mode='connect' path='$SOCK'/></backend></tpm>
+    <serial type='file'><source path='$CONSOLE' append='on'/><target port='0'/></serial>
+    <console type='file'><source path='$CONSOLE' append='on'/><target type='serial' port='0'/></console>
     <controller type='usb' model='none'/>
     <memballoon model='none'/>
   </devices>
 </domain>
 XML
-virsh -c qemu:///system create "$W/domain.xml" >/dev/null || die "virsh create refused the domain"
-say "virsh started domain $NAME (TCG, 256 MiB) with <tpm model='tpm-crb'><backend type='external'> on that socket"
+run virsh -c qemu:///system define "$W/domain.xml" >/dev/null
+run "$BIN/nkpctl" vm --socket "$W/run/hostd.sock" protect "$NAME"
+echo "  the domain's TPM now:"
+virsh -c qemu:///system dumpxml "$NAME" | sed -n '/<tpm /,/<\/tpm>/p' | sed 's/^/    /'
+echo "  nkp's metadata in it:"
+virsh -c qemu:///system dumpxml "$NAME" | sed -n '/<nkp:vm/,/<\/nkp:vm>/p' | sed 's/^/    /'
 
-# The serial port writes a line byte by byte: wait for a whole verdict, not its first bytes.
-for _ in $(seq 1800); do grep -aEq 'NKP-GUEST done=(ok|fail)' "$CONSOLE" 2>/dev/null && break; sleep 0.1; done
-grep -aEq 'NKP-GUEST done=(ok|fail)' "$CONSOLE" 2>/dev/null || die "no result from the guest within 180 s; console: $(tail -n 5 "$CONSOLE" 2>/dev/null)"
-say "the guest's TPM, as the guest sees it:"
-grep -a 'NKP-GUEST ' "$CONSOLE" | grep -av 'poweroff=' | sed 's/^.*NKP-GUEST /  /'
+# boot: virsh start, wait for this boot's verdict and the power-off, print the agent's lines.
+BOOTS=0
+boot() {
+	local before
+	before=$(grep -ac 'NKP-GUEST done=' "$CONSOLE" 2>/dev/null || true)
+	before=${before:-0}
+	run virsh -c qemu:///system start "$NAME" >/dev/null
+	wait_for 300 "the guest's verdict" sh -c "[ \"\$(grep -ac 'NKP-GUEST done=' '$CONSOLE' 2>/dev/null)\" -gt $before ] || virsh -c qemu:///system domstate '$NAME' 2>/dev/null | grep -q 'shut off'"
+	[ "$(grep -ac 'NKP-GUEST done=' "$CONSOLE")" -gt "$before" ] || die "the VM stopped without the guest's verdict; console: $(tail -n 8 "$CONSOLE")"
+	wait_for 120 "the guest to power off" sh -c "virsh -c qemu:///system domstate '$NAME' 2>/dev/null | grep -q 'shut off'"
+	BOOTS=$((BOOTS + 1))
+	echo "  the guest's TPM, as the guest sees it (boot $BOOTS):"
+	# This boot's lines: everything after the $before-th verdict.
+	awk -v n="$before" '/NKP-GUEST done=/{c++; if (c<=n) next} c>=n' "$CONSOLE" | grep -a 'NKP-GUEST ' | grep -av 'poweroff=' | sed 's/^.*NKP-GUEST /    /'
+	awk -v n="$before" '/NKP-GUEST done=/{c++; if (c<=n) next} c>=n' "$CONSOLE" | grep -aq 'NKP-GUEST done=ok' || die "the guest agent failed (see above)"
+}
+last_nv() { grep -ao ' nv=[A-Za-z0-9._-]*' "$CONSOLE" | tail -n1 | cut -d= -f2; }
+set_job() { # the guest's job for the next boots, in the kernel command line (nkp's metadata stays)
+	virsh -c qemu:///system dumpxml --inactive --security-info "$NAME" | sed "s|nkp.do=[a-z,]*|nkp.do=$1|" >"$W/domain2.xml"
+	virsh -c qemu:///system define "$W/domain2.xml" >/dev/null
+}
 
-grep -aq 'NKP-GUEST done=ok' "$CONSOLE" || die "the guest agent failed (see above)"
-grep -aq 'NKP-GUEST tpm=2.0' "$CONSOLE" || die "the guest did not see a TPM 2.0"
-PCR0=$(grep -ao 'NKP-GUEST pcr0=[0-9a-f]*' "$CONSOLE" | head -n1 | cut -d= -f2)
-[ ${#PCR0} = 64 ] && [ "$PCR0" != "$(printf '0%.0s' $(seq 64))" ] || die "PCR0 is not a firmware measurement: '$PCR0'"
+# 4. First boot.
+say "4. virsh start: the guest checks its TPM 2.0 and writes '$NV' into an NV index"
+boot
+[ "$(last_nv)" = "$NV" ] || die "the guest wrote NV '$(last_nv)', want '$NV'"
 
-for _ in $(seq 600); do virsh -c qemu:///system domstate "$NAME" >/dev/null 2>&1 || break; sleep 0.1; done
-for _ in $(seq 300); do kill -0 "$BPID" 2>/dev/null || break; sleep 0.1; done
-if kill -0 "$BPID" 2>/dev/null; then die "$(basename "$BACKEND") still runs after the VM powered off"; fi
-wait "$BPID" || die "$(basename "$BACKEND") exited with status $?: $(tail -n 5 "$W/vtpm.log")"
-BPID=
-say "the guest powered off; the vTPM ended with QEMU; state files: $(ls "$W/state" | tr '\n' ' ')"
-say "OK: a VM booted with an encrypted nkp vTPM 2.0 and a firmware-measured PCR0"
+# 5. Power cycle.
+say "5. virsh start again (the guest only reads NV now): the value survived the power cycle"
+set_job nvread
+boot
+[ "$(last_nv)" = "$NV" ] || die "after a power cycle the guest reads NV '$(last_nv)', want '$NV'"
+
+# 6. Provider down.
+say "6. the provider goes down and nkp-hostd restarts: the VM still starts (KDK from the host TPM)"
+stop_pid "$PROV_PID"
+PROV_PID=
+echo "  nkp-provider stopped"
+stop_pid "$HOSTD_PID"
+start_hostd
+echo "  nkp-hostd restarted (pid $HOSTD_PID) with the provider unreachable"
+boot
+[ "$(last_nv)" = "$NV" ] || die "with the provider down the guest reads NV '$(last_nv)', want '$NV'"
+grep -q 'unreachable' "$W/hostd.log" && echo "  nkp-hostd's log: $(grep -o 'the provider is unreachable[^"]*' "$W/hostd.log" | head -n1)"
+run "$BIN/nkpctl" vm --socket "$W/run/hostd.sock" status "$NAME"
+
+say "OK: a VM protected by nkp booted three times with its vTPM state encrypted under a key derived from the cluster KDK; its NV value survived power cycles and a start with the provider down"
