@@ -9,8 +9,10 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/nkp-dev/nkp/hostd/domxml"
@@ -254,14 +256,20 @@ func (m *Manager) openSource(dir string, key *state.Key) (*source, error) {
 }
 
 // writeState writes blobs into dir (created 0700; it must not exist yet) under key
-// (nil: swtpm's plaintext format), reads them back, and gives dir, its parent and the
-// files to owner. Missing ancestors are created with parentMode.
+// (nil: swtpm's plaintext format), reads them back, and gives dir and the files to
+// owner. Missing ancestors are created with parentMode.
+//
+// dir's parent (<root>/<vm-uuid>, nkp's or libvirt's) stays root's, 0711 when owner is
+// set: were it the vTPM user's, a compromised vTPM could swap dir for a symlink between
+// the Mkdir and the writes and have root write, chown or remove elsewhere (libvirt keeps
+// /var/lib/libvirt/swtpm/<uuid> root's 0711 for the same reason; hostd/vtpm.Start too).
 func (m *Manager) writeState(dir string, key *state.Key, blobs map[string][]byte, owner *Owner, parentMode fs.FileMode) error {
-	if err := os.MkdirAll(filepath.Dir(dir), parentMode); err != nil {
+	parent := filepath.Dir(dir)
+	if err := os.MkdirAll(parent, parentMode); err != nil {
 		return err
 	}
 	if owner != nil {
-		if err := os.Lchown(filepath.Dir(dir), owner.UID, owner.GID); err != nil {
+		if err := rootParent(parent); err != nil {
 			return err
 		}
 	}
@@ -304,13 +312,7 @@ func (m *Manager) writeState(dir string, key *state.Key, blobs map[string][]byte
 		}
 	}
 	if owner != nil {
-		err := filepath.WalkDir(dir, func(p string, _ fs.DirEntry, err error) error {
-			if err != nil {
-				return err
-			}
-			return os.Lchown(p, owner.UID, owner.GID)
-		})
-		if err != nil {
+		if err := chownTree(dir, *owner); err != nil {
 			return err
 		}
 	}
@@ -319,6 +321,55 @@ func (m *Manager) writeState(dir string, key *state.Key, blobs map[string][]byte
 		return err
 	}
 	return atomicfile.SyncDir(filepath.Dir(filepath.Dir(dir)))
+}
+
+// rootParent makes the existing directory parent (in a root-owned directory) hostd's own
+// and 0711, so that the user a state directory is given to can reach it but not replace it.
+func rootParent(parent string) error {
+	fi, err := os.Lstat(parent)
+	if err != nil {
+		return err
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("%s is not a directory", parent)
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	if int(st.Uid) != os.Geteuid() || int(st.Gid) != os.Getegid() {
+		if err := os.Lchown(parent, os.Geteuid(), os.Getegid()); err != nil {
+			return err
+		}
+	}
+	if fi.Mode().Perm() != 0o711 {
+		return os.Chmod(parent, 0o711)
+	}
+	return nil
+}
+
+// chownTree gives dir (just written by hostd, 0700) and what is in it to owner, the
+// contents first: while they change hands dir is still hostd's, so nobody can swap an
+// entry for a link to a file root would then chown. dir itself goes last. Anything but
+// a regular file or a directory is refused.
+func chownTree(dir string, owner Owner) error {
+	var paths []string
+	err := filepath.WalkDir(dir, func(p string, de fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if !de.Type().IsRegular() && !de.IsDir() {
+			return fmt.Errorf("%s: a %v in a state directory being written, refusing to chown", p, de.Type())
+		}
+		paths = append(paths, p)
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, p := range slices.Backward(paths) {
+		if err := os.Lchown(p, owner.UID, owner.GID); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // vtpmKey derives a vTPM state key.
@@ -432,7 +483,7 @@ func (m *Manager) Protect(ctx context.Context, domain string) (vmapi.VM, error) 
 		}
 		return vmapi.VM{}, err
 	}
-	if err := m.writeState(e.NewDir, key, src.blobs, m.cfg.VTPMOwner, 0o700); err != nil {
+	if err := m.writeState(e.NewDir, key, src.blobs, m.cfg.VTPMOwner, 0o711); err != nil {
 		return fail(fmt.Errorf("vm %q: key %s: writing the vTPM state: %w", d.Name, obj.KeyID, err))
 	}
 	m.step(opProtect, "staged")
@@ -575,7 +626,7 @@ func (m *Manager) Rekey(ctx context.Context, domain string) (vmapi.VM, error) {
 		}
 		return vmapi.VM{}, err
 	}
-	if err := m.writeState(e.NewDir, newKey, src.blobs, m.cfg.VTPMOwner, 0o700); err != nil {
+	if err := m.writeState(e.NewDir, newKey, src.blobs, m.cfg.VTPMOwner, 0o711); err != nil {
 		return fail(fmt.Errorf("vm %q: key %s: writing the vTPM state: %w", d.Name, obj.KeyID, err))
 	}
 	m.step(opRekey, "staged")

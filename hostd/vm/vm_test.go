@@ -416,41 +416,69 @@ func TestPassphraseKeyMatchesSwtpm(t *testing.T) {
 	}
 }
 
-// TestOwner: the vTPM state written at adoption belongs to the vTPM user (nkp-swtpm runs
-// unprivileged), directories 0700 and files 0600.
+// TestOwner: the vTPM state written at adoption and rekey belongs to the vTPM user
+// (nkp-swtpm runs unprivileged), directories 0700 and files 0600, and the state handed
+// back to libvirt at unprotect belongs to libvirt's swtpm user. The <vm-uuid> directory
+// above each stays root's, 0711: were it the unprivileged user's, a compromised vTPM
+// could swap the state directory for a symlink while root writes and chowns in it.
 func TestOwner(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root to chown")
 	}
+	ctx := context.Background()
 	e := newEnv(t)
 	e.m.cfg.VTPMOwner = &Owner{UID: 65534, GID: 65534}
+	e.m.cfg.SwtpmOwner = &Owner{UID: 65533, GID: 65533}
 	e.define(t, "o1", uuid1, "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>")
 	swtpmSetup(t, filepath.Join(e.m.cfg.SwtpmRoot, uuid1, "tpm2"), nil)
-	if _, err := e.m.Protect(context.Background(), "o1"); err != nil {
-		t.Fatal(err)
-	}
-	n := 0
-	err := filepath.WalkDir(filepath.Join(e.m.cfg.VTPMDir, uuid1), func(p string, de fs.DirEntry, err error) error {
-		if err != nil {
+	for _, step := range []struct {
+		name  string
+		do    func() error
+		root  string
+		owner uint32
+	}{
+		{"protect", func() error { _, err := e.m.Protect(ctx, "o1"); return err }, e.m.cfg.VTPMDir, 65534},
+		{"rekey", func() error {
+			e.keys.primary, e.keys.known = 2, 2
+			_, err := e.m.Rekey(ctx, "o1")
 			return err
+		}, e.m.cfg.VTPMDir, 65534},
+		{"unprotect", func() error { _, err := e.m.Unprotect(ctx, "o1", ""); return err }, e.m.cfg.SwtpmRoot, 65533},
+	} {
+		if err := step.do(); err != nil {
+			t.Fatalf("%s: %v", step.name, err)
 		}
-		fi, err := os.Lstat(p)
+		parent := filepath.Join(step.root, uuid1)
+		fi, err := os.Lstat(parent)
 		if err != nil {
-			return err
+			t.Fatalf("%s: %v", step.name, err)
 		}
-		st := fi.Sys().(*syscall.Stat_t)
-		want := fs.FileMode(0o600)
-		if de.IsDir() {
-			want = 0o700
+		if st := fi.Sys().(*syscall.Stat_t); st.Uid != 0 || st.Gid != 0 || fi.Mode().Perm() != 0o711 {
+			t.Errorf("%s: %s: owner %d:%d mode %v, want 0:0 0711", step.name, parent, st.Uid, st.Gid, fi.Mode().Perm())
 		}
-		if st.Uid != 65534 || st.Gid != 65534 || (fi.Mode().Perm() != want && de.Name() != ".lock") {
-			t.Errorf("%s: owner %d:%d mode %v, want 65534:65534 %v", p, st.Uid, st.Gid, fi.Mode().Perm(), want)
+		n := 0
+		err = filepath.WalkDir(parent, func(p string, de fs.DirEntry, err error) error {
+			if err != nil || p == parent {
+				return err
+			}
+			fi, err := os.Lstat(p)
+			if err != nil {
+				return err
+			}
+			st := fi.Sys().(*syscall.Stat_t)
+			want := fs.FileMode(0o600)
+			if de.IsDir() {
+				want = 0o700
+			}
+			if st.Uid != step.owner || st.Gid != step.owner || (fi.Mode().Perm() != want && de.Name() != ".lock") {
+				t.Errorf("%s: %s: owner %d:%d mode %v, want %d:%d %v", step.name, p, st.Uid, st.Gid, fi.Mode().Perm(), step.owner, step.owner, want)
+			}
+			n++
+			return nil
+		})
+		if err != nil || n < 2 { // the state directory and at least its permall
+			t.Fatalf("%s: walked %d entries: %v", step.name, n, err)
 		}
-		n++
-		return nil
-	})
-	if err != nil || n < 3 {
-		t.Fatalf("walked %d entries: %v", n, err)
 	}
 }
 
