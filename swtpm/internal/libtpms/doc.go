@@ -3,11 +3,20 @@
 //
 // libtpms keeps its TPM in global C state, so a process has at most one TPM:
 // Open returns ErrInUse while another is open. All cgo lives in
-// engine_cgo.go and callbacks_cgo.go (build tag cgo); without cgo every call
-// fails with ErrNoCgo. The package's one mutable package-level variable is
-// the pointer to the open TPM, which libtpms' callbacks use to reach its
-// NVRAM: it mirrors libtpms' own global. Every call into libtpms is
-// serialised by the TPM's mutex; Cancel alone does not wait for it.
+// engine_cgo.go, callbacks_cgo.go, conn_cgo.go and conn.c (build tag cgo);
+// without cgo every call fails with ErrNoCgo. The package's one mutable
+// package-level Go variable is the pointer to the open TPM, which libtpms'
+// callbacks use to reach its NVRAM: it mirrors libtpms' own global. Every
+// call into libtpms is serialised by the engine's lock, a recursive C mutex
+// (conn.c) that Go takes with its OS thread locked (Lock, Unlock); Cancel
+// alone does not wait for it. The TPM's running flag, locality, last command
+// code and libtpms' response buffer are C state under that lock.
+//
+// ServeConn serves a data connection with a loop in C (poll, read,
+// TPMLIB_Process, send), so that a TPM command costs no transition into Go;
+// Go is entered only for the NVRAM callbacks (a state store, before the
+// response is sent) and to report a failed command. Its framing is held to
+// package swtpm/data's by FuzzFrameMatchesData.
 //
 // # Lifecycle
 //
