@@ -6,7 +6,8 @@
 // the provider is unreachable. Without a TPM (the provider released the KDK bare), the
 // versions live in memory only and nothing is written: a restart needs the provider.
 // Unwrapped KDKs are held in memory for the daemon's life and wiped by Remove, Forget and
-// Close; Key hands out copies that the caller wipes.
+// Close; Key hands out copies that the caller wipes; Update wipes the bare keys of the
+// release it is given.
 //
 // Update applies a provider release: new versions are stored and unwrapped, versions the
 // provider no longer releases (retired) are deleted, the primary flag follows. Forget
@@ -146,8 +147,15 @@ type Changes struct {
 	Primary        int
 }
 
-// Update applies a release from the provider (see the package comment).
+// Update applies a release from the provider (see the package comment). It wipes the
+// bare keys in rel (a memory-only host's KDKs) on every path, kept or refused, so that a
+// periodic sync leaves no copy of them in the caller's garbage.
 func (c *Cache) Update(rel apiv1.ReleaseResponse) (Changes, error) {
+	defer func() {
+		for i := range rel.KDKs {
+			clear(rel.KDKs[i].Bare)
+		}
+	}()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	var ch Changes

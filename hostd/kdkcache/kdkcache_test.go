@@ -182,8 +182,29 @@ func TestMemoryCache(t *testing.T) {
 		t.Error("memory cache says persistent")
 	}
 	id := kdk.NewKeyID()
-	if _, err := c.Update(apiv1.ReleaseResponse{KDKs: []apiv1.KDK{{ID: id, Version: 3, Primary: true, Bare: k(3)}}}); err != nil {
+	rel := apiv1.ReleaseResponse{KDKs: []apiv1.KDK{{ID: id, Version: 3, Primary: true, Bare: k(3)}}}
+	if _, err := c.Update(rel); err != nil {
 		t.Fatal(err)
+	}
+	// The release's bare key is wiped (the cache keeps its own copy), on the first
+	// release, on a repeated one and on a refused one.
+	if !bytes.Equal(rel.KDKs[0].Bare, make([]byte, kdk.Size)) {
+		t.Errorf("Update left the release's bare KDK in place: %x", rel.KDKs[0].Bare)
+	}
+	again := apiv1.ReleaseResponse{KDKs: []apiv1.KDK{{ID: id, Version: 3, Primary: true, Bare: k(3)}}}
+	refused := apiv1.ReleaseResponse{KDKs: []apiv1.KDK{{ID: id, Version: 3, Primary: true, Bare: k(3)}, {ID: "x", Version: 5, Bare: k(5)}}}
+	if _, err := c.Update(again); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Update(refused); err == nil {
+		t.Fatal("Update accepted a KDK with id \"x\"")
+	}
+	for _, r := range []apiv1.ReleaseResponse{again, refused} {
+		for _, x := range r.KDKs {
+			if !bytes.Equal(x.Bare, make([]byte, kdk.Size)) {
+				t.Errorf("Update left bare KDK version %d in the release: %x", x.Version, x.Bare)
+			}
+		}
 	}
 	if got, _, err := c.Key(3); err != nil || !bytes.Equal(got, k(3)) {
 		t.Fatalf("Key(3) = %x, %v", got, err)
