@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"syscall"
 	"time"
 
 	"github.com/nkp-dev/nkp/hooks/hookproto"
@@ -26,6 +27,12 @@ func (d *Daemon) serveHooks(ctx context.Context) error {
 			}
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			if errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
+				// Out of file descriptors: transient; the hook waits and retries its dial.
+				d.log.Error("hook server: out of file descriptors", "err", err)
+				time.Sleep(100 * time.Millisecond)
 				continue
 			}
 			return err
