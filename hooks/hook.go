@@ -65,7 +65,15 @@ type Env func(string) string
 func Main(args []string, stdin io.Reader, stderr io.Writer, getenv Env) int {
 	ctx := context.Background()
 	xmlDoc, readErr := io.ReadAll(io.LimitReader(stdin, hookproto.MaxRequest))
-	if !hookproto.Protected(xmlDoc) {
+	protected, tooLarge := hookproto.Protected(xmlDoc), false
+	if readErr == nil && len(xmlDoc) == hookproto.MaxRequest {
+		// More may follow. nkp's namespace past the limit must not let a protected
+		// domain pass as someone else's: look for it in the rest.
+		var found bool
+		found, tooLarge, readErr = restMentions(stdin, xmlDoc)
+		protected = protected || found
+	}
+	if !protected {
 		return 0 // not nkp's domain: the fast path, nothing else is looked at
 	}
 	cfg, pos, err := configure(args, getenv)
@@ -74,6 +82,9 @@ func Main(args []string, stdin io.Reader, stderr io.Writer, getenv Env) int {
 	}
 	if err == nil && readErr != nil {
 		err = fmt.Errorf("reading the domain XML from stdin: %w", readErr)
+	}
+	if err == nil && tooLarge {
+		err = fmt.Errorf("its domain XML is larger than the %d bytes nkp reads (remove what makes it so large with virsh edit)", hookproto.MaxRequest)
 	}
 	if err != nil {
 		domain := "(unknown)"
@@ -109,6 +120,34 @@ func Main(args []string, stdin io.Reader, stderr io.Writer, getenv Env) int {
 		return 1
 	}
 	return 0
+}
+
+// restMentions reads what follows head on r to its end and reports whether nkp's
+// namespace occurs there (also across the boundary with head) and whether there was
+// anything at all.
+func restMentions(r io.Reader, head []byte) (found, more bool, err error) {
+	ns := []byte(hookproto.Namespace)
+	carry := head[max(0, len(head)-len(ns)+1):]
+	buf := make([]byte, 0, 64<<10+len(ns))
+	buf = append(buf, carry...)
+	for {
+		n, rerr := r.Read(buf[len(buf):cap(buf)])
+		if n > 0 {
+			more = true
+			buf = buf[:len(buf)+n]
+			if hookproto.Protected(buf) {
+				found = true
+			}
+			k := copy(buf, buf[max(0, len(buf)-len(ns)+1):])
+			buf = buf[:k]
+		}
+		if rerr == io.EOF {
+			return found, more, nil
+		}
+		if rerr != nil {
+			return found, more, rerr
+		}
+	}
 }
 
 func verb(op string) string {
