@@ -145,22 +145,28 @@ func (p *Provider) RevokeAdmin(ctx context.Context, ref string) ([]Admin, error)
 	return revoked, nil
 }
 
-// AuthorizeAdmin checks an administrator's client certificate (already verified against
-// the CA by the caller, role nkp-admin) against the revoked ones in the store, on every
-// request: a revoked certificate is refused at once on every replica (ErrAdminRevoked).
-// Certificates without a record (issued before nkp kept them) are allowed.
+// AuthorizeAdmin checks an administrator's client certificate on every request: issued
+// by this provider's CA for role nkp-admin and valid now (errors wrap ca.ErrNotIssued, and
+// ca.ErrWrongRole for another role), and not revoked in the store: a revoked certificate
+// is refused at once on every replica (ErrAdminRevoked). Certificates without a record
+// (issued before nkp kept them) are allowed.
 func (p *Provider) AuthorizeAdmin(ctx context.Context, cert *x509.Certificate) error {
 	if cert == nil || cert.SerialNumber == nil {
-		return fmt.Errorf("authorize admin: no client certificate: %w", ErrBadRequest)
-	}
-	if ca.RoleOf(cert) != ca.RoleAdmin {
-		return fmt.Errorf("authorize admin: certificate %q does not have role %s: %w", cert.Subject.CommonName, ca.RoleAdmin, ErrBadRequest)
+		return fmt.Errorf("authorize admin: no client certificate: %w", ca.ErrNotIssued)
 	}
 	serial := cert.SerialNumber.Text(16)
+	var m metaRecord
 	var rec adminRecord
 	found := false
 	err := p.st.View(ctx, func(tx store.Tx) error {
-		err := getJSON(tx, bucketAdmins, serial, &rec)
+		if err := store.Prefetch(tx, store.Key(bucketProvider, keyMeta), store.Key(bucketAdmins, serial)); err != nil {
+			return err
+		}
+		var err error
+		if m, err = readMeta(tx); err != nil {
+			return err
+		}
+		err = getJSON(tx, bucketAdmins, serial, &rec)
 		if errors.Is(err, store.ErrNotFound) {
 			return nil
 		}
@@ -169,6 +175,13 @@ func (p *Provider) AuthorizeAdmin(ctx context.Context, cert *x509.Certificate) e
 	})
 	if err != nil {
 		return fmt.Errorf("authorize admin %q: %w", cert.Subject.CommonName, err)
+	}
+	authority, err := p.loadCA(ctx, m.ID)
+	if err != nil {
+		return fmt.Errorf("authorize admin %q: %w", cert.Subject.CommonName, err)
+	}
+	if _, err := p.verifyCert(authority, m.ID, cert, ca.RoleAdmin); err != nil {
+		return fmt.Errorf("authorize admin: %w", err)
 	}
 	if found && rec.Revoked != nil {
 		return fmt.Errorf("admin certificate %q (serial %s) %w at %s; use another administrator's credentials, or have one issue you a new certificate (`nkpctl provider admins add`)",

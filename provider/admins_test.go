@@ -11,9 +11,11 @@ import (
 	"errors"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nkp-dev/nkp/provider"
 	"github.com/nkp-dev/nkp/provider/audit"
+	"github.com/nkp-dev/nkp/provider/ca"
 )
 
 // issueAdmin issues an admin certificate named name and returns it parsed.
@@ -121,5 +123,50 @@ func TestAdminRevocation(t *testing.T) {
 	}
 	if got, err := dst.p.Admins(ctx); err != nil || len(got) != 4 {
 		t.Fatalf("Admins after restore = %+v, %v; want the 4 records", got, err)
+	}
+}
+
+// TestClientCertificatesVerifiedOnce: AuthorizeHost and AuthorizeAdmin are the one place a
+// client certificate's chain is checked (the HTTP edge hands certificates over
+// unverified), so each refuses certificates of another provider, of the other role and
+// outside their validity, with the errors the edge maps to 401 and 403.
+func TestClientCertificatesVerifiedOnce(t *testing.T) {
+	ctx := context.Background()
+	e := initEnv(t, provider.Policy{})
+	foreign := initEnv(t, provider.Policy{})
+	h := e.enroll(t, "kvm", nil)
+	alice := e.issueAdmin(t, "alice")
+	mallory := foreign.issueAdmin(t, "mallory")
+	fh := foreign.enroll(t, "kvm-foreign", nil)
+	asAdmin := func(c *x509.Certificate) error { return e.p.AuthorizeAdmin(ctx, c) }
+	asHost := func(c *x509.Certificate) error { _, err := e.p.AuthorizeHost(ctx, c); return err }
+	tests := []struct {
+		name      string
+		authorize func(*x509.Certificate) error
+		cert      *x509.Certificate
+		wantErr   error // nil: accepted
+	}{
+		{"admin", asAdmin, alice, nil},
+		{"host", asHost, h.cert, nil},
+		{"admin of another provider", asAdmin, mallory, ca.ErrNotIssued},
+		{"host of another provider", asHost, fh.cert, ca.ErrNotIssued},
+		{"host certificate as admin", asAdmin, h.cert, ca.ErrWrongRole},
+		{"admin certificate as host", asHost, alice, ca.ErrWrongRole},
+		{"no admin certificate", asAdmin, nil, ca.ErrNotIssued},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			for range 2 { // the second call is answered from the verification cache
+				err := tc.authorize(tc.cert)
+				if (tc.wantErr == nil) != (err == nil) || (tc.wantErr != nil && !errors.Is(err, tc.wantErr)) {
+					t.Fatalf("authorize = %v, want %v", err, tc.wantErr)
+				}
+			}
+		})
+	}
+	// The cache does not outlive a certificate.
+	e.clock.Advance(alice.NotAfter.Sub(e.clock.Now()) + time.Minute)
+	if err := e.p.AuthorizeAdmin(ctx, alice); !errors.Is(err, ca.ErrNotIssued) {
+		t.Fatalf("expired admin certificate (verified before): %v, want ca.ErrNotIssued", err)
 	}
 }

@@ -383,7 +383,7 @@ func (p *Provider) authorize(ctx context.Context, cert *x509.Certificate, a host
 	if err != nil {
 		return hostRecord{}, fmt.Errorf("authorize host: %w", err)
 	}
-	hostID, err := p.verifyHostCert(authority, a.m.ID, cert)
+	hostID, err := p.verifyCert(authority, a.m.ID, cert, ca.RoleHost)
 	if err != nil {
 		return hostRecord{}, fmt.Errorf("authorize host: %w: %w", ErrHostUnknown, err)
 	}
@@ -407,31 +407,35 @@ func (p *Provider) authorize(ctx context.Context, cert *x509.Certificate, a host
 	return h, nil
 }
 
-// maxVerified bounds the cache of verified host certificates.
+// maxVerified bounds the cache of verified client certificates.
 const maxVerified = 4096
 
-// verifiedCert is a host certificate whose signature chain was checked against the CA of
-// provider caID.
+// verifiedCert is a client certificate whose signature chain was checked against the CA
+// of provider caID, for role.
 type verifiedCert struct {
 	caID      string
-	hostID    string
+	role      ca.Role
+	cn        string
 	notBefore time.Time
 	notAfter  time.Time
 }
 
-// verifyHostCert verifies cert's chain to the CA once per certificate (a signature check
-// per request costs more than the rest of AuthorizeHost); its validity period is checked
-// against the clock on every call.
-func (p *Provider) verifyHostCert(authority *ca.CA, caID string, cert *x509.Certificate) (string, error) {
+// verifyCert verifies cert's chain to the CA, and that it carries role, once per
+// certificate (a signature check per request costs more than the rest of AuthorizeHost);
+// its validity period is checked against the clock on every call. This is the only place
+// a client certificate's chain is verified: the HTTP edge hands the certificate over
+// unverified (AuthorizeHost, ReleaseTo, RenewHost, AuthorizeAdmin). Errors wrap
+// ca.ErrNotIssued, and also ca.ErrWrongRole for a valid certificate of another role.
+func (p *Provider) verifyCert(authority *ca.CA, caID string, cert *x509.Certificate, role ca.Role) (string, error) {
 	sum := sha256.Sum256(cert.Raw)
 	now := p.now()
 	p.verifiedMu.Lock()
 	v, ok := p.verified[sum]
 	p.verifiedMu.Unlock()
-	if ok && v.caID == caID && !now.Before(v.notBefore) && !now.After(v.notAfter) {
-		return v.hostID, nil
+	if ok && v.caID == caID && v.role == role && !now.Before(v.notBefore) && !now.After(v.notAfter) {
+		return v.cn, nil
 	}
-	hostID, err := authority.Verify(cert, ca.RoleHost, now)
+	cn, err := authority.Verify(cert, role, now)
 	if err != nil {
 		return "", err
 	}
@@ -440,6 +444,6 @@ func (p *Provider) verifyHostCert(authority *ca.CA, caID string, cert *x509.Cert
 	if len(p.verified) >= maxVerified {
 		clear(p.verified)
 	}
-	p.verified[sum] = verifiedCert{caID: caID, hostID: hostID, notBefore: cert.NotBefore, notAfter: cert.NotAfter}
-	return hostID, nil
+	p.verified[sum] = verifiedCert{caID: caID, role: role, cn: cn, notBefore: cert.NotBefore, notAfter: cert.NotAfter}
+	return cn, nil
 }

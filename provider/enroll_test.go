@@ -159,7 +159,11 @@ func TestIssueServerCert(t *testing.T) {
 		t.Fatal(err)
 	}
 	pool := x509.NewCertPool()
-	pool.AddCert(e.p.CA())
+	caCert, err := e.p.CA(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool.AddCert(caCert)
 	if _, err := cert.Verify(x509.VerifyOptions{Roots: pool, DNSName: "127.0.0.1", CurrentTime: e.clock.Now()}); err != nil {
 		t.Fatalf("server certificate does not verify for 127.0.0.1: %v", err)
 	}

@@ -84,6 +84,16 @@ func open(t testing.TB, st store.Store, rk *rootkey.Key, c *clock, opts ...func(
 	return &env{p: p, st: st, rk: rk, clock: c, logs: logs}
 }
 
+// caHash is Provider.CAHash, failing the test on an error.
+func (e *env) caHash(t testing.TB) string {
+	t.Helper()
+	h, err := e.p.CAHash(context.Background())
+	if err != nil {
+		t.Fatalf("CAHash: %v", err)
+	}
+	return h
+}
+
 // newEnv opens a provider over a fresh in-memory store with a fresh root key.
 func newEnv(t testing.TB, opts ...func(*provider.Config)) *env {
 	t.Helper()

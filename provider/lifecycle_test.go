@@ -19,8 +19,11 @@ func TestLifecycle(t *testing.T) {
 	if _, err := e.p.Status(ctx); !errors.Is(err, provider.ErrNotInitialized) {
 		t.Fatalf("Status before init: %v, want ErrNotInitialized", err)
 	}
-	if e.p.CA() != nil || e.p.CAHash() != "" {
-		t.Fatal("CA before init is not empty")
+	if c, err := e.p.CA(ctx); c != nil || !errors.Is(err, provider.ErrNotInitialized) {
+		t.Fatalf("CA before init = %v, %v; want nil, ErrNotInitialized", c, err)
+	}
+	if h, err := e.p.CAHash(ctx); h != "" || !errors.Is(err, provider.ErrNotInitialized) {
+		t.Fatalf("CAHash before init = %q, %v; want \"\", ErrNotInitialized", h, err)
 	}
 	st, err := e.p.Init(ctx, provider.InitOptions{})
 	if err != nil {
@@ -32,8 +35,8 @@ func TestLifecycle(t *testing.T) {
 	if _, err := e.p.Init(ctx, provider.InitOptions{}); !errors.Is(err, provider.ErrNotEmpty) {
 		t.Fatalf("second Init: %v, want ErrNotEmpty", err)
 	}
-	if !strings.HasPrefix(e.p.CAHash(), "sha256:") {
-		t.Fatalf("CAHash %q", e.p.CAHash())
+	if h := e.caHash(t); !strings.HasPrefix(h, "sha256:") {
+		t.Fatalf("CAHash %q", h)
 	}
 
 	h := e.enroll(t, "kvm-01", nil)
@@ -228,12 +231,12 @@ func TestForcedRestoreSeenByOtherReplica(t *testing.T) {
 
 	a := initEnv(t, provider.Policy{})
 	b := open(t, a.st, a.rk, a.clock)
-	old := b.p.CAHash() // b caches the replaced provider's CA
+	old := b.caHash(t) // b caches the replaced provider's CA
 	if _, err := a.p.Restore(ctx, bytes.NewReader(archive), []byte("p: correct horse battery"), true); err != nil {
 		t.Fatal(err)
 	}
-	if got := b.p.CAHash(); got == old || got != src.p.CAHash() {
-		t.Fatalf("replica b CA hash %s after the restore, want %s", got, src.p.CAHash())
+	if got, want := b.caHash(t), src.caHash(t); got == old || got != want {
+		t.Fatalf("replica b CA hash %s after the restore, want %s", got, want)
 	}
 	if _, err := b.p.AuthorizeHost(ctx, h.cert); err != nil {
 		t.Fatalf("replica b refuses a host of the restored provider: %v", err)

@@ -379,23 +379,26 @@ func (p *Provider) SetPolicy(ctx context.Context, pol Policy) error {
 	return nil
 }
 
-// CA returns the provider's CA certificate, or nil if the provider is not initialized.
-func (p *Provider) CA() *x509.Certificate {
-	c, err := p.currentCA(context.Background())
+// CA returns the CA certificate of the provider the store holds now (hosts and admins
+// chain to it). It reads the store, so it takes a context and fails with the store's
+// error, or with ErrNotInitialized when the store holds no provider; it never returns a
+// nil certificate without an error.
+func (p *Provider) CA(ctx context.Context) (*x509.Certificate, error) {
+	c, err := p.currentCA(ctx)
 	if err != nil {
-		return nil
+		return nil, err
 	}
-	return c.Certificate()
+	return c.Certificate(), nil
 }
 
-// CAHash is the pin hosts check at join: "sha256:<hex of the CA's SubjectPublicKeyInfo>"
-// ("" if the provider is not initialized).
-func (p *Provider) CAHash() string {
-	c, err := p.currentCA(context.Background())
+// CAHash is the pin hosts check at join: "sha256:<hex of the CA's SubjectPublicKeyInfo>".
+// It fails as CA does.
+func (p *Provider) CAHash(ctx context.Context) (string, error) {
+	c, err := p.currentCA(ctx)
 	if err != nil {
-		return ""
+		return "", err
 	}
-	return c.Hash()
+	return c.Hash(), nil
 }
 
 func (p *Provider) setCA(c *ca.CA, providerID string) {

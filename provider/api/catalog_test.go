@@ -2,95 +2,15 @@ package api_test
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
-	"io"
-	"log"
-	"log/slog"
-	"net/http/httptest"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/google/uuid"
 
-	"github.com/nkp-dev/nkp/provider"
-	"github.com/nkp-dev/nkp/provider/api"
 	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/audit"
 	"github.com/nkp-dev/nkp/provider/client"
-	"github.com/nkp-dev/nkp/provider/rootkey"
-	"github.com/nkp-dev/nkp/provider/store/mem"
 )
-
-// realEnv serves a real provider over the mem store through the API.
-type realEnv struct {
-	p     *provider.Provider
-	url   string
-	ca    *x509.Certificate
-	admin *client.Client
-}
-
-func startReal(t *testing.T) *realEnv {
-	t.Helper()
-	ctx := context.Background()
-	rk, err := rootkey.Generate()
-	if err != nil {
-		t.Fatal(err)
-	}
-	p, err := provider.Open(ctx, provider.Config{Store: mem.New(), RootKey: rk, Log: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := p.Init(ctx, provider.InitOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	s, err := api.New(api.Config{Provider: p, Log: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	issue := func(name string, do func(csr []byte) ([]byte, error)) tls.Certificate {
-		key := newKey(t)
-		der, err := do(csrFor(t, key))
-		if err != nil {
-			t.Fatalf("issuing the %s certificate: %v", name, err)
-		}
-		return tls.Certificate{Certificate: [][]byte{der, p.CA().Raw}, PrivateKey: key}
-	}
-	srv := httptest.NewUnstartedServer(s.Handler())
-	srv.Config.ConnContext = s.ConnContext
-	srv.TLS = api.TLSConfig(issue("server", func(csr []byte) ([]byte, error) { return p.IssueServerCert(ctx, csr, []string{"127.0.0.1"}) }))
-	srv.Config.ErrorLog = log.New(io.Discard, "", 0)
-	srv.StartTLS()
-	t.Cleanup(srv.Close)
-	e := &realEnv{p: p, url: srv.URL, ca: p.CA()}
-	e.admin = e.client(t, issue("admin", func(csr []byte) ([]byte, error) { return p.IssueAdminCert(ctx, csr) }))
-	return e
-}
-
-func (e *realEnv) client(t *testing.T, cert tls.Certificate) *client.Client {
-	t.Helper()
-	c, err := client.New(client.Config{URL: e.url, CA: e.ca, Certificate: cert})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(c.Close)
-	return c
-}
-
-func (e *realEnv) join(t *testing.T, name string) (*client.Client, string) {
-	t.Helper()
-	ctx := context.Background()
-	tok, err := e.admin.CreateToken(ctx, time.Minute)
-	if err != nil {
-		t.Fatalf("token: %v", err)
-	}
-	enr, err := client.Join(ctx, client.JoinRequest{URL: e.url, Token: tok.Secret, CAHash: tok.CAHash, Hostname: name, Key: newKey(t)})
-	if err != nil {
-		t.Fatalf("join: %v", err)
-	}
-	return e.client(t, enr.Certificate), enr.HostID
-}
 
 // TestCatalogOwnershipOverHTTP: host D can neither delete nor take over host C's
 // catalog object (403 not_owner with a sentence), so an admin's retire of the version
@@ -99,8 +19,8 @@ func (e *realEnv) join(t *testing.T, name string) (*client.Client, string) {
 func TestCatalogOwnershipOverHTTP(t *testing.T) {
 	ctx := context.Background()
 	e := startReal(t)
-	c, cID := e.join(t, "kvm-c")
-	d, dID := e.join(t, "kvm-d")
+	c, _, cID := e.join(t, "kvm-c")
+	d, _, dID := e.join(t, "kvm-d")
 	st, err := e.admin.Status(ctx)
 	if err != nil {
 		t.Fatal(err)

@@ -17,10 +17,13 @@ import (
 type codedError struct {
 	status int
 	code   string
-	msg    string
+	msg    string // the sentence sent to the client
+	cause  error  // logged, not sent; may be nil
 }
 
 func (e *codedError) Error() string { return e.msg }
+
+func (e *codedError) Unwrap() error { return e.cause }
 
 // errorMap translates the domain's sentinel errors, in order; the first match wins. This
 // is the only place where domain errors become HTTP statuses.
@@ -30,6 +33,9 @@ var errorMap = []struct {
 	code   string
 }{
 	{apiv1.ErrBadRequest, http.StatusBadRequest, apiv1.CodeBadRequest},
+	// Certificate refusals first: the domain wraps them in ErrHostUnknown too.
+	{ca.ErrWrongRole, http.StatusForbidden, apiv1.CodeForbidden},
+	{ca.ErrNotIssued, http.StatusUnauthorized, apiv1.CodeUnauthenticated},
 	{provider.ErrNotInitialized, http.StatusServiceUnavailable, apiv1.CodeNotInitialized},
 	{provider.ErrNotBackedUp, http.StatusConflict, apiv1.CodeNotBackedUp},
 	{provider.ErrTokenExpired, http.StatusForbidden, apiv1.CodeTokenExpired},
@@ -50,7 +56,6 @@ var errorMap = []struct {
 	{provider.ErrBadRequest, http.StatusBadRequest, apiv1.CodeBadRequest},
 	{audit.ErrTampered, http.StatusConflict, apiv1.CodeAuditBroken},
 	{ca.ErrBadCSR, http.StatusBadRequest, apiv1.CodeBadRequest},
-	{ca.ErrNotIssued, http.StatusUnauthorized, apiv1.CodeUnauthenticated},
 	{store.ErrNotFound, http.StatusNotFound, apiv1.CodeNotFound},
 	{store.ErrConflict, http.StatusConflict, apiv1.CodeConflict},
 	{store.ErrReadOnly, http.StatusServiceUnavailable, apiv1.CodeUnavailable},
@@ -84,7 +89,11 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	if status >= 500 {
 		level = s.log.Error
 	}
-	level("api: request refused", "method", r.Method, "path", r.URL.Path, "status", status, "code", code, "err", err.Error())
+	args := []any{"method", r.Method, "path", r.URL.Path, "status", status, "code", code, "err", err.Error()}
+	if ce := (*codedError)(nil); errors.As(err, &ce) && ce.cause != nil {
+		args = append(args, "cause", ce.cause.Error())
+	}
+	level("api: request refused", args...)
 	s.writeJSON(w, status, apiv1.ErrorBody{Error: msg, Code: code})
 }
 

@@ -24,8 +24,8 @@ type Provider interface {
 	ConfirmBackup(ctx context.Context, sha256 string) (provider.BackupInfo, error)
 	CreateToken(ctx context.Context, ttl time.Duration) (provider.Token, error)
 	Enroll(ctx context.Context, req provider.EnrollRequest) (provider.EnrollResponse, error)
-	CA() *x509.Certificate
-	CAHash() string
+	CA(ctx context.Context) (*x509.Certificate, error)
+	CAHash(ctx context.Context) (string, error)
 	Hosts(ctx context.Context) ([]provider.Host, error)
 	Revoke(ctx context.Context, hostID string) error
 	AuthorizeHost(ctx context.Context, cert *x509.Certificate) (provider.Host, error)
@@ -49,12 +49,23 @@ type Provider interface {
 	PruneAudit(ctx context.Context, before time.Time, dryRun bool) (provider.AuditPrune, error)
 }
 
-func (s *Server) authorizeHost(ctx context.Context, cert *x509.Certificate) (string, error) {
-	h, err := s.p.AuthorizeHost(ctx, cert)
+// caHash is Provider.CAHash; a failure to read it becomes a 503 with a sentence.
+func (s *Server) caHash(ctx context.Context) (string, error) {
+	h, err := s.p.CAHash(ctx)
 	if err != nil {
-		return "", err
+		return "", caError(err)
 	}
-	return h.ID, nil
+	return h, nil
+}
+
+// caError answers a failure to read the provider's CA certificate from the store with 503
+// (the provider cannot serve this now; retry), unless the domain said more precisely why.
+func caError(err error) error {
+	if status, _, _ := classify(err); status != http.StatusInternalServerError {
+		return err
+	}
+	return &codedError{status: http.StatusServiceUnavailable, code: apiv1.CodeUnavailable, cause: err,
+		msg: "the provider cannot read its CA certificate from its store right now; retry shortly (the provider's log has the cause)"}
 }
 
 func (s *Server) handleEnroll(w http.ResponseWriter, r *http.Request) {
@@ -81,7 +92,7 @@ func (s *Server) handleEnroll(w http.ResponseWriter, r *http.Request) {
 // call of the domain. With ?known=KEYSET it first checks read-only (Provider.CheckRelease)
 // and answers Unchanged, without keys, while that set is current.
 func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request) {
-	cert, err := s.clientCert(r, ca.RoleHost)
+	cert, err := peerCert(r, ca.RoleHost)
 	if err != nil {
 		s.writeError(w, r, err)
 		return
@@ -100,7 +111,7 @@ func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request) {
 	}
 	_, kdks, set, err := s.p.ReleaseTo(r.Context(), cert)
 	if err != nil {
-		s.writeError(w, r, err)
+		s.writeError(w, r, authError(cert, ca.RoleHost, err))
 		return
 	}
 	out := apiv1.ReleaseResponse{KDKs: make([]apiv1.KDK, 0, len(kdks)), KeySet: set}
@@ -160,7 +171,12 @@ func (s *Server) handleStatus(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	s.writeJSON(w, http.StatusOK, statusToWire(st, s.p.CAHash()))
+	hash, err := s.caHash(r.Context())
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	s.writeJSON(w, http.StatusOK, statusToWire(st, hash))
 }
 
 func (s *Server) handleBackup(w http.ResponseWriter, r *http.Request) {
@@ -228,12 +244,17 @@ func (s *Server) handleCreateToken(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, errBadRequestf("token lifetime %v is longer than the allowed %v", ttl, maxTokenTTL))
 		return
 	}
+	hash, err := s.caHash(r.Context()) // before the token exists: a token without its pin is useless
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
 	t, err := s.p.CreateToken(r.Context(), ttl)
 	if err != nil {
 		s.writeError(w, r, err)
 		return
 	}
-	s.writeJSON(w, http.StatusOK, apiv1.Token{ID: t.ID, Secret: t.Secret, Expires: t.Expires, CAHash: s.p.CAHash()})
+	s.writeJSON(w, http.StatusOK, apiv1.Token{ID: t.ID, Secret: t.Secret, Expires: t.Expires, CAHash: hash})
 }
 
 func (s *Server) handleHosts(w http.ResponseWriter, r *http.Request) {
@@ -382,12 +403,17 @@ func (s *Server) handleAdminCert(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
+	caCert, err := s.p.CA(r.Context())
+	if err != nil {
+		s.writeError(w, r, caError(err))
+		return
+	}
 	der, err := s.p.IssueAdminCert(r.Context(), req.CSR)
 	if err != nil {
 		s.writeError(w, r, err)
 		return
 	}
-	s.writeJSON(w, http.StatusOK, apiv1.AdminCertResponse{Certificate: der, CAChain: [][]byte{s.p.CA().Raw}})
+	s.writeJSON(w, http.StatusOK, apiv1.AdminCertResponse{Certificate: der, CAChain: [][]byte{caCert.Raw}})
 }
 
 func (s *Server) handleRevokeAdmin(w http.ResponseWriter, r *http.Request) {
@@ -407,13 +433,13 @@ func (s *Server) handleRevokeAdmin(w http.ResponseWriter, r *http.Request) {
 // handleRenew issues an enrolled host a new certificate (Provider.RenewHost authorizes
 // the one presented: a revoked host cannot renew).
 func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request) {
-	cert, err := s.clientCert(r, ca.RoleHost)
+	cert, err := peerCert(r, ca.RoleHost)
 	if err != nil {
 		s.writeError(w, r, err)
 		return
 	}
-	if _, err := s.authorizeHost(r.Context(), cert); err != nil { // refuse before reading the body
-		s.writeError(w, r, err)
+	if _, err := s.p.AuthorizeHost(r.Context(), cert); err != nil { // refuse before reading the body
+		s.writeError(w, r, authError(cert, ca.RoleHost, err))
 		return
 	}
 	req, err := decodeBody[apiv1.HostRenewRequest](w, r, apiv1.MaxBodyBytes)
@@ -423,7 +449,7 @@ func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request) {
 	}
 	resp, err := s.p.RenewHost(r.Context(), cert, req.CSR)
 	if err != nil {
-		s.writeError(w, r, err)
+		s.writeError(w, r, authError(cert, ca.RoleHost, err))
 		return
 	}
 	s.log.Info("api: host certificate renewed", "host_id", resp.HostID)

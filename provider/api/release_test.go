@@ -17,7 +17,7 @@ import (
 func TestPollUnchanged(t *testing.T) {
 	ctx := context.Background()
 	e := startReal(t)
-	host, hostID := e.join(t, "kvm-poll")
+	host, _, hostID := e.join(t, "kvm-poll")
 	backup := func() {
 		sum := sha256.New()
 		if _, err := e.admin.Backup(ctx, sum, []byte("api test: correct horse battery")); err != nil {

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -49,6 +48,8 @@ type Server struct {
 	ready    func(context.Context) error
 	now      func() time.Time
 	draining atomic.Bool
+	failed   atomic.Pointer[error]
+	inflight inflight
 	mux      *http.ServeMux
 	m        metrics
 }
@@ -85,8 +86,81 @@ func New(cfg Config) (*Server, error) {
 func (s *Server) Handler() http.Handler { return s.mux }
 
 // SetDraining makes /readyz fail (503) so load balancers stop sending new requests while
-// a graceful shutdown lets the current ones finish.
+// a graceful shutdown lets the current ones finish (WaitIdle).
 func (s *Server) SetDraining() { s.draining.Store(true) }
+
+// Fail records that serving failed (a listener died): from now on /healthz and /readyz
+// answer 503 with err, on whatever listener still reaches the handler. The daemon then
+// stops, and its service manager restarts it.
+func (s *Server) Fail(err error) {
+	if err == nil {
+		err = errors.New("stopped")
+	}
+	s.failed.CompareAndSwap(nil, &err)
+}
+
+// failure is the error given to Fail, or nil.
+func (s *Server) failure() error {
+	if e := s.failed.Load(); e != nil {
+		return *e
+	}
+	return nil
+}
+
+// InFlight is the number of API requests being served now (health, readiness and metrics
+// probes are not counted).
+func (s *Server) InFlight() int { return s.inflight.count() }
+
+// WaitIdle returns once no API request is in flight (probes are not counted), or with
+// ctx's error. Requests may start again after it returns unless the listener is closed.
+func (s *Server) WaitIdle(ctx context.Context) error { return s.inflight.wait(ctx) }
+
+// inflight counts running requests and signals when the count drops to zero.
+type inflight struct {
+	mu   sync.Mutex
+	n    int
+	idle chan struct{} // closed when n drops to 0; nil while n == 0
+}
+
+func (f *inflight) add() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.n == 0 {
+		f.idle = make(chan struct{})
+	}
+	f.n++
+}
+
+func (f *inflight) done() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.n--
+	if f.n == 0 {
+		close(f.idle)
+		f.idle = nil
+	}
+}
+
+func (f *inflight) count() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.n
+}
+
+func (f *inflight) wait(ctx context.Context) error {
+	f.mu.Lock()
+	idle := f.idle
+	f.mu.Unlock()
+	if idle == nil {
+		return nil
+	}
+	select {
+	case <-idle:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
 
 // TLSConfig is the server side of the provider's mTLS: TLS 1.3 only, the server
 // certificate (whose chain should end with the CA certificate, so joining hosts can pin
@@ -106,10 +180,7 @@ func (s *Server) routes() {
 	handle := func(pattern, route string, h http.HandlerFunc) {
 		mux.Handle(pattern, s.instrument(route, h))
 	}
-	handle("GET "+apiv1.PathHealthz, "healthz", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		io.WriteString(w, "ok\n")
-	})
+	handle("GET "+apiv1.PathHealthz, "healthz", s.handleHealthz)
 	handle("GET "+apiv1.PathReadyz, "readyz", s.handleReadyz)
 	mux.Handle("GET "+apiv1.PathMetrics, promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{Registry: s.reg}))
 
@@ -178,8 +249,16 @@ func (w *statusWriter) Write(p []byte) (int, error) {
 	return w.ResponseWriter.Write(p)
 }
 
+// probes are the routes that WaitIdle does not wait for.
+var probes = map[string]bool{"healthz": true, "readyz": true}
+
 func (s *Server) instrument(route string, h http.HandlerFunc) http.Handler {
+	counted := !probes[route]
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if counted {
+			s.inflight.add()
+			defer s.inflight.done()
+		}
 		start := time.Now()
 		sw := &statusWriter{ResponseWriter: w}
 		defer func() {
@@ -202,108 +281,63 @@ func (s *Server) instrument(route string, h http.HandlerFunc) http.Handler {
 	})
 }
 
-// clientCert returns the verified leaf certificate of the TLS client, or an error with
-// code unauthenticated.
-func (s *Server) clientCert(r *http.Request, role ca.Role) (*x509.Certificate, error) {
+// peerCert returns the TLS client's leaf certificate, unverified: the domain verifies
+// its chain, validity and role (Provider.AuthorizeHost, ReleaseTo, RenewHost,
+// AuthorizeAdmin), with one cache, so it is checked in one place. Without a certificate
+// the answer is 401.
+func peerCert(r *http.Request, role ca.Role) (*x509.Certificate, error) {
 	if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
 		return nil, &codedError{status: http.StatusUnauthorized, code: apiv1.CodeUnauthenticated,
 			msg: fmt.Sprintf("this endpoint needs a client certificate from the provider's CA (role %s); hosts get one with `nkp-hostd join`, admins use the one in the provider directory", role)}
 	}
-	leaf := r.TLS.PeerCertificates[0]
-	conn, _ := r.Context().Value(connKey{}).(*connAuth)
-	if conn.verified(leaf, s.now()) {
-		return s.checkRole(leaf, role)
-	}
-	roots := x509.NewCertPool()
-	roots.AddCert(s.p.CA())
-	inter := x509.NewCertPool()
-	for _, c := range r.TLS.PeerCertificates[1:] {
-		inter.AddCert(c)
-	}
-	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: s.now(),
-		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
-		return nil, &codedError{status: http.StatusUnauthorized, code: apiv1.CodeUnauthenticated,
-			msg: fmt.Sprintf("client certificate %q is not valid for this provider (CA %s): %v", leaf.Subject.CommonName, s.p.CAHash(), err)}
-	}
-	conn.remember(leaf)
-	return s.checkRole(leaf, role)
+	return r.TLS.PeerCertificates[0], nil
 }
 
-func (s *Server) checkRole(leaf *x509.Certificate, role ca.Role) (*x509.Certificate, error) {
-	if got := ca.RoleOf(leaf); got != role {
-		return nil, &codedError{status: http.StatusForbidden, code: apiv1.CodeForbidden,
-			msg: fmt.Sprintf("client certificate %q has role %q; this endpoint needs role %q", leaf.Subject.CommonName, got, role)}
+// authError turns the domain's refusal of a client certificate into a sentence that says
+// what to do; other errors pass unchanged.
+func authError(cert *x509.Certificate, role ca.Role, err error) error {
+	switch {
+	case errors.Is(err, ca.ErrWrongRole):
+		return &codedError{status: http.StatusForbidden, code: apiv1.CodeForbidden, cause: err,
+			msg: fmt.Sprintf("client certificate %q has role %q; this endpoint needs role %q", cert.Subject.CommonName, ca.RoleOf(cert), role)}
+	case errors.Is(err, ca.ErrNotIssued):
+		return &codedError{status: http.StatusUnauthorized, code: apiv1.CodeUnauthenticated, cause: err,
+			msg: fmt.Sprintf("client certificate %q is not valid for this provider (not issued by its CA, or expired): %v; hosts get one with `nkp-hostd join`, admins use the one in the provider directory", cert.Subject.CommonName, err)}
 	}
-	return leaf, nil
-}
-
-// connKey carries a connection's *connAuth in request contexts (see ConnContext).
-type connKey struct{}
-
-// connAuth remembers the client certificate whose chain was verified on one TLS
-// connection. TLS 1.3 has no renegotiation, so the peer certificate of a connection never
-// changes; later requests on a kept-alive connection skip the chain signature check (the
-// validity period is still checked, and hosts still pass Provider.AuthorizeHost).
-type connAuth struct {
-	mu   sync.Mutex
-	leaf *x509.Certificate
-}
-
-func (c *connAuth) verified(leaf *x509.Certificate, now time.Time) bool {
-	if c == nil {
-		return false
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.leaf == leaf && !now.Before(leaf.NotBefore) && !now.After(leaf.NotAfter)
-}
-
-func (c *connAuth) remember(leaf *x509.Certificate) {
-	if c == nil {
-		return
-	}
-	c.mu.Lock()
-	c.leaf = leaf
-	c.mu.Unlock()
-}
-
-// ConnContext is meant for http.Server.ConnContext: it lets the server verify a client
-// certificate's chain once per connection instead of once per request.
-func (s *Server) ConnContext(ctx context.Context, _ net.Conn) context.Context {
-	return context.WithValue(ctx, connKey{}, &connAuth{})
+	return err
 }
 
 type hostHandler func(w http.ResponseWriter, r *http.Request, hostID string)
 
-// host authenticates a host: client certificate chained to the CA with the host role,
-// then Provider.AuthorizeHost on every request (unknown and revoked hosts refused).
+// host authenticates a host on every request with Provider.AuthorizeHost: a client
+// certificate chained to the CA with the host role, of a known host that is not revoked.
 func (s *Server) host(h hostHandler) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		cert, err := s.clientCert(r, ca.RoleHost)
+		cert, err := peerCert(r, ca.RoleHost)
 		if err != nil {
 			s.writeError(w, r, err)
 			return
 		}
-		hostID, err := s.authorizeHost(r.Context(), cert)
+		host, err := s.p.AuthorizeHost(r.Context(), cert)
 		if err != nil {
-			s.writeError(w, r, err)
+			s.writeError(w, r, authError(cert, ca.RoleHost, err))
 			return
 		}
-		h(w, r, hostID)
+		h(w, r, host.ID)
 	}
 }
 
-// admin authenticates nkpctl: a client certificate chained to the CA with the admin role,
-// not revoked (Provider.AuthorizeAdmin reads the store on every request).
+// admin authenticates nkpctl on every request with Provider.AuthorizeAdmin: a client
+// certificate chained to the CA with the admin role, not revoked (it reads the store).
 func (s *Server) admin(h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		cert, err := s.clientCert(r, ca.RoleAdmin)
+		cert, err := peerCert(r, ca.RoleAdmin)
 		if err != nil {
 			s.writeError(w, r, err)
 			return
 		}
 		if err := s.p.AuthorizeAdmin(r.Context(), cert); err != nil {
-			s.writeError(w, r, err)
+			s.writeError(w, r, authError(cert, ca.RoleAdmin, err))
 			return
 		}
 		s.log.Info("api: admin request", "admin", cert.Subject.CommonName, "method", r.Method, "path", r.URL.Path)
@@ -311,9 +345,29 @@ func (s *Server) admin(h http.HandlerFunc) http.HandlerFunc {
 	}
 }
 
+// failedError is the 503 of /healthz and /readyz after Fail.
+func failedError(err error) error {
+	return &codedError{status: http.StatusServiceUnavailable, code: apiv1.CodeUnavailable,
+		msg: fmt.Sprintf("the provider's server failed (%v) and is stopping; its service manager restarts it", err)}
+}
+
+func (s *Server) handleHealthz(w http.ResponseWriter, r *http.Request) {
+	if err := s.failure(); err != nil {
+		s.writeError(w, r, failedError(err))
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	io.WriteString(w, "ok\n")
+}
+
 func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
+	if err := s.failure(); err != nil {
+		s.writeError(w, r, failedError(err))
+		return
+	}
 	if s.draining.Load() {
-		s.writeError(w, r, &codedError{status: http.StatusServiceUnavailable, code: apiv1.CodeUnavailable, msg: "shutting down"})
+		s.writeError(w, r, &codedError{status: http.StatusServiceUnavailable, code: apiv1.CodeUnavailable,
+			msg: fmt.Sprintf("shutting down: draining %d requests in flight; send new requests to another replica", s.InFlight())})
 		return
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)

@@ -49,6 +49,10 @@ var (
 	// ErrNotIssued: a certificate was not issued by this CA, is outside its validity, or
 	// has another role than the one required.
 	ErrNotIssued = errors.New("certificate not valid for this provider")
+	// ErrWrongRole: a certificate this CA issued and that is valid now carries another
+	// role than the one required (an admin certificate on a host route). Errors wrapping
+	// it wrap ErrNotIssued too.
+	ErrWrongRole = errors.New("certificate has the wrong role")
 )
 
 // CA is a loaded certificate authority. It is safe for concurrent use.
@@ -271,7 +275,7 @@ func (c *CA) Verify(cert *x509.Certificate, role Role, now time.Time) (string, e
 		return "", fmt.Errorf("ca: certificate %q: %w: %w", cert.Subject.CommonName, ErrNotIssued, err)
 	}
 	if got := RoleOf(cert); got != role {
-		return "", fmt.Errorf("ca: certificate %q has role %q, want %q: %w", cert.Subject.CommonName, got, role, ErrNotIssued)
+		return "", fmt.Errorf("ca: certificate %q has role %q, want %q: %w: %w", cert.Subject.CommonName, got, role, ErrNotIssued, ErrWrongRole)
 	}
 	return cert.Subject.CommonName, nil
 }

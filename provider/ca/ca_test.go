@@ -98,6 +98,9 @@ func TestIssueAndVerify(t *testing.T) {
 				if !errors.Is(err, ErrNotIssued) {
 					t.Fatalf("Verify: %v, want ErrNotIssued", err)
 				}
+				if wrongRole := strings.HasSuffix(tt.name, " as host") || strings.HasSuffix(tt.name, " as admin"); errors.Is(err, ErrWrongRole) != wrongRole {
+					t.Fatalf("Verify: %v; ErrWrongRole = %v, want %v", err, errors.Is(err, ErrWrongRole), wrongRole)
+				}
 				return
 			}
 			if err != nil || cn != tt.wantCN {

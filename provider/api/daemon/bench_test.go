@@ -53,8 +53,12 @@ func benchmarkRelease(b *testing.B, sc daemon.StoreConfig) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	pin, err := d.Provider().CAHash(ctx)
+	if err != nil {
+		b.Fatal(err)
+	}
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	enr, err := client.Join(ctx, client.JoinRequest{URL: d.URL(), Token: tok.Secret, CAHash: d.Provider().CAHash(), Hostname: "h", Key: key})
+	enr, err := client.Join(ctx, client.JoinRequest{URL: d.URL(), Token: tok.Secret, CAHash: pin, Hostname: "h", Key: key})
 	if err != nil {
 		b.Fatal(err)
 	}

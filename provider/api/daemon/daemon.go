@@ -129,6 +129,10 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("provider %s: %w (run `nkp-provider init --dir %s` or restore a backup)", cfg.Dir, err, cfg.Dir)
 	}
+	caHash, err := d.p.CAHash(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("provider %s: %w", cfg.Dir, err)
+	}
 	cert, err := d.serverCert(ctx)
 	if err != nil {
 		return nil, err
@@ -141,7 +145,6 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	}
 	d.srv = &http.Server{
 		Handler:           d.api.Handler(),
-		ConnContext:       d.api.ConnContext,
 		TLSConfig:         api.TLSConfig(cert),
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       60 * time.Second,
@@ -151,7 +154,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		ErrorLog:          slog.NewLogLogger(cfg.Log.Handler(), slog.LevelDebug),
 	}
 	cfg.Log.Info("provider serving", "addr", d.ln.Addr().String(), "provider_id", st.ProviderID,
-		"state", string(st.State), "ca_hash", d.p.CAHash(), "store", cfg.Store.Kind)
+		"state", string(st.State), "ca_hash", caHash, "store", cfg.Store.Kind)
 	go d.serve()
 	go func() {
 		select {
@@ -199,7 +202,11 @@ func (d *Daemon) serverCert(ctx context.Context) (tls.Certificate, error) {
 	if err != nil {
 		return tls.Certificate{}, fmt.Errorf("server certificate for %s: %w", strings.Join(names, ","), err)
 	}
-	return tls.Certificate{Certificate: [][]byte{der, d.p.CA().Raw}, PrivateKey: key}, nil
+	caCert, err := d.p.CA(ctx)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("server certificate: %w", err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der, caCert.Raw}, PrivateKey: key}, nil
 }
 
 func contains(ss []string, s string) bool {

@@ -210,7 +210,11 @@ func writeAdmin(ctx context.Context, p *provider.Provider, dir, name string) err
 	if err != nil {
 		return fmt.Errorf("admin credentials: %w", err)
 	}
-	if err := writeCACert(filepath.Join(dir, CACertFile), p.CA()); err != nil {
+	caCert, err := p.CA(ctx)
+	if err != nil {
+		return fmt.Errorf("admin credentials: %w", err)
+	}
+	if err := writeCACert(filepath.Join(dir, CACertFile), caCert); err != nil {
 		return err
 	}
 	return writeCredentials(filepath.Join(dir, AdminCertFile), filepath.Join(dir, AdminKeyFile), der, key)

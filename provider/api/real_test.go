@@ -1,0 +1,478 @@
+package api_test
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nkp-dev/nkp/provider"
+	"github.com/nkp-dev/nkp/provider/api"
+	"github.com/nkp-dev/nkp/provider/apiv1"
+	"github.com/nkp-dev/nkp/provider/ca"
+	"github.com/nkp-dev/nkp/provider/client"
+	"github.com/nkp-dev/nkp/provider/rootkey"
+	"github.com/nkp-dev/nkp/provider/store"
+	"github.com/nkp-dev/nkp/provider/store/mem"
+)
+
+// failStore is the real in-memory store with one fake part: while an error is injected,
+// every transaction fails with it (a store that went away, filled up, timed out).
+type failStore struct {
+	store.Store
+	fail atomic.Pointer[error]
+}
+
+func (s *failStore) inject(err error) {
+	if err == nil {
+		s.fail.Store(nil)
+		return
+	}
+	s.fail.Store(&err)
+}
+
+func (s *failStore) err() error {
+	if e := s.fail.Load(); e != nil {
+		return *e
+	}
+	return nil
+}
+
+func (s *failStore) View(ctx context.Context, fn func(store.Tx) error) error {
+	if err := s.err(); err != nil {
+		return err
+	}
+	return s.Store.View(ctx, fn)
+}
+
+func (s *failStore) Update(ctx context.Context, fn func(store.Tx) error) error {
+	if err := s.err(); err != nil {
+		return err
+	}
+	return s.Store.Update(ctx, fn)
+}
+
+// realEnv is the API over the real provider (package provider) over the mem store,
+// served with TLS by httptest, with an admin client.
+type realEnv struct {
+	p      *provider.Provider
+	st     *failStore
+	srv    *httptest.Server
+	api    *api.Server
+	caCert *x509.Certificate
+	admin  *client.Client
+	logBuf *syncBuffer
+}
+
+// caFails is the real provider whose CA reads fail: the one fake part, to inject the
+// failure at exactly that call.
+type caFails struct {
+	*provider.Provider
+	err atomic.Pointer[error]
+}
+
+func (c *caFails) failing() error {
+	if e := c.err.Load(); e != nil {
+		return *e
+	}
+	return nil
+}
+
+func (c *caFails) CA(ctx context.Context) (*x509.Certificate, error) {
+	if err := c.failing(); err != nil {
+		return nil, err
+	}
+	return c.Provider.CA(ctx)
+}
+
+func (c *caFails) CAHash(ctx context.Context) (string, error) {
+	if err := c.failing(); err != nil {
+		return "", err
+	}
+	return c.Provider.CAHash(ctx)
+}
+
+// startReal inits a provider (not backed up: see backup) and serves its API.
+func startReal(t *testing.T) *realEnv { return startRealWith(t, nil) }
+
+// startRealWith is startReal with the API serving wrap(provider) when wrap is not nil.
+func startRealWith(t *testing.T, wrap func(*provider.Provider) api.Provider) *realEnv {
+	t.Helper()
+	ctx := context.Background()
+	rk, err := rootkey.Generate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	logBuf := &syncBuffer{}
+	logger := slog.New(slog.NewTextHandler(logBuf, nil))
+	st := &failStore{Store: mem.New()}
+	p, err := provider.Open(ctx, provider.Config{Store: st, RootKey: rk, Log: logger})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Init(ctx, provider.InitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	caCert, err := p.CA(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var served api.Provider = p
+	if wrap != nil {
+		served = wrap(p)
+	}
+	s, err := api.New(api.Config{Provider: served, Log: logger})
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := newKey(t)
+	der, err := p.IssueServerCert(ctx, csrFor(t, key), []string{"127.0.0.1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewUnstartedServer(s.Handler())
+	srv.TLS = api.TLSConfig(tls.Certificate{Certificate: [][]byte{der, caCert.Raw}, PrivateKey: key})
+	srv.Config.ErrorLog = log.New(io.Discard, "", 0) // handshake refusals are part of the tests
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	e := &realEnv{p: p, st: st, srv: srv, api: s, caCert: caCert, logBuf: logBuf}
+	e.admin = e.client(t, e.adminCert(t, "alice"))
+	return e
+}
+
+// backup takes and confirms a backup, so that KDKs are released. It costs age's default
+// scrypt work (tests outside package provider cannot lower it): call it only when needed.
+func (e *realEnv) backup(t *testing.T) {
+	t.Helper()
+	ctx := context.Background()
+	info, err := e.p.Backup(ctx, io.Discard, []byte("correct horse battery staple"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.p.ConfirmBackup(ctx, info.SHA256); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// adminCert issues an administrator certificate from the provider.
+func (e *realEnv) adminCert(t *testing.T, name string) tls.Certificate {
+	t.Helper()
+	key := newKey(t)
+	der, err := e.p.IssueAdminCert(context.Background(), csrFor(t, key))
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}
+}
+
+// serverCert is the provider's own server certificate, presented as a client one.
+func (e *realEnv) serverCert(t *testing.T) tls.Certificate {
+	t.Helper()
+	key := newKey(t)
+	der, err := e.p.IssueServerCert(context.Background(), csrFor(t, key), []string{"127.0.0.1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+func (e *realEnv) client(t *testing.T, cert tls.Certificate) *client.Client {
+	t.Helper()
+	c, err := client.New(client.Config{URL: e.srv.URL, CA: e.caCert, Certificate: cert})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	return c
+}
+
+// join enrolls a host through the API; it returns the host's client, certificate and ID.
+func (e *realEnv) join(t *testing.T, name string) (*client.Client, tls.Certificate, string) {
+	t.Helper()
+	ctx := context.Background()
+	tok, err := e.admin.CreateToken(ctx, time.Minute)
+	if err != nil {
+		t.Fatalf("token: %v", err)
+	}
+	enr, err := client.Join(ctx, client.JoinRequest{URL: e.srv.URL, Token: tok.Secret, CAHash: tok.CAHash, Hostname: name, Key: newKey(t)})
+	if err != nil {
+		t.Fatalf("join: %v", err)
+	}
+	return e.client(t, enr.Certificate), enr.Certificate, enr.HostID
+}
+
+// rawClient sends requests with an arbitrary client certificate (or none).
+func (e *realEnv) rawClient(certs ...tls.Certificate) *http.Client {
+	roots := x509.NewCertPool()
+	roots.AddCert(e.caCert)
+	return &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{
+		RootCAs: roots, Certificates: certs, MinVersion: tls.VersionTLS13,
+	}}}
+}
+
+func (e *realEnv) do(t *testing.T, hc *http.Client, method, path, body string) (int, apiv1.ErrorBody, string) {
+	t.Helper()
+	req, err := http.NewRequest(method, e.srv.URL+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(resp.Body)
+	var eb apiv1.ErrorBody
+	if resp.StatusCode >= 400 {
+		if err := json.Unmarshal(data, &eb); err != nil {
+			t.Fatalf("%s %s: error body %q is not JSON: %v", method, path, data, err)
+		}
+	}
+	return resp.StatusCode, eb, string(data)
+}
+
+// TestAuthentication: client certificates are checked by the domain alone (one layer,
+// one cache); the edge turns its refusals into 401 (no certificate, not this CA's, not
+// a client certificate) and 403 (another role, unknown or revoked host).
+func TestAuthentication(t *testing.T) {
+	e := startReal(t)
+	e.backup(t)
+	_, hostCert, hostID := e.join(t, "kvm-01")
+	_, goneCert, goneID := e.join(t, "kvm-02")
+	if err := e.admin.Revoke(context.Background(), goneID); err != nil {
+		t.Fatal(err)
+	}
+	other, err := ca.New("other-provider", time.Now(), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin := e.adminCert(t, "bob")
+	tests := []struct {
+		name     string
+		certs    []tls.Certificate
+		method   string
+		path     string
+		wantCode int
+		wantErr  string
+	}{
+		{"host route without certificate", nil, "GET", apiv1.PathHostKDKs, 401, apiv1.CodeUnauthenticated},
+		{"admin route without certificate", nil, "GET", apiv1.PathStatus, 401, apiv1.CodeUnauthenticated},
+		{"host objects without certificate", nil, "POST", apiv1.PathHostObjects, 401, apiv1.CodeUnauthenticated},
+		{"renew without certificate", nil, "POST", apiv1.PathHostRenew, 401, apiv1.CodeUnauthenticated},
+		{"host certificate from another CA", []tls.Certificate{certFrom(t, other, ca.RoleHost, hostID)}, "GET", apiv1.PathHostKDKs, 401, apiv1.CodeUnauthenticated},
+		{"admin certificate from another CA", []tls.Certificate{certFrom(t, other, ca.RoleAdmin, "mallory")}, "GET", apiv1.PathStatus, 401, apiv1.CodeUnauthenticated},
+		{"host certificate on admin route", []tls.Certificate{hostCert}, "GET", apiv1.PathStatus, 403, apiv1.CodeForbidden},
+		{"admin certificate on host route", []tls.Certificate{admin}, "GET", apiv1.PathHostKDKs, 403, apiv1.CodeForbidden},
+		{"admin certificate on host objects", []tls.Certificate{admin}, "DELETE", apiv1.PathHostObjects + "/vm/vtpm", 403, apiv1.CodeForbidden},
+		{"server certificate as client", []tls.Certificate{e.serverCert(t)}, "GET", apiv1.PathStatus, 401, apiv1.CodeUnauthenticated},
+		{"revoked host", []tls.Certificate{goneCert}, "GET", apiv1.PathHostKDKs, 403, apiv1.CodeHostRevoked},
+		{"enrolled host", []tls.Certificate{hostCert}, "GET", apiv1.PathHostKDKs, 200, ""},
+		{"admin", []tls.Certificate{admin}, "GET", apiv1.PathStatus, 200, ""},
+		{"health without certificate", nil, "GET", apiv1.PathHealthz, 200, ""},
+		{"unknown route", nil, "GET", "/v1/nothing", 404, apiv1.CodeNotFound},
+		{"wrong method", []tls.Certificate{admin}, "DELETE", apiv1.PathStatus, 405, apiv1.CodeBadRequest},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			code, eb, _ := e.do(t, e.rawClient(tc.certs...), tc.method, tc.path, "")
+			if code != tc.wantCode || (tc.wantErr != "" && eb.Code != tc.wantErr) {
+				t.Fatalf("%s %s = %d %q (%s), want %d %q", tc.method, tc.path, code, eb.Code, eb.Error, tc.wantCode, tc.wantErr)
+			}
+			if tc.wantErr != "" && eb.Error == "" {
+				t.Fatal("error body without a sentence")
+			}
+		})
+	}
+}
+
+// TestCAReadFails: a failing CA read never panics a handler (CA() used to return nil,
+// and x509.CertPool.AddCert(nil) panics); the handlers that need the CA answer 503 with a
+// sentence and log the cause.
+func TestCAReadFails(t *testing.T) {
+	var cf *caFails
+	e := startRealWith(t, func(p *provider.Provider) api.Provider { cf = &caFails{Provider: p}; return cf })
+	ctx := context.Background()
+	calls := []struct {
+		name string
+		fn   func() error
+	}{
+		{"status", func() error { _, err := e.admin.Status(ctx); return err }},
+		{"create token", func() error { _, err := e.admin.CreateToken(ctx, time.Minute); return err }},
+		{"add admin", func() error { _, err := e.admin.AddAdmin(ctx, "carol", newKey(t)); return err }},
+	}
+	injected := errors.New("etcd: connection to 10.0.0.9:2379 refused")
+	cf.err.Store(&injected)
+	for _, c := range calls {
+		t.Run(c.name, func(t *testing.T) {
+			err := c.fn()
+			var ae *client.APIError
+			if !errors.As(err, &ae) || ae.Status != 503 || ae.Code != apiv1.CodeUnavailable || !strings.Contains(ae.Message, "CA certificate") {
+				t.Fatalf("%s with the CA read failing: %v, want 503 unavailable with a sentence about the CA", c.name, err)
+			}
+			if strings.Contains(ae.Message, "10.0.0.9") {
+				t.Fatalf("store detail leaked to the client: %q", ae.Message)
+			}
+		})
+	}
+	if !strings.Contains(e.logBuf.String(), "10.0.0.9") {
+		t.Fatal("the cause was not logged for the operator")
+	}
+	cf.err.Store(nil)
+	if _, err := e.admin.Status(ctx); err != nil {
+		t.Fatalf("status after the store recovered: %v", err)
+	}
+}
+
+// TestStoreFailures: the store's failures reach clients as their statuses (503 for a
+// store that is closed, read-only or too slow; 500 for an unknown error, whose detail
+// is logged and not sent), on admin and host routes alike, without a panic.
+func TestStoreFailures(t *testing.T) {
+	e := startReal(t)
+	host, _, _ := e.join(t, "kvm-01")
+	ctx := context.Background()
+	type call struct {
+		name string
+		fn   func() error
+	}
+	calls := []call{
+		{"status", func() error { _, err := e.admin.Status(ctx); return err }},
+		{"create token", func() error { _, err := e.admin.CreateToken(ctx, time.Minute); return err }},
+		{"release", func() error { _, err := host.Release(ctx); return err }},
+		{"renew", func() error { _, err := host.Renew(ctx, newKey(t)); return err }},
+		{"register object", func() error {
+			return host.RegisterObject(ctx, apiv1.Object{VMUUID: "0b6f3c1e-2f43-4a7e-9d55-6c1a1e0f9a11", Name: "vtpm", KeyID: "k", KDKID: "d"})
+		}},
+	}
+	tests := []struct {
+		name       string
+		err        error
+		wantStatus int
+		wantCode   string
+	}{
+		{"unknown store error", errors.New("etcd: connection to 10.0.0.9:2379 refused"), 500, apiv1.CodeInternal},
+		{"store closed", fmt.Errorf("bolt: %w", store.ErrClosed), 503, apiv1.CodeUnavailable},
+		{"store read-only", fmt.Errorf("bolt: %w", store.ErrReadOnly), 503, apiv1.CodeUnavailable},
+		{"store full", fmt.Errorf("bolt: %w", store.ErrFull), 507, apiv1.CodeUnavailable},
+		{"deadline", fmt.Errorf("etcd: %w", context.DeadlineExceeded), 503, apiv1.CodeUnavailable},
+	}
+	for _, tc := range tests {
+		for _, c := range calls {
+			t.Run(tc.name+"/"+c.name, func(t *testing.T) {
+				e.st.inject(tc.err)
+				defer e.st.inject(nil)
+				err := c.fn()
+				var ae *client.APIError
+				if !errors.As(err, &ae) || ae.Status != tc.wantStatus || ae.Code != tc.wantCode || ae.Message == "" {
+					t.Fatalf("%s with %v: %v, want %d %s with a sentence", c.name, tc.err, err, tc.wantStatus, tc.wantCode)
+				}
+				if strings.Contains(ae.Message, "10.0.0.9") {
+					t.Fatalf("store detail leaked to the client: %q", ae.Message)
+				}
+			})
+		}
+	}
+	if _, err := e.admin.Status(ctx); err != nil {
+		t.Fatalf("status after the store recovered: %v", err)
+	}
+}
+
+// TestHealthAfterServingFailed: once the daemon reports that serving failed (Fail),
+// /healthz and /readyz answer 503 with the reason.
+func TestHealthAfterServingFailed(t *testing.T) {
+	e := startReal(t)
+	hc := e.rawClient()
+	for _, path := range []string{apiv1.PathHealthz, apiv1.PathReadyz} {
+		if code, _, _ := e.do(t, hc, "GET", path, ""); code != 200 {
+			t.Fatalf("%s = %d, want 200", path, code)
+		}
+	}
+	e.api.Fail(errors.New("listener 0.0.0.0:8443: accept: invalid argument"))
+	for _, path := range []string{apiv1.PathHealthz, apiv1.PathReadyz} {
+		code, eb, _ := e.do(t, hc, "GET", path, "")
+		if code != 503 || eb.Code != apiv1.CodeUnavailable || !strings.Contains(eb.Error, "accept: invalid argument") {
+			t.Fatalf("%s after Fail = %d %q %q, want 503 naming the failure", path, code, eb.Code, eb.Error)
+		}
+	}
+}
+
+// TestReadiness: /readyz follows the store and the drain; /healthz only the process.
+func TestReadiness(t *testing.T) {
+	e := startReal(t)
+	hc := e.rawClient()
+	if code, _, _ := e.do(t, hc, "GET", apiv1.PathReadyz, ""); code != 200 {
+		t.Fatalf("readyz = %d, want 200", code)
+	}
+	e.st.inject(fmt.Errorf("etcd: %w", context.DeadlineExceeded))
+	if code, eb, _ := e.do(t, hc, "GET", apiv1.PathReadyz, ""); code != 503 || eb.Code != apiv1.CodeUnavailable {
+		t.Fatalf("readyz with a failing store = %d %q, want 503", code, eb.Code)
+	}
+	e.st.inject(nil)
+	e.api.SetDraining()
+	if code, eb, _ := e.do(t, hc, "GET", apiv1.PathReadyz, ""); code != 503 || !strings.Contains(eb.Error, "shutting down") {
+		t.Fatalf("readyz while draining = %d %q, want 503 shutting down", code, eb.Error)
+	}
+	if code, _, _ := e.do(t, hc, "GET", apiv1.PathHealthz, ""); code != 200 {
+		t.Fatalf("healthz while draining = %d, want 200", code)
+	}
+	code, _, body := e.do(t, hc, "GET", apiv1.PathMetrics, "")
+	for _, want := range []string{`nkp_provider_http_requests_total{code="503",route="readyz"} 2`, "nkp_provider_refusals_total", "go_goroutines"} {
+		if code != 200 || !strings.Contains(body, want) {
+			t.Fatalf("metrics (%d) lack %q:\n%s", code, want, body)
+		}
+	}
+}
+
+// TestInFlight: WaitIdle waits for API requests, not for probes.
+func TestInFlight(t *testing.T) {
+	e := startReal(t)
+	ctx := context.Background()
+	body, feed := io.Pipe()
+	req, err := http.NewRequest(http.MethodPost, e.srv.URL+apiv1.PathBackupVerify, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if resp, err := e.rawClient(e.adminCert(t, "dave")).Do(req); err == nil {
+			resp.Body.Close()
+		}
+	}()
+	io.WriteString(feed, `{"passphrase":"cHc=",`)
+	deadline := time.Now().Add(10 * time.Second)
+	for e.api.InFlight() != 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("the request is not counted in flight")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if code, _, _ := e.do(t, e.rawClient(), "GET", apiv1.PathHealthz, ""); code != 200 || e.api.InFlight() != 1 {
+		t.Fatalf("healthz = %d, in flight %d", code, e.api.InFlight())
+	}
+	short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	if err := e.api.WaitIdle(short); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("WaitIdle with a request in flight = %v, want the context's deadline", err)
+	}
+	io.WriteString(feed, `"archive":"AAAA"}`)
+	feed.Close()
+	<-done
+	if err := e.api.WaitIdle(ctx); err != nil || e.api.InFlight() != 0 {
+		t.Fatalf("WaitIdle after the request = %v, in flight %d", err, e.api.InFlight())
+	}
+}
