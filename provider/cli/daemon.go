@@ -12,7 +12,9 @@
 //
 // serve answers SIGTERM and SIGINT with a graceful shutdown (STOPPING=1 to systemd, readiness
 // withdrawn, current requests finished), sends READY=1 once it accepts connections and
-// keeps systemd's watchdog fed while the store answers. Replicas sharing one etcd store
+// keeps systemd's watchdog fed while the store answers. If serving fails (its listener
+// dies) it stops and exits non-zero, so that systemd restarts it. Connections are capped
+// (--max-conns, --max-conns-per-source) and refusals logged at warn. Replicas sharing one etcd store
 // need the same root.key file in their --dir (copy it, 0600).
 //
 // --root-key-tpm /dev/tpmrm0 (or swtpm:path=SOCKET) at init seals the root key to the
@@ -44,6 +46,7 @@ type options struct {
 	etcdCA, etcdCert, etcdKey, rootKeyTPM                               string
 	tpmRequired                                                         bool
 	shutdown                                                            time.Duration
+	maxConns, maxConnsPerSource                                         int
 }
 
 func (o *options) store() daemon.StoreConfig {
@@ -123,6 +126,8 @@ func Main(args []string, stdout, stderr io.Writer) error {
 	serveCmd.Flags().StringVar(&o.listen, "listen", ":8443", "address to listen on (host:port)")
 	serveCmd.Flags().StringVar(&o.sans, "san", "", "DNS names and IPs for the server certificate, comma-separated (default: localhost, loopback, host name)")
 	serveCmd.Flags().DurationVar(&o.shutdown, "shutdown-timeout", 10*time.Second, "how long a graceful shutdown waits for requests")
+	serveCmd.Flags().IntVar(&o.maxConns, "max-conns", daemon.DefaultMaxConns, "client connections open at once, from everyone (lowered to fit the open-files limit)")
+	serveCmd.Flags().IntVar(&o.maxConnsPerSource, "max-conns-per-source", daemon.DefaultMaxConnsPerSource, "client connections open at once from one IPv4 address or IPv6 /64")
 	root.AddCommand(initCmd, serveCmd)
 	root.SetArgs(args)
 	return root.Execute()
@@ -131,13 +136,23 @@ func Main(args []string, stdout, stderr io.Writer) error {
 func serve(o *options, log *slog.Logger) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	cfg := daemon.Config{Dir: o.dir, Listen: o.listen, Store: o.store(), Log: log, ShutdownTimeout: o.shutdown, RootKeyTPM: o.rootKeyTPM}
+	cfg := daemon.Config{Dir: o.dir, Listen: o.listen, Store: o.store(), Log: log, ShutdownTimeout: o.shutdown, RootKeyTPM: o.rootKeyTPM,
+		MaxConns: o.maxConns, MaxConnsPerSource: o.maxConnsPerSource}
 	if o.sans != "" {
 		cfg.Names = strings.Split(o.sans, ",")
 	}
 	d, err := daemon.Start(context.Background(), cfg)
 	if err != nil {
 		return err
+	}
+	select {
+	case <-d.Ready():
+	case <-d.Done():
+	}
+	select {
+	case <-d.Done():
+		return stopped(d)
+	default:
 	}
 	if err := systemd.Ready(); err != nil {
 		log.Warn("readiness not signalled to systemd", "err", err)
@@ -154,7 +169,7 @@ func serve(o *options, log *slog.Logger) error {
 	case <-ctx.Done():
 		log.Info("provider stopping", "reason", "signal")
 	case <-d.Done():
-		return d.Err()
+		return stopped(d) // the listener died: exit non-zero so that systemd restarts us
 	}
 	wcancel()
 	if err := systemd.Stopping(); err != nil {
@@ -167,4 +182,13 @@ func serve(o *options, log *slog.Logger) error {
 	}
 	log.Info("provider stopped")
 	return nil
+}
+
+// stopped is the error of a daemon that stopped without being asked to: never nil, so
+// the process exits non-zero and its service manager restarts it.
+func stopped(d *daemon.Daemon) error {
+	if err := d.Err(); err != nil {
+		return err
+	}
+	return errors.New("provider server stopped without a shutdown request")
 }

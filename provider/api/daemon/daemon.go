@@ -3,6 +3,21 @@
 // API of package provider/api with graceful shutdown. cmd/nkp-provider and cmd/nkpctl
 // are thin wrappers around it, and tests start it in-process with Start.
 //
+// A running daemon has the shape of etcd's embed.Etcd: Start returns a *Daemon whose
+// Ready channel closes once the listener serves, whose Done channel closes when it has
+// stopped, and whose Err says why. Every serving goroutine ends through one supervisor,
+// so a listener that dies (Serve returns) fails /healthz and /readyz, stops the daemon
+// and closes Done with the error: `nkp-provider serve` then exits non-zero and systemd
+// restarts it, instead of a process that looks healthy with nothing listening.
+//
+// Shutdown drains: /readyz answers 503 while the listener stays open and in-flight
+// requests finish (keep-alive is switched off, so clients reconnect and load balancers
+// see the 503), then the listener closes. Connections are capped (MaxConns,
+// MaxConnsPerSource) and a connection that sends no request within FirstRequestTimeout
+// is closed; refusals are logged at Warn.
+//
+// Who may import it: cmd/nkp-provider, provider/cli and tests; never hostd or clients.
+//
 // A provider directory holds:
 //
 //	root.key     the provider root key (0600); replicas sharing an etcd store need the same file
@@ -34,6 +49,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/nkp-dev/nkp/provider"
 	"github.com/nkp-dev/nkp/provider/api"
@@ -63,6 +79,18 @@ type Config struct {
 	// RootKeyTPM names the TPM the root key is sealed to (InitConfig.RootKeyTPM); empty
 	// for a plain key file.
 	RootKeyTPM string
+	// Listener, when set, is served instead of listening on Listen (or a socket systemd
+	// passed): tests and embedders hand in their own. The daemon closes it.
+	Listener net.Listener
+	// MaxConns caps the client connections open at once; 0 means DefaultMaxConns. It is
+	// lowered to fit RLIMIT_NOFILE, with a warning.
+	MaxConns int
+	// MaxConnsPerSource caps the connections open at once from one IPv4 address or IPv6
+	// /64; 0 means DefaultMaxConnsPerSource.
+	MaxConnsPerSource int
+	// FirstRequestTimeout closes a connection that has not delivered a request this long
+	// after it was accepted (TLS handshake included); 0 means DefaultFirstRequestTimeout.
+	FirstRequestTimeout time.Duration
 }
 
 // Validate checks the configuration and names the bad setting.
@@ -70,8 +98,16 @@ func (c *Config) Validate() error {
 	if c.Dir == "" {
 		return errors.New("--dir: the provider directory is required")
 	}
-	if c.Listen == "" {
+	if c.Listen == "" && c.Listener == nil {
 		return errors.New("--listen: an address (host:port) is required")
+	}
+	switch {
+	case c.MaxConns < 0:
+		return fmt.Errorf("--max-conns %d: must not be negative (0 means %d)", c.MaxConns, DefaultMaxConns)
+	case c.MaxConnsPerSource < 0:
+		return fmt.Errorf("--max-conns-per-source %d: must not be negative (0 means %d)", c.MaxConnsPerSource, DefaultMaxConnsPerSource)
+	case c.FirstRequestTimeout < 0:
+		return fmt.Errorf("first-request timeout %v: must not be negative (0 means %v)", c.FirstRequestTimeout, DefaultFirstRequestTimeout)
 	}
 	if c.Log == nil {
 		return errors.New("daemon: Config.Log is nil")
@@ -87,27 +123,51 @@ type Daemon struct {
 	key   *rootkey.Key
 	srv   *http.Server
 	api   *api.Server
-	ln    net.Listener
+	ln    *connLimiter
 	ready chan struct{}
 	done  chan struct{}
+	stop  chan context.Context // Shutdown's request to the supervisor
 
-	stopOnce sync.Once
-	mu       sync.Mutex
-	err      error
+	readyOnce sync.Once
+	mu        sync.Mutex
+	err       error
 }
 
 // Start opens the provider in cfg.Dir and serves it. The provider must have been
-// initialised (Init) or restored (Restore). Cancel ctx or call Shutdown to stop.
+// initialised (Init) or restored (Restore). Wait for Ready (or Done) before relying on
+// the listener; cancel ctx or call Shutdown to stop, and watch Done: it also closes when
+// serving fails, with the reason in Err.
 func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if err := cfg.Validate(); err != nil {
+		if cfg.Listener != nil {
+			cfg.Listener.Close()
+		}
 		return nil, err
 	}
 	if cfg.ShutdownTimeout == 0 {
 		cfg.ShutdownTimeout = 10 * time.Second
 	}
-	d := &Daemon{cfg: cfg, ready: make(chan struct{}), done: make(chan struct{})}
+	if cfg.MaxConns == 0 {
+		cfg.MaxConns = DefaultMaxConns
+	}
+	if cfg.MaxConnsPerSource == 0 {
+		cfg.MaxConnsPerSource = DefaultMaxConnsPerSource
+	}
+	if cfg.FirstRequestTimeout == 0 {
+		cfg.FirstRequestTimeout = DefaultFirstRequestTimeout
+	}
+	cfg.MaxConns = clampToFDLimit(cfg.MaxConns, cfg.Log)
+	if cfg.Registry == nil {
+		cfg.Registry = prometheus.NewRegistry()
+		cfg.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	}
+	d := &Daemon{cfg: cfg, ready: make(chan struct{}), done: make(chan struct{}), stop: make(chan context.Context)}
+	raw := cfg.Listener
 	defer func() {
 		if err != nil {
+			if raw != nil {
+				raw.Close()
+			}
 			d.closeAll()
 		}
 	}()
@@ -140,11 +200,17 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if d.api, err = api.New(api.Config{Provider: d.p, Log: cfg.Log, Registry: cfg.Registry}); err != nil {
 		return nil, err
 	}
-	if d.ln, err = systemd.Listener(cfg.Listen); err != nil {
+	if raw == nil {
+		if raw, err = systemd.Listener(cfg.Listen); err != nil {
+			return nil, err
+		}
+	}
+	if d.ln, err = newConnLimiter(raw, &cfg, cfg.Registry, d.markReady); err != nil {
 		return nil, err
 	}
 	d.srv = &http.Server{
-		Handler:           d.api.Handler(),
+		Handler:           markRequests(d.api.Handler()),
+		ConnContext:       connContext,
 		TLSConfig:         api.TLSConfig(cert),
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       60 * time.Second,
@@ -154,31 +220,76 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		ErrorLog:          slog.NewLogLogger(cfg.Log.Handler(), slog.LevelDebug),
 	}
 	cfg.Log.Info("provider serving", "addr", d.ln.Addr().String(), "provider_id", st.ProviderID,
-		"state", string(st.State), "ca_hash", caHash, "store", cfg.Store.Kind)
-	go d.serve()
-	go func() {
-		select {
-		case <-ctx.Done():
-			sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
-			defer cancel()
-			d.Shutdown(sctx)
-		case <-d.done:
-		}
-	}()
-	close(d.ready)
+		"state", string(st.State), "ca_hash", caHash, "store", cfg.Store.Kind,
+		"max_conns", cfg.MaxConns, "max_conns_per_source", cfg.MaxConnsPerSource)
+	served := make(chan error, 1) // one per serving goroutine
+	go func() { served <- d.srv.ServeTLS(d.ln, "", "") }()
+	go d.supervise(ctx, served, 1)
 	return d, nil
 }
 
-func (d *Daemon) serve() {
-	err := d.srv.ServeTLS(d.ln, "", "")
-	if errors.Is(err, http.ErrServerClosed) {
-		err = nil
+// markReady closes Ready; the listener calls it when Serve first asks for a connection.
+func (d *Daemon) markReady() { d.readyOnce.Do(func() { close(d.ready) }) }
+
+// supervise is the one place the daemon stops: when a serving goroutine returns (its
+// listener died), ctx ends, or Shutdown asks. It records why, drains, waits for every
+// serving goroutine, closes the store, wipes the root key and closes Done.
+func (d *Daemon) supervise(ctx context.Context, served <-chan error, running int) {
+	var cause error
+	var drainCtx context.Context
+	select {
+	case err := <-served:
+		running--
+		if err == nil || errors.Is(err, http.ErrServerClosed) {
+			err = errors.New("the server stopped by itself")
+		}
+		cause = fmt.Errorf("provider server on %s: %w", d.ln.Addr(), err)
+		d.api.Fail(cause) // /healthz and /readyz: 503 from now on
+		d.cfg.Log.Error("provider server failed; stopping", "err", cause)
+	case <-ctx.Done():
+		d.cfg.Log.Info("provider stopping", "reason", context.Cause(ctx))
+	case drainCtx = <-d.stop:
 	}
+	if drainCtx == nil {
+		var cancel context.CancelFunc
+		drainCtx, cancel = context.WithTimeout(context.Background(), d.cfg.ShutdownTimeout)
+		defer cancel()
+	}
+	err := d.drain(drainCtx)
+	for ; running > 0; running-- {
+		if e := <-served; e != nil && !errors.Is(e, http.ErrServerClosed) && err == nil {
+			err = fmt.Errorf("provider server on %s: %w", d.ln.Addr(), e)
+		}
+	}
+	d.markReady() // a daemon that never served is not waited for
+	d.closeAll()
 	d.mu.Lock()
-	if d.err == nil && err != nil {
-		d.err = fmt.Errorf("provider server on %s: %w", d.ln.Addr(), err)
+	if cause != nil {
+		d.err = cause
+	} else {
+		d.err = err
 	}
 	d.mu.Unlock()
+	close(d.done)
+}
+
+// drain answers /readyz with 503 while the listener stays open and the requests in
+// flight finish (new connections are still served, keep-alive is off so clients
+// reconnect and load balancers see the 503), then closes the listener and waits for the
+// connections. Past ctx, the remaining connections are cut.
+func (d *Daemon) drain(ctx context.Context) error {
+	d.api.SetDraining()
+	d.srv.SetKeepAlivesEnabled(false)
+	waitErr := d.api.WaitIdle(ctx)
+	err := d.srv.Shutdown(ctx)
+	if err != nil {
+		d.srv.Close()
+		return fmt.Errorf("provider shutdown: %w (requests still running were cut)", err)
+	}
+	if waitErr != nil {
+		return fmt.Errorf("provider shutdown: %w (requests still running were cut)", waitErr)
+	}
+	return nil
 }
 
 // serverCert issues a fresh server certificate from the provider CA for cfg.Names,
@@ -227,45 +338,39 @@ func (d *Daemon) URL() string { return "https://" + d.ln.Addr().String() }
 // Provider is the domain the daemon serves.
 func (d *Daemon) Provider() *provider.Provider { return d.p }
 
-// Ready is closed once the server accepts connections.
+// Ready is closed once the listener serves (Serve is accepting connections), or when
+// the daemon stopped before it did (then Done is closed too).
 func (d *Daemon) Ready() <-chan struct{} { return d.ready }
 
-// Done is closed when the daemon has stopped.
+// Done is closed when the daemon has stopped: after Shutdown, after ctx given to Start
+// ended, or because serving failed (Err says why).
 func (d *Daemon) Done() <-chan struct{} { return d.done }
 
-// Err is the reason the server stopped, nil after a clean shutdown.
+// Err is the reason the daemon stopped: nil after a clean shutdown, the serving error
+// when a listener died, or the shutdown's error when requests had to be cut. It is nil
+// while the daemon runs.
 func (d *Daemon) Err() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.err
 }
 
-// Shutdown stops accepting requests, marks /readyz as failing, waits (bounded by ctx)
-// for current requests, then closes the store and wipes the root key.
+// InFlight is the number of API requests being served now (probes not counted).
+func (d *Daemon) InFlight() int { return d.api.InFlight() }
+
+// Shutdown drains (see the package documentation) within ctx, then closes the store and
+// wipes the root key. It returns Err; calling it again, or after the daemon stopped by
+// itself, waits for Done and returns Err.
 func (d *Daemon) Shutdown(ctx context.Context) error {
-	d.stopOnce.Do(func() {
-		d.api.SetDraining()
-		err := d.srv.Shutdown(ctx)
-		if err != nil {
-			d.srv.Close()
-			err = fmt.Errorf("provider shutdown: %w (requests still running were cut)", err)
-		}
-		d.closeAll()
-		d.mu.Lock()
-		if d.err == nil {
-			d.err = err
-		}
-		d.mu.Unlock()
-		close(d.done)
-	})
+	select {
+	case d.stop <- ctx:
+	case <-d.done:
+	}
 	<-d.done
 	return d.Err()
 }
 
 func (d *Daemon) closeAll() {
-	if d.ln != nil && d.srv == nil {
-		d.ln.Close()
-	}
 	if d.st != nil {
 		if err := d.st.Close(); err != nil {
 			d.cfg.Log.Warn("closing the store", "err", err)
@@ -276,8 +381,17 @@ func (d *Daemon) closeAll() {
 	}
 }
 
-// Healthy is the watchdog's check: the store answers a status read.
+// Healthy is the watchdog's check: serving has not failed and the store answers a
+// status read.
 func (d *Daemon) Healthy(ctx context.Context) error {
+	select {
+	case <-d.done:
+		if err := d.Err(); err != nil {
+			return err
+		}
+		return errors.New("the provider has stopped")
+	default:
+	}
 	_, err := d.p.Status(ctx)
 	return err
 }
