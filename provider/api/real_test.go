@@ -476,3 +476,107 @@ func TestInFlight(t *testing.T) {
 		t.Fatalf("WaitIdle after the request = %v, in flight %d", err, e.api.InFlight())
 	}
 }
+
+func TestRevokedHostRefusedAtOnce(t *testing.T) {
+	e := startReal(t)
+	e.backup(t)
+	host, _, id := e.join(t, "kvm-02")
+	ctx := context.Background()
+	if _, err := host.Release(ctx); err != nil {
+		t.Fatalf("release before revoke: %v", err)
+	}
+	if err := e.admin.Revoke(ctx, id); err != nil {
+		t.Fatalf("revoke: %v", err)
+	}
+	// Same client, same kept-alive connection: the refusal must not wait for a new handshake.
+	if _, err := host.Release(ctx); !client.IsCode(err, apiv1.CodeHostRevoked) {
+		t.Fatalf("release after revoke: %v, want code %s", err, apiv1.CodeHostRevoked)
+	}
+	if err := e.admin.Revoke(ctx, "nobody"); !client.IsCode(err, apiv1.CodeHostUnknown) {
+		t.Fatalf("revoke unknown host: %v, want %s", err, apiv1.CodeHostUnknown)
+	}
+}
+
+func TestJoin(t *testing.T) {
+	e := startReal(t)
+	ctx := context.Background()
+	tok, err := e.admin.CreateToken(ctx, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, _ := ca.New("other", time.Now(), time.Hour)
+	tests := []struct {
+		name    string
+		token   string
+		caHash  string
+		wantErr string // substring or code; "" = success
+	}{
+		{"wrong CA pin", tok.Secret, other.Hash(), "does not match the pinned hash"},
+		{"malformed pin", tok.Secret, "md5:abc", "want sha256:"},
+		{"unknown token", "nope", tok.CAHash, apiv1.CodeTokenInvalid},
+		{"good", tok.Secret, tok.CAHash, ""},
+		{"reused token", tok.Secret, tok.CAHash, apiv1.CodeTokenUsed},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			enr, err := client.Join(ctx, client.JoinRequest{URL: e.srv.URL, Token: tc.token, CAHash: tc.caHash, Hostname: "h", Key: newKey(t)})
+			if tc.wantErr == "" {
+				if err != nil {
+					t.Fatalf("join: %v", err)
+				}
+				if enr.HostID == "" || !enr.CA.Equal(e.caCert) {
+					t.Fatalf("enrollment %+v lacks host ID or the pinned CA", enr)
+				}
+				return
+			}
+			if err == nil || !(client.IsCode(err, tc.wantErr) || strings.Contains(err.Error(), tc.wantErr)) {
+				t.Fatalf("join: %v, want %q", err, tc.wantErr)
+			}
+		})
+	}
+}
+
+func TestBadBodies(t *testing.T) {
+	e := startReal(t)
+	tok, err := e.admin.CreateToken(context.Background(), time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	adminHC := e.rawClient(e.adminCert(t, "alice"))
+	tests := []struct {
+		name     string
+		hc       *http.Client
+		method   string
+		path     string
+		body     string
+		wantCode int
+		wantErr  string
+	}{
+		{"malformed JSON", e.rawClient(), "POST", apiv1.PathEnroll, `{"token":`, 400, apiv1.CodeBadRequest},
+		{"unknown field", e.rawClient(), "POST", apiv1.PathEnroll, `{"token":"` + tok.Secret + `","csr":"AA==","hostname":"h","admin":true}`, 400, apiv1.CodeBadRequest},
+		{"trailing data", e.rawClient(), "POST", apiv1.PathEnroll, `{"token":"t","csr":"AA==","hostname":"h"} {}`, 400, apiv1.CodeBadRequest},
+		{"missing CSR", e.rawClient(), "POST", apiv1.PathEnroll, `{"token":"t","hostname":"h"}`, 400, apiv1.CodeBadRequest},
+		{"bad base64", e.rawClient(), "POST", apiv1.PathEnroll, `{"token":"t","csr":"!!","hostname":"h"}`, 400, apiv1.CodeBadRequest},
+		{"garbage CSR", e.rawClient(), "POST", apiv1.PathEnroll, `{"token":"` + tok.Secret + `","csr":"AAAA","hostname":"h"}`, 400, apiv1.CodeBadRequest},
+		{"oversized body", e.rawClient(), "POST", apiv1.PathEnroll, `{"token":"` + strings.Repeat("a", apiv1.MaxBodyBytes) + `"}`, 413, apiv1.CodeTooLarge},
+		{"negative TTL", adminHC, "POST", apiv1.PathTokens, `{"ttl_seconds":-5}`, 400, apiv1.CodeBadRequest},
+		{"TTL too long", adminHC, "POST", apiv1.PathTokens, `{"ttl_seconds":99999999}`, 400, apiv1.CodeBadRequest},
+		{"retire non-number", adminHC, "POST", apiv1.PathKDKs + "/one/retire", ``, 400, apiv1.CodeBadRequest},
+		{"objects bad filter", adminHC, "GET", apiv1.PathObjects + "?kdk_version=x", ``, 400, apiv1.CodeBadRequest},
+		{"audit bad n", adminHC, "GET", apiv1.PathAudit + "?n=-1", ``, 400, apiv1.CodeBadRequest},
+		{"policy wrong type", adminHC, "PUT", apiv1.PathPolicy, `{"tpm_required":"yes"}`, 400, apiv1.CodeBadRequest},
+		{"empty backup passphrase", adminHC, "POST", apiv1.PathBackup, `{"passphrase":""}`, 400, apiv1.CodeBadRequest},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			code, eb, _ := e.do(t, tc.hc, tc.method, tc.path, tc.body)
+			if code != tc.wantCode || eb.Code != tc.wantErr {
+				t.Fatalf("%s %s = %d %q (%s), want %d %q", tc.method, tc.path, code, eb.Code, eb.Error, tc.wantCode, tc.wantErr)
+			}
+		})
+	}
+	// The garbage-CSR enrollment was refused before the token was spent.
+	if _, err := client.Join(context.Background(), client.JoinRequest{URL: e.srv.URL, Token: tok.Secret, CAHash: tok.CAHash, Hostname: "h", Key: newKey(t)}); err != nil {
+		t.Fatalf("token spent by a refused request: %v", err)
+	}
+}
