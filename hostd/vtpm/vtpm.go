@@ -445,6 +445,17 @@ func tail(path string, offset int64) string {
 	if len(lines) > 5 {
 		lines = lines[len(lines)-5:]
 	}
+	// The log is written by the unprivileged vTPM and ends up in a hook reply, which must
+	// be UTF-8 (an invalid one is not delivered and the refusal's sentence is lost), and
+	// on the virsh user's terminal: no escape sequences.
+	for i, l := range lines {
+		lines[i] = strings.Map(func(r rune) rune {
+			if r < 0x20 || r == 0x7f || 0x80 <= r && r < 0xa0 {
+				return '?'
+			}
+			return r
+		}, strings.ToValidUTF8(l, "?"))
+	}
 	s := strings.Join(lines, " | ")
 	if s == "" {
 		return "(nothing)"

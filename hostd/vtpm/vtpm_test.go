@@ -507,3 +507,30 @@ func fieldOf(status, name string) string {
 	}
 	return "(missing)"
 }
+
+// TestTail: what a failed start quotes from the vTPM's log (written by the unprivileged
+// vTPM, shown to the virsh user through the hook's reply) is valid UTF-8 without control
+// characters, only what was written since the offset, and at most the last 5 lines.
+func TestTail(t *testing.T) {
+	tests := []struct {
+		name, before, log, want string
+	}{
+		{"plain", "old line\n", "a\nb\n", "a | b"},
+		{"last five", "", "1\n2\n3\n4\n5\n6\n7\n", "3 | 4 | 5 | 6 | 7"},
+		{"invalid UTF-8", "", "bad \xff\xfe key\n", "bad ? key"},
+		{"terminal escapes", "", "x\x1b[2J\x1b]0;owned\x07y\r\u009bz\n", "x?[2J?]0;owned?y??z"},
+		{"nothing new", "old\n", "", "(nothing)"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := filepath.Join(t.TempDir(), "vm.log")
+			if err := os.WriteFile(p, []byte(tt.before+tt.log), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			got := tail(p, int64(len(tt.before)))
+			if got != tt.want {
+				t.Errorf("tail = %q, want %q", got, tt.want)
+			}
+		})
+	}
+}
