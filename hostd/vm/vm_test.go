@@ -535,3 +535,36 @@ func TestRekeyCatalogDown(t *testing.T) {
 	}
 	e.checkProtected(t, uuid1, 2, map[string][]byte{})
 }
+
+// TestRemoveDoesNotFollowLinks: the vTPM state directory belongs to the unprivileged vTPM
+// user, who may plant symbolic links in it; when hostd (root) removes the directory
+// after unprotect --tpm none, what the links point at stays.
+func TestRemoveDoesNotFollowLinks(t *testing.T) {
+	e := newEnv(t)
+	e.define(t, "l1", uuid1, "")
+	if _, err := e.m.Protect(context.Background(), "l1"); err != nil {
+		t.Fatal(err)
+	}
+	d := e.lv.domain(t, uuid1)
+	o, _ := d.Metadata.Object(domxml.ObjectVTPM)
+	dir := StateDir(e.m.cfg.VTPMDir, uuid1, o.KeyID)
+	outside := t.TempDir()
+	victim := filepath.Join(outside, "precious")
+	if err := os.WriteFile(victim, []byte("keep"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for name, target := range map[string]string{"dirlink": outside, "filelink": victim, "tpm2-00.volatilestate": victim} {
+		if err := os.Symlink(target, filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := e.m.Unprotect(context.Background(), "l1", vmapi.UnprotectNone); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(dir); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("state directory left: %v", err)
+	}
+	if b, err := os.ReadFile(victim); err != nil || string(b) != "keep" {
+		t.Fatalf("the file a planted link named: %q, %v", b, err)
+	}
+}
