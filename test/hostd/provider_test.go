@@ -24,6 +24,7 @@ import (
 type provider struct {
 	bin, nkpctl string
 	dir         string // provider directory, also nkpctl's admin credentials
+	pass        string // the backup passphrase's file
 	addr        string // host:port it serves on (kept across restarts)
 	url         string
 
@@ -53,17 +54,23 @@ func startProvider(t *testing.T, ip string) *provider {
 	if err := os.WriteFile(pass, []byte("hostd-e2e backup passphrase"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	// The backup's scrypt can outlast nkpctl's request timeout on a loaded machine: try
-	// three times.
+	p.pass = pass
+	p.backup(t)
+	return p
+}
+
+// backup takes a backup (needed before the provider releases a new KDK version too). Its
+// scrypt can outlast nkpctl's request timeout on a loaded machine: it tries three times.
+func (p *provider) backup(t *testing.T) {
+	t.Helper()
 	var err error
 	for range 3 {
-		if _, err = p.tryCtl("backup", "--passphrase-file", pass, "--out", filepath.Join(t.TempDir(), "backup.age")); err == nil {
-			return p
+		if _, err = p.tryCtl("backup", "--passphrase-file", p.pass, "--out", filepath.Join(t.TempDir(), "backup.age")); err == nil {
+			return
 		}
 		t.Logf("backup: %v; again", err)
 	}
 	t.Fatal(err)
-	return nil
 }
 
 // start serves the provider (again) and waits until it listens.
