@@ -41,6 +41,7 @@ type Daemon struct {
 	online  bool      // the last provider request reached it; guarded by mu
 	since   time.Time // when online last changed; guarded by mu
 	lastOK  time.Time // last successful release; guarded by mu
+	keySet  string    // key set of the last release applied to the cache ("" = none); guarded by mu
 	err     error     // guarded by mu
 	stopped bool      // guarded by mu
 

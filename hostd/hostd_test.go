@@ -38,6 +38,18 @@ func TestHost(t *testing.T) {
 	if len(st.KDKs) != 1 || !st.KDKs[0].Primary || st.ProviderID == "" || !st.TPMBound || !st.ProviderOnline {
 		t.Fatalf("status after join = %+v", st)
 	}
+	// Steady polling asks with the key set it holds: no key leaves the provider and no
+	// audit record is written while nothing changed.
+	releases := func() int { return strings.Count(p.mustCtl(t, "", "audit", "--json"), `"kind":"release"`) }
+	before := releases()
+	for range 3 {
+		if err := d.Sync(ctx); err != nil {
+			t.Fatalf("repeated sync: %v", err)
+		}
+	}
+	if after := releases(); after != before {
+		t.Errorf("three syncs with an unchanged key set wrote %d audited releases, want none", after-before)
+	}
 	if code, body := h.api("/readyz"); code != 200 {
 		t.Fatalf("/readyz %d %s", code, body)
 	}

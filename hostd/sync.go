@@ -22,6 +22,13 @@ func providerIDOf(ca *x509.Certificate) string {
 
 // Sync asks the provider once: KDK releases (rotation, retirement), revocation, and the
 // certificate's renewal. The sync loop calls it every SyncInterval; tests call it directly.
+//
+// A host that holds every KDK version of the provider's current key set asks with that
+// set (client.ReleaseChanged): while it is current the provider answers Unchanged from one
+// store read, hands out no key and writes no audit record, so a cluster's steady polling
+// costs the provider nothing durable. The first sync after a start, a sync after a
+// change, and any sync while a cached version is unusable (its blob does not unwrap on
+// this TPM) fetch the whole release, which is audited.
 func (d *Daemon) Sync(ctx context.Context) error {
 	d.mu.Lock()
 	revoked := d.id.info.Revoked != nil
@@ -31,7 +38,8 @@ func (d *Daemon) Sync(ctx context.Context) error {
 	}
 	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	rel, err := d.pc.Release(rctx)
+	known := d.knownKeySet()
+	rel, err := d.pc.ReleaseChanged(rctx, known)
 	var ae *client.APIError
 	switch {
 	case err == nil:
@@ -49,13 +57,17 @@ func (d *Daemon) Sync(ctx context.Context) error {
 		d.setOnline(false, err)
 		return err
 	}
-	ch, err := d.cache.Update(rel)
-	if err != nil {
-		d.log.Error("KDK release not applied", "err", err)
-		return err
-	}
-	if len(ch.Added)+len(ch.Removed) > 0 {
-		d.log.Info("KDK versions updated", "added", ch.Added, "removed", ch.Removed, "primary", ch.Primary)
+	if !rel.Unchanged {
+		ch, err := d.cache.Update(rel)
+		if err != nil {
+			d.setKeySet("")
+			d.log.Error("KDK release not applied", "err", err)
+			return err
+		}
+		if len(ch.Added)+len(ch.Removed) > 0 {
+			d.log.Info("KDK versions updated", "added", ch.Added, "removed", ch.Removed, "primary", ch.Primary)
+		}
+		d.setKeySet(rel.KeySet)
 	}
 	d.mu.Lock()
 	d.lastOK = d.cfg.Now()
@@ -73,6 +85,25 @@ func (d *Daemon) Sync(ctx context.Context) error {
 		return saveErr
 	}
 	return d.renewIfDue(ctx)
+}
+
+// knownKeySet is the key set to ask with: the last applied one, or "" (a full release)
+// when none was applied or a cached version cannot be used on this TPM.
+func (d *Daemon) knownKeySet() string {
+	for _, v := range d.cache.Versions() {
+		if v.Err != "" {
+			return ""
+		}
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.keySet
+}
+
+func (d *Daemon) setKeySet(ks string) {
+	d.mu.Lock()
+	d.keySet = ks
+	d.mu.Unlock()
 }
 
 func (d *Daemon) setOnline(on bool, err error) {
