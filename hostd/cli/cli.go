@@ -134,6 +134,10 @@ func Main(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 }
 
 func serveDaemon(cfg hostd.Config, log *slog.Logger) error {
+	// hostd's sockets get their mode by chmod after bind; in between they have the
+	// umask's. Group and others never get write (connect) permission from it, whatever
+	// umask the daemon was started with (its unit sets 0077).
+	syscall.Umask(syscall.Umask(0) | 0o022)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	d, err := hostd.Start(ctx, cfg)

@@ -6,6 +6,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+
+	"golang.org/x/sys/unix"
 )
 
 // applyModeLocked gives the state files already in the directory (their .bak copies and
@@ -30,17 +32,25 @@ func (d *Dir) applyModeLocked() {
 	}
 	for _, file := range files {
 		p := filepath.Join(d.dir, file)
-		fi, err := os.Lstat(p)
+		// Open without following a link and change the mode through the descriptor: a
+		// path-based chmod after a stat would follow a symlink swapped in between by
+		// whoever else can write the directory, onto any file this process may chmod.
+		fd, err := openNoIntr(p, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
 		if err != nil {
-			if !errors.Is(err, fs.ErrNotExist) {
-				d.log.Warn("--tpmstate mode=: cannot stat a state file; its mode is left as it is", "path", p, "err", err)
+			if !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, unix.ELOOP) {
+				d.log.Warn("--tpmstate mode=: cannot open a state file; its mode is left as it is", "path", p, "err", err)
 			}
 			continue
 		}
-		if !fi.Mode().IsRegular() || fi.Mode().Perm() == d.mode {
+		f := os.NewFile(uintptr(fd), p)
+		fi, err := f.Stat()
+		if err != nil || !fi.Mode().IsRegular() || fi.Mode().Perm() == d.mode {
+			f.Close()
 			continue
 		}
-		if err := os.Chmod(p, d.mode); err != nil {
+		err = f.Chmod(d.mode)
+		f.Close()
+		if err != nil {
 			d.log.Warn("--tpmstate mode=: cannot change the mode of a state file; run nkp-swtpm as the files' owner",
 				"path", p, "mode", fmt.Sprintf("%#o", d.mode), "have", fmt.Sprintf("%#o", fi.Mode().Perm()), "err", err)
 			continue

@@ -124,3 +124,25 @@ func perm(t *testing.T, p string) os.FileMode {
 	}
 	return fi.Mode().Perm()
 }
+
+// TestModeDoesNotFollowLinks: a state file name that is a symlink (planted by whoever
+// else can write the directory) never has its target's mode changed.
+func TestModeDoesNotFollowLinks(t *testing.T) {
+	dir, outside := t.TempDir(), filepath.Join(t.TempDir(), "victim")
+	if err := os.WriteFile(outside, []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(outside, 0o644)
+	for _, name := range []string{FileName("permall"), FileName("volatilestate") + ".bak", stateIDFile} {
+		if err := os.Symlink(outside, filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d, err := Open(dir, Options{Mode: 0o600, Log: slog.New(slog.DiscardHandler)})
+	if err == nil {
+		d.Close()
+	}
+	if got := perm(t, outside); got != 0o644 {
+		t.Fatalf("the symlink's target got mode %#o: the mode was applied through a link", got)
+	}
+}
