@@ -1,8 +1,8 @@
+// Package nkp_test enforces the import rules of DESIGN.md ("Packages and who may
+// import whom", also drawn in docs/DEVELOPING.md). Rules name packages by pattern; a
+// rule whose packages do not exist yet applies as soon as they appear. Only non-test
+// imports count: a test may link anything.
 package nkp_test
-
-// The import rules of docs/DESIGN.md ("Packages and who may import whom"), enforced.
-// Rules name packages by pattern; a rule whose packages do not exist yet applies as
-// soon as they appear. Only non-test imports count: a test may link anything.
 
 import (
 	"bytes"

@@ -28,4 +28,11 @@
 // Importers: cmd/nkp-hostd and tests. hostd may import provider/{client,apiv1,kdk},
 // swtpm/{cmdline,ctrl,state}, systemd, internal/..., its own subpackages — never the
 // provider's domain or stores.
+//
+// Files: the state directory (0711) holds host.json, host.key (0600), host.crt,
+// ca.crt, kdk/v<N>.json (0600 in 0700: the TPM import blob only), the vTPM states
+// vtpm/<uuid>/<key-id>/ (the vTPM user's, 0700) and their logs vtpm/<uuid>.log; the
+// run directory holds hook.sock and hostd.sock (0600), each vTPM's control socket
+// vtpm/<uuid>.sock (0600, owned by QEMU's user: hostd creates it and passes it as a
+// listening fd) and the instance records vtpm/<uuid>.json used for adoption.
 package hostd

@@ -74,4 +74,15 @@
 // no cache of earlier releases, no repeat counts.
 //
 // Only provider/api (the HTTPS edge), cmd/nkp-provider and tests import this package.
+//
+// More of the contract:
+//   - TPM hosts get server.CreateImportBlob blobs (proto-marshalled pb.ImportBlob, no
+//     PCR policy) for their EK, which must be one of the default EK templates
+//     (RSA-2048 or ECC P-256, as client.EndorsementKeyRSA/ECC load); Enroll refuses
+//     others. AuthorizeHost also requires the certificate to be the host's current
+//     one (by serial).
+//   - Restore writes everything in one store transaction: on etcd, run it with
+//     --max-txn-ops 16384 (etcdstore's package doc) or an archive with more than
+//     about 100 hosts and objects is refused. It keeps the audit log of a forced
+//     restore and appends to it; tokens are not restored.
 package provider

@@ -15,6 +15,35 @@
 //
 // It is imported by swtpm/cli and by tests; the package has no global state (libtpms
 // has, which is why there is one Engine per process).
+//
+// # Contract with its callers
+//
+// The caller opens the sockets, the state and the engine; the server owns none of
+// them, except that Serve closes the listeners and connections given in Config when
+// it returns. swtpm/cli wires it as state.Open, libtpms.Open(dir), the sockets of
+// --ctrl and --server, New(Config{...}), Serve(ctx), then tpm.Close and dir.Close.
+// The sockets are ready once opened, so readiness (pid file, sd_notify) may be
+// signalled right before Serve.
+//
+// Serve returns an error only when the TPM cannot be started at launch
+// (NotNeedInit or Startup); before it returns it sends TPM2_Shutdown (SU_STATE,
+// else SU_CLEAR) and stops the TPM, and the caller then closes the Engine and the
+// Store.
+//
+// A permanent blob given by SET_STATEBLOB reaches the Store at the next INIT through
+// libtpms itself (MainInit stores a permanent state set by SetState), so the
+// destination of a migration keeps its state even if it restarts before the guest
+// writes NV (TestRealEngineMigration).
+//
+// Limits, as swtpm 0.7.1 behaves where it has them (checked by a differential test):
+//   - data channel: a command whose declared size is below 10 or above the engine's
+//     buffer (4096) gets TPM_RC_COMMAND_SIZE and the connection is closed (the size
+//     is the only framing; QEMU and TSS never exceed the negotiated size);
+//   - control channel: a HASH_DATA over 4096 bytes or a SET_STATEBLOB over 512 KiB is
+//     refused with BAD_PARAMETER and the connection closed; a message cut short
+//     closes the connection after MessageTimeout without a reply;
+//   - GET_STATEBLOB of an unknown blob type answers 0x800 (absent) in the 16-byte
+//     layout.
 package swtpm
 
 import (

@@ -31,4 +31,10 @@
 // to start on a locked directory).
 //
 // Importers: hostd (mounts Handler on the local API and calls Recover at start), tests.
+//
+// Order against the provider's catalog: protect registers its objects before the
+// define (the catalog may hold an entry that no XML uses yet, never the reverse);
+// rekey and unprotect update it after. TestAdoptedTPMKeepsEKAndNV shows the same EK
+// and NV value through the real swtpm before and the real nkp-swtpm after adoption
+// and after rekey. The operator's guide is docs/vm.md.
 package vm

@@ -28,6 +28,12 @@
 // the same for the last pruned record (absent until the first Prune).
 //
 // Only the provider package imports it.
+//
+// Kinds: init, backup, restore, token, enroll, revoke, release, rotate, retire,
+// policy, register, admin_cert, admin_revoke, host_renew, prune. AppendReads lists
+// what Append reads, for store.Prefetch; Log writes the same event as one slog line
+// and is called after the commit. The operator prunes through Provider.PruneAudit
+// (POST /v1/admin/audit/prune, `nkpctl provider audit prune --before T`).
 package audit
 
 import (

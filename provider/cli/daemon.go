@@ -20,6 +20,15 @@
 // --root-key-tpm /dev/tpmrm0 (or swtpm:path=SOCKET) at init seals the root key to the
 // provider host's TPM instead of writing it in the clear; serve then needs the same flag,
 // and the file opens on no other machine (keep the backup: it is the way back).
+//
+// nkpctl provider: init and restore act on --dir locally (the server stopped, for
+// bolt); the other commands talk to --provider URL (environment NKP_PROVIDER) with the
+// admin files of --dir (or --cert, --key, --ca), and --json gives machine output.
+// Passphrases come from --passphrase-file, --passphrase-stdin or a terminal prompt,
+// never argv. backup saves the archive (temp, fsync, rename, fsync dir), opens it
+// again with the passphrase and confirms it; backup confirm --in F confirms a saved
+// archive when that last step failed; backup verify opens an archive locally, without
+// a provider. The operator's guide, with every command run: docs/provider.md.
 package cli
 
 import (

@@ -10,6 +10,13 @@
 // Who may import it: nkpctl (provider/cli), hostd, tests and benchmarks. It imports only the
 // standard library and provider/apiv1, never the provider's server, domain or stores, so a
 // host links none of them.
+//
+// Identity: no host-name check; the server's chain to the pinned CA, with
+// ExtKeyUsageServerAuth, is its identity. With Config.Replicas, a request that fails
+// at the connection level goes to the next URL (the last one that answered is tried
+// first); an *APIError refusal is final. A POST may therefore reach two replicas:
+// host writes are kept idempotent. Backup checks the received archive against the
+// Nkp-Archive-Sha256 header before ConfirmBackup is sent.
 package client
 
 import (

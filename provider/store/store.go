@@ -5,6 +5,29 @@
 //
 // Values are opaque bytes; the provider encrypts what must not be read from the store
 // (KDKs are sealed under the provider root key before they reach a Store).
+//
+// # The contract every implementation keeps (provider/store/storetest checks it)
+//
+//   - Names: a bucket is 1..64 bytes of [a-z0-9._-]; a key is 1..1024 bytes, any
+//     bytes (the empty key is refused). Values may be empty; a stored empty value
+//     reads back as present.
+//   - Values are copied both ways: callers may keep and modify what Get and List
+//     return and what they passed to Put. A transaction sees its own writes (Get and
+//     List).
+//   - List calls fn on the state at the List call, in bytewise key order; fn may Put
+//     and Delete.
+//   - Put and Delete in a View return an error wrapping ErrReadOnly. A cancelled ctx
+//     returns an error wrapping ctx.Err() without running fn. After Close: ErrClosed.
+//   - fn must not start another transaction on the same Store (mem and bbolt would
+//     deadlock); a Tx must not be used after fn returns, nor from several goroutines.
+//   - Prefetch(tx, Key(b, k), Range(b, prefix), ...) names what fn is about to read
+//     (optional interface Prefetcher on a Tx): etcdstore reads it all in one etcd Txn
+//     at the transaction's snapshot and serves later Gets and Lists inside it from that
+//     copy; mem and bbolt ignore it. It is a hint: results are the same with or
+//     without it (storetest's Prefetch tests), bad names are skipped (the Get reports
+//     them), an Update still checks for conflicts exactly what fn read, and the
+//     transaction's own writes win. Call it first in a transaction whose reads are
+//     known (the provider's key fetch: meta, the host, the KDKs).
 package store
 
 import (

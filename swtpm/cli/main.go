@@ -7,6 +7,42 @@
 //
 // Only cmd/nkp-swtpm imports it (it links libtpms through cgo). A program that only
 // builds or checks an nkp-swtpm command line imports swtpm/cmdline instead.
+//
+// # Behaviour beyond parsing
+//
+//   - The serving process calls internal/nodump.Apply (RLIMIT_CORE 0,
+//     PR_SET_DUMPABLE 0) first and again after --runas. --runas switches uid, gid and
+//     groups before any file or socket is opened.
+//   - Keys are read (state.ParseKey) in the process that serves (the daemon child
+//     with -d) and wiped after Serve.
+//   - -d: re-exec of /proc/self/exe with the same argv, Setsid, stdio on /dev/null,
+//     every fd the options name passed under the same number (cmdline.InheritedFDs),
+//     and a readiness pipe whose number is in NKP_SWTPM_READY_FD (not a secret). The
+//     parent exits 0 once the child wrote READY, or 1 with the child's error, within
+//     30 s. Ready (and the pid file written) means the sockets listen and, with
+//     --flags not-need-init or startup-*, that the TPM started (state decrypted,
+//     TPM2_Startup done), so a wrong key fails -d instead of leaving a daemon that
+//     cannot serve.
+//   - --pid file= and --log file= are opened with O_NOFOLLOW and must be regular files
+//     (a planted symbolic link or FIFO is refused, nothing behind it is written). The
+//     pid file is written in place (swtpm_setup 0.7.1 watches the inode it created)
+//     and removed at exit. The log is created 0600 (append, or truncate); file=-
+//     discards; level >= 2 adds debug lines; prefix= prefixes every line; without
+//     --log, stderr.
+//   - --tpmstate mode= becomes state.Options.Mode (given to existing files too);
+//     without it Options.Mode is 0 (0640 for new files, existing files left alone).
+//   - --seccomp action=kill|log|none (default kill, as swtpm): the filter is built
+//     before the state and sockets are opened, so a kernel without seccomp fails the
+//     start with a sentence naming action=none, and installed after the sockets
+//     listen, the state is locked, the TPM started (when it starts at launch) and the
+//     pid file is written: before readiness is reported and before the first client
+//     byte is read.
+//   - --migration incoming defers opening (and locking) the state directory to the
+//     TPM's first state access (CMD_INIT) or LOCK_STORAGE, waiting up to 3 s for a
+//     shared-storage source to release it.
+//   - --print-capabilities and --print-states print byte for byte in swtpm 0.7.1's
+//     layout, checked against the real swtpm (TestPrintShapeAsSwtpm).
+//   - A --ctrl is required to serve; chardev and cuse modes are refused.
 package cli
 
 import (

@@ -25,4 +25,23 @@
 //		Key:   &cmdline.KeyOptions{FD: 3, Format: cmdline.FormatBinary, Mode: "aes-256-gcm"},
 //	})
 //	cmd := exec.Command("nkp-swtpm", append([]string{"socket"}, args...)...)
+//
+// # What Parse accepts
+//
+// swtpm 0.7.1's `socket` options as libvirt 9.0, swtpm_setup, swtpm_ioctl's users and
+// QEMU's documentation use them (Usage), getopt-style: "--o v", "--o=v", unique
+// abbreviations, grouped short options. Unknown options and sub-options, a sub-option
+// given twice, values of the wrong type and contradictions are refused with a
+// sentence naming the option and what is accepted. --tpm2 is required (TPM 2.0 only)
+// except with --print-capabilities, --help and --version. Differences from swtpm:
+//   - --key and --migration-key without mode=: the key's length decides (swtpm
+//     assumes aes-128-cbc); mode=aes-256-gcm is accepted (nkp only);
+//   - --tpmstate: backend-uri=file:// and lock=false are refused (the directory is
+//     always locked), fsync is accepted (nkp always syncs), accept-rollback is nkp's
+//     own (state.Options.AcceptRollback); no --tpmstate means $TPM_PATH (swtpm/cli);
+//   - refused with a reason: --chroot/-R, --profile, --print-profiles, --print-info,
+//     --pcap.
+//
+// swtpm's fd quirk is resolved in Channel (ListenFD or ConnFD); connected streams
+// imply --terminate, as in swtpm.
 package cmdline

@@ -7,6 +7,9 @@
 // the swtpm server uses it for migration blobs, so that state moves between swtpm and
 // nkp-swtpm in both directions. Keys are 16 or 32 bytes (AES-128 or AES-256); this
 // package never keeps them.
+//
+// Checked against swtpm 0.7.1: fixtures in testdata, and (when swtpm is installed)
+// swtpm_ioctl --save and --load in both directions.
 package envelope
 
 import (

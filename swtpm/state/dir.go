@@ -4,7 +4,7 @@
 //
 // With a key, files are written in nkp's own authenticated format (AES-256-GCM with
 // its header as additional data, two slots per file so that later writes go in place;
-// the layout is in format.go and docs/DEVELOPING.md),
+// the byte layout is in slots.go, version 1 in format.go),
 // bound to their blob type and key. Without a key they are written in swtpm's
 // plaintext format, so that real swtpm can read the directory back, and a warning is
 // logged once. Reading accepts nkp's files, swtpm's plaintext files (only without a key,
@@ -48,9 +48,24 @@
 // blob-header files (plaintext, or --key encrypted) and the header-less files of swtpm
 // before that header (bare libtpms blobs, and AES-CBC files with a SHA-256 inside).
 //
+// Options.Mode (when non-zero) is also given to the state files already in the
+// directory, and their .bak copies, each time the Dir takes the lock (Open, or
+// LockStorage after DeferLock or ReleaseLock): swtpm's rename on every write gives its
+// files that mode, but in-place slot writes keep a file's mode, and under libvirt
+// swtpm_setup creates the files 0640 before libvirt starts the TPM with mode=0600. A
+// file this user cannot chmod is logged and left; links are not followed.
+//
+// Keys: hex (32 or 64 digits, optional 0x) or binary (16 or 32 bytes); the key's length
+// decides and a mode= must agree with it (swtpm would take a 16-byte binary key under
+// aes-256-cbc as 128-bit; nkp refuses the contradiction); aes-256-gcm is accepted as a
+// 256-bit key (swtpm does not accept it). A 128-bit key works for nkp's format too (the
+// AEAD key is derived). The fixtures of swtpm's old formats are in
+// testdata/swtpm-legacy, built from swtpm's source (its README says how). What a Store
+// costs is in BENCHMARKS.md.
+//
 // Importers: swtpm/cli, which opens the directory for the swtpm server and parses
-// --key/--migration-key with ParseKeySpec/ParseKey, and tests. Other daemons hand keys
-// to nkp-swtpm by fd rather than opening a state directory themselves.
+// --key/--migration-key with ParseKeySpec/ParseKey; hostd/vm, which re-encrypts a
+// stopped VM's state under a new key on rekey (it links no libtpms); and tests.
 package state
 
 import (

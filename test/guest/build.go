@@ -7,6 +7,17 @@
 // results back. It boots to poweroff in seconds under QEMU TCG.
 //
 // Only test code and the demo import this package.
+//
+// The kernel is the package linux-image-cloud-amd64 depends on (apt-get download and
+// dpkg-deb -x, once per version); the initramfs holds busybox-static, the six virtio
+// modules, /init and the static agent, which prints tpm=2.0, pcr0=..., per action
+// nvwrite=ok nv=..., nv=..., pcr16=..., and loop=N pcr0=... pcr16=... nv=... every
+// second, then done=ok or done=fail, and powers off. Build caches both under
+// DefaultDir (test/guest/out, gitignored), behind a flock, and rebuilds only when an
+// input changes (sources, go.mod and go.sum, the Go version, busybox, the modules).
+// From a shell: `go run ./test/guest/cmd/guest-build` prints NKP_GUEST_KERNEL=... and
+// NKP_GUEST_INITRD=.... Under libvirt the domain needs <features><acpi/> (TPM CRB
+// discovery and poweroff go through ACPI).
 package guest
 
 import (

@@ -5,4 +5,19 @@
 //
 // The tests build cmd/nkp-swtpm once per run (or use $NKP_BIN/nkp-swtpm) and skip when
 // a tool is missing, unless NKP_E2E=required. The package has no non-test code.
+//
+// What it covers, over the backend table {Debian swtpm, nkp-swtpm} started through
+// test/vtpmproc: swtpm_ioctl (-c -i -e -h -r -l --info -g -b -C -v --save/--load
+// --stop -s, unix and TCP), swtpm_bios, tpm2-tools through the swtpm: TCTI (unix and
+// TCP), swtpm_setup (EKs with EK and platform certificates, --pwdfile and
+// --pwdfile-fd; needs root for swtpm_localca), encrypted state (no plaintext of an NV
+// value; a wrong key refused with the files unchanged), the state lock, -d with the
+// key on an fd, --print-capabilities and --print-states, garbage, truncated, empty and
+// read-only state, every --key form (swtpm writes, nkp-swtpm reads), state
+// directories written by swtpm, GET/SET_STATEBLOB between swtpm and nkp-swtpm both
+// ways (with and without a migration key), shared-storage migration
+// (release-lock-outgoing and incoming), swtpm_setup --reconfigure --pcr-banks, -t and
+// ctrl terminate, --runas, inherited listening sockets, an empty working directory,
+// and kill -9 during NV writes through a go-tpm client (up to 300 trials, 60 s per
+// backend). Tests of features swtpm 0.7.1 lacks skip it by its --print-capabilities.
 package swtpmtools

@@ -3,6 +3,11 @@
 // come from hostd, which names the VM, the key and what to do.
 //
 // Importers: cmd/nkpctl.
+//
+// Usage: nkpctl vm protect DOMAIN | status [DOMAIN] [--json] | rekey DOMAIN |
+// unprotect DOMAIN [--tpm keep|none], each with [--socket PATH] (environment
+// NKP_HOSTD_SOCKET, default /run/nkp/hostd.sock); hostd's sentences are printed as
+// they are.
 package vmcli
 
 import (

@@ -30,6 +30,18 @@
 // gives store.ErrFull.
 //
 // Only the provider's wiring (cmd/nkp-provider, tests) imports it.
+//
+// etcd over plain http exposes host records and sealed KDKs to the network:
+// production deployments run etcd with client TLS and pass LoadTLS's result
+// (nkp-provider init|serve and nkpctl provider init|restore take --etcd-cacert,
+// --etcd-cert and --etcd-key; https:// endpoints without --etcd-cacert are refused
+// naming the flag). With Config.Log set, the etcd client's own warnings and errors
+// land there (component=etcd-client).
+//
+// Update retries conflicts itself and returns store.ErrConflict only after
+// MaxAttempts; retries run one at a time within a process, so a hot key (the audit
+// head) degrades to serial commits instead of giving up. A commit that times out has
+// an unknown outcome: the error says so and it is not retried.
 package etcdstore
 
 import (
