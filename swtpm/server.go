@@ -21,9 +21,16 @@
 // The caller opens the sockets, the state and the engine; the server owns none of
 // them, except that Serve closes the listeners and connections given in Config when
 // it returns. swtpm/cli wires it as state.Open, libtpms.Open(dir), the sockets of
-// --ctrl and --server, New(Config{...}), Serve(ctx), then tpm.Close and dir.Close.
-// The sockets are ready once opened, so readiness (pid file, sd_notify) may be
-// signalled right before Serve.
+// --ctrl and --server, New(Config{...}), the seccomp filter, Serve(ctx), then
+// tpm.Close and dir.Close; the pid file and the daemon's readiness follow Ready. A TPM
+// that starts at launch starts while the channels are served (requests that need it
+// wait on the engine's lock; GET_CAPABILITY does not).
+//
+// With an engine that has its own data loop (libtpms' ServeConn), every data
+// connection (SET_DATAFD, --server listeners, -f) is served in C without entering Go
+// per command; control requests take the engine's lock, so no data command falls
+// between the steps of one. Engines without one (the test fake) get the Go loop;
+// TestDataChannelBothLoops holds both to the same behaviour.
 //
 // Serve returns an error only when the TPM cannot be started at launch
 // (NotNeedInit or Startup); before it returns it sends TPM2_Shutdown (SU_STATE,

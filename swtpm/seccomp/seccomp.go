@@ -43,11 +43,11 @@
 // denied call is done (daemonizing, --runas, sockets, state lock, pid file) and before
 // the first byte from a client is read.
 //
-// go-seccomp-bpf assembles the system-call part; this package prepends the ABI
-// check and loads the program itself (prctl and seccomp(2) on one locked OS thread;
-// a thread TSYNC cannot synchronise is an error). The kernel's actions are checked
-// in /proc/sys/kernel/seccomp/actions_avail first: a missing seccomp or action is an
-// error naming --seccomp action=none, never a silent pass.
+// The package prepends the ABI check and loads the program itself (prctl and
+// seccomp(2) on one locked OS thread; a thread TSYNC cannot synchronise is an error).
+// The kernel's actions are checked in /proc/sys/kernel/seccomp/actions_avail first: a
+// missing seccomp or action is an error naming --seccomp action=none, never a silent
+// pass.
 //
 // Code that runs after Install (the server, libtpms, state writes, lazy opening of
 // the state) must not start processes, change ids, or use splice, eventfd, inotify

@@ -7,4 +7,20 @@
 //
 // Run with `go test -count=1 -p 1 ./test/hostd/...` as root after `make setup`. Nothing
 // here imports this package; its code is all in _test.go files.
+//
+// The tests (about 12 minutes on a loaded 2-core machine): TestTwoHostsPlainVM
+// (libvirt's swtpm VM: hooks per host, live migration A to B, save on B and restore
+// on A, libvirtd restart and the reconnect hook); TestHookWithoutHostd (the real
+// nkp-hook: a plain domain starts, a protected one is refused naming the VM and its
+// key, direct calls with garbage); TestProtectedVM (protect through hostd's API, a
+// socket host TPM served by nkp-swtpm, NV across power cycles, hostd restart, kill -9,
+// libvirtd restart, save and restore, the provider stopped and hostd restarted);
+// TestRefusals (another provider, unknown KDK version, KDK ID mismatch, revoked host:
+// starts refused, running VM kept); TestTwoHostsProtected (save and restore both ways,
+// live migration on tpm-tis, one host's KDK blob copied into the other's cache
+// refused); TestRekeyAndAdopt (rotation seen by hostd, rekey through the API keeps NV,
+// the old version retired, then a boot; a VM with libvirt's own swtpm adopted by
+// protect with its NV). Fixtures: startProvider (init, serve, backup, tokens in 0600
+// files), startHostTPM, joinHost (join and serve inside a host, /healthz polled) and
+// nkpVM (protect, define, boot, start, runsOn).
 package hostd

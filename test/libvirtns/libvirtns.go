@@ -19,6 +19,14 @@
 // zombie until the machine's init reaps it.
 //
 // Only test code and benchmark commands import this package. Everything here needs root.
+//
+// Uplink joins a Host to the root namespace (root 10.78.n.1 is the Host's Gateway, the
+// Host 10.78.n.2 with its default route through it): the tests' nkp-provider serves on
+// the first Host's Gateway with that name in its certificate, and every Host reaches it.
+// RemoveStale deletes nkpe2e-* namespaces without processes (a test binary killed by
+// its timeout skips Close). Private libvirtds run QEMU without cgroups
+// (cgroup_controllers = [ ]): the machine's cgroup tree is shared and libvirt names a
+// group machine/qemu-ID-NAME, so a migrating VM would have one group on both Hosts.
 package libvirtns
 
 import (
