@@ -118,19 +118,14 @@ func TestBackupArchives(t *testing.T) {
 	})
 }
 
-// TestGracefulShutdownAndNotify: READY=1 reaches NOTIFY_SOCKET once the server listens,
-// SIGTERM sends STOPPING=1 and ends the process with status 0.
+// TestGracefulShutdownAndNotify: READY=1 reaches NOTIFY_SOCKET once the server listens
+// (the harness waits for it), SIGTERM sends STOPPING=1 and ends the process with status 0.
 func TestGracefulShutdownAndNotify(t *testing.T) {
 	b := build(t)
 	dir := b.initProvider(t)
-	sock := filepath.Join(t.TempDir(), "notify.sock")
-	conn := listenNotify(t, sock)
-	s := b.serveEnv(t, dir, []string{"NOTIFY_SOCKET=" + sock, "WATCHDOG_USEC=200000"})
-	if got := readNotify(t, conn); got != "READY=1" {
-		t.Fatalf("first notification %q, want READY=1", got)
-	}
+	s := b.serveEnv(t, dir, []string{"WATCHDOG_USEC=200000"})
 	for i := 0; i < 2; i++ { // WATCHDOG_USEC=200ms: keep-alives every 100 ms while the store answers
-		if got := readNotify(t, conn); got != "WATCHDOG=1" {
+		if got := s.notification(t); got != "WATCHDOG=1" {
 			t.Fatalf("notification %q, want WATCHDOG=1", got)
 		}
 	}
@@ -139,7 +134,7 @@ func TestGracefulShutdownAndNotify(t *testing.T) {
 	}
 	s.stop(t)
 	for {
-		got := readNotify(t, conn)
+		got := s.notification(t)
 		if got == "STOPPING=1" {
 			break
 		}

@@ -55,29 +55,62 @@ func build(t *testing.T) bins {
 
 // server is one running `nkp-provider serve`.
 type server struct {
-	t    *testing.T
-	dir  string
-	url  string
-	cmd  *exec.Cmd
-	done chan struct{}
+	t     *testing.T
+	dir   string
+	url   string
+	cmd   *exec.Cmd
+	done  chan struct{}
+	notes chan string // the sd_notify messages it sent, in order
 
 	mu   sync.Mutex
 	logs bytes.Buffer
 }
 
-// serve starts nkp-provider serve on a free loopback port and waits until it listens.
+// serve starts nkp-provider serve on a free loopback port and waits until it is ready.
 func (b bins) serve(t *testing.T, dir string, extra ...string) *server {
 	t.Helper()
 	return b.serveEnv(t, dir, nil, extra...)
 }
 
-// serveEnv is serve with extra environment variables.
+// serveEnv is serve with extra environment variables. The test makes the listening
+// socket and hands it over as systemd does (LISTEN_FDS, LISTEN_PID), so it knows the
+// address before the process starts; readiness is the READY=1 the process sends to the
+// unix datagram socket the test listens on (NOTIFY_SOCKET), as systemd waits for it.
 func (b bins) serveEnv(t *testing.T, dir string, env []string, extra ...string) *server {
 	t.Helper()
+	s, ln := b.serveOn(t, dir, env, extra...)
+	ln.Close() // the process has its own copy; a dead process must leave no listener behind
+	return s
+}
+
+// serveOn is serveEnv that also returns the test's copy of the listening socket (the
+// caller closes it).
+func (b bins) serveOn(t *testing.T, dir string, env []string, extra ...string) (*server, *net.TCPListener) {
+	t.Helper()
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lnFile, err := ln.File() // a duplicate, for the child's fd 3
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lnFile.Close()
+	notifyDir, err := os.MkdirTemp("", "nkpn") // short: sun_path holds 108 bytes
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(notifyDir) })
+	notifyPath := filepath.Join(notifyDir, "notify")
+	notify := listenNotify(t, notifyPath)
+
 	args := append([]string{"serve", "--dir", dir, "--listen", "127.0.0.1:0", "--log-format", "json",
 		"--shutdown-timeout", "5s"}, extra...)
-	cmd := exec.Command(b.provider, args...)
-	cmd.Env = append(append(os.Environ(), "NOTIFY_SOCKET=", "WATCHDOG_USEC="), env...)
+	// LISTEN_PID must be the pid of the process that execs nkp-provider: sh sets it to
+	// its own and execs in place.
+	cmd := exec.Command("/bin/sh", append([]string{"-c", `LISTEN_PID=$$ exec "$0" "$@"`, b.provider}, args...)...)
+	cmd.Env = append(append(os.Environ(), "LISTEN_FDS=1", "LISTEN_FDNAMES=", "NOTIFY_SOCKET="+notifyPath, "WATCHDOG_USEC="), env...)
+	cmd.ExtraFiles = []*os.File{lnFile}
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -85,40 +118,55 @@ func (b bins) serveEnv(t *testing.T, dir string, env []string, extra ...string) 
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start nkp-provider: %v", err)
 	}
-	s := &server{t: t, dir: dir, cmd: cmd, done: make(chan struct{})}
-	addr := make(chan string, 1)
+	s := &server{t: t, dir: dir, url: "https://" + ln.Addr().String(), cmd: cmd, done: make(chan struct{}), notes: make(chan string, 1024)}
+	go func() {
+		buf := make([]byte, 512)
+		for {
+			n, err := notify.Read(buf)
+			if err != nil {
+				return // closed at cleanup
+			}
+			select {
+			case s.notes <- string(buf[:n]):
+			default:
+			}
+		}
+	}()
 	go func() {
 		sc := bufio.NewScanner(stderr)
 		sc.Buffer(make([]byte, 1<<20), 1<<20)
 		for sc.Scan() {
-			line := sc.Text()
 			s.mu.Lock()
-			s.logs.WriteString(line + "\n")
+			s.logs.WriteString(sc.Text() + "\n")
 			s.mu.Unlock()
-			var rec struct {
-				Msg  string `json:"msg"`
-				Addr string `json:"addr"`
-			}
-			if json.Unmarshal([]byte(line), &rec) == nil && rec.Msg == "provider serving" {
-				select {
-				case addr <- rec.Addr:
-				default:
-				}
-			}
 		}
 		cmd.Wait()
 		close(s.done)
 	}()
 	t.Cleanup(func() { s.kill() })
 	select {
-	case a := <-addr:
-		s.url = "https://" + a
+	case n := <-s.notes:
+		if n != "READY=1" {
+			t.Fatalf("first sd_notify message %q, want READY=1:\n%s", n, s.Logs())
+		}
 	case <-s.done:
-		t.Fatalf("nkp-provider serve exited before listening:\n%s", s.Logs())
+		t.Fatalf("nkp-provider serve exited before it was ready:\n%s", s.Logs())
 	case <-time.After(60 * time.Second):
-		t.Fatalf("nkp-provider serve did not listen within 60 s:\n%s", s.Logs())
+		t.Fatalf("nkp-provider serve sent no READY=1 within 60 s:\n%s", s.Logs())
 	}
-	return s
+	return s, ln
+}
+
+// notification is the next sd_notify message s sent after the ones already read.
+func (s *server) notification(t *testing.T) string {
+	t.Helper()
+	select {
+	case n := <-s.notes:
+		return n
+	case <-time.After(30 * time.Second):
+		t.Fatalf("no sd_notify message within 30 s:\n%s", s.Logs())
+		return ""
+	}
 }
 
 // Logs is everything the server logged so far.
@@ -315,17 +363,6 @@ func listenNotify(t *testing.T, path string) *net.UnixConn {
 	}
 	t.Cleanup(func() { c.Close() })
 	return c
-}
-
-func readNotify(t *testing.T, c *net.UnixConn) string {
-	t.Helper()
-	c.SetReadDeadline(time.Now().Add(30 * time.Second))
-	buf := make([]byte, 512)
-	n, err := c.Read(buf)
-	if err != nil {
-		t.Fatalf("no sd_notify message within 30 s: %v", err)
-	}
-	return string(buf[:n])
 }
 
 // running initialises a provider in a new directory and serves it; extra goes to both.
