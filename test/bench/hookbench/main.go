@@ -8,8 +8,14 @@
 //   - reference: the hook is `cat >/dev/null` (a process that reads the XML and exits);
 //   - reference (again): the same, the calibration row (reference against itself);
 //   - plain: nkp-hook with a domain without nkp metadata (its fast path);
-//   - protected: nkp-hook with a domain protected by nkp (-protected, needs nkp-hostd and
-//     nkpctl; not measured unless given).
+//   - protected: nkp-hook with a domain protected by nkp, answered by a real nkp-hostd
+//     that starts the VM's nkp-swtpm (-protected, default on: a provider is initialised,
+//     backed up and served on the Host's uplink, nkp-hostd joins it with nkp-swtpm as the
+//     host TPM; the programs come from the directory of -hook).
+//
+// Then (-vtpms N, default 100) N vTPMs are prepared through the hook path (nkp-hook
+// prepare with a protected domain's XML, no QEMU) and nkp-hostd's RSS and PSS are
+// reported before and after, with the vTPM processes' own PSS.
 //
 // The hook installed is a shell wrapper that takes a nanosecond timestamp, runs the
 // hook, takes another, and appends them to a log; the wrapper's own fork of `date` is
@@ -17,7 +23,7 @@
 // and are destroyed after each round. Output: a markdown table with p50/p99 per kind and
 // concurrency, the ratio to the reference of the same run, and the difference at p99.
 //
-//	go run ./test/bench/hookbench -hook bin/nkp-hook -n 1,10,50 -rounds 5 -out bench-hook.md
+//	make build && go run ./test/bench/hookbench -hook bin/nkp-hook -n 1,10,50 -rounds 5 -out bench-hook.md
 package main
 
 import (
@@ -35,6 +41,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/google/uuid"
 
 	"github.com/nkp-dev/nkp/test/libvirtns"
 )
@@ -63,9 +71,10 @@ exit $rc
 
 // kind is one kind of domain measured.
 type kind struct {
-	label string // row label
-	mode  string // what the wrapper runs: reference or nkp
-	names []string
+	label     string // row label
+	mode      string // what the wrapper runs: reference or nkp
+	protected bool   // domains carry nkp's metadata and an external vTPM
+	names     []string
 }
 
 type sample struct {
@@ -79,6 +88,8 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	ns := fs.String("n", "1,10,50", "concurrent starts per round, comma-separated")
 	rounds := fs.Int("rounds", 5, "rounds per kind and concurrency (interleaved)")
 	out := fs.String("out", "", "write the markdown table here too")
+	protected := fs.Bool("protected", true, "also measure domains protected by nkp (starts a provider and nkp-hostd; programs from the -hook's directory)")
+	vtpms := fs.Int("vtpms", 100, "then prepare this many vTPMs through the hook path and report nkp-hostd's memory (0: skip; needs -protected)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -115,10 +126,25 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		{label: "reference again (calibration)", mode: "reference"},
 		{label: "nkp-hook, plain domain (fast path)", mode: "nkp"},
 	}
+	var n *nkpHost
+	if *protected {
+		if n, err = startNKP(ctx, h, filepath.Dir(*hook)); err != nil {
+			return err
+		}
+		defer n.close()
+		kinds = append(kinds, &kind{label: "nkp-hook + nkp-hostd, protected domain (vTPM started)", mode: "nkp", protected: true})
+	}
 	for i, k := range kinds {
 		for j := range max {
 			name := fmt.Sprintf("hookbench-%d-%03d", i, j)
-			if err := defineTiny(ctx, h, name); err != nil {
+			id := uuid.NewString()
+			xml := []byte(tinyXML(name, id))
+			if k.protected {
+				if xml, err = n.protectedXML(name, id); err != nil {
+					return err
+				}
+			}
+			if err := defineTiny(ctx, h, name, xml); err != nil {
 				return err
 			}
 			k.names = append(k.names, name)
@@ -148,6 +174,13 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		fmt.Fprintf(os.Stderr, "hookbench: round %d of %d done\n", r+1, *rounds)
 	}
 	table := report(kinds, conc, results, *rounds)
+	if n != nil && *vtpms > 0 {
+		mem, err := vtpmMemory(ctx, n, *vtpms)
+		if err != nil {
+			return err
+		}
+		table += mem
+	}
 	fmt.Fprint(stdout, table)
 	if *out != "" {
 		return os.WriteFile(*out, []byte(table), 0o644)
@@ -155,12 +188,16 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	return nil
 }
 
-func defineTiny(ctx context.Context, h *libvirtns.Host, name string) error {
-	xml := fmt.Sprintf(`<domain type='qemu'><name>%s</name><memory unit='MiB'>32</memory><vcpu>1</vcpu>
+// tinyXML is a 32 MiB domain without disks (SeaBIOS finds nothing to boot and waits).
+func tinyXML(name, uuid string) string {
+	return fmt.Sprintf(`<domain type='qemu'><name>%s</name><uuid>%s</uuid><memory unit='MiB'>32</memory><vcpu>1</vcpu>
 <os><type arch='x86_64' machine='pc'>hvm</type></os><on_poweroff>destroy</on_poweroff>
-<devices><controller type='usb' model='none'/><memballoon model='none'/></devices></domain>`, name)
+<devices><controller type='usb' model='none'/><memballoon model='none'/></devices></domain>`, name, uuid)
+}
+
+func defineTiny(ctx context.Context, h *libvirtns.Host, name string, xml []byte) error {
 	p := filepath.Join(h.Dir, name+".xml")
-	if err := os.WriteFile(p, []byte(xml), 0o644); err != nil {
+	if err := os.WriteFile(p, xml, 0o644); err != nil {
 		return err
 	}
 	_, err := h.Virsh(ctx, "define", p)
