@@ -27,6 +27,7 @@ import (
 	"golang.org/x/term"
 
 	"github.com/nkp-dev/nkp/hostd"
+	"github.com/nkp-dev/nkp/internal/logflag"
 	"github.com/nkp-dev/nkp/systemd"
 )
 
@@ -39,18 +40,7 @@ type options struct {
 }
 
 func (o *options) logger(w io.Writer) (*slog.Logger, error) {
-	var lvl slog.Level
-	if err := lvl.UnmarshalText([]byte(o.logLevel)); err != nil {
-		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", o.logLevel)
-	}
-	hopts := &slog.HandlerOptions{Level: lvl}
-	switch o.logFormat {
-	case "json":
-		return slog.New(slog.NewJSONHandler(w, hopts)), nil
-	case "text":
-		return slog.New(slog.NewTextHandler(w, hopts)), nil
-	}
-	return nil, fmt.Errorf("--log-format %q: want json or text", o.logFormat)
+	return logflag.New(w, o.logLevel, o.logFormat)
 }
 
 // Main runs nkp-hostd with args (without the program name).

@@ -44,6 +44,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/nkp-dev/nkp/internal/logflag"
 	"github.com/nkp-dev/nkp/internal/nodump"
 	"github.com/nkp-dev/nkp/internal/tpmdev"
 	"github.com/nkp-dev/nkp/provider/api/daemon"
@@ -67,18 +68,7 @@ func (o *options) store() daemon.StoreConfig {
 }
 
 func (o *options) logger(w io.Writer) (*slog.Logger, error) {
-	var lvl slog.Level
-	if err := lvl.UnmarshalText([]byte(o.logLevel)); err != nil {
-		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", o.logLevel)
-	}
-	hopts := &slog.HandlerOptions{Level: lvl}
-	switch o.logFormat {
-	case "json":
-		return slog.New(slog.NewJSONHandler(w, hopts)), nil
-	case "text":
-		return slog.New(slog.NewTextHandler(w, hopts)), nil
-	}
-	return nil, fmt.Errorf("--log-format %q: want json or text", o.logFormat)
+	return logflag.New(w, o.logLevel, o.logFormat)
 }
 
 // Main runs nkp-provider with args (without the program name).
