@@ -655,3 +655,15 @@ func (l *layout) child(d *xml.Decoder, t xml.StartElement, section string, pos i
 	}
 	return nil
 }
+
+// secretNamespace is the UUIDv5 namespace of nkp's disk secrets (a fixed random UUID).
+var secretNamespace = uuid.MustParse("6f1d3c2a-8b7e-4f55-9a0c-2d4e6b8f1a37")
+
+// SecretUUID is the UUID of the libvirt secret that holds the LUKS passphrase of the
+// disk object keyID of VM vmUUID: a name-based UUID (version 5) of both, so that every
+// host computes the same UUID from the domain XML alone, and a disk's <encryption>
+// element never has to change when hostd defines the secret again (after a libvirtd
+// restart, on another host after a migration).
+func SecretUUID(vmUUID, keyID string) string {
+	return uuid.NewSHA1(secretNamespace, []byte("nkp-disk-secret\x00"+strings.ToLower(vmUUID)+"\x00"+strings.ToLower(keyID))).String()
+}

@@ -6,6 +6,8 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/google/uuid"
 )
 
 const (
@@ -266,5 +268,25 @@ func TestEmulatorStateDir(t *testing.T) {
 		if got := tt.tpm.EmulatorStateDir(DefaultSwtpmRoot, "u"); got != tt.want {
 			t.Errorf("%+v: %q, want %q", tt.tpm, got, tt.want)
 		}
+	}
+}
+
+func TestSecretUUID(t *testing.T) {
+	const vm, key = "0b6a1c2e-1111-4222-8333-944455556666", "1c2d3e4f-aaaa-4bbb-8ccc-ddddeeeeffff"
+	a := SecretUUID(vm, key)
+	if b := SecretUUID(strings.ToUpper(vm), strings.ToUpper(key)); a != b {
+		t.Fatalf("SecretUUID depends on case: %s vs %s", a, b)
+	}
+	if _, err := uuid.Parse(a); err != nil || len(a) != 36 {
+		t.Fatalf("SecretUUID = %q: not a canonical UUID (%v)", a, err)
+	}
+	for _, other := range []string{SecretUUID(key, vm), SecretUUID(vm, vm), SecretUUID(key, key)} {
+		if other == a {
+			t.Fatalf("SecretUUID(%s, %s) collides with a different pair", vm, key)
+		}
+	}
+	// Pinned: hosts of one cluster must agree, across versions of nkp.
+	if want := "0c0071f2-3576-5478-8f69-436134a43ce9"; a != want {
+		t.Fatalf("SecretUUID = %s, want %s: changing it strands every protected disk's secret", a, want)
 	}
 }

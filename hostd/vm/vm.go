@@ -68,6 +68,18 @@ type Catalog interface {
 	UnregisterObject(ctx context.Context, vmUUID, name string) error
 }
 
+// Secrets keeps the libvirt secrets that hold protected disks' LUKS passphrases: one
+// ephemeral, private secret per disk object, UUID domxml.SecretUUID(vmUUID, KeyID),
+// value the lowercase hex of the key derived for (kdk.PurposeDisk, vmUUID, KeyID). hostd
+// implements it; operations call it outside any hook request.
+type Secrets interface {
+	// Ensure defines (or defines again) the secrets of VM vmUUID's disk objects with
+	// their derived values, and returns once libvirt holds them.
+	Ensure(ctx context.Context, vmUUID string, disks []domxml.Object) error
+	// Remove undefines those objects' secrets; a secret already gone is not an error.
+	Remove(ctx context.Context, vmUUID string, disks []domxml.Object) error
+}
+
 // Owner is a uid and gid that files are given.
 type Owner struct{ UID, GID int }
 
@@ -76,6 +88,9 @@ type Config struct {
 	Keys    Keys
 	Libvirt Libvirt
 	Catalog Catalog
+	// Secrets defines disks' libvirt secrets; required to protect disks (nil: VM
+	// operations refuse disks and handle the vTPM only).
+	Secrets Secrets
 	// VTPMDir holds the vTPM state directories (StateDir); hostd's <state>/vtpm.
 	VTPMDir string
 	// JournalDir holds the operations' journal; hostd's <state>/journal.
