@@ -11,8 +11,11 @@
 // The kernel is the package linux-image-cloud-amd64 depends on (apt-get download and
 // dpkg-deb -x, once per version); the initramfs holds busybox-static, the six virtio
 // modules, /init and the static agent, which prints tpm=2.0, pcr0=..., per action
-// nvwrite=ok nv=..., nv=..., pcr16=..., and loop=N pcr0=... pcr16=... nv=... every
-// second, then done=ok or done=fail, and powers off. Build caches both under
+// nvwrite=ok nv=..., nv=..., pcr16=..., diskwrite=vda disk-vda=..., diskread=vda
+// disk-vda=..., and loop=N pcr0=... pcr16=... nv=... disk-vda=... every second, then
+// done=ok or done=fail, and powers off. The disk actions write and read a marker block
+// (DiskBlock) at DiskOffset of /dev/vdX with O_DIRECT, so a host can search the image
+// file for it; a job of disk actions only runs without a TPM (tpm-device=none). Build caches both under
 // DefaultDir (test/guest/out, gitignored), behind a flock, and rebuilds only when an
 // input changes (sources, go.mod and go.sum, the Go version, busybox, the modules).
 // From a shell: `go run ./test/guest/cmd/guest-build` prints NKP_GUEST_KERNEL=... and

@@ -17,8 +17,56 @@ const (
 	ActionNVWrite = "nvwrite" // define the test NV index if absent, write Config.NV, read it back
 	ActionNVRead  = "nvread"  // read the test NV index
 	ActionExtend  = "extend"  // extend PCR 16 (sha256) with sha256(Config.Extend)
-	ActionLoop    = "loop"    // print PCR0, PCR16 and the NV value every second for Config.Loop seconds
+	ActionLoop    = "loop"    // print PCR0, PCR16 and the NV value (and disk markers) every second for Config.Loop seconds
+	// ActionDiskWrite writes Config.Disk as a marker block at DiskOffset of each of
+	// Config.Devices (O_DIRECT and O_SYNC: it reaches QEMU, and through it the image, at
+	// once) and reads it back.
+	ActionDiskWrite = "diskwrite"
+	// ActionDiskRead reads the marker block of each of Config.Devices; a device without
+	// one fails the agent.
+	ActionDiskRead = "diskread"
 )
+
+// DiskOffset is where the agent writes its marker block on a data disk (1 MiB: clear
+// of any partition table, inside the smallest test disk).
+const DiskOffset = 1 << 20
+
+// DiskBlockSize is the size of the marker block (one 4 KiB sector for O_DIRECT).
+const DiskBlockSize = 4096
+
+// DefaultDevice is the disk the disk actions use when Config.Devices is empty.
+const DefaultDevice = "vda"
+
+// diskMagic starts a marker block.
+const diskMagic = "NKP-DISK-MARKER "
+
+// DiskBlock is the marker block the agent writes for value: "NKP-DISK-MARKER VALUE\n",
+// zero-padded to DiskBlockSize. Its first line is what a host searches an image file for.
+func DiskBlock(value string) []byte {
+	b := make([]byte, DiskBlockSize)
+	copy(b, diskMagic+value+"\n")
+	return b
+}
+
+// ParseDiskBlock returns the marker value of a block DiskBlock made, or ok=false.
+func ParseDiskBlock(b []byte) (value string, ok bool) {
+	rest, found := bytes.CutPrefix(b, []byte(diskMagic))
+	if !found {
+		return "", false
+	}
+	v, _, found := bytes.Cut(rest, []byte("\n"))
+	if !found || checkValue("disk", string(v), MarkerSize) != nil {
+		return "", false
+	}
+	return string(v), true
+}
+
+// MarkerSize is the longest disk marker value.
+const MarkerSize = 64
+
+// DiskKey is the record key under which the agent prints the marker it read from (or
+// wrote to) device dev: "disk-vda".
+func DiskKey(dev string) string { return "disk-" + dev }
 
 // NVIndex is the owner-range NV index the agent defines and writes.
 const NVIndex = 0x01800100
@@ -32,11 +80,32 @@ const ExtendPCR = 16
 // Config is what one boot of the guest does; KernelArgs encodes it on the kernel command
 // line and ParseArgs decodes it inside the guest.
 type Config struct {
-	Actions []string // ActionNVWrite, ActionNVRead, ActionExtend, ActionLoop
+	Actions []string // ActionNVWrite, ActionNVRead, ActionExtend, ActionLoop, ActionDiskWrite, ActionDiskRead
 	NV      string   // value for ActionNVWrite: 1..NVSize bytes of [A-Za-z0-9._-]
 	Extend  string   // data for ActionExtend, same alphabet
 	Loop    int      // seconds ActionLoop runs before the guest powers off (bounded)
+	Disk    string   // marker for ActionDiskWrite: 1..MarkerSize bytes of [A-Za-z0-9._-]
+	// Devices are the virtio disks the disk actions use ("vda", "vdb", ...; distinct);
+	// empty means DefaultDevice.
+	Devices []string
 }
+
+// DiskDevices is c.Devices, or DefaultDevice when it is empty.
+func (c Config) DiskDevices() []string {
+	if len(c.Devices) == 0 {
+		return []string{DefaultDevice}
+	}
+	return c.Devices
+}
+
+// NeedsTPM reports whether c lists an action that uses the TPM (every one but the disk
+// actions); a job that does not runs in a VM without a TPM too.
+func (c Config) NeedsTPM() bool {
+	return c.Has(ActionNVWrite) || c.Has(ActionNVRead) || c.Has(ActionExtend) || c.Has(ActionLoop)
+}
+
+// HasDisk reports whether c lists a disk action.
+func (c Config) HasDisk() bool { return c.Has(ActionDiskWrite) || c.Has(ActionDiskRead) }
 
 // Has reports whether c lists action.
 func (c Config) Has(action string) bool {
@@ -52,10 +121,31 @@ func (c Config) Has(action string) bool {
 func (c Config) Validate() error {
 	for _, a := range c.Actions {
 		switch a {
-		case ActionNVWrite, ActionNVRead, ActionExtend, ActionLoop:
+		case ActionNVWrite, ActionNVRead, ActionExtend, ActionLoop, ActionDiskWrite, ActionDiskRead:
 		default:
-			return fmt.Errorf("guest config: unknown action %q (want %s, %s, %s or %s)", a, ActionNVWrite, ActionNVRead, ActionExtend, ActionLoop)
+			return fmt.Errorf("guest config: unknown action %q (want %s, %s, %s, %s, %s or %s)", a,
+				ActionNVWrite, ActionNVRead, ActionExtend, ActionLoop, ActionDiskWrite, ActionDiskRead)
 		}
+	}
+	if c.Has(ActionDiskWrite) {
+		if err := checkValue("disk", c.Disk, MarkerSize); err != nil {
+			return err
+		}
+	} else if c.Disk != "" {
+		return fmt.Errorf("guest config: a disk marker %q without action %s", c.Disk, ActionDiskWrite)
+	}
+	if len(c.Devices) > 0 && !c.HasDisk() {
+		return fmt.Errorf("guest config: devices %v without action %s or %s", c.Devices, ActionDiskWrite, ActionDiskRead)
+	}
+	seen := map[string]bool{}
+	for _, d := range c.Devices {
+		if len(d) != 3 || d[0] != 'v' || d[1] != 'd' || d[2] < 'a' || d[2] > 'z' {
+			return fmt.Errorf("guest config: device %q is not a virtio disk name vda..vdz", d)
+		}
+		if seen[d] {
+			return fmt.Errorf("guest config: device %s listed twice", d)
+		}
+		seen[d] = true
 	}
 	if c.Has(ActionNVWrite) {
 		if err := checkValue("nv", c.NV, NVSize); err != nil {
@@ -110,6 +200,12 @@ func (c Config) KernelArgs() (string, error) {
 	if c.Loop > 0 {
 		args = append(args, "nkp.loop="+strconv.Itoa(c.Loop))
 	}
+	if c.Disk != "" {
+		args = append(args, "nkp.disk="+c.Disk)
+	}
+	if len(c.Devices) > 0 {
+		args = append(args, "nkp.dev="+strings.Join(c.Devices, ","))
+	}
 	return strings.Join(args, " "), nil
 }
 
@@ -135,6 +231,10 @@ func ParseArgs(cmdline string) (Config, error) {
 				return Config{}, fmt.Errorf("guest config: nkp.loop=%q: %w", v, err)
 			}
 			c.Loop = n
+		case "nkp.disk":
+			c.Disk = v
+		case "nkp.dev":
+			c.Devices = strings.Split(v, ",")
 		default:
 			return Config{}, fmt.Errorf("guest config: unknown parameter %q", k)
 		}

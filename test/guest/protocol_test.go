@@ -22,6 +22,17 @@ func TestKernelArgsRoundTrip(t *testing.T) {
 		{name: "nv with equals", cfg: Config{Actions: []string{ActionNVWrite}, NV: "a=b"}, wantErr: "not in"},
 		{name: "loop without seconds", cfg: Config{Actions: []string{ActionLoop}}, wantErr: "Loop > 0"},
 		{name: "loop too long", cfg: Config{Actions: []string{ActionLoop}, Loop: 4000}, wantErr: "out of range"},
+		{name: "disk write", cfg: Config{Actions: []string{ActionDiskWrite}, Disk: "m-1"}},
+		{name: "disk write two devices and loop", cfg: Config{Actions: []string{ActionDiskWrite, ActionLoop}, Disk: "m", Devices: []string{"vda", "vdc"}, Loop: 5}},
+		{name: "disk read", cfg: Config{Actions: []string{ActionDiskRead}, Devices: []string{"vdb"}}},
+		{name: "disk write without marker", cfg: Config{Actions: []string{ActionDiskWrite}}, wantErr: "disk value must have"},
+		{name: "disk marker too long", cfg: Config{Actions: []string{ActionDiskWrite}, Disk: strings.Repeat("d", MarkerSize+1)}, wantErr: "1..64"},
+		{name: "disk marker with slash", cfg: Config{Actions: []string{ActionDiskWrite}, Disk: "a/b"}, wantErr: "not in"},
+		{name: "marker without diskwrite", cfg: Config{Actions: []string{ActionDiskRead}, Disk: "m"}, wantErr: "without action diskwrite"},
+		{name: "devices without disk action", cfg: Config{Devices: []string{"vda"}}, wantErr: "without action"},
+		{name: "device not virtio", cfg: Config{Actions: []string{ActionDiskRead}, Devices: []string{"sda"}}, wantErr: "not a virtio disk"},
+		{name: "device path", cfg: Config{Actions: []string{ActionDiskRead}, Devices: []string{"../vda"}}, wantErr: "not a virtio disk"},
+		{name: "device twice", cfg: Config{Actions: []string{ActionDiskRead}, Devices: []string{"vdb", "vdb"}}, wantErr: "listed twice"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -57,6 +68,10 @@ func TestParseArgsErrors(t *testing.T) {
 		{"nkp.bogus=1", "unknown parameter"},
 		{"nkp.do=nvwrite", "nv value"},
 		{"nkp.do=loop nkp.loop=-1", "out of range"},
+		{"nkp.do=diskread nkp.dev=", "not a virtio disk"},
+		{"nkp.do=diskread nkp.dev=vda,,vdb", "not a virtio disk"},
+		{"nkp.do=diskwrite", "disk value"},
+		{"nkp.disk=x", "without action"},
 	}
 	for _, tc := range tests {
 		if _, err := ParseArgs(tc.cmdline); err == nil || !strings.Contains(err.Error(), tc.wantErr) {
@@ -112,6 +127,30 @@ func TestFormatRecordParses(t *testing.T) {
 				t.Errorf("FormatRecord(%q) = %q: %s parses back as %q", pairs, line, pairs[i], got)
 			}
 		}
+	}
+}
+
+func TestDiskBlock(t *testing.T) {
+	tests := []struct {
+		name   string
+		block  []byte
+		want   string
+		wantOK bool
+	}{
+		{"round trip", DiskBlock("m-42"), "m-42", true},
+		{"zeros", make([]byte, DiskBlockSize), "", false},
+		{"magic without newline", []byte("NKP-DISK-MARKER abc"), "", false},
+		{"bad byte in value", []byte("NKP-DISK-MARKER a b\n"), "", false},
+		{"empty value", []byte("NKP-DISK-MARKER \n"), "", false},
+	}
+	for _, tc := range tests {
+		got, ok := ParseDiskBlock(tc.block)
+		if got != tc.want || ok != tc.wantOK {
+			t.Errorf("%s: ParseDiskBlock = %q, %v; want %q, %v", tc.name, got, ok, tc.want, tc.wantOK)
+		}
+	}
+	if b := DiskBlock("x"); len(b) != DiskBlockSize || !strings.HasPrefix(string(b), "NKP-DISK-MARKER x\n") {
+		t.Errorf("DiskBlock(x) = %q..., len %d", b[:24], len(b))
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+	"unsafe"
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
@@ -24,6 +25,9 @@ type agent struct {
 	tpm   transport.TPM
 	sysfs string              // /sys/class/tpm/tpm0; "" skips the sysfs version line
 	sleep func(time.Duration) // pacing of ActionLoop
+	// openDisk opens a data disk by name ("vda") for reading and writing, bypassing the
+	// guest's page cache.
+	openDisk func(dev string) (*os.File, error)
 }
 
 func (a *agent) print(pairs ...string) {
@@ -32,8 +36,13 @@ func (a *agent) print(pairs ...string) {
 }
 
 func (a *agent) run(cfg guest.Config) error {
-	if err := a.info(); err != nil {
-		return err
+	if a.tpm == nil && cfg.NeedsTPM() {
+		return errors.New("this job needs a TPM and the VM has none")
+	}
+	if a.tpm != nil {
+		if err := a.info(); err != nil {
+			return err
+		}
 	}
 	if cfg.Has(guest.ActionNVWrite) {
 		if err := a.nvWrite(cfg.NV); err != nil {
@@ -52,10 +61,91 @@ func (a *agent) run(cfg guest.Config) error {
 			return err
 		}
 	}
+	if cfg.Has(guest.ActionDiskWrite) {
+		for _, dev := range cfg.DiskDevices() {
+			if err := a.diskWrite(dev, cfg.Disk); err != nil {
+				return err
+			}
+		}
+	}
+	if cfg.Has(guest.ActionDiskRead) {
+		for _, dev := range cfg.DiskDevices() {
+			v, err := a.diskRead(dev)
+			if err != nil {
+				return err
+			}
+			a.print("diskread", dev, guest.DiskKey(dev), v)
+		}
+	}
 	if cfg.Has(guest.ActionLoop) {
-		return a.loop(cfg.Loop)
+		var devs []string
+		if cfg.HasDisk() {
+			devs = cfg.DiskDevices()
+		}
+		return a.loop(cfg.Loop, devs)
 	}
 	return nil
+}
+
+// diskBlock is a DiskBlockSize buffer aligned for O_DIRECT (page-aligned: a slice of a
+// larger allocation starting at a page boundary).
+func diskBlock() []byte {
+	const align = 4096
+	raw := make([]byte, guest.DiskBlockSize+align)
+	off := 0
+	if r := int(uintptr(unsafe.Pointer(&raw[0])) % align); r != 0 {
+		off = align - r
+	}
+	return raw[off : off+guest.DiskBlockSize]
+}
+
+// diskWrite writes value's marker block to dev at guest.DiskOffset, syncs, reads it
+// back and prints diskwrite=DEV disk-DEV=VALUE.
+func (a *agent) diskWrite(dev, value string) error {
+	f, err := a.openDisk(dev)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	buf := diskBlock()
+	copy(buf, guest.DiskBlock(value))
+	if _, err := f.WriteAt(buf, guest.DiskOffset); err != nil {
+		return fmt.Errorf("write the marker to %s at offset %d: %w", dev, guest.DiskOffset, err)
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("flush %s: %w", dev, err)
+	}
+	got, err := readMarker(f, dev)
+	if err != nil {
+		return err
+	}
+	if got != value {
+		return fmt.Errorf("%s reads marker %q right after writing %q", dev, got, value)
+	}
+	a.print("diskwrite", dev, guest.DiskKey(dev), got)
+	return nil
+}
+
+// diskRead returns the marker value on dev.
+func (a *agent) diskRead(dev string) (string, error) {
+	f, err := a.openDisk(dev)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	return readMarker(f, dev)
+}
+
+func readMarker(f *os.File, dev string) (string, error) {
+	buf := diskBlock()
+	if _, err := f.ReadAt(buf, guest.DiskOffset); err != nil {
+		return "", fmt.Errorf("read %s at offset %d: %w", dev, guest.DiskOffset, err)
+	}
+	v, ok := guest.ParseDiskBlock(buf)
+	if !ok {
+		return "", fmt.Errorf("%s holds no marker at offset %d (it starts %q): the disk was never written by diskwrite, or it is not the disk that was", dev, guest.DiskOffset, buf[:32])
+	}
+	return v, nil
 }
 
 func (a *agent) info() error {
@@ -213,10 +303,11 @@ func (a *agent) nvRead() (string, error) {
 	return string(bytes.TrimRight(rsp.Data.Buffer, "\x00")), nil
 }
 
-// loop prints PCR0, the extended PCR and the NV value (when defined) every second for
-// the given number of seconds, so that the host can watch the TPM across save/restore
-// and migration; then it returns and the guest powers off.
-func (a *agent) loop(seconds int) error {
+// loop prints PCR0, the extended PCR, the NV value (when defined) and the marker of each
+// of devs every second for the given number of seconds, so that the host can watch the
+// TPM and the disks across save/restore and migration; then it returns and the guest
+// powers off.
+func (a *agent) loop(seconds int, devs []string) error {
 	pcrKey := fmt.Sprintf("pcr%d", guest.ExtendPCR)
 	for i := 1; i <= seconds; i++ {
 		p0, err := a.pcr(0)
@@ -236,6 +327,13 @@ func (a *agent) loop(seconds int) error {
 				return err
 			}
 			pairs = append(pairs, "nv", v)
+		}
+		for _, dev := range devs {
+			v, err := a.diskRead(dev)
+			if err != nil {
+				return err
+			}
+			pairs = append(pairs, guest.DiskKey(dev), v)
 		}
 		a.print(pairs...)
 		a.sleep(time.Second)

@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/google/go-tpm/tpm2/transport/simulator"
 
@@ -28,6 +31,7 @@ func TestAgentAgainstSimulator(t *testing.T) {
 		v := sha256.Sum256(append(make([]byte, 32), d[:]...))
 		return hex.EncodeToString(v[:])
 	}
+	disks := fileDisks(t, "vda", "vdb")
 	steps := []struct {
 		name    string
 		cfg     guest.Config
@@ -44,12 +48,16 @@ func TestAgentAgainstSimulator(t *testing.T) {
 		{name: "read", cfg: guest.Config{Actions: []string{guest.ActionNVRead}}, want: map[string]string{"nv": "2nd"}},
 		{name: "extend then loop", cfg: guest.Config{Actions: []string{guest.ActionExtend, guest.ActionLoop}, Extend: "hello", Loop: 3},
 			want: map[string]string{"pcr16": pcr16("hello"), "nv": "2nd"}, loops: 3},
+		{name: "disk write on two devices", cfg: guest.Config{Actions: []string{guest.ActionDiskWrite}, Disk: "m-1", Devices: []string{"vda", "vdb"}},
+			want: map[string]string{"diskwrite": "vdb", "disk-vda": "m-1", "disk-vdb": "m-1"}},
+		{name: "loop reads the disk", cfg: guest.Config{Actions: []string{guest.ActionDiskRead, guest.ActionLoop}, Loop: 2},
+			want: map[string]string{"diskread": "vda", "disk-vda": "m-1", "nv": "2nd"}, loops: 2},
 	}
 	for _, st := range steps {
 		t.Run(st.name, func(t *testing.T) {
 			var out bytes.Buffer
 			slept := 0
-			a := &agent{out: &out, tpm: tpm, sleep: func(time.Duration) { slept++ }}
+			a := &agent{out: &out, tpm: tpm, sleep: func(time.Duration) { slept++ }, openDisk: disks}
 			err := a.run(st.cfg)
 			if st.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), st.wantErr) {
@@ -96,6 +104,80 @@ func TestFourCC(t *testing.T) {
 	for _, tc := range tests {
 		if got := fourCC(tc.v); got != tc.want {
 			t.Errorf("fourCC(%#x) = %q, want %q", tc.v, got, tc.want)
+		}
+	}
+}
+
+// fileDisks makes a 2 MiB file per device name and returns an openDisk over them.
+func fileDisks(t *testing.T, devs ...string) func(string) (*os.File, error) {
+	t.Helper()
+	dir := t.TempDir()
+	for _, d := range devs {
+		if err := os.WriteFile(filepath.Join(dir, d), make([]byte, 2<<20), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return func(dev string) (*os.File, error) {
+		return os.OpenFile(filepath.Join(dir, dev), os.O_RDWR, 0)
+	}
+}
+
+// TestDiskActions runs the disk actions against files: what diskwrite writes, diskread
+// and a raw read of the file find at DiskOffset; a blank or overwritten disk fails with
+// the device named.
+func TestDiskActions(t *testing.T) {
+	open := fileDisks(t, "vda", "vdb", "vdc")
+	var out bytes.Buffer
+	a := &agent{out: &out, openDisk: open}
+	if err := a.diskWrite("vda", "marker-A"); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.diskWrite("vdb", "marker-B"); err != nil {
+		t.Fatal(err)
+	}
+	// Garbage over vdc's block: not a marker.
+	f, _ := open("vdc")
+	f.WriteAt(bytes.Repeat([]byte{0xa5}, guest.DiskBlockSize), guest.DiskOffset)
+	f.Close()
+	tests := []struct {
+		dev, want, wantErr string
+	}{
+		{dev: "vda", want: "marker-A"},
+		{dev: "vdb", want: "marker-B"},
+		{dev: "vdc", wantErr: "vdc holds no marker at offset 1048576"},
+		{dev: "vdd", wantErr: "no such file"},
+	}
+	for _, tc := range tests {
+		got, err := a.diskRead(tc.dev)
+		if tc.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Errorf("diskRead(%s) = %q, %v; want an error containing %q", tc.dev, got, err, tc.wantErr)
+			}
+			continue
+		}
+		if err != nil || got != tc.want {
+			t.Errorf("diskRead(%s) = %q, %v; want %q", tc.dev, got, err, tc.want)
+		}
+	}
+	// The block is where the host looks for it, byte for byte.
+	f, _ = open("vda")
+	raw := make([]byte, guest.DiskBlockSize)
+	f.ReadAt(raw, guest.DiskOffset)
+	f.Close()
+	if !bytes.Equal(raw, guest.DiskBlock("marker-A")) {
+		t.Errorf("vda at DiskOffset holds %q..., want DiskBlock(marker-A)", raw[:40])
+	}
+	recs := guest.ParseConsole(out.Bytes())
+	if v, _ := guest.Last(recs, "disk-vdb"); v != "marker-B" {
+		t.Errorf("printed disk-vdb=%q, want marker-B:\n%s", v, out.String())
+	}
+}
+
+func TestDiskBlockAligned(t *testing.T) {
+	for range 8 {
+		b := diskBlock()
+		if len(b) != guest.DiskBlockSize || uintptr(unsafe.Pointer(&b[0]))%4096 != 0 {
+			t.Fatalf("diskBlock: len %d at %p, want %d bytes on a 4 KiB boundary", len(b), &b[0], guest.DiskBlockSize)
 		}
 	}
 }
