@@ -45,7 +45,7 @@ type Daemon struct {
 	err     error     // guarded by mu
 	stopped bool      // guarded by mu
 
-	vmLocks sync.Map // VM UUID → *sync.Mutex: hooks of one VM run one at a time
+	vmLocks vmLocks // hooks of one VM run one at a time
 	kick    chan struct{}
 	vmAPI   lateHandler // hostd/vm's handler, once libvirt is connected
 	syncMu  sync.Mutex  // one on-demand sync at a time (syncNow)
@@ -258,11 +258,6 @@ func listenRootOnly(path string) (net.Listener, error) {
 		return nil, err
 	}
 	return l, nil
-}
-
-func (d *Daemon) vmLock(uuid string) *sync.Mutex {
-	m, _ := d.vmLocks.LoadOrStore(uuid, new(sync.Mutex))
-	return m.(*sync.Mutex)
 }
 
 // watchExits logs vTPMs that ended on their own (QEMU sent SHUTDOWN or went away).

@@ -140,9 +140,7 @@ func (d *Daemon) reconcile(ctx context.Context, conn *virt.Conn, uuid string) {
 			_, hasVTPM = dom.Metadata.Object(domxml.ObjectVTPM)
 		}
 	}
-	mu := d.vmLock(uuid)
-	mu.Lock()
-	defer mu.Unlock()
+	defer d.vmLocks.lock(uuid)()
 	inst, running := d.sup.Get(uuid)
 	if running && inst.Started.After(asked.Add(-startGrace)) {
 		return

@@ -96,9 +96,7 @@ func (d *Daemon) Hook(ctx context.Context, req hookproto.Request) hookproto.Repl
 		return allow("") // mentions nkp's namespace but carries no metadata of ours
 	}
 	obj, hasVTPM := dom.Metadata.Object(domxml.ObjectVTPM)
-	mu := d.vmLock(dom.UUID)
-	mu.Lock()
-	defer mu.Unlock()
+	defer d.vmLocks.lock(dom.UUID)()
 	_, running := d.sup.Get(dom.UUID)
 	plan := lifecycle.Decide(lifecycle.Hook{Op: req.Op, SubOp: req.SubOp, HasVTPM: hasVTPM, Running: running})
 	log := d.log.With("domain", dom.Name, "uuid", dom.UUID, "op", req.Op, "sub_op", req.SubOp)
