@@ -101,7 +101,11 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		}
 		conc = append(conc, n)
 	}
-	hookBin, err := os.ReadFile(*hook)
+	hookPath, err := filepath.Abs(*hook) // the programs next to it also run inside the Host, whose cwd differs
+	if err != nil {
+		return fmt.Errorf("-hook: %w", err)
+	}
+	hookBin, err := os.ReadFile(hookPath)
 	if err != nil {
 		return fmt.Errorf("-hook: %w (run `make build` or give -hook PATH)", err)
 	}
@@ -128,7 +132,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	var n *nkpHost
 	if *protected {
-		if n, err = startNKP(ctx, h, filepath.Dir(*hook)); err != nil {
+		if n, err = startNKP(ctx, h, filepath.Dir(hookPath)); err != nil {
 			return err
 		}
 		defer n.close()
