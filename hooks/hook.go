@@ -6,7 +6,10 @@
 //
 //  1. reads the XML; if it does not mention nkp's namespace (hookproto.Protected) the
 //     domain is not nkp's and the hook exits 0 at once, without touching any socket,
-//     whether hostd runs or not;
+//     whether hostd runs or not. If reading stdin fails before nkp's namespace and
+//     before the end of the domain (</domain>), the hook cannot tell whose domain it is:
+//     it refuses operations that start a VM (and unknown ones) with a sentence saying
+//     so, and passes the others with a warning;
 //  2. otherwise forwards (domain, operation, sub-operation, extra, XML) to nkp-hostd over
 //     its root-only unix socket and waits for the answer, at most Config.Timeout;
 //  3. exits 0 when hostd allows, 1 when it refuses, printing hostd's sentence on stderr
@@ -73,6 +76,11 @@ func Main(args []string, stdin io.Reader, stderr io.Writer, getenv Env) int {
 		found, tooLarge, readErr = restMentions(stdin, xmlDoc)
 		protected = protected || found
 	}
+	if !protected && readErr != nil && !bytes.Contains(xmlDoc, []byte("</domain>")) {
+		// Cut short before the end of the domain: nkp's metadata may be in what was not
+		// read. A start fails closed; the rest passes (hostd reconciles them).
+		return unreadable(args, readErr, stderr)
+	}
 	if !protected {
 		return 0 // not nkp's domain: the fast path, nothing else is looked at
 	}
@@ -120,6 +128,31 @@ func Main(args []string, stdin io.Reader, stderr io.Writer, getenv Env) int {
 		return 1
 	}
 	return 0
+}
+
+// unreadable answers a hook whose stdin failed before the end of the domain XML and
+// before nkp's namespace: whether the domain is nkp's cannot be told. Operations that
+// start a VM (hookproto.Required, or an unknown operation) are refused, since letting a
+// protected VM start without its vTPM would break it; the others pass with a warning.
+func unreadable(args []string, readErr error, stderr io.Writer) int {
+	pos := args
+	for len(pos) > 0 && strings.HasPrefix(pos[0], "--") && strings.Contains(pos[0], "=") {
+		pos = pos[1:] // the leading flags configure reads
+	}
+	domain, op := "(unknown)", ""
+	if len(pos) > 0 {
+		domain = pos[0]
+	}
+	if len(pos) > 1 {
+		op = pos[1]
+	}
+	if len(pos) == 4 && !hookproto.Required(op) {
+		fmt.Fprintf(stderr, "nkp: warning: VM %q %s: nkp-hook could not read its domain XML from libvirt (%v); passing it on, nkp-hostd reconciles from libvirt's events\n", domain, op, readErr)
+		return 0
+	}
+	fmt.Fprintf(stderr, "nkp: VM %q: nkp-hook could not read its domain XML from libvirt (%v), so it cannot tell whether nkp protects this VM, and refuses to %s it rather than start a protected VM without its vTPM; try again, and if it persists check libvirtd's log\n",
+		domain, readErr, verb(op))
+	return 1
 }
 
 // restMentions reads what follows head on r to its end and reports whether nkp's

@@ -3,6 +3,7 @@ package hooks
 import (
 	"bytes"
 	"errors"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -10,7 +11,9 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	"github.com/nkp-dev/nkp/hooks/hookproto"
@@ -88,6 +91,7 @@ func TestMain_(t *testing.T) {
 		hang      bool                                    // server reads but never answers
 		args      []string
 		xml       string
+		readErr   bool // stdin fails after xml
 		wantCode  int
 		wantErr   []string // substrings of stderr; nil: stderr empty
 		forwarded bool
@@ -111,6 +115,12 @@ func TestMain_(t *testing.T) {
 		{name: "protected past the size limit, refused", reply: allow, args: []string{"vm1", "prepare", "begin", "-"}, xml: "<domain>" + strings.Repeat(" ", hookproto.MaxRequest-5) + protectedXML[8:], wantCode: 1, wantErr: []string{`VM "vm1"`, "larger than the 8388608 bytes"}},
 		{name: "protected across the size limit, refused", reply: allow, args: []string{"vm1", "prepare", "begin", "-"}, xml: "<domain>" + strings.Repeat(" ", hookproto.MaxRequest-strings.Index(protectedXML, hookproto.Namespace)-len(hookproto.Namespace)/2) + protectedXML[8:], wantCode: 1, wantErr: []string{"larger than the 8388608 bytes"}},
 		{name: "plain past the size limit", args: []string{"plain", "prepare", "begin", "-"}, xml: "<domain>" + strings.Repeat(" ", hookproto.MaxRequest) + plainXML[8:], wantCode: 0},
+		{name: "stdin fails early, prepare: refused", reply: allow, args: []string{"x", "prepare", "begin", "-"}, xml: "<domain type='qemu'><name>x</name>", readErr: true, wantCode: 1,
+			wantErr: []string{`VM "x"`, "could not read its domain XML", "cannot tell whether nkp protects", "refuses to start", "broken pipe"}},
+		{name: "stdin fails early, unknown op: refused", args: []string{"x", "frobnicate", "begin", "-"}, xml: "<domain>", readErr: true, wantCode: 1, wantErr: []string{"cannot tell"}},
+		{name: "stdin fails early, release: passes with a warning", args: []string{"x", "release", "end", "-"}, xml: "<domain>", readErr: true, wantCode: 0, wantErr: []string{"warning", "could not read"}},
+		{name: "stdin fails after a whole plain domain", args: []string{"plain", "prepare", "begin", "-"}, xml: plainXML, readErr: true, wantCode: 0},
+		{name: "stdin fails after nkp's namespace", reply: allow, args: []string{"vm1", "prepare", "begin", "-"}, xml: protectedXML[:300], readErr: true, wantCode: 1, wantErr: []string{`VM "vm1"`, "reading the domain XML"}},
 		{name: "protected, wrong arg count", reply: allow, args: []string{"vm1", "prepare"}, xml: protectedXML, wantCode: 1, wantErr: []string{"4 arguments", "0f8fad5b"}},
 		{name: "protected, bad flag", reply: allow, args: []string{"--sockets=x", "vm1", "prepare", "begin", "-"}, xml: protectedXML, wantCode: 1, wantErr: []string{"unknown flag --sockets"}},
 		{name: "protected, bad timeout", reply: allow, args: []string{"--timeout=soon", "vm1", "prepare", "begin", "-"}, xml: protectedXML, wantCode: 1, wantErr: []string{`timeout "soon"`}},
@@ -124,7 +134,11 @@ func TestMain_(t *testing.T) {
 				sock = srv.path
 			}
 			var stderr bytes.Buffer
-			code := Main(tt.args, strings.NewReader(tt.xml), &stderr, env(map[string]string{
+			var stdin io.Reader = strings.NewReader(tt.xml)
+			if tt.readErr {
+				stdin = io.MultiReader(stdin, iotest.ErrReader(syscall.EPIPE))
+			}
+			code := Main(tt.args, stdin, &stderr, env(map[string]string{
 				"NKP_HOOK_SOCKET": sock, "NKP_HOOK_CONFIG": os.DevNull,
 			}))
 			if code != tt.wantCode {
