@@ -48,6 +48,8 @@ type Domain struct {
 	Metadata *Metadata
 	// TPMs are the <tpm> devices in document order (libvirt allows one, plus a proxy).
 	TPMs []TPM
+	// Disks are the <disk> devices in document order.
+	Disks []Disk
 }
 
 // TPM returns the domain's one TPM device, nil when it has none, or an error when it
@@ -408,6 +410,7 @@ type container struct {
 }
 
 type layout struct {
+	doc      []byte
 	dom      Domain
 	rootEnd  int // offset of </domain>
 	rootSelf bool
@@ -415,6 +418,7 @@ type layout struct {
 	devices  container
 	nkp      []span
 	tpms     []span
+	disks    []diskSpans
 }
 
 // childInsertPoint is where a new child of <domain> goes: before </domain>, indented
@@ -504,7 +508,7 @@ func scan(doc []byte) (*layout, error) {
 	if len(doc) > MaxSize {
 		return nil, fmt.Errorf("%w: %d bytes, more than the %d nkp reads", ErrInvalid, len(doc), MaxSize)
 	}
-	l := &layout{rootEnd: -1}
+	l := &layout{rootEnd: -1, doc: doc}
 	d := xml.NewDecoder(bytes.NewReader(doc))
 	depth := 0
 	rootSeen := false
@@ -650,6 +654,24 @@ func (l *layout) child(d *xml.Decoder, t xml.StartElement, section string, pos i
 		}
 		l.dom.TPMs = append(l.dom.TPMs, tp)
 		l.tpms = append(l.tpms, span{pos, int(d.InputOffset())})
+	case section == "devices" && t.Name.Space == "" && t.Name.Local == "disk":
+		if len(l.disks) >= MaxDisks {
+			return fmt.Errorf("domain %q: %w: more than %d disks", l.dom.Name, ErrInvalid, MaxDisks)
+		}
+		dk, sp, err := scanDisk(l.doc, d, t, pos)
+		if err != nil {
+			return err
+		}
+		if err := dk.check(); err != nil {
+			return err
+		}
+		for _, o := range l.dom.Disks {
+			if dk.Target != "" && o.Target == dk.Target {
+				return fmt.Errorf("domain %q: %w: two disks with target %s", l.dom.Name, ErrInvalid, dk.Target)
+			}
+		}
+		l.dom.Disks = append(l.dom.Disks, dk)
+		l.disks = append(l.disks, sp)
 	default:
 		return d.Skip()
 	}
