@@ -13,6 +13,7 @@ func FuzzParseInfo(f *testing.F) {
 	f.Add([]byte(`{"format": "luks", "format-specific": {"type": "luks", "data": {"cipher-alg": "aes-256", "slots": []}}}`))
 	f.Add([]byte(`[{"format": "qcow2", "backing-filename": "/b", "backing-filename-format": "raw"}, {"format": "raw"}]`))
 	f.Add([]byte(`{"image-end-offset": 1, "check-errors": 0, "corruptions": 2}`))
+	f.Add([]byte(`{"required": 2490368, "fully-allocated": 69533696}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		if i, err := ParseInfo(b); err == nil {
 			if i.Format == "" {
@@ -33,6 +34,9 @@ func FuzzParseInfo(f *testing.F) {
 			}
 		}
 		ParseCheck(b)
+		if m, err := ParseMeasure(b); err == nil && m.Required <= 0 {
+			t.Fatal("accepted a measurement without a required size")
+		}
 	})
 }
 

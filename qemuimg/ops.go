@@ -2,6 +2,7 @@ package qemuimg
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strconv"
@@ -261,4 +262,56 @@ func (t *Tool) info(ctx context.Context, img Image, chain bool) ([]Info, error) 
 		return nil, errors.New("qemu-img info " + img.Path + ": no image in the output")
 	}
 	return infos, nil
+}
+
+// Measurement is what `qemu-img measure` says a converted image needs.
+type Measurement struct {
+	// Required is the file size the new image needs for the source's data.
+	Required int64 `json:"required"`
+	// FullyAllocated is its size were every cluster allocated.
+	FullyAllocated int64 `json:"fully-allocated"`
+}
+
+// ParseMeasure reads the JSON of `qemu-img measure --output=json`.
+func ParseMeasure(b []byte) (*Measurement, error) {
+	if len(b) > maxJSON {
+		return nil, fmt.Errorf("image measure: %d bytes is more than the %d a report can be", len(b), maxJSON)
+	}
+	var m Measurement
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, fmt.Errorf("image measure: not qemu-img's JSON: %w", err)
+	}
+	if m.Required <= 0 || m.FullyAllocated < 0 {
+		return nil, fmt.Errorf("image measure: required %d, fully allocated %d: not a measurement", m.Required, m.FullyAllocated)
+	}
+	return &m, nil
+}
+
+// Measure says how much space Convert of src (through its backing chain) into a new
+// image of format dst needs; dstKey set measures an encrypted target (LUKS inside qcow2,
+// or raw LUKS) with settings o. Callers compare it with the target filesystem's free
+// space before converting.
+func (t *Tool) Measure(ctx context.Context, src Image, dst Format, dstKey []byte, o LUKSOptions) (*Measurement, error) {
+	if err := src.check(); err != nil {
+		return nil, err
+	}
+	if !dst.valid() || dst == LUKS && len(dstKey) == 0 || dst == Raw && len(dstKey) > 0 {
+		return nil, fmt.Errorf("image %s: measuring for format %q with a key: %v: want raw without a key, or qcow2 or luks", src.Path, dst, len(dstKey) > 0)
+	}
+	sec := &secrets{}
+	srcID := sec.addIf(src.Key)
+	args := []string{"--output=json", "--image-opts"}
+	if len(dstKey) > 0 {
+		args = append(args, "-o", strings.Join(o.createOpts(dst, sec.add(dstKey)), ","))
+	}
+	args = append(args, "-O", string(dst), src.imageOpts(srcID))
+	res, err := t.run(ctx, call{op: "measure", image: src.Path, sec: sec, args: args})
+	if err != nil {
+		return nil, err
+	}
+	m, err := ParseMeasure(res.stdout)
+	if err != nil {
+		return nil, fmt.Errorf("qemu-img measure %s: %w", src.Path, err)
+	}
+	return m, nil
 }

@@ -423,3 +423,40 @@ func TestCancel(t *testing.T) {
 		t.Fatalf("cancelled convert: %v, want context.Canceled", err)
 	}
 }
+
+// TestMeasure checks that Measure's figure for a converted image is at least the size
+// Convert then writes, for raw LUKS (fully allocated) and LUKS in qcow2 (sparse).
+func TestMeasure(t *testing.T) {
+	qi := tool(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	src := qemuimg.Image{Path: filepath.Join(dir, "src.img"), Format: qemuimg.Raw}
+	if err := qi.Create(ctx, qemuimg.CreateOptions{Image: src, Size: 8 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	qemuIO(t, src, "write -P 0x5a 0 1M")
+	k := key(t)
+	for _, f := range []qemuimg.Format{qemuimg.LUKS, qemuimg.QCOW2} {
+		m, err := qi.Measure(ctx, src, f, k, qemuimg.LUKSOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		dst := qemuimg.Image{Path: filepath.Join(dir, "dst."+string(f)), Format: f, Key: k}
+		if err := qi.Convert(ctx, qemuimg.ConvertOptions{Src: src, Dst: dst}); err != nil {
+			t.Fatal(err)
+		}
+		var st syscall.Stat_t
+		if err := syscall.Stat(dst.Path, &st); err != nil {
+			t.Fatal(err)
+		}
+		if used := st.Blocks * 512; used > m.Required {
+			t.Errorf("%s: measured %d bytes, the converted image uses %d", f, m.Required, used)
+		}
+		if f == qemuimg.QCOW2 && m.Required >= 8<<20 {
+			t.Errorf("qcow2: measured %d for 1 MiB of data: zeros should not count", m.Required)
+		}
+	}
+	if _, err := qi.Measure(ctx, src, qemuimg.LUKS, nil, qemuimg.LUKSOptions{}); err == nil {
+		t.Error("Measure for raw LUKS without a key succeeded")
+	}
+}
