@@ -63,6 +63,17 @@
 // testdata/swtpm-legacy, built from swtpm's source (its README says how). What a Store
 // costs is in BENCHMARKS.md.
 //
+// The linear file (swtpm's backend-uri=file://, a regular file or a block device) is
+// Linear, opened with OpenLinear: swtpm's layout (linear.go) with each blob in swtpm's
+// format, so that swtpm 0.7.1 and nkp-swtpm share such files both ways, with or
+// without --key (there, unlike in the directory, nkp writes swtpm's AES-CBC + HMAC
+// format: nkp's slots and state ID have no place in swtpm's layout). A Store writes the
+// new blob where no live data lies, syncs, then writes the header that points at it and
+// syncs, so a crash leaves the old or the new blob, never a torn one; the file is
+// locked (an open-file-description lock, which swtpm's lock option also honours),
+// never followed through a link, refused when other users may read or write it, and
+// formatted only when empty or zeroed.
+//
 // Importers: swtpm/cli, which opens the directory for the swtpm server and parses
 // --key/--migration-key with ParseKeySpec/ParseKey; hostd/vm, which re-encrypts a
 // stopped VM's state under a new key on rekey (it links no libtpms); and tests.

@@ -20,7 +20,16 @@ const (
 	envDir     = "NKP_STATE_DIR"
 	envKeyFile = "NKP_STATE_KEYFILE"
 	envNoSync  = "NKP_STATE_NOSYNC"
+	// envLinear says NKP_STATE_DIR is a linear state file (OpenLinear), not a directory.
+	envLinear = "NKP_STATE_LINEAR"
 )
+
+// store is what the child roles use of a Dir or a Linear.
+type store interface {
+	Load(name string) ([]byte, error)
+	Store(name string, data []byte) error
+	Close() error
+}
 
 func TestMain(m *testing.M) {
 	switch os.Getenv(envChild) {
@@ -36,7 +45,7 @@ func TestMain(m *testing.M) {
 	}
 }
 
-func childOpen() (*Dir, error) {
+func childOpen() (store, error) {
 	var opts Options
 	if kf := os.Getenv(envKeyFile); kf != "" {
 		k, err := ParseKey(KeySpec{Source: KeyFile, Path: kf}, nil)
@@ -47,6 +56,9 @@ func childOpen() (*Dir, error) {
 		opts.Key = k
 	}
 	opts.NoSync = os.Getenv(envNoSync) != ""
+	if os.Getenv(envLinear) != "" {
+		return OpenLinear(os.Getenv(envDir), opts)
+	}
 	return Open(os.Getenv(envDir), opts)
 }
 
@@ -105,7 +117,7 @@ func counterBlob(n uint64) []byte {
 }
 
 // loadCounter returns the counter stored in permall (0 if there is none), checking it.
-func loadCounter(d *Dir) (uint64, error) {
+func loadCounter(d store) (uint64, error) {
 	b, err := d.Load("permall")
 	if errors.Is(err, fs.ErrNotExist) {
 		return 0, nil

@@ -124,3 +124,59 @@ func swtpmPermall(t *testing.T, args []string) []byte {
 	}
 	return got
 }
+
+// TestSwtpmReadsOurLinear: a linear state file that nkp wrote — blobs moved around by
+// stores of growing and shrinking size, so that the sections sit where nkp placed them
+// with space between — is one real swtpm initialises its TPM from, with and without a
+// key, handing back the permanent state nkp stored. swtpm's own linear files loading in
+// nkp are TestLinearSwtpmFixtures.
+func TestSwtpmReadsOurLinear(t *testing.T) {
+	e2e.Require(t, "swtpm", "swtpm_ioctl")
+	for _, tt := range []struct {
+		fixture string
+		keyOpt  string
+	}{{"linear-plain", ""}, {"linear-key256", "file=" + fixtures + "/key256.hex,mode=aes-256-cbc"}} {
+		t.Run(tt.fixture, func(t *testing.T) {
+			ref, err := os.ReadFile(filepath.Join(fixtures, tt.fixture, "ref.permall"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var opts Options
+			args := []string{"socket", "--tpm2"}
+			if tt.keyOpt != "" {
+				abs, _ := filepath.Abs(".")
+				spec, _ := ParseKeySpec("file=" + filepath.Join(fixtures, "key256.hex"))
+				k, err := ParseKey(spec, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer k.Wipe()
+				opts.Key = k
+				args = append(args, "--key", "file="+filepath.Join(abs, fixtures, "key256.hex")+",mode=aes-256-cbc")
+			}
+			p := filepath.Join(t.TempDir(), "tpm.img")
+			l := mustOpenLinear(t, p, opts)
+			for _, s := range []struct {
+				name string
+				data []byte
+			}{
+				{"permall", bytes.Repeat([]byte{1}, 200)},
+				{"savestate", bytes.Repeat([]byte{2}, 3000)},
+				{"permall", bytes.Repeat([]byte{3}, 5000)},
+				{"permall", ref},
+			} {
+				if err := l.Store(s.name, s.data); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := l.Delete("savestate"); err != nil {
+				t.Fatal(err)
+			}
+			l.Close()
+			got := swtpmPermall(t, append(args, "--tpmstate", "backend-uri=file://"+p))
+			if !bytes.Equal(got, ref) {
+				t.Errorf("swtpm's permanent state (%d bytes) differs from what nkp stored (%d bytes)", len(got), len(ref))
+			}
+		})
+	}
+}

@@ -34,3 +34,23 @@ run key256-hex --key file=key256.hex,mode=aes-256-cbc
 run key128-hex --key file=key128.hex
 run pwd-pbkdf2 --key pwdfile=passphrase.txt,mode=aes-256-cbc
 run pwd-sha512 --key pwdfile=passphrase.txt,mode=aes-256-cbc,kdf=sha512
+
+# The linear file backend (backend-uri=file://): NAME/linear.img holds every blob in
+# swtpm's linear layout, NAME/ref.permall is the permanent state as above.
+run_linear() { # run_linear NAME [swtpm key options...]
+	local name=$1; shift
+	local tmp; tmp=$(mktemp -d)
+	rm -rf "$name"; mkdir -p "$name"
+	swtpm socket --tpmstate backend-uri="file://$PWD/$name/linear.img" --tpm2 \
+		--ctrl type=unixio,path="$tmp/ctrl" --flags not-need-init,startup-clear "$@" &
+	local pid=$!
+	for _ in $(seq 200); do [ -S "$tmp/ctrl" ] && break; sleep 0.01; done
+	swtpm_ioctl --unix "$tmp/ctrl" -v
+	swtpm_ioctl --unix "$tmp/ctrl" --save permanent "$tmp/mig"
+	swtpm_ioctl --unix "$tmp/ctrl" -s
+	wait "$pid"
+	tail -c +23 "$tmp/mig" > "$name/ref.permall"
+	rm -rf "$tmp"
+}
+run_linear linear-plain
+run_linear linear-key256 --key file=key256.hex,mode=aes-256-cbc
