@@ -15,7 +15,7 @@ const Version = "0.1.0"
 // cmdarg-pwd-fd, cmdarg-key-fd, tpmstate-opt-lock and the rsa-keysize-* entries.
 // cmdarg-seccomp: --seccomp action=kill|log|none installs package swtpm/seccomp's
 // filter (default kill, as swtpm). Not listed on purpose: tpm-1.2 (TPM 2.0 only),
-// cmdarg-chroot, nvram-backend-file, the profile options, cmdarg-pcap and systemd-notify.
+// cmdarg-chroot, the profile options, cmdarg-pcap and systemd-notify.
 var Features = []string{
 	"tpm-2.0",
 	"tpm-send-command-header",
@@ -28,12 +28,21 @@ var Features = []string{
 	"cmdarg-print-states",
 	"cmdarg-migration",
 	"nvram-backend-dir",
+	"nvram-backend-file",
 	"rsa-keysize-1024",
 	"rsa-keysize-2048",
 	"rsa-keysize-3072",
 	"tpmstate-opt-lock",
 	"tpmstate-dir-backend-opt-backup",
 	"tpmstate-dir-backend-opt-fsync",
+}
+
+// Unsupported lists the features of swtpm 0.7.1 (and later) that nkp-swtpm does not
+// advertise because it does not do them: --print-capabilities is swtpm's list without
+// these, in swtpm's order (TestPrintShapeAsSwtpm compares with the installed swtpm).
+var Unsupported = []string{
+	"tpm-1.2", "cmdarg-chroot", "rsa-keysize-4096", "cmdarg-profile", "cmdarg-print-profiles",
+	"profile-opt-remove-disabled", "cmdarg-print-info", "cmdarg-pcap", "systemd-notify",
 }
 
 // Capabilities is the JSON object of --print-capabilities, shaped like swtpm's.

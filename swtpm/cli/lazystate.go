@@ -24,13 +24,25 @@ type lazyDir struct {
 	ctx  context.Context
 	dir  string
 	opts state.Options
+	// open opens the store at dir; nil means state.Open (the directory backend).
+	open func(string, state.Options) (stateStore, error)
 
 	mu sync.Mutex // guards d
-	d  *state.Dir
+	d  stateStore
+}
+
+// stateStore is what serve needs of an open state: *state.Dir or *state.Linear.
+type stateStore interface {
+	Load(name string) ([]byte, error)
+	Store(name string, data []byte) error
+	Delete(name string) error
+	LockStorage(ctx context.Context, retries int) error
+	ReleaseLock() error
+	Close() error
 }
 
 // get opens the directory on first use, waiting up to incomingLockWait for the lock.
-func (l *lazyDir) get() (*state.Dir, error) {
+func (l *lazyDir) get() (stateStore, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.d != nil {
@@ -39,11 +51,15 @@ func (l *lazyDir) get() (*state.Dir, error) {
 	return l.openLocked(int(incomingLockWait / (10 * time.Millisecond)))
 }
 
-func (l *lazyDir) openLocked(retries int) (*state.Dir, error) {
+func (l *lazyDir) openLocked(retries int) (stateStore, error) {
 	t := time.NewTicker(10 * time.Millisecond)
 	defer t.Stop()
+	open := l.open
+	if open == nil {
+		open = func(dir string, o state.Options) (stateStore, error) { return state.Open(dir, o) }
+	}
 	for i := 0; ; i++ {
-		d, err := state.Open(l.dir, l.opts)
+		d, err := open(l.dir, l.opts)
 		if err == nil {
 			l.d = d
 			return d, nil

@@ -114,7 +114,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	}
 	if o.PrintStates {
 		if o.State == nil {
-			fmt.Fprintln(stderr, "nkp-swtpm: --print-states needs --tpmstate dir=<directory> (or TPM_PATH)")
+			fmt.Fprintln(stderr, "nkp-swtpm: --print-states needs --tpmstate dir=<directory> or backend-uri=file://<file> (or TPM_PATH)")
 			return 1
 		}
 		if err := printStates(o, stdout); err != nil {

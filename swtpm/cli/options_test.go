@@ -31,7 +31,7 @@ func TestPrintCapabilities(t *testing.T) {
 		"cmdarg-print-states": true, "tpmstate-opt-lock": true, "rsa-keysize-2048": true,
 		"rsa-keysize-3072": true, "tpm-send-command-header": true, "flags-opt-startup": true,
 		"flags-opt-disable-auto-shutdown": true, "ctrl-opt-terminate": true, "nvram-backend-dir": true,
-		"cmdarg-seccomp": true, "tpm-1.2": false, "nvram-backend-file": false,
+		"cmdarg-seccomp": true, "tpm-1.2": false, "nvram-backend-file": true, "cmdarg-chroot": false,
 	} {
 		if have[f] != want {
 			t.Errorf("feature %q present = %v, want %v", f, have[f], want)

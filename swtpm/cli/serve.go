@@ -88,7 +88,17 @@ func serve(ctx context.Context, o *cmdline.Options, log *slog.Logger, hooks serv
 		swtpm.StorageLocker
 		Close() error
 	}
-	if o.Migration.Incoming {
+	openLinear := func(p string, o state.Options) (stateStore, error) { return state.OpenLinear(p, o) }
+	if o.State.File != "" && o.Migration.Incoming {
+		// Locked when the TPM first needs it, as the directory below.
+		store = &lazyDir{ctx: ctx, dir: o.State.File, opts: opts, open: openLinear}
+	} else if o.State.File != "" {
+		lf, err := state.OpenLinear(o.State.File, opts)
+		if err != nil {
+			return fmt.Errorf("--tpmstate: %w", err)
+		}
+		store = lf
+	} else if o.Migration.Incoming {
 		// Opened (and locked) when the TPM first needs it: on shared storage the
 		// source holds the lock until the migration hands over the state.
 		if fi, err := os.Stat(o.State.Dir); err != nil || !fi.IsDir() {
@@ -171,7 +181,7 @@ func serve(ctx context.Context, o *cmdline.Options, log *slog.Logger, hooks serv
 		case <-srv.Done():
 		}
 	}()
-	log.Info("nkp-swtpm serving", "version", Version, "state", o.State.Dir, "encrypted", stateKey != nil, "pid", os.Getpid())
+	log.Info("nkp-swtpm serving", "version", Version, "state", o.State.Dir+o.State.File, "encrypted", stateKey != nil, "pid", os.Getpid())
 	err = srv.Serve(ctx)
 	<-readyDone
 	if err != nil {
@@ -182,7 +192,11 @@ func serve(ctx context.Context, o *cmdline.Options, log *slog.Logger, hooks serv
 
 // printStates prints the state blobs of --tpmstate as swtpm --print-states does.
 func printStates(o *cmdline.Options, w io.Writer) error {
-	infos, err := state.States(o.State.Dir)
+	states := state.States
+	if o.State.File != "" {
+		states = state.LinearStates
+	}
+	infos, err := states(o.State.Dir + o.State.File)
 	if err != nil {
 		return fmt.Errorf("--print-states: %w", err)
 	}

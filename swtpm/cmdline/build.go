@@ -34,6 +34,9 @@ func Build(o *Options) ([]string, error) {
 	if s := o.State; s != nil {
 		var so subOpts
 		so.str("dir", s.Dir)
+		if s.File != "" {
+			so.str("backend-uri", "file://"+s.File)
+		}
 		if !s.ModeDefault && s.Mode != 0 {
 			so.mode("mode", uint32(s.Mode))
 		}

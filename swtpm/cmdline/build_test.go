@@ -25,6 +25,7 @@ func TestBuildRoundTrip(t *testing.T) {
 		"--tpm2 --server type=unixio,path=/d.sock,mode=0660,uid=0,gid=kvm --tpmstate dir=/s --key fd=3,format=hex,mode=aes-cbc --migration-key file=/m",
 		"--tpm2 --server type=unixio,fd=8,disconnect --ctrl type=unixio,path=/c --tpmstate dir=/s --log file=-",
 		"--print-states --tpmstate backend-uri=dir:///x --tpm2",
+		"--tpmstate backend-uri=file:///dev/vg0/tpm,mode=0600 --tpm2 --ctrl type=unixio,path=/s",
 		"--print-capabilities",
 		"-h --version",
 	} {

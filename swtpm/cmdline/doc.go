@@ -36,9 +36,11 @@
 // except with --print-capabilities, --help and --version. Differences from swtpm:
 //   - --key and --migration-key without mode=: the key's length decides (swtpm
 //     assumes aes-128-cbc); mode=aes-256-gcm is accepted (nkp only);
-//   - --tpmstate: backend-uri=file:// and lock=false are refused (the directory is
-//     always locked), fsync is accepted (nkp always syncs), accept-rollback is nkp's
-//     own (state.Options.AcceptRollback); no --tpmstate means $TPM_PATH (swtpm/cli);
+//   - --tpmstate: lock=false is refused (the state is always locked, the linear file
+//     too, where swtpm locks only with lock), fsync is accepted (nkp always syncs),
+//     accept-rollback is nkp's own (state.Options.AcceptRollback); backend-uri=file://
+//     (StateOptions.File) takes mode, lock and fsync only; no --tpmstate means
+//     $TPM_PATH (swtpm/cli);
 //   - refused with a reason: --chroot/-R, --profile, --print-profiles, --print-info,
 //     --pcap.
 //

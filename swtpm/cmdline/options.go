@@ -45,7 +45,10 @@ type Channel struct {
 
 // StateOptions is the parsed --tpmstate option.
 type StateOptions struct {
-	Dir         string      // state directory (dir= or backend-uri=dir://)
+	Dir string // state directory (dir= or backend-uri=dir://); "" with File
+	// File is the linear state file, a regular file or a block device
+	// (backend-uri=file://<path>, swtpm's linear backend); "" with Dir.
+	File        string
 	Mode        os.FileMode // mode of the state files; 0640 when not given
 	ModeDefault bool        // Mode was not given (swtpm then keeps the mode of existing files)
 	Lock        bool        // lock the directory; always true for the directory backend
@@ -508,7 +511,7 @@ func parseState(v string) (*StateOptions, error) {
 		AcceptRollback: vs.flag("accept-rollback"),
 	}
 	if l, ok := vs.get("lock"); ok && !l.flag {
-		return nil, fmt.Errorf("--tpmstate lock=false: the directory backend is always locked against a second process")
+		return nil, fmt.Errorf("--tpmstate lock=false: nkp-swtpm always locks its state against a second process")
 	}
 	switch n := countSet(vs, "dir", "backend-uri"); {
 	case n == 0:
@@ -525,10 +528,16 @@ func parseState(v string) (*StateOptions, error) {
 	switch {
 	case ok && scheme == "dir" && rest != "":
 		s.Dir = rest
-	case ok && scheme == "file":
-		return nil, fmt.Errorf("--tpmstate backend-uri=%s: the linear file backend (file://) is not supported by nkp-swtpm; use dir=<directory> or backend-uri=dir://<directory>", uri)
+	case ok && scheme == "file" && rest != "":
+		if s.Backup {
+			return nil, fmt.Errorf("--tpmstate backend-uri=%s,backup: backup is an option of the directory backend; the linear file keeps its previous blob until the new one is written", uri)
+		}
+		if s.AcceptRollback {
+			return nil, fmt.Errorf("--tpmstate backend-uri=%s,accept-rollback: the linear file has no slots to roll back to; accept-rollback is an option of the directory backend", uri)
+		}
+		s.File = rest
 	default:
-		return nil, fmt.Errorf("--tpmstate backend-uri=%q: want dir://<directory>", uri)
+		return nil, fmt.Errorf("--tpmstate backend-uri=%q: want dir://<directory> or file://<file or block device>", uri)
 	}
 	return s, nil
 }

@@ -65,6 +65,14 @@ func TestParseCommandLines(t *testing.T) {
 			},
 		},
 		{
+			name: "linear file backend",
+			args: "--tpmstate backend-uri=file:///var/lib/tpm.img,mode=0600,lock --tpm2",
+			want: func(o *Options) {
+				o.TPM2 = true
+				o.State = &StateOptions{File: "/var/lib/tpm.img", Mode: 0o600, Lock: true}
+			},
+		},
+		{
 			name: "print capabilities needs no --tpm2",
 			args: "--print-capabilities",
 			want: func(o *Options) { o.PrintCapabilities = true },
@@ -163,11 +171,13 @@ func TestParseRefusals(t *testing.T) {
 		{"--tpm2 --ctrl", []string{"--ctrl needs a value"}},
 		{"--tpm2 --ctrl=", []string{"--ctrl needs a value"}},
 		{"--tpm2 --tpm2=yes", []string{"--tpm2 takes no value"}},
-		{"--tpm2 --tpmstate backend-uri=file:///var/lib/tpm.img", []string{"file://", "not supported", "dir="}},
+		{"--tpm2 --tpmstate backend-uri=file://", []string{"want dir://<directory> or file://"}},
+		{"--tpm2 --tpmstate backend-uri=file:///var/lib/tpm.img,backup", []string{"backup is an option of the directory backend"}},
+		{"--tpm2 --tpmstate backend-uri=file:///var/lib/tpm.img,accept-rollback", []string{"no slots"}},
 		{"--tpm2 --tpmstate backend-uri=nfs://x", []string{"want dir://"}},
 		{"--tpm2 --tpmstate mode=0600", []string{"needs dir="}},
 		{"--tpm2 --tpmstate dir=/a,backend-uri=dir:///b", []string{"not both"}},
-		{"--tpm2 --tpmstate dir=/a,lock=false", []string{"always locked"}},
+		{"--tpm2 --tpmstate dir=/a,lock=false", []string{"always locks"}},
 		{"--tpm2 --key mode=aes-256-cbc", []string{"exactly one of file=, fd=, pwdfile= or pwdfd="}},
 		{"--tpm2 --key file=/k,pwdfd=4", []string{"exactly one of"}},
 		{"--tpm2 --key file=/k,mode=aes-512-gcm", []string{`unsupported mode="aes-512-gcm"`}},

@@ -23,12 +23,13 @@ Options (as swtpm's; values in [] are optional):
 -f|--fd <fd>      legacy: data on the connected fd <fd>, terminate when it closes
 -t|--terminate    exit when the data connection is lost
 --tpmstate dir=<dir>|backend-uri=dir://<dir>[,mode=0...][,lock][,backup][,fsync][,accept-rollback]
-                  state directory (or $TPM_PATH); always locked against a second
+--tpmstate backend-uri=file://<file or block device>[,mode=0...][,lock][,fsync]
+                  state directory (or $TPM_PATH), or swtpm's linear file; always locked against a second
                   process; state files are written atomically and synced (fsync is
                   implied); backup keeps <file>.bak and falls back to it when a
                   file cannot be read; accept-rollback loads the older record of a
                   file whose newest one is damaged (losing that write) instead of
-                  refusing to start; backend-uri=file:// is not supported
+                  refusing to start (backup and accept-rollback: directory only)
 --key file=<path>|fd=<fd>[,mode=aes-128-cbc|aes-256-cbc][,format=hex|binary][,remove]
 --key pwdfile=<path>|pwdfd=<fd>[,mode=...][,kdf=pbkdf2|sha512][,remove]
                   key of the state files; nkp writes them with AES-256-GCM and reads
