@@ -70,7 +70,8 @@
 // format: nkp's slots and state ID have no place in swtpm's layout). A Store writes the
 // new blob where no live data lies, syncs, then writes the header that points at it and
 // syncs, so a crash leaves the old or the new blob, never a torn one; the file is
-// locked (an open-file-description lock, which swtpm's lock option also honours),
+// locked (an open-file-description lock, which conflicts with swtpm ≥ 0.8's lock
+// option; swtpm 0.7.1 never locks a linear file, so it cannot be kept out),
 // never followed through a link, refused when other users may read or write it, and
 // formatted only when empty or zeroed.
 //

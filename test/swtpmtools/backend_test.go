@@ -82,6 +82,8 @@ type tpmProc struct {
 // procOpts says how to start a backend.
 type procOpts struct {
 	stateDir string
+	// stateFile is a linear state file (--tpmstate backend-uri=file://), instead of stateDir.
+	stateFile string
 	dir      string   // socket directory; a new one when empty
 	extra    []string // more options (--key, --flags ...)
 	noServer bool     // no --server: the data channel only through SET_DATAFD
@@ -121,7 +123,7 @@ func startNoWait(t *testing.T, be backend, o procOpts) *tpmProc {
 	args := cmdline.Options{
 		TPM2:  true,
 		Ctrl:  &cmdline.Channel{Type: cmdline.TypeUnixIO, Path: p.Ctrl},
-		State: &cmdline.StateOptions{Dir: o.stateDir},
+		State: &cmdline.StateOptions{Dir: o.stateDir, File: o.stateFile},
 		Log:   &cmdline.LogOptions{File: p.Log, Level: 20},
 	}
 	if !o.noServer {

@@ -98,7 +98,7 @@ func randDuration(max time.Duration) time.Duration {
 // of a backend with encrypted state, kills it with SIGKILL at a random instant, restarts
 // it, and checks that the state loads and the index holds the last acknowledged write or
 // the one in flight when the kill came (never an older value, never garbage). It runs
-// hundreds of trials, bounded by time.
+// hundreds of trials, bounded by time; for nkp-swtpm also on a linear state file.
 func TestKillDuringNVWrites(t *testing.T) {
 	const (
 		maxTrials = 300
@@ -116,6 +116,19 @@ func TestKillDuringNVWrites(t *testing.T) {
 		state, dir := t.TempDir(), sockDir(t)
 		opts := procOpts{stateDir: state, dir: dir,
 			extra: append([]string{"--key", "file=" + key + ",mode=aes-256-cbc"}, startupFlags...)}
+		killDuringNVWrites(t, be, opts, maxTrials, minTrials, budget, maxDelay)
+		if be.name == "nkp-swtpm" {
+			// The linear file (swtpm's writes it in place, so only nkp-swtpm's is tried).
+			t.Run("linear file", func(t *testing.T) {
+				opts.stateDir, opts.stateFile = "", filepath.Join(t.TempDir(), "tpm.img")
+				killDuringNVWrites(t, be, opts, maxTrials, minTrials, budget, maxDelay)
+			})
+		}
+	})
+}
+
+func killDuringNVWrites(t *testing.T, be backend, opts procOpts, maxTrials, minTrials int, budget, maxDelay time.Duration) {
+	{
 		var (
 			defined   bool
 			lastAcked uint64 // last write the TPM answered with success
@@ -178,5 +191,5 @@ func TestKillDuringNVWrites(t *testing.T) {
 		if trials < minTrials {
 			t.Errorf("only %d trials within %v, want at least %d", trials, budget, minTrials)
 		}
-	})
+	}
 }
