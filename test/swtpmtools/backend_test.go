@@ -84,11 +84,11 @@ type procOpts struct {
 	stateDir string
 	// stateFile is a linear state file (--tpmstate backend-uri=file://), instead of stateDir.
 	stateFile string
-	dir      string   // socket directory; a new one when empty
-	extra    []string // more options (--key, --flags ...)
-	noServer bool     // no --server: the data channel only through SET_DATAFD
-	tcp      bool     // TCP sockets on 127.0.0.1 instead of unix sockets
-	files    []*os.File
+	dir       string   // socket directory; a new one when empty
+	extra     []string // more options (--key, --flags ...)
+	noServer  bool     // no --server: the data channel only through SET_DATAFD
+	tcp       bool     // TCP sockets on 127.0.0.1 instead of unix sockets
+	files     []*os.File
 }
 
 // start runs the backend and waits until both sockets accept connections.
