@@ -60,6 +60,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -147,7 +148,8 @@ func New(cfg Config) (*Server, error) {
 // When the TPM starts at launch, Serve starts it while the channels are already
 // served: a request that needs the TPM waits until it started (or failed), one that
 // does not (GET_CAPABILITY) is answered at once, so a client is not held up by the
-// state's decryption and TPM2_Startup.
+// state's decryption and TPM2_Startup. The channel goroutines get the CPU before the
+// start begins, so a client already waiting is answered first.
 func (s *Server) Serve(ctx context.Context) (err error) {
 	defer func() {
 		s.err = err
@@ -169,6 +171,12 @@ func (s *Server) Serve(ctx context.Context) (err error) {
 	}
 	var startErr error
 	if launch {
+		// Let the channel goroutines run first: a control client that is already
+		// waiting (libvirt, swtpm_setup and QEMU poll the socket right after the
+		// start) gets its GET_CAPABILITY answered before the TPM's start takes the
+		// CPU. nkp-swtpm runs with one P, so without this the answer waits for
+		// MainInit and for the scheduler to hand the P over during TPM2_Startup.
+		runtime.Gosched()
 		startErr = s.startAtLaunchLocked()
 		s.unlockTPM()
 	}

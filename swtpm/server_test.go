@@ -2,6 +2,7 @@ package swtpm
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"io"
 	"net"
@@ -779,5 +780,103 @@ func TestServeFailsWhenLaunchStartFails(t *testing.T) {
 	}
 	if _, derr := net.Dial("unix", h.ctrlPath); derr == nil {
 		t.Fatal("control socket still accepts after Serve failed")
+	}
+}
+
+// gatedEngine is the fake engine with a MainInit that waits until release is closed.
+type gatedEngine struct {
+	*fakeEngine
+	entered chan struct{} // closed when MainInit is entered
+	release chan struct{}
+}
+
+func (g *gatedEngine) MainInit() error {
+	close(g.entered)
+	<-g.release
+	return g.fakeEngine.MainInit()
+}
+
+// While the TPM starts at launch (--flags not-need-init), GET_CAPABILITY is answered
+// at once, also to a client that connected and asked before Serve began; requests
+// that need the TPM wait for the start, and Ready follows it.
+func TestCapabilityAnsweredDuringLaunchStart(t *testing.T) {
+	store := newMemStore()
+	eng := &gatedEngine{fakeEngine: newFakeEngine(store), entered: make(chan struct{}), release: make(chan struct{})}
+	dir := shortDir(t)
+	path := filepath.Join(dir, "ctrl")
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A client that is already waiting when Serve starts, as libvirt's is.
+	early, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer early.Close()
+	if _, err := early.Write(ctrl.GetCapability{}.Marshal()); err != nil {
+		t.Fatal(err)
+	}
+	srv, err := New(Config{Engine: eng, Store: store, Log: testLogger(t), CtrlListener: l, NotNeedInit: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx) }()
+	defer func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Error("Serve did not return within 10 s of cancel")
+		}
+	}()
+	defer func() {
+		select {
+		case <-eng.release:
+		default:
+			close(eng.release)
+		}
+	}()
+
+	early.SetReadDeadline(time.Now().Add(ioTimeout))
+	resp, err := ctrl.ReadResponse(early, ctrl.CmdGetCapability)
+	if err != nil {
+		t.Fatalf("GET_CAPABILITY of the client waiting at launch: %v", err)
+	}
+	if caps := resp.(ctrl.CapabilityResponse).Caps; caps != ctrl.CapsTPM2Socket {
+		t.Fatalf("caps = %#x, want %#x", caps, ctrl.CapsTPM2Socket)
+	}
+	select {
+	case <-eng.entered:
+	case <-time.After(ioTimeout):
+		t.Fatal("the TPM's start at launch did not begin")
+	}
+	// The start is still held: the next client (one at a time, as swtpm) is
+	// answered too, and Ready waits.
+	early.Close()
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write(ctrl.GetCapability{}.Marshal()); err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(time.Now().Add(ioTimeout))
+	if _, err := ctrl.ReadResponse(c, ctrl.CmdGetCapability); err != nil {
+		t.Fatalf("GET_CAPABILITY during the start: %v", err)
+	}
+	select {
+	case <-srv.Ready():
+		t.Fatal("Ready before the TPM's start at launch finished")
+	default:
+	}
+	close(eng.release)
+	select {
+	case <-srv.Ready():
+	case <-time.After(ioTimeout):
+		t.Fatal("not Ready after the TPM's start at launch finished")
 	}
 }
