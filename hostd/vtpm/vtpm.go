@@ -17,8 +17,9 @@
 //     across a hostd restart or crash;
 //   - its stderr appended to StateRoot/<vm-uuid>.log (root, 0600; no key is ever logged).
 //
-// Start returns once nkp-swtpm has written its pid (--pid fd=5, done when its sockets
-// listen and the state directory is locked) or fails with its log's last lines.
+// Start returns once nkp-swtpm reported READY on its readiness pipe (fd 5, named by
+// NKP_SWTPM_READY_FD: its socket listens, its state directory is locked, its seccomp
+// filter is on), or fails with its error and its log's last lines.
 //
 // Each instance has a record RunDir/<vm-uuid>.json (root, 0600: pid, process start time,
 // key ID, KDK version). Adopt, run by a new hostd, re-attaches to the processes those
@@ -33,6 +34,7 @@
 package vtpm
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -290,13 +292,16 @@ func (s *Supervisor) Start(ctx context.Context, vm VM, keys Keys) (inst Instance
 	}
 	defer migR.Close()
 
-	pidFile, err := os.CreateTemp(s.cfg.RunDir, ".pid-*")
+	// Readiness: nkp-swtpm writes "READY" (or "ERROR why") on this pipe once its socket
+	// listens, its state is locked and its seccomp filter is on (swtpm/cli's readiness
+	// pipe, NKP_SWTPM_READY_FD), and closes it; an exit closes it too. hostd wakes at once
+	// (it polled a pid file before, which added up to 20 ms to every prepare).
+	readyR, readyW, err := os.Pipe()
 	if err != nil {
-		return Instance{}, fmt.Errorf("vm %q: %w", vm.Name, err)
+		return Instance{}, fmt.Errorf("vm %q: readiness pipe: %w", vm.Name, err)
 	}
-	os.Remove(pidFile.Name())
-	defer pidFile.Close()
-	// nkp-swtpm runs as the vTPM user and writes its pid into this root-owned file by fd.
+	defer readyR.Close()
+	defer readyW.Close()
 	args, err := cmdline.Build(&cmdline.Options{
 		TPM2:  true,
 		Ctrl:  &cmdline.Channel{Type: cmdline.TypeUnixIO, ListenFD: 4},
@@ -304,7 +309,6 @@ func (s *Supervisor) Start(ctx context.Context, vm VM, keys Keys) (inst Instance
 		Key:   &cmdline.KeyOptions{FD: 3, Format: cmdline.FormatBinary, Mode: "aes-256-gcm"},
 		// swtpm's blob envelope knows AES-CBC (+HMAC) only; both ends derive this key.
 		MigrationKey: &cmdline.KeyOptions{FD: 6, Format: cmdline.FormatBinary, Mode: "aes-256-cbc"},
-		Pid:          &cmdline.PidOptions{FD: 5},
 		Terminate:    true,
 	})
 	if err != nil {
@@ -312,9 +316,9 @@ func (s *Supervisor) Start(ctx context.Context, vm VM, keys Keys) (inst Instance
 	}
 	cmd := exec.Command(s.cfg.Binary, append([]string{"socket"}, args...)...)
 	cmd.Dir = "/"
-	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "NKP_SWTPM_READY_FD=5"}
 	cmd.Stdout, cmd.Stderr = logFile, logFile
-	cmd.ExtraFiles = []*os.File{keyR, sock, pidFile, migR} // fds 3, 4, 5, 6
+	cmd.ExtraFiles = []*os.File{keyR, sock, readyW, migR} // fds 3, 4, 5, 6
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Setsid:     true,
 		Credential: &syscall.Credential{Uid: uint32(s.cfg.User.UID), Gid: uint32(s.cfg.User.GID), Groups: []uint32{}},
@@ -330,8 +334,9 @@ func (s *Supervisor) Start(ctx context.Context, vm VM, keys Keys) (inst Instance
 	}()
 	keyR.Close()
 	sock.Close()
+	readyW.Close()
 
-	if err := waitReady(ctx, p, pidFile, s.cfg.StartTimeout); err != nil {
+	if err := waitReady(ctx, p, readyR, s.cfg.StartTimeout); err != nil {
 		cmd.Process.Kill()
 		<-p.exited
 		return Instance{}, fmt.Errorf("vm %q: %w: %w; its log says: %s", vm.Name, ErrStart, err, tail(logFile.Name(), logStart))
@@ -409,26 +414,28 @@ func ensureDir(dir string, owner Credential, mode os.FileMode) error {
 	return nil
 }
 
-// waitReady polls the pid file (written by nkp-swtpm by fd when it serves) until it has
-// content, the process ends, ctx ends or the timeout passes.
-func waitReady(ctx context.Context, p *proc, pidFile *os.File, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	delay := time.Millisecond
-	for {
-		if fi, err := pidFile.Stat(); err == nil && fi.Size() > 0 {
-			return nil
-		}
-		select {
-		case <-p.exited:
-			return fmt.Errorf("it exited (%v) before serving", p.cmd.ProcessState)
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(delay):
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("not serving after %v", timeout)
-		}
-		delay = min(delay*2, 20*time.Millisecond)
+// waitReady reads nkp-swtpm's readiness pipe: "READY" once it serves, "ERROR why" if it
+// could not, end of file if it exited first; bounded by ctx and timeout.
+func waitReady(ctx context.Context, p *proc, ready *os.File, timeout time.Duration) error {
+	ready.SetReadDeadline(time.Now().Add(timeout))
+	stop := context.AfterFunc(ctx, func() { ready.SetReadDeadline(time.Now()) })
+	defer stop()
+	line, err := bufio.NewReader(io.LimitReader(ready, 4096)).ReadString('\n')
+	switch {
+	case line == "READY\n":
+		return nil
+	case strings.HasPrefix(line, "ERROR "):
+		return errors.New(strings.TrimSpace(strings.TrimPrefix(line, "ERROR ")))
+	case ctx.Err() != nil:
+		return ctx.Err()
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return fmt.Errorf("not serving after %v", timeout)
+	}
+	select {
+	case <-p.exited:
+		return fmt.Errorf("it exited (%v) before serving", p.cmd.ProcessState)
+	case <-time.After(time.Second):
+		return fmt.Errorf("it closed its readiness pipe without serving (%q, %v)", line, err)
 	}
 }
 

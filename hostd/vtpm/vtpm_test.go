@@ -386,6 +386,26 @@ func TestStartFails(t *testing.T) {
 	if _, ok := s.Get(vm2.UUID); ok {
 		t.Error("a failed start left an instance")
 	}
+	// A vTPM that reports why it cannot serve on its readiness pipe and lingers: Start
+	// fails at once with that reason, without waiting for the timeout.
+	f, err := os.CreateTemp("", "nkp-vtpm-fails-*.sh") // the vTPM user must reach it
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	script := f.Name()
+	t.Cleanup(func() { os.Remove(script) })
+	os.WriteFile(script, []byte("#!/bin/sh\necho \"ERROR state directory locked by another vTPM\" >&5\nexec 5>&-\nexec sleep 30\n"), 0o755)
+	os.Chmod(script, 0o755)
+	s.cfg.Binary, s.cfg.StartTimeout = script, 20*time.Second
+	t0 := time.Now()
+	_, err = s.Start(ctx, VM{UUID: kdk.NewKeyID(), Name: "vtpm-test-error", KeyID: kdk.NewKeyID()}, keys(key(1)))
+	if !errors.Is(err, ErrStart) || !strings.Contains(err.Error(), "state directory locked by another vTPM") {
+		t.Errorf("Start of a vTPM that reports an error: %v", err)
+	}
+	if took := time.Since(t0); took > 10*time.Second {
+		t.Errorf("Start took %v to see the reported error", took)
+	}
 	if _, err := os.Stat(s.SocketPath(vm2.UUID)); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("a failed start left its socket: %v", err)
 	}
