@@ -82,6 +82,17 @@ func TestHost(t *testing.T) {
 	if out, err := exec.Command("swtpm_ioctl", "--unix", sock, "-i").CombinedOutput(); err != nil {
 		t.Fatalf("swtpm_ioctl -i: %v %s", err, out)
 	}
+	// An operation this release does not know (a newer libvirt's) passes through the
+	// running hostd untouched: allowed, no message, the vTPM left as it was.
+	if code, stderr, _ := hook(t, h.run, xmlA, a.name, "teleport", "begin", "-"); code != 0 || stderr != "" {
+		t.Errorf("unknown operation through hostd: exit %d, stderr %q; want 0 and nothing", code, stderr)
+	}
+	if vt := h.status().VTPMs; len(vt) != 1 || vt[0].UUID != a.uuid {
+		t.Errorf("vTPMs after an unknown operation: %+v", vt)
+	}
+	if !strings.Contains(h.logs.String(), "unknown hook operation teleport") {
+		t.Errorf("hostd's log does not note the unknown operation:\n%s", h.logs.String())
+	}
 	if code, stderr, _ := hook(t, h.run, xmlA, a.name, "release", "end", "-"); code != 0 {
 		t.Fatalf("release: %d %s", code, stderr)
 	}

@@ -446,12 +446,15 @@ const VirshTimeout = 3 * time.Minute
 
 // Virsh runs virsh against this Host's libvirtd and returns its output; a failure's
 // error carries virsh's message (where a hook's refusal appears).
-func (h *Host) Virsh(ctx context.Context, args ...string) (string, error) {
-	ctx, cancel := context.WithTimeout(ctx, VirshTimeout)
+func (h *Host) Virsh(parent context.Context, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(parent, VirshTimeout)
 	defer cancel()
 	out, err := exec.CommandContext(ctx, "virsh", append([]string{"-c", h.URI}, args...)...).CombinedOutput()
-	if ctx.Err() != nil {
-		err = fmt.Errorf("%w after %v (is libvirtd hung?)", ctx.Err(), VirshTimeout)
+	switch {
+	case errors.Is(ctx.Err(), context.DeadlineExceeded) && !errors.Is(parent.Err(), context.DeadlineExceeded):
+		err = fmt.Errorf("%w: no answer within %v (is libvirtd hung?)", ctx.Err(), VirshTimeout)
+	case ctx.Err() != nil:
+		err = fmt.Errorf("stopped by the caller: %w", ctx.Err()) // not libvirtd's fault
 	}
 	if err != nil {
 		return string(out), fmt.Errorf("host %s: virsh %s: %w: %s", h.Name, strings.Join(args, " "), err, bytes.TrimSpace(out))

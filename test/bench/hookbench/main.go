@@ -39,6 +39,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -218,11 +219,15 @@ func round(ctx context.Context, h *libvirtns.Host, k *kind, n int, logPath strin
 	var s sample
 	var mu sync.Mutex
 	var wg sync.WaitGroup
+	var pending atomic.Int32
 	errs := make([]error, n)
+	t0 := time.Now()
 	for i := range n {
 		wg.Add(1)
+		pending.Add(1)
 		go func() {
 			defer wg.Done()
+			defer pending.Add(-1)
 			t0 := time.Now()
 			_, errs[i] = h.Virsh(ctx, "start", k.names[i])
 			mu.Lock()
@@ -230,10 +235,31 @@ func round(ctx context.Context, h *libvirtns.Host, k *kind, n int, logPath strin
 			mu.Unlock()
 		}()
 	}
-	wg.Wait()
-	for i := range n {
-		h.Virsh(ctx, "destroy", k.names[i])
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	// A slow round says where it is: starts pending and the hooks libvirtd has run so far.
+	for tick := time.NewTicker(30 * time.Second); ; {
+		select {
+		case <-done:
+			tick.Stop()
+		case <-tick.C:
+			fmt.Fprintf(os.Stderr, "hookbench: %s, %d at once: %d of %d starts pending after %v; hooks run so far: %s\n",
+				k.label, n, pending.Load(), n, time.Since(t0).Round(time.Second), hookCounts(logPath))
+			continue
+		}
+		break
 	}
+	started := time.Since(t0)
+	// Destroy as many at once as were started (one after the other took ~2.5 s each on a
+	// loaded machine: a round of 50 spent minutes here, between the measured starts).
+	var dwg sync.WaitGroup
+	for i := range n {
+		dwg.Add(1)
+		go func() { defer dwg.Done(); h.Virsh(ctx, "destroy", k.names[i]) }()
+	}
+	dwg.Wait()
+	fmt.Fprintf(os.Stderr, "hookbench: %s, %d at once: started in %v, destroyed in %v\n", k.label, n,
+		started.Round(time.Millisecond), (time.Since(t0) - started).Round(time.Millisecond))
 	if err := errors.Join(errs...); err != nil {
 		return sample{}, err
 	}
@@ -257,6 +283,29 @@ func round(ctx context.Context, h *libvirtns.Host, k *kind, n int, logPath strin
 		return sample{}, fmt.Errorf("%d prepare hooks logged for %d starts", len(s.hook), n)
 	}
 	return s, nil
+}
+
+// hookCounts counts the hook log's lines by operation ("prepare 50 start 48 …").
+func hookCounts(logPath string) string {
+	b, _ := os.ReadFile(logPath)
+	count := map[string]int{}
+	var ops []string
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) == 5 {
+			if count[f[1]] == 0 {
+				ops = append(ops, f[1])
+			}
+			count[f[1]]++
+		}
+	}
+	var out []string
+	for _, op := range ops {
+		out = append(out, fmt.Sprintf("%s %d", op, count[op]))
+	}
+	if len(out) == 0 {
+		return "none"
+	}
+	return strings.Join(out, ", ")
 }
 
 func pct(d []time.Duration, p float64) time.Duration {
