@@ -181,7 +181,9 @@ func serve(ctx context.Context, o *cmdline.Options, log *slog.Logger, hooks serv
 		case <-srv.Done():
 		}
 	}()
-	log.Info("nkp-swtpm serving", "version", Version, "state", o.State.Dir+o.State.File, "encrypted", stateKey != nil, "pid", os.Getpid())
+	link := libtpms.Linked()
+	log.Info("nkp-swtpm serving", "version", Version, "state", o.State.Dir+o.State.File, "encrypted", stateKey != nil, "pid", os.Getpid(),
+		"libtpms", link.Libtpms, "openssl", link.OpenSSL, "static", link.Static)
 	err = srv.Serve(ctx)
 	<-readyDone
 	if err != nil {

@@ -72,4 +72,20 @@
 // the Go copies of loaded and stored blobs are wiped when the callback
 // returns, so NVRAM implementations must neither keep the slice given to
 // Store nor expect the one returned by Load to stay intact.
+//
+// # Linking
+//
+// By default libtpms and libcrypto are Debian's shared libraries (libtpms0,
+// libssl3): their security updates reach nkp-swtpm with apt, at the next
+// start of each vTPM. Built with -tags nkpstatic (make build-static), the
+// static archives of libtpms-dev and libssl-dev are linked into the binary,
+// libc staying shared. The loader then has no libcrypto relocations to apply
+// (about 1 ms of each start, and about 400 KB of private relocated pages per
+// vTPM), but a security update of libtpms or OpenSSL does not reach the
+// binary: install the updated libtpms-dev and libssl-dev, rebuild nkp-swtpm
+// and restart the vTPMs (a distribution package declares Built-Using:
+// libtpms, openssl and is rebuilt on their updates). Linked reports what the
+// process runs, and nkp-swtpm logs it in its "nkp-swtpm serving" line
+// (libtpms=, openssl=, static=); `go version -m nkp-swtpm` shows
+// -tags=nkpstatic for a static build.
 package libtpms

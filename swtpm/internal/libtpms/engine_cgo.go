@@ -2,9 +2,12 @@
 
 package libtpms
 
-// // Link Debian's libtpms (package libtpms-dev: headers in /usr/include/libtpms,
-// // libtpms.so in the default library path). No CFLAGS are needed.
-// #cgo LDFLAGS: -ltpms
+// // Link Debian's libtpms and OpenSSL (packages libtpms-dev and libssl-dev: headers
+// // in /usr/include, the libraries in the default library path). No CFLAGS are
+// // needed. By default the shared libraries; with -tags nkpstatic their static
+// // archives, libc staying shared (see "Linking" in doc.go).
+// #cgo !nkpstatic LDFLAGS: -ltpms -lcrypto
+// #cgo nkpstatic LDFLAGS: -Wl,-Bstatic -ltpms -lcrypto -Wl,-Bdynamic -ldl -pthread
 //
 // #include <stdlib.h>
 // #include <string.h>

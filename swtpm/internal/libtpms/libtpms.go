@@ -166,3 +166,12 @@ type ConnEnd struct {
 	Pending  int    // EndTruncated, EndStalled: bytes of the unfinished command
 	Commands uint64 // commands answered
 }
+
+// LinkInfo is what Linked reports: the versions of libtpms and OpenSSL the process
+// runs, and whether they were linked into the binary (Static) or are Debian's shared
+// libraries. Empty without cgo.
+type LinkInfo struct {
+	Static  bool
+	Libtpms string // e.g. "0.9.2"
+	OpenSSL string // OpenSSL_version(OPENSSL_VERSION), e.g. "OpenSSL 3.0.19 27 Jan 2026"
+}
