@@ -55,6 +55,11 @@
 // swtpm_setup creates the files 0640 before libvirt starts the TPM with mode=0600. A
 // file this user cannot chmod is logged and left; links are not followed.
 //
+// A state file is read with O_NOFOLLOW, so a symbolic link in its place is refused, and
+// so is a file with more hard links than the names this package gives it (the file, its
+// .bak, the backup's temporary name, .damaged.* evidence): another name could reach the
+// TPM's state from outside the directory. Both refusals leave the file untouched.
+//
 // Keys: hex (32 or 64 digits, optional 0x) or binary (16 or 32 bytes); the key's length
 // decides and a mode= must agree with it (swtpm would take a 16-byte binary key under
 // aes-256-cbc as 128-bit; nkp refuses the contradiction); aes-256-gcm is accepted as a
@@ -456,6 +461,9 @@ func readFile(p string) ([]byte, error) {
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size > maxFileSize {
 		return nil, fmt.Errorf("state file %s: %w: not a regular file of at most %d bytes; the file was left untouched", p, ErrCorrupt, maxFileSize)
+	}
+	if err := checkLinks(p, &st); err != nil {
+		return nil, err
 	}
 	// One read more than the size, so that a file that grew meanwhile is read whole
 	// (up to the bound) and a short file ends the loop.
