@@ -41,6 +41,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -73,6 +74,9 @@ type Config struct {
 	// Host, such as /run/nkp and /var/lib/nkp. Each is created on the real root file
 	// system if missing (empty; nothing is written there).
 	Private []string
+	// Tmpfs lists entries of Private whose private copy is a tmpfs, as /run is on a real
+	// host (fsync there costs nothing; on this machine's /tmp it is a disk flush).
+	Tmpfs []string
 	// Hooks are files installed as /etc/libvirt/hooks/qemu.d/NAME (mode 0755) before
 	// libvirtd starts: map NAME → content.
 	Hooks map[string][]byte
@@ -97,6 +101,7 @@ type Host struct {
 	virtlogd *proc
 	libvirtd *proc
 	closed   bool
+	tmpfs    []string // mounted in the root namespace; unmounted by Close
 }
 
 // proc is a process started by the Host and reaped by a goroutine.
@@ -179,6 +184,15 @@ func (h *Host) layout() error {
 		if err := os.MkdirAll(h.privateDir(p), 0o755); err != nil {
 			return fmt.Errorf("libvirtns: host %s: %w", h.Name, err)
 		}
+	}
+	for _, p := range h.cfg.Tmpfs {
+		if !slices.Contains(h.cfg.Private, p) {
+			return fmt.Errorf("libvirtns: host %s: tmpfs %q is not one of the private directories", h.Name, p)
+		}
+		if err := syscall.Mount("tmpfs", h.privateDir(p), "tmpfs", syscall.MS_NOSUID|syscall.MS_NODEV, "mode=0755,size=256m"); err != nil {
+			return fmt.Errorf("libvirtns: host %s: tmpfs on %s: %w", h.Name, p, err)
+		}
+		h.tmpfs = append(h.tmpfs, h.privateDir(p))
 	}
 	etc := filepath.Join(h.Dir, "etc-libvirt")
 	confs, err := filepath.Glob("/etc/libvirt/*.conf")
@@ -596,6 +610,11 @@ func (h *Host) Close() error {
 	if h.NetNS != "" {
 		if out, err := exec.Command("ip", "netns", "del", h.NetNS).CombinedOutput(); err != nil && !bytes.Contains(out, []byte("No such file")) {
 			errs = append(errs, fmt.Errorf("libvirtns: host %s: ip netns del %s: %w: %s", h.Name, h.NetNS, err, bytes.TrimSpace(out)))
+		}
+	}
+	for _, m := range h.tmpfs {
+		if err := syscall.Unmount(m, syscall.MNT_DETACH); err != nil {
+			errs = append(errs, fmt.Errorf("libvirtns: host %s: unmount %s: %w", h.Name, m, err))
 		}
 	}
 	if h.Dir != "" {

@@ -115,6 +115,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	h, err := libvirtns.Start(ctx, libvirtns.Config{
 		Name: "bench", Private: []string{"/run/nkp", "/var/lib/nkp", "/etc/nkp"},
+		Tmpfs: []string{"/run/nkp"}, // as on a real host: hostd's vTPM records are fsynced there
 		Hooks: map[string][]byte{"zz-hookbench": []byte(wrapper)},
 	})
 	if err != nil {
