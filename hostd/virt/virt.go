@@ -1,13 +1,28 @@
 // Package virt is hostd's adapter to libvirt (libvirt.org/go/libvirt, cgo): the domain
-// operations hostd/vm needs (its Libvirt interface), the domain state hostd's reconcile
-// reads, and the lifecycle events that tell hostd about domains whose hooks it missed.
+// operations hostd/vm needs (its Libvirt interface), the domain state and definitions
+// hostd's reconciles read, the libvirt secrets of protected disks, and the events that
+// tell hostd about domains whose hooks it missed and secrets others changed.
 //
 // Open connects and runs libvirt's default event loop in a goroutine. When libvirtd goes
-// away (restart) the connection is re-opened in the background, the lifecycle callback
-// registered again, and a Reconnected event delivered so that hostd reconciles
-// everything. Callers never call into this package while answering a libvirt hook.
+// away (restart) a Disconnected event is delivered at once, the connection is re-opened
+// in the background, the callbacks registered again, and a Reconnected event delivered
+// so that hostd reconciles everything. Callers never call into this package while
+// answering a libvirt hook.
 //
-// Importers: hostd. The only cgo in hostd.
+// Secrets: DefineSecret defines <secret ephemeral='yes' private='yes'> with a UUID and a
+// description starting with SecretPrefix ("nkp: "), no usage element (a disk's
+// <encryption> names it by UUID), and sets its value. Ephemeral: libvirtd keeps it in
+// memory only, so /etc/libvirt/secrets never holds it, and it is gone when libvirtd
+// restarts (hostd defines it again on Reconnected). Private: libvirtd never returns its
+// value (virsh secret-get-value fails with "secret is private"). A persistent or public
+// secret of the same UUID is undefined first (libvirt 9 would leave a persistent one's
+// file behind). The value is handed to virSecretSetValue by a small cgo function of this
+// package, because the binding's SetValue copies it into a Go buffer it never wipes.
+// ListSecrets returns nkp's secrets (by the description prefix). SecretChanged and
+// SecretUndefined events report other processes' changes only: the events of this
+// Conn's own DefineSecret and UndefineSecret are recognised and not delivered.
+//
+// Importers: hostd and its subpackages. The only cgo in hostd.
 package virt
 
 import (
@@ -30,17 +45,25 @@ type EventKind int
 
 // Event kinds.
 const (
-	Stopped     EventKind = iota + 1 // the domain stopped (shutdown, destroy, crash, saved, migrated away, failed start)
-	Started                          // the domain started (boot, restore, migrated in)
-	Other                            // any other lifecycle change
-	Reconnected                      // the connection to libvirtd was (re)established: reconcile everything
+	Stopped      EventKind = iota + 1 // the domain stopped (shutdown, destroy, crash, saved, migrated away, failed start)
+	Started                           // the domain started (boot, restore, migrated in)
+	Other                             // any other lifecycle change
+	Reconnected                       // the connection to libvirtd was (re)established: reconcile everything
+	Defined                           // the domain was defined (new or changed persistent definition)
+	Undefined                         // the domain was undefined
+	Disconnected                      // the connection to libvirtd was lost (ephemeral secrets are gone if libvirtd restarts)
+	// SecretChanged: another process defined a secret or set its value (UUID is the
+	// secret's). This process's own DefineSecret causes no event.
+	SecretChanged
+	// SecretUndefined: another process undefined a secret (UUID is the secret's).
+	SecretUndefined
 )
 
 // Event is one lifecycle event.
 type Event struct {
 	Kind EventKind
-	UUID string // "" for Reconnected
-	Name string
+	UUID string // the domain's, or the secret's for the Secret kinds; "" for Reconnected and Disconnected
+	Name string // the domain's
 }
 
 var eventLoop sync.Once
@@ -54,6 +77,9 @@ type Conn struct {
 	mu   sync.Mutex
 	conn *libvirt.Connect // nil while disconnected; guarded by mu
 	lost chan struct{}    // closed by the close callback of conn
+
+	ownMu sync.Mutex
+	own   map[ownOp]int // secret events this process's own calls will cause; guarded by ownMu
 }
 
 // Open connects to uri (qemu:///system) and starts delivering events. It fails only if
@@ -111,6 +137,10 @@ func (c *Conn) connect() error {
 			kind = Stopped
 		case libvirt.DOMAIN_EVENT_STARTED:
 			kind = Started
+		case libvirt.DOMAIN_EVENT_DEFINED:
+			kind = Defined
+		case libvirt.DOMAIN_EVENT_UNDEFINED:
+			kind = Undefined
 		}
 		c.send(Event{Kind: kind, UUID: uuid, Name: name})
 	})
@@ -119,6 +149,12 @@ func (c *Conn) connect() error {
 		conn.Close()
 		return fmt.Errorf("libvirt %s: lifecycle events: %w", c.uri, err)
 	}
+	if err := c.registerSecretEvents(conn); err != nil {
+		conn.UnregisterCloseCallback()
+		conn.Close()
+		return fmt.Errorf("libvirt %s: %w", c.uri, err)
+	}
+	c.resetOwn()
 	c.mu.Lock()
 	c.conn, c.lost = conn, lost
 	c.mu.Unlock()
@@ -152,6 +188,7 @@ func (c *Conn) keep(ctx context.Context) {
 		case <-lost:
 		}
 		c.log.Warn("lost the connection to libvirtd: reconnecting", "uri", c.uri)
+		c.send(Event{Kind: Disconnected})
 		c.mu.Lock()
 		if c.conn != nil {
 			c.conn.Close()
@@ -324,6 +361,96 @@ func (c *Conn) DomainState(_ context.Context, uuid string) (State, error) {
 		return State{}, fmt.Errorf("domain %s: %w", uuid, err)
 	}
 	return State{Known: true, Active: active, XML: []byte(x)}, nil
+}
+
+// Definition is what libvirt holds of one domain: its persistent definition and, while
+// it runs, its live one (they differ after a change that applies at the next start).
+type Definition struct {
+	UUID, Name string
+	Active     bool
+	Inactive   []byte // the persistent definition; nil for a transient domain
+	Live       []byte // the running definition; nil when the domain is not active
+}
+
+// Definitions returns every domain libvirt knows (persistent or transient, running or
+// not) with its definitions. A domain that disappears while it is read is left out.
+func (c *Conn) Definitions(_ context.Context) ([]Definition, error) {
+	conn, err := c.get()
+	if err != nil {
+		return nil, err
+	}
+	ds, err := conn.ListAllDomains(0)
+	if err != nil {
+		return nil, fmt.Errorf("list domains: %w", err)
+	}
+	var out []Definition
+	for i := range ds {
+		def, err := definition(&ds[i])
+		ds[i].Free()
+		if isCode(err, libvirt.ERR_NO_DOMAIN) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, def)
+	}
+	return out, nil
+}
+
+// Definition returns the definitions of the domain uuid; ok is false when libvirt does
+// not know it.
+func (c *Conn) Definition(_ context.Context, uuid string) (_ Definition, ok bool, _ error) {
+	d, err := c.lookup(uuid)
+	if errors.Is(err, vm.ErrNoDomain) {
+		return Definition{}, false, nil
+	}
+	if err != nil {
+		return Definition{}, false, err
+	}
+	defer d.Free()
+	def, err := definition(d)
+	if isCode(err, libvirt.ERR_NO_DOMAIN) {
+		return Definition{}, false, nil
+	}
+	return def, err == nil, err
+}
+
+func definition(d *libvirt.Domain) (Definition, error) {
+	var def Definition
+	var err error
+	if def.UUID, err = d.GetUUIDString(); err != nil {
+		return def, err
+	}
+	if def.Name, err = d.GetName(); err != nil {
+		return def, err
+	}
+	persistent, err := d.IsPersistent()
+	if err != nil {
+		return def, fmt.Errorf("domain %s: %w", def.UUID, err)
+	}
+	if def.Active, err = d.IsActive(); err != nil {
+		return def, fmt.Errorf("domain %s: %w", def.UUID, err)
+	}
+	if persistent {
+		x, err := d.GetXMLDesc(libvirt.DOMAIN_XML_INACTIVE)
+		if err != nil {
+			return def, fmt.Errorf("domain %s: %w", def.UUID, err)
+		}
+		def.Inactive = []byte(x)
+	}
+	if def.Active {
+		x, err := d.GetXMLDesc(0)
+		if err != nil {
+			if isCode(err, libvirt.ERR_OPERATION_INVALID) { // stopped meanwhile
+				def.Active = false
+				return def, nil
+			}
+			return def, fmt.Errorf("domain %s: %w", def.UUID, err)
+		}
+		def.Live = []byte(x)
+	}
+	return def, nil
 }
 
 // Close closes the connection (the event loop goroutine stays: it is per process).
