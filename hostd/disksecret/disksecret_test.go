@@ -1,0 +1,539 @@
+package disksecret
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nkp-dev/nkp/hostd/domxml"
+	"github.com/nkp-dev/nkp/hostd/kdkcache"
+	"github.com/nkp-dev/nkp/hostd/virt"
+	"github.com/nkp-dev/nkp/provider/kdk"
+)
+
+// fakeLibvirt keeps domains and secrets in memory and counts calls.
+type fakeLibvirt struct {
+	mu        sync.Mutex
+	domains   map[string]virt.Definition
+	secrets   map[string]fakeSecret
+	calls     int
+	defines   int
+	refuse    map[string]error // secret UUID → DefineSecret fails
+	listErr   error
+	undefined []string
+}
+
+type fakeSecret struct {
+	desc  string
+	value string
+}
+
+func newFakeLibvirt() *fakeLibvirt {
+	return &fakeLibvirt{domains: map[string]virt.Definition{}, secrets: map[string]fakeSecret{}, refuse: map[string]error{}}
+}
+
+func (f *fakeLibvirt) Definitions(context.Context) ([]virt.Definition, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls++
+	var out []virt.Definition
+	for _, d := range f.domains {
+		out = append(out, d)
+	}
+	return out, nil
+}
+
+func (f *fakeLibvirt) Definition(_ context.Context, uuid string) (virt.Definition, bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls++
+	d, ok := f.domains[uuid]
+	return d, ok, nil
+}
+
+func (f *fakeLibvirt) DefineSecret(_ context.Context, s virt.Secret, value []byte) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls++
+	if err := f.refuse[s.UUID]; err != nil {
+		return err
+	}
+	if !strings.HasPrefix(s.Description, virt.SecretPrefix) {
+		return fmt.Errorf("description %q", s.Description)
+	}
+	f.defines++
+	f.secrets[s.UUID] = fakeSecret{desc: s.Description, value: string(value)}
+	return nil
+}
+
+func (f *fakeLibvirt) UndefineSecret(_ context.Context, uuid string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls++
+	delete(f.secrets, uuid)
+	f.undefined = append(f.undefined, uuid)
+	return nil
+}
+
+func (f *fakeLibvirt) ListSecrets(context.Context) ([]virt.SecretInfo, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls++
+	if f.listErr != nil {
+		return nil, f.listErr
+	}
+	var out []virt.SecretInfo
+	for u, s := range f.secrets {
+		out = append(out, virt.SecretInfo{UUID: u, Description: s.desc, Ephemeral: true, Private: true})
+	}
+	return out, nil
+}
+
+func (f *fakeLibvirt) value(uuid string) (string, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	s, ok := f.secrets[uuid]
+	return s.value, ok
+}
+
+func (f *fakeLibvirt) count() (calls, defines int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.calls, f.defines
+}
+
+func (f *fakeLibvirt) set(d virt.Definition) {
+	f.mu.Lock()
+	f.domains[d.UUID] = d
+	f.mu.Unlock()
+}
+
+func (f *fakeLibvirt) drop(uuid string) {
+	f.mu.Lock()
+	delete(f.domains, uuid)
+	f.mu.Unlock()
+}
+
+// restart forgets every secret, as libvirtd does with ephemeral ones.
+func (f *fakeLibvirt) restart() {
+	f.mu.Lock()
+	f.secrets = map[string]fakeSecret{}
+	f.mu.Unlock()
+}
+
+// fakeKeys derives sha256(vm|keyID|version) for the versions it holds.
+type fakeKeys struct{ held map[int]bool }
+
+func (k fakeKeys) DiskKey(_ context.Context, vmUUID string, o domxml.Object) ([]byte, error) {
+	if !k.held[o.KDKVersion] {
+		return nil, fmt.Errorf("KDK version %d: %w", o.KDKVersion, kdkcache.ErrUnknownVersion)
+	}
+	s := sha256.Sum256([]byte(fmt.Sprintf("%s|%s|%d", vmUUID, o.KeyID, o.KDKVersion)))
+	return s[:], nil
+}
+
+func passFor(vmUUID string, o domxml.Object) string {
+	s := sha256.Sum256([]byte(fmt.Sprintf("%s|%s|%d", vmUUID, o.KeyID, o.KDKVersion)))
+	return hex.EncodeToString(s[:])
+}
+
+// fakeVerifier opens an image when the passphrase is the one recorded for its path.
+type fakeVerifier struct {
+	mu     sync.Mutex
+	images map[string]string // path → passphrase it opens under ("" = cannot tell)
+	calls  int
+}
+
+func (v *fakeVerifier) Opens(_ context.Context, path, format string, pass []byte) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.calls++
+	want, ok := v.images[path]
+	switch {
+	case !ok || want == "":
+		return errors.New("image locked")
+	case want != string(pass):
+		return fmt.Errorf("%s: %w", path, ErrWrongKey)
+	}
+	return nil
+}
+
+type vmSpec struct {
+	name, uuid string
+	objs       []domxml.Object
+}
+
+func newSpec(name string, versions ...int) vmSpec {
+	v := vmSpec{name: name, uuid: kdk.NewKeyID()}
+	v.objs = append(v.objs, domxml.Object{Name: domxml.ObjectVTPM, KeyID: kdk.NewKeyID(), KDKID: kdk.NewKeyID(), KDKVersion: 1})
+	for i, ver := range versions {
+		v.objs = append(v.objs, domxml.Object{Name: fmt.Sprintf("disk:vd%c", 'a'+i), KeyID: kdk.NewKeyID(), KDKID: kdk.NewKeyID(), KDKVersion: ver})
+	}
+	return v
+}
+
+func (v vmSpec) xml(t *testing.T) []byte {
+	t.Helper()
+	base := fmt.Sprintf("<domain type='qemu'><name>%s</name><uuid>%s</uuid><memory>1024</memory><devices/></domain>", v.name, v.uuid)
+	doc, err := domxml.SetMetadata([]byte(base), &domxml.Metadata{ProviderID: kdk.NewKeyID(), Objects: v.objs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return doc
+}
+
+func (v vmSpec) disks() []domxml.Object { return DiskObjects(&domxml.Metadata{Objects: v.objs}) }
+
+func (v vmSpec) def(t *testing.T) virt.Definition {
+	return virt.Definition{UUID: v.uuid, Name: v.name, Inactive: v.xml(t)}
+}
+
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *clock) now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *clock) add(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+func newManager(t *testing.T, lv *fakeLibvirt, held ...int) (*Manager, *clock) {
+	t.Helper()
+	h := map[int]bool{}
+	for _, v := range held {
+		h[v] = true
+	}
+	c := &clock{t: time.Date(2026, 12, 6, 22, 0, 0, 0, time.UTC)}
+	m, err := New(Config{Libvirt: lv, Keys: fakeKeys{h}, Now: c.now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m, c
+}
+
+func mustReconcile(t *testing.T, m *Manager) {
+	t.Helper()
+	if err := m.Reconcile(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestReconcileDefines(t *testing.T) {
+	lv := newFakeLibvirt()
+	m, _ := newManager(t, lv, 1, 2)
+	a := newSpec("a", 1, 2) // two disks, both held
+	b := newSpec("b", 3)    // KDK v3 not held
+	c := newSpec("c")       // vTPM only
+	for _, v := range []vmSpec{a, b, c} {
+		lv.set(v.def(t))
+	}
+	stale := domxml.SecretUUID(kdk.NewKeyID(), kdk.NewKeyID())
+	lv.secrets[stale] = fakeSecret{desc: "nkp: disk vda of VM gone (x), key y", value: "old"}
+	mustReconcile(t, m)
+
+	for _, o := range a.disks() {
+		u := domxml.SecretUUID(a.uuid, o.KeyID)
+		got, ok := lv.value(u)
+		if !ok || got != passFor(a.uuid, o) {
+			t.Errorf("secret of a %s: %q, %v; want the hex of its derived key", o.Name, got, ok)
+		}
+		if d := lv.secrets[u].desc; d != Description("a", a.uuid, o) || !strings.Contains(d, o.KeyID) {
+			t.Errorf("description %q", d)
+		}
+	}
+	if len(lv.secrets) != 2 {
+		t.Errorf("libvirt holds %d secrets, want a's 2 (b's KDK version is not held, c has no disk, the stale one removed)", len(lv.secrets))
+	}
+	if !slices.Contains(lv.undefined, stale) {
+		t.Error("the stale nkp secret was not undefined")
+	}
+	if nr := m.Check(a.uuid, a.disks()); nr != nil {
+		t.Errorf("Check(a) = %v", nr)
+	}
+	nr := m.Check(b.uuid, b.disks())
+	if nr == nil || nr.Reason != NoKey || !errors.Is(nr.Err, kdkcache.ErrUnknownVersion) || nr.Target != "vda" {
+		t.Fatalf("Check(b) = %+v, want NoKey for vda", nr)
+	}
+	if s := nr.Error(); !strings.Contains(s, b.disks()[0].KeyID) || !strings.Contains(s, "KDK v3") {
+		t.Errorf("NotReady sentence %q names neither key nor KDK version", s)
+	}
+	if st := m.Stats(); st.Defined != 2 || st.ReconcileErrors != 0 {
+		t.Errorf("Stats = %+v", st)
+	}
+
+	// A second reconcile with nothing changed defines nothing again.
+	_, before := lv.count()
+	mustReconcile(t, m)
+	if _, after := lv.count(); after != before {
+		t.Errorf("an unchanged reconcile defined %d secrets again", after-before)
+	}
+}
+
+func TestCheck(t *testing.T) {
+	a := newSpec("a", 1)
+	o := a.disks()[0]
+	other := o
+	other.KeyID = kdk.NewKeyID()
+	tests := []struct {
+		name  string
+		setup func(t *testing.T, lv *fakeLibvirt, m *Manager)
+		disks []domxml.Object
+		want  Reason // 0: ready
+	}{
+		{"defined", func(t *testing.T, lv *fakeLibvirt, m *Manager) { mustReconcile(t, m) }, a.disks(), 0},
+		{"never defined", func(*testing.T, *fakeLibvirt, *Manager) {}, a.disks(), Pending},
+		{"another key ID than defined", func(t *testing.T, lv *fakeLibvirt, m *Manager) { mustReconcile(t, m) }, []domxml.Object{other}, Pending},
+		{"libvirt disconnected", func(t *testing.T, lv *fakeLibvirt, m *Manager) { mustReconcile(t, m); m.Disconnected() }, a.disks(), Pending},
+		{"secret changed by another process", func(t *testing.T, lv *fakeLibvirt, m *Manager) {
+			mustReconcile(t, m)
+			m.SecretEvent(domxml.SecretUUID(a.uuid, o.KeyID))
+		}, a.disks(), Pending},
+		{"libvirt refuses the secret", func(t *testing.T, lv *fakeLibvirt, m *Manager) {
+			lv.refuse[domxml.SecretUUID(a.uuid, o.KeyID)] = errors.New("secret driver broken")
+			if err := m.Reconcile(context.Background()); err == nil {
+				t.Error("reconcile passed while libvirt refused a secret")
+			}
+			if m.Stats().ReconcileErrors != 1 {
+				t.Errorf("reconcile errors %d", m.Stats().ReconcileErrors)
+			}
+		}, a.disks(), DefineError},
+		{"no disks", func(*testing.T, *fakeLibvirt, *Manager) {}, nil, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			lv := newFakeLibvirt()
+			lv.set(a.def(t))
+			m, _ := newManager(t, lv, 1)
+			tt.setup(t, lv, m)
+			calls, _ := lv.count()
+			nr := m.Check(a.uuid, tt.disks)
+			if after, _ := lv.count(); after != calls {
+				t.Errorf("Check called libvirt %d times", after-calls)
+			}
+			switch {
+			case tt.want == 0 && nr != nil:
+				t.Errorf("Check = %v, want ready", nr)
+			case tt.want != 0 && (nr == nil || nr.Reason != tt.want):
+				t.Errorf("Check = %+v, want reason %d", nr, tt.want)
+			}
+		})
+	}
+}
+
+// TestRestart: libvirtd restarts (ephemeral secrets gone); Disconnected, then the
+// reconcile after the reconnection defines them again.
+func TestRestart(t *testing.T) {
+	lv := newFakeLibvirt()
+	a := newSpec("a", 1)
+	lv.set(a.def(t))
+	m, _ := newManager(t, lv, 1)
+	mustReconcile(t, m)
+	lv.restart()
+	m.Disconnected()
+	if nr := m.Check(a.uuid, a.disks()); nr == nil || nr.Reason != Pending {
+		t.Fatalf("Check after a disconnection = %v, want Pending", nr)
+	}
+	mustReconcile(t, m)
+	if _, ok := lv.value(domxml.SecretUUID(a.uuid, a.disks()[0].KeyID)); !ok {
+		t.Fatal("secret not defined again after the restart")
+	}
+	if nr := m.Check(a.uuid, a.disks()); nr != nil {
+		t.Fatalf("Check = %v", nr)
+	}
+	// Lost without a Disconnected (an event dropped): the listing shows it missing.
+	lv.restart()
+	mustReconcile(t, m)
+	if _, ok := lv.value(domxml.SecretUUID(a.uuid, a.disks()[0].KeyID)); !ok {
+		t.Fatal("a secret libvirt lost was not defined again")
+	}
+}
+
+// TestEnsureRemove: the operations' secrets are kept until Remove, or until a domain
+// uses them; a rekey of a running VM keeps both keys' secrets while it runs.
+func TestEnsureRemove(t *testing.T) {
+	ctx := context.Background()
+	lv := newFakeLibvirt()
+	m, _ := newManager(t, lv, 1, 2)
+	plain := newSpec("p") // being protected: the XML does not reference the disk yet
+	lv.set(plain.def(t))
+	prot := plain
+	prot.objs = append(slices.Clone(plain.objs), domxml.Object{Name: "disk:vda", KeyID: kdk.NewKeyID(), KDKID: kdk.NewKeyID(), KDKVersion: 1})
+	if err := m.Ensure(ctx, plain.uuid, prot.disks()); err != nil {
+		t.Fatal(err)
+	}
+	u := domxml.SecretUUID(plain.uuid, prot.disks()[0].KeyID)
+	if got, ok := lv.value(u); !ok || got != passFor(plain.uuid, prot.disks()[0]) {
+		t.Fatal("Ensure did not define the secret")
+	}
+	if !strings.Contains(lv.secrets[u].desc, "VM p ") {
+		t.Errorf("Ensure's description %q lacks the VM's name", lv.secrets[u].desc)
+	}
+	mustReconcile(t, m)
+	if _, ok := lv.value(u); !ok {
+		t.Fatal("a reconcile removed a secret Ensure defined before the XML switch")
+	}
+	// The XML switches; the domain now uses it (unpinned from here on).
+	lv.set(prot.def(t))
+	mustReconcile(t, m)
+	// Shallow rekey while running: live XML keeps the old key, persistent has the new.
+	rekeyed := prot
+	rekeyed.objs = slices.Clone(prot.objs)
+	rekeyed.objs[1] = domxml.Object{Name: "disk:vda", KeyID: kdk.NewKeyID(), KDKID: kdk.NewKeyID(), KDKVersion: 2}
+	if err := m.Ensure(ctx, prot.uuid, rekeyed.disks()); err != nil {
+		t.Fatal(err)
+	}
+	u2 := domxml.SecretUUID(prot.uuid, rekeyed.disks()[0].KeyID)
+	lv.set(virt.Definition{UUID: prot.uuid, Name: "p", Active: true, Inactive: rekeyed.xml(t), Live: prot.xml(t)})
+	mustReconcile(t, m)
+	for _, s := range []string{u, u2} {
+		if _, ok := lv.value(s); !ok {
+			t.Fatalf("secret %s gone while the running VM uses the old key and its definition the new", s)
+		}
+	}
+	// The VM stops: the old key's secret is no longer used.
+	lv.set(virt.Definition{UUID: prot.uuid, Name: "p", Inactive: rekeyed.xml(t)})
+	if err := m.ReconcileVM(ctx, prot.uuid); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := lv.value(u); ok {
+		t.Error("the old key's secret is still defined after the VM stopped")
+	}
+	// Unprotect: Remove, then the XML loses the object.
+	if err := m.Remove(ctx, prot.uuid, rekeyed.disks()); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := lv.value(u2); ok {
+		t.Error("Remove left the secret")
+	}
+	if nr := m.Check(prot.uuid, rekeyed.disks()); nr == nil {
+		t.Error("Check is ready after Remove")
+	}
+	if err := m.Remove(ctx, prot.uuid, rekeyed.disks()); err != nil {
+		t.Errorf("Remove of secrets already gone: %v", err)
+	}
+	// Ensure without the key: an error naming the disk.
+	missing := []domxml.Object{{Name: "disk:vdb", KeyID: kdk.NewKeyID(), KDKID: kdk.NewKeyID(), KDKVersion: 9}}
+	if err := m.Ensure(ctx, prot.uuid, missing); err == nil || !strings.Contains(err.Error(), "vdb") {
+		t.Errorf("Ensure with an unknown KDK version: %v", err)
+	}
+}
+
+// TestKickAndEvents: a hook's Kick defines from its XML through Run; an undefined
+// domain's secrets go; another process's change is repaired.
+func TestKickAndEvents(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	lv := newFakeLibvirt()
+	m, clk := newManager(t, lv, 1)
+	go m.Run(ctx)
+	a := newSpec("incoming", 1) // an incoming migration: libvirt does not know it yet
+	u := domxml.SecretUUID(a.uuid, a.disks()[0].KeyID)
+	waitReady := func(what string) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for m.Check(a.uuid, a.disks()) != nil {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: not ready within 10 s: %v", what, m.Check(a.uuid, a.disks()))
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	m.Kick(a.uuid, a.name, a.disks(), a.xml(t))
+	waitReady("kick")
+	mustReconcile(t, m)
+	if _, ok := lv.value(u); !ok {
+		t.Fatal("a reconcile within the grace removed a kicked secret")
+	}
+	// Someone else sets another value: defined again with the right one.
+	lv.mu.Lock()
+	lv.secrets[u] = fakeSecret{desc: lv.secrets[u].desc, value: "wrong"}
+	lv.mu.Unlock()
+	m.SecretEvent(u)
+	waitReady("after another process's change")
+	if got, _ := lv.value(u); got != passFor(a.uuid, a.disks()[0]) {
+		t.Fatalf("value after repair %q", got)
+	}
+	// After the grace, with no domain using it, it goes.
+	clk.add(KickGrace + time.Second)
+	mustReconcile(t, m)
+	if _, ok := lv.value(u); ok {
+		t.Fatal("a kicked secret no domain uses survived the grace")
+	}
+	// Defined, then undefined: RequestVM follows each event.
+	lv.set(a.def(t))
+	m.RequestVM(a.uuid)
+	waitReady("defined event")
+	lv.drop(a.uuid)
+	m.RequestVM(a.uuid)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, ok := lv.value(u); !ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("secret of an undefined domain not removed within 10 s")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if m.Check(a.uuid, a.disks()) == nil {
+		t.Error("Check ready for an undefined domain's removed secret")
+	}
+}
+
+// TestVerify: an image that does not open under its key is named by Check; verdicts are
+// cached by path, size and mtime.
+func TestVerify(t *testing.T) {
+	dir := t.TempDir()
+	good, bad, busy := dir+"/good.qcow2", dir+"/bad.qcow2", dir+"/busy.qcow2"
+	for _, p := range []string{good, bad, busy} {
+		if err := writeFile(p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a := newSpec("a", 1, 1, 1)
+	ds := a.disks()
+	paths := map[string]string{"vda": good, "vdb": bad, "vdc": busy}
+	ver := &fakeVerifier{images: map[string]string{good: passFor(a.uuid, ds[0]), bad: passFor(a.uuid, ds[0]), busy: ""}}
+	lv := newFakeLibvirt()
+	lv.set(a.def(t))
+	m, err := New(Config{Libvirt: lv, Keys: fakeKeys{map[int]bool{1: true}}, Verify: ver,
+		Disks: func(_ []byte, target string) (string, string) { return paths[target], "qcow2" }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustReconcile(t, m)
+	if nr := m.Check(a.uuid, ds[:1]); nr != nil {
+		t.Errorf("good image: %v", nr)
+	}
+	nr := m.Check(a.uuid, ds[1:2])
+	if nr == nil || nr.Reason != WrongKey || nr.Path != bad || !strings.Contains(nr.Error(), ds[1].KeyID) || !strings.Contains(nr.Error(), bad) {
+		t.Errorf("image made under another key: %+v", nr)
+	}
+	if nr := m.Check(a.uuid, ds[2:]); nr != nil {
+		t.Errorf("an image that cannot be checked (in use) is not refused: %v", nr)
+	}
+	calls := ver.calls
+	lv.restart()
+	mustReconcile(t, m) // defines all three again: good and bad from the cache
+	if ver.calls != calls+1 {
+		t.Errorf("redefinition ran the verifier %d times, want 1 (only the image it could not judge)", ver.calls-calls)
+	}
+}
+
+func writeFile(p string) error { return os.WriteFile(p, []byte("image"), 0o600) }
