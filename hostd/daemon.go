@@ -10,8 +10,10 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/nkp-dev/nkp/hostd/disksecret"
 	"github.com/nkp-dev/nkp/hostd/hosttpm"
 	"github.com/nkp-dev/nkp/hostd/kdkcache"
 	"github.com/nkp-dev/nkp/hostd/vtpm"
@@ -47,8 +49,11 @@ type Daemon struct {
 
 	vmLocks vmLocks // hooks of one VM run one at a time
 	kick    chan struct{}
-	vmAPI   lateHandler // hostd/vm's handler, once libvirt is connected
-	syncMu  sync.Mutex  // one on-demand sync at a time (syncNow)
+	vmAPI   lateHandler                        // hostd/vm's handler, once libvirt is connected
+	secrets atomic.Pointer[disksecret.Manager] // the disks' libvirt secrets, once libvirt is connected
+	syncMu  sync.Mutex                         // one on-demand sync at a time (syncNow)
+
+	syncStarts, syncDone atomic.Uint64 // Syncs begun; the highest begun number that ended (syncNow)
 }
 
 // Start starts a host daemon for a joined host. The returned Daemon serves until ctx

@@ -16,6 +16,22 @@
 // What a hook missed is reconciled from libvirt's lifecycle events and at start-up.
 // The decisions themselves are pure (hostd/lifecycle).
 //
+// Encrypted disks: each disk object of a domain's nkp metadata ("disk:<target>") has
+// its LUKS passphrase in an ephemeral, private libvirt secret, UUID
+// domxml.SecretUUID(vm, key ID), which hostd keeps defined (hostd/disksecret): at start
+// and after libvirtd reconnects (ephemeral secrets vanish when libvirtd restarts), when a
+// new KDK version arrives, on domain defined/undefined/started/stopped events, when
+// another process changes or undefines one (defined again with the right value), every
+// SyncInterval, and from the VM operations (vm.Config.Secrets). Secrets no domain uses
+// are undefined. The prepare, restore and migrate hooks of a domain with disk objects
+// are answered from memory: every disk's secret must be defined by this hostd (and its
+// image not known to refuse the key), else the hook refuses with a sentence naming the
+// VM, disk, key ID and KDK version and the way out — typically "nkp-hostd is defining it
+// now: run virsh start again in a few seconds" — and queues the definition from the
+// hook's XML, so the retry (or, for an incoming migration or a transient domain, the
+// prepare that follows) succeeds. Metrics: nkp_hostd_disk_secrets_defined,
+// nkp_hostd_disk_secret_reconcile_errors_total.
+//
 // The provider: KDK releases are fetched at start and every SyncInterval; new versions
 // are cached, retired ones deleted. While the provider is unreachable hostd works from
 // the cache, logs a warning once, sets nkp_hostd_provider_reachable to 0, and adds a

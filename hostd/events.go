@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"net/http"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/nkp-dev/nkp/hostd/disksecret"
 	"github.com/nkp-dev/nkp/hostd/domxml"
 	"github.com/nkp-dev/nkp/hostd/lifecycle"
 	"github.com/nkp-dev/nkp/hostd/virt"
@@ -86,9 +88,21 @@ func (d *Daemon) runLibvirt(ctx context.Context) error {
 		}
 	}
 	defer conn.Close()
+	secrets, err := disksecret.New(disksecret.Config{Libvirt: conn, Keys: diskKeys{d}, Log: d.log})
+	if err != nil {
+		return err
+	}
+	var wg sync.WaitGroup
+	defer wg.Wait() // before conn.Close
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		secrets.Run(ctx)
+	}()
+	d.secrets.Store(secrets)
 	owner := &vm.Owner{UID: d.cfg.vtpmCred.uid, GID: d.cfg.vtpmCred.gid}
 	m, err := vm.New(vm.Config{
-		Keys: vmKeys{d}, Libvirt: conn, Catalog: d.pc,
+		Keys: vmKeys{d}, Libvirt: conn, Catalog: d.pc, Secrets: secrets,
 		VTPMDir: filepath.Join(d.cfg.StateDir, dirVTPM), JournalDir: filepath.Join(d.cfg.StateDir, dirJournal),
 		SocketDir: filepath.Join(d.cfg.RunDir, "vtpm"), VTPMOwner: owner, SwtpmOwner: owner, Log: d.log,
 	})
@@ -108,12 +122,21 @@ func (d *Daemon) runLibvirt(ctx context.Context) error {
 			return nil
 		case <-tick.C:
 			d.reconcileAll(ctx, conn)
+			secrets.RequestAll()
 		case ev := <-conn.Events():
 			switch ev.Kind {
 			case virt.Reconnected:
+				secrets.RequestAll()
 				d.reconcileAll(ctx, conn)
+			case virt.Disconnected:
+				secrets.Disconnected()
 			case virt.Stopped, virt.Started:
 				d.reconcile(ctx, conn, ev.UUID)
+				secrets.RequestVM(ev.UUID) // a stopped VM may leave a rekey's old key unused
+			case virt.Defined, virt.Undefined:
+				secrets.RequestVM(ev.UUID)
+			case virt.SecretChanged, virt.SecretUndefined:
+				secrets.SecretEvent(ev.UUID)
 			}
 		}
 	}

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/nkp-dev/nkp/hooks/hookproto"
+	"github.com/nkp-dev/nkp/hostd/disksecret"
 	"github.com/nkp-dev/nkp/hostd/domxml"
 	"github.com/nkp-dev/nkp/hostd/kdkcache"
 	"github.com/nkp-dev/nkp/hostd/lifecycle"
@@ -94,6 +95,15 @@ func (d *Daemon) Hook(ctx context.Context, req hookproto.Request) hookproto.Repl
 	}
 	if dom.Metadata == nil {
 		return allow("") // mentions nkp's namespace but carries no metadata of ours
+	}
+	if disks := disksecret.DiskObjects(dom.Metadata); len(disks) > 0 {
+		switch req.Op {
+		case hookproto.OpPrepare, hookproto.OpRestore, hookproto.OpMigrate:
+			if r, ok := d.checkDisks(req, dom, disks); !ok {
+				d.log.Warn("hook refused", "domain", dom.Name, "uuid", dom.UUID, "op", req.Op, "reason", r.Message)
+				return r
+			}
+		}
 	}
 	obj, hasVTPM := dom.Metadata.Object(domxml.ObjectVTPM)
 	defer d.vmLocks.lock(dom.UUID)()

@@ -29,6 +29,20 @@ func newMetrics(reg *prometheus.Registry, d *Daemon) *metrics {
 	}
 	d.mu.Unlock()
 	reg.MustRegister(m.hookSeconds, m.reachable, m.revoked, m.certExpiry,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nkp_hostd_disk_secrets_defined", Help: "libvirt secrets of protected disks that nkp-hostd holds defined now."},
+			func() float64 {
+				if s := d.secrets.Load(); s != nil {
+					return float64(s.Stats().Defined)
+				}
+				return 0
+			}),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "nkp_hostd_disk_secret_reconcile_errors_total", Help: "Reconciles of disk secrets (all domains, one domain, a hook's request) that failed in part or whole."},
+			func() float64 {
+				if s := d.secrets.Load(); s != nil {
+					return float64(s.Stats().ReconcileErrors)
+				}
+				return 0
+			}),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nkp_hostd_vtpms_running", Help: "nkp-swtpm processes running for VMs."},
 			func() float64 { return float64(d.sup.Running()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nkp_hostd_kdk_versions_cached", Help: "KDK versions this host holds (usable or not)."},

@@ -30,6 +30,11 @@ func providerIDOf(ca *x509.Certificate) string {
 // change, and any sync while a cached version is unusable (its blob does not unwrap on
 // this TPM) fetch the whole release, which is audited.
 func (d *Daemon) Sync(ctx context.Context) error {
+	n := d.syncStarts.Add(1)
+	defer func() {
+		for done := d.syncDone.Load(); done < n && !d.syncDone.CompareAndSwap(done, n); done = d.syncDone.Load() {
+		}
+	}()
 	d.mu.Lock()
 	revoked := d.id.info.Revoked != nil
 	d.mu.Unlock()
@@ -66,6 +71,9 @@ func (d *Daemon) Sync(ctx context.Context) error {
 		}
 		if len(ch.Added)+len(ch.Removed) > 0 {
 			d.log.Info("KDK versions updated", "added", ch.Added, "removed", ch.Removed, "primary", ch.Primary)
+		}
+		if m := d.secrets.Load(); m != nil && len(ch.Added) > 0 {
+			m.RequestAll() // disks under the new versions get their secrets
 		}
 		d.setKeySet(rel.KeySet)
 	}
@@ -173,16 +181,18 @@ func (d *Daemon) renewIfDue(ctx context.Context) error {
 }
 
 // syncNow runs Sync for a hook that needs a KDK version the cache lacks; concurrent
-// callers share one sync, and none runs if one finished in the last two seconds.
+// callers share one sync: a caller that waited while a sync begun after its call
+// finished does not ask again. (It used to skip whenever a sync had finished in the
+// last two seconds, which refused a version rotated in during those seconds; a steady
+// sync costs the provider one unaudited store read, so no throttle is needed.)
 func (d *Daemon) syncNow(ctx context.Context) {
+	called := d.syncStarts.Load()
 	d.syncMu.Lock()
 	defer d.syncMu.Unlock()
-	d.mu.Lock()
-	recent := !d.lastOK.IsZero() && d.cfg.Now().Sub(d.lastOK) < 2*time.Second
-	d.mu.Unlock()
-	if !recent {
-		d.Sync(ctx)
+	if d.syncDone.Load() > called {
+		return
 	}
+	d.Sync(ctx)
 }
 
 // syncLoop runs Sync at start and every SyncInterval (sooner on a kick). Provider

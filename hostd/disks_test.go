@@ -1,0 +1,208 @@
+package hostd_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nkp-dev/nkp/hostd/domxml"
+	"github.com/nkp-dev/nkp/provider/kdk"
+	"github.com/nkp-dev/nkp/test/e2e"
+	"github.com/nkp-dev/nkp/test/libvirtns"
+)
+
+// diskDomainXML is a TCG domain with one raw LUKS disk whose passphrase is the libvirt
+// secret domxml.SecretUUID(uuid, keyID), and nkp metadata naming that disk object.
+func diskDomainXML(t *testing.T, name, uuid, image, providerID, kdkID string, kdkVersion int, keyID string) string {
+	t.Helper()
+	base := fmt.Sprintf(`<domain type='qemu'>
+  <name>%s</name>
+  <uuid>%s</uuid>
+  <memory unit='MiB'>64</memory>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='%s'>
+        <encryption format='luks'><secret type='passphrase' uuid='%s'/></encryption>
+      </source>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+`, name, uuid, image, domxml.SecretUUID(uuid, keyID))
+	doc, err := domxml.SetMetadata([]byte(base), &domxml.Metadata{ProviderID: providerID, Objects: []domxml.Object{{Name: "disk:vda", KeyID: keyID, KDKID: kdkID, KDKVersion: kdkVersion}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(doc)
+}
+
+// TestDiskSecrets runs hostd against a private libvirtd whose qemu hook is nkp-hook:
+// hostd defines the secret of a protected disk when its domain is defined, libvirt
+// creates a LUKS volume under it and starts the domain (QEMU opens the disk with it);
+// after a libvirtd restart and after another process undefines it, hostd defines it
+// again; a domain whose secret hostd has not defined is refused by the hook with a
+// sentence naming the disk, key and KDK version, and starts on the retry; an unknown
+// KDK version is refused likewise.
+func TestDiskSecrets(t *testing.T) {
+	e2e.Require(t, append([]string{"qemu-system-x86_64", "qemu-img"}, libvirtns.Tools...)...)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	p := startProvider(t)
+	h := newHost(t, p, newHostTPM(t))
+	hookBin := e2e.BuildBinary(t, "./cmd/nkp-hook")
+	wrapper := fmt.Sprintf("#!/bin/sh\nexec %s --socket=%s --config=/dev/null \"$@\"\n", hookBin, filepath.Join(h.run, "hook.sock"))
+	if err := libvirtns.RemoveStale(); err != nil {
+		t.Log(err)
+	}
+	lv, err := libvirtns.Start(ctx, libvirtns.Config{Name: "dsec", Hooks: map[string][]byte{"nkp": []byte(wrapper)}})
+	if err != nil {
+		t.Fatalf("private libvirtd: %v", err)
+	}
+	defer lv.Close()
+	virsh := func(args ...string) (string, error) { return lv.Virsh(ctx, args...) }
+	mustVirsh := func(args ...string) string {
+		t.Helper()
+		out, err := virsh(args...)
+		if err != nil {
+			t.Fatalf("virsh %s: %v", strings.Join(args, " "), err)
+		}
+		return out
+	}
+	h.libvirt = lv.URI
+	d := h.start()
+	if err := d.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	st := h.status()
+	k := st.KDKs[0]
+	pool := filepath.Join(lv.Dir, "pool")
+	if err := os.Mkdir(pool, 0o711); err != nil {
+		t.Fatal(err)
+	}
+	mustVirsh("pool-create-as", "dsec", "dir", "--target", pool)
+	// waitSecret polls libvirt (bounded) until secret u is listed (or, with gone, is not).
+	waitSecret := func(u string, present bool, what string) {
+		t.Helper()
+		deadline := time.Now().Add(60 * time.Second)
+		for {
+			out, err := virsh("secret-list")
+			if err == nil && strings.Contains(out, u) == present {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: secret %s present=%v not reached within 60 s: %s %v\n%s", what, u, !present, out, err, h.logs.String())
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	volume := func(name, secret string) string {
+		t.Helper()
+		f := filepath.Join(t.TempDir(), "vol.xml")
+		os.WriteFile(f, []byte(fmt.Sprintf(`<volume><name>%s</name><capacity unit='MiB'>16</capacity>
+<target><format type='raw'/><encryption format='luks'><secret type='passphrase' uuid='%s'/></encryption></target></volume>`, name, secret)), 0o600)
+		mustVirsh("vol-create", "dsec", f)
+		return filepath.Join(pool, name)
+	}
+	running := func(name string) {
+		t.Helper()
+		if out := mustVirsh("domstate", name); !strings.Contains(out, "running") {
+			t.Fatalf("domain %s: %s", name, out)
+		}
+	}
+
+	// A persistent protected domain: defined → hostd defines its secret.
+	a := newVM("dsec-a")
+	sa := domxml.SecretUUID(a.uuid, a.keyID)
+	xa := filepath.Join(t.TempDir(), "a.xml")
+	os.WriteFile(xa, []byte(diskDomainXML(t, a.name, a.uuid, filepath.Join(pool, "a.luks"), st.ProviderID, k.ID, k.Version, a.keyID)), 0o600)
+	mustVirsh("define", xa)
+	waitSecret(sa, true, "after define")
+	if out, err := virsh("secret-get-value", sa); err == nil || !strings.Contains(err.Error(), "private") {
+		t.Errorf("secret-get-value of a disk secret: %q %v; want refused as private", out, err)
+	}
+	if out := mustVirsh("secret-dumpxml", sa); !strings.Contains(out, "ephemeral='yes'") || !strings.Contains(out, "nkp: disk vda of VM dsec-a") || !strings.Contains(out, a.keyID) {
+		t.Errorf("secret definition: %s", out)
+	}
+	volume("a.luks", sa) // libvirt itself makes the LUKS volume under the secret's value
+	start := time.Now()
+	mustVirsh("start", a.name)
+	t.Logf("start of a domain with a LUKS disk (default PBKDF, TCG): %v", time.Since(start))
+	running(a.name)
+	mustVirsh("destroy", a.name)
+	if _, body := h.api("/metrics"); !strings.Contains(body, "nkp_hostd_disk_secrets_defined 1") || !strings.Contains(body, "nkp_hostd_disk_secret_reconcile_errors_total 0") {
+		t.Errorf("metrics lack the disk secret figures:\n%s", grepLines(body, "disk_secret"))
+	}
+
+	// libvirtd restarts: the ephemeral secret is gone; hostd defines it again with the
+	// same value (the disk opens).
+	if err := lv.StopLibvirtd(); err != nil {
+		t.Fatal(err)
+	}
+	if err := lv.StartLibvirtd(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitSecret(sa, true, "after the libvirtd restart")
+	mustVirsh("start", a.name)
+	running(a.name)
+	mustVirsh("destroy", a.name)
+	if ents, _ := os.ReadDir(lv.Path("/etc/libvirt/secrets")); len(ents) != 0 {
+		t.Errorf("the private libvirtd's /etc/libvirt/secrets holds %v", ents)
+	}
+
+	// Another process undefines it: defined again.
+	mustVirsh("secret-undefine", sa)
+	waitSecret(sa, true, "after virsh secret-undefine")
+
+	// A domain hostd has not seen (a transient create, as an incoming migration): the
+	// prepare hook refuses with the sentence and has the secret defined; the retry starts.
+	b := newVM("dsec-b")
+	sb := domxml.SecretUUID(b.uuid, b.keyID)
+	xb := filepath.Join(t.TempDir(), "b.xml")
+	os.WriteFile(xb, []byte(diskDomainXML(t, b.name, b.uuid, filepath.Join(pool, "b.luks"), st.ProviderID, k.ID, k.Version, b.keyID)), 0o600)
+	_, err = virsh("create", xb)
+	if err == nil {
+		t.Fatal("virsh create of a domain whose disk secret is not defined succeeded")
+	}
+	for _, want := range []string{`VM "dsec-b" disk vda`, "key " + b.keyID, fmt.Sprintf("KDK v%d", k.Version), "not defined on this host yet", "virsh start dsec-b` again"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("refusal lacks %q: %v", want, err)
+		}
+	}
+	waitSecret(sb, true, "after the refused start")
+	volume("b.luks", sb)
+	mustVirsh("create", xb)
+	running(b.name)
+	mustVirsh("destroy", b.name)
+
+	// A KDK version this host does not hold.
+	c := newVM("dsec-c")
+	xc := filepath.Join(t.TempDir(), "c.xml")
+	os.WriteFile(xc, []byte(diskDomainXML(t, c.name, c.uuid, filepath.Join(pool, "a.luks"), st.ProviderID, kdk.NewKeyID(), k.Version+1, c.keyID)), 0o600)
+	mustVirsh("define", xc)
+	_, err = virsh("start", c.name)
+	if err == nil || !strings.Contains(err.Error(), fmt.Sprintf("KDK version %d is unknown to this host", k.Version+1)) || !strings.Contains(err.Error(), c.keyID) {
+		t.Errorf("start with an unknown KDK version: %v", err)
+	}
+
+	// Undefined domains lose their secrets.
+	mustVirsh("undefine", a.name)
+	waitSecret(sa, false, "after undefine")
+}
+
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
