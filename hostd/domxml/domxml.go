@@ -77,6 +77,10 @@ type Object struct {
 	KeyID      string // random UUID, the HKDF key ID
 	KDKID      string // UUID of the KDK version the key derives from
 	KDKVersion int    // that KDK's version number (≥ 1)
+	// SwtpmSecret (vTPM only) is the libvirt secret under which libvirt's swtpm kept the
+	// state that protect adopted (<encryption secret=…/>); unprotect --tpm keep encrypts
+	// the state under it again. "" when the adopted state was plaintext, or none.
+	SwtpmSecret string
 }
 
 // Object returns the object called name.
@@ -154,6 +158,11 @@ func (o Object) validate() error {
 	if o.KDKVersion < 1 {
 		return fmt.Errorf("object %q: KDK version %d: versions start at 1", o.Name, o.KDKVersion)
 	}
+	if o.SwtpmSecret != "" {
+		if _, err := uuid.Parse(o.SwtpmSecret); err != nil || len(o.SwtpmSecret) != 36 || o.Name != ObjectVTPM {
+			return fmt.Errorf("object %q: libvirt-secret %q: want a secret's UUID, on the vtpm object only", o.Name, o.SwtpmSecret)
+		}
+	}
 	return nil
 }
 
@@ -184,8 +193,12 @@ func (m *Metadata) Element(indent string) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "<%s:vm xmlns:%s=%q provider=\"%s\">\n", Prefix, Prefix, Namespace, escape(m.ProviderID))
 	for _, o := range m.Objects {
-		fmt.Fprintf(&b, "%s  <%s:object name=\"%s\" key-id=\"%s\" kdk-id=\"%s\" kdk-version=\"%d\"/>\n",
-			indent, Prefix, escape(o.Name), escape(o.KeyID), escape(o.KDKID), o.KDKVersion)
+		secret := ""
+		if o.SwtpmSecret != "" {
+			secret = fmt.Sprintf(" libvirt-secret=\"%s\"", escape(o.SwtpmSecret))
+		}
+		fmt.Fprintf(&b, "%s  <%s:object name=\"%s\" key-id=\"%s\" kdk-id=\"%s\" kdk-version=\"%d\"%s/>\n",
+			indent, Prefix, escape(o.Name), escape(o.KeyID), escape(o.KDKID), o.KDKVersion, secret)
 	}
 	fmt.Fprintf(&b, "%s</%s:vm>", indent, Prefix)
 	return b.String()
@@ -486,6 +499,7 @@ type objXML struct {
 	KeyID      string `xml:"key-id,attr"`
 	KDKID      string `xml:"kdk-id,attr"`
 	KDKVersion string `xml:"kdk-version,attr"`
+	Secret     string `xml:"libvirt-secret,attr"`
 }
 
 type tpmXML struct {
@@ -627,7 +641,7 @@ func (l *layout) child(d *xml.Decoder, t xml.StartElement, section string, pos i
 			if err != nil {
 				return fmt.Errorf("domain %q: %w: nkp metadata: object %q: kdk-version %q is not a number", l.dom.Name, ErrInvalid, o.Name, o.KDKVersion)
 			}
-			m.Objects = append(m.Objects, Object{Name: o.Name, KeyID: strings.ToLower(o.KeyID), KDKID: strings.ToLower(o.KDKID), KDKVersion: n})
+			m.Objects = append(m.Objects, Object{Name: o.Name, KeyID: strings.ToLower(o.KeyID), KDKID: strings.ToLower(o.KDKID), KDKVersion: n, SwtpmSecret: strings.ToLower(o.Secret)})
 		}
 		if err := m.Validate(); err != nil {
 			return fmt.Errorf("domain %q: %w", l.dom.Name, err)

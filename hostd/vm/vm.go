@@ -470,6 +470,9 @@ func (m *Manager) Protect(ctx context.Context, domain string) (vmapi.VM, error) 
 	if err != nil {
 		return vmapi.VM{}, err
 	}
+	if tp != nil && tp.EncryptionSecret != "" {
+		obj.SwtpmSecret = tp.EncryptionSecret // unprotect --tpm keep encrypts under it again
+	}
 	key, err := m.vtpmKey(ctx, d.Name, d.UUID, obj)
 	if err != nil {
 		return vmapi.VM{}, err
@@ -618,7 +621,7 @@ func (m *Manager) Rekey(ctx context.Context, domain string) (vmapi.VM, error) {
 	}
 	committed := false
 	defer func() { src.close(committed) }()
-	obj := domxml.Object{Name: domxml.ObjectVTPM, KeyID: kdk.NewKeyID(), KDKID: p.ID, KDKVersion: p.Version}
+	obj := domxml.Object{Name: domxml.ObjectVTPM, KeyID: kdk.NewKeyID(), KDKID: p.ID, KDKVersion: p.Version, SwtpmSecret: old.SwtpmSecret}
 	newKey, err := m.vtpmKey(ctx, d.Name, d.UUID, obj)
 	if err != nil {
 		return vmapi.VM{}, err
@@ -664,9 +667,11 @@ func (m *Manager) Rekey(ctx context.Context, domain string) (vmapi.VM, error) {
 }
 
 // Unprotect gives a shut-off domain's vTPM back to libvirt: with tpm "keep" (the
-// default) its state is written, decrypted, as libvirt's swtpm state and the domain gets
-// <backend type='emulator'>; with "none" the vTPM and its state are removed. nkp's
-// metadata and catalog entry go.
+// default) its state is written as libvirt's swtpm state and the domain gets
+// <backend type='emulator'>: encrypted under the libvirt secret that encrypted it when
+// protect adopted it (Object.SwtpmSecret; the secret must still exist, or nothing is
+// changed), else unencrypted, as it was before protect, and the answer says so; with
+// "none" the vTPM and its state are removed. nkp's metadata and catalog entry go.
 func (m *Manager) Unprotect(ctx context.Context, domain, tpm string) (vmapi.VM, error) {
 	if tpm == "" {
 		tpm = vmapi.UnprotectKeep
@@ -695,6 +700,7 @@ func (m *Manager) Unprotect(ctx context.Context, domain, tpm string) (vmapi.VM, 
 	e := &entry{Op: opUnprotect, Domain: d.Name, UUID: d.UUID, Old: old, OldDir: StateDir(m.cfg.VTPMDir, d.UUID, old.KeyID)}
 	src := &source{blobs: map[string][]byte{}}
 	var emu *domxml.TPM
+	var swKey *state.Key // libvirt's swtpm key when the adopted state was encrypted
 	if tpm == vmapi.UnprotectKeep {
 		key, err := m.vtpmKey(ctx, d.Name, d.UUID, old)
 		if err != nil {
@@ -708,9 +714,16 @@ func (m *Manager) Unprotect(ctx context.Context, domain, tpm string) (vmapi.VM, 
 			}
 			return vmapi.VM{}, fmt.Errorf("vm %q: key %s: reading the vTPM state: %w; nothing was changed", d.Name, old.KeyID, err)
 		}
-		emu = &domxml.TPM{Model: model, Backend: domxml.BackendEmulator, Version: "2.0"}
+		emu = &domxml.TPM{Model: model, Backend: domxml.BackendEmulator, Version: "2.0", EncryptionSecret: old.SwtpmSecret}
 		if emu.Model == "" {
 			emu.Model = "tpm-crb"
+		}
+		if old.SwtpmSecret != "" {
+			if swKey, err = m.swtpmSecretKey(ctx, d.Name, old.SwtpmSecret); err != nil {
+				src.close(false)
+				return vmapi.VM{}, err
+			}
+			defer swKey.Wipe()
 		}
 		// A vTPM that never ran has no state: libvirt then creates and manufactures
 		// its own at the next start (swtpm_setup), as for any new emulator TPM.
@@ -749,7 +762,7 @@ func (m *Manager) Unprotect(ctx context.Context, domain, tpm string) (vmapi.VM, 
 	}
 	if e.Emulator != "" {
 		os.RemoveAll(e.Staging) // a leftover of an earlier attempt
-		if err := m.writeState(e.Staging, nil, src.blobs, m.cfg.SwtpmOwner, 0o711); err != nil {
+		if err := m.writeEmulatorState(e.Staging, swKey, src.blobs); err != nil {
 			return fail(fmt.Errorf("vm %q: writing libvirt's swtpm state %s: %w", d.Name, e.Staging, err))
 		}
 		os.Remove(filepath.Join(e.Staging, ".lock")) // libvirt's swtpm creates its own
@@ -781,8 +794,13 @@ func (m *Manager) Unprotect(ctx context.Context, domain, tpm string) (vmapi.VM, 
 	v, err := m.Status(ctx, d.UUID)
 	v.Problems = appendFinish(v.Problems, finish)
 	switch {
+	case e.Emulator != "" && swKey != nil:
+		v.Note = "the vTPM is libvirt's swtpm again, its state in " + e.Emulator + " encrypted as before protect, under libvirt secret " + old.SwtpmSecret
+		if e.Aside != "" {
+			v.Note += "; the directory that was there is kept as " + e.Aside
+		}
 	case e.Emulator != "":
-		v.Note = "the vTPM is libvirt's swtpm again, its state (unencrypted, as libvirt keeps it) in " + e.Emulator
+		v.Note = "the vTPM is libvirt's swtpm again, its state in " + e.Emulator + " UNENCRYPTED (it was unencrypted before protect; for libvirt's own encryption define a secret and add <encryption secret='UUID'/> to the TPM's backend before protecting)"
 		if e.Aside != "" {
 			v.Note += "; the directory that was there is kept as " + e.Aside
 		}

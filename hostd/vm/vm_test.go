@@ -14,6 +14,7 @@ import (
 	"github.com/nkp-dev/nkp/hostd/domxml"
 	"github.com/nkp-dev/nkp/hostd/vm/vmapi"
 	"github.com/nkp-dev/nkp/provider/kdk"
+	"github.com/nkp-dev/nkp/swtpm/envelope"
 	"github.com/nkp-dev/nkp/swtpm/state"
 )
 
@@ -217,6 +218,20 @@ func TestAdoptRekeyUnprotect(t *testing.T) {
 				t.Fatalf("second rekey: %+v %v", v, err)
 			}
 
+			if encrypted {
+				if o2.SwtpmSecret != secret {
+					t.Fatalf("metadata after adopt and rekey names libvirt secret %q, want %s", o2.SwtpmSecret, secret)
+				}
+				// The secret gone: unprotect --tpm keep refuses rather than write plaintext.
+				delete(e.lv.secrets, secret)
+				if _, err := e.m.Unprotect(ctx, "adopt1", ""); err == nil || !strings.Contains(err.Error(), secret) || !strings.Contains(err.Error(), "nothing was changed") {
+					t.Fatalf("unprotect without the libvirt secret: %v", err)
+				}
+				if d := e.lv.domain(t, uuid1); d.Metadata == nil {
+					t.Fatal("a refused unprotect changed the domain")
+				}
+				e.lv.secrets[secret] = pwd
+			}
 			v, err = e.m.Unprotect(ctx, "adopt1", "")
 			if err != nil {
 				t.Fatal(err)
@@ -226,7 +241,23 @@ func TestAdoptRekeyUnprotect(t *testing.T) {
 			if d.Metadata != nil || tp == nil || tp.Backend != domxml.BackendEmulator || tp.Model != "tpm-tis" || tp.Version != "2.0" || v.Protected {
 				t.Fatalf("after unprotect: metadata %+v, TPM %+v, status %+v", d.Metadata, tp, v)
 			}
-			sameBlobs(t, load(t, libvirtDir, nil), orig)
+			if encrypted {
+				// Encrypted under the same secret, as before protect; no plaintext copy.
+				k, _ := passphraseKey(pwd)
+				sameBlobs(t, load(t, libvirtDir, k.Bytes()), orig)
+				b, _ := os.ReadFile(filepath.Join(libvirtDir, "tpm2-00.permall"))
+				if h, _, err := envelope.ParseHeader(b); err != nil || h.Flags&envelope.FlagEncrypted == 0 {
+					t.Fatalf("libvirt's state after unprotect is not swtpm-encrypted: %+v %v", h, err)
+				}
+				if tp.EncryptionSecret != secret || !strings.Contains(v.Note, "under libvirt secret "+secret) {
+					t.Fatalf("after unprotect: TPM secret %q, note %q", tp.EncryptionSecret, v.Note)
+				}
+			} else {
+				sameBlobs(t, load(t, libvirtDir, nil), orig)
+				if tp.EncryptionSecret != "" || !strings.Contains(v.Note, "UNENCRYPTED") {
+					t.Fatalf("after unprotect: TPM secret %q, note %q", tp.EncryptionSecret, v.Note)
+				}
+			}
 			if _, ok := e.cat.get(uuid1, domxml.ObjectVTPM); ok {
 				t.Fatal("catalog entry left after unprotect")
 			}
