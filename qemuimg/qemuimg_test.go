@@ -460,3 +460,27 @@ func TestMeasure(t *testing.T) {
 		t.Error("Measure for raw LUKS without a key succeeded")
 	}
 }
+
+// TestUnlock checks that Unlock tells the right key from a wrong one, which qemu-img
+// info does not (it opens images without I/O).
+func TestUnlock(t *testing.T) {
+	qi := tool(t)
+	ctx := context.Background()
+	k := key(t)
+	for _, f := range []qemuimg.Format{qemuimg.LUKS, qemuimg.QCOW2} {
+		img := qemuimg.Image{Path: filepath.Join(t.TempDir(), "u."+string(f)), Format: f, Key: k}
+		if err := qi.Create(ctx, qemuimg.CreateOptions{Image: img, Size: 1 << 20}); err != nil {
+			t.Fatal(err)
+		}
+		if err := qi.Unlock(ctx, img); err != nil {
+			t.Fatalf("%s: right key: %v", f, err)
+		}
+		img.Key = key(t)
+		if _, err := qi.Info(ctx, img); err != nil {
+			t.Fatalf("%s: info with another key: %v (it does not check keys)", f, err)
+		}
+		if err := qi.Unlock(ctx, img); !errors.Is(err, qemuimg.ErrWrongKey) {
+			t.Fatalf("%s: wrong key: %v, want ErrWrongKey", f, err)
+		}
+	}
+}

@@ -336,6 +336,26 @@ func (c *Conn) TPMCheck(_ context.Context, domain string) error {
 	return nil
 }
 
+// DiskEncryption implements vm.Libvirt: for each disk of a running domain, whether QEMU
+// opened it encrypted (QMP query-block, matched to the live XML's aliases by
+// vm.BlockEncrypted). Added by the disk-vm helper for nkpctl vm status.
+func (c *Conn) DiskEncryption(_ context.Context, domain string) (map[string]bool, error) {
+	d, err := c.lookup(domain)
+	if err != nil {
+		return nil, err
+	}
+	defer d.Free()
+	x, err := d.GetXMLDesc(0)
+	if err != nil {
+		return nil, fmt.Errorf("domain %q: %w", domain, err)
+	}
+	out, err := d.QemuMonitorCommand(`{"execute":"query-block"}`, libvirt.DOMAIN_QEMU_MONITOR_COMMAND_DEFAULT)
+	if err != nil {
+		return nil, fmt.Errorf("domain %q: query-block: %w", domain, err)
+	}
+	return vm.BlockEncrypted([]byte(x), []byte(out))
+}
+
 // State is what reconcile needs to know about a domain.
 type State struct {
 	Known, Active bool

@@ -95,6 +95,18 @@ func (v virshLibvirt) TPMCheck(ctx context.Context, d string) error {
 	return nil
 }
 
+func (v virshLibvirt) DiskEncryption(ctx context.Context, d string) (map[string]bool, error) {
+	x, err := v.run(ctx, "dumpxml", d)
+	if err != nil {
+		return nil, err
+	}
+	out, err := v.run(ctx, "qemu-monitor-command", d, `{"execute":"query-block"}`)
+	if err != nil {
+		return nil, err
+	}
+	return BlockEncrypted(x, out)
+}
+
 func needLibvirt(t *testing.T) {
 	t.Helper()
 	if err := exec.Command("virsh", "-q", "-c", "qemu:///system", "version").Run(); err != nil {

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 
@@ -119,6 +120,8 @@ type fakeLibvirt struct {
 	secrets map[string][]byte
 	tpmErr  error
 	defines int
+	// openedPlain names disks DiskEncryption reports as opened unencrypted.
+	openedPlain map[string]bool
 }
 
 func newFakeLibvirt() *fakeLibvirt {
@@ -190,6 +193,79 @@ func (f *fakeLibvirt) SecretValue(_ context.Context, u string) ([]byte, error) {
 }
 
 func (f *fakeLibvirt) TPMCheck(context.Context, string) error { return f.tpmErr }
+
+// DiskEncryption answers from the definition: a disk with <encryption> is opened
+// encrypted (what QEMU does when libvirt gives it the secret), unless openedPlain names it.
+func (f *fakeLibvirt) DiskEncryption(_ context.Context, domain string) (map[string]bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	u, err := f.find(domain)
+	if err != nil {
+		return nil, err
+	}
+	d, err := domxml.Parse(f.doms[u])
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]bool{}
+	for _, dk := range d.Disks {
+		out[dk.Target] = dk.Encryption != nil && !f.openedPlain[dk.Target]
+	}
+	return out, nil
+}
+
+// fileSecrets is hostd's secrets manager kept in a JSON file (VM UUID/key ID → defined),
+// so that a crashed child's definitions are seen by the parent.
+type fileSecrets struct {
+	path string
+	mu   sync.Mutex
+	down bool
+}
+
+func (s *fileSecrets) load() map[string]bool {
+	m := map[string]bool{}
+	if b, err := os.ReadFile(s.path); err == nil {
+		json.Unmarshal(b, &m)
+	}
+	return m
+}
+
+func (s *fileSecrets) Ensure(_ context.Context, vmUUID string, disks []domxml.Object) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.down {
+		return errors.New("libvirt: cannot define secret")
+	}
+	m := s.load()
+	for _, o := range disks {
+		m[vmUUID+"/"+o.KeyID] = true
+	}
+	b, _ := json.Marshal(m)
+	return atomicfile.WriteFile(s.path, b, 0o600)
+}
+
+func (s *fileSecrets) Remove(_ context.Context, vmUUID string, disks []domxml.Object) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m := s.load()
+	for _, o := range disks {
+		delete(m, vmUUID+"/"+o.KeyID)
+	}
+	b, _ := json.Marshal(m)
+	return atomicfile.WriteFile(s.path, b, 0o600)
+}
+
+// defined lists the defined secrets' "uuid/keyID".
+func (s *fileSecrets) defined() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []string
+	for k := range s.load() {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}
 
 func (f *fakeLibvirt) domain(t *testing.T, u string) *domxml.Domain {
 	t.Helper()

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/nkp-dev/nkp/hostd/domxml"
@@ -14,7 +16,8 @@ import (
 // OperationTimeout bounds one protect, rekey or unprotect. Operations run to the end
 // even when the client goes away (a half-done operation is safe, but a finished one is
 // better).
-const OperationTimeout = 5 * time.Minute
+// A conversion of large disks takes long: the bound is generous.
+const OperationTimeout = 6 * time.Hour
 
 // Handler serves the VM operations (vmapi's paths) for hostd's local API: mount it at
 // vmapi.PathVMs and vmapi.PathVMs+"/". Access control is the socket's (root only).
@@ -28,31 +31,73 @@ func (m *Manager) Handler() http.Handler {
 		v, err := m.Status(r.Context(), r.PathValue("domain"))
 		reply(w, v, err)
 	})
-	op := func(f func(ctx context.Context, domain string, r *http.Request) (vmapi.VM, error)) http.HandlerFunc {
+	op := func(body any, f func(ctx context.Context, domain string, progress ProgressFunc) (vmapi.VM, error)) http.HandlerFunc {
 		return func(w http.ResponseWriter, r *http.Request) {
 			ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), OperationTimeout)
 			defer cancel()
-			v, err := f(ctx, r.PathValue("domain"), r)
-			reply(w, v, err)
+			if body != nil && r.ContentLength != 0 {
+				dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, 64<<10))
+				dec.DisallowUnknownFields()
+				if err := dec.Decode(body); err != nil {
+					reply(w, nil, badRequest{err})
+					return
+				}
+			}
+			if !strings.Contains(r.Header.Get("Accept"), vmapi.ContentTypeNDJSON) {
+				v, err := f(ctx, r.PathValue("domain"), nil)
+				reply(w, v, err)
+				return
+			}
+			// Streamed: progress lines as they come, then the result or the error.
+			w.Header().Set("Content-Type", vmapi.ContentTypeNDJSON)
+			w.WriteHeader(http.StatusOK)
+			rc := http.NewResponseController(w)
+			enc := json.NewEncoder(w)
+			var mu sync.Mutex
+			var last time.Time
+			send := func(ev vmapi.Event) {
+				mu.Lock()
+				defer mu.Unlock()
+				enc.Encode(ev) // a client gone away does not stop the operation
+				rc.Flush()
+			}
+			v, err := f(ctx, r.PathValue("domain"), func(p vmapi.Progress) {
+				// At most ten lines a second per operation, and every phase change.
+				if p.Done > 0 && p.Done < 1 && time.Since(last) < 100*time.Millisecond {
+					return
+				}
+				last = time.Now()
+				send(vmapi.Event{Progress: &p})
+			})
+			if err != nil {
+				_, code := classify(err)
+				send(vmapi.Event{Error: &vmapi.Error{Error: err.Error(), Code: code}})
+				return
+			}
+			send(vmapi.Event{VM: &v})
 		}
 	}
-	mux.HandleFunc("POST "+vmapi.PathVMs+"/{domain}/protect", op(func(ctx context.Context, d string, _ *http.Request) (vmapi.VM, error) {
-		return m.Protect(ctx, d)
+	mux.HandleFunc("POST "+vmapi.PathVMs+"/{domain}/protect", func(w http.ResponseWriter, r *http.Request) {
+		var req vmapi.ProtectRequest
+		op(&req, func(ctx context.Context, d string, p ProgressFunc) (vmapi.VM, error) {
+			return m.ProtectWith(ctx, d, req, p)
+		})(w, r)
+	})
+	mux.HandleFunc("POST "+vmapi.PathVMs+"/{domain}/finalize", op(nil, func(ctx context.Context, d string, _ ProgressFunc) (vmapi.VM, error) {
+		return m.Finalize(ctx, d)
 	}))
-	mux.HandleFunc("POST "+vmapi.PathVMs+"/{domain}/rekey", op(func(ctx context.Context, d string, _ *http.Request) (vmapi.VM, error) {
-		return m.Rekey(ctx, d)
-	}))
-	mux.HandleFunc("POST "+vmapi.PathVMs+"/{domain}/unprotect", op(func(ctx context.Context, d string, r *http.Request) (vmapi.VM, error) {
+	mux.HandleFunc("POST "+vmapi.PathVMs+"/{domain}/rekey", func(w http.ResponseWriter, r *http.Request) {
+		var req vmapi.RekeyRequest
+		op(&req, func(ctx context.Context, d string, p ProgressFunc) (vmapi.VM, error) {
+			return m.RekeyWith(ctx, d, req, p)
+		})(w, r)
+	})
+	mux.HandleFunc("POST "+vmapi.PathVMs+"/{domain}/unprotect", func(w http.ResponseWriter, r *http.Request) {
 		var req vmapi.UnprotectRequest
-		if r.ContentLength != 0 {
-			dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, 64<<10))
-			dec.DisallowUnknownFields()
-			if err := dec.Decode(&req); err != nil {
-				return vmapi.VM{}, badRequest{err}
-			}
-		}
-		return m.Unprotect(ctx, d, req.TPM)
-	}))
+		op(&req, func(ctx context.Context, d string, p ProgressFunc) (vmapi.VM, error) {
+			return m.UnprotectWith(ctx, d, req.TPM, p)
+		})(w, r)
+	})
 	return mux
 }
 
@@ -81,6 +126,8 @@ func classify(err error) (int, string) {
 		return http.StatusNotFound, vmapi.CodeNotFound
 	case errors.Is(err, ErrPending):
 		return http.StatusServiceUnavailable, vmapi.CodePending
+	case errors.Is(err, ErrNoSpace):
+		return http.StatusInsufficientStorage, vmapi.CodeNoSpace
 	case errors.Is(err, ErrRunning):
 		return http.StatusConflict, vmapi.CodeRunning
 	case errors.Is(err, ErrAlreadyProtected):

@@ -41,6 +41,11 @@ type entry struct {
 	Staging         string `json:"staging,omitempty"`
 	Aside           string `json:"aside,omitempty"`
 	EmulatorExisted bool   `json:"emulator_existed,omitempty"`
+	// Disks are the disks the operation converts or rekeys.
+	Disks []diskEntry `json:"disks,omitempty"`
+	// RemoveOriginal: protect removes each original disk file after the switch instead
+	// of keeping it for finalize.
+	RemoveOriginal bool `json:"remove_original,omitempty"`
 }
 
 type journal struct{ dir string }

@@ -7,9 +7,11 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/nkp-dev/nkp/hostd/domxml"
 	"github.com/nkp-dev/nkp/internal/atomicfile"
+	"github.com/nkp-dev/nkp/qemuimg"
 	"github.com/nkp-dev/nkp/swtpm/state"
 	"golang.org/x/sys/unix"
 )
@@ -64,8 +66,13 @@ func (m *Manager) recoverOneLocked(ctx context.Context, uuid string) error {
 	}
 	cur, _ := d.Metadata.Object(domxml.ObjectVTPM)
 	name := domxml.ObjectVTPM
-	switch e.Op {
-	case opProtect:
+	vtpm := e.New.KeyID != "" || e.Old.KeyID != "" // the operation changes the vTPM
+	switch {
+	case !vtpm:
+		if e.Op != opProtect && e.Op != opRekey && e.Op != opUnprotect {
+			return fmt.Errorf("vm %q: journal %s: unknown operation %q", e.Domain, m.j.path(uuid), e.Op)
+		}
+	case e.Op == opProtect:
 		if cur.KeyID == e.New.KeyID {
 			if err := m.register(ctx, uuid, e.New); err != nil {
 				return fmt.Errorf("vm %q: key %s: registering in the catalog: %w: %w", e.Domain, e.New.KeyID, ErrUnavailable, err)
@@ -86,7 +93,7 @@ func (m *Manager) recoverOneLocked(ctx context.Context, uuid string) error {
 				}
 			}
 		}
-	case opRekey:
+	case e.Op == opRekey:
 		switch cur.KeyID {
 		case e.New.KeyID:
 			if err := m.register(ctx, uuid, e.New); err != nil {
@@ -103,7 +110,7 @@ func (m *Manager) recoverOneLocked(ctx context.Context, uuid string) error {
 		default:
 			return fmt.Errorf("vm %q: an interrupted rekey from key %s to %s, but the domain names key %q: check it by hand, then remove %s", e.Domain, e.Old.KeyID, e.New.KeyID, cur.KeyID, m.j.path(uuid))
 		}
-	case opUnprotect:
+	case e.Op == opUnprotect:
 		switch cur.KeyID {
 		case "":
 			if err := m.unregister(ctx, uuid, name); err != nil {
@@ -140,12 +147,146 @@ func (m *Manager) recoverOneLocked(ctx context.Context, uuid string) error {
 	default:
 		return fmt.Errorf("vm %q: journal %s: unknown operation %q", e.Domain, m.j.path(uuid), e.Op)
 	}
+	if err := m.recoverDisks(ctx, e, d); err != nil {
+		return err
+	}
 	m.step(e.Op, "cleaned")
 	if err := m.j.remove(uuid); err != nil {
 		return fmt.Errorf("vm %q: journal: %w", e.Domain, err)
 	}
-	m.log.Info("vm: interrupted operation settled", "vm", e.Domain, "op", e.Op, "committed", cur.KeyID == e.New.KeyID && e.Op != opUnprotect || e.Op == opUnprotect && cur.KeyID == "")
+	m.log.Info("vm: operation settled", "vm", e.Domain, "op", e.Op)
 	return nil
+}
+
+// diskCommitted says whether the domain d took the disk change de: its disk names the
+// new file (convert), or its metadata names the new key (shallow).
+func diskCommitted(d *domxml.Domain, de *diskEntry) bool {
+	if de.Mode == modeShallow {
+		o, _ := d.Metadata.Object(domxml.DiskObject(de.Target))
+		return o.KeyID == de.Obj.KeyID
+	}
+	dk, ok := d.Disk(de.Target)
+	return ok && dk.Source == de.New
+}
+
+// recoverDisks finishes (catalog, secrets, the old keyslot, the original file) or rolls
+// back (the new file, the new keyslot, the new secret, the catalog entry) each disk of
+// an operation, deciding by the domain's definition d.
+func (m *Manager) recoverDisks(ctx context.Context, e *entry, d *domxml.Domain) error {
+	if len(e.Disks) == 0 {
+		return nil
+	}
+	var keys keyring = keyring{}
+	defer keys.wipe()
+	key := func(o domxml.Object) ([]byte, error) {
+		if o.KeyID == "" {
+			return nil, nil
+		}
+		if k, ok := keys[o.KeyID]; ok {
+			return k, nil
+		}
+		k, err := m.diskKey(ctx, e.Domain, e.UUID, o)
+		if err != nil {
+			return nil, err
+		}
+		keys[o.KeyID] = k
+		return k, nil
+	}
+	var dropSecrets []domxml.Object
+	var errs []error
+	for i := range e.Disks {
+		de := &e.Disks[i]
+		done := diskCommitted(d, de)
+		switch {
+		case done && de.Mode == modeShallow:
+			// The old keyslot goes, opened with the new key.
+			if err := m.dropSlot(ctx, de, key, de.Obj, de.Old); err != nil {
+				errs = append(errs, fmt.Errorf("vm %q: disk %s: removing the keyslot of key %s: %w", e.Domain, de.Target, de.Old.KeyID, err))
+				continue
+			}
+			m.step(e.Op, "disk-slot-removed")
+		case !done && de.Mode == modeShallow:
+			if err := m.dropSlot(ctx, de, key, de.Old, de.Obj); err != nil {
+				errs = append(errs, fmt.Errorf("vm %q: disk %s: removing the new keyslot of key %s: %w", e.Domain, de.Target, de.Obj.KeyID, err))
+				continue
+			}
+		case !done:
+			if err := os.Remove(de.New); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				errs = append(errs, fmt.Errorf("vm %q: disk %s: removing the unused %s: %w", e.Domain, de.Target, de.New, err))
+				continue
+			}
+			atomicfile.SyncDir(filepath.Dir(de.New))
+		}
+		switch {
+		case done && de.Obj.KeyID != "":
+			if err := m.register(ctx, e.UUID, de.Obj); err != nil {
+				errs = append(errs, fmt.Errorf("vm %q: disk %s key %s: registering in the catalog: %w: %w", e.Domain, de.Target, de.Obj.KeyID, ErrUnavailable, err))
+				continue
+			}
+			if de.Old.KeyID != "" {
+				dropSecrets = append(dropSecrets, de.Old)
+			}
+		case done: // unprotected
+			if err := m.unregister(ctx, e.UUID, de.Old.Name); err != nil {
+				errs = append(errs, fmt.Errorf("vm %q: disk %s key %s: removing from the catalog: %w: %w", e.Domain, de.Target, de.Old.KeyID, ErrUnavailable, err))
+				continue
+			}
+			dropSecrets = append(dropSecrets, de.Old)
+		case de.Obj.KeyID != "":
+			if _, named := d.Metadata.Object(de.Obj.Name); !named && e.Op == opProtect {
+				if err := m.unregister(ctx, e.UUID, de.Obj.Name); err != nil {
+					errs = append(errs, fmt.Errorf("vm %q: disk %s key %s: removing from the catalog: %w: %w", e.Domain, de.Target, de.Obj.KeyID, ErrUnavailable, err))
+					continue
+				}
+			}
+			dropSecrets = append(dropSecrets, de.Obj)
+		}
+		if done && de.Mode == modeConvert && de.Orig != de.New && !referenced(d, de.Orig) {
+			if e.RemoveOriginal {
+				if err := os.Remove(de.Orig); err != nil && !errors.Is(err, fs.ErrNotExist) {
+					errs = append(errs, fmt.Errorf("vm %q: disk %s: removing the original %s: %w", e.Domain, de.Target, de.Orig, err))
+					continue
+				}
+				atomicfile.SyncDir(filepath.Dir(de.Orig))
+			} else if err := m.keep(e.UUID, kept{Target: de.Target, Path: de.Orig, ReplacedBy: de.New, Op: e.Op, Time: time.Now().UTC()}); err != nil {
+				errs = append(errs, fmt.Errorf("vm %q: disk %s: recording the kept original %s: %w", e.Domain, de.Target, de.Orig, err))
+				continue
+			}
+		}
+	}
+	if len(errs) > 0 {
+		return errors.Join(errs...)
+	}
+	m.step(e.Op, "disk-catalog")
+	if len(dropSecrets) > 0 && m.cfg.Secrets != nil {
+		if err := m.cfg.Secrets.Remove(ctx, e.UUID, dropSecrets); err != nil {
+			return fmt.Errorf("vm %q: undefining the unused disk secrets: %w: %w", e.Domain, ErrUnavailable, err)
+		}
+	}
+	return nil
+}
+
+// dropSlot removes the keyslot that key gone opens from a disk's image, opening it with
+// key stay; a gone key that opens nothing (never added, or removed already) is fine.
+func (m *Manager) dropSlot(ctx context.Context, de *diskEntry, key func(domxml.Object) ([]byte, error), stay, gone domxml.Object) error {
+	ks, err := key(stay)
+	if err != nil {
+		return err
+	}
+	kg, err := key(gone)
+	if err != nil {
+		return err
+	}
+	img := qemuimg.Image{Path: de.New, Format: de.DstFormat}
+	probe := img
+	probe.Key = kg
+	if err := m.qi().Unlock(ctx, probe); errors.Is(err, qemuimg.ErrWrongKey) {
+		return nil
+	} else if err != nil {
+		return err
+	}
+	img.Key = ks
+	return m.qi().RemoveKey(ctx, img, kg)
 }
 
 // removeDir removes an nkp state directory and its <vm-uuid> parent when that is empty.

@@ -2,12 +2,15 @@ package vm
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 
 	"github.com/nkp-dev/nkp/hostd/domxml"
 	"github.com/nkp-dev/nkp/hostd/vm/vmapi"
+	"github.com/nkp-dev/nkp/qemuimg"
 )
 
 // Status reports a domain: its nkp objects (key IDs, KDK versions, whether each is on
@@ -38,6 +41,7 @@ func (m *Manager) Status(ctx context.Context, domain string) (vmapi.VM, error) {
 	}
 	v.Running = active
 	if d.Metadata == nil {
+		m.diskStatus(ctx, d, active, &v)
 		return v, nil
 	}
 	v.ProviderID = d.Metadata.ProviderID
@@ -51,6 +55,7 @@ func (m *Manager) Status(ctx context.Context, domain string) (vmapi.VM, error) {
 	for _, o := range d.Metadata.Objects {
 		v.Objects = append(v.Objects, vmapi.Object{Name: o.Name, KeyID: o.KeyID, KDKID: o.KDKID, KDKVersion: o.KDKVersion, Primary: perr == nil && o.KDKID == primary.ID})
 	}
+	m.diskStatus(ctx, d, active, &v)
 	obj, hasVTPM := d.Metadata.Object(domxml.ObjectVTPM)
 	if !hasVTPM {
 		return v, nil
@@ -97,6 +102,135 @@ func (m *Manager) List(ctx context.Context) ([]vmapi.VM, error) {
 		}
 		if v.Protected || len(v.Problems) > 0 {
 			out = append(out, v)
+		}
+	}
+	return out, nil
+}
+
+// diskStatus adds each disk of d to v: its object, its LUKS header (read with its key
+// when the VM is shut off, which also proves the key opens it), the originals kept for
+// finalize, and for a running VM whether QEMU opened it encrypted.
+func (m *Manager) diskStatus(ctx context.Context, d *domxml.Domain, active bool, v *vmapi.VM) {
+	ks, err := m.readKept(d.UUID)
+	if err != nil {
+		v.Problems = append(v.Problems, err.Error())
+	}
+	var opened map[string]bool
+	var openErr error
+	asked := false
+	for _, dk := range d.Disks {
+		vd := vmapi.Disk{Target: dk.Target, File: dk.Source, Format: dk.DriverType}
+		for _, k := range ks {
+			if k.Target == dk.Target {
+				vd.Originals = append(vd.Originals, k.Path)
+			}
+		}
+		o, ok := d.Metadata.Object(domxml.DiskObject(dk.Target))
+		if !ok {
+			if dk.Encryption != nil {
+				vd.Note = "encrypted, but not by nkp"
+			} else if d.Metadata != nil {
+				vd.Note = "not encrypted"
+			}
+			v.Disks = append(v.Disks, vd)
+			continue
+		}
+		vd.Protected, vd.KeyID, vd.KDKVersion = true, o.KeyID, o.KDKVersion
+		for _, vo := range v.Objects {
+			if vo.Name == o.Name {
+				vd.Primary = vo.Primary
+			}
+		}
+		if want := domxml.SecretUUID(d.UUID, o.KeyID); dk.Encryption == nil || dk.Encryption.SecretUUID != want {
+			v.Problems = append(v.Problems, fmt.Sprintf("disk %s: its metadata names key %s, but its <encryption> does not name that key's secret %s: run nkpctl vm unprotect and protect again, or restore the disk with virsh edit", dk.Target, o.KeyID, want))
+		}
+		switch {
+		case active:
+			if !asked {
+				opened, openErr = m.cfg.Libvirt.DiskEncryption(ctx, d.UUID)
+				asked = true
+			}
+			if openErr != nil {
+				v.Problems = append(v.Problems, fmt.Sprintf("disk %s: asking QEMU through libvirt how it opened the disk: %v", dk.Target, openErr))
+				break
+			}
+			if enc, found := opened[dk.Target]; found {
+				vd.OpenedEncrypted = &enc
+				if !enc {
+					v.Problems = append(v.Problems, fmt.Sprintf("disk %s (key %s): QEMU opened it unencrypted", dk.Target, o.KeyID))
+				}
+			}
+		case dk.Source != "":
+			f, err := imgFormat(dk.DriverType, true)
+			if err != nil {
+				v.Problems = append(v.Problems, fmt.Sprintf("disk %s: %v", dk.Target, err))
+				break
+			}
+			key, err := m.diskKey(ctx, d.Name, d.UUID, o)
+			if err != nil {
+				v.Problems = append(v.Problems, fmt.Sprintf("disk %s: %v", dk.Target, err))
+				break
+			}
+			img := qemuimg.Image{Path: dk.Source, Format: f, Key: key}
+			info, err := m.qi().Info(ctx, img)
+			if err == nil {
+				err = m.qi().Unlock(ctx, img) // info does not try the key
+			}
+			clear(key)
+			if err != nil {
+				v.Problems = append(v.Problems, fmt.Sprintf("disk %s (key %s): %v", dk.Target, o.KeyID, err))
+				break
+			}
+			if l := info.LUKS; l != nil {
+				vd.LUKS = &vmapi.LUKS{Cipher: l.CipherAlg + "-" + l.CipherMode, IVGen: l.IVGenAlg, Hash: l.HashAlg, ActiveSlots: l.ActiveSlots()}
+				for _, sl := range l.Slots {
+					if sl.Active {
+						vd.LUKS.Iters = sl.Iters
+						break
+					}
+				}
+			}
+		}
+		v.Disks = append(v.Disks, vd)
+	}
+}
+
+// BlockEncrypted reads QMP query-block's answer (queryBlock, the whole {"return": […]}
+// object) against a running domain's live XML: for each disk target, whether QEMU opened
+// it encrypted. Devices are matched by libvirt's alias, which QEMU reports as the qdev
+// ID or inside its canonical path (/machine/peripheral/ALIAS/virtio-backend).
+func BlockEncrypted(liveXML, queryBlock []byte) (map[string]bool, error) {
+	d, err := domxml.Parse(liveXML)
+	if err != nil {
+		return nil, err
+	}
+	var qb struct {
+		Return []struct {
+			Device   string `json:"device"`
+			QDev     string `json:"qdev"`
+			Inserted *struct {
+				Encrypted bool `json:"encrypted"`
+			} `json:"inserted"`
+		} `json:"return"`
+	}
+	if len(queryBlock) > 4<<20 {
+		return nil, fmt.Errorf("query-block: %d bytes is more than a reply can be", len(queryBlock))
+	}
+	if err := json.Unmarshal(queryBlock, &qb); err != nil {
+		return nil, fmt.Errorf("query-block: not QEMU's JSON: %w", err)
+	}
+	out := map[string]bool{}
+	for _, dk := range d.Disks {
+		if dk.Alias == "" {
+			continue
+		}
+		for _, b := range qb.Return {
+			if b.Inserted == nil {
+				continue
+			}
+			if b.QDev == dk.Alias || strings.HasSuffix(b.QDev, "/"+dk.Alias) || strings.Contains(b.QDev, "/"+dk.Alias+"/") || b.Device == "drive-"+dk.Alias {
+				out[dk.Target] = b.Inserted.Encrypted
+			}
 		}
 	}
 	return out, nil

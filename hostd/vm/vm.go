@@ -7,10 +7,12 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -18,9 +20,11 @@ import (
 	"github.com/nkp-dev/nkp/hostd/domxml"
 	"github.com/nkp-dev/nkp/hostd/vm/vmapi"
 	"github.com/nkp-dev/nkp/internal/atomicfile"
+	"github.com/nkp-dev/nkp/internal/blockdev"
 	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/client"
 	"github.com/nkp-dev/nkp/provider/kdk"
+	"github.com/nkp-dev/nkp/qemuimg"
 	"github.com/nkp-dev/nkp/swtpm/state"
 )
 
@@ -60,6 +64,10 @@ type Libvirt interface {
 	SecretValue(ctx context.Context, secretUUID string) ([]byte, error)
 	// TPMCheck checks a running domain's TPM: present in QEMU and answering.
 	TPMCheck(ctx context.Context, domain string) error
+	// DiskEncryption says, for each disk target of a running domain, whether QEMU opened
+	// it encrypted (QMP query-block's "encrypted" through libvirt; BlockEncrypted reads
+	// the answer).
+	DiskEncryption(ctx context.Context, domain string) (map[string]bool, error)
 }
 
 // Catalog is the provider's catalog of protected objects; *provider/client.Client is one.
@@ -107,6 +115,10 @@ type Config struct {
 	// swtpm_user, "tss" on Debian); nil leaves it to hostd's user.
 	SwtpmOwner *Owner
 	Log        *slog.Logger
+	// QemuImg runs qemu-img for disk conversions; nil runs qemu-img from PATH.
+	QemuImg *qemuimg.Tool
+	// Block finds dm-crypt under disk files (the zero value reads this system).
+	Block blockdev.System
 	// AfterStep, if set, is called after each journaled step of an operation with the
 	// operation and the step's name (tests inject crashes there). Nil in production.
 	AfterStep func(op, step string)
@@ -418,11 +430,20 @@ func (m *Manager) unregister(ctx context.Context, uuid, name string) error {
 	return err
 }
 
-// Protect protects a shut-off domain: a new vTPM, or the domain's libvirt-managed
-// swtpm state adopted (EK, NV and sealed secrets kept), re-encrypted under a key derived
-// from the primary KDK version; the catalog entry; nkp's metadata and the external TPM
-// backend in the domain's definition.
+// Protect protects a shut-off domain with the defaults: ProtectWith with every disk and
+// the originals kept.
 func (m *Manager) Protect(ctx context.Context, domain string) (vmapi.VM, error) {
+	return m.ProtectWith(ctx, domain, vmapi.ProtectRequest{}, nil)
+}
+
+// ProtectWith protects a shut-off domain: a new vTPM, or the domain's libvirt-managed
+// swtpm state adopted (EK, NV and sealed secrets kept), re-encrypted under a key derived
+// from the primary KDK version; its disks (req.Disks) converted into LUKS images under
+// keys derived the same way, each verified with qemu-img compare; the catalog entries;
+// nkp's metadata, the external TPM backend and the disks' new sources with <encryption>
+// in the domain's definition. On a domain already protected it adds what is missing
+// (the vTPM, disks not yet protected). progress, if set, receives each disk's progress.
+func (m *Manager) ProtectWith(ctx context.Context, domain string, req vmapi.ProtectRequest, progress ProgressFunc) (vmapi.VM, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	x, d, err := m.prepare(ctx, domain, "protect")
@@ -430,66 +451,154 @@ func (m *Manager) Protect(ctx context.Context, domain string) (vmapi.VM, error) 
 		return vmapi.VM{}, err
 	}
 	if d.Metadata != nil {
-		o, _ := d.Metadata.Object(domxml.ObjectVTPM)
-		return vmapi.VM{}, fmt.Errorf("vm %q: %w (vTPM key %s); see nkpctl vm status %s", d.Name, ErrAlreadyProtected, o.KeyID, d.Name)
-	}
-	tp, err := d.TPM()
-	if err != nil {
-		return vmapi.VM{}, fmt.Errorf("vm %q: %w: %w", d.Name, ErrUnsupported, err)
-	}
-	var src *source
-	note := "new vTPM"
-	model := ""
-	if tp != nil {
-		model = tp.Model
-		switch tp.Backend {
-		case domxml.BackendEmulator:
-			if tp.Version == "1.2" {
-				return vmapi.VM{}, fmt.Errorf("vm %q: %w: its TPM is version 1.2; nkp provides TPM 2.0 only (change <backend version> with virsh edit, losing that TPM's state, or leave the VM unprotected)", d.Name, ErrUnsupported)
-			}
-			dir := tp.EmulatorStateDir(m.cfg.SwtpmRoot, d.UUID)
-			src, err = m.openEmulator(ctx, d, tp, dir)
-			if err != nil {
-				return vmapi.VM{}, err
-			}
-			if len(src.blobs) > 0 {
-				note = "adopted libvirt's swtpm state from " + dir
-			} else {
-				note = "new vTPM (libvirt's swtpm had no state yet in " + dir + ")"
-			}
-		default:
-			return vmapi.VM{}, fmt.Errorf("vm %q: %w: its TPM has a %q backend; nkp adopts only libvirt's emulator (swtpm): remove the <tpm> with virsh edit to get a new nkp vTPM", d.Name, ErrUnsupported, tp.Backend)
+		if err := m.ownProvider(d); err != nil {
+			return vmapi.VM{}, err
 		}
+	}
+	var notes []string
+	var chosen []*domxml.Disk
+	skipped := map[string]string{}
+	switch {
+	case m.cfg.Secrets == nil && (req.Disks == "" || req.Disks == vmapi.DisksAll):
+		for _, dk := range d.Disks {
+			if _, ok := d.Metadata.Object(domxml.DiskObject(dk.Target)); !ok {
+				skipped[dk.Target] = "skipped: this nkp-hostd keeps no disk secrets"
+			}
+		}
+	case m.cfg.Secrets == nil && req.Disks != vmapi.DisksNone:
+		return vmapi.VM{}, fmt.Errorf("vm %q: %w: this nkp-hostd keeps no libvirt secrets for disks, so it cannot encrypt %s; protect with --disks none", d.Name, ErrUnsupported, req.Disks)
+	default:
+		if chosen, skipped, err = selectDisks(d, req.Disks); err != nil {
+			return vmapi.VM{}, err
+		}
+	}
+	for _, t := range slices.Sorted(maps.Keys(skipped)) {
+		notes = append(notes, "disk "+t+" "+skipped[t])
+	}
+	old, hasVTPM := d.Metadata.Object(domxml.ObjectVTPM)
+	if hasVTPM && len(chosen) == 0 {
+		return vmapi.VM{}, fmt.Errorf("vm %q: %w (vTPM key %s, and no disk left to encrypt); see nkpctl vm status %s", d.Name, ErrAlreadyProtected, old.KeyID, d.Name)
+	}
+	type planned struct {
+		dk    *domxml.Disk
+		f     qemuimg.Format
+		vsize int64
+	}
+	var plan []planned
+	for _, dk := range chosen {
+		f, vsize, err := m.checkDisk(ctx, d, dk, req.AllowDoubleEncryption)
+		if err != nil {
+			return vmapi.VM{}, err
+		}
+		plan = append(plan, planned{dk, f, vsize})
+	}
+
+	var src *source
+	var obj domxml.Object
+	var key *state.Key
+	var ext domxml.TPM
+	note := ""
+	if !hasVTPM {
+		tp, err := d.TPM()
+		if err != nil {
+			return vmapi.VM{}, fmt.Errorf("vm %q: %w: %w", d.Name, ErrUnsupported, err)
+		}
+		note = "new vTPM"
+		model := ""
+		if tp != nil {
+			model = tp.Model
+			switch tp.Backend {
+			case domxml.BackendEmulator:
+				if tp.Version == "1.2" {
+					return vmapi.VM{}, fmt.Errorf("vm %q: %w: its TPM is version 1.2; nkp provides TPM 2.0 only (change <backend version> with virsh edit, losing that TPM's state, or leave the VM unprotected)", d.Name, ErrUnsupported)
+				}
+				dir := tp.EmulatorStateDir(m.cfg.SwtpmRoot, d.UUID)
+				src, err = m.openEmulator(ctx, d, tp, dir)
+				if err != nil {
+					return vmapi.VM{}, err
+				}
+				if len(src.blobs) > 0 {
+					note = "adopted libvirt's swtpm state from " + dir
+				} else {
+					note = "new vTPM (libvirt's swtpm had no state yet in " + dir + ")"
+				}
+			default:
+				return vmapi.VM{}, fmt.Errorf("vm %q: %w: its TPM has a %q backend; nkp adopts only libvirt's emulator (swtpm): remove the <tpm> with virsh edit to get a new nkp vTPM", d.Name, ErrUnsupported, tp.Backend)
+			}
+		} else {
+			src = &source{blobs: map[string][]byte{}}
+		}
+		ext = domxml.External(model, domxml.SocketPath(m.cfg.SocketDir, d.UUID))
 	} else {
 		src = &source{blobs: map[string][]byte{}}
 	}
 	committed := false
 	defer func() { src.close(committed) }()
 
-	obj, err := m.newObject(ctx, d.Name)
+	p, err := m.cfg.Keys.Primary(ctx)
 	if err != nil {
+		return vmapi.VM{}, fmt.Errorf("vm %q: no primary KDK version on this host: %w: %w (check that nkp-hostd joined and synced with the provider)", d.Name, ErrUnavailable, err)
+	}
+	meta := d.Metadata.Clone()
+	if meta == nil {
+		meta = &domxml.Metadata{ProviderID: m.cfg.Keys.ProviderID()}
+	}
+	if !hasVTPM {
+		obj = domxml.Object{Name: domxml.ObjectVTPM, KeyID: kdk.NewKeyID(), KDKID: p.ID, KDKVersion: p.Version}
+		if tp, _ := d.TPM(); tp != nil && tp.EncryptionSecret != "" {
+			obj.SwtpmSecret = tp.EncryptionSecret // unprotect --tpm keep encrypts under it again
+		}
+		if key, err = m.vtpmKey(ctx, d.Name, d.UUID, obj); err != nil {
+			return vmapi.VM{}, err
+		}
+		defer key.Wipe()
+		meta.SetObject(obj)
+	}
+	keys := keyring{}
+	defer keys.wipe()
+	var des []diskEntry
+	for _, pl := range plan {
+		o := domxml.Object{Name: domxml.DiskObject(pl.dk.Target), KeyID: kdk.NewKeyID(), KDKID: p.ID, KDKVersion: p.Version}
+		k, err := m.diskKey(ctx, d.Name, d.UUID, o)
+		if err != nil {
+			return vmapi.VM{}, err
+		}
+		keys[o.KeyID] = k
+		dst := qemuimg.LUKS
+		if pl.f == qemuimg.QCOW2 {
+			dst = qemuimg.QCOW2
+		}
+		de := diskEntry{Target: pl.dk.Target, Orig: pl.dk.Source, New: newDiskPath(pl.dk.Source, dst, o.KeyID, false),
+			Obj: o, Mode: modeConvert, SrcFormat: pl.f, DstFormat: dst}
+		if _, err := os.Lstat(de.New); err == nil {
+			return vmapi.VM{}, fmt.Errorf("vm %q: disk %s: %s exists already, and nkp does not overwrite a file it did not make: move it away and run the command again", d.Name, de.Target, de.New)
+		}
+		des = append(des, de)
+		meta.SetObject(o)
+	}
+	if err := m.checkSpace(ctx, d.Name, ptrs(des), keys); err != nil {
 		return vmapi.VM{}, err
 	}
-	if tp != nil && tp.EncryptionSecret != "" {
-		obj.SwtpmSecret = tp.EncryptionSecret // unprotect --tpm keep encrypts under it again
-	}
-	key, err := m.vtpmKey(ctx, d.Name, d.UUID, obj)
-	if err != nil {
-		return vmapi.VM{}, err
-	}
-	defer key.Wipe()
-	meta := &domxml.Metadata{ProviderID: m.cfg.Keys.ProviderID(), Objects: []domxml.Object{obj}}
-	ext := domxml.External(model, domxml.SocketPath(m.cfg.SocketDir, d.UUID))
 	nx, err := domxml.SetMetadata(x, meta)
-	if err == nil {
+	if err == nil && !hasVTPM {
 		nx, err = domxml.SetTPM(nx, &ext)
+	}
+	for _, de := range des {
+		if err != nil {
+			break
+		}
+		nx, err = domxml.SetDisk(nx, de.Target, domxml.DiskEdit{Source: de.New, DriverType: driverType(de.DstFormat),
+			Encryption: domxml.LUKS(domxml.SecretUUID(d.UUID, de.Obj.KeyID))})
 	}
 	if err != nil {
 		return vmapi.VM{}, fmt.Errorf("vm %q: %w", d.Name, err)
 	}
-	e := &entry{Op: opProtect, Domain: d.Name, UUID: d.UUID, New: obj, NewDir: StateDir(m.cfg.VTPMDir, d.UUID, obj.KeyID)}
-	if src.dir != nil && len(src.blobs) > 0 {
-		e.Adopted = tp.EmulatorStateDir(m.cfg.SwtpmRoot, d.UUID)
+	e := &entry{Op: opProtect, Domain: d.Name, UUID: d.UUID, New: obj, Disks: des, RemoveOriginal: req.RemoveOriginal}
+	if !hasVTPM {
+		e.NewDir = StateDir(m.cfg.VTPMDir, d.UUID, obj.KeyID)
+		if tp, _ := d.TPM(); src.dir != nil && len(src.blobs) > 0 && tp != nil {
+			e.Adopted = tp.EmulatorStateDir(m.cfg.SwtpmRoot, d.UUID)
+		}
 	}
 	if err := m.j.write(e); err != nil {
 		return vmapi.VM{}, err
@@ -501,16 +610,33 @@ func (m *Manager) Protect(ctx context.Context, domain string) (vmapi.VM, error) 
 		}
 		return vmapi.VM{}, err
 	}
-	if err := m.writeState(e.NewDir, key, src.blobs, m.cfg.VTPMOwner, 0o711); err != nil {
-		return fail(fmt.Errorf("vm %q: key %s: writing the vTPM state: %w", d.Name, obj.KeyID, err))
+	if !hasVTPM {
+		if err := m.writeState(e.NewDir, key, src.blobs, m.cfg.VTPMOwner, 0o711); err != nil {
+			return fail(fmt.Errorf("vm %q: key %s: writing the vTPM state: %w", d.Name, obj.KeyID, err))
+		}
+		m.step(opProtect, "staged")
 	}
-	m.step(opProtect, "staged")
-	if err := m.register(ctx, d.UUID, obj); err != nil {
-		return fail(fmt.Errorf("vm %q: key %s: registering in the provider's catalog: %w: %w; nothing was changed on this host, try again when the provider answers", d.Name, obj.KeyID, ErrUnavailable, err))
+	for i := range des {
+		if err := m.convertDisk(ctx, d.Name, &des[i], keys, plan[i].vsize, progress, opProtect); err != nil {
+			return fail(err)
+		}
+	}
+	if err := m.ensureSecrets(ctx, d, diskObjects(des, true)); err != nil {
+		return fail(err)
+	}
+	m.step(opProtect, "secrets")
+	var regs []domxml.Object
+	if !hasVTPM {
+		regs = append(regs, obj)
+	}
+	for _, o := range append(regs, diskObjects(des, true)...) {
+		if err := m.register(ctx, d.UUID, o); err != nil {
+			return fail(fmt.Errorf("vm %q: %s key %s: registering in the provider's catalog: %w: %w; nothing was changed on this host, try again when the provider answers", d.Name, o.Name, o.KeyID, ErrUnavailable, err))
+		}
 	}
 	m.step(opProtect, "registered")
 	if err := m.cfg.Libvirt.DefineXML(ctx, nx); err != nil {
-		return fail(fmt.Errorf("vm %q: key %s: defining the protected domain: %w", d.Name, obj.KeyID, err))
+		return fail(fmt.Errorf("vm %q: defining the protected domain: %w", d.Name, err))
 	}
 	committed = true
 	m.step(opProtect, "defined")
@@ -520,11 +646,50 @@ func (m *Manager) Protect(ctx context.Context, domain string) (vmapi.VM, error) 
 	if finish != nil {
 		m.log.Warn("vm: protect: cleaning up (retried at hostd's start)", "vm", d.Name, "err", finish)
 	}
-	m.log.Info("vm protected", "vm", d.Name, "uuid", d.UUID, "key_id", obj.KeyID, "kdk_version", obj.KDKVersion, "how", note)
+	for _, de := range des {
+		w := "kept until nkpctl vm protect --finalize " + d.Name
+		if req.RemoveOriginal {
+			w = "removed"
+		}
+		notes = append(notes, fmt.Sprintf("disk %s encrypted into %s (key %s), the original %s %s", de.Target, de.New, de.Obj.KeyID, de.Orig, w))
+	}
+	if note != "" {
+		notes = append([]string{note}, notes...)
+	}
+	m.log.Info("vm protected", "vm", d.Name, "uuid", d.UUID, "key_id", obj.KeyID, "kdk_version", p.Version, "disks", len(des), "how", note)
 	v, err := m.Status(ctx, d.UUID)
-	v.Note = note
+	v.Note = strings.Join(notes, "; ")
 	v.Problems = appendFinish(v.Problems, finish)
 	return v, err
+}
+
+// ensureSecrets has the disk objects' libvirt secrets defined before the domain names them.
+func (m *Manager) ensureSecrets(ctx context.Context, d *domxml.Domain, objs []domxml.Object) error {
+	if len(objs) == 0 {
+		return nil
+	}
+	if m.cfg.Secrets == nil {
+		return fmt.Errorf("vm %q: %w: this nkp-hostd keeps no libvirt secrets for disks", d.Name, ErrUnsupported)
+	}
+	if err := m.cfg.Secrets.Ensure(ctx, d.UUID, objs); err != nil {
+		return fmt.Errorf("vm %q: defining the disks' libvirt secrets: %w: %w; nothing was changed, try again", d.Name, ErrUnavailable, err)
+	}
+	return nil
+}
+
+func driverType(f qemuimg.Format) string {
+	if f == qemuimg.QCOW2 {
+		return "qcow2"
+	}
+	return "raw"
+}
+
+func ptrs(des []diskEntry) []*diskEntry {
+	out := make([]*diskEntry, len(des))
+	for i := range des {
+		out[i] = &des[i]
+	}
+	return out
 }
 
 // openEmulator opens libvirt's swtpm state of a domain, with the libvirt secret's
@@ -581,17 +746,29 @@ func passphraseKey(pw []byte) (*state.Key, error) {
 	return state.ParseKey(state.KeySpec{Source: state.PwdFD, FD: fd, Mode: state.ModeAES256CBC}, nil)
 }
 
-// Rekey re-encrypts a shut-off domain's vTPM state under a new key derived from the
-// primary KDK version, and updates the catalog.
+// Rekey moves a shut-off domain's objects to the primary KDK version: RekeyWith without
+// Deep.
 func (m *Manager) Rekey(ctx context.Context, domain string) (vmapi.VM, error) {
+	return m.RekeyWith(ctx, domain, vmapi.RekeyRequest{}, nil)
+}
+
+// RekeyWith moves a shut-off domain's objects that are not on the primary KDK version to
+// it under new key IDs: the vTPM state re-encrypted into a new directory; each disk given
+// a keyslot for its new key (the old slot removed after the switch), or with req.Deep
+// every disk re-encrypted under a new master key into a new file (the old file kept until
+// finalize). The catalog is updated after the switch.
+func (m *Manager) RekeyWith(ctx context.Context, domain string, req vmapi.RekeyRequest, progress ProgressFunc) (vmapi.VM, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	x, d, err := m.prepare(ctx, domain, "rekey")
 	if err != nil {
 		return vmapi.VM{}, err
 	}
-	old, ok := d.Metadata.Object(domxml.ObjectVTPM)
-	if !ok {
+	if d.Metadata == nil {
+		return vmapi.VM{}, fmt.Errorf("vm %q: %w (no nkp metadata); protect it first with nkpctl vm protect %s", d.Name, ErrNotProtected, d.Name)
+	}
+	old, hasVTPM := d.Metadata.Object(domxml.ObjectVTPM)
+	if !hasVTPM && !slices.ContainsFunc(d.Metadata.Objects, isDiskObject) {
 		return vmapi.VM{}, fmt.Errorf("vm %q: %w (no nkp vTPM in its metadata); protect it first with nkpctl vm protect %s", d.Name, ErrNotProtected, d.Name)
 	}
 	if err := m.ownProvider(d); err != nil {
@@ -601,39 +778,113 @@ func (m *Manager) Rekey(ctx context.Context, domain string) (vmapi.VM, error) {
 	if err != nil {
 		return vmapi.VM{}, fmt.Errorf("vm %q: no primary KDK version on this host: %w: %w", d.Name, ErrUnavailable, err)
 	}
-	if p.ID == old.KDKID {
+	moveVTPM := hasVTPM && p.ID != old.KDKID
+	keys := keyring{}
+	defer keys.wipe()
+	var des []diskEntry
+	var vsizes []int64
+	for _, o := range d.Metadata.Objects {
+		if !isDiskObject(o) || !req.Deep && o.KDKID == p.ID {
+			continue
+		}
+		target := strings.TrimPrefix(o.Name, domxml.ObjectDiskPrefix)
+		dk, ok := d.Disk(target)
+		if !ok || dk.Type != "file" || dk.Source == "" {
+			return vmapi.VM{}, fmt.Errorf("vm %q: %w: its metadata names disk %s (key %s), but the domain has no file disk %s: restore the disk with virsh edit, or unprotect the VM", d.Name, ErrUnsupported, target, o.KeyID, target)
+		}
+		f, err := imgFormat(dk.DriverType, true)
+		if err != nil {
+			return vmapi.VM{}, fmt.Errorf("vm %q: %w: disk %s: %w", d.Name, ErrUnsupported, target, err)
+		}
+		n := domxml.Object{Name: o.Name, KeyID: kdk.NewKeyID(), KDKID: p.ID, KDKVersion: p.Version}
+		for _, ob := range []domxml.Object{o, n} {
+			k, err := m.diskKey(ctx, d.Name, d.UUID, ob)
+			if err != nil {
+				return vmapi.VM{}, err
+			}
+			keys[ob.KeyID] = k
+		}
+		de := diskEntry{Target: target, Orig: dk.Source, New: dk.Source, Old: o, Obj: n, Mode: modeShallow, SrcFormat: f, DstFormat: f}
+		if req.Deep {
+			de.Mode, de.New = modeConvert, newDiskPath(dk.Source, f, n.KeyID, false)
+			if _, err := os.Lstat(de.New); err == nil {
+				return vmapi.VM{}, fmt.Errorf("vm %q: disk %s: %s exists already, and nkp does not overwrite a file it did not make: move it away and run the command again", d.Name, target, de.New)
+			}
+		}
+		info, err := m.qi().Info(ctx, qemuimg.Image{Path: dk.Source, Format: f, Key: keys[o.KeyID]})
+		if err == nil {
+			err = m.qi().Unlock(ctx, qemuimg.Image{Path: dk.Source, Format: f, Key: keys[o.KeyID]})
+		}
+		if err != nil {
+			return vmapi.VM{}, fmt.Errorf("vm %q: disk %s key %s: opening %s: %w; nothing was changed", d.Name, target, o.KeyID, dk.Source, err)
+		}
+		des = append(des, de)
+		vsizes = append(vsizes, info.VirtualSize)
+	}
+	if !moveVTPM && len(des) == 0 {
 		v, err := m.Status(ctx, d.UUID)
-		v.Note = fmt.Sprintf("already on the primary KDK version %d (key %s): nothing to do", p.Version, old.KeyID)
+		v.Note = fmt.Sprintf("already on the primary KDK version %d (vTPM key %s): nothing to do", p.Version, old.KeyID)
+		if !hasVTPM {
+			v.Note = fmt.Sprintf("already on the primary KDK version %d: nothing to do", p.Version)
+		}
 		return v, err
 	}
-	oldKey, err := m.vtpmKey(ctx, d.Name, d.UUID, old)
-	if err != nil {
-		return vmapi.VM{}, err
-	}
-	defer oldKey.Wipe()
-	oldDir := StateDir(m.cfg.VTPMDir, d.UUID, old.KeyID)
-	src, err := m.openSource(oldDir, oldKey)
-	if err != nil {
-		if errors.Is(err, state.ErrLocked) {
-			return vmapi.VM{}, fmt.Errorf("vm %q: key %s: %w: its vTPM state is in use (is its nkp-swtpm still running?): %w", d.Name, old.KeyID, ErrRunning, err)
+	if req.Deep {
+		if err := m.checkSpace(ctx, d.Name, ptrs(des), keys); err != nil {
+			return vmapi.VM{}, err
 		}
-		return vmapi.VM{}, fmt.Errorf("vm %q: key %s: reading the vTPM state: %w; nothing was changed", d.Name, old.KeyID, err)
+	}
+	src := &source{blobs: map[string][]byte{}}
+	var obj domxml.Object
+	var newKey *state.Key
+	oldDir := ""
+	if moveVTPM {
+		oldKey, err := m.vtpmKey(ctx, d.Name, d.UUID, old)
+		if err != nil {
+			return vmapi.VM{}, err
+		}
+		oldDir = StateDir(m.cfg.VTPMDir, d.UUID, old.KeyID)
+		src, err = m.openSource(oldDir, oldKey)
+		oldKey.Wipe()
+		if err != nil {
+			if errors.Is(err, state.ErrLocked) {
+				return vmapi.VM{}, fmt.Errorf("vm %q: key %s: %w: its vTPM state is in use (is its nkp-swtpm still running?): %w", d.Name, old.KeyID, ErrRunning, err)
+			}
+			return vmapi.VM{}, fmt.Errorf("vm %q: key %s: reading the vTPM state: %w; nothing was changed", d.Name, old.KeyID, err)
+		}
+		obj = domxml.Object{Name: domxml.ObjectVTPM, KeyID: kdk.NewKeyID(), KDKID: p.ID, KDKVersion: p.Version, SwtpmSecret: old.SwtpmSecret}
+		if newKey, err = m.vtpmKey(ctx, d.Name, d.UUID, obj); err != nil {
+			src.close(false)
+			return vmapi.VM{}, err
+		}
+		defer newKey.Wipe()
+	} else {
+		old = domxml.Object{}
 	}
 	committed := false
 	defer func() { src.close(committed) }()
-	obj := domxml.Object{Name: domxml.ObjectVTPM, KeyID: kdk.NewKeyID(), KDKID: p.ID, KDKVersion: p.Version, SwtpmSecret: old.SwtpmSecret}
-	newKey, err := m.vtpmKey(ctx, d.Name, d.UUID, obj)
-	if err != nil {
-		return vmapi.VM{}, err
-	}
-	defer newKey.Wipe()
 	meta := d.Metadata.Clone()
-	meta.SetObject(obj)
+	if moveVTPM {
+		meta.SetObject(obj)
+	}
+	for _, de := range des {
+		meta.SetObject(de.Obj)
+	}
 	nx, err := domxml.SetMetadata(x, meta)
+	for _, de := range des {
+		if err != nil {
+			break
+		}
+		nx, err = domxml.SetDisk(nx, de.Target, domxml.DiskEdit{Source: de.New, DriverType: driverType(de.DstFormat),
+			Encryption: domxml.LUKS(domxml.SecretUUID(d.UUID, de.Obj.KeyID))})
+	}
 	if err != nil {
 		return vmapi.VM{}, fmt.Errorf("vm %q: %w", d.Name, err)
 	}
-	e := &entry{Op: opRekey, Domain: d.Name, UUID: d.UUID, Old: old, New: obj, OldDir: oldDir, NewDir: StateDir(m.cfg.VTPMDir, d.UUID, obj.KeyID)}
+	e := &entry{Op: opRekey, Domain: d.Name, UUID: d.UUID, Old: old, New: obj, Disks: des}
+	if moveVTPM {
+		e.OldDir, e.NewDir = oldDir, StateDir(m.cfg.VTPMDir, d.UUID, obj.KeyID)
+	}
 	if err := m.j.write(e); err != nil {
 		return vmapi.VM{}, err
 	}
@@ -644,12 +895,35 @@ func (m *Manager) Rekey(ctx context.Context, domain string) (vmapi.VM, error) {
 		}
 		return vmapi.VM{}, err
 	}
-	if err := m.writeState(e.NewDir, newKey, src.blobs, m.cfg.VTPMOwner, 0o711); err != nil {
-		return fail(fmt.Errorf("vm %q: key %s: writing the vTPM state: %w", d.Name, obj.KeyID, err))
+	if moveVTPM {
+		if err := m.writeState(e.NewDir, newKey, src.blobs, m.cfg.VTPMOwner, 0o711); err != nil {
+			return fail(fmt.Errorf("vm %q: key %s: writing the vTPM state: %w", d.Name, obj.KeyID, err))
+		}
+		m.step(opRekey, "staged")
 	}
-	m.step(opRekey, "staged")
+	for i := range des {
+		de := &des[i]
+		if de.Mode == modeConvert {
+			if err := m.convertDisk(ctx, d.Name, de, keys, vsizes[i], progress, opRekey); err != nil {
+				return fail(err)
+			}
+			continue
+		}
+		img := qemuimg.Image{Path: de.Orig, Format: de.SrcFormat, Key: keys[de.Old.KeyID]}
+		if err := m.qi().AddKey(ctx, img, keys[de.Obj.KeyID], qemuimg.LUKSOptions{}); err != nil {
+			return fail(fmt.Errorf("vm %q: disk %s: adding a keyslot for key %s to %s: %w; nothing was changed", d.Name, de.Target, de.Obj.KeyID, de.Orig, err))
+		}
+		if progress != nil {
+			progress(vmapi.Progress{Disk: de.Target, Phase: "done", Done: 1, Size: vsizes[i]})
+		}
+		m.step(opRekey, "disk-slot-added")
+	}
+	if err := m.ensureSecrets(ctx, d, diskObjects(des, true)); err != nil {
+		return fail(err)
+	}
+	m.step(opRekey, "secrets")
 	if err := m.cfg.Libvirt.DefineXML(ctx, nx); err != nil {
-		return fail(fmt.Errorf("vm %q: key %s: defining the rekeyed domain: %w", d.Name, obj.KeyID, err))
+		return fail(fmt.Errorf("vm %q: defining the rekeyed domain: %w", d.Name, err))
 	}
 	committed = true
 	m.step(opRekey, "defined")
@@ -657,14 +931,27 @@ func (m *Manager) Rekey(ctx context.Context, domain string) (vmapi.VM, error) {
 	src = &source{}
 	finish := m.recoverOneLocked(ctx, d.UUID)
 	if finish != nil {
-		m.log.Warn("vm: rekey: updating the catalog and removing the old state (retried at hostd's start)", "vm", d.Name, "err", finish)
+		m.log.Warn("vm: rekey: updating the catalog and removing the old keys (retried at hostd's start)", "vm", d.Name, "err", finish)
 	}
-	m.log.Info("vm rekeyed", "vm", d.Name, "uuid", d.UUID, "old_key_id", old.KeyID, "key_id", obj.KeyID, "kdk_version", obj.KDKVersion)
+	var notes []string
+	if moveVTPM {
+		notes = append(notes, fmt.Sprintf("vTPM moved from key %s (KDK version %d) to key %s (KDK version %d)", old.KeyID, old.KDKVersion, obj.KeyID, obj.KDKVersion))
+	}
+	for _, de := range des {
+		if de.Mode == modeConvert {
+			notes = append(notes, fmt.Sprintf("disk %s re-encrypted into %s under key %s (KDK version %d), the old file %s kept until nkpctl vm protect --finalize %s", de.Target, de.New, de.Obj.KeyID, de.Obj.KDKVersion, de.Orig, d.Name))
+		} else {
+			notes = append(notes, fmt.Sprintf("disk %s moved from key %s (KDK version %d) to key %s (KDK version %d)", de.Target, de.Old.KeyID, de.Old.KDKVersion, de.Obj.KeyID, de.Obj.KDKVersion))
+		}
+	}
+	m.log.Info("vm rekeyed", "vm", d.Name, "uuid", d.UUID, "old_key_id", old.KeyID, "key_id", obj.KeyID, "kdk_version", p.Version, "disks", len(des), "deep", req.Deep)
 	v, err := m.Status(ctx, d.UUID)
 	v.Problems = appendFinish(v.Problems, finish)
-	v.Note = fmt.Sprintf("vTPM moved from key %s (KDK version %d) to key %s (KDK version %d)", old.KeyID, old.KDKVersion, obj.KeyID, obj.KDKVersion)
+	v.Note = strings.Join(notes, "; ")
 	return v, err
 }
+
+func isDiskObject(o domxml.Object) bool { return strings.HasPrefix(o.Name, domxml.ObjectDiskPrefix) }
 
 // Unprotect gives a shut-off domain's vTPM back to libvirt: with tpm "keep" (the
 // default) its state is written as libvirt's swtpm state and the domain gets
@@ -673,6 +960,12 @@ func (m *Manager) Rekey(ctx context.Context, domain string) (vmapi.VM, error) {
 // changed), else unencrypted, as it was before protect, and the answer says so; with
 // "none" the vTPM and its state are removed. nkp's metadata and catalog entry go.
 func (m *Manager) Unprotect(ctx context.Context, domain, tpm string) (vmapi.VM, error) {
+	return m.UnprotectWith(ctx, domain, tpm, nil)
+}
+
+// UnprotectWith is Unprotect with each disk decrypted back into a plain file (the
+// encrypted one kept until finalize) and progress as ProtectWith.
+func (m *Manager) UnprotectWith(ctx context.Context, domain, tpm string, progress ProgressFunc) (vmapi.VM, error) {
 	if tpm == "" {
 		tpm = vmapi.UnprotectKeep
 	}
@@ -685,11 +978,54 @@ func (m *Manager) Unprotect(ctx context.Context, domain, tpm string) (vmapi.VM, 
 	if err != nil {
 		return vmapi.VM{}, err
 	}
-	old, ok := d.Metadata.Object(domxml.ObjectVTPM)
-	if !ok {
+	old, hasVTPM := d.Metadata.Object(domxml.ObjectVTPM)
+	if d.Metadata == nil || !hasVTPM && !slices.ContainsFunc(d.Metadata.Objects, isDiskObject) {
 		return vmapi.VM{}, fmt.Errorf("vm %q: %w: nothing to unprotect", d.Name, ErrNotProtected)
 	}
 	if err := m.ownProvider(d); err != nil {
+		return vmapi.VM{}, err
+	}
+	keys := keyring{}
+	defer keys.wipe()
+	var des []diskEntry
+	var vsizes []int64
+	for _, o := range d.Metadata.Objects {
+		if !isDiskObject(o) {
+			continue
+		}
+		target := strings.TrimPrefix(o.Name, domxml.ObjectDiskPrefix)
+		dk, ok := d.Disk(target)
+		if !ok || dk.Type != "file" || dk.Source == "" {
+			return vmapi.VM{}, fmt.Errorf("vm %q: %w: its metadata names disk %s (key %s), but the domain has no file disk %s: restore the disk with virsh edit", d.Name, ErrUnsupported, target, o.KeyID, target)
+		}
+		f, err := imgFormat(dk.DriverType, true)
+		if err != nil {
+			return vmapi.VM{}, fmt.Errorf("vm %q: %w: disk %s: %w", d.Name, ErrUnsupported, target, err)
+		}
+		k, err := m.diskKey(ctx, d.Name, d.UUID, o)
+		if err != nil {
+			return vmapi.VM{}, err
+		}
+		keys[o.KeyID] = k
+		dst := qemuimg.Raw
+		if f == qemuimg.QCOW2 {
+			dst = qemuimg.QCOW2
+		}
+		de := diskEntry{Target: target, Orig: dk.Source, New: newDiskPath(dk.Source, dst, o.KeyID, true), Old: o, Mode: modeConvert, SrcFormat: f, DstFormat: dst}
+		if _, err := os.Lstat(de.New); err == nil {
+			return vmapi.VM{}, fmt.Errorf("vm %q: disk %s: %s exists already, and nkp does not overwrite a file it did not make: move it away and run the command again", d.Name, target, de.New)
+		}
+		info, err := m.qi().Info(ctx, qemuimg.Image{Path: dk.Source, Format: f, Key: k})
+		if err == nil {
+			err = m.qi().Unlock(ctx, qemuimg.Image{Path: dk.Source, Format: f, Key: k})
+		}
+		if err != nil {
+			return vmapi.VM{}, fmt.Errorf("vm %q: disk %s key %s: opening %s: %w; nothing was changed", d.Name, target, o.KeyID, dk.Source, err)
+		}
+		des = append(des, de)
+		vsizes = append(vsizes, info.VirtualSize)
+	}
+	if err := m.checkSpace(ctx, d.Name, ptrs(des), keys); err != nil {
 		return vmapi.VM{}, err
 	}
 	tp, _ := d.TPM()
@@ -697,11 +1033,14 @@ func (m *Manager) Unprotect(ctx context.Context, domain, tpm string) (vmapi.VM, 
 	if tp != nil {
 		model = tp.Model
 	}
-	e := &entry{Op: opUnprotect, Domain: d.Name, UUID: d.UUID, Old: old, OldDir: StateDir(m.cfg.VTPMDir, d.UUID, old.KeyID)}
+	e := &entry{Op: opUnprotect, Domain: d.Name, UUID: d.UUID, Old: old, Disks: des}
+	if hasVTPM {
+		e.OldDir = StateDir(m.cfg.VTPMDir, d.UUID, old.KeyID)
+	}
 	src := &source{blobs: map[string][]byte{}}
 	var emu *domxml.TPM
 	var swKey *state.Key // libvirt's swtpm key when the adopted state was encrypted
-	if tpm == vmapi.UnprotectKeep {
+	if hasVTPM && tpm == vmapi.UnprotectKeep {
 		key, err := m.vtpmKey(ctx, d.Name, d.UUID, old)
 		if err != nil {
 			return vmapi.VM{}, fmt.Errorf("%w; to drop the vTPM and its state instead, use --tpm none", err)
@@ -738,14 +1077,15 @@ func (m *Manager) Unprotect(ctx context.Context, domain, tpm string) (vmapi.VM, 
 	}
 	committed := false
 	defer func() { src.close(committed) }()
-	meta := d.Metadata.Clone()
-	meta.RemoveObject(domxml.ObjectVTPM)
-	if len(meta.Objects) == 0 {
-		meta = nil
-	}
-	nx, err := domxml.SetMetadata(x, meta)
-	if err == nil {
+	nx, err := domxml.SetMetadata(x, nil)
+	if err == nil && hasVTPM {
 		nx, err = domxml.SetTPM(nx, emu)
+	}
+	for _, de := range des {
+		if err != nil {
+			break
+		}
+		nx, err = domxml.SetDisk(nx, de.Target, domxml.DiskEdit{Source: de.New, DriverType: driverType(de.DstFormat)})
 	}
 	if err != nil {
 		return vmapi.VM{}, fmt.Errorf("vm %q: %w", d.Name, err)
@@ -779,6 +1119,11 @@ func (m *Manager) Unprotect(ctx context.Context, domain, tpm string) (vmapi.VM, 
 		}
 		m.step(opUnprotect, "staged")
 	}
+	for i := range des {
+		if err := m.convertDisk(ctx, d.Name, &des[i], keys, vsizes[i], progress, opUnprotect); err != nil {
+			return fail(err)
+		}
+	}
 	if err := m.cfg.Libvirt.DefineXML(ctx, nx); err != nil {
 		return fail(fmt.Errorf("vm %q: defining the unprotected domain: %w", d.Name, err))
 	}
@@ -794,6 +1139,8 @@ func (m *Manager) Unprotect(ctx context.Context, domain, tpm string) (vmapi.VM, 
 	v, err := m.Status(ctx, d.UUID)
 	v.Problems = appendFinish(v.Problems, finish)
 	switch {
+	case !hasVTPM:
+		v.Note = "no vTPM to change"
 	case e.Emulator != "" && swKey != nil:
 		v.Note = "the vTPM is libvirt's swtpm again, its state in " + e.Emulator + " encrypted as before protect, under libvirt secret " + old.SwtpmSecret
 		if e.Aside != "" {
@@ -808,6 +1155,9 @@ func (m *Manager) Unprotect(ctx context.Context, domain, tpm string) (vmapi.VM, 
 		v.Note = "the vTPM is libvirt's swtpm again; it had no state yet, so libvirt creates it at the next start"
 	default:
 		v.Note = "the vTPM and its state were removed"
+	}
+	for _, de := range des {
+		v.Note += fmt.Sprintf("; disk %s decrypted into %s, the encrypted %s kept until nkpctl vm protect --finalize %s", de.Target, de.New, de.Orig, d.Name)
 	}
 	return v, err
 }

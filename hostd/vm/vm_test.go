@@ -28,6 +28,7 @@ type env struct {
 	lv   *fakeLibvirt
 	keys *fakeKeys
 	cat  *fileCatalog
+	sec  *fileSecrets
 	root string
 }
 
@@ -35,8 +36,8 @@ func newEnv(t *testing.T) *env {
 	t.Helper()
 	root := t.TempDir()
 	e := &env{lv: newFakeLibvirt(), keys: &fakeKeys{provider: "prov-a", primary: 1, known: 1},
-		cat: &fileCatalog{path: filepath.Join(root, "catalog.json")}, root: root}
-	m, err := New(Config{Keys: e.keys, Libvirt: e.lv, Catalog: e.cat,
+		cat: &fileCatalog{path: filepath.Join(root, "catalog.json")}, sec: &fileSecrets{path: filepath.Join(root, "secrets.json")}, root: root}
+	m, err := New(Config{Keys: e.keys, Libvirt: e.lv, Catalog: e.cat, Secrets: e.sec,
 		VTPMDir: filepath.Join(root, "vtpm"), JournalDir: filepath.Join(root, "journal"),
 		SocketDir: "/run/nkp/vtpm", SwtpmRoot: filepath.Join(root, "swtpm")})
 	if err != nil {

@@ -5,12 +5,19 @@
 //
 //	GET  /v1/vms                     → List (protected domains)
 //	GET  /v1/vms/{domain}            → VM
-//	POST /v1/vms/{domain}/protect    → VM
-//	POST /v1/vms/{domain}/rekey      → VM
+//	POST /v1/vms/{domain}/protect    ProtectRequest → VM
+//	POST /v1/vms/{domain}/finalize   → VM (kept original disk files removed)
+//	POST /v1/vms/{domain}/rekey      RekeyRequest → VM
 //	POST /v1/vms/{domain}/unprotect  UnprotectRequest → VM
 //
 // {domain} is a domain name or UUID. Every error is an Error body with a sentence that
-// names the VM and says what to do, and a stable Code.
+// names the VM and says what to do, and a stable Code. The bodies are optional (empty:
+// the defaults).
+//
+// Progress: a POST whose Accept header is ContentTypeNDJSON gets, with status 200, one
+// JSON object per line: Event{Progress} while disks are converted and verified, then one
+// Event with VM (success) or Error (failure, with its Code). Without it the answer is the
+// single VM or Error body.
 //
 // Importers: hostd/vm, cmd/nkpctl (through its vm subcommands), tests.
 package vmapi
@@ -25,6 +32,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strings"
 	"time"
 )
 
@@ -45,6 +53,7 @@ const (
 	CodeUnsupported      = "unsupported"       // a TPM nkp does not adopt (passthrough, foreign external, several)
 	CodeUnavailable      = "unavailable"       // KDK, provider catalog or libvirt unreachable: retry later
 	CodePending          = "pending"           // an interrupted operation on this VM could not be finished yet
+	CodeNoSpace          = "no_space"          // a disk conversion does not fit: the sentence says how much where
 	CodeBadRequest       = "bad_request"
 	CodeInternal         = "internal"
 )
@@ -66,6 +75,41 @@ type Object struct {
 	Primary bool `json:"primary"`
 }
 
+// Disk is one disk of a VM as status shows it.
+type Disk struct {
+	Target string `json:"target"`
+	// File is the disk's source file ("" for disks that are not files).
+	File string `json:"file,omitempty"`
+	// Format is the domain's <driver type> ("raw", "qcow2").
+	Format string `json:"format,omitempty"`
+	// Protected says the disk is nkp's: an object "disk:<target>" in the metadata.
+	Protected bool `json:"protected"`
+	// KeyID, KDKVersion, Primary: the disk object's key (when Protected).
+	KeyID      string `json:"key_id,omitempty"`
+	KDKVersion int    `json:"kdk_version,omitempty"`
+	Primary    bool   `json:"primary,omitempty"`
+	// LUKS is the image's LUKS header as qemu-img shows it (shut-off VMs; nil when not
+	// read).
+	LUKS *LUKS `json:"luks,omitempty"`
+	// Originals are files this disk was converted from that are kept until
+	// `nkpctl vm protect --finalize`.
+	Originals []string `json:"originals,omitempty"`
+	// OpenedEncrypted, for a running VM, is whether QEMU opened the disk encrypted (QMP
+	// query-block through libvirt); nil when not asked.
+	OpenedEncrypted *bool `json:"opened_encrypted,omitempty"`
+	// Note says why an unprotected disk is skipped (cdrom, read-only, block device, …).
+	Note string `json:"note,omitempty"`
+}
+
+// LUKS is a disk image's LUKS header.
+type LUKS struct {
+	Cipher      string `json:"cipher"` // e.g. "aes-256-xts"
+	IVGen       string `json:"ivgen"`
+	Hash        string `json:"hash"`
+	Iters       int64  `json:"iters"` // PBKDF iterations of the first active keyslot
+	ActiveSlots int    `json:"active_slots"`
+}
+
 // VM is a domain as hostd sees it.
 type VM struct {
 	Domain     string   `json:"domain"`
@@ -73,7 +117,9 @@ type VM struct {
 	Protected  bool     `json:"protected"`
 	ProviderID string   `json:"provider_id,omitempty"`
 	Objects    []Object `json:"objects,omitempty"`
-	Running    bool     `json:"running"`
+	// Disks are the domain's disks (protected or not).
+	Disks   []Disk `json:"disks,omitempty"`
+	Running bool   `json:"running"`
 	// TPM is the vTPM's health: "ok" (running, present and answering), "stopped", or a
 	// sentence saying what is wrong.
 	TPM string `json:"tpm,omitempty"`
@@ -88,6 +134,51 @@ type VM struct {
 // List is GET /v1/vms.
 type List struct {
 	VMs []VM `json:"vms"`
+}
+
+// Disk selections of ProtectRequest.Disks.
+const (
+	DisksAll  = "all"
+	DisksNone = "none"
+)
+
+// ProtectRequest is the body of POST /v1/vms/{domain}/protect.
+type ProtectRequest struct {
+	// Disks is "all" (the default: every file disk that is not a cdrom, floppy,
+	// read-only or shareable), "none", or target devs separated by commas ("vda,vdb").
+	Disks string `json:"disks,omitempty"`
+	// RemoveOriginal removes each original disk file once the domain uses its encrypted
+	// copy (default: kept until finalize).
+	RemoveOriginal bool `json:"remove_original,omitempty"`
+	// AllowDoubleEncryption encrypts disks whose file sits on dm-crypt.
+	AllowDoubleEncryption bool `json:"allow_double_encryption,omitempty"`
+}
+
+// RekeyRequest is the body of POST /v1/vms/{domain}/rekey.
+type RekeyRequest struct {
+	// Deep re-encrypts every disk's data under a new master key (a new file; the old
+	// kept until finalize) instead of adding a keyslot.
+	Deep bool `json:"deep,omitempty"`
+}
+
+// ContentTypeNDJSON asks for (and marks) a streamed answer with progress.
+const ContentTypeNDJSON = "application/x-ndjson"
+
+// Progress is how far one disk's conversion is.
+type Progress struct {
+	Disk  string `json:"disk"`  // target dev
+	Phase string `json:"phase"` // "convert", "verify", "done"
+	// Done is the fraction of the phase done, 0 to 1.
+	Done float64 `json:"done"`
+	// Size is the disk's virtual size in bytes.
+	Size int64 `json:"size,omitempty"`
+}
+
+// Event is one line of a streamed answer: exactly one field is set.
+type Event struct {
+	Progress *Progress `json:"progress,omitempty"`
+	VM       *VM       `json:"vm,omitempty"`
+	Error    *Error    `json:"error,omitempty"`
 }
 
 // UnprotectRequest is the body of POST /v1/vms/{domain}/unprotect.
@@ -148,25 +239,113 @@ func (c *Client) List(ctx context.Context) (List, error) {
 	return l, err
 }
 
-// Protect protects a shut-off domain.
+// Protect protects a shut-off domain with the defaults (every disk, originals kept).
 func (c *Client) Protect(ctx context.Context, domain string) (VM, error) {
-	var v VM
-	err := c.do(ctx, http.MethodPost, PathVMs+"/"+url.PathEscape(domain)+"/protect", nil, &v)
-	return v, err
+	return c.ProtectWith(ctx, domain, ProtectRequest{}, nil)
 }
 
-// Rekey moves a shut-off domain's vTPM to the primary KDK version.
+// ProtectWith protects a shut-off domain as req says; progress, if set, receives each
+// disk's progress as hostd streams it.
+func (c *Client) ProtectWith(ctx context.Context, domain string, req ProtectRequest, progress func(Progress)) (VM, error) {
+	return c.op(ctx, domain, "protect", req, progress)
+}
+
+// Finalize removes the original disk files that protect, rekey --deep and unprotect
+// kept (idempotent).
+func (c *Client) Finalize(ctx context.Context, domain string) (VM, error) {
+	return c.op(ctx, domain, "finalize", nil, nil)
+}
+
+// Rekey moves a shut-off domain's vTPM and disks to the primary KDK version (shallow).
 func (c *Client) Rekey(ctx context.Context, domain string) (VM, error) {
-	var v VM
-	err := c.do(ctx, http.MethodPost, PathVMs+"/"+url.PathEscape(domain)+"/rekey", nil, &v)
-	return v, err
+	return c.RekeyWith(ctx, domain, RekeyRequest{}, nil)
+}
+
+// RekeyWith rekeys as req says, with progress as ProtectWith.
+func (c *Client) RekeyWith(ctx context.Context, domain string, req RekeyRequest, progress func(Progress)) (VM, error) {
+	return c.op(ctx, domain, "rekey", req, progress)
 }
 
 // Unprotect gives a shut-off domain back to libvirt.
 func (c *Client) Unprotect(ctx context.Context, domain string, req UnprotectRequest) (VM, error) {
+	return c.UnprotectWith(ctx, domain, req, nil)
+}
+
+// UnprotectWith unprotects with progress as ProtectWith.
+func (c *Client) UnprotectWith(ctx context.Context, domain string, req UnprotectRequest, progress func(Progress)) (VM, error) {
+	return c.op(ctx, domain, "unprotect", req, progress)
+}
+
+func (c *Client) op(ctx context.Context, domain, op string, req any, progress func(Progress)) (VM, error) {
 	var v VM
-	err := c.do(ctx, http.MethodPost, PathVMs+"/"+url.PathEscape(domain)+"/unprotect", req, &v)
+	path := PathVMs + "/" + url.PathEscape(domain) + "/" + op
+	if progress == nil {
+		// No client timeout: converting disks takes as long as it takes; ctx bounds it.
+		nc := *c
+		hc := *c.hc
+		hc.Timeout = 0
+		nc.hc = &hc
+		err := nc.do(ctx, http.MethodPost, path, req, &v)
+		return v, err
+	}
+	err := c.stream(ctx, path, req, progress, &v)
 	return v, err
+}
+
+// stream POSTs in and reads an NDJSON answer.
+func (c *Client) stream(ctx context.Context, path string, in any, progress func(Progress), out *VM) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://hostd"+path, body)
+	if err != nil {
+		return err
+	}
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	req.Header.Set("Accept", ContentTypeNDJSON)
+	hc := *c.hc
+	hc.Timeout = 0 // a conversion takes as long as it takes; ctx bounds it
+	resp, err := hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("hostd at %s: %w (is nkp-hostd running? the socket is set with --socket or NKP_HOSTD_SOCKET)", c.socket, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 || !strings.HasPrefix(resp.Header.Get("Content-Type"), ContentTypeNDJSON) {
+		data, _ := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+		e := &APIError{Status: resp.StatusCode}
+		if json.Unmarshal(data, &e.Body) != nil || e.Body.Error == "" {
+			e.Body = Error{Error: fmt.Sprintf("hostd answered %s", resp.Status), Code: CodeInternal}
+		}
+		if resp.StatusCode/100 == 2 {
+			if err := json.Unmarshal(data, out); err == nil {
+				return nil
+			}
+		}
+		return e
+	}
+	dec := json.NewDecoder(io.LimitReader(resp.Body, 1<<30))
+	for {
+		var ev Event
+		if err := dec.Decode(&ev); err != nil {
+			return fmt.Errorf("hostd at %s: the answer ended before the result: %w", c.socket, err)
+		}
+		switch {
+		case ev.Progress != nil:
+			progress(*ev.Progress)
+		case ev.Error != nil:
+			return &APIError{Status: resp.StatusCode, Body: *ev.Error}
+		case ev.VM != nil:
+			*out = *ev.VM
+			return nil
+		}
+	}
 }
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
