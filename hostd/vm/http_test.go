@@ -73,3 +73,41 @@ func TestHandler(t *testing.T) {
 		t.Fatalf("no hostd: %v", err)
 	}
 }
+
+// TestHandlerStream protects a VM's disks through vmapi's client with progress streamed
+// as NDJSON, then checks that a refusal in a streamed answer keeps its code.
+func TestHandlerStream(t *testing.T) {
+	e := newEnv(t)
+	dir := t.TempDir()
+	diskImages(t, dir)
+	e.define(t, "h2", uuid1, diskDevices(dir))
+	sock := filepath.Join(t.TempDir(), "hostd.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: e.m.Handler()}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	c := vmapi.NewClient(sock)
+	ctx := context.Background()
+	var got []vmapi.Progress
+	v, err := c.ProtectWith(ctx, "h2", vmapi.ProtectRequest{Disks: "vda"}, func(p vmapi.Progress) { got = append(got, p) })
+	if err != nil || !v.Protected || !v.Disks[0].Protected || v.Disks[1].Protected {
+		t.Fatalf("ProtectWith = %+v, %v", v, err)
+	}
+	if len(got) < 2 || got[0].Disk != "vda" || got[len(got)-1].Phase != "done" {
+		t.Fatalf("progress %+v", got)
+	}
+	_, err = c.ProtectWith(ctx, "h2", vmapi.ProtectRequest{Disks: "vda"}, func(vmapi.Progress) {})
+	if !vmapi.IsCode(err, vmapi.CodeAlreadyProtected) {
+		t.Fatalf("streamed refusal: %v", err)
+	}
+	_, err = c.ProtectWith(ctx, "h2", vmapi.ProtectRequest{Disks: "vdz"}, nil)
+	if !vmapi.IsCode(err, vmapi.CodeBadRequest) || !strings.Contains(err.Error(), `"vdz"`) {
+		t.Fatalf("unknown disk: %v", err)
+	}
+	if v, err := c.Finalize(ctx, "h2"); err != nil || !strings.Contains(v.Note, dir+"/vda.img") {
+		t.Fatalf("Finalize = %+v, %v", v, err)
+	}
+}

@@ -4,10 +4,19 @@
 //
 // Importers: cmd/nkpctl.
 //
-// Usage: nkpctl vm protect DOMAIN | status [DOMAIN] [--json] | rekey DOMAIN |
-// unprotect DOMAIN [--tpm keep|none], each with [--socket PATH] (environment
-// NKP_HOSTD_SOCKET, default /run/nkp/hostd.sock); hostd's sentences are printed as
-// they are.
+// Usage, each with [--socket PATH] (environment NKP_HOSTD_SOCKET, default
+// /run/nkp/hostd.sock):
+//
+//	nkpctl vm protect DOMAIN [--disks all|none|vda,vdb] [--remove-original] [--allow-double-encryption] [--json]
+//	nkpctl vm protect --finalize DOMAIN [--json]
+//	nkpctl vm status [DOMAIN] [--json]
+//	nkpctl vm rekey DOMAIN [--deep] [--json]
+//	nkpctl vm unprotect DOMAIN [--tpm keep|none] [--json]
+//
+// hostd's sentences are printed as they are. protect, rekey and unprotect ask hostd to
+// stream each disk's progress (NDJSON) and draw it on standard error: a progress bar per
+// disk (github.com/schollz/progressbar/v3) when standard error is a terminal, else one
+// plain line per phase and per 10%. --json prints the final VM object on standard output.
 package vmcli
 
 import (
@@ -18,22 +27,33 @@ import (
 	"os"
 	"strings"
 	"text/tabwriter"
+	"time"
 
+	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
+	"golang.org/x/term"
 
 	"github.com/nkp-dev/nkp/hostd/vm/vmapi"
 )
 
 type cli struct {
-	stdout io.Writer
-	socket string
-	asJSON bool
-	tpm    string
+	stdout, stderr io.Writer
+	tty            bool // stderr is a terminal: progress bars
+	socket         string
+	asJSON         bool
+	tpm            string
+	protect        vmapi.ProtectRequest
+	finalize       bool
+	deep           bool
 }
 
-// Command returns `nkpctl vm`.
+// Command returns `nkpctl vm`; progress goes to the process's standard error.
 func Command(stdout io.Writer) *cobra.Command {
-	c := &cli{stdout: stdout}
+	return newCommand(stdout, os.Stderr, term.IsTerminal(int(os.Stderr.Fd())))
+}
+
+func newCommand(stdout, stderr io.Writer, tty bool) *cobra.Command {
+	c := &cli{stdout: stdout, stderr: stderr, tty: tty}
 	def := os.Getenv("NKP_HOSTD_SOCKET")
 	if def == "" {
 		def = vmapi.DefaultSocket
@@ -43,13 +63,30 @@ func Command(stdout io.Writer) *cobra.Command {
 
 	protect := &cobra.Command{
 		Use:   "protect DOMAIN",
-		Short: "give a shut-off domain an nkp vTPM (adopting its libvirt swtpm state, if any)",
+		Short: "give a shut-off domain an nkp vTPM (adopting its libvirt swtpm state, if any) and encrypt its disks; on a protected domain add what is missing; --finalize removes the original disk files kept",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			v, err := c.client().Protect(cmd.Context(), args[0])
+			if c.finalize {
+				if cmd.Flags().Changed("disks") || c.protect.RemoveOriginal || c.protect.AllowDoubleEncryption {
+					return fmt.Errorf("--finalize removes the kept original disk files and takes no other option: run protect first, then protect --finalize %s", args[0])
+				}
+				v, err := c.client().Finalize(cmd.Context(), args[0])
+				return c.done(v, err)
+			}
+			if err := checkDisks(c.protect.Disks); err != nil {
+				return err
+			}
+			p := c.progress()
+			v, err := c.client().ProtectWith(cmd.Context(), args[0], c.protect, p.show)
+			p.end()
 			return c.done(v, err)
 		},
 	}
+	protect.Flags().StringVar(&c.protect.Disks, "disks", vmapi.DisksAll, "all | none | target devs separated by commas (vda,vdb); all leaves out cdroms, floppies, read-only and shareable disks")
+	protect.Flags().BoolVar(&c.protect.RemoveOriginal, "remove-original", false, "remove each original disk file once the domain uses its encrypted copy (default: kept until protect --finalize)")
+	protect.Flags().BoolVar(&c.protect.AllowDoubleEncryption, "allow-double-encryption", false, "encrypt disks whose files sit on dm-crypt too")
+	protect.Flags().BoolVar(&c.finalize, "finalize", false, "remove the original disk files that protect, rekey --deep and unprotect kept (idempotent)")
+	protect.Flags().BoolVar(&c.asJSON, "json", false, "print the result as JSON")
 	status := &cobra.Command{
 		Use:   "status [DOMAIN]",
 		Short: "show a domain's nkp objects, key IDs and KDK versions, and its TPM's health; all protected domains without DOMAIN",
@@ -61,13 +98,17 @@ func Command(stdout io.Writer) *cobra.Command {
 	status.Flags().BoolVar(&c.asJSON, "json", false, "print JSON")
 	rekey := &cobra.Command{
 		Use:   "rekey DOMAIN",
-		Short: "re-encrypt a shut-off domain's vTPM state under the primary KDK version",
+		Short: "move a shut-off domain's vTPM state and disk keys to the primary KDK version (disks: a new keyslot; --deep: data re-encrypted under a new master key)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			v, err := c.client().Rekey(cmd.Context(), args[0])
+			p := c.progress()
+			v, err := c.client().RekeyWith(cmd.Context(), args[0], vmapi.RekeyRequest{Deep: c.deep}, p.show)
+			p.end()
 			return c.done(v, err)
 		},
 	}
+	rekey.Flags().BoolVar(&c.deep, "deep", false, "re-encrypt every disk into a new file under a new master key (the old file kept until protect --finalize)")
+	rekey.Flags().BoolVar(&c.asJSON, "json", false, "print the result as JSON")
 	unprotect := &cobra.Command{
 		Use:   "unprotect DOMAIN",
 		Short: "give a shut-off domain back to libvirt: its vTPM becomes libvirt's swtpm with the same state (--tpm keep), or is removed (--tpm none)",
@@ -76,11 +117,14 @@ func Command(stdout io.Writer) *cobra.Command {
 			if c.tpm != vmapi.UnprotectKeep && c.tpm != vmapi.UnprotectNone {
 				return fmt.Errorf("--tpm %q: want %q (libvirt's swtpm keeps the vTPM's state) or %q (the vTPM and its state are deleted)", c.tpm, vmapi.UnprotectKeep, vmapi.UnprotectNone)
 			}
-			v, err := c.client().Unprotect(cmd.Context(), args[0], vmapi.UnprotectRequest{TPM: c.tpm})
+			p := c.progress()
+			v, err := c.client().UnprotectWith(cmd.Context(), args[0], vmapi.UnprotectRequest{TPM: c.tpm}, p.show)
+			p.end()
 			return c.done(v, err)
 		},
 	}
 	unprotect.Flags().StringVar(&c.tpm, "tpm", vmapi.UnprotectKeep, "keep | none")
+	unprotect.Flags().BoolVar(&c.asJSON, "json", false, "print the result as JSON")
 	vm.AddCommand(protect, status, rekey, unprotect)
 	return vm
 }
@@ -90,6 +134,9 @@ func (c *cli) client() *vmapi.Client { return vmapi.NewClient(c.socket) }
 func (c *cli) done(v vmapi.VM, err error) error {
 	if err != nil {
 		return err
+	}
+	if c.asJSON {
+		return c.json(v)
 	}
 	if v.Note != "" {
 		fmt.Fprintf(c.stdout, "%s: %s\n", v.Domain, v.Note)
@@ -123,7 +170,7 @@ func (c *cli) status(ctx context.Context, args []string) error {
 		return nil
 	}
 	tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "DOMAIN\tUUID\tSTATE\tTPM\tVTPM KEY ID\tKDK\tPROBLEMS")
+	fmt.Fprintln(tw, "DOMAIN\tUUID\tSTATE\tTPM\tVTPM KEY ID\tKDK\tDISKS\tPROBLEMS")
 	for _, v := range l.VMs {
 		key, kdkv := "-", "-"
 		for _, o := range v.Objects {
@@ -134,7 +181,13 @@ func (c *cli) status(ctx context.Context, args []string) error {
 				}
 			}
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\n", v.Domain, v.UUID, state(v), orDash(v.TPM), key, kdkv, len(v.Problems))
+		enc := 0
+		for _, d := range v.Disks {
+			if d.Protected {
+				enc++
+			}
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d/%d encrypted\t%d\n", v.Domain, v.UUID, state(v), orDash(v.TPM), key, kdkv, enc, len(v.Disks), len(v.Problems))
 	}
 	return tw.Flush()
 }
@@ -157,8 +210,114 @@ func (c *cli) describe(v vmapi.VM) {
 		}
 		fmt.Fprintf(w, "  %-10s key %s  KDK version %d (%s)\n", o.Name, o.KeyID, o.KDKVersion, p)
 	}
+	for _, d := range v.Disks {
+		file := d.File
+		if file == "" {
+			file = "-"
+		}
+		if !d.Protected {
+			note := d.Note
+			if note == "" {
+				note = "not encrypted"
+			}
+			fmt.Fprintf(w, "  disk %-5s %s (%s)\n", d.Target, file, note)
+			continue
+		}
+		p := "primary"
+		if !d.Primary {
+			p = "not primary: nkpctl vm rekey " + v.Domain
+		}
+		fmt.Fprintf(w, "  disk %-5s %s  key %s  KDK version %d (%s)\n", d.Target, file, d.KeyID, d.KDKVersion, p)
+		if l := d.LUKS; l != nil {
+			fmt.Fprintf(w, "             LUKS %s, ivgen %s, hash %s, %d PBKDF iterations, %d active keyslot(s)\n", l.Cipher, l.IVGen, l.Hash, l.Iters, l.ActiveSlots)
+		}
+		if d.OpenedEncrypted != nil {
+			if *d.OpenedEncrypted {
+				fmt.Fprintf(w, "             QEMU opened it encrypted\n")
+			} else {
+				fmt.Fprintf(w, "             QEMU opened it UNENCRYPTED\n")
+			}
+		}
+		for _, o := range d.Originals {
+			fmt.Fprintf(w, "             original kept: %s (nkpctl vm protect --finalize %s removes it)\n", o, v.Domain)
+		}
+	}
 	for _, p := range v.Problems {
 		fmt.Fprintf(w, "  problem: %s\n", p)
+	}
+}
+
+// checkDisks checks --disks before hostd is asked.
+func checkDisks(sel string) error {
+	if sel == vmapi.DisksAll || sel == vmapi.DisksNone {
+		return nil
+	}
+	for _, t := range strings.Split(sel, ",") {
+		if t == "" || strings.Trim(t, "abcdefghijklmnopqrstuvwxyz0123456789_-.") != "" || len(t) > 32 {
+			return fmt.Errorf("--disks %q: want all, none, or target devs separated by commas, like vda,vdb (see virsh domblklist)", sel)
+		}
+	}
+	return nil
+}
+
+// progress draws the disks' progress on stderr.
+type progress struct {
+	c     *cli
+	bars  map[string]*progressbar.ProgressBar
+	phase map[string]string
+	step  map[string]int // plain lines: the last 10% printed
+}
+
+func (c *cli) progress() *progress {
+	return &progress{c: c, bars: map[string]*progressbar.ProgressBar{}, phase: map[string]string{}, step: map[string]int{}}
+}
+
+func (p *progress) show(ev vmapi.Progress) {
+	w := p.c.stderr
+	what := map[string]string{"convert": "converting", "verify": "verifying", "done": "done"}[ev.Phase]
+	if what == "" {
+		what = ev.Phase
+	}
+	size := ""
+	if ev.Size > 0 {
+		size = fmt.Sprintf(" (%d MiB)", ev.Size>>20)
+	}
+	if !p.c.tty {
+		pct := int(ev.Done * 100)
+		if p.phase[ev.Disk] != ev.Phase {
+			p.phase[ev.Disk], p.step[ev.Disk] = ev.Phase, pct/10
+			fmt.Fprintf(w, "disk %s%s: %s %d%%\n", ev.Disk, size, what, pct)
+			return
+		}
+		if pct/10 > p.step[ev.Disk] {
+			p.step[ev.Disk] = pct / 10
+			fmt.Fprintf(w, "disk %s%s: %s %d%%\n", ev.Disk, size, what, pct)
+		}
+		return
+	}
+	b := p.bars[ev.Disk]
+	if b == nil || p.phase[ev.Disk] != ev.Phase {
+		if b != nil {
+			b.Finish()
+			fmt.Fprintln(w)
+		}
+		b = progressbar.NewOptions(1000, progressbar.OptionSetWriter(w), progressbar.OptionSetDescription("disk "+ev.Disk+size+": "+what),
+			progressbar.OptionShowElapsedTimeOnFinish(), progressbar.OptionSetPredictTime(true), progressbar.OptionFullWidth(), progressbar.OptionThrottle(100*time.Millisecond))
+		p.bars[ev.Disk], p.phase[ev.Disk] = b, ev.Phase
+	}
+	b.Set(int(ev.Done * 1000))
+	if ev.Phase == "done" {
+		b.Finish()
+		fmt.Fprintln(w)
+	}
+}
+
+func (p *progress) end() {
+	for d, b := range p.bars {
+		if p.phase[d] != "done" {
+			b.Exit()
+			fmt.Fprintln(p.c.stderr)
+		}
 	}
 }
 

@@ -41,6 +41,15 @@ func fakeHostd(t *testing.T) (string, *[]string) {
 		seen = append(seen, r.PathValue("op")+" "+r.PathValue("d")+" "+strings.TrimSpace(body.String()))
 		v := vm
 		v.Note = "done"
+		if strings.Contains(r.Header.Get("Accept"), vmapi.ContentTypeNDJSON) {
+			w.Header().Set("Content-Type", vmapi.ContentTypeNDJSON)
+			for _, p := range []vmapi.Progress{{Disk: "vda", Phase: "convert", Size: 8 << 20}, {Disk: "vda", Phase: "convert", Done: 0.05}, {Disk: "vda", Phase: "convert", Done: 0.55},
+				{Disk: "vda", Phase: "verify"}, {Disk: "vda", Phase: "done", Done: 1}} {
+				reply(w, vmapi.Event{Progress: &p})
+			}
+			reply(w, vmapi.Event{VM: &v})
+			return
+		}
 		reply(w, v)
 	})
 	srv := &http.Server{Handler: mux}
@@ -51,12 +60,19 @@ func fakeHostd(t *testing.T) (string, *[]string) {
 
 func run(t *testing.T, sock string, args ...string) (string, error) {
 	t.Helper()
-	var out bytes.Buffer
-	cmd := Command(&out)
+	out, _, err := run2(t, sock, false, args...)
+	return out, err
+}
+
+// run2 returns stdout and stderr (progress), with stderr a terminal or not.
+func run2(t *testing.T, sock string, tty bool, args ...string) (string, string, error) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	cmd := newCommand(&out, &errb, tty)
 	cmd.SetArgs(append([]string{"--socket", sock}, args...))
 	cmd.SilenceErrors, cmd.SilenceUsage = true, true
 	err := cmd.ExecuteContext(context.Background())
-	return out.String(), err
+	return out.String(), errb.String(), err
 }
 
 func TestCommands(t *testing.T) {
@@ -71,8 +87,16 @@ func TestCommands(t *testing.T) {
 		{args: []string{"status"}, want: []string{"DOMAIN", "vm1", "3f1c8a52-5d4b-4a7e-9c1e-2b6f0d9e8a71", "1 (not primary)"}},
 		{args: []string{"status", "--json", "vm1"}, want: []string{`"key_id": "3f1c8a52-5d4b-4a7e-9c1e-2b6f0d9e8a71"`, `"tpm": "ok"`}},
 		{args: []string{"status", "nope"}, wantErr: `vm "nope": no such domain: check the name with virsh list --all`},
-		{args: []string{"protect", "vm1"}, want: []string{"vm1: done"}, request: "protect vm1 {}"},
+		{args: []string{"protect", "vm1"}, want: []string{"vm1: done"}, request: `protect vm1 {"disks":"all"}`},
 		{args: []string{"rekey", "vm1"}, want: []string{"vm1: done"}, request: "rekey vm1 {}"},
+		{args: []string{"rekey", "--deep", "vm1"}, want: []string{"vm1: done"}, request: `rekey vm1 {"deep":true}`},
+		{args: []string{"protect", "--disks", "vda,vdb", "--remove-original", "--allow-double-encryption", "vm1"}, want: []string{"vm1: done"},
+			request: `protect vm1 {"disks":"vda,vdb","remove_original":true,"allow_double_encryption":true}`},
+		{args: []string{"protect", "--disks", "none", "vm1"}, want: []string{"vm1: done"}, request: `protect vm1 {"disks":"none"}`},
+		{args: []string{"protect", "--finalize", "vm1"}, want: []string{"vm1: done"}, request: `finalize vm1`},
+		{args: []string{"protect", "--json", "vm1"}, want: []string{`"note": "done"`}, request: `protect vm1 {"disks":"all"}`},
+		{args: []string{"protect", "--disks", "vda;rm", "vm1"}, wantErr: `--disks "vda;rm": want all, none, or target devs`},
+		{args: []string{"protect", "--finalize", "--disks", "vda", "vm1"}, wantErr: "--finalize removes the kept original disk files and takes no other option"},
 		{args: []string{"unprotect", "vm1"}, want: []string{"vm1: done"}, request: `unprotect vm1 {"tpm":"keep"}`},
 		{args: []string{"unprotect", "--tpm", "none", "vm1"}, want: []string{"vm1: done"}, request: `unprotect vm1 {"tpm":"none"}`},
 		{args: []string{"unprotect", "--tpm", "maybe", "vm1"}, wantErr: `--tpm "maybe": want "keep"`},
@@ -106,5 +130,40 @@ func TestCommands(t *testing.T) {
 	}
 	if _, err := run(t, filepath.Join(t.TempDir(), "gone.sock"), "status"); err == nil || !strings.Contains(err.Error(), "is nkp-hostd running?") {
 		t.Fatalf("no hostd: %v", err)
+	}
+}
+
+// TestProgress checks the progress hostd streams: plain lines per phase and per 10% when
+// standard error is not a terminal, a bar when it is; the result on stdout either way.
+func TestProgress(t *testing.T) {
+	sock, _ := fakeHostd(t)
+	out, errs, err := run2(t, sock, false, "protect", "vm1")
+	if err != nil || !strings.Contains(out, "vm1: done") {
+		t.Fatalf("protect: %v\n%s", err, out)
+	}
+	want := "disk vda (8 MiB): converting 0%\ndisk vda: converting 55%\ndisk vda: verifying 0%\ndisk vda: done 100%\n"
+	if errs != want {
+		t.Fatalf("plain progress:\n%q\nwant\n%q", errs, want)
+	}
+	out, errs, err = run2(t, sock, true, "unprotect", "vm1")
+	if err != nil || !strings.Contains(out, "vm1: done") || !strings.Contains(errs, "disk vda: verifying") || !strings.Contains(errs, "100%") {
+		t.Fatalf("bar: %v\nstdout %s\nstderr %q", err, out, errs)
+	}
+}
+
+func TestDescribeDisks(t *testing.T) {
+	yes := true
+	var out bytes.Buffer
+	c := &cli{stdout: &out}
+	c.describe(vmapi.VM{Domain: "vm1", UUID: "u", Protected: true, Running: true, Disks: []vmapi.Disk{
+		{Target: "vda", File: "/v/a.nkp-1.luks", Protected: true, KeyID: "K", KDKVersion: 2, Primary: true, OpenedEncrypted: &yes, Originals: []string{"/v/a.img"},
+			LUKS: &vmapi.LUKS{Cipher: "aes-256-xts", IVGen: "plain64", Hash: "sha256", Iters: 1000, ActiveSlots: 1}},
+		{Target: "sda", Note: "skipped: a cdrom"},
+	}})
+	for _, w := range []string{"disk vda   /v/a.nkp-1.luks  key K  KDK version 2 (primary)", "LUKS aes-256-xts, ivgen plain64, hash sha256, 1000 PBKDF iterations, 1 active keyslot(s)",
+		"QEMU opened it encrypted", "original kept: /v/a.img (nkpctl vm protect --finalize vm1 removes it)", "disk sda   - (skipped: a cdrom)"} {
+		if !strings.Contains(out.String(), w) {
+			t.Errorf("lacks %q:\n%s", w, out.String())
+		}
 	}
 }
