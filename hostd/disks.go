@@ -11,6 +11,7 @@ import (
 	"github.com/nkp-dev/nkp/hostd/domxml"
 	"github.com/nkp-dev/nkp/hostd/kdkcache"
 	"github.com/nkp-dev/nkp/provider/kdk"
+	"github.com/nkp-dev/nkp/qemuimg"
 )
 
 // diskKeys derives disk keys from the KDK cache (disksecret.Keys).
@@ -32,6 +33,34 @@ func (k diskKeys) DiskKey(_ context.Context, vmUUID string, o domxml.Object) ([]
 		return nil, fmt.Errorf("the metadata names KDK %s as version %d, but this host's version %d is KDK %s (metadata from another provider, or edited)", o.KDKID, o.KDKVersion, o.KDKVersion, id)
 	}
 	return kdk.Derive(key, kdk.PurposeDisk, vmUUID, o.KeyID)
+}
+
+// diskImage returns the image of disk target of a domain XML and the qemuimg format it
+// opens with, if the disk is a file whose <encryption format='luks'> names secretUUID.
+func diskImage(doc []byte, target, secretUUID string) (path, format string) {
+	dom, err := domxml.Parse(doc)
+	if err != nil {
+		return "", ""
+	}
+	disk, ok := dom.Disk(target)
+	if !ok || disk.Type != "file" || disk.Source == "" || disk.Encryption == nil || disk.Encryption.Format != "luks" || disk.Encryption.SecretUUID != secretUUID {
+		return "", ""
+	}
+	if disk.DriverType == string(qemuimg.QCOW2) {
+		return disk.Source, string(qemuimg.QCOW2)
+	}
+	return disk.Source, string(qemuimg.LUKS) // raw + LUKS encryption: a raw LUKS image
+}
+
+// imageVerifier opens images with qemu-img (disksecret.Verifier).
+type imageVerifier struct{ t *qemuimg.Tool }
+
+func (v imageVerifier) Opens(ctx context.Context, path, format string, pass []byte) error {
+	err := v.t.Unlock(ctx, qemuimg.Image{Path: path, Format: qemuimg.Format(format), Key: pass})
+	if errors.Is(err, qemuimg.ErrWrongKey) {
+		return fmt.Errorf("%w: %v", disksecret.ErrWrongKey, err)
+	}
+	return err
 }
 
 // checkDisks answers the disk part of a prepare, restore or migrate hook from memory:

@@ -16,6 +16,7 @@ import (
 	"github.com/nkp-dev/nkp/hostd/virt"
 	"github.com/nkp-dev/nkp/hostd/vm"
 	"github.com/nkp-dev/nkp/provider/kdk"
+	"github.com/nkp-dev/nkp/qemuimg"
 )
 
 // startGrace: a vTPM started this recently before libvirt was asked about its domain
@@ -88,7 +89,8 @@ func (d *Daemon) runLibvirt(ctx context.Context) error {
 		}
 	}
 	defer conn.Close()
-	secrets, err := disksecret.New(disksecret.Config{Libvirt: conn, Keys: diskKeys{d}, Log: d.log})
+	secrets, err := disksecret.New(disksecret.Config{Libvirt: conn, Keys: diskKeys{d}, Log: d.log,
+		Disks: diskImage, Verify: imageVerifier{&qemuimg.Tool{Logger: d.log}}})
 	if err != nil {
 		return err
 	}

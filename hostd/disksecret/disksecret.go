@@ -19,10 +19,12 @@
 // for a hook's domain (Kick, e.g. an incoming migration not yet known to libvirt) stay
 // at least KickGrace.
 //
-// Optionally (Config.Verify) the manager checks, when it defines a secret, that the
-// disk's image opens under the key (outside any hook; cached by path, size and
-// modification time), so that Check refuses a disk whose image was made under another
-// key and names it, instead of QEMU failing with a bare "Invalid password".
+// Optionally (Config.Verify) the manager checks, after it defines a secret, that the
+// disk's image opens under the key (in a goroutine of Run, outside any hook, the key
+// derived again for it; verdicts cached by path, size and modification time), so that
+// Check refuses a disk whose image was made under another key and names it, instead of
+// QEMU failing with a bare "Invalid password". A start before the verdict is allowed;
+// an image is verified when its secret is (re)defined, not on every reconcile.
 //
 // Importers: hostd. Unit tests use fakes of Libvirt and Keys; hostd's tests use a real
 // libvirtd.
@@ -49,7 +51,7 @@ import (
 const KickGrace = 10 * time.Minute
 
 // DiskPrefix starts the metadata object name of a disk.
-const DiskPrefix = "disk:"
+const DiskPrefix = domxml.ObjectDiskPrefix
 
 // Libvirt is what the manager needs of libvirt; *hostd/virt.Conn is one.
 type Libvirt interface {
@@ -84,10 +86,11 @@ type Config struct {
 	Libvirt Libvirt
 	Keys    Keys
 	// Disks returns the image path and format of the disk of target dev in a domain
-	// XML ("" when there is none); with Verify, needed to verify images. Nil: no
-	// verification.
-	Disks func(domainXML []byte, target string) (path, format string)
-	// Verify, if set, checks each disk image under its key when its secret is defined.
+	// XML, "" when it has none or its <encryption> does not name secretUUID; with
+	// Verify, needed to verify images. Nil: no verification.
+	Disks func(domainXML []byte, target, secretUUID string) (path, format string)
+	// Verify, if set, checks each disk image under its key after its secret is defined
+	// (in the background: a start right after a definition is not delayed by it).
 	Verify Verifier
 	Log    *slog.Logger
 	// Now is the clock (tests); nil is time.Now.
@@ -180,6 +183,9 @@ type Manager struct {
 	wake  chan struct{}
 
 	vcache verifyCache
+	vmu    sync.Mutex
+	vjobs  map[string]want // secret UUID → image to verify; guarded by vmu
+	vwake  chan struct{}
 }
 
 // New returns a manager; Run makes it work through its queue.
@@ -190,7 +196,8 @@ func New(cfg Config) (*Manager, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
-	m := &Manager{cfg: cfg, log: cfg.Log, now: cfg.Now, entries: map[string]*entry{}, vms: map[string]bool{}, kicks: map[string]kick{}, wake: make(chan struct{}, 1)}
+	m := &Manager{cfg: cfg, log: cfg.Log, now: cfg.Now, entries: map[string]*entry{}, vms: map[string]bool{}, kicks: map[string]kick{}, wake: make(chan struct{}, 1),
+		vjobs: map[string]want{}, vwake: make(chan struct{}, 1)}
 	if m.now == nil {
 		m.now = time.Now
 	}
@@ -324,8 +331,22 @@ func (m *Manager) Stats() Stats {
 	return s
 }
 
-// Run works through the queue until ctx ends.
+// Run works through the queue (and, in another goroutine, the images to verify) until
+// ctx ends.
 func (m *Manager) Run(ctx context.Context) {
+	done := make(chan struct{})
+	defer func() { <-done }()
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-m.vwake:
+				m.verifyQueued(ctx)
+			}
+		}
+	}()
 	for {
 		select {
 		case <-ctx.Done():
@@ -365,7 +386,7 @@ type want struct {
 func (m *Manager) wantOf(vmUUID, vmName string, o domxml.Object, xml []byte) want {
 	w := want{vmUUID: vmUUID, vmName: vmName, obj: o}
 	if m.cfg.Disks != nil && xml != nil {
-		w.path, w.format = m.cfg.Disks(xml, target(o))
+		w.path, w.format = m.cfg.Disks(xml, target(o), domxml.SecretUUID(vmUUID, o.KeyID))
 	}
 	return w
 }
@@ -583,8 +604,11 @@ func (m *Manager) defineOne(ctx context.Context, w want, mark func(*entry)) erro
 		rec(stateError, err, "")
 		return fmt.Errorf("VM %s disk %s (key %s): %w", w.vmName, target(w.obj), w.obj.KeyID, err)
 	}
-	wrong := m.verify(ctx, w, u, pass)
+	wrong, known := m.verdict(w, u)
 	rec(stateDefined, nil, wrong)
+	if !known {
+		m.queueVerify(u, w)
+	}
 	m.log.Debug("disk secret defined", "uuid", w.vmUUID, "vm", w.vmName, "disk", target(w.obj), "key_id", w.obj.KeyID, "secret", u)
 	return nil
 }

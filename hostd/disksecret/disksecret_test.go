@@ -513,11 +513,23 @@ func TestVerify(t *testing.T) {
 	lv := newFakeLibvirt()
 	lv.set(a.def(t))
 	m, err := New(Config{Libvirt: lv, Keys: fakeKeys{map[int]bool{1: true}}, Verify: ver,
-		Disks: func(_ []byte, target string) (string, string) { return paths[target], "qcow2" }})
+		Disks: func(_ []byte, target, secret string) (string, string) {
+			if secret != domxml.SecretUUID(a.uuid, ds[0].KeyID) && secret != domxml.SecretUUID(a.uuid, ds[1].KeyID) && secret != domxml.SecretUUID(a.uuid, ds[2].KeyID) {
+				t.Errorf("Disks asked with secret %s", secret)
+			}
+			return paths[target], "qcow2"
+		}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	mustReconcile(t, m)
+	if ver.calls != 0 {
+		t.Errorf("the verifier ran %d times inside the reconcile; it runs in the background", ver.calls)
+	}
+	if nr := m.Check(a.uuid, ds[1:2]); nr != nil {
+		t.Errorf("refused before verification: %v", nr)
+	}
+	m.verifyQueued(context.Background())
 	if nr := m.Check(a.uuid, ds[:1]); nr != nil {
 		t.Errorf("good image: %v", nr)
 	}
@@ -531,6 +543,10 @@ func TestVerify(t *testing.T) {
 	calls := ver.calls
 	lv.restart()
 	mustReconcile(t, m) // defines all three again: good and bad from the cache
+	m.verifyQueued(context.Background())
+	if nr := m.Check(a.uuid, ds[1:2]); nr == nil || nr.Reason != WrongKey {
+		t.Errorf("after a redefinition the cached verdict is lost: %+v", nr)
+	}
 	if ver.calls != calls+1 {
 		t.Errorf("redefinition ran the verifier %d times, want 1 (only the image it could not judge)", ver.calls-calls)
 	}
