@@ -97,6 +97,13 @@ func (s *Server) serveDataConn(c net.Conn, what string) {
 // as serveDataConn's Go loop does (package data's framing, the same replies and
 // timeouts), and logs how it ended the same way.
 func (s *Server) serveDataFD(fc *fdConn, what string, disconnect, isDataConn bool) {
+	// The data loop takes only the engine's lock, per command: a connection that
+	// came while the TPM starts at launch waits for the start, as the Go loop does on
+	// tpmMu.
+	select {
+	case <-s.launched:
+	case <-s.stop:
+	}
 	end := s.cs.ServeConn(fc.fd, libtpms.ConnOptions{
 		MaxCommand:       s.maxCommand,
 		MessageTimeout:   s.cfg.MessageTimeout,

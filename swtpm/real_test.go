@@ -508,3 +508,60 @@ func TestRealEngineReleaseLockOutgoing(t *testing.T) {
 	}
 	closeReal(t, h, eng, d)
 }
+
+// At launch (--flags not-need-init,startup-clear) a data client that connected and
+// sent a command before Serve began is served by the engine's data loop only after
+// the TPM started: its first command succeeds instead of meeting a TPM that does not
+// run yet.
+func TestRealEngineDataWaitsForLaunchStart(t *testing.T) {
+	dir := shortDir(t)
+	tpm, d := realTPM(t, t.TempDir(), nil)
+	dataPath := filepath.Join(dir, "data")
+	dl, err := net.Listen("unix", dataPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	early, err := net.Dial("unix", dataPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer early.Close()
+	cmd := commandOf(t, tpm2.GetRandom{BytesRequested: 8})
+	if _, err := early.Write(cmd); err != nil {
+		t.Fatal(err)
+	}
+	h := startServerWith(t, tpm, d, func(c *Config) {
+		c.DataListener = dl
+		c.NotNeedInit, c.Startup = true, StartupClear
+	})
+	early.SetReadDeadline(time.Now().Add(30 * time.Second))
+	hdr := make([]byte, 10)
+	if _, err := io.ReadFull(early, hdr); err != nil {
+		t.Fatalf("response to the command sent at launch: %v", err)
+	}
+	if rc := binary.BigEndian.Uint32(hdr[6:]); rc != 0 {
+		t.Fatalf("GetRandom sent at launch answered with TPM rc %#x, want success after the start", rc)
+	}
+	closeReal(t, h, tpm, d)
+}
+
+// commandOf returns the bytes go-tpm sends for cmd.
+func commandOf(t *testing.T, cmd interface {
+	Execute(transport.TPM, ...tpm2.Session) (*tpm2.GetRandomResponse, error)
+}) []byte {
+	t.Helper()
+	var rec recorder
+	cmd.Execute(&rec)
+	if rec.cmd == nil {
+		t.Fatal("go-tpm sent no command")
+	}
+	return rec.cmd
+}
+
+// recorder is a transport that keeps the command and answers nothing.
+type recorder struct{ cmd []byte }
+
+func (r *recorder) Send(cmd []byte) ([]byte, error) {
+	r.cmd = append([]byte{}, cmd...)
+	return nil, errors.New("recorded")
+}

@@ -100,9 +100,10 @@ type Server struct {
 	stopWhy  string
 	wg       sync.WaitGroup
 
-	ready chan struct{} // closed once serving (and the TPM started, if at launch)
-	done  chan struct{} // closed when Serve has returned
-	err   error         // what Serve returned; set before done is closed
+	ready    chan struct{} // closed once serving (and the TPM started, if at launch)
+	launched chan struct{} // closed once the start at launch is over (at once without one)
+	done     chan struct{} // closed when Serve has returned
+	err      error         // what Serve returned; set before done is closed
 }
 
 // New checks cfg and returns a server ready to Serve. It does not touch the TPM yet.
@@ -121,13 +122,14 @@ func New(cfg Config) (*Server, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	s := &Server{
-		cfg:   cfg,
-		log:   log,
-		conns: make(map[io.Closer]struct{}),
-		stop:  make(chan struct{}),
-		ready: make(chan struct{}),
-		done:  make(chan struct{}),
-		ctx:   context.Background(),
+		cfg:      cfg,
+		log:      log,
+		conns:    make(map[io.Closer]struct{}),
+		stop:     make(chan struct{}),
+		ready:    make(chan struct{}),
+		launched: make(chan struct{}),
+		done:     make(chan struct{}),
+		ctx:      context.Background(),
 	}
 	_, _, maxSize, err := cfg.Engine.SetBufferSize(0)
 	if err != nil || maxSize == 0 {
@@ -158,8 +160,11 @@ func (s *Server) Serve(ctx context.Context) (err error) {
 	s.ctx = ctx
 	launch := s.cfg.NotNeedInit || s.cfg.Startup != StartupNone
 	if launch {
-		// Taken before any client is served, so that the start comes first.
-		s.lockTPM()
+		// Taken before any client is served, so that the start comes first: control
+		// and Go-loop data requests wait on tpmMu, the engine's data loop on launched.
+		// The engine's lock (which pins the goroutine to its OS thread) is taken only
+		// after the yield below, so that yielding needs no second thread.
+		s.tpmMu.Lock()
 	}
 	s.dataConnOpen = s.cfg.DataConn != nil
 	s.goServe(func() { s.serveCtrl() })
@@ -177,9 +182,13 @@ func (s *Server) Serve(ctx context.Context) (err error) {
 		// CPU. nkp-swtpm runs with one P, so without this the answer waits for
 		// MainInit and for the scheduler to hand the P over during TPM2_Startup.
 		runtime.Gosched()
+		if s.cs != nil {
+			s.cs.Lock()
+		}
 		startErr = s.startAtLaunchLocked()
 		s.unlockTPM()
 	}
+	close(s.launched)
 	if startErr != nil {
 		s.requestStop("the TPM did not start")
 	} else {
