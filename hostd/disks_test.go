@@ -193,6 +193,29 @@ func TestDiskSecrets(t *testing.T) {
 	running(b.name)
 	mustVirsh("destroy", b.name)
 
+	// An incoming migration's migrate hook (sent as libvirtd would, before the domain
+	// exists here): refused with the migration's way out; the secret is defined from
+	// the hook's XML, so the retry passes.
+	mg := newVM("dsec-m")
+	sm := domxml.SecretUUID(mg.uuid, mg.keyID)
+	xm := diskDomainXML(t, mg.name, mg.uuid, filepath.Join(pool, "m.luks"), st.ProviderID, k.ID, k.Version, mg.keyID)
+	code, stderr, took := hook(t, h.run, xm, mg.name, "migrate", "begin", "-")
+	if code == 0 || !strings.Contains(stderr, "retry the migration") || !strings.Contains(stderr, mg.keyID) || !strings.Contains(stderr, "disk vda") {
+		t.Errorf("migrate hook without the secret: %d %q", code, stderr)
+	}
+	t.Logf("migrate hook refused from memory in %v (nkp-hook process included)", took)
+	waitSecret(sm, true, "after the migrate hook")
+	for deadline := time.Now().Add(time.Minute); ; {
+		code, stderr, _ = hook(t, h.run, xm, mg.name, "migrate", "begin", "-")
+		if code == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("migrate hook still refused a minute after the secret was defined: %q", stderr)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
 	// An image made under another key (a's volume, named by a domain with a key of its
 	// own): hostd verifies the image when it defines the secret, and the hook refuses
 	// naming disk, key and image (until then QEMU's own "Invalid password" fails it).
@@ -232,6 +255,20 @@ func TestDiskSecrets(t *testing.T) {
 	// Undefined domains lose their secrets.
 	mustVirsh("undefine", a.name)
 	waitSecret(sa, false, "after undefine")
+
+	// Revocation: every nkp secret goes, and starts are refused saying why.
+	p.mustCtl(t, "", "revoke", st.HostID)
+	d.Sync(ctx)
+	waitSecret(sm, false, "after the revocation")
+	out := mustVirsh("secret-list")
+	for _, u := range []string{sb, sm, domxml.SecretUUID(w.uuid, w.keyID)} {
+		if strings.Contains(out, u) {
+			t.Errorf("secret %s left after the revocation:\n%s", u, out)
+		}
+	}
+	if _, err := virsh("start", w.name); err == nil || !strings.Contains(err.Error(), "revoked") || !strings.Contains(err.Error(), "disk vda") {
+		t.Errorf("start on a revoked host: %v", err)
+	}
 }
 
 func grepLines(s, sub string) string {

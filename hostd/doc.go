@@ -36,8 +36,10 @@
 // are cached, retired ones deleted. While the provider is unreachable hostd works from
 // the cache, logs a warning once, sets nkp_hostd_provider_reachable to 0, and adds a
 // warning to the hook's answer. A host the provider reports as revoked (policy) deletes
-// its KDK cache at once and refuses every later start of a protected VM with a sentence
-// saying so; VMs already running keep their vTPM (their keys are in their nkp-swtpm),
+// its KDK cache at once, undefines the disks' libvirt secrets (from the secrets
+// manager's goroutine: the revocation may be noticed inside a hook), and refuses every
+// later start of a protected VM with a sentence saying so; VMs already running keep their
+// vTPM (their keys are in their nkp-swtpm) and their open disks,
 // since killing running guests would lose data. The host certificate is renewed when
 // less than RenewBefore (default: a third of its lifetime) is left.
 //

@@ -145,6 +145,9 @@ func (d *Daemon) revoke(cause error) error {
 		err = ferr
 	}
 	d.metrics.revoked.Set(1)
+	if m := d.secrets.Load(); m != nil {
+		m.RequestForget() // libvirt is not called here: a hook's syncNow may be asking
+	}
 	d.log.Error("this host was revoked by the provider: its KDK cache is deleted; running VMs keep their vTPMs, new starts of protected VMs are refused", "cause", cause, "running_vtpms", d.sup.Running())
 	return err
 }

@@ -176,11 +176,12 @@ type Manager struct {
 	entries map[string]*entry // secret UUID →; guarded by mu
 	errs    uint64            // guarded by mu
 
-	qmu   sync.Mutex
-	all   bool            // a full reconcile is queued; guarded by qmu
-	vms   map[string]bool // VMs to reconcile; guarded by qmu
-	kicks map[string]kick // hook requests by VM; guarded by qmu
-	wake  chan struct{}
+	qmu    sync.Mutex
+	forget bool            // Forget is queued; guarded by qmu
+	all    bool            // a full reconcile is queued; guarded by qmu
+	vms    map[string]bool // VMs to reconcile; guarded by qmu
+	kicks  map[string]kick // hook requests by VM; guarded by qmu
+	wake   chan struct{}
 
 	vcache verifyCache
 	vmu    sync.Mutex
@@ -261,6 +262,41 @@ func (m *Manager) Kick(vmUUID, vmName string, disks []domxml.Object, domainXML [
 	m.kicks[vmUUID] = kick{vmUUID: vmUUID, vmName: vmName, objs: disks, xml: domainXML}
 	m.qmu.Unlock()
 	m.signal()
+}
+
+// RequestForget queues Forget (the host was revoked). It never blocks: a revocation can
+// be noticed while a hook is answered.
+func (m *Manager) RequestForget() {
+	m.qmu.Lock()
+	m.forget = true
+	m.qmu.Unlock()
+	m.signal()
+}
+
+// Forget undefines every nkp secret libvirt holds and forgets them all. With the keys
+// gone (a revoked host), later reconciles define nothing again.
+func (m *Manager) Forget(ctx context.Context) error {
+	m.op.Lock()
+	defer m.op.Unlock()
+	listed, _, err := m.listed(ctx)
+	if err != nil {
+		return err
+	}
+	m.mu.Lock()
+	m.entries = map[string]*entry{}
+	m.mu.Unlock()
+	var errs []error
+	for _, s := range listed {
+		if err := m.cfg.Libvirt.UndefineSecret(ctx, s.UUID); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		m.countError()
+		return fmt.Errorf("disk secrets: undefining them all: %w", err)
+	}
+	m.log.Info("disk secrets undefined", "count", len(listed))
+	return nil
 }
 
 // RequestAll queues a full reconcile (libvirtd reconnected, a new KDK version, periodic).
@@ -354,9 +390,18 @@ func (m *Manager) Run(ctx context.Context) {
 		case <-m.wake:
 		}
 		m.qmu.Lock()
-		all, vms, kicks := m.all, m.vms, m.kicks
-		m.all, m.vms, m.kicks = false, map[string]bool{}, map[string]kick{}
+		forget, all, vms, kicks := m.forget, m.all, m.vms, m.kicks
+		m.forget, m.all, m.vms, m.kicks = false, false, map[string]bool{}, map[string]kick{}
 		m.qmu.Unlock()
+		if forget {
+			if err := m.Forget(ctx); err != nil {
+				m.log.Error("disk secrets: undefining them all failed; retried at the next reconcile", "err", err)
+				m.qmu.Lock()
+				m.forget = true // keep trying with the next wake-up
+				m.qmu.Unlock()
+			}
+			continue
+		}
 		for _, k := range kicks {
 			if err := m.define(ctx, k.vmUUID, k.vmName, k.objs, k.xml, func(e *entry) { e.kicked = true }); err != nil {
 				m.log.Warn("disk secrets: defining a hook's disk secrets failed; the next start retries", "uuid", k.vmUUID, "vm", k.vmName, "err", err)

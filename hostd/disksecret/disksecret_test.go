@@ -553,3 +553,69 @@ func TestVerify(t *testing.T) {
 }
 
 func writeFile(p string) error { return os.WriteFile(p, []byte("image"), 0o600) }
+
+// TestForget: a revoked host's Forget undefines every nkp secret (this manager's and
+// ones it never knew) and Check refuses afterwards.
+func TestForget(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	lv := newFakeLibvirt()
+	a := newSpec("a", 1, 1)
+	lv.set(a.def(t))
+	m, _ := newManager(t, lv, 1)
+	mustReconcile(t, m)
+	lv.secrets[domxml.SecretUUID(kdk.NewKeyID(), kdk.NewKeyID())] = fakeSecret{desc: "nkp: disk vda of VM x (y), key z"}
+	go m.Run(ctx)
+	m.RequestForget()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		lv.mu.Lock()
+		n := len(lv.secrets)
+		lv.mu.Unlock()
+		if n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d secrets left 10 s after RequestForget", n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if nr := m.Check(a.uuid, a.disks()); nr == nil {
+		t.Error("Check ready after Forget")
+	}
+	if m.Stats().Defined != 0 {
+		t.Errorf("Stats after Forget: %+v", m.Stats())
+	}
+}
+
+// BenchmarkCheck: the hook's answer for a VM with 4 disks on a host with 50 such VMs,
+// from 50 goroutines at once (go test -bench Check -cpu 1,2 ./hostd/disksecret).
+func BenchmarkCheck(b *testing.B) {
+	lv := newFakeLibvirt()
+	t := &testing.T{}
+	var vms []vmSpec
+	for i := range 50 {
+		v := newSpec(fmt.Sprintf("vm%d", i), 1, 1, 1, 1)
+		lv.set(v.def(t))
+		vms = append(vms, v)
+	}
+	m, err := New(Config{Libvirt: lv, Keys: fakeKeys{map[int]bool{1: true}}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := m.Reconcile(context.Background()); err != nil {
+		b.Fatal(err)
+	}
+	b.SetParallelism(25)
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		i := 0
+		for pb.Next() {
+			v := vms[i%len(vms)]
+			if nr := m.Check(v.uuid, v.disks()); nr != nil {
+				b.Error(nr)
+			}
+			i++
+		}
+	})
+}
