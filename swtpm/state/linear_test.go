@@ -6,10 +6,13 @@ import (
 	"errors"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/nkp-dev/nkp/test/e2e"
 )
 
 func mustOpenLinear(t testing.TB, path string, opts Options) *Linear {
@@ -411,5 +414,60 @@ func TestLinearSkipsUnchanged(t *testing.T) {
 	}
 	if after, _ := os.ReadFile(p); !bytes.Equal(before, after) {
 		t.Error("an unchanged Store rewrote the file")
+	}
+}
+
+// TestLinearBlockDevice runs the linear file on a loop block device (root only): blobs
+// store and reload, real swtpm initialises its TPM from what nkp wrote, and a device too
+// small for a blob twice refuses the store, naming the way out, with the old blob kept.
+func TestLinearBlockDevice(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for a loop device")
+	}
+	e2e.Require(t, "losetup")
+	img := filepath.Join(t.TempDir(), "dev.img")
+	if err := os.WriteFile(img, make([]byte, 64<<10), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("losetup", "-f", "--show", img).Output()
+	if err != nil {
+		t.Skipf("no loop device: %v", err)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+	os.Chmod(dev, 0o660)
+
+	ref, err := os.ReadFile(filepath.Join(fixtures, "linear-plain", "ref.permall"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := mustOpenLinear(t, dev, Options{Mode: 0o600})
+	for _, s := range []int{9000, 3000, 20000} {
+		if err := l.Store("volatilestate", bytes.Repeat([]byte{byte(s)}, s)); err != nil {
+			t.Fatalf("Store %d bytes: %v", s, err)
+		}
+	}
+	if err := l.Store("permall", ref); err != nil {
+		t.Fatal(err)
+	}
+	err = l.Store("volatilestate", bytes.Repeat([]byte{1}, 40000))
+	if err == nil || !strings.Contains(err.Error(), "larger device") {
+		t.Fatalf("a store the device cannot hold twice: %v", err)
+	}
+	if got, err := l.Load("volatilestate"); err != nil || !bytes.Equal(got, bytes.Repeat([]byte{byte(20000 % 256)}, 20000)) {
+		t.Fatalf("the previous blob after a refused store: %v", err)
+	}
+	if err := l.Delete("volatilestate"); err != nil {
+		t.Fatal(err)
+	}
+	l.Close()
+	if fi, _ := os.Stat(dev); fi.Mode().Perm() != 0o660 {
+		t.Errorf("the device node's mode changed to %v", fi.Mode().Perm())
+	}
+
+	if _, err := exec.LookPath("swtpm"); err == nil {
+		if got := swtpmPermall(t, []string{"socket", "--tpm2", "--tpmstate", "backend-uri=file://" + dev}); !bytes.Equal(got, ref) {
+			t.Errorf("swtpm's permanent state from the device (%d bytes) differs from what nkp stored (%d)", len(got), len(ref))
+		}
 	}
 }

@@ -2,6 +2,7 @@ package state
 
 import (
 	"bytes"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -103,8 +104,12 @@ func swtpmPermall(t *testing.T, args []string) []byte {
 		_ = exec.Command("swtpm_ioctl", "--unix", ctrl, "-s").Run()
 		_ = cmd.Wait()
 	})
+	// Listening, not only bound: a connect between swtpm's bind and listen is refused.
 	e2e.WaitFor(t, 5*time.Second, "swtpm's control socket", func() bool {
-		_, err := os.Stat(ctrl)
+		c, err := net.Dial("unix", ctrl)
+		if err == nil {
+			c.Close()
+		}
 		return err == nil
 	})
 	ioctl := func(args ...string) {
