@@ -132,7 +132,9 @@ func (d *Daemon) runLibvirt(ctx context.Context) error {
 				d.reconcileAll(ctx, conn)
 			case virt.Disconnected:
 				secrets.Disconnected()
-			case virt.Stopped, virt.Started:
+			case virt.Started:
+				d.reconcile(ctx, conn, ev.UUID)
+			case virt.Stopped:
 				d.reconcile(ctx, conn, ev.UUID)
 				secrets.RequestVM(ev.UUID) // a stopped VM may leave a rekey's old key unused
 			case virt.Defined, virt.Undefined:

@@ -60,6 +60,7 @@ type Libvirt interface {
 	DefineSecret(ctx context.Context, s virt.Secret, value []byte) error
 	UndefineSecret(ctx context.Context, uuid string) error
 	ListSecrets(ctx context.Context) ([]virt.SecretInfo, error)
+	SecretExists(ctx context.Context, uuid string) (bool, error)
 }
 
 // Keys derives disk keys.
@@ -531,13 +532,31 @@ func (m *Manager) ReconcileVM(ctx context.Context, vmUUID string) error {
 		m.countError()
 		return fmt.Errorf("disk secrets of VM %s: %w", vmUUID, err)
 	}
-	_, inLibvirt, err := m.listed(ctx)
-	if err != nil {
-		return err
-	}
 	need := map[string]want{}
 	if known {
 		need = m.wants(d)
+	}
+	// Only this VM's secrets are looked up (a full listing reads every secret's XML):
+	// those it needs and those this manager holds for it.
+	lookup := map[string]bool{}
+	for u := range need {
+		lookup[u] = true
+	}
+	m.mu.RLock()
+	for u, e := range m.entries {
+		if e.vmUUID == vmUUID {
+			lookup[u] = true
+		}
+	}
+	m.mu.RUnlock()
+	inLibvirt := map[string]bool{}
+	for u := range lookup {
+		ok, err := m.cfg.Libvirt.SecretExists(ctx, u)
+		if err != nil {
+			m.countError()
+			return fmt.Errorf("disk secrets of VM %s: %w", vmUUID, err)
+		}
+		inLibvirt[u] = ok
 	}
 	var errs []error
 	for _, u := range sortedKeys(need) {

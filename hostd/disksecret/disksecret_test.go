@@ -97,6 +97,14 @@ func (f *fakeLibvirt) ListSecrets(context.Context) ([]virt.SecretInfo, error) {
 	return out, nil
 }
 
+func (f *fakeLibvirt) SecretExists(_ context.Context, uuid string) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls++
+	_, ok := f.secrets[uuid]
+	return ok, nil
+}
+
 func (f *fakeLibvirt) value(uuid string) (string, bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()

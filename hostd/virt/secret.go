@@ -115,6 +115,23 @@ func (c *Conn) UndefineSecret(_ context.Context, uuid string) error {
 	return nil
 }
 
+// SecretExists says whether libvirt holds a secret of that UUID.
+func (c *Conn) SecretExists(_ context.Context, uuid string) (bool, error) {
+	conn, err := c.get()
+	if err != nil {
+		return false, err
+	}
+	sec, err := conn.LookupSecretByUUIDString(uuid)
+	if isCode(err, libvirt.ERR_NO_SECRET) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("libvirt secret %s: %w", uuid, err)
+	}
+	sec.Free()
+	return true, nil
+}
+
 // ListSecrets returns nkp's libvirt secrets: those whose description starts with
 // SecretPrefix.
 func (c *Conn) ListSecrets(_ context.Context) ([]SecretInfo, error) {

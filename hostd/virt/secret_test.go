@@ -103,6 +103,9 @@ func TestSecrets(t *testing.T) {
 	if err := c.DefineSecret(ctx, Secret{UUID: u, Description: "nkp: disk vda of VM test (x), key y"}, value); err != nil {
 		t.Fatalf("defining again: %v", err)
 	}
+	if ok, err := c.SecretExists(ctx, u); !ok || err != nil {
+		t.Errorf("SecretExists of a defined secret: %v, %v", ok, err)
+	}
 	list, err := c.ListSecrets(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -145,6 +148,9 @@ func TestSecrets(t *testing.T) {
 	nextEvent(t, c, SecretUndefined, u)
 	if err := c.UndefineSecret(ctx, u); err != nil {
 		t.Errorf("undefining a secret already gone: %v", err)
+	}
+	if ok, err := c.SecretExists(ctx, u); ok || err != nil {
+		t.Errorf("SecretExists of an undefined secret: %v, %v", ok, err)
 	}
 	// This process's own undefine delivers no event either: define, undefine, then
 	// another process's define must be the next event for u.
