@@ -33,6 +33,8 @@ type HostStatus struct {
 	CertificateEnds time.Time          `json:"certificate_not_after"`
 	KDKs            []kdkcache.Version `json:"kdks"`
 	VTPMs           []vtpm.Instance    `json:"vtpms"`
+	// DiskSecrets is how many protected disks' libvirt secrets hostd holds defined.
+	DiskSecrets int `json:"disk_secrets"`
 }
 
 // Status is what GET /v1/host returns.
@@ -47,6 +49,9 @@ func (d *Daemon) Status() HostStatus {
 	s.TPMBound = d.cache.Persistent()
 	s.KDKs = d.cache.Versions()
 	s.VTPMs = d.sup.List()
+	if m := d.secrets.Load(); m != nil {
+		s.DiskSecrets = m.Stats().Defined
+	}
 	if s.VTPMs == nil {
 		s.VTPMs = []vtpm.Instance{}
 	}

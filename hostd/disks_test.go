@@ -148,6 +148,9 @@ func TestDiskSecrets(t *testing.T) {
 	t.Logf("start of a domain with a LUKS disk (default PBKDF, TCG): %v", time.Since(start))
 	running(a.name)
 	mustVirsh("destroy", a.name)
+	if n := h.status().DiskSecrets; n != 1 {
+		t.Errorf("status: %d disk secrets, want 1", n)
+	}
 	if _, body := h.api("/metrics"); !strings.Contains(body, "nkp_hostd_disk_secrets_defined 1") || !strings.Contains(body, "nkp_hostd_disk_secret_reconcile_errors_total 0") {
 		t.Errorf("metrics lack the disk secret figures:\n%s", grepLines(body, "disk_secret"))
 	}
