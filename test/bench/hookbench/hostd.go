@@ -26,7 +26,9 @@ import (
 // nkp-hostd joined to it inside the Host, with nkp-swtpm as the host TPM.
 type nkpHost struct {
 	h          *libvirtns.Host
+	bin        string // where nkpctl and the other programs are
 	dir        string
+	diskDir    string // the disk images, where QEMU's user may reach them
 	procs      []*exec.Cmd
 	hostd      *exec.Cmd
 	providerID string
@@ -39,10 +41,69 @@ func (n *nkpHost) close() {
 		n.procs[i].Process.Kill()
 		n.procs[i].Wait()
 	}
+	if n.diskDir != "" {
+		os.RemoveAll(n.diskDir)
+	}
+}
+
+// diskXML is a tiny domain with count plain 8 MiB qcow2 disks (vda, vdb, ...), made now.
+func (n *nkpHost) diskXML(ctx context.Context, name, id string, count int) ([]byte, error) {
+	if n.diskDir == "" {
+		d, err := os.MkdirTemp("", "hookbench-disks-")
+		if err != nil {
+			return nil, err
+		}
+		n.diskDir = d
+		if err := os.Chmod(d, 0o711); err != nil {
+			return nil, err
+		}
+	}
+	var disks strings.Builder
+	for i := range count {
+		f := filepath.Join(n.diskDir, fmt.Sprintf("%s-%d.qcow2", name, i))
+		if out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", f, "8M").CombinedOutput(); err != nil {
+			return nil, fmt.Errorf("qemu-img create %s: %w: %s", f, err, out)
+		}
+		fmt.Fprintf(&disks, "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='%s'/><target dev='vd%c' bus='virtio'/></disk>", f, 'a'+i)
+	}
+	return []byte(strings.Replace(tinyXML(name, id), "<devices>", "<devices>"+disks.String(), 1)), nil
+}
+
+// protect runs `nkpctl vm protect NAME` (vTPM and every disk) against the Host's hostd.
+func (n *nkpHost) protect(ctx context.Context, name string) error {
+	out, err := exec.CommandContext(ctx, filepath.Join(n.bin, "nkpctl"), "vm", "--socket", n.h.Path("/run/nkp/hostd.sock"), "protect", name).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("nkpctl vm protect %s: %w: %s", name, err, out)
+	}
+	return nil
+}
+
+// waitSecrets waits until the Host's libvirtd lists at least count secrets (nkp-hostd
+// defines them after protect and on the DEFINED events).
+func (n *nkpHost) waitSecrets(ctx context.Context, count int) error {
+	deadline := time.Now().Add(5 * time.Minute)
+	for {
+		out, err := n.h.Virsh(ctx, "secret-list")
+		got := 0
+		if err == nil {
+			for _, line := range strings.Split(out, "\n") {
+				if f := strings.Fields(line); len(f) > 0 && uuid.Validate(f[0]) == nil {
+					got++ // only nkp defines secrets in this private libvirtd
+				}
+			}
+		}
+		if got >= count {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("libvirtd holds %d nkp secrets after 5 minutes, want %d: %v", got, count, err)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
 }
 
 func startNKP(ctx context.Context, h *libvirtns.Host, bin string) (*nkpHost, error) {
-	n := &nkpHost{h: h, dir: filepath.Join(h.Dir, "nkp")}
+	n := &nkpHost{h: h, bin: bin, dir: filepath.Join(h.Dir, "nkp")}
 	ok := false
 	defer func() {
 		if !ok {

@@ -11,7 +11,10 @@
 //   - protected: nkp-hook with a domain protected by nkp, answered by a real nkp-hostd
 //     that starts the VM's nkp-swtpm (-protected, default on: a provider is initialised,
 //     backed up and served on the Host's uplink, nkp-hostd joins it with nkp-swtpm as the
-//     host TPM; the programs come from the directory of -hook).
+//     host TPM; the programs come from the directory of -hook);
+//   - protected with disks (-disks N): the same with N encrypted disks per domain, made
+//     by `nkpctl vm protect` from plain 8 MiB qcow2 images (LUKS in qcow2, keys in
+//     libvirt secrets that nkp-hostd defines; its prepare check answers from memory).
 //
 // Then (-vtpms N, default 100) N vTPMs are prepared through the hook path (nkp-hook
 // prepare with a protected domain's XML, no QEMU) and nkp-hostd's RSS and PSS are
@@ -23,7 +26,7 @@
 // and are destroyed after each round. Output: a markdown table with p50/p99 per kind and
 // concurrency, the ratio to the reference of the same run, and the difference at p99.
 //
-//	make build && go run ./test/bench/hookbench -hook bin/nkp-hook -n 1,10,50 -rounds 5 -out bench-hook.md
+//	make build && go run ./test/bench/hookbench -hook bin/nkp-hook -n 1,10,50 -rounds 5 -disks 4 -out bench-hook.md
 package main
 
 import (
@@ -75,6 +78,7 @@ type kind struct {
 	label     string // row label
 	mode      string // what the wrapper runs: reference or nkp
 	protected bool   // domains carry nkp's metadata and an external vTPM
+	disks     int    // encrypted disks per domain (protected by nkpctl vm protect)
 	names     []string
 }
 
@@ -91,6 +95,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	out := fs.String("out", "", "write the markdown table here too")
 	protected := fs.Bool("protected", true, "also measure domains protected by nkp (starts a provider and nkp-hostd; programs from the -hook's directory)")
 	vtpms := fs.Int("vtpms", 100, "then prepare this many vTPMs through the hook path and report nkp-hostd's memory (0: skip; needs -protected)")
+	disks := fs.Int("disks", 0, "also measure protected domains with this many encrypted disks each (made with `nkpctl vm protect`; needs -protected)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -139,6 +144,11 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		}
 		defer n.close()
 		kinds = append(kinds, &kind{label: "nkp-hook + nkp-hostd, protected domain (vTPM started)", mode: "nkp", protected: true})
+		if *disks > 0 {
+			kinds = append(kinds, &kind{label: fmt.Sprintf("nkp-hook + nkp-hostd, protected domain with %d encrypted disks", *disks), mode: "nkp", disks: *disks})
+		}
+	} else if *disks > 0 {
+		return errors.New("-disks needs -protected")
 	}
 	for i, k := range kinds {
 		for j := range max {
@@ -150,10 +160,26 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 					return err
 				}
 			}
+			if k.disks > 0 {
+				if xml, err = n.diskXML(ctx, name, id, k.disks); err != nil {
+					return err
+				}
+			}
 			if err := defineTiny(ctx, h, name, xml); err != nil {
 				return err
 			}
+			if k.disks > 0 {
+				if err := n.protect(ctx, name); err != nil {
+					return err
+				}
+			}
 			k.names = append(k.names, name)
+		}
+		if k.disks > 0 {
+			if err := n.waitSecrets(ctx, len(k.names)*k.disks); err != nil {
+				return err
+			}
+			fmt.Fprintf(os.Stderr, "hookbench: %d domains with %d encrypted disks each protected\n", len(k.names), k.disks)
 		}
 	}
 	results := map[string]map[int]*sample{}
