@@ -80,6 +80,12 @@ type Config struct {
 	// CtrlTerminate ends Serve when the control connection is lost (--ctrl ...,terminate).
 	CtrlTerminate bool
 
+	// StatusListener, if set, is nkp's status channel (not swtpm's): each client sends one
+	// control request, answered only if it reads (GET_CAPABILITY, GET_TPMESTABLISHED),
+	// beside the control client that holds CtrlListener. nkp-hostd asks there whether a
+	// running VM's vTPM answers (swtpm/cli: NKP_SWTPM_STATUS_FD).
+	StatusListener net.Listener
+
 	// DataListener accepts data clients one at a time (--server type=unixio|tcp). At most
 	// one of DataListener and DataConn is set; with neither, the data channel arrives by
 	// SET_DATAFD (how QEMU connects).

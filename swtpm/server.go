@@ -168,6 +168,9 @@ func (s *Server) Serve(ctx context.Context) (err error) {
 	}
 	s.dataConnOpen = s.cfg.DataConn != nil
 	s.goServe(func() { s.serveCtrl() })
+	if s.cfg.StatusListener != nil {
+		s.goServe(func() { s.serveStatus(s.cfg.StatusListener) })
+	}
 	switch {
 	case s.cfg.DataListener != nil:
 		s.goServe(func() { s.acceptData(s.cfg.DataListener) })
@@ -303,7 +306,7 @@ func (s *Server) closeAll() {
 	for c := range conns {
 		c.Close()
 	}
-	for _, c := range []io.Closer{s.cfg.CtrlListener, s.cfg.CtrlConn, s.cfg.DataListener, s.cfg.DataConn} {
+	for _, c := range []io.Closer{s.cfg.CtrlListener, s.cfg.CtrlConn, s.cfg.DataListener, s.cfg.DataConn, s.cfg.StatusListener} {
 		if c != nil {
 			c.Close()
 		}

@@ -40,6 +40,10 @@
 //   - --migration incoming defers opening (and locking) the state directory to the
 //     TPM's first state access (CMD_INIT) or LOCK_STORAGE, waiting up to 3 s for a
 //     shared-storage source to release it.
+//   - NKP_SWTPM_STATUS_FD=N (nkp's, not swtpm's; not carried across -d): fd N is an
+//     inherited listening unix socket served as the status channel
+//     (swtpm.Config.StatusListener), where nkp-hostd asks a running VM's vTPM for
+//     GET_TPMESTABLISHED while QEMU holds the control channel.
 //   - --print-capabilities and --print-states print byte for byte in swtpm 0.7.1's
 //     layout, checked against the real swtpm (TestPrintShapeAsSwtpm).
 //   - A --ctrl is required to serve; chardev and cuse modes are refused.

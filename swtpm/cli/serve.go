@@ -148,6 +148,12 @@ func serve(ctx context.Context, o *cmdline.Options, log *slog.Logger, hooks serv
 	}
 	defer ctrl.Close()
 	cfg.CtrlListener, cfg.CtrlConn, cfg.CtrlTerminate = ctrl.Listener, ctrl.Conn, o.Ctrl.Terminate
+	if cfg.StatusListener, err = statusListener(os.Getenv); err != nil {
+		return err
+	}
+	if cfg.StatusListener != nil {
+		defer cfg.StatusListener.Close()
+	}
 	if o.Server != nil {
 		data, err := openChannel(o.Server, "server")
 		if err != nil {

@@ -128,3 +128,29 @@ func owner(u, g string) (uid, gid int, err error) {
 	}
 	return uid, gid, nil
 }
+
+// envStatusFD names an inherited listening unix socket for nkp's status channel
+// (swtpm.Config.StatusListener), which nkp-hostd passes to ask whether a running VM's
+// vTPM answers. An fd number, nothing secret; not carried across -d.
+const envStatusFD = "NKP_SWTPM_STATUS_FD"
+
+// statusListener returns the status channel's listener, or nil without envStatusFD. The
+// variable is removed so that nothing started later inherits it.
+func statusListener(getenv func(string) string) (net.Listener, error) {
+	v := getenv(envStatusFD)
+	if v == "" {
+		return nil, nil
+	}
+	os.Unsetenv(envStatusFD)
+	fd, err := strconv.Atoi(v)
+	if err != nil || fd < 3 {
+		return nil, fmt.Errorf("%s=%q: want the number of an inherited listening socket (3 or more)", envStatusFD, v)
+	}
+	f := os.NewFile(uintptr(fd), "status-listener")
+	l, err := net.FileListener(f)
+	f.Close()
+	if err != nil {
+		return nil, fmt.Errorf("%s=%d: not a listening socket: %w", envStatusFD, fd, err)
+	}
+	return l, nil
+}
