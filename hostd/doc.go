@@ -52,5 +52,7 @@
 // vtpm/<uuid>/<key-id>/ (the vTPM user's, 0700) and their logs vtpm/<uuid>.log; the
 // run directory holds hook.sock and hostd.sock (0600), each vTPM's control socket
 // vtpm/<uuid>.sock (0600, owned by QEMU's user: hostd creates it and passes it as a
-// listening fd) and the instance records vtpm/<uuid>.json used for adoption.
+// listening fd), its status channel vtpm/<uuid>.status (root's, 0600: nkpctl vm status
+// asks the running vTPM there whether it answers) and the instance records
+// vtpm/<uuid>.json used for adoption.
 package hostd

@@ -107,6 +107,7 @@ func (d *Daemon) runLibvirt(ctx context.Context) error {
 		Keys: vmKeys{d}, Libvirt: conn, Catalog: d.pc, Secrets: secrets,
 		VTPMDir: filepath.Join(d.cfg.StateDir, dirVTPM), JournalDir: filepath.Join(d.cfg.StateDir, dirJournal),
 		SocketDir: filepath.Join(d.cfg.RunDir, "vtpm"), VTPMOwner: owner, SwtpmOwner: owner, Log: d.log,
+		ProbeVTPM: d.sup.Probe,
 	})
 	if err != nil {
 		return err

@@ -14,8 +14,9 @@ import (
 )
 
 // Status reports a domain: its nkp objects (key IDs, KDK versions, whether each is on
-// the primary version), whether it runs and, if so, whether its TPM is present and
-// answering (asked through libvirt), and anything that needs an operator.
+// the primary version), whether it runs and, if so, whether its TPM is present (QEMU's
+// query-tpm through libvirt) and answering (Config.ProbeVTPM: hostd asks the vTPM for
+// GET_TPMESTABLISHED on its status channel), and anything that needs an operator.
 func (m *Manager) Status(ctx context.Context, domain string) (vmapi.VM, error) {
 	_, d, err := m.lookup(ctx, domain)
 	if err != nil {
@@ -75,7 +76,11 @@ func (m *Manager) Status(ctx context.Context, domain string) (vmapi.VM, error) {
 		v.TPM = "stopped"
 		return v, nil
 	}
-	if err := m.cfg.Libvirt.TPMCheck(ctx, d.UUID); err != nil {
+	err = m.cfg.Libvirt.TPMCheck(ctx, d.UUID)
+	if err == nil && m.cfg.ProbeVTPM != nil {
+		err = m.cfg.ProbeVTPM(ctx, d.UUID)
+	}
+	if err != nil {
 		v.TPM = fmt.Sprintf("not answering: %v", err)
 		v.Problems = append(v.Problems, fmt.Sprintf("the running VM's TPM (key %s) does not answer: %v", obj.KeyID, err))
 	} else {

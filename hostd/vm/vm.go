@@ -119,6 +119,10 @@ type Config struct {
 	QemuImg *qemuimg.Tool
 	// Block finds dm-crypt under disk files (the zero value reads this system).
 	Block blockdev.System
+	// ProbeVTPM, if set, asks a running VM's vTPM whether it answers (hostd: the vTPM's
+	// status channel, vtpm.Supervisor.Probe); Status calls it after libvirt reported
+	// the TPM device present. nil: presence only.
+	ProbeVTPM func(ctx context.Context, vmUUID string) error
 	// AfterStep, if set, is called after each journaled step of an operation with the
 	// operation and the step's name (tests inject crashes there). Nil in production.
 	AfterStep func(op, step string)

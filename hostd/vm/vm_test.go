@@ -412,6 +412,20 @@ func TestStatusRunning(t *testing.T) {
 	if err != nil || v.TPM != "ok" || !v.Running || len(v.Problems) != 0 {
 		t.Fatalf("running, TPM answering: %+v %v", v, err)
 	}
+	// Present (QEMU has the device) but the vTPM does not answer its probe.
+	var probed []string
+	e.m.cfg.ProbeVTPM = func(_ context.Context, u string) error {
+		probed = append(probed, u)
+		return errors.New("vTPM of " + u + ": no answer: i/o timeout")
+	}
+	v, err = e.m.Status(ctx, "s1")
+	if err != nil || !strings.Contains(v.TPM, "not answering") || !strings.Contains(v.TPM, "i/o timeout") || len(v.Problems) != 1 || len(probed) != 1 || probed[0] != uuid1 {
+		t.Fatalf("running, vTPM silent: %+v %v (probed %v)", v, err, probed)
+	}
+	e.m.cfg.ProbeVTPM = func(context.Context, string) error { return nil }
+	if v, err = e.m.Status(ctx, "s1"); err != nil || v.TPM != "ok" {
+		t.Fatalf("running, vTPM answering its probe: %+v %v", v, err)
+	}
 	e.lv.tpmErr = errors.New("query-tpm: no TPM device")
 	v, err = e.m.Status(ctx, "s1")
 	if err != nil || !strings.Contains(v.TPM, "no TPM device") || len(v.Problems) != 1 || !strings.Contains(v.Problems[0], v.Objects[0].KeyID) {

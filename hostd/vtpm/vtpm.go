@@ -15,7 +15,10 @@
 //   - the unprivileged vTPM user's uid and gid and no supplementary groups, in a session
 //     of its own (setsid), so that it outlives hostd: running VMs keep their vTPM
 //     across a hostd restart or crash;
-//   - its stderr appended to StateRoot/<vm-uuid>.log (root, 0600; no key is ever logged).
+//   - its stderr appended to StateRoot/<vm-uuid>.log (root, 0600; no key is ever logged);
+//   - a status channel RunDir/<vm-uuid>.status (root's, 0600, inherited as fd 7 and named
+//     by NKP_SWTPM_STATUS_FD), on which Probe asks the running vTPM for
+//     GET_TPMESTABLISHED while QEMU holds the control socket.
 //
 // Start returns once nkp-swtpm reported READY on its readiness pipe (fd 5, named by
 // NKP_SWTPM_READY_FD: its socket listens, its state directory is locked, its seccomp
@@ -170,6 +173,11 @@ func (s *Supervisor) StateDir(vmUUID, keyID string) string {
 	return filepath.Join(s.cfg.StateRoot, vmUUID, keyID)
 }
 
+// statusPath is the root-only socket of vm's vTPM status channel (Probe).
+func (s *Supervisor) statusPath(vmUUID string) string {
+	return filepath.Join(s.cfg.RunDir, vmUUID+".status")
+}
+
 func (s *Supervisor) recordPath(vmUUID string) string {
 	return filepath.Join(s.cfg.RunDir, vmUUID+".json")
 }
@@ -281,6 +289,18 @@ func (s *Supervisor) Start(ctx context.Context, vm VM, keys Keys) (inst Instance
 		}
 	}()
 
+	statusPath := s.statusPath(vm.UUID)
+	status, err := s.listenRoot(statusPath)
+	if err != nil {
+		return Instance{}, fmt.Errorf("vm %q: vTPM status socket: %w", vm.Name, err)
+	}
+	defer status.Close()
+	defer func() {
+		if err != nil {
+			os.Remove(statusPath)
+		}
+	}()
+
 	keyR, err := keyPipe(keys.State)
 	if err != nil {
 		return Instance{}, fmt.Errorf("vm %q: key pipe: %w", vm.Name, err)
@@ -316,9 +336,9 @@ func (s *Supervisor) Start(ctx context.Context, vm VM, keys Keys) (inst Instance
 	}
 	cmd := exec.Command(s.cfg.Binary, append([]string{"socket"}, args...)...)
 	cmd.Dir = "/"
-	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "NKP_SWTPM_READY_FD=5"}
+	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "NKP_SWTPM_READY_FD=5", "NKP_SWTPM_STATUS_FD=7"}
 	cmd.Stdout, cmd.Stderr = logFile, logFile
-	cmd.ExtraFiles = []*os.File{keyR, sock, readyW, migR} // fds 3, 4, 5, 6
+	cmd.ExtraFiles = []*os.File{keyR, sock, readyW, migR, status} // fds 3, 4, 5, 6, 7
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Setsid:     true,
 		Credential: &syscall.Credential{Uid: uint32(s.cfg.User.UID), Gid: uint32(s.cfg.User.GID), Groups: []uint32{}},
@@ -335,6 +355,7 @@ func (s *Supervisor) Start(ctx context.Context, vm VM, keys Keys) (inst Instance
 	keyR.Close()
 	sock.Close()
 	readyW.Close()
+	status.Close()
 
 	if err := waitReady(ctx, p, readyR, s.cfg.StartTimeout); err != nil {
 		cmd.Process.Kill()
@@ -363,6 +384,15 @@ func (s *Supervisor) Start(ctx context.Context, vm VM, keys Keys) (inst Instance
 
 // listen creates the control socket, owned by QEMU's user, mode 0600.
 func (s *Supervisor) listen(path string) (*os.File, error) {
+	return s.listenAs(path, s.cfg.QEMU)
+}
+
+// listenRoot creates a socket only root can connect to (0600, root's).
+func (s *Supervisor) listenRoot(path string) (*os.File, error) {
+	return s.listenAs(path, Credential{0, 0})
+}
+
+func (s *Supervisor) listenAs(path string, owner Credential) (*os.File, error) {
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, err
 	}
@@ -379,7 +409,7 @@ func (s *Supervisor) listen(path string) (*os.File, error) {
 		os.Remove(path)
 		return nil, err
 	}
-	if err := os.Lchown(path, s.cfg.QEMU.UID, s.cfg.QEMU.GID); err != nil {
+	if err := os.Lchown(path, owner.UID, owner.GID); err != nil {
 		os.Remove(path)
 		return nil, err
 	}
@@ -495,6 +525,7 @@ func (s *Supervisor) cleanup(inst Instance) {
 	// Remove the socket only if it is still this instance's (a new Start replaced it
 	// otherwise; Start holds the slot, so this is a check against a stale record).
 	os.Remove(inst.Socket)
+	os.Remove(s.statusPath(inst.UUID))
 	os.Remove(s.recordPath(inst.UUID))
 }
 

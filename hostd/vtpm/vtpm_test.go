@@ -269,10 +269,24 @@ func TestStartServeStop(t *testing.T) {
 		}
 	}
 
+	// The status channel: root's only, and before QEMU's INIT it answers that the TPM
+	// is not started.
+	fi, err = os.Stat(s.statusPath(vm.UUID))
+	if err != nil || fi.Mode()&os.ModeSocket == 0 || fi.Mode().Perm() != 0o600 || fi.Sys().(*syscall.Stat_t).Uid != 0 {
+		t.Errorf("status socket: %v %v, want a socket 0600 owned by root", fi, err)
+	}
+	if err := s.Probe(ctx, vm.UUID); err == nil || !strings.Contains(err.Error(), "reports") {
+		t.Errorf("Probe before INIT: %v, want the TPM's refusal", err)
+	}
+
 	// A QEMU-like session works, and the state it writes is encrypted.
 	sess := dial(t, inst.Socket)
 	if r := sess.init(t); r != 0 {
 		t.Fatalf("INIT: %#x", r)
+	}
+	// While QEMU holds the control channel, the vTPM answers on its status channel.
+	if err := s.Probe(ctx, vm.UUID); err != nil {
+		t.Errorf("Probe of a running vTPM: %v", err)
 	}
 	if r := rc(sess.tpm(t, startupClear)); r != 0 {
 		t.Fatalf("Startup: %#x", r)
@@ -295,6 +309,12 @@ func TestStartServeStop(t *testing.T) {
 	}
 	if _, err := os.Stat(inst.Socket); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("socket left after Stop: %v", err)
+	}
+	if err := s.Probe(ctx, vm.UUID); !errors.Is(err, ErrNotRunning) {
+		t.Errorf("Probe after Stop: %v, want ErrNotRunning", err)
+	}
+	if _, err := os.Stat(s.statusPath(vm.UUID)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("status socket left after Stop: %v", err)
 	}
 	if _, err := os.Stat(s.recordPath(vm.UUID)); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("record left after Stop: %v", err)

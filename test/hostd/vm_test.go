@@ -236,6 +236,13 @@ func TestProtectedVM(t *testing.T) {
 			if got := vm.runsOn(t); got != before {
 				t.Errorf("the guest's TPM shows %+v, want %+v as before", got, before)
 			}
+			// nkpctl vm status: present (query-tpm) and answering (the vTPM's status
+			// channel), also for a vTPM the new hostd adopted.
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			if v, err := d.vms().Get(ctx, vm.spec.Name); err != nil || !v.Running || v.TPM != "ok" {
+				t.Errorf("status of the running VM: %+v, %v; want running with TPM ok", v, err)
+			}
 		})
 	}
 	t.Run("stop and start after all that", func(t *testing.T) {
