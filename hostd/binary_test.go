@@ -110,8 +110,10 @@ func TestBinaryKill9(t *testing.T) {
 	a := newVM("hostd-test-kill9")
 	k := st.KDKs[0]
 	xml := vmXML(t, run, a.name, a.uuid, st.ProviderID, k.ID, k.Version, a.keyID)
-	if code, stderr, _ := hook(t, run, xml, a.name, "prepare", "begin", "-"); code != 0 {
-		t.Fatalf("prepare: %d %s\n%s", code, stderr, hp.logs.String())
+	for _, op := range []string{"prepare", "start"} { // start waits until the vTPM serves
+		if code, stderr, _ := hook(t, run, xml, a.name, op, "begin", "-"); code != 0 {
+			t.Fatalf("%s: %d %s\n%s", op, code, stderr, hp.logs.String())
+		}
 	}
 	vt := h.status().VTPMs[0]
 

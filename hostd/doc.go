@@ -14,7 +14,11 @@
 // Hooks are answered without calling libvirt (the hook holds one of libvirtd's workers;
 // calling back can deadlock): the domain XML on the hook's stdin is all hostd reads.
 // What a hook missed is reconciled from libvirt's lifecycle events and at start-up.
-// The decisions themselves are pure (hostd/lifecycle).
+// The decisions themselves are pure (hostd/lifecycle). The prepare hook checks the keys
+// and launches the VM's nkp-swtpm (vtpm.Supervisor.Launch) without waiting for it; the
+// start hook, which libvirt runs just before QEMU, waits until it serves and refuses
+// with the reason if it did not start: nkp-swtpm's start overlaps libvirt's own work
+// between the two hooks instead of lengthening the prepare hook.
 //
 // Encrypted disks: each disk object of a domain's nkp metadata ("disk:<target>") has
 // its LUKS passphrase in an ephemeral, private libvirt secret, UUID

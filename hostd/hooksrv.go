@@ -107,7 +107,10 @@ func (d *Daemon) Hook(ctx context.Context, req hookproto.Request) hookproto.Repl
 	}
 	obj, hasVTPM := dom.Metadata.Object(domxml.ObjectVTPM)
 	defer d.vmLocks.lock(dom.UUID)()
-	_, running := d.sup.Get(dom.UUID)
+	// A vTPM that prepare launched is waited for here: at the start hook, just before
+	// QEMU runs, it must serve (its start overlapped libvirt's work in between).
+	_, werr := d.sup.Wait(ctx, dom.UUID)
+	running := werr == nil
 	plan := lifecycle.Decide(lifecycle.Hook{Op: req.Op, SubOp: req.SubOp, HasVTPM: hasVTPM, Running: running})
 	log := d.log.With("domain", dom.Name, "uuid", dom.UUID, "op", req.Op, "sub_op", req.SubOp)
 	if plan.Note != "" {
@@ -122,6 +125,9 @@ func (d *Daemon) Hook(ctx context.Context, req hookproto.Request) hookproto.Repl
 		}
 	}
 	if plan.Refuse == lifecycle.NotRunning {
+		if werr != nil && !errors.Is(werr, vtpm.ErrNotRunning) {
+			return refuse("VM %q: its vTPM (key %s) did not start: %v", dom.Name, obj.KeyID, werr)
+		}
 		return refuse("VM %q: its vTPM (key %s) ended after prepare; see nkp-hostd's log and %s.log, then start the VM again", dom.Name, obj.KeyID, d.sup.StateDir(dom.UUID, obj.KeyID))
 	}
 	if !plan.Check && !plan.Start {
@@ -139,11 +145,13 @@ func (d *Daemon) Hook(ctx context.Context, req hookproto.Request) hookproto.Repl
 	}
 	defer keys.Wipe()
 	if plan.Start {
-		inst, err := d.sup.Start(ctx, vtpm.VM{UUID: dom.UUID, Name: dom.Name, KeyID: obj.KeyID, KDKVersion: obj.KDKVersion}, keys)
-		if err != nil {
+		// Launched, not awaited: the start hook waits for it (and refuses with the reason
+		// if it did not start), so the prepare hook does not hold libvirtd's worker for
+		// nkp-swtpm's start.
+		if err := d.sup.Launch(vtpm.VM{UUID: dom.UUID, Name: dom.Name, KeyID: obj.KeyID, KDKVersion: obj.KDKVersion}, keys); err != nil {
 			return refuse("VM %q: its vTPM (key %s) did not start: %v", dom.Name, obj.KeyID, err)
 		}
-		log.Info("vTPM ready for QEMU", "key_id", obj.KeyID, "kdk_version", obj.KDKVersion, "socket", inst.Socket, "pid", inst.PID)
+		log.Info("vTPM launched for QEMU", "key_id", obj.KeyID, "kdk_version", obj.KDKVersion, "socket", d.sup.SocketPath(dom.UUID))
 	}
 	return allow(d.offlineWarning(dom.Name, obj.KDKVersion))
 }

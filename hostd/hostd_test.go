@@ -69,15 +69,18 @@ func TestHost(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("prepare: exit %d: %s\n%s", code, stderr, h.logs.String())
 	}
-	t.Logf("prepare through nkp-hook (nkp-swtpm started): %v", took)
-	st = h.status()
-	if len(st.VTPMs) != 1 || st.VTPMs[0].UUID != a.uuid || st.VTPMs[0].KeyID != a.keyID {
-		t.Fatalf("vTPMs after prepare: %+v", st.VTPMs)
-	}
-	sock := st.VTPMs[0].Socket
-	if code, stderr, _ := hook(t, h.run, xmlA, a.name, "start", "begin", "-"); code != 0 {
+	t.Logf("prepare through nkp-hook (nkp-swtpm launched): %v", took)
+	// The start hook (libvirt runs it just before QEMU) waits until the vTPM serves.
+	code, stderr, took = hook(t, h.run, xmlA, a.name, "start", "begin", "-")
+	if code != 0 {
 		t.Fatalf("start: %d %s", code, stderr)
 	}
+	t.Logf("start through nkp-hook (waits for nkp-swtpm): %v", took)
+	st = h.status()
+	if len(st.VTPMs) != 1 || st.VTPMs[0].UUID != a.uuid || st.VTPMs[0].KeyID != a.keyID {
+		t.Fatalf("vTPMs after prepare and start: %+v", st.VTPMs)
+	}
+	sock := st.VTPMs[0].Socket
 	// QEMU's part, played by swtpm_ioctl: INIT works with the key hostd derived.
 	if out, err := exec.Command("swtpm_ioctl", "--unix", sock, "-i").CombinedOutput(); err != nil {
 		t.Fatalf("swtpm_ioctl -i: %v %s", err, out)
@@ -166,6 +169,9 @@ func TestHost(t *testing.T) {
 	if code, stderr, _ := hook(t, h.run, xmlB, b.name, "prepare", "begin", "-"); code != 0 {
 		t.Fatalf("prepare with KDK v2: %d %s", code, stderr)
 	}
+	if code, stderr, _ := hook(t, h.run, xmlB, b.name, "start", "begin", "-"); code != 0 {
+		t.Fatalf("start with KDK v2: %d %s", code, stderr)
+	}
 
 	// Another rotation, no sync: a prepare naming the new version makes hostd ask the
 	// provider at once instead of refusing.
@@ -202,6 +208,9 @@ func TestHost(t *testing.T) {
 	code, stderr, _ = hook(t, h.run, xmlA, a.name, "prepare", "begin", "-")
 	if code != 0 || !strings.Contains(stderr, "unreachable") {
 		t.Fatalf("prepare offline: exit %d, stderr %q", code, stderr)
+	}
+	if code, stderr, _ := hook(t, h.run, xmlA, a.name, "start", "begin", "-"); code != 0 {
+		t.Fatalf("start offline: %d %s", code, stderr)
 	}
 	if _, m := h.api("/metrics"); !strings.Contains(m, "nkp_hostd_provider_reachable 0") || !strings.Contains(m, "nkp_hostd_vtpms_running 2") {
 		t.Errorf("offline metrics:\n%s", m)

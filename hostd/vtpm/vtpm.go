@@ -119,6 +119,9 @@ type proc struct {
 	inst   Instance
 	exited chan struct{} // closed when the process has ended
 	cmd    *exec.Cmd     // nil for adopted
+	// launching is set on the placeholder Launch puts in the slot: closed once the
+	// start finished (the placeholder is then replaced, or removed on failure).
+	launching chan struct{}
 }
 
 // Supervisor runs and tracks the vTPM processes. It is safe for concurrent use.
@@ -128,6 +131,8 @@ type Supervisor struct {
 
 	mu    sync.Mutex
 	procs map[string]*proc // by VM UUID; guarded by mu
+	// failed holds why the last Launch of a VM failed, for Wait; guarded by mu.
+	failed map[string]error
 	// exits receives the UUID of every process that ended on its own (not through Stop).
 	exits chan string
 }
@@ -154,7 +159,7 @@ func New(cfg Config) (*Supervisor, error) {
 			return nil, fmt.Errorf("vtpm: %w", err)
 		}
 	}
-	return &Supervisor{cfg: cfg, log: cfg.Log, procs: map[string]*proc{}, exits: make(chan string, 64)}, nil
+	return &Supervisor{cfg: cfg, log: cfg.Log, procs: map[string]*proc{}, failed: map[string]error{}, exits: make(chan string, 64)}, nil
 }
 
 // Exits delivers the UUID of each vTPM that ended without Stop (QEMU sent SHUTDOWN or
@@ -233,36 +238,99 @@ func (k Keys) Wipe() {
 	clear(k.Migration)
 }
 
-// Start runs nkp-swtpm for vm with keys (not kept: the caller wipes them).
-func (s *Supervisor) Start(ctx context.Context, vm VM, keys Keys) (inst Instance, err error) {
+// Start runs nkp-swtpm for vm with keys (not kept: the caller wipes them) and waits
+// until it serves: Launch, then Wait.
+func (s *Supervisor) Start(ctx context.Context, vm VM, keys Keys) (Instance, error) {
+	if err := s.Launch(vm, keys); err != nil {
+		return Instance{}, err
+	}
+	return s.Wait(ctx, vm.UUID)
+}
+
+// Launch starts nkp-swtpm for vm in the background and returns once the keys are in
+// their pipes (the caller may wipe keys at once) and the VM's slot is reserved; Wait
+// returns when it serves, or why it could not. The prepare hook launches, and the start
+// hook (just before QEMU runs) waits: nkp-swtpm's start overlaps libvirt's own work in
+// between instead of lengthening the prepare hook.
+func (s *Supervisor) Launch(vm VM, keys Keys) (err error) {
 	if err := kdk.CheckUUID(vm.UUID); err != nil {
-		return Instance{}, fmt.Errorf("vm %q: %w", vm.Name, err)
+		return fmt.Errorf("vm %q: %w", vm.Name, err)
 	}
 	if err := kdk.CheckUUID(vm.KeyID); err != nil {
-		return Instance{}, fmt.Errorf("vm %q: vTPM key ID: %w", vm.Name, err)
+		return fmt.Errorf("vm %q: vTPM key ID: %w", vm.Name, err)
 	}
 	if len(keys.State) != kdk.Size || len(keys.Migration) != kdk.Size {
-		return Instance{}, fmt.Errorf("vm %q: vTPM keys are %d and %d bytes, want %d each", vm.Name, len(keys.State), len(keys.Migration), kdk.Size)
+		return fmt.Errorf("vm %q: vTPM keys are %d and %d bytes, want %d each", vm.Name, len(keys.State), len(keys.Migration), kdk.Size)
 	}
 	s.mu.Lock()
 	if p, ok := s.procs[vm.UUID]; ok && !p.done() {
 		s.mu.Unlock()
-		return Instance{}, fmt.Errorf("vm %q (%s): %w (pid %d)", vm.Name, vm.UUID, ErrRunning, p.inst.PID)
+		return fmt.Errorf("vm %q (%s): %w (pid %d)", vm.Name, vm.UUID, ErrRunning, p.inst.PID)
 	}
 	// Reserve the slot while starting, so that two prepares of one VM do not race.
-	placeholder := &proc{exited: make(chan struct{})}
+	placeholder := &proc{exited: make(chan struct{}), launching: make(chan struct{})}
 	s.procs[vm.UUID] = placeholder
+	delete(s.failed, vm.UUID)
 	s.mu.Unlock()
-	defer func() {
-		if err != nil {
-			s.mu.Lock()
-			if s.procs[vm.UUID] == placeholder {
-				delete(s.procs, vm.UUID)
-			}
-			s.mu.Unlock()
+	release := func(err error) {
+		s.mu.Lock()
+		if s.procs[vm.UUID] == placeholder {
+			delete(s.procs, vm.UUID)
 		}
+		if err != nil {
+			s.failed[vm.UUID] = err
+		}
+		s.mu.Unlock()
+		close(placeholder.launching)
+	}
+	keyR, err := keyPipe(keys.State)
+	if err != nil {
+		release(nil)
+		return fmt.Errorf("vm %q: key pipe: %w", vm.Name, err)
+	}
+	migR, err := keyPipe(keys.Migration)
+	if err != nil {
+		keyR.Close()
+		release(nil)
+		return fmt.Errorf("vm %q: migration key pipe: %w", vm.Name, err)
+	}
+	go func() {
+		_, err := s.start(vm, keyR, migR)
+		release(err) // on success start put the process in the slot already
 	}()
+	return nil
+}
 
+// Wait waits for vm's vTPM to serve if Launch is starting it, and returns it: ErrNotRunning
+// if there is none, or why the last Launch failed (wrapping ErrStart).
+func (s *Supervisor) Wait(ctx context.Context, vmUUID string) (Instance, error) {
+	for {
+		s.mu.Lock()
+		p, ok := s.procs[vmUUID]
+		failed := s.failed[vmUUID]
+		s.mu.Unlock()
+		switch {
+		case !ok && failed != nil:
+			return Instance{}, failed
+		case !ok || p.done() && p.launching == nil:
+			return Instance{}, fmt.Errorf("vTPM of %s: %w", vmUUID, ErrNotRunning)
+		case p.launching == nil:
+			return p.inst, nil
+		}
+		select {
+		case <-p.launching:
+		case <-ctx.Done():
+			return Instance{}, fmt.Errorf("vTPM of %s: still starting: %w", vmUUID, ctx.Err())
+		}
+	}
+}
+
+// start runs nkp-swtpm for vm with its keys in the pipes keyR and migR (closed here) and
+// waits until it serves, at most StartTimeout; on success the process takes vm's slot.
+func (s *Supervisor) start(vm VM, keyR, migR *os.File) (inst Instance, err error) {
+	defer keyR.Close()
+	defer migR.Close()
+	ctx := context.Background()
 	stateDir := s.StateDir(vm.UUID, vm.KeyID)
 	if err := ensureDir(filepath.Dir(stateDir), Credential{0, 0}, 0o711); err != nil {
 		return Instance{}, fmt.Errorf("vm %q: vTPM state: %w", vm.Name, err)
@@ -300,17 +368,6 @@ func (s *Supervisor) Start(ctx context.Context, vm VM, keys Keys) (inst Instance
 			os.Remove(statusPath)
 		}
 	}()
-
-	keyR, err := keyPipe(keys.State)
-	if err != nil {
-		return Instance{}, fmt.Errorf("vm %q: key pipe: %w", vm.Name, err)
-	}
-	defer keyR.Close()
-	migR, err := keyPipe(keys.Migration)
-	if err != nil {
-		return Instance{}, fmt.Errorf("vm %q: migration key pipe: %w", vm.Name, err)
-	}
-	defer migR.Close()
 
 	// Readiness: nkp-swtpm writes "READY" (or "ERROR why") on this pipe once its socket
 	// listens, its state is locked and its seccomp filter is on (swtpm/cli's readiness
@@ -532,11 +589,15 @@ func (s *Supervisor) cleanup(inst Instance) {
 // Stop ends vm's vTPM: SIGTERM, SIGKILL after the grace period, and waits until it has
 // ended. It returns ErrNotRunning if there is none.
 func (s *Supervisor) Stop(ctx context.Context, vmUUID string) error {
+	if _, err := s.Wait(ctx, vmUUID); err != nil && ctx.Err() != nil {
+		return err // still starting when ctx ended
+	}
 	s.mu.Lock()
+	delete(s.failed, vmUUID)
 	p, ok := s.procs[vmUUID]
-	if ok && p.inst.PID == 0 {
+	if ok && p.launching != nil {
 		s.mu.Unlock()
-		return fmt.Errorf("vTPM of %s: still starting", vmUUID)
+		return fmt.Errorf("vTPM of %s: launched again while being stopped", vmUUID)
 	}
 	if ok {
 		delete(s.procs, vmUUID)

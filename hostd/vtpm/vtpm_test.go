@@ -574,3 +574,70 @@ func TestTail(t *testing.T) {
 		})
 	}
 }
+
+// TestLaunchWait: Launch returns before the vTPM serves (the prepare hook), Wait returns
+// once it does (the start hook), a failed launch's reason stays for Wait, and Stop waits
+// for a launch in progress.
+func TestLaunchWait(t *testing.T) {
+	state, run := dirs(t)
+	s := newSupervisor(t, state, run)
+	ctx := context.Background()
+	script := func(body string) string {
+		f, err := os.CreateTemp("", "nkp-vtpm-launch-*.sh") // the vTPM user must reach it
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+		t.Cleanup(func() { os.Remove(f.Name()) })
+		os.WriteFile(f.Name(), []byte("#!/bin/sh\n"+body), 0o755)
+		os.Chmod(f.Name(), 0o755)
+		return f.Name()
+	}
+	s.cfg.Binary = script("sleep 0.7\necho READY >&5\nexec 5>&-\nexec sleep 30\n")
+	vm := VM{UUID: kdk.NewKeyID(), Name: "vtpm-test-launch", KeyID: kdk.NewKeyID()}
+	t0 := time.Now()
+	if err := s.Launch(vm, keys(key(3))); err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(t0); took > 500*time.Millisecond {
+		t.Errorf("Launch took %v: it waited for the vTPM", took)
+	}
+	if _, ok := s.Get(vm.UUID); ok {
+		t.Error("Get reports a vTPM that does not serve yet")
+	}
+	if err := s.Launch(vm, keys(key(3))); !errors.Is(err, ErrRunning) {
+		t.Errorf("second Launch while the first starts: %v, want ErrRunning", err)
+	}
+	inst, err := s.Wait(ctx, vm.UUID)
+	if err != nil || inst.PID == 0 || time.Since(t0) < 700*time.Millisecond {
+		t.Fatalf("Wait = %+v, %v after %v; want the instance once it reported READY", inst, err, time.Since(t0))
+	}
+	if got, ok := s.Get(vm.UUID); !ok || got.PID != inst.PID {
+		t.Errorf("Get after Wait = %+v %v", got, ok)
+	}
+	if err := s.Stop(ctx, vm.UUID); err != nil {
+		t.Fatal(err)
+	}
+
+	// Stop during a launch waits for it, then stops it.
+	if err := s.Launch(vm, keys(key(3))); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Stop(ctx, vm.UUID); err != nil {
+		t.Errorf("Stop during a launch: %v", err)
+	}
+	if _, err := s.Wait(ctx, vm.UUID); !errors.Is(err, ErrNotRunning) {
+		t.Errorf("Wait after Stop: %v, want ErrNotRunning", err)
+	}
+
+	// A launch that fails: Wait gives the reason, again on a later Wait.
+	s.cfg.Binary = script("echo \"ERROR the TPM state cannot be read\" >&5\nexit 1\n")
+	if err := s.Launch(vm, keys(key(3))); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if _, err := s.Wait(ctx, vm.UUID); !errors.Is(err, ErrStart) || !strings.Contains(err.Error(), "the TPM state cannot be read") {
+			t.Errorf("Wait after a failed launch: %v", err)
+		}
+	}
+}
