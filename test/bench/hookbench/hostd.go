@@ -285,8 +285,8 @@ func memory(pid int) (rss, pss int, err error) {
 	return rss, pss, nil
 }
 
-// vtpmMemory prepares count vTPMs through the hook path (nkp-hook prepare with the XML of
-// a protected domain, as libvirtd runs it; no QEMU connects) and reports hostd's memory
+// vtpmMemory prepares count vTPMs through the hook path (nkp-hook prepare and start with
+// the XML of a protected domain, as libvirtd runs them; no QEMU connects) and reports hostd's memory
 // before and after, and the vTPM processes' total PSS.
 func vtpmMemory(ctx context.Context, n *nkpHost, count int) (string, error) {
 	pid := n.hostd.Process.Pid
@@ -300,10 +300,12 @@ func vtpmMemory(ctx context.Context, n *nkpHost, count int) (string, error) {
 		if err != nil {
 			return "", err
 		}
-		cmd := n.h.Command(ctx, "/etc/libvirt/hooks/nkp-hook", fmt.Sprintf("hookbench-mem-%03d", i), "prepare", "begin", "-")
-		cmd.Stdin = bytes.NewReader(doc)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			return "", fmt.Errorf("prepare vTPM %d: %w: %s", i, err, out)
+		for _, op := range []string{"prepare", "start"} { // prepare launches, start waits until it serves
+			cmd := n.h.Command(ctx, "/etc/libvirt/hooks/nkp-hook", fmt.Sprintf("hookbench-mem-%03d", i), op, "begin", "-")
+			cmd.Stdin = bytes.NewReader(doc)
+			if out, err := cmd.CombinedOutput(); err != nil {
+				return "", fmt.Errorf("%s vTPM %d: %w: %s", op, i, err, out)
+			}
 		}
 	}
 	time.Sleep(2 * time.Second) // let the vTPMs settle; memory is a level, not an event
