@@ -4,14 +4,11 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"log"
 	"log/slog"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -66,13 +63,9 @@ func (s *failStore) Update(ctx context.Context, fn func(store.Tx) error) error {
 // realEnv is the API over the real provider (package provider) over the mem store,
 // served with TLS by httptest, with an admin client.
 type realEnv struct {
-	p      *provider.Provider
-	st     *failStore
-	srv    *httptest.Server
-	api    *api.Server
-	caCert *x509.Certificate
-	admin  *client.Client
-	logBuf *syncBuffer
+	p  *provider.Provider
+	st *failStore
+	served
 }
 
 // caFails is the real provider whose CA reads fail: the one fake part, to inject the
@@ -128,11 +121,11 @@ func startRealWith(t *testing.T, wrap func(*provider.Provider) api.Provider) *re
 	if err != nil {
 		t.Fatal(err)
 	}
-	var served api.Provider = p
+	var dom api.Provider = p
 	if wrap != nil {
-		served = wrap(p)
+		dom = wrap(p)
 	}
-	s, err := api.New(api.Config{Provider: served, Log: logger})
+	s, err := api.New(api.Config{Provider: dom, Log: logger})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -141,12 +134,8 @@ func startRealWith(t *testing.T, wrap func(*provider.Provider) api.Provider) *re
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewUnstartedServer(s.Handler())
-	srv.TLS = api.TLSConfig(tls.Certificate{Certificate: [][]byte{der, caCert.Raw}, PrivateKey: key})
-	srv.Config.ErrorLog = log.New(io.Discard, "", 0) // handshake refusals are part of the tests
-	srv.StartTLS()
-	t.Cleanup(srv.Close)
-	e := &realEnv{p: p, st: st, srv: srv, api: s, caCert: caCert, logBuf: logBuf}
+	srv := serveTLS(t, s.Handler(), tls.Certificate{Certificate: [][]byte{der, caCert.Raw}, PrivateKey: key})
+	e := &realEnv{p: p, st: st, served: served{srv: srv, api: s, caCert: caCert, logBuf: logBuf}}
 	e.admin = e.client(t, e.adminCert(t, "alice"))
 	return e
 }
@@ -189,61 +178,6 @@ func (e *realEnv) serverCert(t *testing.T) tls.Certificate {
 		t.Fatal(err)
 	}
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
-}
-
-func (e *realEnv) client(t *testing.T, cert tls.Certificate) *client.Client {
-	t.Helper()
-	c, err := client.New(client.Config{URL: e.srv.URL, CA: e.caCert, Certificate: cert})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(c.Close)
-	return c
-}
-
-// join enrolls a host through the API; it returns the host's client, certificate and ID.
-func (e *realEnv) join(t *testing.T, name string) (*client.Client, tls.Certificate, string) {
-	t.Helper()
-	ctx := context.Background()
-	tok, err := e.admin.CreateToken(ctx, time.Minute)
-	if err != nil {
-		t.Fatalf("token: %v", err)
-	}
-	enr, err := client.Join(ctx, client.JoinRequest{URL: e.srv.URL, Token: tok.Secret, CAHash: tok.CAHash, Hostname: name, Key: newKey(t)})
-	if err != nil {
-		t.Fatalf("join: %v", err)
-	}
-	return e.client(t, enr.Certificate), enr.Certificate, enr.HostID
-}
-
-// rawClient sends requests with an arbitrary client certificate (or none).
-func (e *realEnv) rawClient(certs ...tls.Certificate) *http.Client {
-	roots := x509.NewCertPool()
-	roots.AddCert(e.caCert)
-	return &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{
-		RootCAs: roots, Certificates: certs, MinVersion: tls.VersionTLS13,
-	}}}
-}
-
-func (e *realEnv) do(t *testing.T, hc *http.Client, method, path, body string) (int, apiv1.ErrorBody, string) {
-	t.Helper()
-	req, err := http.NewRequest(method, e.srv.URL+path, strings.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp, err := hc.Do(req)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
-	}
-	defer resp.Body.Close()
-	data, _ := io.ReadAll(resp.Body)
-	var eb apiv1.ErrorBody
-	if resp.StatusCode >= 400 {
-		if err := json.Unmarshal(data, &eb); err != nil {
-			t.Fatalf("%s %s: error body %q is not JSON: %v", method, path, data, err)
-		}
-	}
-	return resp.StatusCode, eb, string(data)
 }
 
 // TestAuthentication: client certificates are checked by the domain alone (one layer,

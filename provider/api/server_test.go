@@ -3,24 +3,16 @@ package api_test
 import (
 	"bytes"
 	"context"
-	"crypto"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"log"
 	"log/slog"
 	"maps"
 	"net/http"
-	"net/http/httptest"
 	"slices"
 	"strings"
 	"sync"
@@ -371,48 +363,10 @@ func (f *fake) PruneAudit(ctx context.Context, before time.Time, dryRun bool) (p
 	return provider.AuditPrune{Through: 3, Deleted: 3, Anchor: 9, DryRun: dryRun}, nil
 }
 
-// env is a running test server with credentials.
+// env is the API over the scripted fake, served with TLS, with an admin client.
 type env struct {
-	f      *fake
-	srv    *httptest.Server
-	api    *api.Server
-	admin  *client.Client
-	logBuf *syncBuffer
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-func newKey(t *testing.T) *ecdsa.PrivateKey {
-	t.Helper()
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return k
-}
-
-func csrFor(t *testing.T, key crypto.Signer) []byte {
-	t.Helper()
-	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "x"}}, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return der
+	f *fake
+	served
 }
 
 func certFrom(t *testing.T, c *ca.CA, role ca.Role, name string) tls.Certificate {
@@ -442,74 +396,15 @@ func startEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewUnstartedServer(s.Handler())
-	srv.TLS = api.TLSConfig(certFrom(t, f.ca, ca.RoleServer, ""))
-	srv.Config.ErrorLog = log.New(io.Discard, "", 0) // handshake refusals are part of the tests
-	srv.StartTLS()
-	t.Cleanup(srv.Close)
-	e := &env{f: f, srv: srv, api: s, logBuf: logBuf}
+	srv := serveTLS(t, s.Handler(), certFrom(t, f.ca, ca.RoleServer, ""))
+	e := &env{f: f, served: served{srv: srv, api: s, caCert: f.ca.Certificate(), logBuf: logBuf}}
 	e.admin = e.client(t, certFrom(t, f.ca, ca.RoleAdmin, "alice"))
 	return e
 }
 
-func (e *env) client(t *testing.T, cert tls.Certificate) *client.Client {
-	t.Helper()
-	c, err := client.New(client.Config{URL: e.srv.URL, CA: e.f.ca.Certificate(), Certificate: cert})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(c.Close)
-	return c
-}
-
-// join enrolls a host through the API and returns a client with its certificate.
-func (e *env) join(t *testing.T, name string) (*client.Client, string) {
-	t.Helper()
-	ctx := context.Background()
-	tok, err := e.admin.CreateToken(ctx, time.Minute)
-	if err != nil {
-		t.Fatalf("token: %v", err)
-	}
-	enr, err := client.Join(ctx, client.JoinRequest{URL: e.srv.URL, Token: tok.Secret, CAHash: tok.CAHash, Hostname: name, Key: newKey(t)})
-	if err != nil {
-		t.Fatalf("join: %v", err)
-	}
-	return e.client(t, enr.Certificate), enr.HostID
-}
-
-// rawClient sends requests with an arbitrary client certificate (or none).
-func (e *env) rawClient(certs ...tls.Certificate) *http.Client {
-	roots := x509.NewCertPool()
-	roots.AddCert(e.f.ca.Certificate())
-	return &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{
-		RootCAs: roots, Certificates: certs, MinVersion: tls.VersionTLS13,
-	}}}
-}
-
-func (e *env) do(t *testing.T, hc *http.Client, method, path, body string) (int, apiv1.ErrorBody, string) {
-	t.Helper()
-	req, err := http.NewRequest(method, e.srv.URL+path, strings.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp, err := hc.Do(req)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
-	}
-	defer resp.Body.Close()
-	data, _ := io.ReadAll(resp.Body)
-	var eb apiv1.ErrorBody
-	if resp.StatusCode >= 400 {
-		if err := json.Unmarshal(data, &eb); err != nil {
-			t.Fatalf("%s %s: error body %q is not JSON: %v", method, path, data, err)
-		}
-	}
-	return resp.StatusCode, eb, string(data)
-}
-
 func TestDomainErrorsTranslated(t *testing.T) {
 	e := startEnv(t)
-	host, _ := e.join(t, "kvm-03")
+	host, _, _ := e.join(t, "kvm-03")
 	tests := []struct {
 		err      error
 		wantCode string
@@ -544,7 +439,7 @@ func TestDomainErrorsTranslated(t *testing.T) {
 
 func TestRelease(t *testing.T) {
 	e := startEnv(t)
-	host, hostID := e.join(t, "kvm-04")
+	host, _, hostID := e.join(t, "kvm-04")
 	bare := bytes.Repeat([]byte{0x42}, 32)
 	e.f.kdks = []provider.ReleasedKDK{
 		{ID: "k1", Version: 1, ImportBlob: []byte("blob-1")},
@@ -682,7 +577,7 @@ func TestAdminRevocation(t *testing.T) {
 func TestRenew(t *testing.T) {
 	e := startEnv(t)
 	ctx := context.Background()
-	host, id := e.join(t, "kvm-renew")
+	host, _, id := e.join(t, "kvm-renew")
 	newKey := newKey(t)
 	cert, err := host.Renew(ctx, newKey)
 	if err != nil {
@@ -742,7 +637,7 @@ func TestAuditPrune(t *testing.T) {
 func TestRenewWhileReleasing(t *testing.T) {
 	e := startEnv(t)
 	ctx := context.Background()
-	host, _ := e.join(t, "kvm-busy")
+	host, _, _ := e.join(t, "kvm-busy")
 	var wg sync.WaitGroup
 	errs := make(chan error, 4*20)
 	for range 4 {
