@@ -22,49 +22,14 @@ import (
 	"github.com/nkp-dev/nkp/provider/rootkey"
 	"github.com/nkp-dev/nkp/provider/store"
 	"github.com/nkp-dev/nkp/provider/store/mem"
+	"github.com/nkp-dev/nkp/provider/store/storetest"
 )
-
-// failStore is the real in-memory store with one fake part: while an error is injected,
-// every transaction fails with it (a store that went away, filled up, timed out).
-type failStore struct {
-	store.Store
-	fail atomic.Pointer[error]
-}
-
-func (s *failStore) inject(err error) {
-	if err == nil {
-		s.fail.Store(nil)
-		return
-	}
-	s.fail.Store(&err)
-}
-
-func (s *failStore) err() error {
-	if e := s.fail.Load(); e != nil {
-		return *e
-	}
-	return nil
-}
-
-func (s *failStore) View(ctx context.Context, fn func(store.Tx) error) error {
-	if err := s.err(); err != nil {
-		return err
-	}
-	return s.Store.View(ctx, fn)
-}
-
-func (s *failStore) Update(ctx context.Context, fn func(store.Tx) error) error {
-	if err := s.err(); err != nil {
-		return err
-	}
-	return s.Store.Update(ctx, fn)
-}
 
 // realEnv is the API over the real provider (package provider) over the mem store,
 // served with TLS by httptest, with an admin client.
 type realEnv struct {
 	p  *provider.Provider
-	st *failStore
+	st *storetest.FailStore
 	served
 }
 
@@ -109,7 +74,7 @@ func startRealWith(t *testing.T, wrap func(*provider.Provider) api.Provider) *re
 	}
 	logBuf := &syncBuffer{}
 	logger := slog.New(slog.NewTextHandler(logBuf, nil))
-	st := &failStore{Store: mem.New()}
+	st := &storetest.FailStore{Store: mem.New()}
 	p, err := provider.Open(ctx, provider.Config{Store: st, RootKey: rk, Log: logger})
 	if err != nil {
 		t.Fatal(err)
@@ -307,8 +272,8 @@ func TestStoreFailures(t *testing.T) {
 	for _, tc := range tests {
 		for _, c := range calls {
 			t.Run(tc.name+"/"+c.name, func(t *testing.T) {
-				e.st.inject(tc.err)
-				defer e.st.inject(nil)
+				e.st.Inject(tc.err)
+				defer e.st.Inject(nil)
 				err := c.fn()
 				var ae *client.APIError
 				if !errors.As(err, &ae) || ae.Status != tc.wantStatus || ae.Code != tc.wantCode || ae.Message == "" {
@@ -351,11 +316,11 @@ func TestReadiness(t *testing.T) {
 	if code, _, _ := e.do(t, hc, "GET", apiv1.PathReadyz, ""); code != 200 {
 		t.Fatalf("readyz = %d, want 200", code)
 	}
-	e.st.inject(fmt.Errorf("etcd: %w", context.DeadlineExceeded))
+	e.st.Inject(fmt.Errorf("etcd: %w", context.DeadlineExceeded))
 	if code, eb, _ := e.do(t, hc, "GET", apiv1.PathReadyz, ""); code != 503 || eb.Code != apiv1.CodeUnavailable {
 		t.Fatalf("readyz with a failing store = %d %q, want 503", code, eb.Code)
 	}
-	e.st.inject(nil)
+	e.st.Inject(nil)
 	e.api.SetDraining()
 	if code, eb, _ := e.do(t, hc, "GET", apiv1.PathReadyz, ""); code != 503 || !strings.Contains(eb.Error, "shutting down") {
 		t.Fatalf("readyz while draining = %d %q, want 503 shutting down", code, eb.Error)

@@ -5,6 +5,9 @@
 //		storetest.Run(t, storetest.Backend{New: func(t *testing.T) store.Store { return mem.New() }})
 //	}
 //
+// FailStore wraps a real store to make its transactions fail on demand, for tests of
+// what callers do when the store goes away.
+//
 // Only test code imports it.
 package storetest
 
