@@ -15,7 +15,7 @@ import (
 // TestRollbackAtStart: nkp-swtpm given a state file whose newest record was damaged
 // after its write refuses to start the TPM, names the file and the way out, and leaves
 // the file alone; with --tpmstate ...,accept-rollback it starts from the older record and
-// logs the rollback at error level.
+// logs the rollback at error level, with the count (state.LogMetricRollbacks).
 func TestRollbackAtStart(t *testing.T) {
 	bin := e2e.BuildBinary(t, "./cmd/nkp-swtpm")
 	dir, work := t.TempDir(), t.TempDir()
@@ -85,6 +85,7 @@ func TestRollbackAtStart(t *testing.T) {
 	})
 	e2e.WaitFor(t, 5*time.Second, "the rollback in the log", func() bool {
 		log, _ := os.ReadFile(logPath)
-		return strings.Contains(string(log), "level=ERROR") && strings.Contains(string(log), "accept-rollback allows")
+		return strings.Contains(string(log), "level=ERROR") && strings.Contains(string(log), "accept-rollback allows") &&
+			strings.Contains(string(log), state.LogMetricRollbacks+"=1")
 	})
 }

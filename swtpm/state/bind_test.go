@@ -121,7 +121,7 @@ func TestStateID(t *testing.T) {
 		if st := d.Stats(); st != (Stats{DamagedSlots: 1, Rollbacks: 1}) {
 			t.Errorf("Stats = %+v", st)
 		}
-		for _, want := range []string{"level=ERROR", "slot=1", "slot_sequence=5", "loaded_sequence=4", "rollbacks=1"} {
+		for _, want := range []string{"level=ERROR", "slot=1", "slot_sequence=5", "loaded_sequence=4", "nkp_swtpm_state_rollbacks_total=1", "nkp_swtpm_state_damaged_slots_total=1"} {
 			if !strings.Contains(logBuf.String(), want) {
 				t.Errorf("log lacks %q:\n%s", want, logBuf.String())
 			}

@@ -37,7 +37,12 @@
 // Every damaged slot is logged with the file, both slots and their sequence numbers, at
 // every load, and counted in Stats (DamagedSlots, Rollbacks); the file is kept as
 // evidence (<file>.damaged.<time>, a hard link) and the next Store writes a new file
-// instead of overwriting the damaged slot.
+// instead of overwriting the damaged slot. The counts since Open are in each of those
+// log lines as nkp_swtpm_state_rollbacks_total and nkp_swtpm_state_damaged_slots_total
+// (LogMetricRollbacks, LogMetricDamagedSlots): nkp-swtpm serves no metrics endpoint (one
+// process per VM, no listener but the TPM's own sockets, under seccomp), and a rollback
+// can only happen while the state loads at start or INIT, so the log line of that load
+// is where a log-based exporter (mtail, promtail) turns it into a Prometheus counter.
 //
 // Each encrypted record carries the directory's state ID (.nkp-state-id, made at the
 // first encrypted write), so that a state file copied from another VM's directory is
@@ -393,12 +398,24 @@ func (d *Dir) reportDamageLocked(p string, r decoded) {
 			if !dm.onePass && dm.known {
 				msg = "state file: a slot holding a newer, completely written record fails authentication; continuing from the older record as --tpmstate accept-rollback allows: the TPM's last acknowledged write is undone"
 			}
-			d.log.Error(msg, append(attrs, "rollbacks", d.stats.Rollbacks)...)
+			d.log.Error(msg, append(attrs, d.totals()...)...)
 			continue
 		}
-		d.log.Warn("state file: a slot fails authentication and is passed over; the other slot holds the newest record, so nothing acknowledged is lost (a write cut by a crash, or damage to an older record)", attrs...)
+		d.log.Warn("state file: a slot fails authentication and is passed over; the other slot holds the newest record, so nothing acknowledged is lost (a write cut by a crash, or damage to an older record)", append(attrs, d.totals()...)...)
 	}
 }
+
+// totals are the Stats counters as log attributes, named as Prometheus counters
+// (LogMetricRollbacks, LogMetricDamagedSlots) so that a log-based exporter can serve them.
+func (d *Dir) totals() []any {
+	return []any{LogMetricRollbacks, d.stats.Rollbacks, LogMetricDamagedSlots, d.stats.DamagedSlots}
+}
+
+// The attribute names of the Stats counters in the damaged-slot log lines.
+const (
+	LogMetricRollbacks    = "nkp_swtpm_state_rollbacks_total"
+	LogMetricDamagedSlots = "nkp_swtpm_state_damaged_slots_total"
+)
 
 // keepEvidence hard-links p as <p>.damaged.<unix time> unless such a link to the same
 // file exists already, and returns its name ("" if it could not be made; logged).

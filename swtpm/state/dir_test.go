@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -544,6 +545,9 @@ func TestSlots(t *testing.T) {
 					if !strings.Contains(logBuf.String(), want) {
 						t.Errorf("log lacks %q:\n%s", want, logBuf.String())
 					}
+				}
+				if want := fmt.Sprintf("%s=%d %s=%d", LogMetricRollbacks, tt.stats.Rollbacks, LogMetricDamagedSlots, tt.stats.DamagedSlots); !strings.Contains(logBuf.String(), want) {
+					t.Errorf("log lacks the counts %q:\n%s", want, logBuf.String())
 				}
 				if tt.stats.Rollbacks > 0 && !strings.Contains(logBuf.String(), "level=ERROR") {
 					t.Errorf("a rollback was not logged as an error:\n%s", logBuf.String())
