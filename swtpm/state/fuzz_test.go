@@ -6,6 +6,7 @@ import (
 	"crypto/cipher"
 	"crypto/sha256"
 	"errors"
+	"slices"
 	"testing"
 )
 
@@ -198,6 +199,68 @@ func FuzzDecodeKey(f *testing.F) {
 		}
 		if binary && !bytes.Equal(k, raw) {
 			t.Fatalf("binary key changed")
+		}
+	})
+}
+
+// FuzzLinearLayout feeds arbitrary linear headers (for a file of size bytes) to the
+// parser, and for each it accepts places n more bytes for an entry the way Store does:
+// what the parser accepts re-encodes to the same entries; a placement never touches any
+// entry's data (the one being replaced included), lies past the header, aligned, within
+// the capacity; and the header after the store parses again, with the sections
+// contiguous and the other entries' data where it was.
+func FuzzLinearLayout(f *testing.F) {
+	var empty layout
+	f.Add(empty.encode(), uint32(linearHeaderSize), uint16(100), uint8(0))
+	f.Add(make([]byte, linearHeaderSize), uint32(4096), uint16(3000), uint8(1))
+	f.Fuzz(func(t *testing.T, hdr []byte, size uint32, n uint16, entry uint8) {
+		lay, err := parseLayout(hdr, uint64(size))
+		if err != nil {
+			return
+		}
+		again, err := parseLayout(lay.encode(), uint64(size))
+		if err != nil || again.entries != lay.entries {
+			t.Fatalf("re-encoded header: %v, entries %+v, want %+v", err, again.entries, lay.entries)
+		}
+		i := int(entry) % 3
+		capacity := uint64(size) + 64<<10
+		at, err := lay.place(uint64(n), capacity)
+		if err != nil {
+			return
+		}
+		if at < linearHeaderSize || at%linearAlign != 0 || at+uint64(n) > capacity {
+			t.Fatalf("placed %d bytes at %d (capacity %d)", n, at, capacity)
+		}
+		for _, s := range lay.spans(-1) {
+			if at < s[1] && s[0] < at+uint64(n) {
+				t.Fatalf("placed %d bytes at %d over live data %v", n, at, s)
+			}
+		}
+		before := lay
+		lay.set(i, at, uint64(n))
+		end := max(uint64(size), at+uint64(n))
+		after, err := parseLayout(lay.encode(), end)
+		if err != nil {
+			t.Fatalf("the header after the store does not parse: %v (%+v)", err, lay.entries)
+		}
+		var used []linearEntry
+		for j, e := range after.entries {
+			if j != i && (e.offset != before.entries[j].offset || e.dataLen != before.entries[j].dataLen) {
+				t.Fatalf("entry %d moved: %+v, was %+v", j, e, before.entries[j])
+			}
+			if e.used() {
+				used = append(used, e)
+			}
+		}
+		slices.SortFunc(used, func(a, b linearEntry) int { return int(int64(a.offset) - int64(b.offset)) })
+		for k, e := range used {
+			next := e.offset + e.dataLen
+			if k+1 < len(used) {
+				next = used[k+1].offset
+			}
+			if e.sectionLen < e.dataLen || e.offset+e.sectionLen != next {
+				t.Fatalf("sections not contiguous after the store: %+v", used)
+			}
 		}
 	})
 }

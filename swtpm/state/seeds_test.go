@@ -12,11 +12,11 @@ import (
 
 // TestWriteFuzzSeeds writes the checked-in seed corpora of the fuzz targets
 // (testdata/fuzz/Fuzz*/) when NKP_UPDATE_FIXTURES=1: real swtpm 0.7.1 files, the
-// header-less fixtures, and small nkp files of each format version. Otherwise it checks
+// header-less fixtures, small nkp files of each format version, and linear headers. Otherwise it checks
 // that every target has seeds.
 func TestWriteFuzzSeeds(t *testing.T) {
 	if os.Getenv("NKP_UPDATE_FIXTURES") != "1" {
-		for _, target := range []string{"FuzzDecodeFile", "FuzzDecodeLegacy", "FuzzSlots", "FuzzDecodeKey"} {
+		for _, target := range []string{"FuzzDecodeFile", "FuzzDecodeLegacy", "FuzzSlots", "FuzzDecodeKey", "FuzzLinearLayout"} {
 			if m, _ := filepath.Glob(filepath.Join("testdata/fuzz", target, "*")); len(m) == 0 {
 				t.Errorf("no checked-in seeds for %s (NKP_UPDATE_FIXTURES=1 go test -run TestWriteFuzzSeeds)", target)
 			}
@@ -38,6 +38,8 @@ func TestWriteFuzzSeeds(t *testing.T) {
 				fmt.Fprintf(&b, "byte(%q)\n", v)
 			case uint16:
 				fmt.Fprintf(&b, "uint16(%d)\n", v)
+			case uint32:
+				fmt.Fprintf(&b, "uint32(%d)\n", v)
 			case bool:
 				fmt.Fprintf(&b, "bool(%v)\n", v)
 			}
@@ -76,4 +78,32 @@ func TestWriteFuzzSeeds(t *testing.T) {
 	for _, off := range []uint16{9, 33, 50, 70, 100, 160 + 9, 160 + 33, 160 + 70, 160 + 100} {
 		write("FuzzSlots", fmt.Sprintf("flip-%d", off), off, uint8(1))
 	}
+	// Linear headers: swtpm 0.7.1's (permall and volatilestate), and one of nkp's with
+	// the sections where its stores put them (a gap after the header, a removed entry).
+	for _, name := range []string{"linear-plain", "linear-key256"} {
+		b, err := os.ReadFile(filepath.Join(fixtures, name, "linear.img"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		write("FuzzLinearLayout", "swtpm-"+name, b[:linearHeaderSize], uint32(len(b)), uint16(1400), uint8(0))
+	}
+	p := filepath.Join(t.TempDir(), "tpm.img")
+	l, err := OpenLinear(p, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, st := range []struct {
+		name string
+		n    int
+	}{{"permall", 300}, {"volatilestate", 2000}, {"savestate", 700}, {"permall", 1500}, {"savestate", -1}} {
+		if st.n < 0 {
+			l.Delete(st.name)
+		} else {
+			l.Store(st.name, make([]byte, st.n))
+		}
+	}
+	l.Close()
+	b, _ := os.ReadFile(p)
+	write("FuzzLinearLayout", "nkp-moved", b[:linearHeaderSize], uint32(len(b)), uint16(2500), uint8(1))
+	write("FuzzLinearLayout", "new", make([]byte, linearHeaderSize), uint32(0), uint16(1), uint8(2))
 }
