@@ -29,35 +29,7 @@ func TestSwtpmReadsOurPlaintext(t *testing.T) {
 	}
 	d.Close()
 
-	ctrl := filepath.Join(t.TempDir(), "ctrl")
-	cmd := exec.Command("swtpm", "socket", "--tpm2", "--tpmstate", "dir="+dir,
-		"--ctrl", "type=unixio,path="+ctrl, "--log", "file="+filepath.Join(filepath.Dir(ctrl), "log"))
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = exec.Command("swtpm_ioctl", "--unix", ctrl, "-s").Run()
-		_ = cmd.Wait()
-	})
-	e2e.WaitFor(t, 5*time.Second, "swtpm's control socket", func() bool {
-		_, err := os.Stat(ctrl)
-		return err == nil
-	})
-	ioctl := func(args ...string) {
-		t.Helper()
-		if out, err := exec.Command("swtpm_ioctl", append([]string{"--unix", ctrl}, args...)...).CombinedOutput(); err != nil {
-			log, _ := os.ReadFile(filepath.Join(filepath.Dir(ctrl), "log"))
-			t.Fatalf("swtpm_ioctl %v: %v: %s\nswtpm log:\n%s", args, err, out, log)
-		}
-	}
-	ioctl("-i") // INIT: swtpm loads tpm2-00.permall as nkp wrote it
-	saved := filepath.Join(t.TempDir(), "permall")
-	ioctl("--save", "permanent", saved)
-	blob, _ := os.ReadFile(saved)
-	got, err := envelope.FromMigration(blob, 0, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	got := swtpmPermall(t, []string{"socket", "--tpm2", "--tpmstate", "dir=" + dir}) // INIT loads tpm2-00.permall as nkp wrote it
 	if !bytes.Equal(got, ref) {
 		t.Errorf("swtpm's permanent state (%d bytes) differs from what nkp stored (%d bytes)", len(got), len(ref))
 	}
@@ -100,9 +72,16 @@ func swtpmPermall(t *testing.T, args []string) []byte {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
 	t.Cleanup(func() {
 		_ = exec.Command("swtpm_ioctl", "--unix", ctrl, "-s").Run()
-		_ = cmd.Wait()
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second): // a swtpm that does not answer must not hang the run
+			cmd.Process.Kill()
+			<-exited
+		}
 	})
 	// Listening, not only bound: a connect between swtpm's bind and listen is refused.
 	e2e.WaitFor(t, 5*time.Second, "swtpm's control socket", func() bool {
@@ -114,7 +93,17 @@ func swtpmPermall(t *testing.T, args []string) []byte {
 	})
 	ioctl := func(args ...string) {
 		t.Helper()
-		if out, err := exec.Command("swtpm_ioctl", append([]string{"--unix", ctrl}, args...)...).CombinedOutput(); err != nil {
+		var out []byte
+		var err error
+		// swtpm 0.7.1 has been seen refusing a connection right after it accepted one
+		// (about 1 start in 100 on a loaded machine): retried within a bound.
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			out, err = exec.Command("swtpm_ioctl", append([]string{"--unix", ctrl}, args...)...).CombinedOutput()
+			if err == nil || !strings.Contains(string(out), "Connection refused") || time.Now().After(deadline) {
+				break
+			}
+		}
+		if err != nil {
 			log, _ := os.ReadFile(logf)
 			t.Fatalf("swtpm_ioctl %v: %v: %s\nswtpm log:\n%s", args, err, out, log)
 		}
