@@ -414,22 +414,29 @@ func (s *Supervisor) start(vm VM, keyR, migR *os.File) (inst Instance, err error
 	readyW.Close()
 	status.Close()
 
-	if err := waitReady(ctx, p, readyR, s.cfg.StartTimeout); err != nil {
+	// The record first, then the wait: a hostd killed while nkp-swtpm starts (between the
+	// prepare and start hooks) leaves a record, so the next hostd adopts the process
+	// instead of leaving it running unknown, holding the state's lock.
+	ticks, err := startTicks(cmd.Process.Pid)
+	if err != nil {
+		if rerr := waitReady(ctx, p, readyR, time.Second); rerr != nil {
+			err = rerr // it exited already: say so, with its log
+		}
 		cmd.Process.Kill()
 		<-p.exited
 		return Instance{}, fmt.Errorf("vm %q: %w: %w; its log says: %s", vm.Name, ErrStart, err, tail(logFile.Name(), logStart))
-	}
-	ticks, err := startTicks(cmd.Process.Pid)
-	if err != nil {
-		cmd.Process.Kill()
-		<-p.exited
-		return Instance{}, fmt.Errorf("vm %q: %w: %w", vm.Name, ErrStart, err)
 	}
 	p.inst = Instance{VM: vm, PID: cmd.Process.Pid, StartTicks: ticks, Socket: sockPath, StateDir: stateDir, Started: started}
 	if err := writeRecord(s.recordPath(vm.UUID), p.inst); err != nil {
 		cmd.Process.Kill()
 		<-p.exited
 		return Instance{}, fmt.Errorf("vm %q: vTPM record: %w", vm.Name, err)
+	}
+	if err := waitReady(ctx, p, readyR, s.cfg.StartTimeout); err != nil {
+		cmd.Process.Kill()
+		<-p.exited
+		os.Remove(s.recordPath(vm.UUID))
+		return Instance{}, fmt.Errorf("vm %q: %w: %w; its log says: %s", vm.Name, ErrStart, err, tail(logFile.Name(), logStart))
 	}
 	s.mu.Lock()
 	s.procs[vm.UUID] = p

@@ -641,3 +641,43 @@ func TestLaunchWait(t *testing.T) {
 		}
 	}
 }
+
+// TestAdoptDuringLaunch: a hostd that dies while its vTPM is still starting (between the
+// prepare and start hooks) left a record, and the next one adopts the process instead of
+// leaving it running unknown with the state's lock.
+func TestAdoptDuringLaunch(t *testing.T) {
+	state, run := dirs(t)
+	s := newSupervisor(t, state, run)
+	f, err := os.CreateTemp("", "nkp-vtpm-slow-*.sh") // the vTPM user must reach it
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	t.Cleanup(func() { os.Remove(f.Name()) })
+	os.WriteFile(f.Name(), []byte("#!/bin/sh\nsleep 3\necho READY >&5\nexec sleep 30\n"), 0o755)
+	os.Chmod(f.Name(), 0o755)
+	s.cfg.Binary = f.Name()
+	vm := VM{UUID: kdk.NewKeyID(), Name: "vtpm-test-adopt-launch", KeyID: kdk.NewKeyID()}
+	if err := s.Launch(vm, keys(key(4))); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		if _, err := os.Stat(s.recordPath(vm.UUID)); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no record of the launching vTPM within 2 s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// The next hostd, while the first one's launch has not finished.
+	next := newSupervisor(t, state, run)
+	adopted, err := next.Adopt()
+	if err != nil || len(adopted) != 1 || adopted[0].UUID != vm.UUID {
+		t.Fatalf("Adopt during a launch = %+v, %v; want the launching vTPM", adopted, err)
+	}
+	if err := next.Stop(context.Background(), vm.UUID); err != nil {
+		t.Errorf("Stop of the adopted vTPM: %v", err)
+	}
+}
