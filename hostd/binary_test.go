@@ -18,6 +18,7 @@ import (
 
 	"github.com/nkp-dev/nkp/hostd"
 	"github.com/nkp-dev/nkp/test/e2e"
+	"github.com/nkp-dev/nkp/test/logbuf"
 )
 
 // startSwtpmTPM runs Debian's swtpm as this host's TPM on a unix data socket (state kept
@@ -42,13 +43,13 @@ func startSwtpmTPM(t *testing.T, dir string) string {
 // hostdProc is one `nkp-hostd serve` process.
 type hostdProc struct {
 	cmd  *exec.Cmd
-	logs *logBuf
+	logs *logbuf.Buffer
 	done chan struct{}
 }
 
 func serveBinary(t *testing.T, bin string, args ...string) *hostdProc {
 	t.Helper()
-	p := &hostdProc{cmd: exec.Command(bin, append([]string{"serve", "--log-format", "text"}, args...)...), logs: &logBuf{}, done: make(chan struct{})}
+	p := &hostdProc{cmd: exec.Command(bin, append([]string{"serve", "--log-format", "text"}, args...)...), logs: &logbuf.Buffer{}, done: make(chan struct{})}
 	p.cmd.Stdout, p.cmd.Stderr = p.logs, p.logs
 	notify := filepath.Join(t.TempDir(), "notify.sock")
 	nl, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notify, Net: "unixgram"})

@@ -25,6 +25,7 @@ import (
 	"github.com/nkp-dev/nkp/hostd/domxml"
 	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/test/e2e"
+	"github.com/nkp-dev/nkp/test/logbuf"
 )
 
 func TestMain(m *testing.M) {
@@ -173,30 +174,13 @@ func hostDirs(t *testing.T) (state, run string) {
 	return filepath.Join(base, "state"), filepath.Join(base, "run")
 }
 
-type logBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // host is one hostd (restartable) with its directories and TPM.
 type host struct {
 	t          *testing.T
 	state, run string
 	tpm        *hostTPM
 	swtpm      string
-	logs       *logBuf
+	logs       *logbuf.Buffer
 	d          *hostd.Daemon
 	renew      time.Duration
 	libvirt    string // "" = none ("-")
@@ -206,7 +190,7 @@ func newHost(t *testing.T, p *provider, tpm *hostTPM) *host {
 	t.Helper()
 	e2e.RequireRoot(t)
 	state, run := hostDirs(t)
-	h := &host{t: t, state: state, run: run, tpm: tpm, swtpm: swtpmBinary(t), logs: &logBuf{}}
+	h := &host{t: t, state: state, run: run, tpm: tpm, swtpm: swtpmBinary(t), logs: &logbuf.Buffer{}}
 	tok := p.token(t)
 	cfg := hostd.JoinConfig{StateDir: state, Providers: []string{p.url}, CAHash: tok.CAHash, Token: tok.Secret, Hostname: "hostd-test"}
 	if tpm != nil {

@@ -19,6 +19,7 @@ import (
 	"github.com/nkp-dev/nkp/provider/rootkey"
 	"github.com/nkp-dev/nkp/provider/store"
 	"github.com/nkp-dev/nkp/provider/store/mem"
+	"github.com/nkp-dev/nkp/test/logbuf"
 )
 
 // clock is a settable test clock.
@@ -41,36 +42,18 @@ func (c *clock) Advance(d time.Duration) {
 	c.t = c.t.Add(d)
 }
 
-// syncBuffer collects log output from concurrent goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // env is one provider over a store, with its log captured.
 type env struct {
 	p     *provider.Provider
 	st    store.Store
 	rk    *rootkey.Key
 	clock *clock
-	logs  *syncBuffer
+	logs  *logbuf.Buffer
 }
 
 func open(t testing.TB, st store.Store, rk *rootkey.Key, c *clock, opts ...func(*provider.Config)) *env {
 	t.Helper()
-	logs := &syncBuffer{}
+	logs := &logbuf.Buffer{}
 	log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	cfg := provider.Config{Store: st, RootKey: rk, Log: log, Now: c.Now}
 	provider.CheapBackups(&cfg)

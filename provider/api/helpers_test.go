@@ -1,7 +1,6 @@
 package api_test
 
 import (
-	"bytes"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -16,13 +15,13 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/nkp-dev/nkp/provider/api"
 	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/client"
+	"github.com/nkp-dev/nkp/test/logbuf"
 )
 
 // served is an API server running under httptest with TLS, whichever provider it
@@ -33,7 +32,7 @@ type served struct {
 	api    *api.Server
 	caCert *x509.Certificate
 	admin  *client.Client
-	logBuf *syncBuffer
+	logBuf *logbuf.Buffer
 }
 
 // serveTLS serves h with TLS under cert (api.TLSConfig, so client certificates are
@@ -104,24 +103,6 @@ func (e *served) do(t *testing.T, hc *http.Client, method, path, body string) (i
 		}
 	}
 	return resp.StatusCode, eb, string(data)
-}
-
-// syncBuffer is a bytes.Buffer safe for the server's concurrent log writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // newKey is a fresh P-256 key.

@@ -23,6 +23,7 @@ import (
 	"github.com/nkp-dev/nkp/provider/store"
 	"github.com/nkp-dev/nkp/provider/store/mem"
 	"github.com/nkp-dev/nkp/provider/store/storetest"
+	"github.com/nkp-dev/nkp/test/logbuf"
 )
 
 // realEnv is the API over the real provider (package provider) over the mem store,
@@ -72,7 +73,7 @@ func startRealWith(t *testing.T, wrap func(*provider.Provider) api.Provider) *re
 	if err != nil {
 		t.Fatal(err)
 	}
-	logBuf := &syncBuffer{}
+	logBuf := &logbuf.Buffer{}
 	logger := slog.New(slog.NewTextHandler(logBuf, nil))
 	st := &storetest.FailStore{Store: mem.New()}
 	p, err := provider.Open(ctx, provider.Config{Store: st, RootKey: rk, Log: logger})

@@ -26,6 +26,7 @@ import (
 	"github.com/nkp-dev/nkp/provider/ca"
 	"github.com/nkp-dev/nkp/provider/client"
 	"github.com/nkp-dev/nkp/provider/store"
+	"github.com/nkp-dev/nkp/test/logbuf"
 )
 
 // fake is an api.Provider with a real CA and scripted answers.
@@ -391,7 +392,7 @@ func certFrom(t *testing.T, c *ca.CA, role ca.Role, name string) tls.Certificate
 func startEnv(t *testing.T) *env {
 	t.Helper()
 	f := newFake(t)
-	logBuf := &syncBuffer{}
+	logBuf := &logbuf.Buffer{}
 	s, err := api.New(api.Config{Provider: f, Log: slog.New(slog.NewTextHandler(logBuf, nil))})
 	if err != nil {
 		t.Fatal(err)

@@ -1,7 +1,6 @@
 package daemon_test
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -15,13 +14,13 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/nkp-dev/nkp/provider/api/daemon"
 	"github.com/nkp-dev/nkp/provider/apiv1"
+	"github.com/nkp-dev/nkp/test/logbuf"
 )
 
 // running is one in-process daemon on a listener the test owns.
@@ -30,25 +29,7 @@ type running struct {
 	dir  string
 	ln   *net.TCPListener
 	adm  *daemon.Admin
-	logs *logBuffer
-}
-
-// logBuffer collects the daemon's log from its goroutines.
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
+	logs *logbuf.Buffer
 }
 
 // startDaemon inits a bbolt provider in a new directory and serves it on a loopback
@@ -64,7 +45,7 @@ func startDaemon(t *testing.T, cfg daemon.Config) *running {
 	if err != nil {
 		t.Fatal(err)
 	}
-	logs := &logBuffer{}
+	logs := &logbuf.Buffer{}
 	cfg.Dir, cfg.Listener = dir, ln
 	cfg.Log = slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	d, err := daemon.Start(ctx, cfg)
