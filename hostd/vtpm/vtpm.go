@@ -20,9 +20,12 @@
 //     by NKP_SWTPM_STATUS_FD), on which Probe asks the running vTPM for
 //     GET_TPMESTABLISHED while QEMU holds the control socket.
 //
-// Start returns once nkp-swtpm reported READY on its readiness pipe (fd 5, named by
-// NKP_SWTPM_READY_FD: its socket listens, its state directory is locked, its seccomp
-// filter is on), or fails with its error and its log's last lines.
+// Start is Launch then Wait. Launch returns once the keys are in their pipes and the
+// VM's slot is reserved, and starts the process in the background (hostd's prepare
+// hook); Wait (hostd's start hook) returns once nkp-swtpm reported READY on its
+// readiness pipe (fd 5, named by NKP_SWTPM_READY_FD: its socket listens, its state
+// directory is locked, its seccomp filter is on), or with its error and its log's last
+// lines. The record is written as soon as the process runs, before READY.
 //
 // Each instance has a record RunDir/<vm-uuid>.json (root, 0600: pid, process start time,
 // key ID, KDK version). Adopt, run by a new hostd, re-attaches to the processes those
