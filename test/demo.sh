@@ -4,11 +4,13 @@
 #   1. initialise a key provider and take its backup (it releases no KDK before that);
 #   2. join nkp-hostd to it with a socket TPM as the host TPM (nkp-swtpm), and install the
 #      libvirt hook;
-#   3. define a small VM and `nkpctl vm protect` it: it gets an nkp vTPM;
-#   4. `virsh start`: the guest shows its TPM 2.0 and writes a value into TPM NV;
-#   5. `virsh start` again: the value survived the power cycle;
+#   3. define a small VM with a data disk and `nkpctl vm protect` it: it gets an nkp vTPM,
+#      and its disk is converted into a LUKS image whose key lives in a libvirt secret;
+#   4. `virsh start`: the guest shows its TPM 2.0, writes a value into TPM NV and a marker
+#      onto its disk; the host's disk file does not hold the marker;
+#   5. `virsh start` again: the NV value and the disk marker survived the power cycle;
 #   6. stop the provider, restart nkp-hostd, `virsh start` again: the VM starts with the
-#      KDK from the host TPM's cache and the NV value is still there.
+#      KDK from the host TPM's cache, its disk opens, NV value and marker are still there.
 # Everything lives in a temporary directory and is removed at the end (also on failure).
 #
 # Needs root, `make setup` (packages, libvirtd) and `make build`. Exits non-zero on failure.
@@ -37,7 +39,7 @@ chmod 0711 "$W" # QEMU (libvirt-qemu) and the vTPM user (tss) traverse it
 TAG=$(basename "$W" | cut -d. -f2)
 NAME=nkp-demo-$TAG
 HOOK=/etc/libvirt/hooks/qemu.d/nkp-demo-$TAG
-PROV_PID= TPM_PID= HOSTD_PID=
+PROV_PID= TPM_PID= HOSTD_PID= SECRET=
 stop_pid() { # pid: SIGTERM, wait up to 30 s, then SIGKILL
 	[ -n "$1" ] && kill -0 "$1" 2>/dev/null || return 0
 	kill "$1" 2>/dev/null || true
@@ -48,6 +50,8 @@ stop_pid() { # pid: SIGTERM, wait up to 30 s, then SIGKILL
 cleanup() {
 	virsh -c qemu:///system destroy "$NAME" >/dev/null 2>&1 || true
 	virsh -c qemu:///system undefine "$NAME" >/dev/null 2>&1 || true
+	# nkp-hostd undefines the disk's secret on the UNDEFINED event; it may stop first.
+	[ -z "$SECRET" ] || virsh -c qemu:///system secret-undefine "$SECRET" >/dev/null 2>&1 || true
 	rm -f "$HOOK"
 	stop_pid "$HOSTD_PID"
 	stop_pid "$TPM_PID"
@@ -122,11 +126,14 @@ if [ "$HUP" = yes ]; then
 fi
 
 # 3. The VM.
-say "3. a small VM (TCG, 256 MiB, no TPM yet), then nkpctl vm protect"
+say "3. a small VM (TCG, 256 MiB, a 32 MiB data disk, no TPM yet), then nkpctl vm protect"
 cp "$NKP_GUEST_KERNEL" "$W/vmlinuz"
 cp "$NKP_GUEST_INITRD" "$W/initrd.gz"
 CONSOLE=$W/console.log
 NV=demo-$TAG
+MARK=disk-marker-$TAG-$(head -c 4 /dev/urandom | od -An -tx1 | tr -d ' \n')
+DISK=$W/disk.raw
+truncate -s 32M "$DISK"
 cat >"$W/domain.xml" <<XML
 <domain type='qemu'>
   <name>$NAME</name>
@@ -136,7 +143,7 @@ cat >"$W/domain.xml" <<XML
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>$W/vmlinuz</kernel>
     <initrd>$W/initrd.gz</initrd>
-    <cmdline>console=ttyS0 quiet loglevel=1 panic=-1 no_timer_check nkp.do=nvwrite nkp.nv=$NV</cmdline>
+    <cmdline>console=ttyS0 quiet loglevel=1 panic=-1 no_timer_check nkp.do=nvwrite,diskwrite nkp.nv=$NV nkp.disk=$MARK</cmdline>
   </os>
   <features><acpi/><apic/></features>
   <on_poweroff>destroy</on_poweroff>
@@ -145,6 +152,7 @@ cat >"$W/domain.xml" <<XML
   <devices>
     <serial type='file'><source path='$CONSOLE' append='on'/><target port='0'/></serial>
     <console type='file'><source path='$CONSOLE' append='on'/><target type='serial' port='0'/></console>
+    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='$DISK'/><target dev='vda' bus='virtio'/></disk>
     <controller type='usb' model='none'/>
     <memballoon model='none'/>
   </devices>
@@ -154,8 +162,16 @@ run virsh -c qemu:///system define "$W/domain.xml" >/dev/null
 run "$BIN/nkpctl" vm --socket "$W/run/hostd.sock" protect "$NAME"
 echo "  the domain's TPM now:"
 virsh -c qemu:///system dumpxml "$NAME" | sed -n '/<tpm /,/<\/tpm>/p' | sed 's/^/    /'
+echo "  its disk now (a LUKS image next to the original, the key in a libvirt secret):"
+virsh -c qemu:///system dumpxml "$NAME" | sed -n '/<disk /,/<\/disk>/p' | sed 's/^/    /'
 echo "  nkp's metadata in it:"
 virsh -c qemu:///system dumpxml "$NAME" | sed -n '/<nkp:vm/,/<\/nkp:vm>/p' | sed 's/^/    /'
+NEWDISK=$(virsh -c qemu:///system dumpxml "$NAME" | sed -n "/<disk /,/<\/disk>/s/.*<source file='\([^']*\)'.*/\1/p" | head -n1)
+[ -n "$NEWDISK" ] && [ "$NEWDISK" != "$DISK" ] || die "protect left the disk at '$NEWDISK'"
+SECRET=$(virsh -c qemu:///system dumpxml "$NAME" | sed -n "s/.*<secret type='passphrase' uuid='\([^']*\)'.*/\1/p" | head -n1)
+echo "  the libvirt secret $SECRET: $(virsh -c qemu:///system secret-dumpxml "$SECRET" | head -n1 | sed 's/^ *//')"
+if virsh -c qemu:///system secret-get-value "$SECRET" >/dev/null 2>&1; then die "virsh secret-get-value revealed the disk key"; fi
+echo "  virsh secret-get-value $SECRET is refused (the secret is private)"
 
 # boot: virsh start, wait for this boot's verdict and the power-off, print the agent's lines.
 BOOTS=0
@@ -174,21 +190,31 @@ boot() {
 	awk -v n="$before" '/NKP-GUEST done=/{c++; if (c<=n) next} c>=n' "$CONSOLE" | grep -aq 'NKP-GUEST done=ok' || die "the guest agent failed (see above)"
 }
 last_nv() { grep -ao ' nv=[A-Za-z0-9._-]*' "$CONSOLE" | tail -n1 | cut -d= -f2; }
+last_mark() { grep -ao ' disk-vda=[A-Za-z0-9._-]*' "$CONSOLE" | tail -n1 | cut -d= -f2; }
 set_job() { # the guest's job for the next boots, in the kernel command line (nkp's metadata stays)
-	virsh -c qemu:///system dumpxml --inactive --security-info "$NAME" | sed "s|nkp.do=[a-z,]*|nkp.do=$1|" >"$W/domain2.xml"
+	virsh -c qemu:///system dumpxml --inactive --security-info "$NAME" | sed "s|nkp.do=[a-z,]*|nkp.do=$1|; s| nkp.disk=[A-Za-z0-9._-]*||" >"$W/domain2.xml"
 	virsh -c qemu:///system define "$W/domain2.xml" >/dev/null
+}
+check_disk() { # what: the guest read the marker; the host file does not hold it
+	[ "$(last_mark)" = "$MARK" ] || die "$1: the guest reads disk marker '$(last_mark)', want '$MARK'"
+	if grep -aq "NKP-DISK-MARKER $MARK" "$NEWDISK"; then die "the host file $NEWDISK holds the guest's marker in plaintext"; fi
+	echo "  the guest reads '$MARK' from its disk; \`grep -c '$MARK' $NEWDISK\` on the host: $(grep -ac "$MARK" "$NEWDISK" || true) (encrypted)"
 }
 
 # 4. First boot.
-say "4. virsh start: the guest checks its TPM 2.0 and writes '$NV' into an NV index"
+say "4. virsh start: the guest checks its TPM 2.0, writes '$NV' into an NV index and '$MARK' onto its disk"
 boot
 [ "$(last_nv)" = "$NV" ] || die "the guest wrote NV '$(last_nv)', want '$NV'"
+check_disk "first boot"
 
 # 5. Power cycle.
-say "5. virsh start again (the guest only reads NV now): the value survived the power cycle"
-set_job nvread
+say "5. virsh start again (the guest only reads NV and its disk now): both survived the power cycle"
+set_job nvread,diskread
 boot
 [ "$(last_nv)" = "$NV" ] || die "after a power cycle the guest reads NV '$(last_nv)', want '$NV'"
+check_disk "after a power cycle"
+run "$BIN/nkpctl" vm --socket "$W/run/hostd.sock" protect --finalize "$NAME"
+[ ! -e "$DISK" ] || die "protect --finalize left the original disk $DISK"
 
 # 6. Provider down.
 say "6. the provider goes down and nkp-hostd restarts: the VM still starts (KDK from the host TPM)"
@@ -200,7 +226,8 @@ start_hostd
 echo "  nkp-hostd restarted (pid $HOSTD_PID) with the provider unreachable"
 boot
 [ "$(last_nv)" = "$NV" ] || die "with the provider down the guest reads NV '$(last_nv)', want '$NV'"
+check_disk "with the provider down"
 grep -q 'unreachable' "$W/hostd.log" && echo "  nkp-hostd's log: $(grep -o 'the provider is unreachable[^"]*' "$W/hostd.log" | head -n1)"
 run "$BIN/nkpctl" vm --socket "$W/run/hostd.sock" status "$NAME"
 
-say "OK: a VM protected by nkp booted three times with its vTPM state encrypted under a key derived from the cluster KDK; its NV value survived power cycles and a start with the provider down"
+say "OK: a VM protected by nkp booted three times with its vTPM state and its disk encrypted under keys derived from the cluster KDK; its NV value and disk marker survived power cycles and a start with the provider down, and the host's disk file never held the marker in plaintext"
