@@ -5,8 +5,6 @@ import (
 	"errors"
 	"testing"
 
-	"github.com/nkp-dev/nkp/provider"
-	"github.com/nkp-dev/nkp/provider/rootkey"
 	"github.com/nkp-dev/nkp/provider/store/mem"
 	"github.com/nkp-dev/nkp/provider/store/storetest"
 )
@@ -16,15 +14,8 @@ import (
 // (x509.CertPool.AddCert(nil) panics in the caller).
 func TestCAStoreFailure(t *testing.T) {
 	ctx := context.Background()
-	rk, err := rootkey.Generate()
-	if err != nil {
-		t.Fatal(err)
-	}
 	st := &storetest.FailStore{Store: mem.New()}
-	e := open(t, st, rk, newClock())
-	if _, err := e.p.Init(ctx, provider.InitOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	e := initOn(t, st)
 	if c, err := e.p.CA(ctx); c == nil || err != nil {
 		t.Fatalf("CA = %v, %v", c, err)
 	}

@@ -10,7 +10,6 @@ import (
 
 	"github.com/nkp-dev/nkp/provider"
 	"github.com/nkp-dev/nkp/provider/audit"
-	"github.com/nkp-dev/nkp/provider/rootkey"
 	"github.com/nkp-dev/nkp/provider/store"
 	"github.com/nkp-dev/nkp/provider/store/mem"
 )
@@ -155,15 +154,8 @@ func (s *gatedStore) Update(ctx context.Context, fn func(store.Tx) error) error 
 // working for the next release.
 func TestReleaseWaiterHonoursContext(t *testing.T) {
 	ctx := context.Background()
-	rk, err := rootkey.Generate()
-	if err != nil {
-		t.Fatal(err)
-	}
 	st := &gatedStore{Store: mem.New()}
-	e := open(t, st, rk, newClock())
-	if _, err := e.p.Init(ctx, provider.InitOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	e := initOn(t, st)
 	leader, waiter := e.enroll(t, "kvm-lead", nil), e.enroll(t, "kvm-wait", nil)
 	e.backup(t, "p: correct horse battery")
 	before, _ := e.p.Audit(ctx, 1)

@@ -18,8 +18,10 @@ import (
 	"github.com/nkp-dev/nkp/provider"
 	"github.com/nkp-dev/nkp/provider/rootkey"
 	"github.com/nkp-dev/nkp/provider/store"
+	"github.com/nkp-dev/nkp/provider/store/boltstore"
 	"github.com/nkp-dev/nkp/provider/store/mem"
 	"github.com/nkp-dev/nkp/test/logbuf"
+	"path/filepath"
 )
 
 // clock is a settable test clock.
@@ -95,6 +97,40 @@ func initEnv(t testing.TB, pol provider.Policy, opts ...func(*provider.Config)) 
 		t.Fatalf("Init: %v", err)
 	}
 	return e
+}
+
+// initOn opens a provider over st with a fresh root key and clock, and inits it.
+func initOn(t testing.TB, st store.Store) *env {
+	t.Helper()
+	rk, err := rootkey.Generate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := open(t, st, rk, newClock())
+	if _, err := e.p.Init(context.Background(), provider.InitOptions{}); err != nil {
+		t.Fatalf("Init: %v", err)
+	}
+	return e
+}
+
+// replicas are two providers over sa and sb (two handles on one store, or one handle
+// twice), with one root key and one clock, as replicas behind a load balancer; a ran
+// Init.
+func replicas(t testing.TB, sa, sb store.Store) (a, b *env) {
+	t.Helper()
+	a = initOn(t, sa)
+	return a, open(t, sb, a.rk, a.clock)
+}
+
+// openBolt is a bbolt store in a new file, closed at the end of the test.
+func openBolt(t testing.TB) store.Store {
+	t.Helper()
+	s, err := boltstore.Open(filepath.Join(t.TempDir(), "provider.db"), boltstore.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
 }
 
 // backup takes a backup, confirms it and returns the archive.

@@ -4,16 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"path/filepath"
 	"sync/atomic"
 	"testing"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/nkp-dev/nkp/provider"
-	"github.com/nkp-dev/nkp/provider/rootkey"
 	"github.com/nkp-dev/nkp/provider/store"
-	"github.com/nkp-dev/nkp/provider/store/boltstore"
 	"github.com/nkp-dev/nkp/provider/store/etcdstore"
 	"github.com/nkp-dev/nkp/provider/store/mem"
 	"github.com/nkp-dev/nkp/test/etcdtest"
@@ -31,14 +28,7 @@ func TestCheckReleaseOnReplicas(t *testing.T) {
 		open func(t *testing.T) (a, b store.Store, requests *atomic.Int64)
 	}{
 		{"mem", func(t *testing.T) (store.Store, store.Store, *atomic.Int64) { s := mem.New(); return s, s, nil }},
-		{"bolt", func(t *testing.T) (store.Store, store.Store, *atomic.Int64) {
-			s, err := boltstore.Open(filepath.Join(t.TempDir(), "provider.db"), boltstore.Options{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { s.Close() })
-			return s, s, nil
-		}},
+		{"bolt", func(t *testing.T) (store.Store, store.Store, *atomic.Int64) { s := openBolt(t); return s, s, nil }},
 		{"etcd", func(t *testing.T) (store.Store, store.Store, *atomic.Int64) {
 			c := etcdtest.New(t, etcdtest.Config{})
 			a, err := etcdstore.Open(context.Background(), etcdstore.Config{Endpoints: c.Endpoints()})
@@ -64,16 +54,7 @@ func TestCheckReleaseOnReplicas(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			ctx := context.Background()
 			sa, sb, requests := tt.open(t)
-			rk, err := rootkey.Generate()
-			if err != nil {
-				t.Fatal(err)
-			}
-			c := newClock()
-			a := open(t, sa, rk, c)
-			if _, err := a.p.Init(ctx, provider.InitOptions{}); err != nil {
-				t.Fatal(err)
-			}
-			b := open(t, sb, rk, c)
+			a, b := replicas(t, sa, sb)
 			h0, h1 := a.enroll(t, "kvm-0", nil), a.enroll(t, "kvm-1", nil)
 			a.backup(t, "p: correct horse battery")
 

@@ -26,14 +26,7 @@ func TestReplicasOnEveryStore(t *testing.T) {
 		open func(t *testing.T) (a, b store.Store)
 	}{
 		{"mem", func(t *testing.T) (store.Store, store.Store) { s := mem.New(); return s, s }},
-		{"bolt", func(t *testing.T) (store.Store, store.Store) {
-			s, err := boltstore.Open(filepath.Join(t.TempDir(), "provider.db"), boltstore.Options{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { s.Close() })
-			return s, s
-		}},
+		{"bolt", func(t *testing.T) (store.Store, store.Store) { s := openBolt(t); return s, s }},
 		{"etcd", func(t *testing.T) (store.Store, store.Store) {
 			c := etcdtest.New(t, etcdtest.Config{})
 			var out [2]store.Store
@@ -52,16 +45,7 @@ func TestReplicasOnEveryStore(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			ctx := context.Background()
 			sa, sb := tt.open(t)
-			rk, err := rootkey.Generate()
-			if err != nil {
-				t.Fatal(err)
-			}
-			c := newClock()
-			a := open(t, sa, rk, c)
-			if _, err := a.p.Init(ctx, provider.InitOptions{}); err != nil {
-				t.Fatal(err)
-			}
-			b := open(t, sb, rk, c)
+			a, b := replicas(t, sa, sb)
 			hosts := make([]*host, 4)
 			for i := range hosts {
 				hosts[i] = a.enroll(t, fmt.Sprintf("kvm-%d", i), nil)
