@@ -147,38 +147,54 @@ func TestSharedStorageMigration(t *testing.T) {
 		if !hasFeature(t, be, "cmdarg-migration") {
 			t.Skipf("%s does not report cmdarg-migration (newer swtpm releases have it)", be.name)
 		}
-		state, work := t.TempDir(), t.TempDir()
-		value := []byte("shared storage")
-		src := start(t, be, procOpts{stateDir: state, extra: append([]string{"--migration", "release-lock-outgoing"}, startupFlags...)})
-		nvWrite(t, src.TCTI(), work, value)
-
-		// Before the blobs are read, the directory is locked.
-		early := startNoWait(t, be, procOpts{stateDir: state, extra: startupFlags})
-		if err := early.Wait(10 * time.Second); err == nil {
-			t.Fatalf("a second backend ran on the source's locked directory")
-		}
-
-		// The destination starts while the source still holds the lock, as libvirt
-		// starts it before the migration; it locks the directory only at CMD_INIT.
-		dst := start(t, be, procOpts{stateDir: state, extra: []string{"--migration", "incoming"}})
-
-		blobs := map[string]string{}
-		for _, typ := range []string{"permanent", "volatile", "savestate"} {
-			blobs[typ] = filepath.Join(work, typ)
-			out, err := runTool(t, nil, "swtpm_ioctl", "--unix", src.Ctrl, "--save", typ, blobs[typ])
-			if err != nil && typ != "savestate" { // a TPM 2 has no savestate blob (0x800)
-				t.Fatalf("--save %s: %v\n%s", typ, err, out)
-			}
-		}
-
-		mustRun(t, nil, "swtpm_ioctl", "--unix", dst.Ctrl, "--stop")
-		for _, typ := range []string{"permanent", "volatile"} {
-			mustRun(t, nil, "swtpm_ioctl", "--unix", dst.Ctrl, "--load", typ, blobs[typ])
-		}
-		mustRun(t, nil, "swtpm_ioctl", "--unix", dst.Ctrl, "-i")
-		src.Kill()
-		if got := nvRead(t, dst.TCTI(), len(value)); !bytes.Equal(got, value) {
-			t.Errorf("NV on the destination = %q, want %q", got, value)
+		sharedStorageMigration(t, be, procOpts{stateDir: t.TempDir()})
+		if hasFeature(t, be, "nvram-backend-file") {
+			t.Run("linear file", func(t *testing.T) {
+				sharedStorageMigration(t, be, procOpts{stateFile: filepath.Join(t.TempDir(), "tpm.img")})
+			})
 		}
 	})
+}
+
+// sharedStorageMigration migrates a TPM between two processes of be on the state that
+// base names (a directory or a linear file).
+func sharedStorageMigration(t *testing.T, be backend, base procOpts) {
+	work := t.TempDir()
+	with := func(extra ...string) procOpts {
+		o := base
+		o.extra = extra
+		return o
+	}
+	value := []byte("shared storage")
+	src := start(t, be, with(append([]string{"--migration", "release-lock-outgoing"}, startupFlags...)...))
+	nvWrite(t, src.TCTI(), work, value)
+
+	// Before the blobs are read, the state is locked.
+	early := startNoWait(t, be, with(startupFlags...))
+	if err := early.Wait(10 * time.Second); err == nil {
+		t.Fatalf("a second backend ran on the source's locked state")
+	}
+
+	// The destination starts while the source still holds the lock, as libvirt
+	// starts it before the migration; it locks the state only at CMD_INIT.
+	dst := start(t, be, with("--migration", "incoming"))
+
+	blobs := map[string]string{}
+	for _, typ := range []string{"permanent", "volatile", "savestate"} {
+		blobs[typ] = filepath.Join(work, typ)
+		out, err := runTool(t, nil, "swtpm_ioctl", "--unix", src.Ctrl, "--save", typ, blobs[typ])
+		if err != nil && typ != "savestate" { // a TPM 2 has no savestate blob (0x800)
+			t.Fatalf("--save %s: %v\n%s", typ, err, out)
+		}
+	}
+
+	mustRun(t, nil, "swtpm_ioctl", "--unix", dst.Ctrl, "--stop")
+	for _, typ := range []string{"permanent", "volatile"} {
+		mustRun(t, nil, "swtpm_ioctl", "--unix", dst.Ctrl, "--load", typ, blobs[typ])
+	}
+	mustRun(t, nil, "swtpm_ioctl", "--unix", dst.Ctrl, "-i")
+	src.Kill()
+	if got := nvRead(t, dst.TCTI(), len(value)); !bytes.Equal(got, value) {
+		t.Errorf("NV on the destination = %q, want %q", got, value)
+	}
 }
