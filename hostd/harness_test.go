@@ -28,11 +28,7 @@ import (
 	"github.com/nkp-dev/nkp/test/logbuf"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	e2e.Cleanup()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { e2e.Main(m) }
 
 // provider is one running nkp-provider serve with its admin directory.
 type provider struct {

@@ -19,11 +19,7 @@ import (
 	"github.com/nkp-dev/nkp/test/e2e"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	e2e.Cleanup()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { e2e.Main(m) }
 
 func TestParseSpec(t *testing.T) {
 	tests := []struct {

@@ -1,6 +1,6 @@
 // Package e2e holds the few helpers that nkp's end-to-end tests under test/ share:
 // deciding whether a missing tool skips or fails a test, building a program of this
-// module once per test binary, and polling a condition with a bound instead of sleeping.
+// module once per test binary (and removing it at the end: Main), and polling a condition with a bound instead of sleeping.
 //
 // Only test code imports it. A missing tool skips the test with a clear reason, unless
 // the environment variable NKP_E2E is "required" (CI sets it): then it fails the test.
@@ -141,9 +141,8 @@ func BuildBinary(t testing.TB, pkg string) string {
 	return out
 }
 
-// Cleanup removes what BuildBinary built. Call it from TestMain after m.Run:
-//
-//	func TestMain(m *testing.M) { code := m.Run(); e2e.Cleanup(); os.Exit(code) }
+// Cleanup removes what BuildBinary built. Call it from TestMain after m.Run (Main
+// does), when the package's TestMain has more to do.
 func Cleanup() {
 	builds.Lock()
 	defer builds.Unlock()
@@ -151,6 +150,16 @@ func Cleanup() {
 		os.RemoveAll(builds.dir)
 		builds.dir, builds.bins = "", nil
 	}
+}
+
+// Main is the TestMain of a package whose tests build programs with BuildBinary: it
+// runs the tests, removes what they built and exits with the tests' code.
+//
+//	func TestMain(m *testing.M) { e2e.Main(m) }
+func Main(m *testing.M) {
+	code := m.Run()
+	Cleanup()
+	os.Exit(code)
 }
 
 // ModuleRoot returns the directory holding this module's go.mod, found by walking up

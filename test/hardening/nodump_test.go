@@ -14,11 +14,7 @@ import (
 	"github.com/nkp-dev/nkp/test/e2e"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	e2e.Cleanup()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { e2e.Main(m) }
 
 // asNobody runs argv as user nobody (setpriv, no shell in between, so the process is
 // the command itself).

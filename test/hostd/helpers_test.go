@@ -24,11 +24,7 @@ import (
 // Timeouts are generous: the machine is shared and QEMU runs without KVM.
 const bootTimeout = 4 * time.Minute // start to the agent's line
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	e2e.Cleanup()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { e2e.Main(m) }
 
 // requireHosts checks what every test here needs: root, the namespace and libvirt
 // tools, QEMU and the guest builder's tools; it returns the guest, built once.

@@ -39,11 +39,7 @@ import (
 	"github.com/nkp-dev/nkp/test/etcdtest"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	e2e.Cleanup()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { e2e.Main(m) }
 
 // bins are the programs under test.
 type bins struct{ provider, nkpctl string }

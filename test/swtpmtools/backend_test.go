@@ -18,11 +18,7 @@ import (
 	"github.com/nkp-dev/nkp/test/vtpmproc"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	e2e.Cleanup()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { e2e.Main(m) }
 
 // backend is a program that speaks swtpm's socket interface: Debian's swtpm or
 // nkp-swtpm. Every test runs against both, so a test that passes on swtpm shows it

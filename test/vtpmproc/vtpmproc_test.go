@@ -14,11 +14,7 @@ import (
 	"github.com/nkp-dev/nkp/test/vtpmproc"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	e2e.Cleanup()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { e2e.Main(m) }
 
 // TestStartStop runs both backends through the launcher: they listen on the sockets
 // the command line names, stop cleanly on Stop (exit 0, sockets removed) and a bad

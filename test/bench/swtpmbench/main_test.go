@@ -270,8 +270,4 @@ func TestBenchNkpSwtpm(t *testing.T) {
 	}
 }
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	e2e.Cleanup()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { e2e.Main(m) }
