@@ -7,7 +7,6 @@ import (
 	"encoding/hex"
 	"encoding/xml"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -18,6 +17,7 @@ import (
 
 	"github.com/nkp-dev/nkp/test/e2e"
 	"github.com/nkp-dev/nkp/test/guest"
+	"github.com/nkp-dev/nkp/test/guest/guesttest"
 	"github.com/nkp-dev/nkp/test/libvirtns"
 )
 
@@ -30,35 +30,7 @@ func TestMain(m *testing.M) { e2e.Main(m) }
 // tools, QEMU and the guest builder's tools; it returns the guest, built once.
 func requireHosts(t *testing.T) guest.Artifacts {
 	t.Helper()
-	e2e.RequireRoot(t)
-	e2e.Require(t, append([]string{"qemu-system-x86_64", "apt-cache", "apt-get", "dpkg-deb", guest.Busybox}, libvirtns.Tools...)...)
-	return buildGuest(t)
-}
-
-var guestBuild struct {
-	sync.Mutex
-	a   guest.Artifacts
-	err error
-	ok  bool
-}
-
-func buildGuest(t *testing.T) guest.Artifacts {
-	t.Helper()
-	guestBuild.Lock()
-	defer guestBuild.Unlock()
-	if !guestBuild.ok {
-		dir, err := guest.DefaultDir()
-		if err == nil {
-			ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
-			guestBuild.a, err = guest.Build(ctx, dir)
-			cancel()
-		}
-		guestBuild.err, guestBuild.ok = err, true
-	}
-	if guestBuild.err != nil {
-		t.Fatalf("build the test guest: %v", guestBuild.err)
-	}
-	return guestBuild.a
+	return guesttest.Require(t, libvirtns.Tools...)
 }
 
 // testLog collects the output of a host's daemons and shows it when the test fails.
@@ -173,24 +145,8 @@ func newVMFiles(t *testing.T, a guest.Artifacts) vmFiles {
 	return f
 }
 
-func copyTo(t *testing.T, from, to string) {
-	t.Helper()
-	in, err := os.Open(from)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer in.Close()
-	out, err := os.OpenFile(to, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		t.Fatal(err)
-	}
-	if err := out.Close(); err != nil {
-		t.Fatal(err)
-	}
-}
+// copyTo is guesttest.CopyFile under the name this package's tests use.
+var copyTo = guesttest.CopyFile
 
 // domainSpec is a TCG domain booting the test guest with its console appended to a
 // file (a restore or migration keeps the earlier lines). TPM is "" (none), "emulator"

@@ -10,6 +10,7 @@ import (
 	"text/template"
 
 	"github.com/nkp-dev/nkp/test/guest"
+	"github.com/nkp-dev/nkp/test/guest/guesttest"
 )
 
 // domainSpec is a TCG domain booting the test guest, its serial console in a file and a
@@ -92,8 +93,8 @@ func (d domainSpec) write(t *testing.T, dir string) string {
 func copyGuest(t *testing.T, a guest.Artifacts, dir string) (kernel, initrd string) {
 	t.Helper()
 	kernel, initrd = filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.gz")
-	copyTo(t, a.Kernel, kernel)
-	copyTo(t, a.Initrd, initrd)
+	guesttest.CopyFile(t, a.Kernel, kernel)
+	guesttest.CopyFile(t, a.Initrd, initrd)
 	return kernel, initrd
 }
 

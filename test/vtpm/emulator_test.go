@@ -20,6 +20,7 @@ import (
 	"github.com/nkp-dev/nkp/swtpm/envelope"
 	"github.com/nkp-dev/nkp/test/e2e"
 	"github.com/nkp-dev/nkp/test/guest"
+	"github.com/nkp-dev/nkp/test/guest/guesttest"
 )
 
 // Where libvirt 9.0 (Debian's build) keeps what it makes for <backend type='emulator'>.
@@ -43,7 +44,7 @@ const nkpStateMagic = "NKPSTATE"
 // /usr/bin/swtpm on this host see Debian's swtpm the rest of the time. Each case is one
 // domain's life: emulatorLifecycle, emulatorTakeOver and emulatorBackToSwtpm.
 func TestLibvirtEmulator(t *testing.T) {
-	a := requireVM(t)
+	a := guesttest.Require(t)
 	requireLibvirt(t)
 	e2e.Require(t, "swtpm", "swtpm_setup", "swtpm_ioctl", "swtpm_localca")
 	bin, ok := nkpSwtpm(t)
@@ -828,7 +829,7 @@ func newSwtpmOverride(t *testing.T, bin string) *swtpmOverride {
 		t.Fatal(err)
 	}
 	ov := &swtpmOverride{target: target, copy: filepath.Join(dir, "swtpm")}
-	copyTo(t, bin, ov.copy)
+	guesttest.CopyFile(t, bin, ov.copy)
 	if err := os.Chmod(ov.copy, 0o755); err != nil {
 		t.Fatal(err)
 	}

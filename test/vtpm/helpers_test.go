@@ -2,7 +2,6 @@ package vtpm
 
 import (
 	"bytes"
-	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -104,40 +103,6 @@ func nkpSwtpm(t *testing.T) (string, bool) {
 		return "", false
 	}
 	return nkpBin.path, true
-}
-
-// requireVM checks the tools every VM test needs and builds the guest once.
-func requireVM(t *testing.T, tools ...string) guest.Artifacts {
-	t.Helper()
-	e2e.RequireRoot(t)
-	e2e.Require(t, append([]string{"qemu-system-x86_64", "apt-cache", "apt-get", "dpkg-deb", guest.Busybox}, tools...)...)
-	return buildGuest(t)
-}
-
-var guestBuild struct {
-	sync.Mutex
-	a   guest.Artifacts
-	err error
-	ok  bool
-}
-
-func buildGuest(t *testing.T) guest.Artifacts {
-	t.Helper()
-	guestBuild.Lock()
-	defer guestBuild.Unlock()
-	if !guestBuild.ok {
-		dir, err := guest.DefaultDir()
-		if err == nil {
-			ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
-			guestBuild.a, err = guest.Build(ctx, dir)
-			cancel()
-		}
-		guestBuild.err, guestBuild.ok = err, true
-	}
-	if guestBuild.err != nil {
-		t.Fatalf("build the test guest: %v", guestBuild.err)
-	}
-	return guestBuild.a
 }
 
 // workDir makes a directory that QEMU's user (libvirt-qemu) can traverse but not list,

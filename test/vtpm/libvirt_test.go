@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"io"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
@@ -15,6 +13,7 @@ import (
 
 	"github.com/nkp-dev/nkp/test/e2e"
 	"github.com/nkp-dev/nkp/test/guest"
+	"github.com/nkp-dev/nkp/test/guest/guesttest"
 )
 
 const libvirtURI = "qemu:///system"
@@ -73,25 +72,6 @@ func createDomain(t *testing.T, a guest.Artifacts, dir string, v *vtpm, cfg gues
 	return vm
 }
 
-func copyTo(t *testing.T, from, to string) {
-	t.Helper()
-	in, err := os.Open(from)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer in.Close()
-	out, err := os.OpenFile(to, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		t.Fatal(err)
-	}
-	if err := out.Close(); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // gone reports whether the transient domain no longer runs.
 func (vm *libvirtVM) gone() bool {
 	out, err := virsh("domstate", vm.name)
@@ -107,7 +87,7 @@ func (vm *libvirtVM) waitGone(t *testing.T) {
 // <backend type='external'> pointing at a backend the test started: the guest sees a
 // TPM 2.0 with a firmware-measured PCR0, and the backend ends when QEMU stops.
 func TestLibvirtExternalBackend(t *testing.T) {
-	a := requireVM(t)
+	a := guesttest.Require(t)
 	requireLibvirt(t)
 	for _, be := range backends(t) {
 		t.Run(be.Name, func(t *testing.T) {
@@ -129,7 +109,7 @@ func TestLibvirtExternalBackend(t *testing.T) {
 // value. Every pair of backends is tried: an image saved with swtpm restores on
 // nkp-swtpm and the other way round.
 func TestLibvirtSaveRestore(t *testing.T) {
-	a := requireVM(t)
+	a := guesttest.Require(t)
 	requireLibvirt(t)
 	bs := backends(t)
 	for _, src := range bs {

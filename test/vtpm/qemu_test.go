@@ -20,6 +20,7 @@ import (
 
 	"github.com/nkp-dev/nkp/test/e2e"
 	"github.com/nkp-dev/nkp/test/guest"
+	"github.com/nkp-dev/nkp/test/guest/guesttest"
 )
 
 // qemuVM is a plain QEMU process (TCG) with the vTPM on tpm-crb and its serial console
@@ -190,7 +191,7 @@ func runQMP(t *testing.T, m *qmp.SocketMonitor, cmd string, args any) json.RawMe
 // value back. The second backend differs from the first in the swtpm-to-nkp-swtpm case:
 // a VM moving from swtpm keeps its TPM contents (nkp-swtpm reads swtpm's --key files).
 func TestQEMUPowerCycle(t *testing.T) {
-	a := requireVM(t)
+	a := guesttest.Require(t)
 	bs := backends(t)
 	type pair struct{ first, second backend }
 	var pairs []pair
@@ -374,7 +375,7 @@ const maxMigrationRetries = 2
 // its own backend on its own state directory and key, for every pair of backends: the
 // guest's NV value and extended PCR (and PCR0) are intact on the destination.
 func TestQEMUMigration(t *testing.T) {
-	a := requireVM(t)
+	a := guesttest.Require(t)
 	bs := backends(t)
 	for _, src := range bs {
 		for _, dst := range bs {
