@@ -3,6 +3,8 @@ package swtpmtools
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -256,4 +258,30 @@ func mustRun(t *testing.T, env []string, name string, args ...string) string {
 		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
 	}
 	return out
+}
+
+// hexKeyFile writes a fresh random 256-bit key as 64 hex digits (swtpm's --key
+// file=...,format=hex, the default) to a new file of mode 0600 and returns its path.
+func hexKeyFile(t *testing.T) string {
+	t.Helper()
+	k := make([]byte, 32)
+	if _, err := rand.Read(k); err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(t.TempDir(), "key")
+	if err := os.WriteFile(p, []byte(hex.EncodeToString(k)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// passphraseFile writes a passphrase (swtpm's --pwdfile, for --key pwdfile=...) to a
+// new file of mode 0600 and returns its path.
+func passphraseFile(t *testing.T) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "pwd")
+	if err := os.WriteFile(p, []byte("a passphrase\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }

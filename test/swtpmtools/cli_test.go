@@ -136,17 +136,8 @@ func TestDaemon(t *testing.T) {
 // at launch. (swtpm 0.7.1 forks before it checks, so it is not held to this.)
 func TestDaemonStartError(t *testing.T) {
 	be := backends[1]
-	keyFile := func(t *testing.T) string {
-		k := make([]byte, 32)
-		rand.Read(k)
-		p := filepath.Join(t.TempDir(), "key")
-		if err := os.WriteFile(p, []byte(hex.EncodeToString(k)), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
 	encrypted := t.TempDir()
-	p := start(t, be, procOpts{stateDir: encrypted, extra: append([]string{"--key", "file=" + keyFile(t)}, startupFlags...)})
+	p := start(t, be, procOpts{stateDir: encrypted, extra: append([]string{"--key", "file=" + hexKeyFile(t)}, startupFlags...)})
 	defineIndex(t, p)
 	p.Stop()
 	before := stateFiles(t, encrypted)
@@ -157,7 +148,7 @@ func TestDaemonStartError(t *testing.T) {
 		want        []string
 	}{
 		{"missing state directory", filepath.Join(t.TempDir(), "no-such-dir"), nil, []string{"no-such-dir", "does not exist"}},
-		{"wrong key", encrypted, []string{"--key", "file=" + keyFile(t)}, []string{"permall", "wrong key"}},
+		{"wrong key", encrypted, []string{"--key", "file=" + hexKeyFile(t)}, []string{"permall", "wrong key"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -3,12 +3,10 @@ package swtpmtools
 import (
 	"crypto/rand"
 	"encoding/binary"
-	"encoding/hex"
 	"fmt"
 	"io"
 	"math/big"
 	"net"
-	"os"
 	"path/filepath"
 	"syscall"
 	"testing"
@@ -106,12 +104,7 @@ func TestKillDuringNVWrites(t *testing.T) {
 		budget    = 60 * time.Second
 		maxDelay  = 25 * time.Millisecond
 	)
-	key := filepath.Join(t.TempDir(), "key")
-	k := make([]byte, 32)
-	rand.Read(k)
-	if err := os.WriteFile(key, []byte(hex.EncodeToString(k)), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	key := hexKeyFile(t)
 	forEachBackend(t, func(t *testing.T, be backend) {
 		state, dir := t.TempDir(), sockDir(t)
 		opts := procOpts{stateDir: state, dir: dir,

@@ -2,8 +2,6 @@ package swtpmtools
 
 import (
 	"bytes"
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -20,16 +18,7 @@ import (
 // other's, which then writes it again, and the first reads that back.
 func TestLinearFileAcrossBackends(t *testing.T) {
 	requireFeature(t, "nvram-backend-file")
-	keys := t.TempDir()
-	k := make([]byte, 32)
-	rand.Read(k)
-	keyFile, pwdFile := filepath.Join(keys, "key"), filepath.Join(keys, "pwd")
-	if err := os.WriteFile(keyFile, []byte(hex.EncodeToString(k)), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(pwdFile, []byte("a passphrase\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	keyFile, pwdFile := hexKeyFile(t), passphraseFile(t)
 	swtpmBE, nkp := backends[0], backends[1]
 	for _, key := range []struct {
 		name string

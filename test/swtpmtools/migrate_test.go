@@ -2,7 +2,6 @@ package swtpmtools
 
 import (
 	"bytes"
-	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"os"
@@ -29,12 +28,7 @@ func TestStateBlobsAcrossBackends(t *testing.T) {
 	value := []byte("state that crosses backends")
 	digest := sha256.Sum256([]byte("measured before the move"))
 	pcr := sha256.Sum256(append(make([]byte, 32), digest[:]...))
-	migKey := filepath.Join(t.TempDir(), "migkey")
-	k := make([]byte, 32)
-	rand.Read(k)
-	if err := os.WriteFile(migKey, []byte(hex.EncodeToString(k)), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	migKey := hexKeyFile(t)
 	for _, pair := range pairs {
 		for _, withKey := range []bool{false, true} {
 			name := pair.from.name + " to " + pair.to.name
@@ -90,16 +84,7 @@ func moveState(t *testing.T, from, to backend, keyOpt []string, value, digest, p
 func TestSwtpmStateDirectory(t *testing.T) {
 	e2e.Require(t, "swtpm", "tpm2_nvdefine", "tpm2_nvwrite", "tpm2_nvread")
 	swtpmBE, nkp := backends[0], backends[1]
-	keys := t.TempDir()
-	k := make([]byte, 32)
-	rand.Read(k)
-	keyFile, pwdFile := filepath.Join(keys, "key"), filepath.Join(keys, "pwd")
-	if err := os.WriteFile(keyFile, []byte(hex.EncodeToString(k)), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(pwdFile, []byte("a passphrase\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	keyFile, pwdFile := hexKeyFile(t), passphraseFile(t)
 	value := []byte("written by swtpm, read by nkp")
 	for _, tt := range []struct {
 		name string

@@ -2,7 +2,6 @@ package swtpmtools
 
 import (
 	"bytes"
-	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"os"
@@ -134,17 +133,7 @@ func stateFiles(t *testing.T, dir string) map[string][]byte {
 // the right key still reads the value.
 func TestEncryptedState(t *testing.T) {
 	e2e.Require(t, "swtpm_ioctl", "tpm2_nvdefine", "tpm2_nvwrite", "tpm2_nvread")
-	keyDir := t.TempDir()
-	writeKey := func(name string) string {
-		k := make([]byte, 32)
-		rand.Read(k)
-		p := filepath.Join(keyDir, name)
-		if err := os.WriteFile(p, []byte(hex.EncodeToString(k)), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	rightKey, wrongKey := writeKey("right"), writeKey("wrong")
+	rightKey, wrongKey := hexKeyFile(t), hexKeyFile(t)
 	keyOpt := func(path string) []string { return []string{"--key", "file=" + path + ",mode=aes-256-cbc"} }
 	secret := []byte("NKP-SECRET-" + strings.Repeat("x", 21))
 
