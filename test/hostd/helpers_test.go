@@ -248,18 +248,9 @@ func state(h *libvirtns.Host, name string) string {
 // console reads a serial console file as the guest writes it.
 type console string
 
-func (c console) records() []guest.Record {
-	b, _ := os.ReadFile(string(c))
-	return guest.ParseConsole(b)
-}
+func (c console) records() []guest.Record { return guesttest.ConsoleRecords(string(c)) }
 
-func (c console) tail() string {
-	b, _ := os.ReadFile(string(c))
-	if len(b) > 3000 {
-		b = b[len(b)-3000:]
-	}
-	return fmt.Sprintf("--- console %s ---\n%s", string(c), b)
-}
+func (c console) tail() string { return guesttest.ConsoleTail(string(c)) }
 
 // waitFor polls the console until cond holds on its records, the agent fails, or
 // bootTimeout passes; it returns the records.

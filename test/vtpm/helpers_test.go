@@ -21,6 +21,7 @@ import (
 	"github.com/nkp-dev/nkp/swtpm/cmdline"
 	"github.com/nkp-dev/nkp/test/e2e"
 	"github.com/nkp-dev/nkp/test/guest"
+	"github.com/nkp-dev/nkp/test/guest/guesttest"
 	"github.com/nkp-dev/nkp/test/vtpmproc"
 )
 
@@ -255,18 +256,9 @@ func chownQEMU(path string) error {
 // console reads a serial console file as the guest writes it.
 type console string
 
-func (c console) records() []guest.Record {
-	b, _ := os.ReadFile(string(c))
-	return guest.ParseConsole(b)
-}
+func (c console) records() []guest.Record { return guesttest.ConsoleRecords(string(c)) }
 
-func (c console) tail() string {
-	b, _ := os.ReadFile(string(c))
-	if len(b) > 3000 {
-		b = b[len(b)-3000:]
-	}
-	return fmt.Sprintf("--- console %s ---\n%s", string(c), b)
-}
+func (c console) tail() string { return guesttest.ConsoleTail(string(c)) }
 
 // Reasons why console.poll ends without its condition.
 var (

@@ -1,6 +1,7 @@
 // Package guesttest hands nkp's end-to-end tests the test guest (package guest): Require
 // checks for root and the tools a VM test needs, then builds the guest once per test
-// binary; CopyFile copies its kernel and initrd where QEMU's user may read them.
+// binary; CopyFile copies its kernel and initrd where QEMU's user may read them;
+// ConsoleRecords and ConsoleTail read what it printed on its serial console file.
 //
 // Only test code imports it. A missing tool skips the test, or fails it under
 // NKP_E2E=required (see package e2e).
@@ -8,6 +9,7 @@ package guesttest
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"os"
 	"sync"
@@ -77,4 +79,21 @@ func CopyFile(t *testing.T, from, to string) {
 	if err := out.Close(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// ConsoleRecords reads the guest's records from the serial console file at path, as
+// far as the guest has written it (none when the file does not exist yet).
+func ConsoleRecords(path string) []guest.Record {
+	b, _ := os.ReadFile(path)
+	return guest.ParseConsole(b)
+}
+
+// ConsoleTail is the end of the console file at path (its last 3000 bytes) under a
+// heading naming it, for a failing test's message.
+func ConsoleTail(path string) string {
+	b, _ := os.ReadFile(path)
+	if len(b) > 3000 {
+		b = b[len(b)-3000:]
+	}
+	return fmt.Sprintf("--- console %s ---\n%s", path, b)
 }
