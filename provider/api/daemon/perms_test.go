@@ -21,41 +21,13 @@ func TestProviderDirChecked(t *testing.T) {
 		spoil func(t *testing.T, dir string) string // returns the path the error must name
 		want  []string
 	}{
-		{"directory 0777", func(t *testing.T, dir string) string { chmod(t, dir, 0o777); return dir }, []string{"mode 0777", "chmod 700"}},
-		{"directory group-writable", func(t *testing.T, dir string) string { chmod(t, dir, 0o770); return dir }, []string{"mode 0770", "chmod 700"}},
-		{"directory world-readable", func(t *testing.T, dir string) string { chmod(t, dir, 0o755); return dir }, []string{"mode 0755", "chmod 700"}},
-		{"admin.key 0644", func(t *testing.T, dir string) string {
-			p := filepath.Join(dir, daemon.AdminKeyFile)
-			chmod(t, p, 0o644)
-			return p
-		}, []string{"admin key", "mode 0644", "chmod 600"}},
-		{"provider.db 0640", func(t *testing.T, dir string) string {
-			p := filepath.Join(dir, daemon.StoreFile)
-			chmod(t, p, 0o640)
-			return p
-		}, []string{"store", "mode 0640", "chmod 600"}},
-		{"provider.db a symlink", func(t *testing.T, dir string) string {
-			p := filepath.Join(dir, daemon.StoreFile)
-			elsewhere := filepath.Join(t.TempDir(), "provider.db")
-			if err := os.Rename(p, elsewhere); err != nil {
-				t.Fatal(err)
-			}
-			if err := os.Symlink(elsewhere, p); err != nil {
-				t.Fatal(err)
-			}
-			return p
-		}, []string{"symbolic link", "mv "}},
-		{"root.key a symlink", func(t *testing.T, dir string) string {
-			p := filepath.Join(dir, daemon.RootKeyFile)
-			elsewhere := filepath.Join(t.TempDir(), "root.key")
-			if err := os.Rename(p, elsewhere); err != nil {
-				t.Fatal(err)
-			}
-			if err := os.Symlink(elsewhere, p); err != nil {
-				t.Fatal(err)
-			}
-			return p
-		}, []string{"symbolic link", "mv "}},
+		{"directory 0777", chmodded("", 0o777), []string{"mode 0777", "chmod 700"}},
+		{"directory group-writable", chmodded("", 0o770), []string{"mode 0770", "chmod 700"}},
+		{"directory world-readable", chmodded("", 0o755), []string{"mode 0755", "chmod 700"}},
+		{"admin.key 0644", chmodded(daemon.AdminKeyFile, 0o644), []string{"admin key", "mode 0644", "chmod 600"}},
+		{"provider.db 0640", chmodded(daemon.StoreFile, 0o640), []string{"store", "mode 0640", "chmod 600"}},
+		{"provider.db a symlink", linkedAway(daemon.StoreFile), []string{"symbolic link", "mv "}},
+		{"root.key a symlink", linkedAway(daemon.RootKeyFile), []string{"symbolic link", "mv "}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -101,6 +73,32 @@ func TestProviderDirChecked(t *testing.T) {
 			t.Fatalf("the refused init left %v", left)
 		}
 	})
+}
+
+// chmodded is a spoil of TestProviderDirChecked: it sets mode on dir/name (on dir when
+// name is "") and returns that path.
+func chmodded(name string, mode os.FileMode) func(t *testing.T, dir string) string {
+	return func(t *testing.T, dir string) string {
+		p := filepath.Join(dir, name)
+		chmod(t, p, mode)
+		return p
+	}
+}
+
+// linkedAway is a spoil of TestProviderDirChecked: it moves dir/name to another
+// directory, leaves a symbolic link to it in its place and returns the link's path.
+func linkedAway(name string) func(t *testing.T, dir string) string {
+	return func(t *testing.T, dir string) string {
+		p := filepath.Join(dir, name)
+		elsewhere := filepath.Join(t.TempDir(), name)
+		if err := os.Rename(p, elsewhere); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(elsewhere, p); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
 }
 
 func chmod(t *testing.T, path string, mode os.FileMode) {
