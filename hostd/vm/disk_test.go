@@ -425,3 +425,28 @@ func TestBlockEncrypted(t *testing.T) {
 		t.Fatal("bad JSON accepted")
 	}
 }
+
+// TestRemoveOriginal protects with --remove-original: the original top file goes once
+// the domain uses its copy (its backing file stays), and nothing is kept for finalize.
+func TestRemoveOriginal(t *testing.T) {
+	e := newEnv(t)
+	dir := t.TempDir()
+	diskImages(t, dir)
+	e.define(t, "ro1", uuid1, diskDevices(dir))
+	ctx := context.Background()
+	v, err := e.m.ProtectWith(ctx, "ro1", vmapi.ProtectRequest{Disks: "vdb", RemoveOriginal: true}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(v.Note, "the original "+dir+"/vdb.qcow2 removed") || len(v.Disks[1].Originals) != 0 || v.Disks[0].Protected {
+		t.Fatalf("note %q, disks %+v", v.Note, v.Disks)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "vdb.qcow2")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("original: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "base.qcow2")); err != nil {
+		t.Fatalf("backing file: %v", err)
+	}
+	e.checkDisk(t, uuid1, "vdb", dir, 1)
+	e.checkDisk(t, uuid1, "vda", dir, 0)
+}

@@ -3,8 +3,38 @@
 //
 // What it needs from the rest of hostd is declared here as small interfaces: Keys (the
 // KDK cache: the primary version and key derivation), Libvirt (a domain's persistent
-// XML, define, whether it runs, a libvirt secret's value, the TPM check of a running
-// VM) and Catalog (the provider's catalog; *provider/client.Client fits).
+// XML, define, whether it runs, a libvirt secret's value, the TPM check and the disks'
+// encryption of a running VM), Catalog (the provider's catalog; *provider/client.Client
+// fits) and Secrets (hostd's keeper of the disks' libvirt secrets). Disk images are
+// converted, compared and rekeyed with qemuimg.
+//
+// # Disks
+//
+// ProtectWith encrypts a domain's file disks (vmapi.ProtectRequest.Disks: all, none or
+// targets; cdroms, floppies, read-only and shareable disks are skipped with a note unless
+// named; block and network disks are refused when named). Each disk is one object
+// "disk:<target>" with its own key ID on the primary KDK version; its LUKS passphrase is
+// the lowercase hex of Keys.Derive(purpose "disk", VM UUID, key ID), handed to qemu-img
+// by pipe and to QEMU only through the libvirt secret domxml.SecretUUID(VM, key ID) that
+// Secrets keeps defined. Before anything changes each disk is checked (no <encryption>,
+// no encrypted image or backing file per qemu-img, raw or qcow2, not on dm-crypt unless
+// AllowDoubleEncryption) and every conversion measured against its filesystem's free
+// space (ErrNoSpace, naming the space and the directory). Then each is converted next to
+// its original — raw into raw LUKS <orig>.nkp-<key8>.luks, qcow2 into LUKS in qcow2
+// <orig>.nkp-<key8>.qcow2, a backing chain flattened — 0600 and owned like the original,
+// and compared with the original under its key; Secrets.Ensure, the catalog, and the XML
+// switch follow (domxml.SetDisk). Originals are kept (listed in JournalDir/<uuid>.kept)
+// until Finalize, or removed after the switch with RemoveOriginal. Progress reaches the
+// caller through a ProgressFunc (the Handler streams it as NDJSON).
+//
+// RekeyWith moves disks to the primary version shallowly (qemuimg.AddKey of the new key,
+// switch, RemoveKey of the old: both keys open the image until the switch is done) or,
+// with Deep, converts each disk under a new master key into a new file (the old one kept
+// until Finalize). UnprotectWith converts each disk into a plain file
+// (<orig>.nkp-plain-<key8>.img|qcow2), the encrypted one kept until Finalize. Status
+// reports each disk: object, LUKS header read with its key (which proves the key opens
+// it), originals kept, and for a running VM how QEMU opened it (BlockEncrypted reads QMP
+// query-block against the live XML).
 //
 // # Layout
 //
@@ -17,14 +47,19 @@
 // # Crash safety
 //
 // Protect, Rekey and Unprotect are journaled (one file per VM in JournalDir, written
-// temp, fsync, rename, fsync dir). Each writes the new state completely (fsynced and read
-// back) before it defines the new XML, and removes the old state only after. A crash at
+// temp, fsync, rename, fsync dir; it lists each disk: original file, new file, old and
+// new object, mode). Each writes the new state completely (fsynced and read back; disks
+// converted, fsynced and compared) before it defines the new XML, and removes the old
+// state only after; a disk's original file is never written. A crash at
 // any instant therefore leaves a domain whose XML names keys whose state is on disk: it
 // boots with the old keys or the new ones, never neither. Recover, run at hostd's start
 // and before any operation on a VM with a journal, finishes or rolls back what the crash
-// interrupted (catalog entries, leftover directories), deciding by the XML alone. The
+// interrupted (catalog entries, leftover directories, a disk's new file or keyslot and
+// its secret, the old keyslot and secret, the original kept for Finalize), deciding by
+// the XML alone — per disk: does it name the new file (shallow rekey: the new key)? The
 // tests kill a child process with SIGKILL after each journaled step and check both the
-// state left and the recovery (crash_test.go).
+// state left and the recovery (crash_test.go: TestCrash for the vTPM, TestCrashDisks with
+// real qemu-img for disks).
 //
 // Operations need a shut-off domain, and hold the swtpm state directory's lock while
 // they run, so a VM started meanwhile cannot use state being replaced (its vTPM refuses
