@@ -22,22 +22,7 @@ func FuzzServerControl(f *testing.F) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		done := make(chan error, 1)
-		go func() { done <- srv.Serve(context.Background()) }()
-		drained := make(chan struct{})
-		go func() { io.Copy(io.Discard, peer); close(drained) }()
-		peer.SetWriteDeadline(time.Now().Add(2 * time.Second))
-		peer.Write(in) // the server may close early (SHUTDOWN, a refused payload)
-		peer.Close()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Fatalf("Serve = %v", err)
-			}
-		case <-time.After(5 * time.Second):
-			t.Fatalf("Serve still running 5 s after the control connection closed (input %x)", in)
-		}
-		<-drained
+		feedServer(t, srv, peer, in)
 	})
 }
 
@@ -57,22 +42,32 @@ func FuzzServerData(f *testing.F) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		done := make(chan error, 1)
-		go func() { done <- srv.Serve(context.Background()) }()
-		ctrlPeer.Close()
-		drained := make(chan struct{})
-		go func() { io.Copy(io.Discard, peer); close(drained) }()
-		peer.SetWriteDeadline(time.Now().Add(2 * time.Second))
-		peer.Write(in)
-		peer.Close()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Fatalf("Serve = %v", err)
-			}
-		case <-time.After(5 * time.Second):
-			t.Fatalf("Serve still running 5 s after the connections closed (input %x)", in)
-		}
-		<-drained
+		feedServer(t, srv, peer, in, ctrlPeer)
 	})
+}
+
+// feedServer runs srv.Serve, closes the peers in closed, writes in to peer (the server
+// may close early: SHUTDOWN, a refused payload) while draining its answers, and closes
+// peer; Serve must then return nil within 5 s.
+func feedServer(t *testing.T, srv *Server, peer net.Conn, in []byte, closed ...net.Conn) {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(context.Background()) }()
+	for _, c := range closed {
+		c.Close()
+	}
+	drained := make(chan struct{})
+	go func() { io.Copy(io.Discard, peer); close(drained) }()
+	peer.SetWriteDeadline(time.Now().Add(2 * time.Second))
+	peer.Write(in)
+	peer.Close()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Serve = %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("Serve still running 5 s after the connections closed (input %x)", in)
+	}
+	<-drained
 }
