@@ -82,11 +82,7 @@ func (e *env) caHash(t testing.TB) string {
 // newEnv opens a provider over a fresh in-memory store with a fresh root key.
 func newEnv(t testing.TB, opts ...func(*provider.Config)) *env {
 	t.Helper()
-	rk, err := rootkey.Generate()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return open(t, mem.New(), rk, newClock(), opts...)
+	return open(t, mem.New(), mustKey(t), newClock(), opts...)
 }
 
 // initEnv is newEnv plus Init.
@@ -99,14 +95,20 @@ func initEnv(t testing.TB, pol provider.Policy, opts ...func(*provider.Config)) 
 	return e
 }
 
-// initOn opens a provider over st with a fresh root key and clock, and inits it.
-func initOn(t testing.TB, st store.Store) *env {
+// mustKey is a fresh root key.
+func mustKey(t testing.TB) *rootkey.Key {
 	t.Helper()
-	rk, err := rootkey.Generate()
+	k, err := rootkey.Generate()
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := open(t, st, rk, newClock())
+	return k
+}
+
+// initOn opens a provider over st with a fresh root key and clock, and inits it.
+func initOn(t testing.TB, st store.Store) *env {
+	t.Helper()
+	e := open(t, st, mustKey(t), newClock())
 	if _, err := e.p.Init(context.Background(), provider.InitOptions{}); err != nil {
 		t.Fatalf("Init: %v", err)
 	}

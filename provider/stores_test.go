@@ -9,7 +9,6 @@ import (
 	"testing"
 
 	"github.com/nkp-dev/nkp/provider"
-	"github.com/nkp-dev/nkp/provider/rootkey"
 	"github.com/nkp-dev/nkp/provider/store"
 	"github.com/nkp-dev/nkp/provider/store/boltstore"
 	"github.com/nkp-dev/nkp/provider/store/etcdstore"
@@ -126,15 +125,6 @@ func TestStoreOfAnotherProvider(t *testing.T) {
 	if got, err := again.p.Status(ctx); err != nil || got.ProviderID != st.ProviderID {
 		t.Fatalf("the store changed after the refused open: %+v, %v", got, err)
 	}
-}
-
-func mustKey(t *testing.T) *rootkey.Key {
-	t.Helper()
-	k, err := rootkey.Generate()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return k
 }
 
 // TestBoltReadOnly opens an initialized bbolt file read-only: reads work, every write —
