@@ -1,6 +1,11 @@
 // Package qemuimg drives qemu-img as a library for the images nkp protects: LUKS inside
 // qcow2 and raw LUKS, converted from plain raw or qcow2 sources.
 //
+// Operations: Create, Convert (with progress), Compare, AddKey and RemoveKey (keyslots),
+// Info and Chain (qemu-img info; it opens images without I/O, so it does not try the
+// key), Unlock (proves a key opens the image, through qemu-img map), Check, and Measure
+// (the space a conversion needs, for a check against free space before it starts).
+//
 // Every call runs one qemu-img process with its arguments checked here, so that no path or
 // key can change what qemu-img is asked to do:
 //
