@@ -450,3 +450,49 @@ func TestRemoveOriginal(t *testing.T) {
 	e.checkDisk(t, uuid1, "vdb", dir, 1)
 	e.checkDisk(t, uuid1, "vda", dir, 0)
 }
+
+// TestDiskConvertFails runs protect with a qemu-img whose convert writes part of the new
+// file and fails as on a full disk: the partial file is removed, and the domain, the
+// catalog, the secrets and the vTPM state are as before; the sentence says where space
+// is needed.
+func TestDiskConvertFails(t *testing.T) {
+	e2e.Require(t, "qemu-img", "qemu-io")
+	real, _ := exec.LookPath("qemu-img")
+	wrap := filepath.Join(t.TempDir(), "qemu-img")
+	script := "#!/bin/sh\nif [ \"$1\" = convert ]; then\n  for a; do last=\"$a\"; done\n  head -c 65536 /dev/zero > \"$last\"\n  echo \"qemu-img: error while writing at byte 65536: No space left on device\" >&2\n  exit 1\nfi\nexec " + real + " \"$@\"\n"
+	if err := os.WriteFile(wrap, []byte(script), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	e := newEnv(t)
+	e.m.cfg.QemuImg = &qemuimg.Tool{Path: wrap}
+	dir := t.TempDir()
+	diskImages(t, dir)
+	e.define(t, "f1", uuid1, diskDevices(dir))
+	ctx := context.Background()
+	before, _ := e.lv.DomainXML(ctx, uuid1)
+	_, err := e.m.Protect(ctx, "f1")
+	if !errors.Is(err, ErrNoSpace) || !strings.Contains(err.Error(), "disk vda: converting into "+dir+"/vda.img.nkp-") || !strings.Contains(err.Error(), "the partial file is removed and nothing else was changed") {
+		t.Fatalf("err = %v", err)
+	}
+	if after, _ := e.lv.DomainXML(ctx, uuid1); string(after) != string(before) {
+		t.Fatal("the domain changed")
+	}
+	ents, _ := os.ReadDir(dir)
+	for _, en := range ents {
+		if strings.Contains(en.Name(), ".nkp-") {
+			t.Fatalf("partial file %s left", en.Name())
+		}
+	}
+	if len(e.sec.defined()) != 0 {
+		t.Fatalf("secrets %v", e.sec.defined())
+	}
+	if _, ok := e.cat.get(uuid1, domxml.ObjectVTPM); ok {
+		t.Fatal("catalog entry left")
+	}
+	if ents, _ := os.ReadDir(filepath.Join(e.m.cfg.VTPMDir, uuid1)); len(ents) != 0 {
+		t.Fatalf("vTPM state left: %v", ents)
+	}
+	if _, err := os.Stat(e.m.j.path(uuid1)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("journal left: %v", err)
+	}
+}
