@@ -161,12 +161,7 @@ func swtpmBinary(t *testing.T) string {
 
 // hostDirs are a state and a run directory under a base the vTPM user may traverse.
 func hostDirs(t *testing.T) (state, run string) {
-	base, err := os.MkdirTemp("", "nkp-hostd-test-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	os.Chmod(base, 0o711)
-	t.Cleanup(func() { os.RemoveAll(base) })
+	base := e2e.TraversableDir(t, "nkp-hostd-test-")
 	return filepath.Join(base, "state"), filepath.Join(base, "run")
 }
 

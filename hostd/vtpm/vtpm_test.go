@@ -27,6 +27,7 @@ import (
 	"github.com/nkp-dev/nkp/provider/kdk"
 	"github.com/nkp-dev/nkp/swtpm/ctrl"
 	"github.com/nkp-dev/nkp/swtpm/envelope"
+	"github.com/nkp-dev/nkp/test/e2e"
 )
 
 var (
@@ -74,12 +75,7 @@ func lookup(t *testing.T, name string) Credential {
 // dirs returns a state root and a run dir under a temporary directory others may
 // traverse (t.TempDir is 0700).
 func dirs(t *testing.T) (string, string) {
-	base, err := os.MkdirTemp("", "nkp-vtpm-test-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	os.Chmod(base, 0o711)
-	t.Cleanup(func() { os.RemoveAll(base) })
+	base := e2e.TraversableDir(t, "nkp-vtpm-test-")
 	return filepath.Join(base, "state"), filepath.Join(base, "run")
 }
 

@@ -180,3 +180,20 @@ func ModuleRoot() (string, error) {
 		dir = parent
 	}
 }
+
+// TraversableDir makes a new directory under the system's temporary directory, named
+// with prefix, that other users may traverse but not list (mode 0711), and removes it
+// with its contents at the end of the test. t.TempDir's 0700 would keep out the users a
+// test's files are for (QEMU's, the vTPM's), who open known paths inside.
+func TraversableDir(t testing.TB, prefix string) string {
+	t.Helper()
+	d, err := os.MkdirTemp("", prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(d) })
+	if err := os.Chmod(d, 0o711); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}

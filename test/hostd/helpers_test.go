@@ -131,14 +131,7 @@ type vmFiles struct {
 
 func newVMFiles(t *testing.T, a guest.Artifacts) vmFiles {
 	t.Helper()
-	d, err := os.MkdirTemp("", "nkp-hostd-vm-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chmod(d, 0o711); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(d) })
+	d := e2e.TraversableDir(t, "nkp-hostd-vm-")
 	f := vmFiles{dir: d, kernel: filepath.Join(d, "vmlinuz"), initrd: filepath.Join(d, "initrd.gz"), console: console(filepath.Join(d, "console.log"))}
 	copyTo(t, a.Kernel, f.kernel)
 	copyTo(t, a.Initrd, f.initrd)

@@ -110,15 +110,7 @@ func nkpSwtpm(t *testing.T) (string, bool) {
 // removed at the end of the test.
 func workDir(t *testing.T) string {
 	t.Helper()
-	d, err := os.MkdirTemp("", "nkp-vtpm-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chmod(d, 0o711); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(d) })
-	return d
+	return e2e.TraversableDir(t, "nkp-vtpm-")
 }
 
 // newKey returns a random 256-bit state key.
