@@ -1,7 +1,6 @@
 package hostd_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -19,25 +18,14 @@ import (
 	"github.com/nkp-dev/nkp/hostd"
 	"github.com/nkp-dev/nkp/test/e2e"
 	"github.com/nkp-dev/nkp/test/logbuf"
+	"github.com/nkp-dev/nkp/test/vtpmproc"
 )
 
 // startSwtpmTPM runs Debian's swtpm as this host's TPM on a unix data socket (state kept
 // in dir, so a restart keeps its endorsement seed) and returns its tpmdev spec.
 func startSwtpmTPM(t *testing.T, dir string) string {
 	t.Helper()
-	e2e.Require(t, "swtpm")
-	os.MkdirAll(dir, 0o700)
-	data, ctrl := filepath.Join(dir, "data.sock"), filepath.Join(dir, "ctrl.sock")
-	cmd := exec.Command("swtpm", "socket", "--tpm2", "--tpmstate", "dir="+dir,
-		"--server", "type=unixio,path="+data, "--ctrl", "type=unixio,path="+ctrl, "--flags", "not-need-init,startup-clear")
-	var logs bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &logs, &logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	e2e.WaitFor(t, 20*time.Second, "swtpm's data socket", func() bool { _, err := os.Stat(data); return err == nil })
-	return "swtpm:path=" + data + ",ctrl=" + ctrl
+	return vtpmproc.HostTPMT(t, vtpmproc.SwtpmFor(t), dir).Spec()
 }
 
 // hostdProc is one `nkp-hostd serve` process.

@@ -7,48 +7,16 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/nkp-dev/nkp/provider/apiv1"
-	"github.com/nkp-dev/nkp/test/e2e"
+	"github.com/nkp-dev/nkp/test/vtpmproc"
 )
 
 // startSwtpm runs Debian's swtpm as a TPM 2.0 on a unix data socket, initialised at
 // start (no control-channel INIT needed), and returns "swtpm:path=SOCKET".
 func startSwtpm(t *testing.T, name string) string {
 	t.Helper()
-	e2e.Require(t, "swtpm")
-	dir := filepath.Join(t.TempDir(), name)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	data := filepath.Join(dir, "data.sock")
-	cmd := exec.Command("swtpm", "socket", "--tpm2", "--tpmstate", "dir="+dir,
-		"--server", "type=unixio,path="+data, "--ctrl", "type=unixio,path="+filepath.Join(dir, "ctrl.sock"),
-		"--flags", "not-need-init,startup-clear")
-	var logs bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &logs, &logs
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start swtpm: %v", err)
-	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	t.Cleanup(func() { cmd.Process.Kill(); <-exited })
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if _, err := os.Stat(data); err == nil {
-			return "swtpm:path=" + data
-		}
-		select {
-		case <-exited:
-			t.Fatalf("swtpm %s exited before listening: %s", name, logs.String())
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("swtpm %s: no data socket within 20 s: %s", name, logs.String())
-		}
-		time.Sleep(20 * time.Millisecond) // polling for the socket, bounded by deadline
-	}
+	return "swtpm:path=" + vtpmproc.HostTPMT(t, vtpmproc.SwtpmFor(t), filepath.Join(t.TempDir(), name)).Data
 }
 
 // TestRootKeyTPM: `nkp-provider init --root-key-tpm` seals the root key to the provider

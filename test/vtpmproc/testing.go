@@ -2,8 +2,10 @@ package vtpmproc
 
 import (
 	"testing"
+	"time"
 
 	"github.com/nkp-dev/nkp/test/e2e"
+	"github.com/nkp-dev/nkp/test/logbuf"
 )
 
 // SwtpmFor returns Debian's swtpm, or skips t when it is missing (fails it under
@@ -35,4 +37,17 @@ func StartT(t testing.TB, b Backend, o Options) *Proc {
 	}
 	t.Cleanup(p.Kill)
 	return p
+}
+
+// HostTPMT starts b as a host TPM in dir as StartHostTPM does (waiting up to 30 s),
+// fails t with the process's output if it cannot, and kills the process when t ends.
+func HostTPMT(t testing.TB, b Backend, dir string) *HostTPM {
+	t.Helper()
+	var out logbuf.Buffer
+	h, err := StartHostTPM(b, dir, &out, 30*time.Second)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, out.String())
+	}
+	t.Cleanup(h.Kill)
+	return h
 }

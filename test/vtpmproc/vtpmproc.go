@@ -4,6 +4,8 @@
 // test/vtpm and test/bench/swtpmbench: the command line is built and checked by
 // swtpm/cmdline, fds are inherited under fixed numbers, the process is reaped by one
 // goroutine, and callers wait for its sockets with a bound instead of sleeping.
+// StartHostTPM runs one as a machine's own TPM (tests of hostd and the provider's
+// --root-key-tpm).
 //
 // Only test code and benchmark commands import it. It links no cgo.
 package vtpmproc
@@ -15,6 +17,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -195,4 +198,43 @@ func Dialable(addr string) bool {
 	}
 	c.Close()
 	return true
+}
+
+// HostTPM is a backend serving as a machine's own TPM, the device package
+// internal/tpmdev opens: TPM 2.0, powered on and started at launch (not-need-init,
+// startup-clear), its data and control channels on unix sockets.
+type HostTPM struct {
+	*Proc
+	Data, Ctrl string // the data and control sockets
+}
+
+// Spec is the TPM's tpmdev spec: "swtpm:path=DATA,ctrl=CTRL".
+func (h *HostTPM) Spec() string { return "swtpm:path=" + h.Data + ",ctrl=" + h.Ctrl }
+
+// StartHostTPM starts b as a host TPM with its state in dir (created with mode 0700;
+// another start on the same directory keeps the endorsement seed, so the same EK) and
+// its sockets data.sock and ctrl.sock in it, and waits up to timeout until both accept.
+// out receives the process's output (nil: discarded). On an error nothing is left
+// running; otherwise the caller ends the process (Kill, Stop).
+func StartHostTPM(b Backend, dir string, out io.Writer, timeout time.Duration) (*HostTPM, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("host TPM %s: %w", b.Name, err)
+	}
+	h := &HostTPM{Data: filepath.Join(dir, "data.sock"), Ctrl: filepath.Join(dir, "ctrl.sock")}
+	p, err := Start(b, Options{Args: cmdline.Options{
+		TPM2:   true,
+		Server: &cmdline.Channel{Type: cmdline.TypeUnixIO, Path: h.Data},
+		Ctrl:   &cmdline.Channel{Type: cmdline.TypeUnixIO, Path: h.Ctrl},
+		State:  &cmdline.StateOptions{Dir: dir},
+		Flags:  cmdline.FlagsOptions{NotNeedInit: true, Startup: cmdline.StartupClear},
+	}, Output: out})
+	if err != nil {
+		return nil, fmt.Errorf("host TPM: %w", err)
+	}
+	if err := p.WaitListening(timeout, h.Data, h.Ctrl); err != nil {
+		p.Kill()
+		return nil, fmt.Errorf("host TPM: %w", err)
+	}
+	h.Proc = p
+	return h, nil
 }

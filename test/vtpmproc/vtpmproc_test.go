@@ -77,3 +77,29 @@ func TestStartRefusesBadOptions(t *testing.T) {
 		t.Fatalf("Start of a missing program: %v, want an error naming it", err)
 	}
 }
+
+// TestStartHostTPM: both backends serve as a host TPM on the two sockets the spec names,
+// and a backend that cannot serve is reported with nothing left running.
+func TestStartHostTPM(t *testing.T) {
+	for _, get := range []func(testing.TB) vtpmproc.Backend{vtpmproc.SwtpmFor, vtpmproc.NKPSwtpmFor} {
+		be := get(t)
+		t.Run(be.Name, func(t *testing.T) {
+			dir := filepath.Join(t.TempDir(), "tpm")
+			tpm, err := vtpmproc.StartHostTPM(be, dir, nil, 30*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer tpm.Kill()
+			if want := "swtpm:path=" + filepath.Join(dir, "data.sock") + ",ctrl=" + filepath.Join(dir, "ctrl.sock"); tpm.Spec() != want {
+				t.Errorf("Spec() = %q, want %q", tpm.Spec(), want)
+			}
+			if !vtpmproc.Dialable(tpm.Data) || !vtpmproc.Dialable(tpm.Ctrl) {
+				t.Errorf("data %s or control %s does not accept", tpm.Data, tpm.Ctrl)
+			}
+		})
+	}
+	tpm, err := vtpmproc.StartHostTPM(vtpmproc.Backend{Name: "true", Path: "/bin/true"}, filepath.Join(t.TempDir(), "tpm"), nil, 30*time.Second)
+	if err == nil || !errors.Is(err, vtpmproc.ErrExited) {
+		t.Fatalf("StartHostTPM of /bin/true = %v, %v; want ErrExited", tpm, err)
+	}
+}
