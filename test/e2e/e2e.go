@@ -10,10 +10,12 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -196,4 +198,19 @@ func TraversableDir(t testing.TB, prefix string) string {
 		t.Fatal(err)
 	}
 	return d
+}
+
+// KillListener shuts a listening TCP socket down under whoever accepts on it, as a
+// dying listener would: their blocked accept(2) fails with EINVAL, and so does every
+// later one, in this process and in any that inherited the socket.
+func KillListener(t testing.TB, ln *net.TCPListener) {
+	t.Helper()
+	rc, err := ln.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = syscall.Shutdown(int(fd), syscall.SHUT_RDWR) }); err != nil || serr != nil {
+		t.Fatalf("shutdown(2) of the listener %s: %v %v", ln.Addr(), err, serr)
+	}
 }

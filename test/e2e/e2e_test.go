@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -57,5 +58,35 @@ func TestBuildBinaryUsesNKPBin(t *testing.T) {
 	t.Setenv(EnvBin, dir)
 	if got := BuildBinary(t, "./cmd/nkp-fake"); got != prog {
 		t.Fatalf("BuildBinary = %s, want the prebuilt %s", got, prog)
+	}
+}
+
+// TestKillListener: a blocked Accept fails once the listener is shut down, and so does
+// the next one.
+func TestKillListener(t *testing.T) {
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan error, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			c.Close()
+		}
+		accepted <- err
+	}()
+	KillListener(t, ln)
+	select {
+	case err := <-accepted:
+		if err == nil {
+			t.Fatal("Accept succeeded on a killed listener")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Accept still blocked 10 s after KillListener")
+	}
+	if _, err := ln.Accept(); err == nil {
+		t.Fatal("a later Accept succeeded on a killed listener")
 	}
 }

@@ -26,14 +26,7 @@ func TestDeadListenerExits(t *testing.T) {
 	if status, _ := rawGet(t, s.url+"/healthz", filepath.Join(dir, "ca.crt")); status != 200 {
 		t.Fatalf("healthz = %d", status)
 	}
-	rc, err := ln.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var serr error
-	if err := rc.Control(func(fd uintptr) { serr = syscall.Shutdown(int(fd), syscall.SHUT_RDWR) }); err != nil || serr != nil {
-		t.Fatalf("shutdown(2) of the listening socket: %v %v", err, serr)
-	}
+	e2e.KillListener(t, ln)
 	select {
 	case <-s.done:
 	case <-time.After(30 * time.Second):

@@ -20,6 +20,7 @@ import (
 
 	"github.com/nkp-dev/nkp/provider/api/daemon"
 	"github.com/nkp-dev/nkp/provider/apiv1"
+	"github.com/nkp-dev/nkp/test/e2e"
 	"github.com/nkp-dev/nkp/test/logbuf"
 )
 
@@ -99,20 +100,6 @@ func within(t *testing.T, d time.Duration, what string, cond func() bool) {
 	}
 }
 
-// killListener shuts the listening socket down under the daemon (as a dying listener
-// would): its blocked accept(2) fails with EINVAL, and so does every later one.
-func killListener(t *testing.T, ln *net.TCPListener) {
-	t.Helper()
-	rc, err := ln.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var serr error
-	if err := rc.Control(func(fd uintptr) { serr = syscall.Shutdown(int(fd), syscall.SHUT_RDWR) }); err != nil || serr != nil {
-		t.Fatalf("shutdown(2) of the listener: %v %v", err, serr)
-	}
-}
-
 // TestDeadListener: when the listener dies under a running daemon, the daemon does not
 // stay up looking healthy: Done closes, Err says which listener failed and why, and the
 // watchdog's health check fails.
@@ -128,7 +115,7 @@ func TestDeadListener(t *testing.T) {
 	if r.d.Err() != nil {
 		t.Fatalf("Err while running = %v", r.d.Err())
 	}
-	killListener(t, r.ln)
+	e2e.KillListener(t, r.ln)
 	select {
 	case <-r.d.Done():
 	case <-time.After(15 * time.Second):
