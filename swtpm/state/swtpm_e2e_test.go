@@ -93,16 +93,7 @@ func swtpmPermall(t *testing.T, args []string) []byte {
 	})
 	ioctl := func(args ...string) {
 		t.Helper()
-		var out []byte
-		var err error
-		// swtpm 0.7.1 has been seen refusing a connection right after it accepted one
-		// (about 1 start in 100 on a loaded machine): retried within a bound.
-		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-			out, err = exec.Command("swtpm_ioctl", append([]string{"--unix", ctrl}, args...)...).CombinedOutput()
-			if err == nil || !strings.Contains(string(out), "Connection refused") || time.Now().After(deadline) {
-				break
-			}
-		}
+		out, err := exec.Command("swtpm_ioctl", append([]string{"--unix", ctrl}, args...)...).CombinedOutput()
 		if err != nil {
 			log, _ := os.ReadFile(logf)
 			t.Fatalf("swtpm_ioctl %v: %v: %s\nswtpm log:\n%s", args, err, out, log)
