@@ -57,7 +57,7 @@ type imageVerifier struct{ t *qemuimg.Tool }
 
 func (v imageVerifier) Opens(ctx context.Context, path, format string, pass []byte) error {
 	err := v.t.Unlock(ctx, qemuimg.Image{Path: path, Format: qemuimg.Format(format), Key: pass})
-	if errors.Is(err, qemuimg.ErrWrongKey) {
+	if errors.Is(err, qemuimg.ErrWrongKey) || errors.Is(err, qemuimg.ErrNotEncrypted) {
 		return fmt.Errorf("%w: %v", disksecret.ErrWrongKey, err)
 	}
 	return err

@@ -14,7 +14,9 @@ var (
 	ErrLocked   = errors.New("the image is in use by another process")
 	ErrDiffer   = errors.New("the images differ")
 	ErrCorrupt  = errors.New("the image is corrupt")
-	ErrFailed   = errors.New("qemu-img failed")
+	// ErrNotEncrypted: a key was given for a qcow2 image that has no encryption.
+	ErrNotEncrypted = errors.New("the image is not encrypted")
+	ErrFailed       = errors.New("qemu-img failed")
 )
 
 // Error is a failed qemu-img call.
@@ -42,11 +44,12 @@ func (e *Error) Error() string {
 func (e *Error) Unwrap() error { return e.Kind }
 
 var hints = map[error]string{
-	ErrWrongKey: "the key is not this image's (another KDK version or key ID?); check `nkpctl vm status` and the provider's catalog",
-	ErrNoSpace:  "free space on the target filesystem, or convert to another one; nothing was changed on the source",
-	ErrNotFound: "check the path in the domain XML",
-	ErrLocked:   "is the VM running? shut it off (virsh shutdown) and try again",
-	ErrCorrupt:  "run `qemu-img check -r` on a copy, or restore the image from a backup",
+	ErrWrongKey:     "the key is not this image's (another KDK version or key ID?); check `nkpctl vm status` and the provider's catalog",
+	ErrNoSpace:      "free space on the target filesystem, or convert to another one; nothing was changed on the source",
+	ErrNotFound:     "check the path in the domain XML",
+	ErrLocked:       "is the VM running? shut it off (virsh shutdown) and try again",
+	ErrCorrupt:      "run `qemu-img check -r` on a copy, or restore the image from a backup",
+	ErrNotEncrypted: "the file holds plaintext although the domain names a key for it: was it replaced? restore the encrypted image, or protect the disk again (nkpctl vm protect)",
 }
 
 // patterns maps qemu-img's messages (LC_ALL=C) to kinds; the first match wins.
@@ -61,6 +64,7 @@ var patterns = []struct {
 	{"No such file or directory", ErrNotFound},
 	{"Content mismatch", ErrDiffer},
 	{"Image corrupted", ErrCorrupt},
+	{"No encryption in image header", ErrNotEncrypted},
 	{"corruptions were found", ErrCorrupt},
 }
 

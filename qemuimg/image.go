@@ -62,7 +62,9 @@ func (img Image) imageOpts(sec string) string {
 	case img.Format == LUKS:
 		o += ",key-secret=" + sec
 	default:
-		o += ",encrypt.key-secret=" + sec
+		// encrypt.format=luks: a qcow2 image without encryption then fails to open
+		// instead of ignoring the key (qemu-img would "open" a plain qcow2 with any key).
+		o += ",encrypt.format=luks,encrypt.key-secret=" + sec
 	}
 	return o
 }

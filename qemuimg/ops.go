@@ -318,13 +318,15 @@ func (t *Tool) Measure(ctx context.Context, src Image, dst Format, dstKey []byte
 
 // Unlock checks that img.Key opens the image: qemu-img info does not try the key (it
 // opens images without I/O), so this opens it fully with `qemu-img map` and discards the
-// map. A key that opens no keyslot is an *Error of kind ErrWrongKey.
+// map. It opens with --force-share, so the image of a running VM can be checked too. A
+// key that opens no keyslot is an *Error of kind ErrWrongKey; a qcow2 image without
+// encryption is of kind ErrNotEncrypted (a key never "opens" plaintext).
 func (t *Tool) Unlock(ctx context.Context, img Image) error {
 	if err := img.check(); err != nil {
 		return err
 	}
 	sec := &secrets{}
 	id := sec.addIf(img.Key)
-	_, err := t.run(ctx, call{op: "map", image: img.Path, sec: sec, args: []string{"--output=json", "--image-opts", img.imageOpts(id)}})
+	_, err := t.run(ctx, call{op: "map", image: img.Path, sec: sec, args: []string{"-U", "--output=json", "--image-opts", img.imageOpts(id)}})
 	return err
 }

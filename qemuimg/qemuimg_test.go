@@ -351,29 +351,8 @@ func TestLockedImage(t *testing.T) {
 	if err := qi.Create(ctx, qemuimg.CreateOptions{Image: img, Size: 1 << 20}); err != nil {
 		t.Fatal(err)
 	}
-	kf := filepath.Join(dir, "k")
-	if err := os.WriteFile(kf, img.Key, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.Open(kf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	// qemu-io reading commands from a pipe holds the image open and locked, as a VM does.
-	cmd := exec.Command("qemu-io", "--object", "secret,id=k,file=/dev/fd/3", "--image-opts",
-		"driver=qcow2,file.filename="+img.Path+",encrypt.key-secret=k")
-	cmd.ExtraFiles = []*os.File{f}
-	in, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { in.Close(); cmd.Wait() }()
-	e2e.WaitFor(t, 10*time.Second, "qemu-io to open the image", func() bool { return holds(cmd.Process.Pid, img.Path) })
-	err = qi.AddKey(ctx, img, key(t), qemuimg.LUKSOptions{})
+	holdOpen(t, img)
+	err := qi.AddKey(ctx, img, key(t), qemuimg.LUKSOptions{})
 	if !errors.Is(err, qemuimg.ErrLocked) || !strings.Contains(err.Error(), "shut it off") {
 		t.Fatalf("amend of an image in use: %v, want ErrLocked with a way out", err)
 	}
@@ -483,4 +462,53 @@ func TestUnlock(t *testing.T) {
 			t.Fatalf("%s: wrong key: %v, want ErrWrongKey", f, err)
 		}
 	}
+
+	// A plain qcow2 image is not "opened" by a key: the domain names a key, so the
+	// file must be encrypted.
+	plain := qemuimg.Image{Path: filepath.Join(t.TempDir(), "plain.qcow2"), Format: qemuimg.QCOW2}
+	if err := qi.Create(ctx, qemuimg.CreateOptions{Image: plain, Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	plain.Key = k
+	if err := qi.Unlock(ctx, plain); !errors.Is(err, qemuimg.ErrNotEncrypted) {
+		t.Fatalf("plain qcow2 with a key: %v, want ErrNotEncrypted", err)
+	}
+
+	// The image of a running VM (held open for writing, with QEMU's locks) can be
+	// checked: qemu-io holds the write lock while Unlock runs.
+	img := qemuimg.Image{Path: filepath.Join(t.TempDir(), "busy.qcow2"), Format: qemuimg.QCOW2, Key: k}
+	if err := qi.Create(ctx, qemuimg.CreateOptions{Image: img, Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	holdOpen(t, img)
+	if err := qi.Unlock(ctx, img); err != nil {
+		t.Fatalf("Unlock of an image in use: %v", err)
+	}
+}
+
+// holdOpen keeps img open and locked for writing until the test ends, as a running VM
+// does: qemu-io reading commands from a pipe, the key on fd 3.
+func holdOpen(t *testing.T, img qemuimg.Image) {
+	t.Helper()
+	kf := filepath.Join(t.TempDir(), "k")
+	if err := os.WriteFile(kf, img.Key, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(kf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	cmd := exec.Command("qemu-io", "--object", "secret,id=k,file=/dev/fd/3", "--image-opts",
+		"driver=qcow2,file.filename="+img.Path+",encrypt.key-secret=k")
+	cmd.ExtraFiles = []*os.File{f}
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { in.Close(); cmd.Wait() })
+	e2e.WaitFor(t, 10*time.Second, "qemu-io to open the image", func() bool { return holds(cmd.Process.Pid, img.Path) })
 }

@@ -14,7 +14,7 @@ func TestImageOpts(t *testing.T) {
 		want string
 	}{
 		{Image{Path: "/v/a.raw", Format: Raw}, "", "driver=raw,file.driver=file,file.filename=/v/a.raw"},
-		{Image{Path: "/v/a.qcow2", Format: QCOW2, Key: []byte("k")}, "sec0", "driver=qcow2,file.driver=file,file.filename=/v/a.qcow2,encrypt.key-secret=sec0"},
+		{Image{Path: "/v/a.qcow2", Format: QCOW2, Key: []byte("k")}, "sec0", "driver=qcow2,file.driver=file,file.filename=/v/a.qcow2,encrypt.format=luks,encrypt.key-secret=sec0"},
 		{Image{Path: "/v/a.luks", Format: LUKS, Key: []byte("k")}, "sec1", "driver=luks,file.driver=file,file.filename=/v/a.luks,key-secret=sec1"},
 		// A comma in a path is doubled: it cannot end the value and add an option.
 		{Image{Path: "/v/x,driver=raw,file.filename=/etc/shadow", Format: QCOW2}, "", "driver=qcow2,file.driver=file,file.filename=/v/x,,driver=raw,,file.filename=/etc/shadow"},
