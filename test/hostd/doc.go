@@ -20,7 +20,14 @@
 // live migration on tpm-tis, one host's KDK blob copied into the other's cache
 // refused); TestRekeyAndAdopt (rotation seen by hostd, rekey through the API keeps NV,
 // the old version retired, then a boot; a VM with libvirt's own swtpm adopted by
-// protect with its NV). Fixtures: startProvider (init, serve, backup, tokens in 0600
+// protect with its NV); TestEncryptedDisks (two hosts: protect converts a raw disk and a
+// qcow2 disk with a backing chain to LUKS, the guest's marker readable inside and absent
+// from the host files, QEMU's query-block says encrypted, secrets ephemeral and private
+// and back after a libvirtd restart, save on A restored on B refused until B's hostd has
+// the secrets then retried, live migration back, finalize, a wrong-key image refused
+// naming disk and key, shallow and deep rekey then retire, hostd killed during protect,
+// ENOSPC on a loop-mounted file system, an already encrypted disk refused, the provider
+// down and hostd restarted). Fixtures: startProvider (init, serve, backup, tokens in 0600
 // files), startHostTPM, joinHost (join and serve inside a host, /healthz polled) and
 // nkpVM (protect, define, boot, start, runsOn).
 package hostd

@@ -149,6 +149,14 @@ type domainSpec struct {
 	Kernel, Initrd, Cmdline string
 	Console                 string
 	TPM                     string
+	Disks                   []diskSpec // virtio disks, in order
+}
+
+// diskSpec is one file-backed virtio disk of a test domain.
+type diskSpec struct {
+	Dev    string // target: vda, vdb, ...
+	Format string // driver type: raw or qcow2
+	File   string
 }
 
 var domainXML = template.Must(template.New("domain").Funcs(template.FuncMap{"x": xmlEscape}).Parse(`<domain type='qemu'>
@@ -175,6 +183,9 @@ var domainXML = template.Must(template.New("domain").Funcs(template.FuncMap{"x":
     <tpm model='tpm-tis'><backend type='emulator' version='2.0'/></tpm>
 {{- else if .TPM}}
     <tpm model='tpm-tis'><backend type='external'><source type='unix' mode='connect' path='{{x .TPM}}'/></backend></tpm>
+{{- end}}
+{{- range .Disks}}
+    <disk type='file' device='disk'><driver name='qemu' type='{{x .Format}}'/><source file='{{x .File}}'/><target dev='{{x .Dev}}' bus='virtio'/></disk>
 {{- end}}
     <controller type='usb' model='none'/>
     <memballoon model='none'/>

@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -127,7 +128,7 @@ func (vm *nkpVM) define(t *testing.T, h *libvirtns.Host, cfg guest.Config) {
 func (vm *nkpVM) boot(t *testing.T, h *libvirtns.Host) []guest.Record {
 	t.Helper()
 	n := len(vm.f.console.records())
-	virsh(t, h, "start", vm.spec.Name)
+	startRetrying(t, h, vm.spec.Name)
 	recs := vm.f.console.waitFor(t, "this boot's verdict", func(r []guest.Record) bool {
 		return len(r) > n && hasKey(r[n:], "done")
 	})[n:]
@@ -136,6 +137,25 @@ func (vm *nkpVM) boot(t *testing.T, h *libvirtns.Host) []guest.Record {
 	}
 	e2e.WaitFor(t, 2*time.Minute, vm.spec.Name+" powered off", func() bool { return state(h, vm.spec.Name) == "shut off" })
 	return recs
+}
+
+// startRetrying starts the domain on h; while the hook refuses because nkp-hostd is still
+// defining a disk's secret (right after hostd started: the refusal tells the operator to
+// run the start again in a few seconds), it does that, for up to a minute.
+func startRetrying(t *testing.T, h *libvirtns.Host, name string) {
+	t.Helper()
+	var out string
+	var err error
+	deadline := time.Now().Add(time.Minute)
+	for {
+		if out, err = h.Virsh(context.Background(), "start", name); err == nil {
+			return
+		}
+		if !strings.Contains(out, "is defining it now") || time.Now().After(deadline) {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Second)
+	}
 }
 
 func hasKey(recs []guest.Record, key string) bool {
