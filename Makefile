@@ -47,7 +47,7 @@ fuzz:
 bench: build
 	$(GO) run ./test/bench/swtpmbench -cpus 1 -out bench-vtpm.md
 	$(GO) run ./test/bench/hookbench -hook $(BIN)/nkp-hook -n 1,10,50 -rounds 3 -disks 4 -out bench-hook.md
-	$(GO) run ./test/bench/diskbench -dir /var/tmp -size 1G -rounds 3 -memdir /dev/shm | tee bench-disk.md
+	$(GO) run ./test/bench/diskbench -dir /var/tmp -size 1G -rounds 3 -memdir /dev/shm >bench-disk.md; s=$$?; cat bench-disk.md; exit $$s
 	$(GO) run ./test/bench/providerbench -hosts 1000 -rate 500 -duration 20s -store bolt,etcd -out bench-provider.md
 
 clean:
