@@ -213,7 +213,9 @@ func (h *HostTPM) Spec() string { return "swtpm:path=" + h.Data + ",ctrl=" + h.C
 
 // StartHostTPM starts b as a host TPM with its state in dir (created with mode 0700;
 // another start on the same directory keeps the endorsement seed, so the same EK) and
-// its sockets data.sock and ctrl.sock in it, and waits up to timeout until both accept.
+// its sockets data.sock and ctrl.sock in it, and waits up to timeout until the data
+// socket accepts. The control socket is left alone: nkp-swtpm serves its one client
+// (hostd, which powers the TPM on) once, so a probe would take that client's place.
 // out receives the process's output (nil: discarded). On an error nothing is left
 // running; otherwise the caller ends the process (Kill, Stop).
 func StartHostTPM(b Backend, dir string, out io.Writer, timeout time.Duration) (*HostTPM, error) {
@@ -231,7 +233,7 @@ func StartHostTPM(b Backend, dir string, out io.Writer, timeout time.Duration) (
 	if err != nil {
 		return nil, fmt.Errorf("host TPM: %w", err)
 	}
-	if err := p.WaitListening(timeout, h.Data, h.Ctrl); err != nil {
+	if err := p.WaitListening(timeout, h.Data); err != nil {
 		p.Kill()
 		return nil, fmt.Errorf("host TPM: %w", err)
 	}

@@ -93,8 +93,8 @@ func TestStartHostTPM(t *testing.T) {
 			if want := "swtpm:path=" + filepath.Join(dir, "data.sock") + ",ctrl=" + filepath.Join(dir, "ctrl.sock"); tpm.Spec() != want {
 				t.Errorf("Spec() = %q, want %q", tpm.Spec(), want)
 			}
-			if !vtpmproc.Dialable(tpm.Data) || !vtpmproc.Dialable(tpm.Ctrl) {
-				t.Errorf("data %s or control %s does not accept", tpm.Data, tpm.Ctrl)
+			if !vtpmproc.Dialable(tpm.Data) {
+				t.Errorf("the data socket %s does not accept", tpm.Data)
 			}
 		})
 	}
