@@ -24,6 +24,7 @@ import (
 	"github.com/nkp-dev/nkp/hostd/vm/vmapi"
 	"github.com/nkp-dev/nkp/test/e2e"
 	"github.com/nkp-dev/nkp/test/libvirtns"
+	"github.com/nkp-dev/nkp/test/vtpmproc"
 )
 
 // nkpBinaries are the programs a host runs, where the vTPM user (tss) may execute them.
@@ -45,45 +46,12 @@ func buildNKP(t *testing.T) nkpBinaries {
 // hostTPM is a host's TPM: nkp-swtpm serving TPM commands on a unix socket, with its
 // control socket so that hostd can power it on. It outlives hostd restarts. A nil
 // *hostTPM is a host without a TPM (KDKs in hostd's memory only).
-type hostTPM struct {
-	dir  string
-	cmd  *exec.Cmd
-	done chan struct{}
-	out  bytes.Buffer
-}
+type hostTPM struct{ *vtpmproc.HostTPM }
 
 func startHostTPM(t *testing.T, swtpm string) *hostTPM {
 	t.Helper()
-	d, err := os.MkdirTemp("", "nkp-hosttpm-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	tpm := &hostTPM{dir: d, done: make(chan struct{})}
-	os.Mkdir(filepath.Join(d, "state"), 0o700)
-	tpm.cmd = exec.Command(swtpm, "socket", "--tpm2",
-		"--server", "type=unixio,path="+filepath.Join(d, "data.sock"),
-		"--ctrl", "type=unixio,path="+filepath.Join(d, "ctrl.sock"),
-		"--tpmstate", "dir="+filepath.Join(d, "state"),
-		"--flags", "not-need-init,startup-clear",
-		"--log", "file="+filepath.Join(d, "log"))
-	tpm.cmd.Stdout, tpm.cmd.Stderr = &tpm.out, &tpm.out
-	if err := tpm.cmd.Start(); err != nil {
-		t.Fatalf("start the host TPM: %v", err)
-	}
-	go func() { tpm.cmd.Wait(); close(tpm.done) }()
-	t.Cleanup(func() {
-		tpm.cmd.Process.Kill()
-		<-tpm.done
-		os.RemoveAll(d)
-	})
-	e2e.WaitFor(t, 30*time.Second, "the host TPM's socket", func() bool {
-		c, err := net.Dial("unix", filepath.Join(d, "data.sock"))
-		if err == nil {
-			c.Close()
-		}
-		return err == nil
-	})
-	return tpm
+	dir := filepath.Join(t.TempDir(), "hosttpm")
+	return &hostTPM{vtpmproc.HostTPMT(t, vtpmproc.Backend{Name: "nkp-swtpm (host TPM)", Path: swtpm}, dir)}
 }
 
 // vms is hostd's VM API (what nkpctl vm calls).
@@ -94,7 +62,7 @@ func (tpm *hostTPM) spec() string {
 	if tpm == nil {
 		return "none"
 	}
-	return "swtpm:path=" + filepath.Join(tpm.dir, "data.sock") + ",ctrl=" + filepath.Join(tpm.dir, "ctrl.sock")
+	return tpm.Spec()
 }
 
 // hostd is a real nkp-hostd running inside a host, on the default paths there.
