@@ -112,6 +112,9 @@ var cgoAllowed = map[string][]string{
 	// An ELF constructor that makes nkp-swtpm's Go runtime start with one P (it must
 	// run before the runtime, so it is C); linked by swtpm/cli for nkp-swtpm only.
 	module + "/swtpm/internal/oneproc": {"swtpm/...", "cmd/nkp-swtpm"},
+	// A C handler for SIGTERM, SIGINT and SIGHUP instead of os/signal, which keeps two
+	// OS threads per process; linked by swtpm/cli for nkp-swtpm only.
+	module + "/swtpm/internal/termsig": {"swtpm/...", "cmd/nkp-swtpm"},
 	"libvirt.org/go/libvirt":           {"..."},
 	// hostd's libvirt adapter calls virSecretSetValue itself: the binding's SetValue
 	// copies a disk's passphrase into a Go buffer it never wipes.

@@ -54,13 +54,12 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/signal"
-	"syscall"
 
 	"github.com/nkp-dev/nkp/internal/nodump"
 	"github.com/nkp-dev/nkp/swtpm/cmdline"
 	// One P from the first instruction, whatever the host's CPU count.
 	_ "github.com/nkp-dev/nkp/swtpm/internal/oneproc"
+	"github.com/nkp-dev/nkp/swtpm/internal/termsig"
 	"github.com/nkp-dev/nkp/swtpm/seccomp"
 )
 
@@ -70,7 +69,7 @@ const topUsage = `Usage: nkp-swtpm socket [options]   (see nkp-swtpm socket --he
 `
 
 // Main runs nkp-swtpm with args (os.Args without the program name) and returns the
-// process exit code. SIGTERM and SIGINT end a running vTPM cleanly (TPM2_Shutdown,
+// process exit code. SIGTERM, SIGINT and SIGHUP end a running vTPM cleanly (TPM2_Shutdown,
 // state saved, sockets removed).
 func Main(args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
@@ -131,7 +130,12 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	if o.Daemon && !isChild {
 		return daemonize(o, args, stderr)
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	// Not os/signal: it keeps two OS threads for the life of the process.
+	ctx, stop, err := termsig.NotifyContext(context.Background())
+	if err != nil {
+		fmt.Fprintf(stderr, "nkp-swtpm: %v\n", err)
+		return 1
+	}
 	defer stop()
 	if err := run(ctx, o, stderr, notifier); err != nil {
 		notifier.Fail(err)
