@@ -8,15 +8,24 @@ export NKP_BIN := $(BIN)
 
 all: build
 
+# nkp-swtpm is built without Go 1.26's Green Tea GC (GOEXPERIMENT=nogreenteagc): its
+# small-object spans carry mark bits at their end, which costs an idle vTPM, whose Go
+# heap is a few hundred KB that the GC hardly ever scans, about 55 KB of touched pages
+# (BENCHMARKS.md, vTPM memory). A Go without that opt-out builds with its default.
+comma := ,
+SWTPM_GOEXPERIMENT := $(shell GOEXPERIMENT=nogreenteagc $(GO) env GOEXPERIMENT >/dev/null 2>&1 && echo nogreenteagc)
+SWTPM_ENV := $(if $(SWTPM_GOEXPERIMENT),GOEXPERIMENT=$(if $(GOEXPERIMENT),$(GOEXPERIMENT)$(comma))$(SWTPM_GOEXPERIMENT))
+
 build:
 	@mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/ $(addprefix ./cmd/,$(CMDS))
+	$(GO) build -o $(BIN)/ $(addprefix ./cmd/,$(filter-out nkp-swtpm,$(CMDS)))
+	$(SWTPM_ENV) $(GO) build -o $(BIN)/ ./cmd/nkp-swtpm
 
 # nkp-swtpm with libtpms and libcrypto linked in (-tags nkpstatic): it starts faster and
 # each vTPM has less private memory, but security updates of libtpms and OpenSSL reach it
 # only by a rebuild (see "Linking" in go doc ./swtpm/internal/libtpms).
 build-static: build
-	$(GO) build -tags nkpstatic -o $(BIN)/ ./cmd/nkp-swtpm
+	$(SWTPM_ENV) $(GO) build -tags nkpstatic -o $(BIN)/ ./cmd/nkp-swtpm
 
 setup:
 	bash test/setup.sh
