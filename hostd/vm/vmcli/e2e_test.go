@@ -126,8 +126,14 @@ func TestNkpctlWithLibvirt(t *testing.T) {
 	if err := conn.DefineXML(ctx, []byte(x)); err != nil {
 		t.Fatal(err)
 	}
+	// As libvirt makes them: the swtpm root and the VM's directory 0711 (swtpm runs as
+	// tss and must reach in), the state directory 0700. A root made 0700 here would break
+	// every libvirt-managed vTPM on the machine (TestLibvirtEmulator, adopt tests).
 	libvirtDir := filepath.Join(domxml.DefaultSwtpmRoot, u, "tpm2")
-	if err := os.MkdirAll(libvirtDir, 0o700); err != nil {
+	if err := os.MkdirAll(filepath.Dir(libvirtDir), 0o711); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(libvirtDir, 0o700); err != nil {
 		t.Fatal(err)
 	}
 	if out, err := exec.Command("swtpm_setup", "--tpm2", "--tpmstate", libvirtDir, "--createek", "--config", "/dev/null").CombinedOutput(); err != nil {
