@@ -588,6 +588,16 @@ func TestEncryptedDisks(t *testing.T) {
 			t.Errorf("after the deep rekey vda is still %s", protected)
 		}
 		wantDisks(t, "boot after the interrupted deep rekey", vm.boot(t, hostA), map[string]string{"vda": "m-crash"})
+
+		// Unprotect decrypts the disk into a plain file again (and unregisters the VM's
+		// objects, so that the provider can retire their KDK version later).
+		t.Logf("nkpctl vm unprotect --tpm none:\n%s", dA.mustCtl(t, "unprotect", "--tpm", "none", vm.spec.Name))
+		plain := disks(t, hostA, vm.spec.Name, true)["vda"]
+		if plain.enc() != nil || plain.Source.File == d.Source.File {
+			t.Errorf("after unprotect vda is %s with encryption %+v, want a new plain file", plain.Source.File, plain.enc())
+		} else if !fileHas(t, plain.Source.File, markerLine("m-crash")) {
+			t.Errorf("the decrypted %s lacks the marker in plaintext", plain.Source.File)
+		}
 	})
 
 	// The main VM: vda raw, vdb a qcow2 overlay over a raw base; the host writes m1 into
@@ -878,6 +888,22 @@ func TestEncryptedDisks(t *testing.T) {
 			for dev, f := range prevFiles {
 				if _, err := os.Stat(f); !os.IsNotExist(err) {
 					t.Errorf("%s: previous image %s after finalize: %v, want it removed", dev, f, err)
+				}
+			}
+			// Every other VM still on the first version moves too (the crash test's), or
+			// the provider refuses to retire it.
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			l, err := dA.vms().List(ctx)
+			cancel()
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, v := range l.VMs {
+				for _, o := range v.Objects {
+					if v.Domain != vm.spec.Name && o.KDKVersion == first {
+						t.Logf("moving %s off version %d first:\n%s", v.Domain, first, dA.mustCtl(t, "rekey", v.Domain))
+						break
+					}
 				}
 			}
 			p.ctl(t, "retire", strconv.Itoa(first))
