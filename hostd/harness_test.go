@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -162,7 +163,45 @@ func swtpmBinary(t *testing.T) string {
 // hostDirs are a state and a run directory under a base the vTPM user may traverse.
 func hostDirs(t *testing.T) (state, run string) {
 	base := e2e.TraversableDir(t, "nkp-hostd-test-")
+	// nkp-swtpm outlives hostd by design, so a test that ends (or fails) with a vTPM
+	// still running would leave it behind; this cleanup runs after the daemon's Close
+	// (registered later) and before the directory's removal (registered earlier).
+	t.Cleanup(func() { stopVTPMsUnder(t, base) })
 	return filepath.Join(base, "state"), filepath.Join(base, "run")
+}
+
+// stopVTPMsUnder kills every process whose command line names a path under dir (the
+// nkp-swtpm instances of a test's hostd) and waits up to 10 s for each to be gone.
+func stopVTPMsUnder(t *testing.T, dir string) {
+	t.Helper()
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	var pids []int
+	for _, f := range procs {
+		b, err := os.ReadFile(f)
+		if err != nil || !bytes.Contains(b, []byte(dir+"/")) {
+			continue
+		}
+		var pid int
+		if _, err := fmt.Sscanf(f, "/proc/%d/cmdline", &pid); err != nil || pid == os.Getpid() {
+			continue
+		}
+		if syscall.Kill(pid, syscall.SIGKILL) == nil {
+			t.Logf("killed pid %d left running under %s: %s", pid, dir, bytes.ReplaceAll(b, []byte{0}, []byte{' '}))
+			pids = append(pids, pid)
+		}
+	}
+	for _, pid := range pids {
+		var ws syscall.WaitStatus
+		syscall.Wait4(pid, &ws, syscall.WNOHANG, nil) // our child (in-process hostd) or a subreaped orphan
+		deadline := time.Now().Add(10 * time.Second)
+		for time.Now().Before(deadline) {
+			st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+			if err != nil || bytes.Contains(st, []byte(") Z ")) {
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
 }
 
 // host is one hostd (restartable) with its directories and TPM.
