@@ -358,6 +358,34 @@ func TestLockedImage(t *testing.T) {
 	}
 }
 
+// TestRemoveKeyWhileChecked: a shallow rekey's RemoveKey is not refused while hostd's
+// image check (Unlock: qemu-img map -U, read-only with force-share) has the image
+// open; an opener without -U took a shared lock that made amend fail with ErrLocked and
+// left two keyslots.
+func TestRemoveKeyWhileChecked(t *testing.T) {
+	qi, ctx := tool(t), context.Background()
+	k1, k2 := key(t), key(t)
+	img := qemuimg.Image{Path: filepath.Join(t.TempDir(), "checked.qcow2"), Format: qemuimg.QCOW2, Key: k1}
+	if err := qi.Create(ctx, qemuimg.CreateOptions{Image: img, Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	if err := qi.AddKey(ctx, img, k2, qemuimg.LUKSOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	holdOpen(t, img, "-U", "-r") // the check in flight, under the old key
+	img.Key = k2
+	if err := qi.RemoveKey(ctx, img, k1); err != nil {
+		t.Fatalf("RemoveKey while the image is checked: %v", err)
+	}
+	if err := qi.Unlock(ctx, img); err != nil {
+		t.Errorf("the new key after RemoveKey: %v", err)
+	}
+	img.Key = k1
+	if err := qi.Unlock(ctx, img); !errors.Is(err, qemuimg.ErrWrongKey) {
+		t.Errorf("the removed key after RemoveKey: %v, want ErrWrongKey", err)
+	}
+}
+
 func TestNoSpaceLeavesSourceAlone(t *testing.T) {
 	qi, ctx := tool(t), context.Background()
 	e2e.RequireRoot(t)
@@ -487,8 +515,9 @@ func TestUnlock(t *testing.T) {
 }
 
 // holdOpen keeps img open and locked for writing until the test ends, as a running VM
-// does: qemu-io reading commands from a pipe, the key on fd 3.
-func holdOpen(t *testing.T, img qemuimg.Image) {
+// does: qemu-io reading commands from a pipe, the key on fd 3. flags go before
+// qemu-io's other arguments (-U -r: open as Unlock does, read-only with force-share).
+func holdOpen(t *testing.T, img qemuimg.Image, flags ...string) {
 	t.Helper()
 	kf := filepath.Join(t.TempDir(), "k")
 	if err := os.WriteFile(kf, img.Key, 0o600); err != nil {
@@ -499,8 +528,8 @@ func holdOpen(t *testing.T, img qemuimg.Image) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	cmd := exec.Command("qemu-io", "--object", "secret,id=k,file=/dev/fd/3", "--image-opts",
-		"driver=qcow2,file.filename="+img.Path+",encrypt.key-secret=k")
+	cmd := exec.Command("qemu-io", append(flags, "--object", "secret,id=k,file=/dev/fd/3", "--image-opts",
+		"driver=qcow2,file.filename="+img.Path+",encrypt.key-secret=k")...)
 	cmd.ExtraFiles = []*os.File{f}
 	in, err := cmd.StdinPipe()
 	if err != nil {
