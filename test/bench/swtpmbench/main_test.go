@@ -129,7 +129,7 @@ func TestCombineRuns(t *testing.T) {
 	}{
 		{"one run", []report{rep(100, 90)}, "0.90", "0.90", true},
 		{"median of three, one outlier", []report{rep(100, 90), rep(100, 300), rep(100, 95)}, "0.95", "0.90, 3.00, 0.95", true},
-		{"even count averages the middle", []report{rep(100, 100), rep(100, 120)}, "1.10", "1.00, 1.20", false},
+		{"even count averages the middle", []report{rep(100, 110), rep(100, 140)}, "1.25", "1.10, 1.40", false},
 	}
 	for _, tt := range tests {
 		var pss combined

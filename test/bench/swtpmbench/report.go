@@ -21,19 +21,24 @@ type row struct {
 
 func (r report) rows() []row {
 	var rows []row
+	// Issue 9's targets: p50 ≤ 1.0, p99 ≤ 1.1 and CPU ≤ 1.0 for the small commands
+	// (GetRandom, PCR_Extend); none for NV_Write and CreatePrimary; start-to-ready ≤ 0.7;
+	// PSS ≤ 1.2 with shared libraries (≤ 1.0 for a static build, read off by hand).
+	small := func(op string) bool { return op == opGetRandom || op == opPCRExtend }
 	for _, op := range ops {
-		target := 1.0
-		if op == opNVWrite {
-			target = 0.7
-		}
 		unit, scale := "µs", float64(time.Microsecond)
 		if op == opCreate {
 			unit, scale = "ms", float64(time.Millisecond)
 		}
 		for _, q := range []struct {
-			name string
-			q    float64
-		}{{"p50", 0.5}, {"p99", 0.99}} {
+			name   string
+			q      float64
+			target float64
+		}{{"p50", 0.5, 1.0}, {"p99", 0.99, 1.1}} {
+			target := 0.0
+			if small(op) {
+				target = q.target
+			}
 			rows = append(rows, row{
 				name:   op + " " + q.name,
 				a:      float64(percentile(r.a.lat[op], q.q)) / scale,
@@ -48,11 +53,16 @@ func (r report) rows() []row {
 		if op == opCreate {
 			unit, scale = "ms", float64(time.Millisecond)
 		}
+		target := 0.0
+		if small(op) {
+			target = 1.0
+		}
 		rows = append(rows, row{
-			name: op + ": backend CPU time per call",
-			a:    float64(r.a.cpu[op]) / scale,
-			b:    float64(r.b.cpu[op]) / scale,
-			unit: unit,
+			name:   op + ": backend CPU time per call",
+			a:      float64(r.a.cpu[op]) / scale,
+			b:      float64(r.b.cpu[op]) / scale,
+			unit:   unit,
+			target: target,
 		})
 	}
 	rows = append(rows, row{
@@ -69,7 +79,7 @@ func (r report) rows() []row {
 	})
 	rows = append(rows,
 		row{name: fmt.Sprintf("RSS per idle instance, mean of %d", r.cfg.Idle), a: meanKiB(r.a.mem, false), b: meanKiB(r.b.mem, false), unit: "KiB"},
-		row{name: fmt.Sprintf("PSS per idle instance, mean of %d", r.cfg.Idle), a: meanKiB(r.a.mem, true), b: meanKiB(r.b.mem, true), unit: "KiB", target: 1.0},
+		row{name: fmt.Sprintf("PSS per idle instance, mean of %d", r.cfg.Idle), a: meanKiB(r.a.mem, true), b: meanKiB(r.b.mem, true), unit: "KiB", target: 1.2},
 	)
 	return rows
 }
