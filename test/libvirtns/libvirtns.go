@@ -20,9 +20,10 @@
 //
 // Only test code and benchmark commands import this package. Everything here needs root.
 //
-// Uplink joins a Host to the root namespace (root 10.78.n.1 is the Host's Gateway, the
-// Host 10.78.n.2 with its default route through it): the tests' nkp-provider serves on
-// the first Host's Gateway with that name in its certificate, and every Host reaches it.
+// Uplink joins a Host to the root namespace (root 10.78.n.1, or that of the next subnet
+// free on the machine, is the Host's Gateway, the Host .2 with its default route through
+// it): the tests' nkp-provider serves on the first Host's Gateway with that name in its
+// certificate, and every Host reaches it.
 // RemoveStale deletes nkpe2e-* namespaces without processes (a test binary killed by
 // its timeout skips Close). Private libvirtds run QEMU without cgroups
 // (cgroup_controllers = [ ]): the machine's cgroup tree is shared and libvirt names a
@@ -38,6 +39,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -512,9 +514,24 @@ func Link(ctx context.Context, a, b *Host, n int) error {
 // (N from 1 to 254): the root side is 10.78.N.1 (h.Gateway), h's side 10.78.N.2, and h's
 // default route goes through it. Every address of the root namespace is then reachable
 // from h, so a server listening on one Host's Gateway serves all Hosts with an uplink.
+// The root namespace is shared by every test process on the machine: when another
+// uplink holds subnet N already (the same test run twice at once), the next free one is
+// taken (under a lock file), since two veths on one subnet send replies to the wrong
+// Host and connections to the Gateway hang.
 func Uplink(ctx context.Context, h *Host, n int) error {
 	if n < 1 || n > 254 {
 		return fmt.Errorf("libvirtns: uplink %s: subnet number %d out of 1..254", h.Name, n)
+	}
+	lock, err := os.OpenFile(filepath.Join(os.TempDir(), "nkp-libvirtns-uplink.lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("libvirtns: uplink %s: %w", h.Name, err)
+	}
+	defer lock.Close() // releases the lock
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+		return fmt.Errorf("libvirtns: uplink %s: locking %s: %w", h.Name, lock.Name(), err)
+	}
+	if n, err = freeUplinkSubnet(n); err != nil {
+		return fmt.Errorf("libvirtns: uplink %s: %w", h.Name, err)
 	}
 	suffix := make([]byte, 3)
 	rand.Read(suffix)
@@ -537,6 +554,29 @@ func Uplink(ctx context.Context, h *Host, n int) error {
 	}
 	h.Gateway = gw
 	return nil
+}
+
+// freeUplinkSubnet returns the first subnet number from n on (wrapping within 1..254)
+// whose 10.78.N.0/24 no address of the root namespace is in.
+func freeUplinkSubnet(n int) (int, error) {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return 0, fmt.Errorf("listing the root namespace's addresses: %w", err)
+	}
+	used := map[int]bool{}
+	for _, a := range addrs {
+		if ipn, ok := a.(*net.IPNet); ok {
+			if ip4 := ipn.IP.To4(); ip4 != nil && ip4[0] == 10 && ip4[1] == 78 {
+				used[int(ip4[2])] = true
+			}
+		}
+	}
+	for i := range 254 {
+		if c := (n-1+i)%254 + 1; !used[c] {
+			return c, nil
+		}
+	}
+	return 0, errors.New("every subnet 10.78.1-254.0/24 is in use in the root namespace (uplinks left by killed tests? ip link del the nkpr* links)")
 }
 
 // Pids returns the processes in the Host's network namespace: libvirtd, virtlogd, the

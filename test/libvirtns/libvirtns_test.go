@@ -2,9 +2,71 @@ package libvirtns
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
 	"strings"
 	"testing"
+	"time"
 )
+
+// TestUplinkSameSubnetTwice: two uplinks asking for the same subnet (the same test run
+// twice at once on one machine) get different ones, and each namespace connects to a
+// server on its own Gateway (with one subnet on two veths, the replies went to the
+// other one and the connection hung: hostd's join timed out on the provider).
+func TestUplinkSameSubnetTwice(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (network namespaces)")
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		t.Skip("needs ip(8)")
+	}
+	ctx := context.Background()
+	var hosts []*Host
+	for i := range 2 {
+		b := make([]byte, 4)
+		rand.Read(b)
+		ns := "nkpe2e-uplink-" + hex.EncodeToString(b)
+		if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
+			t.Fatalf("ip netns add: %v %s", err, out)
+		}
+		t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() }) // its veth goes with it
+		h := &Host{Name: fmt.Sprintf("uplink%d", i), NetNS: ns}
+		if err := Uplink(ctx, h, 200); err != nil {
+			t.Fatal(err)
+		}
+		hosts = append(hosts, h)
+	}
+	if hosts[0].Gateway == hosts[1].Gateway {
+		t.Fatalf("both uplinks on gateway %s", hosts[0].Gateway)
+	}
+	for _, h := range hosts {
+		ln, err := net.Listen("tcp", h.Gateway+":0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				c.Write([]byte("hello\n"))
+				c.Close()
+			}
+		}()
+		cctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+		out, err := exec.CommandContext(cctx, "ip", "netns", "exec", h.NetNS, "bash", "-c", "read l < /dev/tcp/"+strings.Replace(ln.Addr().String(), ":", "/", 1)+" && echo $l").CombinedOutput()
+		cancel()
+		if err != nil || strings.TrimSpace(string(out)) != "hello" {
+			t.Errorf("%s to its gateway %s: %v %q", h.Name, ln.Addr(), err, out)
+		}
+	}
+}
 
 // TestPath maps paths inside a Host to where they are outside, for the libvirt
 // directories, the caller's private ones, and everything else.
