@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 
@@ -65,6 +66,34 @@ type fileCatalog struct {
 	path string
 	mu   sync.Mutex
 	down bool
+	// foreign VMs' objects belong to another host until MoveVM (moves counts them).
+	foreign map[string]bool
+	moves   int
+}
+
+// notOwner is the provider's answer for another host's objects.
+func (c *fileCatalog) notOwner(vmUUID string) error {
+	if c.foreign[vmUUID] {
+		return &client.APIError{Status: 403, Code: apiv1.CodeNotOwner, Message: "VM " + vmUUID + " belongs to host h-other"}
+	}
+	return nil
+}
+
+func (c *fileCatalog) MoveVM(_ context.Context, vmUUID string) ([]apiv1.Object, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.down {
+		return nil, errors.New("dial tcp 127.0.0.1:8443: connection refused")
+	}
+	delete(c.foreign, vmUUID)
+	c.moves++
+	var objs []apiv1.Object
+	for k, o := range c.load() {
+		if strings.HasPrefix(k, vmUUID+"/") {
+			objs = append(objs, o)
+		}
+	}
+	return objs, nil
 }
 
 func (c *fileCatalog) load() map[string]apiv1.Object {
@@ -86,6 +115,9 @@ func (c *fileCatalog) RegisterObject(_ context.Context, o apiv1.Object) error {
 	if c.down {
 		return errors.New("dial tcp 127.0.0.1:8443: connection refused")
 	}
+	if err := c.notOwner(o.VMUUID); err != nil {
+		return err
+	}
 	m := c.load()
 	m[o.VMUUID+"/"+o.Name] = o
 	return c.save(m)
@@ -96,6 +128,9 @@ func (c *fileCatalog) UnregisterObject(_ context.Context, vmUUID, name string) e
 	defer c.mu.Unlock()
 	if c.down {
 		return errors.New("dial tcp 127.0.0.1:8443: connection refused")
+	}
+	if err := c.notOwner(vmUUID); err != nil {
+		return err
 	}
 	m := c.load()
 	if _, ok := m[vmUUID+"/"+name]; !ok {

@@ -74,6 +74,9 @@ type Libvirt interface {
 type Catalog interface {
 	RegisterObject(ctx context.Context, o apiv1.Object) error
 	UnregisterObject(ctx context.Context, vmUUID, name string) error
+	// MoveVM makes this host the owner of the VM's catalog objects (after the VM
+	// migrated or was restored here: the provider lets a host change only its own).
+	MoveVM(ctx context.Context, vmUUID string) ([]apiv1.Object, error)
 }
 
 // Secrets keeps the libvirt secrets that hold protected disks' LUKS passphrases: one
@@ -423,15 +426,33 @@ func (m *Manager) newObject(ctx context.Context, name string) (domxml.Object, er
 }
 
 func (m *Manager) register(ctx context.Context, uuid string, o domxml.Object) error {
-	return m.cfg.Catalog.RegisterObject(ctx, apiv1.Object{VMUUID: uuid, Name: o.Name, KeyID: o.KeyID, KDKID: o.KDKID, KDKVersion: o.KDKVersion})
+	return m.owned(ctx, uuid, func() error {
+		return m.cfg.Catalog.RegisterObject(ctx, apiv1.Object{VMUUID: uuid, Name: o.Name, KeyID: o.KeyID, KDKID: o.KDKID, KDKVersion: o.KDKVersion})
+	})
 }
 
 func (m *Manager) unregister(ctx context.Context, uuid, name string) error {
-	err := m.cfg.Catalog.UnregisterObject(ctx, uuid, name)
+	err := m.owned(ctx, uuid, func() error { return m.cfg.Catalog.UnregisterObject(ctx, uuid, name) })
 	if client.IsCode(err, apiv1.CodeNotFound) {
 		return nil
 	}
 	return err
+}
+
+// owned runs a catalog change; when the provider answers that another host owns the
+// VM's objects (the VM was protected elsewhere and migrated or was restored here), it
+// takes them over with MoveVM and runs the change once more.
+func (m *Manager) owned(ctx context.Context, uuid string, change func() error) error {
+	err := change()
+	if !client.IsCode(err, apiv1.CodeNotOwner) {
+		return err
+	}
+	objs, merr := m.cfg.Catalog.MoveVM(ctx, uuid)
+	if merr != nil {
+		return fmt.Errorf("%w (taking the VM's catalog objects over from the host that protected it failed too: %w)", err, merr)
+	}
+	m.log.Info("catalog objects of a VM protected on another host moved to this host", "uuid", uuid, "objects", len(objs))
+	return change()
 }
 
 // Protect protects a shut-off domain with the defaults: ProtectWith with every disk and

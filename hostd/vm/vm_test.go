@@ -582,6 +582,36 @@ func TestRekeyCatalogDown(t *testing.T) {
 	e.checkProtected(t, uuid1, 2, map[string][]byte{})
 }
 
+// TestMigratedVM: a VM protected on another host runs here now (migrated or restored),
+// so the provider's catalog still gives its objects to that host and refuses this one's
+// changes (not_owner). Rekey and unprotect take the objects over (MoveVM) and go on.
+func TestMigratedVM(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t)
+	e.define(t, "mig1", uuid1, "")
+	if _, err := e.m.Protect(ctx, "mig1"); err != nil {
+		t.Fatal(err)
+	}
+	e.cat.foreign = map[string]bool{uuid1: true}
+	e.keys.primary, e.keys.known = 2, 2
+	v, err := e.m.Rekey(ctx, "mig1")
+	if err != nil || len(v.Problems) != 0 {
+		t.Fatalf("rekey of a VM whose catalog objects another host owns: %+v, %v", v, err)
+	}
+	if e.cat.moves != 1 {
+		t.Fatalf("MoveVM called %d times, want 1", e.cat.moves)
+	}
+	e.checkProtected(t, uuid1, 2, map[string][]byte{})
+
+	e.cat.foreign = map[string]bool{uuid1: true}
+	if _, err := e.m.Unprotect(ctx, "mig1", "none"); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := e.cat.get(uuid1, domxml.ObjectVTPM); ok || e.cat.moves != 2 {
+		t.Fatalf("after unprotect: catalog entry left %v, moves %d (want none, 2)", ok, e.cat.moves)
+	}
+}
+
 // TestRemoveDoesNotFollowLinks: the vTPM state directory belongs to the unprivileged vTPM
 // user, who may plant symbolic links in it; when hostd (root) removes the directory
 // after unprotect --tpm none, what the links point at stays.
