@@ -476,12 +476,6 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 			all[u] = w
 		}
 	}
-	var errs []error
-	for _, u := range sortedKeys(all) {
-		if err := m.ensureOne(ctx, all[u], inLibvirt[u]); err != nil {
-			errs = append(errs, err)
-		}
-	}
 	// Stale: nkp's secrets in libvirt and entries no domain needs.
 	stale := map[string]bool{}
 	for _, s := range listed {
@@ -496,7 +490,19 @@ func (m *Manager) Reconcile(ctx context.Context) error {
 		}
 	}
 	m.mu.RUnlock()
-	for _, u := range sortedKeys(stale) {
+	return m.apply(ctx, all, sortedKeys(stale), inLibvirt)
+}
+
+// apply defines the secrets in need (in UUID order), then settles the stale ones, and
+// returns every error joined (counted once).
+func (m *Manager) apply(ctx context.Context, need map[string]want, stale []string, inLibvirt map[string]bool) error {
+	var errs []error
+	for _, u := range sortedKeys(need) {
+		if err := m.ensureOne(ctx, need[u], inLibvirt[u]); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for _, u := range stale {
 		if err := m.settle(ctx, u, inLibvirt[u]); err != nil {
 			errs = append(errs, err)
 		}
@@ -558,12 +564,6 @@ func (m *Manager) ReconcileVM(ctx context.Context, vmUUID string) error {
 		}
 		inLibvirt[u] = ok
 	}
-	var errs []error
-	for _, u := range sortedKeys(need) {
-		if err := m.ensureOne(ctx, need[u], inLibvirt[u]); err != nil {
-			errs = append(errs, err)
-		}
-	}
 	var stale []string
 	m.mu.RLock()
 	for u, e := range m.entries {
@@ -573,16 +573,7 @@ func (m *Manager) ReconcileVM(ctx context.Context, vmUUID string) error {
 	}
 	m.mu.RUnlock()
 	sort.Strings(stale)
-	for _, u := range stale {
-		if err := m.settle(ctx, u, inLibvirt[u]); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	if err := errors.Join(errs...); err != nil {
-		m.countError()
-		return err
-	}
-	return nil
+	return m.apply(ctx, need, stale, inLibvirt)
 }
 
 // settle handles secret u that no domain needs: it is undefined unless Ensure pinned it
