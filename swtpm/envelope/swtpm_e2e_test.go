@@ -3,6 +3,7 @@ package envelope
 import (
 	"bytes"
 	"encoding/hex"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -35,8 +36,13 @@ func startSwtpm(t *testing.T, extra ...string) string {
 			<-done
 		}
 	})
+	// Listening, not only bound: a connect between swtpm's bind and listen is refused
+	// (swtpm serves its control socket to one client after another, so a probe is fine).
 	e2e.WaitFor(t, 5*time.Second, "swtpm control socket "+ctrl, func() bool {
-		_, err := os.Stat(ctrl)
+		c, err := net.Dial("unix", ctrl)
+		if err == nil {
+			c.Close()
+		}
 		return err == nil
 	})
 	return ctrl
