@@ -107,9 +107,10 @@ func TestDiskSecrets(t *testing.T) {
 		t.Helper()
 		f := filepath.Join(t.TempDir(), "vol.xml")
 		os.WriteFile(f, []byte(fmt.Sprintf(`<volume><name>%s</name><capacity unit='MiB'>16</capacity>
-<target><format type='raw'/><encryption format='luks'><secret type='passphrase' uuid='%s'/></encryption></target></volume>`, name, secret)), 0o600)
-		// qemu-img's PBKDF timing fails now and then on a loaded machine ("Unable to get
-		// accurate CPU usage"; qemuimg retries it, libvirt does not): try again.
+<target><format type='raw'/><encryption format='luks'><secret type='passphrase' uuid='%s'/><cipher name='aes' size='256' mode='xts' hash='sha512'/><ivgen name='plain64' hash='sha256'/></encryption></target></volume>`, name, secret)), 0o600)
+		// qemu-img's PBKDF timing fails now and then ("Unable to get accurate CPU usage";
+		// qemuimg retries it, libvirt does not): SHA-512 as qemuimg.DefaultHashAlg says
+		// why, and a retry.
 		for try := 1; ; try++ {
 			_, err := virsh("vol-create", "dsec", f)
 			if err == nil {

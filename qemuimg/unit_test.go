@@ -61,11 +61,11 @@ func TestCreateOpts(t *testing.T) {
 		f    Format
 		want string
 	}{
-		{LUKSOptions{}, QCOW2, "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=1"},
+		{LUKSOptions{}, QCOW2, "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=1,encrypt.hash-alg=sha512"},
 		{LUKSOptions{IterTime: 10 * time.Millisecond, CipherMode: "xts", HashAlg: "sha512"}, QCOW2,
 			"encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,encrypt.cipher-mode=xts,encrypt.hash-alg=sha512"},
-		{LUKSOptions{IterTime: time.Microsecond}, LUKS, "key-secret=s,iter-time=1"},
-		{LUKSOptions{CipherAlg: "aes-128,x=y"}, LUKS, "key-secret=s,iter-time=1,cipher-alg=aes-128,,x=y"},
+		{LUKSOptions{IterTime: time.Microsecond, HashAlg: "sha256"}, LUKS, "key-secret=s,iter-time=1,hash-alg=sha256"},
+		{LUKSOptions{CipherAlg: "aes-128,x=y"}, LUKS, "key-secret=s,iter-time=1,cipher-alg=aes-128,,x=y,hash-alg=sha512"},
 	}
 	for _, tt := range tests {
 		if got := strings.Join(tt.o.createOpts(tt.f, "s"), ","); got != tt.want {
