@@ -257,18 +257,7 @@ func TestCrash(t *testing.T) {
 				t.Fatalf("after %s/%s the domain has the new keys: %v, want %v", c.op, c.step, isNew, c.committed)
 			}
 
-			// Recovery, as at hostd's start.
-			cfg, cat := crashConfig(root, primary)
-			m, err := New(cfg)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := m.Recover(ctx); err != nil {
-				t.Fatalf("Recover: %v", err)
-			}
-			if _, err := os.Stat(m.j.path(u)); !errors.Is(err, fs.ErrNotExist) {
-				t.Fatalf("journal left after Recover: %v", err)
-			}
+			m, cat := recoverAsAtStart(t, ctx, root, primary, u)
 			ents, _ := os.ReadDir(filepath.Join(root, "vtpm", u))
 			catObj, inCat := cat.get(u, domxml.ObjectVTPM)
 			if protected {
@@ -459,17 +448,7 @@ func TestCrashDisks(t *testing.T) {
 				t.Fatalf("after %s the domain has the new disks: %v, want %v", name, changed, c.committed)
 			}
 
-			cfg, cat := crashConfig(root, primary)
-			m, err := New(cfg)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := m.Recover(ctx); err != nil {
-				t.Fatalf("Recover: %v", err)
-			}
-			if _, err := os.Stat(m.j.path(u)); !errors.Is(err, fs.ErrNotExist) {
-				t.Fatalf("journal left after Recover: %v", err)
-			}
+			m, cat := recoverAsAtStart(t, ctx, root, primary, u)
 			d = bootable("after recovery")
 			var wantSecrets []string
 			used := map[string]bool{"base.qcow2": true, "want-vda": true, "want-vdb": true}
@@ -669,4 +648,22 @@ func TestLiveDisks(t *testing.T) {
 		t.Fatal(err)
 	}
 	start("after rekey")
+}
+
+// recoverAsAtStart runs Recover in a new Manager, as hostd does at its start, and checks
+// that VM u's journal is gone afterwards.
+func recoverAsAtStart(t *testing.T, ctx context.Context, root string, primary int, u string) (*Manager, *fileCatalog) {
+	t.Helper()
+	cfg, cat := crashConfig(root, primary)
+	m, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Recover(ctx); err != nil {
+		t.Fatalf("Recover: %v", err)
+	}
+	if _, err := os.Stat(m.j.path(u)); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("journal left after Recover: %v", err)
+	}
+	return m, cat
 }
