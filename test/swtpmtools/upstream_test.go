@@ -1,0 +1,140 @@
+package swtpmtools
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nkp-dev/nkp/test/e2e"
+)
+
+// EnvSwtpmSource names the environment variable that points at an unpacked swtpm
+// 0.7.1 source tree; TestUpstreamSuite runs the scripts of its tests/ directory.
+const EnvSwtpmSource = "NKP_SWTPM_SRC"
+
+// defaultSwtpmSource is where TestUpstreamSuite looks when $NKP_SWTPM_SRC is unset.
+const defaultSwtpmSource = "/var/tmp/swtpm-src"
+
+// upstreamScript is one of swtpm's own test scripts (tests/ of its source).
+type upstreamScript struct {
+	// file is the script's name in tests/.
+	file string
+	// perInterface runs the script once per socket interface pair with
+	// SWTPM_INTERFACE set, as upstream's wrapper test_tpm2_X does for _test_tpm2_X;
+	// otherwise it runs once and sets up its own sockets.
+	perInterface bool
+	// skip, when set, says why the script is not run against nkp-swtpm.
+	skip string
+}
+
+// upstreamScripts are the TPM 2.0 scripts of swtpm's test suite that apply to a
+// socket-only TPM 2.0 server, and the ones left out with the reason.
+var upstreamScripts = []upstreamScript{
+	{file: "_test_tpm2_init", perInterface: true},
+	{file: "_test_tpm2_getcap", perInterface: true},
+	{file: "_test_tpm2_probe", perInterface: true},
+	{file: "_test_tpm2_wrongorder", perInterface: true},
+	{file: "_test_tpm2_locality", perInterface: true},
+	{file: "_test_tpm2_hashing", perInterface: true},
+	{file: "_test_tpm2_savestate", perInterface: true},
+	{file: "_test_tpm2_volatilestate", perInterface: true},
+	{file: "_test_tpm2_save_load_state", perInterface: true},
+	{file: "_test_tpm2_setbuffersize", perInterface: true},
+	{file: "_test_tpm2_swtpm_bios", perInterface: true},
+	{file: "test_tpm2_ctrlchannel2"},
+	{file: "_test_tpm2_resume_volatile", skip: "needs tests/data/tpm2state1 and tpm2state2 (binary state files written by libtpms)"},
+	{file: "test_tpm2_vtpm_proxy", skip: "nkp-swtpm has no chardev or vtpm-proxy mode (socket only)"},
+	{file: "test_tpm2_cuse", skip: "nkp-swtpm has no CUSE mode (socket only)"},
+}
+
+// upstreamInterfaces are the interface pairs upstream's wrappers run a _test_tpm2_X
+// script with, less CUSE.
+var upstreamInterfaces = []string{"socket+socket", "socket+unix", "unix+unix"}
+
+// TestUpstreamSuite runs swtpm's own test scripts (the tests/ directory of the swtpm
+// source) against Debian's swtpm and nkp-swtpm. The swtpm source is not in this
+// repository: the test runs when $NKP_SWTPM_SRC (default /var/tmp/swtpm-src) holds
+// it and is skipped otherwise. Every script must pass on swtpm too, which shows that
+// the harness and the script's expectations fit swtpm 0.7.1 with this libtpms.
+func TestUpstreamSuite(t *testing.T) {
+	src := os.Getenv(EnvSwtpmSource)
+	if src == "" {
+		src = defaultSwtpmSource
+	}
+	dir := filepath.Join(src, "tests")
+	if _, err := os.Stat(filepath.Join(dir, "common")); err != nil {
+		// Not e2e.Unavailable: CI has no way to fetch the swtpm source, so its absence
+		// is not a missing tool that NKP_E2E=required should turn into a failure.
+		t.Skipf("swtpm's test suite is not present (%v); unpack the swtpm 0.7.1 source to %s or set %s to run swtpm's own test scripts", err, defaultSwtpmSource, EnvSwtpmSource)
+	}
+	e2e.Require(t, "bash", "socat", "swtpm_ioctl", "swtpm_bios", "ss")
+	ioctl, _ := exec.LookPath("swtpm_ioctl")
+	bios, _ := exec.LookPath("swtpm_bios")
+	forEachBackend(t, func(t *testing.T, be backend) {
+		exe := be.get(t).Path
+		for _, s := range upstreamScripts {
+			t.Run(s.file, func(t *testing.T) {
+				if s.skip != "" {
+					t.Skip(s.skip)
+				}
+				if _, err := os.Stat(filepath.Join(dir, s.file)); err != nil {
+					t.Skipf("%s is not in %s: %v", s.file, dir, err)
+				}
+				env := []string{"SWTPM_EXE=" + exe, "SWTPM_IOCTL=" + ioctl, "SWTPM_BIOS=" + bios}
+				if !s.perInterface {
+					runUpstreamScript(t, dir, s.file, env)
+					return
+				}
+				for _, iface := range upstreamInterfaces {
+					t.Run(iface, func(t *testing.T) {
+						port := freePortPair(t)
+						e := append(env, "SWTPM_INTERFACE="+iface, "SWTPM_SERVER_NAME=localhost",
+							fmt.Sprintf("SWTPM_SERVER_PORT=%d", port), fmt.Sprintf("SWTPM_CTRL_PORT=%d", port+1))
+						runUpstreamScript(t, dir, s.file, e)
+					})
+				}
+			})
+		}
+	})
+}
+
+// runUpstreamScript runs one script with bash in dir (bounded), passes on exit 0,
+// skips on 77 (automake's "skipped"), and fails with the script's output otherwise.
+func runUpstreamScript(t *testing.T, dir, file string, env []string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "bash", file)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), env...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	cmd.WaitDelay = 5 * time.Second
+	err := cmd.Run()
+	var exit *exec.ExitError
+	switch {
+	case err == nil:
+	case errors.As(err, &exit) && exit.ExitCode() == 77:
+		t.Skipf("%s skipped itself: %s", file, lastLines(out.String(), 3))
+	case ctx.Err() != nil:
+		t.Fatalf("%s did not finish within 3 minutes; output:\n%s", file, lastLines(out.String(), 40))
+	default:
+		t.Fatalf("%s failed (%v); output:\n%s", file, err, lastLines(out.String(), 40))
+	}
+}
+
+// lastLines returns the last n lines of s.
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
