@@ -258,3 +258,89 @@ func TestSecretsRestart(t *testing.T) {
 	}
 	nextEvent(t, c, SecretUndefined, u)
 }
+
+func TestReadSecretFile(t *testing.T) {
+	dir := t.TempDir()
+	u := kdk.NewKeyID()
+	write := func(name, content string) {
+		t.Helper()
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tests := []struct {
+		name    string
+		setup   func() string // returns the UUID to read
+		want    string
+		wantErr string
+	}{
+		{"value", func() string {
+			write(u+".base64", base64.StdEncoding.EncodeToString([]byte("pass phrase"))+"\n")
+			return u
+		}, "pass phrase", ""},
+		{"upper-case UUID", func() string { return strings.ToUpper(u) }, "pass phrase", ""},
+		{"missing", func() string { return kdk.NewKeyID() }, "", "no such file"},
+		{"not base64", func() string { v := kdk.NewKeyID(); write(v+".base64", "not base64!"); return v }, "", "not base64"},
+		{"empty", func() string { v := kdk.NewKeyID(); write(v+".base64", ""); return v }, "", "no value"},
+		{"too large", func() string { v := kdk.NewKeyID(); write(v+".base64", strings.Repeat("A", 64<<10+4)); return v }, "", "larger than 64 KiB"},
+		{"symlink", func() string {
+			v := kdk.NewKeyID()
+			write("target", base64.StdEncoding.EncodeToString([]byte("x")))
+			os.Symlink(filepath.Join(dir, "target"), filepath.Join(dir, v+".base64"))
+			return v
+		}, "", "too many levels of symbolic links"},
+		{"not a UUID", func() string { return "../target" }, "", "UUID"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			v, err := readSecretFile(dir, tt.setup())
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("value %q, error %v; want an error saying %q", v, err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil || string(v) != tt.want {
+				t.Fatalf("value %q, error %v; want %q", v, err, tt.want)
+			}
+		})
+	}
+}
+
+// TestPrivateSecretValue: libvirt's documentation defines a vTPM's secret private; its
+// value is read from libvirt's store when it is persistent, and an ephemeral one is
+// refused with a sentence that says what to do.
+func TestPrivateSecretValue(t *testing.T) {
+	requireLibvirt(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	c, err := Open(ctx, "qemu:///system", slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for _, ephemeral := range []string{"no", "yes"} {
+		u := kdk.NewKeyID()
+		def := filepath.Join(t.TempDir(), "s.xml")
+		os.WriteFile(def, []byte("<secret ephemeral='"+ephemeral+"' private='yes'><uuid>"+u+"</uuid><description>vTPM test</description><usage type='vtpm'><name>nkp-test-"+u+"</name></usage></secret>"), 0o600)
+		if out, err := exec.Command("virsh", "-c", "qemu:///system", "secret-define", def).CombinedOutput(); err != nil {
+			t.Fatalf("virsh secret-define: %v %s", err, out)
+		}
+		t.Cleanup(func() { exec.Command("virsh", "-c", "qemu:///system", "secret-undefine", u).Run() })
+		vf := filepath.Join(t.TempDir(), "v")
+		os.WriteFile(vf, []byte(base64.StdEncoding.EncodeToString([]byte("swtpm pass"))), 0o600)
+		if out, err := exec.Command("virsh", "-c", "qemu:///system", "secret-set-value", u, "--file", vf).CombinedOutput(); err != nil {
+			t.Fatalf("virsh secret-set-value: %v %s", err, out)
+		}
+		v, err := c.SecretValue(ctx, u)
+		if ephemeral == "no" {
+			if err != nil || string(v) != "swtpm pass" {
+				t.Fatalf("persistent private secret: %q, %v", v, err)
+			}
+			continue
+		}
+		if err == nil || !strings.Contains(err.Error(), "private and ephemeral") || !strings.Contains(err.Error(), "private='no'") {
+			t.Fatalf("ephemeral private secret: %q, %v; want a refusal saying what to do", v, err)
+		}
+	}
+}

@@ -26,12 +26,18 @@
 package virt
 
 import (
+	"bytes"
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"libvirt.org/go/libvirt"
@@ -70,9 +76,12 @@ var eventLoop sync.Once
 
 // Conn is a libvirt connection that re-opens itself.
 type Conn struct {
-	uri    string
-	log    *slog.Logger
-	events chan Event
+	uri string
+	log *slog.Logger
+	// secretsDir is libvirtd's persistent secret store (SystemSecretsDir for a system
+	// URI, "" otherwise): SecretValue reads a private secret's value there.
+	secretsDir string
+	events     chan Event
 
 	mu   sync.Mutex
 	conn *libvirt.Connect // nil while disconnected; guarded by mu
@@ -103,6 +112,9 @@ func Open(ctx context.Context, uri string, log *slog.Logger) (*Conn, error) {
 		return nil, fmt.Errorf("libvirt event loop: %w", loopErr)
 	}
 	c := &Conn{uri: uri, log: log, events: make(chan Event, 256)}
+	if strings.HasSuffix(uri, ":///system") {
+		c.secretsDir = SystemSecretsDir
+	}
 	if err := c.connect(); err != nil {
 		return nil, err
 	}
@@ -281,6 +293,26 @@ func (c *Conn) IsActive(_ context.Context, domain string) (bool, error) {
 	return d.IsActive()
 }
 
+// IsPersistent implements vm.Libvirt.
+func (c *Conn) IsPersistent(_ context.Context, domain string) (bool, error) {
+	d, err := c.lookup(domain)
+	if err != nil {
+		return false, err
+	}
+	defer d.Free()
+	return d.IsPersistent()
+}
+
+// HasManagedSave implements vm.Libvirt.
+func (c *Conn) HasManagedSave(_ context.Context, domain string) (bool, error) {
+	d, err := c.lookup(domain)
+	if err != nil {
+		return false, err
+	}
+	defer d.Free()
+	return d.HasManagedSaveImage(0)
+}
+
 // Domains implements vm.Libvirt: the UUIDs of the persistent domains.
 func (c *Conn) Domains(_ context.Context) ([]string, error) {
 	conn, err := c.get()
@@ -313,10 +345,72 @@ func (c *Conn) SecretValue(_ context.Context, secretUUID string) ([]byte, error)
 	}
 	defer s.Free()
 	v, err := s.GetValue(0)
-	if err != nil {
+	if err == nil {
+		return v, nil
+	}
+	if !isCode(err, libvirt.ERR_INVALID_SECRET) || !strings.Contains(err.Error(), "private") {
 		return nil, fmt.Errorf("libvirt secret %s: %w", secretUUID, err)
 	}
+	// A private secret: libvirt hands its value to its own swtpm but to no API client.
+	// A persistent one's value is in libvirt's secret store, which root may read.
+	desc, xerr := s.GetXMLDesc(0)
+	info, perr := parseSecret([]byte(desc))
+	switch {
+	case xerr != nil || perr != nil:
+		return nil, fmt.Errorf("libvirt secret %s: %w (and its definition cannot be read: %w)", secretUUID, err, errors.Join(xerr, perr))
+	case info.Ephemeral || c.secretsDir == "":
+		return nil, fmt.Errorf("libvirt secret %s is private and ephemeral: libvirt hands its value to no client and keeps no file of it, so nkp cannot read it: define it again with private='no' and the same value (virsh secret-undefine %s, virsh secret-define, virsh secret-set-value)", secretUUID, secretUUID)
+	}
+	v, ferr := readSecretFile(c.secretsDir, secretUUID)
+	if ferr != nil {
+		return nil, fmt.Errorf("libvirt secret %s is private (libvirt hands its value to no client), and reading its value from libvirt's secret store failed: %w; define it again with private='no' and the same value (virsh secret-undefine %s, virsh secret-define, virsh secret-set-value)", secretUUID, ferr, secretUUID)
+	}
+	c.log.Info("read a private libvirt secret's value from libvirt's secret store", "secret", secretUUID, "dir", c.secretsDir)
 	return v, nil
+}
+
+// SystemSecretsDir is where libvirtd's system instance (qemu:///system) keeps persistent
+// secrets: <uuid>.xml and <uuid>.base64, the value base64-encoded, root's, 0600.
+const SystemSecretsDir = "/etc/libvirt/secrets"
+
+// readSecretFile reads a persistent secret's value from libvirt's secret store dir
+// (dir/<uuid>.base64): a regular file, not a link, at most 64 KiB. The caller wipes it.
+func readSecretFile(dir, secretUUID string) ([]byte, error) {
+	secretUUID = strings.ToLower(secretUUID)
+	if err := kdk.CheckUUID(secretUUID); err != nil {
+		return nil, err
+	}
+	name := filepath.Join(dir, secretUUID+".base64")
+	f, err := os.OpenFile(name, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if fi, err := f.Stat(); err != nil {
+		return nil, err
+	} else if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s is not a regular file", name)
+	}
+	enc, err := io.ReadAll(io.LimitReader(f, 64<<10+1))
+	defer clear(enc)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	if len(enc) > 64<<10 {
+		return nil, fmt.Errorf("%s: larger than 64 KiB", name)
+	}
+	enc = bytes.TrimSpace(enc)
+	v := make([]byte, base64.StdEncoding.DecodedLen(len(enc)))
+	n, err := base64.StdEncoding.Decode(v, enc)
+	if err != nil {
+		clear(v)
+		return nil, fmt.Errorf("%s: not base64: %w", name, err)
+	}
+	if n == 0 {
+		clear(v)
+		return nil, fmt.Errorf("%s: the secret has no value", name)
+	}
+	return v[:n], nil
 }
 
 // TPMCheck implements vm.Libvirt: QEMU reports a TPM device with the emulator backend.

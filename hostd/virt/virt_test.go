@@ -5,7 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"os/exec"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -88,6 +91,37 @@ func TestLibvirt(t *testing.T) {
 	next(Stopped, uuid)
 	if st, _ := c.DomainState(ctx, uuid); st.Active {
 		t.Error("domain still active after destroy")
+	}
+
+	// A managed save image, and a transient domain: hostd/vm refuses to change either.
+	virsh := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command("virsh", append([]string{"-c", "qemu:///system"}, args...)...).CombinedOutput(); err != nil {
+			t.Fatalf("virsh %v: %v %s", args, err, out)
+		}
+	}
+	if saved, err := c.HasManagedSave(ctx, name); err != nil || saved {
+		t.Fatalf("HasManagedSave before managedsave: %v %v", saved, err)
+	}
+	virsh("start", uuid)
+	virsh("managedsave", uuid)
+	if saved, err := c.HasManagedSave(ctx, name); err != nil || !saved {
+		t.Fatalf("HasManagedSave after managedsave: %v %v", saved, err)
+	}
+	virsh("managedsave-remove", uuid)
+	if p, err := c.IsPersistent(ctx, uuid); err != nil || !p {
+		t.Fatalf("IsPersistent of a defined domain: %v %v", p, err)
+	}
+	tuuid := kdk.NewKeyID()
+	txml := strings.NewReplacer(uuid, tuuid, name, name+"-t").Replace(xml)
+	f := filepath.Join(t.TempDir(), "transient.xml")
+	if err := os.WriteFile(f, []byte(txml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	virsh("create", f)
+	t.Cleanup(func() { exec.Command("virsh", "-c", "qemu:///system", "destroy", tuuid).Run() })
+	if p, err := c.IsPersistent(ctx, tuuid); err != nil || p {
+		t.Fatalf("IsPersistent of a transient domain: %v %v", p, err)
 	}
 }
 

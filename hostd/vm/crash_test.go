@@ -71,6 +71,30 @@ func (v virshLibvirt) IsActive(ctx context.Context, d string) (bool, error) {
 	return strings.TrimSpace(string(out)) != "shut off", nil
 }
 
+// dominfo returns the value of one "Key: value" line of virsh dominfo.
+func (v virshLibvirt) dominfo(ctx context.Context, d, key string) (string, error) {
+	out, err := v.run(ctx, "dominfo", d)
+	if err != nil {
+		return "", err
+	}
+	for _, l := range strings.Split(string(out), "\n") {
+		if k, val, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == key {
+			return strings.TrimSpace(val), nil
+		}
+	}
+	return "", fmt.Errorf("virsh dominfo %s: no %q line", d, key)
+}
+
+func (v virshLibvirt) IsPersistent(ctx context.Context, d string) (bool, error) {
+	s, err := v.dominfo(ctx, d, "Persistent")
+	return s == "yes", err
+}
+
+func (v virshLibvirt) HasManagedSave(ctx context.Context, d string) (bool, error) {
+	s, err := v.dominfo(ctx, d, "Managed save")
+	return s == "yes", err
+}
+
 func (v virshLibvirt) Domains(ctx context.Context) ([]string, error) {
 	out, err := v.run(ctx, "list", "--all", "--uuid")
 	if err != nil {

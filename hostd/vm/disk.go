@@ -395,8 +395,9 @@ func referenced(d *domxml.Domain, path string) bool {
 }
 
 // Finalize removes the original disk files that protect, rekey --deep and unprotect
-// kept, except a file the domain's definition names again. It is idempotent; the VM may
-// run.
+// kept, except a file the domain's definition names again and a file some process has
+// open (a VM resumed from a save image or snapshot older than the change runs on it; it
+// stays listed, and a later Finalize removes it). It is idempotent; the VM may run.
 func (m *Manager) Finalize(ctx context.Context, domain string) (vmapi.VM, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -421,6 +422,15 @@ func (m *Manager) Finalize(ctx context.Context, domain string) (vmapi.VM, error)
 	for _, k := range ks {
 		if referenced(d, k.Path) {
 			problems = append(problems, fmt.Sprintf("%s is kept: the domain's disk %s uses it again", k.Path, k.Target))
+			continue
+		}
+		if ps, err := openers(m.procDir(), k.Path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			left = append(left, k)
+			problems = append(problems, fmt.Sprintf("%s is kept: cannot tell whether a process has it open (%v); run nkpctl vm protect --finalize %s again", k.Path, err, d.Name))
+			continue
+		} else if len(ps) > 0 {
+			left = append(left, k)
+			problems = append(problems, fmt.Sprintf("%s is kept: %s has it open (a VM resumed from a save image or snapshot made before nkp changed disk %s runs on it, and would lose what it writes): shut that VM down, keep its data, then run nkpctl vm protect --finalize %s again", k.Path, ps[0], k.Target, d.Name))
 			continue
 		}
 		if err := os.Remove(k.Path); err != nil && !errors.Is(err, fs.ErrNotExist) {

@@ -3,7 +3,8 @@
 //
 // What it needs from the rest of hostd is declared here as small interfaces: Keys (the
 // KDK cache: the primary version and key derivation), Libvirt (a domain's persistent
-// XML, define, whether it runs, a libvirt secret's value, the TPM check and the disks'
+// XML, define, whether it runs, is persistent or has a managed save image, a libvirt
+// secret's value, the TPM check and the disks'
 // encryption of a running VM), Catalog (the provider's catalog; *provider/client.Client
 // fits) and Secrets (hostd's keeper of the disks' libvirt secrets). Disk images are
 // converted, compared and rekeyed with qemuimg.
@@ -61,9 +62,13 @@
 // state left and the recovery (crash_test.go: TestCrash for the vTPM, TestCrashDisks with
 // real qemu-img for disks).
 //
-// Operations need a shut-off domain, and hold the swtpm state directory's lock while
-// they run, so a VM started meanwhile cannot use state being replaced (its vTPM refuses
-// to start on a locked directory).
+// Operations need a shut-off, persistent domain without a managed save image (ErrSaved:
+// virsh start would resume the image with the definition it was saved with, the old
+// files and keys), and hold the swtpm state directory's lock while they run, so a VM
+// started meanwhile cannot use state being replaced (its vTPM refuses to start on a
+// locked directory). Finalize keeps a kept original that any process still has open
+// (found through /proc/PID/fd): a VM resumed from a save or snapshot made before the
+// change runs on it.
 //
 // Importers: hostd (mounts Handler on the local API and calls Recover at start), tests.
 //

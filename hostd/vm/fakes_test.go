@@ -153,14 +153,18 @@ type fakeLibvirt struct {
 	doms    map[string][]byte // by UUID
 	active  map[string]bool
 	secrets map[string][]byte
-	tpmErr  error
-	defines int
+	// transient and saved name domains (by UUID) that are transient or have a managed
+	// save image.
+	transient, saved map[string]bool
+	tpmErr           error
+	defines          int
 	// openedPlain names disks DiskEncryption reports as opened unencrypted.
 	openedPlain map[string]bool
 }
 
 func newFakeLibvirt() *fakeLibvirt {
-	return &fakeLibvirt{doms: map[string][]byte{}, active: map[string]bool{}, secrets: map[string][]byte{}}
+	return &fakeLibvirt{doms: map[string][]byte{}, active: map[string]bool{}, secrets: map[string][]byte{},
+		transient: map[string]bool{}, saved: map[string]bool{}}
 }
 
 func (f *fakeLibvirt) find(domain string) (string, error) {
@@ -205,6 +209,26 @@ func (f *fakeLibvirt) IsActive(_ context.Context, domain string) (bool, error) {
 		return false, err
 	}
 	return f.active[u], nil
+}
+
+func (f *fakeLibvirt) IsPersistent(_ context.Context, domain string) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	u, err := f.find(domain)
+	if err != nil {
+		return false, err
+	}
+	return !f.transient[u], nil
+}
+
+func (f *fakeLibvirt) HasManagedSave(_ context.Context, domain string) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	u, err := f.find(domain)
+	if err != nil {
+		return false, err
+	}
+	return f.saved[u], nil
 }
 
 func (f *fakeLibvirt) Domains(context.Context) ([]string, error) {

@@ -128,7 +128,7 @@ func classify(err error) (int, string) {
 		return http.StatusServiceUnavailable, vmapi.CodePending
 	case errors.Is(err, ErrNoSpace):
 		return http.StatusInsufficientStorage, vmapi.CodeNoSpace
-	case errors.Is(err, ErrRunning):
+	case errors.Is(err, ErrRunning), errors.Is(err, ErrSaved):
 		return http.StatusConflict, vmapi.CodeRunning
 	case errors.Is(err, ErrAlreadyProtected):
 		return http.StatusConflict, vmapi.CodeAlreadyProtected

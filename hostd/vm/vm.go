@@ -58,6 +58,13 @@ type Libvirt interface {
 	DefineXML(ctx context.Context, xml []byte) error
 	// IsActive says whether the domain runs (or is paused, or is being started).
 	IsActive(ctx context.Context, domain string) (bool, error)
+	// IsPersistent says whether the domain has a persistent definition (false: a
+	// transient domain, started with virsh create, which vanishes when it stops).
+	IsPersistent(ctx context.Context, domain string) (bool, error)
+	// HasManagedSave says whether libvirt holds a managed save image of the domain
+	// (virsh managedsave): virsh start resumes that image with the definition it was
+	// saved with, not the persistent one.
+	HasManagedSave(ctx context.Context, domain string) (bool, error)
 	// Domains lists the UUIDs of the persistent domains.
 	Domains(ctx context.Context) ([]string, error)
 	// SecretValue returns a libvirt secret's value (the caller wipes it).
@@ -126,6 +133,9 @@ type Config struct {
 	// status channel, vtpm.Supervisor.Probe); Status calls it after libvirt reported
 	// the TPM device present. nil: presence only.
 	ProbeVTPM func(ctx context.Context, vmUUID string) error
+	// ProcDir is the proc file system Finalize looks through for processes that still
+	// have a kept original open ("/proc" if empty).
+	ProcDir string
 	// AfterStep, if set, is called after each journaled step of an operation with the
 	// operation and the step's name (tests inject crashes there). Nil in production.
 	AfterStep func(op, step string)
@@ -160,6 +170,9 @@ func New(cfg Config) (*Manager, error) {
 	if cfg.SwtpmRoot == "" {
 		cfg.SwtpmRoot = domxml.DefaultSwtpmRoot
 	}
+	if cfg.ProcDir == "" {
+		cfg.ProcDir = "/proc"
+	}
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
@@ -183,7 +196,8 @@ var (
 	ErrRunning          = errors.New("the domain is running")
 	ErrAlreadyProtected = errors.New("the domain is already protected")
 	ErrNotProtected     = errors.New("the domain is not protected by nkp")
-	ErrUnsupported      = errors.New("unsupported TPM configuration")
+	ErrUnsupported      = errors.New("unsupported configuration")
+	ErrSaved            = errors.New("the domain has a saved state")
 	ErrUnavailable      = errors.New("temporarily unavailable")
 	ErrPending          = errors.New("an interrupted operation is not finished")
 	ErrBadArgument      = errors.New("bad argument")
@@ -230,12 +244,30 @@ func (m *Manager) prepare(ctx context.Context, domain, what string) ([]byte, *do
 	if err != nil {
 		return nil, nil, err
 	}
+	persistent, err := m.cfg.Libvirt.IsPersistent(ctx, d.UUID)
+	if err != nil {
+		return nil, nil, fmt.Errorf("vm %q: asking libvirt whether it is defined: %w: %w", d.Name, ErrUnavailable, err)
+	}
+	if !persistent {
+		// Shutting a transient domain down removes it: the sentence must not say so.
+		return nil, nil, fmt.Errorf("vm %q: %w: it is a transient domain (started with virsh create, no persistent definition), and nkp changes only persistent definitions: make it persistent with virsh dumpxml %s > %s.xml and virsh define %s.xml, shut it down (virsh shutdown %s), then run the command again", d.Name, ErrUnsupported, d.Name, d.Name, d.Name, d.Name)
+	}
 	active, err := m.cfg.Libvirt.IsActive(ctx, d.UUID)
 	if err != nil {
 		return nil, nil, fmt.Errorf("vm %q: asking libvirt whether it runs: %w: %w", d.Name, ErrUnavailable, err)
 	}
 	if active {
 		return nil, nil, fmt.Errorf("vm %q: %w: %s needs it shut off (virsh shutdown %s), then run the command again", d.Name, ErrRunning, what, d.Name)
+	}
+	saved, err := m.cfg.Libvirt.HasManagedSave(ctx, d.UUID)
+	if err != nil {
+		return nil, nil, fmt.Errorf("vm %q: asking libvirt whether it has a managed save image: %w: %w", d.Name, ErrUnavailable, err)
+	}
+	if saved {
+		// virsh start would resume the image with the definition it was saved with: the
+		// old disk files and keys, while the new definition names others (and finalize
+		// would remove the files the resumed VM writes to).
+		return nil, nil, fmt.Errorf("vm %q: %w: it has a managed save image (virsh managedsave), which virsh start resumes with the definition it was saved with, not the one %s writes: start it and shut it down (virsh start %s, then virsh shutdown %s), or discard the saved memory with virsh managedsave-remove %s, then run the command again", d.Name, ErrSaved, what, d.Name, d.Name, d.Name)
 	}
 	return x, d, nil
 }
@@ -725,7 +757,7 @@ func (m *Manager) openEmulator(ctx context.Context, d *domxml.Domain, tp *domxml
 	if tp.EncryptionSecret != "" {
 		pw, err := m.cfg.Libvirt.SecretValue(ctx, tp.EncryptionSecret)
 		if err != nil {
-			return nil, fmt.Errorf("vm %q: reading libvirt secret %s, the passphrase of its swtpm state: %w (check virsh secret-get-value %s)", d.Name, tp.EncryptionSecret, err, tp.EncryptionSecret)
+			return nil, fmt.Errorf("vm %q: reading libvirt secret %s, the passphrase of its swtpm state: %w; nothing was changed", d.Name, tp.EncryptionSecret, err)
 		}
 		key, err = passphraseKey(pw)
 		clear(pw)

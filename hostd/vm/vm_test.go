@@ -331,6 +331,20 @@ func TestRefusals(t *testing.T) {
 			func(e *env) error { _, err := e.m.Rekey(ctx, "r1"); return err }, ErrUnavailable, []string{`vm "r1"`, "key ", "KDK version 3"}},
 		{"rekey running", func(e *env) { e.m.Protect(ctx, "r1"); e.keys.primary, e.keys.known = 2, 2; e.lv.active[uuid1] = true },
 			func(e *env) error { _, err := e.m.Rekey(ctx, "r1"); return err }, ErrRunning, []string{`vm "r1"`, "shut off"}},
+		// A transient domain vanishes when it stops: "virsh shutdown" must not be the advice.
+		{"protect transient", func(e *env) { e.lv.active[uuid1] = true; e.lv.transient[uuid1] = true },
+			func(e *env) error { _, err := e.m.Protect(ctx, "r1"); return err }, ErrUnsupported, []string{`vm "r1"`, "transient", "virsh define r1.xml"}},
+		// virsh start resumes a managed save image with the definition it was saved with
+		// (the old disk files and keys): changing the definition under it is refused.
+		{"protect managed save", func(e *env) { e.lv.saved[uuid1] = true },
+			func(e *env) error { _, err := e.m.Protect(ctx, "r1"); return err }, ErrSaved, []string{`vm "r1"`, "managed save image", "virsh managedsave-remove r1"}},
+		{"rekey managed save", func(e *env) { e.m.Protect(ctx, "r1"); e.keys.primary, e.keys.known = 2, 2; e.lv.saved[uuid1] = true },
+			func(e *env) error {
+				_, err := e.m.RekeyWith(ctx, "r1", vmapi.RekeyRequest{Deep: true}, nil)
+				return err
+			}, ErrSaved, []string{`vm "r1"`, "virsh start r1"}},
+		{"unprotect managed save", func(e *env) { e.m.Protect(ctx, "r1"); e.lv.saved[uuid1] = true },
+			func(e *env) error { _, err := e.m.Unprotect(ctx, "r1", ""); return err }, ErrSaved, []string{`vm "r1"`, "managed save image"}},
 		{"other provider", func(e *env) { e.m.Protect(ctx, "r1"); e.keys.provider = "prov-b" },
 			func(e *env) error { _, err := e.m.Unprotect(ctx, "r1", ""); return err }, nil, []string{`vm "r1"`, "provider prov-a", "joined to provider prov-b"}},
 	}

@@ -33,6 +33,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -47,7 +48,7 @@ const DefaultSocket = "/run/nkp/hostd.sock"
 // Error codes.
 const (
 	CodeNotFound         = "not_found"         // no such domain
-	CodeRunning          = "running"           // the operation needs a shut-off domain
+	CodeRunning          = "running"           // the operation needs a shut-off domain (not running, no managed save image)
 	CodeAlreadyProtected = "already_protected" // protect of a protected domain
 	CodeNotProtected     = "not_protected"     // rekey/unprotect of an unprotected domain
 	CodeUnsupported      = "unsupported"       // a TPM nkp does not adopt (passthrough, foreign external, several)
@@ -314,7 +315,7 @@ func (c *Client) stream(ctx context.Context, path string, in any, progress func(
 	hc.Timeout = 0 // a conversion takes as long as it takes; ctx bounds it
 	resp, err := hc.Do(req)
 	if err != nil {
-		return fmt.Errorf("hostd at %s: %w (is nkp-hostd running? the socket is set with --socket or NKP_HOSTD_SOCKET)", c.socket, err)
+		return c.dialError(err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode/100 != 2 || !strings.HasPrefix(resp.Header.Get("Content-Type"), ContentTypeNDJSON) {
@@ -348,6 +349,15 @@ func (c *Client) stream(ctx context.Context, path string, in any, progress func(
 	}
 }
 
+// dialError words a failed request: a socket this user may not open (hostd's is root's
+// only) is not a hostd that is down.
+func (c *Client) dialError(err error) error {
+	if errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM) {
+		return fmt.Errorf("hostd at %s: %w: nkp-hostd's socket is root's only: run nkpctl vm as root (sudo nkpctl vm …)", c.socket, err)
+	}
+	return fmt.Errorf("hostd at %s: %w (is nkp-hostd running? the socket is set with --socket or NKP_HOSTD_SOCKET)", c.socket, err)
+}
+
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
 	var body io.Reader
 	if in != nil {
@@ -366,7 +376,7 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		return fmt.Errorf("hostd at %s: %w (is nkp-hostd running? the socket is set with --socket or NKP_HOSTD_SOCKET)", c.socket, err)
+		return c.dialError(err)
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
