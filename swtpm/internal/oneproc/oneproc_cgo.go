@@ -4,6 +4,7 @@ package oneproc
 
 // int nkp_oneproc_narrowed(void);
 // int nkp_oneproc_restore(int tid);
+// int nkp_oneproc_arenas(void);
 import "C"
 
 import "syscall"
@@ -16,3 +17,7 @@ func restore(tid int) error {
 	}
 	return nil
 }
+
+// mallocArenas mallocs on the calling thread and returns the number of glibc malloc
+// arenas, -1 if malloc_info failed.
+func mallocArenas() int { return int(C.nkp_oneproc_arenas()) }

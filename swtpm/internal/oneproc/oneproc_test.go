@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 )
 
@@ -44,6 +45,42 @@ func TestOneProcSameCPUs(t *testing.T) {
 	for _, p := range tasks {
 		if got := cpusAllowed(t, p); got != parent {
 			t.Errorf("%s may run on CPUs %s, want the parent's %s", p, got, parent)
+		}
+	}
+}
+
+// The test binary links the constructor too: threads that each malloc share glibc's
+// one arena instead of making one each.
+func TestOneMallocArena(t *testing.T) {
+	if os.Getenv("GLIBC_TUNABLES") != "" {
+		t.Skipf("GLIBC_TUNABLES=%q may set arena_max", os.Getenv("GLIBC_TUNABLES"))
+	}
+	if mallocArenas() < 0 {
+		t.Skip("no cgo or no malloc_info")
+	}
+	var wg, allocated sync.WaitGroup
+	release := make(chan struct{})
+	counts := make([]int, 4)
+	for i := range counts {
+		wg.Add(1)
+		allocated.Add(1)
+		go func() {
+			defer wg.Done()
+			// Each goroutine keeps its OS thread until all have malloc'd, so that four
+			// threads allocate, not one thread four times.
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
+			counts[i] = mallocArenas()
+			allocated.Done()
+			<-release
+		}()
+	}
+	allocated.Wait()
+	close(release)
+	wg.Wait()
+	for i, n := range counts {
+		if n != 1 {
+			t.Errorf("thread %d: glibc has %d malloc arenas, want 1 (M_ARENA_MAX set by the constructor)", i, n)
 		}
 	}
 }
