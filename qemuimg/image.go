@@ -84,14 +84,23 @@ const DefaultIterTime = time.Millisecond
 // keyslot.
 const DefaultHashAlg = "sha512"
 
+// DefaultCipherAlg, DefaultCipherMode and DefaultIVGenAlg are the cipher nkp gives new
+// images, written out rather than left to QEMU's defaults so that a QEMU with other
+// defaults makes the same images: see the package doc for why this one.
+const (
+	DefaultCipherAlg  = "aes-256"
+	DefaultCipherMode = "xts"
+	DefaultIVGenAlg   = "plain64"
+)
+
 // LUKSOptions are the LUKS settings of a new image or keyslot. The zero value means
-// AES-256 in XTS mode with plain64 IVs (QEMU's defaults), DefaultHashAlg and
+// DefaultCipherAlg in DefaultCipherMode with DefaultIVGenAlg IVs, DefaultHashAlg and
 // DefaultIterTime.
 type LUKSOptions struct {
 	// IterTime is the PBKDF time per keyslot; zero means DefaultIterTime.
 	IterTime time.Duration
-	// CipherAlg (e.g. "aes-256"), CipherMode ("xts") and IVGenAlg ("plain64"): empty
-	// means QEMU's default; HashAlg: empty means DefaultHashAlg.
+	// CipherAlg (e.g. "aes-256"), CipherMode ("xts"), IVGenAlg ("plain64") and HashAlg:
+	// empty means nkp's default (the Default… constants).
 	CipherAlg, CipherMode, IVGenAlg, HashAlg string
 }
 
@@ -118,14 +127,14 @@ func (o LUKSOptions) createOpts(f Format, sec string) []string {
 		opts = append(opts, "encrypt.format=luks")
 	}
 	opts = append(opts, p+"key-secret="+sec, fmt.Sprintf("%siter-time=%d", p, o.iterMillis()))
-	hash := o.HashAlg
-	if hash == "" {
-		hash = DefaultHashAlg
-	}
-	for _, kv := range [][2]string{{"cipher-alg", o.CipherAlg}, {"cipher-mode", o.CipherMode}, {"ivgen-alg", o.IVGenAlg}, {"hash-alg", hash}} {
-		if kv[1] != "" {
-			opts = append(opts, p+kv[0]+"="+escape(kv[1]))
+	or := func(v, def string) string {
+		if v == "" {
+			return def
 		}
+		return v
+	}
+	for _, kv := range [][2]string{{"cipher-alg", or(o.CipherAlg, DefaultCipherAlg)}, {"cipher-mode", or(o.CipherMode, DefaultCipherMode)}, {"ivgen-alg", or(o.IVGenAlg, DefaultIVGenAlg)}, {"hash-alg", or(o.HashAlg, DefaultHashAlg)}} {
+		opts = append(opts, p+kv[0]+"="+escape(kv[1]))
 	}
 	return opts
 }

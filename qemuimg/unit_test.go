@@ -61,11 +61,12 @@ func TestCreateOpts(t *testing.T) {
 		f    Format
 		want string
 	}{
-		{LUKSOptions{}, QCOW2, "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=1,encrypt.hash-alg=sha512"},
-		{LUKSOptions{IterTime: 10 * time.Millisecond, CipherMode: "xts", HashAlg: "sha512"}, QCOW2,
-			"encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,encrypt.cipher-mode=xts,encrypt.hash-alg=sha512"},
-		{LUKSOptions{IterTime: time.Microsecond, HashAlg: "sha256"}, LUKS, "key-secret=s,iter-time=1,hash-alg=sha256"},
-		{LUKSOptions{CipherAlg: "aes-128,x=y"}, LUKS, "key-secret=s,iter-time=1,cipher-alg=aes-128,,x=y,hash-alg=sha512"},
+		// The cipher is always written out, never left to QEMU's defaults.
+		{LUKSOptions{}, QCOW2, "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=1,encrypt.cipher-alg=aes-256,encrypt.cipher-mode=xts,encrypt.ivgen-alg=plain64,encrypt.hash-alg=sha512"},
+		{LUKSOptions{IterTime: 10 * time.Millisecond, CipherMode: "cbc", IVGenAlg: "essiv", HashAlg: "sha512"}, QCOW2,
+			"encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,encrypt.cipher-alg=aes-256,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.hash-alg=sha512"},
+		{LUKSOptions{IterTime: time.Microsecond, HashAlg: "sha256"}, LUKS, "key-secret=s,iter-time=1,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha256"},
+		{LUKSOptions{CipherAlg: "aes-128,x=y"}, LUKS, "key-secret=s,iter-time=1,cipher-alg=aes-128,,x=y,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha512"},
 	}
 	for _, tt := range tests {
 		if got := strings.Join(tt.o.createOpts(tt.f, "s"), ","); got != tt.want {
