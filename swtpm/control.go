@@ -104,8 +104,9 @@ type ctrlMsg struct {
 
 // readCtrlMsg reads one control message. Waiting for its first bytes is unbounded (an
 // idle client); once they arrived, every further read must bring bytes within
-// MessageTimeout, else the connection is closed without a reply, as swtpm does. Like swtpm it reads what is
-// available, so padding sent with a request is consumed with it. SCM_RIGHTS fds that
+// MessageTimeout, else the connection is closed without a reply or the request is
+// answered BAD_PARAMETER, as swtpm does for that command (ctrl.Incomplete). Like swtpm
+// it reads what is available, so padding sent with a request is consumed with it. SCM_RIGHTS fds that
 // came with the message are returned; the caller closes those it does not keep.
 func (s *Server) readCtrlMsg(c net.Conn, buf []byte) (ctrlMsg, []int, error) {
 	n, fds, err := readWithRights(c, buf)
@@ -138,10 +139,16 @@ func (s *Server) readCtrlMsg(c net.Conn, buf []byte) (ctrlMsg, []int, error) {
 		k, rerr := c.Read(b[len(b):need])
 		b = b[:len(b)+k]
 		if k == 0 && rerr != nil {
-			// swtpm closes the connection without a reply when a request stops short
-			// (its poll times out): do the same, the client cannot be in sync anyway.
+			// swtpm closes the connection without a reply when a request it waits for
+			// in full stops short (its poll times out), and answers the others
+			// BAD_PARAMETER on the same connection: do the same.
+			pe := ctrl.Incomplete(b)
+			if !pe.NoReply && !errors.Is(rerr, net.ErrClosed) {
+				pe.Reason += " (" + rerr.Error() + ")"
+				return ctrlMsg{perr: pe, raw: b}, fds, nil
+			}
 			clear(b)
-			return ctrlMsg{}, fds, fmt.Errorf("%w (%v)", ctrl.Incomplete(b), rerr)
+			return ctrlMsg{}, fds, fmt.Errorf("%w (%v)", pe, rerr)
 		}
 	}
 }

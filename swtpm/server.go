@@ -48,7 +48,10 @@
 //     is the only framing; QEMU and TSS never exceed the negotiated size);
 //   - control channel: a HASH_DATA over 4096 bytes or a SET_STATEBLOB over 512 KiB is
 //     refused with BAD_PARAMETER and the connection closed; a message cut short
-//     closes the connection after MessageTimeout without a reply;
+//     closes the connection after MessageTimeout without a reply, except a short
+//     SET_BUFFERSIZE, GET_INFO or LOCK_STORAGE, which is answered BAD_PARAMETER on
+//     the same connection (swtpm answers at once; nkp waits MessageTimeout for the
+//     rest first, so a request split across writes is not refused);
 //   - GET_STATEBLOB of an unknown blob type answers 0x800 (absent) in the 16-byte
 //     layout.
 package swtpm

@@ -186,23 +186,42 @@ func be32(b []byte) uint32 {
 }
 
 // A request cut short closes the connection after MessageTimeout without a reply, as
-// swtpm does; the next client is served.
+// swtpm does, and the next client is served; except SET_BUFFERSIZE, GET_INFO and
+// LOCK_STORAGE, which swtpm reads once and answers BAD_PARAMETER (0x3) on the same
+// connection (a script sending the bare command code sees that reply).
 func TestTruncatedControlRequest(t *testing.T) {
 	h := startServer(t, func(c *Config) { c.MessageTimeout = 100 * time.Millisecond })
 	tests := []struct {
-		name string
-		send []byte
+		name  string
+		send  []byte
+		reply []byte // nil: closed without a reply
 	}{
-		{"INIT without body", []byte{0, 0, 0, 2, 0}},
-		{"half a command code", []byte{0, 0}},
-		{"SET_STATEBLOB cut in the payload", ctrl.SetStateBlob{Type: ctrl.BlobPermanent, Data: make([]byte, 100)}.Marshal()[:50]},
-		{"HASH_DATA cut in the payload", ctrl.HashData{Data: make([]byte, 100)}.Marshal()[:20]},
+		{"INIT without body", []byte{0, 0, 0, 2, 0}, nil},
+		{"half a command code", []byte{0, 0}, nil},
+		{"SET_LOCALITY without body", []byte{0, 0, 0, 5}, nil},
+		{"SET_STATEBLOB cut in the payload", ctrl.SetStateBlob{Type: ctrl.BlobPermanent, Data: make([]byte, 100)}.Marshal()[:50], nil},
+		{"HASH_DATA cut in the payload", ctrl.HashData{Data: make([]byte, 100)}.Marshal()[:20], nil},
+		{"SET_BUFFERSIZE without body", []byte{0, 0, 0, 0x11}, []byte{0, 0, 0, 3}},
+		{"GET_INFO with half a body", []byte{0, 0, 0, 0x12, 0, 0, 0, 0, 0, 0, 0, 1}, []byte{0, 0, 0, 3}},
+		{"LOCK_STORAGE without body", []byte{0, 0, 0, 0x13}, []byte{0, 0, 0, 3}},
 	}
 	for _, tt := range tests {
 		c := h.dialCtrl()
 		c.write(tt.send)
 		start := time.Now()
 		c.c.SetReadDeadline(time.Now().Add(ioTimeout))
+		if tt.reply != nil {
+			got := make([]byte, len(tt.reply))
+			if _, err := io.ReadFull(c.c, got); err != nil || !bytes.Equal(got, tt.reply) {
+				t.Fatalf("%s: read %x, %v; want %x", tt.name, got, err, tt.reply)
+			}
+			// The connection stays in sync: the next request on it is answered.
+			if caps := c.do(ctrl.GetCapability{}).(ctrl.CapabilityResponse).Caps; caps != ctrl.CapsTPM2Socket {
+				t.Fatalf("%s: the next request on the connection got caps %#x", tt.name, caps)
+			}
+			c.c.Close()
+			continue
+		}
 		if n, err := c.c.Read(make([]byte, 4)); err != io.EOF {
 			t.Fatalf("%s: read %d bytes, %v; want the connection closed without a reply", tt.name, n, err)
 		}

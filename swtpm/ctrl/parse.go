@@ -11,6 +11,11 @@ type ParseError struct {
 	// declared length is refused, or that stopped arriving midway): the server replies
 	// and then closes the connection.
 	Close bool
+	// NoReply is set by Incomplete for the requests swtpm waits for in full (fewer
+	// than 4 bytes, INIT, SET_LOCALITY, HASH_DATA, RESET_TPMESTABLISHED, GET_STATEBLOB,
+	// SET_STATEBLOB): when the rest does not come, swtpm closes the connection without
+	// a reply, and so must the server.
+	NoReply bool
 }
 
 // Error implements error.
@@ -23,7 +28,8 @@ func (e *ParseError) Error() string {
 //
 //   - need > 0: b is incomplete; the request needs at least need bytes in total. The
 //     caller reads more within its deadline and calls Parse again with all bytes, or,
-//     when nothing more arrives in time, replies with Incomplete(b).
+//     when nothing more arrives in time, replies with Incomplete(b) (or closes the
+//     connection without a reply when its NoReply is set).
 //   - err != nil: it is a *ParseError; reply with its Result.
 //   - otherwise req is the complete request.
 //
@@ -149,13 +155,23 @@ func Parse(b []byte) (req Request, need int, err error) {
 }
 
 // Incomplete is the error for a request whose bytes b stopped arriving before Parse was
-// satisfied (the peer went quiet past the deadline, or closed its write side). swtpm
-// answers such a request with BAD_PARAMETER; when a HASH_DATA or SET_STATEBLOB payload
-// was cut midway the stream is lost and the connection must be closed.
+// satisfied (the peer went quiet past the deadline, or closed its write side).
+//
+// swtpm 0.7.1 waits (up to 500 ms) for the whole of the command code, INIT,
+// SET_LOCALITY, HASH_DATA, RESET_TPMESTABLISHED, GET_STATEBLOB and SET_STATEBLOB and
+// closes the connection without a reply when they stop short (NoReply). It reads the
+// other requests once and answers BAD_PARAMETER when their body is short
+// (SET_BUFFERSIZE, GET_INFO; LOCK_STORAGE in the swtpm versions that have it), and the
+// connection stays usable. When a HASH_DATA or SET_STATEBLOB payload was cut midway the
+// stream is lost and the connection must be closed (Close).
 func Incomplete(b []byte) *ParseError {
-	e := &ParseError{Result: ResBadParameter, Reason: fmt.Sprintf("truncated after %d bytes", len(b))}
+	e := &ParseError{Result: ResBadParameter, Reason: fmt.Sprintf("truncated after %d bytes", len(b)), NoReply: true}
 	if len(b) >= 4 {
 		e.Code = Code(be.Uint32(b))
+		switch e.Code {
+		case CmdSetBufferSize, CmdGetInfo, CmdLockStorage:
+			e.NoReply = false
+		}
 		switch {
 		case e.Code == CmdHashData && len(b) > 8, e.Code == CmdSetStateBlob && len(b) > 16:
 			e.Close = true

@@ -135,21 +135,28 @@ func TestParseToleratesPadding(t *testing.T) {
 
 func TestIncomplete(t *testing.T) {
 	tests := []struct {
-		in    string
-		code  Code
-		close bool
+		in             string
+		code           Code
+		close, noReply bool
 	}{
-		{"", 0, false},
-		{"000000", 0, false},
-		{"00000002" + "00", CmdInit, false},
-		{"00000007" + "00000010" + "01", CmdHashData, true},
-		{"0000000d" + "00000000" + "00000001" + "00000010" + "01", CmdSetStateBlob, true},
-		{"0000000d" + "00000000", CmdSetStateBlob, false},
+		{"", 0, false, true},
+		{"000000", 0, false, true},
+		{"00000002" + "00", CmdInit, false, true},
+		{"00000005", CmdSetLocality, false, true},
+		{"00000007" + "00000010" + "01", CmdHashData, true, true},
+		{"0000000b", CmdResetEstablished, false, true},
+		{"0000000c" + "00", CmdGetStateBlob, false, true},
+		{"0000000d" + "00000000" + "00000001" + "00000010" + "01", CmdSetStateBlob, true, true},
+		{"0000000d" + "00000000", CmdSetStateBlob, false, true},
+		// swtpm reads these once and answers BAD_PARAMETER on the same connection.
+		{"00000011", CmdSetBufferSize, false, false},
+		{"00000012" + "00000000", CmdGetInfo, false, false},
+		{"00000013" + "00", CmdLockStorage, false, false},
 	}
 	for _, tt := range tests {
 		e := Incomplete(h(tt.in))
-		if e.Result != ResBadParameter || e.Code != tt.code || e.Close != tt.close {
-			t.Errorf("Incomplete(%s) = %+v; want code %v close %v", tt.in, e, tt.code, tt.close)
+		if e.Result != ResBadParameter || e.Code != tt.code || e.Close != tt.close || e.NoReply != tt.noReply {
+			t.Errorf("Incomplete(%s) = %+v; want code %v close %v noReply %v", tt.in, e, tt.code, tt.close, tt.noReply)
 		}
 	}
 }
