@@ -84,11 +84,14 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	case "--version", "-v", "version":
 		fmt.Fprintf(stdout, "nkp-swtpm version %s (TPM 2.0, swtpm compatible)\n", Version)
 		return 0
+	// swtpm's own sentence leads both errors: scripts look for it to tell which
+	// interfaces a swtpm has (swtpm's tests: `swtpm chardev --help | grep
+	// "Unsupported TPM interface"`).
 	case "chardev", "cuse":
-		fmt.Fprintf(stderr, "nkp-swtpm: mode %q is not supported; nkp-swtpm runs only as `nkp-swtpm socket`\n", args[0])
+		fmt.Fprintf(stderr, "Unsupported TPM interface type '%s'. nkp-swtpm: mode %q is not supported; nkp-swtpm runs only as `nkp-swtpm socket`\n", args[0], args[0])
 		return 1
 	default:
-		fmt.Fprintf(stderr, "nkp-swtpm: unknown mode %q\n%s", args[0], topUsage)
+		fmt.Fprintf(stderr, "Unsupported TPM interface type '%s'. nkp-swtpm: unknown mode %q\n%s", args[0], args[0], topUsage)
 		return 1
 	}
 	o, err := cmdline.Parse(args[1:])

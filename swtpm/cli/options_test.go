@@ -82,6 +82,10 @@ func TestMainModes(t *testing.T) {
 		{[]string{"chardev", "--tpm2"}, 1, "", `mode "chardev" is not supported`},
 		{[]string{"cuse"}, 1, "", "not supported"},
 		{[]string{"frobnicate"}, 1, "", `unknown mode "frobnicate"`},
+		// swtpm's sentence, which scripts grep for to tell that an interface is missing.
+		{[]string{"chardev", "--help"}, 1, "", "Unsupported TPM interface type 'chardev'."},
+		{[]string{"cuse", "--help"}, 1, "", "Unsupported TPM interface type 'cuse'."},
+		{[]string{"frobnicate"}, 1, "", "Unsupported TPM interface type 'frobnicate'."},
 		{[]string{"socket", "--tpm2", "--nope"}, 1, "", "unknown option --nope"},
 		{[]string{"socket", "--ctrl", "type=unixio,path=/x"}, 1, "", "add --tpm2"},
 		{[]string{"socket", "--tpm2", "--print-states"}, 1, "", "--print-states needs --tpmstate"},
