@@ -73,7 +73,9 @@ type Config struct {
 	Log *slog.Logger
 
 	// CtrlListener accepts control clients one at a time (--ctrl type=unixio,path= or
-	// fd=, or type=tcp,port=). Exactly one of CtrlListener and CtrlConn is set.
+	// fd=, or type=tcp,port=). At most one of CtrlListener and CtrlConn is set; with
+	// neither (swtpm without --ctrl) the TPM is served on the data channel only, which
+	// must then be given, and only a TPM started at launch (NotNeedInit) answers.
 	CtrlListener net.Listener
 	// CtrlConn is an already connected control stream (--ctrl type=unixio,clientfd=).
 	CtrlConn net.Conn
@@ -152,8 +154,8 @@ func (cfg *Config) Validate() error {
 		return bad("Engine", "no TPM engine given (open one with libtpms.Open)")
 	case cfg.Store == nil:
 		return bad("Store", "no state store given (open one with state.Open; --tpmstate)")
-	case cfg.CtrlListener == nil && cfg.CtrlConn == nil:
-		return bad("CtrlListener", "no control channel given (--ctrl type=unixio,path=... or clientfd=)")
+	case cfg.CtrlListener == nil && cfg.CtrlConn == nil && cfg.DataListener == nil && cfg.DataConn == nil:
+		return bad("CtrlListener", "no channel given: a control channel (--ctrl type=unixio,path=... or clientfd=) or, for a data-only TPM, a data channel (--server)")
 	case cfg.CtrlListener != nil && cfg.CtrlConn != nil:
 		return bad("CtrlConn", "set CtrlListener or CtrlConn, not both (--ctrl takes one of path=, fd=, clientfd=, port=)")
 	case cfg.DataListener != nil && cfg.DataConn != nil:

@@ -161,7 +161,7 @@ func (s *Server) dataLost(c io.Closer, what string, isDataConn bool) {
 		s.requestStop(what + " closed (--terminate)")
 	}
 	if s.ctrlGone.Load() && !s.dataReachable() {
-		s.requestStop(what + " closed, and the control connection (clientfd) is gone: nothing can reach the TPM")
+		s.requestStop(what + " closed, and there is no control channel (clientfd gone, or no --ctrl): nothing can reach the TPM")
 	}
 }
 

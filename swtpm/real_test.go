@@ -565,3 +565,45 @@ func (r *recorder) Send(cmd []byte) ([]byte, error) {
 	r.cmd = append([]byte{}, cmd...)
 	return nil, errors.New("recorded")
 }
+
+// Without a control channel (swtpm socket without --ctrl) the TPM is served on the data
+// channel alone, as swtpm serves it: started at launch it answers; not started, nothing
+// can INIT it and every command gets TPM_RC_FAILURE, swtpm's answer.
+func TestRealEngineDataOnly(t *testing.T) {
+	tests := []struct {
+		name        string
+		notNeedInit bool
+		wantRC      uint32
+	}{
+		{"started at launch", true, 0},
+		{"not started", false, 0x101},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dataPath := filepath.Join(shortDir(t), "data")
+			dl, err := net.Listen("unix", dataPath)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tpm, d := realTPM(t, t.TempDir(), nil)
+			h := startServerWith(t, tpm, d, func(c *Config) {
+				c.CtrlListener.Close()
+				c.CtrlListener = nil
+				c.DataListener = dl
+				if tt.notNeedInit {
+					c.NotNeedInit, c.Startup = true, StartupClear
+				}
+			})
+			c, err := net.Dial("unix", dataPath)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if rc := rcOf(tpmCall(t, c, commandOf(t, tpm2.GetRandom{BytesRequested: 8}))); rc != tt.wantRC {
+				t.Fatalf("GetRandom answered TPM rc %#x, want %#x", rc, tt.wantRC)
+			}
+			c.Close()
+			closeReal(t, h, tpm, d)
+		})
+	}
+}

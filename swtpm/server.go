@@ -9,7 +9,8 @@
 // Serve sends TPM2_Shutdown before it stops the TPM, so the state is saved.
 //
 // The server follows swtpm's semantics: one control client at a time, one data client
-// at a time, the same 4-byte error replies, auto-shutdown, sticky locality. Unlike
+// at a time, the same 4-byte error replies, auto-shutdown, sticky locality; without a
+// control channel (swtpm without --ctrl) the TPM is served on the data channel alone. Unlike
 // swtpm it frames the data channel by the command header and bounds every wait for the
 // rest of a message, so a stalled peer cannot hang the TPM for other clients.
 //
@@ -89,7 +90,7 @@ type Server struct {
 	lastCmd      uint32      // TPM_CC of the last command sent through processLocked since start
 	dataFD       io.Closer   // the data connection that came by SET_DATAFD, if any
 	dataConnOpen bool        // Config.DataConn is still being served
-	ctrlGone     atomic.Bool // Config.CtrlConn (a one-shot control connection) closed
+	ctrlGone     atomic.Bool // Config.CtrlConn (a one-shot control connection) closed, or no control channel
 	lockReleased bool        // the store's lock went to a migration destination
 
 	// connMu guards the set of open connections, closed when Serve stops.

@@ -28,7 +28,8 @@ func TestConfigValidate(t *testing.T) {
 	}{
 		{"no engine", func(c *Config) { c.Engine = nil }, "Engine"},
 		{"no store", func(c *Config) { c.Store = nil }, "Store"},
-		{"no control channel", func(c *Config) { c.CtrlListener = nil }, "CtrlListener"},
+		{"no channel at all", func(c *Config) { c.CtrlListener = nil }, "CtrlListener"},
+		{"data-only (swtpm without --ctrl)", func(c *Config) { c.CtrlListener = nil; c.DataListener = l }, ""},
 		{"two control channels", func(c *Config) { c.CtrlConn = &net.UnixConn{} }, "CtrlConn"},
 		{"two data channels", func(c *Config) { c.DataListener = l; c.DataConn = &net.UnixConn{} }, "DataConn"},
 		{"deactivated", func(c *Config) { c.Startup = StartupDeactivated }, "Startup"},

@@ -61,8 +61,9 @@ type serveHooks struct {
 // hooks, and serves until ctx ends or the server stops. Everything it opened is closed
 // and the keys are wiped before it returns.
 func serve(ctx context.Context, o *cmdline.Options, log *slog.Logger, hooks serveHooks) (err error) {
-	if o.Ctrl == nil {
-		return errors.New("no control channel: give --ctrl type=unixio,path=<socket> (or clientfd=, fd=, type=tcp,port=); nkp-swtpm is always driven through one")
+	if o.Ctrl == nil && !o.Flags.NotNeedInit {
+		// As swtpm: a data-only TPM is served, but nothing can INIT it.
+		log.Warn("no --ctrl and no --flags not-need-init: no client can initialise this TPM, so every TPM command fails; add --flags not-need-init,startup-clear, or --ctrl")
 	}
 	if o.Flags.Startup == cmdline.StartupDeactivated {
 		return errors.New("--flags startup-deactivated exists only for TPM 1.2; use startup-clear or startup-state")
@@ -142,12 +143,14 @@ func serve(ctx context.Context, o *cmdline.Options, log *slog.Logger, hooks serv
 	case cmdline.StartupState:
 		cfg.Startup = swtpm.StartupState
 	}
-	ctrl, err := openChannel(o.Ctrl, "ctrl")
-	if err != nil {
-		return err
+	if o.Ctrl != nil {
+		ctrl, err := openChannel(o.Ctrl, "ctrl")
+		if err != nil {
+			return err
+		}
+		defer ctrl.Close()
+		cfg.CtrlListener, cfg.CtrlConn, cfg.CtrlTerminate = ctrl.Listener, ctrl.Conn, o.Ctrl.Terminate
 	}
-	defer ctrl.Close()
-	cfg.CtrlListener, cfg.CtrlConn, cfg.CtrlTerminate = ctrl.Listener, ctrl.Conn, o.Ctrl.Terminate
 	if cfg.StatusListener, err = statusListener(os.Getenv); err != nil {
 		return err
 	}

@@ -13,7 +13,8 @@ Options (as swtpm's; values in [] are optional):
 --ctrl type=unixio,path=<path>|fd=<fd>|clientfd=<fd>[,mode=0...][,uid=..][,gid=..][,terminate]
 --ctrl type=tcp,port=<port>[,bindaddr=<addr>[,ifname=<if>]]|fd=<fd>[,terminate]
                   control channel; fd= is a listening socket, clientfd= a connected
-                  one; terminate exits when the control connection is lost
+                  one; terminate exits when the control connection is lost; without
+                  --ctrl the TPM is served on --server alone (add --flags not-need-init)
 --server [type=tcp][,port=<port>[,bindaddr=<addr>]][,fd=<fd>][,disconnect]
 --server type=unixio,path=<path>|fd=<fd>[,mode=0...][,uid=..][,gid=..][,disconnect]
                   data channel (without it: SET_DATAFD on the control channel);

@@ -17,7 +17,7 @@
 // directories written by swtpm, GET/SET_STATEBLOB between swtpm and nkp-swtpm both
 // ways (with and without a migration key), shared-storage migration
 // (release-lock-outgoing and incoming), swtpm_setup --reconfigure --pcr-banks, -t and
-// ctrl terminate, --runas, inherited listening sockets, an empty working directory,
+// ctrl terminate, --runas, inherited listening sockets, a data-only TPM (no --ctrl), an empty working directory,
 // and kill -9 during NV writes through a go-tpm client (up to 300 trials, 60 s per
 // backend). Tests of features swtpm 0.7.1 lacks skip it by its --print-capabilities.
 //

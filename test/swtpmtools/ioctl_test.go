@@ -1,12 +1,15 @@
 package swtpmtools
 
 import (
+	"bytes"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -156,6 +159,49 @@ func TestTCPChannels(t *testing.T) {
 		mustRun(t, nil, "swtpm_ioctl", "--tcp", ctrl, "-s")
 		if err := p.Wait(10 * time.Second); err != nil {
 			t.Errorf("exit after -s: %v", err)
+		}
+	})
+}
+
+// TestDataOnly runs a backend without --ctrl, as swtpm allows: the TPM is served on
+// the data socket alone, swtpm_bios starts it (and a second TPM2_Startup is refused),
+// and SIGTERM ends it with exit status 0 and its state written.
+func TestDataOnly(t *testing.T) {
+	e2e.Require(t, "swtpm_bios")
+	forEachBackend(t, func(t *testing.T, be backend) {
+		state, dir := t.TempDir(), sockDir(t)
+		data := filepath.Join(dir, "data")
+		argv := append(be.argv(t), "--tpm2", "--server", "type=unixio,path="+data,
+			"--tpmstate", "dir="+state, "--flags", "not-need-init", "--log", "file="+filepath.Join(dir, "log"))
+		cmd := exec.Command(argv[0], argv[1:]...)
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		exited := make(chan error, 1)
+		go func() { exited <- cmd.Wait() }()
+		t.Cleanup(func() {
+			cmd.Process.Kill()
+			<-exited
+		})
+		e2e.WaitFor(t, 10*time.Second, "the data socket", func() bool { return dialable(data) })
+		mustRun(t, nil, "swtpm_bios", "--tpm2", "--unix", data)
+		if out, err := runTool(t, nil, "swtpm_bios", "--tpm2", "--unix", data); err == nil {
+			t.Errorf("a second swtpm_bios (TPM2_Startup) succeeded: %s", out)
+		}
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case err := <-exited:
+			exited <- err // for Cleanup
+			if err != nil {
+				t.Errorf("%s after SIGTERM: %v; stderr: %s", be.name, err, stderr.String())
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s did not exit 10 s after SIGTERM", be.name)
+		}
+		if _, err := os.Stat(filepath.Join(state, "tpm2-00.permall")); err != nil {
+			t.Errorf("no permanent state after SIGTERM: %v", err)
 		}
 	})
 }
