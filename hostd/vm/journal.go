@@ -52,6 +52,12 @@ type journal struct{ dir string }
 
 func (j journal) path(uuid string) string { return filepath.Join(j.dir, uuid+".json") }
 
+// exists says whether uuid has an entry (an operation not finished yet).
+func (j journal) exists(uuid string) bool {
+	_, err := os.Lstat(j.path(uuid))
+	return err == nil
+}
+
 func (j journal) write(e *entry) error {
 	b, err := json.MarshalIndent(e, "", "  ")
 	if err != nil {

@@ -6,19 +6,29 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/nkp-dev/nkp/hostd/domxml"
 	"github.com/nkp-dev/nkp/hostd/vm/vmapi"
+	"github.com/nkp-dev/nkp/provider/kdk"
 	"github.com/nkp-dev/nkp/qemuimg"
 )
 
 // Status reports a domain: its nkp objects (key IDs, KDK versions, whether each is on
 // the primary version), whether it runs and, if so, whether its TPM is present (QEMU's
 // query-tpm through libvirt) and answering (Config.ProbeVTPM: hostd asks the vTPM for
-// GET_TPMESTABLISHED on its status channel), and anything that needs an operator.
+// GET_TPMESTABLISHED on its status channel), and anything that needs an operator. For
+// the UUID of a domain libvirt does not define but whose vTPM state nkp keeps, it
+// reports that state as a problem.
 func (m *Manager) Status(ctx context.Context, domain string) (vmapi.VM, error) {
 	_, d, err := m.lookup(ctx, domain)
+	if errors.Is(err, ErrNoDomain) && kdk.CheckUUID(domain) == nil {
+		if keys := m.stateKeys(domain); len(keys) > 0 {
+			return m.orphan(domain, keys), nil
+		}
+	}
 	if err != nil {
 		return vmapi.VM{}, err
 	}
@@ -41,6 +51,12 @@ func (m *Manager) Status(ctx context.Context, domain string) (vmapi.VM, error) {
 		return vmapi.VM{}, fmt.Errorf("vm %q: asking libvirt whether it runs: %w: %w", d.Name, ErrUnavailable, err)
 	}
 	v.Running = active
+	if _, hasVTPM := d.Metadata.Object(domxml.ObjectVTPM); !hasVTPM {
+		if keys := m.stateKeys(d.UUID); len(keys) > 0 && !m.j.exists(d.UUID) {
+			dir := filepath.Join(m.cfg.VTPMDir, d.UUID)
+			v.Problems = append(v.Problems, fmt.Sprintf("nkp keeps vTPM state for this VM (key %s, in %s), but its definition names no nkp vTPM: was nkp's metadata removed (virsh edit, or virsh define of an older XML)? To get that vTPM back, put the <nkp:vm> element back with virsh edit %s (its key ID and KDK version: nkpctl provider objects); if the vTPM is not wanted, remove %s", strings.Join(keys, ", "), dir, d.Name, dir))
+		}
+	}
 	if d.Metadata == nil {
 		m.diskStatus(ctx, d, active, &v)
 		return v, nil
@@ -89,13 +105,36 @@ func (m *Manager) Status(ctx context.Context, domain string) (vmapi.VM, error) {
 	return v, nil
 }
 
-// List reports every protected domain (and every domain with an unfinished operation).
+// List reports every protected domain, every domain with a problem (an unfinished
+// operation, vTPM state kept although its definition lost nkp's metadata), and the vTPM
+// state nkp keeps for domains libvirt does not define (undefined, or moved away).
 func (m *Manager) List(ctx context.Context) ([]vmapi.VM, error) {
 	uuids, err := m.cfg.Libvirt.Domains(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("vm: listing domains: %w: %w", ErrUnavailable, err)
 	}
 	out := []vmapi.VM{}
+	// Domains that libvirt does not define persistently but nkp keeps vTPM state for:
+	// a transient protected domain (migrated in without --persistent), or one that was
+	// undefined or moved to another host, whose state is left behind.
+	ents, _ := os.ReadDir(m.cfg.VTPMDir)
+	for _, de := range ents {
+		u := de.Name()
+		if !de.IsDir() || kdk.CheckUUID(u) != nil || slices.Contains(uuids, u) {
+			continue
+		}
+		keys := m.stateKeys(u)
+		if len(keys) == 0 {
+			continue
+		}
+		if _, _, err := m.lookup(ctx, u); err == nil {
+			uuids = append(uuids, u) // transient: reported below like the others
+			continue
+		} else if !errors.Is(err, ErrNoDomain) {
+			continue
+		}
+		out = append(out, m.orphan(u, keys))
+	}
 	for _, u := range uuids {
 		v, err := m.Status(ctx, u)
 		if errors.Is(err, ErrNoDomain) {
@@ -110,6 +149,27 @@ func (m *Manager) List(ctx context.Context) ([]vmapi.VM, error) {
 		}
 	}
 	return out, nil
+}
+
+// orphan reports the vTPM state nkp keeps for a VM that libvirt does not define.
+func (m *Manager) orphan(vmUUID string, keys []string) vmapi.VM {
+	dir := filepath.Join(m.cfg.VTPMDir, vmUUID)
+	return vmapi.VM{Domain: vmUUID, UUID: vmUUID, Problems: []string{fmt.Sprintf("libvirt defines no domain %s on this host, but nkp keeps its vTPM state (key %s) in %s: the domain was undefined (virsh undefine) or moved to another host. If it is gone for good, remove %s (its TPM's data goes with it); its objects stay in the provider's catalog (nkpctl provider objects) and keep their KDK version from being retired", vmUUID, strings.Join(keys, ", "), dir, dir)}}
+}
+
+// stateKeys lists the key IDs of the vTPM state directories nkp keeps for a VM.
+func (m *Manager) stateKeys(vmUUID string) []string {
+	ents, err := os.ReadDir(filepath.Join(m.cfg.VTPMDir, vmUUID))
+	if err != nil {
+		return nil
+	}
+	var keys []string
+	for _, e := range ents {
+		if e.IsDir() && kdk.CheckUUID(e.Name()) == nil {
+			keys = append(keys, e.Name())
+		}
+	}
+	return keys
 }
 
 // diskStatus adds each disk of d to v: its object, its LUKS header (read with its key

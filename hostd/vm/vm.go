@@ -220,7 +220,7 @@ func (m *Manager) lookup(ctx context.Context, domain string) ([]byte, *domxml.Do
 	}
 	d, err := domxml.Parse(x)
 	if err != nil {
-		return nil, nil, fmt.Errorf("vm %q: %w", domain, err)
+		return nil, nil, fmt.Errorf("vm %q: %w; fix its definition with virsh edit %s", domain, err, domain)
 	}
 	if kdk.CheckUUID(d.UUID) != nil {
 		return nil, nil, fmt.Errorf("vm %q: its definition has no valid <uuid> (%q)", domain, d.UUID)

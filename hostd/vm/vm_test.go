@@ -658,3 +658,68 @@ func TestRemoveDoesNotFollowLinks(t *testing.T) {
 		t.Fatalf("the file a planted link named: %q, %v", b, err)
 	}
 }
+
+// TestOrphanedState: nkp's metadata removed from a protected domain (virsh edit, or
+// virsh define of an older XML), then the domain undefined: status names the vTPM state
+// nkp still keeps, and what to do, instead of calling the domain "not protected".
+func TestOrphanedState(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t)
+	e.define(t, "r1", uuid1, "")
+	if _, err := e.m.Protect(ctx, "r1"); err != nil {
+		t.Fatal(err)
+	}
+	o, _ := e.lv.domain(t, uuid1).Metadata.Object(domxml.ObjectVTPM)
+	dir := filepath.Join(e.m.cfg.VTPMDir, uuid1)
+	if v, err := e.m.Status(ctx, "r1"); err != nil || len(v.Problems) != 0 {
+		t.Fatalf("protected domain: %+v %v", v.Problems, err)
+	}
+	x, err := e.lv.DomainXML(ctx, uuid1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain, err := domxml.SetMetadata(x, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.lv.DefineXML(ctx, plain); err != nil {
+		t.Fatal(err)
+	}
+	says := func(what string, problems []string, want ...string) {
+		t.Helper()
+		if len(problems) != 1 {
+			t.Fatalf("%s: problems %q, want one", what, problems)
+		}
+		for _, w := range want {
+			if !strings.Contains(problems[0], w) {
+				t.Errorf("%s: %q does not say %q", what, problems[0], w)
+			}
+		}
+	}
+	v, err := e.m.Status(ctx, "r1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	says("metadata removed", v.Problems, o.KeyID, dir, "names no nkp vTPM", "virsh edit r1", "nkpctl provider objects")
+	list, err := e.m.List(ctx)
+	if err != nil || len(list) != 1 || list[0].Domain != "r1" {
+		t.Fatalf("List: %+v %v; want r1 with its problem", list, err)
+	}
+	e.lv.mu.Lock()
+	delete(e.lv.doms, uuid1)
+	e.lv.mu.Unlock()
+	if list, err = e.m.List(ctx); err != nil || len(list) != 1 || list[0].UUID != uuid1 {
+		t.Fatalf("List after undefine: %+v %v", list, err)
+	}
+	says("undefined", list[0].Problems, "libvirt defines no domain "+uuid1, o.KeyID, "virsh undefine", "remove "+dir, "provider's catalog")
+	if v, err = e.m.Status(ctx, uuid1); err != nil {
+		t.Fatalf("Status by UUID of the undefined domain: %v", err)
+	}
+	says("undefined, by UUID", v.Problems, "libvirt defines no domain "+uuid1)
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	if list, err = e.m.List(ctx); err != nil || len(list) != 0 {
+		t.Fatalf("List after the state was removed: %+v %v", list, err)
+	}
+}

@@ -189,7 +189,16 @@ func (c *cli) status(ctx context.Context, args []string) error {
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d/%d encrypted\t%d\n", v.Domain, v.UUID, state(v), orDash(v.TPM), key, kdkv, enc, len(v.Disks), len(v.Problems))
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	// The problems themselves: a count alone sends the operator to status DOMAIN.
+	for _, v := range l.VMs {
+		for _, p := range v.Problems {
+			fmt.Fprintf(c.stdout, "%s: problem: %s\n", v.Domain, p)
+		}
+	}
+	return nil
 }
 
 func (c *cli) describe(v vmapi.VM) {

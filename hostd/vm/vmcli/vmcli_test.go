@@ -26,7 +26,8 @@ func fakeHostd(t *testing.T) (string, *[]string) {
 		Objects: []vmapi.Object{{Name: "vtpm", KeyID: "3f1c8a52-5d4b-4a7e-9c1e-2b6f0d9e8a71", KDKID: "k", KDKVersion: 1, Primary: false}}}
 	mux := http.NewServeMux()
 	reply := func(w http.ResponseWriter, v any) { json.NewEncoder(w).Encode(v) }
-	mux.HandleFunc("GET /v1/vms", func(w http.ResponseWriter, r *http.Request) { reply(w, vmapi.List{VMs: []vmapi.VM{vm}}) })
+	orphan := vmapi.VM{Domain: "0c9a4e0e-2f53-4b8e-a1c5-6d7e8f9a0b1c", UUID: "0c9a4e0e-2f53-4b8e-a1c5-6d7e8f9a0b1c", Problems: []string{"libvirt defines no domain 0c9a4e0e-2f53-4b8e-a1c5-6d7e8f9a0b1c on this host"}}
+	mux.HandleFunc("GET /v1/vms", func(w http.ResponseWriter, r *http.Request) { reply(w, vmapi.List{VMs: []vmapi.VM{vm, orphan}}) })
 	mux.HandleFunc("GET /v1/vms/{d}", func(w http.ResponseWriter, r *http.Request) {
 		if r.PathValue("d") != "vm1" {
 			w.WriteHeader(404)
@@ -84,7 +85,8 @@ func TestCommands(t *testing.T) {
 		request string
 	}{
 		{args: []string{"status", "vm1"}, want: []string{"vm1 (5b0c6a1e-8f3d-4c2b-9a7e-1d2f3a4b5c6d): protected, keys from provider prov-a, running, TPM ok", "key 3f1c8a52-5d4b-4a7e-9c1e-2b6f0d9e8a71  KDK version 1 (not primary: nkpctl vm rekey vm1)"}},
-		{args: []string{"status"}, want: []string{"DOMAIN", "vm1", "3f1c8a52-5d4b-4a7e-9c1e-2b6f0d9e8a71", "1 (not primary)"}},
+		{args: []string{"status"}, want: []string{"DOMAIN", "vm1", "3f1c8a52-5d4b-4a7e-9c1e-2b6f0d9e8a71", "1 (not primary)",
+			"0c9a4e0e-2f53-4b8e-a1c5-6d7e8f9a0b1c: problem: libvirt defines no domain 0c9a4e0e-2f53-4b8e-a1c5-6d7e8f9a0b1c on this host"}},
 		{args: []string{"status", "--json", "vm1"}, want: []string{`"key_id": "3f1c8a52-5d4b-4a7e-9c1e-2b6f0d9e8a71"`, `"tpm": "ok"`}},
 		{args: []string{"status", "nope"}, wantErr: `vm "nope": no such domain: check the name with virsh list --all`},
 		{args: []string{"protect", "vm1"}, want: []string{"vm1: done"}, request: `protect vm1 {"disks":"all"}`},
