@@ -266,8 +266,11 @@ func (m *Manager) convertDisk(ctx context.Context, vmName string, de *diskEntry,
 	}
 	st := fi.Sys().(*syscall.Stat_t)
 	f, err := os.OpenFile(de.New, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
-	if err != nil {
+	if errors.Is(err, fs.ErrExist) {
 		return fmt.Errorf("vm %q: disk %s: creating %s: %w (a file of that name is not nkp's to overwrite: move it away)", vmName, de.Target, de.New, err)
+	}
+	if err != nil {
+		return fmt.Errorf("vm %q: disk %s: creating %s: %w: nkp writes the new image next to %s, so its directory must be writable (or move the disk, virsh edit, and run the command again); nothing was changed", vmName, de.Target, de.New, err, de.Orig)
 	}
 	defer func() {
 		if err != nil {

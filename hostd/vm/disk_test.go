@@ -12,6 +12,8 @@ import (
 	"sync"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/nkp-dev/nkp/hostd/domxml"
 	"github.com/nkp-dev/nkp/hostd/vm/vmapi"
 	"github.com/nkp-dev/nkp/provider/kdk"
@@ -494,5 +496,44 @@ func TestDiskConvertFails(t *testing.T) {
 	}
 	if _, err := os.Stat(e.m.j.path(uuid1)); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("journal left: %v", err)
+	}
+}
+
+// TestReadOnlyDiskDir: a disk whose directory is read-only (a read-only bind mount, an
+// NFS export mounted ro): protect is refused saying why, and leaves no unfinished
+// operation behind (unlink on a read-only file system fails with EROFS even for a name
+// that does not exist, which kept the rollback from finishing).
+func TestReadOnlyDiskDir(t *testing.T) {
+	e2e.RequireRoot(t)
+	e := newEnv(t)
+	dir := t.TempDir()
+	diskImages(t, dir)
+	if err := unix.Mount(dir, dir, "", unix.MS_BIND, ""); err != nil {
+		t.Skipf("bind mount: %v", err)
+	}
+	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+	if err := unix.Mount("", dir, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
+		t.Skipf("read-only remount: %v", err)
+	}
+	e.define(t, "d1", uuid1, diskDevices(dir))
+	ctx := context.Background()
+	_, err := e.m.ProtectWith(ctx, "d1", vmapi.ProtectRequest{Disks: "vda"}, nil)
+	if err == nil {
+		t.Fatal("protect wrote into a read-only directory")
+	}
+	for _, w := range []string{`vm "d1"`, "disk vda", "read-only file system", "must be writable", "nothing was changed"} {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("error %q does not say %q", err, w)
+		}
+	}
+	if strings.Contains(err.Error(), "move it away") {
+		t.Errorf("error %q blames a file that does not exist", err)
+	}
+	if e.m.j.exists(uuid1) {
+		t.Fatal("the rollback left the operation unfinished")
+	}
+	v, err := e.m.Status(ctx, "d1")
+	if err != nil || v.Protected || len(v.Problems) != 0 {
+		t.Fatalf("status after the refusal: %+v %v", v, err)
 	}
 }

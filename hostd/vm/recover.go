@@ -211,7 +211,7 @@ func (m *Manager) recoverDisks(ctx context.Context, e *entry, d *domxml.Domain) 
 				continue
 			}
 		case !done:
-			if err := os.Remove(de.New); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			if err := removeIfThere(de.New); err != nil {
 				errs = append(errs, fmt.Errorf("vm %q: disk %s: removing the unused %s: %w", e.Domain, de.Target, de.New, err))
 				continue
 			}
@@ -324,4 +324,17 @@ func removeState(dir string) error {
 // dupFD returns a close-on-exec duplicate of f's descriptor.
 func dupFD(f *os.File) (int, error) {
 	return unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+}
+
+// removeIfThere removes path; a path that is not there is no error. It looks first:
+// unlink on a read-only file system fails with EROFS even for a name that does not
+// exist, which would leave a rollback that created nothing unfinished.
+func removeIfThere(path string) error {
+	if _, err := os.Lstat(path); errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return nil
 }
