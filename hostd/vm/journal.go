@@ -64,7 +64,8 @@ func (j journal) write(e *entry) error {
 		return err
 	}
 	if err := atomicfile.WriteFile(j.path(e.UUID), append(b, '\n'), 0o600); err != nil {
-		return fmt.Errorf("vm %q: journal: %w", e.Domain, err)
+		// Written before anything else changes: nothing was.
+		return fmt.Errorf("vm %q: writing its journal entry before the %s starts: %w: nkp-hostd's state directory %s must be writable and have free space (df %s); nothing was changed, run the command again once it is", e.Domain, e.Op, err, j.dir, j.dir)
 	}
 	return nil
 }

@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/nkp-dev/nkp/hostd/domxml"
 	"github.com/nkp-dev/nkp/hostd/vm/vmapi"
 	"github.com/nkp-dev/nkp/provider/kdk"
@@ -721,5 +723,36 @@ func TestOrphanedState(t *testing.T) {
 	}
 	if list, err = e.m.List(ctx); err != nil || len(list) != 0 {
 		t.Fatalf("List after the state was removed: %+v %v", list, err)
+	}
+}
+
+// TestJournalUnwritable: nkp-hostd's state directory full or read-only (here a read-only
+// bind mount of the journal directory): protect is refused before anything changes,
+// naming the directory and what it needs.
+func TestJournalUnwritable(t *testing.T) {
+	e := newEnv(t)
+	e.define(t, "r1", uuid1, "")
+	dir := e.m.cfg.JournalDir
+	if err := unix.Mount(dir, dir, "", unix.MS_BIND, ""); err != nil {
+		t.Skipf("bind mount: %v", err)
+	}
+	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+	if err := unix.Mount("", dir, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
+		t.Skipf("read-only remount: %v", err)
+	}
+	_, err := e.m.Protect(context.Background(), "r1")
+	if err == nil {
+		t.Fatal("protect without a journal")
+	}
+	for _, w := range []string{`vm "r1"`, "journal", dir, "must be writable and have free space", "nothing was changed"} {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("error %q does not say %q", err, w)
+		}
+	}
+	if d := e.lv.domain(t, uuid1); d.Metadata != nil || e.lv.defines != 1 {
+		t.Fatalf("the domain changed: %+v, %d defines", d.Metadata, e.lv.defines)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(e.m.cfg.VTPMDir, uuid1)); len(ents) != 0 {
+		t.Fatalf("state directories left: %v", ents)
 	}
 }
