@@ -397,9 +397,39 @@ func referenced(d *domxml.Domain, path string) bool {
 	return false
 }
 
+// usedElsewhere returns the name of a persistent domain other than selfUUID whose disks
+// name path (as a source or first backing file), "" if none does. A domain whose
+// definition cannot be read or parsed counts as using it (the caller keeps the file).
+func (m *Manager) usedElsewhere(ctx context.Context, selfUUID, path string) (string, error) {
+	uuids, err := m.cfg.Libvirt.Domains(ctx)
+	if err != nil {
+		return "", fmt.Errorf("listing libvirt's domains: %w", err)
+	}
+	for _, u := range uuids {
+		if u == selfUUID {
+			continue
+		}
+		x, err := m.cfg.Libvirt.DomainXML(ctx, u)
+		if errors.Is(err, ErrNoDomain) {
+			continue // undefined meanwhile
+		}
+		if err != nil {
+			return "", fmt.Errorf("reading domain %s: %w", u, err)
+		}
+		o, err := domxml.Parse(x)
+		if err != nil {
+			return "", fmt.Errorf("domain %s: %w", u, err)
+		}
+		if referenced(o, path) {
+			return o.Name, nil
+		}
+	}
+	return "", nil
+}
+
 // Finalize removes the original disk files that protect, rekey --deep and unprotect
-// kept, except a file the domain's definition names again and a file some process has
-// open (a VM resumed from a save image or snapshot older than the change runs on it; it
+// kept, except a file the domain's definition (or another domain's) names again and a
+// file some process has open (a VM resumed from a save image or snapshot older than the change runs on it; it
 // stays listed, and a later Finalize removes it). It is idempotent; the VM may run.
 func (m *Manager) Finalize(ctx context.Context, domain string) (vmapi.VM, error) {
 	m.mu.Lock()
@@ -425,6 +455,15 @@ func (m *Manager) Finalize(ctx context.Context, domain string) (vmapi.VM, error)
 	for _, k := range ks {
 		if referenced(d, k.Path) {
 			problems = append(problems, fmt.Sprintf("%s is kept: the domain's disk %s uses it again", k.Path, k.Target))
+			continue
+		}
+		if other, err := m.usedElsewhere(ctx, d.UUID, k.Path); err != nil {
+			left = append(left, k)
+			problems = append(problems, fmt.Sprintf("%s is kept: cannot tell whether another domain uses it (%v); run nkpctl vm protect --finalize %s again", k.Path, err, d.Name))
+			continue
+		} else if other != "" {
+			left = append(left, k)
+			problems = append(problems, fmt.Sprintf("%s is kept: domain %s names it too and still uses this unencrypted original; protect that domain (or point it at another file with virsh edit), then run nkpctl vm protect --finalize %s again", k.Path, other, d.Name))
 			continue
 		}
 		if ps, err := openers(m.procDir(), k.Path); err != nil && !errors.Is(err, fs.ErrNotExist) {

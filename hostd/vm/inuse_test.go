@@ -3,6 +3,7 @@ package vm
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -85,5 +86,48 @@ func TestFinalizeKeepsOpenFile(t *testing.T) {
 	}
 	if _, err := os.Stat(orig); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("%s after finalize: %v", orig, err)
+	}
+}
+
+// TestSharedOriginal: another domain names the same disk file (a clone, an alternative
+// boot configuration). Protect says so; neither finalize nor --remove-original removes the
+// original that domain still uses; finalize does once it no longer names it.
+func TestSharedOriginal(t *testing.T) {
+	for _, removeOriginal := range []bool{false, true} {
+		t.Run(fmt.Sprintf("remove-original=%v", removeOriginal), func(t *testing.T) {
+			e := newEnv(t)
+			dir := t.TempDir()
+			diskImages(t, dir)
+			e.define(t, "d1", uuid1, diskDevices(dir))
+			const uuid2 = "0d6f3c9e-7a1b-4e2d-8c5f-9b0a1d2e3f40"
+			orig := filepath.Join(dir, "vda.img")
+			e.define(t, "d2", uuid2, `<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='`+orig+`'/><target dev='vdb' bus='virtio'/></disk>`)
+			ctx := context.Background()
+			v, err := e.m.ProtectWith(ctx, "d1", vmapi.ProtectRequest{Disks: "vda", RemoveOriginal: removeOriginal}, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !strings.Contains(v.Note, "domain d2 names the same file "+orig) {
+				t.Errorf("note %q does not name d2", v.Note)
+			}
+			if v, err = e.m.Finalize(ctx, "d1"); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := os.Stat(orig); err != nil {
+				t.Fatalf("the original d2 uses was removed: %v", err)
+			}
+			if len(v.Problems) != 1 || !strings.Contains(v.Problems[0], "domain d2 names it too") || !strings.Contains(v.Problems[0], "--finalize d1 again") {
+				t.Fatalf("problems %q, want one naming d2", v.Problems)
+			}
+			e.lv.mu.Lock()
+			delete(e.lv.doms, uuid2)
+			e.lv.mu.Unlock()
+			if v, err = e.m.Finalize(ctx, "d1"); err != nil || len(v.Problems) != 0 {
+				t.Fatalf("finalize once d2 is gone: %q %v", v.Problems, err)
+			}
+			if _, err := os.Stat(orig); !errors.Is(err, os.ErrNotExist) {
+				t.Fatalf("%s after finalize: %v", orig, err)
+			}
+		})
 	}
 }

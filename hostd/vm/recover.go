@@ -242,7 +242,14 @@ func (m *Manager) recoverDisks(ctx context.Context, e *entry, d *domxml.Domain) 
 			dropSecrets = append(dropSecrets, de.Obj)
 		}
 		if done && de.Mode == modeConvert && de.Orig != de.New && !referenced(d, de.Orig) {
+			other, oerr := "", error(nil)
 			if e.RemoveOriginal {
+				other, oerr = m.usedElsewhere(ctx, e.UUID, de.Orig)
+				if oerr != nil || other != "" {
+					m.log.Warn("vm: original disk file kept instead of removed: another domain may use it (nkpctl vm protect --finalize removes it once none does)", "vm", e.Domain, "disk", de.Target, "file", de.Orig, "domain", other, "err", oerr)
+				}
+			}
+			if e.RemoveOriginal && oerr == nil && other == "" {
 				if err := os.Remove(de.Orig); err != nil && !errors.Is(err, fs.ErrNotExist) {
 					errs = append(errs, fmt.Errorf("vm %q: disk %s: removing the original %s: %w", e.Domain, de.Target, de.Orig, err))
 					continue

@@ -548,6 +548,9 @@ func (m *Manager) ProtectWith(ctx context.Context, domain string, req vmapi.Prot
 			return vmapi.VM{}, err
 		}
 		plan = append(plan, planned{dk, f, vsize})
+		if other, err := m.usedElsewhere(ctx, d.UUID, dk.Source); err == nil && other != "" {
+			notes = append(notes, fmt.Sprintf("disk %s: domain %s names the same file %s and keeps using it unencrypted (the original is kept while it does)", dk.Target, other, dk.Source))
+		}
 	}
 
 	var src *source
