@@ -20,8 +20,8 @@
 //     One qemu-io process runs all the requests of a round; the clock starts when it
 //     has started and opened the image (a first 512-byte read is answered), so process
 //     start and unlock are not counted. Writes end with one flush. Each random row has
-//     a "per request" row: CPU time of all qemu-io's threads and voluntary context
-//     switches per request, which show where LUKS' extra time goes;
+//     a "per request" row: wall time, CPU time of all qemu-io's threads and voluntary
+//     context switches per request, which show where LUKS' extra time goes;
 //   - crypto: QEMU's cipher speed alone, the floor of LUKS I/O: 1 MiB sequential writes
 //     and reads of raw LUKS against plain raw, both on tmpfs (-memdir), the extra time
 //     as a rate, for AES-256-XTS, AES-128-XTS and AES-256-CBC-ESSIV (the kernel's
@@ -78,7 +78,7 @@ func run(ctx context.Context, args []string, out io.Writer) error {
 	dir := fs.String("dir", "/var/tmp", "where the images are made (a disk, not tmpfs, for I/O figures)")
 	size := fs.String("size", "1G", "image size for protect and sequential I/O (K, M, G suffix)")
 	rounds := fs.Int("rounds", 3, "interleaved rounds per measure (medians are reported)")
-	randN := fs.Int("random", 4000, "4 KiB random requests per round")
+	randN := fs.Int("random", 10000, "4 KiB random requests per round")
 	skip := fs.String("skip", "", "comma-separated sections to skip: unlock,protect,io,crypto")
 	mem := fs.String("memdir", "/dev/shm", "a tmpfs for the crypto section (QEMU's AES-XTS without storage)")
 	cryptoSize := fs.String("crypto-size", "256M", "bytes written per round in the crypto section")
@@ -574,7 +574,8 @@ func (b *bench) io(ctx context.Context) error {
 			name := w.name + ", cache=" + cache
 			rate := func(d time.Duration) string { return fmt.Sprintf("%.0f %s", w.per/d.Seconds(), w.unit) }
 			per := func(r ioRun) string {
-				return fmt.Sprintf("%.0f µs CPU, %.1f ctx sw", float64(r.cpu.Microseconds())/float64(b.randN), float64(r.vcsw)/float64(b.randN))
+				n := float64(b.randN)
+				return fmt.Sprintf("%.1f µs, %.1f µs CPU, %.1f ctx sw", float64(r.wall.Microseconds())/n, float64(r.cpu.Microseconds())/n, float64(r.vcsw)/n)
 			}
 			b.row(name+", calibration", rate(net[0].wall), rate(net[1].wall), sides[0].label, sides[1].label, net[0].wall.Seconds()/net[1].wall.Seconds())
 			for k := 2; k < len(sides); k++ {
