@@ -36,14 +36,15 @@
 // one 16-byte block at a time; gnutls is linked but not used for block encryption), so
 // AES-XTS runs at about 500–600 MiB/s on a core where OpenSSL's does 6.4 GB/s:
 //
-//   - AES-256-XTS: about 7.7 µs to decrypt 4 KiB, 6.5 µs to encrypt.
+//   - AES-256-XTS: about 7.5 µs to encrypt or decrypt 4 KiB.
 //   - AES-128-XTS: sound (NIST SP 800-38E, BitLocker's and FileVault's choice) and the
-//     closest to plain I/O, but only by about 1 µs per 4 KiB request (10–15 %), which
-//     moves none of the benchmark's ratios across its target: the gap at 4 KiB is QEMU's
-//     per-request overhead, not the cipher. Disk images are long-lived ciphertext that
-//     anyone who copies them can attack for years, so nkp keeps 256-bit AES keys, as
-//     cryptsetup's LUKS2 default (aes-xts-plain64, 512-bit key) does.
-//   - AES-256-CBC with ESSIV IVs (LUKS1's old default): decrypts 4 KiB in about 2.8 µs
+//     closest to plain I/O, but only by about 1 µs per 4 KiB request (10–15 % of the
+//     cipher's time): 0.01–0.02 of a 4 KiB ratio, less than the benchmark's run-to-run
+//     noise. Where LUKS in qcow2 falls short, the gap is QEMU's hand-off of every
+//     encrypted request to a worker thread, not the cipher. Disk images are long-lived
+//     ciphertext that anyone who copies them can attack for years, so nkp keeps 256-bit
+//     AES keys, as cryptsetup's LUKS2 default (aes-xts-plain64, 512-bit key) does.
+//   - AES-256-CBC with ESSIV IVs (LUKS1's old default): decrypts 4 KiB in about 2.6 µs
 //     (CBC decryption runs blocks in parallel), encrypts no faster than XTS. Not taken:
 //     CBC is malleable, so whoever can write the image file can flip chosen bits of one
 //     plaintext block by changing the ciphertext block before it (a backdoor was planted
@@ -51,7 +52,7 @@
 //     are what nkp assumes an attacker may reach; under XTS a change turns 16 bytes into
 //     noise the attacker cannot choose.
 //   - Twofish-256-XTS and Serpent-256-XTS: about 2 and 5 times slower than AES here.
-//   - Not sound for disks, so not offered: ECB (patterns show), CTR (a rewrite of a
+//   - Unsound for disks, so not considered: ECB (patterns show), CTR (a rewrite of a
 //     sector reuses its keystream), CBC with plain/plain64 IVs (watermarking).
 //
 // Who may import it: hostd and tests. It imports only the standard library.
