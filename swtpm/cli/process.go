@@ -18,7 +18,8 @@ func pidFile(p *cmdline.PidOptions, pid int) (func(), error) {
 	if p == nil {
 		return noop, nil
 	}
-	data := []byte(strconv.Itoa(pid) + "\n")
+	// The digits alone, no newline: byte for byte what swtpm writes.
+	data := []byte(strconv.Itoa(pid))
 	if p.FD >= 0 {
 		f := os.NewFile(uintptr(p.FD), "pid")
 		defer f.Close()

@@ -165,13 +165,14 @@ func TestTCPChannels(t *testing.T) {
 
 // TestDataOnly runs a backend without --ctrl, as swtpm allows: the TPM is served on
 // the data socket alone, swtpm_bios starts it (and a second TPM2_Startup is refused),
-// and SIGTERM ends it with exit status 0 and its state written.
+// and SIGTERM ends it with exit status 0 and its state written. The pid file holds the
+// pid's digits and nothing else, as swtpm writes it.
 func TestDataOnly(t *testing.T) {
 	e2e.Require(t, "swtpm_bios")
 	forEachBackend(t, func(t *testing.T, be backend) {
 		state, dir := t.TempDir(), sockDir(t)
-		data := filepath.Join(dir, "data")
-		argv := append(be.argv(t), "--tpm2", "--server", "type=unixio,path="+data,
+		data, pidf := filepath.Join(dir, "data"), filepath.Join(dir, "pid")
+		argv := append(be.argv(t), "--tpm2", "--server", "type=unixio,path="+data, "--pid", "file="+pidf,
 			"--tpmstate", "dir="+state, "--flags", "not-need-init", "--log", "file="+filepath.Join(dir, "log"))
 		cmd := exec.Command(argv[0], argv[1:]...)
 		var stderr bytes.Buffer
@@ -185,7 +186,14 @@ func TestDataOnly(t *testing.T) {
 			cmd.Process.Kill()
 			<-exited
 		})
-		e2e.WaitFor(t, 10*time.Second, "the data socket", func() bool { return dialable(data) })
+		// nkp-swtpm writes the pid file once the TPM started (swtpm 0.7.1 before).
+		e2e.WaitFor(t, 10*time.Second, "the data socket and the pid file", func() bool {
+			fi, err := os.Stat(pidf)
+			return dialable(data) && err == nil && fi.Size() > 0
+		})
+		if b, err := os.ReadFile(pidf); err != nil || string(b) != strconv.Itoa(cmd.Process.Pid) {
+			t.Errorf("pid file holds %q (%v), want %q", b, err, strconv.Itoa(cmd.Process.Pid))
+		}
 		mustRun(t, nil, "swtpm_bios", "--tpm2", "--unix", data)
 		if out, err := runTool(t, nil, "swtpm_bios", "--tpm2", "--unix", data); err == nil {
 			t.Errorf("a second swtpm_bios (TPM2_Startup) succeeded: %s", out)
