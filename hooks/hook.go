@@ -27,7 +27,10 @@
 // lines "socket = PATH" and "timeout = 30s", # comments), else the defaults.
 //
 // Importers: cmd/nkp-hook and tests. It imports hooks/hookproto and the standard library
-// only, and no cgo, so that it starts in a few milliseconds.
+// only, and no cgo, so that it starts in a few milliseconds. It talks to hostd over a
+// blocking socket whose own timeouts carry the deadline: no package net, no netpoller,
+// no timer, so the process has nothing to wake but its one goroutine (on a host where
+// many QEMUs start at once, every wake-up of a thread is a wait for a CPU).
 package hooks
 
 import (
@@ -66,7 +69,7 @@ type Env func(string) string
 
 // Main runs the hook with args (os.Args[1:]) and returns the exit status.
 func Main(args []string, stdin io.Reader, stderr io.Writer, getenv Env) int {
-	ctx := context.Background()
+	ctx := context.Background() // no cancellation, no timer: the deadline bounds the exchange
 	xmlDoc, readErr := io.ReadAll(io.LimitReader(stdin, hookproto.MaxRequest))
 	protected, tooLarge := hookproto.Protected(xmlDoc), false
 	if readErr == nil && len(xmlDoc) == hookproto.MaxRequest {
@@ -108,9 +111,7 @@ func Main(args []string, stdin io.Reader, stderr io.Writer, getenv Env) int {
 	if !hookproto.Required(req.Op) && timeout > OptionalTimeout {
 		timeout = OptionalTimeout
 	}
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	reply, err := Ask(ctx, cfg.Socket, req)
+	reply, err := ask(ctx, cfg.Socket, req, time.Now().Add(timeout))
 	if err != nil {
 		if !hookproto.Required(req.Op) {
 			fmt.Fprintf(stderr, "nkp: warning: VM %q %s %s: nkp-hostd could not be told (%v); it will reconcile from libvirt's events when it runs\n",
@@ -196,31 +197,49 @@ func verb(op string) string {
 }
 
 // Ask sends one request to hostd's hook socket and returns its reply. ctx bounds the
-// whole exchange.
+// whole exchange (without a deadline, DefaultTimeout does).
 func Ask(ctx context.Context, socket string, req hookproto.Request) (hookproto.Reply, error) {
-	c, err := dialUnix(ctx, socket)
+	deadline, ok := ctx.Deadline()
+	if !ok {
+		deadline = time.Now().Add(DefaultTimeout)
+	}
+	if err := ctx.Err(); err != nil {
+		return hookproto.Reply{}, limitErr(ctx, err)
+	}
+	return ask(ctx, socket, req, deadline)
+}
+
+// ask is Ask with the deadline given apart, so that Main needs no context timer: a
+// timer is one more thing the Go runtime may wake a thread for, and every thread of
+// the hook has to get a CPU before the process can exit.
+func ask(ctx context.Context, socket string, req hookproto.Request, deadline time.Time) (hookproto.Reply, error) {
+	c, err := dialUnix(socket, deadline)
 	if err != nil {
 		return hookproto.Reply{}, err
 	}
 	defer c.Close()
-	if dl, ok := ctx.Deadline(); ok {
-		c.SetDeadline(dl)
-	}
-	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
+	stop := c.closeOnCancel(ctx)
 	defer stop()
 	if err := hookproto.WriteRequest(c, req); err != nil {
-		return hookproto.Reply{}, fmt.Errorf("sending the request: %w", err)
+		return hookproto.Reply{}, fmt.Errorf("sending the request: %w", limitErr(ctx, err))
 	}
 	reply, err := hookproto.ReadReply(bufio.NewReader(c))
 	if err != nil {
-		// The socket's deadline is the context's, so the read can time out a moment before
-		// the context says so: either means the time limit was reached.
-		if ctx.Err() != nil || errors.Is(err, os.ErrDeadlineExceeded) {
-			return hookproto.Reply{}, fmt.Errorf("no answer within the hook's time limit: %w", err)
-		}
-		return hookproto.Reply{}, err
+		return hookproto.Reply{}, limitErr(ctx, err)
 	}
 	return reply, nil
+}
+
+// limitErr says that the time limit was reached (or the exchange cancelled) when that
+// is why err happened.
+func limitErr(ctx context.Context, err error) error {
+	switch {
+	case ctx.Err() != nil:
+		return fmt.Errorf("no answer within the hook's time limit: %w", ctx.Err())
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return fmt.Errorf("no answer within the hook's time limit: %w", err)
+	}
+	return err
 }
 
 // configure reads the leading flags, the environment and the config file; it returns the
