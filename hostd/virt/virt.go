@@ -18,6 +18,10 @@
 // secret of the same UUID is undefined first (libvirt 9 would leave a persistent one's
 // file behind). The value is handed to virSecretSetValue by a small cgo function of this
 // package, because the binding's SetValue copies it into a Go buffer it never wipes.
+// SecretValue reads another secret's value (a vTPM's <encryption secret=…> that protect
+// adopts): a private one, which libvirt hands to no client, from libvirt's secret store
+// when it is persistent (SystemSecretsDir/<uuid>.base64, for a system URI); a private
+// ephemeral one is refused with what to do.
 // ListSecrets returns nkp's secrets (by the description prefix). SecretChanged and
 // SecretUndefined events report other processes' changes only: the events of this
 // Conn's own DefineSecret and UndefineSecret are recognised and not delivered.

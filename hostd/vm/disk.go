@@ -429,11 +429,12 @@ func (m *Manager) usedElsewhere(ctx context.Context, selfUUID, path string) (str
 
 // Finalize removes the original disk files that protect, rekey --deep and unprotect
 // kept, except a file the domain's definition (or another domain's) names again and a
-// file some process has open (a VM resumed from a save image or snapshot older than the change runs on it; it
-// stays listed, and a later Finalize removes it). It is idempotent; the VM may run.
+// file some process has open (a VM resumed from a save image or snapshot older than the
+// change runs on it); such a file stays listed, and a later Finalize removes it. It is
+// idempotent; the VM may run.
 func (m *Manager) Finalize(ctx context.Context, domain string) (vmapi.VM, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.lock("finalize of "+domain, nil)
+	defer m.unlock()
 	_, d, err := m.lookup(ctx, domain)
 	if err != nil {
 		return vmapi.VM{}, err

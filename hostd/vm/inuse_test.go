@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nkp-dev/nkp/hostd/vm/vmapi"
 )
@@ -129,5 +130,41 @@ func TestSharedOriginal(t *testing.T) {
 				t.Fatalf("%s after finalize: %v", orig, err)
 			}
 		})
+	}
+}
+
+// TestWaitForOtherOperation: operations run one at a time; one that has to wait for
+// another (a large disk converting for hours) says so first instead of sitting silent.
+func TestWaitForOtherOperation(t *testing.T) {
+	e := newEnv(t)
+	e.define(t, "r1", uuid1, "")
+	e.m.lock("protect of big-vm", nil)
+	events := make(chan vmapi.Progress, 8)
+	done := make(chan error, 1)
+	go func() {
+		_, err := e.m.ProtectWith(context.Background(), "r1", vmapi.ProtectRequest{Disks: vmapi.DisksNone}, func(p vmapi.Progress) { events <- p })
+		done <- err
+	}()
+	select {
+	case p := <-events:
+		if p.Phase != vmapi.PhaseWait || p.Note != "protect of big-vm" {
+			t.Fatalf("first event %+v, want a wait naming protect of big-vm", p)
+		}
+	case err := <-done:
+		t.Fatalf("protect ran while another operation held the lock: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("no wait event within 30 s")
+	}
+	e.m.unlock()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("protect did not finish within 60 s of the lock's release")
+	}
+	if e.m.busy != "" {
+		t.Fatalf("busy %q after the operation", e.m.busy)
 	}
 }

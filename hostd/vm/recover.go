@@ -23,8 +23,8 @@ import (
 // its start, before it answers hooks; operations call it for their own VM first. A VM
 // whose recovery fails keeps its journal (retried next time) and is named in the error.
 func (m *Manager) Recover(ctx context.Context) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.lock("recovery of interrupted operations", nil)
+	defer m.unlock()
 	uuids, err := m.j.list()
 	if err != nil {
 		return fmt.Errorf("vm: journal: %w", err)

@@ -149,6 +149,34 @@ type Manager struct {
 	j   journal
 
 	mu sync.Mutex // serialises Protect, Rekey, Unprotect and Recover
+
+	busyMu sync.Mutex
+	busy   string // the operation holding mu, as "protect of DOMAIN"; guarded by busyMu
+}
+
+// lock takes mu for the operation what ("protect of DOMAIN"). When another operation
+// holds it (a large disk converts for hours), progress first hears a "wait" event naming
+// that operation, so that nkpctl does not sit silent.
+func (m *Manager) lock(what string, progress ProgressFunc) {
+	if !m.mu.TryLock() {
+		m.busyMu.Lock()
+		other := m.busy
+		m.busyMu.Unlock()
+		if progress != nil {
+			progress(vmapi.Progress{Phase: vmapi.PhaseWait, Note: other})
+		}
+		m.mu.Lock()
+	}
+	m.busyMu.Lock()
+	m.busy = what
+	m.busyMu.Unlock()
+}
+
+func (m *Manager) unlock() {
+	m.busyMu.Lock()
+	m.busy = ""
+	m.busyMu.Unlock()
+	m.mu.Unlock()
 }
 
 // New checks cfg and creates the directories it names (0700).
@@ -501,8 +529,8 @@ func (m *Manager) Protect(ctx context.Context, domain string) (vmapi.VM, error) 
 // in the domain's definition. On a domain already protected it adds what is missing
 // (the vTPM, disks not yet protected). progress, if set, receives each disk's progress.
 func (m *Manager) ProtectWith(ctx context.Context, domain string, req vmapi.ProtectRequest, progress ProgressFunc) (vmapi.VM, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.lock("protect of "+domain, progress)
+	defer m.unlock()
 	x, d, err := m.prepare(ctx, domain, "protect")
 	if err != nil {
 		return vmapi.VM{}, err
@@ -818,8 +846,8 @@ func (m *Manager) Rekey(ctx context.Context, domain string) (vmapi.VM, error) {
 // every disk re-encrypted under a new master key into a new file (the old file kept until
 // finalize). The catalog is updated after the switch.
 func (m *Manager) RekeyWith(ctx context.Context, domain string, req vmapi.RekeyRequest, progress ProgressFunc) (vmapi.VM, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.lock("rekey of "+domain, progress)
+	defer m.unlock()
 	x, d, err := m.prepare(ctx, domain, "rekey")
 	if err != nil {
 		return vmapi.VM{}, err
@@ -1032,8 +1060,8 @@ func (m *Manager) UnprotectWith(ctx context.Context, domain, tpm string, progres
 	if tpm != vmapi.UnprotectKeep && tpm != vmapi.UnprotectNone {
 		return vmapi.VM{}, fmt.Errorf("vm %q: unprotect: %w: tpm %q: want %q or %q", domain, ErrBadArgument, tpm, vmapi.UnprotectKeep, vmapi.UnprotectNone)
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.lock("unprotect of "+domain, progress)
+	defer m.unlock()
 	x, d, err := m.prepare(ctx, domain, "unprotect")
 	if err != nil {
 		return vmapi.VM{}, err

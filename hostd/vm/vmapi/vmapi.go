@@ -167,13 +167,19 @@ const ContentTypeNDJSON = "application/x-ndjson"
 
 // Progress is how far one disk's conversion is.
 type Progress struct {
-	Disk  string `json:"disk"`  // target dev
-	Phase string `json:"phase"` // "convert", "verify", "done"
+	Disk  string `json:"disk"`  // target dev ("" for PhaseWait)
+	Phase string `json:"phase"` // "convert", "verify", "done", or PhaseWait
+	// Note, with PhaseWait, names the operation this one waits for ("protect of vm1").
+	Note string `json:"note,omitempty"`
 	// Done is the fraction of the phase done, 0 to 1.
 	Done float64 `json:"done"`
 	// Size is the disk's virtual size in bytes.
 	Size int64 `json:"size,omitempty"`
 }
+
+// PhaseWait is the phase of a Progress sent before the operation starts when another
+// operation on this host holds hostd's VM operations lock (they run one at a time).
+const PhaseWait = "wait"
 
 // Event is one line of a streamed answer: exactly one field is set.
 type Event struct {

@@ -283,6 +283,14 @@ func (c *cli) progress() *progress {
 
 func (p *progress) show(ev vmapi.Progress) {
 	w := p.c.stderr
+	if ev.Phase == vmapi.PhaseWait {
+		other := ev.Note
+		if other == "" {
+			other = "another operation"
+		}
+		fmt.Fprintf(w, "waiting: nkp-hostd runs one VM operation at a time, and %s is running; this one starts when it ends\n", other)
+		return
+	}
 	what := map[string]string{"convert": "converting", "verify": "verifying", "done": "done"}[ev.Phase]
 	if what == "" {
 		what = ev.Phase

@@ -153,6 +153,19 @@ func TestProgress(t *testing.T) {
 	}
 }
 
+func TestProgressWait(t *testing.T) {
+	for _, tty := range []bool{false, true} {
+		var errb bytes.Buffer
+		c := &cli{stderr: &errb, tty: tty}
+		p := c.progress()
+		p.show(vmapi.Progress{Phase: vmapi.PhaseWait, Note: "protect of big-vm"})
+		p.end()
+		if want := "waiting: nkp-hostd runs one VM operation at a time, and protect of big-vm is running; this one starts when it ends\n"; errb.String() != want {
+			t.Errorf("tty %v: %q, want %q", tty, errb.String(), want)
+		}
+	}
+}
+
 func TestDescribeDisks(t *testing.T) {
 	yes := true
 	var out bytes.Buffer
