@@ -301,6 +301,12 @@ func (m *Manager) convertDisk(ctx context.Context, vmName string, de *diskEntry,
 		if errors.Is(err, qemuimg.ErrNoSpace) {
 			return fmt.Errorf("vm %q: %w: disk %s: converting into %s ran out of space (%w); the partial file is removed and nothing else was changed: free space in %s and run the command again", vmName, ErrNoSpace, de.Target, de.New, err, filepath.Dir(de.New))
 		}
+		if errors.Is(err, qemuimg.ErrLocked) {
+			// Another VM that names the same file (not marked <shareable/>) runs on it.
+			if ps, perr := openers(m.procDir(), de.Orig); perr == nil && len(ps) > 0 {
+				return fmt.Errorf("vm %q: disk %s: converting %s into %s: %w: %s has it open; shut that down first; the partial file is removed and nothing else was changed", vmName, de.Target, de.Orig, de.New, err, ps[0])
+			}
+		}
 		return fmt.Errorf("vm %q: disk %s: converting %s into %s: %w; the partial file is removed and nothing else was changed", vmName, de.Target, de.Orig, de.New, err)
 	}
 	// qemu-img may create the file anew (qcow2 does, 0644): mode and owner again.

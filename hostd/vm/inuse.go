@@ -15,13 +15,46 @@ func (m *Manager) procDir() string { return m.cfg.ProcDir }
 type opener struct {
 	PID  int
 	Comm string // /proc/PID/comm, "" if unreadable
+	// Guest is the libvirt domain a QEMU process runs (its -name guest=NAME), "" for
+	// other processes.
+	Guest string
 }
 
 func (o opener) String() string {
-	if o.Comm == "" {
-		return "process " + strconv.Itoa(o.PID)
+	s := "process " + strconv.Itoa(o.PID)
+	if o.Comm != "" {
+		s += " (" + o.Comm + ")"
 	}
-	return fmt.Sprintf("process %d (%s)", o.PID, o.Comm)
+	if o.Guest != "" {
+		s = fmt.Sprintf("domain %s's QEMU (%s)", o.Guest, s)
+	}
+	return s
+}
+
+// guestName reads libvirt's "-name guest=NAME,…" from a QEMU command line (NUL-separated
+// arguments; a comma in the name is written ",,").
+func guestName(cmdline []byte) string {
+	args := strings.Split(string(cmdline), "\x00")
+	for i := 0; i+1 < len(args); i++ {
+		if args[i] != "-name" || !strings.HasPrefix(args[i+1], "guest=") {
+			continue
+		}
+		v := strings.TrimPrefix(args[i+1], "guest=")
+		var b strings.Builder
+		for j := 0; j < len(v); j++ {
+			if v[j] == ',' {
+				if j+1 < len(v) && v[j+1] == ',' {
+					b.WriteByte(',')
+					j++
+					continue
+				}
+				break
+			}
+			b.WriteByte(v[j])
+		}
+		return b.String()
+	}
+	return ""
 }
 
 // openers lists the processes under procDir ("/proc") that have path open, matched by
@@ -61,7 +94,8 @@ func openers(procDir, path string) ([]opener, error) {
 			}
 			if st.Dev == want.Dev && st.Ino == want.Ino {
 				comm, _ := os.ReadFile(filepath.Join(procDir, e.Name(), "comm"))
-				out = append(out, opener{PID: pid, Comm: strings.TrimSpace(string(comm))})
+				cmdline, _ := os.ReadFile(filepath.Join(procDir, e.Name(), "cmdline"))
+				out = append(out, opener{PID: pid, Comm: strings.TrimSpace(string(comm)), Guest: guestName(cmdline)})
 				break
 			}
 		}

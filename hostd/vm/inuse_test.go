@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -42,6 +43,25 @@ func TestOpeners(t *testing.T) {
 	}
 	if _, err := openers(filepath.Join(dir, "no-proc"), path); err == nil {
 		t.Fatal("no error for an unreadable proc directory")
+	}
+}
+
+func TestGuestName(t *testing.T) {
+	tests := []struct{ cmdline, want string }{
+		{"/usr/bin/qemu-system-x86_64\x00-name\x00guest=t20,debug-threads=on\x00-S\x00", "t20"},
+		{"qemu\x00-name\x00guest=a,,b c,debug-threads=on\x00", "a,b c"},
+		{"qemu\x00-name\x00guest=only\x00", "only"},
+		{"qemu\x00-name\x00", ""},
+		{"bash\x00-c\x00true\x00", ""},
+		{"", ""},
+	}
+	for _, tt := range tests {
+		if got := guestName([]byte(tt.cmdline)); got != tt.want {
+			t.Errorf("guestName(%q) = %q, want %q", tt.cmdline, got, tt.want)
+		}
+	}
+	if s := (opener{PID: 7, Comm: "qemu-system-x86", Guest: "t20"}).String(); s != "domain t20's QEMU (process 7 (qemu-system-x86))" {
+		t.Errorf("String: %q", s)
 	}
 }
 
@@ -166,5 +186,51 @@ func TestWaitForOtherOperation(t *testing.T) {
 	}
 	if e.m.busy != "" {
 		t.Fatalf("busy %q after the operation", e.m.busy)
+	}
+}
+
+// TestProtectImageInUse: another VM that names the same file (not marked shareable) runs
+// on it, holding QEMU's image locks (here qemu-io holds them): protect is refused naming
+// the process, and nothing is left behind.
+func TestProtectImageInUse(t *testing.T) {
+	e := newEnv(t)
+	dir := t.TempDir()
+	diskImages(t, dir)
+	e.define(t, "d1", uuid1, diskDevices(dir))
+	orig := filepath.Join(dir, "vda.img")
+	cmd := exec.Command("qemu-io", "-f", "raw", orig)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stdin.Close(); cmd.Wait() })
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		ps, _ := openers("/proc", orig)
+		if len(ps) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("qemu-io did not open the image within 30 s")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	_, err = e.m.ProtectWith(context.Background(), "d1", vmapi.ProtectRequest{Disks: "vda"}, nil)
+	if err == nil {
+		t.Fatal("protect converted an image another process holds locked")
+	}
+	for _, w := range []string{`vm "d1"`, "disk vda", "process " + strconv.Itoa(cmd.Process.Pid) + " (qemu-io)", "shut that down first", "nothing else was changed"} {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("error %q does not say %q", err, w)
+		}
+	}
+	if e.m.j.exists(uuid1) {
+		t.Fatal("the operation was left unfinished")
+	}
+	if d := e.lv.domain(t, uuid1); d.Metadata != nil {
+		t.Fatalf("metadata after the refusal: %+v", d.Metadata)
 	}
 }
