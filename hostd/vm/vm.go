@@ -242,7 +242,8 @@ func (m *Manager) lookup(ctx context.Context, domain string) ([]byte, *domxml.Do
 	x, err := m.cfg.Libvirt.DomainXML(ctx, domain)
 	if err != nil {
 		if errors.Is(err, ErrNoDomain) {
-			return nil, nil, fmt.Errorf("vm %q: %w: check the name with virsh list --all", domain, err)
+			// err repeats the name ("domain %q: no such domain"): the sentence says it once.
+			return nil, nil, fmt.Errorf("vm %q: %w: check the name with virsh list --all", domain, ErrNoDomain)
 		}
 		return nil, nil, fmt.Errorf("vm %q: reading its definition from libvirt: %w: %w", domain, ErrUnavailable, err)
 	}

@@ -57,6 +57,9 @@ const (
 	CodeNoSpace          = "no_space"          // a disk conversion does not fit: the sentence says how much where
 	CodeBadRequest       = "bad_request"
 	CodeInternal         = "internal"
+	// CodeNoHostd is nkpctl's own, never hostd's: hostd could not be reached (not
+	// running, or its socket is root's only).
+	CodeNoHostd = "no_hostd"
 )
 
 // Error is every error response.

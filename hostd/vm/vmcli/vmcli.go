@@ -16,12 +16,14 @@
 // hostd's sentences are printed as they are. protect, rekey and unprotect ask hostd to
 // stream each disk's progress (NDJSON) and draw it on standard error: a progress bar per
 // disk (github.com/schollz/progressbar/v3) when standard error is a terminal, else one
-// plain line per phase and per 10%. --json prints the final VM object on standard output.
+// plain line per phase and per 10%. --json prints the final VM object on standard output,
+// or on failure the error as {"error": SENTENCE, "code": CODE} (and exits 1).
 package vmcli
 
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -64,7 +66,7 @@ func newCommand(stdout, stderr io.Writer, tty bool) *cobra.Command {
 	protect := &cobra.Command{
 		Use:   "protect DOMAIN",
 		Short: "give a shut-off domain an nkp vTPM (adopting its libvirt swtpm state, if any) and encrypt its disks; on a protected domain add what is missing; --finalize removes the original disk files kept",
-		Args:  cobra.ExactArgs(1),
+		Args:  oneDomain,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if c.finalize {
 				if cmd.Flags().Changed("disks") || c.protect.RemoveOriginal || c.protect.AllowDoubleEncryption {
@@ -99,7 +101,7 @@ func newCommand(stdout, stderr io.Writer, tty bool) *cobra.Command {
 	rekey := &cobra.Command{
 		Use:   "rekey DOMAIN",
 		Short: "move a shut-off domain's vTPM state and disk keys to the primary KDK version (disks: a new keyslot; --deep: data re-encrypted under a new master key)",
-		Args:  cobra.ExactArgs(1),
+		Args:  oneDomain,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			p := c.progress()
 			v, err := c.client().RekeyWith(cmd.Context(), args[0], vmapi.RekeyRequest{Deep: c.deep}, p.show)
@@ -112,7 +114,7 @@ func newCommand(stdout, stderr io.Writer, tty bool) *cobra.Command {
 	unprotect := &cobra.Command{
 		Use:   "unprotect DOMAIN",
 		Short: "give a shut-off domain back to libvirt: its vTPM becomes libvirt's swtpm with the same state (--tpm keep), or is removed (--tpm none)",
-		Args:  cobra.ExactArgs(1),
+		Args:  oneDomain,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if c.tpm != vmapi.UnprotectKeep && c.tpm != vmapi.UnprotectNone {
 				return fmt.Errorf("--tpm %q: want %q (libvirt's swtpm keeps the vTPM's state) or %q (the vTPM and its state are deleted)", c.tpm, vmapi.UnprotectKeep, vmapi.UnprotectNone)
@@ -133,7 +135,7 @@ func (c *cli) client() *vmapi.Client { return vmapi.NewClient(c.socket) }
 
 func (c *cli) done(v vmapi.VM, err error) error {
 	if err != nil {
-		return err
+		return c.fail(err)
 	}
 	if c.asJSON {
 		return c.json(v)
@@ -145,12 +147,36 @@ func (c *cli) done(v vmapi.VM, err error) error {
 	return nil
 }
 
+// fail returns err; with --json it also prints it as vmapi.Error on standard output, so
+// that a script reads the code (running, unavailable, …) without parsing the sentence.
+// An error that did not come from hostd has the code vmapi.CodeNoHostd.
+func (c *cli) fail(err error) error {
+	if !c.asJSON {
+		return err
+	}
+	body := vmapi.Error{Error: err.Error(), Code: vmapi.CodeNoHostd}
+	var ae *vmapi.APIError
+	if errors.As(err, &ae) {
+		body = ae.Body
+	}
+	c.json(body)
+	return err
+}
+
+// oneDomain is cobra.ExactArgs(1) with a sentence that says what DOMAIN is.
+func oneDomain(cmd *cobra.Command, args []string) error {
+	if len(args) != 1 {
+		return fmt.Errorf("%s needs one DOMAIN, a name or UUID as virsh list --all shows them (got %d arguments)", cmd.CommandPath(), len(args))
+	}
+	return nil
+}
+
 func (c *cli) status(ctx context.Context, args []string) error {
 	cl := c.client()
 	if len(args) == 1 {
 		v, err := cl.Get(ctx, args[0])
 		if err != nil {
-			return err
+			return c.fail(err)
 		}
 		if c.asJSON {
 			return c.json(v)
@@ -160,7 +186,7 @@ func (c *cli) status(ctx context.Context, args []string) error {
 	}
 	l, err := cl.List(ctx)
 	if err != nil {
-		return err
+		return c.fail(err)
 	}
 	if c.asJSON {
 		return c.json(l)

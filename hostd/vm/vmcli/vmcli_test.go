@@ -102,7 +102,8 @@ func TestCommands(t *testing.T) {
 		{args: []string{"unprotect", "vm1"}, want: []string{"vm1: done"}, request: `unprotect vm1 {"tpm":"keep"}`},
 		{args: []string{"unprotect", "--tpm", "none", "vm1"}, want: []string{"vm1: done"}, request: `unprotect vm1 {"tpm":"none"}`},
 		{args: []string{"unprotect", "--tpm", "maybe", "vm1"}, wantErr: `--tpm "maybe": want "keep"`},
-		{args: []string{"protect"}, wantErr: "accepts 1 arg"},
+		{args: []string{"protect"}, wantErr: "vm protect needs one DOMAIN, a name or UUID as virsh list --all shows them (got 0 arguments)"},
+		{args: []string{"rekey", "a", "b"}, wantErr: "needs one DOMAIN"},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
@@ -132,6 +133,22 @@ func TestCommands(t *testing.T) {
 	}
 	if _, err := run(t, filepath.Join(t.TempDir(), "gone.sock"), "status"); err == nil || !strings.Contains(err.Error(), "is nkp-hostd running?") {
 		t.Fatalf("no hostd: %v", err)
+	}
+	// --json: a failure is a JSON object with hostd's code on stdout too.
+	for _, tt := range []struct {
+		sock string
+		args []string
+		code string
+	}{
+		{sock, []string{"status", "--json", "nope"}, vmapi.CodeNotFound},
+		{filepath.Join(t.TempDir(), "gone.sock"), []string{"status", "--json"}, vmapi.CodeNoHostd},
+		{filepath.Join(t.TempDir(), "gone.sock"), []string{"protect", "--json", "vm1"}, vmapi.CodeNoHostd},
+	} {
+		out, err := run(t, tt.sock, tt.args...)
+		var e vmapi.Error
+		if err == nil || json.Unmarshal([]byte(out), &e) != nil || e.Code != tt.code || e.Error != err.Error() {
+			t.Errorf("%v: stdout %q, error %v; want a JSON error with code %s", tt.args, out, err, tt.code)
+		}
 	}
 }
 
