@@ -28,6 +28,8 @@
 // its timeout skips Close). Private libvirtds run QEMU without cgroups
 // (cgroup_controllers = [ ]): the machine's cgroup tree is shared and libvirt names a
 // group machine/qemu-ID-NAME, so a migrating VM would have one group on both Hosts.
+// Config.Cgroups keeps libvirt's default placement for a Host that migrates nothing
+// (hookbench -cgroups).
 package libvirtns
 
 import (
@@ -84,6 +86,12 @@ type Config struct {
 	Hooks map[string][]byte
 	// Log receives the output of libvirtd and virtlogd; nil discards it.
 	Log io.Writer
+	// Cgroups leaves libvirt's default cgroup placement on: each QEMU in a group under
+	// machine/ (qemu-ID-NAME…), so that all QEMUs share one group's CPU weight against
+	// the host's services, instead of running QEMU without cgroups. Only for a Host
+	// whose domain names are unique on the machine and which takes part in no migration
+	// (benchmarks): the cgroup tree is the machine's.
+	Cgroups bool
 }
 
 // Host is one private libvirtd with its namespaces.
@@ -217,8 +225,13 @@ func (h *Host) layout() error {
 	}
 	// cgroups are one hierarchy for the whole machine, and libvirt names a domain's group
 	// after its ID and name (machine/qemu-ID-NAME): the same VM on two Hosts (a migration)
-	// would share, and then remove, one group. QEMU runs without cgroups in a Host.
-	if err := appendFile(filepath.Join(etc, "qemu.conf"), "\n# libvirtns: no cgroups (shared by every Host on the machine)\ncgroup_controllers = [ ]\n"); err != nil {
+	// would share, and then remove, one group. QEMU runs without cgroups in a Host,
+	// unless Config.Cgroups asks for libvirt's default.
+	cgroups := "\n# libvirtns: no cgroups (shared by every Host on the machine)\ncgroup_controllers = [ ]\n"
+	if h.cfg.Cgroups {
+		cgroups = "\n# libvirtns: libvirt's default cgroup placement (Config.Cgroups)\n"
+	}
+	if err := appendFile(filepath.Join(etc, "qemu.conf"), cgroups); err != nil {
 		return fmt.Errorf("libvirtns: host %s: %w", h.Name, err)
 	}
 	for _, d := range []struct {

@@ -24,7 +24,11 @@
 // The hook installed is a shell wrapper that takes a nanosecond timestamp, runs the
 // hook, takes another, and appends them to a log; the wrapper's own fork of `date` is
 // outside the interval. Domains are tiny (32 MiB, no disk, SeaBIOS finds nothing to boot)
-// and are destroyed after each round. Output: a markdown table with p50/p99 per kind and
+// and are destroyed after each round. QEMU runs without cgroups, as in every test Host
+// (test/libvirtns), so 50 TCG guests compete thread for thread with libvirtd, the hook
+// and nkp-hostd: the worst case. -cgroups keeps libvirt's default placement instead (each
+// QEMU in a group under machine/, all of them sharing one group's CPU weight), as on a
+// host where libvirt manages cgroups. Output: a markdown table with p50/p99 per kind and
 // concurrency of the prepare hook, of prepare+start, and of `virsh start`, each p99 also
 // as the difference to (or ratio of) the reference of the same run.
 //
@@ -98,6 +102,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	out := fs.String("out", "", "write the markdown table here too")
 	protected := fs.Bool("protected", true, "also measure domains protected by nkp (starts a provider and nkp-hostd; programs from the -hook's directory)")
 	vtpms := fs.Int("vtpms", 100, "then prepare this many vTPMs through the hook path and report nkp-hostd's memory (0: skip; needs -protected)")
+	cgroups := fs.Bool("cgroups", false, "libvirt's default cgroup placement: each QEMU in a group under machine/, all of them sharing one group's CPU weight against libvirtd, the hook and nkp-hostd (default: QEMU without cgroups, competing thread for thread with them, the worst case)")
 	disks := fs.Int("disks", 0, "also measure protected domains with this many encrypted disks each (made with `nkpctl vm protect`; needs -protected)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -123,8 +128,9 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	h, err := libvirtns.Start(ctx, libvirtns.Config{
 		Name: "bench", Private: []string{"/run/nkp", "/var/lib/nkp", "/etc/nkp"},
-		Tmpfs: []string{"/run/nkp"}, // as on a real host: hostd's vTPM records are fsynced there
-		Hooks: map[string][]byte{"zz-hookbench": []byte(wrapper)},
+		Tmpfs:   []string{"/run/nkp"}, // as on a real host: hostd's vTPM records are fsynced there
+		Hooks:   map[string][]byte{"zz-hookbench": []byte(wrapper)},
+		Cgroups: *cgroups,
 	})
 	if err != nil {
 		return err
