@@ -17,8 +17,8 @@ SWTPM_GOEXPERIMENT := $(shell GOEXPERIMENT=nogreenteagc $(GO) env GOEXPERIMENT >
 SWTPM_ENV := $(if $(SWTPM_GOEXPERIMENT),GOEXPERIMENT=$(if $(GOEXPERIMENT),$(GOEXPERIMENT)$(comma))$(SWTPM_GOEXPERIMENT))
 
 # nkp-swtpm is linked with libtpms and libcrypto inside (-tags nkpstatic, libc staying
-# shared): it starts in 0.7 of swtpm's time and each idle vTPM has ~15% less memory than
-# with the shared libraries, but security updates of libtpms and OpenSSL reach it only
+# shared): it starts in 0.75-0.9 of swtpm's time (shared: ~1.0) and each idle vTPM has
+# ~15% less memory than with the shared libraries (BENCHMARKS.md), but security updates of libtpms and OpenSSL reach it only
 # by a rebuild (see "Linking" in go doc ./swtpm/internal/libtpms). build-shared links
 # Debian's shared libtpms0 and libssl3 instead, which apt updates.
 build:

@@ -78,9 +78,9 @@
 // make build links libtpms and libcrypto into nkp-swtpm (-tags nkpstatic): the
 // static archives of libtpms-dev and libssl-dev, libc staying shared. The
 // loader then has no libcrypto relocations to apply (about 1 ms of each start,
-// and about 400 KB of private relocated pages per vTPM): start-to-ready is 0.7
-// of swtpm 0.7.1's and an idle vTPM's PSS about 0.85 of the shared build's
-// (BENCHMARKS.md). The price is how security updates arrive: an update of
+// and about 400 KB of private relocated pages per vTPM): start-to-ready is
+// 0.75-0.9 of swtpm 0.7.1's (the shared build's about 1.0) and an idle vTPM's
+// PSS about 0.85 of the shared build's (BENCHMARKS.md). The price is how security updates arrive: an update of
 // libtpms or OpenSSL does not reach a static nkp-swtpm by itself. Install the
 // updated libtpms-dev and libssl-dev (apt upgrade), rebuild (make build) and
 // restart the vTPMs; a distribution package declares Built-Using: libtpms,
@@ -90,7 +90,7 @@
 // `go version -m nkp-swtpm` shows -tags=nkpstatic for a static build.
 //
 // Without the tag (make build-shared, or a plain go build ./cmd/nkp-swtpm, as
-// the tests do) libtpms and libcrypto are Debian's shared libraries (libtpms0,
+// the e2e tests do without NKP_BIN) libtpms and libcrypto are Debian's shared libraries (libtpms0,
 // libssl3): their security updates reach nkp-swtpm with apt, at the next start
 // of each vTPM.
 package libtpms
