@@ -403,6 +403,20 @@ func referenced(d *domxml.Domain, path string) bool {
 	return false
 }
 
+// linkTarget says whether path is a symbolic link, and where it leads (resolved when it
+// can be, else as read).
+func linkTarget(path string) (string, bool) {
+	fi, err := os.Lstat(path)
+	if err != nil || fi.Mode()&fs.ModeSymlink == 0 {
+		return "", false
+	}
+	if t, err := filepath.EvalSymlinks(path); err == nil {
+		return t, true
+	}
+	t, _ := os.Readlink(path)
+	return t, true
+}
+
 // usedElsewhere returns the name of a persistent domain other than selfUUID whose disks
 // name path (as a source or first backing file), "" if none does. A domain whose
 // definition cannot be read or parsed counts as using it (the caller keeps the file).
@@ -473,6 +487,13 @@ func (m *Manager) Finalize(ctx context.Context, domain string) (vmapi.VM, error)
 			problems = append(problems, fmt.Sprintf("%s is kept: domain %s names it too and still uses this unencrypted original; protect that domain (or point it at another file with virsh edit), then run nkpctl vm protect --finalize %s again", k.Path, other, d.Name))
 			continue
 		}
+		if target, ok := linkTarget(k.Path); ok {
+			// Removing the link would leave the plaintext where it is, behind a
+			// "removed" note: say where it is instead, and keep listing it.
+			left = append(left, k)
+			problems = append(problems, fmt.Sprintf("%s is kept: it is a symbolic link to %s, which holds the unencrypted data; nkp removes only the file a domain names, not what a link points to: remove %s and the link yourself once nothing uses them", k.Path, target, target))
+			continue
+		}
 		if ps, err := openers(m.procDir(), k.Path); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			left = append(left, k)
 			problems = append(problems, fmt.Sprintf("%s is kept: cannot tell whether a process has it open (%v); run nkpctl vm protect --finalize %s again", k.Path, err, d.Name))
@@ -496,9 +517,12 @@ func (m *Manager) Finalize(ctx context.Context, domain string) (vmapi.VM, error)
 	m.log.Info("vm: kept originals removed", "vm", d.Name, "files", removed)
 	v, err := m.Status(ctx, d.UUID)
 	v.Problems = append(v.Problems, problems...)
-	if len(removed) == 0 {
+	switch {
+	case len(removed) == 0 && len(left) > 0:
+		v.Note = "no kept original disk file could be removed yet (see the problems)"
+	case len(removed) == 0:
 		v.Note = "no kept original disk files to remove"
-	} else {
+	default:
 		v.Note = "removed the original disk files " + strings.Join(removed, ", ")
 	}
 	return v, err

@@ -234,3 +234,44 @@ func TestProtectImageInUse(t *testing.T) {
 		t.Fatalf("metadata after the refusal: %+v", d.Metadata)
 	}
 }
+
+// TestFinalizeSymlinkOriginal: a disk named through a symbolic link. Finalize (and
+// --remove-original) removed the link and reported the original removed, while the
+// plaintext stayed where the link pointed; now the link is kept and the target named.
+func TestFinalizeSymlinkOriginal(t *testing.T) {
+	for _, removeOriginal := range []bool{false, true} {
+		t.Run(fmt.Sprintf("remove-original=%v", removeOriginal), func(t *testing.T) {
+			e := newEnv(t)
+			dir := t.TempDir()
+			diskImages(t, dir)
+			real := filepath.Join(dir, "vda.img")
+			link := filepath.Join(dir, "vda-link.img")
+			if err := os.Symlink(real, link); err != nil {
+				t.Fatal(err)
+			}
+			e.define(t, "d1", uuid1, strings.Replace(diskDevices(dir), dir+"/vda.img", link, 1))
+			ctx := context.Background()
+			if _, err := e.m.ProtectWith(ctx, "d1", vmapi.ProtectRequest{Disks: "vda", RemoveOriginal: removeOriginal}, nil); err != nil {
+				t.Fatal(err)
+			}
+			v, err := e.m.Finalize(ctx, "d1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := os.Lstat(link); err != nil {
+				t.Fatalf("the link was removed: %v", err)
+			}
+			if len(v.Problems) != 1 || !strings.Contains(v.Problems[0], "symbolic link to "+real) || !strings.Contains(v.Problems[0], "unencrypted data") {
+				t.Fatalf("problems %q, want one naming %s", v.Problems, real)
+			}
+			if strings.Contains(v.Note, "removed the original") {
+				t.Fatalf("note %q claims the original is removed", v.Note)
+			}
+			os.Remove(real)
+			os.Remove(link)
+			if v, err = e.m.Finalize(ctx, "d1"); err != nil || len(v.Problems) != 0 || len(v.Disks[0].Originals) != 0 {
+				t.Fatalf("finalize after the operator removed both: %q %+v %v", v.Problems, v.Disks, err)
+			}
+		})
+	}
+}

@@ -245,6 +245,9 @@ func (m *Manager) recoverDisks(ctx context.Context, e *entry, d *domxml.Domain) 
 			other, oerr := "", error(nil)
 			if e.RemoveOriginal {
 				other, oerr = m.usedElsewhere(ctx, e.UUID, de.Orig)
+				if t, ok := linkTarget(de.Orig); ok && oerr == nil && other == "" {
+					oerr = fmt.Errorf("%s is a symbolic link to %s", de.Orig, t) // kept: finalize explains
+				}
 				if oerr != nil || other != "" {
 					m.log.Warn("vm: original disk file kept instead of removed: another domain may use it (nkpctl vm protect --finalize removes it once none does)", "vm", e.Domain, "disk", de.Target, "file", de.Orig, "domain", other, "err", oerr)
 				}
