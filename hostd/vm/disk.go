@@ -186,7 +186,7 @@ func (m *Manager) checkDisk(ctx context.Context, d *domxml.Domain, dk *domxml.Di
 	}
 	chain, err := m.qi().Chain(ctx, qemuimg.Image{Path: dk.Source, Format: f})
 	if err != nil {
-		return "", 0, fmt.Errorf("vm %q: disk %s: reading %s: %w; nothing was changed", d.Name, dk.Target, dk.Source, err)
+		return "", 0, fmt.Errorf("vm %q: disk %s: reading %s: %w%s; nothing was changed", d.Name, dk.Target, dk.Source, err, readHint(dk, err))
 	}
 	for _, in := range chain {
 		if in.Encrypted || in.Format == qemuimg.LUKS {
@@ -401,6 +401,25 @@ func referenced(d *domxml.Domain, path string) bool {
 		}
 	}
 	return false
+}
+
+// readHint adds the way out to a failure to read a disk's image chain that qemu-img's
+// own words leave open: a <driver type> that does not match the file, a missing backing
+// file (the file the domain names is there).
+func readHint(dk *domxml.Disk, err error) string {
+	var qe *qemuimg.Error
+	if !errors.As(err, &qe) {
+		return ""
+	}
+	switch {
+	case strings.Contains(qe.Detail, "Image is not in "+dk.DriverType+" format"):
+		return fmt.Sprintf(": the domain says <driver type='%s'>, but the file is not %s: check its format with qemu-img info %s and fix <driver type> with virsh edit", dk.DriverType, dk.DriverType, dk.Source)
+	case errors.Is(err, qemuimg.ErrNotFound):
+		if _, serr := os.Stat(dk.Source); serr == nil {
+			return ": the file is there, so a backing file it names is missing (qemu-img info --backing-chain " + dk.Source + " shows the chain): restore that file, or point the image at it with qemu-img rebase -u"
+		}
+	}
+	return ""
 }
 
 // linkTarget says whether path is a symbolic link, and where it leads (resolved when it

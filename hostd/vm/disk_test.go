@@ -306,6 +306,19 @@ func TestDiskRefusals(t *testing.T) {
 		{"block disk named", func(*testing.T, string) string {
 			return `<disk type='block' device='disk'><source dev='/dev/null'/><target dev='vdd' bus='virtio'/></disk>`
 		}, vmapi.ProtectRequest{Disks: "vdd"}, ErrUnsupported, []string{`disk vdd is of type "block"`}},
+		// The domain says qcow2, the file is raw: qemu-img's "Image is not in qcow2
+		// format" alone leaves the operator guessing.
+		{"driver type mismatch", func(t *testing.T, dir string) string {
+			return `<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='` + dir + `/vda.img'/><target dev='vdd' bus='virtio'/></disk>`
+		}, vmapi.ProtectRequest{Disks: "vdd"}, qemuimg.ErrFailed, []string{"disk vdd", "<driver type='qcow2'>", "the file is not qcow2", "virsh edit", "nothing was changed"}},
+		// A qcow2 whose backing file is gone: not the domain XML's path that is wrong.
+		{"backing file missing", func(t *testing.T, dir string) string {
+			p := filepath.Join(dir, "orphan.qcow2")
+			if out, err := exec.Command("qemu-img", "create", "-f", "qcow2", "-u", "-b", filepath.Join(dir, "gone.qcow2"), "-F", "qcow2", p, "1M").CombinedOutput(); err != nil {
+				t.Fatalf("qemu-img create: %v %s", err, out)
+			}
+			return `<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='` + p + `'/><target dev='vdd' bus='virtio'/></disk>`
+		}, vmapi.ProtectRequest{Disks: "vdd"}, qemuimg.ErrNotFound, []string{"disk vdd", "a backing file it names is missing", "qemu-img rebase -u"}},
 		{"vmdk", func(t *testing.T, dir string) string {
 			return `<disk type='file' device='disk'><driver name='qemu' type='vmdk'/><source file='` + dir + `/vda.img'/><target dev='vdd' bus='virtio'/></disk>`
 		}, vmapi.ProtectRequest{Disks: "vdd"}, ErrUnsupported, []string{`driver type "vmdk"`, "qemu-img convert -O qcow2"}},
