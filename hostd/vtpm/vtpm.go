@@ -25,7 +25,11 @@
 // hook); Wait (hostd's start hook) returns once nkp-swtpm reported READY on its
 // readiness pipe (fd 5, named by NKP_SWTPM_READY_FD: its socket listens, its state
 // directory is locked, its seccomp filter is on), or with its error and its log's last
-// lines. The record is written as soon as the process runs, before READY.
+// lines. The record is written as soon as the process runs, before READY; before the
+// spawn an intent record (no pid yet, the state directory) takes its place, so that a hostd
+// killed at any instant of a start leaves a record: Adopt finds the process an intent
+// record names by its state directory in /proc and adopts it (or removes the record and
+// the sockets if the spawn never happened). AfterStep lets crash tests stop there.
 //
 // Each instance has a record RunDir/<vm-uuid>.json (root, 0600: pid, process start time,
 // key ID, KDK version). Adopt, run by a new hostd, re-attaches to the processes those
@@ -97,6 +101,10 @@ type Config struct {
 	// StopTimeout is the grace period between SIGTERM and SIGKILL (default 5 s).
 	StopTimeout time.Duration
 	Log         *slog.Logger
+	// AfterStep, if set, is called after each step of a start ("intent": the intent
+	// record is written; "spawned": nkp-swtpm runs; "recorded": its full record is
+	// written). Crash tests kill the process there.
+	AfterStep func(step string)
 }
 
 // VM names the VM a vTPM belongs to.
@@ -115,7 +123,10 @@ type Instance struct {
 	Socket     string    `json:"socket"`
 	StateDir   string    `json:"state_dir"`
 	Started    time.Time `json:"started"`
-	Adopted    bool      `json:"-"`
+	// Intent marks the record written before the spawn (no pid yet): Adopt looks the
+	// process up by its state directory.
+	Intent  bool `json:"intent,omitempty"`
+	Adopted bool `json:"-"`
 }
 
 type proc struct {
@@ -403,10 +414,22 @@ func (s *Supervisor) start(vm VM, keyR, migR *os.File) (inst Instance, err error
 		Setsid:     true,
 		Credential: &syscall.Credential{Uid: uint32(s.cfg.User.UID), Gid: uint32(s.cfg.User.GID), Groups: []uint32{}},
 	}
+	// An intent record before the spawn: a hostd killed between the spawn and the full
+	// record below leaves this one, naming the state directory, so that the next hostd's
+	// Adopt finds the process by it instead of leaving it running unknown with the
+	// state's lock (the VM could not start again). The full record replaces it in one
+	// rename: there is no instant with neither.
+	recPath := s.recordPath(vm.UUID)
+	if err := writeRecord(recPath, Instance{VM: vm, Socket: sockPath, StateDir: stateDir, Intent: true}); err != nil {
+		return Instance{}, fmt.Errorf("vm %q: vTPM record: %w", vm.Name, err)
+	}
+	s.afterStep("intent")
 	started := time.Now()
 	if err := cmd.Start(); err != nil {
+		os.Remove(recPath)
 		return Instance{}, fmt.Errorf("vm %q: %w: %w", vm.Name, ErrStart, err)
 	}
+	s.afterStep("spawned")
 	p := &proc{cmd: cmd, exited: make(chan struct{})}
 	go func() {
 		cmd.Wait()
@@ -427,18 +450,21 @@ func (s *Supervisor) start(vm VM, keyR, migR *os.File) (inst Instance, err error
 		}
 		cmd.Process.Kill()
 		<-p.exited
+		os.Remove(recPath)
 		return Instance{}, fmt.Errorf("vm %q: %w: %w; its log says: %s", vm.Name, ErrStart, err, tail(logFile.Name(), logStart))
 	}
 	p.inst = Instance{VM: vm, PID: cmd.Process.Pid, StartTicks: ticks, Socket: sockPath, StateDir: stateDir, Started: started}
-	if err := writeRecord(s.recordPath(vm.UUID), p.inst); err != nil {
+	if err := writeRecord(recPath, p.inst); err != nil {
 		cmd.Process.Kill()
 		<-p.exited
+		os.Remove(recPath)
 		return Instance{}, fmt.Errorf("vm %q: vTPM record: %w", vm.Name, err)
 	}
+	s.afterStep("recorded")
 	if err := waitReady(ctx, p, readyR, s.cfg.StartTimeout); err != nil {
 		cmd.Process.Kill()
 		<-p.exited
-		os.Remove(s.recordPath(vm.UUID))
+		os.Remove(recPath)
 		return Instance{}, fmt.Errorf("vm %q: %w: %w; its log says: %s", vm.Name, ErrStart, err, tail(logFile.Name(), logStart))
 	}
 	s.mu.Lock()
@@ -447,6 +473,12 @@ func (s *Supervisor) start(vm VM, keyR, migR *os.File) (inst Instance, err error
 	go s.watch(p)
 	s.log.Info("vTPM started", "vm", vm.Name, "uuid", vm.UUID, "key_id", vm.KeyID, "kdk_version", vm.KDKVersion, "pid", p.inst.PID, "took", time.Since(started))
 	return p.inst, nil
+}
+
+func (s *Supervisor) afterStep(step string) {
+	if s.cfg.AfterStep != nil {
+		s.cfg.AfterStep(step)
+	}
 }
 
 // listen creates the control socket, owned by QEMU's user, mode 0600.
@@ -690,6 +722,25 @@ func (s *Supervisor) Adopt() ([]Instance, error) {
 			os.Remove(path)
 			continue
 		}
+		if inst.Intent {
+			// An earlier hostd died between writing the intent and the full record: the
+			// process it spawned (if the spawn happened) is found by its state directory.
+			found, ok := findByStateDir(inst)
+			if !ok {
+				s.log.Info("vTPM start of an earlier hostd left no process", "vm", inst.Name, "uuid", uuid)
+				s.cleanup(inst)
+				continue
+			}
+			inst = found
+			if err := writeRecord(path, inst); err != nil {
+				// Not adoptable across another restart: stop it rather than leave an orphan.
+				s.log.Warn("vTPM found by an intent record, but its record cannot be written: stopping it", "vm", inst.Name, "uuid", uuid, "pid", inst.PID, "err", err)
+				s.kill(inst)
+				s.cleanup(inst)
+				continue
+			}
+			s.log.Info("vTPM found by an earlier hostd's intent record", "vm", inst.Name, "uuid", uuid, "pid", inst.PID)
+		}
 		alive, why := sameProcess(inst)
 		if !alive {
 			s.log.Info("vTPM of an earlier hostd has ended", "vm", inst.Name, "uuid", uuid, "pid", inst.PID, "why", why)
@@ -721,6 +772,59 @@ func (s *Supervisor) Adopt() ([]Instance, error) {
 		out = append(out, inst)
 	}
 	return out, nil
+}
+
+// findByStateDir looks for the nkp-swtpm process that an intent record names: a live
+// process running on the record's state directory (only one can: it holds the state's
+// lock). It returns the record completed with that process's pid and start time.
+func findByStateDir(intent Instance) (Instance, bool) {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return Instance{}, false
+	}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid <= 1 {
+			continue
+		}
+		cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err != nil || !bytes.Contains(cmdline, []byte("dir="+intent.StateDir)) {
+			continue
+		}
+		// The state directory ends the dir= option (",mode=" follows) or the argument.
+		if !stateDirArg(cmdline, intent.StateDir) {
+			continue
+		}
+		ticks, err := startTicks(pid)
+		if err != nil {
+			continue
+		}
+		inst := intent
+		inst.Intent = false
+		inst.PID, inst.StartTicks = pid, ticks
+		if ok, _ := sameProcess(inst); ok {
+			return inst, true
+		}
+	}
+	return Instance{}, false
+}
+
+// stateDirArg reports whether cmdline (NUL-separated) has an argument with the option
+// dir=DIR, DIR exactly (not a longer path that starts with it).
+func stateDirArg(cmdline []byte, dir string) bool {
+	for _, arg := range strings.Split(string(cmdline), "\x00") {
+		for _, opt := range strings.Split(arg, ",") {
+			if opt == "dir="+dir {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// kill sends SIGKILL to inst's process, through a pidfd after checking its identity.
+func (s *Supervisor) kill(inst Instance) {
+	s.signal(&proc{inst: inst}, syscall.SIGKILL)
 }
 
 // waitPidfd blocks until the process behind fd has ended (zombie or reaped).
@@ -809,7 +913,7 @@ func readRecord(path string) (Instance, error) {
 	if err := json.Unmarshal(b, &inst); err != nil {
 		return Instance{}, err
 	}
-	if inst.PID <= 1 || inst.StateDir == "" {
+	if inst.StateDir == "" || inst.PID <= 1 && !(inst.Intent && inst.PID == 0) {
 		return Instance{}, errors.New("record without pid or state directory")
 	}
 	return inst, nil

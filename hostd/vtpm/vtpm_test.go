@@ -502,10 +502,16 @@ func TestKill9Adopt(t *testing.T) {
 // to be killed.
 func TestHelperHostd(t *testing.T) {
 	if os.Getenv("NKP_VTPM_HELPER") == "" {
-		t.Skip("helper of TestKill9Adopt")
+		t.Skip("helper of TestKill9Adopt and TestCrashLaunch")
 	}
 	tss, qemu := lookup(t, "tss"), lookup(t, "libvirt-qemu")
-	s, err := New(Config{Binary: os.Getenv("H_BIN"), StateRoot: os.Getenv("H_STATE"), RunDir: os.Getenv("H_RUN"), User: tss, QEMU: qemu})
+	crashAt := os.Getenv("H_CRASH_STEP") // TestCrashLaunch: SIGKILL right after that step
+	s, err := New(Config{Binary: os.Getenv("H_BIN"), StateRoot: os.Getenv("H_STATE"), RunDir: os.Getenv("H_RUN"), User: tss, QEMU: qemu,
+		AfterStep: func(step string) {
+			if step == crashAt {
+				syscall.Kill(os.Getpid(), syscall.SIGKILL)
+			}
+		}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -659,7 +665,7 @@ func TestAdoptDuringLaunch(t *testing.T) {
 	}
 	deadline := time.Now().Add(2 * time.Second)
 	for {
-		if _, err := os.Stat(s.recordPath(vm.UUID)); err == nil {
+		if inst, err := readRecord(s.recordPath(vm.UUID)); err == nil && !inst.Intent {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -676,4 +682,100 @@ func TestAdoptDuringLaunch(t *testing.T) {
 	if err := next.Stop(context.Background(), vm.UUID); err != nil {
 		t.Errorf("Stop of the adopted vTPM: %v", err)
 	}
+}
+
+// TestCrashLaunch kills a hostd (a helper process) right after each step of a vTPM start
+// (intent record written, nkp-swtpm spawned, full record written) and starts a new
+// supervisor as hostd does at its start (Adopt): at no instant may an nkp-swtpm be left
+// running that the new supervisor does not know, since it would hold the state's lock and
+// the VM could not start again. Every process on the VM's state directory must be the
+// adopted one; Stop ends it; and a new Start of the VM then succeeds.
+func TestCrashLaunch(t *testing.T) {
+	if os.Getenv("NKP_VTPM_HELPER") != "" {
+		t.Skip("helper")
+	}
+	nkpSwtpm(t)
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+	for _, step := range []string{"intent", "spawned", "recorded"} {
+		t.Run(step, func(t *testing.T) {
+			state, run := dirs(t)
+			vm := VM{UUID: kdk.NewKeyID(), Name: "vtpm-test-crash", KeyID: kdk.NewKeyID(), KDKVersion: 2}
+			cmd := exec.Command(os.Args[0], "-test.run=^TestHelperHostd$", "-test.count=1")
+			cmd.Env = append(os.Environ(), "NKP_VTPM_HELPER=1", "H_STATE="+state, "H_RUN="+run, "H_BIN="+swtpmBin,
+				"H_VM="+vm.UUID, "H_KEYID="+vm.KeyID, "H_CRASH_STEP="+step)
+			out, err := cmd.CombinedOutput()
+			var ee *exec.ExitError
+			if !errors.As(err, &ee) || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
+				t.Fatalf("helper was not killed at %s: %v\n%s", step, err, out)
+			}
+			stateDir := filepath.Join(state, vm.UUID, vm.KeyID)
+			t.Cleanup(func() { // whatever the outcome, no process left behind by the test
+				for _, pid := range procsOn(stateDir) {
+					syscall.Kill(pid, syscall.SIGKILL)
+					var ws unix.WaitStatus
+					unix.Wait4(pid, &ws, 0, nil)
+				}
+			})
+
+			s := newSupervisor(t, state, run)
+			adopted, err := s.Adopt()
+			if err != nil {
+				t.Fatal(err)
+			}
+			running := procsOn(stateDir)
+			switch {
+			case step == "intent" && (len(adopted) != 0 || len(running) != 0):
+				t.Fatalf("crash before the spawn: adopted %+v, running %v; want neither", adopted, running)
+			case step != "intent" && (len(adopted) != 1 || len(running) != 1 || adopted[0].PID != running[0] || adopted[0].UUID != vm.UUID || adopted[0].KDKVersion != 2):
+				t.Fatalf("crash after %s: adopted %+v, nkp-swtpm running on the state directory: %v; want that one adopted", step, adopted, running)
+			}
+			if step == "intent" {
+				if ents, _ := os.ReadDir(run); len(ents) != 0 {
+					t.Errorf("crash before the spawn left %v in the run directory", ents)
+				}
+			} else {
+				if inst, err := readRecord(s.recordPath(vm.UUID)); err != nil || inst.Intent || inst.PID != running[0] {
+					t.Errorf("record after adoption: %+v, %v; want the full record of pid %d", inst, err, running[0])
+				}
+				if err := s.Stop(context.Background(), vm.UUID); err != nil {
+					t.Fatalf("Stop of the adopted vTPM: %v", err)
+				}
+				var ws unix.WaitStatus
+				unix.Wait4(running[0], &ws, 0, nil) // our orphan now (subreaper)
+			}
+			// The state's lock is free: the VM's vTPM starts again.
+			if _, err := s.Start(context.Background(), vm, keys(key(7))); err != nil {
+				t.Fatalf("start after the crash and recovery: %v", err)
+			}
+			if err := s.Stop(context.Background(), vm.UUID); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// procsOn returns the live (not zombie) processes whose command line names dir as
+// their --tpmstate directory.
+func procsOn(dir string) []int {
+	var pids []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err != nil || !stateDirArg(cmdline, dir) {
+			continue
+		}
+		if raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
+			if st, _, err := parseStat(raw); err == nil && st != 'Z' && st != 'X' {
+				pids = append(pids, pid)
+			}
+		}
+	}
+	return pids
 }
