@@ -256,11 +256,12 @@ func makeDirs(stateDir string) error {
 		path string
 		mode os.FileMode
 	}{{stateDir, 0o711}, {filepath.Join(stateDir, dirVTPM), 0o711}, {filepath.Join(stateDir, dirKDK), 0o700}, {filepath.Join(stateDir, dirJournal), 0o700}} {
-		if err := os.MkdirAll(d.path, d.mode); err != nil {
-			return fmt.Errorf("state directory: %w", err)
+		err := os.MkdirAll(d.path, d.mode)
+		if err == nil {
+			err = os.Chmod(d.path, d.mode)
 		}
-		if err := os.Chmod(d.path, d.mode); err != nil {
-			return fmt.Errorf("state directory: %w", err)
+		if err != nil {
+			return fmt.Errorf("state directory %s: %w: nkp-hostd keeps its identity, KDK cache, vTPM state and journal there and needs it writable (a file system mounted read-write, with free space; or another --state-dir)", stateDir, err)
 		}
 	}
 	return nil
