@@ -86,7 +86,12 @@ func (m *Manager) Status(ctx context.Context, domain string) (vmapi.VM, error) {
 		v.Problems = append(v.Problems, fmt.Sprintf("its metadata names vTPM key %s but its <tpm> is not nkp's (external backend at %s): run nkpctl vm unprotect and protect again, or restore the <tpm> with virsh edit", obj.KeyID, want))
 	}
 	if fi, err := os.Stat(StateDir(m.cfg.VTPMDir, d.UUID, obj.KeyID)); err != nil || !fi.IsDir() {
-		v.Problems = append(v.Problems, fmt.Sprintf("the state directory of vTPM key %s is missing on this host (%s): the VM's TPM starts empty here unless it migrates in", obj.KeyID, StateDir(m.cfg.VTPMDir, d.UUID, obj.KeyID)))
+		p := fmt.Sprintf("the state directory of vTPM key %s is missing on this host (%s): the VM's TPM starts empty here unless it migrates in", obj.KeyID, StateDir(m.cfg.VTPMDir, d.UUID, obj.KeyID))
+		if others := m.stateKeys(d.UUID); len(others) > 0 && !m.j.exists(d.UUID) {
+			// Not a VM new to this host: its state is here under another key.
+			p += fmt.Sprintf("; but nkp keeps this VM's vTPM state under key %s: was the metadata's key-id edited, or does the definition come from an older XML? Put key-id=\"%s\" back with virsh edit %s before it starts (nkpctl provider objects lists its KDK version), or it starts with an empty TPM", strings.Join(others, ", "), others[0], d.Name)
+		}
+		v.Problems = append(v.Problems, p)
 	}
 	if !active {
 		v.TPM = "stopped"

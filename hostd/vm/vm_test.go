@@ -680,6 +680,18 @@ func TestOrphanedState(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The metadata's key-id edited: its state is here under the old key.
+	edited := bytes.Replace(x, []byte(o.KeyID), []byte("11111111-2222-4333-8444-555555555555"), 1)
+	if err := e.lv.DefineXML(ctx, edited); err != nil {
+		t.Fatal(err)
+	}
+	v, err := e.m.Status(ctx, "r1")
+	if err != nil || len(v.Problems) != 1 || !strings.Contains(v.Problems[0], "under key "+o.KeyID) || !strings.Contains(v.Problems[0], `key-id="`+o.KeyID+`" back with virsh edit r1`) {
+		t.Fatalf("key-id edited: %q %v", v.Problems, err)
+	}
+	if err := e.lv.DefineXML(ctx, x); err != nil {
+		t.Fatal(err)
+	}
 	plain, err := domxml.SetMetadata(x, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -698,7 +710,7 @@ func TestOrphanedState(t *testing.T) {
 			}
 		}
 	}
-	v, err := e.m.Status(ctx, "r1")
+	v, err = e.m.Status(ctx, "r1")
 	if err != nil {
 		t.Fatal(err)
 	}
