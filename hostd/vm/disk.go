@@ -347,6 +347,9 @@ type kept struct {
 	ReplacedBy string    `json:"replaced_by"`
 	Op         string    `json:"op"`
 	Time       time.Time `json:"time"`
+	// VM is the domain's name when the file was kept: finalize finds the kept files of
+	// a domain libvirt no longer defines by it (or by the UUID).
+	VM string `json:"vm,omitempty"`
 }
 
 // keptPath is JournalDir/<uuid>.kept: the original disk files of a VM kept for finalize.
@@ -475,6 +478,16 @@ func (m *Manager) Finalize(ctx context.Context, domain string) (vmapi.VM, error)
 	m.lock("finalize of "+domain, nil)
 	defer m.unlock()
 	_, d, err := m.lookup(ctx, domain)
+	if errors.Is(err, ErrNoDomain) {
+		// Undefined since: its kept files are found by UUID or by the name it had.
+		u, uerr := m.undefinedKept(ctx, domain)
+		if uerr != nil {
+			return vmapi.VM{}, uerr
+		}
+		if u != "" {
+			return m.finalizeUndefined(ctx, u)
+		}
+	}
 	if err != nil {
 		return vmapi.VM{}, err
 	}
@@ -486,24 +499,133 @@ func (m *Manager) Finalize(ctx context.Context, domain string) (vmapi.VM, error)
 			return vmapi.VM{}, err
 		}
 	}
-	ks, err := m.readKept(d.UUID)
+	removed, left, problems, err := m.removeKept(ctx, d.UUID, d.Name, d)
 	if err != nil {
-		return vmapi.VM{}, fmt.Errorf("vm %q: %w", d.Name, err)
+		return vmapi.VM{}, err
 	}
-	var left []kept
-	var removed, problems []string
+	v, err := m.Status(ctx, d.UUID)
+	finalizeNote(&v, removed, left, problems)
+	return v, err
+}
+
+// finalizeUndefined is Finalize of VM vmUUID, which libvirt no longer defines: its kept
+// files are removed unless another domain names them or a process has them open.
+func (m *Manager) finalizeUndefined(ctx context.Context, vmUUID string) (vmapi.VM, error) {
+	if m.j.exists(vmUUID) {
+		return vmapi.VM{}, fmt.Errorf("vm %s: %w: an interrupted operation on it is not finished, and libvirt no longer defines it: define it again (virsh define), then run nkpctl vm protect --finalize %s", vmUUID, ErrPending, vmUUID)
+	}
+	removed, left, problems, err := m.removeKept(ctx, vmUUID, vmUUID, nil)
+	if err != nil {
+		return vmapi.VM{}, err
+	}
+	v, ok := m.orphanVM(vmUUID)
+	if !ok {
+		v = vmapi.VM{Domain: vmUUID, UUID: vmUUID}
+	}
+	finalizeNote(&v, removed, left, problems)
+	return v, nil
+}
+
+// undefinedKept returns the UUID of a VM libvirt no longer defines whose kept files
+// hostd lists, named by domain: its UUID, or the name it had when they were kept; "" if
+// there is none.
+func (m *Manager) undefinedKept(ctx context.Context, domain string) (string, error) {
+	if kdk.CheckUUID(domain) == nil {
+		u := strings.ToLower(domain)
+		if ks, err := m.readKept(u); err != nil {
+			return "", fmt.Errorf("vm %s: %w", u, err)
+		} else if len(ks) > 0 {
+			return u, nil
+		}
+		return "", nil
+	}
+	var found []string
+	for _, u := range m.keptUUIDs() {
+		ks, err := m.readKept(u)
+		if err != nil || !slices.ContainsFunc(ks, func(k kept) bool { return k.VM == domain }) {
+			continue
+		}
+		if _, _, err := m.lookup(ctx, u); !errors.Is(err, ErrNoDomain) {
+			continue // still defined (under another name now)
+		}
+		found = append(found, u)
+	}
+	switch len(found) {
+	case 0:
+		return "", nil
+	case 1:
+		return found[0], nil
+	}
+	return "", fmt.Errorf("vm %q: libvirt defines no such domain, and hostd keeps original disk files of %d undefined VMs that had that name (%s): run nkpctl vm protect --finalize with one of these UUIDs", domain, len(found), strings.Join(found, ", "))
+}
+
+// keptUUIDs lists the VMs whose kept files hostd lists (JournalDir/<uuid>.kept).
+func (m *Manager) keptUUIDs() []string {
+	ents, _ := os.ReadDir(m.j.dir)
+	var out []string
+	for _, e := range ents {
+		if u, ok := strings.CutSuffix(e.Name(), ".kept"); ok && kdk.CheckUUID(u) == nil {
+			out = append(out, u)
+		}
+	}
+	return out
+}
+
+// keptProblem is the status problem of the kept files ks of VM vmUUID, which libvirt no
+// longer defines.
+func keptProblem(vmUUID string, ks []kept) string {
+	var paths []string
+	name, plain := "", false
 	for _, k := range ks {
-		if referenced(d, k.Path) {
+		paths = append(paths, k.Path)
+		if k.VM != "" {
+			name = k.VM
+		}
+		plain = plain || k.Op == opProtect
+	}
+	what := "the files its disks were converted from"
+	if plain {
+		what = "the files its disks were converted from, the ones protect encrypted still holding the guest's data unencrypted"
+	}
+	vm := vmUUID
+	if name != "" {
+		vm = fmt.Sprintf("%s (%s)", name, vmUUID)
+	}
+	return fmt.Sprintf("VM %s is no longer defined in libvirt, but nkp keeps %s: %s; once nothing needs them, remove them with nkpctl vm protect --finalize %s (it keeps a file another domain names or a process has open)", vm, what, strings.Join(paths, ", "), vmUUID)
+}
+
+func finalizeNote(v *vmapi.VM, removed []string, left []kept, problems []string) {
+	v.Problems = append(v.Problems, problems...)
+	switch {
+	case len(removed) == 0 && len(left) > 0:
+		v.Note = "no kept original disk file could be removed yet (see the problems)"
+	case len(removed) == 0:
+		v.Note = "no kept original disk files to remove"
+	default:
+		v.Note = "removed the original disk files " + strings.Join(removed, ", ")
+	}
+}
+
+// removeKept removes VM vmUUID's kept files that no domain (d: its own definition, nil
+// when libvirt no longer defines it) names and no process has open, and lists the rest
+// again; name is how the sentences call the VM.
+func (m *Manager) removeKept(ctx context.Context, vmUUID, name string, d *domxml.Domain) (removed []string, left []kept, problems []string, err error) {
+	ks, err := m.readKept(vmUUID)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("vm %q: %w", name, err)
+	}
+	for _, k := range ks {
+		if d != nil && referenced(d, k.Path) {
 			problems = append(problems, fmt.Sprintf("%s is kept: the domain's disk %s uses it again", k.Path, k.Target))
 			continue
 		}
-		if other, err := m.usedElsewhere(ctx, d.UUID, k.Path); err != nil {
+		if other, err := m.usedElsewhere(ctx, vmUUID, k.Path); err != nil {
 			left = append(left, k)
-			problems = append(problems, fmt.Sprintf("%s is kept: cannot tell whether another domain uses it (%v); run nkpctl vm protect --finalize %s again", k.Path, err, d.Name))
+			problems = append(problems, fmt.Sprintf("%s is kept: cannot tell whether another domain uses it (%v); run nkpctl vm protect --finalize %s again", k.Path, err, name))
 			continue
 		} else if other != "" {
 			left = append(left, k)
-			problems = append(problems, fmt.Sprintf("%s is kept: domain %s names it too and still uses this unencrypted original; protect that domain (or point it at another file with virsh edit), then run nkpctl vm protect --finalize %s again", k.Path, other, d.Name))
+			problems = append(problems, fmt.Sprintf("%s is kept: domain %s names it too and still uses this unencrypted original; protect that domain (or point it at another file with virsh edit), then run nkpctl vm protect --finalize %s again", k.Path, other, name))
 			continue
 		}
 		if target, ok := linkTarget(k.Path); ok {
@@ -515,11 +637,11 @@ func (m *Manager) Finalize(ctx context.Context, domain string) (vmapi.VM, error)
 		}
 		if ps, err := openers(m.procDir(), k.Path); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			left = append(left, k)
-			problems = append(problems, fmt.Sprintf("%s is kept: cannot tell whether a process has it open (%v); run nkpctl vm protect --finalize %s again", k.Path, err, d.Name))
+			problems = append(problems, fmt.Sprintf("%s is kept: cannot tell whether a process has it open (%v); run nkpctl vm protect --finalize %s again", k.Path, err, name))
 			continue
 		} else if len(ps) > 0 {
 			left = append(left, k)
-			problems = append(problems, fmt.Sprintf("%s is kept: %s has it open (a VM resumed from a save image or snapshot made before nkp changed disk %s runs on it, and would lose what it writes): shut that VM down, keep its data, then run nkpctl vm protect --finalize %s again", k.Path, ps[0], k.Target, d.Name))
+			problems = append(problems, fmt.Sprintf("%s is kept: %s has it open (a VM resumed from a save image or snapshot made before nkp changed disk %s runs on it, and would lose what it writes): shut that VM down, keep its data, then run nkpctl vm protect --finalize %s again", k.Path, ps[0], k.Target, name))
 			continue
 		}
 		if err := os.Remove(k.Path); err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -530,21 +652,11 @@ func (m *Manager) Finalize(ctx context.Context, domain string) (vmapi.VM, error)
 		atomicfile.SyncDir(filepath.Dir(k.Path))
 		removed = append(removed, k.Path)
 	}
-	if err := m.writeKept(d.UUID, left); err != nil {
-		return vmapi.VM{}, fmt.Errorf("vm %q: %w", d.Name, err)
+	if err := m.writeKept(vmUUID, left); err != nil {
+		return nil, nil, nil, fmt.Errorf("vm %q: %w", name, err)
 	}
-	m.log.Info("vm: kept originals removed", "vm", d.Name, "files", removed)
-	v, err := m.Status(ctx, d.UUID)
-	v.Problems = append(v.Problems, problems...)
-	switch {
-	case len(removed) == 0 && len(left) > 0:
-		v.Note = "no kept original disk file could be removed yet (see the problems)"
-	case len(removed) == 0:
-		v.Note = "no kept original disk files to remove"
-	default:
-		v.Note = "removed the original disk files " + strings.Join(removed, ", ")
-	}
-	return v, err
+	m.log.Info("vm: kept originals removed", "vm", name, "uuid", vmUUID, "files", removed)
+	return removed, left, problems, nil
 }
 
 // diskObjects returns the objects of des (before or after).

@@ -25,7 +25,9 @@
 // <orig>.nkp-<key8>.qcow2, a backing chain flattened — 0600 and owned like the original,
 // and compared with the original under its key; Secrets.Ensure, the catalog, and the XML
 // switch follow (domxml.SetDisk). Originals are kept (listed in JournalDir/<uuid>.kept)
-// until Finalize, or removed after the switch with RemoveOriginal. Progress reaches the
+// until Finalize, or removed after the switch with RemoveOriginal; the list outlives the
+// domain: for a domain undefined since, List and Status of its UUID report the kept files
+// as a problem, and Finalize takes its UUID (or the name it had). Progress reaches the
 // caller through a ProgressFunc (the Handler streams it as NDJSON).
 //
 // RekeyWith moves disks to the primary version shallowly (qemuimg.AddKey of the new key,

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -271,6 +272,68 @@ func TestFinalizeSymlinkOriginal(t *testing.T) {
 			os.Remove(link)
 			if v, err = e.m.Finalize(ctx, "d1"); err != nil || len(v.Problems) != 0 || len(v.Disks[0].Originals) != 0 {
 				t.Fatalf("finalize after the operator removed both: %q %+v %v", v.Problems, v.Disks, err)
+			}
+		})
+	}
+}
+
+// TestFinalizeUndefined: a protected domain undefined before finalize leaves its kept
+// plaintext originals known to hostd only by the VM's UUID. Status (List and Status of
+// the UUID) reports them as a problem naming the files and the way out; finalize by the
+// UUID, and by the name the domain had, removes them; afterwards nothing is reported.
+func TestFinalizeUndefined(t *testing.T) {
+	for _, by := range []string{"uuid", "name"} {
+		t.Run(by, func(t *testing.T) {
+			e := newEnv(t)
+			dir := t.TempDir()
+			diskImages(t, dir)
+			e.define(t, "d1", uuid1, diskDevices(dir))
+			ctx := context.Background()
+			if _, err := e.m.ProtectWith(ctx, "d1", vmapi.ProtectRequest{Disks: "vda"}, nil); err != nil {
+				t.Fatal(err)
+			}
+			orig := filepath.Join(dir, "vda.img")
+			e.lv.mu.Lock()
+			delete(e.lv.doms, uuid1) // virsh undefine
+			e.lv.mu.Unlock()
+
+			l, err := e.m.List(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(l) != 1 || l[0].UUID != uuid1 || len(l[0].Problems) == 0 {
+				t.Fatalf("List after undefine: %+v; want VM %s with a problem", l, uuid1)
+			}
+			p := l[0].Problems[len(l[0].Problems)-1]
+			for _, w := range []string{"d1 (" + uuid1 + ")", "no longer defined", orig, "unencrypted", "nkpctl vm protect --finalize " + uuid1} {
+				if !strings.Contains(p, w) {
+					t.Errorf("List's problem %q does not say %q", p, w)
+				}
+			}
+			if v, err := e.m.Status(ctx, uuid1); err != nil || len(v.Problems) == 0 || !strings.Contains(v.Problems[len(v.Problems)-1], orig) {
+				t.Errorf("Status %s after undefine: %+v, %v; want the kept original named", uuid1, v, err)
+			}
+
+			arg := map[string]string{"uuid": uuid1, "name": "d1"}[by]
+			v, err := e.m.Finalize(ctx, arg)
+			if err != nil {
+				t.Fatalf("finalize %s of the undefined domain: %v", arg, err)
+			}
+			if _, err := os.Stat(orig); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("%s after finalize of the undefined domain: %v", orig, err)
+			}
+			// What is left is the vTPM state (protect gave it one), reported as before.
+			keptLeft := func(ps []string) bool {
+				return slices.ContainsFunc(ps, func(p string) bool { return strings.Contains(p, orig) || strings.Contains(p, "--finalize") })
+			}
+			if !strings.Contains(v.Note, orig) || keptLeft(v.Problems) {
+				t.Errorf("finalize result: %+v; want the removal noted and no kept file left", v)
+			}
+			if l, err := e.m.List(ctx); err != nil || len(l) != 1 || keptLeft(l[0].Problems) {
+				t.Errorf("List after finalize: %+v, %v; want only the vTPM state's problem", l, err)
+			}
+			if _, err := e.m.Finalize(ctx, arg); !errors.Is(err, ErrNoDomain) {
+				t.Errorf("finalize again: %v; want no such domain", err)
 			}
 		})
 	}

@@ -258,7 +258,7 @@ func (m *Manager) recoverDisks(ctx context.Context, e *entry, d *domxml.Domain) 
 					continue
 				}
 				atomicfile.SyncDir(filepath.Dir(de.Orig))
-			} else if err := m.keep(e.UUID, kept{Target: de.Target, Path: de.Orig, ReplacedBy: de.New, Op: e.Op, Time: time.Now().UTC()}); err != nil {
+			} else if err := m.keep(e.UUID, kept{Target: de.Target, Path: de.Orig, ReplacedBy: de.New, Op: e.Op, Time: time.Now().UTC(), VM: e.Domain}); err != nil {
 				errs = append(errs, fmt.Errorf("vm %q: disk %s: recording the kept original %s: %w", e.Domain, de.Target, de.Orig, err))
 				continue
 			}

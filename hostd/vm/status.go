@@ -25,8 +25,8 @@ import (
 func (m *Manager) Status(ctx context.Context, domain string) (vmapi.VM, error) {
 	_, d, err := m.lookup(ctx, domain)
 	if errors.Is(err, ErrNoDomain) && kdk.CheckUUID(domain) == nil {
-		if keys := m.stateKeys(domain); len(keys) > 0 {
-			return m.orphan(domain, keys), nil
+		if v, ok := m.orphanVM(domain); ok {
+			return v, nil
 		}
 	}
 	if err != nil {
@@ -119,17 +119,21 @@ func (m *Manager) List(ctx context.Context) ([]vmapi.VM, error) {
 		return nil, fmt.Errorf("vm: listing domains: %w: %w", ErrUnavailable, err)
 	}
 	out := []vmapi.VM{}
-	// Domains that libvirt does not define persistently but nkp keeps vTPM state for:
-	// a transient protected domain (migrated in without --persistent), or one that was
-	// undefined or moved to another host, whose state is left behind.
+	// Domains that libvirt does not define persistently but nkp keeps vTPM state or
+	// kept disk files for: a transient protected domain (migrated in without
+	// --persistent), or one that was undefined or moved to another host, whose state
+	// and original disk files are left behind.
+	var candidates []string
 	ents, _ := os.ReadDir(m.cfg.VTPMDir)
 	for _, de := range ents {
-		u := de.Name()
-		if !de.IsDir() || kdk.CheckUUID(u) != nil || slices.Contains(uuids, u) {
-			continue
+		if u := de.Name(); de.IsDir() && kdk.CheckUUID(u) == nil && len(m.stateKeys(u)) > 0 {
+			candidates = append(candidates, u)
 		}
-		keys := m.stateKeys(u)
-		if len(keys) == 0 {
+	}
+	candidates = append(candidates, m.keptUUIDs()...)
+	slices.Sort(candidates)
+	for _, u := range slices.Compact(candidates) {
+		if slices.Contains(uuids, u) {
 			continue
 		}
 		if _, _, err := m.lookup(ctx, u); err == nil {
@@ -138,7 +142,9 @@ func (m *Manager) List(ctx context.Context) ([]vmapi.VM, error) {
 		} else if !errors.Is(err, ErrNoDomain) {
 			continue
 		}
-		out = append(out, m.orphan(u, keys))
+		if v, ok := m.orphanVM(u); ok {
+			out = append(out, v)
+		}
 	}
 	for _, u := range uuids {
 		v, err := m.Status(ctx, u)
@@ -154,6 +160,27 @@ func (m *Manager) List(ctx context.Context) ([]vmapi.VM, error) {
 		}
 	}
 	return out, nil
+}
+
+// orphanVM reports what nkp keeps for VM vmUUID, which libvirt does not define: vTPM
+// state and original disk files kept for finalize; ok is false if it keeps neither.
+func (m *Manager) orphanVM(vmUUID string) (vmapi.VM, bool) {
+	keys := m.stateKeys(vmUUID)
+	ks, kerr := m.readKept(vmUUID)
+	if len(keys) == 0 && len(ks) == 0 && kerr == nil {
+		return vmapi.VM{}, false
+	}
+	v := vmapi.VM{Domain: vmUUID, UUID: vmUUID}
+	if len(keys) > 0 {
+		v = m.orphan(vmUUID, keys)
+	}
+	if kerr != nil {
+		v.Problems = append(v.Problems, fmt.Sprintf("VM %s is no longer defined in libvirt, and the list of its kept original disk files cannot be read: %v", vmUUID, kerr))
+	}
+	if len(ks) > 0 {
+		v.Problems = append(v.Problems, keptProblem(vmUUID, ks))
+	}
+	return v, true
 }
 
 // orphan reports the vTPM state nkp keeps for a VM that libvirt does not define.
