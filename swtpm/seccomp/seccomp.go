@@ -28,8 +28,12 @@
 // it fails with ENOSYS with either action, and glibc and Go fall back to clone, whose
 // flags are checked. Every other call is allowed.
 //
-// The policy lives in package internal/policy and is assembled with go-seccomp-bpf.
-// On amd64 the program is generated from it at build time (zfilter_amd64.go, `go
+// The policy lives in package internal/policy, which lays the program out as a binary
+// search over the call numbers it names (go-seccomp-bpf gives the numbers, and its
+// linear program for the same policy is the reference a test compares every
+// decision with): the kernel evaluates the filter for every call number when it is
+// installed, and a search of about 20 instructions instead of up to 200 compares
+// halves what the install costs a start (about 170 → 90 µs). On amd64 the program is generated from it at build time (zfilter_amd64.go, `go
 // generate`; a test checks that it matches), so nkp-swtpm neither links go-seccomp-bpf
 // nor builds the filter at every start (about 4 ms and 160 KB of syscall tables); the
 // pid is put into its signal compares when the filter is made. Other architectures
