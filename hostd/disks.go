@@ -42,6 +42,11 @@ func diskImage(doc []byte, target, secretUUID string) (path, format string) {
 	if err != nil {
 		return "", ""
 	}
+	return domainDiskImage(dom, target, secretUUID)
+}
+
+// domainDiskImage is diskImage of a parsed domain.
+func domainDiskImage(dom *domxml.Domain, target, secretUUID string) (path, format string) {
 	disk, ok := dom.Disk(target)
 	if !ok || disk.Type != "file" || disk.Source == "" || disk.Encryption == nil || disk.Encryption.Format != "luks" || disk.Encryption.SecretUUID != secretUUID {
 		return "", ""
@@ -65,10 +70,11 @@ func (v imageVerifier) Opens(ctx context.Context, path, format string, pass []by
 
 // checkDisks answers the disk part of a prepare, restore or migrate hook from memory:
 // every disk object's secret must be defined by this hostd (and its image not known to
-// refuse the key). A refusal names the VM, the disk, its key ID and KDK version and the
+// refuse the key: an image whose file changed since it was verified is verified again,
+// inline). A refusal names the VM, the disk, its key ID and KDK version and the
 // way out; where hostd can fix it (not defined yet, KDK version arriving, a libvirt
 // error) it queues the definition from the hook's XML, so a retry succeeds.
-func (d *Daemon) checkDisks(req hookproto.Request, dom *domxml.Domain, disks []domxml.Object) (hookproto.Reply, bool) {
+func (d *Daemon) checkDisks(ctx context.Context, req hookproto.Request, dom *domxml.Domain, disks []domxml.Object) (hookproto.Reply, bool) {
 	d.mu.Lock()
 	info := d.id.info
 	d.mu.Unlock()
@@ -84,7 +90,13 @@ func (d *Daemon) checkDisks(req hookproto.Request, dom *domxml.Domain, disks []d
 	if m == nil {
 		return refuse("VM %q disk %s (key %s, KDK v%d): nkp-hostd is not connected to libvirt yet, so it has not defined the disk's secret: check that libvirtd runs (and nkp-hostd's --libvirt), then start the VM again", dom.Name, tgt, o.KeyID, o.KDKVersion), false
 	}
-	nr := m.Check(dom.UUID, disks)
+	// A stat per disk; an image replaced since it was verified is verified again here.
+	nr := m.CheckImages(ctx, dom.UUID, dom.Name, disks, func(target, secretUUID string) (string, string) {
+		return domainDiskImage(dom, target, secretUUID)
+	})
+	if nr == nil {
+		nr = m.Check(dom.UUID, disks)
+	}
 	if nr == nil {
 		return hookproto.Reply{}, true
 	}

@@ -99,9 +99,15 @@ func (d *Daemon) Hook(ctx context.Context, req hookproto.Request) hookproto.Repl
 	if disks := disksecret.DiskObjects(dom.Metadata); len(disks) > 0 {
 		switch req.Op {
 		case hookproto.OpPrepare, hookproto.OpRestore, hookproto.OpMigrate:
-			if r, ok := d.checkDisks(req, dom, disks); !ok {
+			if r, ok := d.checkDisks(ctx, req, dom, disks); !ok {
 				d.log.Warn("hook refused", "domain", dom.Name, "uuid", dom.UUID, "op", req.Op, "reason", r.Message)
 				return r
+			}
+		case hookproto.OpRelease:
+			// QEMU wrote to the images: verified again in the background now, so that the
+			// next prepare finds them as verified (a stat) instead of verifying inline.
+			if m := d.secrets.Load(); m != nil {
+				m.Reverify(dom.UUID)
 			}
 		}
 	}

@@ -1,6 +1,7 @@
 package disksecret
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -188,7 +189,7 @@ func newSpec(name string, versions ...int) vmSpec {
 	return v
 }
 
-func (v vmSpec) xml(t *testing.T) []byte {
+func (v vmSpec) xml(t testing.TB) []byte {
 	t.Helper()
 	base := fmt.Sprintf("<domain type='qemu'><name>%s</name><uuid>%s</uuid><memory>1024</memory><devices/></domain>", v.name, v.uuid)
 	doc, err := domxml.SetMetadata([]byte(base), &domxml.Metadata{ProviderID: kdk.NewKeyID(), Objects: v.objs})
@@ -200,7 +201,7 @@ func (v vmSpec) xml(t *testing.T) []byte {
 
 func (v vmSpec) disks() []domxml.Object { return DiskObjects(&domxml.Metadata{Objects: v.objs}) }
 
-func (v vmSpec) def(t *testing.T) virt.Definition {
+func (v vmSpec) def(t testing.TB) virt.Definition {
 	return virt.Definition{UUID: v.uuid, Name: v.name, Inactive: v.xml(t)}
 }
 
@@ -626,4 +627,173 @@ func BenchmarkCheck(b *testing.B) {
 			i++
 		}
 	})
+}
+
+// imageSetup is a manager whose VM a has one disk (vda) with its image at path, verified:
+// it opens under its key.
+func imageSetup(t testing.TB, path string) (*Manager, *fakeVerifier, vmSpec, func(string, string) (string, string)) {
+	m, ver, a, image := imageManager(t, path)
+	if ver.calls != 1 || m.Check(a.uuid, a.disks()) != nil {
+		t.Fatalf("setup: %d verifications, Check %v; want one, ready", ver.calls, m.Check(a.uuid, a.disks()))
+	}
+	return m, ver, a, image
+}
+
+// imageManager is imageSetup without its checks.
+func imageManager(t testing.TB, path string) (*Manager, *fakeVerifier, vmSpec, func(string, string) (string, string)) {
+	a := newSpec("a", 1)
+	ver := &fakeVerifier{images: map[string]string{path: passFor(a.uuid, a.disks()[0])}}
+	lv := newFakeLibvirt()
+	lv.set(a.def(t))
+	m, err := New(Config{Libvirt: lv, Keys: fakeKeys{map[int]bool{1: true}}, Verify: ver,
+		Disks: func([]byte, string, string) (string, string) { return path, "qcow2" }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Reconcile(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	m.verifyQueued(context.Background())
+	return m, ver, a, func(string, string) (string, string) { return path, "qcow2" }
+}
+
+// TestCheckImagesSwapped: the hook's CheckImages notices an image file replaced under a
+// defined disk secret after it was verified (another file renamed over it, copied over it
+// in place, or rewritten with the same size and its mtime set back: only ctime tells),
+// verifies it again inline and refuses naming the disk, key and path; Check (memory)
+// says the same from then on; an unchanged file costs no verification; putting back an
+// image the key opens makes the disk ready again.
+func TestCheckImagesSwapped(t *testing.T) {
+	swaps := []struct {
+		name string
+		swap func(t *testing.T, path string)
+	}{
+		{"renamed over", func(t *testing.T, path string) {
+			if err := os.WriteFile(path+".other", []byte("another VM's image"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Rename(path+".other", path); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"copied over in place", func(t *testing.T, path string) {
+			if err := os.WriteFile(path, []byte("a plain image, longer"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"same size, mtime set back", func(t *testing.T, path string) {
+			fi, err := os.Stat(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(10 * time.Millisecond) // a ctime tick apart (not synchronisation)
+			if err := os.WriteFile(path, bytes.Repeat([]byte{'x'}, int(fi.Size())), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chtimes(path, fi.ModTime(), fi.ModTime()); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	}
+	for _, sw := range swaps {
+		t.Run(sw.name, func(t *testing.T) {
+			ctx := context.Background()
+			path := t.TempDir() + "/a.qcow2"
+			if err := writeFile(path); err != nil {
+				t.Fatal(err)
+			}
+			m, ver, a, image := imageSetup(t, path)
+			ds := a.disks()
+			if nr := m.CheckImages(ctx, a.uuid, a.name, ds, image); nr != nil || ver.calls != 1 {
+				t.Fatalf("unchanged image: %v, %d verifications; want ready, no new verification", nr, ver.calls-1)
+			}
+			sw.swap(t, path)
+			ver.mu.Lock()
+			ver.images[path] = "another key's passphrase"
+			ver.mu.Unlock()
+			nr := m.CheckImages(ctx, a.uuid, a.name, ds, image)
+			if nr == nil || nr.Reason != WrongKey || nr.Path != path || !strings.Contains(nr.Error(), ds[0].KeyID) || !strings.Contains(nr.Error(), path) || !strings.Contains(nr.Error(), "disk vda") {
+				t.Fatalf("swapped image: %+v; want WrongKey naming vda, key %s and %s", nr, ds[0].KeyID, path)
+			}
+			if ver.calls != 2 {
+				t.Errorf("swapped image verified %d times, want once", ver.calls-1)
+			}
+			if nr := m.Check(a.uuid, ds); nr == nil || nr.Reason != WrongKey {
+				t.Errorf("Check after the inline verification: %+v; want WrongKey", nr)
+			}
+			if nr := m.CheckImages(ctx, a.uuid, a.name, ds, image); nr == nil || nr.Reason != WrongKey || ver.calls != 2 {
+				t.Errorf("swapped image asked again: %+v after %d verifications; want WrongKey from memory", nr, ver.calls-1)
+			}
+			// The right image put back.
+			if err := os.WriteFile(path+".good", []byte("the image back"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Rename(path+".good", path); err != nil {
+				t.Fatal(err)
+			}
+			ver.mu.Lock()
+			ver.images[path] = passFor(a.uuid, ds[0])
+			ver.mu.Unlock()
+			if nr := m.CheckImages(ctx, a.uuid, a.name, ds, image); nr != nil {
+				t.Errorf("image put back: %v", nr)
+			}
+			if nr := m.Check(a.uuid, ds); nr != nil {
+				t.Errorf("Check after the image was put back: %v", nr)
+			}
+		})
+	}
+}
+
+// TestCheckImagesNotVerified: an image never verified (it appeared after its secret was
+// defined) and a missing one are left to the background verification and to QEMU: the
+// hook does not verify them.
+func TestCheckImagesNotVerified(t *testing.T) {
+	dir := t.TempDir()
+	path := dir + "/late.qcow2"
+	m, ver, a, image := imageManager(t, path) // no file yet: nothing verified
+	if err := writeFile(path); err != nil {
+		t.Fatal(err)
+	}
+	if nr := m.CheckImages(context.Background(), a.uuid, a.name, a.disks(), image); nr != nil || ver.calls != 0 {
+		t.Errorf("never verified image: %v, %d verifications in the hook; want none", nr, ver.calls)
+	}
+	os.Remove(path)
+	if nr := m.CheckImages(context.Background(), a.uuid, a.name, a.disks(), image); nr != nil {
+		t.Errorf("missing image: %v", nr)
+	}
+}
+
+// BenchmarkCheckImagesUnchanged is the hook's cost per disk for an image unchanged since
+// it was verified (a stat and a map look-up), beside BenchmarkStat, a bare stat of the
+// same file: the two should be within noise of each other.
+func BenchmarkCheckImagesUnchanged(b *testing.B) {
+	path := b.TempDir() + "/a.qcow2"
+	if err := writeFile(path); err != nil {
+		b.Fatal(err)
+	}
+	m, ver, a, image := imageSetup(b, path)
+	ds := a.disks()
+	ctx := context.Background()
+	b.ResetTimer()
+	for b.Loop() {
+		if nr := m.CheckImages(ctx, a.uuid, a.name, ds, image); nr != nil {
+			b.Fatal(nr)
+		}
+	}
+	if ver.calls != 1 {
+		b.Fatalf("%d verifications of an unchanged image", ver.calls-1)
+	}
+}
+
+// BenchmarkStat is one stat of an image file: BenchmarkCheckImagesUnchanged's floor.
+func BenchmarkStat(b *testing.B) {
+	path := b.TempDir() + "/a.qcow2"
+	if err := writeFile(path); err != nil {
+		b.Fatal(err)
+	}
+	for b.Loop() {
+		if _, err := os.Stat(path); err != nil {
+			b.Fatal(err)
+		}
+	}
 }

@@ -4,18 +4,24 @@ import (
 	"context"
 	"encoding/hex"
 	"errors"
-	"os"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nkp-dev/nkp/hostd/domxml"
 )
 
-// verifyKey identifies one verdict: the image as it was (path, size, modification time)
-// and the secret (a secret's value follows from its UUID: the key ID and VM are in it).
+// verifyKey identifies one verdict: the image as it was (path, device, inode, size,
+// modification and change times: another file renamed or copied over it, or its content
+// changed, gives another key) and the secret (a secret's value follows from its UUID: the
+// key ID and VM are in it).
 type verifyKey struct {
-	path   string
-	size   int64
-	mtime  time.Time
-	secret string
+	path         string
+	dev, ino     uint64
+	size         int64
+	mtime, ctime time.Time
+	secret       string
 }
 
 // verifyCache remembers verdicts so that a reconcile or a redefinition does not run
@@ -23,6 +29,8 @@ type verifyKey struct {
 type verifyCache struct {
 	mu sync.Mutex
 	m  map[verifyKey]bool // true: opens; false: does not (wrong key); guarded by mu
+	// judgedSet holds path+"\x00"+secret of every image with a verdict; guarded by mu.
+	judgedSet map[string]bool
 }
 
 func (c *verifyCache) get(k verifyKey) (opens, ok bool) {
@@ -30,6 +38,14 @@ func (c *verifyCache) get(k verifyKey) (opens, ok bool) {
 	defer c.mu.Unlock()
 	opens, ok = c.m[k]
 	return opens, ok
+}
+
+// judged reports whether the cache holds a verdict on the image at path under secret
+// (for another identity of the file than k's, when get(k) found none).
+func (c *verifyCache) judged(path, secret string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.judgedSet[path+"\x00"+secret]
 }
 
 func (c *verifyCache) put(k verifyKey, opens bool) {
@@ -44,6 +60,10 @@ func (c *verifyCache) put(k verifyKey, opens bool) {
 		}
 	}
 	c.m[k] = opens
+	if c.judgedSet == nil {
+		c.judgedSet = map[string]bool{}
+	}
+	c.judgedSet[k.path+"\x00"+k.secret] = true
 }
 
 // imageKey stats w's image; ok is false when there is nothing to verify (no verifier, no
@@ -52,11 +72,70 @@ func (m *Manager) imageKey(w want, secret string) (verifyKey, bool) {
 	if m.cfg.Verify == nil || w.path == "" {
 		return verifyKey{}, false
 	}
-	fi, err := os.Stat(w.path)
-	if err != nil {
+	return statKey(w.path, secret)
+}
+
+// statKey is the identity of the image at path (one stat), for secret.
+func statKey(path, secret string) (verifyKey, bool) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
 		return verifyKey{}, false
 	}
-	return verifyKey{path: w.path, size: fi.Size(), mtime: fi.ModTime(), secret: secret}, true
+	return verifyKey{path: path, dev: uint64(st.Dev), ino: st.Ino, size: st.Size,
+		mtime: time.Unix(st.Mtim.Unix()), ctime: time.Unix(st.Ctim.Unix()), secret: secret}, true
+}
+
+// CheckImages is the hook's check of the images of VM vmUUID's disks (image gives the
+// path and format of the image of the disk of target dev whose <encryption> names
+// secretUUID in the hook's domain XML, "" when it has none): one
+// stat per disk, compared with the identity of the file last verified under the disk's
+// key (memory only while nothing changed). When the file differs from the one verified
+// (another image copied or renamed over it, its content changed), the image is verified
+// again at once, inline (the key derived from the KDK cache, the image's LUKS header
+// unlocked: a few milliseconds with nkp's settings; never libvirt), so that a swapped
+// image is refused by the hook with its path instead of failing in QEMU with "Invalid
+// password". An image never verified yet is left to the background verification, and
+// one that cannot be judged (locked, unreadable) to QEMU. It returns the first disk whose
+// image does not open under its key (Reason WrongKey), and updates what Check answers.
+func (m *Manager) CheckImages(ctx context.Context, vmUUID, vmName string, disks []domxml.Object, image func(target, secretUUID string) (path, format string)) *NotReady {
+	if m.cfg.Verify == nil {
+		return nil
+	}
+	for _, o := range disks {
+		u := domxml.SecretUUID(vmUUID, o.KeyID)
+		path, format := image(target(o), u)
+		if path == "" {
+			continue
+		}
+		k, ok := statKey(path, u)
+		if !ok {
+			continue // QEMU says what is wrong with a missing file
+		}
+		opens, known := m.vcache.get(k)
+		if !known {
+			if !m.vcache.judged(path, u) {
+				continue // never verified: the background verification does it
+			}
+			wrong, ok := m.verify(ctx, want{vmUUID: vmUUID, vmName: vmName, obj: o, path: path, format: format}, u)
+			if !ok {
+				continue
+			}
+			opens = wrong == ""
+			m.log.Info("a protected disk's image changed since it was verified: verified again", "uuid", vmUUID, "vm", vmName, "disk", target(o), "key_id", o.KeyID, "path", path, "opens", opens)
+		}
+		m.mu.Lock()
+		if e, ok := m.entries[u]; ok && e.obj == o && e.path == path {
+			e.wrongKey = ""
+			if !opens {
+				e.wrongKey = path
+			}
+		}
+		m.mu.Unlock()
+		if !opens {
+			return &NotReady{Object: o, Target: target(o), Reason: WrongKey, Path: path}
+		}
+	}
+	return nil
 }
 
 // verdict returns what the cache knows of w's image under secret: the image's path when
@@ -97,7 +176,10 @@ func (m *Manager) verifyQueued(ctx context.Context) {
 	m.vmu.Unlock()
 	for _, u := range sortedKeys(jobs) {
 		w := jobs[u]
-		wrong, ok := m.verify(ctx, w, u)
+		wrong, ok := m.verdict(w, u) // an image already judged as it is now: no qemu-img
+		if !ok {
+			wrong, ok = m.verify(ctx, w, u)
+		}
 		if !ok {
 			continue
 		}
@@ -106,6 +188,26 @@ func (m *Manager) verifyQueued(ctx context.Context) {
 			e.wrongKey = wrong
 		}
 		m.mu.Unlock()
+	}
+}
+
+// Reverify queues the verification of VM vmUUID's disk images in the background (the
+// release hook: QEMU wrote to them, so their identity changed, and the next start would
+// otherwise verify them inline). Memory only; it never blocks.
+func (m *Manager) Reverify(vmUUID string) {
+	if m.cfg.Verify == nil {
+		return
+	}
+	m.mu.RLock()
+	var ws []want
+	for _, e := range m.entries {
+		if e.vmUUID == vmUUID && e.path != "" && e.state == stateDefined {
+			ws = append(ws, want{vmUUID: e.vmUUID, vmName: e.vmName, obj: e.obj, path: e.path, format: e.format})
+		}
+	}
+	m.mu.RUnlock()
+	for _, w := range ws {
+		m.queueVerify(domxml.SecretUUID(w.vmUUID, w.obj.KeyID), w)
 	}
 }
 
@@ -130,6 +232,7 @@ func (m *Manager) verify(ctx context.Context, w want, secret string) (wrong stri
 	switch {
 	case err == nil:
 		m.vcache.put(k, true)
+		m.log.Debug("disk image opens under its key", "uuid", w.vmUUID, "disk", target(w.obj), "key_id", w.obj.KeyID, "path", w.path)
 		return "", true
 	case errors.Is(err, ErrWrongKey):
 		m.vcache.put(k, false)
