@@ -24,7 +24,11 @@
 // derived again for it; verdicts cached by path, size and modification time), so that
 // Check refuses a disk whose image was made under another key and names it, instead of
 // QEMU failing with a bare "Invalid password". A start before the verdict is allowed;
-// an image is verified when its secret is (re)defined, not on every reconcile.
+// an image is verified when its secret is (re)defined, not on every reconcile, and again
+// in the background after its VM stopped (Reverify, from the release hook). The hook
+// also asks CheckImages: one stat per disk, compared with the file last verified (device,
+// inode, size, mtime, ctime); a file that differs (another image copied or renamed over
+// it) is verified again inline, in the hook, so a swapped image is refused at once.
 //
 // Importers: hostd. Unit tests use fakes of Libvirt and Keys; hostd's tests use a real
 // libvirtd.
