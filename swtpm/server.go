@@ -25,7 +25,8 @@
 // --ctrl and --server, New(Config{...}), the seccomp filter, Serve(ctx), then
 // tpm.Close and dir.Close; the pid file and the daemon's readiness follow Ready. A TPM
 // that starts at launch starts while the channels are served (requests that need it
-// wait on the engine's lock; GET_CAPABILITY does not).
+// wait on the engine's lock; GET_CAPABILITY does not, and is answered while libtpms
+// starts on a thread of its own).
 //
 // With an engine that has its own data loop (libtpms' ServeConn), every data
 // connection (SET_DATAFD, --server listeners, -f) is served in C without entering Go
@@ -192,7 +193,17 @@ func (s *Server) Serve(ctx context.Context) (err error) {
 		if s.cs != nil {
 			s.cs.Lock()
 		}
+		// A client that connects while the TPM starts is answered too: the start's
+		// libtpms calls run on a thread of their own while this goroutine waits in
+		// the poller, so the one P stays free for the channel goroutines.
+		ot, _ := s.cfg.Engine.(offThreadEngine)
+		if ot != nil {
+			ot.SetOffThread(true)
+		}
 		startErr = s.startAtLaunchLocked()
+		if ot != nil {
+			ot.SetOffThread(false)
+		}
 		s.unlockTPM()
 	}
 	close(s.launched)
@@ -218,6 +229,13 @@ func (s *Server) Serve(ctx context.Context) (err error) {
 	}
 	s.log.Info("vTPM server stopped", "reason", s.stopWhy)
 	return nil
+}
+
+// offThreadEngine is an engine that can make its libtpms calls on a thread of their
+// own while the caller waits in Go's poller (*libtpms.TPM); Serve uses it for the
+// start at launch. Set under the engine's lock.
+type offThreadEngine interface {
+	SetOffThread(on bool)
 }
 
 // Ready returns a channel that is closed once Serve serves: its channels take clients

@@ -25,6 +25,27 @@ extern uint32_t nkp_resp_cap;
 // its command code; the response is in nkp_resp[0:*rlen].
 uint32_t nkp_process(const unsigned char *cmd, uint32_t len, uint32_t *rlen);
 
+// nkp_job is one libtpms call run on a thread of its own (nkp_job_start), while the
+// thread that holds the mutex waits for it: op 0 is TPMLIB_MainInit, op 1 nkp_process
+// of cmd[0:len]. The job's thread writes one byte to fd when the call returned.
+struct nkp_job {
+	int op;
+	const unsigned char *cmd;
+	uint32_t len;
+	uint32_t rlen;     // nkp_process' response length
+	uint32_t rc;       // the call's result
+	int fd;            // written to once rc is set
+	void *stack;       // the thread's stack (mmap), unmapped by nkp_job_join
+	size_t stack_size;
+	unsigned long thread; // pthread_t
+};
+
+// nkp_job_start starts j's thread: 0, or an errno (nothing started).
+int nkp_job_start(struct nkp_job *j);
+
+// nkp_job_join waits for j's thread to end and unmaps its stack.
+void nkp_job_join(struct nkp_job *j);
+
 // nkp_frame finds the first command in b[0:len] as package data's Frame does. It
 // returns 1 and fills f when a whole command is there, 0 with f->need set when more
 // bytes are needed, and -1 with f->size and f->prefixed set for a refused size.

@@ -96,8 +96,10 @@ import "C"
 import (
 	"errors"
 	"fmt"
+	"os"
 	"runtime"
 	"sync/atomic"
+	"syscall"
 	"unsafe"
 )
 
@@ -127,6 +129,65 @@ type TPM struct {
 	cbErr  error    // errors callbacks hit during the current libtpms call
 	cmd    *C.uchar // C copy of the command, reused, wiped after each call
 	cmdCap int      // size of cmd
+	// offThread makes MainInit and Process run libtpms on a thread of their own
+	// (SetOffThread).
+	offThread bool
+}
+
+// SetOffThread makes MainInit and Process, while on, run their libtpms call on a
+// new OS thread of their own, while the calling goroutine, still holding the
+// engine's lock, waits in Go's network poller: the process' one P is then free for
+// its other goroutines, where during a call on the goroutine's own thread nothing
+// else runs until the runtime's monitor takes the P back (a tick of up to
+// milliseconds). The vTPM server turns it on for the TPM's start at launch, so that
+// the control channel answers meanwhile. A call costs a thread start (tens of µs),
+// which is why it is not the default. Call it under Lock.
+func (t *TPM) SetOffThread(on bool) { t.offThread = on }
+
+// run makes one libtpms call, op 0 TPMLIB_MainInit or op 1 nkp_process of
+// t.cmd[0:n], on this thread or (offThread) on a thread of its own, and returns its
+// result and, for nkp_process, the response length. The lock is held.
+func (t *TPM) run(op int, n int) (C.uint32_t, C.uint32_t) {
+	if t.offThread {
+		if rc, rlen, err := t.runOffThread(op, n); err == nil {
+			return rc, rlen
+		}
+		// No thread or no pipe: make the call here, as without offThread.
+	}
+	if op == 0 {
+		return C.uint32_t(C.TPMLIB_MainInit()), 0
+	}
+	var rlen C.uint32_t
+	rc := C.nkp_process(t.cmd, C.uint32_t(n), &rlen)
+	return rc, rlen
+}
+
+// runOffThread makes run's call on a thread of its own and waits for it in the
+// network poller. An error means the call was not made.
+func (t *TPM) runOffThread(op int, n int) (C.uint32_t, C.uint32_t, error) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		return 0, 0, err
+	}
+	defer r.Close()
+	defer w.Close()
+	j := (*C.struct_nkp_job)(C.calloc(1, C.size_t(unsafe.Sizeof(C.struct_nkp_job{}))))
+	if j == nil {
+		return 0, 0, errors.New("out of memory")
+	}
+	defer C.free(unsafe.Pointer(j))
+	j.op, j.cmd, j.len, j.fd = C.int(op), t.cmd, C.uint32_t(n), C.int(w.Fd())
+	if e := C.nkp_job_start(j); e != 0 {
+		return 0, 0, syscall.Errno(e)
+	}
+	var b [1]byte
+	for {
+		if _, err := r.Read(b[:]); err == nil || !errors.Is(err, syscall.EINTR) {
+			break
+		}
+	}
+	C.nkp_job_join(j) // the thread wrote its byte (or the read failed): it ends now
+	return j.rc, j.rlen, nil
 }
 
 // lock takes the engine's lock. The C mutex is recursive and owned by an OS
@@ -333,7 +394,7 @@ func (t *TPM) MainInit() error {
 	if err := t.checkLocked("MainInit", -1); err != nil {
 		return err
 	}
-	rc := C.TPMLIB_MainInit()
+	rc, _ := t.run(0, 0)
 	cbErr := t.takeCallbackErr()
 	if rc != 0 {
 		C.TPMLIB_Terminate() // leave libtpms stopped and its version unlocked, as swtpm does
@@ -389,8 +450,7 @@ func (t *TPM) Process(cmd []byte) ([]byte, error) {
 	}
 	in := unsafe.Slice((*byte)(unsafe.Pointer(t.cmd)), t.cmdCap)
 	copy(in, cmd)
-	var n C.uint32_t
-	rc := C.nkp_process(t.cmd, C.uint32_t(len(cmd)), &n)
+	rc, n := t.run(1, len(cmd))
 	clear(in[:len(cmd)]) // commands carry auth values and NV data
 	cbErr := t.takeCallbackErr()
 	var out []byte
