@@ -10,7 +10,11 @@
 // call into libtpms is serialised by the engine's lock, a recursive C mutex
 // (conn.c) that Go takes with its OS thread locked (Lock, Unlock); Cancel
 // alone does not wait for it. The TPM's running flag, locality, last command
-// code and libtpms' response buffer are C state under that lock.
+// code and libtpms' response buffer are C state under that lock. With
+// SetOffThread, MainInit and Process make their libtpms call on a short-lived
+// thread of their own (its NVRAM callbacks enter Go from there) while the
+// caller holds the lock and waits in Go's poller: the vTPM server does that for
+// the start at launch, so that its one P answers control clients meanwhile.
 //
 // ServeConn serves a data connection with a loop in C (poll, read,
 // TPMLIB_Process, send), so that a TPM command costs no transition into Go;
