@@ -246,6 +246,39 @@ func TestDiskSecrets(t *testing.T) {
 		}
 	}
 
+	// An image swapped under a defined domain after it was verified (another VM's LUKS
+	// image renamed over a's): the prepare hook sees the file changed (a stat), verifies
+	// it again inline and refuses naming VM, disk, key and path, where QEMU would fail
+	// with libvirt's bare "Invalid password".
+	for deadline := time.Now().Add(time.Minute); ; {
+		if strings.Contains(grepLines(grepLines(h.logs.String(), "disk image opens under its key"), a.keyID), filepath.Join(pool, "a.luks")) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("a.luks not verified under a's key within a minute:\n%s", h.logs.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	other, err := os.ReadFile(filepath.Join(pool, "b.luks"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(pool, "a.luks.swap"), other, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(filepath.Join(pool, "a.luks.swap"), filepath.Join(pool, "a.luks")); err != nil {
+		t.Fatal(err)
+	}
+	_, err = virsh("start", a.name)
+	if err == nil {
+		t.Fatal("a domain whose image was swapped for another VM's started")
+	}
+	for _, want := range []string{`VM "dsec-a" disk vda`, "key " + a.keyID, filepath.Join(pool, "a.luks"), "does not open under this key"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("swapped-image refusal lacks %q: %v", want, err)
+		}
+	}
+
 	// A KDK version this host does not hold.
 	c := newVM("dsec-c")
 	xc := filepath.Join(t.TempDir(), "c.xml")
