@@ -310,8 +310,10 @@ func TestFinalizeUndefined(t *testing.T) {
 					t.Errorf("List's problem %q does not say %q", p, w)
 				}
 			}
-			if v, err := e.m.Status(ctx, uuid1); err != nil || len(v.Problems) == 0 || !strings.Contains(v.Problems[len(v.Problems)-1], orig) {
-				t.Errorf("Status %s after undefine: %+v, %v; want the kept original named", uuid1, v, err)
+			for _, d := range []string{uuid1, "d1"} {
+				if v, err := e.m.Status(ctx, d); err != nil || len(v.Problems) == 0 || !strings.Contains(v.Problems[len(v.Problems)-1], orig) {
+					t.Errorf("Status %s after undefine: %+v, %v; want the kept original named", d, v, err)
+				}
 			}
 
 			arg := map[string]string{"uuid": uuid1, "name": "d1"}[by]

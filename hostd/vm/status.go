@@ -28,6 +28,13 @@ func (m *Manager) Status(ctx context.Context, domain string) (vmapi.VM, error) {
 		if v, ok := m.orphanVM(domain); ok {
 			return v, nil
 		}
+	} else if errors.Is(err, ErrNoDomain) {
+		// The name of a domain undefined since, whose original disk files nkp keeps.
+		if u, uerr := m.undefinedKept(ctx, domain); uerr == nil && u != "" {
+			if v, ok := m.orphanVM(u); ok {
+				return v, nil
+			}
+		}
 	}
 	if err != nil {
 		return vmapi.VM{}, err
