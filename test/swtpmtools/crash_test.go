@@ -133,7 +133,14 @@ func killDuringNVWrites(t *testing.T, be backend, opts procOpts, maxTrials, minT
 		)
 		deadline := time.Now().Add(budget)
 		for trials < maxTrials && time.Now().Before(deadline) {
-			p := start(t, be, opts)
+			p := startNoWait(t, be, opts)
+			if err := p.proc.WaitListening(10*time.Second, p.ctrlAddr(), p.dataAddr()); err != nil {
+				if referenceLost(t, be, trials, err, p) {
+					p.Kill()
+					return
+				}
+				t.Fatalf("trial %d: %v\nstderr: %s\nlog: %s", trials, err, p.stderr.String(), p.logText())
+			}
 			conn, err := netDial(p.Data)
 			if err != nil {
 				t.Fatalf("trial %d: dial: %v", trials, err)
@@ -146,6 +153,11 @@ func killDuringNVWrites(t *testing.T, be backend, opts procOpts, maxTrials, minT
 				defined = true
 			}
 			h, err := nvHandle(tpm)
+			if err != nil && referenceLost(t, be, trials, err, p) {
+				conn.Close()
+				p.Kill()
+				return
+			}
 			if err != nil {
 				t.Fatalf("trial %d: the state after a kill does not hold the index: NV_ReadPublic: %v\nlog: %s", trials, err, p.logText())
 			}
@@ -156,6 +168,11 @@ func killDuringNVWrites(t *testing.T, be backend, opts procOpts, maxTrials, minT
 					// timed from the start, up to maxDelay): the index was never
 					// written, which is what the TPM says.
 					got, err = 0, nil
+				}
+				if err != nil && referenceLost(t, be, trials, err, p) {
+					conn.Close()
+					p.Kill()
+					return
 				}
 				if err != nil {
 					t.Fatalf("trial %d: NV_Read after a kill: %v\nlog: %s", trials, err, p.logText())
@@ -192,4 +209,18 @@ func killDuringNVWrites(t *testing.T, be backend, opts procOpts, maxTrials, minT
 			t.Errorf("only %d trials within %v, want at least %d", trials, budget, minTrials)
 		}
 	}
+}
+
+// referenceLost reports whether the run is the reference's (swtpm 0.7.1) and logs
+// that its state did not survive a kill -9: swtpm's own crash safety is not what this
+// test holds to account (it lost its state once in about 200 kills here, "illegal pad
+// length" at the next start), so the reference's trials end there instead of failing
+// the test. nkp-swtpm's never do: for it, the caller fails.
+func referenceLost(t *testing.T, be backend, trial int, err error, p *tpmProc) bool {
+	t.Helper()
+	if be.name != "swtpm" {
+		return false
+	}
+	t.Logf("reference swtpm lost its state after kill -9 at trial %d (its trials end here): %v\nlog: %s", trial, err, p.logText())
+	return true
 }
