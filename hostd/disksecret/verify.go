@@ -25,19 +25,30 @@ type verifyKey struct {
 }
 
 // verifyCache remembers verdicts so that a reconcile or a redefinition does not run
-// qemu-img again for an image that did not change.
+// qemu-img again for an image that did not change: the newest verdict per image path and
+// secret, with the identity of the file it was given on.
 type verifyCache struct {
 	mu sync.Mutex
-	m  map[verifyKey]bool // true: opens; false: does not (wrong key); guarded by mu
-	// judgedSet holds path+"\x00"+secret of every image with a verdict; guarded by mu.
-	judgedSet map[string]bool
+	m  map[imageUnder]verdict // guarded by mu
 }
 
+// imageUnder is an image path and the secret it is verified under.
+type imageUnder struct{ path, secret string }
+
+type verdict struct {
+	k     verifyKey // the file as it was verified
+	opens bool      // true: opens; false: does not (wrong key)
+}
+
+// get returns the verdict on the image file k names, as it is now (ok false: none).
 func (c *verifyCache) get(k verifyKey) (opens, ok bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	opens, ok = c.m[k]
-	return opens, ok
+	v, ok := c.m[imageUnder{k.path, k.secret}]
+	if !ok || v.k != k {
+		return false, false
+	}
+	return v.opens, true
 }
 
 // judged reports whether the cache holds a verdict on the image at path under secret
@@ -45,25 +56,17 @@ func (c *verifyCache) get(k verifyKey) (opens, ok bool) {
 func (c *verifyCache) judged(path, secret string) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.judgedSet[path+"\x00"+secret]
+	_, ok := c.m[imageUnder{path, secret}]
+	return ok
 }
 
 func (c *verifyCache) put(k verifyKey, opens bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.m == nil {
-		c.m = map[verifyKey]bool{}
+		c.m = map[imageUnder]verdict{}
 	}
-	for old := range c.m { // one verdict per image and secret: the newest
-		if old.path == k.path && old.secret == k.secret {
-			delete(c.m, old)
-		}
-	}
-	c.m[k] = opens
-	if c.judgedSet == nil {
-		c.judgedSet = map[string]bool{}
-	}
-	c.judgedSet[k.path+"\x00"+k.secret] = true
+	c.m[imageUnder{k.path, k.secret}] = verdict{k: k, opens: opens}
 }
 
 // imageKey stats w's image; ok is false when there is nothing to verify (no verifier, no
