@@ -95,7 +95,7 @@ func statKey(path, secret string) (verifyKey, bool) {
 // key (memory only while nothing changed). When the file differs from the one verified
 // (another image copied or renamed over it, its content changed), the image is verified
 // again at once, inline (the key derived from the KDK cache, the image's LUKS header
-// unlocked: a few milliseconds with nkp's settings; never libvirt), so that a swapped
+// unlocked by Verify, i.e. one qemu-img run; never libvirt), so that a swapped
 // image is refused by the hook with its path instead of failing in QEMU with "Invalid
 // password". An image never verified yet is left to the background verification, and
 // one that cannot be judged (locked, unreadable) to QEMU. It returns the first disk whose
