@@ -439,14 +439,15 @@ func linkTarget(path string) (string, bool) {
 	return t, true
 }
 
-// usedElsewhere returns the name of a persistent domain other than selfUUID whose disks
-// name path (as a source or first backing file), "" if none does. A domain whose
-// definition cannot be read or parsed counts as using it (the caller keeps the file).
-func (m *Manager) usedElsewhere(ctx context.Context, selfUUID, path string) (string, error) {
+// otherDomains returns the definitions of the persistent domains other than selfUUID,
+// each read once: a caller checks all its files against them with usedBy. A domain whose
+// definition cannot be read or parsed is an error (the caller keeps its files).
+func (m *Manager) otherDomains(ctx context.Context, selfUUID string) ([]*domxml.Domain, error) {
 	uuids, err := m.cfg.Libvirt.Domains(ctx)
 	if err != nil {
-		return "", fmt.Errorf("listing libvirt's domains: %w", err)
+		return nil, fmt.Errorf("listing libvirt's domains: %w", err)
 	}
+	var out []*domxml.Domain
 	for _, u := range uuids {
 		if u == selfUUID {
 			continue
@@ -456,17 +457,26 @@ func (m *Manager) usedElsewhere(ctx context.Context, selfUUID, path string) (str
 			continue // undefined meanwhile
 		}
 		if err != nil {
-			return "", fmt.Errorf("reading domain %s: %w", u, err)
+			return nil, fmt.Errorf("reading domain %s: %w", u, err)
 		}
 		o, err := domxml.Parse(x)
 		if err != nil {
-			return "", fmt.Errorf("domain %s: %w", u, err)
+			return nil, fmt.Errorf("domain %s: %w", u, err)
 		}
+		out = append(out, o)
+	}
+	return out, nil
+}
+
+// usedBy returns the name of the first domain of ds whose disks name path (as a source
+// or first backing file), "" if none does.
+func usedBy(ds []*domxml.Domain, path string) string {
+	for _, o := range ds {
 		if referenced(o, path) {
-			return o.Name, nil
+			return o.Name
 		}
 	}
-	return "", nil
+	return ""
 }
 
 // Finalize removes the original disk files that protect, rekey --deep and unprotect
@@ -614,16 +624,22 @@ func (m *Manager) removeKept(ctx context.Context, vmUUID, name string, d *domxml
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("vm %q: %w", name, err)
 	}
+	// Other domains' definitions, read once for all of ks.
+	var others []*domxml.Domain
+	var othersErr error
+	if len(ks) > 0 {
+		others, othersErr = m.otherDomains(ctx, vmUUID)
+	}
 	for _, k := range ks {
 		if d != nil && referenced(d, k.Path) {
 			problems = append(problems, fmt.Sprintf("%s is kept: the domain's disk %s uses it again", k.Path, k.Target))
 			continue
 		}
-		if other, err := m.usedElsewhere(ctx, vmUUID, k.Path); err != nil {
+		if othersErr != nil {
 			left = append(left, k)
-			problems = append(problems, fmt.Sprintf("%s is kept: cannot tell whether another domain uses it (%v); run nkpctl vm protect --finalize %s again", k.Path, err, name))
+			problems = append(problems, fmt.Sprintf("%s is kept: cannot tell whether another domain uses it (%v); run nkpctl vm protect --finalize %s again", k.Path, othersErr, name))
 			continue
-		} else if other != "" {
+		} else if other := usedBy(others, k.Path); other != "" {
 			left = append(left, k)
 			problems = append(problems, fmt.Sprintf("%s is kept: domain %s names it too and still uses this unencrypted original; protect that domain (or point it at another file with virsh edit), then run nkpctl vm protect --finalize %s again", k.Path, other, name))
 			continue

@@ -194,6 +194,10 @@ func (m *Manager) recoverDisks(ctx context.Context, e *entry, d *domxml.Domain) 
 	}
 	var dropSecrets []domxml.Object
 	var errs []error
+	// Other domains' definitions, read once (at the first original to remove).
+	var others []*domxml.Domain
+	var othersErr error
+	othersRead := false
 	for i := range e.Disks {
 		de := &e.Disks[i]
 		done := diskCommitted(d, de)
@@ -244,7 +248,13 @@ func (m *Manager) recoverDisks(ctx context.Context, e *entry, d *domxml.Domain) 
 		if done && de.Mode == modeConvert && de.Orig != de.New && !referenced(d, de.Orig) {
 			other, oerr := "", error(nil)
 			if e.RemoveOriginal {
-				other, oerr = m.usedElsewhere(ctx, e.UUID, de.Orig)
+				if !othersRead {
+					others, othersErr = m.otherDomains(ctx, e.UUID)
+					othersRead = true
+				}
+				if oerr = othersErr; oerr == nil {
+					other = usedBy(others, de.Orig)
+				}
 				if t, ok := linkTarget(de.Orig); ok && oerr == nil && other == "" {
 					oerr = fmt.Errorf("%s is a symbolic link to %s", de.Orig, t) // kept: finalize explains
 				}

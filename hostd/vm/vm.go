@@ -571,13 +571,17 @@ func (m *Manager) ProtectWith(ctx context.Context, domain string, req vmapi.Prot
 		vsize int64
 	}
 	var plan []planned
+	var others []*domxml.Domain // other domains, to note a disk file they share
+	if len(chosen) > 0 {
+		others, _ = m.otherDomains(ctx, d.UUID)
+	}
 	for _, dk := range chosen {
 		f, vsize, err := m.checkDisk(ctx, d, dk, req.AllowDoubleEncryption)
 		if err != nil {
 			return vmapi.VM{}, err
 		}
 		plan = append(plan, planned{dk, f, vsize})
-		if other, err := m.usedElsewhere(ctx, d.UUID, dk.Source); err == nil && other != "" {
+		if other := usedBy(others, dk.Source); other != "" {
 			notes = append(notes, fmt.Sprintf("disk %s: domain %s names the same file %s and keeps using it unencrypted (the original is kept while it does)", dk.Target, other, dk.Source))
 		}
 	}
