@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/nkp-dev/nkp/hostd/vm/vmapi"
+	"github.com/nkp-dev/nkp/test/e2e"
 )
 
 func TestOpeners(t *testing.T) {
@@ -208,17 +209,10 @@ func TestProtectImageInUse(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { stdin.Close(); cmd.Wait() })
-	deadline := time.Now().Add(30 * time.Second)
-	for {
+	e2e.WaitFor(t, 30*time.Second, "qemu-io to open the image", func() bool {
 		ps, _ := openers("/proc", orig)
-		if len(ps) > 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("qemu-io did not open the image within 30 s")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return len(ps) > 0
+	})
 	_, err = e.m.ProtectWith(context.Background(), "d1", vmapi.ProtectRequest{Disks: "vda"}, nil)
 	if err == nil {
 		t.Fatal("protect converted an image another process holds locked")
