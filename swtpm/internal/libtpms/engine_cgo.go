@@ -181,11 +181,7 @@ func (t *TPM) runOffThread(op int, n int) (C.uint32_t, C.uint32_t, error) {
 		return 0, 0, syscall.Errno(e)
 	}
 	var b [1]byte
-	for {
-		if _, err := r.Read(b[:]); err == nil || !errors.Is(err, syscall.EINTR) {
-			break
-		}
-	}
+	r.Read(b[:])      // os.File retries EINTR itself; the thread writes once it is done
 	C.nkp_job_join(j) // the thread wrote its byte (or the read failed): it ends now
 	return j.rc, j.rlen, nil
 }
