@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io/fs"
 	"sync"
+	"syscall"
 	"testing"
 
 	"github.com/google/go-tpm/tpm2"
@@ -17,6 +18,7 @@ type memNVRAM struct {
 	mu       sync.Mutex
 	blobs    map[string][]byte
 	ops      []string // "load permall", "store permall", "delete volatilestate"
+	tids     []int    // the thread each of ops ran on
 	failNext error    // returned (once) by the next Store
 }
 
@@ -26,6 +28,7 @@ func (m *memNVRAM) Load(name string) ([]byte, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.ops = append(m.ops, "load "+name)
+	m.tids = append(m.tids, syscall.Gettid())
 	b, ok := m.blobs[name]
 	if !ok {
 		return nil, fmt.Errorf("mem nvram %q: %w", name, fs.ErrNotExist)
@@ -37,6 +40,7 @@ func (m *memNVRAM) Store(name string, data []byte) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.ops = append(m.ops, "store "+name)
+	m.tids = append(m.tids, syscall.Gettid())
 	if err := m.failNext; err != nil {
 		m.failNext = nil
 		return err
@@ -49,6 +53,7 @@ func (m *memNVRAM) Delete(name string) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.ops = append(m.ops, "delete "+name)
+	m.tids = append(m.tids, syscall.Gettid())
 	if _, ok := m.blobs[name]; !ok {
 		return fmt.Errorf("mem nvram %q: %w", name, fs.ErrNotExist)
 	}
@@ -63,6 +68,15 @@ func (m *memNVRAM) takeOps() []string {
 	ops := m.ops
 	m.ops = nil
 	return ops
+}
+
+// takeTids returns the threads of the calls recorded since the last takeTids.
+func (m *memNVRAM) takeTids() []int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	tids := m.tids
+	m.tids = nil
+	return tids
 }
 
 func (m *memNVRAM) blob(name string) []byte {

@@ -4,40 +4,11 @@ package libtpms
 
 import (
 	"errors"
-	"sync"
 	"syscall"
 	"testing"
 
 	"github.com/google/go-tpm/tpm2"
 )
-
-// tidNVRAM records the thread each NVRAM call ran on.
-type tidNVRAM struct {
-	*memNVRAM
-	mu   sync.Mutex
-	tids []int
-}
-
-func (n *tidNVRAM) note() {
-	n.mu.Lock()
-	n.tids = append(n.tids, syscall.Gettid())
-	n.mu.Unlock()
-}
-
-func (n *tidNVRAM) Load(name string) ([]byte, error) { n.note(); return n.memNVRAM.Load(name) }
-
-func (n *tidNVRAM) Store(name string, data []byte) error {
-	n.note()
-	return n.memNVRAM.Store(name, data)
-}
-
-func (n *tidNVRAM) takeTids() []int {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	t := n.tids
-	n.tids = nil
-	return t
-}
 
 // TestOffThread runs a TPM's start and commands with SetOffThread on and off: the
 // results are the same (manufacture, Startup, GetRandom, an NV write stored before
@@ -46,7 +17,7 @@ func (n *tidNVRAM) takeTids() []int {
 func TestOffThread(t *testing.T) {
 	for _, off := range []bool{false, true} {
 		t.Run(map[bool]string{false: "on the caller's thread", true: "off thread"}[off], func(t *testing.T) {
-			nv := &tidNVRAM{memNVRAM: newMemNVRAM()}
+			nv := newMemNVRAM()
 			tpm := openTPM(t, nv)
 			tpm.Lock()
 			defer tpm.Unlock()
@@ -86,9 +57,9 @@ func TestOffThread(t *testing.T) {
 				}
 			}
 			diskFull := errors.New("disk full")
-			nv.memNVRAM.mu.Lock()
-			nv.memNVRAM.failNext = diskFull
-			nv.memNVRAM.mu.Unlock()
+			nv.mu.Lock()
+			nv.failNext = diskFull
+			nv.mu.Unlock()
 			if err := nvWrite(tpm, pub, []byte("lost!!!!")); !errors.Is(err, diskFull) {
 				t.Fatalf("NV_Write with a failing store: %v, want it to wrap %v", err, diskFull)
 			}
