@@ -17,13 +17,8 @@ import (
 )
 
 // serveCtrl serves the control channel: the one connection of CtrlConn, or the clients
-// of CtrlListener one at a time. Without either the TPM is data-only: when its one
-// data connection (DataConn) ends, nothing can reach it any more.
+// of CtrlListener one at a time.
 func (s *Server) serveCtrl() {
-	if s.cfg.CtrlConn == nil && s.cfg.CtrlListener == nil {
-		s.ctrlGone.Store(true)
-		return
-	}
 	if s.cfg.CtrlConn != nil {
 		if s.track(s.cfg.CtrlConn) {
 			s.serveCtrlConn(s.cfg.CtrlConn)

@@ -172,7 +172,14 @@ func (s *Server) Serve(ctx context.Context) (err error) {
 		s.tpmMu.Lock()
 	}
 	s.dataConnOpen = s.cfg.DataConn != nil
-	s.goServe(func() { s.serveCtrl() })
+	if s.cfg.CtrlConn == nil && s.cfg.CtrlListener == nil {
+		// Data-only (swtpm without --ctrl): set before any data connection is served,
+		// so that the end of the one DataConn stops the server, as nothing can reach
+		// the TPM any more.
+		s.ctrlGone.Store(true)
+	} else {
+		s.goServe(func() { s.serveCtrl() })
+	}
 	if s.cfg.StatusListener != nil {
 		s.goServe(func() { s.serveStatus(s.cfg.StatusListener) })
 	}

@@ -707,6 +707,24 @@ func TestOneShotConnectionsEndServe(t *testing.T) {
 	}
 }
 
+// Without a control channel (swtpm without --ctrl) and with a one-shot data connection
+// (--server fd=), Serve ends once the data connection is gone.
+func TestDataOnlyConnectionEndsServe(t *testing.T) {
+	dataPeer, dataConn := net.Pipe()
+	h := startServer(t, func(c *Config) {
+		c.CtrlListener.Close()
+		c.CtrlListener, c.DataConn = nil, dataConn
+		c.NotNeedInit, c.Startup = true, StartupClear
+	})
+	if rc := rcOf(tpmCall(t, dataPeer, cmdGetRandom8)); rc != 0 {
+		t.Fatalf("GetRandom on the data connection: rc %#x", rc)
+	}
+	dataPeer.Close()
+	if err := h.waitDone(); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // After the lock went to the migration destination, STOP sends no TPM2_Shutdown (it
 // would save this TPM's state over the destination's); after LOCK_STORAGE it does again.
 func TestNoAutoShutdownAfterLockReleased(t *testing.T) {
