@@ -85,6 +85,7 @@ type procOpts struct {
 	dir       string   // socket directory; a new one when empty
 	extra     []string // more options (--key, --flags ...)
 	noServer  bool     // no --server: the data channel only through SET_DATAFD
+	noCtrl    bool     // no --ctrl: a data-only TPM (Ctrl is then unused)
 	tcp       bool     // TCP sockets on 127.0.0.1 instead of unix sockets
 	files     []*os.File
 }
@@ -126,6 +127,9 @@ func startNoWait(t *testing.T, be backend, o procOpts) *tpmProc {
 	}
 	if !o.noServer {
 		args.Server = &cmdline.Channel{Type: cmdline.TypeUnixIO, Path: p.Data}
+	}
+	if o.noCtrl {
+		args.Ctrl = nil
 	}
 	if o.tcp {
 		p.TCPPort = freePortPair(t)

@@ -1,15 +1,12 @@
 package swtpmtools
 
 import (
-	"bytes"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -171,42 +168,24 @@ func TestDataOnly(t *testing.T) {
 	e2e.Require(t, "swtpm_bios")
 	forEachBackend(t, func(t *testing.T, be backend) {
 		state, dir := t.TempDir(), sockDir(t)
-		data, pidf := filepath.Join(dir, "data"), filepath.Join(dir, "pid")
-		argv := append(be.argv(t), "--tpm2", "--server", "type=unixio,path="+data, "--pid", "file="+pidf,
-			"--tpmstate", "dir="+state, "--flags", "not-need-init", "--log", "file="+filepath.Join(dir, "log"))
-		cmd := exec.Command(argv[0], argv[1:]...)
-		var stderr bytes.Buffer
-		cmd.Stderr = &stderr
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		exited := make(chan error, 1)
-		go func() { exited <- cmd.Wait() }()
-		t.Cleanup(func() {
-			cmd.Process.Kill()
-			<-exited
-		})
+		pidf := filepath.Join(dir, "pid")
+		p := startNoWait(t, be, procOpts{stateDir: state, dir: dir, noCtrl: true,
+			extra: []string{"--pid", "file=" + pidf, "--flags", "not-need-init"}})
 		// nkp-swtpm writes the pid file once the TPM started (swtpm 0.7.1 before).
 		e2e.WaitFor(t, 10*time.Second, "the data socket and the pid file", func() bool {
 			fi, err := os.Stat(pidf)
-			return dialable(data) && err == nil && fi.Size() > 0
+			return dialable(p.Data) && err == nil && fi.Size() > 0
 		})
-		if b, err := os.ReadFile(pidf); err != nil || string(b) != strconv.Itoa(cmd.Process.Pid) {
-			t.Errorf("pid file holds %q (%v), want %q", b, err, strconv.Itoa(cmd.Process.Pid))
+		if b, err := os.ReadFile(pidf); err != nil || string(b) != strconv.Itoa(p.pid()) {
+			t.Errorf("pid file holds %q (%v), want %q", b, err, strconv.Itoa(p.pid()))
 		}
-		mustRun(t, nil, "swtpm_bios", "--tpm2", "--unix", data)
-		if out, err := runTool(t, nil, "swtpm_bios", "--tpm2", "--unix", data); err == nil {
+		mustRun(t, nil, "swtpm_bios", "--tpm2", "--unix", p.Data)
+		if out, err := runTool(t, nil, "swtpm_bios", "--tpm2", "--unix", p.Data); err == nil {
 			t.Errorf("a second swtpm_bios (TPM2_Startup) succeeded: %s", out)
 		}
-		cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case err := <-exited:
-			exited <- err // for Cleanup
-			if err != nil {
-				t.Errorf("%s after SIGTERM: %v; stderr: %s", be.name, err, stderr.String())
-			}
-		case <-time.After(10 * time.Second):
-			t.Fatalf("%s did not exit 10 s after SIGTERM", be.name)
+		// Stop sends SIGTERM and waits 10 s; it errs on a non-zero exit or a kill.
+		if err := p.proc.Stop(10 * time.Second); err != nil {
+			t.Errorf("%s after SIGTERM: %v; log: %s", be.name, err, p.logText())
 		}
 		if _, err := os.Stat(filepath.Join(state, "tpm2-00.permall")); err != nil {
 			t.Errorf("no permanent state after SIGTERM: %v", err)
