@@ -33,7 +33,8 @@
 // linear program for the same policy is the reference a test compares every
 // decision with): the kernel evaluates the filter for every call number when it is
 // installed, and a search of about 20 instructions instead of up to 200 compares
-// halves what the install costs a start (about 170 → 90 µs). On amd64 the program is generated from it at build time (zfilter_amd64.go, `go
+// halves what the install costs a start (about 150 → 75 µs; BenchmarkInstall in
+// internal/policy measures it). On amd64 the program is generated from it at build time (zfilter_amd64.go, `go
 // generate`; a test checks that it matches), so nkp-swtpm neither links go-seccomp-bpf
 // nor builds the filter at every start (about 4 ms and 160 KB of syscall tables); the
 // pid is put into its signal compares when the filter is made. Other architectures

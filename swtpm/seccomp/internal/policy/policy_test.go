@@ -10,11 +10,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// linear is the filter as go-seccomp-bpf assembles the same policy (one compare per
-// call number in turn), with the same foreign-ABI check in front: the reference
-// Build's binary search must decide as.
-func linear(t *testing.T, info *arch.Info, ret, pid uint32) []bpf.Instruction {
-	t.Helper()
+// linearProgram is the filter as go-seccomp-bpf assembles the same policy (one
+// compare per call number in turn), with the same foreign-ABI check in front: the
+// reference Build's binary search must decide as.
+func linearProgram(info *arch.Info, ret, pid uint32) ([]bpf.Instruction, error) {
 	names, narrowed := Rules(info, pid)
 	p := libseccomp.Policy{
 		DefaultAction: libseccomp.ActionAllow,
@@ -25,14 +24,23 @@ func linear(t *testing.T, info *arch.Info, ret, pid uint32) []bpf.Instruction {
 	}
 	prog, err := p.Assemble()
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	head := []bpf.Instruction{
 		bpf.LoadAbsolute{Off: offArch, Size: 4},
 		bpf.JumpIf{Cond: bpf.JumpEqual, Val: uint32(info.ID), SkipTrue: 1},
 		bpf.RetConstant{Val: ret},
 	}
-	return append(head, prog...)
+	return append(head, prog...), nil
+}
+
+func linear(t *testing.T, info *arch.Info, ret, pid uint32) []bpf.Instruction {
+	t.Helper()
+	prog, err := linearProgram(info, ret, pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return prog
 }
 
 // data is a struct seccomp_data as x/net/bpf's interpreter loads it (big-endian
