@@ -20,7 +20,8 @@
 // glibc gives each thread that calls malloc an arena of its own, and every Go thread
 // of a cgo program does (its start allocates), so an idle nkp-swtpm kept four or five
 // arenas of which one page or more each is touched: about 12 KiB of its memory
-// (8 idle instances, pinned: 2194 -> 2181 KiB PSS). The C code that allocates for
+// (8 idle instances, pinned: 2194 -> 2181 KiB PSS, within the noise of `go run
+// ./test/bench/swtpmbench -cpus 1 -idle 8 -runs 3`; BENCHMARKS.md). The C code that allocates for
 // real, libtpms and OpenSSL, runs under the engine's lock one thread at a time, so
 // the one arena's lock is not contended. GLIBC_TUNABLES=glibc.malloc.arena_max=N in
 // the environment still wins.
