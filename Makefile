@@ -4,7 +4,7 @@ BIN       := $(CURDIR)/bin
 CMDS      := nkp-swtpm nkp-provider nkpctl nkp-hook nkp-hostd
 export NKP_BIN := $(BIN)
 
-.PHONY: all build build-shared build-static setup demo test check unit e2e fuzz bench clean
+.PHONY: all build build-shared build-others build-static setup demo test check unit e2e fuzz bench clean
 
 all: build
 
@@ -21,13 +21,16 @@ SWTPM_ENV := $(if $(SWTPM_GOEXPERIMENT),GOEXPERIMENT=$(if $(GOEXPERIMENT),$(GOEX
 # ~15% less memory than with the shared libraries (BENCHMARKS.md), but security updates of libtpms and OpenSSL reach it only
 # by a rebuild (see "Linking" in go doc ./swtpm/internal/libtpms). build-shared links
 # Debian's shared libtpms0 and libssl3 instead, which apt updates.
-build:
-	@mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/ $(addprefix ./cmd/,$(filter-out nkp-swtpm,$(CMDS)))
+build: build-others
 	$(SWTPM_ENV) $(GO) build -tags nkpstatic -o $(BIN)/ ./cmd/nkp-swtpm
 
-build-shared: build
+build-shared: build-others
 	$(SWTPM_ENV) $(GO) build -o $(BIN)/ ./cmd/nkp-swtpm
+
+# Every command but nkp-swtpm, which build and build-shared link each their way.
+build-others:
+	@mkdir -p $(BIN)
+	$(GO) build -o $(BIN)/ $(addprefix ./cmd/,$(filter-out nkp-swtpm,$(CMDS)))
 
 # The same as build (nkp-swtpm has been static by default since issue 9's memory work).
 build-static: build
