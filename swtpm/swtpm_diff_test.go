@@ -102,11 +102,12 @@ func TestDifferentialAgainstSwtpm(t *testing.T) {
 		sameResult // first 4 bytes
 		known      // a documented difference: both must answer, nothing more
 	)
-	steps := []struct {
+	type step struct {
 		name    string
 		msg     []byte
 		compare int
-	}{
+	}
+	steps := []step{
 		{"GET_CAPABILITY (0.7.1: 0xffff, HEAD: 0x1ffff)", ctrl.GetCapability{}.Marshal(), sameLength},
 		{"GET_TPMESTABLISHED while stopped", ctrl.GetEstablished{}.Marshal(), exact},
 		{"HASH_DATA while stopped", ctrl.HashData{Data: []byte("x")}.Marshal(), exact},
@@ -161,11 +162,7 @@ func TestDifferentialAgainstSwtpm(t *testing.T) {
 	// Every command code alone, without its body, before anything else (the TPM is
 	// stopped): swtpm answers some at once, waits for the rest of others and closes
 	// without a reply; SHUTDOWN would end it.
-	var bare []struct {
-		name    string
-		msg     []byte
-		compare int
-	}
+	var bare []step
 	for code := ctrl.Code(1); code <= 0x14; code++ {
 		compare := exact
 		switch code {
@@ -176,11 +173,7 @@ func TestDifferentialAgainstSwtpm(t *testing.T) {
 		case ctrl.CmdLockStorage:
 			compare = known
 		}
-		bare = append(bare, struct {
-			name    string
-			msg     []byte
-			compare int
-		}{fmt.Sprintf("%v alone", code), []byte{0, 0, 0, byte(code)}, compare})
+		bare = append(bare, step{fmt.Sprintf("%v alone", code), []byte{0, 0, 0, byte(code)}, compare})
 	}
 	steps = append(bare, steps...)
 	for _, s := range steps {
