@@ -287,34 +287,24 @@ func (c *Conn) DefineXML(_ context.Context, xml []byte) error {
 	return nil
 }
 
-// IsActive implements vm.Libvirt.
-func (c *Conn) IsActive(_ context.Context, domain string) (bool, error) {
+// Lifecycle implements vm.Libvirt: one lookup, three questions.
+func (c *Conn) Lifecycle(_ context.Context, domain string) (vm.Lifecycle, error) {
 	d, err := c.lookup(domain)
 	if err != nil {
-		return false, err
+		return vm.Lifecycle{}, err
 	}
 	defer d.Free()
-	return d.IsActive()
-}
-
-// IsPersistent implements vm.Libvirt.
-func (c *Conn) IsPersistent(_ context.Context, domain string) (bool, error) {
-	d, err := c.lookup(domain)
-	if err != nil {
-		return false, err
+	var lc vm.Lifecycle
+	if lc.Active, err = d.IsActive(); err != nil {
+		return vm.Lifecycle{}, fmt.Errorf("domain %q: is it active: %w", domain, err)
 	}
-	defer d.Free()
-	return d.IsPersistent()
-}
-
-// HasManagedSave implements vm.Libvirt.
-func (c *Conn) HasManagedSave(_ context.Context, domain string) (bool, error) {
-	d, err := c.lookup(domain)
-	if err != nil {
-		return false, err
+	if lc.Persistent, err = d.IsPersistent(); err != nil {
+		return vm.Lifecycle{}, fmt.Errorf("domain %q: is it persistent: %w", domain, err)
 	}
-	defer d.Free()
-	return d.HasManagedSaveImage(0)
+	if lc.ManagedSave, err = d.HasManagedSaveImage(0); err != nil {
+		return vm.Lifecycle{}, fmt.Errorf("domain %q: has it a managed save image: %w", domain, err)
+	}
+	return lc, nil
 }
 
 // Domains implements vm.Libvirt: the UUIDs of the persistent domains.

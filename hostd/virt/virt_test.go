@@ -79,8 +79,8 @@ func TestLibvirt(t *testing.T) {
 	if st, err := c.DomainState(ctx, uuid); err != nil || !st.Known || !st.Active {
 		t.Fatalf("state of the running domain: %+v, %v", st, err)
 	}
-	if active, err := c.IsActive(ctx, name); err != nil || !active {
-		t.Fatalf("IsActive: %v %v", active, err)
+	if lc, err := c.Lifecycle(ctx, name); err != nil || !lc.Active || !lc.Persistent || lc.ManagedSave {
+		t.Fatalf("Lifecycle of the running domain: %+v %v", lc, err)
 	}
 	if err := c.TPMCheck(ctx, uuid); err == nil {
 		t.Error("TPMCheck passed on a domain without a TPM")
@@ -100,17 +100,17 @@ func TestLibvirt(t *testing.T) {
 			t.Fatalf("virsh %v: %v %s", args, err, out)
 		}
 	}
-	if saved, err := c.HasManagedSave(ctx, name); err != nil || saved {
-		t.Fatalf("HasManagedSave before managedsave: %v %v", saved, err)
+	if lc, err := c.Lifecycle(ctx, name); err != nil || lc.ManagedSave || lc.Active {
+		t.Fatalf("Lifecycle before managedsave: %+v %v", lc, err)
 	}
 	virsh("start", uuid)
 	virsh("managedsave", uuid)
-	if saved, err := c.HasManagedSave(ctx, name); err != nil || !saved {
-		t.Fatalf("HasManagedSave after managedsave: %v %v", saved, err)
+	if lc, err := c.Lifecycle(ctx, name); err != nil || !lc.ManagedSave || lc.Active {
+		t.Fatalf("Lifecycle after managedsave: %+v %v", lc, err)
 	}
 	virsh("managedsave-remove", uuid)
-	if p, err := c.IsPersistent(ctx, uuid); err != nil || !p {
-		t.Fatalf("IsPersistent of a defined domain: %v %v", p, err)
+	if lc, err := c.Lifecycle(ctx, uuid); err != nil || !lc.Persistent || lc.ManagedSave {
+		t.Fatalf("Lifecycle of a defined domain: %+v %v", lc, err)
 	}
 	tuuid := kdk.NewKeyID()
 	txml := strings.NewReplacer(uuid, tuuid, name, name+"-t").Replace(xml)
@@ -120,8 +120,8 @@ func TestLibvirt(t *testing.T) {
 	}
 	virsh("create", f)
 	t.Cleanup(func() { exec.Command("virsh", "-c", "qemu:///system", "destroy", tuuid).Run() })
-	if p, err := c.IsPersistent(ctx, tuuid); err != nil || p {
-		t.Fatalf("IsPersistent of a transient domain: %v %v", p, err)
+	if lc, err := c.Lifecycle(ctx, tuuid); err != nil || lc.Persistent || !lc.Active {
+		t.Fatalf("Lifecycle of a transient domain: %+v %v", lc, err)
 	}
 }
 

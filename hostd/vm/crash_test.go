@@ -63,36 +63,24 @@ func (v virshLibvirt) DefineXML(ctx context.Context, x []byte) error {
 	return err
 }
 
-func (v virshLibvirt) IsActive(ctx context.Context, d string) (bool, error) {
-	out, err := v.run(ctx, "domstate", d)
-	if err != nil {
-		return false, err
-	}
-	return strings.TrimSpace(string(out)) != "shut off", nil
-}
-
-// dominfo returns the value of one "Key: value" line of virsh dominfo.
-func (v virshLibvirt) dominfo(ctx context.Context, d, key string) (string, error) {
+// Lifecycle reads the State, Persistent and Managed save lines of virsh dominfo.
+func (v virshLibvirt) Lifecycle(ctx context.Context, d string) (Lifecycle, error) {
 	out, err := v.run(ctx, "dominfo", d)
 	if err != nil {
-		return "", err
+		return Lifecycle{}, err
 	}
+	info := map[string]string{}
 	for _, l := range strings.Split(string(out), "\n") {
-		if k, val, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == key {
-			return strings.TrimSpace(val), nil
+		if k, val, ok := strings.Cut(l, ":"); ok {
+			info[strings.TrimSpace(k)] = strings.TrimSpace(val)
 		}
 	}
-	return "", fmt.Errorf("virsh dominfo %s: no %q line", d, key)
-}
-
-func (v virshLibvirt) IsPersistent(ctx context.Context, d string) (bool, error) {
-	s, err := v.dominfo(ctx, d, "Persistent")
-	return s == "yes", err
-}
-
-func (v virshLibvirt) HasManagedSave(ctx context.Context, d string) (bool, error) {
-	s, err := v.dominfo(ctx, d, "Managed save")
-	return s == "yes", err
+	for _, k := range []string{"State", "Persistent", "Managed save"} {
+		if _, ok := info[k]; !ok {
+			return Lifecycle{}, fmt.Errorf("virsh dominfo %s: no %q line", d, k)
+		}
+	}
+	return Lifecycle{Active: info["State"] != "shut off", Persistent: info["Persistent"] == "yes", ManagedSave: info["Managed save"] == "yes"}, nil
 }
 
 func (v virshLibvirt) Domains(ctx context.Context) ([]string, error) {

@@ -201,34 +201,14 @@ func (f *fakeLibvirt) DefineXML(_ context.Context, x []byte) error {
 	return nil
 }
 
-func (f *fakeLibvirt) IsActive(_ context.Context, domain string) (bool, error) {
+func (f *fakeLibvirt) Lifecycle(_ context.Context, domain string) (Lifecycle, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	u, err := f.find(domain)
 	if err != nil {
-		return false, err
+		return Lifecycle{}, err
 	}
-	return f.active[u], nil
-}
-
-func (f *fakeLibvirt) IsPersistent(_ context.Context, domain string) (bool, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	u, err := f.find(domain)
-	if err != nil {
-		return false, err
-	}
-	return !f.transient[u], nil
-}
-
-func (f *fakeLibvirt) HasManagedSave(_ context.Context, domain string) (bool, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	u, err := f.find(domain)
-	if err != nil {
-		return false, err
-	}
-	return f.saved[u], nil
+	return Lifecycle{Active: f.active[u], Persistent: !f.transient[u], ManagedSave: f.saved[u]}, nil
 }
 
 func (f *fakeLibvirt) Domains(context.Context) ([]string, error) {

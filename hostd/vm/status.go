@@ -53,11 +53,11 @@ func (m *Manager) Status(ctx context.Context, domain string) (vmapi.VM, error) {
 			v.Note = fmt.Sprintf("a %s may be in progress", op)
 		}
 	}
-	active, err := m.cfg.Libvirt.IsActive(ctx, d.UUID)
+	lc, err := m.cfg.Libvirt.Lifecycle(ctx, d.UUID)
 	if err != nil {
 		return vmapi.VM{}, fmt.Errorf("vm %q: asking libvirt whether it runs: %w: %w", d.Name, ErrUnavailable, err)
 	}
-	v.Running = active
+	v.Running = lc.Active
 	if _, hasVTPM := d.Metadata.Object(domxml.ObjectVTPM); !hasVTPM {
 		if keys := m.stateKeys(d.UUID); len(keys) > 0 && !m.j.exists(d.UUID) {
 			dir := filepath.Join(m.cfg.VTPMDir, d.UUID)
@@ -65,7 +65,7 @@ func (m *Manager) Status(ctx context.Context, domain string) (vmapi.VM, error) {
 		}
 	}
 	if d.Metadata == nil {
-		m.diskStatus(ctx, d, active, &v)
+		m.diskStatus(ctx, d, lc.Active, &v)
 		return v, nil
 	}
 	v.ProviderID = d.Metadata.ProviderID
@@ -79,7 +79,7 @@ func (m *Manager) Status(ctx context.Context, domain string) (vmapi.VM, error) {
 	for _, o := range d.Metadata.Objects {
 		v.Objects = append(v.Objects, vmapi.Object{Name: o.Name, KeyID: o.KeyID, KDKID: o.KDKID, KDKVersion: o.KDKVersion, Primary: perr == nil && o.KDKID == primary.ID})
 	}
-	m.diskStatus(ctx, d, active, &v)
+	m.diskStatus(ctx, d, lc.Active, &v)
 	obj, hasVTPM := d.Metadata.Object(domxml.ObjectVTPM)
 	if !hasVTPM {
 		return v, nil
@@ -100,7 +100,7 @@ func (m *Manager) Status(ctx context.Context, domain string) (vmapi.VM, error) {
 		}
 		v.Problems = append(v.Problems, p)
 	}
-	if !active {
+	if !lc.Active {
 		v.TPM = "stopped"
 		return v, nil
 	}

@@ -49,6 +49,19 @@ type Keys interface {
 // ErrNoDomain is wrapped by Libvirt's errors for a domain that does not exist.
 var ErrNoDomain = errors.New("no such domain")
 
+// Lifecycle is where a domain stands in libvirt.
+type Lifecycle struct {
+	// Active: the domain runs (or is paused, or is being started).
+	Active bool
+	// Persistent: the domain has a persistent definition (false: a transient domain,
+	// started with virsh create, which vanishes when it stops).
+	Persistent bool
+	// ManagedSave: libvirt holds a managed save image of the domain (virsh
+	// managedsave), which virsh start resumes with the definition it was saved with,
+	// not the persistent one.
+	ManagedSave bool
+}
+
 // Libvirt is what VM operations ask of libvirt. domain is a name or a UUID.
 type Libvirt interface {
 	// DomainXML returns the domain's persistent definition (virsh dumpxml --inactive
@@ -56,15 +69,8 @@ type Libvirt interface {
 	DomainXML(ctx context.Context, domain string) ([]byte, error)
 	// DefineXML defines (replaces) a persistent domain.
 	DefineXML(ctx context.Context, xml []byte) error
-	// IsActive says whether the domain runs (or is paused, or is being started).
-	IsActive(ctx context.Context, domain string) (bool, error)
-	// IsPersistent says whether the domain has a persistent definition (false: a
-	// transient domain, started with virsh create, which vanishes when it stops).
-	IsPersistent(ctx context.Context, domain string) (bool, error)
-	// HasManagedSave says whether libvirt holds a managed save image of the domain
-	// (virsh managedsave): virsh start resumes that image with the definition it was
-	// saved with, not the persistent one.
-	HasManagedSave(ctx context.Context, domain string) (bool, error)
+	// Lifecycle says where the domain stands in libvirt: running, defined, saved.
+	Lifecycle(ctx context.Context, domain string) (Lifecycle, error)
 	// Domains lists the UUIDs of the persistent domains.
 	Domains(ctx context.Context) ([]string, error)
 	// SecretValue returns a libvirt secret's value (the caller wipes it).
@@ -273,26 +279,18 @@ func (m *Manager) prepare(ctx context.Context, domain, what string) ([]byte, *do
 	if err != nil {
 		return nil, nil, err
 	}
-	persistent, err := m.cfg.Libvirt.IsPersistent(ctx, d.UUID)
+	lc, err := m.cfg.Libvirt.Lifecycle(ctx, d.UUID)
 	if err != nil {
-		return nil, nil, fmt.Errorf("vm %q: asking libvirt whether it is defined: %w: %w", d.Name, ErrUnavailable, err)
+		return nil, nil, fmt.Errorf("vm %q: asking libvirt whether it is defined, runs or is saved: %w: %w", d.Name, ErrUnavailable, err)
 	}
-	if !persistent {
+	if !lc.Persistent {
 		// Shutting a transient domain down removes it: the sentence must not say so.
 		return nil, nil, fmt.Errorf("vm %q: %w: it is a transient domain (started with virsh create, no persistent definition), and nkp changes only persistent definitions: make it persistent with virsh dumpxml %s > %s.xml and virsh define %s.xml, shut it down (virsh shutdown %s), then run the command again", d.Name, ErrUnsupported, d.Name, d.Name, d.Name, d.Name)
 	}
-	active, err := m.cfg.Libvirt.IsActive(ctx, d.UUID)
-	if err != nil {
-		return nil, nil, fmt.Errorf("vm %q: asking libvirt whether it runs: %w: %w", d.Name, ErrUnavailable, err)
-	}
-	if active {
+	if lc.Active {
 		return nil, nil, fmt.Errorf("vm %q: %w: %s needs it shut off (virsh shutdown %s), then run the command again", d.Name, ErrRunning, what, d.Name)
 	}
-	saved, err := m.cfg.Libvirt.HasManagedSave(ctx, d.UUID)
-	if err != nil {
-		return nil, nil, fmt.Errorf("vm %q: asking libvirt whether it has a managed save image: %w: %w", d.Name, ErrUnavailable, err)
-	}
-	if saved {
+	if lc.ManagedSave {
 		// virsh start would resume the image with the definition it was saved with: the
 		// old disk files and keys, while the new definition names others (and finalize
 		// would remove the files the resumed VM writes to).
