@@ -61,8 +61,9 @@ static void *nkp_job_main(void *arg) {
 	struct nkp_job *j = arg;
 	// Let the thread that started us go on to wait in Go's poller, which hands the P
 	// to a thread that answers waiting clients: on a busy or single CPU the new
-	// thread would otherwise run its whole time slice first (a client connecting
-	// during the start waited 0.3-0.5 ms for its answer, 0.05-0.1 ms with this).
+	// thread would otherwise run its whole time slice first, and a client connecting
+	// during the start wait for it (what that does to a start: swtpmbench's
+	// start-to-ready, BENCHMARKS.md).
 	sched_yield();
 	if (j->op == 0)
 		j->rc = TPMLIB_MainInit();
