@@ -267,7 +267,11 @@ func qemuIORun(ctx context.Context, img qemuimg.Image, cache, cmds string, ioOnl
 	d := time.Since(start)
 	out := stdout.String()
 	if ioOnly {
-		out = out[strings.Index(out, "ops;"):]
+		i := strings.Index(out, "ops;")
+		if i < 0 { // the mark never answered: qemu-io did not open the image
+			return ioRun{}, fmt.Errorf("qemu-io on %s: not opened: %v %s %s", img.Path, err, stderr.String(), lastLines(out))
+		}
+		out = out[i:]
 	}
 	if err != nil || strings.Contains(out, "failed") || strings.Contains(out, "rror") || stderr.Len() > 0 {
 		return ioRun{}, fmt.Errorf("qemu-io on %s: %v %s %s", img.Path, err, stderr.String(), lastLines(stdout.String()))
