@@ -574,38 +574,37 @@ func (b *bench) io(ctx context.Context) error {
 			if err != nil {
 				return err
 			}
-			net := t
-			name := w.name + ", cache=" + cache
-			rate := func(d time.Duration) string { return fmt.Sprintf("%.0f %s", w.per/d.Seconds(), w.unit) }
 			per := func(r ioRun) string {
 				n := float64(b.randN)
 				return fmt.Sprintf("%.1f µs, %.1f µs CPU, %.1f ctx sw", float64(r.wall.Microseconds())/n, float64(r.cpu.Microseconds())/n, float64(r.vcsw)/n)
 			}
-			b.row(name+", calibration", rate(net[0].wall), rate(net[1].wall), sides[0].label, sides[1].label, net[0].wall.Seconds()/net[1].wall.Seconds())
-			for k := 2; k < len(sides); k++ {
-				if sides[k].ref == k {
-					continue // a reference itself
-				}
-				ref := sides[k].ref
-				b.row(name, rate(net[ref].wall), rate(net[k].wall), sides[ref].label, sides[k].label, net[ref].wall.Seconds()/net[k].wall.Seconds())
+			b.compare(w.name+", cache="+cache, sides, t, w.per, w.unit, func(k, ref int) {
 				if w.unit == "req/s" {
-					fmt.Fprintf(b.out, "|  … per request | %s | %s | %s | %s | |\n", sides[ref].label, per(net[ref]), sides[k].label, per(net[k]))
+					fmt.Fprintf(b.out, "|  … per request | %s | %s | %s | %s | |\n", sides[ref].label, per(t[ref]), sides[k].label, per(t[k]))
+				} else if extra := t[k].wall - t[ref].wall; extra > 0 {
+					// What encryption itself costs: the extra time, as a rate.
+					fmt.Fprintf(b.out, "|  … crypto cost of %s, %s | | %.0f MiB/s of extra time | | | |\n", sides[k].label, w.name, w.per/extra.Seconds())
 				}
-			}
-			if w.unit == "MiB/s" {
-				// What encryption itself costs: the extra time per GiB, as a rate.
-				for k := 2; k < len(sides); k++ {
-					if sides[k].ref == k {
-						continue
-					}
-					if extra := net[k].wall - net[sides[k].ref].wall; extra > 0 {
-						fmt.Fprintf(b.out, "|  … crypto cost of %s, %s | | %.0f MiB/s of extra time | | | |\n", sides[k].label, w.name, float64(b.size)/(1<<20)/extra.Seconds())
-					}
-				}
-			}
+			})
 		}
 	}
 	return nil
+}
+
+// compare writes the rows of one measure: the calibration (side 0 against side 1), then
+// every other side against its reference, each followed by what more writes. per is the
+// MiB or requests of one run, for the rate in unit.
+func (b *bench) compare(name string, sides []ioSide, t []ioRun, per float64, unit string, more func(k, ref int)) {
+	rate := func(d time.Duration) string { return fmt.Sprintf("%.0f %s", per/d.Seconds(), unit) }
+	b.row(name+", calibration", rate(t[0].wall), rate(t[1].wall), sides[0].label, sides[1].label, t[0].wall.Seconds()/t[1].wall.Seconds())
+	for k := 2; k < len(sides); k++ {
+		ref := sides[k].ref
+		if ref == k {
+			continue // a reference itself
+		}
+		b.row(name, rate(t[ref].wall), rate(t[k].wall), sides[ref].label, sides[k].label, t[ref].wall.Seconds()/t[k].wall.Seconds())
+		more(k, ref)
+	}
 }
 
 // cipherLabel names an XTS cipher and says whether it is nkp's default.
@@ -654,7 +653,8 @@ func (b *bench) crypto(ctx context.Context) error {
 		return fmt.Errorf("-memdir: %w", err)
 	}
 	defer os.RemoveAll(w)
-	sides := []struct {
+	var sides []ioSide
+	for i, s := range []struct {
 		label string
 		key   []byte
 		o     qemuimg.LUKSOptions
@@ -664,44 +664,29 @@ func (b *bench) crypto(ctx context.Context) error {
 		{"raw LUKS aes-256-xts-plain64 on tmpfs", newKey(), qemuimg.LUKSOptions{CipherAlg: "aes-256"}},
 		{"raw LUKS aes-128-xts-plain64 on tmpfs", newKey(), qemuimg.LUKSOptions{CipherAlg: "aes-128"}},
 		{"raw LUKS aes-256-cbc-essiv on tmpfs", newKey(), qemuimg.LUKSOptions{CipherAlg: "aes-256", CipherMode: "cbc", IVGenAlg: "essiv"}},
+	} {
+		img, err := b.imgIn(ctx, w, fmt.Sprintf("c-%d.img", i), qemuimg.Raw, b.cryptoSize, s.key, s.o)
+		if err != nil {
+			return err
+		}
+		sides = append(sides, ioSide{s.label, img, 0})
 	}
 	var seq, seqR strings.Builder
 	for off := int64(0); off < b.cryptoSize; off += 1 << 20 {
 		fmt.Fprintf(&seq, "write -q -P 0x77 %d 1M\n", off)
 		fmt.Fprintf(&seqR, "read -q %d 1M\n", off)
 	}
-	var imgs []qemuimg.Image
-	for i, s := range sides {
-		img, err := b.imgIn(ctx, w, fmt.Sprintf("c-%d.img", i), qemuimg.Raw, b.cryptoSize, s.key, s.o)
-		if err != nil {
-			return err
-		}
-		imgs = append(imgs, img)
-	}
 	mib := float64(b.cryptoSize) / (1 << 20)
 	for _, op := range []struct{ name, cmds string }{{"write", seq.String()}, {"read", seqR.String()}} {
-		var fs []func(context.Context) (time.Duration, error)
-		for _, img := range imgs {
-			fs = append(fs, func(ctx context.Context) (time.Duration, error) {
-				r, err := qemuIORun(ctx, img, "writeback", op.cmds, true)
-				return r.wall, err
-			})
-		}
-		t, err := b.interleave(ctx, fs...)
+		t, err := b.runSides(ctx, sides, "writeback", op.cmds)
 		if err != nil {
 			return err
 		}
-		rate := func(d time.Duration) string { return fmt.Sprintf("%.0f MiB/s", mib/d.Seconds()) }
-		name := "1 MiB sequential " + op.name + " on tmpfs"
-		base := median(t[0])
-		b.row(name+", calibration", rate(base), rate(median(t[1])), sides[0].label, sides[1].label, base.Seconds()/median(t[1]).Seconds())
-		for k := 2; k < len(sides); k++ {
-			m := median(t[k])
-			b.row(name, rate(base), rate(m), sides[0].label, sides[k].label, base.Seconds()/m.Seconds())
-			if extra := m - base; extra > 0 {
+		b.compare("1 MiB sequential "+op.name+" on tmpfs", sides, t, mib, "MiB/s", func(k, ref int) {
+			if extra := t[k].wall - t[ref].wall; extra > 0 {
 				fmt.Fprintf(b.out, "|  … QEMU's %s alone, %s (the floor of LUKS I/O) | | | | %.0f MiB/s, %.1f µs per 4 KiB | |\n", strings.TrimSuffix(strings.TrimPrefix(sides[k].label, "raw LUKS "), " on tmpfs"), op.name, mib/extra.Seconds(), extra.Seconds()*1e6/(mib*256))
 			}
-		}
+		})
 	}
 	return nil
 }
