@@ -329,32 +329,11 @@ func (b *bench) row(measure, ref, cand, refLabel, candLabel string, ratio float6
 	fmt.Fprintf(b.out, "| %s | %s | %s | %s | %s | %.2f |\n", measure, refLabel, ref, candLabel, cand, ratio)
 }
 
-// interleave runs each of fs once per round, the order rotating, and returns their times.
-func (b *bench) interleave(ctx context.Context, fs ...func(context.Context) (time.Duration, error)) ([][]time.Duration, error) {
-	rs := make([]func(context.Context) (ioRun, error), len(fs))
-	for i, f := range fs {
-		rs[i] = func(ctx context.Context) (ioRun, error) {
-			d, err := f(ctx)
-			return ioRun{wall: d}, err
-		}
-	}
-	t, err := b.interleaveRuns(ctx, rs...)
-	if err != nil {
-		return nil, err
-	}
-	res := make([][]time.Duration, len(t))
-	for i := range t {
-		for _, r := range t[i] {
-			res[i] = append(res[i], r.wall)
-		}
-	}
-	return res, nil
-}
-
-// interleaveRuns is interleave for qemu-io runs with their CPU time.
-func (b *bench) interleaveRuns(ctx context.Context, fs ...func(context.Context) (ioRun, error)) ([][]ioRun, error) {
-	res := make([][]ioRun, len(fs))
-	for r := 0; r < b.rounds; r++ {
+// interleave runs each of fs once per round, the order rotating, and returns their
+// results (times, or qemu-io runs with their CPU time).
+func interleave[T any](ctx context.Context, rounds int, fs ...func(context.Context) (T, error)) ([][]T, error) {
+	res := make([][]T, len(fs))
+	for r := 0; r < rounds; r++ {
 		for k := range fs {
 			i := (k + r) % len(fs)
 			d, err := fs[i](ctx)
@@ -406,10 +385,7 @@ func (b *bench) unlock(ctx context.Context) error {
 	open := func(i qemuimg.Image) func(context.Context) (time.Duration, error) {
 		return func(ctx context.Context) (time.Duration, error) { return qemuIO(ctx, i, "", "read 0 4k\n") }
 	}
-	saved := b.rounds
-	b.rounds = max(b.rounds, 5)
-	t, err := b.interleave(ctx, open(plain), open(plain2), open(nkp), open(def), open(rawPlain), open(rawNKP))
-	b.rounds = saved
+	t, err := interleave(ctx, max(b.rounds, 5), open(plain), open(plain2), open(nkp), open(def), open(rawPlain), open(rawNKP))
 	if err != nil {
 		return err
 	}
@@ -473,7 +449,7 @@ func (b *bench) protect(ctx context.Context) error {
 		os.Remove(dst.Path)
 		return d, nil
 	}
-	t, err := b.interleave(ctx, plainConv("p-plain.qcow2"), plainConv("p-plain2.qcow2"), nkpConv, nkpProtect)
+	t, err := interleave(ctx, b.rounds, plainConv("p-plain.qcow2"), plainConv("p-plain2.qcow2"), nkpConv, nkpProtect)
 	if err != nil {
 		return err
 	}
@@ -622,7 +598,7 @@ func (b *bench) runSides(ctx context.Context, sides []ioSide, cache, cmds string
 	for _, s := range sides {
 		fs = append(fs, func(ctx context.Context) (ioRun, error) { return qemuIORun(ctx, s.img, cache, cmds, true) })
 	}
-	t, err := b.interleaveRuns(ctx, fs...)
+	t, err := interleave(ctx, b.rounds, fs...)
 	if err != nil {
 		return nil, err
 	}
