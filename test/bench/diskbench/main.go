@@ -24,9 +24,9 @@
 //     context switches per request, which show where LUKS' extra time goes;
 //   - crypto: QEMU's cipher speed alone, the floor of LUKS I/O: 1 MiB sequential writes
 //     and reads of raw LUKS against plain raw, both on tmpfs (-memdir), the extra time
-//     as a rate, for AES-256-XTS, AES-128-XTS and AES-256-CBC-ESSIV (the kernel's
-//     AF_ALG, which `cryptsetup benchmark` uses, is not what QEMU runs, and may be
-//     absent).
+//     as a rate, for AES-256-XTS, AES-128-XTS, AES-256-CBC-ESSIV and the XTS ciphers of
+//     -xts (e.g. twofish-256,serpent-256) (the kernel's AF_ALG, which `cryptsetup
+//     benchmark` uses, is not what QEMU runs, and may be absent).
 //
 // Keys are 32 random bytes in hex, passed to qemu-img and qemu-io by fd. Usage:
 //
@@ -69,6 +69,7 @@ type bench struct {
 
 	memdir     string // tmpfs
 	cryptoSize int64
+	xts        []string // more cipher-alg values for the crypto section, in XTS mode
 	caches     []string // qemu-io cache modes of the I/O section
 	depth      int      // queue depth of the deeper random rows
 }
@@ -82,6 +83,7 @@ func run(ctx context.Context, args []string, out io.Writer) error {
 	skip := fs.String("skip", "", "comma-separated sections to skip: unlock,protect,io,crypto")
 	mem := fs.String("memdir", "/dev/shm", "a tmpfs for the crypto section (QEMU's AES-XTS without storage)")
 	cryptoSize := fs.String("crypto-size", "256M", "bytes written per round in the crypto section")
+	xts := fs.String("xts", "", "more LUKS cipher-alg values for the crypto section, in XTS mode, comma-separated (e.g. twofish-256,serpent-256)")
 	caches := fs.String("cache", "writeback,none", "qemu-io cache modes for the I/O section, comma-separated: writeback is libvirt's default for a <disk> without cache= (QEMU's default), none is O_DIRECT; sequential rows use the first")
 	depth := fs.Int("depth", 16, "queue depth of the deeper 4 KiB random rows (aio_read/aio_write, then aio_flush)")
 	if err := fs.Parse(args); err != nil {
@@ -101,6 +103,9 @@ func run(ctx context.Context, args []string, out io.Writer) error {
 		return err
 	}
 	b := &bench{dir: w, size: n, rounds: *rounds, randN: *randN, qi: &qemuimg.Tool{}, out: out, memdir: *mem, cryptoSize: cn, caches: strings.Split(*caches, ","), depth: *depth}
+	if *xts != "" {
+		b.xts = strings.Split(*xts, ",")
+	}
 	load, _ := os.ReadFile("/proc/loadavg")
 	fmt.Fprintf(out, "diskbench: %s, %d rounds, dir %s, load %s\n\n", *size, *rounds, *dir, strings.Join(strings.Fields(string(load))[:3], " "))
 	fmt.Fprintln(out, "| measure | reference | value | candidate | value | candidate ÷ reference (time for unlock, rate otherwise) |")
@@ -629,18 +634,23 @@ func (b *bench) crypto(ctx context.Context) error {
 		return fmt.Errorf("-memdir: %w", err)
 	}
 	defer os.RemoveAll(w)
-	var sides []ioSide
-	for i, s := range []struct {
+	type cside struct {
 		label string
 		key   []byte
 		o     qemuimg.LUKSOptions
-	}{
+	}
+	cs := []cside{
 		{"plain raw on tmpfs", nil, qemuimg.LUKSOptions{}},
 		{"plain raw on tmpfs (2nd)", nil, qemuimg.LUKSOptions{}},
 		{"raw LUKS aes-256-xts-plain64 on tmpfs", newKey(), qemuimg.LUKSOptions{CipherAlg: "aes-256"}},
 		{"raw LUKS aes-128-xts-plain64 on tmpfs", newKey(), qemuimg.LUKSOptions{CipherAlg: "aes-128"}},
 		{"raw LUKS aes-256-cbc-essiv on tmpfs", newKey(), qemuimg.LUKSOptions{CipherAlg: "aes-256", CipherMode: "cbc", IVGenAlg: "essiv"}},
-	} {
+	}
+	for _, alg := range b.xts {
+		cs = append(cs, cside{"raw LUKS " + alg + "-xts-plain64 on tmpfs", newKey(), qemuimg.LUKSOptions{CipherAlg: alg}})
+	}
+	var sides []ioSide
+	for i, s := range cs {
 		img, err := b.imgIn(ctx, w, fmt.Sprintf("c-%d.img", i), qemuimg.Raw, b.cryptoSize, s.key, s.o)
 		if err != nil {
 			return err
