@@ -31,10 +31,16 @@
 // The cipher of new images is AES-256 in XTS mode with plain64 IVs ([DefaultCipherAlg],
 // [DefaultCipherMode], [DefaultIVGenAlg]), written out on every create rather than left
 // to QEMU's defaults. It was chosen by measuring what QEMU 7.2 offers for LUKS
-// (test/bench/diskbench, BENCHMARKS.md "Disks"). Debian's QEMU takes its ciphers from
-// nettle 3.8 (perf shows nettle_xts_encrypt_message calling _nettle_aes256_encrypt_aesni
-// one 16-byte block at a time; gnutls is linked but not used for block encryption), so
-// AES-XTS runs at about 500–600 MiB/s on a core where OpenSSL's does 6.4 GB/s:
+// (BENCHMARKS.md "Disks"); the cipher times below are the crypto section of
+//
+//	go run ./test/bench/diskbench -skip unlock,protect,io -memdir /dev/shm -xts twofish-256,serpent-256
+//
+// (the extra time of raw LUKS over plain raw on tmpfs). Debian's QEMU takes its ciphers
+// from nettle 3.8 (`perf record -g -- qemu-io … <writes; perf report --no-children
+// --sort dso,sym` shows nettle_xts_encrypt_message calling _nettle_aes256_encrypt_aesni
+// one 16-byte block at a time, no libgnutls samples), so AES-XTS runs at about
+// 500–600 MiB/s on a core where OpenSSL's does 6.4–8.4 GB/s (`openssl speed -bytes
+// 4096 -evp aes-256-xts`):
 //
 //   - AES-256-XTS: about 7.5 µs to encrypt or decrypt 4 KiB.
 //   - AES-128-XTS: sound (NIST SP 800-38E, BitLocker's and FileVault's choice) and the
