@@ -43,6 +43,11 @@
 //     host can empty the catalog under another host's VMs and let a version they need be
 //     retired. A migrated VM's new host takes the VM's objects over explicitly (MoveVM),
 //     only for a VM the catalog holds; the audit log records the move and its old hosts.
+//   - A VM deleted for good leaves the catalog by ForgetVM, from the host that owns its
+//     objects (nkpctl vm forget): only that host's objects go, one transaction, each
+//     audited as unregister; objects another host owns stay (the VM moved there). A host
+//     that is gone cannot do it: ForgetObjects lets an administrator remove the objects
+//     of a revoked or no longer enrolled host (audited as forget), never a live host's.
 //   - Every release that hands out keys is checked against the store and has its own
 //     audit record, committed before the keys leave (ReleaseTo). A host that asks whether
 //     its keys changed (CheckRelease, with the key set of its last release) is checked the

@@ -36,6 +36,8 @@ type Provider interface {
 	RegisterObject(ctx context.Context, hostID string, obj provider.Object) error
 	UnregisterObject(ctx context.Context, hostID, vmUUID, name string) error
 	MoveVM(ctx context.Context, hostID, vmUUID string) ([]provider.Object, error)
+	ForgetVM(ctx context.Context, hostID, vmUUID string) (provider.ForgetResult, error)
+	ForgetObjects(ctx context.Context, vmUUID, name string) ([]provider.Object, error)
 	Objects(ctx context.Context, f provider.ObjectFilter) ([]provider.Object, error)
 	Policy(ctx context.Context) (provider.Policy, error)
 	SetPolicy(ctx context.Context, p provider.Policy) error
@@ -149,6 +151,33 @@ func (s *Server) handleUnregisterObject(w http.ResponseWriter, r *http.Request, 
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *Server) handleForgetVM(w http.ResponseWriter, r *http.Request, hostID string) {
+	res, err := s.p.ForgetVM(r.Context(), hostID, r.PathValue("vm"))
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	out := apiv1.ForgetResponse{Removed: objectsResponse(res.Removed).Objects}
+	if len(res.Others) > 0 {
+		out.Others = objectsResponse(res.Others).Objects
+	}
+	s.writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) handleForgetObjects(w http.ResponseWriter, r *http.Request) {
+	req, err := decodeBody[apiv1.ForgetRequest](w, r, apiv1.MaxBodyBytes)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	objs, err := s.p.ForgetObjects(r.Context(), req.VMUUID, req.Name)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	s.writeJSON(w, http.StatusOK, objectsResponse(objs))
 }
 
 func (s *Server) handleMoveVM(w http.ResponseWriter, r *http.Request, hostID string) {

@@ -188,6 +188,7 @@ func (s *Server) routes() {
 	handle("GET "+apiv1.PathHostKDKs, "host_kdks", s.handleRelease)
 	handle("POST "+apiv1.PathHostObjects, "host_objects", s.host(s.handleRegisterObject))
 	handle("DELETE "+apiv1.PathHostObjects+"/{vm}/{name}", "host_objects_delete", s.host(s.handleUnregisterObject))
+	handle("DELETE "+apiv1.PathHostObjects+"/{vm}", "host_objects_forget", s.host(s.handleForgetVM))
 	handle("POST "+apiv1.PathHostMoves, "host_moves", s.host(s.handleMoveVM))
 	handle("POST "+apiv1.PathHostRenew, "host_renew", s.handleRenew)
 
@@ -201,6 +202,7 @@ func (s *Server) routes() {
 	handle("POST "+apiv1.PathRotate, "rotate", s.admin(s.handleRotate))
 	handle("POST "+apiv1.PathKDKs+"/{version}/retire", "retire", s.admin(s.handleRetire))
 	handle("GET "+apiv1.PathObjects, "objects", s.admin(s.handleObjects))
+	handle("POST "+apiv1.PathObjectsForget, "objects_forget", s.admin(s.handleForgetObjects))
 	handle("GET "+apiv1.PathAudit, "audit", s.admin(s.handleAudit))
 	handle("POST "+apiv1.PathAuditVerify, "audit_verify", s.admin(s.handleAuditVerify))
 	handle("POST "+apiv1.PathAuditPrune, "audit_prune", s.admin(s.handleAuditPrune))

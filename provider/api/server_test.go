@@ -246,6 +246,30 @@ func (f *fake) UnregisterObject(ctx context.Context, hostID, vm, name string) er
 	return fmt.Errorf("%w: the catalog has no object %s for VM %s", provider.ErrNotFound, name, vm)
 }
 
+func (f *fake) ForgetVM(ctx context.Context, hostID, vm string) (provider.ForgetResult, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var res provider.ForgetResult
+	var keep []provider.Object
+	for _, o := range f.objects {
+		switch {
+		case o.VMUUID != vm:
+			keep = append(keep, o)
+		case o.HostID != hostID:
+			keep = append(keep, o)
+			res.Others = append(res.Others, o)
+		default:
+			res.Removed = append(res.Removed, o)
+		}
+	}
+	f.objects = keep
+	return res, nil
+}
+
+func (f *fake) ForgetObjects(ctx context.Context, vm, name string) ([]provider.Object, error) {
+	return nil, fmt.Errorf("%w: the fake catalog forgets only through ForgetVM", provider.ErrNotFound)
+}
+
 func (f *fake) MoveVM(ctx context.Context, hostID, vm string) ([]provider.Object, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()

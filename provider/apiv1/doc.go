@@ -15,6 +15,8 @@
 //	                                     current key set as known: Unchanged, no keys, not audited)
 //	POST /v1/host/objects                Object → 204 (registers, or replaces the entry of the same VM and name)
 //	DELETE /v1/host/objects/{vm}/{name}  → 204 (the object is gone: VM deleted, disk removed)
+//	DELETE /v1/host/objects/{vm}         → ForgetResponse (every object of the VM that the caller owns is
+//	                                     removed; other hosts' objects of the VM are listed and left)
 //	POST /v1/host/moves                  MoveRequest → ObjectsResponse (a migrated VM's objects, now the
 //	                                     caller's; a host changes only its own objects: 403 "not_owner")
 //	POST /v1/host/renew                  HostRenewRequest → EnrollResponse (a new certificate, same host ID;
@@ -29,6 +31,8 @@
 //	POST /v1/admin/rotate                → KDKVersion
 //	POST /v1/admin/kdks/{version}/retire → 204
 //	GET  /v1/admin/objects[?vm=UUID][&kdk_version=N] → ObjectsResponse
+//	POST /v1/admin/objects/forget        ForgetRequest → ObjectsResponse (the objects removed; only those of
+//	                                     revoked or unknown hosts: a live host's give 409 "in_use", nothing removed)
 //	GET  /v1/admin/audit[?n=N]           → AuditResponse (the last N records: default 100, 0 = up to 10,000)
 //	POST /v1/admin/audit/verify          → 204, or 409 code "audit_broken"
 //	POST /v1/admin/audit/prune           AuditPruneRequest → AuditPruneResponse (records dated before a time,
@@ -63,6 +67,7 @@ const (
 	PathRotate        = "/v1/admin/rotate"
 	PathKDKs          = "/v1/admin/kdks"
 	PathObjects       = "/v1/admin/objects"
+	PathObjectsForget = "/v1/admin/objects/forget"
 	PathAudit         = "/v1/admin/audit"
 	PathAuditVerify   = "/v1/admin/audit/verify"
 	PathAuditPrune    = "/v1/admin/audit/prune"

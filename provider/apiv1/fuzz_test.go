@@ -94,3 +94,8 @@ func FuzzAuditPruneRequest(f *testing.F) {
 	f.Add([]byte(`{"before":"2026-11-01T00:00:00Z","dry_run":true}`))
 	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode[apiv1.AuditPruneRequest](t, data) })
 }
+
+func FuzzForgetRequest(f *testing.F) {
+	f.Add([]byte(`{"vm_uuid":"5f0c1c9e-8a43-4c57-9d0e-0b8f6a1f2c33","name":"disk:vda"}`))
+	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode[apiv1.ForgetRequest](t, data) })
+}

@@ -92,6 +92,21 @@ type MoveRequest struct {
 	VMUUID string `json:"vm_uuid"`
 }
 
+// ForgetResponse is DELETE /v1/host/objects/{vm}: the calling host's objects of the VM
+// that were removed, and the VM's objects that another host owns, left alone (the VM
+// migrated there, or was protected there).
+type ForgetResponse struct {
+	Removed []Object `json:"removed"`
+	Others  []Object `json:"others,omitempty"`
+}
+
+// ForgetRequest is POST /v1/admin/objects/forget: remove VM VMUUID's catalog objects
+// (only object Name if set) that a revoked or no longer enrolled host registered.
+type ForgetRequest struct {
+	VMUUID string `json:"vm_uuid"`
+	Name   string `json:"name,omitempty"`
+}
+
 // ObjectsResponse lists catalog entries.
 type ObjectsResponse struct {
 	Objects []Object `json:"objects"`
@@ -319,6 +334,18 @@ func (o *Object) check() error {
 func (m *MoveRequest) check() error {
 	if m.VMUUID == "" {
 		return errors.New(`"vm_uuid" is required`)
+	}
+	return nil
+}
+
+func (f *ForgetRequest) check() error {
+	switch {
+	case f.VMUUID == "":
+		return errors.New(`"vm_uuid" is required`)
+	case len(f.VMUUID) > 64:
+		return errors.New(`"vm_uuid" is a UUID (36 characters)`)
+	case len(f.Name) > 64:
+		return errors.New(`"name" is "vtpm" or "disk:<target>" (at most 64 characters)`)
 	}
 	return nil
 }

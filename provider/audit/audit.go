@@ -30,7 +30,8 @@
 // Only the provider package imports it.
 //
 // Kinds: init, backup, restore, token, enroll, revoke, release, rotate, retire,
-// policy, register, admin_cert, admin_revoke, host_renew, prune. AppendReads lists
+// policy, register, unregister, move, forget, admin_cert, admin_revoke, host_renew,
+// prune. AppendReads lists
 // what Append reads, for store.Prefetch; Log writes the same event as one slog line
 // and is called after the commit. The operator prunes through Provider.PruneAudit
 // (POST /v1/admin/audit/prune, `nkpctl provider audit prune --before T`).
@@ -81,6 +82,9 @@ const (
 	KindUnregister Kind = "unregister"
 	// KindMove: a host took over a migrated VM's catalog objects from another host.
 	KindMove Kind = "move"
+	// KindForget: an administrator removed catalog objects whose host is revoked or no
+	// longer enrolled (a decommissioned or lost host's VMs).
+	KindForget Kind = "forget"
 	// KindAdminCert: an administrator certificate was issued.
 	KindAdminCert Kind = "admin_cert"
 	// KindAdminRevoke: an administrator certificate was revoked.

@@ -493,6 +493,71 @@ func (c *ctl) objectsCmd() *cobra.Command {
 	}
 	cmd.Flags().StringVar(&vm, "vm", "", "only this VM UUID")
 	cmd.Flags().IntVar(&kdkVersion, "kdk-version", 0, "only objects keyed from this KDK version")
+	cmd.AddCommand(c.forgetCmd())
+	return cmd
+}
+
+// forgetCmd is `nkpctl provider objects forget --vm UUID [--name N] --yes`: the way out
+// for the VMs of a host that is gone (decommissioned or lost, and revoked), whose
+// objects would otherwise keep their KDK versions from being retired. Without --yes it
+// lists what it would remove and changes nothing.
+func (c *ctl) forgetCmd() *cobra.Command {
+	var vm, name string
+	var yes bool
+	cmd := &cobra.Command{
+		Use:   "forget --vm UUID [--name vtpm|disk:TARGET] --yes",
+		Short: "remove a VM's catalog objects registered by a revoked (gone) host, so they stop keeping their KDK version from being retired",
+		Long: "Removes VM UUID's catalog objects (or only --name) whose host is revoked or no longer enrolled: the VMs of a " +
+			"decommissioned or lost host. A live host's objects are refused: run `nkpctl vm forget` on that host, or revoke it first " +
+			"(`nkpctl provider revoke HOST-ID`) if it is gone. Once removed, the objects' KDK version may be retired and their keys " +
+			"destroyed: a copy of that VM (its vTPM state, its disks) anywhere else could then no longer be opened. Without --yes, " +
+			"lists what would be removed and changes nothing. Audited as forget.",
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if vm == "" {
+				return errors.New("objects forget needs --vm UUID, the VM whose objects to remove (nkpctl provider objects lists them)")
+			}
+			return c.call(cmd, func(ctx context.Context, cl *client.Client) error {
+				if !yes {
+					objs, err := cl.Objects(ctx, vm, 0)
+					if err != nil {
+						return err
+					}
+					var match []apiv1.Object
+					for _, o := range objs {
+						if name == "" || o.Name == name {
+							match = append(match, o)
+						}
+					}
+					if len(match) == 0 {
+						what := "objects"
+						if name != "" {
+							what = "object " + name
+						}
+						return fmt.Errorf("the catalog has no %s of VM %s: nothing to forget (nkpctl provider objects lists them)", what, vm)
+					}
+					fmt.Fprintf(c.stderr, "would remove %d catalog object(s); a KDK version they use may be retired afterwards, after which this VM's keys are gone for good:\n", len(match))
+					for _, o := range match {
+						fmt.Fprintf(c.stderr, "  %s %s key %s KDK v%d host %s\n", o.VMUUID, o.Name, o.KeyID, o.KDKVersion, o.HostID)
+					}
+					return fmt.Errorf("objects forget changes nothing without --yes: check that VM %s runs nowhere any more (nkpctl vm status on the hosts it could have migrated to), then run it again with --yes", vm)
+				}
+				objs, err := cl.ForgetObjects(ctx, vm, name)
+				if err != nil {
+					return err
+				}
+				return c.print(apiv1.ObjectsResponse{Objects: objs}, func(w io.Writer) {
+					fmt.Fprintln(w, "REMOVED\tOBJECT\tKEY ID\tKDK\tHOST")
+					for _, o := range objs {
+						fmt.Fprintf(w, "%s\t%s\t%s\tv%d %s\t%s\n", o.VMUUID, o.Name, o.KeyID, o.KDKVersion, o.KDKID, o.HostID)
+					}
+				})
+			})
+		},
+	}
+	cmd.Flags().StringVar(&vm, "vm", "", "the VM's UUID")
+	cmd.Flags().StringVar(&name, "name", "", "only this object (vtpm, disk:vda, ...)")
+	cmd.Flags().BoolVar(&yes, "yes", false, "remove them (the VM's keys become unrecoverable once their KDK version is retired)")
 	return cmd
 }
 

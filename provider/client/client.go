@@ -314,6 +314,15 @@ func (c *Client) UnregisterObject(ctx context.Context, vmUUID, name string) erro
 	return c.do(ctx, http.MethodDelete, apiv1.PathHostObjects+"/"+url.PathEscape(vmUUID)+"/"+url.PathEscape(name), nil, nil, nil)
 }
 
+// ForgetVM removes every catalog object of VM vmUUID that the calling host owns (the VM
+// is gone for good) and returns them, with the VM's objects another host owns, which stay.
+// A VM with no objects of this host is not an error: Removed is empty.
+func (c *Client) ForgetVM(ctx context.Context, vmUUID string) (apiv1.ForgetResponse, error) {
+	var r apiv1.ForgetResponse
+	err := c.do(ctx, http.MethodDelete, apiv1.PathHostObjects+"/"+url.PathEscape(vmUUID), nil, nil, &r)
+	return r, err
+}
+
 // MoveVM makes the calling host the owner of VM vmUUID's catalog objects, after the VM
 // migrated to it, and returns them; a host changes only its own objects (code
 // "not_owner" otherwise), and only a VM the catalog holds can be moved ("not_found").
@@ -408,6 +417,15 @@ func (c *Client) Objects(ctx context.Context, vmUUID string, kdkVersion int) ([]
 	}
 	var r apiv1.ObjectsResponse
 	err := c.do(ctx, http.MethodGet, apiv1.PathObjects, q, nil, &r)
+	return r.Objects, err
+}
+
+// ForgetObjects removes VM vmUUID's catalog objects (only object name, if not "") that
+// a revoked or no longer enrolled host registered, and returns them (admin). Objects of a
+// live host are refused (code "in_use"): that host forgets its VMs itself.
+func (c *Client) ForgetObjects(ctx context.Context, vmUUID, name string) ([]apiv1.Object, error) {
+	var r apiv1.ObjectsResponse
+	err := c.do(ctx, http.MethodPost, apiv1.PathObjectsForget, nil, apiv1.ForgetRequest{VMUUID: vmUUID, Name: name}, &r)
 	return r.Objects, err
 }
 
