@@ -27,10 +27,15 @@ build: build-others
 build-shared: build-others
 	$(SWTPM_ENV) $(GO) build -o $(BIN)/ ./cmd/nkp-swtpm
 
+# nkp-hook on linux/amd64 starts at its assembly entry point, which answers a domain that
+# is not nkp's without starting the Go runtime (go doc ./cmd/nkp-hook); elsewhere a plain build.
+HOOK_LDFLAGS := $(if $(filter linux/amd64,$(shell $(GO) env GOOS)/$(shell $(GO) env GOARCH)),-ldflags=-E=main.entry)
+
 # Every command but nkp-swtpm, which build and build-shared link each their way.
 build-others:
 	@mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/ $(addprefix ./cmd/,$(filter-out nkp-swtpm,$(CMDS)))
+	$(GO) build -o $(BIN)/ $(addprefix ./cmd/,$(filter-out nkp-swtpm nkp-hook,$(CMDS)))
+	$(GO) build $(HOOK_LDFLAGS) -o $(BIN)/ ./cmd/nkp-hook
 
 # The same as build (nkp-swtpm has been static by default since issue 9's memory work).
 build-static: build

@@ -27,7 +27,9 @@
 // lines "socket = PATH" and "timeout = 30s", # comments), else the defaults.
 //
 // Importers: cmd/nkp-hook and tests. It imports hooks/hookproto and the standard library
-// only, and no cgo, so that it starts in a few milliseconds. It talks to hostd over a
+// only, and no cgo, so that it starts in a few milliseconds. (cmd/nkp-hook, as the
+// Makefile builds it, takes step 1's fast path in assembly before the Go runtime starts,
+// and hands Main what it read otherwise: see its doc.) It talks to hostd over a
 // blocking socket whose own timeouts carry the deadline: no package net, no netpoller,
 // no timer, so the process has nothing to wake but its one goroutine (on a host where
 // many QEMUs start at once, every wake-up of a thread is a wait for a CPU).

@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"syscall"
 	"testing"
@@ -104,7 +105,7 @@ var builds struct {
 // BuildBinary returns the path of the program built from pkg, a package path inside this
 // module such as "./cmd/nkp-swtpm". If $NKP_BIN holds a program of that name it is used
 // as is; otherwise the program is built with `go build` once per test binary into a
-// temporary directory that Cleanup removes.
+// temporary directory that Cleanup removes; nkp-hook with the flags the Makefile gives it.
 func BuildBinary(t testing.TB, pkg string) string {
 	t.Helper()
 	name := filepath.Base(pkg)
@@ -132,7 +133,11 @@ func BuildBinary(t testing.TB, pkg string) string {
 		builds.bins = map[string]string{}
 	}
 	out := filepath.Join(builds.dir, name)
-	cmd := exec.Command("go", "build", "-o", out, pkg)
+	args := []string{"build", "-o", out}
+	if pkg == "./cmd/nkp-hook" && runtime.GOOS == "linux" && runtime.GOARCH == "amd64" {
+		args = append(args, "-ldflags=-E=main.entry") // as the Makefile builds it (go doc ./cmd/nkp-hook)
+	}
+	cmd := exec.Command("go", append(args, pkg)...)
 	cmd.Dir = root
 	var buf bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &buf, &buf
