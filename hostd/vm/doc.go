@@ -1,5 +1,5 @@
-// Package vm protects libvirt domains with nkp: protect, status, rekey and unprotect,
-// served as an http.Handler on hostd's local API (wire types in hostd/vm/vmapi).
+// Package vm protects libvirt domains with nkp: protect, status, rekey, unprotect and
+// forget, served as an http.Handler on hostd's local API (wire types in hostd/vm/vmapi).
 //
 // What it needs from the rest of hostd is declared here as small interfaces: Keys (the
 // KDK cache: the primary version and key derivation), Libvirt (a domain's persistent
@@ -71,6 +71,37 @@
 // locked directory). Finalize keeps a kept original that any process still has open
 // (found through /proc/PID/fd): a VM resumed from a save or snapshot made before the
 // change runs on it.
+//
+// # Forget
+//
+// Forget is the end of a VM deleted for good (virsh undefine): for a UUID (or the name
+// the domain had, known from its kept files or journal entry) that libvirt does not
+// define — a defined domain is refused with ErrDefined, naming unprotect and virsh
+// undefine — and only when confirmed (ErrNotConfirmed: the vTPM state holds the TPM's
+// secrets), it removes, journaled as opForget: the VM's objects in the provider's catalog
+// that this host owns (Catalog.ForgetVM, one provider transaction), then its disks'
+// libvirt secrets, the original disk files kept for it (as Finalize: a file another
+// domain names or a process has open stays listed), its vTPM state directory (refused
+// while an nkp-swtpm holds it) and its journal entry. An operation interrupted on the
+// VM before it was undefined is replaced; its disk files are left and named.
+//
+// Order: the catalog first. If the provider does not answer, nothing changes on this host
+// (the journal is put back as it was): a forget never leaves catalog entries whose state
+// is gone unannounced, and never state whose entries are gone without a journal that
+// finishes the job at hostd's start. If libvirt defines the VM again before a forget is
+// finished, recovery registers the objects its definition names again and keeps its
+// state: the catalog always holds what a defined VM uses, so retire never destroys a
+// version a VM on this host still needs.
+//
+// Which objects: the catalog keys objects by VM UUID and name, and each has one owner, the
+// host that registered it or took it over (MoveVM, done by a VM's new host at its first
+// rekey or unprotect there). Forget removes only this host's objects, never moves any,
+// and reports those of other hosts (the VM moved there) without touching them. The one
+// case it cannot see is a VM that migrated away and was not rekeyed or unprotected on its
+// new host yet: its objects are still this host's, and the operator must not forget it
+// here (status and docs/vm.md say so). A host that is gone cannot forget at all: an
+// administrator removes its objects (provider.ForgetObjects, `nkpctl provider objects
+// forget`), which the provider allows only for a revoked or unenrolled host.
 //
 // Importers: hostd (mounts Handler on the local API and calls Recover at start), tests.
 //

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -94,6 +95,31 @@ func (c *fileCatalog) MoveVM(_ context.Context, vmUUID string) ([]apiv1.Object, 
 		}
 	}
 	return objs, nil
+}
+
+// ForgetVM removes the VM's objects unless another host owns them (foreign).
+func (c *fileCatalog) ForgetVM(_ context.Context, vmUUID string) (apiv1.ForgetResponse, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.down {
+		return apiv1.ForgetResponse{}, errors.New("dial tcp 127.0.0.1:8443: connection refused")
+	}
+	m := c.load()
+	var r apiv1.ForgetResponse
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		o := m[k]
+		if !strings.HasPrefix(k, vmUUID+"/") {
+			continue
+		}
+		if c.foreign[vmUUID] {
+			o.HostID = "h-other"
+			r.Others = append(r.Others, o)
+			continue
+		}
+		r.Removed = append(r.Removed, o)
+		delete(m, k)
+	}
+	return r, c.save(m)
 }
 
 func (c *fileCatalog) load() map[string]apiv1.Object {

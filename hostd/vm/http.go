@@ -98,6 +98,21 @@ func (m *Manager) Handler() http.Handler {
 			return m.UnprotectWith(ctx, d, req.TPM, p)
 		})(w, r)
 	})
+	mux.HandleFunc("POST "+vmapi.PathVMs+"/{domain}/forget", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), OperationTimeout)
+		defer cancel()
+		var req vmapi.ForgetRequest
+		if r.ContentLength != 0 {
+			dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, 64<<10))
+			dec.DisallowUnknownFields()
+			if err := dec.Decode(&req); err != nil {
+				reply(w, nil, badRequest{err})
+				return
+			}
+		}
+		f, err := m.Forget(ctx, r.PathValue("domain"), req.Confirm)
+		reply(w, f, err)
+	})
 	return mux
 }
 
@@ -124,6 +139,10 @@ func classify(err error) (int, string) {
 		return http.StatusBadRequest, vmapi.CodeBadRequest
 	case errors.Is(err, ErrNoDomain):
 		return http.StatusNotFound, vmapi.CodeNotFound
+	case errors.Is(err, ErrDefined):
+		return http.StatusConflict, vmapi.CodeDefined
+	case errors.Is(err, ErrNotConfirmed):
+		return http.StatusBadRequest, vmapi.CodeConfirm
 	case errors.Is(err, ErrPending):
 		return http.StatusServiceUnavailable, vmapi.CodePending
 	case errors.Is(err, ErrNoSpace):

@@ -18,6 +18,7 @@ const (
 	opProtect   = "protect"
 	opRekey     = "rekey"
 	opUnprotect = "unprotect"
+	opForget    = "forget"
 )
 
 // entry is one VM's journal: what an operation is about to do, written before it
@@ -46,6 +47,11 @@ type entry struct {
 	// RemoveOriginal: protect removes each original disk file after the switch instead
 	// of keeping it for finalize.
 	RemoveOriginal bool `json:"remove_original,omitempty"`
+	// Forget: the operation interrupted on the undefined VM that forget replaced (its
+	// Disks, Staging and Aside are kept above, for the report), and the catalog objects
+	// forget removed.
+	Interrupted  string          `json:"interrupted,omitempty"`
+	Unregistered []domxml.Object `json:"unregistered,omitempty"`
 }
 
 type journal struct{ dir string }

@@ -53,10 +53,18 @@ func (m *Manager) recoverOneLocked(ctx context.Context, uuid string) error {
 	if err != nil {
 		return fmt.Errorf("vm %s: %w", uuid, err)
 	}
+	if e.Op == opForget {
+		// Confirmed by the operator: finished here, or undone if libvirt defines the VM
+		// again (ErrDefined then says so, and the journal is gone).
+		if _, err := m.forgetLocked(ctx, e); err != nil && !errors.Is(err, ErrDefined) {
+			return err
+		}
+		return nil
+	}
 	x, err := m.cfg.Libvirt.DomainXML(ctx, uuid)
 	if err != nil {
 		if errors.Is(err, ErrNoDomain) {
-			return fmt.Errorf("vm %q (%s): the domain was undefined while %s was interrupted; its vTPM state is kept in %s: remove %s after saving what you need", e.Domain, uuid, e.Op, filepath.Join(m.cfg.VTPMDir, uuid), m.j.path(uuid))
+			return fmt.Errorf("vm %q (%s): the domain was undefined while %s was interrupted; its vTPM state is kept in %s: if the VM is gone for good, nkpctl vm forget %s --yes removes it with its catalog objects; else define it again (virsh define) and hostd finishes the %s", e.Domain, uuid, e.Op, filepath.Join(m.cfg.VTPMDir, uuid), uuid, e.Op)
 		}
 		return fmt.Errorf("vm %q: finishing an interrupted %s: reading the domain: %w: %w", e.Domain, e.Op, ErrUnavailable, err)
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
@@ -138,6 +139,9 @@ func (m *Manager) List(ctx context.Context) ([]vmapi.VM, error) {
 		}
 	}
 	candidates = append(candidates, m.keptUUIDs()...)
+	if js, err := m.j.list(); err == nil {
+		candidates = append(candidates, js...) // an operation interrupted on a VM undefined since
+	}
 	slices.Sort(candidates)
 	for _, u := range slices.Compact(candidates) {
 		if slices.Contains(uuids, u) {
@@ -174,12 +178,21 @@ func (m *Manager) List(ctx context.Context) ([]vmapi.VM, error) {
 func (m *Manager) orphanVM(vmUUID string) (vmapi.VM, bool) {
 	keys := m.stateKeys(vmUUID)
 	ks, kerr := m.readKept(vmUUID)
-	if len(keys) == 0 && len(ks) == 0 && kerr == nil {
+	e, jerr := m.j.read(vmUUID)
+	if len(keys) == 0 && len(ks) == 0 && kerr == nil && errors.Is(jerr, fs.ErrNotExist) {
 		return vmapi.VM{}, false
 	}
 	v := vmapi.VM{Domain: vmUUID, UUID: vmUUID}
 	if len(keys) > 0 {
 		v = m.orphan(vmUUID, keys)
+	}
+	switch {
+	case jerr == nil && e.Op == opForget:
+		v.Problems = append(v.Problems, fmt.Sprintf("a forget of VM %s is not finished (the provider could not be reached, or hostd stopped): run nkpctl vm forget %s --yes again (hostd retries at its start too)", vmUUID, vmUUID))
+	case jerr == nil:
+		v.Problems = append(v.Problems, fmt.Sprintf("an interrupted %s of VM %s is not finished, and libvirt no longer defines the VM: define it again (virsh define) and hostd finishes it, or, if it is gone for good, nkpctl vm forget %s", e.Op, vmUUID, vmUUID))
+	case !errors.Is(jerr, fs.ErrNotExist):
+		v.Problems = append(v.Problems, fmt.Sprintf("VM %s: its journal entry cannot be read: %v", vmUUID, jerr))
 	}
 	if kerr != nil {
 		v.Problems = append(v.Problems, fmt.Sprintf("VM %s is no longer defined in libvirt, and the list of its kept original disk files cannot be read: %v", vmUUID, kerr))
@@ -193,7 +206,7 @@ func (m *Manager) orphanVM(vmUUID string) (vmapi.VM, bool) {
 // orphan reports the vTPM state nkp keeps for a VM that libvirt does not define.
 func (m *Manager) orphan(vmUUID string, keys []string) vmapi.VM {
 	dir := filepath.Join(m.cfg.VTPMDir, vmUUID)
-	return vmapi.VM{Domain: vmUUID, UUID: vmUUID, Problems: []string{fmt.Sprintf("libvirt defines no domain %s on this host, but nkp keeps its vTPM state (key %s) in %s: the domain was undefined (virsh undefine) or moved to another host. If it is gone for good, remove %s (its TPM's data goes with it); its objects stay in the provider's catalog (nkpctl provider objects) and keep their KDK version from being retired", vmUUID, strings.Join(keys, ", "), dir, dir)}}
+	return vmapi.VM{Domain: vmUUID, UUID: vmUUID, Problems: []string{fmt.Sprintf("libvirt defines no domain %s on this host, but nkp keeps its vTPM state (key %s) in %s: the domain was undefined (virsh undefine) or moved to another host. If it is gone for good, nkpctl vm forget %s removes that state (its TPM's data goes with it), the original disk files kept for it and its objects in the provider's catalog, which otherwise keep their KDK version from being retired; if it runs on another host now, leave it (forget removes only the catalog objects this host owns)", vmUUID, strings.Join(keys, ", "), dir, vmUUID)}}
 }
 
 // stateKeys lists the key IDs of the vTPM state directories nkp keeps for a VM.

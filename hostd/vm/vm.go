@@ -90,6 +90,9 @@ type Catalog interface {
 	// MoveVM makes this host the owner of the VM's catalog objects (after the VM
 	// migrated or was restored here: the provider lets a host change only its own).
 	MoveVM(ctx context.Context, vmUUID string) ([]apiv1.Object, error)
+	// ForgetVM removes every object of the VM that this host owns and returns them,
+	// with the VM's objects other hosts own (left alone).
+	ForgetVM(ctx context.Context, vmUUID string) (apiv1.ForgetResponse, error)
 }
 
 // Secrets keeps the libvirt secrets that hold protected disks' LUKS passphrases: one
@@ -154,7 +157,7 @@ type Manager struct {
 	log *slog.Logger
 	j   journal
 
-	mu sync.Mutex // serialises Protect, Rekey, Unprotect and Recover
+	mu sync.Mutex // serialises Protect, Rekey, Unprotect, Finalize, Forget and Recover
 
 	busyMu sync.Mutex
 	busy   string // the operation holding mu, as "protect of DOMAIN"; guarded by busyMu

@@ -725,7 +725,7 @@ func TestOrphanedState(t *testing.T) {
 	if list, err = e.m.List(ctx); err != nil || len(list) != 1 || list[0].UUID != uuid1 {
 		t.Fatalf("List after undefine: %+v %v", list, err)
 	}
-	says("undefined", list[0].Problems, "libvirt defines no domain "+uuid1, o.KeyID, "virsh undefine", "remove "+dir, "provider's catalog")
+	says("undefined", list[0].Problems, "libvirt defines no domain "+uuid1, o.KeyID, "virsh undefine", dir, "nkpctl vm forget "+uuid1, "provider's catalog")
 	if v, err = e.m.Status(ctx, uuid1); err != nil {
 		t.Fatalf("Status by UUID of the undefined domain: %v", err)
 	}

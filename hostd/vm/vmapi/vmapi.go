@@ -9,6 +9,8 @@
 //	POST /v1/vms/{domain}/finalize   → VM (kept original disk files removed)
 //	POST /v1/vms/{domain}/rekey      RekeyRequest → VM
 //	POST /v1/vms/{domain}/unprotect  UnprotectRequest → VM
+//	POST /v1/vms/{domain}/forget     ForgetRequest → Forgotten (a VM libvirt no longer defines:
+//	                                 its catalog objects, vTPM state, kept disk files and journal go)
 //
 // {domain} is a domain name or UUID. Every error is an Error body with a sentence that
 // names the VM and says what to do, and a stable Code. The bodies are optional (empty:
@@ -55,6 +57,8 @@ const (
 	CodeUnavailable      = "unavailable"       // KDK, provider catalog or libvirt unreachable: retry later
 	CodePending          = "pending"           // an interrupted operation on this VM could not be finished yet
 	CodeNoSpace          = "no_space"          // a disk conversion does not fit: the sentence says how much where
+	CodeDefined          = "defined"           // forget of a domain libvirt still defines
+	CodeConfirm          = "confirm"           // forget without ForgetRequest.Confirm: nothing was changed
 	CodeBadRequest       = "bad_request"
 	CodeInternal         = "internal"
 	// CodeNoHostd is nkpctl's own, never hostd's: hostd could not be reached (not
@@ -198,6 +202,41 @@ type UnprotectRequest struct {
 	TPM string `json:"tpm"`
 }
 
+// ForgetRequest is the body of POST /v1/vms/{domain}/forget.
+type ForgetRequest struct {
+	// Confirm must be true: forget destroys the VM's vTPM state (its TPM's secrets)
+	// irreversibly.
+	Confirm bool `json:"confirm"`
+}
+
+// CatalogObject is an object in the provider's catalog as forget reports it.
+type CatalogObject struct {
+	Name       string `json:"name"`
+	KeyID      string `json:"key_id"`
+	KDKVersion int    `json:"kdk_version"`
+	// HostID is the host that owns it (set for objects another host owns).
+	HostID string `json:"host_id,omitempty"`
+}
+
+// Forgotten is what forget did for a VM libvirt no longer defines.
+type Forgotten struct {
+	UUID string `json:"uuid"`
+	// Domain is the name the VM had, when nkp knows it.
+	Domain string `json:"domain,omitempty"`
+	// Unregistered are the catalog objects removed (this host's).
+	Unregistered []CatalogObject `json:"unregistered"`
+	// OtherHosts are the VM's catalog objects another host owns: left alone (the VM
+	// moved there, or was protected there).
+	OtherHosts []CatalogObject `json:"other_hosts,omitempty"`
+	// StateRemoved is the vTPM state directory removed ("" if there was none).
+	StateRemoved string `json:"state_removed,omitempty"`
+	// FilesRemoved are the kept original disk files removed.
+	FilesRemoved []string `json:"files_removed,omitempty"`
+	// Problems are what forget left and why (a kept file another domain names, …).
+	Problems []string `json:"problems,omitempty"`
+	Note     string   `json:"note,omitempty"`
+}
+
 // Unprotect TPM choices.
 const (
 	UnprotectKeep = "keep"
@@ -284,6 +323,15 @@ func (c *Client) Unprotect(ctx context.Context, domain string, req UnprotectRequ
 // UnprotectWith unprotects with progress as ProtectWith.
 func (c *Client) UnprotectWith(ctx context.Context, domain string, req UnprotectRequest, progress func(Progress)) (VM, error) {
 	return c.op(ctx, domain, "unprotect", req, progress)
+}
+
+// Forget removes what nkp keeps for a VM libvirt no longer defines (domain: its UUID or
+// the name it had): its objects in the provider's catalog, its vTPM state, the original
+// disk files kept for it and its journal. req.Confirm must be true.
+func (c *Client) Forget(ctx context.Context, domain string, req ForgetRequest) (Forgotten, error) {
+	var f Forgotten
+	err := c.do(ctx, http.MethodPost, PathVMs+"/"+url.PathEscape(domain)+"/forget", req, &f)
+	return f, err
 }
 
 func (c *Client) op(ctx context.Context, domain, op string, req any, progress func(Progress)) (VM, error) {

@@ -78,6 +78,20 @@ func (c *catalog) UnregisterObject(_ context.Context, u, name string) error {
 	return nil
 }
 
+// ForgetVM: this test has one host, which owns everything.
+func (c *catalog) ForgetVM(_ context.Context, u string) (apiv1.ForgetResponse, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var r apiv1.ForgetResponse
+	for k, o := range c.m {
+		if o.VMUUID == u {
+			r.Removed = append(r.Removed, o)
+			delete(c.m, k)
+		}
+	}
+	return r, nil
+}
+
 // MoveVM: this test has one host, which owns everything.
 func (c *catalog) MoveVM(context.Context, string) ([]apiv1.Object, error) { return nil, nil }
 

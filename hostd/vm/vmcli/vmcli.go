@@ -1,4 +1,4 @@
-// Package vmcli is `nkpctl vm`: protect, status, rekey and unprotect, each a thin call
+// Package vmcli is `nkpctl vm`: protect, status, rekey, unprotect and forget, each a thin call
 // to hostd's local API over its unix socket (hostd/vm/vmapi). The sentences of refusals
 // come from hostd, which names the VM, the key and what to do.
 //
@@ -12,15 +12,24 @@
 //	nkpctl vm status [DOMAIN] [--json]
 //	nkpctl vm rekey DOMAIN [--deep] [--json]
 //	nkpctl vm unprotect DOMAIN [--tpm keep|none] [--json]
+//	nkpctl vm forget UUID|NAME [--yes] [--json]
 //
 // hostd's sentences are printed as they are. protect, rekey and unprotect ask hostd to
 // stream each disk's progress (NDJSON) and draw it on standard error: a progress bar per
 // disk (github.com/schollz/progressbar/v3) when standard error is a terminal, else one
 // plain line per phase and per 10%. --json prints the final VM object on standard output,
 // or on failure the error as {"error": SENTENCE, "code": CODE} (and exits 1).
+//
+// forget is for a VM libvirt no longer defines on this host and that is gone for good
+// (hostd refuses a defined domain): it removes the VM's objects from the provider's
+// catalog (those this host owns), its vTPM state, the original disk files kept for it
+// and its journal entries. The vTPM state holds the TPM's secrets, so it asks first: on a
+// terminal it shows what hostd keeps of the VM and wants "yes" typed; otherwise (or with
+// --json) it needs --yes.
 package vmcli
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -47,6 +56,8 @@ type cli struct {
 	protect        vmapi.ProtectRequest
 	finalize       bool
 	deep           bool
+	yes            bool
+	stdin          io.Reader // forget's confirmation; nil: none can be asked
 }
 
 // Command returns `nkpctl vm`; progress goes to the process's standard error.
@@ -55,7 +66,16 @@ func Command(stdout io.Writer) *cobra.Command {
 }
 
 func newCommand(stdout, stderr io.Writer, tty bool) *cobra.Command {
-	c := &cli{stdout: stdout, stderr: stderr, tty: tty}
+	var stdin io.Reader
+	if term.IsTerminal(int(os.Stdin.Fd())) {
+		stdin = os.Stdin
+	}
+	return newCommandIn(stdin, stdout, stderr, tty)
+}
+
+// newCommandIn is newCommand with forget's confirmation read from stdin (nil: not asked).
+func newCommandIn(stdin io.Reader, stdout, stderr io.Writer, tty bool) *cobra.Command {
+	c := &cli{stdin: stdin, stdout: stdout, stderr: stderr, tty: tty}
 	def := os.Getenv("NKP_HOSTD_SOCKET")
 	if def == "" {
 		def = vmapi.DefaultSocket
@@ -127,8 +147,74 @@ func newCommand(stdout, stderr io.Writer, tty bool) *cobra.Command {
 	}
 	unprotect.Flags().StringVar(&c.tpm, "tpm", vmapi.UnprotectKeep, "keep | none")
 	unprotect.Flags().BoolVar(&c.asJSON, "json", false, "print the result as JSON")
-	vm.AddCommand(protect, status, rekey, unprotect)
+	forget := &cobra.Command{
+		Use:   "forget UUID|NAME",
+		Short: "for a VM deleted for good (virsh undefine): remove its objects from the provider's catalog (so their KDK version can be retired), its vTPM state (the TPM's secrets: irreversible), its kept original disk files and its journal entries",
+		Args:  oneDomain,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return c.forget(cmd.Context(), args[0])
+		},
+	}
+	forget.Flags().BoolVar(&c.yes, "yes", false, "do not ask: the VM is gone for good, and its vTPM's secrets may be destroyed")
+	forget.Flags().BoolVar(&c.asJSON, "json", false, "print the result as JSON (needs --yes)")
+	vm.AddCommand(protect, status, rekey, unprotect, forget)
 	return vm
+}
+
+// forget asks for confirmation unless --yes, then has hostd forget the VM.
+func (c *cli) forget(ctx context.Context, domain string) error {
+	cl := c.client()
+	if !c.yes {
+		if c.stdin == nil || c.asJSON {
+			return c.fail(fmt.Errorf("nkpctl vm forget %s destroys that VM's vTPM state (its TPM's keys and sealed secrets: nothing brings them back) and the original disk files kept for it, and removes its objects from the provider's catalog so that their KDK version can be retired; nothing was changed: run it again with --yes once you are sure the VM is gone for good (not running on another host)", domain))
+		}
+		// Ask hostd without confirming: it refuses a defined domain, an unknown or
+		// ambiguous name with its own sentence, and only then asks for the confirmation.
+		if _, err := cl.Forget(ctx, domain, vmapi.ForgetRequest{}); !vmapi.IsCode(err, vmapi.CodeConfirm) {
+			if err == nil {
+				err = fmt.Errorf("vm %s: hostd forgot the VM without the confirmation", domain)
+			}
+			return err
+		}
+		if v, err := cl.Get(ctx, domain); err == nil {
+			for _, p := range v.Problems {
+				fmt.Fprintf(c.stderr, "  %s\n", p)
+			}
+		}
+		fmt.Fprintf(c.stderr, "Forget VM %s? Its vTPM state (the TPM's keys and sealed secrets) and the original disk files kept for it are deleted for good, and its objects leave the provider's catalog, so that their KDK version can be retired. Type yes to go on: ", domain)
+		line, _ := bufio.NewReader(c.stdin).ReadString('\n')
+		if strings.TrimSpace(line) != "yes" {
+			return fmt.Errorf("not confirmed: nothing was changed")
+		}
+	}
+	f, err := cl.Forget(ctx, domain, vmapi.ForgetRequest{Confirm: true})
+	if err != nil {
+		return c.fail(err)
+	}
+	if c.asJSON {
+		return c.json(f)
+	}
+	name := f.UUID
+	if f.Domain != "" {
+		name = fmt.Sprintf("%s (%s)", f.Domain, f.UUID)
+	}
+	fmt.Fprintf(c.stdout, "%s: forgotten: %s\n", name, f.Note)
+	for _, o := range f.Unregistered {
+		fmt.Fprintf(c.stdout, "  catalog: removed %-10s key %s  KDK version %d\n", o.Name, o.KeyID, o.KDKVersion)
+	}
+	for _, o := range f.OtherHosts {
+		fmt.Fprintf(c.stdout, "  catalog: left    %-10s key %s  KDK version %d (host %s owns it)\n", o.Name, o.KeyID, o.KDKVersion, o.HostID)
+	}
+	if f.StateRemoved != "" {
+		fmt.Fprintf(c.stdout, "  vTPM state removed: %s\n", f.StateRemoved)
+	}
+	for _, p := range f.FilesRemoved {
+		fmt.Fprintf(c.stdout, "  kept file removed: %s\n", p)
+	}
+	for _, p := range f.Problems {
+		fmt.Fprintf(c.stdout, "  problem: %s\n", p)
+	}
+	return nil
 }
 
 func (c *cli) client() *vmapi.Client { return vmapi.NewClient(c.socket) }

@@ -40,6 +40,11 @@ func fakeHostd(t *testing.T) (string, *[]string) {
 		var body bytes.Buffer
 		body.ReadFrom(r.Body)
 		seen = append(seen, r.PathValue("op")+" "+r.PathValue("d")+" "+strings.TrimSpace(body.String()))
+		if r.PathValue("op") == "forget" && !strings.Contains(body.String(), `"confirm":true`) {
+			w.WriteHeader(400)
+			reply(w, vmapi.Error{Error: "vm " + r.PathValue("d") + ": not confirmed: forget destroys ...", Code: vmapi.CodeConfirm})
+			return
+		}
 		v := vm
 		v.Note = "done"
 		if strings.Contains(r.Header.Get("Accept"), vmapi.ContentTypeNDJSON) {
@@ -104,6 +109,10 @@ func TestCommands(t *testing.T) {
 		{args: []string{"unprotect", "--tpm", "maybe", "vm1"}, wantErr: `--tpm "maybe": want "keep"`},
 		{args: []string{"protect"}, wantErr: "vm protect needs one DOMAIN, a name or UUID as virsh list --all shows them (got 0 arguments)"},
 		{args: []string{"rekey", "a", "b"}, wantErr: "needs one DOMAIN"},
+		{args: []string{"forget", "--yes", "vm1"}, want: []string{"vm1 (5b0c6a1e-8f3d-4c2b-9a7e-1d2f3a4b5c6d): forgotten: done"}, request: `forget vm1 {"confirm":true}`},
+		{args: []string{"forget", "--yes", "--json", "vm1"}, want: []string{`"note": "done"`, `"unregistered": null`}, request: `forget vm1 {"confirm":true}`},
+		{args: []string{"forget", "vm1"}, wantErr: "run it again with --yes once you are sure the VM is gone for good"},
+		{args: []string{"forget", "--json", "vm1"}, wantErr: "nothing was changed"},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
@@ -149,6 +158,39 @@ func TestCommands(t *testing.T) {
 		if err == nil || json.Unmarshal([]byte(out), &e) != nil || e.Code != tt.code || e.Error != err.Error() {
 			t.Errorf("%v: stdout %q, error %v; want a JSON error with code %s", tt.args, out, err, tt.code)
 		}
+	}
+}
+
+// TestForgetAsks: without --yes on a terminal, forget first lets hostd refuse what it
+// would refuse anyway (unconfirmed), then asks; only "yes" sends the confirmed request.
+func TestForgetAsks(t *testing.T) {
+	sock, seen := fakeHostd(t)
+	for _, tt := range []struct {
+		answer  string
+		wantErr string
+		sent    []string
+	}{
+		{"yes\n", "", []string{`forget vm1 {"confirm":false}`, `forget vm1 {"confirm":true}`}},
+		{"no\n", "not confirmed: nothing was changed", []string{`forget vm1 {"confirm":false}`}},
+		{"", "not confirmed", []string{`forget vm1 {"confirm":false}`}},
+	} {
+		t.Run(strings.TrimSpace(tt.answer), func(t *testing.T) {
+			n := len(*seen)
+			var out, errb bytes.Buffer
+			cmd := newCommandIn(strings.NewReader(tt.answer), &out, &errb, false)
+			cmd.SetArgs([]string{"--socket", sock, "forget", "vm1"})
+			cmd.SilenceErrors, cmd.SilenceUsage = true, true
+			err := cmd.ExecuteContext(context.Background())
+			if tt.wantErr == "" && err != nil || tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)) {
+				t.Fatalf("error %v, want %q", err, tt.wantErr)
+			}
+			if !strings.Contains(errb.String(), "Type yes to go on") || !strings.Contains(errb.String(), "sealed secrets") {
+				t.Errorf("prompt %q does not ask or say what is lost", errb.String())
+			}
+			if got := (*seen)[n:]; strings.Join(got, "|") != strings.Join(tt.sent, "|") {
+				t.Fatalf("requests %q, want %q", got, tt.sent)
+			}
+		})
 	}
 }
 

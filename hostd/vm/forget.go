@@ -1,0 +1,320 @@
+package vm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"github.com/nkp-dev/nkp/hostd/domxml"
+	"github.com/nkp-dev/nkp/hostd/vm/vmapi"
+	"github.com/nkp-dev/nkp/internal/atomicfile"
+	"github.com/nkp-dev/nkp/provider/apiv1"
+	"github.com/nkp-dev/nkp/provider/client"
+	"github.com/nkp-dev/nkp/provider/kdk"
+	"github.com/nkp-dev/nkp/swtpm/state"
+)
+
+// Refusals of forget.
+var (
+	ErrDefined      = errors.New("libvirt still defines the domain")
+	ErrNotConfirmed = errors.New("not confirmed")
+)
+
+// Forget removes what nkp keeps for a VM that libvirt no longer defines on this host and
+// that is gone for good (domain: its UUID, or the name it had, found as Finalize finds
+// it): its objects in the provider's catalog that this host owns, the libvirt secrets of
+// its disks, the original disk files kept for it (except one another domain names or a
+// process has open, as Finalize), its vTPM state directory and its journal. confirm must
+// be true: the vTPM state holds the TPM's secrets, which nothing can bring back.
+//
+// The catalog goes first: if the provider cannot be reached, nothing changes on this
+// host. The operation is journaled (opForget): a crash at any step leaves the journal,
+// and hostd's next start, or the next forget, finishes it. If libvirt defines the VM
+// again before that, the objects its definition names are registered again and its
+// state is kept (see the package doc, "Forget").
+func (m *Manager) Forget(ctx context.Context, domain string, confirm bool) (vmapi.Forgotten, error) {
+	m.lock("forget of "+domain, nil)
+	defer m.unlock()
+	u, name, err := m.resolveUndefined(ctx, domain)
+	if err != nil {
+		return vmapi.Forgotten{}, err
+	}
+	if !confirm {
+		return vmapi.Forgotten{}, fmt.Errorf("vm %s: %w: forget destroys the VM's vTPM state (its TPM's keys and sealed secrets, which nothing can bring back), the original disk files kept for it, and its objects in the provider's catalog, after which their KDK version can be retired; nothing was changed: confirm it (nkpctl vm forget %s --yes)", vmRef(name, u), ErrNotConfirmed, u)
+	}
+	e := &entry{Op: opForget, Domain: name, UUID: u}
+	var prev *entry
+	if m.j.exists(u) {
+		if prev, err = m.j.read(u); err != nil {
+			return vmapi.Forgotten{}, fmt.Errorf("vm %s: %w", vmRef(name, u), err)
+		}
+		if prev.Op == opForget {
+			e = prev // a forget interrupted: this one finishes it
+		} else {
+			// An operation interrupted on a domain undefined since: forget takes its
+			// place, and says which of its files it leaves.
+			e.Interrupted, e.Disks, e.Staging, e.Aside = prev.Op, prev.Disks, prev.Staging, prev.Aside
+			if prev.Domain != "" {
+				e.Domain = prev.Domain
+			}
+		}
+	}
+	if err := m.j.write(e); err != nil {
+		return vmapi.Forgotten{}, err
+	}
+	m.step(opForget, "journal")
+	f, err := m.forgetLocked(ctx, e)
+	if errors.Is(err, errCatalogUnchanged) {
+		// Nothing changed: the journal goes back to what it was.
+		var rerr error
+		if prev != nil && prev.Op != opForget {
+			rerr = m.j.write(prev)
+		} else if prev == nil {
+			rerr = m.j.remove(u)
+		}
+		if rerr != nil {
+			m.log.Warn("vm: forget: restoring the journal", "uuid", u, "err", rerr)
+		}
+	}
+	return f, err
+}
+
+// errCatalogUnchanged marks a forget that stopped before the catalog changed.
+var errCatalogUnchanged = errors.New("the catalog is unchanged")
+
+// vmRef names a VM in a sentence: "NAME (UUID)", or the UUID.
+func vmRef(name, uuid string) string {
+	if name == "" || name == uuid {
+		return uuid
+	}
+	return fmt.Sprintf("%q (%s)", name, uuid)
+}
+
+// resolveUndefined finds the VM domain names, which libvirt must not define: its UUID
+// (lowercase) and the name it had ("" if unknown). A name is found through the kept
+// files and journal entries that recorded it.
+func (m *Manager) resolveUndefined(ctx context.Context, domain string) (string, string, error) {
+	_, d, err := m.lookup(ctx, domain)
+	if err == nil {
+		return "", "", fmt.Errorf("vm %q: %w (%s), and forget is only for a VM that is gone from this host: to keep the VM without nkp, nkpctl vm unprotect %s; to delete it, virsh undefine %s (--remove-all-storage removes its disks too; virsh destroy first if it runs), then nkpctl vm forget %s", domain, ErrDefined, d.UUID, d.Name, d.Name, d.UUID)
+	}
+	if !errors.Is(err, ErrNoDomain) {
+		return "", "", err
+	}
+	if u := strings.ToLower(domain); kdk.CheckUUID(u) == nil {
+		return u, m.knownName(u), nil
+	}
+	var found []string
+	for _, u := range m.knownUUIDs() {
+		if m.knownName(u) != domain {
+			continue
+		}
+		if _, _, err := m.lookup(ctx, u); !errors.Is(err, ErrNoDomain) {
+			continue // still defined (under another name now), or libvirt did not answer
+		}
+		found = append(found, u)
+	}
+	switch len(found) {
+	case 0:
+		return "", "", fmt.Errorf("vm %q: %w: libvirt defines no such domain, and nkp knows no VM of that name that it keeps state for (it knows the name of an undefined VM only from its kept disk files or an unfinished operation): give the VM's UUID (nkpctl vm status lists the VMs whose state nkp keeps)", domain, ErrNoDomain)
+	case 1:
+		return found[0], domain, nil
+	}
+	slices.Sort(found)
+	return "", "", fmt.Errorf("vm %q: %w: libvirt defines no such domain, and nkp keeps state of %d undefined VMs that had that name (%s): run nkpctl vm forget with the UUID of the one that is gone", domain, ErrBadArgument, len(found), strings.Join(found, ", "))
+}
+
+// knownUUIDs lists the VMs with kept files or a journal entry.
+func (m *Manager) knownUUIDs() []string {
+	us := m.keptUUIDs()
+	if js, err := m.j.list(); err == nil {
+		us = append(us, js...)
+	}
+	slices.Sort(us)
+	return slices.Compact(us)
+}
+
+// knownName is the name VM vmUUID had, from its journal entry or its kept files; "" if
+// neither records one.
+func (m *Manager) knownName(vmUUID string) string {
+	if e, err := m.j.read(vmUUID); err == nil && e.Domain != "" && e.Domain != vmUUID {
+		return e.Domain
+	}
+	ks, _ := m.readKept(vmUUID)
+	for _, k := range ks {
+		if k.VM != "" {
+			return k.VM
+		}
+	}
+	return ""
+}
+
+// forgetLocked runs (or finishes) the forget journaled in e. An error wrapping
+// errCatalogUnchanged means nothing was changed.
+func (m *Manager) forgetLocked(ctx context.Context, e *entry) (vmapi.Forgotten, error) {
+	u := e.UUID
+	ref := vmRef(e.Domain, u)
+	f := vmapi.Forgotten{UUID: u, Domain: e.Domain, Unregistered: []vmapi.CatalogObject{}}
+	if e.Domain == u {
+		f.Domain = ""
+	}
+	// Defined again since the forget began (recovery, or a define racing it): the
+	// domain's objects must be in the catalog again and its state stays.
+	if x, err := m.cfg.Libvirt.DomainXML(ctx, u); err == nil {
+		if err := m.undoForget(ctx, e, x); err != nil {
+			return f, err
+		}
+		return f, fmt.Errorf("vm %s: %w again, so forget stopped: its state stays and the objects its definition names are in the catalog again; to delete it, virsh undefine %s, then nkpctl vm forget %s --yes", ref, ErrDefined, u, u)
+	} else if !errors.Is(err, ErrNoDomain) {
+		return f, fmt.Errorf("vm %s: forget: asking libvirt whether it defines the VM: %w: %w; nothing more was changed, run the command again", ref, ErrUnavailable, err)
+	}
+	res, err := m.cfg.Catalog.ForgetVM(ctx, u)
+	if err != nil {
+		if client.IsCode(err, apiv1.CodeHostRevoked) || client.IsCode(err, apiv1.CodeHostUnknown) {
+			return f, fmt.Errorf("vm %s: %w: %w: the provider no longer accepts this host, so it cannot remove the VM's catalog objects: an administrator removes them (nkpctl provider objects forget --vm %s --yes); nothing was changed on this host", ref, errCatalogUnchanged, err, u)
+		}
+		return f, fmt.Errorf("vm %s: %w: %w: removing its objects from the provider's catalog: %w; nothing was changed on this host (its state goes only after its catalog objects, so that a forget never leaves catalog entries behind): run nkpctl vm forget %s --yes again once nkp-hostd reaches the provider", ref, ErrUnavailable, errCatalogUnchanged, err, u)
+	}
+	for _, o := range res.Removed {
+		e.Unregistered = append(e.Unregistered, domxml.Object{Name: o.Name, KeyID: o.KeyID, KDKID: o.KDKID, KDKVersion: o.KDKVersion})
+	}
+	if len(res.Removed) > 0 {
+		// What went, for the report of a forget finished later (a rerun finds nothing).
+		if err := m.j.write(e); err != nil {
+			m.log.Warn("vm: forget: recording the objects removed from the catalog", "uuid", u, "err", err)
+		}
+	}
+	m.step(opForget, "catalog")
+	for _, o := range e.Unregistered {
+		f.Unregistered = append(f.Unregistered, vmapi.CatalogObject{Name: o.Name, KeyID: o.KeyID, KDKVersion: o.KDKVersion})
+	}
+	disks := slices.DeleteFunc(slices.Clone(e.Unregistered), func(o domxml.Object) bool { return !isDiskObject(o) })
+	for _, o := range res.Others {
+		f.OtherHosts = append(f.OtherHosts, vmapi.CatalogObject{Name: o.Name, KeyID: o.KeyID, KDKVersion: o.KDKVersion, HostID: o.HostID})
+		if strings.HasPrefix(o.Name, domxml.ObjectDiskPrefix) {
+			disks = append(disks, domxml.Object{Name: o.Name, KeyID: o.KeyID, KDKID: o.KDKID, KDKVersion: o.KDKVersion})
+		}
+	}
+	if m.cfg.Secrets != nil && len(disks) > 0 {
+		if err := m.cfg.Secrets.Remove(ctx, u, disks); err != nil {
+			return f, fmt.Errorf("vm %s: forget: its catalog objects are removed, but undefining its disks' libvirt secrets failed: %w: %w; run nkpctl vm forget %s --yes again to finish (hostd retries at its start too)", ref, ErrUnavailable, err, u)
+		}
+	}
+	m.step(opForget, "secrets")
+	removed, _, problems, err := m.removeKept(ctx, u, ref, nil)
+	if err != nil {
+		return f, fmt.Errorf("%w; run nkpctl vm forget %s --yes again to finish", err, u)
+	}
+	f.FilesRemoved, f.Problems = removed, problems
+	m.step(opForget, "kept")
+	dir := filepath.Join(m.cfg.VTPMDir, u)
+	if _, err := os.Lstat(dir); err == nil {
+		for _, k := range m.stateKeys(u) {
+			sd, err := state.Open(filepath.Join(dir, k), state.Options{Log: m.log})
+			if err != nil {
+				if errors.Is(err, state.ErrLocked) {
+					return f, fmt.Errorf("vm %s: forget: %w: its vTPM state %s is in use (an nkp-swtpm of this VM still runs on this host: is it running as a transient domain, or migrating?): %w; stop it, then run nkpctl vm forget %s --yes again", ref, ErrRunning, filepath.Join(dir, k), err, u)
+				}
+				return f, fmt.Errorf("vm %s: forget: opening its vTPM state %s: %w; run nkpctl vm forget %s --yes again once fixed", ref, filepath.Join(dir, k), err, u)
+			}
+			sd.Close()
+		}
+		if err := os.RemoveAll(dir); err != nil {
+			return f, fmt.Errorf("vm %s: forget: removing its vTPM state %s: %w; run nkpctl vm forget %s --yes again", ref, dir, err, u)
+		}
+		if err := atomicfile.SyncDir(m.cfg.VTPMDir); err != nil {
+			return f, fmt.Errorf("vm %s: forget: %w", ref, err)
+		}
+		f.StateRemoved = dir
+	}
+	m.step(opForget, "state")
+	if e.Staging != "" {
+		// An interrupted unprotect's staging copy in libvirt's swtpm root: nkp's own.
+		if err := os.RemoveAll(e.Staging); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return f, fmt.Errorf("vm %s: forget: removing %s: %w; run nkpctl vm forget %s --yes again", ref, e.Staging, err, u)
+		}
+	}
+	var notes []string
+	switch n := len(f.Unregistered); {
+	case n > 0:
+		var names []string
+		for _, o := range f.Unregistered {
+			names = append(names, fmt.Sprintf("%s (KDK version %d)", o.Name, o.KDKVersion))
+		}
+		notes = append(notes, "removed from the provider's catalog: "+strings.Join(names, ", "))
+	default:
+		notes = append(notes, "the provider's catalog held no objects of this VM from this host")
+	}
+	if len(f.OtherHosts) > 0 {
+		hosts := []string{}
+		for _, o := range f.OtherHosts {
+			if !slices.Contains(hosts, o.HostID) {
+				hosts = append(hosts, o.HostID)
+			}
+		}
+		notes = append(notes, fmt.Sprintf("%d catalog object(s) of this VM belong to host %s and stay: the VM moved there (or was protected there), and only that host forgets them", len(f.OtherHosts), strings.Join(hosts, ", ")))
+	}
+	if f.StateRemoved != "" {
+		notes = append(notes, "vTPM state "+f.StateRemoved+" removed")
+	}
+	if len(f.FilesRemoved) > 0 {
+		notes = append(notes, "kept original disk files removed: "+strings.Join(f.FilesRemoved, ", "))
+	}
+	if e.Interrupted != "" {
+		var files []string
+		for _, de := range e.Disks {
+			for _, p := range []string{de.Orig, de.New} {
+				if _, err := os.Lstat(p); p != "" && err == nil && !slices.Contains(files, p) {
+					files = append(files, p)
+				}
+			}
+		}
+		p := fmt.Sprintf("an interrupted %s of this VM was dropped", e.Interrupted)
+		if len(files) > 0 {
+			p += "; nkp cannot tell which of its disk files the VM used last and leaves them: " + strings.Join(files, ", ")
+		}
+		if e.Aside != "" {
+			p += "; libvirt's earlier swtpm state is kept in " + e.Aside
+		}
+		f.Problems = append(f.Problems, p)
+	}
+	if len(f.Unregistered) == 0 && len(f.OtherHosts) == 0 && f.StateRemoved == "" && len(f.FilesRemoved) == 0 && len(f.Problems) == 0 {
+		notes = []string{fmt.Sprintf("nothing to forget: nkp keeps nothing of VM %s on this host and the provider's catalog holds no object of it from this host (check the UUID: nkpctl vm status lists the VMs whose state nkp keeps)", u)}
+	}
+	f.Note = strings.Join(notes, "; ")
+	if err := m.j.remove(u); err != nil {
+		return f, fmt.Errorf("vm %s: forget: removing its journal entry %s: %w", ref, m.j.path(u), err)
+	}
+	m.step(opForget, "done")
+	m.log.Info("vm forgotten", "uuid", u, "domain", e.Domain, "unregistered", len(f.Unregistered), "other_hosts", len(f.OtherHosts), "state", f.StateRemoved, "files", f.FilesRemoved)
+	return f, nil
+}
+
+// undoForget handles a forget whose VM libvirt defines again (x: its definition): the
+// objects the definition names are registered again (the catalog must hold what a VM
+// uses), the journal goes, and everything else stays. Secrets, kept files and state
+// removed before the define are not brought back: the define came after the operator
+// confirmed the forget.
+func (m *Manager) undoForget(ctx context.Context, e *entry, x []byte) error {
+	d, err := domxml.Parse(x)
+	if err != nil {
+		return fmt.Errorf("vm %s: a forget was interrupted and libvirt defines the VM again, but its definition does not parse: %w; fix it with virsh edit", e.UUID, err)
+	}
+	if d.Metadata != nil && d.Metadata.ProviderID == m.cfg.Keys.ProviderID() {
+		for _, o := range d.Metadata.Objects {
+			if err := m.register(ctx, e.UUID, o); err != nil {
+				return fmt.Errorf("vm %q: a forget was interrupted and libvirt defines the VM again: registering its object %s in the catalog again: %w: %w (retried at hostd's start and before the next nkpctl vm command on it)", d.Name, o.Name, ErrUnavailable, err)
+			}
+		}
+	}
+	if err := m.j.remove(e.UUID); err != nil {
+		return err
+	}
+	m.log.Warn("vm: a forget was interrupted and libvirt defines the VM again: kept, its objects registered again", "vm", d.Name, "uuid", e.UUID)
+	return nil
+}
