@@ -1,0 +1,102 @@
+package hostd
+
+import (
+	"encoding/json"
+	"errors"
+	"io/fs"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nkp-dev/nkp/provider/apiv1"
+	"github.com/nkp-dev/nkp/test/e2e"
+	"github.com/nkp-dev/nkp/test/guest"
+)
+
+// TestForget is the way out for a protected VM deleted the usual way (virsh undefine),
+// with the real provider, nkp-hostd, libvirtd and nkpctl: while its objects are in the
+// catalog the old KDK version cannot be retired after a rotation; status reports the
+// state nkp keeps and names nkpctl vm forget; forget refuses without --yes and by a name
+// nkp cannot know, then removes the vTPM state directory and the catalog objects; after
+// that the old version retires.
+func TestForget(t *testing.T) {
+	a := requireHosts(t)
+	bins := buildNKP(t)
+	h := newHost(t, "fg", hookFiles(t))
+	uplink(t, h, 74)
+	p := startProvider(t, h.Gateway)
+	d := joinHost(t, h, p, startHostTPM(t, bins.swtpm), bins, "--sync-interval", "2s")
+
+	vm := newNKPVM(t, a, "forget", protection{})
+	vm.protect(t, h, d, guest.Config{Actions: []string{guest.ActionNVWrite}, NV: "nv-forgotten"})
+	old := vm.prot.kdkVersion
+	dir := h.Path("/var/lib/nkp/hostd/vtpm/" + vm.spec.UUID)
+	if _, err := os.Stat(dir); err != nil {
+		t.Fatalf("protect left no vTPM state directory: %v", err)
+	}
+	objects := func() []apiv1.Object {
+		t.Helper()
+		var objs []apiv1.Object
+		out := p.ctl(t, "objects", "--vm", vm.spec.UUID, "--json")
+		if err := json.Unmarshal([]byte(out), &objs); err != nil {
+			t.Fatalf("objects --json: %v in %q", err, out)
+		}
+		return objs
+	}
+	if objs := objects(); len(objs) != 1 || objs[0].Name != "vtpm" || objs[0].KeyID != vm.prot.keyID {
+		t.Fatalf("catalog of the protected VM: %+v, want its vtpm key %s", objs, vm.prot.keyID)
+	}
+	p.ctl(t, "rotate")
+	p.backup(t)
+	if _, err := p.tryCtl("retire", strconv.Itoa(old)); err == nil || !strings.Contains(err.Error(), "in_use") {
+		t.Fatalf("retire of v%d while the VM's object uses it: %v, want refused (in_use)", old, err)
+	}
+
+	virsh(t, h, "undefine", vm.spec.Name)
+	st := d.mustCtl(t, "status", vm.spec.UUID)
+	for _, want := range []string{"libvirt defines no domain " + vm.spec.UUID, "nkpctl vm forget " + vm.spec.UUID} {
+		if !strings.Contains(st, want) {
+			t.Errorf("status of the undefined VM does not say %q:\n%s", want, st)
+		}
+	}
+	if out, err := d.nkpctl(t, "forget", vm.spec.UUID); err == nil || !strings.Contains(out, "--yes") {
+		t.Fatalf("forget without --yes (no terminal): %v\n%s; want a refusal naming --yes", err, out)
+	}
+	if out, err := d.nkpctl(t, "forget", "--yes", vm.spec.Name); err == nil || !strings.Contains(out, "give the VM's UUID") {
+		t.Fatalf("forget by a name nkp never recorded: %v\n%s; want a refusal asking for the UUID", err, out)
+	}
+	if _, err := os.Stat(dir); err != nil || len(objects()) != 1 {
+		t.Fatalf("a refused forget changed something: state %v, catalog %+v", err, objects())
+	}
+
+	out := d.mustCtl(t, "forget", "--yes", vm.spec.UUID)
+	t.Logf("nkpctl vm forget:\n%s", out)
+	for _, want := range []string{"forgotten", "catalog: removed vtpm", vm.prot.keyID, "vTPM state removed"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("forget's output does not say %q", want)
+		}
+	}
+	if _, err := os.Stat(dir); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("vTPM state directory after forget: %v, want gone", err)
+	}
+	if objs := objects(); len(objs) != 0 {
+		t.Fatalf("catalog after forget: %+v, want nothing of the VM", objs)
+	}
+	if out, err := d.nkpctl(t, "status", vm.spec.UUID); err == nil {
+		t.Errorf("status after forget still knows the VM:\n%s", out)
+	}
+	p.ctl(t, "retire", strconv.Itoa(old))
+	e2e.WaitFor(t, time.Minute, "hostd to drop the retired KDK version", func() bool {
+		for _, k := range d.status(t).KDKs {
+			if k.Version == old {
+				return false
+			}
+		}
+		return true
+	})
+	if out := d.mustCtl(t, "forget", "--yes", vm.spec.UUID); !strings.Contains(out, "nothing to forget") {
+		t.Errorf("forget again: %q, want nothing to forget", out)
+	}
+}
