@@ -12,8 +12,16 @@ import (
 const Prefix = "NKP-GUEST"
 
 // Actions the agent knows, run in this order whatever order the kernel command line
-// lists them in. The agent always prints the TPM version and PCR0 first ("info").
+// lists them in. The agent always prints the TPM version and PCR0 first ("info"), and
+// the firmware's event log as the kernel exposes it at EventLogPath: eventlog=BYTES
+// eventlog-events=N eventlog-pcr0=HEX (PCR 0 replayed from the log, see ReplaySHA256),
+// eventlog=absent, or eventlog-error=SENTENCE.
 const (
+	// ActionEK creates the TCG reference ECC P-256 EK (TPM2_CreatePrimary in the
+	// endorsement hierarchy, flushed at once) and prints ek=HEX, the SHA-256 of its public
+	// point: it depends on the TPM's endorsement seed only, not on PCRs or NV, so it
+	// tells whether two boots ran on the same vTPM state.
+	ActionEK      = "ek"
 	ActionNVWrite = "nvwrite" // define the test NV index if absent, write Config.NV, read it back
 	ActionNVRead  = "nvread"  // read the test NV index
 	ActionExtend  = "extend"  // extend PCR 16 (sha256) with sha256(Config.Extend)
@@ -80,7 +88,7 @@ const ExtendPCR = 16
 // Config is what one boot of the guest does; KernelArgs encodes it on the kernel command
 // line and ParseArgs decodes it inside the guest.
 type Config struct {
-	Actions []string // ActionNVWrite, ActionNVRead, ActionExtend, ActionLoop, ActionDiskWrite, ActionDiskRead
+	Actions []string // ActionNVWrite, ActionNVRead, ActionExtend, ActionLoop, ActionDiskWrite, ActionDiskRead, ActionEK
 	NV      string   // value for ActionNVWrite: 1..NVSize bytes of [A-Za-z0-9._-]
 	Extend  string   // data for ActionExtend, same alphabet
 	Loop    int      // seconds ActionLoop runs before the guest powers off (bounded)
@@ -101,7 +109,7 @@ func (c Config) DiskDevices() []string {
 // NeedsTPM reports whether c lists an action that uses the TPM (every one but the disk
 // actions); a job that does not runs in a VM without a TPM too.
 func (c Config) NeedsTPM() bool {
-	return c.Has(ActionNVWrite) || c.Has(ActionNVRead) || c.Has(ActionExtend) || c.Has(ActionLoop)
+	return c.Has(ActionNVWrite) || c.Has(ActionNVRead) || c.Has(ActionExtend) || c.Has(ActionLoop) || c.Has(ActionEK)
 }
 
 // HasDisk reports whether c lists a disk action.
@@ -121,10 +129,10 @@ func (c Config) Has(action string) bool {
 func (c Config) Validate() error {
 	for _, a := range c.Actions {
 		switch a {
-		case ActionNVWrite, ActionNVRead, ActionExtend, ActionLoop, ActionDiskWrite, ActionDiskRead:
+		case ActionNVWrite, ActionNVRead, ActionExtend, ActionLoop, ActionDiskWrite, ActionDiskRead, ActionEK:
 		default:
-			return fmt.Errorf("guest config: unknown action %q (want %s, %s, %s, %s, %s or %s)", a,
-				ActionNVWrite, ActionNVRead, ActionExtend, ActionLoop, ActionDiskWrite, ActionDiskRead)
+			return fmt.Errorf("guest config: unknown action %q (want %s, %s, %s, %s, %s, %s or %s)", a,
+				ActionNVWrite, ActionNVRead, ActionExtend, ActionLoop, ActionDiskWrite, ActionDiskRead, ActionEK)
 		}
 	}
 	if c.Has(ActionDiskWrite) {

@@ -23,8 +23,10 @@ import (
 type agent struct {
 	out   io.Writer
 	tpm   transport.TPM
-	sysfs string              // /sys/class/tpm/tpm0; "" skips the sysfs version line
-	sleep func(time.Duration) // pacing of ActionLoop
+	sysfs string // /sys/class/tpm/tpm0; "" skips the sysfs version line
+	// eventLog is the firmware's event log (guest.EventLogPath); "" skips the eventlog line.
+	eventLog string
+	sleep    func(time.Duration) // pacing of ActionLoop
 	// openDisk opens a data disk by name ("vda") for reading and writing, bypassing the
 	// guest's page cache.
 	openDisk func(dev string) (*os.File, error)
@@ -41,6 +43,11 @@ func (a *agent) run(cfg guest.Config) error {
 	}
 	if a.tpm != nil {
 		if err := a.info(); err != nil {
+			return err
+		}
+	}
+	if cfg.Has(guest.ActionEK) {
+		if err := a.ek(); err != nil {
 			return err
 		}
 	}
@@ -168,6 +175,54 @@ func (a *agent) info() error {
 		return err
 	}
 	a.print("pcr0", hex.EncodeToString(pcr0))
+	if a.eventLog != "" {
+		a.printEventLog()
+	}
+	return nil
+}
+
+// printEventLog prints the firmware's event log facts: its size, its events and PCR 0
+// replayed from it; a missing or unreadable log is reported, not an error of the job.
+func (a *agent) printEventLog() {
+	b, err := os.ReadFile(a.eventLog)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		a.print("eventlog", "absent")
+		return
+	case err != nil:
+		a.print("eventlog-error", err.Error())
+		return
+	}
+	v, n, err := guest.ReplaySHA256(b, 0)
+	if err != nil {
+		a.print("eventlog", fmt.Sprint(len(b)), "eventlog-error", err.Error())
+		return
+	}
+	a.print("eventlog", fmt.Sprint(len(b)), "eventlog-events", fmt.Sprint(n), "eventlog-pcr0", hex.EncodeToString(v))
+}
+
+// ek creates the ECC reference EK, prints the SHA-256 of its public point and flushes it.
+func (a *agent) ek() error {
+	rsp, err := tpm2.CreatePrimary{
+		PrimaryHandle: tpm2.TPMRHEndorsement,
+		InPublic:      tpm2.New2B(tpm2.ECCEKTemplate),
+	}.Execute(a.tpm)
+	if err != nil {
+		return fmt.Errorf("TPM2_CreatePrimary(ECC EK): %w", err)
+	}
+	defer tpm2.FlushContext{FlushHandle: rsp.ObjectHandle}.Execute(a.tpm)
+	pub, err := rsp.OutPublic.Contents()
+	if err != nil {
+		return fmt.Errorf("TPM2_CreatePrimary(ECC EK): the public area: %w", err)
+	}
+	ecc, err := pub.Unique.ECC()
+	if err != nil {
+		return fmt.Errorf("TPM2_CreatePrimary(ECC EK): the public point: %w", err)
+	}
+	h := sha256.New()
+	h.Write(ecc.X.Buffer)
+	h.Write(ecc.Y.Buffer)
+	a.print("ek", hex.EncodeToString(h.Sum(nil)))
 	return nil
 }
 

@@ -181,3 +181,43 @@ func TestDiskBlockAligned(t *testing.T) {
 		}
 	}
 }
+
+// TestEKAndEventLog: the EK line is the same on every run against one TPM (it depends on
+// the endorsement seed only), and the event log line says absent, or what is wrong with
+// a log that is not a TCG2 log.
+func TestEKAndEventLog(t *testing.T) {
+	tpm, err := simulator.OpenSimulator()
+	if err != nil {
+		t.Skipf("TPM simulator unavailable (needs cgo): %v", err)
+	}
+	defer tpm.Close()
+	garbage := filepath.Join(t.TempDir(), "log")
+	if err := os.WriteFile(garbage, []byte("not a log"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var eks []string
+	for _, tc := range []struct {
+		log, key, want string
+	}{
+		{filepath.Join(t.TempDir(), "absent"), "eventlog", "absent"},
+		{garbage, "eventlog-error", "event log: first event: truncated: 20 bytes wanted, 1 left"},
+	} {
+		var out bytes.Buffer
+		a := &agent{out: &out, tpm: tpm, eventLog: tc.log, sleep: func(time.Duration) {}}
+		if err := a.run(guest.Config{Actions: []string{guest.ActionEK}}); err != nil {
+			t.Fatalf("run: %v\n%s", err, out.String())
+		}
+		recs := guest.ParseConsole(out.Bytes())
+		if got, _ := guest.Last(recs, tc.key); got != tc.want {
+			t.Errorf("%s = %q, want %q\n%s", tc.key, got, tc.want, out.String())
+		}
+		ek, _ := guest.Last(recs, "ek")
+		if len(ek) != 64 {
+			t.Errorf("ek = %q, want 64 hex digits", ek)
+		}
+		eks = append(eks, ek)
+	}
+	if eks[0] != eks[1] {
+		t.Errorf("the EK changed between two runs on one TPM: %s, then %s", eks[0], eks[1])
+	}
+}
