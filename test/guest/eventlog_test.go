@@ -5,7 +5,6 @@ import (
 	"crypto/sha1"
 	"crypto/sha256"
 	"encoding/binary"
-	"encoding/hex"
 	"strings"
 	"testing"
 )
@@ -57,28 +56,56 @@ func extend(acc []byte, data string) []byte {
 	return h[:]
 }
 
-func TestReplaySHA256(t *testing.T) {
+// efiVariable is a UEFI_VARIABLE_DATA of EFI_GLOBAL_VARIABLE name with data.
+func efiVariable(name string, data []byte) []byte {
+	var b logBuilder
+	b.Write(efiGlobalVariable)
+	binary.Write(&b.Buffer, binary.LittleEndian, uint64(len(name)))
+	binary.Write(&b.Buffer, binary.LittleEndian, uint64(len(data)))
+	b.Write(utf16le(name))
+	b.Write(data)
+	return b.Bytes()
+}
+
+func TestEventLog(t *testing.T) {
 	b := newLog()
-	b.event(0, evNoAction, append([]byte(startupLocalitySg), 3))
+	b.event(0, evNoAction, append([]byte(startupLocalitySig), 3))
 	b.event(0, 0x80000008, []byte("firmware volume"))
-	b.event(7, 0x800000e0, []byte("secure boot"))
+	b.event(7, evEFIVariableDriver, efiVariable("SecureBoot", []byte{1}))
 	b.event(0, 0x4, []byte("separator"))
 	log := b.Bytes()
+	events, err := ParseEventLog(log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(events) != 5 {
+		t.Fatalf("%d events, want 5", len(events))
+	}
+	if v, ok := MeasuredSecureBoot(events); v != 1 || !ok {
+		t.Errorf("MeasuredSecureBoot = %d, %v; want 1, true", v, ok)
+	}
+	if v, ok := MeasuredSecureBoot(events[:2]); ok {
+		t.Errorf("MeasuredSecureBoot without the event = %d, true; want false", v)
+	}
+	other := newLog()
+	other.event(7, evEFIVariableDriver, efiVariable("SecureBootX", []byte{1}))
+	other.event(7, evEFIVariableDriver, efiVariable("PK", []byte{1}))
+	if ev, err := ParseEventLog(other.Bytes()); err != nil {
+		t.Fatal(err)
+	} else if v, ok := MeasuredSecureBoot(ev); ok {
+		t.Errorf("MeasuredSecureBoot of other variables = %d, true; want false", v)
+	}
 
 	start := make([]byte, 32)
 	start[31] = 3
 	want0 := extend(extend(start, "firmware volume"), "separator")
-	want7 := extend(make([]byte, 32), "secure boot")
+	want7 := extend(make([]byte, 32), string(efiVariable("SecureBoot", []byte{1})))
 	for _, tc := range []struct {
 		pcr  uint32
 		want []byte
 	}{{0, want0}, {7, want7}, {4, make([]byte, 32)}} {
-		got, n, err := ReplaySHA256(log, tc.pcr)
-		if err != nil {
-			t.Fatalf("PCR %d: %v", tc.pcr, err)
-		}
-		if !bytes.Equal(got, tc.want) || n != 5 {
-			t.Errorf("PCR %d: %x after %d events, want %x after 5", tc.pcr, got, n, tc.want)
+		if got := ReplaySHA256(events, tc.pcr); !bytes.Equal(got, tc.want) {
+			t.Errorf("PCR %d: %x, want %x", tc.pcr, got, tc.want)
 		}
 	}
 
@@ -97,26 +124,28 @@ func TestReplaySHA256(t *testing.T) {
 		{"truncated digest", "truncated", log[:len(log)-20-4-len("separator")]},
 	}
 	for _, tc := range bad {
-		if _, _, err := ReplaySHA256(tc.log, 0); err == nil || !strings.Contains(err.Error(), tc.want) {
+		if _, err := ParseEventLog(tc.log); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: error %v, want one containing %q", tc.name, err, tc.want)
 		}
 	}
 }
 
-// FuzzReplaySHA256 feeds arbitrary bytes to the replay: it must not panic, and a
-// successful replay gives a 32-byte value.
-func FuzzReplaySHA256(f *testing.F) {
+// FuzzParseEventLog feeds arbitrary bytes to the parser: it must not panic, and what it
+// parses replays to 32 bytes and yields a Secure Boot value or none without panicking.
+func FuzzParseEventLog(f *testing.F) {
 	b := newLog()
 	b.event(0, 0x80000008, []byte("fv"))
+	b.event(7, evEFIVariableDriver, efiVariable("SecureBoot", []byte{1}))
 	f.Add(b.Bytes())
 	f.Add([]byte{})
-	if real, err := hex.DecodeString(strings.Repeat("00", 40)); err == nil {
-		f.Add(real)
-	}
 	f.Fuzz(func(t *testing.T, log []byte) {
-		v, _, err := ReplaySHA256(log, 0)
-		if err == nil && len(v) != 32 {
+		events, err := ParseEventLog(log)
+		if err != nil {
+			return
+		}
+		if v := ReplaySHA256(events, 0); len(v) != 32 {
 			t.Fatalf("replay gave %d bytes", len(v))
 		}
+		MeasuredSecureBoot(events)
 	})
 }

@@ -15,7 +15,10 @@ const Prefix = "NKP-GUEST"
 // lists them in. The agent always prints the TPM version and PCR0 first ("info"), and
 // the firmware's event log as the kernel exposes it at EventLogPath: eventlog=BYTES
 // eventlog-events=N eventlog-pcr0=HEX (PCR 0 replayed from the log, see ReplaySHA256),
-// eventlog=absent, or eventlog-error=SENTENCE.
+// eventlog-secureboot=V (the SecureBoot variable the firmware measured into PCR 7, see
+// MeasuredSecureBoot; absent when it measured none), eventlog=absent, or
+// eventlog-error=SENTENCE; then efi=yes or efi=no (the kernel was started by UEFI
+// firmware or not).
 const (
 	// ActionEK creates the TCG reference ECC P-256 EK (TPM2_CreatePrimary in the
 	// endorsement hierarchy, flushed at once) and prints ek=HEX, the SHA-256 of its public

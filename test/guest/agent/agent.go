@@ -26,7 +26,9 @@ type agent struct {
 	sysfs string // /sys/class/tpm/tpm0; "" skips the sysfs version line
 	// eventLog is the firmware's event log (guest.EventLogPath); "" skips the eventlog line.
 	eventLog string
-	sleep    func(time.Duration) // pacing of ActionLoop
+	// efi is the EFI sysfs directory (/sys/firmware/efi); "" skips the efi line.
+	efi   string
+	sleep func(time.Duration) // pacing of ActionLoop
 	// openDisk opens a data disk by name ("vda") for reading and writing, bypassing the
 	// guest's page cache.
 	openDisk func(dev string) (*os.File, error)
@@ -178,7 +180,20 @@ func (a *agent) info() error {
 	if a.eventLog != "" {
 		a.printEventLog()
 	}
+	if a.efi != "" {
+		a.printEFI()
+	}
 	return nil
+}
+
+// printEFI prints efi=yes when the kernel was started by UEFI firmware (it has
+// /sys/firmware/efi), efi=no otherwise.
+func (a *agent) printEFI() {
+	if _, err := os.Stat(a.efi); err != nil {
+		a.print("efi", "no")
+		return
+	}
+	a.print("efi", "yes")
 }
 
 // printEventLog prints the firmware's event log facts: its size, its events and PCR 0
@@ -193,12 +208,17 @@ func (a *agent) printEventLog() {
 		a.print("eventlog-error", err.Error())
 		return
 	}
-	v, n, err := guest.ReplaySHA256(b, 0)
+	events, err := guest.ParseEventLog(b)
 	if err != nil {
 		a.print("eventlog", fmt.Sprint(len(b)), "eventlog-error", err.Error())
 		return
 	}
-	a.print("eventlog", fmt.Sprint(len(b)), "eventlog-events", fmt.Sprint(n), "eventlog-pcr0", hex.EncodeToString(v))
+	sb := "absent"
+	if v, ok := guest.MeasuredSecureBoot(events); ok {
+		sb = fmt.Sprint(v)
+	}
+	a.print("eventlog", fmt.Sprint(len(b)), "eventlog-events", fmt.Sprint(len(events)),
+		"eventlog-pcr0", hex.EncodeToString(guest.ReplaySHA256(events, 0)), "eventlog-secureboot", sb)
 }
 
 // ek creates the ECC reference EK, prints the SHA-256 of its public point and flushes it.

@@ -221,3 +221,18 @@ func TestEKAndEventLog(t *testing.T) {
 		t.Errorf("the EK changed between two runs on one TPM: %s, then %s", eks[0], eks[1])
 	}
 }
+
+// TestEFILine: efi=yes when the EFI sysfs directory exists, efi=no when it does not.
+func TestEFILine(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct{ efi, want string }{
+		{dir, "yes"},
+		{filepath.Join(dir, "none"), "no"},
+	} {
+		var out bytes.Buffer
+		(&agent{out: &out, efi: tc.efi}).printEFI()
+		if got, _ := guest.Last(guest.ParseConsole(out.Bytes()), "efi"); got != tc.want {
+			t.Errorf("%s: efi = %q, want %q", tc.efi, got, tc.want)
+		}
+	}
+}

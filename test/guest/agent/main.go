@@ -40,7 +40,7 @@ func run() int {
 	if err != nil {
 		return report(err)
 	}
-	a := &agent{out: out, sysfs: "/sys/class/tpm/tpm0", eventLog: guest.EventLogPath, sleep: time.Sleep, openDisk: openDevice}
+	a := &agent{out: out, sysfs: "/sys/class/tpm/tpm0", eventLog: guest.EventLogPath, efi: "/sys/firmware/efi", sleep: time.Sleep, openDisk: openDevice}
 	wait := 10 * time.Second
 	if !cfg.NeedsTPM() {
 		wait = 2 * time.Second // a TPM is optional here: its driver probes well within this
