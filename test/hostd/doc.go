@@ -27,7 +27,12 @@
 // the secrets then retried, live migration back, finalize, a wrong-key image refused
 // naming disk and key, shallow and deep rekey then retire, hostd killed during protect,
 // ENOSPC on a loop-mounted file system, an already encrypted disk refused, the provider
-// down and hostd restarted). Fixtures: startProvider (init, serve, backup, tokens in 0600
+// down and hostd restarted); TestUEFI (q35 with OVMF and Secure Boot, libvirt's
+// autoselection with its swtpm on tpm-crb adopted, and an explicit loader and NVRAM
+// template with a new vTPM on tpm-tis: the guest booted directly by OVMF sees its TPM
+// with the firmware's measurements, PCR 0 equal to its event log's replay and
+// SecureBoot=1 measured, EK and NV kept, status ok; protect, rekey and unprotect keep the
+// firmware XML byte for byte and the NVRAM file untouched). Fixtures: startProvider (init, serve, backup, tokens in 0600
 // files), startHostTPM, joinHost (join and serve inside a host, /healthz polled) and
 // nkpVM (protect, define, boot, start, runsOn).
 package hostd

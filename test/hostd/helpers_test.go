@@ -149,7 +149,19 @@ type domainSpec struct {
 	Kernel, Initrd, Cmdline string
 	Console                 string
 	TPM                     string
+	TPMModel                string     // "" is tpm-tis
 	Disks                   []diskSpec // virtio disks, in order
+	UEFI                    *uefiSpec  // nil: machine pc with SeaBIOS
+}
+
+// uefiSpec makes a domain a q35 machine with OVMF: either libvirt's autoselection
+// (<os firmware='efi'>) or an explicit <loader> and <nvram> with a template.
+type uefiSpec struct {
+	Auto       bool   // <os firmware='efi'>
+	SecureBoot bool   // auto: <firmware><feature enabled='yes' name='secure-boot'/>; explicit: secure='yes'; both: <smm state='on'/>
+	Loader     string // explicit: the code image (read-only pflash)
+	Template   string // explicit: the variables template
+	NVRAM      string // explicit: the domain's variables file
 }
 
 // diskSpec is one file-backed virtio disk of a test domain.
@@ -166,13 +178,22 @@ var domainXML = template.Must(template.New("domain").Funcs(template.FuncMap{"x":
 {{- end}}
   <memory unit='MiB'>256</memory>
   <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
+  <os{{with .UEFI}}{{if .Auto}} firmware='efi'{{end}}{{end}}>
+    <type arch='x86_64' machine='{{if .UEFI}}q35{{else}}pc{{end}}'>hvm</type>
+{{- with .UEFI}}
+{{- if and .Auto .SecureBoot}}
+    <firmware><feature enabled='yes' name='secure-boot'/></firmware>
+{{- end}}
+{{- if .Loader}}
+    <loader readonly='yes' secure='{{if .SecureBoot}}yes{{else}}no{{end}}' type='pflash'>{{x .Loader}}</loader>
+    <nvram template='{{x .Template}}'>{{x .NVRAM}}</nvram>
+{{- end}}
+{{- end}}
     <kernel>{{x .Kernel}}</kernel>
     <initrd>{{x .Initrd}}</initrd>
     <cmdline>{{x .Cmdline}}</cmdline>
   </os>
-  <features><acpi/><apic/></features>
+  <features><acpi/><apic/>{{with .UEFI}}{{if .SecureBoot}}<smm state='on'/>{{end}}{{end}}</features>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
@@ -180,9 +201,9 @@ var domainXML = template.Must(template.New("domain").Funcs(template.FuncMap{"x":
     <serial type='file'><source path='{{x .Console}}' append='on'/><target port='0'/></serial>
     <console type='file'><source path='{{x .Console}}' append='on'/><target type='serial' port='0'/></console>
 {{- if eq .TPM "emulator"}}
-    <tpm model='tpm-tis'><backend type='emulator' version='2.0'/></tpm>
+    <tpm model='{{if .TPMModel}}{{x .TPMModel}}{{else}}tpm-tis{{end}}'><backend type='emulator' version='2.0'/></tpm>
 {{- else if .TPM}}
-    <tpm model='tpm-tis'><backend type='external'><source type='unix' mode='connect' path='{{x .TPM}}'/></backend></tpm>
+    <tpm model='{{if .TPMModel}}{{x .TPMModel}}{{else}}tpm-tis{{end}}'><backend type='external'><source type='unix' mode='connect' path='{{x .TPM}}'/></backend></tpm>
 {{- end}}
 {{- range .Disks}}
     <disk type='file' device='disk'><driver name='qemu' type='{{x .Format}}'/><source file='{{x .File}}'/><target dev='{{x .Dev}}' bus='virtio'/></disk>
