@@ -149,31 +149,47 @@ func IsTemp(name string) bool {
 	return strings.HasPrefix(name, ".") && strings.Contains(name, ".tmp-")
 }
 
-// CleanTemps removes the temporary files that replacements of path left when their
-// process died (".NAME.tmp-*" beside it). Call it only while no other process may be
-// writing path. It reports what it removed.
-func CleanTemps(path string) ([]string, error) {
-	dir, base := filepath.Dir(path), filepath.Base(path)
-	prefix := strings.TrimSuffix(tempPattern(base), "*")
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		return nil, fmt.Errorf("temporary files of %s: %w", path, err)
+// CleanTemps removes the temporary files that replacements of each path left when
+// their process died (".NAME.tmp-*" beside it), reading each directory once however
+// many of its names are given. Call it only while no other process may be writing
+// the paths. It reports what it removed; an error names the path whose leftovers
+// stay.
+func CleanTemps(paths ...string) ([]string, error) {
+	var dirs []string
+	byDir := map[string][]string{}
+	for _, p := range paths {
+		dir := filepath.Dir(p)
+		if _, ok := byDir[dir]; !ok {
+			dirs = append(dirs, dir)
+		}
+		byDir[dir] = append(byDir[dir], p)
 	}
 	var removed []string
 	var errs []error
-	for _, e := range entries {
-		if !strings.HasPrefix(e.Name(), prefix) || e.IsDir() {
+	for _, dir := range dirs {
+		ps := byDir[dir]
+		entries, err := os.ReadDir(dir)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("temporary files of %s: %w", strings.Join(ps, ", "), err))
 			continue
 		}
-		m := filepath.Join(dir, e.Name())
-		if err := os.Remove(m); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			errs = append(errs, err)
-			continue
+		for _, e := range entries {
+			if e.IsDir() {
+				continue
+			}
+			for _, p := range ps {
+				if !strings.HasPrefix(e.Name(), strings.TrimSuffix(tempPattern(filepath.Base(p)), "*")) {
+					continue
+				}
+				m := filepath.Join(dir, e.Name())
+				if err := os.Remove(m); err != nil && !errors.Is(err, fs.ErrNotExist) {
+					errs = append(errs, fmt.Errorf("temporary files of %s: %w", p, err))
+				} else {
+					removed = append(removed, m)
+				}
+				break
+			}
 		}
-		removed = append(removed, m)
 	}
-	if err := errors.Join(errs...); err != nil {
-		return removed, fmt.Errorf("temporary files of %s: %w", path, err)
-	}
-	return removed, nil
+	return removed, errors.Join(errs...)
 }

@@ -195,6 +195,36 @@ func TestCleanTemps(t *testing.T) {
 	}
 }
 
+// Several names: one listing of each directory, every name's leftovers removed, the
+// names' own files and other names' temporaries kept, the order of the names irrelevant.
+func TestCleanTempsSeveral(t *testing.T) {
+	a, b := t.TempDir(), t.TempDir()
+	files := map[string][]string{
+		a: {".x.tmp-1", ".y.tmp-2", ".y.tmp-3", ".z.tmp-1", "x", "y", ".x.tmp"},
+		b: {".w.tmp-9", "w"},
+	}
+	for dir, ns := range files {
+		for _, n := range ns {
+			if err := os.WriteFile(filepath.Join(dir, n), nil, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	removed, err := atomicfile.CleanTemps(filepath.Join(a, "y"), filepath.Join(b, "w"), filepath.Join(a, "x"))
+	if err != nil || len(removed) != 4 {
+		t.Fatalf("CleanTemps = %q, %v; want .x.tmp-1, .y.tmp-2, .y.tmp-3 and .w.tmp-9", removed, err)
+	}
+	if n := names(t, a); strings.Join(n, " ") != ".x.tmp .z.tmp-1 x y" {
+		t.Fatalf("left in the first directory %q", n)
+	}
+	if n := names(t, b); strings.Join(n, " ") != "w" {
+		t.Fatalf("left in the second directory %q", n)
+	}
+	if _, err := atomicfile.CleanTemps(filepath.Join(a, "missing", "v")); err == nil || !strings.Contains(err.Error(), "missing/v") {
+		t.Fatalf("CleanTemps in a missing directory: %v, want an error naming the path", err)
+	}
+}
+
 // The kill -9 test: a child process replaces one file in a loop and reports each
 // completed write; it is killed at random instants. Every record says its sequence
 // number and size and is filled with one byte, so a torn or mixed file shows.

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -176,19 +177,29 @@ func TestDirPermissions(t *testing.T) {
 // takes the lock, and nothing else is.
 func TestOpenCleansTemps(t *testing.T) {
 	dir := t.TempDir()
-	left := filepath.Join(dir, ".tpm2-00.permall.tmp-123456")
-	other := filepath.Join(dir, "notes.txt")
-	for _, p := range []string{left, other} {
+	left := []string{
+		filepath.Join(dir, ".tpm2-00.permall.tmp-123456"),
+		filepath.Join(dir, ".tpm2-00.savestate.tmp-7"),
+		filepath.Join(dir, "."+stateIDFile+".tmp-42"),
+	}
+	others := []string{filepath.Join(dir, "notes.txt"), filepath.Join(dir, ".notes.txt.tmp-1")}
+	for _, p := range append(slices.Clone(left), others...) {
 		os.WriteFile(p, []byte("x"), 0o600)
 	}
-	if !atomicfile.IsTemp(filepath.Base(left)) {
-		t.Fatalf("%s is not an atomicfile temporary name; fix the test", left)
+	for _, p := range left {
+		if !atomicfile.IsTemp(filepath.Base(p)) {
+			t.Fatalf("%s is not an atomicfile temporary name; fix the test", p)
+		}
 	}
 	mustOpen(t, dir, Options{}).Close()
-	if _, err := os.Stat(left); err == nil {
-		t.Errorf("the leftover temporary file is still there")
+	for _, p := range left {
+		if _, err := os.Stat(p); err == nil {
+			t.Errorf("the leftover temporary file %s is still there", p)
+		}
 	}
-	if _, err := os.Stat(other); err != nil {
-		t.Errorf("another file was removed: %v", err)
+	for _, p := range others {
+		if _, err := os.Stat(p); err != nil {
+			t.Errorf("another file was removed: %v", err)
+		}
 	}
 }

@@ -98,7 +98,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"slices"
 	"sync"
 	"time"
 
@@ -444,16 +443,17 @@ func (d *Dir) keepEvidence(p string) string {
 // cleanTempsLocked removes the temporary files that a killed process left while it
 // wrote a new state file (internal/atomicfile's ".NAME.tmp-*"); only under the lock.
 func (d *Dir) cleanTempsLocked() {
-	for _, n := range append(slices.Clone(Names), stateIDFile) {
-		p := filepath.Join(d.dir, n)
-		if n != stateIDFile {
-			p = filepath.Join(d.dir, FileName(n))
-		}
-		if removed, err := atomicfile.CleanTemps(p); err != nil {
-			d.log.Warn("state directory: could not remove what an interrupted write left", "file", p, "err", err)
-		} else if len(removed) > 0 {
-			d.log.Info("state directory: removed what an interrupted write left", "files", removed)
-		}
+	paths := []string{filepath.Join(d.dir, stateIDFile)}
+	for _, n := range Names {
+		paths = append(paths, filepath.Join(d.dir, FileName(n)))
+	}
+	// One listing of the directory for all of them.
+	removed, err := atomicfile.CleanTemps(paths...)
+	if err != nil {
+		d.log.Warn("state directory: could not remove what an interrupted write left", "dir", d.dir, "err", err)
+	}
+	if len(removed) > 0 {
+		d.log.Info("state directory: removed what an interrupted write left", "files", removed)
 	}
 }
 
