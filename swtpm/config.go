@@ -130,6 +130,12 @@ type Config struct {
 	// storage can take it (--migration release-lock-outgoing; needs a StorageLocker).
 	ReleaseLockOutgoing bool
 
+	// Serving, if set, is called once by Serve when its channels take clients: after
+	// their goroutines had a first turn (so that a control client already waiting has
+	// its answer) and before the TPM starts at launch; Ready is closed after it
+	// returned. The CLI logs its start there, off the path of that first answer.
+	Serving func()
+
 	// MessageTimeout bounds how long the rest of a message may take once its first byte
 	// arrived, on both channels (swtpm: 500 ms on the control channel). Default 500 ms.
 	MessageTimeout time.Duration

@@ -197,6 +197,7 @@ func (s *Server) Serve(ctx context.Context) (err error) {
 		// CPU. nkp-swtpm runs with one P, so without this the answer waits for
 		// MainInit and for the scheduler to hand the P over during TPM2_Startup.
 		runtime.Gosched()
+		s.serving()
 		if s.cs != nil {
 			s.cs.Lock()
 		}
@@ -212,6 +213,8 @@ func (s *Server) Serve(ctx context.Context) (err error) {
 			ot.SetOffThread(false)
 		}
 		s.unlockTPM()
+	} else {
+		s.serving()
 	}
 	close(s.launched)
 	if startErr != nil {
@@ -236,6 +239,13 @@ func (s *Server) Serve(ctx context.Context) (err error) {
 	}
 	s.log.Info("vTPM server stopped", "reason", s.stopWhy)
 	return nil
+}
+
+// serving calls Config.Serving, if set.
+func (s *Server) serving() {
+	if s.cfg.Serving != nil {
+		s.cfg.Serving()
+	}
 }
 
 // offThreadEngine is an engine that can make its libtpms calls on a thread of their

@@ -33,10 +33,11 @@
 //     without it Options.Mode is 0 (0640 for new files, existing files left alone).
 //   - --seccomp action=kill|log|none (default kill, as swtpm): the filter is built
 //     before the state and sockets are opened, so a kernel without seccomp fails the
-//     start with a sentence naming action=none, and installed after the sockets
-//     listen, the state is locked, the TPM started (when it starts at launch) and the
-//     pid file is written: before readiness is reported and before the first client
-//     byte is read.
+//     start with a sentence naming action=none, and installed once the sockets listen
+//     and the state is locked, before the first client byte is read (so before the
+//     TPM starts at launch, the pid file is written and readiness is reported). Its
+//     log line and the "nkp-swtpm serving" line are written after a control client
+//     that was already waiting got its first answer, before the TPM starts.
 //   - --migration incoming defers opening (and locking) the state directory to the
 //     TPM's first state access (CMD_INIT) or LOCK_STORAGE, waiting up to 3 s for a
 //     shared-storage source to release it.
@@ -199,12 +200,17 @@ func run(ctx context.Context, o *cmdline.Options, stderr io.Writer, ready *ready
 			if err := filter.Install(); err != nil {
 				return fmt.Errorf("--seccomp action=%v: %w", action, err)
 			}
+			return nil
+		},
+		// Logged once a control client already waiting was answered (the first log
+		// line costs ~0.1 ms: the time zone, the handler's code), before the TPM's
+		// start and before readiness is reported.
+		serving: func() {
 			if action == seccomp.None {
 				log.Info("no seccomp filter (--seccomp action=none)")
 			} else {
 				log.Info("seccomp filter installed", "action", action)
 			}
-			return nil
 		},
 		// Once the server is ready: the TPM started if it starts at launch.
 		ready: func() error {

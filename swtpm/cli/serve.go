@@ -52,6 +52,11 @@ type serveHooks struct {
 	// beforeServe runs once the sockets listen and the state directory is locked,
 	// before a byte from a client is read (the seccomp filter goes in there).
 	beforeServe func() error
+	// serving runs when the server takes clients (swtpm.Config.Serving): after a
+	// control client already waiting was answered, before the TPM starts at launch.
+	// What it logs, and the "nkp-swtpm serving" line after it, stay off the path of
+	// that first answer. May be nil.
+	serving func()
 	// ready runs once the server is ready (swtpm.Server.Ready): clients can connect
 	// and a TPM that starts at launch started. An error stops the server.
 	ready func() error
@@ -165,6 +170,14 @@ func serve(ctx context.Context, o *cmdline.Options, log *slog.Logger, hooks serv
 		defer data.Close()
 		cfg.DataListener, cfg.DataConn, cfg.Disconnect = data.Listener, data.Conn, o.Server.Disconnect
 	}
+	link := libtpms.Linked()
+	cfg.Serving = func() {
+		if hooks.serving != nil {
+			hooks.serving()
+		}
+		log.Info("nkp-swtpm serving", "version", Version, "state", o.State.Dir+o.State.File, "encrypted", stateKey != nil, "pid", os.Getpid(),
+			"libtpms", link.Libtpms, "openssl", link.OpenSSL, "static", link.Static)
+	}
 	srv, err := swtpm.New(cfg)
 	if err != nil {
 		return err
@@ -190,9 +203,6 @@ func serve(ctx context.Context, o *cmdline.Options, log *slog.Logger, hooks serv
 		case <-srv.Done():
 		}
 	}()
-	link := libtpms.Linked()
-	log.Info("nkp-swtpm serving", "version", Version, "state", o.State.Dir+o.State.File, "encrypted", stateKey != nil, "pid", os.Getpid(),
-		"libtpms", link.Libtpms, "openssl", link.OpenSSL, "static", link.Static)
 	err = srv.Serve(ctx)
 	<-readyDone
 	if err != nil {
