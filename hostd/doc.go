@@ -13,7 +13,11 @@
 //
 // Hooks are answered without calling libvirt (the hook holds one of libvirtd's workers;
 // calling back can deadlock): the domain XML on the hook's stdin is all hostd reads.
-// What a hook missed is reconciled from libvirt's lifecycle events and at start-up.
+// What a hook missed is reconciled from libvirt's lifecycle events and at start-up. On
+// each started event of a VM protected with this provider's keys (boot, restore,
+// incoming migration) hostd claims its catalog objects for this host off the event loop
+// (vm.Manager.Claim, a few tries while the provider does not answer), so that ownership
+// follows where the VM runs and a forget on the host it left cannot remove them.
 // The decisions themselves are pure (hostd/lifecycle). The prepare hook checks the keys
 // and launches the VM's nkp-swtpm (vtpm.Supervisor.Launch) without waiting for it; the
 // start hook, which libvirt runs just before QEMU, waits until it serves and refuses

@@ -135,6 +135,11 @@ func (d *Daemon) runLibvirt(ctx context.Context) error {
 				secrets.Disconnected()
 			case virt.Started:
 				d.reconcile(ctx, conn, ev.UUID)
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					d.claim(ctx, m, ev.UUID)
+				}()
 			case virt.Stopped:
 				d.reconcile(ctx, conn, ev.UUID)
 				secrets.RequestVM(ev.UUID) // a stopped VM may leave a rekey's old key unused
@@ -181,5 +186,30 @@ func (d *Daemon) reconcile(ctx context.Context, conn *virt.Conn, uuid string) {
 		if err := d.sup.Stop(ctx, uuid); err != nil {
 			d.log.Error("reconcile: stopping a vTPM failed", "uuid", uuid, "err", err)
 		}
+	}
+}
+
+// claim makes this host the owner of a started VM's catalog objects (vm.Manager.Claim),
+// off the event loop, trying again a few times while the provider does not answer: a
+// forget of the VM on the host it came from then leaves its objects alone.
+func (d *Daemon) claim(ctx context.Context, m *vm.Manager, uuid string) {
+	delay := 5 * time.Second
+	for attempt := 1; ; attempt++ {
+		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		err := m.Claim(cctx, uuid)
+		cancel()
+		if err == nil {
+			return
+		}
+		if attempt == 4 || ctx.Err() != nil {
+			d.log.Warn("claiming a started VM's catalog objects for this host failed: the catalog may still name the host it came from as their owner, until its next rekey or unprotect here", "uuid", uuid, "err", err)
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(delay):
+		}
+		delay *= 3
 	}
 }

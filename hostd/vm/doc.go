@@ -94,12 +94,14 @@
 // version a VM on this host still needs.
 //
 // Which objects: the catalog keys objects by VM UUID and name, and each has one owner, the
-// host that registered it or took it over (MoveVM, done by a VM's new host at its first
-// rekey or unprotect there). Forget removes only this host's objects, never moves any,
-// and reports those of other hosts (the VM moved there) without touching them. The one
-// case it cannot see is a VM that migrated away and was not rekeyed or unprotected on its
-// new host yet: its objects are still this host's, and the operator must not forget it
-// here (status and docs/vm.md say so). A host that is gone cannot forget at all: an
+// host that registered it or took it over with MoveVM: Claim, which hostd runs when a VM
+// starts on it (boot, restore, incoming migration), and any change of a VM whose objects
+// another host owns (owned). Ownership thus follows where the VM last ran. Forget
+// removes only this host's objects, never moves any, and reports those of other hosts
+// (the VM moved there) without touching them, so a forget on the host a VM left cannot
+// let a version the VM needs be retired. The gap left: a new host that could not reach the
+// provider when the VM started there (hostd retries, then logs); docs/vm.md tells the
+// operator to check the owner first. A host that is gone cannot forget at all: an
 // administrator removes its objects (provider.ForgetObjects, `nkpctl provider objects
 // forget`), which the provider allows only for a revoked or unenrolled host.
 //

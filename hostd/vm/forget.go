@@ -318,3 +318,30 @@ func (m *Manager) undoForget(ctx context.Context, e *entry, x []byte) error {
 	m.log.Warn("vm: a forget was interrupted and libvirt defines the VM again: kept, its objects registered again", "vm", d.Name, "uuid", e.UUID)
 	return nil
 }
+
+// Claim makes this host the owner of the catalog objects of VM vmUUID, protected with
+// keys from this host's provider, when it starts here (hostd calls it on libvirt's
+// started event: a boot, a restore, an incoming migration). Ownership then follows where
+// the VM last ran, and a forget on the host it left removes nothing of it: that host no
+// longer owns its objects (see the package doc, "Forget"). A VM whose objects the catalog
+// does not hold, or one not protected by this provider, is left alone. The provider
+// answers a VM this host owns already from one read.
+func (m *Manager) Claim(ctx context.Context, vmUUID string) error {
+	x, err := m.cfg.Libvirt.DomainXML(ctx, vmUUID)
+	if err != nil {
+		return fmt.Errorf("vm %s: claiming its catalog objects: reading its definition: %w", vmUUID, err)
+	}
+	d, err := domxml.Parse(x)
+	if err != nil || d.Metadata == nil || len(d.Metadata.Objects) == 0 || d.Metadata.ProviderID != m.cfg.Keys.ProviderID() {
+		return nil
+	}
+	objs, err := m.cfg.Catalog.MoveVM(ctx, d.UUID)
+	if client.IsCode(err, apiv1.CodeNotFound) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("vm %q: claiming its catalog objects for this host (it runs here): %w", d.Name, err)
+	}
+	m.log.Debug("vm: catalog objects claimed for this host", "vm", d.Name, "uuid", d.UUID, "objects", len(objs))
+	return nil
+}

@@ -292,3 +292,41 @@ func serve(t *testing.T, e *env) *vmapi.Client {
 	t.Cleanup(func() { srv.Close() })
 	return vmapi.NewClient(sock)
 }
+
+// TestClaim: a VM started here takes its catalog objects over from the host it came from
+// (so that host's forget leaves them), unless it is not protected by this provider.
+func TestClaim(t *testing.T) {
+	for _, tt := range []struct {
+		name     string
+		provider string
+		protect  bool
+		moves    int
+	}{
+		{"protected here", "prov-a", true, 1},
+		{"another provider's VM", "prov-b", true, 0},
+		{"not protected", "prov-a", false, 0},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx := context.Background()
+			e := newEnv(t)
+			e.define(t, "c1", uuid1, "")
+			if tt.protect {
+				if _, err := e.m.Protect(ctx, "c1"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			e.keys.provider = tt.provider
+			e.cat.foreign = map[string]bool{uuid1: true}
+			if err := e.m.Claim(ctx, uuid1); err != nil {
+				t.Fatalf("Claim: %v", err)
+			}
+			if e.cat.moves != tt.moves || e.cat.foreign[uuid1] == (tt.moves == 1) {
+				t.Fatalf("MoveVM called %d times (foreign now %v), want %d", e.cat.moves, e.cat.foreign[uuid1], tt.moves)
+			}
+			e.cat.down = true
+			if err := e.m.Claim(ctx, uuid1); tt.moves == 1 && err == nil {
+				t.Fatal("Claim with the provider down: no error")
+			}
+		})
+	}
+}

@@ -206,7 +206,7 @@ func (m *Manager) orphanVM(vmUUID string) (vmapi.VM, bool) {
 // orphan reports the vTPM state nkp keeps for a VM that libvirt does not define.
 func (m *Manager) orphan(vmUUID string, keys []string) vmapi.VM {
 	dir := filepath.Join(m.cfg.VTPMDir, vmUUID)
-	return vmapi.VM{Domain: vmUUID, UUID: vmUUID, Problems: []string{fmt.Sprintf("libvirt defines no domain %s on this host, but nkp keeps its vTPM state (key %s) in %s: the domain was undefined (virsh undefine) or moved to another host. If it is gone for good, nkpctl vm forget %s removes that state (its TPM's data goes with it), the original disk files kept for it and its objects in the provider's catalog, which otherwise keep their KDK version from being retired; if it runs on another host now, leave it (forget removes only the catalog objects this host owns)", vmUUID, strings.Join(keys, ", "), dir, vmUUID)}}
+	return vmapi.VM{Domain: vmUUID, UUID: vmUUID, Problems: []string{fmt.Sprintf("libvirt defines no domain %s on this host, but nkp keeps its vTPM state (key %s) in %s: the domain was undefined (virsh undefine) or moved to another host. If it is gone for good, nkpctl vm forget %s removes that state (its TPM's data goes with it), the original disk files kept for it and its objects in the provider's catalog, which otherwise keep their KDK version from being retired; if it runs on another host now, forget removes only this stale copy: that host owns its catalog objects once the VM started there (nkpctl provider objects --vm %s shows the owner)", vmUUID, strings.Join(keys, ", "), dir, vmUUID, vmUUID)}}
 }
 
 // stateKeys lists the key IDs of the vTPM state directories nkp keeps for a VM.

@@ -1,19 +1,26 @@
 package hostd
 
 import (
+	"encoding/json"
+	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/nkp-dev/nkp/provider/apiv1"
+	"github.com/nkp-dev/nkp/test/e2e"
 	"github.com/nkp-dev/nkp/test/libvirtns"
 )
 
 // TestTwoHostsProtected runs a protected VM across two hosts joined to one provider, each
 // with its own hostd, host TPM and directories: saved on A it restores on B (B's hostd
 // derives the same vTPM key from the cluster KDK), saved on B it restores on A, and a
-// live migration A→B keeps its NV and PCRs; B's KDK cache replaced with A's blob (bound to
+// live migration A→B keeps its NV and PCRs; B, where it runs now, owns its catalog
+// objects, so a forget on A (after virsh undefine) removes only A's stale state; B's KDK
+// cache replaced with A's blob (bound to
 // A's TPM) is refused with a clear virsh error while the provider is down.
 func TestTwoHostsProtected(t *testing.T) {
 	a := requireHosts(t)
@@ -66,6 +73,35 @@ func TestTwoHostsProtected(t *testing.T) {
 		}
 	}
 	vm.cleanupOn(hostB)
+
+	// The VM runs on B now, so B claimed its catalog objects when it started there; A's
+	// copy of its state is stale, and a forget on A (after virsh undefine) removes that
+	// copy but none of the objects the VM on B needs.
+	t.Run("forget on the host it left", func(t *testing.T) {
+		idB := dB.status(t).HostID
+		var objs []apiv1.Object
+		e2e.WaitFor(t, time.Minute, "host B to own the VM's catalog objects", func() bool {
+			if err := json.Unmarshal([]byte(p.ctl(t, "objects", "--vm", vm.spec.UUID, "--json")), &objs); err != nil {
+				t.Fatal(err)
+			}
+			return len(objs) == 1 && objs[0].HostID == idB
+		})
+		virsh(t, hostA, "undefine", vm.spec.Name)
+		out := dA.mustCtl(t, "forget", "--yes", vm.spec.UUID)
+		t.Logf("nkpctl vm forget on A:\n%s", out)
+		if !strings.Contains(out, "belong to host "+idB) || strings.Contains(out, "catalog: removed") {
+			t.Errorf("forget on A does not leave the objects to host B:\n%s", out)
+		}
+		if err := json.Unmarshal([]byte(p.ctl(t, "objects", "--vm", vm.spec.UUID, "--json")), &objs); err != nil || len(objs) != 1 || objs[0].HostID != idB {
+			t.Fatalf("catalog after forget on A: %+v, %v; want the VM's object, host B's", objs, err)
+		}
+		if _, err := os.Stat(hostA.Path("/var/lib/nkp/hostd/vtpm/" + vm.spec.UUID)); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("A's stale vTPM state after forget: %v, want gone", err)
+		}
+		if s := state(hostB, vm.spec.Name); s != "running" {
+			t.Errorf("the VM on B: %q, want running", s)
+		}
+	})
 
 	// B's cached KDK replaced by A's blob (made for A's TPM): B's TPM cannot unwrap it,
 	// and with the provider down there is no fresh one to fetch.
