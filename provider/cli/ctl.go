@@ -546,7 +546,7 @@ func (c *ctl) forgetCmd() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				return c.print(apiv1.ObjectsResponse{Objects: objs}, func(w io.Writer) {
+				return c.print(objs, func(w io.Writer) { // --json: the list, as objects --json prints it
 					fmt.Fprintln(w, "REMOVED\tOBJECT\tKEY ID\tKDK\tHOST")
 					for _, o := range objs {
 						fmt.Fprintf(w, "%s\t%s\t%s\tv%d %s\t%s\n", o.VMUUID, o.Name, o.KeyID, o.KDKVersion, o.KDKID, o.HostID)

@@ -99,4 +99,33 @@ func TestForget(t *testing.T) {
 	if out := d.mustCtl(t, "forget", "--yes", vm.spec.UUID); !strings.Contains(out, "nothing to forget") {
 		t.Errorf("forget again: %q, want nothing to forget", out)
 	}
+
+	// The host is gone for good (decommissioned): only an administrator can remove its
+	// VMs' objects, once it is revoked.
+	t.Run("admin forgets a revoked host's VM", func(t *testing.T) {
+		gone := newNKPVM(t, a, "forget-admin", protection{})
+		gone.protect(t, h, d, guest.Config{Actions: []string{guest.ActionNVWrite}, NV: "nv-host-gone"})
+		hostID := d.status(t).HostID
+		if _, err := p.tryCtl("objects", "forget", "--vm", gone.spec.UUID, "--yes"); err == nil || !strings.Contains(err.Error(), "nkpctl provider revoke "+hostID) {
+			t.Fatalf("admin forget of a live host's VM: %v, want refused naming the revoke", err)
+		}
+		p.ctl(t, "revoke", hostID)
+		_, err := p.tryCtl("objects", "forget", "--vm", gone.spec.UUID)
+		if err == nil || !strings.Contains(err.Error(), "would remove 1 catalog object") || !strings.Contains(err.Error(), "without --yes") {
+			t.Fatalf("admin forget without --yes: %v, want the object listed and nothing changed", err)
+		}
+		if objs := p.ctl(t, "objects", "--vm", gone.spec.UUID, "--json"); !strings.Contains(objs, gone.prot.keyID) {
+			t.Fatalf("catalog after a forget without --yes: %s, want the VM's object", objs)
+		}
+		var removed []apiv1.Object
+		if err := json.Unmarshal([]byte(p.ctl(t, "objects", "forget", "--vm", gone.spec.UUID, "--yes", "--json")), &removed); err != nil || len(removed) != 1 || removed[0].HostID != hostID {
+			t.Fatalf("admin forget --yes: %+v, %v; want the VM's vtpm object of host %s", removed, err, hostID)
+		}
+		if out := p.ctl(t, "objects", "--vm", gone.spec.UUID, "--json"); strings.Contains(out, gone.prot.keyID) {
+			t.Fatalf("catalog after the admin's forget: %s", out)
+		}
+		if out := p.ctl(t, "audit", "--json"); !strings.Contains(out, `"forget"`) {
+			t.Errorf("the audit log has no forget record")
+		}
+	})
 }
