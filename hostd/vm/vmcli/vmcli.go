@@ -166,7 +166,7 @@ func (c *cli) forget(ctx context.Context, domain string) error {
 	cl := c.client()
 	if !c.yes {
 		if c.stdin == nil || c.asJSON {
-			return c.fail(fmt.Errorf("nkpctl vm forget %s destroys that VM's vTPM state (its TPM's keys and sealed secrets: nothing brings them back) and the original disk files kept for it, and removes its objects from the provider's catalog so that their KDK version can be retired; nothing was changed: run it again with --yes once you are sure the VM is gone for good (not running on another host)", domain))
+			return c.fail(&vmapi.APIError{Body: vmapi.Error{Code: vmapi.CodeConfirm, Error: fmt.Sprintf("nkpctl vm forget %s destroys that VM's vTPM state (its TPM's keys and sealed secrets: nothing brings them back) and the original disk files kept for it, and removes its objects from the provider's catalog so that their KDK version can be retired; nothing was changed: run it again with --yes once you are sure the VM is gone for good (not running on another host)", domain)}})
 		}
 		// Ask hostd without confirming: it refuses a defined domain, an unknown or
 		// ambiguous name with its own sentence, and only then asks for the confirmation.

@@ -152,6 +152,7 @@ func TestCommands(t *testing.T) {
 		{sock, []string{"status", "--json", "nope"}, vmapi.CodeNotFound},
 		{filepath.Join(t.TempDir(), "gone.sock"), []string{"status", "--json"}, vmapi.CodeNoHostd},
 		{filepath.Join(t.TempDir(), "gone.sock"), []string{"protect", "--json", "vm1"}, vmapi.CodeNoHostd},
+		{sock, []string{"forget", "--json", "vm1"}, vmapi.CodeConfirm},
 	} {
 		out, err := run(t, tt.sock, tt.args...)
 		var e vmapi.Error
