@@ -12,7 +12,8 @@ import (
 const Prefix = "NKP-GUEST"
 
 // Actions the agent knows, run in this order whatever order the kernel command line
-// lists them in. The agent always prints the TPM version and PCR0 first ("info"), and
+// lists them in. The agent always prints the TPM version, PCR0 and the PCR banks the
+// kernel lists (pcr-banks=sha1,sha256,...) first ("info"), and
 // the firmware's event log as the kernel exposes it at EventLogPath: eventlog=BYTES
 // eventlog-events=N eventlog-pcr0=HEX (PCR 0 replayed from the log, see ReplaySHA256),
 // eventlog-secureboot=V (the SecureBoot variable the firmware measured into PCR 7, see
@@ -23,7 +24,8 @@ const (
 	// ActionEK creates the TCG reference ECC P-256 EK (TPM2_CreatePrimary in the
 	// endorsement hierarchy, flushed at once) and prints ek=HEX, the SHA-256 of its public
 	// point: it depends on the TPM's endorsement seed only, not on PCRs or NV, so it
-	// tells whether two boots ran on the same vTPM state.
+	// tells whether two boots ran on the same vTPM state. Then ek-certs=rsa:SIZE,ecc:SIZE
+	// or none: the EK certificates in the TPM's NV (0x01c00002, 0x01c0000a).
 	ActionEK      = "ek"
 	ActionNVWrite = "nvwrite" // define the test NV index if absent, write Config.NV, read it back
 	ActionNVRead  = "nvread"  // read the test NV index

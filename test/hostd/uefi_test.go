@@ -99,7 +99,7 @@ func TestUEFI(t *testing.T) {
 			if tc.booted {
 				recs := boot("boot with libvirt's swtpm", guest.Config{Actions: []string{guest.ActionEK, guest.ActionNVWrite}, NV: "nv-uefi-libvirt"})
 				wantNV(t, "boot with libvirt's swtpm", recs, "nv-uefi-libvirt")
-				ek, _ = guest.Last(recs, "ek")
+				ek = ekOf(recs)
 			}
 			fw := firmwareConfig(t, h, vm.spec.Name)
 			sum := fileSum(t, nvram) // "" when the domain never started
@@ -120,7 +120,7 @@ func TestUEFI(t *testing.T) {
 				nv = "nv-uefi-nkp"
 				recs := boot("first protected boot", guest.Config{Actions: []string{guest.ActionEK, guest.ActionNVWrite}, NV: nv})
 				wantNV(t, "first protected boot", recs, nv)
-				ek, _ = guest.Last(recs, "ek")
+				ek = ekOf(recs)
 			}
 			// Stop and start: NV and EK as before, and status healthy while it runs.
 			setJob(t, h, vm.spec.Name, guest.Config{Actions: []string{guest.ActionEK, guest.ActionNVRead, guest.ActionLoop}, Loop: 600})
@@ -129,7 +129,7 @@ func TestUEFI(t *testing.T) {
 			recs := vm.f.console.waitFor(t, "a loop line", func(r []guest.Record) bool { return len(r) > n && hasKey(r[n:], "loop") })[n:]
 			wantFirmwareMeasured(t, "protected boot", recs)
 			wantNV(t, "protected boot", recs, nv)
-			if got, _ := guest.Last(recs, "ek"); got != ek || ek == "" {
+			if got := ekOf(recs); got != ek || ek == "" {
 				t.Errorf("the guest's EK is %q, want %q as before", got, ek)
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -177,7 +177,7 @@ func TestUEFI(t *testing.T) {
 				// Back on libvirt's swtpm with the vTPM's state: same EK and NV.
 				recs := boot("boot after unprotect", guest.Config{Actions: []string{guest.ActionEK, guest.ActionNVRead}})
 				wantNV(t, "boot after unprotect", recs, nv)
-				if got, _ := guest.Last(recs, "ek"); got != ek {
+				if got := ekOf(recs); got != ek {
 					t.Errorf("after unprotect the guest's EK is %q, want %q as before", got, ek)
 				}
 			}
@@ -208,6 +208,20 @@ func wantFirmwareMeasured(t *testing.T, what string, recs []guest.Record) {
 		problem, _ := guest.Last(recs, "eventlog-error")
 		t.Errorf("%s: PCR 0 replayed from the event log (%s bytes; %s) is %q, the TPM's is %q", what, size, problem, logPCR0, pcr0)
 	}
+	banks, _ := guest.Last(recs, "pcr-banks")
+	events, _ := guest.Last(recs, "eventlog-events")
+	t.Logf("%s: PCR banks %s, %s events in the log, EK %s", what, banks, events, ekOf(recs))
+}
+
+// ekOf is what the guest printed about its EK: the key's hash and its certificates in NV
+// (both PCR-independent state that adoption must keep).
+func ekOf(recs []guest.Record) string {
+	ek, _ := guest.Last(recs, "ek")
+	certs, _ := guest.Last(recs, "ek-certs")
+	if ek == "" {
+		return ""
+	}
+	return ek + " certificates " + certs
 }
 
 // setJob changes the guest's job of a shut-off domain: its kernel command line in the

@@ -177,6 +177,16 @@ func (a *agent) info() error {
 		return err
 	}
 	a.print("pcr0", hex.EncodeToString(pcr0))
+	if a.sysfs != "" {
+		// The kernel lists a pcr-<hash> directory per allocated bank.
+		var banks []string
+		if found, _ := filepath.Glob(filepath.Join(a.sysfs, "pcr-*")); len(found) > 0 {
+			for _, f := range found {
+				banks = append(banks, strings.TrimPrefix(filepath.Base(f), "pcr-"))
+			}
+			a.print("pcr-banks", strings.Join(banks, ","))
+		}
+	}
 	if a.eventLog != "" {
 		a.printEventLog()
 	}
@@ -243,6 +253,27 @@ func (a *agent) ek() error {
 	h.Write(ecc.X.Buffer)
 	h.Write(ecc.Y.Buffer)
 	a.print("ek", hex.EncodeToString(h.Sum(nil)))
+	// The EK certificates swtpm_setup --create-ek-cert writes (TCG EK Credential Profile
+	// NV indices); a TPM without them answers TPM_RC_HANDLE.
+	var certs []string
+	for _, c := range []struct {
+		name  string
+		index tpm2.TPMHandle
+	}{{"rsa", 0x01c00002}, {"ecc", 0x01c0000a}} {
+		rsp, err := tpm2.NVReadPublic{NVIndex: c.index}.Execute(a.tpm)
+		if err != nil {
+			continue
+		}
+		pub, err := rsp.NVPublic.Contents()
+		if err != nil {
+			return fmt.Errorf("TPM2_NV_ReadPublic(%#x): %w", uint32(c.index), err)
+		}
+		certs = append(certs, fmt.Sprintf("%s:%d", c.name, pub.DataSize))
+	}
+	if len(certs) == 0 {
+		certs = []string{"none"}
+	}
+	a.print("ek-certs", strings.Join(certs, ","))
 	return nil
 }
 

@@ -215,6 +215,9 @@ func TestEKAndEventLog(t *testing.T) {
 		if len(ek) != 64 {
 			t.Errorf("ek = %q, want 64 hex digits", ek)
 		}
+		if certs, _ := guest.Last(recs, "ek-certs"); certs != "none" {
+			t.Errorf("ek-certs = %q, want none (the simulator has no EK certificate)", certs)
+		}
 		eks = append(eks, ek)
 	}
 	if eks[0] != eks[1] {
