@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -330,4 +331,71 @@ func vtpmMemory(ctx context.Context, n *nkpHost, count int) (string, error) {
 	fmt.Fprintf(&b, "| growth per vTPM | | %.1f | %.1f |\n", float64(rss1-rss0)/float64(count), float64(pss1-pss0)/float64(count))
 	fmt.Fprintf(&b, "\nnkp-swtpm processes found: %d, total PSS %d KiB (%.0f KiB each)\n", swtpms, swPSS, float64(swPSS)/float64(max(swtpms, 1)))
 	return b.String(), nil
+}
+
+// hist is a cumulative histogram: bucket upper bound (seconds) → count, as Prometheus
+// exposes it.
+type hist map[float64]float64
+
+// hookHist reads nkp-hostd's nkp_hostd_hook_duration_seconds buckets for op (all results).
+func (n *nkpHost) hookHist(op string) (hist, error) {
+	b, err := n.get("/metrics")
+	if err != nil {
+		return nil, fmt.Errorf("nkp-hostd's metrics: %w", err)
+	}
+	out := hist{}
+	prefix := `nkp_hostd_hook_duration_seconds_bucket{`
+	for _, line := range strings.Split(string(b), "\n") {
+		if !strings.HasPrefix(line, prefix) || !strings.Contains(line, `op="`+op+`"`) {
+			continue
+		}
+		_, le, ok := strings.Cut(line, `le="`)
+		le, rest, ok2 := strings.Cut(le, `"}`)
+		if !ok || !ok2 {
+			continue
+		}
+		bound, err1 := strconv.ParseFloat(le, 64)
+		count, err2 := strconv.ParseFloat(strings.TrimSpace(rest), 64)
+		if err1 != nil || err2 != nil {
+			return nil, fmt.Errorf("nkp-hostd's metrics: bad line %q", line)
+		}
+		out[bound] += count
+	}
+	return out, nil
+}
+
+// sub returns h − old, bucket by bucket.
+func (h hist) sub(old hist) hist {
+	out := hist{}
+	for b, c := range h {
+		out[b] = c - old[b]
+	}
+	return out
+}
+
+// add adds o to h, bucket by bucket.
+func (h hist) add(o hist) {
+	for b, c := range o {
+		h[b] += c
+	}
+}
+
+// quantile returns the upper bound of the bucket that holds quantile q, and the count;
+// 0 if empty.
+func (h hist) quantile(q float64) (bound, total float64) {
+	bounds := make([]float64, 0, len(h))
+	for b := range h {
+		bounds = append(bounds, b)
+	}
+	slices.Sort(bounds)
+	if len(bounds) == 0 {
+		return 0, 0
+	}
+	total = h[bounds[len(bounds)-1]] // +Inf
+	for _, b := range bounds {
+		if h[b] >= q*total {
+			return b, total
+		}
+	}
+	return bounds[len(bounds)-1], total
 }
