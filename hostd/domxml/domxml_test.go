@@ -294,3 +294,70 @@ func TestSecretUUID(t *testing.T) {
 		t.Fatalf("SecretUUID = %s, want %s: changing it strands every protected disk's secret", a, want)
 	}
 }
+
+// TestFirmwareKept: protect's and unprotect's edits of a UEFI domain (as libvirt 9.0
+// dumps the two forms: an explicit OVMF loader with an NVRAM template, and firmware
+// autoselection with the secure-boot feature) leave <os> and <features> byte for byte.
+func TestFirmwareKept(t *testing.T) {
+	const explicit = `  <os>
+    <type arch='x86_64' machine='pc-q35-7.2'>hvm</type>
+    <loader readonly='yes' secure='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.secboot.fd</loader>
+    <nvram template='/usr/share/OVMF/OVMF_VARS_4M.ms.fd'>/var/lib/libvirt/qemu/nvram/vm1_VARS.fd</nvram>
+    <boot dev='hd'/>
+  </os>
+  <features>
+    <acpi/>
+    <apic/>
+    <smm state='on'/>
+  </features>
+`
+	const auto = `  <os firmware='efi'>
+    <type arch='x86_64' machine='pc-q35-7.2'>hvm</type>
+    <firmware>
+      <feature enabled='yes' name='enrolled-keys'/>
+      <feature enabled='yes' name='secure-boot'/>
+    </firmware>
+    <loader secure='yes'/>
+    <boot dev='hd'/>
+  </os>
+  <features>
+    <acpi/>
+    <smm state='on'/>
+  </features>
+`
+	const crb = `    <tpm model='tpm-crb'>
+      <backend type='emulator' version='2.0'/>
+    </tpm>
+`
+	ext := External("tpm-crb", "/run/nkp/vtpm/17e545c9-b66d-461a-8ab7-a245ee171814.sock")
+	emu := TPM{Model: "tpm-crb", Backend: BackendEmulator, Version: "2.0"}
+	for _, fw := range []struct{ name, xml string }{{"explicit loader", explicit}, {"autoselection", auto}} {
+		for _, tpm := range []struct{ name, xml string }{{"no TPM", ""}, {"libvirt's swtpm", crb}} {
+			doc := strings.Replace(strings.Replace(base, "  <!-- a comment -->\n", "  <!-- a comment -->\n"+fw.xml, 1),
+				"  </devices>", tpm.xml+"  </devices>", 1)
+			steps := []struct {
+				name string
+				edit func([]byte) ([]byte, error)
+			}{
+				{"protect: metadata", func(b []byte) ([]byte, error) { return SetMetadata(b, meta(vtpmA)) }},
+				{"protect: external TPM", func(b []byte) ([]byte, error) { return SetTPM(b, &ext) }},
+				{"rekey: metadata", func(b []byte) ([]byte, error) {
+					return SetMetadata(b, meta(Object{Name: ObjectVTPM, KeyID: keyB, KDKID: kdk2, KDKVersion: 2}))
+				}},
+				{"unprotect: libvirt's swtpm", func(b []byte) ([]byte, error) { return SetTPM(b, &emu) }},
+				{"unprotect: metadata removed", func(b []byte) ([]byte, error) { return SetMetadata(b, nil) }},
+				{"unprotect: no TPM", func(b []byte) ([]byte, error) { return SetTPM(b, nil) }},
+			}
+			out := []byte(doc)
+			for _, st := range steps {
+				var err error
+				if out, err = st.edit(out); err != nil {
+					t.Fatalf("%s, %s, %s: %v", fw.name, tpm.name, st.name, err)
+				}
+				if !bytes.Contains(out, []byte(fw.xml)) {
+					t.Errorf("%s, %s, %s: <os> or <features> changed:\n%s", fw.name, tpm.name, st.name, out)
+				}
+			}
+		}
+	}
+}
