@@ -172,6 +172,8 @@ func TestCrashChild(t *testing.T) {
 		_, err = m.RekeyWith(ctx, dom, vmapi.RekeyRequest{Deep: os.Getenv("NKP_VM_CRASH_DEEP") != ""}, nil)
 	case opUnprotect:
 		_, err = m.Unprotect(ctx, dom, "keep")
+	case opForget:
+		_, err = m.Forget(ctx, dom, true)
 	}
 	t.Fatalf("step %s/%s never reached (err %v)", op, step, err)
 }
@@ -299,6 +301,67 @@ func TestCrash(t *testing.T) {
 			}
 			if err != nil {
 				t.Fatalf("next operation after recovery: %v", err)
+			}
+		})
+	}
+}
+
+// TestCrashForget kills a process running forget of a protected VM undefined in the real
+// libvirtd (with a kept original file) right after each journaled step. Whatever the
+// step, hostd's start finishes it: catalog entry, vTPM state, kept file and journal all
+// gone; before that, a catalog entry is never gone while the journal that finishes the
+// job is missing.
+func TestCrashForget(t *testing.T) {
+	needLibvirt(t)
+	for _, step := range []string{"journal", "catalog", "secrets", "kept", "state"} {
+		t.Run(step, func(t *testing.T) {
+			ctx := context.Background()
+			root := t.TempDir()
+			var r [4]byte
+			rand.Read(r[:])
+			name := "hostdvm-forget-" + hex.EncodeToString(r[:])
+			u := uuid.NewString()
+			lv := virshLibvirt{tmp: root}
+			t.Cleanup(func() { exec.Command("virsh", "-c", "qemu:///system", "undefine", name).Run() })
+			if err := lv.DefineXML(ctx, domainXML(name, u, "")); err != nil {
+				t.Fatal(err)
+			}
+			cfg, cat := crashConfig(root, 1)
+			m, err := New(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := m.Protect(ctx, name); err != nil {
+				t.Fatal(err)
+			}
+			orig := filepath.Join(root, "orig.img")
+			if err := os.WriteFile(orig, []byte("plaintext"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := m.keep(u, kept{Target: "vda", Path: orig, Op: opProtect, VM: name}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := lv.run(ctx, "undefine", name); err != nil {
+				t.Fatal(err)
+			}
+			cmd := exec.Command(os.Args[0], "-test.run=^TestCrashChild$", "-test.count=1")
+			cmd.Env = append(os.Environ(), "NKP_VM_CRASH_ROOT="+root, "NKP_VM_CRASH_DOMAIN="+name,
+				"NKP_VM_CRASH_OP="+opForget, "NKP_VM_CRASH_STEP="+step, "NKP_VM_CRASH_PRIMARY=1")
+			out, err := cmd.CombinedOutput()
+			var ee *exec.ExitError
+			if !errors.As(err, &ee) || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
+				t.Fatalf("child was not killed at forget/%s: %v\n%s", step, err, out)
+			}
+			_, inCat := cat.get(u, domxml.ObjectVTPM)
+			if _, err := os.Stat(filepath.Join(root, "journal", u+".json")); err != nil && !inCat {
+				t.Fatalf("killed at %s: the catalog entry is gone but no journal finishes the forget (%v)", step, err)
+			}
+			recoverAsAtStart(t, ctx, root, 1, u)
+			_, inCat = cat.get(u, domxml.ObjectVTPM)
+			_, serr := os.Stat(filepath.Join(root, "vtpm", u))
+			_, kerr := os.Stat(orig)
+			if inCat || !errors.Is(serr, fs.ErrNotExist) || !errors.Is(kerr, fs.ErrNotExist) {
+				t.Fatalf("after recovery: catalog entry %v, state %v, kept file %v; want all gone", inCat, serr, kerr)
 			}
 		})
 	}

@@ -62,7 +62,7 @@
 // the XML alone — per disk: does it name the new file (shallow rekey: the new key)? The
 // tests kill a child process with SIGKILL after each journaled step and check both the
 // state left and the recovery (crash_test.go: TestCrash for the vTPM, TestCrashDisks with
-// real qemu-img for disks).
+// real qemu-img for disks, TestCrashForget for forget).
 //
 // Operations need a shut-off, persistent domain without a managed save image (ErrSaved:
 // virsh start would resume the image with the definition it was saved with, the old
