@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -19,8 +20,9 @@ import (
 // with the real provider, nkp-hostd, libvirtd and nkpctl: while its objects are in the
 // catalog the old KDK version cannot be retired after a rotation; status reports the
 // state nkp keeps and names nkpctl vm forget; forget refuses without --yes and by a name
-// nkp cannot know, then removes the vTPM state directory and the catalog objects; after
-// that the old version retires.
+// nkp cannot know, then removes the vTPM state directory and the catalog objects; a VM
+// with an encrypted disk is forgotten by the name it had, its plaintext original and
+// secrets gone, its own encrypted disk left; after that the old version retires.
 func TestForget(t *testing.T) {
 	a := requireHosts(t)
 	bins := buildNKP(t)
@@ -48,6 +50,20 @@ func TestForget(t *testing.T) {
 	if objs := objects(); len(objs) != 1 || objs[0].Name != "vtpm" || objs[0].KeyID != vm.prot.keyID {
 		t.Fatalf("catalog of the protected VM: %+v, want its vtpm key %s", objs, vm.prot.keyID)
 	}
+	// A second VM with an encrypted disk, its plaintext original kept for --finalize.
+	dvm := newNKPVM(t, a, "forget-disk", protection{})
+	orig := filepath.Join(dvm.f.dir, "vda.raw")
+	makeRaw(t, orig, 16<<20, "m-forget", 1<<20)
+	dvm.spec.Disks = []diskSpec{{Dev: "vda", Format: "raw", File: orig}}
+	dvm.definePlain(t, h, diskJob(guest.ActionDiskRead, ""))
+	t.Logf("nkpctl vm protect:\n%s", d.mustCtl(t, "protect", dvm.spec.Name))
+	dobjs := dvm.diskObjects(t, d)
+	encrypted := disks(t, h, dvm.spec.Name, true)["vda"].Source.File
+	if _, err := os.Stat(orig); err != nil || encrypted == orig {
+		t.Fatalf("after protect: original %v, disk %s; want the original kept and a new encrypted file", err, encrypted)
+	}
+	waitSecrets(t, h, true, secretsOf(dvm, dobjs)...)
+
 	p.ctl(t, "rotate")
 	p.backup(t)
 	if _, err := p.tryCtl("retire", strconv.Itoa(old)); err == nil || !strings.Contains(err.Error(), "in_use") {
@@ -87,6 +103,28 @@ func TestForget(t *testing.T) {
 	if out, err := d.nkpctl(t, "status", vm.spec.UUID); err == nil {
 		t.Errorf("status after forget still knows the VM:\n%s", out)
 	}
+	// The disk VM, by the name it had (nkp recorded it with the kept original): its
+	// plaintext original and its catalog objects go, its secrets too; the encrypted file
+	// its definition named is the VM's own disk, which forget leaves (virsh undefine
+	// --remove-all-storage removes it).
+	virsh(t, h, "undefine", dvm.spec.Name)
+	out = d.mustCtl(t, "forget", "--yes", dvm.spec.Name)
+	t.Logf("nkpctl vm forget %s:\n%s", dvm.spec.Name, out)
+	if !strings.Contains(out, "catalog: removed disk:vda") || !strings.Contains(out, "kept file removed: "+orig) {
+		t.Errorf("forget of the disk VM does not report its disk object and kept original:\n%s", out)
+	}
+	if _, err := os.Stat(orig); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("the plaintext original %s after forget: %v, want removed", orig, err)
+	}
+	if _, err := os.Stat(encrypted); err != nil {
+		t.Errorf("the VM's own encrypted disk %s after forget: %v, want left", encrypted, err)
+	}
+	waitSecrets(t, h, false, secretsOf(dvm, dobjs)...)
+	var left []apiv1.Object
+	if err := json.Unmarshal([]byte(p.ctl(t, "objects", "--vm", dvm.spec.UUID, "--json")), &left); err != nil || len(left) != 0 {
+		t.Fatalf("catalog after forgetting the disk VM: %+v, %v; want empty", left, err)
+	}
+
 	p.ctl(t, "retire", strconv.Itoa(old))
 	e2e.WaitFor(t, time.Minute, "hostd to drop the retired KDK version", func() bool {
 		for _, k := range d.status(t).KDKs {
