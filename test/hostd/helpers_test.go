@@ -152,6 +152,9 @@ type domainSpec struct {
 	TPMModel                string     // "" is tpm-tis
 	Disks                   []diskSpec // virtio disks, in order
 	UEFI                    *uefiSpec  // nil: machine pc with SeaBIOS
+	// Reboot makes a reset reboot the guest (<on_reboot>restart); otherwise the domain
+	// is destroyed, also by virsh reset (libvirt runs QEMU with -no-reboot).
+	Reboot bool
 }
 
 // uefiSpec makes a domain a q35 machine with OVMF: either libvirt's autoselection
@@ -195,7 +198,7 @@ var domainXML = template.Must(template.New("domain").Funcs(template.FuncMap{"x":
   </os>
   <features><acpi/><apic/>{{with .UEFI}}{{if .SecureBoot}}<smm state='on'/>{{end}}{{end}}</features>
   <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
+  <on_reboot>{{if .Reboot}}restart{{else}}destroy{{end}}</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
     <serial type='file'><source path='{{x .Console}}' append='on'/><target port='0'/></serial>

@@ -54,6 +54,7 @@ func TestUEFI(t *testing.T) {
 		uefi      func(f vmFiles) *uefiSpec
 		model     string // the domain's TPM before protect: libvirt's swtpm of this model
 		booted    bool   // booted with libvirt's swtpm before protect: protect adopts its state
+		reset     bool   // virsh reset while the protected VM runs (a reboot: QEMU resets the vTPM)
 		unprotect string // vmapi.UnprotectKeep or vmapi.UnprotectNone
 		nvram     func(h *libvirtns.Host, name string, f vmFiles) string
 	}{
@@ -61,7 +62,7 @@ func TestUEFI(t *testing.T) {
 			// What virt-install --boot uefi --tpm default gives a Windows 11 guest.
 			name:  "firmware autoselection with secure-boot, libvirt swtpm tpm-crb adopted",
 			uefi:  func(vmFiles) *uefiSpec { return &uefiSpec{Auto: true, SecureBoot: true} },
-			model: "tpm-crb", booted: true, unprotect: vmapi.UnprotectKeep,
+			model: "tpm-crb", booted: true, reset: true, unprotect: vmapi.UnprotectKeep,
 			nvram: func(h *libvirtns.Host, name string, _ vmFiles) string {
 				return h.Path("/var/lib/libvirt/qemu/nvram/" + name + "_VARS.fd")
 			},
@@ -81,6 +82,7 @@ func TestUEFI(t *testing.T) {
 			vm := newNKPVM(t, a, "uefi", protection{})
 			vm.spec.UEFI = tc.uefi(vm.f)
 			vm.spec.TPM, vm.spec.TPMModel = "emulator", tc.model
+			vm.spec.Reboot = tc.reset
 			nvram := tc.nvram(h, vm.spec.Name, vm.f)
 			boot := func(what string, cfg guest.Config) []guest.Record {
 				t.Helper()
@@ -123,7 +125,7 @@ func TestUEFI(t *testing.T) {
 				ek = ekOf(recs)
 			}
 			// Stop and start: NV and EK as before, and status healthy while it runs.
-			setJob(t, h, vm.spec.Name, guest.Config{Actions: []string{guest.ActionEK, guest.ActionNVRead, guest.ActionLoop}, Loop: 600})
+			setJob(t, h, vm.spec.Name, guest.Config{Actions: []string{guest.ActionEK, guest.ActionNVRead, guest.ActionExtend, guest.ActionLoop}, Extend: "uefi-boot", Loop: 600})
 			n := len(vm.f.console.records())
 			virsh(t, h, "start", vm.spec.Name)
 			recs := vm.f.console.waitFor(t, "a loop line", func(r []guest.Record) bool { return len(r) > n && hasKey(r[n:], "loop") })[n:]
@@ -132,11 +134,23 @@ func TestUEFI(t *testing.T) {
 			if got := ekOf(recs); got != ek || ek == "" {
 				t.Errorf("the guest's EK is %q, want %q as before", got, ek)
 			}
-			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			v, err := d.vms().Get(ctx, vm.spec.Name)
-			cancel()
-			if err != nil || !v.Running || v.TPM != "ok" || len(v.Problems) > 0 {
-				t.Errorf("status of the running VM: %+v, %v; want running with TPM ok", v, err)
+			wantStatusOK(t, d, vm.spec.Name)
+			if tc.reset {
+				// A reboot (Windows setup does several): QEMU stops and inits the vTPM
+				// in the same process, no hook runs. The firmware measures again into
+				// reset PCRs: PCR 0 as before, PCR 16 extended once again from zero.
+				before := lastView(recs)
+				n := len(vm.f.console.records())
+				virsh(t, h, "reset", vm.spec.Name)
+				recs := vm.f.console.waitFor(t, "a loop line after the reset", func(r []guest.Record) bool {
+					return len(r) > n && hasKey(r[n:], "tpm-device") && hasKey(r[n:], "loop")
+				})[n:]
+				wantFirmwareMeasured(t, "boot after virsh reset", recs)
+				wantNV(t, "boot after virsh reset", recs, nv)
+				if got := lastView(recs); got != before {
+					t.Errorf("after virsh reset the guest's TPM shows %+v, want %+v as in the boot before", got, before)
+				}
+				wantStatusOK(t, d, vm.spec.Name)
 			}
 			virsh(t, h, "destroy", vm.spec.Name)
 			e2e.WaitFor(t, time.Minute, vm.spec.Name+" shut off", func() bool { return state(h, vm.spec.Name) == "shut off" })
@@ -148,7 +162,7 @@ func TestUEFI(t *testing.T) {
 				t.Fatalf("no NVRAM file %s after two boots", nvram)
 			}
 			rotate(t, p, d)
-			ctx, cancel = context.WithTimeout(context.Background(), 2*time.Minute)
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 			got, err := d.vms().Rekey(ctx, vm.spec.Name)
 			cancel()
 			if err != nil {
@@ -211,6 +225,16 @@ func wantFirmwareMeasured(t *testing.T, what string, recs []guest.Record) {
 	banks, _ := guest.Last(recs, "pcr-banks")
 	events, _ := guest.Last(recs, "eventlog-events")
 	t.Logf("%s: PCR banks %s, %s events in the log, EK %s", what, banks, events, ekOf(recs))
+}
+
+// wantStatusOK checks what `nkpctl vm status` says of the running VM: its TPM ok.
+func wantStatusOK(t *testing.T, d *hostd, name string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if v, err := d.vms().Get(ctx, name); err != nil || !v.Running || v.TPM != "ok" || len(v.Problems) > 0 {
+		t.Errorf("status of the running VM: %+v, %v; want running with TPM ok", v, err)
+	}
 }
 
 // ekOf is what the guest printed about its EK: the key's hash and its certificates in NV
