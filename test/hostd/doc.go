@@ -32,8 +32,8 @@
 // template with a new vTPM on tpm-tis: the guest booted directly by OVMF sees its TPM
 // with the firmware's measurements, PCR 0 equal to its event log's replay and
 // SecureBoot=1 measured, EK and NV kept, status ok, a virsh reset (a reboot) re-measured
-// into reset PCRs; protect, rekey and unprotect keep the
-// firmware XML byte for byte and the NVRAM file untouched). Fixtures: startProvider (init, serve, backup, tokens in 0600
-// files), startHostTPM, joinHost (join and serve inside a host, /healthz polled) and
-// nkpVM (protect, define, boot, start, runsOn).
+// into reset PCRs; protect, rekey and unprotect keep the firmware XML byte for byte and
+// the NVRAM file untouched). Fixtures: startProvider (init, serve, backup, tokens in
+// 0600 files), startHostTPM, joinHost (join and serve inside a host, /healthz polled)
+// and nkpVM (protect, define, boot, start, runsOn).
 package hostd
