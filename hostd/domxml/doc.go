@@ -2,7 +2,9 @@
 // own metadata element (<nkp:vm xmlns:nkp="https://nkp.dev/ns/vm/1"> inside <metadata>:
 // the provider ID and, per protected object, the key ID, the KDK ID and the KDK version),
 // the domain's <tpm> device (nkp's <backend type='external'> socket, or the
-// libvirt-managed <backend type='emulator'> that protect adopts), and its <disk> devices.
+// libvirt-managed <backend type='emulator'> that protect adopts, with its
+// <active_pcr_banks>, which the vtpm object keeps as pcr-banks="…" while the domain is
+// protected), and its <disk> devices.
 //
 // Disks: Parse reads each <disk>'s type, device, target dev and bus, live alias, source
 // file (or block dev), driver name and type, readonly and shareable, <encryption> (inside

@@ -81,6 +81,10 @@ type Object struct {
 	// state that protect adopted (<encryption secret=…/>); unprotect --tpm keep encrypts
 	// the state under it again. "" when the adopted state was plaintext, or none.
 	SwtpmSecret string
+	// PCRBanks (vTPM only) keeps the <active_pcr_banks> of the emulator TPM that protect
+	// replaced (comma-separated, e.g. "sha256,sha384"; "" when it had none), which the
+	// external backend has no place for; unprotect --tpm keep gives it back.
+	PCRBanks string
 }
 
 // Object returns the object called name.
@@ -163,6 +167,13 @@ func (o Object) validate() error {
 			return fmt.Errorf("object %q: libvirt-secret %q: want a secret's UUID, on the vtpm object only", o.Name, o.SwtpmSecret)
 		}
 	}
+	if o.PCRBanks != "" {
+		for _, b := range strings.Split(o.PCRBanks, ",") {
+			if !slices.Contains(PCRBanks, b) || o.Name != ObjectVTPM {
+				return fmt.Errorf("object %q: pcr-banks %q: want a comma-separated list of %s, on the vtpm object only", o.Name, o.PCRBanks, strings.Join(PCRBanks, ", "))
+			}
+		}
+	}
 	return nil
 }
 
@@ -197,6 +208,9 @@ func (m *Metadata) Element(indent string) string {
 		if o.SwtpmSecret != "" {
 			secret = fmt.Sprintf(" libvirt-secret=\"%s\"", escape(o.SwtpmSecret))
 		}
+		if o.PCRBanks != "" {
+			secret += fmt.Sprintf(" pcr-banks=\"%s\"", escape(o.PCRBanks))
+		}
 		fmt.Fprintf(&b, "%s  <%s:object name=\"%s\" key-id=\"%s\" kdk-id=\"%s\" kdk-version=\"%d\"%s/>\n",
 			indent, Prefix, escape(o.Name), escape(o.KeyID), escape(o.KDKID), o.KDKVersion, secret)
 	}
@@ -220,7 +234,14 @@ type TPM struct {
 	// StateDir is the emulator's <source type='dir' path=…> if given; "" means libvirt's
 	// default directory (EmulatorStateDir).
 	StateDir string
+	// ActivePCRBanks are the emulator's <active_pcr_banks> children in document order
+	// ("sha256", "sha384", ...), nil when the element is absent (swtpm_setup's default).
+	ActivePCRBanks []string
 }
+
+// PCRBanks are the PCR banks libvirt's <active_pcr_banks> may name (and swtpm_setup's
+// --pcr-banks activates).
+var PCRBanks = []string{"sha1", "sha256", "sha384", "sha512"}
 
 // External returns nkp's vTPM device for a domain: <backend type='external'> connecting
 // to socketPath, with model tpm-crb unless the domain's TPM had another (tpm-tis).
@@ -273,7 +294,7 @@ func (t *TPM) Element(indent string) string {
 		if t.PersistentState {
 			b.WriteString(" persistent_state='yes'")
 		}
-		if t.EncryptionSecret == "" && t.StateDir == "" {
+		if t.EncryptionSecret == "" && t.StateDir == "" && t.ActivePCRBanks == nil {
 			b.WriteString("/>\n")
 			break
 		}
@@ -284,6 +305,13 @@ func (t *TPM) Element(indent string) string {
 		if t.EncryptionSecret != "" {
 			fmt.Fprintf(&b, "%s  <encryption secret='%s'/>\n", in, escape(t.EncryptionSecret))
 		}
+		if t.ActivePCRBanks != nil {
+			fmt.Fprintf(&b, "%s  <active_pcr_banks>\n", in)
+			for _, bank := range t.ActivePCRBanks {
+				fmt.Fprintf(&b, "%s    <%s/>\n", in, bank)
+			}
+			fmt.Fprintf(&b, "%s  </active_pcr_banks>\n", in)
+		}
 		fmt.Fprintf(&b, "%s</backend>\n", in)
 	default:
 		b.WriteString("/>\n")
@@ -293,6 +321,11 @@ func (t *TPM) Element(indent string) string {
 }
 
 func (t *TPM) validate() error {
+	for _, b := range t.ActivePCRBanks {
+		if !slices.Contains(PCRBanks, b) {
+			return fmt.Errorf("%w: <tpm>: <active_pcr_banks> names %q; want some of %s", ErrInvalid, b, strings.Join(PCRBanks, ", "))
+		}
+	}
 	switch t.Backend {
 	case BackendExternal:
 		if !filepath.IsAbs(t.SocketPath) || !printable(t.SocketPath) {
@@ -500,6 +533,7 @@ type objXML struct {
 	KDKID      string `xml:"kdk-id,attr"`
 	KDKVersion string `xml:"kdk-version,attr"`
 	Secret     string `xml:"libvirt-secret,attr"`
+	PCRBanks   string `xml:"pcr-banks,attr"`
 }
 
 type tpmXML struct {
@@ -515,6 +549,11 @@ type tpmXML struct {
 		Encryption []struct {
 			Secret string `xml:"secret,attr"`
 		} `xml:"encryption"`
+		ActivePCRBanks []struct {
+			Banks []struct {
+				XMLName xml.Name
+			} `xml:",any"`
+		} `xml:"active_pcr_banks"`
 	} `xml:"backend"`
 }
 
@@ -641,7 +680,7 @@ func (l *layout) child(d *xml.Decoder, t xml.StartElement, section string, pos i
 			if err != nil {
 				return fmt.Errorf("domain %q: %w: nkp metadata: object %q: kdk-version %q is not a number", l.dom.Name, ErrInvalid, o.Name, o.KDKVersion)
 			}
-			m.Objects = append(m.Objects, Object{Name: o.Name, KeyID: strings.ToLower(o.KeyID), KDKID: strings.ToLower(o.KDKID), KDKVersion: n, SwtpmSecret: strings.ToLower(o.Secret)})
+			m.Objects = append(m.Objects, Object{Name: o.Name, KeyID: strings.ToLower(o.KeyID), KDKID: strings.ToLower(o.KDKID), KDKVersion: n, SwtpmSecret: strings.ToLower(o.Secret), PCRBanks: o.PCRBanks})
 		}
 		if err := m.Validate(); err != nil {
 			return fmt.Errorf("domain %q: %w", l.dom.Name, err)
@@ -665,6 +704,12 @@ func (l *layout) child(d *xml.Decoder, t xml.StartElement, section string, pos i
 		}
 		if len(x.Backend.Encryption) > 0 {
 			tp.EncryptionSecret = strings.ToLower(x.Backend.Encryption[0].Secret)
+		}
+		if len(x.Backend.ActivePCRBanks) > 0 {
+			tp.ActivePCRBanks = []string{}
+			for _, b := range x.Backend.ActivePCRBanks[0].Banks {
+				tp.ActivePCRBanks = append(tp.ActivePCRBanks, b.XMLName.Local)
+			}
 		}
 		l.dom.TPMs = append(l.dom.TPMs, tp)
 		l.tpms = append(l.tpms, span{pos, int(d.InputOffset())})

@@ -56,7 +56,7 @@ func TestParse(t *testing.T) {
 		{name: "namespace declared on an ancestor, other prefix", doc: `<domain xmlns:q="https://nkp.dev/ns/vm/1"><metadata><q:vm provider="p"><q:object name="disk:vda" key-id="` + keyB + `" kdk-id="` + kdk2 + `" kdk-version="2"/></q:vm></metadata></domain>`,
 			want: Domain{Metadata: &Metadata{ProviderID: "p", Objects: []Object{{Name: "disk:vda", KeyID: keyB, KDKID: kdk2, KDKVersion: 2}}}}},
 		{name: "emulator tpm with encryption", doc: `<domain><devices><tpm model='tpm-tis'><backend type='emulator' version='2.0' persistent_state='yes'><encryption secret='6DD3E4A5-1d76-44ce-961f-f119f5aad935'/><active_pcr_banks><sha256/></active_pcr_banks></backend></tpm></devices></domain>`,
-			want: Domain{TPMs: []TPM{{Model: "tpm-tis", Backend: BackendEmulator, Version: "2.0", PersistentState: true, EncryptionSecret: "6dd3e4a5-1d76-44ce-961f-f119f5aad935"}}}},
+			want: Domain{TPMs: []TPM{{Model: "tpm-tis", Backend: BackendEmulator, Version: "2.0", PersistentState: true, EncryptionSecret: "6dd3e4a5-1d76-44ce-961f-f119f5aad935", ActivePCRBanks: []string{"sha256"}}}}},
 		{name: "vm element in another namespace is not ours", doc: `<domain><metadata><vm xmlns="https://example.com/vm/1" provider=""/></metadata></domain>`, want: Domain{}},
 		{name: "not a domain", doc: `<network/>`, wantErr: "root element is <network>"},
 		{name: "two roots", doc: `<domain/><domain/>`, wantErr: "more than one root"},
@@ -133,6 +133,7 @@ func TestSetMetadata(t *testing.T) {
 	}{
 		{"into existing metadata", base, meta(vtpmA)},
 		{"two objects", base, two},
+		{"pcr banks kept", base, meta(Object{Name: ObjectVTPM, KeyID: keyB, KDKID: kdk2, KDKVersion: 2, PCRBanks: "sha256,sha384"})},
 		{"no metadata element", strings.Replace(base, "<metadata>\n    <other:x xmlns:other=\"http://example.com/o\">keep &amp; me</other:x>\n  </metadata>\n", "", 1), meta(vtpmA)},
 		{"self-closing metadata", `<domain><name>x</name><metadata/></domain>`, meta(vtpmA)},
 		{"self-closing root", `<domain/>`, meta(vtpmA)},
@@ -187,6 +188,8 @@ func TestSetMetadataRefusesInvalid(t *testing.T) {
 		{ProviderID: "p", Objects: []Object{{Name: "disk:", KeyID: keyA, KDKID: kdk1, KDKVersion: 1}}},
 		{ProviderID: "p", Objects: []Object{{Name: "vtpm", KeyID: keyA, KDKID: kdk1, KDKVersion: 0}}},
 		{ProviderID: "p\x00", Objects: []Object{vtpmA}},
+		{ProviderID: "p", Objects: []Object{{Name: "vtpm", KeyID: keyA, KDKID: kdk1, KDKVersion: 1, PCRBanks: "sha256,md5"}}},
+		{ProviderID: "p", Objects: []Object{{Name: "disk:vda", KeyID: keyA, KDKID: kdk1, KDKVersion: 1, PCRBanks: "sha256"}}},
 	}
 	for _, m := range bad {
 		if out, err := SetMetadata([]byte(base), m); err == nil || !errors.Is(err, ErrInvalid) {
@@ -209,6 +212,8 @@ func TestSetTPM(t *testing.T) {
 	}{
 		{"add external", base, &ext},
 		{"add emulator", base, &emu},
+		{"emulator with pcr banks", base, &TPM{Backend: BackendEmulator, Version: "2.0", ActivePCRBanks: []string{"sha256", "sha512"}}},
+		{"emulator with no pcr bank", base, &TPM{Backend: BackendEmulator, ActivePCRBanks: []string{}}},
 		{"replace emulator by external", string(withEmu), &ext},
 		{"replace two", strings.Replace(string(withEmu), "</devices>", "<tpm model='spapr-tpm-proxy'><backend type='passthrough'/></tpm></devices>", 1), &ext},
 		{"self-closing devices", `<domain><devices/></domain>`, &ext},
@@ -238,7 +243,7 @@ func TestSetTPM(t *testing.T) {
 				}
 				return
 			}
-			if got == nil || *got != *tt.tpm {
+			if got == nil || !reflect.DeepEqual(got, tt.tpm) {
 				t.Fatalf("TPM read back = %+v, want %+v\n%s", got, tt.tpm, out)
 			}
 			mustKeep(t, tt.doc, string(out), "tpm", "backend", "encryption", "<devices/>", "<name>x</name>")
@@ -251,6 +256,7 @@ func TestSetTPMRefusesInvalid(t *testing.T) {
 		{Backend: BackendExternal, SocketPath: "relative.sock"},
 		{Backend: BackendPassthrough},
 		{Backend: BackendEmulator, EncryptionSecret: "nope"},
+		{Backend: BackendEmulator, ActivePCRBanks: []string{"sha256", "x/><evil"}},
 	} {
 		if _, err := SetTPM([]byte(base), &tp); !errors.Is(err, ErrInvalid) {
 			t.Errorf("SetTPM(%+v) err = %v, want ErrInvalid", tp, err)

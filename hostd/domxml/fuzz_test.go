@@ -34,7 +34,7 @@ func FuzzParse(f *testing.F) {
 		if !reflect.DeepEqual(d2.Metadata, m) {
 			t.Fatalf("metadata = %+v, want %+v\n%q", d2.Metadata, m, out)
 		}
-		if tp, err := d2.TPM(); err != nil || tp == nil || *tp != ext {
+		if tp, err := d2.TPM(); err != nil || tp == nil || !reflect.DeepEqual(*tp, ext) {
 			t.Fatalf("TPM = %+v, %v\n%q", tp, err, out)
 		}
 		if d2.Name != d.Name || d2.UUID != d.UUID {

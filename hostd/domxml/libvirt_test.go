@@ -81,9 +81,10 @@ func TestLibvirtRoundTrip(t *testing.T) {
 		{"protect", meta(vtpmA), func(u string) *TPM { e := External("", SocketPath("/run/nkp/vtpm", u)); return &e }},
 		{"rekey", meta(Object{Name: ObjectVTPM, KeyID: keyB, KDKID: kdk2, KDKVersion: 2}), func(u string) *TPM { e := External("tpm-crb", SocketPath("/run/nkp/vtpm", u)); return &e }},
 		{"unprotect to emulator", nil, func(string) *TPM {
-			return &TPM{Model: "tpm-tis", Backend: BackendEmulator, Version: "2.0", EncryptionSecret: "6dd3e4a5-1d76-44ce-961f-f119f5aad935", PersistentState: true}
+			return &TPM{Model: "tpm-tis", Backend: BackendEmulator, Version: "2.0", EncryptionSecret: "6dd3e4a5-1d76-44ce-961f-f119f5aad935", PersistentState: true,
+				ActivePCRBanks: []string{"sha256", "sha384"}}
 		}},
-		{"adopt emulator", meta(vtpmA), func(u string) *TPM { e := External("tpm-tis", SocketPath("/run/nkp/vtpm", u)); return &e }},
+		{"adopt emulator", meta(Object{Name: ObjectVTPM, KeyID: keyB, KDKID: kdk2, KDKVersion: 2, PCRBanks: "sha256,sha384"}), func(u string) *TPM { e := External("tpm-tis", SocketPath("/run/nkp/vtpm", u)); return &e }},
 		{"unprotect to none", nil, func(string) *TPM { return nil }},
 	}
 	cur := define(doc)
@@ -106,7 +107,7 @@ func TestLibvirtRoundTrip(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if (tp == nil) != (want == nil) || tp != nil && *tp != *want {
+			if (tp == nil) != (want == nil) || tp != nil && !reflect.DeepEqual(tp, want) {
 				t.Fatalf("TPM after define = %+v, want %+v", tp, want)
 			}
 			if got.UUID != cur.UUID || got.Name != name {
