@@ -16,9 +16,11 @@ import (
 
 // Defaults of Config.
 const (
-	DefaultStateDir     = "/var/lib/nkp/hostd"
-	DefaultRunDir       = "/run/nkp"
-	DefaultVTPMUser     = "tss"
+	DefaultStateDir = "/var/lib/nkp/hostd"
+	DefaultRunDir   = "/run/nkp"
+	DefaultVTPMUser = "tss"
+	// SwtpmSetupNone as Config.SwtpmSetup: new vTPMs are not manufactured by swtpm_setup.
+	SwtpmSetupNone      = "none"
 	DefaultQEMUUser     = "libvirt-qemu"
 	DefaultLibvirtURI   = "qemu:///system"
 	DefaultSyncInterval = time.Minute
@@ -48,6 +50,11 @@ type Config struct {
 	OpenTPM func() (io.ReadWriter, io.Closer, error)
 	// SwtpmBinary is nkp-swtpm (default: next to this executable, else found in PATH).
 	SwtpmBinary string
+	// SwtpmSetup is swtpm_setup, which manufactures each new vTPM that protect creates as
+	// libvirt would (EK and platform certificates, PCR banks): "" is swtpm_setup from
+	// PATH (Debian's swtpm-tools); SwtpmSetupNone leaves new vTPMs to libtpms' defaults
+	// (all PCR banks, no EK certificate).
+	SwtpmSetup string
 	// VTPMUser runs nkp-swtpm; QEMUUser owns the vTPM sockets.
 	VTPMUser, QEMUUser string
 	// LibvirtURI is libvirt's connection for lifecycle events and VM operations; "-"

@@ -103,10 +103,14 @@ func (d *Daemon) runLibvirt(ctx context.Context) error {
 	}()
 	d.secrets.Store(secrets)
 	owner := &vm.Owner{UID: d.cfg.vtpmCred.uid, GID: d.cfg.vtpmCred.gid}
+	var setup *vm.SwtpmSetup
+	if d.cfg.SwtpmSetup != SwtpmSetupNone {
+		setup = &vm.SwtpmSetup{Program: d.cfg.SwtpmSetup, VTPM: d.cfg.SwtpmBinary}
+	}
 	m, err := vm.New(vm.Config{
 		Keys: vmKeys{d}, Libvirt: conn, Catalog: d.pc, Secrets: secrets,
 		VTPMDir: filepath.Join(d.cfg.StateDir, dirVTPM), JournalDir: filepath.Join(d.cfg.StateDir, dirJournal),
-		SocketDir: filepath.Join(d.cfg.RunDir, "vtpm"), VTPMOwner: owner, SwtpmOwner: owner, Log: d.log,
+		SocketDir: filepath.Join(d.cfg.RunDir, "vtpm"), VTPMOwner: owner, SwtpmOwner: owner, Setup: setup, Log: d.log,
 		ProbeVTPM: d.sup.Probe,
 	})
 	if err != nil {

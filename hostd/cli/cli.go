@@ -112,6 +112,7 @@ func Main(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	sf.StringVar(&o.cfg.HookSocket, "hook-socket", "", "the hook's socket (default RUN-DIR/hook.sock)")
 	sf.StringVar(&o.cfg.APISocket, "socket", "", "the local API's socket (default RUN-DIR/hostd.sock)")
 	sf.StringVar(&o.cfg.SwtpmBinary, "swtpm", "", "nkp-swtpm (default: next to nkp-hostd, else in PATH)")
+	sf.StringVar(&o.cfg.SwtpmSetup, "swtpm-setup", "", "swtpm_setup, which manufactures new vTPMs as libvirt does (default: from PATH; \"none\": libtpms' defaults, no EK certificate)")
 	sf.StringVar(&o.cfg.VTPMUser, "vtpm-user", hostd.DefaultVTPMUser, "unprivileged user that runs nkp-swtpm")
 	sf.StringVar(&o.cfg.QEMUUser, "qemu-user", hostd.DefaultQEMUUser, "the user QEMU runs as (owns the vTPM sockets)")
 	sf.StringVar(&o.cfg.LibvirtURI, "libvirt", hostd.DefaultLibvirtURI, "libvirt connection for lifecycle events and VM operations; - for none")

@@ -39,6 +39,23 @@
 // it), originals kept, and for a running VM how QEMU opened it (BlockEncrypted reads QMP
 // query-block against the live XML).
 //
+// # New vTPMs
+//
+// A new vTPM (the domain has no <tpm>, or libvirt's swtpm never ran) is manufactured
+// before anything changes, as libvirt does at a new TPM's first start (Config.Setup,
+// manufacture.go): swtpm_setup with libvirt's arguments (setupArgs: --vmid NAME:UUID, EKs
+// with certificates, platform certificate, --lock-nvram, --not-overwrite, --pcr-banks
+// from <active_pcr_banks>, else swtpm_setup.conf's default sha256) and nkp-swtpm as its
+// TPM, run as the vTPM user in a staging directory VTPMDir/<uuid>/.setup-<random> under
+// a one-time random key on a pipe (--keyfile-fd, aes-256-cbc). Its blobs are then read and
+// written as the state of an adopted vTPM (a normal nkp state file under the vTPM's key,
+// with the directory's own state ID), and the staging directory removed. swtpm_setup
+// missing or failing fails the protect with ErrUnavailable naming the VM, the tool, its
+// last log lines and the fix; nothing has changed then. Config.Setup nil keeps the old
+// behaviour (empty state: libtpms' defaults, all PCR banks, no EK certificate). The
+// <active_pcr_banks> of a replaced emulator TPM is kept on the vtpm object (PCRBanks)
+// and given back by unprotect --tpm keep.
+//
 // # Layout
 //
 // A protected domain's vTPM state lives in StateDir(VTPMDir, uuid, keyID):

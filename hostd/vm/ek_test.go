@@ -7,8 +7,11 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -173,4 +176,81 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	e2e.Cleanup()
 	os.Exit(code)
+}
+
+// TestManufacturedTPM: protect of a domain whose libvirt swtpm never ran manufactures
+// the new vTPM with the real swtpm_setup driving the real nkp-swtpm, as the vTPM user
+// (tss, who owns swtpm_localca's CA): the state, read by nkp-swtpm with the derived key,
+// holds the EK certificates and the platform certificate, written and locked, and only
+// the PCR banks of the domain's <active_pcr_banks>.
+func TestManufacturedTPM(t *testing.T) {
+	e2e.Require(t, "swtpm_setup", "swtpm_localca", "tpm2_nvreadpublic", "tpm2_getcap", "tpm2_nvread")
+	e2e.RequireRoot(t)
+	tss, err := user.Lookup("tss")
+	if err != nil {
+		t.Skipf("no tss user: %v", err)
+	}
+	uid, _ := strconv.Atoi(tss.Uid)
+	gid, _ := strconv.Atoi(tss.Gid)
+	nkpSwtpm := e2e.BuildBinary(t, "github.com/nkp-dev/nkp/cmd/nkp-swtpm")
+	for _, d := range []string{filepath.Dir(nkpSwtpm)} {
+		os.Chmod(d, 0o711) // the vTPM user runs it
+	}
+	ctx := context.Background()
+	e := newEnv(t)
+	for d := e.m.cfg.VTPMDir; d != "/" && d != os.TempDir(); d = filepath.Dir(d) {
+		os.Chmod(d, 0o711) // t.TempDir's directories are 0700: tss must reach its staging directory
+	}
+	e.m.cfg.VTPMOwner = &Owner{UID: uid, GID: gid}
+	e.m.cfg.Setup = &SwtpmSetup{VTPM: nkpSwtpm}
+	e.define(t, "mf2", uuid1, "<tpm model='tpm-crb'><backend type='emulator' version='2.0'><active_pcr_banks><sha256/><sha384/></active_pcr_banks></backend></tpm>")
+	start := time.Now()
+	v, err := e.m.Protect(ctx, "mf2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("protect with swtpm_setup took %v; note %q", time.Since(start).Round(time.Millisecond), v.Note)
+	if !strings.HasPrefix(v.Note, "new vTPM manufactured by swtpm_setup") || !strings.Contains(v.Note, "sha256,sha384") {
+		t.Errorf("note %q", v.Note)
+	}
+	o, _ := e.lv.domain(t, uuid1).Metadata.Object(domxml.ObjectVTPM)
+	dir := StateDir(e.m.cfg.VTPMDir, uuid1, o.KeyID)
+	if ents, _ := os.ReadDir(filepath.Dir(dir)); len(ents) != 1 {
+		t.Errorf("left beside the state directory: %v", ents)
+	}
+	if fi, err := os.Stat(filepath.Join(dir, "tpm2-00.permall")); err != nil || int(fi.Sys().(*syscall.Stat_t).Uid) != uid || fi.Mode().Perm() != 0o600 {
+		t.Errorf("state file: %v, %v; want tss's, 0600", fi, err)
+	}
+	key := vtpmKeyBytes(t, uuid1, o)
+	p := startTPM(t, nkpSwtpm, dir, key)
+	clear(key)
+	defer p.stop(t)
+	nv := strings.ToLower(p.tool(t, "tpm2_nvreadpublic"))
+	for _, idx := range []string{"0x1c00002", "0x1c00016", "0x1c08000"} {
+		i := strings.Index(nv, idx+":")
+		if i < 0 {
+			t.Errorf("NV index %s missing; tpm2_nvreadpublic:\n%s", idx, nv)
+			continue
+		}
+		entry := nv[i:]
+		if j := strings.Index(entry[1:], "\n0x"); j >= 0 {
+			entry = entry[:j+1]
+		}
+		for _, attr := range []string{"written", "writelocked", "platformcreate"} {
+			if !strings.Contains(entry, attr) {
+				t.Errorf("NV index %s lacks attribute %s:\n%s", idx, attr, entry)
+			}
+		}
+	}
+	cert := filepath.Join(t.TempDir(), "ek.der")
+	p.tool(t, "tpm2_nvread", "0x1c00002", "-C", "o", "-o", cert)
+	if der, err := os.ReadFile(cert); err != nil || len(der) < 300 || der[0] != 0x30 {
+		t.Errorf("RSA EK certificate: %d bytes, %v; want a DER certificate", len(der), err)
+	}
+	pcrs := p.tool(t, "tpm2_getcap", "pcrs")
+	for bank, want := range map[string]bool{"sha1": false, "sha256": true, "sha384": true, "sha512": false} {
+		if got := strings.Contains(pcrs, bank+": [ 0"); got != want {
+			t.Errorf("bank %s active = %v, want %v; tpm2_getcap pcrs:\n%s", bank, got, want, pcrs)
+		}
+	}
 }

@@ -2,6 +2,7 @@ package vm
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -130,6 +131,10 @@ type Config struct {
 	// VTPMOwner owns the vTPM state directories and files (the user nkp-swtpm runs as);
 	// nil leaves them to hostd's user.
 	VTPMOwner *Owner
+	// Setup, if set, manufactures each new vTPM with swtpm_setup as libvirt does (EK
+	// and platform certificates, PCR banks); nil leaves a new vTPM's state empty, and
+	// nkp-swtpm then starts with libtpms' defaults (all PCR banks, no certificates).
+	Setup *SwtpmSetup
 	// SwtpmOwner owns the state that unprotect hands back to libvirt (qemu.conf's
 	// swtpm_user, "tss" on Debian); nil leaves it to hostd's user.
 	SwtpmOwner *Owner
@@ -642,6 +647,9 @@ func (m *Manager) ProtectWith(ctx context.Context, domain string, req vmapi.Prot
 		if tp, _ := d.TPM(); tp != nil && tp.EncryptionSecret != "" {
 			obj.SwtpmSecret = tp.EncryptionSecret // unprotect --tpm keep encrypts under it again
 		}
+		if tp, _ := d.TPM(); tp != nil && tp.Backend == domxml.BackendEmulator && len(tp.ActivePCRBanks) > 0 {
+			obj.PCRBanks = strings.Join(tp.ActivePCRBanks, ",") // the external backend has no place for them
+		}
 		if key, err = m.vtpmKey(ctx, d.Name, d.UUID, obj); err != nil {
 			return vmapi.VM{}, err
 		}
@@ -687,6 +695,23 @@ func (m *Manager) ProtectWith(ctx context.Context, domain string, req vmapi.Prot
 	if err != nil {
 		return vmapi.VM{}, fmt.Errorf("vm %q: %w", d.Name, err)
 	}
+	// A new vTPM is manufactured before anything changes: a failure leaves all as it was.
+	newBlobs := src.blobs
+	if !hasVTPM && len(src.blobs) == 0 && m.cfg.Setup != nil {
+		var banks []string
+		if obj.PCRBanks != "" {
+			banks = strings.Split(obj.PCRBanks, ",")
+		}
+		if newBlobs, err = m.manufacture(ctx, d, banks); err != nil {
+			return vmapi.VM{}, err
+		}
+		defer func() {
+			for _, b := range newBlobs {
+				clear(b)
+			}
+		}()
+		note = "new vTPM manufactured by swtpm_setup as libvirt does (EK and platform certificates, PCR banks " + cmp.Or(obj.PCRBanks, "of swtpm_setup.conf") + ")"
+	}
 	e := &entry{Op: opProtect, Domain: d.Name, UUID: d.UUID, New: obj, Disks: des, RemoveOriginal: req.RemoveOriginal}
 	if !hasVTPM {
 		e.NewDir = StateDir(m.cfg.VTPMDir, d.UUID, obj.KeyID)
@@ -705,7 +730,7 @@ func (m *Manager) ProtectWith(ctx context.Context, domain string, req vmapi.Prot
 		return vmapi.VM{}, err
 	}
 	if !hasVTPM {
-		if err := m.writeState(e.NewDir, key, src.blobs, m.cfg.VTPMOwner, 0o711); err != nil {
+		if err := m.writeState(e.NewDir, key, newBlobs, m.cfg.VTPMOwner, 0o711); err != nil {
 			return fail(fmt.Errorf("vm %q: key %s: writing the vTPM state: %w", d.Name, obj.KeyID, err))
 		}
 		m.step(opProtect, "staged")
@@ -946,7 +971,7 @@ func (m *Manager) RekeyWith(ctx context.Context, domain string, req vmapi.RekeyR
 			}
 			return vmapi.VM{}, fmt.Errorf("vm %q: key %s: reading the vTPM state: %w; nothing was changed", d.Name, old.KeyID, err)
 		}
-		obj = domxml.Object{Name: domxml.ObjectVTPM, KeyID: kdk.NewKeyID(), KDKID: p.ID, KDKVersion: p.Version, SwtpmSecret: old.SwtpmSecret}
+		obj = domxml.Object{Name: domxml.ObjectVTPM, KeyID: kdk.NewKeyID(), KDKID: p.ID, KDKVersion: p.Version, SwtpmSecret: old.SwtpmSecret, PCRBanks: old.PCRBanks}
 		if newKey, err = m.vtpmKey(ctx, d.Name, d.UUID, obj); err != nil {
 			src.close(false)
 			return vmapi.VM{}, err
@@ -1148,6 +1173,9 @@ func (m *Manager) UnprotectWith(ctx context.Context, domain, tpm string, progres
 			return vmapi.VM{}, fmt.Errorf("vm %q: key %s: reading the vTPM state: %w; nothing was changed", d.Name, old.KeyID, err)
 		}
 		emu = &domxml.TPM{Model: model, Backend: domxml.BackendEmulator, Version: "2.0", EncryptionSecret: old.SwtpmSecret}
+		if old.PCRBanks != "" {
+			emu.ActivePCRBanks = strings.Split(old.PCRBanks, ",")
+		}
 		if emu.Model == "" {
 			emu.Model = "tpm-crb"
 		}

@@ -122,6 +122,7 @@ func TestUEFI(t *testing.T) {
 				nv = "nv-uefi-nkp"
 				recs := boot("first protected boot", guest.Config{Actions: []string{guest.ActionEK, guest.ActionNVWrite}, NV: nv})
 				wantNV(t, "first protected boot", recs, nv)
+				wantManufactured(t, "first protected boot", recs, "sha256")
 				ek = ekOf(recs)
 			}
 			// Stop and start: NV and EK as before, and status healthy while it runs.
@@ -225,6 +226,20 @@ func wantFirmwareMeasured(t *testing.T, what string, recs []guest.Record) {
 	banks, _ := guest.Last(recs, "pcr-banks")
 	events, _ := guest.Last(recs, "eventlog-events")
 	t.Logf("%s: PCR banks %s, %s events in the log, EK %s", what, banks, events, ekOf(recs))
+}
+
+// wantManufactured checks that a new vTPM looks to the guest like the one libvirt's
+// swtpm_setup makes: only the PCR banks wanted (swtpm_setup.conf's sha256 unless the
+// domain set <active_pcr_banks>), and an RSA EK certificate in NV.
+func wantManufactured(t *testing.T, what string, recs []guest.Record, banks string) {
+	t.Helper()
+	if got, _ := guest.Last(recs, "pcr-banks"); got != banks {
+		t.Errorf("%s: the guest sees PCR banks %q, want %q as libvirt's swtpm_setup activates", what, got, banks)
+	}
+	certs, _ := guest.Last(recs, "ek-certs")
+	if !regexp.MustCompile(`^rsa:[1-9][0-9]{2,}(,|$)`).MatchString(certs) {
+		t.Errorf("%s: the guest's EK certificates are %q, want an RSA EK certificate (rsa:SIZE) as swtpm_setup --create-ek-cert writes", what, certs)
+	}
 }
 
 // wantStatusOK checks what `nkpctl vm status` says of the running VM: its TPM ok.
