@@ -29,8 +29,9 @@
 // ENOSPC on a loop-mounted file system, an already encrypted disk refused, the provider
 // down and hostd restarted); TestUEFI (q35 with OVMF and Secure Boot, libvirt's
 // autoselection with its swtpm on tpm-crb adopted, and an explicit loader and NVRAM
-// template with a new vTPM on tpm-tis: the guest booted directly by OVMF sees its TPM
-// with the firmware's measurements, PCR 0 equal to its event log's replay and
+// template with a new vTPM on tpm-tis, manufactured by swtpm_setup with the domain's
+// <active_pcr_banks>: the guest sees only those banks and an RSA EK certificate; the
+// guest booted directly by OVMF sees its TPM with the firmware's measurements, PCR 0 equal to its event log's replay and
 // SecureBoot=1 measured, EK and NV kept, status ok, a virsh reset (a reboot) re-measured
 // into reset PCRs; protect, rekey and unprotect keep the firmware XML byte for byte and
 // the NVRAM file untouched). Fixtures: startProvider (init, serve, backup, tokens in

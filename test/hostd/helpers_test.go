@@ -150,6 +150,7 @@ type domainSpec struct {
 	Console                 string
 	TPM                     string
 	TPMModel                string     // "" is tpm-tis
+	PCRBanks                []string   // the emulator's <active_pcr_banks>; nil: none
 	Disks                   []diskSpec // virtio disks, in order
 	UEFI                    *uefiSpec  // nil: machine pc with SeaBIOS
 	// Reboot makes a reset reboot the guest (<on_reboot>restart); otherwise the domain
@@ -204,7 +205,7 @@ var domainXML = template.Must(template.New("domain").Funcs(template.FuncMap{"x":
     <serial type='file'><source path='{{x .Console}}' append='on'/><target port='0'/></serial>
     <console type='file'><source path='{{x .Console}}' append='on'/><target type='serial' port='0'/></console>
 {{- if eq .TPM "emulator"}}
-    <tpm model='{{if .TPMModel}}{{x .TPMModel}}{{else}}tpm-tis{{end}}'><backend type='emulator' version='2.0'/></tpm>
+    <tpm model='{{if .TPMModel}}{{x .TPMModel}}{{else}}tpm-tis{{end}}'><backend type='emulator' version='2.0'>{{if .PCRBanks}}<active_pcr_banks>{{range .PCRBanks}}<{{x .}}/>{{end}}</active_pcr_banks>{{end}}</backend></tpm>
 {{- else if .TPM}}
     <tpm model='{{if .TPMModel}}{{x .TPMModel}}{{else}}tpm-tis{{end}}'><backend type='external'><source type='unix' mode='connect' path='{{x .TPM}}'/></backend></tpm>
 {{- end}}

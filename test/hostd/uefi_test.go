@@ -1,6 +1,7 @@
 package hostd
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -32,8 +33,9 @@ const (
 // kernel boots directly (-kernel) under OVMF through its EFI stub. Each guest must see
 // its TPM with the firmware's measurements in it (PCR 0 not zero and equal to PCR 0
 // replayed from the event log OVMF handed the kernel), the adopted one the same EK and
-// NV as under libvirt's swtpm, the new one its NV after a stop and start; `nkpctl vm
-// status` says ok while it runs. protect, rekey and unprotect leave the firmware
+// NV as under libvirt's swtpm, the new one its NV after a stop and start and, as
+// swtpm_setup manufactured it, only the banks of its <active_pcr_banks> (sha256,
+// sha384) and an RSA EK certificate; `nkpctl vm status` says ok while it runs. protect, rekey and unprotect leave the firmware
 // configuration (<os firmware>, <loader>, <nvram>, <firmware>, <smm>) byte for byte
 // and the NVRAM file untouched.
 func TestUEFI(t *testing.T) {
@@ -53,6 +55,7 @@ func TestUEFI(t *testing.T) {
 		name      string
 		uefi      func(f vmFiles) *uefiSpec
 		model     string // the domain's TPM before protect: libvirt's swtpm of this model
+		banks     []string
 		booted    bool   // booted with libvirt's swtpm before protect: protect adopts its state
 		reset     bool   // virsh reset while the protected VM runs (a reboot: QEMU resets the vTPM)
 		unprotect string // vmapi.UnprotectKeep or vmapi.UnprotectNone
@@ -72,7 +75,7 @@ func TestUEFI(t *testing.T) {
 			uefi: func(f vmFiles) *uefiSpec {
 				return &uefiSpec{SecureBoot: true, Loader: ovmfSecbootCode, Template: ovmfMSVars, NVRAM: filepath.Join(f.dir, "VARS.fd")}
 			},
-			model: "tpm-tis", unprotect: vmapi.UnprotectNone,
+			model: "tpm-tis", unprotect: vmapi.UnprotectNone, banks: []string{"sha256", "sha384"},
 			nvram: func(_ *libvirtns.Host, _ string, f vmFiles) string { return filepath.Join(f.dir, "VARS.fd") },
 		},
 	}
@@ -81,7 +84,7 @@ func TestUEFI(t *testing.T) {
 			start := time.Now()
 			vm := newNKPVM(t, a, "uefi", protection{})
 			vm.spec.UEFI = tc.uefi(vm.f)
-			vm.spec.TPM, vm.spec.TPMModel = "emulator", tc.model
+			vm.spec.TPM, vm.spec.TPMModel, vm.spec.PCRBanks = "emulator", tc.model, tc.banks
 			vm.spec.Reboot = tc.reset
 			nvram := tc.nvram(h, vm.spec.Name, vm.f)
 			boot := func(what string, cfg guest.Config) []guest.Record {
@@ -122,7 +125,7 @@ func TestUEFI(t *testing.T) {
 				nv = "nv-uefi-nkp"
 				recs := boot("first protected boot", guest.Config{Actions: []string{guest.ActionEK, guest.ActionNVWrite}, NV: nv})
 				wantNV(t, "first protected boot", recs, nv)
-				wantManufactured(t, "first protected boot", recs, "sha256")
+				wantManufactured(t, "first protected boot", recs, cmp.Or(strings.Join(tc.banks, ","), "sha256"))
 				ek = ekOf(recs)
 			}
 			// Stop and start: NV and EK as before, and status healthy while it runs.
