@@ -37,6 +37,18 @@ func (m *Manager) Recover(ctx context.Context) error {
 			}
 		}
 	}
+	// A new vTPM's staging directory (manufacture.go) that a killed hostd left: its
+	// one-time key died with that hostd, so nothing in it can be read. It goes, and so
+	// does its VM's vTPM directory when that held nothing else (a VM never protected).
+	if stale, err := filepath.Glob(filepath.Join(m.cfg.VTPMDir, "*", ".setup-*")); err == nil {
+		for _, s := range stale {
+			if err := os.RemoveAll(s); err != nil {
+				errs = append(errs, fmt.Errorf("vm: removing the interrupted vTPM setup %s: %w", s, err))
+				continue
+			}
+			_ = os.Remove(filepath.Dir(s)) // fails, as it should, unless it is empty
+		}
+	}
 	for _, u := range uuids {
 		if err := m.recoverOneLocked(ctx, u); err != nil {
 			errs = append(errs, err)

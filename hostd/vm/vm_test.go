@@ -768,3 +768,34 @@ func TestJournalUnwritable(t *testing.T) {
 		t.Fatalf("state directories left: %v", ents)
 	}
 }
+
+// TestRecoverSetupLeftovers: staging directories of a new vTPM's manufacture that a killed
+// hostd left are removed at the next start, with a VM directory that held nothing else;
+// a VM directory with state keeps its state.
+func TestRecoverSetupLeftovers(t *testing.T) {
+	e := newEnv(t)
+	onlySetup := filepath.Join(e.m.cfg.VTPMDir, "1b9cd8a4-8b9f-4c7e-9a55-3e6c1f2d0a11")
+	withState := filepath.Join(e.m.cfg.VTPMDir, "2c8ab7e1-6d4f-4b3a-8e22-5f7a9c0b1d22")
+	for _, d := range []string{
+		filepath.Join(onlySetup, ".setup-0123456789abcdef"),
+		filepath.Join(withState, ".setup-fedcba9876543210"),
+		filepath.Join(withState, "k-state"),
+	} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(d, "tpm2-00.permall"), []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.m.Recover(context.Background()); err != nil {
+		t.Fatalf("Recover: %v", err)
+	}
+	if _, err := os.Stat(onlySetup); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("VM directory holding only a setup leftover kept: %v", err)
+	}
+	ents, err := os.ReadDir(withState)
+	if err != nil || len(ents) != 1 || ents[0].Name() != "k-state" {
+		t.Errorf("VM directory with state: %v, %v; want only k-state", ents, err)
+	}
+}
