@@ -50,7 +50,7 @@
 // a one-time random key on a pipe (--keyfile-fd, aes-256-cbc). Its blobs are then read and
 // written as the state of an adopted vTPM (a normal nkp state file under the vTPM's key,
 // with the directory's own state ID), and the staging directory removed (one a killed
-// hostd left is removed by Recover at its next start, or by the next protect). swtpm_setup
+// hostd left is removed by Recover at its next start). swtpm_setup
 // missing or failing fails the protect with ErrUnavailable naming the VM, the tool, its
 // last log lines and the fix; nothing has changed then. Config.Setup nil keeps the old
 // behaviour (empty state: libtpms' defaults, all PCR banks, no EK certificate). The

@@ -91,13 +91,8 @@ func (m *Manager) manufacture(ctx context.Context, d *domxml.Domain, banks []str
 			return nil, fmt.Errorf("vm %q: manufacturing its new vTPM: %w", d.Name, err)
 		}
 	}
-	// A staging directory left by a hostd killed during a run is useless (its key is
-	// gone); operations run one at a time, so none is in use now.
-	if old, _ := filepath.Glob(filepath.Join(parent, ".setup-*")); len(old) > 0 {
-		for _, o := range old {
-			os.RemoveAll(o)
-		}
-	}
+	// A staging directory a killed hostd left is removed by Recover, which runs at
+	// hostd's start before any operation.
 	var r [8]byte
 	rand.Read(r[:])
 	dir := filepath.Join(parent, ".setup-"+hex.EncodeToString(r[:]))
