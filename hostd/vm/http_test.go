@@ -2,8 +2,6 @@ package vm
 
 import (
 	"context"
-	"net"
-	"net/http"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -16,18 +14,7 @@ import (
 func TestHandler(t *testing.T) {
 	e := newEnv(t)
 	e.define(t, "h1", uuid1, "")
-	sock := filepath.Join(t.TempDir(), "hostd.sock")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mux := http.NewServeMux()
-	mux.Handle(vmapi.PathVMs, e.m.Handler())
-	mux.Handle(vmapi.PathVMs+"/", e.m.Handler())
-	srv := &http.Server{Handler: mux}
-	go srv.Serve(ln)
-	t.Cleanup(func() { srv.Close() })
-	c := vmapi.NewClient(sock)
+	c := serve(t, e)
 	ctx := context.Background()
 
 	v, err := c.Protect(ctx, "h1")
@@ -81,15 +68,7 @@ func TestHandlerStream(t *testing.T) {
 	dir := t.TempDir()
 	diskImages(t, dir)
 	e.define(t, "h2", uuid1, diskDevices(dir))
-	sock := filepath.Join(t.TempDir(), "hostd.sock")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &http.Server{Handler: e.m.Handler()}
-	go srv.Serve(ln)
-	t.Cleanup(func() { srv.Close() })
-	c := vmapi.NewClient(sock)
+	c := serve(t, e)
 	ctx := context.Background()
 	var got []vmapi.Progress
 	v, err := c.ProtectWith(ctx, "h2", vmapi.ProtectRequest{Disks: "vda"}, func(p vmapi.Progress) { got = append(got, p) })
