@@ -11,7 +11,9 @@
 //     it refuses operations that start a VM (and unknown ones) with a sentence saying
 //     so, and passes the others with a warning;
 //  2. otherwise forwards (domain, operation, sub-operation, extra, XML) to nkp-hostd over
-//     its root-only unix socket and waits for the answer, at most Config.Timeout;
+//     its root-only unix socket, in hookproto's binary framing (version 2), and waits
+//     for the answer, at most Config.Timeout (OptionalTimeout for operations that are
+//     not hookproto.Required);
 //  3. exits 0 when hostd allows, 1 when it refuses, printing hostd's sentence on stderr
 //     (virsh shows it to the user). When hostd cannot be asked, operations that start a
 //     VM (hookproto.Required) fail closed with a sentence naming the VM, the key ID and
@@ -222,10 +224,10 @@ func ask(ctx context.Context, socket string, req hookproto.Request, deadline tim
 	defer c.Close()
 	stop := c.closeOnCancel(ctx)
 	defer stop()
-	if err := hookproto.WriteRequest(c, req); err != nil {
+	if err := hookproto.WriteRequest2(c, req); err != nil {
 		return hookproto.Reply{}, fmt.Errorf("sending the request: %w", limitErr(ctx, err))
 	}
-	reply, err := hookproto.ReadReply(bufio.NewReader(c))
+	reply, err := hookproto.ReadReplyAny(bufio.NewReader(c))
 	if err != nil {
 		return hookproto.Reply{}, limitErr(ctx, err)
 	}

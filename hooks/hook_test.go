@@ -1,6 +1,7 @@
 package hooks
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
 	"io"
@@ -50,7 +51,7 @@ func startServer(t *testing.T, reply func(hookproto.Request) hookproto.Reply) *s
 			}
 			go func() {
 				defer c.Close()
-				req, err := hookproto.ReadRequest(c)
+				req, framing, err := hookproto.ReadRequestAny(bufio.NewReader(c))
 				if err != nil {
 					return
 				}
@@ -61,7 +62,7 @@ func startServer(t *testing.T, reply func(hookproto.Request) hookproto.Reply) *s
 					<-s.done
 					return
 				}
-				hookproto.WriteReply(c, s.reply(req))
+				hookproto.WriteReplyIn(c, framing, s.reply(req))
 			}()
 		}
 	}()
@@ -159,7 +160,7 @@ func TestMain_(t *testing.T) {
 				}
 				if tt.forwarded {
 					a := tt.args[len(tt.args)-4:]
-					want := hookproto.Request{Version: 1, Domain: a[0], Op: a[1], SubOp: a[2], Extra: a[3], XML: tt.xml}
+					want := hookproto.Request{Version: hookproto.Version2, Domain: a[0], Op: a[1], SubOp: a[2], Extra: a[3], XML: tt.xml}
 					if got[0] != want {
 						t.Errorf("hostd got %+v, want %+v", got[0], want)
 					}

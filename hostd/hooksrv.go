@@ -45,10 +45,12 @@ func (d *Daemon) serveHooks(ctx context.Context) error {
 func (d *Daemon) serveHook(ctx context.Context, c net.Conn) {
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(d.cfg.HookTimeout + 5*time.Second))
-	req, err := hookproto.ReadRequest(bufio.NewReader(c))
+	// Either framing: the binary one of this release's hook, or JSON from a hook of the
+	// last release (during an upgrade); the reply goes back in the request's.
+	req, framing, err := hookproto.ReadRequestAny(bufio.NewReader(c))
 	if err != nil {
 		d.log.Warn("hook request refused", "err", err)
-		hookproto.WriteReply(c, hookproto.Reply{Version: hookproto.Version, Message: "nkp: nkp-hostd could not read the hook's request (" + err.Error() + "): install nkp-hook and nkp-hostd from the same release"})
+		hookproto.WriteReplyIn(c, framing, hookproto.Reply{Version: hookproto.Version, Message: "nkp: nkp-hostd could not read the hook's request (" + err.Error() + "): install nkp-hook and nkp-hostd from the same release"})
 		return
 	}
 	start := time.Now()
@@ -60,7 +62,7 @@ func (d *Daemon) serveHook(ctx context.Context, c net.Conn) {
 		result = "refuse"
 	}
 	d.metrics.hookSeconds.WithLabelValues(metricOp(req.Op), result).Observe(time.Since(start).Seconds())
-	if err := hookproto.WriteReply(c, reply); err != nil {
+	if err := hookproto.WriteReplyIn(c, framing, reply); err != nil {
 		d.log.Warn("hook reply not delivered", "domain", req.Domain, "op", req.Op, "err", err)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"net"
 	"net/url"
 	"os"
 	"os/exec"
@@ -12,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nkp-dev/nkp/hooks/hookproto"
 	"github.com/nkp-dev/nkp/provider/apiv1"
 	"github.com/nkp-dev/nkp/provider/kdk"
 	"github.com/nkp-dev/nkp/test/e2e"
@@ -92,6 +94,35 @@ func TestHost(t *testing.T) {
 	}
 	if vt := h.status().VTPMs; len(vt) != 1 || vt[0].UUID != a.uuid {
 		t.Errorf("vTPMs after an unknown operation: %+v", vt)
+	}
+	// A hook of the last release speaks JSON frames (hookproto version 1): hostd answers it
+	// in them; a binary request it cannot read is refused in the binary framing.
+	for _, tc := range []struct {
+		name, send string
+		want       hookproto.Reply
+	}{
+		{"JSON request", "", hookproto.Reply{Version: hookproto.Version, Allow: true}},
+		{"binary request of another version", hookproto.Magic + "\x03", hookproto.Reply{Version: hookproto.Version2, Message: "version 3"}},
+	} {
+		c, err := net.Dial("unix", filepath.Join(h.run, "hook.sock"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tc.send == "" {
+			err = hookproto.WriteRequest(c, hookproto.Request{Version: hookproto.Version, Domain: a.name, Op: "teleport", SubOp: "begin", Extra: "-", XML: xmlA})
+		} else {
+			_, err = c.Write([]byte(tc.send))
+			c.(*net.UnixConn).CloseWrite()
+		}
+		var r hookproto.Reply
+		if err == nil {
+			c.SetDeadline(time.Now().Add(time.Minute))
+			r, err = hookproto.ReadReplyAny(c)
+		}
+		c.Close()
+		if err != nil || r.Version != tc.want.Version || r.Allow != tc.want.Allow || !strings.Contains(r.Message, tc.want.Message) {
+			t.Errorf("%s: reply %+v, %v; want %+v", tc.name, r, err, tc.want)
+		}
 	}
 	if !strings.Contains(h.logs.String(), "unknown hook operation teleport") {
 		t.Errorf("hostd's log does not note the unknown operation:\n%s", h.logs.String())

@@ -4,10 +4,22 @@
 // with the sentence libvirt shows the virsh user) per connection, over a root-only unix
 // socket.
 //
-// Framing: each message is a 4-byte big-endian length and then that many bytes of JSON
-// (an object, unknown fields refused). Requests are at most MaxRequest bytes, replies at
-// most MaxReply bytes. The version field must be Version; a peer of another version is
-// refused with a sentence saying to install matching nkp-hook and nkp-hostd.
+// Two framings, told apart by a message's first byte; hostd reads both (ReadRequestAny)
+// and answers in the request's (WriteReplyIn):
+//
+//   - version 2, binary (what this release's hook sends; simple enough for nkp-hook's
+//     assembly entry to write and check without the Go runtime): Magic ("nkph"), the
+//     byte 2, then for a request domain, operation, sub-operation, extra and the XML,
+//     each a 4-byte little-endian length and its bytes; for a reply a byte allow (1) or
+//     refuse (0) and the message as a 4-byte little-endian length and its bytes. An
+//     allow without a message is thus exactly the 10 bytes of ReplyAllow.
+//   - version 1, JSON (the last release's hook, kept for upgrades): a 4-byte big-endian
+//     length and then that many bytes of JSON (an object, unknown fields refused), whose
+//     version field must be Version.
+//
+// Requests are at most MaxRequest bytes, replies' messages at most MaxReply bytes; a
+// peer of another version is refused with a sentence saying to install matching
+// nkp-hook and nkp-hostd. The hook reads either framing back (ReadReplyAny).
 //
 // The package also holds what the hook decides without asking hostd: Protected (does the
 // XML carry nkp's metadata namespace at all) and Required (does the operation refuse when
