@@ -21,10 +21,13 @@
 // and kill -9 during NV writes through a go-tpm client (up to 300 trials, 60 s per
 // backend). Tests of features swtpm 0.7.1 lacks skip it by its --print-capabilities.
 //
-// TestUpstreamSuite runs swtpm's own TPM 2.0 test scripts (tests/ of the swtpm source,
-// which is not in this repository) against both backends, once per socket interface
-// pair as upstream's wrappers do. It needs the source unpacked under $NKP_SWTPM_SRC
-// (default /var/tmp/swtpm-src) and is skipped, saying so, without it. Scripts for
-// CUSE, chardev and vtpm-proxy modes are out of scope (nkp-swtpm runs only as
-// `socket`); the table in upstream_test.go says why each left-out script is left out.
+// TestUpstreamSuite runs swtpm's own TPM 2.0 test scripts against both backends, once
+// per socket interface pair as upstream's wrappers do. They are vendored in
+// testdata/swtpm-tests (BSD-3-Clause; its README.md says where they come from and what
+// was changed: reconstructed from stored copies of github.com/stefanberger/swtpm,
+// expectations fitted to libtpms 0.9.2), so the test runs in CI; $NKP_SWTPM_SRC, when
+// set, names a swtpm source tree whose tests/ is run instead. The scripts need bash,
+// socat and ss besides the swtpm tools. Scripts for CUSE, chardev and vtpm-proxy modes
+// are out of scope (nkp-swtpm runs only as `socket`); the table in upstream_test.go
+// says why each left-out script is left out.
 package swtpmtools

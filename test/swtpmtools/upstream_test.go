@@ -16,11 +16,13 @@ import (
 )
 
 // EnvSwtpmSource names the environment variable that points at an unpacked swtpm
-// 0.7.1 source tree; TestUpstreamSuite runs the scripts of its tests/ directory.
+// source tree; when set, TestUpstreamSuite runs the scripts of its tests/ directory
+// instead of the copy in testdata.
 const EnvSwtpmSource = "NKP_SWTPM_SRC"
 
-// defaultSwtpmSource is where TestUpstreamSuite looks when $NKP_SWTPM_SRC is unset.
-const defaultSwtpmSource = "/var/tmp/swtpm-src"
+// vendoredTests is the copy of swtpm's test scripts that TestUpstreamSuite runs by
+// default (see its README.md for where they come from and what was changed).
+const vendoredTests = "testdata/swtpm-tests"
 
 // upstreamScript is one of swtpm's own test scripts (tests/ of its source).
 type upstreamScript struct {
@@ -75,21 +77,18 @@ var upstreamScripts = []upstreamScript{
 // script with, less CUSE.
 var upstreamInterfaces = []string{"socket+socket", "socket+unix", "unix+unix"}
 
-// TestUpstreamSuite runs swtpm's own test scripts (the tests/ directory of the swtpm
-// source) against Debian's swtpm and nkp-swtpm. The swtpm source is not in this
-// repository: the test runs when $NKP_SWTPM_SRC (default /var/tmp/swtpm-src) holds
-// it and is skipped otherwise. Every script must pass on swtpm too, which shows that
-// the harness and the script's expectations fit swtpm 0.7.1 with this libtpms.
+// TestUpstreamSuite runs swtpm's own test scripts against Debian's swtpm and
+// nkp-swtpm: by default the copy in testdata/swtpm-tests, or the tests/ directory of
+// the swtpm source tree that $NKP_SWTPM_SRC names. Every script must pass on swtpm
+// too, which shows that the harness and the script's expectations fit swtpm 0.7.1 with
+// this libtpms.
 func TestUpstreamSuite(t *testing.T) {
-	src := os.Getenv(EnvSwtpmSource)
-	if src == "" {
-		src = defaultSwtpmSource
+	dir, vendored := vendoredTests, true
+	if src := os.Getenv(EnvSwtpmSource); src != "" {
+		dir, vendored = filepath.Join(src, "tests"), false
 	}
-	dir := filepath.Join(src, "tests")
 	if _, err := os.Stat(filepath.Join(dir, "common")); err != nil {
-		// Not e2e.Unavailable: CI has no way to fetch the swtpm source, so its absence
-		// is not a missing tool that NKP_E2E=required should turn into a failure.
-		t.Skipf("swtpm's test suite is not present (%v); unpack the swtpm 0.7.1 source to %s or set %s to run swtpm's own test scripts", err, defaultSwtpmSource, EnvSwtpmSource)
+		t.Fatalf("swtpm's test scripts are not in %s (%v); unset %s to run the copy in %s, or point it at an unpacked swtpm source tree", dir, err, EnvSwtpmSource, vendoredTests)
 	}
 	e2e.Require(t, "bash", "socat", "swtpm_ioctl", "swtpm_bios", "ss")
 	ioctl, _ := exec.LookPath("swtpm_ioctl")
@@ -102,6 +101,9 @@ func TestUpstreamSuite(t *testing.T) {
 					t.Skip(s.skip)
 				}
 				if _, err := os.Stat(filepath.Join(dir, s.file)); err != nil {
+					if vendored {
+						t.Fatalf("%s is listed but not in %s: %v", s.file, dir, err)
+					}
 					t.Skipf("%s is not in %s: %v", s.file, dir, err)
 				}
 				if s.feature != "" && !hasFeature(t, be, s.feature) {
