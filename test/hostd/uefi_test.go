@@ -35,9 +35,11 @@ const (
 // replayed from the event log OVMF handed the kernel), the adopted one the same EK and
 // NV as under libvirt's swtpm, the new one its NV after a stop and start and, as
 // swtpm_setup manufactured it, only the banks of its <active_pcr_banks> (sha256,
-// sha384) and an RSA EK certificate; `nkpctl vm status` says ok while it runs. protect, rekey and unprotect leave the firmware
-// configuration (<os firmware>, <loader>, <nvram>, <firmware>, <smm>) byte for byte
-// and the NVRAM file untouched.
+// sha384) and an RSA EK certificate; `nkpctl vm status` says ok while it runs. The
+// adopted one asks for banks sha1,sha256, and after unprotect --tpm keep its definition
+// has the same <active_pcr_banks> as before protect and the guest sees the same banks.
+// protect, rekey and unprotect leave the firmware configuration (<os firmware>,
+// <loader>, <nvram>, <firmware>, <smm>) byte for byte and the NVRAM file untouched.
 func TestUEFI(t *testing.T) {
 	a := requireHosts(t)
 	for _, f := range []string{ovmfSecbootCode, ovmfMSVars} {
@@ -63,9 +65,10 @@ func TestUEFI(t *testing.T) {
 	}{
 		{
 			// What virt-install --boot uefi --tpm default gives a Windows 11 guest.
-			name:  "firmware autoselection with secure-boot, libvirt swtpm tpm-crb adopted",
-			uefi:  func(vmFiles) *uefiSpec { return &uefiSpec{Auto: true, SecureBoot: true} },
-			model: "tpm-crb", booted: true, reset: true, unprotect: vmapi.UnprotectKeep,
+			name: "firmware autoselection with secure-boot, libvirt swtpm tpm-crb adopted",
+			uefi: func(vmFiles) *uefiSpec { return &uefiSpec{Auto: true, SecureBoot: true} },
+			// Banks other than swtpm_setup's default (sha256), that unprotect must give back.
+			model: "tpm-crb", banks: []string{"sha1", "sha256"}, booted: true, reset: true, unprotect: vmapi.UnprotectKeep,
 			nvram: func(h *libvirtns.Host, name string, _ vmFiles) string {
 				return h.Path("/var/lib/libvirt/qemu/nvram/" + name + "_VARS.fd")
 			},
@@ -95,7 +98,7 @@ func TestUEFI(t *testing.T) {
 				return recs
 			}
 
-			var ek string
+			var ek, banks string
 			vm.definePlain(t, h, guest.Config{})
 			t.Cleanup(func() { // before vm's own clean-up, whose undefine refuses a domain with NVRAM
 				h.Virsh(context.Background(), "destroy", vm.spec.Name)
@@ -105,7 +108,12 @@ func TestUEFI(t *testing.T) {
 				recs := boot("boot with libvirt's swtpm", guest.Config{Actions: []string{guest.ActionEK, guest.ActionNVWrite}, NV: "nv-uefi-libvirt"})
 				wantNV(t, "boot with libvirt's swtpm", recs, "nv-uefi-libvirt")
 				ek = ekOf(recs)
+				banks, _ = guest.Last(recs, "pcr-banks")
+				if want := strings.Join(tc.banks, ","); banks != want {
+					t.Errorf("under libvirt's swtpm the guest sees PCR banks %q, want %q as the domain's <active_pcr_banks> asks", banks, want)
+				}
 			}
+			pcrBanks := activePCRBanks(inactiveXML(t, h, vm.spec.Name))
 			fw := firmwareConfig(t, h, vm.spec.Name)
 			sum := fileSum(t, nvram) // "" when the domain never started
 			t.Logf("firmware configuration before protect:\n%s", fw)
@@ -192,11 +200,19 @@ func TestUEFI(t *testing.T) {
 				if !regexp.MustCompile(`<tpm model='` + tc.model + `'>\s*<backend type='emulator'`).MatchString(after) {
 					t.Fatalf("after unprotect the domain has no libvirt-managed %s:\n%s", tc.model, after)
 				}
-				// Back on libvirt's swtpm with the vTPM's state: same EK and NV.
+				// Back on libvirt's swtpm with the vTPM's state: the same <active_pcr_banks>
+				// in the definition as before protect, and the same EK, NV and PCR banks in
+				// the guest.
+				if got := activePCRBanks(after); got != pcrBanks || pcrBanks == "" && len(tc.banks) > 0 {
+					t.Errorf("after unprotect --tpm keep the domain's <active_pcr_banks> is %q, want %q as before protect", got, pcrBanks)
+				}
 				recs := boot("boot after unprotect", guest.Config{Actions: []string{guest.ActionEK, guest.ActionNVRead}})
 				wantNV(t, "boot after unprotect", recs, nv)
 				if got := ekOf(recs); got != ek {
 					t.Errorf("after unprotect the guest's EK is %q, want %q as before", got, ek)
+				}
+				if got, _ := guest.Last(recs, "pcr-banks"); tc.booted && got != banks {
+					t.Errorf("after unprotect the guest sees PCR banks %q, want %q as before protect", got, banks)
 				}
 			}
 			t.Logf("%s: %.0f s", tc.name, time.Since(start).Seconds())
@@ -290,6 +306,14 @@ func setJob(t *testing.T, h *libvirtns.Host, name string, cfg guest.Config) {
 func inactiveXML(t *testing.T, h *libvirtns.Host, name string) string {
 	t.Helper()
 	return virsh(t, h, "dumpxml", "--inactive", "--security-info", name)
+}
+
+var activePCRBanksElem = regexp.MustCompile(`(?s)<active_pcr_banks>.*?</active_pcr_banks>|<active_pcr_banks/>`)
+
+// activePCRBanks is the <active_pcr_banks> element of a domain XML with its white space
+// removed ("" when there is none).
+func activePCRBanks(x string) string {
+	return strings.Join(strings.Fields(activePCRBanksElem.FindString(x)), "")
 }
 
 // firmwareConfig is the firmware part of the domain's defined XML (see firmwareOf).
