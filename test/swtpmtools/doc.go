@@ -24,10 +24,12 @@
 // TestUpstreamSuite runs swtpm's own TPM 2.0 test scripts against both backends, once
 // per socket interface pair as upstream's wrappers do. They are vendored in
 // testdata/swtpm-tests (BSD-3-Clause; its README.md says where they come from and what
-// was changed: reconstructed from stored copies of github.com/stefanberger/swtpm,
-// expectations fitted to libtpms 0.9.2), so the test runs in CI; $NKP_SWTPM_SRC, when
-// set, names a swtpm source tree whose tests/ is run instead. The scripts need bash,
-// socat and ss besides the swtpm tools. Scripts for CUSE, chardev and vtpm-proxy modes
-// are out of scope (nkp-swtpm runs only as `socket`); the table in upstream_test.go
-// says why each left-out script is left out.
+// was changed: reconstructed from stored copies of github.com/stefanberger/swtpm, with
+// the pcrUpdateCounter values libtpms 0.9.2 counts), so the test runs in CI. The state
+// files some scripts copy from upstream's tests/data (binaries there) are made by the
+// test with Debian's swtpm, in a copy of the scripts. $NKP_SWTPM_SRC, when set, names a
+// swtpm source tree whose tests/ is run instead. The scripts need bash, socat and ss
+// besides the swtpm tools. Scripts for CUSE, chardev and vtpm-proxy modes are out of
+// scope (nkp-swtpm runs only as `socket`); the table in upstream_test.go says why each
+// left-out script is left out.
 package swtpmtools

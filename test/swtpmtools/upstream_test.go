@@ -61,8 +61,8 @@ var upstreamScripts = []upstreamScript{
 	{file: "_test_tpm2_avoid_da_lockout", perInterface: true, feature: "flags-opt-disable-auto-shutdown"},
 	{file: "_test_tpm2_print_states", env: []string{"SWTPM_IFACE=socket"}},
 	{file: "test_tpm2_ctrlchannel2"},
-	{file: "_test_tpm2_resume_volatile", skip: "needs tests/data/tpm2state1, tpm2state2 and tpm2state2b (binary libtpms state files)"},
-	{file: "_test_tpm2_migration_key", skip: "needs tests/data/tpm2state1 and migkey1 (binary state files); TestStateBlobsAcrossBackends covers migration keys"},
+	{file: "_test_tpm2_resume_volatile", perInterface: true},
+	{file: "_test_tpm2_migration_key", perInterface: true},
 	{file: "_test_tpm2_file_permissions", skip: "needs tests/data/tpm2state2 (binary state files); TestRunAs covers --runas"},
 	{file: "_test_tpm2_print_capabilities", skip: "expects swtpm's exact feature list; nkp-swtpm lists the features it implements (some from swtpm 0.8 to 0.10), pinned by TestPrintCapabilitiesAndStates"},
 	{file: "test_tpm2_parameters", skip: "drives swtpm_setup from the build tree ($ROOT/src); TestSwtpmSetup runs swtpm_setup against nkp-swtpm"},
@@ -90,7 +90,17 @@ func TestUpstreamSuite(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "common")); err != nil {
 		t.Fatalf("swtpm's test scripts are not in %s (%v); unset %s to run the copy in %s, or point it at an unpacked swtpm source tree", dir, err, EnvSwtpmSource, vendoredTests)
 	}
-	e2e.Require(t, "bash", "socat", "swtpm_ioctl", "swtpm_bios", "ss")
+	e2e.Require(t, "bash", "socat", "swtpm_ioctl", "swtpm_bios", "ss", "tpm2_pcrextend")
+	if vendored {
+		// The scripts copy state files from tests/data: make them in a copy of the
+		// scripts (the source tree stays as it is).
+		work := t.TempDir()
+		if err := os.CopyFS(work, os.DirFS(dir)); err != nil {
+			t.Fatalf("copying %s: %v", dir, err)
+		}
+		makeUpstreamData(t, filepath.Join(work, "data"))
+		dir = work
+	}
 	ioctl, _ := exec.LookPath("swtpm_ioctl")
 	bios, _ := exec.LookPath("swtpm_bios")
 	forEachBackend(t, func(t *testing.T, be backend) {
