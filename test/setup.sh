@@ -4,7 +4,7 @@
 set -euo pipefail
 
 PKGS=(libvirt-daemon-system libvirt-dev libvirt-clients qemu-system-x86 qemu-utils
-      swtpm swtpm-tools libtpms-dev libssl-dev tpm2-tools ovmf seabios busybox-static cpio iproute2 socat
+      swtpm swtpm-tools libtpms-dev libssl-dev tpm2-tools ovmf seabios busybox-static cpio iproute2 socat file
       etcd-server etcd-client age gcc make systemd e2fsprogs mount)
 
 missing=()

@@ -28,8 +28,10 @@
 // the pcrUpdateCounter values libtpms 0.9.2 counts), so the test runs in CI. The state
 // files some scripts copy from upstream's tests/data (binaries there) are made by the
 // test with Debian's swtpm, in a copy of the scripts. $NKP_SWTPM_SRC, when set, names a
-// swtpm source tree whose tests/ is run instead. The scripts need bash, socat and ss
-// besides the swtpm tools. Scripts for CUSE, chardev and vtpm-proxy modes are out of
-// scope (nkp-swtpm runs only as `socket`); the table in upstream_test.go says why each
-// left-out script is left out.
+// swtpm source tree whose tests/ is run instead. The scripts need bash, socat, ss, file
+// and su besides the swtpm tools, and _test_tpm2_file_permissions needs root (it runs
+// the TPM and swtpm_setup with --runas nobody); a script that skips itself (exit 77)
+// fails under NKP_E2E=required. Scripts for CUSE, chardev and vtpm-proxy modes are out
+// of scope (nkp-swtpm runs only as `socket`); the table in upstream_test.go says why
+// each left-out script is left out.
 package swtpmtools

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -37,6 +38,13 @@ type upstreamScript struct {
 	// feature, when set, is a --print-capabilities feature the script needs: a
 	// backend without it (swtpm 0.7.1 lacks some that nkp-swtpm has) skips it.
 	feature string
+	// interfaces, when set, are the interface pairs of a perInterface script, as its
+	// upstream wrapper chooses them (otherwise upstreamInterfaces).
+	interfaces []string
+	// testUser runs the script as root with TESTUSER and TESTGROUP (nobody and its
+	// group) set, as its upstream wrapper does, and SWTPM_EXE a copy of the backend
+	// that user can run.
+	testUser bool
 	// skip, when set, says why the script is not run at all.
 	skip string
 }
@@ -63,7 +71,7 @@ var upstreamScripts = []upstreamScript{
 	{file: "test_tpm2_ctrlchannel2"},
 	{file: "_test_tpm2_resume_volatile", perInterface: true},
 	{file: "_test_tpm2_migration_key", perInterface: true},
-	{file: "_test_tpm2_file_permissions", skip: "needs tests/data/tpm2state2 (binary state files); TestRunAs covers --runas"},
+	{file: "_test_tpm2_file_permissions", perInterface: true, interfaces: []string{"socket+socket"}, testUser: true},
 	{file: "_test_tpm2_print_capabilities", skip: "expects swtpm's exact feature list; nkp-swtpm lists the features it implements (some from swtpm 0.8 to 0.10), pinned by TestPrintCapabilitiesAndStates"},
 	{file: "test_tpm2_parameters", skip: "drives swtpm_setup from the build tree ($ROOT/src); TestSwtpmSetup runs swtpm_setup against nkp-swtpm"},
 	{file: "_test_tpm2_save_load_state_locking", skip: "needs swtpm_ioctl --lock-storage (swtpm 0.8+; Debian 12's is 0.7.1), and expects no lock before INIT where nkp-swtpm locks its state from the start; TestSharedStorageMigration covers the lock and release-lock-outgoing"},
@@ -119,12 +127,21 @@ func TestUpstreamSuite(t *testing.T) {
 				if s.feature != "" && !hasFeature(t, be, s.feature) {
 					t.Skipf("%s does not list %q in --print-capabilities", be.name, s.feature)
 				}
-				env := append([]string{"SWTPM_EXE=" + exe, "SWTPM_IOCTL=" + ioctl, "SWTPM_BIOS=" + bios}, s.env...)
+				env := append([]string{"SWTPM_IOCTL=" + ioctl, "SWTPM_BIOS=" + bios}, s.env...)
+				if s.testUser {
+					env = append(env, testUserEnv(t, exe)...)
+				} else {
+					env = append(env, "SWTPM_EXE="+exe)
+				}
 				if !s.perInterface {
 					runUpstreamScript(t, dir, s.file, env)
 					return
 				}
-				for _, iface := range upstreamInterfaces {
+				ifaces := upstreamInterfaces
+				if s.interfaces != nil {
+					ifaces = s.interfaces
+				}
+				for _, iface := range ifaces {
 					t.Run(iface, func(t *testing.T) {
 						port := freePortPair(t)
 						e := append(env, "SWTPM_INTERFACE="+iface, "SWTPM_SERVER_NAME=localhost",
@@ -137,8 +154,37 @@ func TestUpstreamSuite(t *testing.T) {
 	})
 }
 
-// runUpstreamScript runs one script with bash in dir (bounded), passes on exit 0,
-// skips on 77 (automake's "skipped"), and fails with the script's output otherwise.
+// testUserEnv returns the environment of a script that drops privileges to TESTUSER
+// (nobody): TESTUSER, TESTGROUP, and SWTPM_EXE a copy of exe in a directory that user
+// may traverse (a built nkp-swtpm lies in a 0700 temporary directory). It needs root.
+func testUserEnv(t *testing.T, exe string) []string {
+	t.Helper()
+	e2e.RequireRoot(t)
+	e2e.Require(t, "su", "file", "swtpm_setup")
+	u, err := user.Lookup("nobody")
+	if err != nil {
+		e2e.Unavailable(t, fmt.Sprintf("no user nobody to run as: %v", err))
+	}
+	g, err := user.LookupGroupId(u.Gid)
+	if err != nil {
+		e2e.Unavailable(t, fmt.Sprintf("no group %s for user nobody: %v", u.Gid, err))
+	}
+	b, err := os.ReadFile(exe)
+	if err != nil {
+		t.Fatal(err)
+	}
+	copied := filepath.Join(e2e.TraversableDir(t, "nkp-upstream-exe-"), filepath.Base(exe))
+	if err := os.WriteFile(copied, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// su -m keeps $SHELL; nobody's own shell is nologin.
+	return []string{"TESTUSER=" + u.Username, "TESTGROUP=" + g.Name, "SWTPM_EXE=" + copied, "SHELL=/bin/bash"}
+}
+
+// runUpstreamScript runs one script with bash in dir (bounded), passes on exit 0
+// (logging the script's last lines), skips on 77 (automake's "skipped"; a failure
+// under NKP_E2E=required, as every listed script can run where the tools are), and
+// fails with the script's output otherwise.
 func runUpstreamScript(t *testing.T, dir, file string, env []string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
@@ -153,8 +199,9 @@ func runUpstreamScript(t *testing.T, dir, file string, env []string) {
 	var exit *exec.ExitError
 	switch {
 	case err == nil:
+		t.Logf("%s passed: %s", file, lastLines(out.String(), 3))
 	case errors.As(err, &exit) && exit.ExitCode() == 77:
-		t.Skipf("%s skipped itself: %s", file, lastLines(out.String(), 3))
+		e2e.Unavailable(t, fmt.Sprintf("%s skipped itself: %s", file, lastLines(out.String(), 3)))
 	case ctx.Err() != nil:
 		t.Fatalf("%s did not finish within 3 minutes; output:\n%s", file, lastLines(out.String(), 40))
 	default:
