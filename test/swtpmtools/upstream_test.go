@@ -182,7 +182,7 @@ func testUserEnv(t *testing.T, exe string) []string {
 }
 
 // runUpstreamScript runs one script with bash in dir (bounded), passes on exit 0
-// (logging the script's last lines), skips on 77 (automake's "skipped"; a failure
+// (logging the script's "OK" lines), skips on 77 (automake's "skipped"; a failure
 // under NKP_E2E=required, as every listed script can run where the tools are), and
 // fails with the script's output otherwise.
 func runUpstreamScript(t *testing.T, dir, file string, env []string) {
@@ -199,7 +199,7 @@ func runUpstreamScript(t *testing.T, dir, file string, env []string) {
 	var exit *exec.ExitError
 	switch {
 	case err == nil:
-		t.Logf("%s passed: %s", file, lastLines(out.String(), 3))
+		t.Logf("%s passed: %s", file, okLines(out.String()))
 	case errors.As(err, &exit) && exit.ExitCode() == 77:
 		e2e.Unavailable(t, fmt.Sprintf("%s skipped itself: %s", file, lastLines(out.String(), 3)))
 	case ctx.Err() != nil:
@@ -207,6 +207,18 @@ func runUpstreamScript(t *testing.T, dir, file string, env []string) {
 	default:
 		t.Fatalf("%s failed (%v); output:\n%s", file, err, lastLines(out.String(), 40))
 	}
+}
+
+// okLines returns the lines of a script's output that report a passed part ("Test 2:
+// OK", "OK"), joined by "; ".
+func okLines(s string) string {
+	var ok []string
+	for _, l := range strings.Split(s, "\n") {
+		if l = strings.TrimSpace(l); strings.HasSuffix(strings.ToUpper(l), "OK") && len(l) < 40 {
+			ok = append(ok, l)
+		}
+	}
+	return strings.Join(ok, "; ")
 }
 
 // lastLines returns the last n lines of s.
