@@ -47,6 +47,9 @@
 //     GET_TPMESTABLISHED while QEMU holds the control channel.
 //   - --print-capabilities and --print-states print byte for byte in swtpm 0.7.1's
 //     layout, checked against the real swtpm (TestPrintShapeAsSwtpm).
+//   - TCP sockets: bindaddr= must be an IPv4 or IPv6 address (ifname= gives the zone
+//     of a link-local one); a host name is refused, as swtpm 0.7.1's inet_pton
+//     refuses it, and is never looked up (Go's DNS resolver is not linked in).
 //   - A --ctrl is required to serve; chardev and cuse modes are refused.
 package cli
 

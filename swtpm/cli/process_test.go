@@ -291,3 +291,52 @@ func TestKeySpec(t *testing.T) {
 		}
 	}
 }
+
+// TestTCPBindAddr: bindaddr= takes IPv4 and IPv6 addresses, ifname= the zone of a
+// link-local one; a host name is refused as swtpm 0.7.1 refuses it ("Could not parse
+// the bind address 'localhost'"), not looked up.
+func TestTCPBindAddr(t *testing.T) {
+	for _, tc := range []struct {
+		bind, ifname string
+		want         string // TCPAddr.String, or "" for an error
+		listen       bool   // also listen on port 0 there
+	}{
+		{bind: "127.0.0.1", want: "127.0.0.1:2321", listen: true},
+		{bind: "0.0.0.0", want: "0.0.0.0:2321"},
+		{bind: "::1", want: "[::1]:2321"},
+		{bind: "fe80::1", ifname: "eth0", want: "[fe80::1%eth0]:2321"},
+		{bind: "fe80::1%eth1", want: "[fe80::1%eth1]:2321"},
+		{bind: "localhost"},
+		{bind: "127.0.0.1:80"},
+		{bind: ""},
+	} {
+		c := &cmdline.Channel{Type: cmdline.TypeTCP, BindAddr: tc.bind, IfName: tc.ifname, Port: 2321, ListenFD: -1, ConnFD: -1}
+		a, err := tcpAddr(c)
+		switch {
+		case tc.want == "" && err == nil:
+			t.Errorf("bindaddr=%q: got %v, want an error", tc.bind, a)
+		case tc.want == "" && !strings.Contains(err.Error(), "bindaddr="+tc.bind+" is not an IPv4 or IPv6 address"):
+			t.Errorf("bindaddr=%q: error %q does not name the address and the reason", tc.bind, err)
+		case tc.want != "" && (err != nil || a.String() != tc.want):
+			t.Errorf("bindaddr=%q ifname=%q: got %v, %v; want %s", tc.bind, tc.ifname, a, err, tc.want)
+		}
+		if !tc.listen {
+			continue
+		}
+		c.Port = 0
+		ep, err := openChannel(c, "server")
+		if err != nil {
+			t.Fatalf("listen on bindaddr=%s: %v", tc.bind, err)
+		}
+		conn, err := net.Dial("tcp", ep.Listener.Addr().String())
+		if err != nil {
+			t.Errorf("dial %s: %v", ep.Listener.Addr(), err)
+		} else {
+			conn.Close()
+		}
+		ep.Close()
+	}
+	if _, err := openChannel(&cmdline.Channel{Type: cmdline.TypeTCP, BindAddr: "localhost", Port: 0, ListenFD: -1, ConnFD: -1}, "ctrl"); err == nil || !strings.HasPrefix(err.Error(), "--ctrl: bindaddr=localhost") {
+		t.Errorf("openChannel(bindaddr=localhost) = %v, want an error starting with --ctrl: bindaddr=localhost", err)
+	}
+}

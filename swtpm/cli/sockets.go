@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io/fs"
 	"net"
+	"net/netip"
 	"os"
 	"os/user"
 	"strconv"
@@ -65,16 +66,32 @@ func openChannel(c *cmdline.Channel, option string) (*Endpoint, error) {
 	case c.Type == cmdline.TypeUnixIO:
 		return openUnix(option, c)
 	default:
-		addr := net.JoinHostPort(c.BindAddr, strconv.Itoa(c.Port))
-		if c.IfName != "" {
-			addr = net.JoinHostPort(c.BindAddr+"%"+c.IfName, strconv.Itoa(c.Port))
+		addr, err := tcpAddr(c)
+		if err != nil {
+			return nil, fmt.Errorf("--%s: %w", option, err)
 		}
-		l, err := net.Listen("tcp", addr)
+		l, err := net.ListenTCP("tcp", addr)
 		if err != nil {
 			return nil, fmt.Errorf("--%s: listen on %s: %w (is the port in use?)", option, addr, err)
 		}
 		return &Endpoint{Listener: l}, nil
 	}
+}
+
+// tcpAddr is the address a TCP channel listens on. bindaddr= must be an IPv4 or IPv6
+// address, as for swtpm (inet_pton): a host name is refused rather than looked up,
+// which also keeps Go's DNS resolver out of the binary (BENCHMARKS.md, vTPM memory).
+// ifname= is the zone of an IPv6 link-local address.
+func tcpAddr(c *cmdline.Channel) (*net.TCPAddr, error) {
+	ip, err := netip.ParseAddr(c.BindAddr)
+	if err != nil {
+		return nil, fmt.Errorf("bindaddr=%s is not an IPv4 or IPv6 address (host names are not looked up, as by swtpm): give an address such as 127.0.0.1 or ::1", c.BindAddr)
+	}
+	zone := ip.Zone()
+	if c.IfName != "" {
+		zone = c.IfName
+	}
+	return &net.TCPAddr{IP: ip.WithZone("").AsSlice(), Port: c.Port, Zone: zone}, nil
 }
 
 func openUnix(option string, c *cmdline.Channel) (*Endpoint, error) {

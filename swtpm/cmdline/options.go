@@ -29,7 +29,7 @@ type Channel struct {
 	Type     string      // TypeUnixIO or TypeTCP
 	Path     string      // unixio: socket file to create (an existing file is replaced)
 	Port     int         // tcp: port to listen on; -1 when not given
-	BindAddr string      // tcp: listen address; DefaultBindAddr when not given
+	BindAddr string      // tcp: listen address, IPv4 or IPv6 (no host names, as swtpm); DefaultBindAddr when not given
 	IfName   string      // tcp: interface of an IPv6 link-local bindaddr
 	ListenFD int         // an inherited listening socket; -1 when not given
 	ConnFD   int         // an inherited connected stream; -1 when not given
