@@ -93,8 +93,9 @@
 // # Forget
 //
 // Forget is the end of a VM deleted for good (virsh undefine): for a UUID (or the name
-// the domain had, known from its kept files or journal entry) that libvirt does not
-// define — a defined domain is refused with ErrDefined, naming unprotect and virsh
+// the domain had, known from its record, kept files or journal entry; a name that two
+// undefined VMs had is refused with ErrBadArgument listing their UUIDs) that libvirt does
+// not define — a defined domain is refused with ErrDefined, naming unprotect and virsh
 // undefine — and only when confirmed (ErrNotConfirmed: the vTPM state holds the TPM's
 // secrets), it removes, journaled as opForget: the VM's objects in the provider's catalog
 // that this host owns (Catalog.ForgetVM, one provider transaction), then its disks'
@@ -122,6 +123,28 @@
 // operator to check the owner first. A host that is gone cannot forget at all: an
 // administrator removes its objects (provider.ForgetObjects, `nkpctl provider objects
 // forget`), which the provider allows only for a revoked or unenrolled host.
+//
+// A host the provider no longer accepts gets ErrRevoked from Forget, nothing changed. With
+// vmapi.ForgetRequest.LocalOnly (ForgetWith; the operator asked for it explicitly and
+// confirmed) the provider is not asked at all: the journal (LocalOnly, and Left: the
+// objects as this host knew them, from the record or else the vTPM state directories'
+// key IDs) is written, then the disks' secrets, kept files, vTPM state, record and
+// journal go as above; the answer lists the objects left in the catalog and the commands
+// that remove them (the administrator's, or a later plain Forget while the provider still
+// accepts the host, which needs nothing local). Its recovery never asks the provider
+// either, and a VM defined again meanwhile keeps its state without registering anything
+// (nothing left the catalog).
+//
+// # Records
+//
+// Each protected VM has a record, JournalDir/<uuid>.vm (record.go; written temp, fsync,
+// rename, fsync dir): the domain's name and its metadata's objects. It is written when an
+// operation settles (recoverOneLocked, after protect, rekey and their recovery), by Claim
+// when the VM starts here, by Status when the name or objects changed (virsh domrename),
+// and by Recover for a VM with vTPM state but no record (protected by an older hostd);
+// unprotect and forget remove it. It lets forget find a VM by the name it had whatever the
+// VM kept (a vTPM-only VM has no kept files), and forget --local-only say what the
+// catalog keeps. A VM undefined before any hostd recorded it is known by UUID only.
 //
 // Importers: hostd (mounts Handler on the local API and calls Recover at start), tests.
 //

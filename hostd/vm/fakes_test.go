@@ -67,6 +67,9 @@ type fileCatalog struct {
 	path string
 	mu   sync.Mutex
 	down bool
+	// revoked: the provider answers that it revoked this host; calls counts ForgetVM.
+	revoked bool
+	calls   int
 	// foreign VMs' objects belong to another host until MoveVM (moves counts them).
 	foreign map[string]bool
 	moves   int
@@ -101,8 +104,12 @@ func (c *fileCatalog) MoveVM(_ context.Context, vmUUID string) ([]apiv1.Object, 
 func (c *fileCatalog) ForgetVM(_ context.Context, vmUUID string) (apiv1.ForgetResponse, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.calls++
 	if c.down {
 		return apiv1.ForgetResponse{}, errors.New("dial tcp 127.0.0.1:8443: connection refused")
+	}
+	if c.revoked {
+		return apiv1.ForgetResponse{}, &client.APIError{Status: 403, Code: apiv1.CodeHostRevoked, Message: "host h-this is revoked"}
 	}
 	m := c.load()
 	var r apiv1.ForgetResponse
@@ -285,6 +292,9 @@ type fileSecrets struct {
 	path string
 	mu   sync.Mutex
 	down bool
+	// revoked: the provider answers that it revoked this host; calls counts ForgetVM.
+	revoked bool
+	calls   int
 }
 
 func (s *fileSecrets) load() map[string]bool {

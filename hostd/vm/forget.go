@@ -23,6 +23,9 @@ import (
 var (
 	ErrDefined      = errors.New("libvirt still defines the domain")
 	ErrNotConfirmed = errors.New("not confirmed")
+	// ErrRevoked: the provider no longer accepts this host (revoked, or unknown to it),
+	// so forget cannot change the catalog; forget --local-only still can change the host.
+	ErrRevoked = errors.New("the provider no longer accepts this host")
 )
 
 // Forget removes what nkp keeps for a VM that libvirt no longer defines on this host and
@@ -30,7 +33,8 @@ var (
 // it): its objects in the provider's catalog that this host owns, the libvirt secrets of
 // its disks, the original disk files kept for it (except one another domain names or a
 // process has open, as Finalize), its vTPM state directory and its journal. confirm must
-// be true: the vTPM state holds the TPM's secrets, which nothing can bring back.
+// be true: the vTPM state holds the TPM's secrets, which nothing can bring back. It is
+// ForgetWith without LocalOnly.
 //
 // The catalog goes first: if the provider cannot be reached, nothing changes on this
 // host. The operation is journaled (opForget): a crash at any step leaves the journal,
@@ -38,13 +42,26 @@ var (
 // again before that, the objects its definition names are registered again and its
 // state is kept (see the package doc, "Forget").
 func (m *Manager) Forget(ctx context.Context, domain string, confirm bool) (vmapi.Forgotten, error) {
+	return m.ForgetWith(ctx, domain, vmapi.ForgetRequest{Confirm: confirm})
+}
+
+// ForgetWith is Forget as req asks. With req.LocalOnly the provider is not asked at all
+// (a host the provider revoked, or one that cannot reach it): only this host's side
+// goes — disks' secrets, kept files, vTPM state, journal — and the answer lists the
+// objects the catalog still holds for the VM, as far as this host knows them, with the
+// commands that remove them (an administrator's nkpctl provider objects forget, or a
+// later forget on this host while the provider still accepts it).
+func (m *Manager) ForgetWith(ctx context.Context, domain string, req vmapi.ForgetRequest) (vmapi.Forgotten, error) {
 	m.lock("forget of "+domain, nil)
 	defer m.unlock()
 	u, name, err := m.resolveUndefined(ctx, domain)
 	if err != nil {
 		return vmapi.Forgotten{}, err
 	}
-	if !confirm {
+	if !req.Confirm {
+		if req.LocalOnly {
+			return vmapi.Forgotten{}, fmt.Errorf("vm %s: %w: forget --local-only destroys the VM's vTPM state on this host (its TPM's keys and sealed secrets, which nothing can bring back) and the original disk files kept for it, and leaves its objects in the provider's catalog for an administrator to remove; nothing was changed: confirm it (nkpctl vm forget %s --local-only --yes)", vmRef(name, u), ErrNotConfirmed, u)
+		}
 		return vmapi.Forgotten{}, fmt.Errorf("vm %s: %w: forget destroys the VM's vTPM state (its TPM's keys and sealed secrets, which nothing can bring back), the original disk files kept for it, and its objects in the provider's catalog, after which their KDK version can be retired; nothing was changed: confirm it (nkpctl vm forget %s --yes)", vmRef(name, u), ErrNotConfirmed, u)
 	}
 	e := &entry{Op: opForget, Domain: name, UUID: u}
@@ -54,7 +71,8 @@ func (m *Manager) Forget(ctx context.Context, domain string, confirm bool) (vmap
 			return vmapi.Forgotten{}, fmt.Errorf("vm %s: %w", vmRef(name, u), err)
 		}
 		if prev.Op == opForget {
-			e = prev // a forget interrupted: this one finishes it
+			cp := *prev
+			e = &cp // a forget interrupted: this one finishes it
 		} else {
 			// An operation interrupted on a domain undefined since: forget takes its
 			// place, and says which of its files it leaves.
@@ -64,6 +82,10 @@ func (m *Manager) Forget(ctx context.Context, domain string, confirm bool) (vmap
 			}
 		}
 	}
+	e.LocalOnly = req.LocalOnly
+	if e.LocalOnly && len(e.Left) == 0 {
+		e.Left = m.localObjects(u)
+	}
 	if err := m.j.write(e); err != nil {
 		return vmapi.Forgotten{}, err
 	}
@@ -72,9 +94,9 @@ func (m *Manager) Forget(ctx context.Context, domain string, confirm bool) (vmap
 	if errors.Is(err, errCatalogUnchanged) {
 		// Nothing changed: the journal goes back to what it was.
 		var rerr error
-		if prev != nil && prev.Op != opForget {
+		if prev != nil {
 			rerr = m.j.write(prev)
-		} else if prev == nil {
+		} else {
 			rerr = m.j.remove(u)
 		}
 		if rerr != nil {
@@ -82,6 +104,19 @@ func (m *Manager) Forget(ctx context.Context, domain string, confirm bool) (vmap
 		}
 	}
 	return f, err
+}
+
+// localObjects are the catalog objects of VM vmUUID as this host knows them without
+// asking the provider: from its record, else the vTPM key IDs of its state directories.
+func (m *Manager) localObjects(vmUUID string) []domxml.Object {
+	if r, err := m.readRecord(vmUUID); err == nil && r != nil && len(r.Objects) > 0 {
+		return r.Objects
+	}
+	var out []domxml.Object
+	for _, k := range m.stateKeys(vmUUID) {
+		out = append(out, domxml.Object{Name: domxml.ObjectVTPM, KeyID: k})
+	}
+	return out
 }
 
 // errCatalogUnchanged marks a forget that stopped before the catalog changed.
@@ -96,8 +131,8 @@ func vmRef(name, uuid string) string {
 }
 
 // resolveUndefined finds the VM domain names, which libvirt must not define: its UUID
-// (lowercase) and the name it had ("" if unknown). A name is found through the kept
-// files and journal entries that recorded it.
+// (lowercase) and the name it had ("" if unknown). A name is found through the VMs'
+// records, kept files and journal entries (undefinedNamed).
 func (m *Manager) resolveUndefined(ctx context.Context, domain string) (string, string, error) {
 	_, d, err := m.lookup(ctx, domain)
 	if err == nil {
@@ -109,9 +144,27 @@ func (m *Manager) resolveUndefined(ctx context.Context, domain string) (string, 
 	if u := strings.ToLower(domain); kdk.CheckUUID(u) == nil {
 		return u, m.knownName(u), nil
 	}
+	found := m.undefinedNamed(ctx, domain)
+	switch len(found) {
+	case 0:
+		return "", "", fmt.Errorf("vm %q: %w: libvirt defines no such domain, and nkp knows no VM of that name that libvirt no longer defines (hostd records a VM's name when it protects it, at each of its starts and status; a VM last seen by an older hostd is known only by its UUID): give the VM's UUID (nkpctl vm status lists the VMs whose state nkp keeps)", domain, ErrNoDomain)
+	case 1:
+		return found[0], domain, nil
+	}
+	var which []string
+	for _, u := range found {
+		which = append(which, fmt.Sprintf("%s (%s)", u, m.keeps(u)))
+	}
+	return "", "", fmt.Errorf("vm %q: %w: libvirt defines no such domain, and %d VMs that libvirt no longer defines had that name: %s; run nkpctl vm forget with the UUID of the one that is gone (nkpctl vm status UUID shows what nkp keeps of each)", domain, ErrBadArgument, len(found), strings.Join(which, "; "))
+}
+
+// undefinedNamed lists, sorted, the VMs that had the name name (as their records,
+// journal entries and kept files say) and that libvirt no longer defines; one that
+// libvirt defines under another name now, or did not answer for, is left out.
+func (m *Manager) undefinedNamed(ctx context.Context, name string) []string {
 	var found []string
 	for _, u := range m.knownUUIDs() {
-		if m.knownName(u) != domain {
+		if !slices.Contains(m.knownNames(u), name) {
 			continue
 		}
 		if _, _, err := m.lookup(ctx, u); !errors.Is(err, ErrNoDomain) {
@@ -119,19 +172,37 @@ func (m *Manager) resolveUndefined(ctx context.Context, domain string) (string, 
 		}
 		found = append(found, u)
 	}
-	switch len(found) {
-	case 0:
-		return "", "", fmt.Errorf("vm %q: %w: libvirt defines no such domain, and nkp knows no VM of that name that it keeps state for (it knows the name of an undefined VM only from its kept disk files or an unfinished operation): give the VM's UUID (nkpctl vm status lists the VMs whose state nkp keeps)", domain, ErrNoDomain)
-	case 1:
-		return found[0], domain, nil
-	}
-	slices.Sort(found)
-	return "", "", fmt.Errorf("vm %q: %w: libvirt defines no such domain, and nkp keeps state of %d undefined VMs that had that name (%s): run nkpctl vm forget with the UUID of the one that is gone", domain, ErrBadArgument, len(found), strings.Join(found, ", "))
+	return found
 }
 
-// knownUUIDs lists the VMs with kept files or a journal entry.
+// keeps says in a few words what nkp keeps of VM vmUUID on this host.
+func (m *Manager) keeps(vmUUID string) string {
+	var what []string
+	if keys := m.stateKeys(vmUUID); len(keys) > 0 {
+		what = append(what, "vTPM state")
+	}
+	if ks, _ := m.readKept(vmUUID); len(ks) > 0 {
+		what = append(what, fmt.Sprintf("%d kept disk file(s)", len(ks)))
+	}
+	if e, err := m.j.read(vmUUID); err == nil {
+		what = append(what, "an unfinished "+e.Op)
+	}
+	if r, _ := m.readRecord(vmUUID); r != nil && len(r.Objects) > 0 {
+		var names []string
+		for _, o := range r.Objects {
+			names = append(names, o.Name)
+		}
+		what = append(what, "objects "+strings.Join(names, ", "))
+	}
+	if len(what) == 0 {
+		return "nothing but its name"
+	}
+	return strings.Join(what, ", ")
+}
+
+// knownUUIDs lists the VMs with a record, kept files or a journal entry.
 func (m *Manager) knownUUIDs() []string {
-	us := m.keptUUIDs()
+	us := append(m.keptUUIDs(), m.recordUUIDs()...)
 	if js, err := m.j.list(); err == nil {
 		us = append(us, js...)
 	}
@@ -139,17 +210,32 @@ func (m *Manager) knownUUIDs() []string {
 	return slices.Compact(us)
 }
 
-// knownName is the name VM vmUUID had, from its journal entry or its kept files; "" if
-// neither records one.
-func (m *Manager) knownName(vmUUID string) string {
-	if e, err := m.j.read(vmUUID); err == nil && e.Domain != "" && e.Domain != vmUUID {
-		return e.Domain
+// knownNames are the names VM vmUUID had as its record (the latest), its journal entry
+// and its kept files say, without repeats.
+func (m *Manager) knownNames(vmUUID string) []string {
+	var names []string
+	add := func(n string) {
+		if n != "" && n != vmUUID && !slices.Contains(names, n) {
+			names = append(names, n)
+		}
+	}
+	if r, err := m.readRecord(vmUUID); err == nil && r != nil {
+		add(r.Name)
+	}
+	if e, err := m.j.read(vmUUID); err == nil {
+		add(e.Domain)
 	}
 	ks, _ := m.readKept(vmUUID)
 	for _, k := range ks {
-		if k.VM != "" {
-			return k.VM
-		}
+		add(k.VM)
+	}
+	return names
+}
+
+// knownName is the name VM vmUUID had last as far as nkp knows; "" if it knows none.
+func (m *Manager) knownName(vmUUID string) string {
+	if ns := m.knownNames(vmUUID); len(ns) > 0 {
+		return ns[0]
 	}
 	return ""
 }
@@ -159,6 +245,10 @@ func (m *Manager) knownName(vmUUID string) string {
 func (m *Manager) forgetLocked(ctx context.Context, e *entry) (vmapi.Forgotten, error) {
 	u := e.UUID
 	ref := vmRef(e.Domain, u)
+	again := "nkpctl vm forget " + u + " --yes" // what finishes this forget
+	if e.LocalOnly {
+		again += " --local-only"
+	}
 	f := vmapi.Forgotten{UUID: u, Domain: e.Domain, Unregistered: []vmapi.CatalogObject{}}
 	if e.Domain == u {
 		f.Domain = ""
@@ -173,12 +263,19 @@ func (m *Manager) forgetLocked(ctx context.Context, e *entry) (vmapi.Forgotten, 
 	} else if !errors.Is(err, ErrNoDomain) {
 		return f, fmt.Errorf("vm %s: forget: asking libvirt whether it defines the VM: %w: %w; nothing more was changed, run the command again", ref, ErrUnavailable, err)
 	}
-	res, err := m.cfg.Catalog.ForgetVM(ctx, u)
-	if err != nil {
-		if client.IsCode(err, apiv1.CodeHostRevoked) || client.IsCode(err, apiv1.CodeHostUnknown) {
-			return f, fmt.Errorf("vm %s: %w: %w: the provider no longer accepts this host, so it cannot remove the VM's catalog objects: an administrator removes them (nkpctl provider objects forget --vm %s --yes); nothing was changed on this host", ref, errCatalogUnchanged, err, u)
+	var res apiv1.ForgetResponse
+	var err error
+	if e.LocalOnly {
+		// Not asked: the objects this host knew of stay in the catalog.
+		f.LocalOnly = true
+		for _, o := range e.Left {
+			f.LeftInCatalog = append(f.LeftInCatalog, vmapi.CatalogObject{Name: o.Name, KeyID: o.KeyID, KDKVersion: o.KDKVersion})
 		}
-		return f, fmt.Errorf("vm %s: %w: %w: removing its objects from the provider's catalog: %w; nothing was changed on this host (its state goes only after its catalog objects, so that a forget never leaves catalog entries behind): run nkpctl vm forget %s --yes again once nkp-hostd reaches the provider", ref, ErrUnavailable, errCatalogUnchanged, err, u)
+	} else if res, err = m.cfg.Catalog.ForgetVM(ctx, u); err != nil {
+		if client.IsCode(err, apiv1.CodeHostRevoked) || client.IsCode(err, apiv1.CodeHostUnknown) {
+			return f, fmt.Errorf("vm %s: %w: %w: %w, so it cannot remove the VM's catalog objects; nothing was changed on this host: remove this host's side with nkpctl vm forget %s --local-only --yes, and have an administrator remove the catalog's (nkpctl provider objects forget --vm %s --yes)", ref, errCatalogUnchanged, err, ErrRevoked, u, u)
+		}
+		return f, fmt.Errorf("vm %s: %w: %w: removing its objects from the provider's catalog: %w; nothing was changed on this host (its state goes only after its catalog objects, so that a forget never leaves catalog entries behind): run nkpctl vm forget %s --yes again once nkp-hostd reaches the provider (or, if this host will never reach it again, nkpctl vm forget %s --local-only --yes, which leaves the catalog's objects to an administrator)", ref, ErrUnavailable, errCatalogUnchanged, err, u, u)
 	}
 	for _, o := range res.Removed {
 		e.Unregistered = append(e.Unregistered, domxml.Object{Name: o.Name, KeyID: o.KeyID, KDKID: o.KDKID, KDKVersion: o.KDKVersion})
@@ -193,7 +290,7 @@ func (m *Manager) forgetLocked(ctx context.Context, e *entry) (vmapi.Forgotten, 
 	for _, o := range e.Unregistered {
 		f.Unregistered = append(f.Unregistered, vmapi.CatalogObject{Name: o.Name, KeyID: o.KeyID, KDKVersion: o.KDKVersion})
 	}
-	disks := slices.DeleteFunc(slices.Clone(e.Unregistered), func(o domxml.Object) bool { return !isDiskObject(o) })
+	disks := slices.DeleteFunc(slices.Concat(e.Unregistered, e.Left), func(o domxml.Object) bool { return !isDiskObject(o) })
 	for _, o := range res.Others {
 		f.OtherHosts = append(f.OtherHosts, vmapi.CatalogObject{Name: o.Name, KeyID: o.KeyID, KDKVersion: o.KDKVersion, HostID: o.HostID})
 		if strings.HasPrefix(o.Name, domxml.ObjectDiskPrefix) {
@@ -202,13 +299,13 @@ func (m *Manager) forgetLocked(ctx context.Context, e *entry) (vmapi.Forgotten, 
 	}
 	if m.cfg.Secrets != nil && len(disks) > 0 {
 		if err := m.cfg.Secrets.Remove(ctx, u, disks); err != nil {
-			return f, fmt.Errorf("vm %s: forget: its catalog objects are removed, but undefining its disks' libvirt secrets failed: %w: %w; run nkpctl vm forget %s --yes again to finish (hostd retries at its start too)", ref, ErrUnavailable, err, u)
+			return f, fmt.Errorf("vm %s: forget: its catalog objects are handled, but undefining its disks' libvirt secrets failed: %w: %w; run %s again to finish (hostd retries at its start too)", ref, ErrUnavailable, err, again)
 		}
 	}
 	m.step(opForget, "secrets")
 	removed, _, problems, err := m.removeKept(ctx, u, ref, nil)
 	if err != nil {
-		return f, fmt.Errorf("%w; run nkpctl vm forget %s --yes again to finish", err, u)
+		return f, fmt.Errorf("%w; run %s again to finish", err, again)
 	}
 	f.FilesRemoved, f.Problems = removed, problems
 	m.step(opForget, "kept")
@@ -218,14 +315,14 @@ func (m *Manager) forgetLocked(ctx context.Context, e *entry) (vmapi.Forgotten, 
 			sd, err := state.Open(filepath.Join(dir, k), state.Options{Log: m.log})
 			if err != nil {
 				if errors.Is(err, state.ErrLocked) {
-					return f, fmt.Errorf("vm %s: forget: %w: its vTPM state %s is in use (an nkp-swtpm of this VM still runs on this host: is it running as a transient domain, or migrating?): %w; stop it, then run nkpctl vm forget %s --yes again", ref, ErrRunning, filepath.Join(dir, k), err, u)
+					return f, fmt.Errorf("vm %s: forget: %w: its vTPM state %s is in use (an nkp-swtpm of this VM still runs on this host: is it running as a transient domain, or migrating?): %w; stop it, then run %s again", ref, ErrRunning, filepath.Join(dir, k), err, again)
 				}
-				return f, fmt.Errorf("vm %s: forget: opening its vTPM state %s: %w; run nkpctl vm forget %s --yes again once fixed", ref, filepath.Join(dir, k), err, u)
+				return f, fmt.Errorf("vm %s: forget: opening its vTPM state %s: %w; run %s again once fixed", ref, filepath.Join(dir, k), err, again)
 			}
 			sd.Close()
 		}
 		if err := os.RemoveAll(dir); err != nil {
-			return f, fmt.Errorf("vm %s: forget: removing its vTPM state %s: %w; run nkpctl vm forget %s --yes again", ref, dir, err, u)
+			return f, fmt.Errorf("vm %s: forget: removing its vTPM state %s: %w; run %s again", ref, dir, err, again)
 		}
 		if err := atomicfile.SyncDir(m.cfg.VTPMDir); err != nil {
 			return f, fmt.Errorf("vm %s: forget: %w", ref, err)
@@ -236,11 +333,25 @@ func (m *Manager) forgetLocked(ctx context.Context, e *entry) (vmapi.Forgotten, 
 	if e.Staging != "" {
 		// An interrupted unprotect's staging copy in libvirt's swtpm root: nkp's own.
 		if err := os.RemoveAll(e.Staging); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return f, fmt.Errorf("vm %s: forget: removing %s: %w; run nkpctl vm forget %s --yes again", ref, e.Staging, err, u)
+			return f, fmt.Errorf("vm %s: forget: removing %s: %w; run %s again", ref, e.Staging, err, again)
 		}
 	}
 	var notes []string
 	switch n := len(f.Unregistered); {
+	case e.LocalOnly:
+		var names []string
+		for _, o := range e.Left {
+			if o.KDKVersion > 0 {
+				names = append(names, fmt.Sprintf("%s (key %s, KDK version %d)", o.Name, o.KeyID, o.KDKVersion))
+			} else {
+				names = append(names, fmt.Sprintf("%s (key %s)", o.Name, o.KeyID))
+			}
+		}
+		what := "whatever objects of this VM it holds"
+		if len(names) > 0 {
+			what = "this VM's objects " + strings.Join(names, ", ") + " (as this host knew them)"
+		}
+		notes = append(notes, fmt.Sprintf("local only: the provider was not asked, and its catalog still holds %s, which keep their KDK version from being retired: an administrator removes them with nkpctl provider objects forget --vm %s --yes (the provider allows it once this host is revoked); while the provider still accepts this host, nkpctl vm forget %s --yes here removes them instead", what, u, u))
 	case n > 0:
 		var names []string
 		for _, o := range f.Unregistered {
@@ -284,14 +395,21 @@ func (m *Manager) forgetLocked(ctx context.Context, e *entry) (vmapi.Forgotten, 
 		f.Problems = append(f.Problems, p)
 	}
 	if len(f.Unregistered) == 0 && len(f.OtherHosts) == 0 && f.StateRemoved == "" && len(f.FilesRemoved) == 0 && len(f.Problems) == 0 {
-		notes = []string{fmt.Sprintf("nothing to forget: nkp keeps nothing of VM %s on this host and the provider's catalog holds no object of it from this host (check the UUID: nkpctl vm status lists the VMs whose state nkp keeps)", u)}
+		if e.LocalOnly {
+			notes = append([]string{fmt.Sprintf("nothing to forget on this host: nkp keeps nothing of VM %s here (check the UUID: nkpctl vm status lists the VMs whose state nkp keeps)", u)}, notes...)
+		} else {
+			notes = []string{fmt.Sprintf("nothing to forget: nkp keeps nothing of VM %s on this host and the provider's catalog holds no object of it from this host (check the UUID: nkpctl vm status lists the VMs whose state nkp keeps)", u)}
+		}
 	}
 	f.Note = strings.Join(notes, "; ")
+	if err := m.dropRecord(u); err != nil {
+		return f, fmt.Errorf("vm %s: forget: removing its record %s: %w; run %s again", ref, m.recordPath(u), err, again)
+	}
 	if err := m.j.remove(u); err != nil {
 		return f, fmt.Errorf("vm %s: forget: removing its journal entry %s: %w", ref, m.j.path(u), err)
 	}
 	m.step(opForget, "done")
-	m.log.Info("vm forgotten", "uuid", u, "domain", e.Domain, "unregistered", len(f.Unregistered), "other_hosts", len(f.OtherHosts), "state", f.StateRemoved, "files", f.FilesRemoved)
+	m.log.Info("vm forgotten", "uuid", u, "domain", e.Domain, "local_only", e.LocalOnly, "unregistered", len(f.Unregistered), "left_in_catalog", len(f.LeftInCatalog), "other_hosts", len(f.OtherHosts), "state", f.StateRemoved, "files", f.FilesRemoved)
 	return f, nil
 }
 
@@ -305,7 +423,8 @@ func (m *Manager) undoForget(ctx context.Context, e *entry, x []byte) error {
 	if err != nil {
 		return fmt.Errorf("vm %s: a forget was interrupted and libvirt defines the VM again, but its definition does not parse: %w; fix it with virsh edit", e.UUID, err)
 	}
-	if d.Metadata != nil && d.Metadata.ProviderID == m.cfg.Keys.ProviderID() {
+	// A local-only forget removed nothing from the catalog: nothing to register again.
+	if d.Metadata != nil && d.Metadata.ProviderID == m.cfg.Keys.ProviderID() && !e.LocalOnly {
 		for _, o := range d.Metadata.Objects {
 			if err := m.register(ctx, e.UUID, o); err != nil {
 				return fmt.Errorf("vm %q: a forget was interrupted and libvirt defines the VM again: registering its object %s in the catalog again: %w: %w (retried at hostd's start and before the next nkpctl vm command on it)", d.Name, o.Name, ErrUnavailable, err)
@@ -315,6 +434,7 @@ func (m *Manager) undoForget(ctx context.Context, e *entry, x []byte) error {
 	if err := m.j.remove(e.UUID); err != nil {
 		return err
 	}
+	m.remember(d)
 	m.log.Warn("vm: a forget was interrupted and libvirt defines the VM again: kept, its objects registered again", "vm", d.Name, "uuid", e.UUID)
 	return nil
 }
@@ -332,7 +452,11 @@ func (m *Manager) Claim(ctx context.Context, vmUUID string) error {
 		return fmt.Errorf("vm %s: claiming its catalog objects: reading its definition: %w", vmUUID, err)
 	}
 	d, err := domxml.Parse(x)
-	if err != nil || d.Metadata == nil || len(d.Metadata.Objects) == 0 || d.Metadata.ProviderID != m.cfg.Keys.ProviderID() {
+	if err != nil || d.Metadata == nil || len(d.Metadata.Objects) == 0 {
+		return nil
+	}
+	m.remember(d) // the name it runs under here: forget finds it by that name once undefined
+	if d.Metadata.ProviderID != m.cfg.Keys.ProviderID() {
 		return nil
 	}
 	objs, err := m.cfg.Catalog.MoveVM(ctx, d.UUID)

@@ -250,8 +250,8 @@ func TestForgetCrash(t *testing.T) {
 }
 
 // TestForgetHandler: forget over hostd's local API: a defined domain is refused with
-// code "defined", an unconfirmed one with "confirm", and a confirmed one answers
-// what it removed.
+// code "defined", an unconfirmed one with "confirm", one on a revoked host with
+// "revoked", and a confirmed one answers what it removed.
 func TestForgetHandler(t *testing.T) {
 	e, _, _ := forgetEnv(t, false)
 	c := serve(t, e)
@@ -269,7 +269,11 @@ func TestForgetHandler(t *testing.T) {
 	if _, err := c.Forget(ctx, "f1", vmapi.ForgetRequest{Confirm: true}); !vmapi.IsCode(err, vmapi.CodeUnavailable) {
 		t.Fatalf("forget with the provider down: %v, want code %s", err, vmapi.CodeUnavailable)
 	}
-	e.cat.down = false
+	e.cat.down, e.cat.revoked = false, true
+	if _, err := c.Forget(ctx, "f1", vmapi.ForgetRequest{Confirm: true}); !vmapi.IsCode(err, vmapi.CodeRevoked) {
+		t.Fatalf("forget on a revoked host: %v, want code %s", err, vmapi.CodeRevoked)
+	}
+	e.cat.revoked = false
 	f, err := c.Forget(ctx, "f1", vmapi.ForgetRequest{Confirm: true})
 	if err != nil || f.UUID != uuid1 || f.Domain != "f1" || len(f.Unregistered) != 1 || f.Unregistered[0].Name != domxml.ObjectVTPM || f.StateRemoved == "" {
 		t.Fatalf("Forget = %+v, %v", f, err)
@@ -326,6 +330,137 @@ func TestClaim(t *testing.T) {
 			e.cat.down = true
 			if err := e.m.Claim(ctx, uuid1); tt.moves == 1 && err == nil {
 				t.Fatal("Claim with the provider down: no error")
+			}
+		})
+	}
+}
+
+// TestForgetLocalOnly: a host the provider revoked cannot forget a VM's catalog objects;
+// the plain forget changes nothing and names --local-only and the administrator's
+// command; forget --local-only never asks the provider, removes this host's side only
+// when confirmed, and says which objects the catalog keeps; a later plain forget, once
+// the provider accepts the host, removes those.
+func TestForgetLocalOnly(t *testing.T) {
+	cases := []struct {
+		name      string
+		req       vmapi.ForgetRequest
+		domain    string
+		noRecord  bool // the VM was protected by an older hostd: no record of its objects
+		wantErr   error
+		say       []string
+		forgets   bool
+		leftKDK   int // the KDK version the answer gives the vtpm left in the catalog
+		thenAgain bool
+	}{
+		{name: "plain forget on a revoked host", req: vmapi.ForgetRequest{Confirm: true}, domain: "f1", wantErr: errCatalogUnchanged,
+			say: []string{"nothing was changed on this host", "nkpctl vm forget " + uuid1 + " --local-only --yes", "nkpctl provider objects forget --vm " + uuid1 + " --yes"}},
+		{name: "local-only, not confirmed", req: vmapi.ForgetRequest{LocalOnly: true}, domain: "f1", wantErr: ErrNotConfirmed,
+			say: []string{"--local-only --yes", "leaves its objects in the provider's catalog"}},
+		{name: "local-only by name", req: vmapi.ForgetRequest{Confirm: true, LocalOnly: true}, domain: "f1", forgets: true, leftKDK: 1, thenAgain: true},
+		{name: "local-only by UUID, no record", req: vmapi.ForgetRequest{Confirm: true, LocalOnly: true}, domain: uuid1, noRecord: true, forgets: true},
+	}
+	for _, tt := range cases {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx := context.Background()
+			e, o, orig := forgetEnv(t, true)
+			if tt.noRecord {
+				if err := os.Remove(e.m.recordPath(uuid1)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			e.cat.revoked = true
+			f, err := e.m.ForgetWith(ctx, tt.domain, tt.req)
+			_, serr := os.Stat(StateDir(e.m.cfg.VTPMDir, uuid1, o.KeyID))
+			_, kerr := os.Stat(orig)
+			_, inCat := e.cat.get(uuid1, domxml.ObjectVTPM)
+			if !inCat {
+				t.Fatal("the vtpm object left the catalog of a provider that revoked this host")
+			}
+			if tt.wantErr != nil {
+				if !errors.Is(err, tt.wantErr) {
+					t.Fatalf("ForgetWith: %v, want %v", err, tt.wantErr)
+				}
+				for _, s := range tt.say {
+					if !strings.Contains(err.Error(), s) {
+						t.Errorf("refusal %q does not say %q", err, s)
+					}
+				}
+				if serr != nil || kerr != nil || e.m.j.exists(uuid1) {
+					t.Fatalf("after a refused forget: state %v, kept file %v, journal %v; want state and file kept, no journal", serr, kerr, e.m.j.exists(uuid1))
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("ForgetWith: %v", err)
+			}
+			if e.cat.calls != 0 {
+				t.Errorf("forget --local-only asked the provider %d times", e.cat.calls)
+			}
+			if !errors.Is(serr, fs.ErrNotExist) || !errors.Is(kerr, fs.ErrNotExist) || e.m.j.exists(uuid1) {
+				t.Fatalf("after forget --local-only: state %v, kept file %v, journal %v; want all gone", serr, kerr, e.m.j.exists(uuid1))
+			}
+			if _, err := os.Stat(e.m.recordPath(uuid1)); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("record left: %v", err)
+			}
+			if !f.LocalOnly || len(f.Unregistered) != 0 || len(f.LeftInCatalog) != 1 || f.LeftInCatalog[0].KeyID != o.KeyID || f.LeftInCatalog[0].KDKVersion != tt.leftKDK {
+				t.Errorf("Forgotten = %+v; want local only, the vtpm key %s (KDK version %d) left in the catalog", f, o.KeyID, tt.leftKDK)
+			}
+			for _, s := range []string{"nkpctl provider objects forget --vm " + uuid1 + " --yes", "nkpctl vm forget " + uuid1 + " --yes", o.KeyID} {
+				if !strings.Contains(f.Note, s) {
+					t.Errorf("note %q does not say %q", f.Note, s)
+				}
+			}
+			if tt.thenAgain {
+				e.cat.revoked = false
+				f, err := e.m.Forget(ctx, uuid1, true)
+				if _, inCat := e.cat.get(uuid1, domxml.ObjectVTPM); err != nil || inCat || len(f.Unregistered) != 1 {
+					t.Fatalf("plain forget after --local-only: %+v, %v, still in the catalog: %v; want the catalog's side removed", f, err, inCat)
+				}
+			}
+		})
+	}
+}
+
+// TestForgetLocalOnlyCrash: a forget --local-only stopped after each step is finished by
+// hostd's start without asking the provider (it revoked this host), and leaves the
+// catalog's objects.
+func TestForgetLocalOnlyCrash(t *testing.T) {
+	for _, step := range []string{"journal", "catalog", "secrets", "kept", "state"} {
+		t.Run(step, func(t *testing.T) {
+			ctx := context.Background()
+			e, o, orig := forgetEnv(t, true)
+			e.cat.revoked = true
+			cfg := e.m.cfg
+			cfg.AfterStep = func(op, s string) {
+				if op == opForget && s == step {
+					panic("crash at " + s)
+				}
+			}
+			m, err := New(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			func() {
+				defer func() {
+					if r := recover(); r == nil {
+						t.Fatalf("step %s never reached", step)
+					}
+				}()
+				m.ForgetWith(ctx, "f1", vmapi.ForgetRequest{Confirm: true, LocalOnly: true})
+			}()
+			cfg.AfterStep = nil
+			if m, err = New(cfg); err != nil {
+				t.Fatal(err)
+			}
+			if err := m.Recover(ctx); err != nil {
+				t.Fatalf("Recover: %v", err)
+			}
+			_, serr := os.Stat(StateDir(cfg.VTPMDir, uuid1, o.KeyID))
+			_, kerr := os.Stat(orig)
+			_, inCat := e.cat.get(uuid1, domxml.ObjectVTPM)
+			if m.j.exists(uuid1) || !errors.Is(serr, fs.ErrNotExist) || !errors.Is(kerr, fs.ErrNotExist) || !inCat || e.cat.calls != 0 {
+				t.Fatalf("after recovery: journal %v, state %v, kept file %v, in the catalog %v, provider asked %d times; want the local side gone, the catalog untouched and not asked",
+					m.j.exists(uuid1), serr, kerr, inCat, e.cat.calls)
 			}
 		})
 	}

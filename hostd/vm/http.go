@@ -110,7 +110,7 @@ func (m *Manager) Handler() http.Handler {
 				return
 			}
 		}
-		f, err := m.Forget(ctx, r.PathValue("domain"), req.Confirm)
+		f, err := m.ForgetWith(ctx, r.PathValue("domain"), req)
 		reply(w, f, err)
 	})
 	return mux
@@ -143,6 +143,8 @@ func classify(err error) (int, string) {
 		return http.StatusConflict, vmapi.CodeDefined
 	case errors.Is(err, ErrNotConfirmed):
 		return http.StatusBadRequest, vmapi.CodeConfirm
+	case errors.Is(err, ErrRevoked):
+		return http.StatusForbidden, vmapi.CodeRevoked
 	case errors.Is(err, ErrPending):
 		return http.StatusServiceUnavailable, vmapi.CodePending
 	case errors.Is(err, ErrNoSpace):

@@ -52,6 +52,10 @@ type entry struct {
 	// forget removed.
 	Interrupted  string          `json:"interrupted,omitempty"`
 	Unregistered []domxml.Object `json:"unregistered,omitempty"`
+	// LocalOnly: forget does not ask the provider (vmapi.ForgetRequest.LocalOnly); Left
+	// are the VM's objects the catalog keeps then, as this host knew them.
+	LocalOnly bool            `json:"local_only,omitempty"`
+	Left      []domxml.Object `json:"left,omitempty"`
 }
 
 type journal struct{ dir string }

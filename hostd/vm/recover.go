@@ -11,6 +11,7 @@ import (
 
 	"github.com/nkp-dev/nkp/hostd/domxml"
 	"github.com/nkp-dev/nkp/internal/atomicfile"
+	"github.com/nkp-dev/nkp/provider/kdk"
 	"github.com/nkp-dev/nkp/qemuimg"
 	"github.com/nkp-dev/nkp/swtpm/state"
 	"golang.org/x/sys/unix"
@@ -54,7 +55,34 @@ func (m *Manager) Recover(ctx context.Context) error {
 			errs = append(errs, err)
 		}
 	}
+	m.rememberVTPMs(ctx)
 	return errors.Join(errs...)
+}
+
+// rememberVTPMs records the name of each VM with vTPM state but no record that libvirt
+// defines with nkp's metadata (a VM protected by an older hostd), so that forget finds
+// it by name once it is undefined. One definition read per such VM, at hostd's start.
+func (m *Manager) rememberVTPMs(ctx context.Context) {
+	ents, err := os.ReadDir(m.cfg.VTPMDir)
+	if err != nil {
+		return
+	}
+	for _, de := range ents {
+		u := de.Name()
+		if !de.IsDir() || kdk.CheckUUID(u) != nil || len(m.stateKeys(u)) == 0 {
+			continue
+		}
+		if r, err := m.readRecord(u); r != nil || err != nil {
+			continue
+		}
+		x, err := m.cfg.Libvirt.DomainXML(ctx, u)
+		if err != nil {
+			continue // undefined (its name is unknown) or libvirt did not answer
+		}
+		if d, err := domxml.Parse(x); err == nil && d.Metadata != nil {
+			m.remember(d)
+		}
+	}
 }
 
 func (m *Manager) recoverOneLocked(ctx context.Context, uuid string) error {
@@ -171,6 +199,7 @@ func (m *Manager) recoverOneLocked(ctx context.Context, uuid string) error {
 		return err
 	}
 	m.step(e.Op, "cleaned")
+	m.remember(d) // its name and objects now, or no record once unprotected
 	if err := m.j.remove(uuid); err != nil {
 		return fmt.Errorf("vm %q: journal: %w", e.Domain, err)
 	}

@@ -21,8 +21,9 @@ import (
 // the primary version), whether it runs and, if so, whether its TPM is present (QEMU's
 // query-tpm through libvirt) and answering (Config.ProbeVTPM: hostd asks the vTPM for
 // GET_TPMESTABLISHED on its status channel), and anything that needs an operator. For
-// the UUID of a domain libvirt does not define but whose vTPM state nkp keeps, it
-// reports that state as a problem.
+// the UUID (or the name it had) of a domain libvirt does not define but whose state nkp
+// keeps, it reports that state as a problem. A protected domain's record (record.go) is
+// brought up to date on the way.
 func (m *Manager) Status(ctx context.Context, domain string) (vmapi.VM, error) {
 	_, d, err := m.lookup(ctx, domain)
 	if errors.Is(err, ErrNoDomain) && kdk.CheckUUID(domain) == nil {
@@ -30,15 +31,19 @@ func (m *Manager) Status(ctx context.Context, domain string) (vmapi.VM, error) {
 			return v, nil
 		}
 	} else if errors.Is(err, ErrNoDomain) {
-		// The name of a domain undefined since, whose original disk files nkp keeps.
-		if u, uerr := m.undefinedKept(ctx, domain); uerr == nil && u != "" {
-			if v, ok := m.orphanVM(u); ok {
+		// The name of a domain undefined since, which nkp recorded or whose original
+		// disk files it keeps.
+		if us := m.undefinedNamed(ctx, domain); len(us) == 1 {
+			if v, ok := m.orphanVM(us[0]); ok {
 				return v, nil
 			}
 		}
 	}
 	if err != nil {
 		return vmapi.VM{}, err
+	}
+	if d.Metadata != nil {
+		m.remember(d) // a domain renamed (virsh domrename) since its last operation
 	}
 	v := vmapi.VM{Domain: d.Name, UUID: d.UUID, Protected: d.Metadata != nil}
 	if _, err := os.Stat(m.j.path(d.UUID)); err == nil {

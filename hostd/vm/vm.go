@@ -166,6 +166,8 @@ type Manager struct {
 
 	busyMu sync.Mutex
 	busy   string // the operation holding mu, as "protect of DOMAIN"; guarded by busyMu
+
+	recMu sync.Mutex // serialises writes of the VMs' records (record.go)
 }
 
 // lock takes mu for the operation what ("protect of DOMAIN"). When another operation

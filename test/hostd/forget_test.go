@@ -20,9 +20,12 @@ import (
 // with the real provider, nkp-hostd, libvirtd and nkpctl: while its objects are in the
 // catalog the old KDK version cannot be retired after a rotation; status reports the
 // state nkp keeps and names nkpctl vm forget; forget refuses without --yes and by a name
-// nkp cannot know, then removes the vTPM state directory and the catalog objects; a VM
-// with an encrypted disk is forgotten by the name it had, its plaintext original and
-// secrets gone, its own encrypted disk left; after that the old version retires.
+// nkp cannot know, then, by the name the vTPM-only VM had (hostd recorded it), removes
+// the vTPM state directory and the catalog objects; a VM with an encrypted disk is
+// forgotten by the name it had, its plaintext original and secrets gone, its own
+// encrypted disk left; after that the old version retires. On a host the provider
+// revoked, forget refuses naming --local-only, which removes the host's side and names
+// the administrator's command, which then removes the catalog's.
 func TestForget(t *testing.T) {
 	a := requireHosts(t)
 	bins := buildNKP(t)
@@ -80,16 +83,17 @@ func TestForget(t *testing.T) {
 	if out, err := d.nkpctl(t, "forget", vm.spec.UUID); err == nil || !strings.Contains(out, "--yes") {
 		t.Fatalf("forget without --yes (no terminal): %v\n%s; want a refusal naming --yes", err, out)
 	}
-	if out, err := d.nkpctl(t, "forget", "--yes", vm.spec.Name); err == nil || !strings.Contains(out, "give the VM's UUID") {
-		t.Fatalf("forget by a name nkp never recorded: %v\n%s; want a refusal asking for the UUID", err, out)
+	if out, err := d.nkpctl(t, "forget", "--yes", vm.spec.Name+"-never"); err == nil || !strings.Contains(out, "give the VM's UUID") {
+		t.Fatalf("forget by a name nkp never knew: %v\n%s; want a refusal asking for the UUID", err, out)
 	}
 	if _, err := os.Stat(dir); err != nil || len(objects()) != 1 {
 		t.Fatalf("a refused forget changed something: state %v, catalog %+v", err, objects())
 	}
 
-	out := d.mustCtl(t, "forget", "--yes", vm.spec.UUID)
+	// By the name it had: a vTPM-only VM keeps no disk file, hostd recorded its name.
+	out := d.mustCtl(t, "forget", "--yes", vm.spec.Name)
 	t.Logf("nkpctl vm forget:\n%s", out)
-	for _, want := range []string{"forgotten", "catalog: removed vtpm", vm.prot.keyID, "vTPM state removed"} {
+	for _, want := range []string{vm.spec.Name + " (" + vm.spec.UUID + "): forgotten", "catalog: removed vtpm", vm.prot.keyID, "vTPM state removed"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("forget's output does not say %q", want)
 		}
@@ -148,6 +152,26 @@ func TestForget(t *testing.T) {
 			t.Fatalf("admin forget of a live host's VM: %v, want refused naming the revoke", err)
 		}
 		p.ctl(t, "revoke", hostID)
+		// The revoked host itself: a plain forget changes nothing and names the way out;
+		// --local-only removes its side and names the administrator's command.
+		virsh(t, h, "undefine", gone.spec.Name)
+		gdir := h.Path("/var/lib/nkp/hostd/vtpm/" + gone.spec.UUID)
+		if out, err := d.nkpctl(t, "forget", "--yes", gone.spec.Name); err == nil || !strings.Contains(out, "--local-only --yes") {
+			t.Fatalf("forget on a revoked host: %v\n%s; want a refusal naming --local-only", err, out)
+		}
+		if _, err := os.Stat(gdir); err != nil {
+			t.Fatalf("a refused forget removed the vTPM state: %v", err)
+		}
+		out := d.mustCtl(t, "forget", "--yes", "--local-only", gone.spec.Name)
+		t.Logf("nkpctl vm forget --local-only:\n%s", out)
+		for _, want := range []string{"catalog: left    vtpm", gone.prot.keyID, "nkpctl provider objects forget --vm " + gone.spec.UUID + " --yes", "vTPM state removed"} {
+			if !strings.Contains(out, want) {
+				t.Errorf("forget --local-only's output does not say %q", want)
+			}
+		}
+		if _, err := os.Stat(gdir); !errors.Is(err, fs.ErrNotExist) {
+			t.Fatalf("vTPM state after forget --local-only: %v, want gone", err)
+		}
 		_, err := p.tryCtl("objects", "forget", "--vm", gone.spec.UUID)
 		if err == nil || !strings.Contains(err.Error(), "would remove 1 catalog object") || !strings.Contains(err.Error(), "without --yes") {
 			t.Fatalf("admin forget without --yes: %v, want the object listed and nothing changed", err)

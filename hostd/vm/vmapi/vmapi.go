@@ -10,7 +10,8 @@
 //	POST /v1/vms/{domain}/rekey      RekeyRequest → VM
 //	POST /v1/vms/{domain}/unprotect  UnprotectRequest → VM
 //	POST /v1/vms/{domain}/forget     ForgetRequest → Forgotten (a VM libvirt no longer defines:
-//	                                 its catalog objects, vTPM state, kept disk files and journal go)
+//	                                 its catalog objects, vTPM state, kept disk files and journal go;
+//	                                 with local_only the catalog is not asked and keeps its objects)
 //
 // {domain} is a domain name or UUID. Every error is an Error body with a sentence that
 // names the VM and says what to do, and a stable Code. The bodies are optional (empty:
@@ -59,6 +60,7 @@ const (
 	CodeNoSpace          = "no_space"          // a disk conversion does not fit: the sentence says how much where
 	CodeDefined          = "defined"           // forget of a domain libvirt still defines
 	CodeConfirm          = "confirm"           // forget without ForgetRequest.Confirm: nothing was changed
+	CodeRevoked          = "revoked"           // forget: the provider no longer accepts this host; nothing was changed (see ForgetRequest.LocalOnly)
 	CodeBadRequest       = "bad_request"
 	CodeInternal         = "internal"
 	// CodeNoHostd is nkpctl's own, never hostd's: hostd could not be reached (not
@@ -207,6 +209,11 @@ type ForgetRequest struct {
 	// Confirm must be true: forget destroys the VM's vTPM state (its TPM's secrets)
 	// irreversibly.
 	Confirm bool `json:"confirm"`
+	// LocalOnly: the provider is not asked (a host it revoked, or one that cannot reach
+	// it): only this host's side goes (disks' secrets, kept files, vTPM state, journal),
+	// and the VM's objects stay in the catalog for an administrator to remove
+	// (Forgotten.LeftInCatalog and Note say which and how).
+	LocalOnly bool `json:"local_only,omitempty"`
 }
 
 // CatalogObject is an object in the provider's catalog as forget reports it.
@@ -232,6 +239,11 @@ type Forgotten struct {
 	StateRemoved string `json:"state_removed,omitempty"`
 	// FilesRemoved are the kept original disk files removed.
 	FilesRemoved []string `json:"files_removed,omitempty"`
+	// LocalOnly: the provider was not asked (ForgetRequest.LocalOnly), and LeftInCatalog
+	// are the VM's objects the catalog still holds as far as this host knows them (a
+	// vTPM's KDK version is unknown, 0, when only its state directory named it).
+	LocalOnly     bool            `json:"local_only,omitempty"`
+	LeftInCatalog []CatalogObject `json:"left_in_catalog,omitempty"`
 	// Problems are what forget left and why (a kept file another domain names, …).
 	Problems []string `json:"problems,omitempty"`
 	Note     string   `json:"note,omitempty"`

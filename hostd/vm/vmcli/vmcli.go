@@ -12,7 +12,7 @@
 //	nkpctl vm status [DOMAIN] [--json]
 //	nkpctl vm rekey DOMAIN [--deep] [--json]
 //	nkpctl vm unprotect DOMAIN [--tpm keep|none] [--json]
-//	nkpctl vm forget UUID|NAME [--yes] [--json]
+//	nkpctl vm forget UUID|NAME [--local-only] [--yes] [--json]
 //
 // hostd's sentences are printed as they are. protect, rekey and unprotect ask hostd to
 // stream each disk's progress (NDJSON) and draw it on standard error: a progress bar per
@@ -25,7 +25,11 @@
 // catalog (those this host owns), its vTPM state, the original disk files kept for it
 // and its journal entries. The vTPM state holds the TPM's secrets, so it asks first: on a
 // terminal it shows what hostd keeps of the VM and wants "yes" typed; otherwise (or with
-// --json) it needs --yes.
+// --json) it needs --yes. NAME is the name the VM had: hostd records it at protect, at
+// each start and at status. With --local-only hostd does not ask the provider (a host
+// it revoked, or one that can no longer reach it): only this host's side goes, and the
+// answer lists the objects the catalog keeps and the administrator's command that
+// removes them (nkpctl provider objects forget --vm UUID --yes).
 package vmcli
 
 import (
@@ -57,6 +61,7 @@ type cli struct {
 	finalize       bool
 	deep           bool
 	yes            bool
+	localOnly      bool
 	stdin          io.Reader // forget's confirmation; nil: none can be asked
 }
 
@@ -156,6 +161,7 @@ func newCommandIn(stdin io.Reader, stdout, stderr io.Writer, tty bool) *cobra.Co
 		},
 	}
 	forget.Flags().BoolVar(&c.yes, "yes", false, "do not ask: the VM is gone for good, and its vTPM's secrets may be destroyed")
+	forget.Flags().BoolVar(&c.localOnly, "local-only", false, "do not ask the provider (this host is revoked, or can no longer reach it): remove only this host's side and leave the VM's catalog objects to an administrator (nkpctl provider objects forget)")
 	forget.Flags().BoolVar(&c.asJSON, "json", false, "print the result as JSON (needs --yes)")
 	vm.AddCommand(protect, status, rekey, unprotect, forget)
 	return vm
@@ -164,13 +170,17 @@ func newCommandIn(stdin io.Reader, stdout, stderr io.Writer, tty bool) *cobra.Co
 // forget asks for confirmation unless --yes, then has hostd forget the VM.
 func (c *cli) forget(ctx context.Context, domain string) error {
 	cl := c.client()
+	catalog := "removes its objects from the provider's catalog so that their KDK version can be retired"
+	if c.localOnly {
+		catalog = "leaves its objects in the provider's catalog for an administrator to remove (nkpctl provider objects forget)"
+	}
 	if !c.yes {
 		if c.stdin == nil || c.asJSON {
-			return c.fail(&vmapi.APIError{Body: vmapi.Error{Code: vmapi.CodeConfirm, Error: fmt.Sprintf("nkpctl vm forget %s destroys that VM's vTPM state (its TPM's keys and sealed secrets: nothing brings them back) and the original disk files kept for it, and removes its objects from the provider's catalog so that their KDK version can be retired; nothing was changed: run it again with --yes once you are sure the VM is gone for good (not running on another host)", domain)}})
+			return c.fail(&vmapi.APIError{Body: vmapi.Error{Code: vmapi.CodeConfirm, Error: fmt.Sprintf("nkpctl vm forget %s destroys that VM's vTPM state (its TPM's keys and sealed secrets: nothing brings them back) and the original disk files kept for it, and %s; nothing was changed: run it again with --yes once you are sure the VM is gone for good (not running on another host)", domain, catalog)}})
 		}
 		// Ask hostd without confirming: it refuses a defined domain, an unknown or
 		// ambiguous name with its own sentence, and only then asks for the confirmation.
-		if _, err := cl.Forget(ctx, domain, vmapi.ForgetRequest{}); !vmapi.IsCode(err, vmapi.CodeConfirm) {
+		if _, err := cl.Forget(ctx, domain, vmapi.ForgetRequest{LocalOnly: c.localOnly}); !vmapi.IsCode(err, vmapi.CodeConfirm) {
 			if err == nil {
 				err = fmt.Errorf("vm %s: hostd forgot the VM without the confirmation", domain)
 			}
@@ -181,13 +191,13 @@ func (c *cli) forget(ctx context.Context, domain string) error {
 				fmt.Fprintf(c.stderr, "  %s\n", p)
 			}
 		}
-		fmt.Fprintf(c.stderr, "Forget VM %s? Its vTPM state (the TPM's keys and sealed secrets) and the original disk files kept for it are deleted for good, and its objects leave the provider's catalog, so that their KDK version can be retired. Type yes to go on: ", domain)
+		fmt.Fprintf(c.stderr, "Forget VM %s? Its vTPM state (the TPM's keys and sealed secrets) and the original disk files kept for it are deleted for good; this %s. Type yes to go on: ", domain, catalog)
 		line, _ := bufio.NewReader(c.stdin).ReadString('\n')
 		if strings.TrimSpace(line) != "yes" {
 			return fmt.Errorf("not confirmed: nothing was changed")
 		}
 	}
-	f, err := cl.Forget(ctx, domain, vmapi.ForgetRequest{Confirm: true})
+	f, err := cl.Forget(ctx, domain, vmapi.ForgetRequest{Confirm: true, LocalOnly: c.localOnly})
 	if err != nil {
 		return c.fail(err)
 	}
@@ -201,6 +211,13 @@ func (c *cli) forget(ctx context.Context, domain string) error {
 	fmt.Fprintf(c.stdout, "%s: forgotten: %s\n", name, f.Note)
 	for _, o := range f.Unregistered {
 		fmt.Fprintf(c.stdout, "  catalog: removed %-10s key %s  KDK version %d\n", o.Name, o.KeyID, o.KDKVersion)
+	}
+	for _, o := range f.LeftInCatalog {
+		v := "KDK version unknown"
+		if o.KDKVersion > 0 {
+			v = fmt.Sprintf("KDK version %d", o.KDKVersion)
+		}
+		fmt.Fprintf(c.stdout, "  catalog: left    %-10s key %s  %s (local only: an administrator removes it)\n", o.Name, o.KeyID, v)
 	}
 	for _, o := range f.OtherHosts {
 		fmt.Fprintf(c.stdout, "  catalog: left    %-10s key %s  KDK version %d (host %s owns it)\n", o.Name, o.KeyID, o.KDKVersion, o.HostID)

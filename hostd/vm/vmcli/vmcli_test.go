@@ -45,6 +45,11 @@ func fakeHostd(t *testing.T) (string, *[]string) {
 			reply(w, vmapi.Error{Error: "vm " + r.PathValue("d") + ": not confirmed: forget destroys ...", Code: vmapi.CodeConfirm})
 			return
 		}
+		if r.PathValue("op") == "forget" && strings.Contains(body.String(), `"local_only":true`) {
+			reply(w, vmapi.Forgotten{UUID: vm.UUID, Domain: "vm1", Note: "local only", LocalOnly: true,
+				LeftInCatalog: []vmapi.CatalogObject{{Name: "vtpm", KeyID: "3f1c8a52-5d4b-4a7e-9c1e-2b6f0d9e8a71", KDKVersion: 1}, {Name: "disk:vda", KeyID: "9e2d"}}})
+			return
+		}
 		v := vm
 		v.Note = "done"
 		if strings.Contains(r.Header.Get("Accept"), vmapi.ContentTypeNDJSON) {
@@ -111,6 +116,11 @@ func TestCommands(t *testing.T) {
 		{args: []string{"rekey", "a", "b"}, wantErr: "needs one DOMAIN"},
 		{args: []string{"forget", "--yes", "vm1"}, want: []string{"vm1 (5b0c6a1e-8f3d-4c2b-9a7e-1d2f3a4b5c6d): forgotten: done"}, request: `forget vm1 {"confirm":true}`},
 		{args: []string{"forget", "--yes", "--json", "vm1"}, want: []string{`"note": "done"`, `"unregistered": null`}, request: `forget vm1 {"confirm":true}`},
+		{args: []string{"forget", "--yes", "--local-only", "vm1"}, request: `forget vm1 {"confirm":true,"local_only":true}`, want: []string{
+			"vm1 (5b0c6a1e-8f3d-4c2b-9a7e-1d2f3a4b5c6d): forgotten: local only",
+			"catalog: left    vtpm       key 3f1c8a52-5d4b-4a7e-9c1e-2b6f0d9e8a71  KDK version 1 (local only: an administrator removes it)",
+			"catalog: left    disk:vda   key 9e2d  KDK version unknown"}},
+		{args: []string{"forget", "--local-only", "vm1"}, wantErr: "leaves its objects in the provider's catalog for an administrator to remove"},
 		{args: []string{"forget", "vm1"}, wantErr: "run it again with --yes once you are sure the VM is gone for good"},
 		{args: []string{"forget", "--json", "vm1"}, wantErr: "nothing was changed"},
 	}
