@@ -61,6 +61,10 @@ var upstreamScripts = []upstreamScript{
 	{file: "_test_tpm2_savestate", perInterface: true},
 	{file: "_test_tpm2_volatilestate", perInterface: true},
 	{file: "_test_tpm2_save_load_state", perInterface: true},
+	{file: "_test_tpm2_save_load_encrypted_state", perInterface: true},
+	// 15 s of waiting out lockouts per run; the interface does not matter to what it
+	// checks (dictionary-attack lockout kept across --save/--load of the state).
+	{file: "_test_tpm2_save_load_state_da_timeout", perInterface: true, interfaces: []string{"unix+unix"}},
 	{file: "_test_tpm2_setbuffersize", perInterface: true},
 	{file: "_test_tpm2_swtpm_bios", perInterface: true},
 	{file: "_test_tpm2_hashing2", perInterface: true},
