@@ -29,8 +29,9 @@
 // files some scripts copy from upstream's tests/data (binaries there) are made by the
 // test with Debian's swtpm, in a copy of the scripts. $NKP_SWTPM_SRC, when set, names a
 // swtpm source tree whose tests/ is run instead. The scripts need bash, socat, ss, file
-// and su besides the swtpm tools, and _test_tpm2_file_permissions needs root (it runs
-// the TPM and swtpm_setup with --runas nobody); a script that skips itself (exit 77)
+// and su besides the swtpm tools; _test_tpm2_file_permissions (the TPM and
+// swtpm_setup with --runas nobody) and test_tpm2_parameters (33 swtpm_setup runs with
+// certificates by swtpm_localca) need root. A script that skips itself (exit 77)
 // fails under NKP_E2E=required. Scripts for CUSE, chardev and vtpm-proxy modes are out
 // of scope (nkp-swtpm runs only as `socket`); the table in upstream_test.go says why
 // each left-out script is left out.

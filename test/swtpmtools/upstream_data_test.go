@@ -28,9 +28,23 @@ const upstreamMigrationPassword = "migration"
 //	tpm2state2b/  the same, encrypted with --key pwdfile=pwdfile.txt,mode=aes-256-cbc;
 //	migkey1/tpm2-volatilestate.bin  tpm2state1's volatile state as a blob
 //	              (swtpm_ioctl --save volatile) encrypted with the migration key
-//	              "migration" (kdf=sha512).
+//	              "migration" (kdf=sha512);
+//	keyfile.txt, keyfile256bit.txt, pwdfile.txt  a 128-bit and a 256-bit key in
+//	              hex and a passphrase, for swtpm_setup --keyfile and --pwdfile.
 func makeUpstreamData(t *testing.T, dataDir string) {
 	t.Helper()
+	if err := os.MkdirAll(dataDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for name, content := range map[string]string{
+		"keyfile.txt":       "000102030405060708090a0b0c0d0e0f",
+		"keyfile256bit.txt": "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
+		"pwdfile.txt":       "nkp upstream test passphrase",
+	} {
+		if err := os.WriteFile(filepath.Join(dataDir, name), []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
 	swtpm := backends[0]
 	if swtpm.name != "swtpm" {
 		t.Fatalf("backends[0] is %s, not Debian's swtpm", swtpm.name)

@@ -45,6 +45,9 @@ type upstreamScript struct {
 	// group) set, as its upstream wrapper does, and SWTPM_EXE a copy of the backend
 	// that user can run.
 	testUser bool
+	// root says the script needs root (swtpm_localca keeps its CA in
+	// /var/lib/swtpm-localca).
+	root bool
 	// skip, when set, says why the script is not run at all.
 	skip string
 }
@@ -82,7 +85,7 @@ var upstreamScripts = []upstreamScript{
 	{file: "test_tpm2_ibmtss2", skip: "runs IBM TSS's own regression suite from its source tree (SWTPM_TEST_EXPENSIVE), which is not here"},
 	{file: "_test_tpm2_swtpm_cert", skip: "tests swtpm_cert alone (no TPM server); in TestSwtpmSetup, swtpm_localca (which runs swtpm_cert) makes the EK and platform certificates stored in nkp-swtpm"},
 	{file: "_test_tpm2_print_capabilities", skip: "expects swtpm's exact feature list; nkp-swtpm lists the features it implements (some from swtpm 0.8 to 0.10), pinned by TestPrintCapabilitiesAndStates"},
-	{file: "test_tpm2_parameters", skip: "drives swtpm_setup from the build tree ($ROOT/src); TestSwtpmSetup runs swtpm_setup against nkp-swtpm"},
+	{file: "test_tpm2_parameters", root: true},
 	{file: "_test_tpm2_save_load_state_locking", skip: "needs swtpm_ioctl --lock-storage (swtpm 0.8+; Debian 12's is 0.7.1), and expects no lock before INIT where nkp-swtpm locks its state from the start; TestSharedStorageMigration covers the lock and release-lock-outgoing"},
 	{file: "test_ctrlchannel3", skip: "TPM 1.2 only (the script itself skips without a TPM 1.2)"},
 	{file: "test_ctrlchannel4", skip: "TPM 1.2 and chardev only"},
@@ -107,7 +110,7 @@ func TestUpstreamSuite(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "common")); err != nil {
 		t.Fatalf("swtpm's test scripts are not in %s (%v); unset %s to run the copy in %s, or point it at an unpacked swtpm source tree", dir, err, EnvSwtpmSource, vendoredTests)
 	}
-	e2e.Require(t, "bash", "socat", "swtpm_ioctl", "swtpm_bios", "ss", "tpm2_pcrextend")
+	e2e.Require(t, "bash", "socat", "swtpm_ioctl", "swtpm_bios", "ss", "tpm2_pcrextend", "swtpm_setup")
 	if vendored {
 		// The scripts copy state files from tests/data: make them in a copy of the
 		// scripts (the source tree stays as it is).
@@ -132,6 +135,9 @@ func TestUpstreamSuite(t *testing.T) {
 						t.Fatalf("%s is listed but not in %s: %v", s.file, dir, err)
 					}
 					t.Skipf("%s is not in %s: %v", s.file, dir, err)
+				}
+				if s.root {
+					e2e.RequireRoot(t)
 				}
 				if s.feature != "" && !hasFeature(t, be, s.feature) {
 					t.Skipf("%s does not list %q in --print-capabilities", be.name, s.feature)
@@ -219,11 +225,14 @@ func runUpstreamScript(t *testing.T, dir, file string, env []string) {
 }
 
 // okLines returns the lines of a script's output that report a passed part ("Test 2:
-// OK", "OK"), joined by "; ".
+// OK", "OK", "Test 7: SUCCESS" without the rest of the line), joined by "; ".
 func okLines(s string) string {
 	var ok []string
 	for _, l := range strings.Split(s, "\n") {
-		if l = strings.TrimSpace(l); strings.HasSuffix(strings.ToUpper(l), "OK") && len(l) < 40 {
+		l = strings.TrimSpace(l)
+		if i := strings.Index(l, ": SUCCESS"); i >= 0 {
+			ok = append(ok, l[:i+len(": SUCCESS")])
+		} else if strings.HasSuffix(strings.ToUpper(l), "OK") && len(l) < 40 {
 			ok = append(ok, l)
 		}
 	}
