@@ -10,8 +10,9 @@
 // Green Tea GC's per-span mark bits cost an idle vTPM about 55 KB of memory, and its
 // small Go heap gains nothing from the faster marking. `go version -m nkp-swtpm`
 // shows the setting. It also links libtpms and libcrypto into the binary (-tags
-// nkpstatic; make build-shared does not): how their security updates then reach a
-// vTPM is in go doc ./swtpm/internal/libtpms (Linking).
+// nkpstatic; make build-shared does not), the objects that run until a vTPM is idle
+// placed first (hot.ld): how their security updates then reach a vTPM, and the
+// layout, are in go doc ./swtpm/internal/libtpms (Linking).
 //
 //go:debug updatemaxprocs=0
 package main
