@@ -8,6 +8,8 @@ import (
 	"os"
 	"syscall"
 	"time"
+
+	"github.com/nkp-dev/nkp/hooks/hookproto"
 )
 
 // conn is a blocking unix stream socket whose send and receive timeouts (SO_SNDTIMEO,
@@ -46,12 +48,17 @@ func dialUnix(path string, deadline time.Time) (*conn, error) {
 	}
 	if err != nil {
 		syscall.Close(fd)
-		if errors.Is(err, syscall.EAGAIN) || errors.Is(err, errTimeout) {
-			return nil, fmt.Errorf("connect %s: listener busy: %w", path, errTimeout)
-		}
-		return nil, &os.PathError{Op: "connect", Path: path, Err: err}
+		return nil, dialErr(path, err)
 	}
 	return c, nil
+}
+
+// dialErr is the error of a connect to path that failed with err.
+func dialErr(path string, err error) error {
+	if errors.Is(err, syscall.EAGAIN) || errors.Is(err, errTimeout) {
+		return fmt.Errorf("connect %s: listener busy: %w", path, errTimeout)
+	}
+	return &os.PathError{Op: "connect", Path: path, Err: err}
 }
 
 // setTimeout sets the socket option opt (SO_SNDTIMEO or SO_RCVTIMEO) to the time left,
@@ -79,12 +86,8 @@ func (c *conn) Write(p []byte) (int, error) {
 		if n > 0 {
 			done += n
 		}
-		switch {
-		case err == nil || err == syscall.EINTR:
-		case err == syscall.EAGAIN:
-			return done, errTimeout
-		default:
-			return done, &os.PathError{Op: "write", Path: c.path, Err: err}
+		if err != nil && err != syscall.EINTR {
+			return done, callErr("write", c.path, err)
 		}
 	}
 	return done, nil
@@ -102,13 +105,19 @@ func (c *conn) Read(p []byte) (int, error) {
 			return 0, io.EOF
 		case err == nil:
 			return n, nil
-		case err == syscall.EINTR:
-		case err == syscall.EAGAIN:
-			return 0, errTimeout
-		default:
-			return 0, &os.PathError{Op: "read", Path: c.path, Err: err}
+		case err != syscall.EINTR:
+			return 0, callErr("read", c.path, err)
 		}
 	}
+}
+
+// callErr is the error of a read or write (op) on the socket at path that failed with
+// err: the socket's timeout (EAGAIN) is errTimeout.
+func callErr(op, path string, err error) error {
+	if err == syscall.EAGAIN {
+		return errTimeout
+	}
+	return &os.PathError{Op: op, Path: path, Err: err}
 }
 
 // Close closes the socket.
@@ -121,4 +130,95 @@ func (c *conn) closeOnCancel(ctx context.Context) func() bool {
 		return func() bool { return true }
 	}
 	return context.AfterFunc(ctx, func() { syscall.Shutdown(c.fd, syscall.SHUT_RDWR) })
+}
+
+// Exchange is how far cmd/nkp-hook's assembly entry got with a request before it handed
+// over to the Go runtime (it answers an allow without a message itself): Run takes the
+// outcome from it, as the same calls in Go would have returned it, and never sends the
+// request again.
+type Exchange struct {
+	Start time.Time // when the entry began: the deadline counts from it
+	Stage Stage
+	// Errno is the failed call's error number (0 with StageRead: end of file); with
+	// Sockopt, setting the socket's timeout failed (a timeout already passed is EAGAIN
+	// without Sockopt, as a call's own timeout is).
+	Errno   syscall.Errno
+	Sockopt bool
+	Fd      int    // the connected socket (StageWrite, StageRead, StageReply); Run closes it
+	Reply   []byte // the reply's first bytes (StageRead, StageReply)
+}
+
+// Stage is where the entry stopped.
+type Stage int
+
+// Stages of an Exchange.
+const (
+	StageConnect Stage = 1 + iota // the connect failed: nothing was sent
+	StageWrite                    // sending the request failed (hostd may have read part of it)
+	StageRead                     // the request went out; the reply ended after Reply (Errno, or end of file)
+	StageReply                    // the request went out; Reply is not hookproto.ReplyAllow: the rest is on Fd
+)
+
+// ask is the package's ask replayed from what the entry did.
+func (x *Exchange) ask(ctx context.Context, socket string, req hookproto.Request, deadline time.Time) (hookproto.Reply, error) {
+	if x.Stage == StageConnect {
+		return hookproto.Reply{}, dialErr(socket, x.err())
+	}
+	r := &replay{x: x, got: x.Reply, c: &conn{fd: x.Fd, path: socket, deadline: deadline}}
+	return exchange(ctx, r, req)
+}
+
+// err is the entry's failure as the Go call would have returned it.
+func (x *Exchange) err() error {
+	if x.Sockopt {
+		return os.NewSyscallError("setsockopt", x.Errno)
+	}
+	if x.Errno == syscall.EAGAIN {
+		return errTimeout
+	}
+	return x.Errno
+}
+
+func (x *Exchange) close() {
+	if x.Stage != StageConnect && x.Fd > 2 {
+		syscall.Close(x.Fd)
+		x.Fd = -1
+	}
+}
+
+// replay plays the entry's exchange back to exchange: the write was done (or failed),
+// the reply's first bytes were read (and then it failed or ended, or it continues on
+// the socket).
+type replay struct {
+	x   *Exchange
+	got []byte
+	c   *conn
+}
+
+func (r *replay) Write(p []byte) (int, error) {
+	if r.x.Stage == StageWrite {
+		err := r.x.err()
+		if !r.x.Sockopt && err != errTimeout {
+			err = callErr("write", r.c.path, r.x.Errno)
+		}
+		return 0, err
+	}
+	return len(p), nil
+}
+
+func (r *replay) Read(p []byte) (int, error) {
+	if len(r.got) > 0 {
+		n := copy(p, r.got)
+		r.got = r.got[n:]
+		return n, nil
+	}
+	switch {
+	case r.x.Stage == StageReply:
+		return r.c.Read(p)
+	case r.x.Errno == 0:
+		return 0, io.EOF
+	case r.x.Sockopt || r.x.Errno == syscall.EAGAIN:
+		return 0, r.x.err()
+	}
+	return 0, callErr("read", r.c.path, r.x.Errno)
 }

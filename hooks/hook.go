@@ -30,8 +30,10 @@
 //
 // Importers: cmd/nkp-hook and tests. It imports hooks/hookproto and the standard library
 // only, and no cgo, so that it starts in a few milliseconds. (cmd/nkp-hook, as the
-// Makefile builds it, takes step 1's fast path in assembly before the Go runtime starts,
-// and hands Main what it read otherwise: see its doc.) It talks to hostd over a
+// Makefile builds it, takes step 1's fast path in assembly before the Go runtime starts;
+// with nothing configured it also sends step 2's request and takes an allow without a
+// message itself, and otherwise hands Run what it read and how far the exchange got, an
+// Exchange, which Run decides from without asking hostd again: see its doc.) It talks to hostd over a
 // blocking socket whose own timeouts carry the deadline: no package net, no netpoller,
 // no timer, so the process has nothing to wake but its one goroutine (on a host where
 // many QEMUs start at once, every wake-up of a thread is a wait for a CPU).
@@ -73,6 +75,45 @@ type Env func(string) string
 
 // Main runs the hook with args (os.Args[1:]) and returns the exit status.
 func Main(args []string, stdin io.Reader, stderr io.Writer, getenv Env) int {
+	return Run(args, stdin, stderr, getenv, Options{})
+}
+
+// Options are Run's settings beyond Main's: the defaults the configuration starts from
+// (a build or a test may set them), and an exchange with hostd that cmd/nkp-hook's
+// assembly entry already began.
+type Options struct {
+	Socket          string        // hostd's socket when nothing configures one (DefaultSocket if empty)
+	Config          string        // the config file when none is named (DefaultConfig if empty)
+	Timeout         time.Duration // the timeout when none is configured (DefaultTimeout if 0)
+	OptionalTimeout time.Duration // the cap for operations that are not required (OptionalTimeout if 0)
+	// Sent, if not nil, is the exchange for this very request that the entry began with
+	// the defaults above: Run takes its outcome (and reads the rest of the reply from its
+	// socket) instead of sending the request again, since hostd may have acted on it.
+	Sent *Exchange
+}
+
+func (o Options) withDefaults() Options {
+	if o.Socket == "" {
+		o.Socket = DefaultSocket
+	}
+	if o.Config == "" {
+		o.Config = DefaultConfig
+	}
+	if o.Timeout <= 0 {
+		o.Timeout = DefaultTimeout
+	}
+	if o.OptionalTimeout <= 0 {
+		o.OptionalTimeout = OptionalTimeout
+	}
+	return o
+}
+
+// Run is Main with opts.
+func Run(args []string, stdin io.Reader, stderr io.Writer, getenv Env, opts Options) int {
+	opts = opts.withDefaults()
+	if opts.Sent != nil {
+		defer opts.Sent.close()
+	}
 	ctx := context.Background() // no cancellation, no timer: the deadline bounds the exchange
 	xmlDoc, readErr := io.ReadAll(io.LimitReader(stdin, hookproto.MaxRequest))
 	protected, tooLarge := hookproto.Protected(xmlDoc), false
@@ -91,7 +132,7 @@ func Main(args []string, stdin io.Reader, stderr io.Writer, getenv Env) int {
 	if !protected {
 		return 0 // not nkp's domain: the fast path, nothing else is looked at
 	}
-	cfg, pos, err := configure(args, getenv)
+	cfg, pos, err := configure(args, getenv, opts)
 	if err == nil && len(pos) != 4 {
 		err = fmt.Errorf("want the 4 arguments DOMAIN OPERATION SUB-OPERATION EXTRA that libvirt passes, got %d", len(pos))
 	}
@@ -107,15 +148,22 @@ func Main(args []string, stdin io.Reader, stderr io.Writer, getenv Env) int {
 			domain = pos[0]
 		}
 		fmt.Fprintf(stderr, "nkp: VM %q (vTPM key %s) is protected by nkp but nkp-hook cannot run: %v; check /etc/libvirt/hooks/qemu.d/nkp and %s\n",
-			domain, keyID(xmlDoc), err, DefaultConfig)
+			domain, keyID(xmlDoc), err, opts.Config)
 		return 1
 	}
 	req := hookproto.Request{Version: hookproto.Version, Domain: pos[0], Op: pos[1], SubOp: pos[2], Extra: pos[3], XML: string(xmlDoc)}
 	timeout := cfg.Timeout
-	if !hookproto.Required(req.Op) && timeout > OptionalTimeout {
-		timeout = OptionalTimeout
+	if !hookproto.Required(req.Op) && timeout > opts.OptionalTimeout {
+		timeout = opts.OptionalTimeout
 	}
-	reply, err := ask(ctx, cfg.Socket, req, time.Now().Add(timeout))
+	var reply hookproto.Reply
+	if opts.Sent != nil {
+		// The entry sent this request already: what it got decides, with the same
+		// policy as below; the deadline counts from its start.
+		reply, err = opts.Sent.ask(ctx, cfg.Socket, req, opts.Sent.Start.Add(timeout))
+	} else {
+		reply, err = ask(ctx, cfg.Socket, req, time.Now().Add(timeout))
+	}
 	if err != nil {
 		if !hookproto.Required(req.Op) {
 			fmt.Fprintf(stderr, "nkp: warning: VM %q %s %s: nkp-hostd could not be told (%v); it will reconcile from libvirt's events when it runs\n",
@@ -224,6 +272,11 @@ func ask(ctx context.Context, socket string, req hookproto.Request, deadline tim
 	defer c.Close()
 	stop := c.closeOnCancel(ctx)
 	defer stop()
+	return exchange(ctx, c, req)
+}
+
+// exchange sends req on c and reads the reply.
+func exchange(ctx context.Context, c io.ReadWriter, req hookproto.Request) (hookproto.Reply, error) {
 	if err := hookproto.WriteRequest2(c, req); err != nil {
 		return hookproto.Reply{}, fmt.Errorf("sending the request: %w", limitErr(ctx, err))
 	}
@@ -248,7 +301,7 @@ func limitErr(ctx context.Context, err error) error {
 
 // configure reads the leading flags, the environment and the config file; it returns the
 // configuration and the positional arguments.
-func configure(args []string, getenv Env) (Config, []string, error) {
+func configure(args []string, getenv Env, opts Options) (Config, []string, error) {
 	var flagSocket, flagTimeout, flagConfig string
 	for len(args) > 0 && strings.HasPrefix(args[0], "--") {
 		name, val, ok := strings.Cut(args[0][2:], "=")
@@ -267,10 +320,10 @@ func configure(args []string, getenv Env) (Config, []string, error) {
 		}
 		args = args[1:]
 	}
-	cfg := Config{Socket: DefaultSocket, Timeout: DefaultTimeout}
+	cfg := Config{Socket: opts.Socket, Timeout: opts.Timeout}
 	path, explicit := first(flagConfig, getenv("NKP_HOOK_CONFIG")), true
 	if path == "" {
-		path, explicit = DefaultConfig, false
+		path, explicit = opts.Config, false
 	}
 	file, err := readConfig(path)
 	if err != nil && (explicit || !errors.Is(err, os.ErrNotExist)) {

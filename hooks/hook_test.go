@@ -195,7 +195,7 @@ func TestConfigure(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			args := append(tt.args, "d", "prepare", "begin", "-")
-			got, pos, err := configure(args, env(tt.env))
+			got, pos, err := configure(args, env(tt.env), Options{}.withDefaults())
 			if tt.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
 					t.Fatalf("error %v, want %q", err, tt.wantErr)
