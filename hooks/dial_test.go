@@ -1,6 +1,7 @@
 package hooks
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -150,5 +151,73 @@ func TestConnDeadlineErrors(t *testing.T) {
 	c.deadline = time.Now().Add(-time.Second)
 	if _, err := c.Write([]byte("x")); !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Errorf("write after the deadline: %v, want os.ErrDeadlineExceeded", err)
+	}
+}
+
+// TestExchange: Run given what the entry did (an Exchange) prints and decides as Run
+// asking hostd itself would under the same outcome, and reads the rest of a reply from
+// the entry's socket without sending anything.
+func TestExchange(t *testing.T) {
+	args := []string{"vm1", "prepare", "begin", "-"}
+	absent := filepath.Join(t.TempDir(), "absent.sock")
+	refusal, err := hookproto.AppendReply2(nil, hookproto.Reply{Message: "nkp: VM vm1: KDK version 9 is unknown"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name   string
+		x      Exchange
+		rest   string // written on the entry's socket by "hostd"
+		code   int
+		stderr []string
+	}{
+		{name: "connect failed", x: Exchange{Stage: StageConnect, Errno: syscall.ENOENT}, code: 1,
+			stderr: []string{"did not answer on " + absent, "connect " + absent + ": no such file or directory", "start nkp-hostd"}},
+		{name: "listener busy", x: Exchange{Stage: StageConnect, Errno: syscall.EAGAIN}, code: 1, stderr: []string{"listener busy"}},
+		{name: "write failed", x: Exchange{Stage: StageWrite, Errno: syscall.EPIPE}, code: 1, stderr: []string{"sending the request: write " + absent + ": broken pipe"}},
+		{name: "write timed out", x: Exchange{Stage: StageWrite, Errno: syscall.EAGAIN}, code: 1, stderr: []string{"time limit"}},
+		{name: "setsockopt failed", x: Exchange{Stage: StageRead, Errno: syscall.EBADF, Sockopt: true}, code: 1, stderr: []string{"setsockopt: bad file descriptor"}},
+		{name: "reply timed out", x: Exchange{Stage: StageRead, Errno: syscall.EAGAIN, Reply: []byte("nk")}, code: 1, stderr: []string{"time limit"}},
+		{name: "reply cut short", x: Exchange{Stage: StageRead, Reply: []byte(hookproto.ReplyAllow[:6])}, code: 1, stderr: []string{"truncated"}},
+		{name: "refusal, rest on the socket", x: Exchange{Stage: StageReply, Reply: refusal[:10]}, rest: string(refusal[10:]), code: 1, stderr: []string{"KDK version 9"}},
+		{name: "allow, read by the entry", x: Exchange{Stage: StageReply, Reply: []byte(hookproto.ReplyAllow)}, code: 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer syscall.Close(fds[1])
+			syscall.Write(fds[1], []byte(tt.rest))
+			syscall.Shutdown(fds[1], syscall.SHUT_WR)
+			x := tt.x
+			x.Start, x.Fd = time.Now(), fds[0]
+			if x.Stage == StageConnect {
+				syscall.Close(fds[0])
+			}
+			var stderr bytes.Buffer
+			code := Run(args, strings.NewReader(protectedXML), &stderr, env(nil), Options{Socket: absent, Config: filepath.Join(t.TempDir(), "none.conf"), Sent: &x})
+			if code != tt.code {
+				t.Errorf("exit %d, want %d (%s)", code, tt.code, stderr.String())
+			}
+			for _, w := range tt.stderr {
+				if !strings.Contains(stderr.String(), w) {
+					t.Errorf("stderr %q lacks %q", stderr.String(), w)
+				}
+			}
+			if tt.stderr == nil && stderr.Len() != 0 {
+				t.Errorf("stderr %q, want none", stderr.String())
+			}
+			// Nothing was sent on the socket, and Run closed it (end of file, not EAGAIN).
+			syscall.SetNonblock(fds[1], true)
+			var buf [1]byte
+			switch n, err := syscall.Read(fds[1], buf[:]); {
+			case n > 0:
+				t.Errorf("Run sent bytes on the entry's socket")
+			case err != nil:
+				t.Errorf("the entry's socket is still open after Run: read: %v", err)
+			}
+		})
 	}
 }
