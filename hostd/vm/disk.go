@@ -570,16 +570,7 @@ func (m *Manager) undefinedKept(ctx context.Context, domain string) (string, err
 }
 
 // keptUUIDs lists the VMs whose kept files hostd lists (JournalDir/<uuid>.kept).
-func (m *Manager) keptUUIDs() []string {
-	ents, _ := os.ReadDir(m.j.dir)
-	var out []string
-	for _, e := range ents {
-		if u, ok := strings.CutSuffix(e.Name(), ".kept"); ok && kdk.CheckUUID(u) == nil {
-			out = append(out, u)
-		}
-	}
-	return out
-}
+func (m *Manager) keptUUIDs() []string { return m.j.uuidsWith(".kept") }
 
 // keptProblem is the status problem of the kept files ks of VM vmUUID, which libvirt no
 // longer defines.

@@ -193,30 +193,13 @@ func TestForgetCrash(t *testing.T) {
 				delete(e.lv.doms, uuid1)
 				e.lv.mu.Unlock()
 				cfg := e.m.cfg
-				cfg.AfterStep = func(op, s string) {
-					if op == opForget && s == step {
-						panic("crash at " + s)
-					}
-				}
-				m, err := New(cfg)
-				if err != nil {
-					t.Fatal(err)
-				}
-				func() {
-					defer func() {
-						if r := recover(); r == nil {
-							t.Fatalf("step %s never reached", step)
-						}
-					}()
-					m.Forget(ctx, uuid1, true)
-				}()
+				crashForgetAt(t, cfg, step, func(m *Manager) { m.Forget(ctx, uuid1, true) })
 				if redefine {
 					if err := e.lv.DefineXML(ctx, x); err != nil {
 						t.Fatal(err)
 					}
 				}
-				cfg.AfterStep = nil
-				m, err = New(cfg)
+				m, err := New(cfg)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -431,25 +414,11 @@ func TestForgetLocalOnlyCrash(t *testing.T) {
 			e, o, orig := forgetEnv(t, true)
 			e.cat.revoked = true
 			cfg := e.m.cfg
-			cfg.AfterStep = func(op, s string) {
-				if op == opForget && s == step {
-					panic("crash at " + s)
-				}
-			}
+			crashForgetAt(t, cfg, step, func(m *Manager) {
+				m.ForgetWith(ctx, "f1", vmapi.ForgetRequest{Confirm: true, LocalOnly: true})
+			})
 			m, err := New(cfg)
 			if err != nil {
-				t.Fatal(err)
-			}
-			func() {
-				defer func() {
-					if r := recover(); r == nil {
-						t.Fatalf("step %s never reached", step)
-					}
-				}()
-				m.ForgetWith(ctx, "f1", vmapi.ForgetRequest{Confirm: true, LocalOnly: true})
-			}()
-			cfg.AfterStep = nil
-			if m, err = New(cfg); err != nil {
 				t.Fatal(err)
 			}
 			if err := m.Recover(ctx); err != nil {
@@ -464,4 +433,26 @@ func TestForgetLocalOnlyCrash(t *testing.T) {
 			}
 		})
 	}
+}
+
+// crashForgetAt runs forget on a Manager made from cfg that panics right after the
+// forget step named step (a panic unwinds like a crash leaves the files: every step is
+// written and synced before it returns), and fails the test if the step is never reached.
+func crashForgetAt(t *testing.T, cfg Config, step string, forget func(m *Manager)) {
+	t.Helper()
+	cfg.AfterStep = func(op, s string) {
+		if op == opForget && s == step {
+			panic("crash at " + s)
+		}
+	}
+	m, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if r := recover(); r == nil {
+			t.Fatalf("step %s never reached", step)
+		}
+	}()
+	forget(m)
 }

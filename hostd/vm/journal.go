@@ -11,6 +11,7 @@ import (
 
 	"github.com/nkp-dev/nkp/hostd/domxml"
 	"github.com/nkp-dev/nkp/internal/atomicfile"
+	"github.com/nkp-dev/nkp/provider/kdk"
 )
 
 // Operations in the journal.
@@ -118,4 +119,18 @@ func (j journal) list() ([]string, error) {
 		}
 	}
 	return out, nil
+}
+
+// uuidsWith lists the VMs that have a file <uuid>+suffix in the journal directory (a
+// kept-files list, a record), skipping names that are not a UUID; an unreadable
+// directory lists none.
+func (j journal) uuidsWith(suffix string) []string {
+	ents, _ := os.ReadDir(j.dir)
+	var out []string
+	for _, e := range ents {
+		if u, ok := strings.CutSuffix(e.Name(), suffix); ok && kdk.CheckUUID(u) == nil {
+			out = append(out, u)
+		}
+	}
+	return out
 }

@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 
 	"github.com/nkp-dev/nkp/hostd/domxml"
 	"github.com/nkp-dev/nkp/internal/atomicfile"
@@ -93,13 +92,4 @@ func (m *Manager) dropRecordLocked(vmUUID string) error {
 }
 
 // recordUUIDs lists the VMs with a record.
-func (m *Manager) recordUUIDs() []string {
-	ents, _ := os.ReadDir(m.j.dir)
-	var out []string
-	for _, e := range ents {
-		if u, ok := strings.CutSuffix(e.Name(), ".vm"); ok && kdk.CheckUUID(u) == nil {
-			out = append(out, u)
-		}
-	}
-	return out
-}
+func (m *Manager) recordUUIDs() []string { return m.j.uuidsWith(".vm") }
