@@ -160,9 +160,13 @@ func Run(args []string, stdin io.Reader, stderr io.Writer, getenv Env, opts Opti
 	if opts.Sent != nil {
 		// The entry sent this request already: what it got decides, with the same
 		// policy as below; the deadline counts from its start.
-		reply, err = opts.Sent.ask(ctx, cfg.Socket, req, opts.Sent.Start.Add(timeout))
+		deadline := opts.Sent.Start.Add(timeout)
+		reply, err = opts.Sent.ask(ctx, cfg.Socket, req, deadline)
+		reply, err = askAgainV1(ctx, cfg.Socket, req, deadline, reply, err)
 	} else {
-		reply, err = ask(ctx, cfg.Socket, req, time.Now().Add(timeout))
+		deadline := time.Now().Add(timeout)
+		reply, err = ask(ctx, cfg.Socket, req, deadline)
+		reply, err = askAgainV1(ctx, cfg.Socket, req, deadline, reply, err)
 	}
 	if err != nil {
 		if !hookproto.Required(req.Op) {
@@ -275,9 +279,39 @@ func ask(ctx context.Context, socket string, req hookproto.Request, deadline tim
 	return exchange(ctx, c, req)
 }
 
+// askAgainV1 asks again in version 1's framing when a version 2 request was refused in
+// version 1's framing: only a hostd of the last release answers so, and it refuses every
+// version 2 request unread ("could not read the hook's request") without acting on it,
+// so the request is sent again, once, in the framing it reads. Between installing a new
+// release and restarting nkp-hostd, protected VMs thus keep starting. Any other outcome
+// is returned as it is.
+func askAgainV1(ctx context.Context, socket string, req hookproto.Request, deadline time.Time, reply hookproto.Reply, err error) (hookproto.Reply, error) {
+	if err != nil || reply.Allow || reply.Version == hookproto.Version2 {
+		return reply, err
+	}
+	c, err := dialUnix(socket, deadline)
+	if err != nil {
+		return hookproto.Reply{}, err
+	}
+	defer c.Close()
+	stop := c.closeOnCancel(ctx)
+	defer stop()
+	return exchangeIn(ctx, c, req, hookproto.Version)
+}
+
 // exchange sends req on c and reads the reply.
 func exchange(ctx context.Context, c io.ReadWriter, req hookproto.Request) (hookproto.Reply, error) {
-	if err := hookproto.WriteRequest2(c, req); err != nil {
+	return exchangeIn(ctx, c, req, hookproto.Version2)
+}
+
+// exchangeIn is exchange with the request in the framing of version v (1 or 2).
+func exchangeIn(ctx context.Context, c io.ReadWriter, req hookproto.Request, v int) (hookproto.Reply, error) {
+	write := hookproto.WriteRequest2
+	if v != hookproto.Version2 {
+		req.Version = hookproto.Version
+		write = hookproto.WriteRequest
+	}
+	if err := write(c, req); err != nil {
 		return hookproto.Reply{}, fmt.Errorf("sending the request: %w", limitErr(ctx, err))
 	}
 	reply, err := hookproto.ReadReplyAny(bufio.NewReader(c))

@@ -319,3 +319,77 @@ func TestBinaryFastPath(t *testing.T) {
 		t.Errorf("protected with hostd absent: exit %d, stderr %q", r.code, r.stderr)
 	}
 }
+
+// TestOldHostd: a hostd of the last release reads only version 1's framing and refuses
+// anything else unread, as df441f2's serveHook did. The hook asks it again once in
+// version 1's framing, so protected VMs keep starting between installing a release and
+// restarting nkp-hostd; what the old hostd then answers decides, and nothing is sent a
+// third time.
+func TestOldHostd(t *testing.T) {
+	tests := []struct {
+		name     string
+		allow    bool
+		wantCode int
+		wantErr  string
+	}{
+		{name: "allows", allow: true, wantCode: 0},
+		{name: "refuses the VM", allow: false, wantCode: 1, wantErr: "KDK version 9 is unknown"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "hook.sock")
+			l, err := net.Listen("unix", path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { l.Close() })
+			var mu sync.Mutex
+			var conns int
+			var got []hookproto.Request
+			go func() {
+				for {
+					c, err := l.Accept()
+					if err != nil {
+						return
+					}
+					mu.Lock()
+					conns++
+					mu.Unlock()
+					req, err := hookproto.ReadRequest(bufio.NewReader(c))
+					if err != nil {
+						hookproto.WriteReply(c, hookproto.Reply{Version: hookproto.Version, Message: "nkp: nkp-hostd could not read the hook's request (" + err.Error() + "): install nkp-hook and nkp-hostd from the same release"})
+						c.Close()
+						continue
+					}
+					mu.Lock()
+					got = append(got, req)
+					mu.Unlock()
+					r := hookproto.Reply{Version: hookproto.Version, Allow: true}
+					if !tt.allow {
+						r = hookproto.Reply{Version: hookproto.Version, Message: "nkp: VM vm1: KDK version 9 is unknown"}
+					}
+					hookproto.WriteReply(c, r)
+					c.Close()
+				}
+			}()
+			var stderr bytes.Buffer
+			code := Main([]string{"vm1", "prepare", "begin", "-"}, strings.NewReader(protectedXML), &stderr,
+				env(map[string]string{"NKP_HOOK_SOCKET": path, "NKP_HOOK_CONFIG": os.DevNull}))
+			if code != tt.wantCode {
+				t.Errorf("exit %d, want %d (stderr %q)", code, tt.wantCode, stderr.String())
+			}
+			if tt.wantErr == "" && stderr.Len() != 0 || !strings.Contains(stderr.String(), tt.wantErr) {
+				t.Errorf("stderr %q, want %q", stderr.String(), tt.wantErr)
+			}
+			if strings.Contains(stderr.String(), "could not read") {
+				t.Errorf("stderr %q shows the old hostd's refusal of the version 2 request", stderr.String())
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			want := hookproto.Request{Version: hookproto.Version, Domain: "vm1", Op: "prepare", SubOp: "begin", Extra: "-", XML: protectedXML}
+			if conns != 2 || len(got) != 1 || got[0] != want {
+				t.Fatalf("old hostd: %d connections, read %+v; want 2 connections, the second the request in version 1's framing", conns, got)
+			}
+		})
+	}
+}

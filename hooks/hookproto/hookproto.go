@@ -19,7 +19,10 @@
 //
 // Requests are at most MaxRequest bytes, replies' messages at most MaxReply bytes; a
 // peer of another version is refused with a sentence saying to install matching
-// nkp-hook and nkp-hostd. The hook reads either framing back (ReadReplyAny).
+// nkp-hook and nkp-hostd. The hook reads either framing back (ReadReplyAny); a refusal
+// in version 1's framing to its version 2 request can only come from a hostd of the last
+// release that could not read it, and the hook then asks once more in version 1's framing
+// (hooks' askAgainV1), so VMs keep starting between an upgrade and hostd's restart.
 //
 // The package also holds what the hook decides without asking hostd: Protected (does the
 // XML carry nkp's metadata namespace at all) and Required (does the operation refuse when
