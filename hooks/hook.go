@@ -269,6 +269,11 @@ func Ask(ctx context.Context, socket string, req hookproto.Request) (hookproto.R
 // timer is one more thing the Go runtime may wake a thread for, and every thread of
 // the hook has to get a CPU before the process can exit.
 func ask(ctx context.Context, socket string, req hookproto.Request, deadline time.Time) (hookproto.Reply, error) {
+	return askIn(ctx, socket, req, deadline, hookproto.Version2)
+}
+
+// askIn is ask with the request in the framing of version v (1 or 2).
+func askIn(ctx context.Context, socket string, req hookproto.Request, deadline time.Time, v int) (hookproto.Reply, error) {
 	c, err := dialUnix(socket, deadline)
 	if err != nil {
 		return hookproto.Reply{}, err
@@ -276,7 +281,7 @@ func ask(ctx context.Context, socket string, req hookproto.Request, deadline tim
 	defer c.Close()
 	stop := c.closeOnCancel(ctx)
 	defer stop()
-	return exchange(ctx, c, req)
+	return exchangeIn(ctx, c, req, v)
 }
 
 // askAgainV1 asks again in version 1's framing when a version 2 request was refused in
@@ -289,14 +294,7 @@ func askAgainV1(ctx context.Context, socket string, req hookproto.Request, deadl
 	if err != nil || reply.Allow || reply.Version == hookproto.Version2 {
 		return reply, err
 	}
-	c, err := dialUnix(socket, deadline)
-	if err != nil {
-		return hookproto.Reply{}, err
-	}
-	defer c.Close()
-	stop := c.closeOnCancel(ctx)
-	defer stop()
-	return exchangeIn(ctx, c, req, hookproto.Version)
+	return askIn(ctx, socket, req, deadline, hookproto.Version)
 }
 
 // exchange sends req on c and reads the reply.
