@@ -38,24 +38,8 @@ func FuzzHasNamespace(f *testing.F) {
 // entry must answer a domain that is not nkp's without starting the Go runtime (with
 // GODEBUG=inittrace=1 the runtime prints a line per package it initialises).
 func TestEntry(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds nkp-hook twice")
-	}
-	goTool, err := exec.LookPath("go")
-	if err != nil {
-		t.Skip("no go tool to build nkp-hook with")
-	}
 	dir := t.TempDir()
-	withEntry, plain := filepath.Join(dir, "nkp-hook-entry"), filepath.Join(dir, "nkp-hook-plain")
-	for _, b := range []struct {
-		out   string
-		flags []string
-	}{{withEntry, []string{"-ldflags=-E=main.entry"}}, {plain, nil}} {
-		cmd := exec.Command(goTool, append(append([]string{"build"}, b.flags...), "-o", b.out, ".")...)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("go build %v: %v\n%s", b.flags, err, out)
-		}
-	}
+	withEntry, plain := buildBoth(t, dir, "")
 	conf := filepath.Join(dir, "hook.conf")
 	if err := os.WriteFile(conf, nil, 0o600); err != nil {
 		t.Fatal(err)
@@ -166,25 +150,12 @@ func TestEntry(t *testing.T) {
 // what hooks sends; and the entry must answer an allow without a message without
 // starting the Go runtime, and leave everything else to it.
 func TestEntryHostd(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds nkp-hook twice")
-	}
-	goTool, err := exec.LookPath("go")
-	if err != nil {
-		t.Skip("no go tool to build nkp-hook with")
-	}
 	dir := t.TempDir()
 	sock, conf := filepath.Join(dir, "hostd.sock"), filepath.Join(dir, "hook.conf")
 	const required, optional = 1500 * time.Millisecond, 700 * time.Millisecond
 	x := fmt.Sprintf("-X main.hookSocket=%s -X main.hookConfig=%s -X main.requiredTimeoutMs=%d -X main.optionalTimeoutMs=%d",
 		sock, conf, required.Milliseconds(), optional.Milliseconds())
-	withEntry, plain := filepath.Join(dir, "nkp-hook-entry"), filepath.Join(dir, "nkp-hook-plain")
-	for bin, ldflags := range map[string]string{withEntry: "-E=main.entry " + x, plain: x} {
-		cmd := exec.Command(goTool, "build", "-ldflags="+ldflags, "-o", bin, ".")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("go build -ldflags=%q: %v\n%s", ldflags, err, out)
-		}
-	}
+	withEntry, plain := buildBoth(t, dir, x)
 	protXML := `<domain type='kvm'><name>db</name><metadata><nkp:vm xmlns:nkp="` + hookproto.Namespace + `"><nkp:object name="vtpm" key-id="k-123"/></nkp:vm></metadata></domain>`
 	big := strings.Replace(protXML, "</domain>", "<!--"+strings.Repeat("x", 900<<10)+"--></domain>", 1) // more than a socket buffer
 	msg := func(allow bool, m string) string {
@@ -418,4 +389,30 @@ func TestLinkDefaults(t *testing.T) {
 	if o.Socket != hooks.DefaultSocket || o.Config != hooks.DefaultConfig || o.Timeout != hooks.DefaultTimeout || o.OptionalTimeout != hooks.OptionalTimeout || o.Sent != nil {
 		t.Errorf("options() = %+v, want hooks' defaults", o)
 	}
+}
+
+// buildBoth builds nkp-hook into dir twice with the extra linker flags ldflags: with its
+// assembly entry point (-E=main.entry) and plain, and returns both paths. It skips the
+// test in -short mode or without a go tool.
+func buildBoth(t *testing.T, dir, ldflags string) (withEntry, plain string) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("builds nkp-hook twice")
+	}
+	goTool, err := exec.LookPath("go")
+	if err != nil {
+		t.Skip("no go tool to build nkp-hook with")
+	}
+	withEntry, plain = filepath.Join(dir, "nkp-hook-entry"), filepath.Join(dir, "nkp-hook-plain")
+	for bin, flags := range map[string]string{withEntry: strings.TrimSpace("-E=main.entry " + ldflags), plain: ldflags} {
+		args := []string{"build"}
+		if flags != "" {
+			args = append(args, "-ldflags="+flags)
+		}
+		cmd := exec.Command(goTool, append(args, "-o", bin, ".")...)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("go build -ldflags=%q: %v\n%s", flags, err, out)
+		}
+	}
+	return withEntry, plain
 }
