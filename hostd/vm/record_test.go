@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -164,5 +165,53 @@ func TestRecordFollowsOperations(t *testing.T) {
 	}
 	if _, err := os.Stat(e.m.recordPath(uuid1)); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("record left after unprotect: %v", err)
+	}
+}
+
+// TestStatusRecordOnly: a VM that libvirt no longer defines and of which nkp keeps
+// nothing on this host but its record (its disks finalized, its vTPM state gone) still
+// has objects in the catalog that hold back their KDK version's retire: status by its
+// recorded name and the list report it with the forget command, and forget by that name
+// clears it from both.
+func TestStatusRecordOnly(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t)
+	e.define(t, "r1", uuid1, "")
+	if _, err := e.m.Protect(ctx, "r1"); err != nil {
+		t.Fatal(err)
+	}
+	o, _ := e.cat.get(uuid1, domxml.ObjectVTPM)
+	e.undefine(uuid1)
+	if err := os.RemoveAll(filepath.Join(e.m.cfg.VTPMDir, uuid1)); err != nil {
+		t.Fatal(err)
+	}
+	v, err := e.m.Status(ctx, "r1")
+	if err != nil || v.UUID != uuid1 {
+		t.Fatalf("status of the record-only VM by its recorded name: %+v, %v", v, err)
+	}
+	p := strings.Join(v.Problems, "\n")
+	for _, want := range []string{"nkpctl vm forget r1", o.KeyID, "catalog", uuid1} {
+		if !strings.Contains(p, want) {
+			t.Errorf("status problems %q do not name %q", p, want)
+		}
+	}
+	if v2, err := e.m.Status(ctx, uuid1); err != nil || strings.Join(v2.Problems, "\n") != p {
+		t.Errorf("status by UUID: %+v, %v; want the same problems as by name", v2, err)
+	}
+	list, err := e.m.List(ctx)
+	if err != nil || len(list) != 1 || list[0].UUID != uuid1 {
+		t.Fatalf("List = %+v, %v; want the record-only VM %s", list, err, uuid1)
+	}
+	if _, err := e.m.Forget(ctx, "r1", true); err != nil {
+		t.Fatalf("Forget(r1): %v", err)
+	}
+	if _, inCat := e.cat.get(uuid1, domxml.ObjectVTPM); inCat {
+		t.Error("the object is still in the catalog after forget")
+	}
+	if list, err := e.m.List(ctx); err != nil || len(list) != 0 {
+		t.Errorf("List after forget = %+v, %v; want nothing", list, err)
+	}
+	if _, err := e.m.Status(ctx, "r1"); !errors.Is(err, ErrNoDomain) {
+		t.Errorf("status after forget: %v; want %v", err, ErrNoDomain)
 	}
 }

@@ -124,8 +124,9 @@ func (m *Manager) Status(ctx context.Context, domain string) (vmapi.VM, error) {
 }
 
 // List reports every protected domain, every domain with a problem (an unfinished
-// operation, vTPM state kept although its definition lost nkp's metadata), and the vTPM
-// state nkp keeps for domains libvirt does not define (undefined, or moved away).
+// operation, vTPM state kept although its definition lost nkp's metadata), and what nkp
+// keeps for domains libvirt does not define (undefined, or moved away): vTPM state,
+// original disk files, or only a record whose objects the catalog still holds.
 func (m *Manager) List(ctx context.Context) ([]vmapi.VM, error) {
 	uuids, err := m.cfg.Libvirt.Domains(ctx)
 	if err != nil {
@@ -144,6 +145,7 @@ func (m *Manager) List(ctx context.Context) ([]vmapi.VM, error) {
 		}
 	}
 	candidates = append(candidates, m.keptUUIDs()...)
+	candidates = append(candidates, m.recordUUIDs()...) // a finalized VM undefined since: its objects stay in the catalog
 	if js, err := m.j.list(); err == nil {
 		candidates = append(candidates, js...) // an operation interrupted on a VM undefined since
 	}
@@ -184,12 +186,22 @@ func (m *Manager) orphanVM(vmUUID string) (vmapi.VM, bool) {
 	keys := m.stateKeys(vmUUID)
 	ks, kerr := m.readKept(vmUUID)
 	e, jerr := m.j.read(vmUUID)
-	if len(keys) == 0 && len(ks) == 0 && kerr == nil && errors.Is(jerr, fs.ErrNotExist) {
+	rec, rerr := m.readRecord(vmUUID)
+	recorded := rec != nil && len(rec.Objects) > 0
+	if len(keys) == 0 && len(ks) == 0 && kerr == nil && errors.Is(jerr, fs.ErrNotExist) && !recorded && rerr == nil {
 		return vmapi.VM{}, false
 	}
 	v := vmapi.VM{Domain: vmUUID, UUID: vmUUID}
 	if len(keys) > 0 {
 		v = m.orphan(vmUUID, keys)
+	}
+	if recorded && len(keys) == 0 && len(ks) == 0 {
+		// A VM whose disks were finalized, or one that never had a vTPM here: only its
+		// record says that the catalog still holds its objects.
+		v.Problems = append(v.Problems, recordedProblem(rec))
+	}
+	if rerr != nil {
+		v.Problems = append(v.Problems, fmt.Sprintf("VM %s is no longer defined in libvirt, and its record cannot be read: %v", vmUUID, rerr))
 	}
 	switch {
 	case jerr == nil && e.Op == opForget:
@@ -206,6 +218,17 @@ func (m *Manager) orphanVM(vmUUID string) (vmapi.VM, bool) {
 		v.Problems = append(v.Problems, keptProblem(vmUUID, ks))
 	}
 	return v, true
+}
+
+// recordedProblem says what the record of a VM that libvirt does not define, and of
+// which nkp keeps nothing else on this host, still stands for: its objects in the
+// provider's catalog.
+func recordedProblem(r *record) string {
+	var objs []string
+	for _, o := range r.Objects {
+		objs = append(objs, fmt.Sprintf("%s (key %s)", o.Name, o.KeyID))
+	}
+	return fmt.Sprintf("libvirt defines no domain %s (named %s when hostd last saw it) on this host, and nkp keeps neither vTPM state nor disk files for it, but its objects %s are still in the provider's catalog, where they keep their KDK versions from being retired. If the VM is gone for good, nkpctl vm forget %s removes them; if it runs on another host now, that host owns them (nkpctl provider objects --vm %s shows the owner) and forget removes only this host's record of it", r.UUID, r.Name, strings.Join(objs, ", "), r.Name, r.UUID)
 }
 
 // orphan reports the vTPM state nkp keeps for a VM that libvirt does not define.

@@ -733,8 +733,18 @@ func TestOrphanedState(t *testing.T) {
 	if err := os.RemoveAll(dir); err != nil {
 		t.Fatal(err)
 	}
-	if list, err = e.m.List(ctx); err != nil || len(list) != 0 {
+	// The state removed by hand: the catalog still holds the object (removing nkp's
+	// metadata with virsh define did not unregister it), so the record keeps the VM
+	// listed, with the command that clears it.
+	if list, err = e.m.List(ctx); err != nil || len(list) != 1 || list[0].UUID != uuid1 {
 		t.Fatalf("List after the state was removed: %+v %v", list, err)
+	}
+	says("only the record left", list[0].Problems, "nkpctl vm forget r1", "vtpm (key ", "provider's catalog")
+	if _, err := e.m.Forget(ctx, "r1", true); err != nil {
+		t.Fatal(err)
+	}
+	if list, err = e.m.List(ctx); err != nil || len(list) != 0 {
+		t.Fatalf("List after forget: %+v %v", list, err)
 	}
 }
 
