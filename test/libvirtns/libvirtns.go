@@ -5,7 +5,8 @@
 // which libvirt's directories (/etc/libvirt with its hooks, /run/libvirt,
 // /var/lib/libvirt, /var/cache/libvirt, /var/log/libvirt) and any extra directories the
 // caller names (nkp's /run/nkp and /var/lib/nkp) are bind mounts of directories under
-// the Host's work directory. A virtlogd and a libvirtd run inside, with their own
+// the Host's work directory, and /etc/hosts is the machine's with the Host's name added
+// (hostsFile). A virtlogd and a libvirtd run inside, with their own
 // host_uuid, so libvirt accepts migrations between two Hosts; Link joins two Hosts' network
 // namespaces with a veth pair for migration traffic. Hook files installed in a Host touch
 // no other libvirtd, and programs started with Host.Command (nkp-hostd) see the same
@@ -195,6 +196,9 @@ func (h *Host) layout() error {
 			return fmt.Errorf("libvirtns: host %s: %w", h.Name, err)
 		}
 	}
+	if err := os.WriteFile(filepath.Join(h.Dir, "hosts"), hostsFile(h.Name), 0o644); err != nil {
+		return fmt.Errorf("libvirtns: host %s: %w", h.Name, err)
+	}
 	for _, p := range h.cfg.Tmpfs {
 		if !slices.Contains(h.cfg.Private, p) {
 			return fmt.Errorf("libvirtns: host %s: tmpfs %q is not one of the private directories", h.Name, p)
@@ -323,6 +327,19 @@ func (h *Host) InstallHook(name string, content []byte) error {
 	return nil
 }
 
+// hostsFile is the Host's /etc/hosts: the machine's, and the Host's name on 127.0.1.1.
+// libvirtd resolves its hostname (getaddrinfo with AI_CANONNAME) for the log header of
+// every QEMU it starts; with a name no file knows, that is a DNS query, and in a Host
+// with an uplink (a default route) to a resolver that does not answer it costs the
+// resolver's timeouts: 10 s per `virsh start`, holding one of libvirtd's 20 workers.
+func hostsFile(name string) []byte {
+	b, _ := os.ReadFile("/etc/hosts") // none: only the Host's name
+	if len(b) > 0 && b[len(b)-1] != '\n' {
+		b = append(b, '\n')
+	}
+	return append(b, fmt.Sprintf("127.0.1.1 %s\n", name)...)
+}
+
 // namespaces creates the network namespace and a holder process that owns the mount
 // namespace with the bind mounts in place.
 func (h *Host) namespaces(ctx context.Context) error {
@@ -343,6 +360,7 @@ func (h *Host) namespaces(ctx context.Context) error {
 	for _, p := range h.cfg.Private {
 		mount(h.privateDir(p), p)
 	}
+	fmt.Fprintf(&script, "mount --bind %s /etc/hosts\n", shellQuote(filepath.Join(h.Dir, "hosts")))
 	fmt.Fprintf(&script, "hostname %s\necho ready\nexec sleep infinity\n", shellQuote(h.Name))
 	h.holder = exec.Command("nsenter", "--net=/run/netns/"+h.NetNS, "--", "unshare", "--mount", "--uts", "--propagation", "private", "--", "sh", "-c", script.String())
 	out, err := h.holder.StdoutPipe()

@@ -8,9 +8,12 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/nkp-dev/nkp/test/e2e"
 )
 
 // TestUplinkSameSubnetTwice: two uplinks asking for the same subnet (the same test run
@@ -112,5 +115,39 @@ func TestStartRefusesBadConfig(t *testing.T) {
 		if !strings.Contains(err.Error(), tt.want) {
 			t.Errorf("Start(%+v): %v, want %q", tt.cfg, err, tt.want)
 		}
+	}
+}
+
+// TestHostnameResolves: inside a Host with an uplink (a default route), its hostname
+// resolves from /etc/hosts at once. libvirtd resolves it for every QEMU it starts; before
+// hostsFile the query went to the machine's resolver through the uplink and every
+// `virsh start` waited 10 s for its timeouts.
+func TestHostnameResolves(t *testing.T) {
+	e2e.RequireRoot(t)
+	e2e.Require(t, append(slices.Clone(Tools), "getent")...)
+	ctx := context.Background()
+	h, err := Start(ctx, Config{Name: "rslv"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	if err := Uplink(ctx, h, 202); err != nil {
+		t.Fatal(err)
+	}
+	cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	t0 := time.Now()
+	out, err := h.Command(cctx, "getent", "ahostsv4", h.Name).CombinedOutput()
+	if err != nil || !strings.HasPrefix(string(out), "127.0.1.1 ") {
+		t.Fatalf("getent ahostsv4 %s inside the Host after %v: %v %q, want 127.0.1.1 from its /etc/hosts", h.Name, time.Since(t0), err, out)
+	}
+}
+
+// TestHostsFile: the Host's /etc/hosts keeps the machine's entries and adds its name.
+func TestHostsFile(t *testing.T) {
+	machine, _ := os.ReadFile("/etc/hosts")
+	got := string(hostsFile("abc1"))
+	if !strings.HasPrefix(got, string(machine)) || !strings.HasSuffix(got, "\n127.0.1.1 abc1\n") {
+		t.Errorf("hostsFile(abc1) = %q, want the machine's /etc/hosts (%q) then 127.0.1.1 abc1", got, machine)
 	}
 }
