@@ -399,3 +399,34 @@ func (h hist) quantile(q float64) (bound, total float64) {
 	}
 	return bounds[len(bounds)-1], total
 }
+
+// checkTPMs asks nkp-hostd for the status of each running domain (GET /v1/vms/NAME) and
+// fails unless every one's TPM is "ok": libvirt's query-tpm finds QEMU's TPM and the
+// vTPM answers GET_TPMESTABLISHED with success, which it does only once QEMU has
+// connected and initialised it. So a round whose vTPMs never started, or that QEMU
+// never reached, is an error, not a fast sample.
+func (n *nkpHost) checkTPMs(ctx context.Context, names []string) error {
+	var bad []string
+	for _, name := range names {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		b, err := n.get("/v1/vms/" + name)
+		var st struct {
+			TPM string `json:"tpm"`
+		}
+		if err == nil {
+			err = json.Unmarshal(b, &st)
+		}
+		switch {
+		case err != nil:
+			bad = append(bad, fmt.Sprintf("%s: nkp-hostd's status: %v", name, err))
+		case st.TPM != "ok":
+			bad = append(bad, fmt.Sprintf("%s: TPM %q", name, st.TPM))
+		}
+	}
+	if len(bad) > 0 {
+		return fmt.Errorf("%d of %d protected domains' vTPMs do not answer after the start (%s): the bench would time a broken path; nkp-hostd's log and /var/lib/nkp/vtpm/*.log inside the Host say why", len(bad), len(names), strings.Join(bad[:min(len(bad), 3)], "; "))
+	}
+	return nil
+}
