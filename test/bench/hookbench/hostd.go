@@ -430,3 +430,22 @@ func (n *nkpHost) checkTPMs(ctx context.Context, names []string) error {
 	}
 	return nil
 }
+
+// vtpmCPU sums the CPU run time of every live nkp-swtpm in the Host (the vTPMs of the
+// round's running domains; the host TPM runs outside the Host), and counts them.
+func (n *nkpHost) vtpmCPU() (time.Duration, int) {
+	pids, _ := n.h.Pids()
+	var sum time.Duration
+	count := 0
+	for _, p := range pids {
+		exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", p))
+		if filepath.Base(exe) != "nkp-swtpm" || p == n.procs[1].Process.Pid {
+			continue
+		}
+		if d, err := processCPU(p); err == nil {
+			sum += d
+			count++
+		}
+	}
+	return sum, count
+}

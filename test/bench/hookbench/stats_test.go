@@ -1,6 +1,7 @@
 package main
 
 import (
+	"math"
 	"slices"
 	"strings"
 	"testing"
@@ -156,6 +157,48 @@ d2 release 1 2 1
 		}
 		if !slices.Equal(hook, tt.hook) || !slices.Equal(both, tt.both) {
 			t.Errorf("%s: hook %v both %v, want %v %v", tt.name, hook, both, tt.hook, tt.both)
+		}
+	}
+}
+
+// TestReport renders a run of four kinds: a row per kind and concurrency in both tables,
+// intervals on the +p99 cells, and the verdict at the highest concurrency.
+func TestReport(t *testing.T) {
+	kinds := []*kind{{label: "ref"}, {label: "cal"}, {label: "plain"}, {label: "prot", protected: true}}
+	conc := []int{1, 50}
+	res := map[string]map[int]*sample{}
+	for ki, k := range kinds {
+		res[k.label] = map[int]*sample{}
+		for _, n := range conc {
+			s := &sample{}
+			for r := range 4 {
+				rs := roundSample{machineCPU: time.Duration(n) * 100 * time.Millisecond}
+				for j := range n {
+					d := time.Duration(1+j+r+ki*20) * time.Millisecond // 20 ms more per kind
+					rs.hook, rs.both, rs.start = append(rs.hook, d), append(rs.both, 2*d), append(rs.start, 10*d)
+				}
+				if k.protected {
+					rs.hostdCPU, rs.vtpmCPU, rs.vtpms = time.Duration(n)*time.Millisecond, time.Duration(n)*20*time.Millisecond, n
+				}
+				s.rounds = append(s.rounds, rs)
+			}
+			if k.protected {
+				s.hostd = hist{0.0005: float64(4 * n), 0.005: float64(4 * n), math.Inf(1): float64(4 * n)}
+			}
+			res[k.label][n] = s
+		}
+	}
+	out := report(kinds, conc, res, 4, "paused") + cpuReport(kinds, conc, res)
+	for _, want := range []string{
+		"| prot | 50 | 200 |",
+		"| 60.0 [60.0, 60.0] | 20.0 [20.0, 20.0] |", // prot's +p99: 20 ms per kind, exactly
+		"Calibration (reference again − reference): 20.0 [20.0, 20.0] ms",
+		"- prot: +p99 ref 60.0 [60.0, 60.0] ms: not met; +p99 plain 20.0 [20.0, 20.0] ms: met",
+		"| prot | 50 | 100.0 | 1.0 | 20.0 | 200 | 0.5 | 0.5 |",
+		"| ref | 1 | 100.0 |  |  |  |  |  |",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("report lacks %q:\n%s", want, out)
 		}
 	}
 }
