@@ -130,6 +130,13 @@ type Config struct {
 	// storage can take it (--migration release-lock-outgoing; needs a StorageLocker).
 	ReleaseLockOutgoing bool
 
+	// IdleTrim, when above zero, makes Serve drop the process' mappings of its
+	// read-only file-backed segments once the TPM has been idle this long (no control
+	// request, no data command); see "Idle trim" in the package doc. 0: never. The CLI
+	// sets DefaultIdleTrim. It acts on the whole process: leave it 0 where the server
+	// shares its process with other work (tests, embedding programs).
+	IdleTrim time.Duration
+
 	// Serving, if set, is called once by Serve when its channels take clients: after
 	// their goroutines had a first turn (so that a control client already waiting has
 	// its answer) and before the TPM starts at launch; Ready is closed after it

@@ -210,6 +210,7 @@ func (s *Server) refuse(pe *ctrl.ParseError) ctrl.ResultResponse {
 // execCtrl executes one control request. after, if not nil, runs once the response was
 // written (SHUTDOWN ends the server only after its reply).
 func (s *Server) execCtrl(req ctrl.Request, fds []int) (resp ctrl.Response, after func()) {
+	s.activity.Add(1)
 	res := func(r ctrl.Result) ctrl.Response { return ctrl.ResultResponse{Result: r} }
 	notRunning := res(ctrl.ResBadOrdinal)
 

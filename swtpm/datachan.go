@@ -238,6 +238,7 @@ func (c *fdConn) release() {
 
 // execData runs one TPM command from the data channel and returns the response to send.
 func (s *Server) execData(cmd data.Command) []byte {
+	s.activity.Add(1)
 	s.lockTPM()
 	defer s.unlockTPM()
 	if cmd.Prefixed {

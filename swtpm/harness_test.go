@@ -55,6 +55,12 @@ func startServer(t *testing.T, mod func(*Config)) *harness {
 
 func startServerWith(t *testing.T, eng Engine, store Store, mod func(*Config)) *harness {
 	t.Helper()
+	return startServerHooked(t, eng, store, mod, nil)
+}
+
+// startServerHooked is startServerWith with hook called on the server before Serve.
+func startServerHooked(t *testing.T, eng Engine, store Store, mod func(*Config), hook func(*Server)) *harness {
+	t.Helper()
 	h := &harness{t: t, dir: shortDir(t), done: make(chan error, 1)}
 	if fe, ok := eng.(*fakeEngine); ok {
 		h.eng = fe
@@ -74,6 +80,9 @@ func startServerWith(t *testing.T, eng Engine, store Store, mod func(*Config)) *
 	h.srv, err = New(cfg)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if hook != nil {
+		hook(h.srv)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	h.cancel = cancel

@@ -44,6 +44,32 @@
 // destination of a migration keeps its state even if it restarts before the guest
 // writes NV (TestRealEngineMigration).
 //
+// # Idle trim
+//
+// With Config.IdleTrim (nkp-swtpm: DefaultIdleTrim, 2 s), once the TPM has had no
+// control request and no data command for that long (the check comes between one and
+// two IdleTrim after the last), the server drops the process' own page-table
+// mappings of its read-only file-backed segments with madvise(MADV_DONTNEED)
+// (package swtpm/internal/idletrim: private file mappings without write permission
+// and without any anonymous page, read afresh from /proc/self/smaps each time; never
+// RELRO, data, heap, stacks or [vdso]). Why: a vTPM spends nearly all its life idle,
+// yet its start (flag parsing, the state's key derivation and decryption, libtpms'
+// init and self-tests, the runtime reading its tables) leaves 4.8 MB of the static
+// binary mapped in each process, code and tables it will not run again; mapped, they
+// count in every vTPM's PSS and the kernel cannot reclaim them. It is lossless: those
+// pages were never written, so they are the file's pages in the page cache, and what
+// the process touches again faults back in, as after reclaim under memory pressure.
+// What an idle process still runs (the runtime's scheduler and timers) comes back in
+// whole page-cache folios (64 KB to 1 MB), so about 2 MB stays mapped. The cost falls
+// on the first command after a trim, which takes those minor faults (BENCHMARKS.md,
+// vTPM, has the figure); the trim itself reads smaps without allocating (a heap that
+// grew would cost more than the trim frees). Activity is counted without a call into
+// Go per command (the engine's data loop keeps its own count, DataLoopCommands).
+// While the TPM stays idle the next looks come after 4, 8, ... up to 64 s, and it
+// trims again only after new activity, so an idle vTPM wakes about once a minute.
+// Logged at debug level (--log level=2 or more) with the KiB unmapped. nkp-swtpm
+// turns it off with NKP_SWTPM_IDLE_TRIM=off (package swtpm/cli).
+//
 // Limits, as swtpm 0.7.1 behaves where it has them (checked by a differential test):
 //   - data channel: a command whose declared size is below 10 or above the engine's
 //     buffer (4096) gets TPM_RC_COMMAND_SIZE and the connection is closed (the size
@@ -71,6 +97,7 @@ import (
 	"time"
 
 	"github.com/nkp-dev/nkp/swtpm/data"
+	"github.com/nkp-dev/nkp/swtpm/internal/idletrim"
 )
 
 // Server is one vTPM served over swtpm's control and data channels.
@@ -93,6 +120,11 @@ type Server struct {
 	dataConnOpen bool        // Config.DataConn is still being served
 	ctrlGone     atomic.Bool // Config.CtrlConn (a one-shot control connection) closed, or no control channel
 	lockReleased bool        // the store's lock went to a migration destination
+
+	// activity counts control requests and Go-loop data commands (the engine's own
+	// data loop counts its commands itself), for the idle trim (trimWhenIdle).
+	activity atomic.Uint64
+	trim     func() (idletrim.Result, error) // a Trimmer's Trim when nil; tests replace it
 
 	// connMu guards the set of open connections, closed when Serve stops.
 	connMu sync.Mutex
@@ -221,6 +253,9 @@ func (s *Server) Serve(ctx context.Context) (err error) {
 		s.requestStop("the TPM did not start")
 	} else {
 		close(s.ready)
+		if s.cfg.IdleTrim > 0 {
+			s.goServe(s.trimWhenIdle)
+		}
 	}
 
 	select {

@@ -45,6 +45,10 @@
 //     inherited listening unix socket served as the status channel
 //     (swtpm.Config.StatusListener), where nkp-hostd asks a running VM's vTPM for
 //     GET_TPMESTABLISHED while QEMU holds the control channel.
+//   - Idle trim (package swtpm, "Idle trim"): 2 to 4 s after the last control request
+//     or TPM command the process drops its mappings of read-only file-backed
+//     segments, losslessly. NKP_SWTPM_IDLE_TRIM (nkp's, optional) sets that idle time (a Go
+//     duration, e.g. 10s) or turns it off (off); a bad value fails the start.
 //   - --print-capabilities and --print-states print byte for byte in swtpm 0.7.1's
 //     layout, checked against the real swtpm (TestPrintShapeAsSwtpm).
 //   - TCP sockets: bindaddr= must be an IPv4 or IPv6 address (ifname= gives the zone

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"time"
 
 	"github.com/nkp-dev/nkp/swtpm"
 	"github.com/nkp-dev/nkp/swtpm/cmdline"
@@ -72,6 +73,10 @@ func serve(ctx context.Context, o *cmdline.Options, log *slog.Logger, hooks serv
 	}
 	if o.Flags.Startup == cmdline.StartupDeactivated {
 		return errors.New("--flags startup-deactivated exists only for TPM 1.2; use startup-clear or startup-state")
+	}
+	trimAfter, err := idleTrim(os.Getenv)
+	if err != nil {
+		return err
 	}
 	stateKey, err := readKey("key", o.Key, log)
 	if err != nil {
@@ -141,6 +146,7 @@ func serve(ctx context.Context, o *cmdline.Options, log *slog.Logger, hooks serv
 		StateKey:            stateKey.Bytes(),
 		MigrationKey:        migKey.Bytes(),
 		ReleaseLockOutgoing: o.Migration.ReleaseLockOutgoing,
+		IdleTrim:            trimAfter,
 	}
 	switch o.Flags.Startup {
 	case cmdline.StartupClear:
@@ -226,4 +232,26 @@ func printStates(o *cmdline.Options, w io.Writer) error {
 		entries[i] = StateEntry{Name: in.Name, Size: in.Size}
 	}
 	return PrintStates(w, entries)
+}
+
+// envIdleTrim sets the idle trim (swtpm.Config.IdleTrim): "off" or "0" turns it off,
+// a duration (Go syntax: 500ms, 5s) sets the idle time; unset means
+// swtpm.DefaultIdleTrim. nkp's, not swtpm's; carried across -d like the rest of the
+// environment.
+const envIdleTrim = "NKP_SWTPM_IDLE_TRIM"
+
+// idleTrim returns the idle time of envIdleTrim.
+func idleTrim(getenv func(string) string) (time.Duration, error) {
+	v := getenv(envIdleTrim)
+	switch v {
+	case "":
+		return swtpm.DefaultIdleTrim, nil
+	case "off", "0":
+		return 0, nil
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil || d <= 0 {
+		return 0, fmt.Errorf("%s=%q: want a duration such as 2s, or off; unset it for the default (%v)", envIdleTrim, v, swtpm.DefaultIdleTrim)
+	}
+	return d, nil
 }

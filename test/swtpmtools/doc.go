@@ -20,6 +20,8 @@
 // ctrl terminate, --runas, inherited listening sockets, a data-only TPM (no --ctrl), an empty working directory,
 // and kill -9 during NV writes through a go-tpm client (up to 300 trials, 60 s per
 // backend). Tests of features swtpm 0.7.1 lacks skip it by its --print-capabilities.
+// TestIdleTrim runs nkp-swtpm alone (swtpm has no idle trim): after its idle delay
+// the resident part of its program shrinks, and NV and PCR values read the same.
 //
 // TestUpstreamSuite runs swtpm's own TPM 2.0 test scripts against both backends, once
 // per socket interface pair as upstream's wrappers do. They are vendored in

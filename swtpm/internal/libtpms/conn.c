@@ -32,6 +32,7 @@ uint32_t nkp_last_cc;
 int nkp_cb_failed;
 unsigned char *nkp_resp;
 uint32_t nkp_resp_cap;
+uint64_t nkp_conn_commands;
 
 void nkp_lock(void) { pthread_mutex_lock(&nkp_mu); }
 void nkp_unlock(void) { pthread_mutex_unlock(&nkp_mu); }
@@ -222,6 +223,7 @@ static size_t execute(const struct nkp_conn_opts *o, const struct nkp_frame *f,
 	uint32_t n = HEADER;
 	size_t len = 0;
 	nkp_lock();
+	__atomic_store_n(&nkp_conn_commands, nkp_conn_commands + 1, __ATOMIC_RELAXED);
 	if (f->prefixed && !locality_ok(o, f->locality)) {
 		error_response(err, RC_LOCALITY);
 	} else {

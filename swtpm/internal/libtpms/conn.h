@@ -21,6 +21,15 @@ extern int nkp_cb_failed;      // an NVRAM callback failed during the current li
 extern unsigned char *nkp_resp; // libtpms' response buffer, kept across calls
 extern uint32_t nkp_resp_cap;
 
+// nkp_conn_commands counts the commands the data loop answered, over all its
+// connections: written under the mutex, read without it (relaxed atomics), so that
+// package swtpm's idle trim can tell a busy TPM from an idle one without any cost on
+// the command path beyond one store.
+extern uint64_t nkp_conn_commands;
+static inline uint64_t nkp_conn_commands_load(void) {
+	return __atomic_load_n(&nkp_conn_commands, __ATOMIC_RELAXED);
+}
+
 // nkp_process runs one command (under the mutex, which the caller holds) and records
 // its command code; the response is in nkp_resp[0:*rlen].
 uint32_t nkp_process(const unsigned char *cmd, uint32_t len, uint32_t *rlen);

@@ -493,6 +493,14 @@ func (t *TPM) LastCommand() uint32 {
 	return uint32(C.nkp_last_cc)
 }
 
+// DataLoopCommands returns how many commands ServeConn has received since the
+// process started, over all connections (a command refused for its locality or
+// answered while the TPM is not running counts too). It takes no lock and costs the
+// data loop one store per command: package swtpm reads it to tell an idle TPM.
+func (t *TPM) DataLoopCommands() uint64 {
+	return uint64(C.nkp_conn_commands_load())
+}
+
 // VolatileAllStore serialises the running TPM's volatile state
 // (TPMLIB_VolatileAll_Store), for the caller to store as "volatilestate".
 func (t *TPM) VolatileAllStore() ([]byte, error) {
