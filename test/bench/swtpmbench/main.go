@@ -10,7 +10,15 @@
 //   - start-to-ready: process start until the control socket answers
 //     GET_CAPABILITY (median of -starts, existing state, turns alternating);
 //   - RSS and PSS (from /proc/PID/smaps_rollup) per instance of -idle idle
-//     instances of each.
+//     instances of each, read -settle (default 5 s) after the last of them was
+//     ready, for both backends alike: long enough for nkp-swtpm's idle trim (2 s
+//     without a command; go doc ./swtpm, "Idle trim") to have run, so that the
+//     figure is that of an idle vTPM, not of one that just started (-settle 0
+//     reads at once, as before);
+//   - with -after-idle N: GetRandom(32) as the first command after 3 s of idle
+//     (for nkp-swtpm, after its idle trim dropped its mappings: the call takes
+//     the page faults back) and the call right after it, median of N rounds, both
+//     backends idle side by side.
 //
 // The state key is 32 random bytes written as hex to a 0600 file in the work
 // directory and given as --key fd=3 (or file=) with mode=aes-256-cbc; it
@@ -49,19 +57,21 @@ func main() {
 
 // config is what one run measures.
 type config struct {
-	A, B    backend    // baseline and candidate; ratios are B ÷ A
-	N       int        // timed calls per fast command and backend
-	NCreate int        // timed CreatePrimary+Flush pairs per backend
-	Warmup  int        // untimed calls of each command first
-	Block   int        // timed calls in a row on one backend before the other's turn
-	Starts  int        // start-to-ready samples per backend
-	Idle    int        // idle instances per backend for RSS/PSS
-	Key     keyPassing // fd or file
-	Work    string     // work directory; a temporary one when empty
-	Keep    bool       // keep the work directory
-	Out     string     // also write the table here
-	CPUs    string     // pin the client and the backends to these CPUs ("" = no pinning)
-	Runs    int        // whole runs one after the other; the table gives medians
+	A, B      backend       // baseline and candidate; ratios are B ÷ A
+	N         int           // timed calls per fast command and backend
+	NCreate   int           // timed CreatePrimary+Flush pairs per backend
+	Warmup    int           // untimed calls of each command first
+	Block     int           // timed calls in a row on one backend before the other's turn
+	Starts    int           // start-to-ready samples per backend
+	Idle      int           // idle instances per backend for RSS/PSS
+	Settle    time.Duration // wait after the idle instances are ready, before reading their memory
+	AfterIdle int           // rounds of the first-command-after-idle phase (0: none)
+	Key       keyPassing    // fd or file
+	Work      string        // work directory; a temporary one when empty
+	Keep      bool          // keep the work directory
+	Out       string        // also write the table here
+	CPUs      string        // pin the client and the backends to these CPUs ("" = no pinning)
+	Runs      int           // whole runs one after the other; the table gives medians
 }
 
 func parseFlags(args []string, stderr io.Writer) (config, error) {
@@ -78,6 +88,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.IntVar(&c.Block, "block", 100, "timed calls in a row on one backend before the other backend's turn (1: call by call)")
 	fs.IntVar(&c.Starts, "starts", 20, "start-to-ready samples per backend (the median is reported)")
 	fs.IntVar(&c.Idle, "idle", 50, "idle instances per backend for RSS and PSS")
+	fs.DurationVar(&c.Settle, "settle", 5*time.Second, "wait this long after the idle instances are ready before reading their memory, for both backends (longer than nkp-swtpm's 2 s idle trim; 0: at once)")
+	fs.IntVar(&c.AfterIdle, "after-idle", 0, "rounds of GetRandom after 3 s idle (nkp-swtpm: after its idle trim) and right after that, per backend (0: skip the phase)")
 	key := fs.String("key", "fd", "how the state key is passed: fd (--key fd=3) or file (--key file=PATH); both read a 0600 file")
 	fs.StringVar(&c.Work, "work", "", "work directory for state, sockets and logs (default: a new temporary directory)")
 	fs.BoolVar(&c.Keep, "keep", false, "keep the work directory (logs of the backends)")
@@ -109,6 +121,10 @@ func (c config) validate() error {
 		return fmt.Errorf("-starts %d: need at least 1 sample", c.Starts)
 	case c.Idle < 1:
 		return fmt.Errorf("-idle %d: need at least 1 instance", c.Idle)
+	case c.AfterIdle < 0:
+		return fmt.Errorf("-after-idle %d: must not be negative", c.AfterIdle)
+	case c.Settle < 0:
+		return fmt.Errorf("-settle %v: must not be negative", c.Settle)
 	case c.Runs < 1:
 		return fmt.Errorf("-runs %d: need at least 1 run", c.Runs)
 	case c.Key != keyByFD && c.Key != keyByFile:

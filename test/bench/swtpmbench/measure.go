@@ -30,6 +30,8 @@ type side struct {
 	startReady []time.Duration            // sorted
 	startCPU   []time.Duration            // server CPU time until ready, sorted
 	mem        []memory                   // per idle instance
+	afterIdle  []time.Duration            // GetRandom after idleGap, sorted
+	warm       []time.Duration            // GetRandom right after that one, sorted
 }
 
 // report is one run's result.
@@ -66,6 +68,12 @@ func measure(ctx context.Context, cfg config, progress io.Writer) (*report, erro
 	fmt.Fprintf(progress, "start-to-ready: %d starts each\n", cfg.Starts)
 	if err := measureStarts(ctx, cfg, backends, dirs, keyFile, sides); err != nil {
 		return nil, err
+	}
+	if cfg.AfterIdle > 0 {
+		fmt.Fprintf(progress, "first command after %v idle: %d rounds\n", idleGap, cfg.AfterIdle)
+		if err := measureAfterIdle(ctx, cfg, cmds, backends, dirs, keyFile, sides); err != nil {
+			return nil, err
+		}
 	}
 	for i, b := range backends {
 		fmt.Fprintf(progress, "memory: %d idle instances of %s\n", cfg.Idle, b.Name)
@@ -276,6 +284,13 @@ func measureIdle(ctx context.Context, cfg config, b backend, dir, keyFile string
 		}
 		all = append(all, s)
 	}
+	// Idle means idle: nkp-swtpm trims its start-up mappings after 2 s without a
+	// command, and both backends get the same wait.
+	select {
+	case <-time.After(cfg.Settle):
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 	mem := make([]memory, 0, len(all))
 	for _, s := range all {
 		m, err := readMemory(s.in.pid())
@@ -308,4 +323,57 @@ func loadavg() string {
 		return "?"
 	}
 	return strings.Join(f[:3], " ")
+}
+
+// idleGap is the idle time before each -after-idle call: past nkp-swtpm's 2 s idle
+// trim (swtpm.DefaultIdleTrim).
+const idleGap = 3 * time.Second
+
+// measureAfterIdle runs one instance of each backend side by side and, cfg.AfterIdle
+// times, lets both idle for idleGap, then times a GetRandom on each (who goes first
+// alternating) and a second one right after it.
+func measureAfterIdle(ctx context.Context, cfg config, cmds commands, backends [2]backend, dirs [2]string, keyFile string, sides [2]*side) error {
+	var run [2]*started
+	defer func() {
+		for _, s := range run {
+			if s != nil {
+				s.stop()
+			}
+		}
+	}()
+	for i, b := range backends {
+		s, err := startReady(ctx, b, filepath.Join(dirs[i], "afteridle"), keyFile, cfg.Key)
+		if err != nil {
+			return err
+		}
+		run[i] = s
+		if s.data, err = dialData(s.in.data); err != nil {
+			return fmt.Errorf("%s: %w: %w", b.Name, errBackend, err)
+		}
+	}
+	for r := range cfg.AfterIdle {
+		select {
+		case <-time.After(idleGap):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		for j := range 2 {
+			i := (j + r) & 1
+			cold, err := timed(run[i].data, cmds.getRandom)
+			if err != nil {
+				return fmt.Errorf("%s GetRandom after idle: %w: %w", backends[i].Name, errBackend, err)
+			}
+			warm, err := timed(run[i].data, cmds.getRandom)
+			if err != nil {
+				return fmt.Errorf("%s GetRandom: %w: %w", backends[i].Name, errBackend, err)
+			}
+			sides[i].afterIdle = append(sides[i].afterIdle, cold)
+			sides[i].warm = append(sides[i].warm, warm)
+		}
+	}
+	for _, s := range sides {
+		slices.Sort(s.afterIdle)
+		slices.Sort(s.warm)
+	}
+	return nil
 }

@@ -77,6 +77,19 @@ func (r report) rows() []row {
 		b:    float64(percentile(r.b.startCPU, 0.5)) / float64(time.Millisecond),
 		unit: "ms",
 	})
+	if r.cfg.AfterIdle > 0 {
+		rows = append(rows, row{
+			name: fmt.Sprintf("GetRandom(32) after %v idle (nkp-swtpm: after its idle trim), median of %d", idleGap, r.cfg.AfterIdle),
+			a:    float64(percentile(r.a.afterIdle, 0.5)) / float64(time.Microsecond),
+			b:    float64(percentile(r.b.afterIdle, 0.5)) / float64(time.Microsecond),
+			unit: "µs",
+		}, row{
+			name: fmt.Sprintf("GetRandom(32) right after that one, median of %d", r.cfg.AfterIdle),
+			a:    float64(percentile(r.a.warm, 0.5)) / float64(time.Microsecond),
+			b:    float64(percentile(r.b.warm, 0.5)) / float64(time.Microsecond),
+			unit: "µs",
+		})
+	}
 	rows = append(rows,
 		row{name: fmt.Sprintf("RSS per idle instance, mean of %d", r.cfg.Idle), a: meanKiB(r.a.mem, false), b: meanKiB(r.b.mem, false), unit: "KiB"},
 		row{name: fmt.Sprintf("PSS per idle instance, mean of %d", r.cfg.Idle), a: meanKiB(r.a.mem, true), b: meanKiB(r.b.mem, true), unit: "KiB", target: 1.2},
@@ -164,9 +177,9 @@ func markdownRuns(reps []report) string {
 	}
 	fmt.Fprintf(&sb, "\n%d runs from %s to %s; %s; load average %s before the first, %s after the last. Values are medians over the runs. "+
 		"Each run: %d timed calls per command (%d CreatePrimary) after %d warm-up calls, one data connection per backend, the two backends taking turns every %d calls; "+
-		"%d starts and %d idle instances per backend; encrypted state, key by %s; unix sockets; %s.\n",
+		"%d starts and %d idle instances per backend (memory read %v after the last was ready); encrypted state, key by %s; unix sockets; %s.\n",
 		len(reps), first.start.UTC().Format("2006-01-02 15:04"), last.end.UTC().Format("15:04 MST"), machine(), first.load[0], last.load[1],
-		first.cfg.N, first.cfg.NCreate, first.cfg.Warmup, first.cfg.Block, first.cfg.Starts, first.cfg.Idle, keyDescription(first.cfg.Key), pinning(first.cfg.CPUs))
+		first.cfg.N, first.cfg.NCreate, first.cfg.Warmup, first.cfg.Block, first.cfg.Starts, first.cfg.Idle, first.cfg.Settle, keyDescription(first.cfg.Key), pinning(first.cfg.CPUs))
 	return sb.String()
 }
 
