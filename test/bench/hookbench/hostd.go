@@ -103,7 +103,7 @@ func (n *nkpHost) waitSecrets(ctx context.Context, count int) error {
 	}
 }
 
-func startNKP(ctx context.Context, h *libvirtns.Host, bin string) (*nkpHost, error) {
+func startNKP(ctx context.Context, h *libvirtns.Host, bin string, hostdEnv []string) (*nkpHost, error) {
 	n := &nkpHost{h: h, bin: bin, dir: filepath.Join(h.Dir, "nkp")}
 	ok := false
 	defer func() {
@@ -199,7 +199,7 @@ func startNKP(ctx context.Context, h *libvirtns.Host, bin string) (*nkpHost, err
 		return nil, fmt.Errorf("nkp-hostd join: %w: %s", err, out)
 	}
 	n.hostd = h.Command(context.Background(), hostd, "serve", "--tpm", spec, "--swtpm", filepath.Join(bin, "nkp-swtpm"), "--log-level", "warn")
-	n.hostd.Env = append(os.Environ(), "NOTIFY_SOCKET=")
+	n.hostd.Env = append(append(os.Environ(), "NOTIFY_SOCKET="), hostdEnv...)
 	n.hostd.Stderr = os.Stderr
 	if err := n.hostd.Start(); err != nil {
 		return nil, err

@@ -172,6 +172,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	protected := fs.Bool("protected", true, "also measure domains protected by nkp (starts a provider and nkp-hostd; programs from the -hook's directory)")
 	vtpms := fs.Int("vtpms", 100, "then prepare this many vTPMs through the hook path and report nkp-hostd's memory (0: skip; needs -protected)")
 	cgroups := fs.Bool("cgroups", false, "libvirt's default cgroup placement: each QEMU in a group under machine/, all of them sharing one group's CPU weight against libvirtd, the hook and nkp-hostd (default: QEMU without cgroups, competing thread for thread with them, the worst case)")
+	hostdEnv := fs.String("hostd-env", "", "extra environment for nkp-hostd, comma-separated NAME=VALUE (an experiment, e.g. GOMAXPROCS=1)")
 	disks := fs.Int("disks", 0, "also measure protected domains with this many encrypted disks each (made with `nkpctl vm protect`; needs -protected)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -217,7 +218,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	var n *nkpHost
 	if *protected {
-		if n, err = startNKP(ctx, h, filepath.Dir(hookPath)); err != nil {
+		if n, err = startNKP(ctx, h, filepath.Dir(hookPath), splitEnv(*hostdEnv)); err != nil {
 			return err
 		}
 		defer n.close()
@@ -583,4 +584,12 @@ func cpuReport(kinds []*kind, conc []int, res map[string]map[int]*sample) string
 		}
 	}
 	return b.String()
+}
+
+// splitEnv splits -hostd-env's comma-separated NAME=VALUE list ("" is none).
+func splitEnv(s string) []string {
+	if s == "" {
+		return nil
+	}
+	return strings.Split(s, ",")
 }
