@@ -32,9 +32,9 @@
 // what competes with it on any host during a boot storm (libvirtd, QEMU processes
 // starting, nkp-hostd, the vTPMs starting), not guest code. This is the default because
 // a running guest here is SeaBIOS spinning under TCG, 10-50 times the CPU a guest costs
-// under KVM: in a round of 50 the first guests' TCG threads take both CPUs, the later
-// starts' hooks wait for one, and their p99 is scheduler delay behind 50 emulated CPUs
-// that moves by tens of ms from run to run, larger than the target it is to decide.
+// under KVM and no part of a start: it only adds to the queue for the 2 CPUs that the
+// later starts' hooks wait in (at 50 at once, 404-432 ms of machine CPU per start
+// against 342-353 paused), and to the spread of their p99.
 // -paused=false lets the guests run, for the worst case. Either way, after every
 // round of a protected kind each domain's status is asked of nkp-hostd (GET
 // /v1/vms/NAME) and must report its TPM "ok": QEMU holds it and it answers
