@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/nkp-dev/nkp/hostd/domxml"
+	"github.com/nkp-dev/nkp/provider/apiv1"
 )
 
 const uuid2 = "6c1d7b2f-9a4e-4d3c-8b8f-2e3a4b5c6d7e"
@@ -32,6 +33,18 @@ func (e *env) rename(t *testing.T, u, from, to string) {
 	if err := e.lv.DefineXML(context.Background(), bytes.Replace(x, []byte("<name>"+from+"</name>"), []byte("<name>"+to+"</name>"), 1)); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// protectR1 defines VM r1 (uuid1), protects it and returns its vTPM object in the
+// catalog.
+func (e *env) protectR1(t *testing.T) apiv1.Object {
+	t.Helper()
+	e.define(t, "r1", uuid1, "")
+	if _, err := e.m.Protect(context.Background(), "r1"); err != nil {
+		t.Fatal(err)
+	}
+	o, _ := e.cat.get(uuid1, domxml.ObjectVTPM)
+	return o
 }
 
 // TestForgetByRecordedName: a VM with a vTPM only (no kept disk file, no journal) is
@@ -87,11 +100,7 @@ func TestForgetByRecordedName(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			ctx := context.Background()
 			e := newEnv(t)
-			e.define(t, "r1", uuid1, "")
-			if _, err := e.m.Protect(ctx, "r1"); err != nil {
-				t.Fatal(err)
-			}
-			o, _ := e.cat.get(uuid1, domxml.ObjectVTPM)
+			o := e.protectR1(t)
 			if r, err := e.m.readRecord(uuid1); err != nil || r == nil || r.Name != "r1" || len(r.Objects) != 1 || r.Objects[0].KeyID != o.KeyID {
 				t.Fatalf("record after protect: %+v, %v; want name r1 and the vtpm object %+v", r, err, o)
 			}
@@ -136,10 +145,7 @@ func TestForgetByRecordedName(t *testing.T) {
 func TestRecordFollowsOperations(t *testing.T) {
 	ctx := context.Background()
 	e := newEnv(t)
-	e.define(t, "r1", uuid1, "")
-	if _, err := e.m.Protect(ctx, "r1"); err != nil {
-		t.Fatal(err)
-	}
+	e.protectR1(t)
 	e.keys.primary, e.keys.known = 2, 2
 	if _, err := e.m.Rekey(ctx, "r1"); err != nil {
 		t.Fatal(err)
@@ -176,11 +182,7 @@ func TestRecordFollowsOperations(t *testing.T) {
 func TestStatusRecordOnly(t *testing.T) {
 	ctx := context.Background()
 	e := newEnv(t)
-	e.define(t, "r1", uuid1, "")
-	if _, err := e.m.Protect(ctx, "r1"); err != nil {
-		t.Fatal(err)
-	}
-	o, _ := e.cat.get(uuid1, domxml.ObjectVTPM)
+	o := e.protectR1(t)
 	e.undefine(uuid1)
 	if err := os.RemoveAll(filepath.Join(e.m.cfg.VTPMDir, uuid1)); err != nil {
 		t.Fatal(err)

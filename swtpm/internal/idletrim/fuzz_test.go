@@ -20,18 +20,8 @@ func FuzzSelect(f *testing.F) {
 				t.Fatalf("picked %+v", r)
 			}
 		}
-		var got []Region
-		tr := NewTrimmer()
-		tr.p.pick = func(r Region, path []byte) {
-			r.Path = string(path)
-			got = append(got, r)
-		}
-		rest := smaps
-		if err := tr.scan(func(b []byte) (int, error) {
-			n := copy(b, rest[:min(13, len(rest))])
-			rest = rest[n:]
-			return n, nil
-		}); err != nil {
+		got, err := scanInPieces(smaps, 13)
+		if err != nil {
 			t.Fatal(err)
 		}
 		// Lines longer than the buffer are dropped by scan only; inputs without

@@ -243,18 +243,7 @@ func TestTrimSplitReads(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := Select(smaps)
-	var got []Region
-	tr := NewTrimmer()
-	tr.p.pick = func(r Region, path []byte) {
-		r.Path = string(path)
-		got = append(got, r)
-	}
-	rest := smaps
-	err = tr.scan(func(b []byte) (int, error) {
-		n := copy(b, rest[:min(7, len(rest))])
-		rest = rest[n:]
-		return n, nil
-	})
+	got, err := scanInPieces(smaps, 7)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -300,4 +289,22 @@ func BenchmarkTrim(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// scanInPieces runs a Trimmer's buffered scan over smaps handed to it at most n bytes
+// per read, and returns what it picked instead of advising anything.
+func scanInPieces(smaps []byte, n int) ([]Region, error) {
+	var got []Region
+	tr := NewTrimmer()
+	tr.p.pick = func(r Region, path []byte) {
+		r.Path = string(path)
+		got = append(got, r)
+	}
+	rest := smaps
+	err := tr.scan(func(b []byte) (int, error) {
+		k := copy(b, rest[:min(n, len(rest))])
+		rest = rest[k:]
+		return k, nil
+	})
+	return got, err
 }
