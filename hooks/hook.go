@@ -164,9 +164,7 @@ func Run(args []string, stdin io.Reader, stderr io.Writer, getenv Env, opts Opti
 		reply, err = opts.Sent.ask(ctx, cfg.Socket, req, deadline)
 		reply, err = askAgainV1(ctx, cfg.Socket, req, deadline, reply, err)
 	} else {
-		deadline := time.Now().Add(timeout)
-		reply, err = ask(ctx, cfg.Socket, req, deadline)
-		reply, err = askAgainV1(ctx, cfg.Socket, req, deadline, reply, err)
+		reply, err = ask(ctx, cfg.Socket, req, time.Now().Add(timeout))
 	}
 	if err != nil {
 		if !hookproto.Required(req.Op) {
@@ -268,8 +266,12 @@ func Ask(ctx context.Context, socket string, req hookproto.Request) (hookproto.R
 // ask is Ask with the deadline given apart, so that Main needs no context timer: a
 // timer is one more thing the Go runtime may wake a thread for, and every thread of
 // the hook has to get a CPU before the process can exit.
+//
+// It asks in version 2's framing, and once more in version 1's when a hostd of the last
+// release refuses that unread (askAgainV1).
 func ask(ctx context.Context, socket string, req hookproto.Request, deadline time.Time) (hookproto.Reply, error) {
-	return askIn(ctx, socket, req, deadline, hookproto.Version2)
+	reply, err := askIn(ctx, socket, req, deadline, hookproto.Version2)
+	return askAgainV1(ctx, socket, req, deadline, reply, err)
 }
 
 // askIn is ask with the request in the framing of version v (1 or 2).
