@@ -116,28 +116,40 @@ func (s *started) stop() error {
 	return s.in.stop(s.ctrl, 5*time.Second)
 }
 
-// measureLatency runs both backends at once and times each command on one
-// data connection per backend, alternating which backend goes first.
-func measureLatency(ctx context.Context, cfg config, cmds commands, backends [2]backend, dirs [2]string, keyFile string, sides [2]*side) error {
-	var run [2]*started
-	defer func() {
+// startBoth starts each backend on new state in dirs[i]/sub and dials its data
+// channel. stop stops the ones that started; call it on error too.
+func startBoth(ctx context.Context, cfg config, backends [2]backend, dirs [2]string, sub, keyFile string) (run [2]*started, stop func(), err error) {
+	stop = func() {
 		for _, s := range run {
 			if s != nil {
 				s.stop()
 			}
 		}
-	}()
-	var nv [2][]byte
+	}
 	for i, b := range backends {
-		s, err := startReady(ctx, b, filepath.Join(dirs[i], "tpm"), keyFile, cfg.Key)
+		s, err := startReady(ctx, b, filepath.Join(dirs[i], sub), keyFile, cfg.Key)
 		if err != nil {
-			return err
+			return run, stop, err
 		}
 		run[i] = s
 		if s.data, err = dialData(s.in.data); err != nil {
-			return fmt.Errorf("%s: %w: %w", b.Name, errBackend, err)
+			return run, stop, fmt.Errorf("%s: %w: %w", b.Name, errBackend, err)
 		}
-		if err := defineNV(s.data); err != nil {
+	}
+	return run, stop, nil
+}
+
+// measureLatency runs both backends at once and times each command on one
+// data connection per backend, alternating which backend goes first.
+func measureLatency(ctx context.Context, cfg config, cmds commands, backends [2]backend, dirs [2]string, keyFile string, sides [2]*side) error {
+	run, stop, err := startBoth(ctx, cfg, backends, dirs, "tpm", keyFile)
+	defer stop()
+	if err != nil {
+		return err
+	}
+	var nv [2][]byte
+	for i, b := range backends {
+		if err := defineNV(run[i].data); err != nil {
 			return fmt.Errorf("%s: %w: %w", b.Name, errBackend, err)
 		}
 		nv[i] = slices.Clone(cmds.nvWrite)
@@ -333,23 +345,10 @@ const idleGap = 3 * time.Second
 // times, lets both idle for idleGap, then times a GetRandom on each (who goes first
 // alternating) and a second one right after it.
 func measureAfterIdle(ctx context.Context, cfg config, cmds commands, backends [2]backend, dirs [2]string, keyFile string, sides [2]*side) error {
-	var run [2]*started
-	defer func() {
-		for _, s := range run {
-			if s != nil {
-				s.stop()
-			}
-		}
-	}()
-	for i, b := range backends {
-		s, err := startReady(ctx, b, filepath.Join(dirs[i], "afteridle"), keyFile, cfg.Key)
-		if err != nil {
-			return err
-		}
-		run[i] = s
-		if s.data, err = dialData(s.in.data); err != nil {
-			return fmt.Errorf("%s: %w: %w", b.Name, errBackend, err)
-		}
+	run, stop, err := startBoth(ctx, cfg, backends, dirs, "afteridle", keyFile)
+	defer stop()
+	if err != nil {
+		return err
 	}
 	for r := range cfg.AfterIdle {
 		select {
