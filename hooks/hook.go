@@ -52,6 +52,7 @@ import (
 	"time"
 
 	"github.com/nkp-dev/nkp/hooks/hookproto"
+	"github.com/nkp-dev/nkp/internal/schedslice"
 )
 
 // Defaults.
@@ -90,6 +91,9 @@ type Options struct {
 	// the defaults above: Run takes its outcome (and reads the rest of the reply from its
 	// socket) instead of sending the request again, since hostd may have acted on it.
 	Sent *Exchange
+	// SliceSet: the process already asked for a short time slice (cmd/nkp-hook's entry
+	// did); otherwise Run asks before it asks hostd (go doc internal/schedslice).
+	SliceSet bool
 }
 
 func (o Options) withDefaults() Options {
@@ -131,6 +135,11 @@ func Run(args []string, stdin io.Reader, stderr io.Writer, getenv Env, opts Opti
 	}
 	if !protected {
 		return 0 // not nkp's domain: the fast path, nothing else is looked at
+	}
+	if !opts.SliceSet {
+		// hostd's answer wakes this process while libvirtd's worker waits for it: a short
+		// slice lets that wake-up preempt the QEMUs of a boot storm. A hint; errors ignored.
+		_ = schedslice.Set(schedslice.Short)
 	}
 	cfg, pos, err := configure(args, getenv, opts)
 	if err == nil && len(pos) != 4 {

@@ -9,7 +9,7 @@
 //
 // Units: nkp-provider.service and nkp-hostd.service (Type=notify, WatchdogSec,
 // hardening). TestUnitExposure keeps `systemd-analyze security --offline=yes` at or
-// below each unit's ceiling (1.9 and 2.8; a bare Type=notify unit scores 9.2) and runs
+// below each unit's ceiling (1.9 and 2.9; a bare Type=notify unit scores 9.2) and runs
 // systemd-analyze verify on both.
 package systemd
 

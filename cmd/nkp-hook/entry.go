@@ -10,6 +10,7 @@ import (
 
 	"github.com/nkp-dev/nkp/hooks"
 	"github.com/nkp-dev/nkp/hooks/hookproto"
+	"github.com/nkp-dev/nkp/internal/schedslice"
 )
 
 // What the entry point (entry_linux_amd64.s) leaves for main when it hands over to the Go
@@ -76,6 +77,15 @@ var (
 	timeoutMs    int
 	timeval      [2]int64
 	nowTime      [2]int64
+	schedAttr    [schedAttrSize]byte // struct sched_attr (version 1)
+	sliceSet     int                 // 1: the entry asked for a short time slice
+)
+
+// schedAttrSize is struct sched_attr's size in its first version (with the utilisation
+// clamps); shortSlice is the time slice the entry asks for, in nanoseconds.
+const (
+	schedAttrSize = 56
+	shortSlice    = int64(schedslice.Short)
 )
 
 // prefixSize is what the entry reads before it hands over: a domain XML is a few KiB, one
@@ -109,7 +119,7 @@ func options() hooks.Options {
 		}
 		return time.Duration(n) * time.Millisecond
 	}
-	o := hooks.Options{Socket: hookSocket, Config: hookConfig, Timeout: ms(requiredTimeoutMs), OptionalTimeout: ms(optionalTimeoutMs)}
+	o := hooks.Options{Socket: hookSocket, Config: hookConfig, Timeout: ms(requiredTimeoutMs), OptionalTimeout: ms(optionalTimeoutMs), SliceSet: sliceSet != 0}
 	if sentStage != 0 {
 		o.Sent = &hooks.Exchange{
 			Start:   time.Unix(sentTime[0], sentTime[1]),

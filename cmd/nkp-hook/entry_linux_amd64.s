@@ -42,6 +42,8 @@ eof:
 all:
 	MOVQ	R12, ·prefixLen(SB)
 	MOVQ	$const_stdinAll, ·prefixState(SB)
+	CALL	shortSlice<>(SB)
+	MOVQ	$1, ·sliceSet(SB)
 	CALL	ask<>(SB)               // returns only when Go has to take over
 	JMP	_rt0_amd64_linux(SB)
 
@@ -49,6 +51,39 @@ more:
 	MOVQ	R12, ·prefixLen(SB)
 	MOVQ	$const_stdinMore, ·prefixState(SB)
 	JMP	_rt0_amd64_linux(SB)
+
+// shortSlice asks the fair scheduler for a short time slice for this thread (go doc
+// internal/schedslice; the runtime's threads inherit it): sched_getattr, then
+// sched_setattr with the same policy, nice value and reset-on-fork flag and
+// sched_runtime = const_shortSlice, for SCHED_OTHER and SCHED_BATCH only. Errors are
+// ignored: a kernel before 6.12 takes the call and ignores the value. Clobbers AX, CX,
+// DX, SI, DI, R10, R11.
+TEXT shortSlice<>(SB), NOSPLIT|NOFRAME, $0
+	MOVQ	$315, AX                // SYS_sched_getattr(0, &schedAttr, size, 0)
+	XORQ	DI, DI
+	LEAQ	·schedAttr(SB), SI
+	MOVQ	$const_schedAttrSize, DX
+	XORQ	R10, R10
+	SYSCALL
+	CMPQ	AX, $0
+	JNE	sliceDone
+	MOVL	·schedAttr+4(SB), AX    // sched_policy
+	CMPL	AX, $0                  // SCHED_OTHER
+	JEQ	sliceSet
+	CMPL	AX, $3                  // SCHED_BATCH
+	JNE	sliceDone
+sliceSet:
+	ANDQ	$1, ·schedAttr+8(SB)    // sched_flags: SCHED_FLAG_RESET_ON_FORK only
+	MOVQ	$const_shortSlice, ·schedAttr+24(SB) // sched_runtime
+	MOVQ	$0, ·schedAttr+32(SB)   // sched_deadline
+	MOVQ	$0, ·schedAttr+40(SB)   // sched_period
+	MOVQ	$314, AX                // SYS_sched_setattr(0, &schedAttr, 0)
+	XORQ	DI, DI
+	LEAQ	·schedAttr(SB), SI
+	XORQ	DX, DX
+	SYSCALL
+sliceDone:
+	RET
 
 // func hasNamespace(b []byte) bool
 TEXT ·hasNamespace(SB), NOSPLIT, $0-25

@@ -9,13 +9,17 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/nkp-dev/nkp/hooks"
 	"github.com/nkp-dev/nkp/hooks/hookproto"
+	"github.com/nkp-dev/nkp/internal/schedslice"
 )
 
 // FuzzHasNamespace checks the entry's byte search against hookproto.Protected, which
@@ -223,6 +227,7 @@ func TestEntryHostd(t *testing.T) {
 		stderr  string
 		runtime bool
 		raw     [][]byte // requests hostd got
+		slices  []time.Duration
 		took    time.Duration
 	}
 	run := func(t *testing.T, bin string, i int) result {
@@ -233,9 +238,10 @@ func TestEntryHostd(t *testing.T) {
 			os.WriteFile(conf, nil, 0o600)
 		}
 		var (
-			mu  sync.Mutex
-			raw [][]byte
-			wg  sync.WaitGroup
+			mu     sync.Mutex
+			raw    [][]byte
+			slices []time.Duration // the hook's threads' time slices while it waited
+			wg     sync.WaitGroup
 		)
 		done := make(chan struct{})
 		stop := func() {}
@@ -283,8 +289,10 @@ func TestEntryHostd(t *testing.T) {
 						if err != nil {
 							t.Errorf("hostd: %v", err)
 						}
+						sl := peerSlices(t, c)
 						mu.Lock()
 						raw = append(raw, got.Bytes())
+						slices = append(slices, sl...)
 						mu.Unlock()
 						if tt.hostd == hang {
 							<-done
@@ -325,7 +333,7 @@ func TestEntryHostd(t *testing.T) {
 		stop()
 		stop = func() {}
 		mu.Lock()
-		r.raw = raw
+		r.raw, r.slices = raw, slices
 		mu.Unlock()
 		return r
 	}
@@ -355,6 +363,16 @@ func TestEntryHostd(t *testing.T) {
 				if len(r.raw) != want {
 					t.Fatalf("%s: hostd got %d requests, want %d", name, len(r.raw), want)
 				}
+				// While it waits for hostd, every thread of the hook has the short time slice
+				// (kernels from 6.12; older ones report none).
+				for _, sl := range r.slices {
+					if sl != schedslice.Short && shortSlices {
+						t.Errorf("%s: a thread of the hook had a time slice of %v while it asked, want %v", name, sl, schedslice.Short)
+					}
+				}
+				if tt.asked && len(r.slices) == 0 {
+					t.Errorf("%s: no thread's time slice read", name)
+				}
 				if tt.atLeast > 0 && (r.took < tt.atLeast || r.took > tt.atLeast+10*time.Second) {
 					t.Errorf("%s: took %v, want the timeout %v or a little more", name, r.took, tt.atLeast)
 				}
@@ -375,6 +393,40 @@ func TestEntryHostd(t *testing.T) {
 			}
 		})
 	}
+}
+
+// shortSlices: this kernel takes a time slice per task (Linux 6.12 and later).
+var shortSlices = func() bool {
+	d, err := schedslice.Of(0)
+	return err == nil && d != 0
+}()
+
+// peerSlices returns the time slices of the threads of the process at the other end of c.
+func peerSlices(t *testing.T, c net.Conn) []time.Duration {
+	raw, err := c.(*net.UnixConn).SyscallConn()
+	if err != nil {
+		t.Error(err)
+		return nil
+	}
+	var cred *unix.Ucred
+	raw.Control(func(fd uintptr) { cred, err = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) })
+	if err != nil {
+		t.Error(err)
+		return nil
+	}
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", cred.Pid))
+	if err != nil {
+		t.Error(err)
+		return nil
+	}
+	var out []time.Duration
+	for _, e := range ents {
+		tid, _ := strconv.Atoi(e.Name())
+		if d, err := schedslice.Of(tid); err == nil {
+			out = append(out, d)
+		}
+	}
+	return out
 }
 
 // TestLinkDefaults: the defaults laid out for the entry are hooks' and hookproto's.

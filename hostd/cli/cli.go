@@ -28,6 +28,7 @@ import (
 
 	"github.com/nkp-dev/nkp/hostd"
 	"github.com/nkp-dev/nkp/internal/logflag"
+	"github.com/nkp-dev/nkp/internal/schedslice"
 	"github.com/nkp-dev/nkp/systemd"
 )
 
@@ -129,6 +130,12 @@ func serveDaemon(cfg hostd.Config, log *slog.Logger) error {
 	// umask's. Group and others never get write (connect) permission from it, whatever
 	// umask the daemon was started with (its unit sets 0077).
 	syscall.Umask(syscall.Umask(0) | 0o022)
+	// hostd answers hooks that hold libvirtd's workers, and the vTPMs it starts inherit
+	// this: during a boot storm their wake-ups preempt the QEMUs starting instead of
+	// queueing behind them (go doc internal/schedslice).
+	if err := schedslice.Set(schedslice.Short); err != nil {
+		log.Warn("short scheduler time slice not set; hooks may wait longer while many VMs start", "err", err)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	d, err := hostd.Start(ctx, cfg)

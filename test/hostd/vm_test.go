@@ -2,6 +2,7 @@ package hostd
 
 import (
 	"context"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
@@ -11,6 +12,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/nkp-dev/nkp/hostd/vm/vmapi"
+	"github.com/nkp-dev/nkp/internal/schedslice"
 	"github.com/nkp-dev/nkp/test/e2e"
 	"github.com/nkp-dev/nkp/test/guest"
 	"github.com/nkp-dev/nkp/test/libvirtns"
@@ -221,6 +223,7 @@ func TestProtectedVM(t *testing.T) {
 	vm.define(t, h, running)
 	before := vm.start(t, h)
 	checkView(t, "running boot", before, "nv-first-boot")
+	checkVTPMSlice(t, h, vm.spec.UUID)
 	live := []struct {
 		name   string
 		action func(t *testing.T)
@@ -276,6 +279,28 @@ func TestProtectedVM(t *testing.T) {
 		d.start(t)
 		wantNV(t, "start with the provider down", vm.boot(t, h), "nv-first-boot")
 	})
+}
+
+// checkVTPMSlice: the VM's nkp-swtpm runs with the short time slice it inherits from
+// nkp-hostd (go doc internal/schedslice), on kernels that take one (6.12 and later).
+func checkVTPMSlice(t *testing.T, h *libvirtns.Host, vmUUID string) {
+	t.Helper()
+	if d, err := schedslice.Of(0); err != nil || d == 0 {
+		return
+	}
+	raw, err := os.ReadFile(h.Path("/run/nkp/vtpm/" + vmUUID + ".json"))
+	if err != nil {
+		t.Fatalf("the vTPM's record: %v", err)
+	}
+	var rec struct {
+		PID int `json:"pid"`
+	}
+	if err := json.Unmarshal(raw, &rec); err != nil || rec.PID == 0 {
+		t.Fatalf("the vTPM's record %s: pid %d, %v", raw, rec.PID, err)
+	}
+	if d, err := schedslice.Of(rec.PID); err != nil || d != schedslice.Short {
+		t.Errorf("nkp-swtpm (pid %d) has a time slice of %v (%v), want %v from nkp-hostd", rec.PID, d, err, schedslice.Short)
+	}
 }
 
 // running is a boot that stays up: it extends PCR16 once and prints PCR0, PCR16 and the
