@@ -30,8 +30,8 @@
 // log: the interval holds the fork and exec of the hook, its run, and the wrapper's
 // wake-up when it exits, nothing else. (An earlier wrapper forked date(1) for each
 // reading, which put two more processes and their scheduling waits into every
-// interval, of every kind alike: its p99s were higher and noisier.) Domains are tiny (32 MiB, no disk) and are destroyed after each
-// round.
+// interval, of every kind alike: its p99s were higher and noisier.) Domains are tiny
+// (32 MiB, no disk) and are destroyed after each round.
 //
 // Paused (-paused, the default): `virsh start --paused`. It is a real start: every hook
 // runs (prepare, start, started), QEMU starts, connects to the vTPM and initialises it,
