@@ -81,8 +81,8 @@ var rules = []rule{
 	},
 	{
 		Of:    []string{"hooks"},
-		Why:   "the libvirt hook runs at every domain start: its protocol package only, no cgo",
-		NKP:   []string{"hooks/hookproto"},
+		Why:   "the libvirt hook runs at every domain start: its protocol package and the scheduler hint (internal/schedslice, x/sys only), no cgo",
+		NKP:   []string{"hooks/hookproto", "internal/schedslice"},
 		NoCgo: true,
 	},
 	{
@@ -93,8 +93,8 @@ var rules = []rule{
 	},
 	{
 		Of:    []string{"cmd/nkp-hook"},
-		Why:   "the hook program: the hook and its protocol only, no cgo",
-		NKP:   []string{"hooks", "hooks/hookproto"},
+		Why:   "the hook program: the hook, its protocol and the scheduler hint only, no cgo",
+		NKP:   []string{"hooks", "hooks/hookproto", "internal/schedslice"},
 		NoCgo: true,
 	},
 	{
