@@ -25,11 +25,14 @@
 // hook); Wait (hostd's start hook) returns once nkp-swtpm reported READY on its
 // readiness pipe (fd 5, named by NKP_SWTPM_READY_FD: its socket listens, its state
 // directory is locked, its seccomp filter is on), or with its error and its log's last
-// lines. The record is written as soon as the process runs, before READY; before the
-// spawn an intent record (no pid yet, the state directory) takes its place, so that a hostd
-// killed at any instant of a start leaves a record: Adopt finds the process an intent
-// record names by its state directory in /proc and adopts it (or removes the record and
-// the sockets if the spawn never happened). AfterStep lets crash tests stop there.
+// lines. Launches take their spawn sections (directories, sockets, records, the fork)
+// one at a time, so that a boot storm's launches do not queue in the Go scheduler ahead
+// of the hook answers; their waits for READY overlap. The record is written as soon as
+// the process runs, before READY; before the spawn an intent record (no pid yet, the
+// state directory) takes its place, so that a hostd killed at any instant of a start
+// leaves a record: Adopt finds the process an intent record names by its state
+// directory in /proc and adopts it (or removes the record and the sockets if the spawn
+// never happened). AfterStep lets crash tests stop there.
 //
 // Each instance has a record RunDir/<vm-uuid>.json (root, 0600: pid, process start time,
 // key ID, KDK version). Adopt, run by a new hostd, re-attaches to the processes those
@@ -149,6 +152,9 @@ type Supervisor struct {
 	failed map[string]error
 	// exits receives the UUID of every process that ended on its own (not through Stop).
 	exits chan string
+	// spawning admits one start at a time to the steps up to the spawn and the record
+	// (start's spawn section); the waits for readiness overlap.
+	spawning chan struct{}
 }
 
 // New checks cfg and creates the directories.
@@ -173,7 +179,7 @@ func New(cfg Config) (*Supervisor, error) {
 			return nil, fmt.Errorf("vtpm: %w", err)
 		}
 	}
-	return &Supervisor{cfg: cfg, log: cfg.Log, procs: map[string]*proc{}, failed: map[string]error{}, exits: make(chan string, 64)}, nil
+	return &Supervisor{cfg: cfg, log: cfg.Log, procs: map[string]*proc{}, failed: map[string]error{}, exits: make(chan string, 64), spawning: make(chan struct{}, 1)}, nil
 }
 
 // Exits delivers the UUID of each vTPM that ended without Stop (QEMU sent SHUTDOWN or
@@ -345,6 +351,20 @@ func (s *Supervisor) start(vm VM, keyR, migR *os.File) (inst Instance, err error
 	defer keyR.Close()
 	defer migR.Close()
 	ctx := context.Background()
+	// One spawn section at a time. In a boot storm, 50 launches at once would otherwise
+	// be 50 goroutines making system calls (directories, sockets, records, the fork),
+	// queued in the Go scheduler ahead of the goroutines that answer hooks while
+	// libvirtd's workers wait; one at a time they take turns with them. Forks are
+	// serialised by syscall.ForkLock anyway, and the readiness waits below still overlap.
+	s.spawning <- struct{}{}
+	spawned := false
+	endSpawn := func() {
+		if !spawned {
+			spawned = true
+			<-s.spawning
+		}
+	}
+	defer endSpawn()
 	stateDir := s.StateDir(vm.UUID, vm.KeyID)
 	if err := ensureDir(filepath.Dir(stateDir), Credential{0, 0}, 0o711); err != nil {
 		return Instance{}, fmt.Errorf("vm %q: vTPM state: %w", vm.Name, err)
@@ -461,6 +481,7 @@ func (s *Supervisor) start(vm VM, keyR, migR *os.File) (inst Instance, err error
 		return Instance{}, fmt.Errorf("vm %q: vTPM record: %w", vm.Name, err)
 	}
 	s.afterStep("recorded")
+	endSpawn()
 	if err := waitReady(ctx, p, readyR, s.cfg.StartTimeout); err != nil {
 		cmd.Process.Kill()
 		<-p.exited

@@ -644,6 +644,60 @@ func TestLaunchWait(t *testing.T) {
 	}
 }
 
+// TestLaunchesAtOnce: launches of many VMs at once take their spawn sections one at a
+// time (so they do not crowd out the goroutines that answer hooks) while their readiness
+// waits overlap.
+func TestLaunchesAtOnce(t *testing.T) {
+	state, run := dirs(t)
+	s := newSupervisor(t, state, run)
+	var (
+		mu           sync.Mutex
+		inside, most int
+	)
+	s.cfg.AfterStep = func(step string) {
+		mu.Lock()
+		defer mu.Unlock()
+		switch step {
+		case "intent":
+			inside++
+			most = max(most, inside)
+		case "recorded":
+			inside--
+		}
+	}
+	f, err := os.CreateTemp("", "nkp-vtpm-launch-*.sh") // the vTPM user must reach it
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	t.Cleanup(func() { os.Remove(f.Name()) })
+	const ready = 600 * time.Millisecond
+	os.WriteFile(f.Name(), []byte("#!/bin/sh\nsleep 0.6\necho READY >&5\nexec 5>&-\nexec sleep 30\n"), 0o755)
+	os.Chmod(f.Name(), 0o755)
+	s.cfg.Binary = f.Name()
+	const n = 6
+	vms := make([]VM, n)
+	t0 := time.Now()
+	for i := range vms {
+		vms[i] = VM{UUID: kdk.NewKeyID(), Name: fmt.Sprintf("vtpm-test-atonce-%d", i), KeyID: kdk.NewKeyID()}
+		if err := s.Launch(vms[i], keys(key(byte(i)))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, vm := range vms {
+		if _, err := s.Wait(context.Background(), vm.UUID); err != nil {
+			t.Fatalf("%s: %v", vm.Name, err)
+		}
+		t.Cleanup(func() { s.Stop(context.Background(), vm.UUID) })
+	}
+	if took := time.Since(t0); took > n*ready/2 {
+		t.Errorf("%d launches of vTPMs that each take %v to be ready took %v: their waits did not overlap", n, ready, took)
+	}
+	if most != 1 {
+		t.Errorf("%d launches were in their spawn sections at once, want 1", most)
+	}
+}
+
 // TestAdoptDuringLaunch: a hostd that dies while its vTPM is still starting (between the
 // prepare and start hooks) left a record, and the next one adopts the process instead of
 // leaving it running unknown with the state's lock.
