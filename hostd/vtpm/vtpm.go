@@ -357,13 +357,7 @@ func (s *Supervisor) start(vm VM, keyR, migR *os.File) (inst Instance, err error
 	// libvirtd's workers wait; one at a time they take turns with them. Forks are
 	// serialised by syscall.ForkLock anyway, and the readiness waits below still overlap.
 	s.spawning <- struct{}{}
-	spawned := false
-	endSpawn := func() {
-		if !spawned {
-			spawned = true
-			<-s.spawning
-		}
-	}
+	endSpawn := sync.OnceFunc(func() { <-s.spawning })
 	defer endSpawn()
 	stateDir := s.StateDir(vm.UUID, vm.KeyID)
 	if err := ensureDir(filepath.Dir(stateDir), Credential{0, 0}, 0o711); err != nil {

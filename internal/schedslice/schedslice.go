@@ -4,10 +4,8 @@
 // Since Linux 6.12 the fair scheduler (EEVDF) takes a time slice per task
 // (sched_setattr's sched_runtime, 0.1 to 100 ms; the default is 0.7 ms times 1 + log2 of
 // the CPUs). A task with a shorter slice has an earlier virtual deadline, so when it
-// wakes it preempts a CPU-bound task at once instead of waiting for the next tick: on
-// this project's 2-CPU machine with 50 busy tasks, a round trip between two processes
-// over a socket took 8 ms at p99 with the default slice and 0.03 ms with 0.1 ms
-// (BENCHMARKS.md, Host). It changes no CPU share and needs no privilege: a task with a
+// wakes it preempts a CPU-bound task at once instead of waiting for the next tick
+// (what it does for the hook: BENCHMARKS.md, Host, hookbench). It changes no CPU share and needs no privilege: a task with a
 // short slice runs as often in total, in shorter pieces. Older kernels ignore the value,
 // and so does this package's caller on any error: a slice is a hint, never a reason to
 // fail.
